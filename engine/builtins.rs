@@ -1,0 +1,234 @@
+//! The built-in functions a query calls into its shard: `emit`, `key`, `now`, `watermark`,
+//! `set_timer`, `forget`.
+//!
+//! Rhai functions are closures registered on the engine, which lives on one shard thread; they
+//! reach the call in progress through a [`CallCtx`] shared with the shard (`Rc<RefCell<_>>`,
+//! same thread, never locked). The shard fills the context before each call of `init`,
+//! `on_event` or `on_timer` and reads back what the call asked for: emitted items (already
+//! encoded as JSON), timers to set and whether to forget the key. Outside a call the built-ins
+//! fail with a clear message, which is what a query's top-level statements see.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, EvalAltResult, INT};
+
+use crate::key::Key;
+use crate::query::valid_name;
+use crate::sandbox::Limits;
+
+/// A topic name, shared by every item emitted to it.
+pub type Topic = Arc<str>;
+
+/// One item a query emitted: its topic, the key whose state emitted it, and the value as JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emitted {
+    pub topic: Topic,
+    pub key: Key,
+    pub value: Vec<u8>,
+}
+
+impl Emitted {
+    /// The item as one JSON line: `{"topic":T,"key":K,"value":V}`.
+    pub fn write_line(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"topic\":");
+        crate::json::write_str(out, &self.topic);
+        out.extend_from_slice(b",\"key\":");
+        self.key.write_json(out);
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(&self.value);
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+/// The topics of one query: `<query>`, `<query>.errors`, `<query>.late`, and the named ones
+/// (`<query>.<name>`) made the first time a script emits to them.
+#[derive(Debug)]
+pub struct QueryTopics {
+    pub main: Topic,
+    pub errors: Topic,
+    pub late: Topic,
+    named: RefCell<HashMap<Box<str>, Topic>>,
+}
+
+/// Sub-topic names the engine itself publishes on.
+pub const RESERVED_TOPICS: [&str; 2] = ["errors", "late"];
+
+impl QueryTopics {
+    pub fn new(query: &str) -> Self {
+        QueryTopics {
+            main: query.into(),
+            errors: format!("{query}.errors").into(),
+            late: format!("{query}.late").into(),
+            named: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The topic `<query>.<name>`, made on first use, at most `limit` of them.
+    fn named(&self, name: &str, limit: usize) -> Result<Topic, String> {
+        if let Some(topic) = self.named.borrow().get(name) {
+            return Ok(Arc::clone(topic));
+        }
+        if !valid_name(name) {
+            return Err(format!(
+                "topic name {name:?} is not valid: use letters, digits, '_' and '-'"
+            ));
+        }
+        if RESERVED_TOPICS.contains(&name) {
+            return Err(format!("topic name {name:?} is reserved for the engine"));
+        }
+        let mut named = self.named.borrow_mut();
+        if named.len() >= limit {
+            return Err(format!(
+                "a query may emit to at most {limit} named topics (max_topics_per_query)"
+            ));
+        }
+        let topic: Topic = format!("{}.{name}", self.main).into();
+        named.insert(name.into(), Arc::clone(&topic));
+        Ok(topic)
+    }
+}
+
+/// What the built-ins see of the call in progress, and what they leave for the shard.
+pub(crate) struct CallCtx {
+    /// Set while a script function runs; the built-ins refuse to work otherwise.
+    pub active: bool,
+    pub topics: Option<Rc<QueryTopics>>,
+    pub key: Key,
+    pub now: i64,
+    pub watermark: i64,
+    pub has_on_timer: bool,
+    /// Timers the call asked for.
+    pub timers: Vec<i64>,
+    /// Whether the call asked to drop the key's state.
+    pub forget: bool,
+    /// Items emitted, by this call and earlier ones the shard has not taken yet.
+    pub out: Vec<Emitted>,
+    /// Length of `out` when the call in progress began: what it emitted starts there.
+    pub emit_mark: usize,
+    pub max_emit_bytes: usize,
+    pub max_topics: usize,
+}
+
+impl CallCtx {
+    pub fn new(limits: &Limits) -> Self {
+        CallCtx {
+            active: false,
+            topics: None,
+            key: Key::None,
+            now: 0,
+            watermark: i64::MIN,
+            has_on_timer: false,
+            timers: Vec::new(),
+            forget: false,
+            out: Vec::new(),
+            emit_mark: 0,
+            max_emit_bytes: limits.max_emit_bytes,
+            max_topics: limits.max_topics_per_query,
+        }
+    }
+
+    fn check_active(&self, what: &str) -> Result<(), Box<EvalAltResult>> {
+        if self.active {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{what}` can only be called from init, on_event or on_timer, not at the top level"
+            )
+            .into())
+        }
+    }
+
+    fn emit_to(&mut self, topic: Topic, value: &Dynamic) -> Result<(), Box<EvalAltResult>> {
+        let mut json = Vec::new();
+        crate::json::write_dynamic(&mut json, value, self.max_emit_bytes)
+            .map_err(|e| format!("cannot emit: {e}"))?;
+        self.out.push(Emitted {
+            topic,
+            key: self.key.clone(),
+            value: json,
+        });
+        Ok(())
+    }
+}
+
+type Ctx = Rc<RefCell<CallCtx>>;
+
+/// Registers the built-ins on `engine`, bound to `ctx`.
+pub(crate) fn register(engine: &mut Engine, ctx: &Ctx) {
+    let c = Rc::clone(ctx);
+    engine.register_fn(
+        "emit",
+        move |value: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let mut ctx = c.borrow_mut();
+            ctx.check_active("emit")?;
+            let topic = Arc::clone(&ctx.topics.as_ref().expect("active call has topics").main);
+            ctx.emit_to(topic, &value)
+        },
+    );
+    let c = Rc::clone(ctx);
+    engine.register_fn(
+        "emit",
+        move |name: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let mut ctx = c.borrow_mut();
+            ctx.check_active("emit")?;
+            let topics = ctx.topics.as_ref().expect("active call has topics");
+            let topic = topics.named(name, ctx.max_topics)?;
+            ctx.emit_to(topic, &value)
+        },
+    );
+    let c = Rc::clone(ctx);
+    engine.register_fn("key", move || -> Result<Dynamic, Box<EvalAltResult>> {
+        let ctx = c.borrow();
+        ctx.check_active("key")?;
+        Ok(ctx.key.to_dynamic())
+    });
+    let c = Rc::clone(ctx);
+    engine.register_fn("now", move || -> Result<INT, Box<EvalAltResult>> {
+        let ctx = c.borrow();
+        ctx.check_active("now")?;
+        Ok(ctx.now)
+    });
+    let c = Rc::clone(ctx);
+    engine.register_fn("watermark", move || -> Result<INT, Box<EvalAltResult>> {
+        let ctx = c.borrow();
+        ctx.check_active("watermark")?;
+        Ok(ctx.watermark)
+    });
+    let c = Rc::clone(ctx);
+    engine.register_fn(
+        "set_timer",
+        move |t: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let mut ctx = c.borrow_mut();
+            ctx.check_active("set_timer")?;
+            if !ctx.has_on_timer {
+                return Err("`set_timer` needs the query to define `fn on_timer(t)`".into());
+            }
+            let t = if let Ok(n) = t.as_int() {
+                n
+            } else if let Ok(x) = t.as_float() {
+                if !x.is_finite() {
+                    return Err(format!("`set_timer` needs a finite time, found {x}").into());
+                }
+                x as i64
+            } else {
+                return Err(format!(
+                    "`set_timer` needs a time in epoch milliseconds, found {}",
+                    t.type_name()
+                )
+                .into());
+            };
+            ctx.timers.push(t);
+            Ok(())
+        },
+    );
+    let c = Rc::clone(ctx);
+    engine.register_fn("forget", move || -> Result<(), Box<EvalAltResult>> {
+        let mut ctx = c.borrow_mut();
+        ctx.check_active("forget")?;
+        ctx.forget = true;
+        Ok(())
+    });
+}

@@ -1,0 +1,705 @@
+//! Events: one input buffer parsed once by simd-json into a tape that every event of the input
+//! points into.
+//!
+//! A [`Frame`] owns the bytes of one input (a WebSocket frame, an HTTP body, a chunk of a file)
+//! and the simd-json tape of every JSON document in it. An [`Event`] is a cheap handle (an `Arc`
+//! and a node index) into a frame: reading `ev.price` walks the few nodes of that object on the
+//! tape, so no map is built per event and strings are not copied until a script reads them.
+//!
+//! Input formats (see [`Parser::parse`]): one JSON object, a JSON array of objects, or NDJSON
+//! (one object per line, blank lines ignored). Anything that is not an object is rejected with a
+//! [`Rejection`] that names its position; the other events of the input go on.
+//!
+//! In: owned bytes. Out: an `Arc<Frame>` with its events, and the rejections.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rhai::Dynamic;
+use simd_json::{Buffers, Node, StaticNode, Tape};
+
+/// Where an event stood in its input, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// 0-based index of the item in the input (array element or NDJSON record, counting the
+    /// rejected ones too).
+    pub index: u32,
+    /// 1-based line number, for NDJSON input.
+    pub line: Option<u32>,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "event {} (line {line})", self.index),
+            None => write!(f, "event {}", self.index),
+        }
+    }
+}
+
+/// An input item that did not become an event, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub position: Position,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.position, self.reason)
+    }
+}
+
+/// A parsed input: the bytes, their tape, and where each event's object starts on the tape.
+pub struct Frame {
+    /// Tape of every document in `buf`. The `'static` is a lie told once, in [`Parser::parse`]:
+    /// the strings really borrow `buf`, whose heap block never moves or changes after parsing
+    /// and lives as long as this struct. Nothing hands out a `Node<'static>`; every accessor
+    /// ties the lifetime of what it returns to `&self`.
+    nodes: Vec<Node<'static>>,
+    events: Vec<(u32, Position)>,
+    _buf: Vec<u8>,
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frame")
+            .field("events", &self.events.len())
+            .finish()
+    }
+}
+
+impl Frame {
+    /// Number of events (objects) in the frame.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The `i`-th event of the frame.
+    pub fn event(self: &Arc<Self>, i: usize) -> Event {
+        Event {
+            frame: Arc::clone(self),
+            node: self.events[i].0,
+        }
+    }
+
+    /// Where the `i`-th event stood in the input.
+    pub fn position(&self, i: usize) -> Position {
+        self.events[i].1
+    }
+
+    /// The tape node `i` of this frame, with its lifetime bound to the frame.
+    fn node(&self, i: u32) -> Node<'_> {
+        self.nodes[i as usize]
+    }
+
+    /// Number of tape nodes the value at `i` spans, itself included.
+    fn span(&self, i: u32) -> u32 {
+        match self.nodes[i as usize] {
+            // `count` leaves out the header node itself.
+            Node::Object { count, .. } | Node::Array { count, .. } => count as u32 + 1,
+            _ => 1,
+        }
+    }
+
+    /// The value of `field` in the object at node `obj`.
+    fn get(&self, obj: u32, field: &str) -> Option<u32> {
+        let Node::Object { len, .. } = self.node(obj) else {
+            return None;
+        };
+        let mut at = obj + 1;
+        for _ in 0..len {
+            let name = self.node(at);
+            at += 1;
+            if let Node::String(name) = name {
+                if name == field {
+                    return Some(at);
+                }
+            }
+            at += self.span(at);
+        }
+        None
+    }
+
+    /// The value at `path` (object fields, in order) below the node `from`.
+    pub fn lookup(&self, from: u32, path: &FieldPath) -> Option<u32> {
+        path.0
+            .iter()
+            .try_fold(from, |at, field| self.get(at, field))
+    }
+
+    /// What the value at node `i` is, borrowed from the frame.
+    pub fn value(&self, i: u32) -> Value<'_> {
+        match self.node(i) {
+            Node::String(s) => Value::Str(s),
+            Node::Object { .. } => Value::Object,
+            Node::Array { .. } => Value::Array,
+            Node::Static(StaticNode::Null) => Value::Null,
+            Node::Static(StaticNode::Bool(b)) => Value::Bool(b),
+            Node::Static(StaticNode::I64(n)) => Value::Int(n),
+            Node::Static(StaticNode::U64(n)) => match i64::try_from(n) {
+                Ok(n) => Value::Int(n),
+                Err(_) => Value::Float(n as f64),
+            },
+            Node::Static(StaticNode::F64(x)) => Value::Float(x),
+        }
+    }
+
+    /// The elements of the array or the `(name, value)` pairs of the object at node `i`.
+    fn children(&self, i: u32) -> Children<'_> {
+        let (len, object) = match self.node(i) {
+            Node::Object { len, .. } => (len, true),
+            Node::Array { len, .. } => (len, false),
+            _ => (0, false),
+        };
+        Children {
+            frame: self,
+            at: i + 1,
+            left: len,
+            object,
+        }
+    }
+
+    /// The value at node `i` as a Rhai value: numbers keep their JSON kind, objects stay handles
+    /// into this frame, arrays become Rhai arrays.
+    fn to_dynamic(self: &Arc<Self>, i: u32) -> Dynamic {
+        match self.value(i) {
+            Value::Null => Dynamic::UNIT,
+            Value::Bool(b) => Dynamic::from_bool(b),
+            Value::Int(n) => Dynamic::from_int(n),
+            Value::Float(x) => Dynamic::from_float(x),
+            Value::Str(s) => Dynamic::from(s.to_owned()),
+            Value::Object => Dynamic::from(Event {
+                frame: Arc::clone(self),
+                node: i,
+            }),
+            Value::Array => {
+                let items: rhai::Array = self
+                    .children(i)
+                    .map(|(_, at)| self.to_dynamic(at))
+                    .collect();
+                Dynamic::from_array(items)
+            }
+        }
+    }
+
+    /// Writes the value at node `i` as compact JSON.
+    pub fn write_json(&self, i: u32, out: &mut Vec<u8>) {
+        match self.value(i) {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+            Value::Int(n) => crate::json::write_int(out, n),
+            Value::Float(x) => crate::json::write_float(out, x),
+            Value::Str(s) => crate::json::write_str(out, s),
+            Value::Object => {
+                out.push(b'{');
+                for (n, (name, at)) in self.children(i).enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    crate::json::write_str(out, name.unwrap_or_default());
+                    out.push(b':');
+                    self.write_json(at, out);
+                }
+                out.push(b'}');
+            }
+            Value::Array => {
+                out.push(b'[');
+                for (n, (_, at)) in self.children(i).enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    self.write_json(at, out);
+                }
+                out.push(b']');
+            }
+        }
+    }
+}
+
+/// A JSON value read from a frame.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Object,
+    Array,
+}
+
+impl Value<'_> {
+    /// The JSON kind, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a float",
+            Value::Str(_) => "a string",
+            Value::Object => "an object",
+            Value::Array => "an array",
+        }
+    }
+}
+
+struct Children<'a> {
+    frame: &'a Frame,
+    at: u32,
+    left: usize,
+    object: bool,
+}
+
+impl<'a> Iterator for Children<'a> {
+    type Item = (Option<&'a str>, u32);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut name = None;
+        if self.object {
+            if let Node::String(s) = self.frame.node(self.at) {
+                name = Some(s);
+            }
+            self.at += 1;
+        }
+        let value = self.at;
+        self.at += self.frame.span(value);
+        Some((name, value))
+    }
+}
+
+/// A dotted field path such as `device.id`, split once when a query is deployed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldPath(Vec<Box<str>>);
+
+impl FieldPath {
+    /// Splits `path` at dots; empty segments are an error.
+    pub fn parse(path: &str) -> Result<Self, String> {
+        let parts: Vec<Box<str>> = path.split('.').map(Box::from).collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("field path {path:?} has an empty segment"));
+        }
+        Ok(FieldPath(parts))
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// One event as a script sees it: a read-only JSON object inside a shared [`Frame`].
+///
+/// Registered in Rhai as the type `event`: `ev.price`, `ev["price"]`, `ev.device.id`; a missing
+/// field reads as `()`.
+#[derive(Clone)]
+pub struct Event {
+    frame: Arc<Frame>,
+    node: u32,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut json = Vec::new();
+        self.write_json(&mut json);
+        f.write_str(&String::from_utf8_lossy(&json))
+    }
+}
+
+impl Event {
+    /// The field `name` as a Rhai value, `()` when missing.
+    pub fn get(&self, name: &str) -> Dynamic {
+        match self.frame.get(self.node, name) {
+            Some(at) => self.frame.to_dynamic(at),
+            None => Dynamic::UNIT,
+        }
+    }
+
+    /// The value at `path`, borrowed.
+    pub fn lookup(&self, path: &FieldPath) -> Option<Value<'_>> {
+        self.frame
+            .lookup(self.node, path)
+            .map(|at| self.frame.value(at))
+    }
+
+    /// Whether the object has the field `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.frame.get(self.node, name).is_some()
+    }
+
+    /// The field names, in input order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.frame
+            .children(self.node)
+            .map(|(name, _)| name.unwrap_or_default())
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        match self.frame.node(self.node) {
+            Node::Object { len, .. } => len,
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The object as a Rhai map (nested objects become maps too).
+    pub fn to_map(&self) -> rhai::Map {
+        self.frame
+            .children(self.node)
+            .map(|(name, at)| {
+                let value = match self.frame.value(at) {
+                    Value::Object => Dynamic::from_map(
+                        Event {
+                            frame: Arc::clone(&self.frame),
+                            node: at,
+                        }
+                        .to_map(),
+                    ),
+                    _ => self.frame.to_dynamic(at),
+                };
+                (name.unwrap_or_default().into(), value)
+            })
+            .collect()
+    }
+
+    /// Writes the event as compact JSON.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        self.frame.write_json(self.node, out);
+    }
+}
+
+/// Parses inputs into frames, keeping simd-json's scratch buffers between calls.
+pub struct Parser {
+    buffers: Buffers,
+    scratch: Tape<'static>,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Parser {
+            buffers: Buffers::new(4096),
+            scratch: Tape::null(),
+        }
+    }
+}
+
+/// What [`Parser::parse`] made of one input.
+pub struct Parsed {
+    pub frame: Arc<Frame>,
+    pub rejections: Vec<Rejection>,
+    /// Items seen in the input, events and rejected ones together.
+    pub items: u32,
+}
+
+/// How an input holds its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON document: an object or an array of objects.
+    Document,
+    /// One object per line; blank lines are ignored.
+    Ndjson,
+}
+
+impl Format {
+    /// Tells the format by the first non-blank line: if it holds a whole object (`{` … `}`) and
+    /// more lines follow, the input is NDJSON; otherwise it is one JSON document.
+    pub fn detect(input: &[u8]) -> Format {
+        if is_ndjson(input) {
+            Format::Ndjson
+        } else {
+            Format::Document
+        }
+    }
+}
+
+impl Parser {
+    /// Parses one input: a JSON object, a JSON array of objects, or NDJSON (see
+    /// [`Format::detect`]). In NDJSON each line is parsed on its own, so a broken line rejects
+    /// that line alone.
+    pub fn parse(&mut self, buf: Vec<u8>) -> Parsed {
+        let format = Format::detect(&buf);
+        let base = Position {
+            index: 0,
+            line: Some(0),
+        };
+        self.parse_with(buf, format, base)
+    }
+
+    /// Parses one input of a known format, numbering its items from `base` (the index and line
+    /// count of what came before it, for inputs cut into several frames).
+    pub fn parse_with(&mut self, buf: Vec<u8>, format: Format, base: Position) -> Parsed {
+        let mut buf = buf;
+        // SAFETY: the slice borrows `buf`'s heap block, which is moved (not copied or freed)
+        // into the returned `Frame` together with the tape that borrows it; see `Frame::nodes`.
+        let whole: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
+        let mut frame = Frame {
+            nodes: Vec::new(),
+            events: Vec::new(),
+            _buf: Vec::new(),
+        };
+        let mut rejections = Vec::new();
+        let items = match format {
+            Format::Ndjson => self.parse_lines(whole, &mut frame, &mut rejections),
+            Format::Document => self.parse_document(whole, &mut frame, &mut rejections),
+        };
+        if base.index > 0 || base.line.is_some_and(|l| l > 0) {
+            let shift = |p: &mut Position| {
+                p.index += base.index;
+                p.line = p.line.map(|l| l + base.line.unwrap_or(0));
+            };
+            frame.events.iter_mut().for_each(|(_, p)| shift(p));
+            rejections.iter_mut().for_each(|r| shift(&mut r.position));
+        }
+        self.scratch.0.clear();
+        frame._buf = buf;
+        Parsed {
+            frame: Arc::new(frame),
+            rejections,
+            items,
+        }
+    }
+
+    fn parse_document(
+        &mut self,
+        doc: &'static mut [u8],
+        frame: &mut Frame,
+        rejections: &mut Vec<Rejection>,
+    ) -> u32 {
+        let position = Position {
+            index: 0,
+            line: None,
+        };
+        if doc.iter().all(u8::is_ascii_whitespace) {
+            return 0;
+        }
+        if let Err(e) = simd_json::fill_tape(doc, &mut self.buffers, &mut self.scratch) {
+            rejections.push(Rejection {
+                position,
+                reason: format!("invalid JSON: {e}"),
+            });
+            return 1;
+        }
+        std::mem::swap(&mut frame.nodes, &mut self.scratch.0);
+        match frame.nodes.first() {
+            Some(Node::Object { .. }) => {
+                frame.events.push((0, position));
+                1
+            }
+            Some(Node::Array { len, .. }) => {
+                let len = *len;
+                let elements: Vec<u32> = frame.children(0).map(|(_, at)| at).collect();
+                for (index, at) in elements.into_iter().enumerate() {
+                    let position = Position {
+                        index: index as u32,
+                        line: None,
+                    };
+                    match frame.value(at) {
+                        Value::Object => frame.events.push((at, position)),
+                        other => rejections.push(Rejection {
+                            position,
+                            reason: format!("expected a JSON object, found {}", other.kind()),
+                        }),
+                    }
+                }
+                len as u32
+            }
+            _ => {
+                let kind = frame.value(0).kind();
+                rejections.push(Rejection {
+                    position,
+                    reason: format!("expected a JSON object or array of objects, found {kind}"),
+                });
+                1
+            }
+        }
+    }
+
+    fn parse_lines(
+        &mut self,
+        mut rest: &'static mut [u8],
+        frame: &mut Frame,
+        rejections: &mut Vec<Rejection>,
+    ) -> u32 {
+        let mut index = 0;
+        let mut line_no = 0;
+        while !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b'\n');
+            let (line, tail) = rest.split_at_mut(end.map_or(rest.len(), |e| e + 1));
+            rest = tail;
+            line_no += 1;
+            let line = trim_ascii_mut(line);
+            if line.is_empty() {
+                continue;
+            }
+            let position = Position {
+                index,
+                line: Some(line_no),
+            };
+            index += 1;
+            if let Err(e) = simd_json::fill_tape(line, &mut self.buffers, &mut self.scratch) {
+                rejections.push(Rejection {
+                    position,
+                    reason: format!("invalid JSON: {e}"),
+                });
+                continue;
+            }
+            match self.scratch.0.first() {
+                Some(Node::Object { .. }) => {
+                    frame.events.push((frame.nodes.len() as u32, position));
+                    frame.nodes.extend_from_slice(&self.scratch.0);
+                }
+                _ => {
+                    let kind = match self.scratch.0.first() {
+                        Some(Node::Array { .. }) => "an array",
+                        Some(Node::String(_)) => "a string",
+                        _ => "a scalar",
+                    };
+                    rejections.push(Rejection {
+                        position,
+                        reason: format!("expected a JSON object, found {kind}"),
+                    });
+                }
+            }
+        }
+        index
+    }
+}
+
+/// Whether `input` is NDJSON: a first non-blank line that is a whole object, and more after it.
+fn is_ndjson(input: &[u8]) -> bool {
+    let start = input
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(input.len());
+    let input = &input[start..];
+    let Some(end) = input.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let first = input[..end].trim_ascii();
+    let more = input[end..].iter().any(|b| !b.is_ascii_whitespace());
+    more && first.first() == Some(&b'{') && first.last() == Some(&b'}')
+}
+
+fn trim_ascii_mut(s: &mut [u8]) -> &mut [u8] {
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &mut s[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &str) -> Parsed {
+        Parser::default().parse(input.as_bytes().to_vec())
+    }
+
+    fn json(ev: &Event) -> String {
+        let mut out = Vec::new();
+        ev.write_json(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_object() {
+        let p = parse(r#"{"symbol":"AAPL","price":1.5,"size":100}"#);
+        assert_eq!(p.frame.len(), 1);
+        assert!(p.rejections.is_empty());
+        let ev = p.frame.event(0);
+        assert_eq!(ev.get("price").as_float().unwrap(), 1.5);
+        assert_eq!(ev.get("size").as_int().unwrap(), 100);
+        assert_eq!(ev.get("symbol").into_string().unwrap(), "AAPL");
+        assert!(ev.get("missing").is_unit());
+    }
+
+    #[test]
+    fn pretty_printed_object_is_one_document() {
+        let p = parse("{\n  \"a\": 1,\n  \"b\": {\"c\": [1, 2]}\n}\n");
+        assert_eq!(p.frame.len(), 1);
+        assert!(p.rejections.is_empty());
+        assert_eq!(json(&p.frame.event(0)), r#"{"a":1,"b":{"c":[1,2]}}"#);
+    }
+
+    #[test]
+    fn array_with_a_non_object_is_rejected_by_index() {
+        let p = parse(r#"[{"a":1}, 5, {"a":2}, "x"]"#);
+        assert_eq!(p.frame.len(), 2);
+        assert_eq!(p.items, 4);
+        assert_eq!(p.rejections.len(), 2);
+        assert_eq!(p.rejections[0].position.index, 1);
+        assert!(p.rejections[0].reason.contains("an integer"));
+        assert_eq!(p.rejections[1].position.index, 3);
+        assert_eq!(p.frame.event(1).get("a").as_int().unwrap(), 2);
+    }
+
+    #[test]
+    fn ndjson_broken_line_loses_only_that_line() {
+        let p = parse("{\"a\":1}\n\n{\"a\":\n{\"a\":3}\n[1]\n");
+        assert_eq!(p.frame.len(), 2);
+        assert_eq!(p.items, 4);
+        let lines: Vec<_> = p.rejections.iter().map(|r| r.position.line).collect();
+        assert_eq!(lines, vec![Some(3), Some(5)]);
+        assert!(p.rejections[0].reason.starts_with("invalid JSON"));
+        assert_eq!(p.frame.event(1).get("a").as_int().unwrap(), 3);
+        assert_eq!(p.frame.position(1).line, Some(4));
+    }
+
+    #[test]
+    fn fields_after_nested_values_are_found() {
+        let p = parse(r#"{"a":{"b":{"c":1},"d":[1,[2,3]]},"e":[{"f":1}],"g":7}"#);
+        assert_eq!(p.frame.event(0).get("g").as_int().unwrap(), 7);
+        let path = FieldPath::parse("a.d").unwrap();
+        assert_eq!(p.frame.event(0).lookup(&path), Some(Value::Array));
+    }
+
+    #[test]
+    fn nested_fields_escapes_and_arrays() {
+        let p = parse(r#"{"device":{"id":"d-1","loc":{"x":2}},"tags":["a","b\"c"],"n":null}"#);
+        let ev = p.frame.event(0);
+        let path = FieldPath::parse("device.loc.x").unwrap();
+        assert_eq!(ev.lookup(&path), Some(Value::Int(2)));
+        let tags = ev.get("tags").into_array().unwrap();
+        assert_eq!(tags[1].clone().into_string().unwrap(), "b\"c");
+        assert!(ev.get("n").is_unit());
+        assert_eq!(
+            json(&ev),
+            r#"{"device":{"id":"d-1","loc":{"x":2}},"tags":["a","b\"c"],"n":null}"#
+        );
+        let keys: Vec<_> = ev.keys().collect();
+        assert_eq!(keys, vec!["device", "tags", "n"]);
+    }
+
+    #[test]
+    fn garbage_and_scalars_are_rejected() {
+        assert_eq!(parse("not json").rejections.len(), 1);
+        assert!(parse("42").rejections[0].reason.contains("an integer"));
+        let empty = parse("  \n ");
+        assert_eq!((empty.frame.len(), empty.items), (0, 0));
+    }
+
+    #[test]
+    fn big_unsigned_becomes_float() {
+        let p = parse(r#"{"n":18446744073709551615}"#);
+        assert!(p.frame.event(0).get("n").is_float());
+    }
+}

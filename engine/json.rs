@@ -1,0 +1,192 @@
+//! Compact JSON encoding of what scripts emit: Rhai values, events and plugin objects.
+//!
+//! Emitted values are encoded once, on the shard that produced them, straight into bytes; from
+//! there on (batching, fan-out, `eddy run` output) they are only copied, never re-encoded.
+//! Maps come out with their keys sorted (Rhai maps are ordered), so output is deterministic.
+//! Non-finite floats become `null`, as JSON has no spelling for them.
+
+use rhai::Dynamic;
+
+use crate::event::Event;
+
+/// How deep nested arrays and maps may go before encoding stops with an error.
+pub const MAX_DEPTH: usize = 64;
+
+/// An emitted value that cannot be written as JSON.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EncodeError {
+    #[error("value is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("encoded value is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+pub fn write_int(out: &mut Vec<u8>, n: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+pub fn write_float(out: &mut Vec<u8>, x: f64) {
+    if x.is_finite() {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(x).as_bytes());
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// Writes `s` as a JSON string literal.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Writes a Rhai value as compact JSON, failing past `limit` bytes of output.
+pub fn write_dynamic(out: &mut Vec<u8>, value: &Dynamic, limit: usize) -> Result<(), EncodeError> {
+    let start = out.len();
+    write_value(out, value, 0)?;
+    if out.len() - start > limit {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { limit });
+    }
+    Ok(())
+}
+
+fn write_value(out: &mut Vec<u8>, value: &Dynamic, depth: usize) -> Result<(), EncodeError> {
+    if depth > MAX_DEPTH {
+        return Err(EncodeError::TooDeep);
+    }
+    if let Ok(x) = value.as_float() {
+        write_float(out, x);
+    } else if let Ok(n) = value.as_int() {
+        write_int(out, n);
+    } else if value.is_unit() {
+        out.extend_from_slice(b"null");
+    } else if let Ok(b) = value.as_bool() {
+        out.extend_from_slice(if b { b"true" } else { b"false" });
+    } else if let Ok(s) = value.as_immutable_string_ref() {
+        write_str(out, &s);
+    } else if let Ok(c) = value.as_char() {
+        write_str(out, c.encode_utf8(&mut [0; 4]));
+    } else if value.is_map() {
+        let map = value.as_map_ref().expect("checked is_map");
+        write_map(out, &map, depth)?;
+    } else if value.is_array() {
+        let array = value.as_array_ref().expect("checked is_array");
+        out.push(b'[');
+        for (i, item) in array.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_value(out, item, depth + 1)?;
+        }
+        out.push(b']');
+    } else if value.is_blob() {
+        let blob = value.as_blob_ref().expect("checked is_blob");
+        out.push(b'[');
+        for (i, byte) in blob.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_int(out, i64::from(*byte));
+        }
+        out.push(b']');
+    } else if let Some(event) = value.read_lock::<Event>() {
+        event.write_json(out);
+    } else if let Some(summary) = eddy_plugins::summary(value) {
+        write_map(out, &summary, depth)?;
+    } else if value.is_fnptr() {
+        let f = value.clone().cast::<rhai::FnPtr>();
+        write_str(out, f.fn_name());
+    } else {
+        write_str(out, value.type_name());
+    }
+    Ok(())
+}
+
+fn write_map(out: &mut Vec<u8>, map: &rhai::Map, depth: usize) -> Result<(), EncodeError> {
+    out.push(b'{');
+    for (i, (name, item)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name);
+        out.push(b':');
+        write_value(out, item, depth + 1)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(script: &str) -> String {
+        let engine = rhai::Engine::new();
+        let value: Dynamic = engine.eval(script).unwrap();
+        let mut out = Vec::new();
+        write_dynamic(&mut out, &value, usize::MAX).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn values_match_serde_json() {
+        let text = encode(r#"#{b: [1, 2.5, true, ()], a: "q\"\n\u0001", c: 'x', d: -0.0}"#);
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let expected =
+            serde_json::json!({"a": "q\"\n\u{1}", "b": [1, 2.5, true, null], "c": "x", "d": -0.0});
+        assert_eq!(parsed, expected);
+        // keys come out sorted
+        assert!(text.starts_with(r#"{"a":"#));
+    }
+
+    #[test]
+    fn floats_keep_a_fraction_and_non_finite_is_null() {
+        assert_eq!(encode("1.0"), "1.0");
+        assert_eq!(encode("[1.0/0.0, 0.0/0.0]"), "[null,null]");
+    }
+
+    #[test]
+    fn too_deep_and_too_large_are_errors() {
+        let engine = rhai::Engine::new();
+        let mut deep = Dynamic::UNIT;
+        for _ in 0..=MAX_DEPTH + 1 {
+            deep = Dynamic::from_array(vec![deep]);
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            write_dynamic(&mut out, &deep, 1 << 20),
+            Err(EncodeError::TooDeep)
+        );
+        let big: Dynamic = engine
+            .eval(r#"let s = ""; for i in 0..100 { s += "y" } s"#)
+            .unwrap();
+        out.clear();
+        let err = write_dynamic(&mut out, &big, 10).unwrap_err();
+        assert_eq!(err, EncodeError::TooLarge { limit: 10 });
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,109 @@
+//! Partition keys: the value of a query's `key_by` field, which decides the shard and names the
+//! state a script sees as `this`.
+//!
+//! A key is a string, an integer or a boolean, or [`Key::None`] for a query without `key_by`
+//! (all events share one state). Short strings (up to 24 bytes, which covers tickers, device ids
+//! and hashtags) are stored inline, so making a key for a lookup does not allocate.
+
+use std::fmt;
+
+use compact_str::CompactString;
+use rhai::Dynamic;
+
+use crate::event::Value;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// The query has no `key_by`: one state for every event.
+    None,
+    Bool(bool),
+    Int(i64),
+    Str(CompactString),
+}
+
+impl Key {
+    /// The key for a `key_by` value read from an event, or the reason it cannot be one.
+    pub fn from_value(value: Value<'_>) -> Result<Key, String> {
+        match value {
+            Value::Str(s) => Ok(Key::Str(CompactString::from(s))),
+            Value::Int(n) => Ok(Key::Int(n)),
+            Value::Bool(b) => Ok(Key::Bool(b)),
+            other => Err(format!(
+                "must be a string, an integer or a boolean, found {}",
+                other.kind()
+            )),
+        }
+    }
+
+    /// The key as a Rhai value (`()` for [`Key::None`]).
+    pub fn to_dynamic(&self) -> Dynamic {
+        match self {
+            Key::None => Dynamic::UNIT,
+            Key::Bool(b) => Dynamic::from_bool(*b),
+            Key::Int(n) => Dynamic::from_int(*n),
+            Key::Str(s) => Dynamic::from(s.as_str().to_owned()),
+        }
+    }
+
+    /// Writes the key as JSON (`null` for [`Key::None`]).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Key::None => out.extend_from_slice(b"null"),
+            Key::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Key::Int(n) => crate::json::write_int(out, *n),
+            Key::Str(s) => crate::json::write_str(out, s),
+        }
+    }
+
+    /// A stable 64-bit hash, the same in every process, for assigning keys to shards.
+    pub fn stable_hash(&self) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0x00ed_d1e5).hash_one(self)
+    }
+
+    /// The shard that owns this key among `shards`: contiguous ranges of the hash space, so
+    /// every shard gets an equal share.
+    pub fn shard(&self, shards: usize) -> usize {
+        ((u128::from(self.stable_hash()) * shards as u128) >> 64) as usize
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::None => f.write_str("(none)"),
+            Key::Bool(b) => write!(f, "{b}"),
+            Key::Int(n) => write!(f, "{n}"),
+            Key::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_values() {
+        assert_eq!(
+            Key::from_value(Value::Str("AAPL")),
+            Ok(Key::Str("AAPL".into()))
+        );
+        assert_eq!(Key::from_value(Value::Int(7)), Ok(Key::Int(7)));
+        let err = Key::from_value(Value::Float(1.5)).unwrap_err();
+        assert!(err.contains("found a float"), "{err}");
+        assert!(Key::from_value(Value::Null).is_err());
+    }
+
+    #[test]
+    fn shards_cover_the_range_evenly() {
+        let mut counts = [0usize; 4];
+        for i in 0..40_000 {
+            counts[Key::Str(format!("sym{i}").into()).shard(4)] += 1;
+        }
+        for c in counts {
+            assert!((9_000..11_000).contains(&c), "{counts:?}");
+        }
+        assert_eq!(Key::Int(5).shard(1), 0);
+    }
+}

@@ -1,0 +1,25 @@
+//! eddy: a real-time analytics engine. Events in (JSON), Rhai queries with per-key state,
+//! results out.
+//!
+//! The pieces, in the order an event meets them: [`event`] parses inputs into frames;
+//! [`router`] picks each event's queries, keys, shards and watermarks; [`shard`] runs the
+//! queries (compiled in the [`sandbox`], calling the [`builtins`]) for the keys it owns;
+//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`).
+
+pub mod builtins;
+pub mod event;
+pub mod json;
+pub mod key;
+pub mod offline;
+pub mod query;
+pub mod router;
+pub mod sandbox;
+pub mod shard;
+pub mod synth;
+
+pub use builtins::{Emitted, Topic};
+pub use event::{Event, Frame, Parser};
+pub use key::Key;
+pub use query::{QueryDef, QueryError};
+pub use sandbox::Limits;
+pub use shard::{QueryId, Shard};

@@ -1,0 +1,195 @@
+//! The offline runner behind `eddy run`: queries over a finite input, through the same router
+//! and shard code the server uses, on one thread, deterministically.
+//!
+//! The input (one JSON object, an array, or NDJSON) is parsed in frames of about
+//! [`FRAME_BYTES`] (NDJSON is cut at line boundaries), routed with one shard, and every item
+//! emitted is written as one JSON line, in the order it was produced. Arrival time is logical:
+//! the event's index in the input, in milliseconds, so that runs repeat exactly. At the end of the
+//! input the watermark of every query goes to the end of time, so every pending timer fires.
+//! Rejected events go to the error writer with their position and reason.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::builtins::Emitted;
+use crate::event::{Format, Parser, Rejection};
+use crate::router::{Clock, Delivery, Deployed, RouteSink, Router, Unnamed};
+use crate::sandbox::Limits;
+use crate::shard::{QueryId, QueryStats, Shard};
+use crate::QueryDef;
+
+/// Size of the frames a large NDJSON input is cut into.
+pub const FRAME_BYTES: usize = 1 << 20;
+
+/// Options of one offline run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stream of the events that carry no `"stream"` field; when `None` they feed every query.
+    pub stream: Option<String>,
+}
+
+/// What a run counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub items: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub late: u64,
+    pub emitted: u64,
+    pub errors: u64,
+    pub timers_fired: u64,
+}
+
+/// Runs `queries` over `input`, writing emitted items to `out` and rejections to `err`.
+pub fn run(
+    queries: Vec<QueryDef>,
+    input: Vec<u8>,
+    limits: &Limits,
+    options: &RunOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<RunSummary> {
+    let mut shard = Shard::new(limits);
+    let mut deployed = Vec::new();
+    for (i, def) in queries.into_iter().enumerate() {
+        let id = QueryId(i as u64);
+        let def = Arc::new(def);
+        shard
+            .deploy(id, Arc::clone(&def))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        deployed.push(Arc::new(Deployed::new(id, def)));
+    }
+    let router = Router::new(deployed);
+    let unnamed = if options.stream.is_some() {
+        Unnamed::Reject
+    } else {
+        Unnamed::AllQueries
+    };
+    let mut sink = Sink {
+        shard: &mut shard,
+        out,
+        err,
+        line: Vec::with_capacity(4096),
+        io: Ok(()),
+        emitted: 0,
+    };
+    let mut parser = Parser::default();
+    let mut summary = RunSummary::default();
+    let format = Format::detect(&input);
+    let mut base = crate::event::Position {
+        index: 0,
+        line: Some(0),
+    };
+    for chunk in chunks(input, format) {
+        let lines = chunk.iter().filter(|&&b| b == b'\n').count() as u32;
+        let parsed = parser.parse_with(chunk, format, base);
+        summary.items += u64::from(parsed.items);
+        for rejection in parsed.rejections {
+            summary.rejected += 1;
+            sink.reject(rejection);
+        }
+        let stream = options.stream.as_deref();
+        let routed = router.route(
+            &parsed.frame,
+            stream,
+            unnamed,
+            Clock::Position,
+            1,
+            &mut sink,
+        );
+        summary.accepted += routed.accepted;
+        summary.rejected += routed.rejected;
+        summary.late += routed.late;
+        base.index += parsed.items;
+        base.line = base.line.map(|l| l + lines);
+        sink.io
+            .as_ref()
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+    }
+    let end = i64::from(base.index);
+    sink.shard.finish(end);
+    sink.flush_shard();
+    sink.io?;
+    sink.out.flush()?;
+    let emitted = sink.emitted;
+    let mut stats = QueryStats::default();
+    for q in router.queries() {
+        stats += shard.stats(q.id).unwrap_or_default();
+    }
+    summary.emitted = emitted;
+    summary.errors = stats.errors;
+    summary.timers_fired = stats.timers_fired;
+    Ok(summary)
+}
+
+/// Cuts NDJSON input at line boundaries into frames of about [`FRAME_BYTES`]; other input is
+/// one frame.
+fn chunks(input: Vec<u8>, format: Format) -> Vec<Vec<u8>> {
+    if format != Format::Ndjson || input.len() <= FRAME_BYTES {
+        return vec![input];
+    }
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < input.len() {
+        let mut end = (start + FRAME_BYTES).min(input.len());
+        if end < input.len() {
+            end = input[end..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(input.len(), |p| end + p + 1);
+        }
+        chunks.push(input[start..end].to_vec());
+        start = end;
+    }
+    chunks
+}
+
+struct Sink<'a> {
+    shard: &'a mut Shard,
+    out: &'a mut dyn Write,
+    err: &'a mut dyn Write,
+    line: Vec<u8>,
+    io: std::io::Result<()>,
+    emitted: u64,
+}
+
+impl Sink<'_> {
+    fn write(&mut self, item: &Emitted) {
+        self.line.clear();
+        item.write_line(&mut self.line);
+        self.emitted += 1;
+        if self.io.is_ok() {
+            self.io = self.out.write_all(&self.line);
+        }
+    }
+
+    fn flush_shard(&mut self) {
+        let mut items = Vec::new();
+        self.shard.take_output(&mut items);
+        for item in &items {
+            self.write(item);
+        }
+    }
+}
+
+impl RouteSink for Sink<'_> {
+    fn deliver(&mut self, _shard: usize, d: Delivery) {
+        self.shard
+            .event(d.query, d.key, d.event, d.watermark, d.now);
+        self.flush_shard();
+    }
+
+    fn advanced(&mut self, _query: QueryId, _watermark: i64) {
+        // One shard: it already saw the watermark with the event that raised it.
+    }
+
+    fn late(&mut self, item: Emitted) {
+        self.write(&item);
+    }
+
+    fn reject(&mut self, rejection: Rejection) {
+        if self.io.is_ok() {
+            self.io = writeln!(self.err, "rejected: {rejection}");
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Queries: a Rhai script compiled, its settings read and its functions checked, once, when it
+//! is deployed.
+//!
+//! [`QueryDef::compile`] turns `(name, script)` into a validated definition or a
+//! [`QueryError`] that says where the script is wrong (line and column) or lists every problem
+//! with its settings at once. A definition is plain data (`Send`): each shard compiles the script
+//! again with its own engine, because a Rhai `AST` is not `Send`.
+
+use std::fmt;
+
+use rhai::{Dynamic, Engine, Position, Scope, AST};
+
+use crate::event::FieldPath;
+use crate::sandbox::{self, Limits, SETTINGS};
+
+/// The settings a query's top-level statements set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryConfig {
+    /// Streams whose events feed the query.
+    pub sources: Vec<String>,
+    /// Field path of the partition key; `None`: one state for all events.
+    pub key_by: Option<FieldPath>,
+    /// Field with the event time in epoch milliseconds; `None`: arrival time.
+    pub time_field: Option<FieldPath>,
+    /// How far event time may run behind the newest seen before an event is late, in ms.
+    pub lateness_ms: i64,
+}
+
+/// Which optional functions a query defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Functions {
+    pub init: bool,
+    pub on_timer: bool,
+}
+
+/// A compiled and validated query.
+#[derive(Clone, Debug)]
+pub struct QueryDef {
+    pub name: String,
+    pub script: String,
+    pub config: QueryConfig,
+    pub functions: Functions,
+}
+
+/// Why a query cannot be deployed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("query name {0:?} is not valid: use letters, digits, '_' and '-' (at most 64)")]
+    BadName(String),
+    #[error("query `{query}`, line {line}, column {column}: syntax error: {message}")]
+    Syntax {
+        query: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("query `{query}`{}: top-level statements failed: {message}", at(*line, *column))]
+    Setup {
+        query: String,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+    #[error("query `{query}` is not valid: {}", problems.join("; "))]
+    Invalid {
+        query: String,
+        problems: Vec<String>,
+    },
+}
+
+fn at(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(", line {l}, column {c}"),
+        (Some(l), None) => format!(", line {l}"),
+        _ => String::new(),
+    }
+}
+
+impl QueryError {
+    /// Line and column of the error in the script, when it has one.
+    pub fn line_column(&self) -> (Option<usize>, Option<usize>) {
+        match self {
+            QueryError::Syntax { line, column, .. } => (Some(*line), Some(*column)),
+            QueryError::Setup { line, column, .. } => (*line, *column),
+            _ => (None, None),
+        }
+    }
+}
+
+/// Checks a query or topic name: letters, digits, `_` and `-`, 1 to 64 of them.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Compiles `script` with `engine`, seeing the settings as defined variables.
+pub(crate) fn compile(engine: &Engine, name: &str, script: &str) -> Result<AST, QueryError> {
+    let mut scope = Scope::new();
+    for setting in SETTINGS {
+        scope.push(setting, ());
+    }
+    engine
+        .compile_with_scope(&scope, script)
+        .map_err(|e| QueryError::Syntax {
+            query: name.to_owned(),
+            line: e.1.line().unwrap_or(0),
+            column: e.1.position().unwrap_or(0),
+            message: e.0.to_string(),
+        })
+}
+
+impl QueryDef {
+    /// Compiles and validates a query: syntax, settings, required functions.
+    pub fn compile(name: &str, script: &str, limits: &Limits) -> Result<QueryDef, QueryError> {
+        if !valid_name(name) {
+            return Err(QueryError::BadName(name.to_owned()));
+        }
+        let mut engine = sandbox::new_engine(limits);
+        // Built-ins bound to a context that is never active: calling them at the top level
+        // fails with a message that says where they may be called.
+        let ctx = std::rc::Rc::new(std::cell::RefCell::new(crate::builtins::CallCtx::new(
+            limits,
+        )));
+        crate::builtins::register(&mut engine, &ctx);
+        let ast = compile(&engine, name, script)?;
+
+        let mut scope = Scope::new();
+        for setting in SETTINGS {
+            scope.push(setting, ());
+        }
+        engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
+            let (line, column) = line_column(e.position());
+            QueryError::Setup {
+                query: name.to_owned(),
+                line,
+                column,
+                message: crate::shard::error_message(&e),
+            }
+        })?;
+
+        let mut problems = Vec::new();
+        let config = read_config(&scope, &mut problems);
+        let functions = check_functions(&ast, &mut problems);
+        match (config, problems.is_empty()) {
+            (Some(config), true) => Ok(QueryDef {
+                name: name.to_owned(),
+                script: script.to_owned(),
+                config,
+                functions,
+            }),
+            _ => Err(QueryError::Invalid {
+                query: name.to_owned(),
+                problems,
+            }),
+        }
+    }
+
+    /// Topic of `emit(value)`: the query's name.
+    pub fn topic(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl fmt::Display for QueryDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (source {:?}", self.name, self.config.sources)?;
+        if let Some(key) = &self.config.key_by {
+            write!(f, ", key_by {key}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+pub(crate) fn line_column(pos: Position) -> (Option<usize>, Option<usize>) {
+    (pos.line(), pos.position())
+}
+
+fn read_config(scope: &Scope, problems: &mut Vec<String>) -> Option<QueryConfig> {
+    let get = |name: &str| scope.get_value::<Dynamic>(name).unwrap_or(Dynamic::UNIT);
+
+    let sources = match get("source") {
+        v if v.is_unit() => {
+            problems.push("`source` is not set: name the stream (or array of streams) that feeds this query, e.g. `let source = \"trades\";`".into());
+            Vec::new()
+        }
+        v if v.is_string() => vec![v.into_string().unwrap_or_default()],
+        v if v.is_array() => {
+            let mut names = Vec::new();
+            for item in v.into_array().unwrap_or_default() {
+                match item.into_string() {
+                    Ok(s) => names.push(s),
+                    Err(t) => problems.push(format!("`source` must hold only strings, found {t}")),
+                }
+            }
+            if names.is_empty() {
+                problems.push("`source` is an empty array".into());
+            }
+            names
+        }
+        v => {
+            problems.push(format!(
+                "`source` must be a string or an array of strings, found {}",
+                v.type_name()
+            ));
+            Vec::new()
+        }
+    };
+    for s in &sources {
+        if s.is_empty() {
+            problems.push("`source` names an empty stream".into());
+        }
+    }
+
+    let mut path = |name: &str| -> Option<FieldPath> {
+        match get(name) {
+            v if v.is_unit() => None,
+            v if v.is_string() => {
+                let text = v.into_string().unwrap_or_default();
+                FieldPath::parse(&text)
+                    .map_err(|e| problems.push(format!("`{name}`: {e}")))
+                    .ok()
+            }
+            v => {
+                problems.push(format!(
+                    "`{name}` must be a field path string like \"device.id\", found {}",
+                    v.type_name()
+                ));
+                None
+            }
+        }
+    };
+    let key_by = path("key_by");
+    let time_field = path("time_field");
+
+    let lateness_ms = match get("lateness") {
+        v if v.is_unit() => 0,
+        v if v.is_int() => v.as_int().unwrap_or(0),
+        v if v.is_string() => {
+            let text = v.into_string().unwrap_or_default();
+            eddy_plugins::parse_duration_ms(&text).unwrap_or_else(|e| {
+                problems.push(format!("`lateness`: {e}"));
+                0
+            })
+        }
+        v => {
+            problems.push(format!(
+                "`lateness` must be milliseconds or a duration string like \"5s\", found {}",
+                v.type_name()
+            ));
+            0
+        }
+    };
+    if lateness_ms < 0 {
+        problems.push(format!(
+            "`lateness` must not be negative, found {lateness_ms}"
+        ));
+    }
+
+    Some(QueryConfig {
+        sources,
+        key_by,
+        time_field,
+        lateness_ms,
+    })
+}
+
+fn check_functions(ast: &AST, problems: &mut Vec<String>) -> Functions {
+    let mut functions = Functions {
+        init: false,
+        on_timer: false,
+    };
+    let mut on_event = false;
+    for f in ast.iter_functions() {
+        let (wanted, slot) = match f.name {
+            "on_event" => ("fn on_event(ev)", &mut on_event),
+            "init" => ("fn init(key)", &mut functions.init),
+            "on_timer" => ("fn on_timer(t)", &mut functions.on_timer),
+            _ => continue,
+        };
+        if f.params.len() == 1 {
+            *slot = true;
+        } else {
+            problems.push(format!(
+                "`{}` takes {} parameters; it must be `{wanted}`",
+                f.name,
+                f.params.len()
+            ));
+        }
+    }
+    if !on_event && !problems.iter().any(|p| p.starts_with("`on_event`")) {
+        problems.push("`fn on_event(ev)` is missing: it is called for every event".into());
+    }
+    functions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(script: &str) -> Result<QueryDef, QueryError> {
+        QueryDef::compile("q", script, &Limits::default())
+    }
+
+    #[test]
+    fn settings_are_read() {
+        let def = compile(
+            r#"
+            let source = ["trades", "quotes"];
+            key_by = "device.id";
+            let time_field = "ts";
+            let lateness = "2s";
+            fn init(key) { #{} }
+            fn on_event(ev) { }
+            fn on_timer(t) { }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(def.config.sources, vec!["trades", "quotes"]);
+        assert_eq!(def.config.key_by.unwrap().to_string(), "device.id");
+        assert_eq!(def.config.time_field.unwrap().to_string(), "ts");
+        assert_eq!(def.config.lateness_ms, 2000);
+        assert!(def.functions.init && def.functions.on_timer);
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let err = compile("let source = \"t\";\nfn on_event(ev) {\n  let x = ;\n}").unwrap_err();
+        let (line, column) = err.line_column();
+        assert_eq!(line, Some(3));
+        assert!(column.is_some());
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn undefined_variable_is_a_compile_error() {
+        let err = compile("let source = \"t\";\nfn on_event(ev) { emit(pricee) }").unwrap_err();
+        assert!(matches!(err, QueryError::Syntax { line: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = compile("let key_by = 5; let lateness = -1; fn on_timer() {}").unwrap_err();
+        let QueryError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        let text = problems.join("\n");
+        for needle in [
+            "`source` is not set",
+            "`key_by` must be",
+            "`lateness` must not",
+            "`on_timer` takes 0",
+            "on_event(ev)` is missing",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn failing_setup_is_reported_with_position() {
+        let err = compile("let source = \"t\";\nlet x = 1 / 0;\nfn on_event(ev) {}").unwrap_err();
+        assert!(
+            matches!(err, QueryError::Setup { line: Some(2), .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn endless_top_level_loop_is_stopped() {
+        let err = compile("let source = \"t\"; loop { } fn on_event(ev) {}").unwrap_err();
+        assert!(err.to_string().contains("operations"), "{err}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("vwap_1m-x"));
+        assert!(!valid_name("a.b"));
+        assert!(!valid_name(""));
+        assert!(matches!(
+            QueryDef::compile("bad name", "", &Limits::default()),
+            Err(QueryError::BadName(_))
+        ));
+    }
+}

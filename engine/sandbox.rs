@@ -1,0 +1,123 @@
+//! The script sandbox: the one place where a Rhai [`Engine`] for user queries is made.
+//!
+//! Queries are untrusted code. Every engine that compiles or runs one comes from
+//! [`new_engine`], which sets every limit in [`Limits`] (operations per call, call depth,
+//! expression depth, string/array/map sizes), refuses `eval` and `import`, sends `print` and
+//! `debug` to the log instead of stdout, and registers the event type and the plugins. The
+//! limits Rhai cannot see (the size of a key's state, of one emitted value, the number of timers
+//! of a key and of topics of a query) are enforced by the shard with the same [`Limits`].
+
+use rhai::packages::Package;
+use rhai::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+
+/// Resource limits for scripts. Each default is written here and nowhere else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Rhai operations one call (`init`, `on_event`, `on_timer`) may take: ends endless loops.
+    pub max_operations: u64,
+    /// Nesting of function calls: ends runaway recursion.
+    pub max_call_levels: usize,
+    /// Nesting of expressions at the top level and inside functions, checked at compile time.
+    pub max_expr_depth: usize,
+    pub max_function_expr_depth: usize,
+    /// Largest string a script may build, in bytes.
+    pub max_string_bytes: usize,
+    /// Largest array and map, in elements (nested ones count toward their container).
+    pub max_array_len: usize,
+    pub max_map_len: usize,
+    /// Largest state of one key, in (estimated) bytes, checked after every call.
+    pub max_state_bytes: usize,
+    /// Largest emitted value, in JSON bytes.
+    pub max_emit_bytes: usize,
+    /// Pending timers of one key.
+    pub max_timers_per_key: usize,
+    /// Named topics (`emit("name", v)`) of one query.
+    pub max_topics_per_query: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 100_000,
+            max_call_levels: 32,
+            max_expr_depth: 64,
+            max_function_expr_depth: 32,
+            max_string_bytes: 64 * 1024,
+            max_array_len: 10_000,
+            max_map_len: 10_000,
+            max_state_bytes: 1024 * 1024,
+            max_emit_bytes: 1024 * 1024,
+            max_timers_per_key: 1_000,
+            max_topics_per_query: 64,
+        }
+    }
+}
+
+/// Names a query's top-level statements may set; they are defined (as `()`) before the
+/// statements run, so `source = "trades";` works as well as `let source = "trades";`.
+pub const SETTINGS: [&str; 4] = ["source", "key_by", "time_field", "lateness"];
+
+/// A Rhai engine with every limit of `limits` set, the event type and the plugins registered,
+/// and no way out of the sandbox. The engine's built-ins (`emit`, `key`, …) are added by the
+/// shard that owns it.
+pub fn new_engine(limits: &Limits) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_function_expr_depth)
+        .set_max_string_size(limits.max_string_bytes)
+        .set_max_array_size(limits.max_array_len)
+        .set_max_map_size(limits.max_map_len)
+        .set_max_modules(0)
+        .set_strict_variables(true)
+        .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    engine.disable_symbol("eval");
+    engine.on_print(|text| tracing::info!(target: "eddy::script", "{text}"));
+    engine.on_debug(|text, source, pos| {
+        tracing::debug!(target: "eddy::script", "{}{pos}: {text}", source.unwrap_or(""));
+    });
+    engine.register_global_module(eddy_plugins::EddyPackage::new().as_shared_module());
+    register_event(&mut engine);
+    engine
+}
+
+/// The `event` type: read-only field access by name, plus a few methods.
+///
+/// Only methods are registered, never property getters, so that `ev.len` still reads a field
+/// called `len` through the indexer fallback.
+fn register_event(engine: &mut Engine) {
+    engine
+        .register_type_with_name::<Event>("event")
+        .register_indexer_get(|ev: &mut Event, name: &str| ev.get(name))
+        .register_indexer_set(
+            |_: &mut Event, name: &str, _: rhai::Dynamic| -> Result<(), Box<rhai::EvalAltResult>> {
+                Err(format!(
+                    "events are read-only: cannot set `{name}` (copy it with `ev.to_map()` first)"
+                )
+                .into())
+            },
+        )
+        .register_fn("contains", |ev: &mut Event, name: &str| ev.contains(name))
+        .register_fn("keys", |ev: &mut Event| -> rhai::Array {
+            ev.keys()
+                .map(|k| rhai::Dynamic::from(k.to_owned()))
+                .collect()
+        })
+        .register_fn("len", |ev: &mut Event| ev.len() as rhai::INT)
+        .register_fn("is_empty", |ev: &mut Event| ev.is_empty())
+        .register_fn("to_map", |ev: &mut Event| ev.to_map())
+        .register_fn("to_string", |ev: &mut Event| event_json(ev))
+        .register_fn("to_debug", |ev: &mut Event| event_json(ev))
+        .register_fn("to_json", |ev: &mut Event| event_json(ev));
+}
+
+fn event_json(ev: &mut Event) -> String {
+    let mut out = Vec::new();
+    ev.write_json(&mut out);
+    String::from_utf8(out).unwrap_or_default()
+}

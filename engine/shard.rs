@@ -1,0 +1,507 @@
+//! A shard: the runtime of every query for the keys it owns.
+//!
+//! A `Shard` owns a Rhai engine, each deployed query compiled by that engine, the state of each
+//! of its keys and the timers they set. It is driven by one thread and touched by no other: the
+//! offline runner calls it directly; the server gives each shard an OS thread fed by a channel.
+//! In: events already routed to this shard (key and watermark decided by the router), watermark
+//! advances, deploys and removals. Out: [`Emitted`] items, encoded once, taken with
+//! [`Shard::take_output`].
+//!
+//! Event time: each query has a watermark that only grows. Timers set by a key fire in time
+//! order, ties in key order, once the watermark reaches them, and before the event that moved the
+//! watermark is handled. A runtime error skips that call: the items it emitted and the timers it
+//! set are dropped, it is counted and published on `<query>.errors`. State changes the call made
+//! before failing stay (Rhai has no transactions, and copying every state before every call
+//! would cost more than the call).
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
+
+use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
+use crate::event::Event;
+use crate::key::Key;
+use crate::query::{self, QueryDef, QueryError};
+use crate::sandbox::{self, Limits};
+
+/// Identifies one deployment of a query; a replaced query gets a new id, so that work still in
+/// flight for the old one is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryId(pub u64);
+
+/// What a shard counted for one query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueryStats {
+    pub events: u64,
+    pub emitted: u64,
+    pub errors: u64,
+    pub timers_fired: u64,
+    pub keys: u64,
+}
+
+impl std::ops::AddAssign for QueryStats {
+    fn add_assign(&mut self, o: Self) {
+        self.events += o.events;
+        self.emitted += o.emitted;
+        self.errors += o.errors;
+        self.timers_fired += o.timers_fired;
+        self.keys += o.keys;
+    }
+}
+
+struct KeyState {
+    state: Dynamic,
+    /// Times of this key's pending timers (usually none, so no allocation).
+    timers: Vec<i64>,
+}
+
+struct QueryRuntime {
+    id: QueryId,
+    def: Arc<QueryDef>,
+    ast: AST,
+    topics: Rc<QueryTopics>,
+    states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
+    timers: BTreeSet<(i64, Key)>,
+    watermark: i64,
+    stats: QueryStats,
+}
+
+/// The runtime of the queries for the keys one shard owns.
+pub struct Shard {
+    engine: Engine,
+    ctx: Rc<RefCell<CallCtx>>,
+    scope: Scope<'static>,
+    queries: Vec<QueryRuntime>,
+    limits: Limits,
+}
+
+impl Shard {
+    pub fn new(limits: &Limits) -> Self {
+        let mut engine = sandbox::new_engine(limits);
+        let ctx = Rc::new(RefCell::new(CallCtx::new(limits)));
+        builtins::register(&mut engine, &ctx);
+        Shard {
+            engine,
+            ctx,
+            scope: Scope::new(),
+            queries: Vec::new(),
+            limits: limits.clone(),
+        }
+    }
+
+    /// Compiles `def` with this shard's engine and starts it with no state. A query already
+    /// running under the same name is replaced.
+    pub fn deploy(&mut self, id: QueryId, def: Arc<QueryDef>) -> Result<(), QueryError> {
+        let ast = query::compile(&self.engine, &def.name, &def.script)?;
+        self.queries.retain(|q| q.def.name != def.name);
+        self.queries.push(QueryRuntime {
+            id,
+            topics: Rc::new(QueryTopics::new(&def.name)),
+            def,
+            ast,
+            states: HashMap::default(),
+            timers: BTreeSet::new(),
+            watermark: i64::MIN,
+            stats: QueryStats::default(),
+        });
+        Ok(())
+    }
+
+    /// Drops a query and all its state.
+    pub fn remove(&mut self, id: QueryId) {
+        self.queries.retain(|q| q.id != id);
+    }
+
+    /// Counters of a query on this shard.
+    pub fn stats(&self, id: QueryId) -> Option<QueryStats> {
+        self.queries
+            .iter()
+            .find(|q| q.id == id)
+            .map(|q| QueryStats {
+                keys: q.states.len() as u64,
+                ..q.stats
+            })
+    }
+
+    /// Moves everything emitted since the last call into `out`.
+    pub fn take_output(&mut self, out: &mut Vec<Emitted>) {
+        out.append(&mut self.ctx.borrow_mut().out);
+    }
+
+    /// Raises the watermark of a query and fires the timers it reaches.
+    pub fn advance(&mut self, id: QueryId, watermark: i64, now: i64) {
+        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
+            return;
+        };
+        let mut call = Call {
+            engine: &self.engine,
+            scope: &mut self.scope,
+            ctx: &self.ctx,
+            limits: &self.limits,
+        };
+        if watermark > q.watermark {
+            q.watermark = watermark;
+        }
+        call.fire_timers(q, now);
+    }
+
+    /// Raises every query's watermark to the end of time, firing every pending timer: the end of
+    /// a finite input.
+    pub fn finish(&mut self, now: i64) {
+        let ids: Vec<QueryId> = self.queries.iter().map(|q| q.id).collect();
+        for id in ids {
+            self.advance(id, i64::MAX, now);
+        }
+    }
+
+    /// Handles one event for `key` of query `id`, after raising the watermark to `watermark`.
+    pub fn event(&mut self, id: QueryId, key: Key, event: Event, watermark: i64, now: i64) {
+        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
+            return;
+        };
+        let mut call = Call {
+            engine: &self.engine,
+            scope: &mut self.scope,
+            ctx: &self.ctx,
+            limits: &self.limits,
+        };
+        if watermark > q.watermark {
+            q.watermark = watermark;
+            call.fire_timers(q, now);
+        }
+        q.stats.events += 1;
+        call.on_event(q, key, event, now);
+        call.fire_timers(q, now);
+    }
+}
+
+/// The parts of a shard one script call needs, borrowed apart from the query it runs.
+struct Call<'a> {
+    engine: &'a Engine,
+    scope: &'a mut Scope<'static>,
+    ctx: &'a Rc<RefCell<CallCtx>>,
+    limits: &'a Limits,
+}
+
+/// How a call ended, for the shard to act on.
+enum Outcome {
+    Ok { timers: Vec<i64>, forget: bool },
+    Failed,
+}
+
+impl Call<'_> {
+    fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, now: i64) {
+        if !q.states.contains_key(&key) {
+            let state = if q.def.functions.init {
+                match self.init(q, &key, now) {
+                    Some(state) => state,
+                    None => return,
+                }
+            } else {
+                Dynamic::from_map(rhai::Map::new())
+            };
+            let timers = Vec::new();
+            q.states.insert(key.clone(), KeyState { state, timers });
+        }
+        self.run(q, key, "on_event", Dynamic::from(event), now);
+    }
+
+    /// The first state of `key`, from the query's `init(key)`; `None` when it failed.
+    fn init(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<Dynamic> {
+        self.begin(q, key, now);
+        let result = self.engine.call_fn_with_options::<Dynamic>(
+            CallFnOptions::new().eval_ast(false).rewind_scope(true),
+            self.scope,
+            &q.ast,
+            "init",
+            (key.to_dynamic(),),
+        );
+        let state = match result {
+            Ok(state) => state,
+            Err(e) => {
+                self.end(q, key, "init", Err(e), None);
+                return None;
+            }
+        };
+        let (forget, timers) = {
+            let ctx = self.ctx.borrow();
+            (ctx.forget, !ctx.timers.is_empty())
+        };
+        if forget || timers {
+            self.discard();
+            let msg = "`set_timer` and `forget` cannot be called from init";
+            self.publish_error(q, key, "init", msg, None);
+            return None;
+        }
+        match self.end(q, key, "init", Ok(()), None) {
+            Outcome::Ok { .. } => Some(state),
+            Outcome::Failed => None,
+        }
+    }
+
+    /// Calls `function(arg)` with `this` bound to the state of `key`, then applies what the call
+    /// asked for.
+    fn run(
+        &mut self,
+        q: &mut QueryRuntime,
+        key: Key,
+        function: &'static str,
+        arg: Dynamic,
+        now: i64,
+    ) {
+        let Some(entry) = q.states.get_mut(&key) else {
+            return;
+        };
+        self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
+        let result = self.engine.call_fn_with_options::<Dynamic>(
+            CallFnOptions::new()
+                .eval_ast(false)
+                .rewind_scope(true)
+                .bind_this_ptr(&mut entry.state),
+            self.scope,
+            &q.ast,
+            function,
+            (arg,),
+        );
+        let size = result
+            .is_ok()
+            .then(|| state_bytes(&entry.state))
+            .filter(|&n| n > self.limits.max_state_bytes);
+        match self.end(q, &key, function, result.map(|_| ()), size) {
+            Outcome::Failed => {
+                if size.is_some() {
+                    drop_key(q, &key);
+                }
+            }
+            Outcome::Ok { timers, forget } => {
+                if forget {
+                    drop_key(q, &key);
+                    return;
+                }
+                if timers.is_empty() {
+                    return;
+                }
+                let Some(entry) = q.states.get_mut(&key) else {
+                    return;
+                };
+                for t in timers {
+                    if entry.timers.contains(&t) {
+                        continue;
+                    }
+                    if entry.timers.len() >= self.limits.max_timers_per_key {
+                        let msg = format!(
+                            "key {key} has {} pending timers, the limit (max_timers_per_key)",
+                            entry.timers.len()
+                        );
+                        self.publish_error(q, &key, function, &msg, None);
+                        break;
+                    }
+                    entry.timers.push(t);
+                    q.timers.insert((t, key.clone()));
+                }
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, q: &mut QueryRuntime, now: i64) {
+        while let Some((t, _)) = q.timers.first() {
+            if *t > q.watermark {
+                break;
+            }
+            let (t, key) = q.timers.pop_first().expect("checked non-empty");
+            if let Some(entry) = q.states.get_mut(&key) {
+                entry.timers.retain(|&x| x != t);
+                q.stats.timers_fired += 1;
+                self.run(q, key, "on_timer", Dynamic::from_int(t), now);
+            }
+        }
+    }
+
+    fn begin(&mut self, q: &QueryRuntime, key: &Key, now: i64) {
+        self.begin_raw(&q.topics, q.def.functions.on_timer, key, q.watermark, now);
+    }
+
+    fn begin_raw(
+        &mut self,
+        topics: &Rc<QueryTopics>,
+        on_timer: bool,
+        key: &Key,
+        wm: i64,
+        now: i64,
+    ) {
+        let mut ctx = self.ctx.borrow_mut();
+        ctx.active = true;
+        if !ctx.topics.as_ref().is_some_and(|t| Rc::ptr_eq(t, topics)) {
+            ctx.topics = Some(Rc::clone(topics));
+        }
+        if ctx.key != *key {
+            ctx.key = key.clone();
+        }
+        ctx.now = now;
+        ctx.watermark = wm;
+        ctx.has_on_timer = on_timer;
+        ctx.timers.clear();
+        ctx.forget = false;
+        ctx.emit_mark = ctx.out.len();
+    }
+
+    /// Closes the call: on failure (a script error, or a state grown past its limit) drops what
+    /// the call emitted and publishes the error.
+    fn end(
+        &mut self,
+        q: &mut QueryRuntime,
+        key: &Key,
+        function: &str,
+        result: Result<(), Box<EvalAltResult>>,
+        oversized: Option<usize>,
+    ) -> Outcome {
+        let mut ctx = self.ctx.borrow_mut();
+        ctx.active = false;
+        let mark = ctx.emit_mark;
+        match (result, oversized) {
+            (Ok(()), None) => {
+                q.stats.emitted += (ctx.out.len() - mark) as u64;
+                Outcome::Ok {
+                    timers: std::mem::take(&mut ctx.timers),
+                    forget: ctx.forget,
+                }
+            }
+            (Ok(()), Some(size)) => {
+                ctx.out.truncate(mark);
+                drop(ctx);
+                let msg = format!(
+                    "state of key {key} grew to about {size} bytes, over the limit of {} (max_state_bytes); the key's state was dropped",
+                    self.limits.max_state_bytes
+                );
+                self.publish_error(q, key, function, &msg, None);
+                Outcome::Failed
+            }
+            (Err(e), _) => {
+                ctx.out.truncate(mark);
+                drop(ctx);
+                self.fail(q, key, function, &e);
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Ends the call in progress and drops what it emitted.
+    fn discard(&mut self) {
+        let mut ctx = self.ctx.borrow_mut();
+        ctx.active = false;
+        let mark = ctx.emit_mark;
+        ctx.out.truncate(mark);
+    }
+
+    fn fail(&mut self, q: &mut QueryRuntime, key: &Key, function: &str, e: &EvalAltResult) {
+        self.discard();
+        let message = error_message(e);
+        self.publish_error(q, key, function, &message, Some(e));
+    }
+
+    fn publish_error(
+        &mut self,
+        q: &mut QueryRuntime,
+        key: &Key,
+        function: &str,
+        message: &str,
+        e: Option<&EvalAltResult>,
+    ) {
+        q.stats.errors += 1;
+        let mut value = Vec::with_capacity(128);
+        value.extend_from_slice(b"{\"error\":");
+        crate::json::write_str(&mut value, message);
+        value.extend_from_slice(b",\"function\":");
+        crate::json::write_str(&mut value, function);
+        if let Some(e) = e {
+            let (line, column) = query::line_column(innermost(e).position());
+            if let (Some(line), Some(column)) = (line, column) {
+                value.extend_from_slice(b",\"line\":");
+                crate::json::write_int(&mut value, line as i64);
+                value.extend_from_slice(b",\"column\":");
+                crate::json::write_int(&mut value, column as i64);
+            }
+        }
+        value.extend_from_slice(b",\"key\":");
+        key.write_json(&mut value);
+        value.push(b'}');
+        self.ctx.borrow_mut().out.push(Emitted {
+            topic: Arc::clone(&q.topics.errors),
+            key: key.clone(),
+            value,
+        });
+    }
+}
+
+fn drop_key(q: &mut QueryRuntime, key: &Key) {
+    if let Some(entry) = q.states.remove(key) {
+        for t in entry.timers {
+            q.timers.remove(&(t, key.clone()));
+        }
+    }
+}
+
+/// The error that caused `e`, through the layers of function calls around it.
+fn innermost(e: &EvalAltResult) -> &EvalAltResult {
+    match e {
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => innermost(inner),
+        other => other,
+    }
+}
+
+/// A script error's message without Rhai's position suffix (the position is reported apart).
+pub(crate) fn error_message(e: &EvalAltResult) -> String {
+    let inner = innermost(e);
+    match inner {
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            "script ran too long: it used more operations than the limit (max_operations)".into()
+        }
+        EvalAltResult::ErrorStackOverflow(_) => {
+            "script recursed too deep: more nested calls than the limit (max_call_levels)".into()
+        }
+        EvalAltResult::ErrorDataTooLarge(what, _) => {
+            format!("script built a value too large: {what} over its limit")
+        }
+        other => {
+            let text = other.to_string();
+            let suffix = format!(" ({})", other.position());
+            match text.strip_suffix(&suffix) {
+                Some(stripped) if !other.position().is_none() => stripped.to_owned(),
+                _ => text,
+            }
+        }
+    }
+}
+
+/// An estimate of the memory a state holds, in bytes: cheap for the small states most queries
+/// keep, and bounded by Rhai's own size limits for the rest.
+pub fn state_bytes(value: &Dynamic) -> usize {
+    const SLOT: usize = 16;
+    if value.is_int() || value.is_float() || value.is_bool() || value.is_unit() || value.is_char() {
+        SLOT
+    } else if let Ok(s) = value.as_immutable_string_ref() {
+        SLOT + s.len()
+    } else if value.is_map() {
+        let map = value.as_map_ref().expect("checked is_map");
+        SLOT + map
+            .iter()
+            .map(|(k, v)| k.len() + SLOT + state_bytes(v))
+            .sum::<usize>()
+    } else if value.is_array() {
+        let array = value.as_array_ref().expect("checked is_array");
+        SLOT + array.iter().map(state_bytes).sum::<usize>()
+    } else if value.is_blob() {
+        SLOT + value.as_blob_ref().expect("checked is_blob").len()
+    } else if let Some(n) = eddy_plugins::approx_bytes(value) {
+        SLOT + n
+    } else {
+        SLOT * 4
+    }
+}
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;

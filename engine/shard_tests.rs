@@ -1,0 +1,392 @@
+//! Tests of the query runtime through the offline runner: built-ins, event time and timers,
+//! late events, runtime errors, and the sandbox against hostile scripts.
+
+use serde_json::{json, Value};
+
+use crate::offline::{self, RunOptions, RunSummary};
+use crate::{Limits, QueryDef};
+
+struct Run {
+    items: Vec<Value>,
+    rejected: String,
+    summary: RunSummary,
+}
+
+impl Run {
+    fn topic(&self, topic: &str) -> Vec<&Value> {
+        self.items.iter().filter(|i| i["topic"] == topic).collect()
+    }
+    fn values(&self, topic: &str) -> Vec<&Value> {
+        self.topic(topic).into_iter().map(|i| &i["value"]).collect()
+    }
+}
+
+fn run_with(script: &str, input: &str, limits: &Limits) -> Run {
+    let def = QueryDef::compile("q", script, limits).unwrap();
+    // Scripts recurse on the native stack: give them the room the binary gives them.
+    let input = input.as_bytes().to_vec();
+    let limits = limits.clone();
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(move || {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let summary = offline::run(
+                vec![def],
+                input,
+                &limits,
+                &RunOptions::default(),
+                &mut out,
+                &mut err,
+            )
+            .unwrap();
+            let items = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            Run {
+                items,
+                rejected: String::from_utf8(err).unwrap(),
+                summary,
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn run(script: &str, input: &str) -> Run {
+    run_with(script, input, &Limits::default())
+}
+
+#[test]
+fn state_is_per_key_and_emit_carries_the_key() {
+    let r = run(
+        r#"let source = "s"; let key_by = "k";
+           fn on_event(ev) { this.n = (this.n ?? 0) + ev.x; emit(this.n); }"#,
+        "{\"k\":\"a\",\"x\":1}\n{\"k\":\"b\",\"x\":10}\n{\"k\":\"a\",\"x\":2}\n",
+    );
+    let got: Vec<_> = r
+        .items
+        .iter()
+        .map(|i| (i["key"].clone(), i["value"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!("a"), json!(1)),
+            (json!("b"), json!(10)),
+            (json!("a"), json!(3))
+        ]
+    );
+    assert_eq!(r.summary.accepted, 3);
+}
+
+#[test]
+fn init_builds_the_first_state() {
+    let r = run(
+        r#"let source = "s"; let key_by = "k";
+           fn init(key) { #{ name: key, seen: 0 } }
+           fn on_event(ev) { this.seen += 1; emit(this); }"#,
+        "{\"k\":7}\n{\"k\":7}\n",
+    );
+    assert_eq!(
+        r.values("q"),
+        vec![
+            &json!({"name": 7, "seen": 1}),
+            &json!({"name": 7, "seen": 2})
+        ]
+    );
+}
+
+#[test]
+fn int_and_float_fields_mix_and_nested_fields_read() {
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) { emit(#{ total: ev.price * ev.size, id: ev.device.id, tag: ev.tags[1],
+                                     missing: ev.nope, has: "price" in ev, key: key() }); }"#,
+        r#"{"price": 2.5, "size": 4, "device": {"id": "d1"}, "tags": ["x", "y"]}"#,
+    );
+    assert_eq!(
+        r.values("q"),
+        vec![
+            &json!({"total": 10.0, "id": "d1", "tag": "y", "missing": null, "has": true, "key": null})
+        ]
+    );
+}
+
+#[test]
+fn named_topics_and_emitting_the_event() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { emit("alerts", ev); }"#,
+        r#"{"a": [1, {"b": "c\"d"}]}"#,
+    );
+    assert_eq!(
+        r.values("q.alerts"),
+        vec![&json!({"a": [1, {"b": "c\"d"}]})]
+    );
+}
+
+#[test]
+fn bad_topic_names_are_errors() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { emit("errors", 1); }"#,
+        "{}",
+    );
+    let errors = r.values("q.errors");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("reserved"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn missing_key_or_time_rejects_the_event_with_its_position() {
+    let r = run(
+        r#"let source = "s"; let key_by = "k"; let time_field = "ts";
+           fn on_event(ev) { emit(1); }"#,
+        "{\"k\":1,\"ts\":5}\n{\"ts\":6}\n{\"k\":[1],\"ts\":7}\n{\"k\":2,\"ts\":\"x\"}\n{\"k\":3,\"ts\":8}\n",
+    );
+    assert_eq!(r.values("q").len(), 2);
+    assert_eq!(r.summary.rejected, 3);
+    let lines: Vec<&str> = r.rejected.lines().collect();
+    assert!(
+        lines[0].contains("event 1 (line 2)")
+            && lines[0].contains("`k`")
+            && lines[0].contains("missing"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains("line 3") && lines[1].contains("found an array"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].contains("line 4")
+            && lines[2].contains("`ts`")
+            && lines[2].contains("found a string"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn timers_fire_in_order_when_the_watermark_passes_and_at_end_of_input() {
+    // Each event sets a timer 10 ms after its time; the watermark is the newest time seen.
+    let r = run(
+        r#"let source = "s"; let key_by = "k"; let time_field = "t";
+           fn on_event(ev) { set_timer(ev.t + 10); emit(#{ event: ev.t, wm: watermark() }); }
+           fn on_timer(t) { emit("fired", #{ t: t, wm: watermark() }); }"#,
+        "{\"k\":\"a\",\"t\":100}\n{\"k\":\"b\",\"t\":105}\n{\"k\":\"a\",\"t\":112}\n{\"k\":\"b\",\"t\":113}\n",
+    );
+    let order: Vec<(String, i64)> = r
+        .items
+        .iter()
+        .map(|i| {
+            let v = &i["value"];
+            let t = v.get("event").or(v.get("t")).unwrap().as_i64().unwrap();
+            (i["topic"].as_str().unwrap().to_owned(), t)
+        })
+        .collect();
+    let expected: Vec<(String, i64)> = [
+        ("q", 100),
+        ("q", 105),
+        ("q.fired", 110), // a's timer: watermark reached 112 before the event at 112
+        ("q", 112),
+        ("q", 113),       // b's timer at 115 is still pending: watermark 113
+        ("q.fired", 115), // end of input: everything fires, in time order
+        ("q.fired", 122),
+        ("q.fired", 123),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b))
+    .collect();
+    assert_eq!(order, expected);
+    assert_eq!(r.summary.timers_fired, 4);
+    assert_eq!(r.values("q.fired")[0]["wm"], json!(112));
+}
+
+#[test]
+fn late_events_go_to_the_late_topic() {
+    let r = run(
+        r#"let source = "s"; let key_by = "k"; let time_field = "t"; let lateness = 5;
+           fn on_event(ev) { emit(ev.t); }"#,
+        "{\"k\":1,\"t\":100}\n{\"k\":1,\"t\":96}\n{\"k\":2,\"t\":94}\n{\"k\":1,\"t\":95}\n",
+    );
+    // watermark after the first event: 95. 96 is in time, 94 is late, 95 is not (< only).
+    assert_eq!(r.values("q"), vec![&json!(100), &json!(96), &json!(95)]);
+    let late = r.topic("q.late");
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0]["key"], json!(2));
+    assert_eq!(
+        late[0]["value"],
+        json!({"event": {"k": 2, "t": 94}, "event_time": 94, "watermark": 95})
+    );
+    assert_eq!(r.summary.late, 1);
+}
+
+#[test]
+fn forget_drops_the_state_and_its_timers() {
+    let r = run(
+        r#"let source = "s"; let key_by = "k"; let time_field = "t";
+           fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); set_timer(1000);
+                             if ev.drop == true { forget(); } }
+           fn on_timer(t) { emit("fired", this.n); }"#,
+        "{\"k\":1,\"t\":1}\n{\"k\":1,\"t\":2,\"drop\":true}\n{\"k\":1,\"t\":3}\n",
+    );
+    assert_eq!(r.values("q"), vec![&json!(1), &json!(2), &json!(1)]);
+    assert_eq!(r.values("q.fired"), vec![&json!(1)]);
+}
+
+#[test]
+fn runtime_error_skips_the_event_drops_its_emits_and_is_published() {
+    let r = run(
+        "let source = \"s\"; let key_by = \"k\";\nfn on_event(ev) {\n  emit(\"before\", 1);\n  let x = ev.a * ev.b;\n  emit(x);\n}",
+        "{\"k\":\"a\",\"a\":1,\"b\":2}\n{\"k\":\"a\",\"a\":1,\"b\":\"x\"}\n{\"k\":\"a\",\"a\":3,\"b\":4}\n",
+    );
+    assert_eq!(r.values("q"), vec![&json!(2), &json!(12)]);
+    assert_eq!(
+        r.values("q.before").len(),
+        2,
+        "the failed call's emits are dropped"
+    );
+    let errors = r.topic("q.errors");
+    assert_eq!(errors.len(), 1);
+    let e = &errors[0]["value"];
+    assert_eq!(
+        (
+            e["line"].as_i64(),
+            e["function"].as_str(),
+            e["key"].as_str()
+        ),
+        (Some(4), Some("on_event"), Some("a"))
+    );
+    assert!(e["error"].as_str().unwrap().contains('*'), "{e}");
+    assert_eq!(r.summary.errors, 1);
+}
+
+#[test]
+fn endless_loop_is_stopped() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { if ev.bad == true { loop { } } emit(ev.n); }"#,
+        "{\"n\":1}\n{\"n\":2,\"bad\":true}\n{\"n\":3}\n",
+    );
+    assert_eq!(r.values("q"), vec![&json!(1), &json!(3)]);
+    let errors = r.values("q.errors");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_operations"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn memory_bombs_are_stopped() {
+    for bomb in [
+        r#"let s = "xxxxxxxx"; loop { s += s; }"#,
+        r#"let a = [1]; loop { a += a; }"#,
+        r#"let m = #{}; let i = 0; loop { m[i.to_string()] = i; i += 1; }"#,
+        r#"let a = []; a.pad(100000000, 0);"#,
+        r#"ring(1000000000);"#,
+        r#"let s = "x"; s.pad(1000000000, 'y');"#,
+    ] {
+        let script = format!(
+            "let source = \"s\"; fn on_event(ev) {{ if ev.bad == true {{ {bomb} }} emit(ev.n); }}"
+        );
+        let r = run(&script, "{\"n\":1}\n{\"n\":2,\"bad\":true}\n{\"n\":3}\n");
+        assert_eq!(r.values("q"), vec![&json!(1), &json!(3)], "{bomb}");
+        assert_eq!(r.values("q.errors").len(), 1, "{bomb}");
+    }
+}
+
+#[test]
+fn deep_recursion_is_stopped() {
+    let r = run(
+        r#"let source = "s"; fn down(n) { down(n + 1) } fn on_event(ev) { if ev.bad == true { down(0); } emit(ev.n); }"#,
+        "{\"n\":1}\n{\"n\":2,\"bad\":true}\n{\"n\":3}\n",
+    );
+    assert_eq!(r.values("q"), vec![&json!(1), &json!(3)]);
+    let errors = r.values("q.errors");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_call_levels"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn state_that_grows_past_its_limit_is_dropped() {
+    let limits = Limits {
+        max_state_bytes: 2_000,
+        ..Limits::default()
+    };
+    let r = run_with(
+        r#"let source = "s"; fn on_event(ev) { if this.log == () { this.log = []; } this.log.push("0123456789012345678901234567890123456789"); emit(this.log.len()); }"#,
+        &"{}\n".repeat(40),
+        &limits,
+    );
+    let counts: Vec<i64> = r.values("q").iter().map(|v| v.as_i64().unwrap()).collect();
+    // about 2000 / (40 + 32) entries fit; then the state is dropped and starts over
+    let errors = r.values("q.errors");
+    assert!(!errors.is_empty());
+    assert!(errors[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_state_bytes"));
+    let peak = *counts.iter().max().unwrap();
+    assert!((20..=40).contains(&peak), "{counts:?}");
+    assert!(
+        counts.windows(2).any(|w| w[1] == 1 && w[0] > 1),
+        "state restarted: {counts:?}"
+    );
+}
+
+#[test]
+fn builtins_refuse_to_run_at_the_top_level() {
+    let err = QueryDef::compile(
+        "q",
+        "let source = \"s\"; emit(1); fn on_event(ev) {}",
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("only be called from"), "{err}");
+}
+
+#[test]
+fn set_timer_without_on_timer_is_an_error() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { set_timer(5); }"#,
+        "{}",
+    );
+    let errors = r.values("q.errors");
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("on_timer"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn events_are_read_only() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { ev.x = 1; }"#,
+        "{\"x\":0}",
+    );
+    let errors = r.values("q.errors");
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("read-only"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn stream_field_selects_queries() {
+    let r = run(
+        r#"let source = ["a", "b"]; fn on_event(ev) { emit(ev.n); }"#,
+        "{\"stream\":\"a\",\"n\":1}\n{\"stream\":\"c\",\"n\":2}\n{\"stream\":\"b\",\"n\":3}\n{\"n\":4}\n",
+    );
+    assert_eq!(r.values("q"), vec![&json!(1), &json!(3), &json!(4)]);
+}

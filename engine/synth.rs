@@ -1,0 +1,385 @@
+//! Synthetic feeds: seeded generators of realistic events for the four use cases, shared by the
+//! sample inputs (`eddy generate`), the demo feed and the load generator.
+//!
+//! Each [`Feed`] writes one JSON event at a time, given its event time, and owns all the state
+//! it needs (prices, devices, players). The same seed gives the same events, byte for byte:
+//! the generator is `fastrand`'s WyRand, and floats are rounded to fixed decimals.
+//!
+//! - `trades`: 50 symbols with random-walk prices, sizes in round lots with a heavy tail, and
+//!   rare jumps of 4-8 % that trip `price_alerts`.
+//! - `sensors`: 200 devices on 5 sites reporting temperature and humidity; rare spikes, and
+//!   device `dev-013` goes silent after the first 60 % of the feed.
+//! - `social`: posts with hashtags and text drawn from positive, negative and neutral words.
+//! - `games`: players starting and ending sessions, scoring, killing and dying.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::json::{write_float, write_int, write_str};
+
+/// The use case a feed imitates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Trades,
+    Sensors,
+    Social,
+    Games,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Trades,
+        Scenario::Sensors,
+        Scenario::Social,
+        Scenario::Games,
+    ];
+
+    /// The stream its events are sent to.
+    pub fn stream(self) -> &'static str {
+        match self {
+            Scenario::Trades => "trades",
+            Scenario::Sensors => "sensors",
+            Scenario::Social => "social",
+            Scenario::Games => "games",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.stream())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scenario::ALL
+            .into_iter()
+            .find(|c| c.stream() == s)
+            .ok_or_else(|| format!("unknown scenario {s:?}: use trades, sensors, social or games"))
+    }
+}
+
+pub const SYMBOLS: [&str; 50] = [
+    "AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "META", "TSLA", "BRK.B", "JPM", "V", "UNH", "XOM",
+    "JNJ", "WMT", "MA", "PG", "HD", "CVX", "LLY", "ABBV", "MRK", "PEP", "KO", "AVGO", "COST",
+    "BAC", "TMO", "MCD", "CSCO", "ABT", "CRM", "ACN", "DHR", "ADBE", "LIN", "NFLX", "AMD", "TXN",
+    "NKE", "DIS", "WFC", "PM", "ORCL", "INTC", "UPS", "QCOM", "IBM", "CAT", "GS", "BA",
+];
+
+const POSITIVE: [&str; 12] = [
+    "love",
+    "great",
+    "amazing",
+    "happy",
+    "excellent",
+    "awesome",
+    "good",
+    "fantastic",
+    "win",
+    "beautiful",
+    "fun",
+    "best",
+];
+const NEGATIVE: [&str; 12] = [
+    "hate", "terrible", "awful", "sad", "bad", "worst", "broken", "angry", "lose", "ugly",
+    "boring", "horrible",
+];
+const NEUTRAL: [&str; 12] = [
+    "today", "the", "new", "update", "people", "game", "city", "watching", "just", "about",
+    "again", "this",
+];
+const HASHTAGS: [&str; 16] = [
+    "rust", "ai", "worldcup", "music", "election", "crypto", "climate", "nba", "movies", "tech",
+    "food", "travel", "gaming", "startup", "science", "weather",
+];
+
+/// The device that stops reporting after [`SILENT_AFTER`] of a sensors feed.
+pub const SILENT_DEVICE: &str = "dev-013";
+/// Fraction of a finite sensors feed after which [`SILENT_DEVICE`] is silent.
+pub const SILENT_AFTER: f64 = 0.6;
+
+/// A seeded generator of one scenario's events.
+pub struct Feed {
+    scenario: Scenario,
+    rng: fastrand::Rng,
+    keys: usize,
+    prices: Vec<f64>,
+    temps: Vec<f64>,
+    sessions: Vec<bool>,
+    /// Events written so far.
+    pub count: u64,
+    /// When set, the silent device stops after this many events.
+    silent_from: Option<u64>,
+    /// Whether to stamp each event with `"stream"`.
+    with_stream: bool,
+}
+
+impl Feed {
+    /// A feed of `scenario` over `keys` keys (symbols, devices, hashtags, players; 0 means the
+    /// scenario's default: 50, 200, 16, 100).
+    pub fn new(scenario: Scenario, seed: u64, keys: usize) -> Self {
+        let default = match scenario {
+            Scenario::Trades => SYMBOLS.len(),
+            Scenario::Sensors => 200,
+            Scenario::Social => HASHTAGS.len(),
+            Scenario::Games => 100,
+        };
+        let keys = if keys == 0 { default } else { keys };
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let prices = (0..keys)
+            .map(|_| round(rng.f64() * 490.0 + 10.0, 2))
+            .collect();
+        let temps = (0..keys)
+            .map(|_| round(rng.f64() * 10.0 + 18.0, 2))
+            .collect();
+        Feed {
+            scenario,
+            rng,
+            keys,
+            prices,
+            temps,
+            sessions: vec![false; keys],
+            count: 0,
+            silent_from: None,
+            with_stream: true,
+        }
+    }
+
+    /// Makes the silent device stop after `fraction` of `total` events.
+    pub fn silence_after(mut self, total: u64) -> Self {
+        self.silent_from = Some((total as f64 * SILENT_AFTER) as u64);
+        self
+    }
+
+    /// Leaves out the `"stream"` field (the stream is then given by the sender).
+    pub fn without_stream(mut self) -> Self {
+        self.with_stream = false;
+        self
+    }
+
+    pub fn scenario(&self) -> Scenario {
+        self.scenario
+    }
+
+    /// Appends one event with event time `ts` (epoch ms) to `out`, as one JSON object.
+    pub fn write_event(&mut self, ts: i64, out: &mut Vec<u8>) {
+        out.push(b'{');
+        if self.with_stream {
+            out.extend_from_slice(b"\"stream\":");
+            write_str(out, self.scenario.stream());
+            out.push(b',');
+        }
+        match self.scenario {
+            Scenario::Trades => self.trade(out),
+            Scenario::Sensors => self.reading(out),
+            Scenario::Social => self.post(out),
+            Scenario::Games => self.game(out),
+        }
+        out.extend_from_slice(b",\"ts\":");
+        write_int(out, ts);
+        out.push(b'}');
+        self.count += 1;
+    }
+
+    fn trade(&mut self, out: &mut Vec<u8>) {
+        let i = self.rng.usize(..self.keys);
+        let step = self.normal() * 0.0008;
+        let jump = if self.rng.f64() < 0.002 {
+            let size = 0.04 + self.rng.f64() * 0.04;
+            if self.rng.bool() {
+                size
+            } else {
+                -size
+            }
+        } else {
+            0.0
+        };
+        let price = (self.prices[i] * (1.0 + step + jump)).max(0.01);
+        self.prices[i] = round(price, 2);
+        let lots = if self.rng.f64() < 0.05 {
+            self.rng.u32(10..100)
+        } else {
+            self.rng.u32(1..10)
+        };
+        out.extend_from_slice(b"\"symbol\":");
+        write_str(out, &symbol(i));
+        out.extend_from_slice(b",\"price\":");
+        write_float(out, self.prices[i]);
+        out.extend_from_slice(b",\"size\":");
+        write_int(out, i64::from(lots * 100));
+    }
+
+    fn reading(&mut self, out: &mut Vec<u8>) {
+        let mut i = self.rng.usize(..self.keys);
+        let silent =
+            device(i) == SILENT_DEVICE && self.silent_from.is_some_and(|n| self.count >= n);
+        if silent {
+            i = (i + 1) % self.keys;
+        }
+        self.temps[i] = round(self.temps[i] + self.normal() * 0.05, 2);
+        let spike = if self.rng.f64() < 0.003 { 15.0 } else { 0.0 };
+        out.extend_from_slice(b"\"device\":{\"id\":");
+        write_str(out, &device(i));
+        out.extend_from_slice(b",\"site\":");
+        write_str(out, &format!("site-{}", i % 5));
+        out.extend_from_slice(b"},\"temp\":");
+        write_float(out, round(self.temps[i] + spike + self.normal() * 0.1, 2));
+        out.extend_from_slice(b",\"humidity\":");
+        write_float(out, round(40.0 + self.rng.f64() * 20.0, 1));
+    }
+
+    fn post(&mut self, out: &mut Vec<u8>) {
+        let tags = 1 + self.rng.usize(..2);
+        let mood = self.rng.f64();
+        let mut text = String::new();
+        for w in 0..6 {
+            if w > 0 {
+                text.push(' ');
+            }
+            let pick = self.rng.f64();
+            let word = if pick < 0.25 && mood > 0.4 {
+                POSITIVE[self.rng.usize(..POSITIVE.len())]
+            } else if pick < 0.25 {
+                NEGATIVE[self.rng.usize(..NEGATIVE.len())]
+            } else {
+                NEUTRAL[self.rng.usize(..NEUTRAL.len())]
+            };
+            text.push_str(word);
+        }
+        out.extend_from_slice(b"\"user\":");
+        write_str(out, &format!("u{}", self.rng.u32(1..5000)));
+        out.extend_from_slice(b",\"text\":");
+        write_str(out, &text);
+        out.extend_from_slice(b",\"hashtags\":[");
+        for t in 0..tags {
+            if t > 0 {
+                out.push(b',');
+            }
+            // A skewed pick so that some hashtags trend.
+            let r = self.rng.f64();
+            let i = ((r * r) * self.keys as f64) as usize;
+            write_str(out, &hashtag(i.min(self.keys - 1)));
+        }
+        out.push(b']');
+    }
+
+    fn game(&mut self, out: &mut Vec<u8>) {
+        let i = self.rng.usize(..self.keys);
+        let kind = if !self.sessions[i] {
+            self.sessions[i] = true;
+            "session_start"
+        } else {
+            match self.rng.u32(..20) {
+                0 => {
+                    self.sessions[i] = false;
+                    "session_end"
+                }
+                1..=6 => "kill",
+                7..=10 => "death",
+                _ => "score",
+            }
+        };
+        out.extend_from_slice(b"\"player\":");
+        write_str(out, &format!("p{i:03}"));
+        out.extend_from_slice(b",\"kind\":");
+        write_str(out, kind);
+        out.extend_from_slice(b",\"points\":");
+        let points = if kind == "score" {
+            self.rng.i64(1..=50)
+        } else {
+            0
+        };
+        write_int(out, points);
+    }
+
+    /// A standard normal sample (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let u = self.rng.f64().max(f64::MIN_POSITIVE);
+        let v = self.rng.f64();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+fn symbol(i: usize) -> String {
+    match SYMBOLS.get(i) {
+        Some(s) => (*s).to_owned(),
+        None => format!("SYM{i}"),
+    }
+}
+
+fn device(i: usize) -> String {
+    format!("dev-{i:03}")
+}
+
+fn hashtag(i: usize) -> String {
+    match HASHTAGS.get(i) {
+        Some(s) => (*s).to_owned(),
+        None => format!("tag{i}"),
+    }
+}
+
+fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// Writes `count` events of `scenario` as NDJSON, event times from `start_ms`, `interval_ms`
+/// apart on average (jittered, always increasing).
+pub fn generate(
+    scenario: Scenario,
+    seed: u64,
+    count: u64,
+    start_ms: i64,
+    interval_ms: u32,
+) -> Vec<u8> {
+    let mut feed = Feed::new(scenario, seed, 0).silence_after(count);
+    let mut jitter = fastrand::Rng::with_seed(seed ^ 0x5eed);
+    let mut out = Vec::with_capacity(count as usize * 96);
+    let mut ts = start_ms;
+    for _ in 0..count {
+        feed.write_event(ts, &mut out);
+        out.push(b'\n');
+        ts += i64::from(jitter.u32(0..=interval_ms.saturating_mul(2)).max(1));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_bytes() {
+        for scenario in Scenario::ALL {
+            let a = generate(scenario, 7, 200, 0, 100);
+            assert_eq!(a, generate(scenario, 7, 200, 0, 100));
+            assert_ne!(a, generate(scenario, 8, 200, 0, 100));
+            for line in a.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+                assert_eq!(v["stream"], scenario.stream());
+                assert!(v["ts"].is_i64());
+            }
+        }
+    }
+
+    #[test]
+    fn silent_device_stops() {
+        let input = generate(Scenario::Sensors, 1, 20_000, 0, 10);
+        let lines: Vec<&[u8]> = input
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let needle = format!("\"{SILENT_DEVICE}\"");
+        let seen = |part: &[&[u8]]| {
+            part.iter()
+                .any(|l| String::from_utf8_lossy(l).contains(&needle))
+        };
+        let cut = (lines.len() as f64 * SILENT_AFTER) as usize;
+        assert!(seen(&lines[..cut]));
+        assert!(!seen(&lines[cut..]));
+    }
+}
