@@ -37,10 +37,41 @@ impl fmt::Display for Position {
     }
 }
 
+/// Why an input item was rejected, in a word: the label of the rejection counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    InvalidJson,
+    NotObject,
+    NoStream,
+    BadKey,
+    BadTime,
+}
+
+impl RejectKind {
+    pub const ALL: [RejectKind; 5] = [
+        RejectKind::InvalidJson,
+        RejectKind::NotObject,
+        RejectKind::NoStream,
+        RejectKind::BadKey,
+        RejectKind::BadTime,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectKind::InvalidJson => "invalid_json",
+            RejectKind::NotObject => "not_object",
+            RejectKind::NoStream => "no_stream",
+            RejectKind::BadKey => "bad_key",
+            RejectKind::BadTime => "bad_time",
+        }
+    }
+}
+
 /// An input item that did not become an event, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub position: Position,
+    pub kind: RejectKind,
     pub reason: String,
 }
 
@@ -489,6 +520,7 @@ impl Parser {
         if let Err(e) = simd_json::fill_tape(doc, &mut self.buffers, &mut self.scratch) {
             rejections.push(Rejection {
                 position,
+                kind: RejectKind::InvalidJson,
                 reason: format!("invalid JSON: {e}"),
             });
             return 1;
@@ -511,6 +543,7 @@ impl Parser {
                         Value::Object => frame.events.push((at, position)),
                         other => rejections.push(Rejection {
                             position,
+                            kind: RejectKind::NotObject,
                             reason: format!("expected a JSON object, found {}", other.kind()),
                         }),
                     }
@@ -521,6 +554,7 @@ impl Parser {
                 let kind = frame.value(0).kind();
                 rejections.push(Rejection {
                     position,
+                    kind: RejectKind::NotObject,
                     reason: format!("expected a JSON object or array of objects, found {kind}"),
                 });
                 1
@@ -553,6 +587,7 @@ impl Parser {
             if let Err(e) = simd_json::fill_tape(line, &mut self.buffers, &mut self.scratch) {
                 rejections.push(Rejection {
                     position,
+                    kind: RejectKind::InvalidJson,
                     reason: format!("invalid JSON: {e}"),
                 });
                 continue;
@@ -570,6 +605,7 @@ impl Parser {
                     };
                     rejections.push(Rejection {
                         position,
+                        kind: RejectKind::NotObject,
                         reason: format!("expected a JSON object, found {kind}"),
                     });
                 }

@@ -4,7 +4,8 @@
 //! The pieces, in the order an event meets them: [`event`] parses inputs into frames;
 //! [`router`] picks each event's queries, keys, shards and watermarks; [`shard`] runs the
 //! queries (compiled in the [`sandbox`], calling the [`builtins`]) for the keys it owns;
-//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`).
+//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`);
+//! [`server`] runs it as a service (`eddy serve`).
 
 pub mod builtins;
 pub mod event;
@@ -14,6 +15,7 @@ pub mod offline;
 pub mod query;
 pub mod router;
 pub mod sandbox;
+pub mod server;
 pub mod shard;
 pub mod synth;
 

@@ -1,4 +1,5 @@
-//! The `eddy` command line: `run` and `check` queries offline, `generate` sample inputs.
+//! The `eddy` command line: `serve`, `deploy` to a server, `run` and `check` queries offline,
+//! `generate` sample inputs.
 //!
 //! Errors become `anyhow` here and only here; each carries the file it is about.
 
@@ -10,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use eddy::offline::{self, RunOptions};
+use eddy::server::{RawConfig, Server};
 use eddy::synth::{self, Scenario};
 use eddy::{Limits, QueryDef};
 
@@ -49,6 +51,41 @@ enum Command {
     Check {
         #[arg(required = true)]
         queries: Vec<PathBuf>,
+    },
+    /// Run the server: WebSocket/HTTP ingest, sharded queries, batched subscriptions.
+    Serve {
+        /// Configuration file (TOML); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address [default: 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Shard threads [default: the number of cores].
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Folder of queries loaded at start [default: queries].
+        #[arg(long)]
+        queries: Option<PathBuf>,
+        /// Token for deploying queries [default: generated and printed at start].
+        #[arg(long)]
+        admin_token: Option<String>,
+        /// Also run the built-in synthetic feeds (trades, sensors, social, games).
+        #[arg(long)]
+        demo: bool,
+        /// Events per second of each demo feed [default: 200].
+        #[arg(long)]
+        demo_rate: Option<u32>,
+    },
+    /// Deploy (or replace) a query on a running server.
+    Deploy {
+        /// The query file; its stem is the query's name.
+        file: PathBuf,
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's admin token.
+        #[arg(long, env = "EDDY_ADMIN_TOKEN")]
+        token: String,
     },
     /// Write seeded synthetic events as NDJSON to stdout.
     Generate {
@@ -129,6 +166,66 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            config,
+            listen,
+            shards,
+            queries,
+            admin_token,
+            demo,
+            demo_rate,
+        } => {
+            let mut raw = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("{}: cannot read config", path.display()))?;
+                    RawConfig::from_toml(&text).with_context(|| path.display().to_string())?
+                }
+                None => RawConfig::default(),
+            };
+            raw.listen = listen.or(raw.listen);
+            raw.shards = shards.or(raw.shards);
+            raw.queries = queries.or(raw.queries);
+            raw.admin_token = admin_token.or(raw.admin_token);
+            raw.demo = Some(demo || raw.demo.unwrap_or(false));
+            raw.demo_rate = demo_rate.or(raw.demo_rate);
+            let config = raw.validate()?;
+            let generated = config.admin_token.is_none();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("eddy-io")
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let server = Server::start(config).await?;
+                println!("eddy listening on http://{}", server.addr);
+                if generated {
+                    println!("admin token: {}", server.state.admin_token);
+                }
+                eddy::server::run(server).await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deploy {
+            file,
+            server,
+            token,
+        } => {
+            let script = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: cannot read query", file.display()))?;
+            let name = file.file_stem().and_then(|s| s.to_str()).with_context(|| {
+                format!("{}: no file name to name the query by", file.display())
+            })?;
+            let (status, body) = http_put(&server, &format!("/queries/{name}"), &token, &script)?;
+            if (200..300).contains(&status) {
+                println!("{name}: deployed ({status}) {body}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{name}: {status} {body}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Check { queries } => {
             let mut failed = false;
             for path in &queries {
@@ -198,4 +295,37 @@ fn read_input(path: &Path) -> Result<Vec<u8>> {
             .with_context(|| format!("{}: cannot read input", path.display()))?;
     }
     Ok(data)
+}
+
+/// A minimal HTTP/1.1 PUT over plain TCP, for `eddy deploy`: returns status and body.
+fn http_put(base: &str, path: &str, token: &str, body: &str) -> Result<(u16, String)> {
+    let host = base
+        .strip_prefix("http://")
+        .with_context(|| format!("server URL {base:?} must start with http://"))?
+        .trim_end_matches('/');
+    let mut stream =
+        std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .context("sending the query")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .context("reading the answer")?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_owned();
+    Ok((status, body))
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::builtins::{Emitted, Topic};
-use crate::event::{Event, FieldPath, Frame, Rejection, Value};
+use crate::event::{Event, FieldPath, Frame, RejectKind, Rejection, Value};
 use crate::key::Key;
 use crate::query::QueryDef;
 use crate::shard::QueryId;
@@ -141,6 +141,7 @@ impl Router {
                     routed.rejected += 1;
                     sink.reject(Rejection {
                         position,
+                        kind: RejectKind::NoStream,
                         reason: format!("field `stream` must be a string, found {}", other.kind()),
                     });
                     continue;
@@ -152,6 +153,7 @@ impl Router {
                 routed.rejected += 1;
                 sink.reject(Rejection {
                     position,
+                    kind: RejectKind::NoStream,
                     reason: "no stream: give `?stream=NAME` or a \"stream\" field".into(),
                 });
                 continue;
@@ -173,9 +175,13 @@ impl Router {
                     }
                 }
             }
-            if let Some(reason) = problem {
+            if let Some((kind, reason)) = problem {
                 routed.rejected += 1;
-                sink.reject(Rejection { position, reason });
+                sink.reject(Rejection {
+                    position,
+                    kind,
+                    reason,
+                });
                 continue;
             }
             routed.accepted += 1;
@@ -220,19 +226,23 @@ impl Router {
 }
 
 /// The key and event time of `event` for query `q`, or why it has none.
-fn route_one(event: &Event, q: &Deployed, arrival: i64) -> Result<(Key, i64), String> {
+fn route_one(
+    event: &Event,
+    q: &Deployed,
+    arrival: i64,
+) -> Result<(Key, i64), (RejectKind, String)> {
     let config = &q.def.config;
+    let name = &q.def.name;
     let key = match &config.key_by {
         None => Key::None,
         Some(path) => match event.lookup(path) {
             None => {
-                return Err(format!(
-                    "field `{path}` (key_by of query `{}`) is missing",
-                    q.def.name
-                ))
+                let why = format!("field `{path}` (key_by of query `{name}`) is missing");
+                return Err((RejectKind::BadKey, why));
             }
             Some(value) => Key::from_value(value).map_err(|why| {
-                format!("field `{path}` (key_by of query `{}`) {why}", q.def.name)
+                let why = format!("field `{path}` (key_by of query `{name}`) {why}");
+                (RejectKind::BadKey, why)
             })?,
         },
     };
@@ -242,17 +252,15 @@ fn route_one(event: &Event, q: &Deployed, arrival: i64) -> Result<(Key, i64), St
             Some(Value::Int(t)) => t,
             Some(Value::Float(t)) if t.is_finite() => t as i64,
             None => {
-                return Err(format!(
-                    "field `{path}` (time_field of query `{}`) is missing",
-                    q.def.name
-                ))
+                let why = format!("field `{path}` (time_field of query `{name}`) is missing");
+                return Err((RejectKind::BadTime, why));
             }
             Some(other) => {
-                return Err(format!(
-                "field `{path}` (time_field of query `{}`) must be epoch milliseconds, found {}",
-                q.def.name,
-                other.kind()
-            ))
+                let why = format!(
+                    "field `{path}` (time_field of query `{name}`) must be epoch milliseconds, found {}",
+                    other.kind()
+                );
+                return Err((RejectKind::BadTime, why));
             }
         },
     };

@@ -67,6 +67,8 @@ struct QueryRuntime {
     timers: BTreeSet<(i64, Key)>,
     watermark: i64,
     stats: QueryStats,
+    /// Time per script call in ns, when the shard measures it.
+    eval_ns: Option<hdrhistogram::Histogram<u64>>,
 }
 
 /// The runtime of the queries for the keys one shard owns.
@@ -76,6 +78,7 @@ pub struct Shard {
     scope: Scope<'static>,
     queries: Vec<QueryRuntime>,
     limits: Limits,
+    timing: bool,
 }
 
 impl Shard {
@@ -89,7 +92,20 @@ impl Shard {
             scope: Scope::new(),
             queries: Vec::new(),
             limits: limits.clone(),
+            timing: false,
         }
+    }
+
+    /// Measure the time of every script call (two clock reads per call), for
+    /// [`Shard::eval_histogram`].
+    pub fn measure_calls(&mut self, on: bool) {
+        self.timing = on;
+    }
+
+    /// Time per script call of a query, in ns, when measured.
+    pub fn eval_histogram(&self, id: QueryId) -> Option<&hdrhistogram::Histogram<u64>> {
+        let q = self.queries.iter().find(|q| q.id == id)?;
+        q.eval_ns.as_ref()
     }
 
     /// Compiles `def` with this shard's engine and starts it with no state. A query already
@@ -106,6 +122,9 @@ impl Shard {
             timers: BTreeSet::new(),
             watermark: i64::MIN,
             stats: QueryStats::default(),
+            eval_ns: self
+                .timing
+                .then(|| hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")),
         });
         Ok(())
     }
@@ -124,6 +143,12 @@ impl Shard {
                 keys: q.states.len() as u64,
                 ..q.stats
             })
+    }
+
+    /// Adds an item made outside the scripts (a late event) to the output, after what the
+    /// scripts emitted so far.
+    pub fn publish(&mut self, item: Emitted) {
+        self.ctx.borrow_mut().out.push(item);
     }
 
     /// Moves everything emitted since the last call into `out`.
@@ -256,6 +281,7 @@ impl Call<'_> {
             return;
         };
         self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
+        let started = q.eval_ns.is_some().then(std::time::Instant::now);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             CallFnOptions::new()
                 .eval_ast(false)
@@ -266,6 +292,9 @@ impl Call<'_> {
             function,
             (arg,),
         );
+        if let (Some(started), Some(hist)) = (started, q.eval_ns.as_mut()) {
+            hist.saturating_record(started.elapsed().as_nanos() as u64);
+        }
         let size = result
             .is_ok()
             .then(|| state_bytes(&entry.state))

@@ -1,0 +1,345 @@
+//! Queries at run time: the queries folder at start, and `GET|PUT|DELETE /queries[/NAME]`.
+//!
+//! A deploy compiles and validates the script (on its own thread, since top-level statements
+//! run), has every shard compile it under a fresh [`QueryId`], then swaps the routing table: from
+//! that moment events go to the new deployment, which starts with no state. The replaced
+//! deployment is removed from the shards after the swap, so events already queued for it are
+//! handled first. The catalog lock serialises deploys and removals; the event path never takes it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::oneshot;
+
+use crate::json::{write_int, write_str};
+use crate::query::valid_name;
+use crate::router::{Deployed, Router};
+use crate::sandbox::Limits;
+use crate::shard::{QueryId, QueryStats};
+use crate::{QueryDef, QueryError};
+
+use super::hub::{write_sources, HubControl, QueryInfo};
+use super::pipeline::ShardMsg;
+use super::{authorized, json_error, read_body, respond, Body, StartError, State};
+
+/// Largest script accepted by `PUT /queries/NAME`.
+const MAX_SCRIPT_BYTES: usize = 1 << 20;
+
+/// The deployed queries, by name.
+#[derive(Default)]
+pub struct Catalog {
+    queries: BTreeMap<String, Arc<Deployed>>,
+}
+
+/// Compiles a query on a thread with room for deep (but limited) recursion in its top-level
+/// statements.
+pub async fn compile(name: String, script: String, limits: Limits) -> Result<QueryDef, QueryError> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("eddy-compile".into())
+        .stack_size(64 << 20)
+        .spawn(move || {
+            let _ = tx.send(QueryDef::compile(&name, &script, &limits));
+        })
+        .expect("spawn compile thread");
+    rx.await.expect("the compile thread answers")
+}
+
+/// Deploys `def`, replacing a query of the same name. Returns whether one was replaced.
+pub async fn deploy(state: &State, def: QueryDef) -> Result<bool, String> {
+    let mut catalog = state.catalog.lock().await;
+    let id = QueryId(state.next_query.fetch_add(1, Ordering::Relaxed));
+    let def = Arc::new(def);
+    let results = state
+        .pipeline
+        .ask_all(|done| ShardMsg::Deploy {
+            id,
+            def: Arc::clone(&def),
+            done,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        let _ = state
+            .pipeline
+            .ask_all(|done| ShardMsg::Remove { id, done })
+            .await;
+        return Err(e.to_string());
+    }
+    state
+        .hub
+        .send(HubControl::QueryDeployed(QueryInfo {
+            name: def.name.clone(),
+            sources: def.config.sources.clone(),
+            key_by: def.config.key_by.as_ref().map(ToString::to_string),
+        }))
+        .await;
+    let old = catalog.queries.insert(
+        def.name.clone(),
+        Arc::new(Deployed::new(id, Arc::clone(&def))),
+    );
+    state.router.store(Arc::new(Router::new(
+        catalog.queries.values().cloned().collect(),
+    )));
+    if let Some(old) = &old {
+        let old_id = old.id;
+        let _ = state
+            .pipeline
+            .ask_all(|done| ShardMsg::Remove { id: old_id, done })
+            .await;
+    }
+    tracing::info!("deployed {def}");
+    Ok(old.is_some())
+}
+
+/// Removes a query; its topics are closed. Returns whether it existed.
+pub async fn remove(state: &State, name: &str) -> bool {
+    let mut catalog = state.catalog.lock().await;
+    let Some(old) = catalog.queries.remove(name) else {
+        return false;
+    };
+    state.router.store(Arc::new(Router::new(
+        catalog.queries.values().cloned().collect(),
+    )));
+    let id = old.id;
+    let _ = state
+        .pipeline
+        .ask_all(|done| ShardMsg::Remove { id, done })
+        .await;
+    state
+        .hub
+        .send(HubControl::QueryRemoved {
+            name: name.to_owned(),
+        })
+        .await;
+    tracing::info!("removed query {name}");
+    true
+}
+
+/// Deploys every `*.rhai` file of the queries folder, in name order.
+pub async fn load_folder(state: &State) -> Result<(), StartError> {
+    let dir = &state.config.queries;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "queries folder {} does not exist: starting with no queries",
+                dir.display()
+            );
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(StartError::Queries {
+                path: dir.display().to_string(),
+                source,
+            })
+        }
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+        .collect();
+    files.sort();
+    for path in files {
+        let file = path.display().to_string();
+        let script = std::fs::read_to_string(&path).map_err(|source| StartError::Queries {
+            path: file.clone(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let def = compile(name, script, state.config.limits.clone())
+            .await
+            .map_err(|source| StartError::Query {
+                file: file.clone(),
+                source,
+            })?;
+        deploy(state, def).await.map_err(|e| StartError::Query {
+            file: file.clone(),
+            source: QueryError::Invalid {
+                query: file.clone(),
+                problems: vec![e],
+            },
+        })?;
+    }
+    Ok(())
+}
+
+/// `/queries` and `/queries/NAME`.
+pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let name = path
+        .strip_prefix("/queries")
+        .unwrap_or("")
+        .trim_start_matches('/')
+        .to_owned();
+    let method = req.method().clone();
+    if name.is_empty() {
+        return match method {
+            Method::GET => list(state).await,
+            _ => json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET /queries, or PUT/DELETE /queries/NAME",
+            ),
+        };
+    }
+    if !valid_name(&name) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &QueryError::BadName(name).to_string(),
+        );
+    }
+    match method {
+        Method::GET => show(state, &name).await,
+        Method::PUT | Method::DELETE => {
+            if !authorized(&req, &state.admin_token) {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong admin token (Authorization: Bearer TOKEN)",
+                );
+            }
+            if method == Method::DELETE {
+                return if remove(state, &name).await {
+                    respond(StatusCode::NO_CONTENT, "application/json", "")
+                } else {
+                    json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"))
+                };
+            }
+            let body = match read_body(req, MAX_SCRIPT_BYTES).await {
+                Ok(b) => b,
+                Err(response) => return response,
+            };
+            let Ok(script) = String::from_utf8(body) else {
+                return json_error(StatusCode::BAD_REQUEST, "the script is not UTF-8");
+            };
+            let def = match compile(name.clone(), script, state.config.limits.clone()).await {
+                Ok(def) => def,
+                Err(e) => return compile_error(&e),
+            };
+            match deploy(state, def).await {
+                Ok(replaced) => {
+                    let mut body = b"{\"name\":".to_vec();
+                    write_str(&mut body, &name);
+                    body.extend_from_slice(if replaced {
+                        b",\"replaced\":true}"
+                    } else {
+                        b",\"replaced\":false}"
+                    });
+                    let status = if replaced {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::CREATED
+                    };
+                    respond(status, "application/json", body)
+                }
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+            }
+        }
+        _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
+    }
+}
+
+/// 400 `{"error","line","column"}`.
+fn compile_error(e: &QueryError) -> Response<Body> {
+    let (line, column) = e.line_column();
+    let mut body = b"{\"error\":".to_vec();
+    write_str(&mut body, &e.to_string());
+    for (name, value) in [("line", line), ("column", column)] {
+        body.extend_from_slice(format!(",\"{name}\":").as_bytes());
+        match value {
+            Some(v) => write_int(&mut body, v as i64),
+            None => body.extend_from_slice(b"null"),
+        }
+    }
+    body.push(b'}');
+    respond(StatusCode::BAD_REQUEST, "application/json", body)
+}
+
+fn write_info(body: &mut Vec<u8>, q: &Deployed) {
+    let config = &q.def.config;
+    body.extend_from_slice(b"{\"name\":");
+    write_str(body, &q.def.name);
+    body.extend_from_slice(b",\"source\":");
+    write_sources(body, &config.sources);
+    body.extend_from_slice(b",\"key_by\":");
+    match &config.key_by {
+        Some(k) => write_str(body, &k.to_string()),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.extend_from_slice(b",\"time_field\":");
+    match &config.time_field {
+        Some(k) => write_str(body, &k.to_string()),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.extend_from_slice(b",\"lateness_ms\":");
+    write_int(body, config.lateness_ms);
+}
+
+async fn show(state: &State, name: &str) -> Response<Body> {
+    let router = state.router.load();
+    let Some(q) = router.queries().iter().find(|q| q.def.name == name) else {
+        return json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"));
+    };
+    let mut body = Vec::new();
+    write_info(&mut body, q);
+    body.extend_from_slice(b",\"script\":");
+    write_str(&mut body, &q.def.script);
+    body.push(b'}');
+    respond(StatusCode::OK, "application/json", body)
+}
+
+async fn list(state: &State) -> Response<Body> {
+    let reports = state
+        .pipeline
+        .ask_all(|reply| ShardMsg::Report { reply })
+        .await
+        .unwrap_or_default();
+    let router = state.router.load();
+    let mut body = b"[".to_vec();
+    for (i, q) in router.queries().iter().enumerate() {
+        let mut stats = QueryStats::default();
+        let mut eval = hdrhistogram::Histogram::<u64>::new(3).expect("valid");
+        for report in &reports {
+            for (id, s, hist) in &report.queries {
+                if *id == q.id {
+                    stats += *s;
+                    if let Some(h) = hist {
+                        let _ = eval.add(h);
+                    }
+                }
+            }
+        }
+        if i > 0 {
+            body.push(b',');
+        }
+        write_info(&mut body, q);
+        for (field, value) in [
+            ("keys", stats.keys),
+            ("events", stats.events),
+            ("emitted", stats.emitted),
+            ("errors", stats.errors),
+            ("late", q.late.load(Ordering::Relaxed)),
+            ("timers_fired", stats.timers_fired),
+        ] {
+            body.extend_from_slice(format!(",\"{field}\":{value}").as_bytes());
+        }
+        let us = |q: f64| eval.value_at_quantile(q) as f64 / 1000.0;
+        body.extend_from_slice(
+            format!(
+                ",\"eval_us\":{{\"p50\":{},\"p99\":{}}}}}",
+                us(0.5),
+                us(0.99)
+            )
+            .as_bytes(),
+        );
+    }
+    body.push(b']');
+    respond(StatusCode::OK, "application/json", body)
+}

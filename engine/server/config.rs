@@ -1,0 +1,277 @@
+//! Server configuration: `eddy.toml` and command-line flags, raw → validated.
+//!
+//! [`RawConfig`] is what the file holds (every field optional, unknown fields are errors);
+//! flags override it; [`RawConfig::validate`] reports every problem at once and yields a
+//! [`Config`] in which every default is filled in. Each default is written once, in
+//! [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sandbox::Limits;
+
+/// The validated configuration of `eddy serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address for HTTP and WebSocket traffic.
+    pub listen: SocketAddr,
+    /// Shard threads; each owns the state of its keys.
+    pub shards: usize,
+    /// Folder of `.rhai` queries loaded at start (a missing folder is fine: no queries).
+    pub queries: PathBuf,
+    /// Bearer token for deploying and removing queries; generated at start when `None`.
+    pub admin_token: Option<String>,
+    /// When set, producers must present it (`Authorization: Bearer` or `?token=`).
+    pub ingest_token: Option<String>,
+    /// When set, subscribers must present it (`Authorization: Bearer` or `?token=`).
+    pub subscribe_token: Option<String>,
+    /// Browser origins allowed to open WebSockets; `*` allows any. Requests without an
+    /// `Origin` header (non-browser clients) and same-origin requests are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Largest WebSocket message or HTTP body, in bytes.
+    pub max_frame_bytes: usize,
+    /// Messages (one per frame per shard) waiting for each shard before producers are slowed.
+    pub shard_queue: usize,
+    /// Output batches waiting for the fan-out before shards are slowed.
+    pub hub_queue: usize,
+    /// Bytes waiting for one subscriber before its oldest items are dropped.
+    pub subscriber_queue_bytes: usize,
+    /// How long a subscriber may stay full before it is closed (4008).
+    pub slow_consumer_timeout: Duration,
+    /// Idle connections are pinged this often and closed after two silent intervals.
+    pub ping_interval: Duration,
+    /// How long shutdown waits for queues to drain and connections to close.
+    pub shutdown_timeout: Duration,
+    /// Latest values kept per topic for snapshots.
+    pub snapshot_keys: usize,
+    /// Script limits.
+    pub limits: Limits,
+    /// Built-in synthetic feeds.
+    pub demo: bool,
+    /// Events per second of each demo feed.
+    pub demo_rate: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            queries: PathBuf::from("queries"),
+            admin_token: None,
+            ingest_token: None,
+            subscribe_token: None,
+            allowed_origins: Vec::new(),
+            max_frame_bytes: 16 << 20,
+            shard_queue: 1024,
+            hub_queue: 1024,
+            subscriber_queue_bytes: 8 << 20,
+            slow_consumer_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(5),
+            snapshot_keys: 100_000,
+            limits: Limits::default(),
+            demo: false,
+            demo_rate: 200,
+        }
+    }
+}
+
+/// A duration written as milliseconds or as a string like `"10s"`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Millis(u64),
+    Text(String),
+}
+
+/// `eddy.toml` as written, before validation.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub shards: Option<usize>,
+    pub queries: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub ingest_token: Option<String>,
+    pub subscribe_token: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_frame_bytes: Option<usize>,
+    pub shard_queue: Option<usize>,
+    pub hub_queue: Option<usize>,
+    pub subscriber_queue_bytes: Option<usize>,
+    pub slow_consumer_timeout: Option<RawDuration>,
+    pub ping_interval: Option<RawDuration>,
+    pub shutdown_timeout: Option<RawDuration>,
+    pub snapshot_keys: Option<usize>,
+    pub limits: Option<Limits>,
+    pub demo: Option<bool>,
+    pub demo_rate: Option<u32>,
+}
+
+/// Why a configuration was refused: every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", problems.join("\n  "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl RawConfig {
+    /// Parses the text of an `eddy.toml`.
+    pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })
+    }
+
+    /// Fills in defaults and checks every value, reporting all problems at once.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let mut problems = Vec::new();
+        let listen = match self.listen {
+            None => d.listen,
+            Some(text) => text.parse().unwrap_or_else(|e| {
+                problems.push(format!("listen {text:?}: {e} (expected IP:PORT)"));
+                d.listen
+            }),
+        };
+        let mut duration = |name: &str, raw: Option<RawDuration>, default: Duration| match raw {
+            None => default,
+            Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
+            Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
+                Ok(ms) => Duration::from_millis(ms.max(0) as u64),
+                Err(e) => {
+                    problems.push(format!("{name}: {e}"));
+                    default
+                }
+            },
+        };
+        let slow_consumer_timeout = duration(
+            "slow_consumer_timeout",
+            self.slow_consumer_timeout,
+            d.slow_consumer_timeout,
+        );
+        let ping_interval = duration("ping_interval", self.ping_interval, d.ping_interval);
+        let shutdown_timeout = duration(
+            "shutdown_timeout",
+            self.shutdown_timeout,
+            d.shutdown_timeout,
+        );
+        let config = Config {
+            listen,
+            shards: self.shards.unwrap_or(d.shards),
+            queries: self.queries.unwrap_or(d.queries),
+            admin_token: self.admin_token.or(d.admin_token),
+            ingest_token: self.ingest_token.or(d.ingest_token),
+            subscribe_token: self.subscribe_token.or(d.subscribe_token),
+            allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
+            max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            shard_queue: self.shard_queue.unwrap_or(d.shard_queue),
+            hub_queue: self.hub_queue.unwrap_or(d.hub_queue),
+            subscriber_queue_bytes: self
+                .subscriber_queue_bytes
+                .unwrap_or(d.subscriber_queue_bytes),
+            slow_consumer_timeout,
+            ping_interval,
+            shutdown_timeout,
+            snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
+            limits: self.limits.unwrap_or(d.limits),
+            demo: self.demo.unwrap_or(d.demo),
+            demo_rate: self.demo_rate.unwrap_or(d.demo_rate),
+        };
+        let positive = [
+            ("shards", config.shards),
+            ("max_frame_bytes", config.max_frame_bytes),
+            ("shard_queue", config.shard_queue),
+            ("hub_queue", config.hub_queue),
+            ("subscriber_queue_bytes", config.subscriber_queue_bytes),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if config.shards > 256 {
+            problems.push(format!(
+                "shards must be at most 256, found {}",
+                config.shards
+            ));
+        }
+        if config.ping_interval.is_zero() {
+            problems.push("ping_interval must be more than 0".into());
+        }
+        for (name, token) in [
+            ("admin_token", &config.admin_token),
+            ("ingest_token", &config.ingest_token),
+            ("subscribe_token", &config.subscribe_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.len() < 8) {
+                problems.push(format!("{name} must be at least 8 characters"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// A random token for the admin API: 32 hex digits from the operating system's generator.
+pub fn generate_token() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system has a random generator");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let config = RawConfig::from_toml(
+            "listen = \"127.0.0.1:0\"\nshards = 3\nslow_consumer_timeout = \"2s\"\nping_interval = 500\n[limits]\nmax_operations = 5000\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(config.shards, 3);
+        assert_eq!(config.slow_consumer_timeout, Duration::from_secs(2));
+        assert_eq!(config.ping_interval, Duration::from_millis(500));
+        assert_eq!(config.limits.max_operations, 5000);
+        assert_eq!(
+            config.limits.max_call_levels,
+            Limits::default().max_call_levels
+        );
+        assert_eq!(config.max_frame_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        assert!(RawConfig::from_toml("shard = 3").is_err());
+        assert!(RawConfig::from_toml("[limits]\nmax_ops = 3").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = RawConfig::from_toml(
+            "listen = \"nowhere\"\nshards = 0\nping_interval = \"1y\"\nadmin_token = \"short\"",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let (a, b) = (generate_token(), generate_token());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,500 @@
+//! The fan-out hub: one thread that owns every topic and every subscription.
+//!
+//! In: the items shards emitted (a bounded channel, [`HubMsg`]) and control requests from the
+//! async side (a second bounded channel, [`HubControl`]). The hub takes everything waiting,
+//! groups it by topic and, per topic, encodes one batch (`[{"key":K,"value":V},…]`) once; that
+//! `Bytes` is shared by every subscriber that takes the topic unfiltered. Filtered and `latest`
+//! subscribers get slices of the same encoding. It also keeps the latest value of every key of
+//! every topic (at most `snapshot_keys` per topic) for snapshots.
+//!
+//! Out: puts into subscriber [`Mailbox`]es, which never block the hub: a slow subscriber loses
+//! its oldest items, never anyone else's. Before a control request is handled, every item already
+//! queued is taken, so a `closed` follows the last items of its query and a flush covers all
+//! that came before it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::json::write_str;
+use crate::query::valid_name;
+use crate::{Emitted, Key, Topic};
+
+use super::mailbox::Mailbox;
+
+/// Items from a shard.
+pub enum HubMsg {
+    Items {
+        items: Vec<Emitted>,
+        /// When the oldest frame among those that produced the items was received.
+        ingest: Option<Instant>,
+    },
+}
+
+/// How a subscriber takes a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every item, in order; the oldest are dropped (and counted) when the subscriber is slow.
+    All,
+    /// At most one pending value per key, the newest.
+    Latest,
+}
+
+/// What the topics listing says about a query.
+#[derive(Clone, Debug)]
+pub struct QueryInfo {
+    pub name: String,
+    pub sources: Vec<String>,
+    pub key_by: Option<String>,
+}
+
+pub struct Subscribe {
+    pub subscriber: u64,
+    pub mailbox: Arc<Mailbox>,
+    pub topic: String,
+    pub keys: Option<Vec<Key>>,
+    pub mode: Mode,
+    pub snapshot: bool,
+}
+
+pub enum HubControl {
+    Subscribe(Subscribe),
+    Unsubscribe {
+        subscriber: u64,
+        topic: String,
+        mailbox: Arc<Mailbox>,
+    },
+    Disconnect {
+        subscriber: u64,
+    },
+    Topics {
+        mailbox: Arc<Mailbox>,
+    },
+    QueryDeployed(QueryInfo),
+    /// The query's shards have stopped: close its topics.
+    QueryRemoved {
+        name: String,
+    },
+    Report {
+        reply: oneshot::Sender<HubReport>,
+    },
+    /// Replies once every item queued before it reached the mailboxes.
+    Flush {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Counters per topic, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct HubReport {
+    pub topics: Vec<TopicReport>,
+}
+
+#[derive(Debug)]
+pub struct TopicReport {
+    pub topic: Topic,
+    pub emitted: u64,
+    pub subscribers: usize,
+    pub dropped: u64,
+}
+
+/// The async side's handle to the hub's control channel.
+#[derive(Clone)]
+pub struct HubHandle {
+    control: Sender<HubControl>,
+}
+
+impl HubHandle {
+    /// Sends a control request, waiting (without blocking the thread) while the channel is full.
+    pub async fn send(&self, msg: HubControl) {
+        let mut msg = msg;
+        loop {
+            match self.control.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(back)) => {
+                    msg = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Sends from a plain thread (or a drop handler); gives up when the channel is full.
+    pub fn try_send(&self, msg: HubControl) {
+        let _ = self.control.try_send(msg);
+    }
+}
+
+/// Starts the hub thread; returns the data channel for shards and the control handle.
+pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) {
+    let (data_tx, data_rx) = crossbeam_channel::bounded(queue);
+    let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
+    std::thread::Builder::new()
+        .name("eddy-hub".into())
+        .spawn(move || run(&data_rx, control_rx, snapshot_keys))
+        .expect("spawn hub thread");
+    (
+        data_tx,
+        HubHandle {
+            control: control_tx,
+        },
+    )
+}
+
+/// Most item messages taken before the hub publishes.
+const MAX_ROUND: usize = 256;
+
+fn run(data: &Receiver<HubMsg>, control: Receiver<HubControl>, snapshot_keys: usize) {
+    let mut hub = Hub {
+        snapshot_keys,
+        ..Hub::default()
+    };
+    let mut control = control;
+    loop {
+        crossbeam_channel::select! {
+            recv(data) -> msg => {
+                let Ok(msg) = msg else { break };
+                hub.take(msg);
+                for _ in 0..MAX_ROUND {
+                    match data.try_recv() {
+                        Ok(msg) => hub.take(msg),
+                        Err(_) => break,
+                    }
+                }
+            }
+            recv(control) -> msg => match msg {
+                Ok(msg) => {
+                    while let Ok(item) = data.try_recv() {
+                        hub.take(item);
+                    }
+                    hub.publish();
+                    hub.control(msg);
+                }
+                Err(_) => control = crossbeam_channel::never(),
+            },
+        }
+        hub.publish();
+    }
+    hub.publish();
+}
+
+struct Subscription {
+    id: u64,
+    mailbox: Arc<Mailbox>,
+    keys: Option<HashSet<Key>>,
+    mode: Mode,
+}
+
+impl Subscription {
+    fn wants(&self, key: &Key) -> bool {
+        self.keys.as_ref().is_none_or(|keys| keys.contains(key))
+    }
+}
+
+#[derive(Default)]
+struct TopicState {
+    query: String,
+    latest: HashMap<Key, Bytes>,
+    subs: Vec<Subscription>,
+    emitted: u64,
+    dropped: u64,
+    /// Elements of the batch being gathered: `[` + elements joined by `,`.
+    pending: Vec<u8>,
+    pending_keys: Vec<(Key, Range<usize>)>,
+    pending_ingest: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Hub {
+    topics: HashMap<Topic, TopicState>,
+    queries: BTreeMap<String, QueryInfo>,
+    touched: Vec<Topic>,
+    snapshot_keys: usize,
+}
+
+impl Hub {
+    fn take(&mut self, msg: HubMsg) {
+        let HubMsg::Items { items, ingest } = msg;
+        for item in items {
+            let state = match self.topics.get_mut(&item.topic) {
+                Some(state) => state,
+                None => self
+                    .topics
+                    .entry(Arc::clone(&item.topic))
+                    .or_insert_with(|| TopicState {
+                        query: query_of(&item.topic).to_owned(),
+                        ..TopicState::default()
+                    }),
+            };
+            state.emitted += 1;
+            if state.pending.is_empty() {
+                self.touched.push(Arc::clone(&item.topic));
+                state.pending.push(b'[');
+                state.pending_ingest = ingest;
+            } else {
+                state.pending.push(b',');
+                state.pending_ingest = match (state.pending_ingest, ingest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            let start = state.pending.len();
+            state.pending.extend_from_slice(b"{\"key\":");
+            item.key.write_json(&mut state.pending);
+            state.pending.extend_from_slice(b",\"value\":");
+            state.pending.extend_from_slice(&item.value);
+            state.pending.push(b'}');
+            let end = state.pending.len();
+            state.pending_keys.push((item.key, start..end));
+        }
+    }
+
+    /// Encodes the batch of every topic that got items and puts it in its subscribers'
+    /// mailboxes.
+    fn publish(&mut self) {
+        for topic in std::mem::take(&mut self.touched) {
+            let Some(state) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            let mut buf = std::mem::take(&mut state.pending);
+            buf.push(b']');
+            let items = Bytes::from(buf);
+            let keys = std::mem::take(&mut state.pending_keys);
+            let ingest = state.pending_ingest.take();
+            for (key, range) in &keys {
+                let element = Bytes::copy_from_slice(&items[range.clone()]);
+                if state.latest.len() < self.snapshot_keys || state.latest.contains_key(key) {
+                    state.latest.insert(key.clone(), element);
+                }
+            }
+            for sub in &state.subs {
+                match (sub.mode, &sub.keys) {
+                    (Mode::All, None) => {
+                        let n = keys.len() as u64;
+                        state.dropped += sub.mailbox.push_batch(&topic, items.clone(), n, ingest);
+                    }
+                    (Mode::All, Some(_)) => {
+                        let mut filtered = Vec::with_capacity(items.len());
+                        let mut n = 0;
+                        for (key, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
+                            filtered.push(if n == 0 { b'[' } else { b',' });
+                            filtered.extend_from_slice(&items[range.clone()]);
+                            n += 1;
+                            let _ = key;
+                        }
+                        if n > 0 {
+                            filtered.push(b']');
+                            let filtered = Bytes::from(filtered);
+                            state.dropped += sub.mailbox.push_batch(&topic, filtered, n, ingest);
+                        }
+                    }
+                    (Mode::Latest, _) => {
+                        for (key, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
+                            sub.mailbox
+                                .push_latest(&topic, key, items.slice(range.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, msg: HubControl) {
+        match msg {
+            HubControl::Subscribe(req) => self.subscribe(req),
+            HubControl::Unsubscribe {
+                subscriber,
+                topic,
+                mailbox,
+            } => {
+                let found = self.topics.get_mut(topic.as_str()).is_some_and(|state| {
+                    let before = state.subs.len();
+                    state.subs.retain(|s| s.id != subscriber);
+                    before != state.subs.len()
+                });
+                let mut msg = Vec::new();
+                if found {
+                    msg.extend_from_slice(b"{\"type\":\"unsubscribed\",\"topic\":");
+                    write_str(&mut msg, &topic);
+                    msg.push(b'}');
+                } else {
+                    msg = error_message(&format!("not subscribed to topic {topic:?}"));
+                }
+                mailbox.push_control(msg.into());
+            }
+            HubControl::Disconnect { subscriber } => {
+                for state in self.topics.values_mut() {
+                    state.subs.retain(|s| s.id != subscriber);
+                }
+            }
+            HubControl::Topics { mailbox } => mailbox.push_control(self.topics_message()),
+            HubControl::QueryDeployed(info) => {
+                self.queries.insert(info.name.clone(), info);
+            }
+            HubControl::QueryRemoved { name } => {
+                self.queries.remove(&name);
+                let gone: Vec<Topic> = self
+                    .topics
+                    .iter()
+                    .filter(|(_, s)| s.query == name)
+                    .map(|(t, _)| Arc::clone(t))
+                    .collect();
+                for topic in gone {
+                    let Some(state) = self.topics.remove(&topic) else {
+                        continue;
+                    };
+                    let mut msg = b"{\"type\":\"closed\",\"topic\":".to_vec();
+                    write_str(&mut msg, &topic);
+                    msg.push(b'}');
+                    let msg = Bytes::from(msg);
+                    for sub in state.subs {
+                        sub.mailbox.push_control(msg.clone());
+                    }
+                }
+            }
+            HubControl::Report { reply } => {
+                let mut topics: Vec<TopicReport> = self
+                    .topics
+                    .iter()
+                    .map(|(topic, s)| TopicReport {
+                        topic: Arc::clone(topic),
+                        emitted: s.emitted,
+                        subscribers: s.subs.len(),
+                        dropped: s.dropped,
+                    })
+                    .collect();
+                topics.sort_by(|a, b| a.topic.cmp(&b.topic));
+                let _ = reply.send(HubReport { topics });
+            }
+            HubControl::Flush { done } => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn subscribe(&mut self, req: Subscribe) {
+        let query = query_of(&req.topic);
+        let sub_ok = match req.topic.split_once('.') {
+            Some((_, sub)) => valid_name(sub),
+            None => true,
+        };
+        let known = self.topics.contains_key(req.topic.as_str())
+            || (sub_ok && self.queries.contains_key(query));
+        if !known {
+            let msg = error_message(&format!(
+                "unknown topic {:?}: ask {{\"op\":\"topics\"}} for the list",
+                req.topic
+            ));
+            req.mailbox.push_control(msg.into());
+            return;
+        }
+        let topic: Topic = req.topic.as_str().into();
+        let state = self
+            .topics
+            .entry(Arc::clone(&topic))
+            .or_insert_with(|| TopicState {
+                query: query.to_owned(),
+                ..TopicState::default()
+            });
+        state.subs.retain(|s| s.id != req.subscriber);
+        let sub = Subscription {
+            id: req.subscriber,
+            mailbox: Arc::clone(&req.mailbox),
+            keys: req.keys.map(|k| k.into_iter().collect()),
+            mode: req.mode,
+        };
+        let mut msg = b"{\"type\":\"subscribed\",\"topic\":".to_vec();
+        write_str(&mut msg, &topic);
+        msg.push(b'}');
+        req.mailbox.push_control(msg.into());
+        if req.snapshot {
+            let mut latest: Vec<(&Key, &Bytes)> =
+                state.latest.iter().filter(|(k, _)| sub.wants(k)).collect();
+            latest.sort_by(|a, b| a.0.cmp(b.0));
+            let mut msg = b"{\"type\":\"snapshot\",\"topic\":".to_vec();
+            write_str(&mut msg, &topic);
+            msg.extend_from_slice(b",\"items\":[");
+            for (i, (_, element)) in latest.iter().enumerate() {
+                if i > 0 {
+                    msg.push(b',');
+                }
+                msg.extend_from_slice(element);
+            }
+            msg.extend_from_slice(b"]}");
+            req.mailbox.push_control(msg.into());
+        }
+        state.subs.push(sub);
+    }
+
+    fn topics_message(&self) -> Bytes {
+        let mut names: BTreeMap<String, &QueryInfo> = BTreeMap::new();
+        for info in self.queries.values() {
+            for topic in [
+                info.name.clone(),
+                format!("{}.errors", info.name),
+                format!("{}.late", info.name),
+            ] {
+                names.insert(topic, info);
+            }
+        }
+        for (topic, state) in &self.topics {
+            if let Some(info) = self.queries.get(&state.query) {
+                names.insert(topic.to_string(), info);
+            }
+        }
+        let mut msg = b"{\"type\":\"topics\",\"topics\":[".to_vec();
+        for (i, (name, info)) in names.iter().enumerate() {
+            if i > 0 {
+                msg.push(b',');
+            }
+            msg.extend_from_slice(b"{\"name\":");
+            write_str(&mut msg, name);
+            msg.extend_from_slice(b",\"query\":");
+            write_str(&mut msg, &info.name);
+            msg.extend_from_slice(b",\"source\":");
+            write_sources(&mut msg, &info.sources);
+            msg.extend_from_slice(b",\"key_by\":");
+            match &info.key_by {
+                Some(k) => write_str(&mut msg, k),
+                None => msg.extend_from_slice(b"null"),
+            }
+            msg.push(b'}');
+        }
+        msg.extend_from_slice(b"]}");
+        msg.into()
+    }
+}
+
+/// The query a topic belongs to: the part before the first dot.
+fn query_of(topic: &str) -> &str {
+    topic.split_once('.').map_or(topic, |(q, _)| q)
+}
+
+/// `"trades"` for one source, `["a","b"]` for several.
+pub fn write_sources(out: &mut Vec<u8>, sources: &[String]) {
+    if let [one] = sources {
+        write_str(out, one);
+        return;
+    }
+    out.push(b'[');
+    for (i, s) in sources.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, s);
+    }
+    out.push(b']');
+}
+
+/// `{"type":"error","error":…}`.
+pub fn error_message(text: &str) -> Vec<u8> {
+    let mut msg = b"{\"type\":\"error\",\"error\":".to_vec();
+    write_str(&mut msg, text);
+    msg.push(b'}');
+    msg
+}

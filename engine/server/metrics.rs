@@ -1,0 +1,349 @@
+//! Operational metrics: counters recorded where they happen, merged only when `/metrics` is read.
+//!
+//! Ingest counters are atomics looked up once per connection (by stream label), never per event.
+//! Shards and the hub keep their own counters and histograms and report them on request; socket
+//! latencies are merged in by each subscriber once per flush, never per item. [`render`] asks everyone and writes the Prometheus text format.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
+
+use crate::event::{RejectKind, Rejection};
+
+use super::hub::HubControl;
+use super::pipeline::ShardMsg;
+use super::State;
+
+/// Distinct stream labels kept; past this, new ones are counted under `other`.
+const MAX_STREAM_LABELS: usize = 1000;
+
+#[derive(Default)]
+pub struct StreamCounters {
+    accepted: AtomicU64,
+    rejected: [AtomicU64; RejectKind::ALL.len()],
+}
+
+impl StreamCounters {
+    pub fn count(&self, accepted: u64, rejections: &[Rejection]) {
+        self.accepted.fetch_add(accepted, Ordering::Relaxed);
+        for r in rejections {
+            let i = RejectKind::ALL
+                .iter()
+                .position(|k| *k == r.kind)
+                .unwrap_or(0);
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub struct Metrics {
+    streams: Mutex<HashMap<String, Arc<StreamCounters>>>,
+    connections: [AtomicI64; 2],
+    /// Socket latencies, merged in by each subscriber once per flush (not per item).
+    socket: Mutex<SocketLatency>,
+}
+
+/// Socket-side latencies, µs.
+pub struct SocketLatency {
+    /// Hub publish to socket write.
+    pub emit_to_socket: Histogram<u64>,
+    /// Frame received to socket write.
+    pub ingest_to_socket: Histogram<u64>,
+}
+
+impl Default for SocketLatency {
+    fn default() -> Self {
+        SocketLatency {
+            emit_to_socket: Histogram::new(3).expect("valid histogram"),
+            ingest_to_socket: Histogram::new(3).expect("valid histogram"),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            streams: Mutex::new(HashMap::new()),
+            connections: Default::default(),
+            socket: Mutex::new(SocketLatency::default()),
+        }
+    }
+}
+
+/// Counts an open connection until dropped.
+pub struct ConnectionGuard<'a>(&'a AtomicI64);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// The counters of a stream label, made on first use.
+    pub fn stream(&self, label: &str) -> Arc<StreamCounters> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = streams.get(label) {
+            return Arc::clone(c);
+        }
+        let label = if streams.len() >= MAX_STREAM_LABELS {
+            "other"
+        } else {
+            label
+        };
+        Arc::clone(streams.entry(label.to_owned()).or_default())
+    }
+
+    pub fn connection(&self, kind: &str) -> ConnectionGuard<'_> {
+        let counter = &self.connections[usize::from(kind == "subscribe")];
+        counter.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(counter)
+    }
+
+    /// Open connections of `kind` (`ingest` or `subscribe`).
+    pub fn open_connections(&self, kind: &str) -> i64 {
+        self.connections[usize::from(kind == "subscribe")].load(Ordering::Relaxed)
+    }
+
+    /// Records socket latencies of one flush: `(emit→socket µs, ingest→socket µs, items)`.
+    pub fn record_socket(&self, samples: &[(u64, Option<u64>, u64)]) {
+        if samples.is_empty() {
+            return;
+        }
+        let mut socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        for &(emit, ingest, n) in samples {
+            socket.emit_to_socket.saturating_record_n(emit, n);
+            if let Some(ingest) = ingest {
+                socket.ingest_to_socket.saturating_record_n(ingest, n);
+            }
+        }
+    }
+
+    /// Socket latency histograms (emit→socket, ingest→socket), µs.
+    pub fn socket_latency(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            socket.emit_to_socket.clone(),
+            socket.ingest_to_socket.clone(),
+        )
+    }
+}
+
+fn quantiles(out: &mut String, name: &str, help: &str, hist: &Histogram<u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for q in [0.5, 0.9, 0.99, 0.999] {
+        let seconds = hist.value_at_quantile(q) as f64 / 1e6;
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {seconds}");
+    }
+    let _ = writeln!(out, "{name}_count {}", hist.len());
+}
+
+fn counter_header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text of every metric.
+pub async fn render(state: &State) -> String {
+    let mut out = String::new();
+    let streams: Vec<(String, Arc<StreamCounters>)> = {
+        let streams = state
+            .metrics
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = streams
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    counter_header(
+        &mut out,
+        "eddy_events_ingested_total",
+        "counter",
+        "Events accepted, by stream (\"-\": named by each event).",
+    );
+    for (stream, c) in &streams {
+        let _ = writeln!(
+            out,
+            "eddy_events_ingested_total{{stream=\"{}\"}} {}",
+            label(stream),
+            c.accepted.load(Ordering::Relaxed)
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_events_rejected_total",
+        "counter",
+        "Events rejected, by stream and reason.",
+    );
+    for (stream, c) in &streams {
+        for (i, kind) in RejectKind::ALL.iter().enumerate() {
+            let n = c.rejected[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "eddy_events_rejected_total{{stream=\"{}\",reason=\"{}\"}} {n}",
+                label(stream),
+                kind.label()
+            );
+        }
+    }
+
+    let reports = state
+        .pipeline
+        .ask_all(|reply| ShardMsg::Report { reply })
+        .await
+        .unwrap_or_default();
+    let router = state.router.load();
+    counter_header(
+        &mut out,
+        "eddy_query_events_total",
+        "counter",
+        "Events handled, by query.",
+    );
+    let mut errors = String::new();
+    let mut late = String::new();
+    for q in router.queries() {
+        let mut events = 0;
+        let mut errs = 0;
+        for r in &reports {
+            for (id, stats, _) in &r.queries {
+                if *id == q.id {
+                    events += stats.events;
+                    errs += stats.errors;
+                }
+            }
+        }
+        let name = label(&q.def.name);
+        let _ = writeln!(out, "eddy_query_events_total{{query=\"{name}\"}} {events}");
+        let _ = writeln!(errors, "eddy_query_errors_total{{query=\"{name}\"}} {errs}");
+        let _ = writeln!(
+            late,
+            "eddy_late_events_total{{query=\"{name}\"}} {}",
+            q.late.load(Ordering::Relaxed)
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_query_errors_total",
+        "counter",
+        "Script runtime errors, by query.",
+    );
+    out.push_str(&errors);
+    counter_header(
+        &mut out,
+        "eddy_late_events_total",
+        "counter",
+        "Events older than the watermark, by query.",
+    );
+    out.push_str(&late);
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.hub.send(HubControl::Report { reply: tx }).await;
+    let hub = rx.await.unwrap_or_default();
+    counter_header(
+        &mut out,
+        "eddy_items_emitted_total",
+        "counter",
+        "Items emitted, by topic.",
+    );
+    for t in &hub.topics {
+        let _ = writeln!(
+            out,
+            "eddy_items_emitted_total{{topic=\"{}\"}} {}",
+            label(&t.topic),
+            t.emitted
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_subscribers",
+        "gauge",
+        "Subscribers, by topic.",
+    );
+    for t in &hub.topics {
+        let _ = writeln!(
+            out,
+            "eddy_subscribers{{topic=\"{}\"}} {}",
+            label(&t.topic),
+            t.subscribers
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_dropped_items_total",
+        "counter",
+        "Items dropped for slow subscribers, by topic.",
+    );
+    for t in &hub.topics {
+        let _ = writeln!(
+            out,
+            "eddy_dropped_items_total{{topic=\"{}\"}} {}",
+            label(&t.topic),
+            t.dropped
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_shard_queue_depth",
+        "gauge",
+        "Messages waiting for each shard.",
+    );
+    for i in 0..state.pipeline.shards() {
+        let _ = writeln!(
+            out,
+            "eddy_shard_queue_depth{{shard=\"{i}\"}} {}",
+            state.pipeline.queue_depth(i)
+        );
+    }
+    counter_header(
+        &mut out,
+        "eddy_connections",
+        "gauge",
+        "Open WebSocket connections, by kind.",
+    );
+    for (i, kind) in ["ingest", "subscribe"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "eddy_connections{{kind=\"{kind}\"}} {}",
+            state.metrics.connections[i].load(Ordering::Relaxed)
+        );
+    }
+
+    let mut ingest_to_emit = Histogram::<u64>::new(3).expect("valid");
+    for r in &reports {
+        let _ = ingest_to_emit.add(&r.ingest_to_emit_us);
+    }
+    let (emit_to_socket, ingest_to_socket) = state.metrics.socket_latency();
+    quantiles(
+        &mut out,
+        "eddy_ingest_to_emit_seconds",
+        "Frame received to items handed to the fan-out.",
+        &ingest_to_emit,
+    );
+    quantiles(
+        &mut out,
+        "eddy_emit_to_socket_seconds",
+        "Batch published to written on a subscriber's socket.",
+        &emit_to_socket,
+    );
+    quantiles(
+        &mut out,
+        "eddy_ingest_to_socket_seconds",
+        "Frame received to written on a subscriber's socket.",
+        &ingest_to_socket,
+    );
+    out
+}

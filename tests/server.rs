@@ -1,0 +1,703 @@
+//! End-to-end tests of `eddy serve`: the real server on 127.0.0.1 port 0, driven by an
+//! independent WebSocket client (tokio-tungstenite) and plain HTTP over TCP. Every test is
+//! bounded in time and in the traffic it sends, and stops by itself.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use eddy::offline::{self, RunOptions};
+use eddy::server::{Config, Server};
+use eddy::{Limits, QueryDef};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const TOKEN: &str = "test-admin-token";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn query_file(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("queries/{name}.rhai")),
+    )
+    .unwrap()
+}
+
+fn sample(file: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(file),
+    )
+    .unwrap()
+}
+
+/// A server on 127.0.0.1:0 with `queries` (name, script) in its queries folder.
+async fn start(
+    queries: &[(&str, &str)],
+    tune: impl FnOnce(&mut Config),
+) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, script) in queries {
+        std::fs::write(dir.path().join(format!("{name}.rhai")), script).unwrap();
+    }
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        queries: dir.path().to_owned(),
+        admin_token: Some(TOKEN.into()),
+        ..Config::default()
+    };
+    tune(&mut config);
+    (Server::start(config).await.unwrap(), dir)
+}
+
+async fn connect(server: &Server, path: &str) -> Ws {
+    let url = format!("ws://{}{path}", server.addr);
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// The next text message as JSON (pings and pongs skipped).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message within 20 s")
+            .expect("the connection is open")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Binary(b) => return serde_json::from_slice(&b).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+async fn subscribe(server: &Server, request: Value) -> Ws {
+    let mut ws = connect(server, "/subscribe").await;
+    let topic = request["topic"].clone();
+    send_json(&mut ws, request).await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply, json!({"type": "subscribed", "topic": topic}));
+    ws
+}
+
+/// Sends NDJSON `input` in frames of `per_frame` lines with `ack=true`, pipelined; returns the
+/// acks' accepted total.
+async fn produce(server: &Server, stream: &str, input: &[u8], per_frame: usize) -> u64 {
+    let ws = connect(server, &format!("/ingest?stream={stream}&ack=true")).await;
+    let (mut tx, mut rx) = ws.split();
+    let lines: Vec<&[u8]> = input
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let frames: Vec<Vec<u8>> = lines.chunks(per_frame).map(|c| c.join(&b'\n')).collect();
+    let n = frames.len();
+    let sender = tokio::spawn(async move {
+        for f in frames {
+            tx.send(Message::Text(String::from_utf8(f).unwrap().into()))
+                .await
+                .unwrap();
+        }
+        tx
+    });
+    let mut accepted = 0;
+    for i in 0..n {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let ack: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        assert_eq!(ack["type"], "ack");
+        assert_eq!(ack["frame"], json!(i));
+        accepted += ack["accepted"].as_u64().unwrap();
+    }
+    let _ = sender.await.unwrap().close().await;
+    accepted
+}
+
+/// Collects batch items of `topic` until `n` have arrived; checks seq starts at 0 and has no
+/// gaps.
+async fn collect(ws: &mut Ws, topic: &str, n: usize) -> Vec<Value> {
+    collect_from(ws, topic, n, 0).await
+}
+
+/// As [`collect`], for a subscription whose next batch has seq `seq`.
+async fn collect_from(ws: &mut Ws, topic: &str, n: usize, mut seq: u64) -> Vec<Value> {
+    let mut items = Vec::new();
+    while items.len() < n {
+        let msg = next_json(ws).await;
+        assert_eq!(msg["type"], "batch", "{msg}");
+        assert_eq!(msg["topic"], topic);
+        assert_eq!(msg["seq"], json!(seq));
+        seq += 1;
+        items.extend(msg["items"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(items.len(), n);
+    items
+}
+
+/// `eddy run` of the shipped `query` over `input`: items of topic `query`.
+fn offline_items(query: &str, input: Vec<u8>) -> Vec<Value> {
+    let limits = Limits::default();
+    let def = QueryDef::compile(query, &query_file(query), &limits).unwrap();
+    let mut out = Vec::new();
+    offline::run(
+        vec![def],
+        input,
+        &limits,
+        &RunOptions::default(),
+        &mut out,
+        &mut Vec::new(),
+    )
+    .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["topic"] == query)
+        .map(|v| json!({"key": v["key"], "value": v["value"]}))
+        .collect()
+}
+
+fn by_key(items: &[Value]) -> HashMap<String, Vec<Value>> {
+    let mut map: HashMap<String, Vec<Value>> = HashMap::new();
+    for item in items {
+        map.entry(item["key"].to_string())
+            .or_default()
+            .push(item["value"].clone());
+    }
+    map
+}
+
+/// Plain HTTP/1.1 request; returns status and body.
+async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_results_equal_eddy_run_and_keep_per_key_order() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let input = sample("trades.ndjson");
+        let accepted = produce(&server, "trades", &input, 100).await;
+        assert_eq!(accepted, 4000);
+        let got = collect(&mut sub, "vwap", 4000).await;
+        let want = offline_items("vwap", input);
+        // Across keys the interleaving depends on the shards; per key it is the arrival order.
+        assert_eq!(by_key(&got), by_key(&want));
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_conflates_and_snapshot_sends_the_newest_per_key() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let mut latest = subscribe(&server, json!({"op": "subscribe", "topic": "vwap", "mode": "latest", "keys": ["AAPL", "MSFT", "NVDA"]})).await;
+        let input = sample("trades.ndjson");
+        produce(&server, "trades", &input, 1000).await;
+        let want = by_key(&offline_items("vwap", input));
+        let last = |k: &str| want[&format!("\"{k}\"")].last().unwrap().clone();
+
+        // Each batch holds a key at most once; the newest value of each key arrives.
+        let mut newest: HashMap<String, Value> = HashMap::new();
+        let mut received = 0;
+        while ["AAPL", "MSFT", "NVDA"].iter().any(|k| newest.get(*k) != Some(&last(k))) {
+            let msg = next_json(&mut latest).await;
+            assert_eq!(msg["type"], "batch");
+            let items = msg["items"].as_array().unwrap();
+            let mut keys: Vec<&str> = items.iter().map(|i| i["key"].as_str().unwrap()).collect();
+            received += keys.len();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(keys.len(), items.len(), "one value per key per batch: {msg}");
+            for i in items {
+                newest.insert(i["key"].as_str().unwrap().to_owned(), i["value"].clone());
+            }
+        }
+        let sent: usize = ["AAPL", "MSFT", "NVDA"].iter().map(|k| want[&format!("\"{k}\"")].len()).sum();
+        assert!(received < sent, "conflated: {received} of {sent}");
+
+        // A new subscriber asks for a snapshot: the newest value of every key, sorted by key.
+        let mut snap = connect(&server, "/subscribe").await;
+        send_json(&mut snap, json!({"op": "subscribe", "topic": "vwap", "snapshot": true})).await;
+        assert_eq!(next_json(&mut snap).await["type"], "subscribed");
+        let snapshot = next_json(&mut snap).await;
+        assert_eq!(snapshot["type"], "snapshot");
+        let items = snapshot["items"].as_array().unwrap();
+        assert_eq!(items.len(), want.len());
+        for item in items {
+            assert_eq!(&item["value"], want[&item["key"].to_string()].last().unwrap());
+        }
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A query emitting about 2 KB per event.
+const FAT: &str = r#"let source = "fat"; let key_by = "k";
+fn init(key) { let pad = ""; for i in 0..2000 { pad += "x"; } #{ pad: pad, n: 0 } }
+fn on_event(ev) { this.n += 1; emit(#{ n: this.n, pad: this.pad }); }"#;
+
+fn fat_events(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n)
+        .map(|i| format!("{{\"k\":{}}}\n", i % 20))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_is_told_what_it_lost_then_closed_while_others_miss_nothing() {
+    bounded(async {
+        let (server, _dir) = start(&[("fat", FAT)], |c| {
+            c.subscriber_queue_bytes = 2 << 20;
+            c.slow_consumer_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let mut normal = subscribe(&server, json!({"op": "subscribe", "topic": "fat"})).await;
+        // The stalled client has a small receive buffer, so TCP cannot hide its stall for long.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(server.addr).await.unwrap();
+        let url = format!("ws://{}/subscribe", server.addr);
+        let (mut stalled, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        send_json(&mut stalled, json!({"op": "subscribe", "topic": "fat"})).await;
+        assert_eq!(next_json(&mut stalled).await["type"], "subscribed");
+
+        // The normal subscriber reads all along, in its own task, and must see every item.
+        let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let normal_reader = tokio::spawn(async move {
+            let mut seq = 0;
+            loop {
+                let msg = next_json(&mut normal).await;
+                assert_eq!(
+                    msg["type"], "batch",
+                    "the normal subscriber lost nothing: {msg}"
+                );
+                assert_eq!(msg["seq"], json!(seq));
+                seq += 1;
+                if count_tx
+                    .send(msg["items"].as_array().unwrap().len())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Produce while the stalled client reads nothing, until its mailbox overflows (TCP
+        // buffers hold a few MB first); bounded to 40 rounds of 1 MB.
+        let mut total = 0;
+        for round in 0..40 {
+            produce(&server, "fat", &fat_events(total, 500), 50).await;
+            total += 500;
+            let (_, metrics) = http(&server, "GET", "/metrics", None, "").await;
+            let dropped = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("eddy_dropped_items_total{topic=\"fat\"} "))
+                .map_or(0, |n| n.parse::<u64>().unwrap());
+            if dropped > 0 {
+                break;
+            }
+            assert!(round < 39, "the stalled subscriber never overflowed");
+        }
+        // Stay full past the slow-consumer timeout.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut received = 0;
+        while received < total {
+            received += tokio::time::timeout(Duration::from_secs(20), count_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(received, total);
+        drop(count_rx);
+        normal_reader.abort();
+
+        // The stalled one now reads: batches without seq gaps, a `dropped` notice, then 4008.
+        let mut dropped = 0;
+        let mut seq = 0;
+        let code = loop {
+            let msg = tokio::time::timeout(Duration::from_secs(20), stalled.next())
+                .await
+                .unwrap();
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str().unwrap() {
+                        "batch" => {
+                            assert_eq!(v["seq"], json!(seq));
+                            seq += 1;
+                        }
+                        "dropped" => dropped += v["items"].as_u64().unwrap(),
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map(|f| (f.code, f.reason.to_string()))
+                }
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert!(dropped > 0);
+        assert_eq!(
+            code,
+            Some((CloseCode::Library(4008), "slow consumer".to_owned()))
+        );
+        let (_, metrics) = http(&server, "GET", "/metrics", None, "").await;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("eddy_dropped_items_total{topic=\"fat\"}"))
+            .unwrap();
+        assert!(
+            line.ends_with(&format!(" {dropped}"))
+                || line.split(' ').nth(1).unwrap().parse::<u64>().unwrap() >= dropped,
+            "{line}"
+        );
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_shard_queue_slows_the_producer_and_loses_no_acknowledged_event() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |c| {
+            c.shard_queue = 1;
+            c.hub_queue = 1;
+        })
+        .await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let input = sample("trades.ndjson");
+        let accepted = produce(&server, "trades", &input, 5).await;
+        assert_eq!(accepted, 4000);
+        let got = collect(&mut sub, "vwap", 4000).await;
+        assert_eq!(by_key(&got), by_key(&offline_items("vwap", input)));
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_and_requests_are_answered_and_the_connection_goes_on() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |c| c.max_frame_bytes = 4096).await;
+        let mut ingest = connect(&server, "/ingest?stream=trades&ack=true").await;
+        ingest.send(Message::Text("{\"symbol\": ".into())).await.unwrap();
+        let ack = next_json(&mut ingest).await;
+        assert_eq!((ack["accepted"].as_u64(), ack["rejected"].as_u64()), (Some(0), Some(1)));
+        assert!(ack["errors"][0]["error"].as_str().unwrap().contains("invalid JSON"), "{ack}");
+        ingest
+            .send(Message::Text("[{\"symbol\":\"A\",\"price\":1,\"size\":1},{\"price\":2},{\"symbol\":{},\"price\":3,\"size\":1}]".into()))
+            .await
+            .unwrap();
+        let ack = next_json(&mut ingest).await;
+        assert_eq!((ack["frame"].as_u64(), ack["accepted"].as_u64(), ack["rejected"].as_u64()), (Some(1), Some(1), Some(2)));
+        let errors = ack["errors"].as_array().unwrap();
+        assert_eq!(errors[0]["index"], 1);
+        assert!(errors[0]["error"].as_str().unwrap().contains("`symbol`"), "{ack}");
+        assert_eq!(errors[1]["index"], 2);
+
+        // Without a stream, an event must name its own.
+        let mut unnamed = connect(&server, "/ingest?ack=true").await;
+        unnamed.send(Message::Text("{\"symbol\":\"A\",\"price\":1,\"size\":1}".into())).await.unwrap();
+        let ack = next_json(&mut unnamed).await;
+        assert!(ack["errors"][0]["error"].as_str().unwrap().contains("no stream"), "{ack}");
+        unnamed.send(Message::Text("{\"stream\":\"trades\",\"symbol\":\"A\",\"price\":1,\"size\":1}".into())).await.unwrap();
+        assert_eq!(next_json(&mut unnamed).await["accepted"], 1);
+
+        // Without ack, a rejected event is still reported.
+        let mut quiet = connect(&server, "/ingest?stream=trades").await;
+        quiet.send(Message::Text("[1]".into())).await.unwrap();
+        let err = next_json(&mut quiet).await;
+        assert_eq!(err["type"], "error");
+        assert!(err["error"].as_str().unwrap().contains("expected a JSON object"));
+
+        // An oversized frame closes the connection with 1009.
+        ingest.send(Message::Text("x".repeat(10_000).into())).await.unwrap();
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ingest.next()).await.unwrap() {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close, Some(CloseCode::Size));
+
+        // Subscribers: unknown topics and malformed requests are answered; the connection stays.
+        let mut sub = connect(&server, "/subscribe").await;
+        send_json(&mut sub, json!({"op": "subscribe", "topic": "nope"})).await;
+        assert!(next_json(&mut sub).await["error"].as_str().unwrap().contains("unknown topic"));
+        sub.send(Message::Text("not json".into())).await.unwrap();
+        assert_eq!(next_json(&mut sub).await["type"], "error");
+        send_json(&mut sub, json!({"op": "subscribe", "topic": "vwap", "mode": "sometimes"})).await;
+        assert_eq!(next_json(&mut sub).await["type"], "error");
+        send_json(&mut sub, json!({"op": "topics"})).await;
+        let topics = next_json(&mut sub).await;
+        let names: Vec<&str> = topics["topics"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["vwap", "vwap.errors", "vwap.late"]);
+        assert_eq!(topics["topics"][0], json!({"name": "vwap", "query": "vwap", "source": "trades", "key_by": "symbol"}));
+
+        // HTTP ingest: counts, 400 when nothing is JSON, 413 past the limit.
+        let (status, body) = http(&server, "POST", "/ingest?stream=trades", None, "{\"symbol\":\"B\",\"price\":2,\"size\":3}\n{\"price\":1}\n").await;
+        assert_eq!(status, 200);
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((body["accepted"].as_u64(), body["rejected"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(http(&server, "POST", "/ingest?stream=trades", None, "garbage").await.0, 400);
+        assert_eq!(http(&server, "POST", "/ingest?stream=trades", None, &"x".repeat(5000)).await.0, 413);
+        assert_eq!(http(&server, "GET", "/healthz", None, "").await.0, 200);
+        assert_eq!(http(&server, "GET", "/nowhere", None, "").await.0, 404);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+const COUNTER: &str = r#"let source = "s"; let key_by = "k";
+fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_replace_and_delete_at_run_time() {
+    bounded(async {
+        let (server, _dir) = start(&[], |_| {}).await;
+        // Writes need the admin token.
+        assert_eq!(
+            http(&server, "PUT", "/queries/counter", None, COUNTER)
+                .await
+                .0,
+            401
+        );
+        assert_eq!(
+            http(
+                &server,
+                "PUT",
+                "/queries/counter",
+                Some("wrong-token"),
+                COUNTER
+            )
+            .await
+            .0,
+            401
+        );
+        let (status, body) = http(
+            &server,
+            "PUT",
+            "/queries/counter",
+            Some(TOKEN),
+            "let source = \"s\";\nfn on_event(ev) {\n  let x = ;\n}",
+        )
+        .await;
+        assert_eq!(status, 400);
+        let err: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(err["line"], 3);
+        assert!(err["column"].is_u64());
+        let (status, body) = http(
+            &server,
+            "PUT",
+            "/queries/counter",
+            Some(TOKEN),
+            "fn on_event(ev) {}",
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body.contains("source"), "{body}");
+
+        assert_eq!(
+            http(&server, "PUT", "/queries/counter", Some(TOKEN), COUNTER)
+                .await
+                .0,
+            201
+        );
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "counter"})).await;
+        let events = b"{\"k\":1}\n{\"k\":1}\n{\"k\":1}\n";
+        produce(&server, "s", events, 3).await;
+        let got: Vec<Value> = collect(&mut sub, "counter", 3)
+            .await
+            .iter()
+            .map(|i| i["value"].clone())
+            .collect();
+        assert_eq!(got, [json!(1), json!(2), json!(3)]);
+
+        let (_, list) = http(&server, "GET", "/queries", None, "").await;
+        let list: Value = serde_json::from_str(&list).unwrap();
+        assert_eq!(list[0]["name"], "counter");
+        assert_eq!(list[0]["events"], 3);
+        assert_eq!(list[0]["keys"], 1);
+        let (_, one) = http(&server, "GET", "/queries/counter", None, "").await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&one).unwrap()["script"],
+            COUNTER
+        );
+
+        // Replacing starts from fresh state; the subscription carries on.
+        assert_eq!(
+            http(&server, "PUT", "/queries/counter", Some(TOKEN), COUNTER)
+                .await
+                .0,
+            200
+        );
+        produce(&server, "s", b"{\"k\":1}\n", 1).await;
+        assert_eq!(
+            collect_from(&mut sub, "counter", 1, 1).await[0]["value"],
+            json!(1)
+        );
+
+        // Deleting closes its topics.
+        assert_eq!(
+            http(&server, "DELETE", "/queries/counter", Some(TOKEN), "")
+                .await
+                .0,
+            204
+        );
+        assert_eq!(
+            next_json(&mut sub).await,
+            json!({"type": "closed", "topic": "counter"})
+        );
+        assert_eq!(
+            http(&server, "DELETE", "/queries/counter", Some(TOKEN), "")
+                .await
+                .0,
+            404
+        );
+        assert_eq!(http(&server, "GET", "/queries", None, "").await.1, "[]");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+const TIMERS: &str = r#"let source = "s"; let key_by = "k"; let time_field = "t";
+fn on_event(ev) { set_timer(ev.t + 100); }
+fn on_timer(t) { emit(t); }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_is_the_same_on_every_shard() {
+    bounded(async {
+        let (server, _dir) = start(&[("timers", TIMERS)], |c| c.shards = 4).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "timers"})).await;
+        // Forty keys spread over four shards set timers at 200; then one key moves the
+        // watermark to 1000: every shard's timers fire, though their keys got nothing more.
+        let mut input = String::new();
+        for k in 0..40 {
+            input.push_str(&format!("{{\"k\":{k},\"t\":100}}\n"));
+        }
+        produce(&server, "s", input.as_bytes(), 40).await;
+        produce(&server, "s", b"{\"k\":0,\"t\":1000}\n", 1).await;
+        let items = collect(&mut sub, "timers", 40).await;
+        let mut keys: Vec<i64> = items.iter().map(|i| i["key"].as_i64().unwrap()).collect();
+        keys.sort();
+        assert_eq!(keys, (0..40).collect::<Vec<i64>>());
+        assert!(items.iter().all(|i| i["value"] == 200));
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_delivers_every_batch_produced_before_it() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let input = sample("trades.ndjson");
+        assert_eq!(produce(&server, "trades", &input, 500).await, 4000);
+        // Shut down at once: whatever is still queued in shards and hub must reach the client.
+        let shutdown = tokio::spawn(server.shutdown());
+        let got = collect(&mut sub, "vwap", 4000).await;
+        assert_eq!(got.len(), 4000);
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                Some(Ok(Message::Text(t))) => panic!("unexpected message {t}"),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close, Some(CloseCode::Away));
+        shutdown.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let input = b"{\"symbol\":\"A\",\"price\":1,\"size\":1}\n{\"price\":1}\n[1]\n{\"symbol\":\"B\",\"price\":2,\"size\":1}\n";
+        produce(&server, "trades", input, 4).await;
+        collect(&mut sub, "vwap", 2).await;
+        let (status, text) = http(&server, "GET", "/metrics", None, "").await;
+        assert_eq!(status, 200);
+        for line in [
+            "eddy_events_ingested_total{stream=\"trades\"} 2",
+            "eddy_events_rejected_total{stream=\"trades\",reason=\"bad_key\"} 1",
+            "eddy_events_rejected_total{stream=\"trades\",reason=\"not_object\"} 1",
+            "eddy_items_emitted_total{topic=\"vwap\"} 2",
+            "eddy_subscribers{topic=\"vwap\"} 1",
+            "eddy_query_events_total{query=\"vwap\"} 2",
+            "eddy_query_errors_total{query=\"vwap\"} 0",
+            "eddy_ingest_to_socket_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        server.shutdown().await;
+    })
+    .await;
+}
