@@ -122,9 +122,7 @@ impl Shard {
             timers: BTreeSet::new(),
             watermark: i64::MIN,
             stats: QueryStats::default(),
-            eval_ns: self
-                .timing
-                .then(|| hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")),
+            eval_ns: self.timing.then(latency_histogram),
         });
         Ok(())
     }
@@ -503,6 +501,12 @@ pub(crate) fn error_message(e: &EvalAltResult) -> String {
             }
         }
     }
+}
+
+/// A histogram for times and latencies: 3 significant digits from 1 to 2^40 units (18 minutes
+/// in ns, 12 days in µs); larger values are recorded as the maximum.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 1 << 40, 3).expect("valid histogram bounds")
 }
 
 /// An estimate of the memory a state holds, in bytes: cheap for the small states most queries

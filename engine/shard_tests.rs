@@ -390,3 +390,36 @@ fn stream_field_selects_queries() {
     );
     assert_eq!(r.values("q"), vec![&json!(1), &json!(3), &json!(4)]);
 }
+
+#[test]
+fn call_times_are_measured_when_asked() {
+    let limits = Limits::default();
+    let def = std::sync::Arc::new(
+        QueryDef::compile(
+            "q",
+            "let source = \"s\"; fn on_event(ev) { let x = 0; for i in 0..100 { x += i; } }",
+            &limits,
+        )
+        .unwrap(),
+    );
+    let mut shard = crate::Shard::new(&limits);
+    shard.measure_calls(true);
+    shard.deploy(crate::QueryId(1), def).unwrap();
+    let frame = crate::Parser::default()
+        .parse(b"{}\n{}\n{}\n".to_vec())
+        .frame;
+    for i in 0..frame.len() {
+        shard.event(crate::QueryId(1), crate::Key::None, frame.event(i), 0, 0);
+    }
+    let hist = shard.eval_histogram(crate::QueryId(1)).unwrap();
+    assert_eq!(hist.len(), 3);
+    // A hundred loop iterations take well over a microsecond.
+    assert!(
+        hist.value_at_quantile(0.5) > 1_000,
+        "{}",
+        hist.value_at_quantile(0.5)
+    );
+    let mut merged = crate::shard::latency_histogram();
+    merged.add(hist).unwrap();
+    assert_eq!(merged.len(), 3);
+}

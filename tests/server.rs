@@ -135,7 +135,14 @@ async fn collect(ws: &mut Ws, topic: &str, n: usize) -> Vec<Value> {
 }
 
 /// As [`collect`], for a subscription whose next batch has seq `seq`.
-async fn collect_from(ws: &mut Ws, topic: &str, n: usize, mut seq: u64) -> Vec<Value> {
+async fn collect_from(ws: &mut Ws, topic: &str, n: usize, seq: u64) -> Vec<Value> {
+    let items = collect_at_least(ws, topic, n, seq).await;
+    assert_eq!(items.len(), n);
+    items
+}
+
+/// Whole batches until at least `n` items have arrived, the first batch having seq `seq`.
+async fn collect_at_least(ws: &mut Ws, topic: &str, n: usize, mut seq: u64) -> Vec<Value> {
     let mut items = Vec::new();
     while items.len() < n {
         let msg = next_json(ws).await;
@@ -145,7 +152,6 @@ async fn collect_from(ws: &mut Ws, topic: &str, n: usize, mut seq: u64) -> Vec<V
         seq += 1;
         items.extend(msg["items"].as_array().unwrap().iter().cloned());
     }
-    assert_eq!(items.len(), n);
     items
 }
 
@@ -698,6 +704,110 @@ async fn metrics_count_what_happened() {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_feeds_vwap_ordered_and_batched() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let alerts = query_file("price_alerts");
+        let (server, _dir) = start(&[("vwap", &vwap), ("price_alerts", &alerts)], |c| {
+            c.demo = true;
+            c.demo_rate = 2000;
+        })
+        .await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let items = collect_at_least(&mut sub, "vwap", 500, 0).await;
+        // Per symbol: trades count up by one, and each VWAP follows from the previous one and the
+        // trade it adds: vwap' * volume' = vwap * volume + last * (volume' - volume).
+        let mut seen: HashMap<String, (i64, i64, f64)> = HashMap::new();
+        for item in &items {
+            let v = &item["value"];
+            let trades = v["trades"].as_i64().unwrap();
+            let volume = v["volume"].as_i64().unwrap();
+            let (last, vwap) = (v["last"].as_f64().unwrap(), v["vwap"].as_f64().unwrap());
+            let key = item["key"].as_str().unwrap().to_owned();
+            if let Some(&(t0, vol0, vwap0)) = seen.get(&key) {
+                assert_eq!(trades, t0 + 1, "{item}");
+                let want = (vwap0 * vol0 as f64 + last * (volume - vol0) as f64) / volume as f64;
+                assert!(
+                    (vwap - want).abs() < 1e-6 * want,
+                    "{item}: want vwap {want}"
+                );
+            }
+            seen.insert(key, (trades, volume, vwap));
+        }
+        assert!(seen.len() > 10);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_deploys_and_stops_on_sigterm() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "2",
+                "--queries",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // It prints its address and the generated admin token.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let listening = lines.next_line().await.unwrap().unwrap();
+        let url = listening
+            .strip_prefix("eddy listening on ")
+            .unwrap()
+            .to_owned();
+        let token_line = lines.next_line().await.unwrap().unwrap();
+        let token = token_line.strip_prefix("admin token: ").unwrap().to_owned();
+        assert_eq!(token.len(), 32);
+
+        let file = dir.path().join("counter.rhai");
+        std::fs::write(&file, COUNTER).unwrap();
+        let deploy = |token: String| {
+            let (file, url) = (file.clone(), url.clone());
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+                .arg("deploy")
+                .arg(file)
+                .args(["--server", &url, "--token", &token])
+                .output()
+        };
+        let out = deploy("wrong-token-123".into()).await.unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+        let out = deploy(token).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("deployed (201)"));
+
+        let pid = child.id().unwrap();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status}");
     })
     .await;
 }

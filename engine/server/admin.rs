@@ -305,7 +305,7 @@ async fn list(state: &State) -> Response<Body> {
     let mut body = b"[".to_vec();
     for (i, q) in router.queries().iter().enumerate() {
         let mut stats = QueryStats::default();
-        let mut eval = hdrhistogram::Histogram::<u64>::new(3).expect("valid");
+        let mut eval = crate::shard::latency_histogram();
         for report in &reports {
             for (id, s, hist) in &report.queries {
                 if *id == q.id {

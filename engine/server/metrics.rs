@@ -57,8 +57,8 @@ pub struct SocketLatency {
 impl Default for SocketLatency {
     fn default() -> Self {
         SocketLatency {
-            emit_to_socket: Histogram::new(3).expect("valid histogram"),
-            ingest_to_socket: Histogram::new(3).expect("valid histogram"),
+            emit_to_socket: crate::shard::latency_histogram(),
+            ingest_to_socket: crate::shard::latency_histogram(),
         }
     }
 }
@@ -322,7 +322,7 @@ pub async fn render(state: &State) -> String {
         );
     }
 
-    let mut ingest_to_emit = Histogram::<u64>::new(3).expect("valid");
+    let mut ingest_to_emit = crate::shard::latency_histogram();
     for r in &reports {
         let _ = ingest_to_emit.add(&r.ingest_to_emit_us);
     }

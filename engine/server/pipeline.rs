@@ -159,7 +159,7 @@ fn run_shard(limits: &Limits, rx: &Receiver<ShardMsg>, hub: &Sender<HubMsg>, roo
     shard.measure_calls(true);
     let mut ids: Vec<QueryId> = Vec::new();
     let mut out = Vec::new();
-    let mut latency = Histogram::<u64>::new(3).expect("valid histogram");
+    let mut latency = crate::shard::latency_histogram();
     // Frames handled since the output was last handed on: when each arrived, and its events.
     let mut received: Vec<(Instant, u64)> = Vec::new();
     while let Ok(first) = rx.recv() {
