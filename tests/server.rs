@@ -619,6 +619,19 @@ async fn deploy_replace_and_delete_at_run_time() {
             404
         );
         assert_eq!(http(&server, "GET", "/queries", None, "").await.1, "[]");
+
+        // A hostile script is deployed: its endless loop is stopped, reported on
+        // `<query>.errors`, and the server and the other events go on.
+        let hostile = "let source = \"s\"; let key_by = \"k\";\nfn on_event(ev) {\n  if ev.k == 2 { loop { } }\n  emit(ev.k);\n}";
+        assert_eq!(http(&server, "PUT", "/queries/hostile", Some(TOKEN), hostile).await.0, 201);
+        let mut errors = subscribe(&server, json!({"op": "subscribe", "topic": "hostile.errors"})).await;
+        let mut out = subscribe(&server, json!({"op": "subscribe", "topic": "hostile"})).await;
+        produce(&server, "s", b"{\"k\":1}\n{\"k\":2}\n{\"k\":3}\n", 1).await;
+        let error = &collect(&mut errors, "hostile.errors", 1).await[0];
+        assert_eq!(error["key"], 2);
+        assert!(error["value"]["error"].as_str().unwrap().contains("max_operations"), "{error}");
+        let got: Vec<Value> = collect(&mut out, "hostile", 2).await.iter().map(|i| i["value"].clone()).collect();
+        assert_eq!(got, [json!(1), json!(3)]);
         server.shutdown().await;
     })
     .await;
