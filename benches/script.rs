@@ -72,7 +72,15 @@ fn call_path(c: &mut Criterion) {
         m.insert("volume".into(), Dynamic::from_int(0));
         Dynamic::from_map(m)
     };
-    for (name, as_map) in [("this_event", false), ("this_map", true)] {
+    let mut getters = eddy::sandbox::new_engine(&Limits::default());
+    for field in ["price", "size"] {
+        getters.register_get(field, move |ev: &mut Event| ev.get(field));
+    }
+    for (name, as_map, engine) in [
+        ("this_event_indexer", false, &engine),
+        ("this_event_getters", false, &getters),
+        ("this_map", true, &engine),
+    ] {
         group.bench_function(name, |b| {
             let mut states: HashMap<String, Dynamic> = HashMap::new();
             let mut scope = Scope::new();

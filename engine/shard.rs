@@ -79,7 +79,13 @@ pub struct Shard {
     queries: Vec<QueryRuntime>,
     limits: Limits,
     timing: bool,
+    /// Field names with a property getter on the event type (see [`Shard::deploy`]).
+    getters: std::collections::HashSet<String>,
 }
+
+/// Most event field getters one shard registers; past this, fields are read through the
+/// (slower) indexer fallback, with the same result.
+const MAX_GETTERS: usize = 4096;
 
 impl Shard {
     pub fn new(limits: &Limits) -> Self {
@@ -93,6 +99,7 @@ impl Shard {
             queries: Vec::new(),
             limits: limits.clone(),
             timing: false,
+            getters: std::collections::HashSet::new(),
         }
     }
 
@@ -110,8 +117,21 @@ impl Shard {
 
     /// Compiles `def` with this shard's engine and starts it with no state. A query already
     /// running under the same name is replaced.
+    ///
+    /// `ev.price` on an event works without help, through Rhai's indexer fallback, but a
+    /// property getter per field name is found first and is faster (see `benches/script.rs`,
+    /// `call_path`): so every `.name` the script mentions gets one, once per shard.
     pub fn deploy(&mut self, id: QueryId, def: Arc<QueryDef>) -> Result<(), QueryError> {
         let ast = query::compile(&self.engine, &def.name, &def.script)?;
+        for field in property_names(&def.script) {
+            if self.getters.len() >= MAX_GETTERS || self.getters.contains(field) {
+                continue;
+            }
+            let name = field.to_owned();
+            self.engine
+                .register_get(field, move |ev: &mut Event| ev.get(&name));
+            self.getters.insert(field.to_owned());
+        }
         self.queries.retain(|q| q.def.name != def.name);
         self.queries.push(QueryRuntime {
             id,
@@ -469,6 +489,37 @@ fn drop_key(q: &mut QueryRuntime, key: &Key) {
             q.timers.remove(&(t, key.clone()));
         }
     }
+}
+
+/// Every `name` in `.name` that is not a method call (`.name(`) in a script's text. It may
+/// include names that are not event fields (map properties, text in strings): a getter for them
+/// on the event type is harmless.
+fn property_names(script: &str) -> impl Iterator<Item = &str> {
+    let bytes = script.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at < bytes.len() {
+            let dot = at;
+            at += 1;
+            if bytes[dot] != b'.'
+                || !bytes
+                    .get(at)
+                    .is_some_and(|&b| b.is_ascii_alphabetic() || b == b'_')
+            {
+                continue;
+            }
+            let start = at;
+            while at < bytes.len() && ident(bytes[at]) {
+                at += 1;
+            }
+            let next = bytes[at..].iter().find(|b| !b.is_ascii_whitespace());
+            if next != Some(&b'(') {
+                return Some(&script[start..at]);
+            }
+        }
+        None
+    })
 }
 
 /// The error that caused `e`, through the layers of function calls around it.

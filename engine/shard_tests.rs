@@ -423,3 +423,11 @@ fn call_times_are_measured_when_asked() {
     merged.add(hist).unwrap();
     assert_eq!(merged.len(), 3);
 }
+
+#[test]
+fn property_names_are_found() {
+    let names: Vec<&str> =
+        super::property_names("this.n += ev.price * ev.dev.id; x.len(); a . b; ev.to_map ()")
+            .collect();
+    assert_eq!(names, ["n", "price", "dev", "id"]);
+}
