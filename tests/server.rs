@@ -824,3 +824,96 @@ async fn the_binary_serves_deploys_and_stops_on_sigterm() {
     })
     .await;
 }
+
+/// A WebSocket upgrade request by hand, to send headers a client library would not.
+async fn upgrade_status(server: &Server, path: &str, extra: &str) -> u16 {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
+        server.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_browser_origins_are_checked() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |c| {
+            c.ingest_token = Some("ingest-secret".into());
+            c.subscribe_token = Some("subscribe-secret".into());
+            c.allowed_origins = vec!["http://dash.example".into()];
+        })
+        .await;
+        assert_eq!(
+            upgrade_status(&server, "/ingest?stream=trades", "").await,
+            401
+        );
+        assert_eq!(
+            upgrade_status(&server, "/ingest?stream=trades&token=wrong", "").await,
+            401
+        );
+        assert_eq!(
+            upgrade_status(&server, "/ingest?stream=trades&token=ingest-secret", "").await,
+            101
+        );
+        assert_eq!(
+            upgrade_status(
+                &server,
+                "/ingest",
+                "Authorization: Bearer ingest-secret\r\n"
+            )
+            .await,
+            101
+        );
+        assert_eq!(
+            upgrade_status(&server, "/subscribe?token=ingest-secret", "").await,
+            401
+        );
+        let auth = "Authorization: Bearer subscribe-secret\r\n";
+        assert_eq!(upgrade_status(&server, "/subscribe", auth).await, 101);
+        // Browsers: the configured origin and the server's own pass, others do not.
+        let origin = |o: &str| format!("{auth}Origin: {o}\r\n");
+        assert_eq!(
+            upgrade_status(&server, "/subscribe", &origin("http://dash.example")).await,
+            101
+        );
+        assert_eq!(
+            upgrade_status(
+                &server,
+                "/subscribe",
+                &origin(&format!("http://{}", server.addr))
+            )
+            .await,
+            101
+        );
+        assert_eq!(
+            upgrade_status(&server, "/subscribe", &origin("http://evil.example")).await,
+            403
+        );
+        let (status, _) = http(&server, "POST", "/ingest?stream=trades", None, "{}").await;
+        assert_eq!(status, 401);
+        let (status, _) = http(
+            &server,
+            "POST",
+            "/ingest?stream=trades",
+            Some("ingest-secret"),
+            "{\"symbol\":\"A\",\"price\":1,\"size\":1}",
+        )
+        .await;
+        assert_eq!(status, 200);
+        server.shutdown().await;
+    })
+    .await;
+}
