@@ -9,9 +9,11 @@
 
 pub mod builtins;
 pub mod event;
+pub mod feed;
 pub mod json;
 pub mod key;
 pub mod offline;
+pub mod probe;
 pub mod query;
 pub mod router;
 pub mod sandbox;

@@ -87,6 +87,45 @@ enum Command {
         #[arg(long, env = "EDDY_ADMIN_TOKEN")]
         token: String,
     },
+    /// Load generator: send synthetic events with acks, paced or as fast as acks allow.
+    Feed {
+        /// The server, e.g. ws://127.0.0.1:8080.
+        url: String,
+        #[arg(long, default_value = "trades")]
+        scenario: Scenario,
+        /// Events per second over all connections, or `max`.
+        #[arg(long, default_value = "max")]
+        rate: String,
+        /// Events per frame.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// How long to send, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Distinct keys [default: the scenario's].
+        #[arg(long, default_value_t = 0)]
+        keys: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Subscribe to a topic and report end-to-end latency of items stamped by `eddy feed`.
+    Probe {
+        /// The server, e.g. ws://127.0.0.1:8080.
+        url: String,
+        #[arg(long)]
+        topic: String,
+        /// How long to listen after the first item, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write seeded synthetic events as NDJSON to stdout.
     Generate {
         /// trades, sensors, social or games.
@@ -191,12 +230,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.demo_rate = demo_rate.or(raw.demo_rate);
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("eddy-io")
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(async move {
+            runtime()?.block_on(async move {
                 let server = Server::start(config).await?;
                 println!("eddy listening on http://{}", server.addr);
                 if generated {
@@ -225,6 +259,69 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 eprintln!("{name}: {status} {body}");
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Feed {
+            url,
+            scenario,
+            rate,
+            batch,
+            connections,
+            duration,
+            keys,
+            seed,
+            json,
+        } => {
+            let rate = match rate.as_str() {
+                "max" => None,
+                n => Some(
+                    n.parse::<u64>()
+                        .with_context(|| format!("--rate {n:?}: a number or `max`"))?,
+                ),
+            };
+            if batch == 0 {
+                bail!("--batch must be at least 1");
+            }
+            let options = eddy::feed::FeedOptions {
+                url,
+                scenario,
+                rate,
+                batch,
+                connections,
+                duration: parse_duration(&duration)?,
+                keys,
+                seed,
+            };
+            let report = runtime()?.block_on(eddy::feed::run(options, !json))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "sent {} events in {} frames in {:.1} s: {:.0} events/s, {:.0} frames/s; {} accepted, {} rejected",
+                    report.events,
+                    report.frames,
+                    report.seconds,
+                    report.events_per_second,
+                    report.frames_per_second,
+                    report.accepted,
+                    report.rejected
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe {
+            url,
+            topic,
+            duration,
+            json,
+        } => {
+            let duration = parse_duration(&duration)?;
+            let report = runtime()?.block_on(eddy::probe::run(&url, &topic, duration))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                eddy::probe::print(&report, &topic);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check { queries } => {
             let mut failed = false;
@@ -258,6 +355,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let ms = eddy_plugins::parse_duration_ms(text).with_context(|| format!("duration {text:?}"))?;
+    Ok(std::time::Duration::from_millis(ms.max(0) as u64))
 }
 
 fn load_queries(paths: &[PathBuf], limits: &Limits) -> Result<Vec<QueryDef>> {

@@ -167,6 +167,16 @@ impl Feed {
 
     /// Appends one event with event time `ts` (epoch ms) to `out`, as one JSON object.
     pub fn write_event(&mut self, ts: i64, out: &mut Vec<u8>) {
+        self.write(ts, None, out);
+    }
+
+    /// As [`Feed::write_event`], with `"sent_us"`: when the event was sent, epoch µs (for
+    /// latency probes).
+    pub fn write_event_stamped(&mut self, ts: i64, sent_us: i64, out: &mut Vec<u8>) {
+        self.write(ts, Some(sent_us), out);
+    }
+
+    fn write(&mut self, ts: i64, sent_us: Option<i64>, out: &mut Vec<u8>) {
         out.push(b'{');
         if self.with_stream {
             out.extend_from_slice(b"\"stream\":");
@@ -181,6 +191,10 @@ impl Feed {
         }
         out.extend_from_slice(b",\"ts\":");
         write_int(out, ts);
+        if let Some(sent) = sent_us {
+            out.extend_from_slice(b",\"sent_us\":");
+            write_int(out, sent);
+        }
         out.push(b'}');
         self.count += 1;
     }

@@ -147,6 +147,8 @@ fn vwap_matches_a_plain_running_sum() {
         assert_eq!(v["volume"], json!(*volume));
         assert_eq!(v["trades"], json!(*count));
         assert_eq!(v["last"], trade["price"]);
+        assert_eq!(v["ts"], trade["ts"]);
+        assert!(v.get("sent_us").is_none());
     }
     // The VWAP of a symbol always lies between its lowest and highest trade price.
     assert!(sums.len() > 40);

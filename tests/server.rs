@@ -917,3 +917,43 @@ async fn tokens_and_browser_origins_are_checked() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_and_probe_measure_the_server_end_to_end() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let url = format!("ws://{}", server.addr);
+        let probe_url = url.clone();
+        let probe = tokio::spawn(async move {
+            eddy::probe::run(&probe_url, "vwap", Duration::from_millis(1500))
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let options = eddy::feed::FeedOptions {
+            url,
+            scenario: eddy::synth::Scenario::Trades,
+            rate: Some(2000),
+            batch: 10,
+            connections: 2,
+            duration: Duration::from_secs(1),
+            keys: 0,
+            seed: 7,
+        };
+        let feed = eddy::feed::run(options, false).await.unwrap();
+        // Paced: about 2000 events in the second, all acknowledged as accepted.
+        assert!((1500..=2100).contains(&feed.events), "{feed:?}");
+        assert_eq!(feed.events, feed.frames * 10);
+        assert_eq!((feed.accepted, feed.rejected), (feed.events, 0));
+        let report = probe.await.unwrap();
+        assert_eq!(report.items, feed.events, "{report:?}");
+        assert_eq!(report.timed, report.items);
+        assert_eq!((report.seq_gaps, report.dropped), (0, 0));
+        assert!(
+            report.p50_us > 0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
+        );
+        server.shutdown().await;
+    })
+    .await;
+}
