@@ -122,6 +122,9 @@ enum Command {
         /// How long to listen after the first item, e.g. 10s.
         #[arg(long, default_value = "10s")]
         duration: String,
+        /// Subscribers to open (fan-out); their latencies are merged.
+        #[arg(long, default_value_t = 1)]
+        subscribers: usize,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -312,9 +315,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             url,
             topic,
             duration,
+            subscribers,
             json,
         } => {
             let duration = parse_duration(&duration)?;
+            if subscribers > 1 {
+                let report = runtime()?
+                    .block_on(eddy::probe::fan_out(&url, &topic, duration, subscribers))?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    println!(
+                        "probe {topic} x{}: items per subscriber {}..{}, {} dropped, {} seq gaps; latency p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",
+                        report.subscribers,
+                        report.min_items,
+                        report.max_items,
+                        report.dropped,
+                        report.seq_gaps,
+                        report.p50_us as f64 / 1000.0,
+                        report.p99_us as f64 / 1000.0,
+                        report.p999_us as f64 / 1000.0,
+                        report.max_us as f64 / 1000.0
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = runtime()?.block_on(eddy::probe::run(&url, &topic, duration))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -30,10 +30,73 @@ pub struct ProbeReport {
     pub max_us: u64,
 }
 
+/// What `subscribers` probes saw together.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FanOutReport {
+    pub subscribers: usize,
+    /// The fewest and most items one subscriber received.
+    pub min_items: u64,
+    pub max_items: u64,
+    pub dropped: u64,
+    pub seq_gaps: u64,
+    /// Latency over every timed item of every subscriber.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// Opens `subscribers` connections to `topic` and probes them all.
+pub async fn fan_out(
+    url: &str,
+    topic: &str,
+    duration: Duration,
+    subscribers: usize,
+) -> Result<FanOutReport, ClientError> {
+    let mut tasks = Vec::new();
+    for _ in 0..subscribers {
+        let (url, topic) = (url.to_owned(), topic.to_owned());
+        let ws = connect(&url, "/subscribe").await?;
+        tasks.push(tokio::spawn(async move { probe(ws, &topic, duration).await }));
+    }
+    let mut all = crate::shard::latency_histogram();
+    let mut report = FanOutReport {
+        subscribers,
+        min_items: u64::MAX,
+        ..FanOutReport::default()
+    };
+    for t in tasks {
+        let Ok((one, latency)) = t.await else { continue };
+        report.min_items = report.min_items.min(one.items);
+        report.max_items = report.max_items.max(one.items);
+        report.dropped += one.dropped;
+        report.seq_gaps += one.seq_gaps;
+        let _ = all.add(&latency);
+    }
+    if subscribers == 0 {
+        report.min_items = 0;
+    }
+    if !all.is_empty() {
+        report.p50_us = all.value_at_quantile(0.5);
+        report.p99_us = all.value_at_quantile(0.99);
+        report.p999_us = all.value_at_quantile(0.999);
+        report.max_us = all.max();
+    }
+    Ok(report)
+}
+
 /// Subscribes to `topic` on the server at `url` for `duration` (starting at the first item, so
 /// a probe may be started before its feed).
 pub async fn run(url: &str, topic: &str, duration: Duration) -> Result<ProbeReport, ClientError> {
-    let mut ws = connect(url, "/subscribe").await?;
+    let ws = connect(url, "/subscribe").await?;
+    Ok(probe(ws, topic, duration).await.0)
+}
+
+async fn probe(
+    mut ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    topic: &str,
+    duration: Duration,
+) -> (ProbeReport, hdrhistogram::Histogram<u64>) {
     let mut request = b"{\"op\":\"subscribe\",\"topic\":".to_vec();
     crate::json::write_str(&mut request, topic);
     request.push(b'}');
@@ -109,7 +172,7 @@ pub async fn run(url: &str, topic: &str, duration: Duration) -> Result<ProbeRepo
         report.p999_us = latency.value_at_quantile(0.999);
         report.max_us = latency.max();
     }
-    Ok(report)
+    (report, latency)
 }
 
 /// Prints the report as a few readable lines.

@@ -1,0 +1,228 @@
+//! The bodies of the fuzz targets, shared by the cargo-fuzz targets (`fuzz/fuzz_targets/*.rs`)
+//! and the corpus replay test (`tests/fuzz_corpus.rs`), so the replay runs exactly the fuzzed
+//! code. Only `eddy`, `serde_json` and `std` are used: this file must also build as part of the
+//! root package's tests.
+//!
+//! Each function must never panic, hang or blow memory, whatever its input; the assertions
+//! below are properties the engine promises, so a failing one is a bug the fuzzer found.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use eddy::event::{FieldPath, Format, Parsed, Position};
+use eddy::offline::{self, RunOptions};
+use eddy::{Frame, Limits, Parser, QueryDef};
+
+/// Stack of the thread that runs scripts: Rhai recurses on the native stack, and the binary
+/// gives its script thread this much (see `engine/main.rs`).
+const SCRIPT_STACK_BYTES: usize = 64 << 20;
+
+/// Separates the script from the events in a `query` input; never valid UTF-8, so it cannot be
+/// part of a script.
+pub const QUERY_SPLIT: u8 = 0xFF;
+
+/// An events part that starts with this byte (never valid JSON) runs with `--stream s`: events
+/// without a `"stream"` field belong to stream `s` instead of feeding every query.
+pub const STREAM_FLAG: u8 = 0xFE;
+
+/// Set before the fuzzed script, on the same line so that line numbers stay those of the
+/// input: without a `source` nearly every mutated script would fail validation. A script can
+/// still set (or break) `source` itself.
+const SCRIPT_PREFIX: &str = "let source = \"s\"; ";
+
+/// Fields read from every parsed event (besides its own keys).
+const PROBES: [&str; 6] = ["symbol", "price", "a", "stream", "", "ts"];
+
+/// Arbitrary bytes through the event parser: auto-detected format, then forced NDJSON and
+/// forced single document (as frames of a larger input, numbered from a base), reusing one
+/// parser. Every event must write valid JSON that parses back to the same event.
+pub fn parse_one(data: &[u8]) {
+    let mut parser = Parser::default();
+    let parsed = parser.parse(data.to_vec());
+    check_parsed(&parsed, None);
+    let base = Position {
+        index: 3,
+        line: Some(7),
+    };
+    for format in [Format::Ndjson, Format::Document] {
+        let parsed = parser.parse_with(data.to_vec(), format, base);
+        check_parsed(&parsed, Some(base));
+    }
+}
+
+fn check_parsed(parsed: &Parsed, base: Option<Position>) {
+    let frame: &Arc<Frame> = &parsed.frame;
+    assert_eq!(
+        frame.len() + parsed.rejections.len(),
+        parsed.items as usize,
+        "every item is an event or a rejection"
+    );
+    for rejection in &parsed.rejections {
+        assert!(!rejection.to_string().is_empty());
+        if let Some(base) = base {
+            assert!(rejection.position.index >= base.index);
+        }
+    }
+    let mut reparser = Parser::default();
+    for i in 0..frame.len() {
+        let position = frame.position(i);
+        if let Some(base) = base {
+            assert!(position.index >= base.index, "{position:?} before {base:?}");
+        }
+        let ev = frame.event(i);
+        let mut json = Vec::new();
+        ev.write_json(&mut json);
+
+        // What the engine writes is JSON, and an object (checked where serde_json's recursion
+        // limit lets it read the value).
+        let value: Option<serde_json::Value> = (nesting(&json) < SERDE_MAX_DEPTH).then(|| {
+            serde_json::from_slice(&json).unwrap_or_else(|e| {
+                panic!(
+                    "event {i} wrote invalid JSON ({e}): {}",
+                    String::from_utf8_lossy(&json)
+                )
+            })
+        });
+        let object = value
+            .as_ref()
+            .map(|v| v.as_object().expect("an event is a JSON object"));
+
+        // Written once, it is a fixed point: parsing and writing again gives the same bytes.
+        let again = reparser.parse(json.clone());
+        assert_eq!(again.frame.len(), 1, "{}", String::from_utf8_lossy(&json));
+        let mut json2 = Vec::new();
+        again.frame.event(0).write_json(&mut json2);
+        assert_eq!(
+            String::from_utf8_lossy(&json),
+            String::from_utf8_lossy(&json2)
+        );
+
+        // Reading fields.
+        let keys: Vec<String> = ev.keys().map(str::to_owned).collect();
+        assert_eq!(keys.len(), ev.len());
+        assert_eq!(ev.is_empty(), keys.is_empty());
+        for key in &keys {
+            assert!(ev.contains(key), "key {key:?} listed but not found");
+            let _ = ev.get(key);
+            if !key.is_empty() && !key.contains('.') {
+                let path = FieldPath::parse(key).expect("a path of one segment");
+                assert!(ev.lookup(&path).is_some(), "key {key:?} not found by path");
+            }
+        }
+        for probe in PROBES {
+            let value = ev.get(probe);
+            if !ev.contains(probe) {
+                assert!(value.is_unit(), "{probe:?} is missing but reads {value}");
+            } else if let (Some(object), 1) = (object, keys.iter().filter(|k| *k == probe).count())
+            {
+                // `()` exactly for JSON null (serde_json keeps the last of duplicated keys,
+                // `get` the first, so only unique keys are compared).
+                assert_eq!(value.is_unit(), object[probe].is_null(), "{probe:?}");
+            }
+        }
+        for path in ["a.b", "device.id", "a.b.c.d"] {
+            let _ = ev.lookup(&FieldPath::parse(path).expect("valid path"));
+        }
+        let _ = format!("{ev:?}");
+
+        // As a map: one entry per distinct key, like serde_json's object.
+        let map = ev.to_map();
+        if let Some(object) = object {
+            assert_eq!(map.len(), object.len());
+        }
+    }
+}
+
+/// serde_json refuses values nested this deep (its recursion limit is 128).
+const SERDE_MAX_DEPTH: usize = 120;
+
+/// How deep arrays and objects nest in `json`.
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// A script and events: the bytes before the first [`QUERY_SPLIT`] are the script (lossily
+/// decoded, after [`SCRIPT_PREFIX`]), the bytes after it the input of `eddy run` (with
+/// `--stream s` if they start with [`STREAM_FLAG`]). The script is compiled under the default
+/// limits and, if it compiles, run over the events offline. Everything runs on a thread with
+/// the binary's script stack.
+pub fn query_one(data: &[u8]) {
+    let (script, events) = match data.iter().position(|&b| b == QUERY_SPLIT) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    let script = format!("{SCRIPT_PREFIX}{}", String::from_utf8_lossy(script));
+    let (stream, events) = match events.split_first() {
+        Some((&STREAM_FLAG, rest)) => (Some("s".to_owned()), rest.to_vec()),
+        _ => (None, events.to_vec()),
+    };
+    let worker = std::thread::Builder::new()
+        .name("fuzz-query".into())
+        .stack_size(SCRIPT_STACK_BYTES)
+        .spawn(move || run_query(&script, events, RunOptions { stream }))
+        .expect("spawn the script thread");
+    if let Err(panic) = worker.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn run_query(script: &str, events: Vec<u8>, options: RunOptions) {
+    let limits = Limits::default();
+    let def = match QueryDef::compile("q", script, &limits) {
+        Ok(def) => def,
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            let _ = e.line_column();
+            return;
+        }
+    };
+    let _ = def.to_string();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let summary = offline::run(vec![def], events, &limits, &options, &mut out, &mut err)
+        .expect("a query that compiled runs, and writing to a Vec cannot fail");
+
+    let text = std::str::from_utf8(&out).expect("output is UTF-8");
+    let mut lines = 0;
+    for line in text.lines() {
+        lines += 1;
+        let item: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("output line is not JSON ({e}): {line}"));
+        let topic = item["topic"].as_str().expect("every item has a topic");
+        assert!(
+            topic == "q" || topic.starts_with("q."),
+            "topic {topic:?} of another query"
+        );
+        assert!(item.get("key").is_some() && item.get("value").is_some());
+    }
+    assert_eq!(summary.emitted, lines, "every emitted item is one line");
+    let err = std::str::from_utf8(&err).expect("rejections are UTF-8");
+    let reported = err.lines().filter(|l| l.starts_with("rejected: ")).count();
+    assert!(
+        reported as u64 >= summary.rejected,
+        "{} rejections counted, {reported} reported:\n{err}",
+        summary.rejected
+    );
+}
