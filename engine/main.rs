@@ -320,8 +320,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             let duration = parse_duration(&duration)?;
             if subscribers > 1 {
-                let report = runtime()?
-                    .block_on(eddy::probe::fan_out(&url, &topic, duration, subscribers))?;
+                let report = runtime()?.block_on(eddy::probe::fan_out(
+                    &url,
+                    &topic,
+                    duration,
+                    subscribers,
+                ))?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {

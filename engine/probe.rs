@@ -57,7 +57,9 @@ pub async fn fan_out(
     for _ in 0..subscribers {
         let (url, topic) = (url.to_owned(), topic.to_owned());
         let ws = connect(&url, "/subscribe").await?;
-        tasks.push(tokio::spawn(async move { probe(ws, &topic, duration).await }));
+        tasks.push(tokio::spawn(
+            async move { probe(ws, &topic, duration).await },
+        ));
     }
     let mut all = crate::shard::latency_histogram();
     let mut report = FanOutReport {
@@ -66,7 +68,9 @@ pub async fn fan_out(
         ..FanOutReport::default()
     };
     for t in tasks {
-        let Ok((one, latency)) = t.await else { continue };
+        let Ok((one, latency)) = t.await else {
+            continue;
+        };
         report.min_items = report.min_items.min(one.items);
         report.max_items = report.max_items.max(one.items);
         report.dropped += one.dropped;
