@@ -285,11 +285,18 @@ async fn connection(
 /// `accepted` and `rejected` of an ack, read without a full parse.
 fn ack_counts(payload: &[u8]) -> (u64, u64) {
     let field = |name: &[u8]| -> u64 {
+        let name = &name[..name.len() - 1];
         let Some(at) = payload.windows(name.len()).position(|w| w == name) else {
             return 0;
         };
-        payload[at + name.len()..]
+        let rest = &payload[at + name.len()..];
+        let colon = rest
             .iter()
+            .position(|&b| b == b':')
+            .map_or(rest.len(), |p| p + 1);
+        rest[colon..]
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace())
             .take_while(|b| b.is_ascii_digit())
             .fold(0, |n, b| n * 10 + u64::from(b - b'0'))
     };
@@ -307,5 +314,7 @@ mod tests {
         assert!(host_of("ws://nowhere").is_err());
         let ack = br#"{"type":"ack","frame":3,"accepted":99,"rejected":1,"errors":[]}"#;
         assert_eq!(ack_counts(ack), (99, 1));
+        let spaced = br#"{"type": "ack", "frame": 3, "accepted": 7, "rejected": 0}"#;
+        assert_eq!(ack_counts(spaced), (7, 0));
     }
 }

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Runs eddy and its peers (Node.js `ws`, Python `websockets`) under the same `eddy feed` load,
+alternating, for several rounds, and prints one table of medians with the ratio to eddy.
+
+Every server runs the same job: per-symbol VWAP over trade events, acks for every frame, results
+pushed to one subscriber (`eddy probe`, which also measures latency from send to receive).
+Measurements per server and round:
+  - max events/s with 1 event per frame and with 100 events per frame (acked events / s);
+  - latency p50/p99 at a fixed rate (default 10 000 events/s, 10 events per frame);
+and for eddy alone, latency at half its maximum sustained rate (100 events per frame) and a
+fan-out run (many subscribers on vwap at a fixed rate).
+
+Only loopback addresses are used; every run is bounded in time. Use run.sh, which installs the
+peers' packages and builds eddy first.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Server:
+    def __init__(self, name, argv):
+        self.name, self.argv, self.proc = name, argv, None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def eddy_cmd(eddy, *args):
+    return [eddy, *args]
+
+
+def feed(eddy, port, rate, batch, seconds):
+    out = subprocess.run(
+        eddy_cmd(eddy, "feed", f"ws://127.0.0.1:{port}", "--rate", str(rate), "--batch", str(batch),
+                 "--duration", f"{seconds}s", "--json"),
+        capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"feed failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def probe_start(eddy, port, seconds, subscribers=1):
+    args = ["probe", f"ws://127.0.0.1:{port}", "--topic", "vwap", "--duration", f"{seconds}s", "--json"]
+    if subscribers > 1:
+        args += ["--subscribers", str(subscribers)]
+    proc = subprocess.Popen(eddy_cmd(eddy, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5 if subscribers == 1 else 3)
+    return proc
+
+
+def probe_result(proc, timeout):
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out)
+
+
+def measure(eddy, port, rate, batch, seconds):
+    """One feed run with a probe subscribed; returns (feed report, probe report)."""
+    probe = probe_start(eddy, port, seconds + 1)
+    report = feed(eddy, port, rate, batch, seconds)
+    return report, probe_result(probe, seconds + 90)
+
+
+def acked_rate(report):
+    return report["accepted"] / report["seconds"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eddy", default=os.path.join(ROOT, "target", "release", "eddy"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--latency-rate", type=int, default=10_000)
+    ap.add_argument("--fanout", type=int, default=1000, help="subscribers in eddy's fan-out run (0: skip)")
+    ap.add_argument("--fanout-rate", type=int, default=50_000)
+    ap.add_argument("--only", default="eddy,node,python")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
+    args = ap.parse_args()
+
+    queries = tempfile.mkdtemp(prefix="eddy-peer-queries-")
+    with open(os.path.join(ROOT, "queries", "vwap.rhai")) as src, open(os.path.join(queries, "vwap.rhai"), "w") as dst:
+        dst.write(src.read())
+    python = os.path.join(HERE, ".venv", "bin", "python")
+    servers = {
+        "eddy": lambda port: [args.eddy, "serve", "--listen", f"127.0.0.1:{port}", "--queries", queries,
+                              "--admin-token", "peer-bench-token"],
+        "node": lambda port: ["node", os.path.join(HERE, "node", "server.js"), str(port)],
+        "python": lambda port: [python, os.path.join(HERE, "python", "server.py"), str(port)],
+    }
+    names = [n for n in args.only.split(",") if n in servers]
+    results = {n: {"max_1": [], "max_100": [], "p50_us": [], "p99_us": []} for n in names}
+    extra = {"half_max_p50_us": [], "half_max_p99_us": [], "half_max_rate": []}
+    s = args.seconds
+    for r in range(args.rounds):
+        for name in names:
+            port = free_port()
+            with Server(name, servers[name](port)):
+                wait_port(port)
+                one, _ = measure(args.eddy, port, "max", 1, s)
+                hundred, _ = measure(args.eddy, port, "max", 100, s)
+                _, lat = measure(args.eddy, port, args.latency_rate, 10, s)
+                res = results[name]
+                res["max_1"].append(acked_rate(one))
+                res["max_100"].append(acked_rate(hundred))
+                res["p50_us"].append(lat["p50_us"])
+                res["p99_us"].append(lat["p99_us"])
+                line = (f"round {r + 1} {name:>6}: {acked_rate(one):>9.0f} ev/s @1, {acked_rate(hundred):>9.0f} ev/s @100, "
+                        f"p50 {lat['p50_us'] / 1000:.3f} ms p99 {lat['p99_us'] / 1000:.3f} ms @{args.latency_rate}/s")
+                if name == "eddy":
+                    half = int(acked_rate(hundred) / 2)
+                    _, hl = measure(args.eddy, port, half, 100, s)
+                    extra["half_max_rate"].append(half)
+                    extra["half_max_p50_us"].append(hl["p50_us"])
+                    extra["half_max_p99_us"].append(hl["p99_us"])
+                    line += f"; at {half}/s (half max, @100): p50 {hl['p50_us'] / 1000:.3f} ms p99 {hl['p99_us'] / 1000:.3f} ms"
+                print(line, file=sys.stderr, flush=True)
+
+    fan = None
+    if args.fanout and "eddy" in names:
+        port = free_port()
+        with Server("eddy", servers["eddy"](port)):
+            wait_port(port)
+            probe = probe_start(args.eddy, port, s + 1, subscribers=args.fanout)
+            sent = feed(args.eddy, port, args.fanout_rate, 100, s)
+            fan = probe_result(probe, s + 120)
+            fan["events_sent"] = sent["events"]
+            fan["events_per_second"] = acked_rate(sent)
+
+    med = lambda xs: statistics.median(xs) if xs else float("nan")
+    table = {n: {k: med(v) for k, v in res.items()} for n, res in results.items()}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rounds": args.rounds, "seconds": s, "results": results, "medians": table,
+                   "eddy_half_max": extra, "fanout": fan}, f, indent=2)
+
+    base = table.get("eddy")
+    print(f"Medians of {args.rounds} rounds, {s} s each; latency at {args.latency_rate} events/s (10 per frame).\n")
+    print("| server | events/s, 1 per frame | events/s, 100 per frame | p50 latency | p99 latency |")
+    print("|---|---|---|---|---|")
+    for n, t in table.items():
+        def ratio(k, higher_better=True):
+            if not base or n == "eddy" or not t[k]:
+                return ""
+            x = base[k] / t[k] if higher_better else t[k] / base[k]
+            return f" (eddy {x:.1f}x)"
+        print(f"| {n} | {t['max_1']:,.0f}{ratio('max_1')} | {t['max_100']:,.0f}{ratio('max_100')} | "
+              f"{t['p50_us'] / 1000:.3f} ms{ratio('p50_us', False)} | {t['p99_us'] / 1000:.3f} ms{ratio('p99_us', False)} |")
+    if extra["half_max_rate"]:
+        print(f"\neddy at half its maximum sustained rate ({med(extra['half_max_rate']):,.0f} events/s, 100 per frame): "
+              f"p50 {med(extra['half_max_p50_us']) / 1000:.3f} ms, p99 {med(extra['half_max_p99_us']) / 1000:.3f} ms")
+    if fan:
+        print(f"\neddy fan-out: {fan['subscribers']} subscribers on vwap at {fan['events_per_second']:,.0f} events/s: "
+              f"each received {fan['min_items']:,}..{fan['max_items']:,} of {fan['events_sent']:,} items, "
+              f"{fan['dropped']} dropped, {fan['seq_gaps']} seq gaps; latency p50 {fan['p50_us'] / 1000:.1f} ms, "
+              f"p99 {fan['p99_us'] / 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
