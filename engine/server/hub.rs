@@ -295,8 +295,12 @@ impl Hub {
                     }
                     (Mode::Latest, _) => {
                         for (key, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
-                            sub.mailbox
-                                .push_latest(&topic, key, items.slice(range.clone()));
+                            sub.mailbox.push_latest(
+                                &topic,
+                                key,
+                                items.slice(range.clone()),
+                                ingest,
+                            );
                         }
                     }
                 }

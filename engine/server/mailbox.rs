@@ -47,6 +47,9 @@ pub struct Inbox {
     pub queue: VecDeque<Outgoing>,
     /// Mode `latest`: per topic, the newest `{"key":K,"value":V}` element per key.
     pub latest: BTreeMap<Topic, BTreeMap<Key, Bytes>>,
+    /// Mode `latest`: when the oldest pending value was published, and the oldest ingest time
+    /// among them (for the latency metrics).
+    pub latest_since: Option<(Instant, Option<Instant>)>,
     /// Items dropped per topic since the last take.
     pub dropped: Vec<(Topic, u64)>,
     bytes: usize,
@@ -146,8 +149,17 @@ impl Mailbox {
     }
 
     /// Mode `latest`: replaces the pending value of `key` on `topic`.
-    pub fn push_latest(&self, topic: &Topic, key: &Key, element: Bytes) {
+    pub fn push_latest(&self, topic: &Topic, key: &Key, element: Bytes, ingest: Option<Instant>) {
         let mut inbox = self.lock();
+        match &mut inbox.latest_since {
+            None => inbox.latest_since = Some((Instant::now(), ingest)),
+            Some((_, oldest)) => {
+                *oldest = match (*oldest, ingest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
         let size = element.len();
         let old = inbox
             .latest
@@ -225,7 +237,12 @@ mod tests {
     fn latest_keeps_one_value_per_key() {
         let mb = Mailbox::new(1 << 20, Duration::from_secs(1));
         for v in 0..100 {
-            mb.push_latest(&topic(), &Key::Int(v % 3), Bytes::from(format!("{v}")));
+            mb.push_latest(
+                &topic(),
+                &Key::Int(v % 3),
+                Bytes::from(format!("{v}")),
+                None,
+            );
         }
         let inbox = mb.take();
         let pending = &inbox.latest[&topic()];

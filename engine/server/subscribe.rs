@@ -272,6 +272,10 @@ async fn deliver(
             }
         }
     }
+    if let Some((published, ingest)) = inbox.latest_since {
+        let count = inbox.latest.values().map(|p| p.len() as u64).sum();
+        stamps.push((published, ingest, count));
+    }
     for (topic, pending) in &inbox.latest {
         let mut items =
             Vec::with_capacity(pending.values().map(|v| v.len() + 1).sum::<usize>() + 2);

@@ -1,0 +1,126 @@
+//! The pipeline without sockets: frame bytes in, encoded batches out. Frames of 100 trades go
+//! through `ingest` (parse, route, queue for the shards), the shards run `vwap.rhai`, the hub
+//! encodes one batch per topic and puts it in a subscriber's mailbox; an iteration ends when every
+//! item of its frames is in the mailbox. Throughput is events per second over all shards (the
+//! machine's cores); divide by the shard count for per-core throughput.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use eddy::event::Parser;
+use eddy::server::hub::{HubControl, Mode, Subscribe};
+use eddy::server::mailbox::{Mailbox, Outgoing};
+use eddy::server::{Config, Server};
+use eddy::synth::{Feed, Scenario};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const FRAMES: usize = 20;
+const PER_FRAME: usize = 100;
+
+fn frames() -> Vec<Vec<u8>> {
+    let mut feed = Feed::new(Scenario::Trades, 3, 0);
+    (0..FRAMES)
+        .map(|f| {
+            let mut buf = Vec::new();
+            for i in 0..PER_FRAME {
+                if i > 0 {
+                    buf.push(b'\n');
+                }
+                feed.write_event(1_700_000_000_000 + (f * PER_FRAME + i) as i64, &mut buf);
+            }
+            buf
+        })
+        .collect()
+}
+
+fn pipeline(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/vwap.rhai"),
+        dir.path().join("vwap.rhai"),
+    )
+    .unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        queries: dir.path().to_owned(),
+        admin_token: Some("bench-token".into()),
+        ..Config::default()
+    };
+    let shards = config.shards;
+    let server = rt.block_on(Server::start(config)).unwrap();
+    let state = Arc::clone(&server.state);
+    let mailbox = Arc::new(Mailbox::new(usize::MAX, Duration::from_secs(3600)));
+    rt.block_on(state.hub.send(HubControl::Subscribe(Subscribe {
+        subscriber: 0,
+        mailbox: Arc::clone(&mailbox),
+        topic: "vwap".into(),
+        keys: None,
+        mode: Mode::All,
+        snapshot: false,
+    })));
+    let input = frames();
+    let counters = state.metrics.stream("trades");
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements((FRAMES * PER_FRAME) as u64));
+    group.bench_function(format!("vwap_{shards}_shards_100_per_frame"), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut parser = Parser::default();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for frame in &input {
+                        eddy::server::ingest::ingest(
+                            &state,
+                            &mut parser,
+                            frame.clone(),
+                            Some("trades"),
+                            &counters,
+                        )
+                        .await;
+                    }
+                    let mut got = 0;
+                    while got < FRAMES * PER_FRAME {
+                        mailbox.notify.notified().await;
+                        for out in mailbox.take().queue {
+                            if let Outgoing::Batch { count, .. } = out {
+                                got += count as usize;
+                            }
+                        }
+                    }
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+    rt.block_on(server.shutdown());
+}
+
+criterion_group! {
+    name = benches;
+    config = eddy_bench_config();
+    targets = pipeline
+}
+criterion_main!(benches);
+
+/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
+fn eddy_bench_config() -> Criterion {
+    let c = Criterion::default();
+    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
+        c.sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_millis(500))
+    } else {
+        c.sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(5))
+    }
+}

@@ -1,0 +1,141 @@
+//! The server over loopback WebSockets: a producer sends frames of trades with `ack=true`, the
+//! shards run `vwap.rhai`, a subscriber receives the batches. An iteration sends its frames and
+//! ends when the subscriber has every item. Each event carries its send time, so besides
+//! criterion's throughput the bench prints the per-event latency from send to receive as
+//! HdrHistogram percentiles (p50/p99/p999), for 1 and for 100 events per frame.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use eddy::feed::now_us;
+use eddy::server::{Config, Server};
+use eddy::synth::{Feed, Scenario};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const EVENTS: usize = 2000;
+
+fn websocket(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/vwap.rhai"),
+        dir.path().join("vwap.rhai"),
+    )
+    .unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        queries: dir.path().to_owned(),
+        admin_token: Some("bench-token".into()),
+        ..Config::default()
+    };
+    let server = rt.block_on(Server::start(config)).unwrap();
+    let addr = server.addr;
+    let mut group = c.benchmark_group("websocket");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    for per_frame in [1usize, 100] {
+        let mut latency = eddy::shard::latency_histogram();
+        let (mut producer, mut subscriber) = rt.block_on(async {
+            let (producer, _) = tokio_tungstenite::connect_async(format!(
+                "ws://{addr}/ingest?stream=trades&ack=true"
+            ))
+            .await
+            .unwrap();
+            let (mut sub, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/subscribe"))
+                .await
+                .unwrap();
+            sub.send(Message::Text(r#"{"op":"subscribe","topic":"vwap"}"#.into()))
+                .await
+                .unwrap();
+            sub.next().await.unwrap().unwrap();
+            (producer, sub)
+        });
+        let mut feed = Feed::new(Scenario::Trades, 5, 0);
+        group.bench_function(BenchmarkId::new("vwap_events_per_frame", per_frame), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let (mut tx, mut rx) = (&mut producer).split();
+                        let send = async {
+                            for _ in 0..EVENTS / per_frame {
+                                let mut buf = Vec::with_capacity(per_frame * 128);
+                                let sent = now_us();
+                                for i in 0..per_frame {
+                                    if i > 0 {
+                                        buf.push(b'\n');
+                                    }
+                                    feed.write_event_stamped(sent / 1000, sent, &mut buf);
+                                }
+                                tx.send(Message::Binary(buf.into())).await.unwrap();
+                            }
+                        };
+                        let acks = async {
+                            for _ in 0..EVENTS / per_frame {
+                                rx.next().await.unwrap().unwrap();
+                            }
+                        };
+                        let receive = async {
+                            let mut got = 0;
+                            while got < EVENTS {
+                                let msg = subscriber.next().await.unwrap().unwrap();
+                                let now = now_us();
+                                let mut bytes = msg.into_data().to_vec();
+                                let v = simd_json::to_owned_value(&mut bytes).unwrap();
+                                use simd_json::prelude::*;
+                                for item in v.get_array("items").unwrap() {
+                                    let sent = item
+                                        .get("value")
+                                        .and_then(|v| v.get_i64("sent_us"))
+                                        .unwrap();
+                                    latency.saturating_record((now - sent).max(0) as u64);
+                                    got += 1;
+                                }
+                            }
+                        };
+                        tokio::join!(send, acks, receive);
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        println!(
+            "websocket/vwap_events_per_frame/{per_frame}: latency send→receive over {} events: p50 {} µs  p99 {} µs  p999 {} µs  max {} µs",
+            latency.len(),
+            latency.value_at_quantile(0.5),
+            latency.value_at_quantile(0.99),
+            latency.value_at_quantile(0.999),
+            latency.max()
+        );
+    }
+    group.finish();
+    rt.block_on(server.shutdown());
+}
+
+criterion_group! {
+    name = benches;
+    config = eddy_bench_config();
+    targets = websocket
+}
+criterion_main!(benches);
+
+/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
+fn eddy_bench_config() -> Criterion {
+    let c = Criterion::default();
+    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
+        c.sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_millis(500))
+    } else {
+        c.sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(5))
+    }
+}
