@@ -4,6 +4,8 @@
 //! copies the input, because parsing in place consumes it, and the copy is timed for both
 //! parsers alike.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eddy::synth::{Feed, Scenario};
 use eddy::Parser;
@@ -98,21 +100,7 @@ fn parse(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = eddy_bench_config();
+    config = common::config();
     targets = parse
 }
 criterion_main!(benches);
-
-/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
-fn eddy_bench_config() -> Criterion {
-    let c = Criterion::default();
-    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
-        c.sample_size(10)
-            .warm_up_time(std::time::Duration::from_millis(200))
-            .measurement_time(std::time::Duration::from_millis(500))
-    } else {
-        c.sample_size(50)
-            .warm_up_time(std::time::Duration::from_secs(1))
-            .measurement_time(std::time::Duration::from_secs(3))
-    }
-}

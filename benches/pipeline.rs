@@ -4,6 +4,8 @@
 //! item of its frames is in the mailbox. Throughput is events per second over all shards (the
 //! machine's cores); divide by the shard count for per-core throughput.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,21 +108,7 @@ fn pipeline(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = eddy_bench_config();
+    config = common::config();
     targets = pipeline
 }
 criterion_main!(benches);
-
-/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
-fn eddy_bench_config() -> Criterion {
-    let c = Criterion::default();
-    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
-        c.sample_size(10)
-            .warm_up_time(Duration::from_millis(200))
-            .measurement_time(Duration::from_millis(500))
-    } else {
-        c.sample_size(20)
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(5))
-    }
-}

@@ -11,6 +11,8 @@
 //! `query`: each shipped query over its sample input through the real router and shard,
 //! emitted items encoded and dropped: the per-event cost an analyst's query has on one core.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -238,21 +240,7 @@ fn queries(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = eddy_bench_config();
+    config = common::config();
     targets = call_path, queries
 }
 criterion_main!(benches);
-
-/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
-fn eddy_bench_config() -> Criterion {
-    let c = Criterion::default();
-    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
-        c.sample_size(10)
-            .warm_up_time(std::time::Duration::from_millis(200))
-            .measurement_time(std::time::Duration::from_millis(500))
-    } else {
-        c.sample_size(20)
-            .warm_up_time(std::time::Duration::from_secs(1))
-            .measurement_time(std::time::Duration::from_secs(4))
-    }
-}

@@ -4,8 +4,10 @@
 //! criterion's throughput the bench prints the per-event latency from send to receive as
 //! HdrHistogram percentiles (p50/p99/p999), for 1 and for 100 events per frame.
 
+mod common;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eddy::feed::now_us;
@@ -121,21 +123,7 @@ fn websocket(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = eddy_bench_config();
+    config = common::config();
     targets = websocket
 }
 criterion_main!(benches);
-
-/// Shorter runs when `EDDY_BENCH_QUICK` is set (CI), full criterion defaults otherwise.
-fn eddy_bench_config() -> Criterion {
-    let c = Criterion::default();
-    if std::env::var_os("EDDY_BENCH_QUICK").is_some() {
-        c.sample_size(10)
-            .warm_up_time(Duration::from_millis(200))
-            .measurement_time(Duration::from_millis(500))
-    } else {
-        c.sample_size(20)
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(5))
-    }
-}

@@ -174,16 +174,22 @@ impl Shard {
         out.append(&mut self.ctx.borrow_mut().out);
     }
 
-    /// Raises the watermark of a query and fires the timers it reaches.
-    pub fn advance(&mut self, id: QueryId, watermark: i64, now: i64) {
-        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
-            return;
-        };
-        let mut call = Call {
+    /// The runtime of query `id` and the parts of the shard a script call needs.
+    fn query(&mut self, id: QueryId) -> Option<(&mut QueryRuntime, Call<'_>)> {
+        let q = self.queries.iter_mut().find(|q| q.id == id)?;
+        let call = Call {
             engine: &self.engine,
             scope: &mut self.scope,
             ctx: &self.ctx,
             limits: &self.limits,
+        };
+        Some((q, call))
+    }
+
+    /// Raises the watermark of a query and fires the timers it reaches.
+    pub fn advance(&mut self, id: QueryId, watermark: i64, now: i64) {
+        let Some((q, mut call)) = self.query(id) else {
+            return;
         };
         if watermark > q.watermark {
             q.watermark = watermark;
@@ -202,14 +208,8 @@ impl Shard {
 
     /// Handles one event for `key` of query `id`, after raising the watermark to `watermark`.
     pub fn event(&mut self, id: QueryId, key: Key, event: Event, watermark: i64, now: i64) {
-        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
+        let Some((q, mut call)) = self.query(id) else {
             return;
-        };
-        let mut call = Call {
-            engine: &self.engine,
-            scope: &mut self.scope,
-            ctx: &self.ctx,
-            limits: &self.limits,
         };
         if watermark > q.watermark {
             q.watermark = watermark;

@@ -18,11 +18,11 @@ use crate::json::{write_int, write_str};
 use crate::query::valid_name;
 use crate::router::{Deployed, Router};
 use crate::sandbox::Limits;
-use crate::shard::{QueryId, QueryStats};
+use crate::shard::QueryId;
 use crate::{QueryDef, QueryError};
 
 use super::hub::{write_sources, HubControl, QueryInfo};
-use super::pipeline::ShardMsg;
+use super::pipeline::{ShardMsg, ShardReport};
 use super::{authorized, json_error, read_body, respond, Body, StartError, State};
 
 /// Largest script accepted by `PUT /queries/NAME`.
@@ -304,18 +304,7 @@ async fn list(state: &State) -> Response<Body> {
     let router = state.router.load();
     let mut body = b"[".to_vec();
     for (i, q) in router.queries().iter().enumerate() {
-        let mut stats = QueryStats::default();
-        let mut eval = crate::shard::latency_histogram();
-        for report in &reports {
-            for (id, s, hist) in &report.queries {
-                if *id == q.id {
-                    stats += *s;
-                    if let Some(h) = hist {
-                        let _ = eval.add(h);
-                    }
-                }
-            }
-        }
+        let (stats, eval) = ShardReport::totals(&reports, q.id);
         if i > 0 {
             body.push(b',');
         }

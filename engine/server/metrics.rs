@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use crate::event::{RejectKind, Rejection};
 
 use super::hub::HubControl;
-use super::pipeline::ShardMsg;
+use super::pipeline::{ShardMsg, ShardReport};
 use super::State;
 
 /// Distinct stream labels kept; past this, new ones are counted under `other`.
@@ -216,16 +216,8 @@ pub async fn render(state: &State) -> String {
     let mut errors = String::new();
     let mut late = String::new();
     for q in router.queries() {
-        let mut events = 0;
-        let mut errs = 0;
-        for r in &reports {
-            for (id, stats, _) in &r.queries {
-                if *id == q.id {
-                    events += stats.events;
-                    errs += stats.errors;
-                }
-            }
-        }
+        let (stats, _) = ShardReport::totals(&reports, q.id);
+        let (events, errs) = (stats.events, stats.errors);
         let name = label(&q.def.name);
         let _ = writeln!(out, "eddy_query_events_total{{query=\"{name}\"}} {events}");
         let _ = writeln!(errors, "eddy_query_errors_total{{query=\"{name}\"}} {errs}");

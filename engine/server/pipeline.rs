@@ -62,6 +62,25 @@ pub struct ShardReport {
     pub queue_depth: usize,
 }
 
+impl ShardReport {
+    /// A query's counters and call-time histogram, added up over every shard's report.
+    pub fn totals(reports: &[ShardReport], id: QueryId) -> (QueryStats, Histogram<u64>) {
+        let mut stats = QueryStats::default();
+        let mut eval = crate::shard::latency_histogram();
+        for (_, s, hist) in reports
+            .iter()
+            .flat_map(|r| &r.queries)
+            .filter(|(q, ..)| *q == id)
+        {
+            stats += *s;
+            if let Some(h) = hist {
+                let _ = eval.add(h);
+            }
+        }
+        (stats, eval)
+    }
+}
+
 /// Handles to the shard threads.
 pub struct Pipeline {
     senders: Vec<Sender<ShardMsg>>,
