@@ -5,8 +5,9 @@
 //! machine's cores); divide by the shard count for per-core throughput.
 
 mod common;
+#[path = "common/server.rs"]
+mod server_setup;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,6 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use eddy::event::Parser;
 use eddy::server::hub::{HubControl, Mode, Subscribe};
 use eddy::server::mailbox::{Mailbox, Outgoing};
-use eddy::server::{Config, Server};
 use eddy::synth::{Feed, Scenario};
 
 #[global_allocator]
@@ -44,20 +44,8 @@ fn pipeline(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/vwap.rhai"),
-        dir.path().join("vwap.rhai"),
-    )
-    .unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        queries: dir.path().to_owned(),
-        admin_token: Some("bench-token".into()),
-        ..Config::default()
-    };
-    let shards = config.shards;
-    let server = rt.block_on(Server::start(config)).unwrap();
+    let (server, _queries) = server_setup::vwap(&rt);
+    let shards = server.state.pipeline.shards();
     let state = Arc::clone(&server.state);
     let mailbox = Arc::new(Mailbox::new(usize::MAX, Duration::from_secs(3600)));
     rt.block_on(state.hub.send(HubControl::Subscribe(Subscribe {

@@ -5,13 +5,13 @@
 //! HdrHistogram percentiles (p50/p99/p999), for 1 and for 100 events per frame.
 
 mod common;
+#[path = "common/server.rs"]
+mod server_setup;
 
-use std::path::Path;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eddy::feed::now_us;
-use eddy::server::{Config, Server};
 use eddy::synth::{Feed, Scenario};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -26,19 +26,7 @@ fn websocket(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/vwap.rhai"),
-        dir.path().join("vwap.rhai"),
-    )
-    .unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        queries: dir.path().to_owned(),
-        admin_token: Some("bench-token".into()),
-        ..Config::default()
-    };
-    let server = rt.block_on(Server::start(config)).unwrap();
+    let (server, _queries) = server_setup::vwap(&rt);
     let addr = server.addr;
     let mut group = c.benchmark_group("websocket");
     group.throughput(Throughput::Elements(EVENTS as u64));

@@ -296,11 +296,7 @@ async fn show(state: &State, name: &str) -> Response<Body> {
 }
 
 async fn list(state: &State) -> Response<Body> {
-    let reports = state
-        .pipeline
-        .ask_all(|reply| ShardMsg::Report { reply })
-        .await
-        .unwrap_or_default();
+    let reports = state.pipeline.reports().await;
     let router = state.router.load();
     let mut body = b"[".to_vec();
     for (i, q) in router.queries().iter().enumerate() {

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use crate::event::{RejectKind, Rejection};
 
 use super::hub::HubControl;
-use super::pipeline::{ShardMsg, ShardReport};
+use super::pipeline::ShardReport;
 use super::State;
 
 /// Distinct stream labels kept; past this, new ones are counted under `other`.
@@ -201,11 +201,7 @@ pub async fn render(state: &State) -> String {
         }
     }
 
-    let reports = state
-        .pipeline
-        .ask_all(|reply| ShardMsg::Report { reply })
-        .await
-        .unwrap_or_default();
+    let reports = state.pipeline.reports().await;
     let router = state.router.load();
     counter_header(
         &mut out,

@@ -154,6 +154,13 @@ impl Pipeline {
         }
     }
 
+    /// Every shard's report (none when the shards have stopped).
+    pub async fn reports(&self) -> Vec<ShardReport> {
+        self.ask_all(|reply| ShardMsg::Report { reply })
+            .await
+            .unwrap_or_default()
+    }
+
     /// Sends `make()` to every shard and waits for every answer.
     pub async fn ask_all<T>(
         &self,
