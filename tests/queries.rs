@@ -361,7 +361,7 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
         } else {
             (temp - d.mean) / std
         };
-        if d.n >= 10 && z.abs() > 4.0 {
+        if d.n >= 10 && z.abs() > 5.0 {
             expected.push(json!({"kind": "anomaly", "device": id, "temp": temp, "expected": d.mean, "zscore": z, "ts": ts}));
             continue;
         }
