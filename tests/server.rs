@@ -561,12 +561,22 @@ async fn deploy_replace_and_delete_at_run_time() {
         assert_eq!(status, 400);
         assert!(body.contains("source"), "{body}");
 
+        // A client that asked for the topics hears of every change to the list.
+        let mut watcher = connect(&server, "/subscribe").await;
+        send_json(&mut watcher, json!({"op": "topics"})).await;
+        assert_eq!(next_json(&mut watcher).await, json!({"type": "topics", "topics": []}));
+        let names = |msg: &Value| -> Vec<String> {
+            assert_eq!(msg["type"], "topics");
+            msg["topics"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
+        };
+
         assert_eq!(
             http(&server, "PUT", "/queries/counter", Some(TOKEN), COUNTER)
                 .await
                 .0,
             201
         );
+        assert_eq!(names(&next_json(&mut watcher).await), ["counter", "counter.errors", "counter.late"]);
         let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "counter"})).await;
         let events = b"{\"k\":1}\n{\"k\":1}\n{\"k\":1}\n";
         produce(&server, "s", events, 3).await;
@@ -612,6 +622,11 @@ async fn deploy_replace_and_delete_at_run_time() {
             next_json(&mut sub).await,
             json!({"type": "closed", "topic": "counter"})
         );
+        // The replacement and the removal were announced too; the last list is empty.
+        let mut last = names(&next_json(&mut watcher).await);
+        while !last.is_empty() {
+            last = names(&next_json(&mut watcher).await);
+        }
         assert_eq!(
             http(&server, "DELETE", "/queries/counter", Some(TOKEN), "")
                 .await
@@ -632,6 +647,17 @@ async fn deploy_replace_and_delete_at_run_time() {
         assert!(error["value"]["error"].as_str().unwrap().contains("max_operations"), "{error}");
         let got: Vec<Value> = collect(&mut out, "hostile", 2).await.iter().map(|i| i["value"].clone()).collect();
         assert_eq!(got, [json!(1), json!(3)]);
+
+        // A named topic joins the list with its first item.
+        let named = "let source = \"n\"; fn on_event(ev) { emit(\"alerts\", 1); }";
+        assert_eq!(http(&server, "PUT", "/queries/named", Some(TOKEN), named).await.0, 201);
+        produce(&server, "n", b"{}\n", 1).await;
+        loop {
+            let list = names(&next_json(&mut watcher).await);
+            if list.iter().any(|t| t == "named.alerts") {
+                break;
+            }
+        }
         server.shutdown().await;
     })
     .await;

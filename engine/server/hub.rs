@@ -72,7 +72,9 @@ pub enum HubControl {
     Disconnect {
         subscriber: u64,
     },
+    /// Answers with the topics, and again whenever the list changes.
     Topics {
+        subscriber: u64,
         mailbox: Arc<Mailbox>,
     },
     QueryDeployed(QueryInfo),
@@ -215,6 +217,10 @@ struct Hub {
     queries: BTreeMap<String, QueryInfo>,
     touched: Vec<Topic>,
     snapshot_keys: usize,
+    /// Subscribers that asked for the topics: told again when the list changes.
+    watchers: Vec<(u64, Arc<Mailbox>)>,
+    /// The list changed since the watchers were last told.
+    topics_changed: bool,
 }
 
 impl Hub {
@@ -223,13 +229,16 @@ impl Hub {
         for item in items {
             let state = match self.topics.get_mut(&item.topic) {
                 Some(state) => state,
-                None => self
-                    .topics
-                    .entry(Arc::clone(&item.topic))
-                    .or_insert_with(|| TopicState {
-                        query: query_of(&item.topic).to_owned(),
-                        ..TopicState::default()
-                    }),
+                None => {
+                    // A named topic's first item (the others are listed from the start).
+                    self.topics_changed = true;
+                    self.topics
+                        .entry(Arc::clone(&item.topic))
+                        .or_insert_with(|| TopicState {
+                            query: query_of(&item.topic).to_owned(),
+                            ..TopicState::default()
+                        })
+                }
             };
             state.emitted += 1;
             if state.pending.is_empty() {
@@ -255,8 +264,14 @@ impl Hub {
     }
 
     /// Encodes the batch of every topic that got items and puts it in its subscribers'
-    /// mailboxes.
+    /// mailboxes; tells the watchers when the topics changed.
     fn publish(&mut self) {
+        if std::mem::take(&mut self.topics_changed) && !self.watchers.is_empty() {
+            let msg = self.topics_message();
+            for (_, mailbox) in &self.watchers {
+                mailbox.push_control(msg.clone());
+            }
+        }
         for topic in std::mem::take(&mut self.touched) {
             let Some(state) = self.topics.get_mut(&topic) else {
                 continue;
@@ -335,13 +350,24 @@ impl Hub {
                 for state in self.topics.values_mut() {
                     state.subs.retain(|s| s.id != subscriber);
                 }
+                self.watchers.retain(|(id, _)| *id != subscriber);
             }
-            HubControl::Topics { mailbox } => mailbox.push_control(self.topics_message()),
+            HubControl::Topics {
+                subscriber,
+                mailbox,
+            } => {
+                mailbox.push_control(self.topics_message());
+                if !self.watchers.iter().any(|(id, _)| *id == subscriber) {
+                    self.watchers.push((subscriber, mailbox));
+                }
+            }
             HubControl::QueryDeployed(info) => {
                 self.queries.insert(info.name.clone(), info);
+                self.topics_changed = true;
             }
             HubControl::QueryRemoved { name } => {
                 self.queries.remove(&name);
+                self.topics_changed = true;
                 let gone: Vec<Topic> = self
                     .topics
                     .iter()

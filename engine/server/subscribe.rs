@@ -219,6 +219,7 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
             mailbox: Arc::clone(mailbox),
         },
         Request::Topics {} => HubControl::Topics {
+            subscriber: id,
             mailbox: Arc::clone(mailbox),
         },
     };
