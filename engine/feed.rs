@@ -284,23 +284,18 @@ async fn connection(
 
 /// `accepted` and `rejected` of an ack, read without a full parse.
 fn ack_counts(payload: &[u8]) -> (u64, u64) {
+    // The quoted name, then optional spaces, a colon, optional spaces, the digits.
     let field = |name: &[u8]| -> u64 {
-        let name = &name[..name.len() - 1];
         let Some(at) = payload.windows(name.len()).position(|w| w == name) else {
             return 0;
         };
-        let rest = &payload[at + name.len()..];
-        let colon = rest
+        payload[at + name.len()..]
             .iter()
-            .position(|&b| b == b':')
-            .map_or(rest.len(), |p| p + 1);
-        rest[colon..]
-            .iter()
-            .skip_while(|b| b.is_ascii_whitespace())
+            .skip_while(|b| b.is_ascii_whitespace() || **b == b':')
             .take_while(|b| b.is_ascii_digit())
             .fold(0, |n, b| n * 10 + u64::from(b - b'0'))
     };
-    (field(b"\"accepted\":"), field(b"\"rejected\":"))
+    (field(b"\"accepted\""), field(b"\"rejected\""))
 }
 
 #[cfg(test)]

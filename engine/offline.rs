@@ -102,9 +102,8 @@ pub fn run(
         summary.late += routed.late;
         base.index += parsed.items;
         base.line = base.line.map(|l| l + lines);
-        sink.io
-            .as_ref()
-            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+        // Stop at the first write error, keeping it as it came.
+        std::mem::replace(&mut sink.io, Ok(()))?;
     }
     let end = i64::from(base.index);
     sink.shard.finish(end);

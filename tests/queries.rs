@@ -400,23 +400,14 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
         "{} should go silent mid-stream",
         synth::SILENT_DEVICE
     );
-    let got: Vec<&Value> = items.iter().map(|i| &i["value"]).collect();
+    let got: Vec<Value> = items.iter().map(|i| i["value"].clone()).collect();
     assert_eq!(
         got.len(),
         expected.len(),
-        "kinds got anomaly {} silent {} back {}",
-        kinds(
-            &got.iter().map(|v| (*v).clone()).collect::<Vec<_>>(),
-            "anomaly"
-        ),
-        kinds(
-            &got.iter().map(|v| (*v).clone()).collect::<Vec<_>>(),
-            "silent"
-        ),
-        kinds(
-            &got.iter().map(|v| (*v).clone()).collect::<Vec<_>>(),
-            "back"
-        )
+        "got anomaly {} silent {} back {}",
+        kinds(&got, "anomaly"),
+        kinds(&got, "silent"),
+        kinds(&got, "back")
     );
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g["kind"], e["kind"], "{g} vs {e}");

@@ -296,11 +296,10 @@ impl Hub {
                     (Mode::All, Some(_)) => {
                         let mut filtered = Vec::with_capacity(items.len());
                         let mut n = 0;
-                        for (key, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
+                        for (_, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
                             filtered.push(if n == 0 { b'[' } else { b',' });
                             filtered.extend_from_slice(&items[range.clone()]);
                             n += 1;
-                            let _ = key;
                         }
                         if n > 0 {
                             filtered.push(b']');

@@ -152,7 +152,7 @@ impl Server {
         let _ = state.shutdown.send(true);
         // Producers see the signal and close; give them a moment to finish the frame in hand.
         let wait_producers = async {
-            while state.metrics_connections("ingest") > 0 {
+            while state.metrics.open_connections("ingest") > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         };
@@ -173,12 +173,6 @@ impl Server {
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
             connections.abort_all();
         }
-    }
-}
-
-impl State {
-    fn metrics_connections(&self, kind: &str) -> i64 {
-        self.metrics.open_connections(kind)
     }
 }
 
