@@ -171,14 +171,12 @@ struct Discard<'a> {
 }
 
 impl RouteSink for Discard<'_> {
-    fn deliver(&mut self, _shard: usize, d: Delivery) {
-        self.shard
-            .event(d.query, d.key, d.event, d.watermark, d.now);
+    fn deliver(&mut self, _shard: usize, _: eddy::event::Position, d: Delivery) {
+        self.shard.event(d);
         self.shard.take_output(&mut self.out);
         self.out.clear();
     }
     fn advanced(&mut self, _: QueryId, _: i64) {}
-    fn late(&mut self, _: Emitted) {}
     fn reject(&mut self, r: eddy::event::Rejection) {
         panic!("rejected: {r}");
     }
@@ -210,10 +208,10 @@ fn queries(c: &mut Criterion) {
                     round += 1;
                     let mut shard = Shard::new(&limits);
                     shard.deploy(QueryId(round), Arc::clone(&def)).unwrap();
-                    let router = Router::new(vec![Arc::new(Deployed::new(
-                        QueryId(round),
-                        Arc::clone(&def),
-                    ))]);
+                    let router = Router::new(
+                        vec![Arc::new(Deployed::new(QueryId(round), Arc::clone(&def)))],
+                        eddy::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+                    );
                     (shard, router)
                 },
                 |(shard, router)| {

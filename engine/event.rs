@@ -45,15 +45,18 @@ pub enum RejectKind {
     NoStream,
     BadKey,
     BadTime,
+    /// The shard the event was bound for is not running.
+    Unavailable,
 }
 
 impl RejectKind {
-    pub const ALL: [RejectKind; 5] = [
+    pub const ALL: [RejectKind; 6] = [
         RejectKind::InvalidJson,
         RejectKind::NotObject,
         RejectKind::NoStream,
         RejectKind::BadKey,
         RejectKind::BadTime,
+        RejectKind::Unavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -63,6 +66,7 @@ impl RejectKind {
             RejectKind::NoStream => "no_stream",
             RejectKind::BadKey => "bad_key",
             RejectKind::BadTime => "bad_time",
+            RejectKind::Unavailable => "unavailable",
         }
     }
 }

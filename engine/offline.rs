@@ -6,14 +6,18 @@
 //! emitted is written as one JSON line, in the order it was produced. Arrival time is logical:
 //! the event's index in the input, in milliseconds, so that runs repeat exactly. At the end of the
 //! input the watermark of every query goes to the end of time, so every pending timer fires.
+//! Event times further ahead of the wall clock than the default `max_event_time_skew` (one day)
+//! are rejected, as the server does.
 //! Rejected events go to the error writer with their position and reason.
 
 use std::io::Write;
 use std::sync::Arc;
 
 use crate::builtins::Emitted;
-use crate::event::{Format, Parser, Rejection};
-use crate::router::{Clock, Delivery, Deployed, RouteSink, Router, Unnamed};
+use crate::event::{Format, Parser, Position, Rejection};
+use crate::router::{
+    Clock, Delivery, Deployed, RouteSink, Router, Unnamed, DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+};
 use crate::sandbox::Limits;
 use crate::shard::{QueryId, QueryStats, Shard};
 use crate::QueryDef;
@@ -59,7 +63,7 @@ pub fn run(
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         deployed.push(Arc::new(Deployed::new(id, def)));
     }
-    let router = Router::new(deployed);
+    let router = Router::new(deployed, DEFAULT_MAX_EVENT_TIME_SKEW_MS);
     let unnamed = if options.stream.is_some() {
         Unnamed::Reject
     } else {
@@ -99,7 +103,6 @@ pub fn run(
         );
         summary.accepted += routed.accepted;
         summary.rejected += routed.rejected;
-        summary.late += routed.late;
         base.index += parsed.items;
         base.line = base.line.map(|l| l + lines);
         // Stop at the first write error, keeping it as it came.
@@ -118,6 +121,7 @@ pub fn run(
     summary.emitted = emitted;
     summary.errors = stats.errors;
     summary.timers_fired = stats.timers_fired;
+    summary.late = stats.late;
     Ok(summary)
 }
 
@@ -172,18 +176,13 @@ impl Sink<'_> {
 }
 
 impl RouteSink for Sink<'_> {
-    fn deliver(&mut self, _shard: usize, d: Delivery) {
-        self.shard
-            .event(d.query, d.key, d.event, d.watermark, d.now);
+    fn deliver(&mut self, _shard: usize, _position: Position, d: Delivery) {
+        self.shard.event(d);
         self.flush_shard();
     }
 
     fn advanced(&mut self, _query: QueryId, _watermark: i64) {
         // One shard: it already saw the watermark with the event that raised it.
-    }
-
-    fn late(&mut self, item: Emitted) {
-        self.write(&item);
     }
 
     fn reject(&mut self, rejection: Rejection) {

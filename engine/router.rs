@@ -1,72 +1,88 @@
-//! Routing: which queries an event feeds, under which key, on which shard, and whether it is
-//! late.
+//! Routing: which queries an event feeds, under which key and event time, on which shard.
 //!
 //! The router reads only what routing needs from each event (its stream, each query's `key_by`
-//! and `time_field`) straight from the tape. It owns each deployed query's watermark (an atomic,
-//! so that every ingest connection and every shard sees one watermark per query, whichever shard
-//! a key landed on). An event is accepted by every query of its stream or rejected as a whole,
-//! with a reason that names the field, the query and the event's position. Late events (older
-//! than the watermark) are not dropped: they become items on `<query>.late`.
+//! and `time_field`) straight from the tape. An event is accepted by every query of its stream or
+//! rejected as a whole, with a reason that names the field, the query and the event's position;
+//! an event time further ahead of the wall clock than `max_event_time_skew` is rejected too, so
+//! one bad timestamp cannot push a watermark to the end of time.
 //!
-//! In: a parsed [`Frame`]. Out, through a [`RouteSink`]: deliveries per shard, watermark
-//! advances, late items and rejections.
+//! The router does not decide lateness and fires no timer: the shard owns each query's event
+//! time (see [`crate::shard`]). What the router keeps per query is the stream's high-water mark,
+//! the newest event time routed minus lateness, across every producer (an atomic). It stamps
+//! each delivery with that mark as it stood after the event, in input order, so that a shard
+//! moves its watermark exactly where the offline runner would, whichever shard saw the event
+//! that moved it.
+//!
+//! In: a parsed [`Frame`]. Out, through a [`RouteSink`]: deliveries per shard, the marks the
+//! frame reached (for shards that got no event of it), and rejections.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use crate::builtins::{Emitted, Topic};
-use crate::event::{Event, FieldPath, Frame, RejectKind, Rejection, Value};
+use crate::event::{Event, FieldPath, Frame, Position, RejectKind, Rejection, Value};
 use crate::key::Key;
 use crate::query::QueryDef;
-use crate::shard::QueryId;
+pub use crate::shard::Delivery;
+use crate::shard::{QueryControl, QueryId};
 
-/// A query as the router knows it: its definition, watermark and routing counters.
+/// A query as the router knows it: its definition, its switches and its stream's high-water
+/// mark.
 #[derive(Debug)]
 pub struct Deployed {
     pub id: QueryId,
     pub def: Arc<QueryDef>,
-    late_topic: Topic,
+    /// Shared with every shard that runs this deployment.
+    pub control: Arc<QueryControl>,
     watermark: AtomicI64,
-    /// Late events seen.
-    pub late: AtomicU64,
+    /// The mark as events alone set it (without idle moves).
+    event_mark: AtomicI64,
+    /// Wall-clock ms of the last event routed, for idle streams.
+    last_arrival: AtomicI64,
 }
 
 impl Deployed {
     pub fn new(id: QueryId, def: Arc<QueryDef>) -> Self {
         Deployed {
             id,
-            late_topic: format!("{}.late", def.name).into(),
             def,
+            control: Arc::default(),
             watermark: AtomicI64::new(i64::MIN),
-            late: AtomicU64::new(0),
+            event_mark: AtomicI64::new(i64::MIN),
+            last_arrival: AtomicI64::new(i64::MIN),
         }
     }
 
-    /// Newest event time seen minus lateness; `i64::MIN` before the first event.
+    /// Newest event time routed minus lateness (or moved on by idleness); `i64::MIN` before the
+    /// first event.
     pub fn watermark(&self) -> i64 {
         self.watermark.load(Ordering::Relaxed)
     }
-}
 
-/// One event for one query, bound for the shard that owns its key.
-#[derive(Debug)]
-pub struct Delivery {
-    pub query: QueryId,
-    pub key: Key,
-    pub event: Event,
-    pub watermark: i64,
-    pub now: i64,
+    /// For an idle input: when no event was routed for `idle_ms` up to `now_ms` (wall clock),
+    /// the mark moves on with processing time, to the mark of the last event plus the time since
+    /// it came. Returns the new mark when it moved.
+    pub fn advance_idle(&self, now_ms: i64, idle_ms: i64) -> Option<i64> {
+        let last = self.last_arrival.load(Ordering::Relaxed);
+        let quiet = now_ms.saturating_sub(last);
+        if last == i64::MIN || quiet < idle_ms {
+            return None;
+        }
+        let mark = self.event_mark.load(Ordering::Relaxed);
+        if mark == i64::MIN {
+            return None;
+        }
+        let candidate = mark.saturating_add(quiet);
+        (self.watermark.fetch_max(candidate, Ordering::Relaxed) < candidate).then_some(candidate)
+    }
 }
 
 /// Where the router's decisions go.
 pub trait RouteSink {
-    /// `delivery` is for `shard`.
-    fn deliver(&mut self, shard: usize, delivery: Delivery);
-    /// The watermark of `query` rose to `watermark` while routing this frame; shards that got no
-    /// event of it should hear of it too, to fire their timers.
+    /// `delivery`, of the event at `position` in the input, is for `shard`.
+    fn deliver(&mut self, shard: usize, position: Position, delivery: Delivery);
+    /// The mark of `query` rose to `watermark` while routing this frame; shards that got no
+    /// event of it after that should hear of it too, to fire their timers.
     fn advanced(&mut self, query: QueryId, watermark: i64);
-    /// An event older than the watermark, as an item for `<query>.late`.
-    fn late(&mut self, item: Emitted);
     fn reject(&mut self, rejection: Rejection);
 }
 
@@ -94,18 +110,43 @@ pub enum Clock {
 pub struct Routed {
     pub accepted: u64,
     pub rejected: u64,
-    pub late: u64,
 }
 
+/// How far ahead of the wall clock an event time may be, by default: one day.
+pub const DEFAULT_MAX_EVENT_TIME_SKEW_MS: i64 = 24 * 3600 * 1000;
+
 /// The routing table: the deployed queries, looked up by stream.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Router {
     queries: Vec<Arc<Deployed>>,
+    max_skew_ms: i64,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::new(Vec::new(), DEFAULT_MAX_EVENT_TIME_SKEW_MS)
+    }
+}
+
+/// Wall-clock time in epoch ms.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Router {
-    pub fn new(queries: Vec<Arc<Deployed>>) -> Self {
-        Router { queries }
+    /// A table of `queries` that rejects event times more than `max_skew_ms` ahead of the wall
+    /// clock.
+    pub fn new(queries: Vec<Arc<Deployed>>, max_skew_ms: i64) -> Self {
+        Router {
+            queries,
+            max_skew_ms,
+        }
+    }
+
+    pub fn max_skew_ms(&self) -> i64 {
+        self.max_skew_ms
     }
 
     pub fn queries(&self) -> &[Arc<Deployed>] {
@@ -128,6 +169,7 @@ impl Router {
         let mut routed = Routed::default();
         let mut advanced: Vec<(QueryId, i64)> = Vec::new();
         let mut plan: Vec<(usize, Key, i64)> = Vec::new();
+        let wall = wall_ms();
         for i in 0..frame.len() {
             let event = frame.event(i);
             let position = frame.position(i);
@@ -167,7 +209,7 @@ impl Router {
                         continue;
                     }
                 }
-                match route_one(&event, q, arrival) {
+                match route_one(&event, q, arrival, (wall, self.max_skew_ms)) {
                     Ok((key, time)) => plan.push((qi, key, time)),
                     Err(reason) => {
                         problem = Some(reason);
@@ -187,31 +229,26 @@ impl Router {
             routed.accepted += 1;
             for (qi, key, time) in plan.drain(..) {
                 let q = &self.queries[qi];
-                let watermark = q.watermark();
-                if q.def.config.time_field.is_some() && time < watermark {
-                    routed.late += 1;
-                    q.late.fetch_add(1, Ordering::Relaxed);
-                    sink.late(late_item(q, key, &event, time, watermark));
-                    continue;
-                }
+                q.last_arrival.store(wall, Ordering::Relaxed);
                 let candidate = time.saturating_sub(q.def.config.lateness_ms);
-                let watermark = if candidate > watermark {
-                    let before = q.watermark.fetch_max(candidate, Ordering::Relaxed);
+                q.event_mark.fetch_max(candidate, Ordering::Relaxed);
+                let before = q.watermark.fetch_max(candidate, Ordering::Relaxed);
+                let watermark = before.max(candidate);
+                if candidate > before {
                     match advanced.iter_mut().find(|(id, _)| *id == q.id) {
                         Some(entry) => entry.1 = entry.1.max(candidate),
                         None => advanced.push((q.id, candidate)),
                     }
-                    before.max(candidate)
-                } else {
-                    watermark
-                };
+                }
                 let shard = key.shard(shards);
                 sink.deliver(
                     shard,
+                    position,
                     Delivery {
                         query: q.id,
                         key,
                         event: event.clone(),
+                        time,
                         watermark,
                         now: arrival,
                     },
@@ -230,6 +267,7 @@ fn route_one(
     event: &Event,
     q: &Deployed,
     arrival: i64,
+    (wall, max_skew_ms): (i64, i64),
 ) -> Result<(Key, i64), (RejectKind, String)> {
     let config = &q.def.config;
     let name = &q.def.name;
@@ -247,7 +285,7 @@ fn route_one(
         },
     };
     let time = match &config.time_field {
-        None => arrival,
+        None => return Ok((key, arrival)),
         Some(path) => match event.lookup(path) {
             Some(Value::Int(t)) => t,
             Some(Value::Float(t)) if t.is_finite() => t as i64,
@@ -264,21 +302,13 @@ fn route_one(
             }
         },
     };
-    Ok((key, time))
-}
-
-fn late_item(q: &Deployed, key: Key, event: &Event, time: i64, watermark: i64) -> Emitted {
-    let mut value = Vec::with_capacity(128);
-    value.extend_from_slice(b"{\"event\":");
-    event.write_json(&mut value);
-    value.extend_from_slice(b",\"event_time\":");
-    crate::json::write_int(&mut value, time);
-    value.extend_from_slice(b",\"watermark\":");
-    crate::json::write_int(&mut value, watermark);
-    value.push(b'}');
-    Emitted {
-        topic: Arc::clone(&q.late_topic),
-        key,
-        value,
+    if time > wall.saturating_add(max_skew_ms) {
+        let why = format!(
+            "field `{path}` (time_field of query `{name}`) is {time}, more than \
+             {max_skew_ms} ms ahead of the wall clock ({wall}), the limit (max_event_time_skew)",
+            path = config.time_field.as_ref().expect("has a time field"),
+        );
+        return Err((RejectKind::BadTime, why));
     }
+    Ok((key, time))
 }

@@ -29,12 +29,16 @@ pub struct Limits {
     /// Largest array and map, in elements (nested ones count toward their container).
     pub max_array_len: usize,
     pub max_map_len: usize,
-    /// Largest state of one key, in (estimated) bytes, checked after every call.
+    /// Largest state of one key, in (estimated) bytes: checked after every call while the state
+    /// is small, and at intervals that shrink as it nears the limit once it is large.
     pub max_state_bytes: usize,
     /// Largest emitted value, in JSON bytes.
     pub max_emit_bytes: usize,
     /// Pending timers of one key.
     pub max_timers_per_key: usize,
+    /// Timers one round fires at most (a round runs when the watermark moves and after each
+    /// event); the rest wait for the next round.
+    pub max_timers_per_advance: usize,
     /// Named topics (`emit("name", v)`) of one query.
     pub max_topics_per_query: usize,
 }
@@ -52,6 +56,7 @@ impl Default for Limits {
             max_state_bytes: 1024 * 1024,
             max_emit_bytes: 1024 * 1024,
             max_timers_per_key: 1_000,
+            max_timers_per_advance: 100_000,
             max_topics_per_query: 64,
         }
     }

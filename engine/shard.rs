@@ -7,17 +7,37 @@
 //! advances, deploys and removals. Out: [`Emitted`] items, encoded once, taken with
 //! [`Shard::take_output`].
 //!
-//! Event time: each query has a watermark that only grows. Timers set by a key fire in time
-//! order, ties in key order, once the watermark reaches them, and before the event that moved the
-//! watermark is handled. A runtime error skips that call: the items it emitted and the timers it
-//! set are dropped, it is counted and published on `<query>.errors`. State changes the call made
-//! before failing stay (Rhai has no transactions, and copying every state before every call
-//! would cost more than the call).
+//! Event time is owned here. Each query has a watermark per shard that only grows, moved by the
+//! deliveries in the order they come (each carries the watermark its stream had reached when the
+//! router stamped it, see [`Delivery`]) and by explicit advances. An event whose time is behind
+//! the watermark is late: it is not handled but becomes an item on `<query>.late`, so no event is
+//! ever handled after a timer it belongs before has fired. Timers fire in rounds: a round fires
+//! the timers due when it starts, in time order, ties in key order, at most
+//! [`Limits::max_timers_per_advance`] of them (the rest wait for the next round and are counted).
+//! Rounds run when the watermark moves (before the event that moved it is handled) and after each
+//! event. A timer set for a time at or before the watermark therefore fires once, in the next
+//! round, never in a loop within one. At the end of a finite input ([`Shard::finish`]) rounds
+//! repeat until no timer is due, at most [`FINISH_ROUNDS`] times.
+//!
+//! A runtime error skips that call: the items it emitted and the timers it set are dropped, it is
+//! counted and published on `<query>.errors`. State changes the call made before failing stay
+//! (Rhai has no transactions, and copying every state before every call would cost more than the
+//! call).
+//!
+//! Isolation: every deployment has a [`QueryControl`] shared with the catalog. A removed
+//! deployment is skipped from the next call on, even while its events are still queued. With a
+//! [`CpuBudget`], each query's script time is accounted per window; a query that takes more than
+//! its share is quarantined (its events are counted and skipped, and an error says why) until an
+//! admin resumes it. The state-size limit is checked after every call for small states and, for
+//! large ones, at intervals that shrink as the state nears its limit, so a large state does not
+//! cost a full walk per call.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 
@@ -32,6 +52,63 @@ use crate::sandbox::{self, Limits};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueryId(pub u64);
 
+/// One event for one query, bound for the shard that owns its key.
+#[derive(Debug)]
+pub struct Delivery {
+    pub query: QueryId,
+    pub key: Key,
+    pub event: Event,
+    /// The event's time: its `time_field`, or its arrival time.
+    pub time: i64,
+    /// The watermark the query's input had reached with this event, across every producer: the
+    /// newest event time routed so far minus lateness. The shard moves its own watermark to it
+    /// before handling the event, so that timers fire at the same point of the stream as they do
+    /// offline, whichever shard saw the event that moved it.
+    pub watermark: i64,
+    /// Arrival time (`now()`).
+    pub now: i64,
+}
+
+/// The switches of one deployment, shared by the catalog and every shard that runs it, so that
+/// the control plane acts without waiting for a shard's queue.
+#[derive(Debug, Default)]
+pub struct QueryControl {
+    removed: AtomicBool,
+    quarantined: AtomicBool,
+}
+
+impl QueryControl {
+    /// From now on, the deployment's events are skipped; its runtime goes when the shard hears.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// Lifts a quarantine; returns whether there was one.
+    pub fn resume(&self) -> bool {
+        self.quarantined.swap(false, Ordering::Relaxed)
+    }
+
+    /// Quarantines; returns whether this call did it (not already quarantined).
+    fn quarantine(&self) -> bool {
+        !self.quarantined.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// The script time one query may take on a shard: `share` of every `window`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuBudget {
+    pub share: f64,
+    pub window: Duration,
+}
+
 /// What a shard counted for one query.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueryStats {
@@ -40,6 +117,14 @@ pub struct QueryStats {
     pub errors: u64,
     pub timers_fired: u64,
     pub keys: u64,
+    /// Events behind the watermark, published on `<query>.late`.
+    pub late: u64,
+    /// Events skipped while the query was quarantined.
+    pub skipped: u64,
+    /// Due timers left for a later round by the per-round cap.
+    pub timers_deferred: u64,
+    /// Script time, in µs.
+    pub cpu_us: u64,
 }
 
 impl std::ops::AddAssign for QueryStats {
@@ -49,6 +134,10 @@ impl std::ops::AddAssign for QueryStats {
         self.errors += o.errors;
         self.timers_fired += o.timers_fired;
         self.keys += o.keys;
+        self.late += o.late;
+        self.skipped += o.skipped;
+        self.timers_deferred += o.timers_deferred;
+        self.cpu_us += o.cpu_us;
     }
 }
 
@@ -56,15 +145,48 @@ struct KeyState {
     state: Dynamic,
     /// Times of this key's pending timers (usually none, so no allocation).
     timers: Vec<i64>,
+    /// Calls left before the state's size is measured again (0: after the next call).
+    unmeasured: u32,
+}
+
+impl KeyState {
+    fn new(state: Dynamic) -> Self {
+        KeyState {
+            state,
+            timers: Vec::new(),
+            unmeasured: 0,
+        }
+    }
+}
+
+/// Rounds of timers [`Shard::finish`] runs at most, for timers that set timers.
+pub const FINISH_ROUNDS: usize = 64;
+
+/// States smaller than this are measured after every call.
+const MEASURE_EVERY_CALL_BYTES: usize = 4096;
+
+/// Most calls between two measurements of a large state.
+const MAX_MEASURE_INTERVAL: u32 = 256;
+
+/// Script time of one query on this shard in the current window.
+struct CpuWindow {
+    started: Instant,
+    used: Duration,
 }
 
 struct QueryRuntime {
     id: QueryId,
     def: Arc<QueryDef>,
+    control: Arc<QueryControl>,
+    cpu: Option<CpuWindow>,
     ast: AST,
     topics: Rc<QueryTopics>,
     states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
     timers: BTreeSet<(i64, Key)>,
+    /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
+    deferred: Vec<(i64, Key)>,
+    /// The time of the timer whose `on_timer` is running.
+    firing: Option<i64>,
     watermark: i64,
     stats: QueryStats,
     /// Time per script call in ns, when the shard measures it.
@@ -79,6 +201,7 @@ pub struct Shard {
     queries: Vec<QueryRuntime>,
     limits: Limits,
     timing: bool,
+    budget: Option<CpuBudget>,
     /// Field names with a property getter on the event type (see [`Shard::deploy`]).
     getters: std::collections::HashSet<String>,
 }
@@ -99,6 +222,7 @@ impl Shard {
             queries: Vec::new(),
             limits: limits.clone(),
             timing: false,
+            budget: None,
             getters: std::collections::HashSet::new(),
         }
     }
@@ -109,19 +233,35 @@ impl Shard {
         self.timing = on;
     }
 
+    /// Quarantine a query that takes more script time than `budget` allows (see the module
+    /// documentation). Measures every call.
+    pub fn set_cpu_budget(&mut self, budget: Option<CpuBudget>) {
+        self.budget = budget;
+    }
+
     /// Time per script call of a query, in ns, when measured.
     pub fn eval_histogram(&self, id: QueryId) -> Option<&hdrhistogram::Histogram<u64>> {
         let q = self.queries.iter().find(|q| q.id == id)?;
         q.eval_ns.as_ref()
     }
 
-    /// Compiles `def` with this shard's engine and starts it with no state. A query already
-    /// running under the same name is replaced.
+    /// Compiles `def` with this shard's engine and starts it with no state, beside any other
+    /// deployment (an older version of the same query keeps running until it is removed).
     ///
     /// `ev.price` on an event works without help, through Rhai's indexer fallback, but a
     /// property getter per field name is found first and is faster (see `benches/script.rs`,
     /// `call_path`): so every `.name` the script mentions gets one, once per shard.
     pub fn deploy(&mut self, id: QueryId, def: Arc<QueryDef>) -> Result<(), QueryError> {
+        self.deploy_controlled(id, def, Arc::default())
+    }
+
+    /// [`Shard::deploy`], with the switches the catalog holds for the deployment.
+    pub fn deploy_controlled(
+        &mut self,
+        id: QueryId,
+        def: Arc<QueryDef>,
+        control: Arc<QueryControl>,
+    ) -> Result<(), QueryError> {
         let ast = query::compile(&self.engine, &def.name, &def.script)?;
         for field in property_names(&def.script) {
             if self.getters.len() >= MAX_GETTERS || self.getters.contains(field) {
@@ -132,14 +272,17 @@ impl Shard {
                 .register_get(field, move |ev: &mut Event| ev.get(&name));
             self.getters.insert(field.to_owned());
         }
-        self.queries.retain(|q| q.def.name != def.name);
         self.queries.push(QueryRuntime {
             id,
+            control,
+            cpu: None,
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
             states: HashMap::default(),
             timers: BTreeSet::new(),
+            deferred: Vec::new(),
+            firing: None,
             watermark: i64::MIN,
             stats: QueryStats::default(),
             eval_ns: self.timing.then(latency_histogram),
@@ -163,6 +306,13 @@ impl Shard {
             })
     }
 
+    /// Whether query `id` is quarantined.
+    pub fn is_quarantined(&self, id: QueryId) -> bool {
+        self.queries
+            .iter()
+            .any(|q| q.id == id && q.control.is_quarantined())
+    }
+
     /// Adds an item made outside the scripts (a late event) to the output, after what the
     /// scripts emitted so far.
     pub fn publish(&mut self, item: Emitted) {
@@ -182,42 +332,84 @@ impl Shard {
             scope: &mut self.scope,
             ctx: &self.ctx,
             limits: &self.limits,
+            budget: self.budget,
         };
         Some((q, call))
     }
 
-    /// Raises the watermark of a query and fires the timers it reaches.
+    /// Raises the watermark of a query; when it rises, the timers it reaches fire.
     pub fn advance(&mut self, id: QueryId, watermark: i64, now: i64) {
         let Some((q, mut call)) = self.query(id) else {
             return;
         };
-        if watermark > q.watermark {
-            q.watermark = watermark;
+        if q.control.is_removed() || watermark <= q.watermark {
+            return;
         }
+        q.watermark = watermark;
         call.fire_timers(q, now);
     }
 
-    /// Raises every query's watermark to the end of time, firing every pending timer: the end of
-    /// a finite input.
+    /// Raises every query's watermark to the end of time and fires the timers, again for the
+    /// timers those set in the past, until none is due (at most [`FINISH_ROUNDS`] advances): the
+    /// end of a finite input.
     pub fn finish(&mut self, now: i64) {
         let ids: Vec<QueryId> = self.queries.iter().map(|q| q.id).collect();
         for id in ids {
             self.advance(id, i64::MAX, now);
+            for _ in 1..FINISH_ROUNDS {
+                let Some((q, mut call)) = self.query(id) else {
+                    break;
+                };
+                if q.deferred.is_empty() || q.control.is_removed() {
+                    break;
+                }
+                call.fire_timers(q, now);
+            }
         }
     }
 
-    /// Handles one event for `key` of query `id`, after raising the watermark to `watermark`.
-    pub fn event(&mut self, id: QueryId, key: Key, event: Event, watermark: i64, now: i64) {
-        let Some((q, mut call)) = self.query(id) else {
+    /// Handles one delivery: late if its time is behind the watermark; otherwise the watermark
+    /// moves to the delivery's, due timers fire, then the event is handled.
+    pub fn event(&mut self, d: Delivery) {
+        let Some((q, mut call)) = self.query(d.query) else {
             return;
         };
-        if watermark > q.watermark {
-            q.watermark = watermark;
-            call.fire_timers(q, now);
+        if q.control.is_removed() {
+            return;
+        }
+        if q.control.is_quarantined() {
+            q.stats.skipped += 1;
+            return;
+        }
+        if q.def.config.time_field.is_some() && d.time < q.watermark.max(d.watermark) {
+            q.stats.late += 1;
+            let item = late_item(q, d.key, &d.event, d.time, q.watermark.max(d.watermark));
+            call.ctx.borrow_mut().out.push(item);
+            return;
+        }
+        if d.watermark > q.watermark {
+            q.watermark = d.watermark;
+            call.fire_timers(q, d.now);
         }
         q.stats.events += 1;
-        call.on_event(q, key, event, now);
-        call.fire_timers(q, now);
+        call.on_event(q, d.key, d.event, d.now);
+    }
+}
+
+/// An event behind the watermark, as an item for `<query>.late`.
+fn late_item(q: &QueryRuntime, key: Key, event: &Event, time: i64, watermark: i64) -> Emitted {
+    let mut value = Vec::with_capacity(128);
+    value.extend_from_slice(b"{\"event\":");
+    event.write_json(&mut value);
+    value.extend_from_slice(b",\"event_time\":");
+    crate::json::write_int(&mut value, time);
+    value.extend_from_slice(b",\"watermark\":");
+    crate::json::write_int(&mut value, watermark);
+    value.push(b'}');
+    Emitted {
+        topic: Arc::clone(&q.topics.late),
+        key,
+        value,
     }
 }
 
@@ -227,6 +419,7 @@ struct Call<'a> {
     scope: &'a mut Scope<'static>,
     ctx: &'a Rc<RefCell<CallCtx>>,
     limits: &'a Limits,
+    budget: Option<CpuBudget>,
 }
 
 /// How a call ended, for the shard to act on.
@@ -246,8 +439,7 @@ impl Call<'_> {
             } else {
                 Dynamic::from_map(rhai::Map::new())
             };
-            let timers = Vec::new();
-            q.states.insert(key.clone(), KeyState { state, timers });
+            q.states.insert(key.clone(), KeyState::new(state));
         }
         self.run(q, key, "on_event", Dynamic::from(event), now);
     }
@@ -299,7 +491,7 @@ impl Call<'_> {
             return;
         };
         self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
-        let started = q.eval_ns.is_some().then(std::time::Instant::now);
+        let started = (q.eval_ns.is_some() || self.budget.is_some()).then(Instant::now);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             CallFnOptions::new()
                 .eval_ast(false)
@@ -310,13 +502,19 @@ impl Call<'_> {
             function,
             (arg,),
         );
-        if let (Some(started), Some(hist)) = (started, q.eval_ns.as_mut()) {
-            hist.saturating_record(started.elapsed().as_nanos() as u64);
-        }
-        let size = result
-            .is_ok()
-            .then(|| state_bytes(&entry.state))
-            .filter(|&n| n > self.limits.max_state_bytes);
+        let elapsed = started.map(|s| s.elapsed());
+        let size = match &result {
+            Ok(_) if entry.unmeasured == 0 => {
+                let size = state_bytes(&entry.state);
+                entry.unmeasured = measure_interval(size, self.limits.max_state_bytes);
+                Some(size).filter(|&n| n > self.limits.max_state_bytes)
+            }
+            Ok(_) => {
+                entry.unmeasured -= 1;
+                None
+            }
+            Err(_) => None,
+        };
         match self.end(q, &key, function, result.map(|_| ()), size) {
             Outcome::Failed => {
                 if size.is_some() {
@@ -326,43 +524,111 @@ impl Call<'_> {
             Outcome::Ok { timers, forget } => {
                 if forget {
                     drop_key(q, &key);
-                    return;
+                } else if !timers.is_empty() {
+                    self.set_timers(q, &key, function, timers);
                 }
-                if timers.is_empty() {
-                    return;
-                }
-                let Some(entry) = q.states.get_mut(&key) else {
-                    return;
-                };
-                for t in timers {
-                    if entry.timers.contains(&t) {
-                        continue;
-                    }
-                    if entry.timers.len() >= self.limits.max_timers_per_key {
-                        let msg = format!(
-                            "key {key} has {} pending timers, the limit (max_timers_per_key)",
-                            entry.timers.len()
-                        );
-                        self.publish_error(q, &key, function, &msg, None);
-                        break;
-                    }
-                    entry.timers.push(t);
-                    q.timers.insert((t, key.clone()));
-                }
+            }
+        }
+        if let Some(elapsed) = elapsed {
+            self.account(q, &key, function, elapsed);
+        }
+    }
+
+    fn set_timers(&mut self, q: &mut QueryRuntime, key: &Key, function: &str, timers: Vec<i64>) {
+        let Some(entry) = q.states.get_mut(key) else {
+            return;
+        };
+        for t in timers {
+            if entry.timers.contains(&t) {
+                continue;
+            }
+            if entry.timers.len() >= self.limits.max_timers_per_key {
+                let msg = format!(
+                    "key {key} has {} pending timers, the limit (max_timers_per_key)",
+                    entry.timers.len()
+                );
+                self.publish_error(q, key, function, &msg, None);
+                break;
+            }
+            entry.timers.push(t);
+            if q.firing.is_some_and(|now_firing| t <= now_firing) {
+                q.deferred.push((t, key.clone()));
+            } else {
+                q.timers.insert((t, key.clone()));
             }
         }
     }
 
+    /// Records the script time of one call; quarantines the query past its budget.
+    fn account(&mut self, q: &mut QueryRuntime, key: &Key, function: &str, elapsed: Duration) {
+        q.stats.cpu_us += elapsed.as_micros() as u64;
+        if let Some(hist) = q.eval_ns.as_mut() {
+            hist.saturating_record(elapsed.as_nanos() as u64);
+        }
+        let Some(budget) = self.budget else { return };
+        let now = Instant::now();
+        let window = q.cpu.get_or_insert(CpuWindow {
+            started: now,
+            used: Duration::ZERO,
+        });
+        if now.duration_since(window.started) >= budget.window {
+            window.started = now;
+            window.used = Duration::ZERO;
+        }
+        window.used += elapsed;
+        if window.used <= budget.window.mul_f64(budget.share) {
+            return;
+        }
+        let used = window.used;
+        q.cpu = None;
+        if q.control.quarantine() {
+            let msg = format!(
+                "query quarantined: its script took {} ms of the last {} ms on one shard, over its \
+                 share (max_query_cpu = {}% per query_cpu_window); its events are counted and \
+                 skipped until an admin resumes it (POST /queries/{}/resume)",
+                used.as_millis(),
+                budget.window.as_millis(),
+                budget.share * 100.0,
+                q.def.name
+            );
+            tracing::warn!("{msg}");
+            self.publish_error(q, key, function, &msg, None);
+        }
+    }
+
+    /// Fires the timers the watermark reached, in (time, key) order, at most
+    /// `max_timers_per_advance` (the rest wait for the next advance). Timers an `on_timer(T)` sets
+    /// for `T` or earlier wait for the next advance too, so a timer that sets itself again does
+    /// not loop.
     fn fire_timers(&mut self, q: &mut QueryRuntime, now: i64) {
+        for timer in q.deferred.drain(..) {
+            q.timers.insert(timer);
+        }
+        let mut fired = 0;
         while let Some((t, _)) = q.timers.first() {
             if *t > q.watermark {
                 break;
+            }
+            if q.control.is_removed() || q.control.is_quarantined() {
+                return;
+            }
+            if fired >= self.limits.max_timers_per_advance {
+                let left = q
+                    .timers
+                    .iter()
+                    .take_while(|(t, _)| *t <= q.watermark)
+                    .count();
+                q.stats.timers_deferred += left as u64;
+                return;
             }
             let (t, key) = q.timers.pop_first().expect("checked non-empty");
             if let Some(entry) = q.states.get_mut(&key) {
                 entry.timers.retain(|&x| x != t);
                 q.stats.timers_fired += 1;
+                fired += 1;
+                q.firing = Some(t);
                 self.run(q, key, "on_timer", Dynamic::from_int(t), now);
+                q.firing = None;
             }
         }
     }
@@ -483,11 +749,24 @@ impl Call<'_> {
     }
 }
 
+/// Calls until a state of `size` bytes is measured again: every call while it is small, then
+/// less often as it grows (a walk costs in proportion to its size), and more often again as it
+/// nears `limit`.
+fn measure_interval(size: usize, limit: usize) -> u32 {
+    if size < MEASURE_EVERY_CALL_BYTES {
+        return 0;
+    }
+    let headroom = limit.saturating_sub(size) / MEASURE_EVERY_CALL_BYTES;
+    let by_size = size / MEASURE_EVERY_CALL_BYTES;
+    by_size.min(headroom).min(MAX_MEASURE_INTERVAL as usize) as u32
+}
+
 fn drop_key(q: &mut QueryRuntime, key: &Key) {
     if let Some(entry) = q.states.remove(key) {
         for t in entry.timers {
             q.timers.remove(&(t, key.clone()));
         }
+        q.deferred.retain(|(_, k)| k != key);
     }
 }
 

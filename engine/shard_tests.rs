@@ -409,7 +409,14 @@ fn call_times_are_measured_when_asked() {
         .parse(b"{}\n{}\n{}\n".to_vec())
         .frame;
     for i in 0..frame.len() {
-        shard.event(crate::QueryId(1), crate::Key::None, frame.event(i), 0, 0);
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(1),
+            key: crate::Key::None,
+            event: frame.event(i),
+            time: 0,
+            watermark: 0,
+            now: 0,
+        });
     }
     let hist = shard.eval_histogram(crate::QueryId(1)).unwrap();
     assert_eq!(hist.len(), 3);

@@ -220,6 +220,29 @@ async fn http(
     (status, body)
 }
 
+/// The value of the sample `name` (with its labels) in a Prometheus text, 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// `/metrics` once `ready` holds of it (shards publish their counters as they go), within 20 s.
+async fn metrics_when(server: &Server, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http(server, "GET", "/metrics", None, "").await;
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never got there:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
     tokio::time::timeout(LIMIT, f)
         .await
@@ -348,7 +371,11 @@ async fn stalled_subscriber_is_told_what_it_lost_then_closed_while_others_miss_n
         for round in 0..40 {
             produce(&server, "fat", &fat_events(total, 500), 50).await;
             total += 500;
-            let (_, metrics) = http(&server, "GET", "/metrics", None, "").await;
+            // Acks mean queued: wait until the shards have handled what was acked.
+            let metrics = metrics_when(&server, |m| {
+                metric(m, "eddy_query_events_total{query=\"fat\"}") >= total as f64
+            })
+            .await;
             let dropped = metrics
                 .lines()
                 .find_map(|l| l.strip_prefix("eddy_dropped_items_total{topic=\"fat\"} "))
@@ -587,8 +614,15 @@ async fn deploy_replace_and_delete_at_run_time() {
             .collect();
         assert_eq!(got, [json!(1), json!(2), json!(3)]);
 
-        let (_, list) = http(&server, "GET", "/queries", None, "").await;
-        let list: Value = serde_json::from_str(&list).unwrap();
+        let list = loop {
+            let (_, list) = http(&server, "GET", "/queries", None, "").await;
+            let list: Value = serde_json::from_str(&list).unwrap();
+            // Counters are published by the shards as they go.
+            if list[0]["events"] == 3 {
+                break list;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert_eq!(list[0]["name"], "counter");
         assert_eq!(list[0]["events"], 3);
         assert_eq!(list[0]["keys"], 1);
@@ -728,8 +762,11 @@ async fn metrics_count_what_happened() {
         let input = b"{\"symbol\":\"A\",\"price\":1,\"size\":1}\n{\"price\":1}\n[1]\n{\"symbol\":\"B\",\"price\":2,\"size\":1}\n";
         produce(&server, "trades", input, 4).await;
         collect(&mut sub, "vwap", 2).await;
-        let (status, text) = http(&server, "GET", "/metrics", None, "").await;
-        assert_eq!(status, 200);
+        // Shards publish their counters as they go: wait for the last of them.
+        let text = metrics_when(&server, |m| {
+            metric(m, "eddy_query_events_total{query=\"vwap\"}") == 2.0
+        })
+        .await;
         for line in [
             "eddy_events_ingested_total{stream=\"trades\"} 2",
             "eddy_events_rejected_total{stream=\"trades\",reason=\"bad_key\"} 1",

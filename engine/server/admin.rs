@@ -1,14 +1,26 @@
-//! Queries at run time: the queries folder at start, and `GET|PUT|DELETE /queries[/NAME]`.
+//! Queries at run time: the queries folder at start, and `GET|PUT|DELETE /queries[/NAME]`,
+//! `POST /queries/NAME/resume`.
+//!
+//! The [`Catalog`] is the one owner of the list of deployed queries. Every deployment has a
+//! version (its [`QueryId`], never reused) and everyone else follows the catalog by version: the
+//! routing table is the catalog's published snapshot, the shards run the versions they are told
+//! to deploy and drop the ones they are told to retire or remove, and the hub lists the topics of
+//! what the catalog announces. The catalog lock serialises changes; the event path never takes
+//! it.
 //!
 //! A deploy compiles and validates the script (on its own thread, since top-level statements
-//! run), has every shard compile it under a fresh [`QueryId`], then swaps the routing table: from
-//! that moment events go to the new deployment, which starts with no state. The replaced
-//! deployment is removed from the shards after the swap, so events already queued for it are
-//! handled first. The catalog lock serialises deploys and removals; the event path never takes it.
+//! run), has every shard compile it under a new version (ahead of queued work), then publishes a
+//! routing table with it: events routed from that moment go to the new version, which starts
+//! with no state. A replaced version is retired only once no ingest still holds the old table,
+//! by a message queued behind its events on every shard, so every acknowledged event is handled
+//! by exactly one version: the one that was published when its frame was routed. A removal
+//! takes effect at once: the version's switch is turned off (its queued events are skipped) and
+//! the shards drop it ahead of queued work.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -22,16 +34,38 @@ use crate::shard::QueryId;
 use crate::{QueryDef, QueryError};
 
 use super::hub::{write_sources, HubControl, QueryInfo};
-use super::pipeline::{ShardMsg, ShardReport};
+use super::pipeline::{Control, ShardMsg, ShardReport};
 use super::{authorized, json_error, read_body, respond, Body, StartError, State};
 
 /// Largest script accepted by `PUT /queries/NAME`.
 const MAX_SCRIPT_BYTES: usize = 1 << 20;
 
-/// The deployed queries, by name.
+/// The deployed queries, by name: the one list the routing table, the shards and the hub follow.
 #[derive(Default)]
 pub struct Catalog {
     queries: BTreeMap<String, Arc<Deployed>>,
+}
+
+impl Catalog {
+    /// Publishes the catalog as the routing table; returns the table it replaced.
+    fn publish(&self, state: &State) -> Arc<Router> {
+        state.router.swap(Arc::new(Router::new(
+            self.queries.values().cloned().collect(),
+            state.config.max_event_time_skew_ms,
+        )))
+    }
+}
+
+/// Waits until no ingest holds `table` (each holds it until its frame's messages are queued),
+/// then queues the retirement of version `id` behind them on every shard.
+async fn retire_after(state: &State, table: Arc<Router>, id: QueryId) {
+    while Arc::strong_count(&table) > 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(table);
+    for shard in 0..state.pipeline.shards() {
+        let _ = state.pipeline.send(shard, ShardMsg::Retire { id }).await;
+    }
 }
 
 /// Compiles a query on a thread with room for deep (but limited) recursion in its top-level
@@ -49,15 +83,17 @@ pub async fn compile(name: String, script: String, limits: Limits) -> Result<Que
 }
 
 /// Deploys `def`, replacing a query of the same name. Returns whether one was replaced.
-pub async fn deploy(state: &State, def: QueryDef) -> Result<bool, String> {
+pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
     let mut catalog = state.catalog.lock().await;
     let id = QueryId(state.next_query.fetch_add(1, Ordering::Relaxed));
     let def = Arc::new(def);
+    let deployed = Arc::new(Deployed::new(id, Arc::clone(&def)));
     let results = state
         .pipeline
-        .ask_all(|done| ShardMsg::Deploy {
+        .control_all(|done| Control::Deploy {
             id,
             def: Arc::clone(&def),
+            control: Arc::clone(&deployed.control),
             done,
         })
         .await
@@ -65,7 +101,7 @@ pub async fn deploy(state: &State, def: QueryDef) -> Result<bool, String> {
     if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
         let _ = state
             .pipeline
-            .ask_all(|done| ShardMsg::Remove { id, done })
+            .control_all(|done| Control::Remove { id, done })
             .await;
         return Err(e.to_string());
     }
@@ -77,19 +113,14 @@ pub async fn deploy(state: &State, def: QueryDef) -> Result<bool, String> {
             key_by: def.config.key_by.as_ref().map(ToString::to_string),
         }))
         .await;
-    let old = catalog.queries.insert(
-        def.name.clone(),
-        Arc::new(Deployed::new(id, Arc::clone(&def))),
-    );
-    state.router.store(Arc::new(Router::new(
-        catalog.queries.values().cloned().collect(),
-    )));
+    let old = catalog.queries.insert(def.name.clone(), deployed);
+    let table = catalog.publish(state);
+    drop(catalog);
     if let Some(old) = &old {
+        // The PUT answers now; the old version finishes its queued events in the background.
+        let state = Arc::clone(state);
         let old_id = old.id;
-        let _ = state
-            .pipeline
-            .ask_all(|done| ShardMsg::Remove { id: old_id, done })
-            .await;
+        tokio::spawn(async move { retire_after(&state, table, old_id).await });
     }
     tracing::info!("deployed {def}");
     Ok(old.is_some())
@@ -101,13 +132,12 @@ pub async fn remove(state: &State, name: &str) -> bool {
     let Some(old) = catalog.queries.remove(name) else {
         return false;
     };
-    state.router.store(Arc::new(Router::new(
-        catalog.queries.values().cloned().collect(),
-    )));
+    old.control.remove();
+    catalog.publish(state);
     let id = old.id;
     let _ = state
         .pipeline
-        .ask_all(|done| ShardMsg::Remove { id, done })
+        .control_all(|done| Control::Remove { id, done })
         .await;
     state
         .hub
@@ -119,8 +149,19 @@ pub async fn remove(state: &State, name: &str) -> bool {
     true
 }
 
+/// Lifts the quarantine of a query. Returns whether it exists.
+pub async fn resume(state: &State, name: &str) -> Option<bool> {
+    let catalog = state.catalog.lock().await;
+    let q = catalog.queries.get(name)?;
+    let was = q.control.resume();
+    if was {
+        tracing::info!("resumed query {name}");
+    }
+    Some(was)
+}
+
 /// Deploys every `*.rhai` file of the queries folder, in name order.
-pub async fn load_folder(state: &State) -> Result<(), StartError> {
+pub async fn load_folder(state: &Arc<State>) -> Result<(), StartError> {
     let dir = &state.config.queries;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -173,7 +214,7 @@ pub async fn load_folder(state: &State) -> Result<(), StartError> {
 }
 
 /// `/queries` and `/queries/NAME`.
-pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
+pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let name = path
         .strip_prefix("/queries")
@@ -181,6 +222,33 @@ pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
         .trim_start_matches('/')
         .to_owned();
     let method = req.method().clone();
+    if let Some(name) = name.strip_suffix("/resume") {
+        if method != Method::POST {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use POST /queries/NAME/resume",
+            );
+        }
+        if !authorized(&req, &state.admin_token) {
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token (Authorization: Bearer TOKEN)",
+            );
+        }
+        return match resume(state, name).await {
+            None => json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}")),
+            Some(was) => {
+                let mut body = b"{\"name\":".to_vec();
+                write_str(&mut body, name);
+                body.extend_from_slice(if was {
+                    b",\"resumed\":true}"
+                } else {
+                    b",\"resumed\":false}"
+                });
+                respond(StatusCode::OK, "application/json", body)
+            }
+        };
+    }
     if name.is_empty() {
         return match method {
             Method::GET => list(state).await,
@@ -280,6 +348,13 @@ fn write_info(body: &mut Vec<u8>, q: &Deployed) {
     }
     body.extend_from_slice(b",\"lateness_ms\":");
     write_int(body, config.lateness_ms);
+    body.extend_from_slice(b",\"version\":");
+    write_int(body, q.id.0 as i64);
+    body.extend_from_slice(if q.control.is_quarantined() {
+        b",\"quarantined\":true"
+    } else {
+        b",\"quarantined\":false"
+    });
 }
 
 async fn show(state: &State, name: &str) -> Response<Body> {
@@ -296,7 +371,7 @@ async fn show(state: &State, name: &str) -> Response<Body> {
 }
 
 async fn list(state: &State) -> Response<Body> {
-    let reports = state.pipeline.reports().await;
+    let reports = state.pipeline.reports();
     let router = state.router.load();
     let mut body = b"[".to_vec();
     for (i, q) in router.queries().iter().enumerate() {
@@ -310,8 +385,11 @@ async fn list(state: &State) -> Response<Body> {
             ("events", stats.events),
             ("emitted", stats.emitted),
             ("errors", stats.errors),
-            ("late", q.late.load(Ordering::Relaxed)),
+            ("late", stats.late),
             ("timers_fired", stats.timers_fired),
+            ("timers_deferred", stats.timers_deferred),
+            ("skipped", stats.skipped),
+            ("cpu_us", stats.cpu_us),
         ] {
             body.extend_from_slice(format!(",\"{field}\":{value}").as_bytes());
         }

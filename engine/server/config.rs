@@ -49,6 +49,15 @@ pub struct Config {
     pub snapshot_keys: usize,
     /// Script limits.
     pub limits: Limits,
+    /// How far ahead of the wall clock an event time may be; later ones are rejected.
+    pub max_event_time_skew_ms: i64,
+    /// When a query's input is quiet this long, its watermark moves on with processing time, so
+    /// that its last windows close. `None`: never (the watermark waits for events).
+    pub idle_timeout: Option<Duration>,
+    /// Share of one shard's time one query's scripts may take per `query_cpu_window` before the
+    /// query is quarantined (0 < share ≤ 1; 1 turns quarantine off).
+    pub max_query_cpu: f64,
+    pub query_cpu_window: Duration,
     /// Built-in synthetic feeds.
     pub demo: bool,
     /// Events per second of each demo feed.
@@ -74,6 +83,10 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             snapshot_keys: 100_000,
             limits: Limits::default(),
+            max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+            idle_timeout: None,
+            max_query_cpu: 0.5,
+            query_cpu_window: Duration::from_secs(10),
             demo: false,
             demo_rate: 200,
         }
@@ -108,6 +121,10 @@ pub struct RawConfig {
     pub shutdown_timeout: Option<RawDuration>,
     pub snapshot_keys: Option<usize>,
     pub limits: Option<Limits>,
+    pub max_event_time_skew: Option<RawDuration>,
+    pub idle_timeout: Option<RawDuration>,
+    pub max_query_cpu: Option<f64>,
+    pub query_cpu_window: Option<RawDuration>,
     pub demo: Option<bool>,
     pub demo_rate: Option<u32>,
 }
@@ -160,8 +177,25 @@ impl RawConfig {
             self.shutdown_timeout,
             d.shutdown_timeout,
         );
+        let max_event_time_skew = duration(
+            "max_event_time_skew",
+            self.max_event_time_skew,
+            Duration::from_millis(d.max_event_time_skew_ms as u64),
+        );
+        let idle_timeout = self
+            .idle_timeout
+            .map(|raw| duration("idle_timeout", Some(raw), Duration::ZERO));
+        let query_cpu_window = duration(
+            "query_cpu_window",
+            self.query_cpu_window,
+            d.query_cpu_window,
+        );
         let config = Config {
             listen,
+            max_event_time_skew_ms: max_event_time_skew.as_millis() as i64,
+            idle_timeout,
+            max_query_cpu: self.max_query_cpu.unwrap_or(d.max_query_cpu),
+            query_cpu_window,
             shards: self.shards.unwrap_or(d.shards),
             queries: self.queries.unwrap_or(d.queries),
             admin_token: self.admin_token.or(d.admin_token),
@@ -200,8 +234,23 @@ impl RawConfig {
                 config.shards
             ));
         }
-        if config.ping_interval.is_zero() {
-            problems.push("ping_interval must be more than 0".into());
+        for (name, value) in [
+            ("ping_interval", config.ping_interval),
+            ("query_cpu_window", config.query_cpu_window),
+            ("idle_timeout", config.idle_timeout.unwrap_or(Duration::MAX)),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{name} must be more than 0"));
+            }
+        }
+        if config.max_event_time_skew_ms <= 0 {
+            problems.push("max_event_time_skew must be more than 0".into());
+        }
+        if !(config.max_query_cpu > 0.0 && config.max_query_cpu <= 1.0) {
+            problems.push(format!(
+                "max_query_cpu must be a share of a shard, more than 0 and at most 1, found {}",
+                config.max_query_cpu
+            ));
         }
         for (name, token) in [
             ("admin_token", &config.admin_token),
@@ -248,6 +297,18 @@ mod tests {
             Limits::default().max_call_levels
         );
         assert_eq!(config.max_frame_bytes, 16 << 20);
+        assert_eq!(config.max_event_time_skew_ms, 24 * 3600 * 1000);
+        assert_eq!(config.idle_timeout, None);
+        let config = RawConfig::from_toml(
+            "max_event_time_skew = \"1h\"\nidle_timeout = \"30s\"\nmax_query_cpu = 0.25\nquery_cpu_window = 2000",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(config.max_event_time_skew_ms, 3_600_000);
+        assert_eq!(config.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(config.max_query_cpu, 0.25);
+        assert_eq!(config.query_cpu_window, Duration::from_secs(2));
     }
 
     #[test]
@@ -259,12 +320,12 @@ mod tests {
     #[test]
     fn every_problem_is_reported() {
         let err = RawConfig::from_toml(
-            "listen = \"nowhere\"\nshards = 0\nping_interval = \"1y\"\nadmin_token = \"short\"",
+            "listen = \"nowhere\"\nshards = 0\nping_interval = \"1y\"\nadmin_token = \"short\"\nmax_query_cpu = 1.5\nidle_timeout = 0",
         )
         .unwrap()
         .validate()
         .unwrap_err();
-        assert_eq!(err.problems.len(), 4, "{err}");
+        assert_eq!(err.problems.len(), 6, "{err}");
     }
 
     #[test]

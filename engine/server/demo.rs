@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::event::Parser;
 use crate::synth::{Feed, Scenario};
 
-use super::ingest::{ingest, now_ms};
+use super::ingest::ingest;
 use super::State;
+use crate::router::wall_ms as now_ms;
 
 /// Gap between demo frames.
 const TICK: Duration = Duration::from_millis(20);

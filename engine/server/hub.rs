@@ -11,9 +11,15 @@
 //! its oldest items, never anyone else's. Before a control request is handled, every item already
 //! queued is taken, so a `closed` follows the last items of its query and a flush covers all
 //! that came before it.
+//!
+//! Supervision: a panic while the hub handles one message is caught, logged and counted
+//! (`eddy_panics_total`), and the hub goes on with its topics; if the thread ends anyway its
+//! liveness flag drops and `/healthz` answers 503.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,6 +115,10 @@ pub struct TopicReport {
 #[derive(Clone)]
 pub struct HubHandle {
     control: Sender<HubControl>,
+    /// Only to read the queue's depth.
+    data: Receiver<HubMsg>,
+    alive: Arc<AtomicBool>,
+    panics: Arc<AtomicU64>,
 }
 
 impl HubHandle {
@@ -130,28 +140,81 @@ impl HubHandle {
     pub fn try_send(&self, msg: HubControl) {
         let _ = self.control.try_send(msg);
     }
+
+    /// Whether the hub thread is running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Panics caught in the hub thread since start.
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+
+    /// Item batches waiting for the hub.
+    pub fn queue_depth(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Clears the hub's liveness flag when its thread ends, by return or by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Starts the hub thread; returns the data channel for shards and the control handle.
 pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) {
     let (data_tx, data_rx) = crossbeam_channel::bounded(queue);
     let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
+    let alive = Arc::new(AtomicBool::new(true));
+    let panics = Arc::new(AtomicU64::new(0));
+    let guard = AliveGuard(Arc::clone(&alive));
+    let thread_panics = Arc::clone(&panics);
+    let depth = data_rx.clone();
     std::thread::Builder::new()
         .name("eddy-hub".into())
-        .spawn(move || run(&data_rx, control_rx, snapshot_keys))
+        .spawn(move || {
+            let _alive = guard;
+            run(&data_rx, control_rx, snapshot_keys, &thread_panics);
+        })
         .expect("spawn hub thread");
     (
         data_tx,
         HubHandle {
             control: control_tx,
+            data: depth,
+            alive,
+            panics,
         },
     )
+}
+
+/// Runs `f`; a panic in it is logged and counted, and the hub goes on.
+fn guarded(panics: &AtomicU64, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("the hub panicked; the message in hand is lost, the hub goes on: {what}");
+    }
 }
 
 /// Most item messages taken before the hub publishes.
 const MAX_ROUND: usize = 256;
 
-fn run(data: &Receiver<HubMsg>, control: Receiver<HubControl>, snapshot_keys: usize) {
+fn run(
+    data: &Receiver<HubMsg>,
+    control: Receiver<HubControl>,
+    snapshot_keys: usize,
+    panics: &AtomicU64,
+) {
     let mut hub = Hub {
         snapshot_keys,
         ..Hub::default()
@@ -161,28 +224,28 @@ fn run(data: &Receiver<HubMsg>, control: Receiver<HubControl>, snapshot_keys: us
         crossbeam_channel::select! {
             recv(data) -> msg => {
                 let Ok(msg) = msg else { break };
-                hub.take(msg);
+                guarded(panics, || hub.take(msg));
                 for _ in 0..MAX_ROUND {
                     match data.try_recv() {
-                        Ok(msg) => hub.take(msg),
+                        Ok(msg) => guarded(panics, || hub.take(msg)),
                         Err(_) => break,
                     }
                 }
             }
             recv(control) -> msg => match msg {
-                Ok(msg) => {
+                Ok(msg) => guarded(panics, || {
                     while let Ok(item) = data.try_recv() {
                         hub.take(item);
                     }
                     hub.publish();
                     hub.control(msg);
-                }
+                }),
                 Err(_) => control = crossbeam_channel::never(),
             },
         }
-        hub.publish();
+        guarded(panics, || hub.publish());
     }
-    hub.publish();
+    guarded(panics, || hub.publish());
 }
 
 struct Subscription {

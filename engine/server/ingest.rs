@@ -1,25 +1,27 @@
 //! Ingest: producers' frames (WebSocket `/ingest`) and bodies (`POST /ingest`) into the shards.
 //!
 //! Each input is parsed once, routed by the current routing table, and its events are sent to
-//! their shards as one message per shard, with the watermarks the input raised and its late
-//! items (which travel with their key's shard, so a key's items stay in order). A full shard
-//! queue makes the send wait, so the connection stops reading: TCP slows the producer, nothing is
-//! dropped, and an acknowledged event is one that is already queued for its shard.
+//! their shards as one message per shard, with the marks the input's event times reached (the
+//! shards decide lateness and fire timers). A full shard queue makes the send wait, so the
+//! connection stops reading: TCP slows the producer, nothing is dropped, and an acknowledged
+//! event is one that is already queued for its shard. An event bound for a shard that is not
+//! running is rejected (`unavailable`), never acknowledged. The routing table is held until
+//! every message is queued: a replace waits for that before it retires the old version, so each
+//! acknowledged event is handled by the version that routed it.
 //!
 //! With `ack=true` every frame is answered with its counts and up to ten errors; otherwise
 //! rejected events are reported as `error` messages, at most ten a second per connection.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fastwebsockets::{upgrade::UpgradeFut, OpCode, WebSocketError};
 use tokio::sync::mpsc;
 
-use crate::event::{Parser, Rejection};
+use crate::event::{Parser, Position, RejectKind, Rejection};
 use crate::json::{write_int, write_str};
 use crate::router::{Clock, Delivery, RouteSink, Unnamed};
 use crate::shard::QueryId;
-use crate::Emitted;
 
 use super::metrics::StreamCounters;
 use super::pipeline::ShardMsg;
@@ -66,31 +68,25 @@ impl Outcome {
 /// Per-shard messages being gathered for one input.
 struct Gather<'a> {
     deliveries: Vec<Vec<Delivery>>,
-    late: Vec<Vec<Emitted>>,
+    /// Positions of the events delivered to each shard (an event may go to several).
+    positions: Vec<Vec<Position>>,
     watermarks: Vec<(QueryId, i64)>,
     rejections: &'a mut Vec<Rejection>,
 }
 
 impl RouteSink for Gather<'_> {
-    fn deliver(&mut self, shard: usize, delivery: Delivery) {
+    fn deliver(&mut self, shard: usize, position: Position, delivery: Delivery) {
         self.deliveries[shard].push(delivery);
+        if self.positions[shard].last() != Some(&position) {
+            self.positions[shard].push(position);
+        }
     }
     fn advanced(&mut self, query: QueryId, watermark: i64) {
         self.watermarks.push((query, watermark));
     }
-    fn late(&mut self, item: Emitted) {
-        let shard = item.key.shard(self.late.len());
-        self.late[shard].push(item);
-    }
     fn reject(&mut self, rejection: Rejection) {
         self.rejections.push(rejection);
     }
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Parses, routes and queues one input. Returns once every event is queued for its shard.
@@ -109,16 +105,17 @@ pub async fn ingest(
         && rejections
             .iter()
             .all(|r| r.kind == crate::event::RejectKind::InvalidJson);
-    let router = state.router.load();
+    // Held until every message is queued (see the module documentation).
+    let router = state.router.load_full();
     let shards = state.pipeline.shards();
     let mut gather = Gather {
         deliveries: (0..shards).map(|_| Vec::new()).collect(),
-        late: (0..shards).map(|_| Vec::new()).collect(),
+        positions: (0..shards).map(|_| Vec::new()).collect(),
         watermarks: Vec::new(),
         rejections: &mut rejections,
     };
-    let now = now_ms();
-    let routed = router.route(
+    let now = crate::router::wall_ms();
+    let mut routed = router.route(
         &parsed.frame,
         stream,
         Unnamed::Reject,
@@ -126,7 +123,7 @@ pub async fn ingest(
         shards,
         &mut gather,
     );
-    // Watermarks matter to shards only for queries with timers.
+    // Marks matter to shards only for queries with timers.
     let timed: Vec<(QueryId, i64)> = gather
         .watermarks
         .iter()
@@ -139,22 +136,35 @@ pub async fn ingest(
         })
         .collect();
     let Gather {
-        deliveries, late, ..
+        deliveries,
+        positions,
+        ..
     } = gather;
-    for (shard, (deliveries, late)) in deliveries.into_iter().zip(late).enumerate() {
-        if deliveries.is_empty() && late.is_empty() && timed.is_empty() {
+    let mut unqueued: Vec<(usize, Position)> = Vec::new();
+    for (shard, (deliveries, positions)) in deliveries.into_iter().zip(positions).enumerate() {
+        if deliveries.is_empty() && timed.is_empty() {
             continue;
         }
         let msg = ShardMsg::Batch {
             deliveries,
             watermarks: timed.clone(),
-            late,
             now,
             received,
         };
         if state.pipeline.send(shard, msg).await.is_err() {
-            break;
+            unqueued.extend(positions.into_iter().map(|p| (shard, p)));
         }
+    }
+    drop(router);
+    unqueued.sort_by_key(|(_, p)| p.index);
+    unqueued.dedup_by_key(|(_, p)| p.index);
+    for (shard, position) in unqueued {
+        routed.accepted -= 1;
+        rejections.push(Rejection {
+            position,
+            kind: RejectKind::Unavailable,
+            reason: format!("shard {shard} is not running: the event was not queued"),
+        });
     }
     counters.count(routed.accepted, &rejections);
     rejections.sort_by_key(|r| r.position.index);
@@ -213,6 +223,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestPar
             frame = read.read_frame(&mut send_fn) => frame,
             _ = shutdown.changed() => {
                 let _ = tx.send(Outbound::Close(ws::close::GOING_AWAY, "server shutting down")).await;
+                drain_until_closed(&mut read, &tx).await;
                 break;
             }
         };
@@ -262,6 +273,35 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestPar
     drop(tx);
     let _ = writer.await;
 }
+
+/// After the server's close: reads and discards what the producer still sends (unacknowledged,
+/// so not accepted) until its close, EOF or [`CLOSE_WAIT`]. Closing the socket with unread data
+/// would reset the connection, and the producer could lose the close frame and the last acks.
+async fn drain_until_closed(read: &mut ws::WsRead, tx: &mpsc::Sender<Outbound>) {
+    let drain = async {
+        loop {
+            let obliged = tx.clone();
+            let mut send_fn = move |frame| {
+                let obliged = obliged.clone();
+                let msg = ws::obligated(frame);
+                async move {
+                    // The close is already sent: nothing more goes out.
+                    drop((obliged, msg));
+                    Ok::<_, WebSocketError>(())
+                }
+            };
+            match read.read_frame(&mut send_fn).await {
+                Ok(frame) if frame.opcode == OpCode::Close => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
+}
+
+/// How long a closing producer is read from, waiting for its close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Rate limit for unsolicited error messages: ten a second, the rest counted and summarised.
 #[derive(Default)]

@@ -1,8 +1,10 @@
 //! Operational metrics: counters recorded where they happen, merged only when `/metrics` is read.
 //!
 //! Ingest counters are atomics looked up once per connection (by stream label), never per event.
-//! Shards and the hub keep their own counters and histograms and report them on request; socket
-//! latencies are merged in by each subscriber once per flush, never per item. [`render`] asks everyone and writes the Prometheus text format.
+//! Shards keep their own counters and histograms and publish them as they go (so reading them
+//! never waits behind a busy shard); the hub reports on request; socket latencies are merged in
+//! by each subscriber once per flush, never per item. [`render`] gathers them and writes the
+//! Prometheus text format.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -201,42 +203,104 @@ pub async fn render(state: &State) -> String {
         }
     }
 
-    let reports = state.pipeline.reports().await;
+    let reports = state.pipeline.reports();
     let router = state.router.load();
+    let per_query: Vec<(String, crate::shard::QueryStats, bool)> = router
+        .queries()
+        .iter()
+        .map(|q| {
+            let (stats, _) = ShardReport::totals(&reports, q.id);
+            (label(&q.def.name), stats, q.control.is_quarantined())
+        })
+        .collect();
+    type Pick = fn(&crate::shard::QueryStats, bool) -> u64;
+    let families: [(&str, &str, &str, Pick); 6] = [
+        (
+            "eddy_query_events_total",
+            "counter",
+            "Events handled, by query.",
+            |s, _| s.events,
+        ),
+        (
+            "eddy_query_errors_total",
+            "counter",
+            "Script runtime errors, by query.",
+            |s, _| s.errors,
+        ),
+        (
+            "eddy_late_events_total",
+            "counter",
+            "Events older than the watermark, by query.",
+            |s, _| s.late,
+        ),
+        (
+            "eddy_query_skipped_events_total",
+            "counter",
+            "Events skipped while the query was quarantined, by query.",
+            |s, _| s.skipped,
+        ),
+        (
+            "eddy_timers_deferred_total",
+            "counter",
+            "Due timers left for a later round by max_timers_per_advance, by query.",
+            |s, _| s.timers_deferred,
+        ),
+        (
+            "eddy_query_quarantined",
+            "gauge",
+            "1 while the query is quarantined (max_query_cpu), by query.",
+            |_, quarantined| u64::from(quarantined),
+        ),
+    ];
+    for (family, kind, help, pick) in families {
+        counter_header(&mut out, family, kind, help);
+        for (name, stats, quarantined) in &per_query {
+            let _ = writeln!(
+                out,
+                "{family}{{query=\"{name}\"}} {}",
+                pick(stats, *quarantined)
+            );
+        }
+    }
     counter_header(
         &mut out,
-        "eddy_query_events_total",
+        "eddy_query_cpu_seconds_total",
         "counter",
-        "Events handled, by query.",
+        "Script time, by query.",
     );
-    let mut errors = String::new();
-    let mut late = String::new();
-    for q in router.queries() {
-        let (stats, _) = ShardReport::totals(&reports, q.id);
-        let (events, errs) = (stats.events, stats.errors);
-        let name = label(&q.def.name);
-        let _ = writeln!(out, "eddy_query_events_total{{query=\"{name}\"}} {events}");
-        let _ = writeln!(errors, "eddy_query_errors_total{{query=\"{name}\"}} {errs}");
+    for (name, stats, _) in &per_query {
         let _ = writeln!(
-            late,
-            "eddy_late_events_total{{query=\"{name}\"}} {}",
-            q.late.load(Ordering::Relaxed)
+            out,
+            "eddy_query_cpu_seconds_total{{query=\"{name}\"}} {}",
+            stats.cpu_us as f64 / 1e6
         );
     }
     counter_header(
         &mut out,
-        "eddy_query_errors_total",
+        "eddy_panics_total",
         "counter",
-        "Script runtime errors, by query.",
+        "Panics caught in shard and hub threads (each lost the message in hand).",
     );
-    out.push_str(&errors);
+    let _ = writeln!(
+        out,
+        "eddy_panics_total {}",
+        state.pipeline.panics() + state.hub.panics()
+    );
     counter_header(
         &mut out,
-        "eddy_late_events_total",
-        "counter",
-        "Events older than the watermark, by query.",
+        "eddy_thread_up",
+        "gauge",
+        "1 while a shard or hub thread runs.",
     );
-    out.push_str(&late);
+    for i in 0..state.pipeline.shards() {
+        let up = u64::from(state.pipeline.is_alive(i));
+        let _ = writeln!(out, "eddy_thread_up{{thread=\"shard-{i}\"}} {up}");
+    }
+    let _ = writeln!(
+        out,
+        "eddy_thread_up{{thread=\"hub\"}} {}",
+        u64::from(state.hub.is_alive())
+    );
 
     let (tx, rx) = tokio::sync::oneshot::channel();
     state.hub.send(HubControl::Report { reply: tx }).await;

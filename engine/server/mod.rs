@@ -5,10 +5,16 @@
 //! `GET /` (dashboard), `GET /ingest` (WebSocket) and `POST /ingest`, `GET /subscribe`
 //! (WebSocket), `GET|PUT|DELETE /queries[/NAME]`, `GET /metrics`, `GET /healthz`.
 //!
-//! Shutdown ([`Server::shutdown`], or Ctrl-C / SIGTERM under [`run`]): stop accepting and close
-//! producers with 1001, let the shards finish their queues and the hub hand everything to the
-//! mailboxes, then let subscribers write what they have and close with 1001; all within the
-//! configured shutdown timeout.
+//! Shutdown ([`Server::shutdown`], or Ctrl-C / SIGTERM under [`run`]), all within the configured
+//! shutdown timeout:
+//! 1. stop accepting; each producer finishes the frame in hand, sends its ack, then gets 1001
+//!    (and what it sent after that is read and discarded until it closes, so the close is not
+//!    lost to a TCP reset); wait for every ingest task and `POST /ingest` in progress;
+//! 2. let the shards finish their queues and the hub hand everything to the mailboxes;
+//! 3. let subscribers write what they have and close with 1001; wait for every subscriber task.
+//!
+//! So every acknowledged event reaches the subscribers before the process exits. Every WebSocket
+//! task is tracked ([`State::producers`], [`State::subscribers`]), not detached.
 
 pub mod admin;
 pub mod config;
@@ -39,6 +45,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::router::Router;
 
@@ -62,6 +69,10 @@ pub struct State {
     pub shutdown: watch::Sender<bool>,
     /// Set when everything produced has reached the mailboxes: subscribers finish.
     pub closing: watch::Sender<bool>,
+    /// Producer WebSocket tasks and `POST /ingest` requests in progress.
+    pub producers: TaskTracker,
+    /// Subscriber WebSocket tasks.
+    pub subscribers: TaskTracker,
 }
 
 /// A running server.
@@ -107,8 +118,15 @@ impl Server {
             source,
         })?;
         let (hub_tx, hub) = hub::start(config.hub_queue, config.snapshot_keys);
+        let settings = pipeline::ShardSettings {
+            limits: config.limits.clone(),
+            budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
+                share: config.max_query_cpu,
+                window: config.query_cpu_window,
+            }),
+        };
         let pipeline =
-            pipeline::Pipeline::start(config.shards, config.shard_queue, &config.limits, hub_tx);
+            pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, hub_tx);
         let admin_token = config
             .admin_token
             .clone()
@@ -117,13 +135,15 @@ impl Server {
             admin_token,
             pipeline,
             hub,
-            router: ArcSwap::from_pointee(Router::default()),
+            router: ArcSwap::from_pointee(Router::new(Vec::new(), config.max_event_time_skew_ms)),
             catalog: tokio::sync::Mutex::new(admin::Catalog::default()),
             next_query: AtomicU64::new(1),
             next_subscriber: AtomicU64::new(1),
             metrics: metrics::Metrics::default(),
             shutdown: watch::channel(false).0,
             closing: watch::channel(false).0,
+            producers: TaskTracker::new(),
+            subscribers: TaskTracker::new(),
             config,
         });
         admin::load_folder(&state).await?;
@@ -135,6 +155,9 @@ impl Server {
         ));
         if state.config.demo {
             demo::start(&state);
+        }
+        if let Some(idle) = state.config.idle_timeout {
+            tokio::spawn(idle_ticker(Arc::clone(&state), idle));
         }
         Ok(Server {
             addr,
@@ -150,13 +173,9 @@ impl Server {
         let deadline = tokio::time::Instant::now() + state.config.shutdown_timeout;
         self.accept.abort();
         let _ = state.shutdown.send(true);
-        // Producers see the signal and close; give them a moment to finish the frame in hand.
-        let wait_producers = async {
-            while state.metrics.open_connections("ingest") > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        let _ = tokio::time::timeout_at(deadline, wait_producers).await;
+        // Producers see the signal, finish the frame in hand and close.
+        state.producers.close();
+        let _ = tokio::time::timeout_at(deadline, state.producers.wait()).await;
         let flush = async {
             let _ = state
                 .pipeline
@@ -168,10 +187,52 @@ impl Server {
         };
         let _ = tokio::time::timeout_at(deadline, flush).await;
         let _ = state.closing.send(true);
+        state.subscribers.close();
+        let _ = tokio::time::timeout_at(deadline, state.subscribers.wait()).await;
         let mut connections = self.connections.lock().await;
         let drain = async { while connections.join_next().await.is_some() {} };
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
             connections.abort_all();
+        }
+    }
+}
+
+/// Moves the watermark of every quiet query on with processing time (see `idle_timeout`), and
+/// tells the shards, so that the last windows of a stream that stopped close.
+async fn idle_ticker(state: Arc<State>, idle: std::time::Duration) {
+    let idle_ms = idle.as_millis() as i64;
+    let every = (idle / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    let mut shutdown = state.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let router = state.router.load_full();
+        let now = crate::router::wall_ms();
+        let moved: Vec<_> = router
+            .queries()
+            .iter()
+            .filter(|q| q.def.functions.on_timer)
+            .filter_map(|q| Some((q.id, q.advance_idle(now, idle_ms)?)))
+            .collect();
+        drop(router);
+        if moved.is_empty() {
+            continue;
+        }
+        for shard in 0..state.pipeline.shards() {
+            let msg = pipeline::ShardMsg::Batch {
+                deliveries: Vec::new(),
+                watermarks: moved.clone(),
+                now,
+                received: std::time::Instant::now(),
+            };
+            if state.pipeline.send(shard, msg).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -300,7 +361,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
     let method = req.method().clone();
     match (method, path.as_str()) {
         (Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
-        (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (Method::GET, "/healthz") => health(&state),
         (Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -338,9 +399,11 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                     stream: params.get("stream").cloned().filter(|s| !s.is_empty()),
                     ack: params.get("ack").is_some_and(|v| v == "true" || v == "1"),
                 };
-                tokio::spawn(ingest::websocket(Arc::clone(&state), upgrade, params));
+                let task = ingest::websocket(Arc::clone(&state), upgrade, params);
+                state.producers.spawn(task);
             } else {
-                tokio::spawn(subscribe::websocket(Arc::clone(&state), upgrade));
+                let task = subscribe::websocket(Arc::clone(&state), upgrade);
+                state.subscribers.spawn(task);
             }
             let (parts, _) = response.into_parts();
             Response::from_parts(parts, Full::new(Bytes::new()))
@@ -375,6 +438,14 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
             return json_error(StatusCode::UNAUTHORIZED, "missing or wrong token");
         }
     }
+    if !origin_allowed(state, &req) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "origin not allowed (allowed_origins)",
+        );
+    }
+    // Shutdown waits for this request to finish before it flushes the shards.
+    let _in_progress = state.producers.token();
     if *state.shutdown.borrow() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
@@ -396,6 +467,50 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
         StatusCode::OK
     };
     respond(status, "application/json", out)
+}
+
+/// `GET /healthz`: the shards, the hub and their queues; 503 when the server cannot accept work
+/// (a shard or the hub is not running, or shutdown has begun).
+fn health(state: &State) -> Response<Body> {
+    let pipeline = &state.pipeline;
+    let shutting_down = *state.shutdown.borrow();
+    let shards_ok = (0..pipeline.shards()).all(|i| pipeline.is_alive(i));
+    let hub_ok = state.hub.is_alive();
+    let ok = shards_ok && hub_ok && !shutting_down;
+    let mut body = b"{\"status\":".to_vec();
+    crate::json::write_str(&mut body, if ok { "ok" } else { "unavailable" });
+    body.extend_from_slice(b",\"shutting_down\":");
+    body.extend_from_slice(if shutting_down { b"true" } else { b"false" });
+    body.extend_from_slice(b",\"shards\":[");
+    for i in 0..pipeline.shards() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"shard\":");
+        crate::json::write_int(&mut body, i as i64);
+        body.extend_from_slice(b",\"alive\":");
+        body.extend_from_slice(if pipeline.is_alive(i) {
+            b"true"
+        } else {
+            b"false"
+        });
+        body.extend_from_slice(b",\"queue\":");
+        crate::json::write_int(&mut body, pipeline.queue_depth(i) as i64);
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"],\"hub\":{\"alive\":");
+    body.extend_from_slice(if hub_ok { b"true" } else { b"false" });
+    body.extend_from_slice(b",\"queue\":");
+    crate::json::write_int(&mut body, state.hub.queue_depth() as i64);
+    body.extend_from_slice(b"},\"panics\":");
+    crate::json::write_int(&mut body, (pipeline.panics() + state.hub.panics()) as i64);
+    body.push(b'}');
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    respond(status, "application/json", body)
 }
 
 /// The live dashboard.

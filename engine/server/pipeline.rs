@@ -1,70 +1,100 @@
 //! The shard threads and the channels that feed them.
 //!
 //! Each shard is a named OS thread that owns a [`Shard`] (its Rhai engine, compiled queries, key
-//! states and timers). It is fed by one bounded crossbeam channel of [`ShardMsg`]; per-key order
-//! is the order messages enter that channel. A shard takes everything waiting, handles it, and
-//! passes what its queries emitted to the fan-out hub in one message: under light load that is one
-//! event, under heavy load hundreds, and no stage waits on a clock.
+//! states, timers and the event time of its queries). It is fed by two bounded crossbeam
+//! channels:
+//! - the data channel ([`ShardMsg`]): batches of deliveries, retirements of replaced versions and
+//!   flushes, in order. Per-key order is the order batches enter it, and a retirement queued after
+//!   a version's last events is handled after them, so a replace loses no acknowledged event.
+//! - the control channel ([`Control`]): deploys and removals. It is looked at before every data
+//!   message and between the events of a batch, so the control plane never waits behind a busy
+//!   shard for more than one script call.
 //!
-//! When a shard's channel is full, [`Pipeline::send`] waits (asynchronously: it never blocks a
-//! tokio worker) until the shard signals room, so an ingest connection stops reading and TCP slows
-//! the producer. The hub's channel is bounded too: a shard blocks on it, which in turn fills the
-//! shard's own channel. Nothing is dropped on this path.
+//! A shard takes everything waiting, handles it, and passes what its queries emitted to the
+//! fan-out hub in one message: under light load that is one event, under heavy load hundreds, and
+//! no stage waits on a clock. It publishes its counters ([`ShardReport`]) after each such pass
+//! (at most every [`PUBLISH_EVERY`] while busy), so `/metrics` and `GET /queries` read them
+//! without asking the shard.
+//!
+//! When a shard's data channel is full, [`Pipeline::send`] waits (asynchronously: it never blocks
+//! a tokio worker) until the shard signals room, so an ingest connection stops reading and TCP
+//! slows the producer. The hub's channel is bounded too: a shard blocks on it, which in turn fills
+//! the shard's own channel. Nothing is dropped on this path.
+//!
+//! Supervision: a panic while a shard handles one message is caught, logged and counted
+//! (`eddy_panics_total`); that message's work is lost and the shard goes on with its state. If
+//! the thread ends anyway, its liveness flag drops, `/healthz` answers 503, and ingest rejects
+//! the events bound for it instead of acknowledging them.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use hdrhistogram::Histogram;
 use tokio::sync::{oneshot, Notify};
 
 use crate::query::{QueryDef, QueryError};
-use crate::router::Delivery;
 use crate::sandbox::Limits;
-use crate::shard::{QueryId, QueryStats, Shard};
+use crate::shard::{CpuBudget, Delivery, QueryControl, QueryId, QueryStats, Shard};
 
 use super::hub::HubMsg;
 
-/// What a shard is asked to do.
+/// Work for a shard, handled in the order it was sent.
 pub enum ShardMsg {
-    /// The events of one frame that belong to this shard, and the watermarks the frame raised.
+    /// The events of one frame that belong to this shard, then the marks the frame reached.
     Batch {
         deliveries: Vec<Delivery>,
         watermarks: Vec<(QueryId, i64)>,
-        /// Late items of keys this shard owns, published in order with the shard's own.
-        late: Vec<crate::Emitted>,
         now: i64,
         received: Instant,
     },
+    /// A replaced version goes, after every event routed to it.
+    Retire { id: QueryId },
+    /// Replies once everything before it was handled and its output handed to the hub.
+    Flush { done: oneshot::Sender<()> },
+}
+
+/// Control requests, handled ahead of queued work.
+pub enum Control {
     Deploy {
         id: QueryId,
         def: Arc<QueryDef>,
+        control: Arc<QueryControl>,
         done: oneshot::Sender<Result<(), QueryError>>,
     },
+    /// Drops a deployment at once, with its state (events still queued for it are skipped).
     Remove {
         id: QueryId,
         done: oneshot::Sender<()>,
     },
-    Report {
-        reply: oneshot::Sender<ShardReport>,
-    },
-    /// Replies once everything before it was handled and its output handed to the hub.
-    Flush {
-        done: oneshot::Sender<()>,
-    },
+    /// Panics inside the shard, to test supervision.
+    #[cfg(test)]
+    Panic,
 }
 
 /// A shard's counters, for `/metrics` and `GET /queries`.
+#[derive(Clone)]
 pub struct ShardReport {
     pub queries: Vec<(QueryId, QueryStats, Option<Histogram<u64>>)>,
     /// Ingest (frame received) to emit (output handed to the hub), µs, per event.
     pub ingest_to_emit_us: Histogram<u64>,
-    pub queue_depth: usize,
+}
+
+impl Default for ShardReport {
+    fn default() -> Self {
+        ShardReport {
+            queries: Vec::new(),
+            ingest_to_emit_us: crate::shard::latency_histogram(),
+        }
+    }
 }
 
 impl ShardReport {
     /// A query's counters and call-time histogram, added up over every shard's report.
-    pub fn totals(reports: &[ShardReport], id: QueryId) -> (QueryStats, Histogram<u64>) {
+    pub fn totals(reports: &[Arc<ShardReport>], id: QueryId) -> (QueryStats, Histogram<u64>) {
         let mut stats = QueryStats::default();
         let mut eval = crate::shard::latency_histogram();
         for (_, s, hist) in reports
@@ -81,13 +111,22 @@ impl ShardReport {
     }
 }
 
-/// Handles to the shard threads.
-pub struct Pipeline {
-    senders: Vec<Sender<ShardMsg>>,
-    rooms: Vec<Arc<Notify>>,
+/// What the rest of the server sees of one shard thread.
+struct ShardHandle {
+    data: Sender<ShardMsg>,
+    control: Sender<Control>,
+    room: Arc<Notify>,
+    report: Arc<ArcSwap<ShardReport>>,
+    alive: Arc<AtomicBool>,
 }
 
-/// The shard has stopped (the server is shutting down).
+/// Handles to the shard threads.
+pub struct Pipeline {
+    shards: Vec<ShardHandle>,
+    panics: Arc<AtomicU64>,
+}
+
+/// The shard has stopped (the server is shutting down, or the thread died).
 #[derive(Debug, thiserror::Error)]
 #[error("the shard has stopped")]
 pub struct Stopped;
@@ -98,53 +137,112 @@ const MAX_BATCH: usize = 256;
 /// Stack of a shard thread: Rhai recursion (bounded by max_call_levels) runs on it.
 const SHARD_STACK_BYTES: usize = 64 << 20;
 
+/// Control requests waiting for one shard.
+const CONTROL_QUEUE: usize = 64;
+
+/// How often a busy shard publishes its counters.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+
+/// How each shard runs its queries.
+#[derive(Clone, Debug)]
+pub struct ShardSettings {
+    pub limits: Limits,
+    pub budget: Option<CpuBudget>,
+}
+
+/// Clears a liveness flag when the thread that holds it ends, by return or by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 impl Pipeline {
-    /// Starts `shards` shard threads, each sending its output to `hub`.
-    pub fn start(shards: usize, queue: usize, limits: &Limits, hub: Sender<HubMsg>) -> Pipeline {
-        let mut senders = Vec::new();
-        let mut rooms = Vec::new();
-        for index in 0..shards {
-            let (tx, rx) = crossbeam_channel::bounded(queue);
-            let room = Arc::new(Notify::new());
-            let thread_room = Arc::clone(&room);
-            let limits = limits.clone();
-            let hub = hub.clone();
-            // The thread ends when every sender is dropped, after what is queued.
-            std::thread::Builder::new()
-                .name(format!("eddy-shard-{index}"))
-                .stack_size(SHARD_STACK_BYTES)
-                .spawn(move || run_shard(&limits, &rx, &hub, &thread_room))
-                .expect("spawn shard thread");
-            senders.push(tx);
-            rooms.push(room);
-        }
-        Pipeline { senders, rooms }
+    /// Starts `shards` shard threads with data channels of `queue` messages, each sending its
+    /// output to `hub`.
+    pub fn start(
+        shards: usize,
+        queue: usize,
+        settings: &ShardSettings,
+        hub: Sender<HubMsg>,
+    ) -> Pipeline {
+        let panics = Arc::new(AtomicU64::new(0));
+        let shards = (0..shards)
+            .map(|index| {
+                let (data, data_rx) = crossbeam_channel::bounded(queue);
+                let (control, control_rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
+                let handle = ShardHandle {
+                    data,
+                    control,
+                    room: Arc::new(Notify::new()),
+                    report: Arc::default(),
+                    alive: Arc::new(AtomicBool::new(true)),
+                };
+                let thread = ShardThread {
+                    index,
+                    data: data_rx,
+                    control: control_rx,
+                    hub: hub.clone(),
+                    room: Arc::clone(&handle.room),
+                    report: Arc::clone(&handle.report),
+                    panics: Arc::clone(&panics),
+                };
+                let alive = AliveGuard(Arc::clone(&handle.alive));
+                let settings = settings.clone();
+                // The thread ends when every sender is dropped, after what is queued.
+                std::thread::Builder::new()
+                    .name(format!("eddy-shard-{index}"))
+                    .stack_size(SHARD_STACK_BYTES)
+                    .spawn(move || {
+                        let _alive = alive;
+                        thread.run(&settings);
+                    })
+                    .expect("spawn shard thread");
+                handle
+            })
+            .collect();
+        Pipeline { shards, panics }
     }
 
     pub fn shards(&self) -> usize {
-        self.senders.len()
+        self.shards.len()
     }
 
     /// Messages waiting for shard `i`.
     pub fn queue_depth(&self, i: usize) -> usize {
-        self.senders[i].len()
+        self.shards[i].data.len()
+    }
+
+    /// Whether shard `i`'s thread is running.
+    pub fn is_alive(&self, i: usize) -> bool {
+        self.shards[i].alive.load(Ordering::Relaxed)
+    }
+
+    /// Panics caught in shard threads since start.
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// Sends `msg` to shard `shard`, waiting (without blocking the thread) while its queue is
     /// full.
     pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), Stopped> {
-        let tx = &self.senders[shard];
+        let handle = &self.shards[shard];
         let mut msg = msg;
         loop {
-            match tx.try_send(msg) {
+            match handle.data.try_send(msg) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Disconnected(_)) => return Err(Stopped),
                 Err(TrySendError::Full(back)) => {
+                    if !self.is_alive(shard) {
+                        return Err(Stopped);
+                    }
                     msg = back;
-                    let room = self.rooms[shard].notified();
+                    let room = handle.room.notified();
                     tokio::pin!(room);
                     room.as_mut().enable();
-                    if tx.is_full() {
+                    if handle.data.is_full() {
                         // The timeout only guards against a lost wake-up; normally the shard's
                         // signal comes first.
                         let _ = tokio::time::timeout(Duration::from_millis(50), room).await;
@@ -154,14 +252,13 @@ impl Pipeline {
         }
     }
 
-    /// Every shard's report (none when the shards have stopped).
-    pub async fn reports(&self) -> Vec<ShardReport> {
-        self.ask_all(|reply| ShardMsg::Report { reply })
-            .await
-            .unwrap_or_default()
+    /// Every shard's latest published counters; never waits for a shard.
+    pub fn reports(&self) -> Vec<Arc<ShardReport>> {
+        self.shards.iter().map(|s| s.report.load_full()).collect()
     }
 
-    /// Sends `make()` to every shard and waits for every answer.
+    /// Sends `make()` to every shard's data channel, after what is queued, and waits for every
+    /// answer.
     pub async fn ask_all<T>(
         &self,
         make: impl Fn(oneshot::Sender<T>) -> ShardMsg,
@@ -172,122 +269,271 @@ impl Pipeline {
             self.send(shard, make(tx)).await?;
             replies.push(rx);
         }
-        let mut out = Vec::new();
-        for rx in replies {
-            out.push(rx.await.map_err(|_| Stopped)?);
+        collect(replies).await
+    }
+
+    /// Sends `make()` to every shard's control channel, ahead of queued work, and waits for
+    /// every answer.
+    pub async fn control_all<T>(
+        &self,
+        make: impl Fn(oneshot::Sender<T>) -> Control,
+    ) -> Result<Vec<T>, Stopped> {
+        let mut replies = Vec::new();
+        for shard in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            let mut msg = make(tx);
+            loop {
+                match shard.control.try_send(msg) {
+                    Ok(()) => break,
+                    Err(TrySendError::Disconnected(_)) => return Err(Stopped),
+                    Err(TrySendError::Full(back)) => {
+                        msg = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            replies.push(rx);
         }
-        Ok(out)
+        collect(replies).await
     }
 }
 
-fn run_shard(limits: &Limits, rx: &Receiver<ShardMsg>, hub: &Sender<HubMsg>, room: &Notify) {
-    let mut shard = Shard::new(limits);
-    shard.measure_calls(true);
-    let mut ids: Vec<QueryId> = Vec::new();
+async fn collect<T>(replies: Vec<oneshot::Receiver<T>>) -> Result<Vec<T>, Stopped> {
     let mut out = Vec::new();
-    let mut latency = crate::shard::latency_histogram();
-    // Frames handled since the output was last handed on: when each arrived, and its events.
-    let mut received: Vec<(Instant, u64)> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        let mut handled = 0;
-        while let Some(msg) = next.take() {
-            handled += 1;
-            match msg {
-                ShardMsg::Batch {
-                    deliveries,
-                    watermarks,
-                    late,
-                    now,
-                    received: at,
-                } => {
-                    received.push((at, deliveries.len() as u64));
-                    for item in late {
-                        shard.publish(item);
-                    }
-                    for (query, watermark) in watermarks {
-                        shard.advance(query, watermark, now);
-                    }
-                    for d in deliveries {
-                        shard.event(d.query, d.key, d.event, d.watermark, d.now);
-                    }
-                }
-                control => {
-                    hand_on(&mut shard, &mut out, &mut received, &mut latency, hub);
-                    control_msg(&mut shard, &mut ids, control, rx.len(), &latency);
-                }
-            }
-            if handled < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        room.notify_waiters();
-        hand_on(&mut shard, &mut out, &mut received, &mut latency, hub);
+    for rx in replies {
+        out.push(rx.await.map_err(|_| Stopped)?);
     }
+    Ok(out)
 }
 
-/// Passes everything emitted so far to the hub, and records how long its frames took.
-fn hand_on(
-    shard: &mut Shard,
-    out: &mut Vec<crate::Emitted>,
-    received: &mut Vec<(Instant, u64)>,
-    latency: &mut Histogram<u64>,
-    hub: &Sender<HubMsg>,
-) {
-    shard.take_output(out);
-    let now = Instant::now();
-    let oldest = received.iter().map(|(at, _)| *at).min();
-    for (at, events) in received.drain(..) {
-        let us = now.duration_since(at).as_micros() as u64;
-        latency.saturating_record_n(us, events);
-    }
-    if !out.is_empty() {
-        let items = std::mem::take(out);
-        // Blocks while the hub is full: backpressure, not loss.
-        let _ = hub.send(HubMsg::Items {
-            items,
-            ingest: oldest,
-        });
-    }
+/// What one shard thread holds besides its [`Shard`].
+struct ShardThread {
+    index: usize,
+    data: Receiver<ShardMsg>,
+    control: Receiver<Control>,
+    hub: Sender<HubMsg>,
+    room: Arc<Notify>,
+    report: Arc<ArcSwap<ShardReport>>,
+    panics: Arc<AtomicU64>,
 }
 
-fn control_msg(
-    shard: &mut Shard,
-    ids: &mut Vec<QueryId>,
-    msg: ShardMsg,
-    queue_depth: usize,
-    latency: &Histogram<u64>,
-) {
-    match msg {
-        ShardMsg::Batch { .. } => unreachable!("batches are handled by the caller"),
-        ShardMsg::Deploy { id, def, done } => {
-            let result = shard.deploy(id, def);
-            if result.is_ok() {
-                ids.push(id);
+/// The state of a shard thread between messages.
+struct Running {
+    shard: Shard,
+    ids: Vec<QueryId>,
+    out: Vec<crate::Emitted>,
+    latency: Histogram<u64>,
+    /// Frames handled since the output was last handed on: when each arrived, and its events.
+    received: Vec<(Instant, u64)>,
+    published: Instant,
+}
+
+impl ShardThread {
+    fn run(&self, settings: &ShardSettings) {
+        let mut shard = Shard::new(&settings.limits);
+        shard.measure_calls(true);
+        shard.set_cpu_budget(settings.budget);
+        let mut st = Running {
+            shard,
+            ids: Vec::new(),
+            out: Vec::new(),
+            latency: crate::shard::latency_histogram(),
+            received: Vec::new(),
+            published: Instant::now(),
+        };
+        loop {
+            let first = crossbeam_channel::select_biased! {
+                recv(self.control) -> msg => match msg {
+                    Ok(msg) => {
+                        self.guarded(|| self.control_msg(&mut st, msg));
+                        continue;
+                    }
+                    // The control side is gone: finish what is queued, then stop.
+                    Err(_) => match self.data.recv() {
+                        Ok(msg) => msg,
+                        Err(_) => break,
+                    },
+                },
+                recv(self.data) -> msg => match msg {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                },
+            };
+            let mut next = Some(first);
+            let mut handled = 0;
+            while let Some(msg) = next.take() {
+                handled += 1;
+                self.guarded(|| self.data_msg(&mut st, msg));
+                if handled < MAX_BATCH {
+                    next = self.data.try_recv().ok();
+                }
             }
-            let _ = done.send(result);
+            self.room.notify_waiters();
+            self.guarded(|| self.hand_on(&mut st));
+            if self.data.is_empty() || st.published.elapsed() >= PUBLISH_EVERY {
+                self.publish(&mut st);
+            }
         }
-        ShardMsg::Remove { id, done } => {
-            shard.remove(id);
-            ids.retain(|&q| q != id);
-            let _ = done.send(());
+        self.publish(&mut st);
+    }
+
+    /// Runs `f`; a panic in it is logged and counted, and the shard goes on.
+    fn guarded(&self, f: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "shard {} panicked; the message in hand is lost, the shard goes on: {what}",
+                self.index
+            );
         }
-        ShardMsg::Report { reply } => {
-            let queries = ids
-                .iter()
-                .filter_map(|&id| {
-                    let stats = shard.stats(id)?;
-                    Some((id, stats, shard.eval_histogram(id).cloned()))
-                })
-                .collect();
-            let _ = reply.send(ShardReport {
-                queries,
-                ingest_to_emit_us: latency.clone(),
-                queue_depth,
+    }
+
+    /// Handles control requests waiting, ahead of the next script call.
+    fn pending_control(&self, st: &mut Running) {
+        while let Ok(msg) = self.control.try_recv() {
+            self.control_msg(st, msg);
+        }
+    }
+
+    fn data_msg(&self, st: &mut Running, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Batch {
+                deliveries,
+                watermarks,
+                now,
+                received,
+            } => {
+                st.received.push((received, deliveries.len() as u64));
+                for d in deliveries {
+                    if !self.control.is_empty() {
+                        self.pending_control(st);
+                    }
+                    st.shard.event(d);
+                }
+                for (query, watermark) in watermarks {
+                    st.shard.advance(query, watermark, now);
+                }
+            }
+            ShardMsg::Retire { id } => {
+                st.shard.remove(id);
+                st.ids.retain(|&q| q != id);
+            }
+            ShardMsg::Flush { done } => {
+                self.hand_on(st);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn control_msg(&self, st: &mut Running, msg: Control) {
+        match msg {
+            Control::Deploy {
+                id,
+                def,
+                control,
+                done,
+            } => {
+                let result = st.shard.deploy_controlled(id, def, control);
+                if result.is_ok() {
+                    st.ids.push(id);
+                }
+                self.publish(st);
+                let _ = done.send(result);
+            }
+            Control::Remove { id, done } => {
+                st.shard.remove(id);
+                st.ids.retain(|&q| q != id);
+                self.publish(st);
+                let _ = done.send(());
+            }
+            #[cfg(test)]
+            Control::Panic => panic!("a test asked this shard to panic"),
+        }
+    }
+
+    /// Passes everything emitted so far to the hub, and records how long its frames took.
+    fn hand_on(&self, st: &mut Running) {
+        st.shard.take_output(&mut st.out);
+        let now = Instant::now();
+        let oldest = st.received.iter().map(|(at, _)| *at).min();
+        for (at, events) in st.received.drain(..) {
+            let us = now.duration_since(at).as_micros() as u64;
+            st.latency.saturating_record_n(us, events);
+        }
+        if !st.out.is_empty() {
+            let items = std::mem::take(&mut st.out);
+            // Blocks while the hub is full: backpressure, not loss.
+            let _ = self.hub.send(HubMsg::Items {
+                items,
+                ingest: oldest,
             });
         }
-        ShardMsg::Flush { done } => {
-            let _ = done.send(());
+    }
+
+    fn publish(&self, st: &mut Running) {
+        let queries = st
+            .ids
+            .iter()
+            .filter_map(|&id| {
+                let stats = st.shard.stats(id)?;
+                Some((id, stats, st.shard.eval_histogram(id).cloned()))
+            })
+            .collect();
+        self.report.store(Arc::new(ShardReport {
+            queries,
+            ingest_to_emit_us: st.latency.clone(),
+        }));
+        st.published = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ShardSettings {
+        ShardSettings {
+            limits: Limits::default(),
+            budget: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_shard_is_counted_and_the_shard_goes_on() {
+        let (hub_tx, hub_rx) = crossbeam_channel::bounded(16);
+        let pipeline = Pipeline::start(1, 8, &settings(), hub_tx);
+        let def = Arc::new(
+            QueryDef::compile(
+                "q",
+                r#"let source = "s"; fn on_event(ev) { emit(ev.x); }"#,
+                &Limits::default(),
+            )
+            .unwrap(),
+        );
+        pipeline
+            .control_all(|done| Control::Deploy {
+                id: QueryId(1),
+                def: Arc::clone(&def),
+                control: Arc::default(),
+                done,
+            })
+            .await
+            .unwrap();
+        let (tx, _rx) = oneshot::channel::<()>();
+        drop(tx);
+        pipeline.shards[0].control.send(Control::Panic).unwrap();
+        // The shard is still there: a flush after the panic is answered.
+        pipeline
+            .ask_all(|done| ShardMsg::Flush { done })
+            .await
+            .unwrap();
+        assert_eq!(pipeline.panics(), 1);
+        assert!(pipeline.is_alive(0));
+        drop(hub_rx);
     }
 }
