@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use eddy::event::Parser;
 use eddy::server::hub::{HubControl, Mode, Subscribe};
 use eddy::server::mailbox::{Mailbox, Outgoing};
 use eddy::synth::{Feed, Scenario};
@@ -63,13 +62,13 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function(format!("vwap_{shards}_shards_100_per_frame"), |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
-                let mut parser = Parser::default();
+                let mut source = eddy::server::ingest::Source::new(&state);
                 let start = Instant::now();
                 for _ in 0..iters {
                     for frame in &input {
                         eddy::server::ingest::ingest(
                             &state,
-                            &mut parser,
+                            &mut source,
                             frame.clone(),
                             Some("trades"),
                             &counters,

@@ -210,7 +210,7 @@ fn queries(c: &mut Criterion) {
                     shard.deploy(QueryId(round), Arc::clone(&def)).unwrap();
                     let router = Router::new(
                         vec![Arc::new(Deployed::new(QueryId(round), Arc::clone(&def)))],
-                        eddy::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+                        eddy::router::TimePolicy::default(),
                     );
                     (shard, router)
                 },
@@ -221,6 +221,7 @@ fn queries(c: &mut Criterion) {
                     };
                     router.route(
                         frame,
+                        0,
                         None,
                         Unnamed::AllQueries,
                         Clock::Position,

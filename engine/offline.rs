@@ -15,9 +15,7 @@ use std::sync::Arc;
 
 use crate::builtins::Emitted;
 use crate::event::{Format, Parser, Position, Rejection};
-use crate::router::{
-    Clock, Delivery, Deployed, RouteSink, Router, Unnamed, DEFAULT_MAX_EVENT_TIME_SKEW_MS,
-};
+use crate::router::{Clock, Delivery, Deployed, RouteSink, Router, TimePolicy, Unnamed};
 use crate::sandbox::Limits;
 use crate::shard::{QueryId, QueryStats, Shard};
 use crate::QueryDef;
@@ -63,7 +61,7 @@ pub fn run(
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         deployed.push(Arc::new(Deployed::new(id, def)));
     }
-    let router = Router::new(deployed, DEFAULT_MAX_EVENT_TIME_SKEW_MS);
+    let router = Router::new(deployed, TimePolicy::default());
     let unnamed = if options.stream.is_some() {
         Unnamed::Reject
     } else {
@@ -95,12 +93,14 @@ pub fn run(
         let stream = options.stream.as_deref();
         let routed = router.route(
             &parsed.frame,
+            0,
             stream,
             unnamed,
             Clock::Position,
             1,
             &mut sink,
         );
+        router.settle(0, &routed);
         summary.accepted += routed.accepted;
         summary.rejected += routed.rejected;
         base.index += parsed.items;

@@ -7,17 +7,21 @@
 //! one bad timestamp cannot push a watermark to the end of time.
 //!
 //! The router does not decide lateness and fires no timer: the shard owns each query's event
-//! time (see [`crate::shard`]). What the router keeps per query is the stream's high-water mark,
-//! the newest event time routed minus lateness, across every producer (an atomic). It stamps
-//! each delivery with that mark as it stood after the event, in input order, so that a shard
-//! moves its watermark exactly where the offline runner would, whichever shard saw the event
-//! that moved it.
+//! time (see [`crate::shard`]). What the router keeps per query is its input's mark, as Flink
+//! keeps one per input partition: each source (a producer connection, a `POST /ingest`, a demo
+//! feed) has its own mark, the newest event time it sent minus lateness, and the input's mark is
+//! the least of them, so a fast producer never makes a slower one's events late. A source
+//! quiet for `idle_timeout` stops holding the mark back, and a closed one is forgotten; a new
+//! source starts at the input's mark. The router stamps each delivery with the mark as it stood
+//! after the event, in input order, so that a shard moves its watermark exactly where the
+//! offline runner (one source) would, whichever shard saw the event that moved it.
 //!
 //! In: a parsed [`Frame`]. Out, through a [`RouteSink`]: deliveries per shard, the marks the
 //! frame reached (for shards that got no event of it), and rejections.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::event::{Event, FieldPath, Frame, Position, RejectKind, Rejection, Value};
 use crate::key::Key;
@@ -25,19 +29,31 @@ use crate::query::QueryDef;
 pub use crate::shard::Delivery;
 use crate::shard::{QueryControl, QueryId};
 
-/// A query as the router knows it: its definition, its switches and its stream's high-water
-/// mark.
+/// A query as the router knows it: its definition, its switches and its input's mark.
 #[derive(Debug)]
 pub struct Deployed {
     pub id: QueryId,
     pub def: Arc<QueryDef>,
     /// Shared with every shard that runs this deployment.
     pub control: Arc<QueryControl>,
+    /// The mark of the whole input: the least of its sources' marks (never falls).
     watermark: AtomicI64,
-    /// The mark as events alone set it (without idle moves).
-    event_mark: AtomicI64,
-    /// Wall-clock ms of the last event routed, for idle streams.
+    /// Each source's own mark, and when it last sent (wall ms).
+    sources: Mutex<HashMap<SourceId, SourceMark>>,
+    /// Wall-clock ms of the last event routed, for idle inputs.
     last_arrival: AtomicI64,
+    /// The input's mark as its events left it, before any idle move.
+    event_mark: AtomicI64,
+}
+
+/// Identifies one source of events: a producer connection, a `POST /ingest`, a demo feed, or
+/// the one input of `eddy run`.
+pub type SourceId = u64;
+
+#[derive(Clone, Copy, Debug)]
+struct SourceMark {
+    mark: i64,
+    seen: i64,
 }
 
 impl Deployed {
@@ -47,20 +63,77 @@ impl Deployed {
             def,
             control: Arc::default(),
             watermark: AtomicI64::new(i64::MIN),
-            event_mark: AtomicI64::new(i64::MIN),
+            sources: Mutex::new(HashMap::new()),
             last_arrival: AtomicI64::new(i64::MIN),
+            event_mark: AtomicI64::new(i64::MIN),
         }
     }
 
-    /// Newest event time routed minus lateness (or moved on by idleness); `i64::MIN` before the
-    /// first event.
+    /// The input's mark; `i64::MIN` before the first event.
     pub fn watermark(&self) -> i64 {
         self.watermark.load(Ordering::Relaxed)
     }
 
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<SourceId, SourceMark>> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The least mark of the sources other than `source` that sent within `idle_ms` of `wall`
+    /// (all of them without `idle_ms`); `None` when there are none.
+    fn others(
+        sources: &HashMap<SourceId, SourceMark>,
+        source: SourceId,
+        wall: i64,
+        idle_ms: Option<i64>,
+    ) -> Option<i64> {
+        sources
+            .iter()
+            .filter(|(id, m)| **id != source && idle_ms.is_none_or(|i| wall - m.seen < i))
+            .map(|(_, m)| m.mark)
+            .min()
+    }
+
+    /// Records `source`'s mark after a frame and raises the input's mark to the least of the
+    /// sources'; returns the input's mark when it rose.
+    fn settle(&self, source: SourceId, mark: i64, wall: i64, idle_ms: Option<i64>) -> Option<i64> {
+        let least = {
+            let mut sources = self.sources();
+            sources.insert(source, SourceMark { mark, seen: wall });
+            Self::others(&sources, source, wall, idle_ms).map_or(mark, |o| o.min(mark))
+        };
+        self.event_mark.fetch_max(least, Ordering::Relaxed);
+        (self.watermark.fetch_max(least, Ordering::Relaxed) < least).then_some(least)
+    }
+
+    /// `source` starts feeding this query: from now on it holds the input's mark back until it
+    /// sends (it starts at the input's mark).
+    pub fn source_opened(&self, source: SourceId, wall: i64) {
+        let floor = self.watermark();
+        self.sources().entry(source).or_insert(SourceMark {
+            mark: floor,
+            seen: wall,
+        });
+    }
+
+    /// A source has gone (its connection closed): it no longer holds the mark back. Returns
+    /// whether it was a source of this query.
+    pub fn source_closed(&self, source: SourceId) -> bool {
+        let least = {
+            let mut sources = self.sources();
+            if sources.remove(&source).is_none() {
+                return false;
+            }
+            sources.values().map(|m| m.mark).min()
+        };
+        if let Some(least) = least {
+            self.watermark.fetch_max(least, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// For an idle input: when no event was routed for `idle_ms` up to `now_ms` (wall clock),
-    /// the mark moves on with processing time, to the mark of the last event plus the time since
-    /// it came. Returns the new mark when it moved.
+    /// the mark moves on with processing time, to the mark the last events left plus the time
+    /// since they came. Returns the new mark when it moved.
     pub fn advance_idle(&self, now_ms: i64, idle_ms: i64) -> Option<i64> {
         let last = self.last_arrival.load(Ordering::Relaxed);
         let quiet = now_ms.saturating_sub(last);
@@ -105,27 +178,42 @@ pub enum Clock {
     Position,
 }
 
-/// What one call of [`Router::route`] counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one call of [`Router::route`] counted, and the marks its source reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Routed {
     pub accepted: u64,
     pub rejected: u64,
+    /// The source's own mark per query the input fed, for [`Router::settle`].
+    pub marks: Vec<(usize, i64)>,
 }
 
 /// How far ahead of the wall clock an event time may be, by default: one day.
 pub const DEFAULT_MAX_EVENT_TIME_SKEW_MS: i64 = 24 * 3600 * 1000;
 
-/// The routing table: the deployed queries, looked up by stream.
-#[derive(Debug, Clone)]
-pub struct Router {
-    queries: Vec<Arc<Deployed>>,
-    max_skew_ms: i64,
+/// How the router treats event time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimePolicy {
+    /// Event times further ahead of the wall clock are rejected.
+    pub max_skew_ms: i64,
+    /// A source quiet this long no longer holds its queries' marks back. `None`: it does until
+    /// it closes.
+    pub idle_ms: Option<i64>,
 }
 
-impl Default for Router {
+impl Default for TimePolicy {
     fn default() -> Self {
-        Router::new(Vec::new(), DEFAULT_MAX_EVENT_TIME_SKEW_MS)
+        TimePolicy {
+            max_skew_ms: DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+            idle_ms: None,
+        }
     }
+}
+
+/// The routing table: the deployed queries, looked up by stream.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    queries: Vec<Arc<Deployed>>,
+    time: TimePolicy,
 }
 
 /// Wall-clock time in epoch ms.
@@ -136,28 +224,21 @@ pub fn wall_ms() -> i64 {
 }
 
 impl Router {
-    /// A table of `queries` that rejects event times more than `max_skew_ms` ahead of the wall
-    /// clock.
-    pub fn new(queries: Vec<Arc<Deployed>>, max_skew_ms: i64) -> Self {
-        Router {
-            queries,
-            max_skew_ms,
-        }
-    }
-
-    pub fn max_skew_ms(&self) -> i64 {
-        self.max_skew_ms
+    pub fn new(queries: Vec<Arc<Deployed>>, time: TimePolicy) -> Self {
+        Router { queries, time }
     }
 
     pub fn queries(&self) -> &[Arc<Deployed>] {
         &self.queries
     }
 
-    /// Routes every event of `frame`. `stream` names the stream of events that carry no
-    /// `"stream"` field; `clock` gives each event's arrival time.
+    /// Routes every event of `frame`, which came from `source`. `stream` names the stream of
+    /// events that carry no `"stream"` field; `clock` gives each event's arrival time.
+    #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
         frame: &Arc<Frame>,
+        source: SourceId,
         stream: Option<&str>,
         unnamed: Unnamed,
         clock: Clock,
@@ -167,9 +248,10 @@ impl Router {
         static STREAM: std::sync::OnceLock<FieldPath> = std::sync::OnceLock::new();
         let stream_field = STREAM.get_or_init(|| FieldPath::parse("stream").expect("valid path"));
         let mut routed = Routed::default();
-        let mut advanced: Vec<(QueryId, i64)> = Vec::new();
         let mut plan: Vec<(usize, Key, i64)> = Vec::new();
         let wall = wall_ms();
+        // Per query this frame feeds: the source's running mark and the least of the others'.
+        let mut marks: Vec<Option<(i64, Option<i64>)>> = vec![None; self.queries.len()];
         for i in 0..frame.len() {
             let event = frame.event(i);
             let position = frame.position(i);
@@ -209,7 +291,7 @@ impl Router {
                         continue;
                     }
                 }
-                match route_one(&event, q, arrival, (wall, self.max_skew_ms)) {
+                match route_one(&event, q, arrival, (wall, self.time.max_skew_ms)) {
                     Ok((key, time)) => plan.push((qi, key, time)),
                     Err(reason) => {
                         problem = Some(reason);
@@ -229,17 +311,16 @@ impl Router {
             routed.accepted += 1;
             for (qi, key, time) in plan.drain(..) {
                 let q = &self.queries[qi];
-                q.last_arrival.store(wall, Ordering::Relaxed);
-                let candidate = time.saturating_sub(q.def.config.lateness_ms);
-                q.event_mark.fetch_max(candidate, Ordering::Relaxed);
-                let before = q.watermark.fetch_max(candidate, Ordering::Relaxed);
-                let watermark = before.max(candidate);
-                if candidate > before {
-                    match advanced.iter_mut().find(|(id, _)| *id == q.id) {
-                        Some(entry) => entry.1 = entry.1.max(candidate),
-                        None => advanced.push((q.id, candidate)),
-                    }
-                }
+                let (own, others) = marks[qi].get_or_insert_with(|| {
+                    let floor = q.watermark();
+                    let sources = q.sources();
+                    let own = sources.get(&source).map_or(floor, |m| m.mark);
+                    let others = Deployed::others(&sources, source, wall, self.time.idle_ms);
+                    (own, others)
+                });
+                *own = (*own).max(time.saturating_sub(q.def.config.lateness_ms));
+                let watermark = others.map_or(*own, |o| o.min(*own)).max(q.watermark());
+                let source_mark = (*own).max(watermark);
                 let shard = key.shard(shards);
                 sink.deliver(
                     shard,
@@ -250,15 +331,32 @@ impl Router {
                         event: event.clone(),
                         time,
                         watermark,
+                        source_mark,
                         now: arrival,
                     },
                 );
             }
         }
-        for (query, watermark) in advanced {
-            sink.advanced(query, watermark);
+        for (qi, (q, mark)) in self.queries.iter().zip(marks).enumerate() {
+            let Some((own, others)) = mark else { continue };
+            q.last_arrival.store(wall, Ordering::Relaxed);
+            routed.marks.push((qi, own));
+            let reached = others.map_or(own, |o| o.min(own));
+            if reached > q.watermark() {
+                sink.advanced(q.id, reached);
+            }
         }
         routed
+    }
+
+    /// Publishes the marks a routed input reached for its source, once its deliveries are
+    /// queued (published earlier, another source's advance could overtake them and fire timers
+    /// before they arrive).
+    pub fn settle(&self, source: SourceId, routed: &Routed) {
+        let wall = wall_ms();
+        for &(qi, own) in &routed.marks {
+            self.queries[qi].settle(source, own, wall, self.time.idle_ms);
+        }
     }
 }
 

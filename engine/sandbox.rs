@@ -36,8 +36,7 @@ pub struct Limits {
     pub max_emit_bytes: usize,
     /// Pending timers of one key.
     pub max_timers_per_key: usize,
-    /// Timers one round fires at most (a round runs when the watermark moves and after each
-    /// event); the rest wait for the next round.
+    /// Timers one advance of the watermark fires at most; the rest wait for the next advance.
     pub max_timers_per_advance: usize,
     /// Named topics (`emit("name", v)`) of one query.
     pub max_topics_per_query: usize,

@@ -8,16 +8,19 @@
 //! [`Shard::take_output`].
 //!
 //! Event time is owned here. Each query has a watermark per shard that only grows, moved by the
-//! deliveries in the order they come (each carries the watermark its stream had reached when the
+//! deliveries in the order they come (each carries the mark its input had reached when the
 //! router stamped it, see [`Delivery`]) and by explicit advances. An event whose time is behind
-//! the watermark is late: it is not handled but becomes an item on `<query>.late`, so no event is
-//! ever handled after a timer it belongs before has fired. Timers fire in rounds: a round fires
-//! the timers due when it starts, in time order, ties in key order, at most
-//! [`Limits::max_timers_per_advance`] of them (the rest wait for the next round and are counted).
-//! Rounds run when the watermark moves (before the event that moved it is handled) and after each
-//! event. A timer set for a time at or before the watermark therefore fires once, in the next
-//! round, never in a loop within one. At the end of a finite input ([`Shard::finish`]) rounds
-//! repeat until no timer is due, at most [`FINISH_ROUNDS`] times.
+//! the watermark, or behind its own source's mark, is late: it is not handled but becomes an item
+//! on `<query>.late`, so no event is ever handled after a timer it belongs before has fired.
+//!
+//! Timers fire when the watermark rises to them, in (time, key) order, before the event that
+//! raised it is handled, at most [`Limits::max_timers_per_advance`] per advance (the rest wait
+//! for the next advance and are counted). A key's own timers also fire, before its event, up to
+//! its source's mark, so a key fed by one producer sees its timers exactly where `eddy run`
+//! would fire them even while a slower producer holds the query's watermark back. A timer set for
+//! a time at or before the watermark fires once, at the next advance; one that `on_timer(T)` sets
+//! for `T` or earlier likewise waits for the next advance, so a timer that sets itself again
+//! never loops. [`Shard::finish`] is the last advance, to the end of time.
 //!
 //! A runtime error skips that call: the items it emitted and the timers it set are dropped, it is
 //! counted and published on `<query>.errors`. State changes the call made before failing stay
@@ -65,6 +68,10 @@ pub struct Delivery {
     /// before handling the event, so that timers fire at the same point of the stream as they do
     /// offline, whichever shard saw the event that moved it.
     pub watermark: i64,
+    /// The mark of the event's own source with this event (at least `watermark`): an event
+    /// behind it is late, and the key's own timers up to it fire before the event, as they would
+    /// offline, even while a slower source holds the input's mark back.
+    pub source_mark: i64,
     /// Arrival time (`now()`).
     pub now: i64,
 }
@@ -121,7 +128,7 @@ pub struct QueryStats {
     pub late: u64,
     /// Events skipped while the query was quarantined.
     pub skipped: u64,
-    /// Due timers left for a later round by the per-round cap.
+    /// Due timers left for a later advance by `max_timers_per_advance`.
     pub timers_deferred: u64,
     /// Script time, in µs.
     pub cpu_us: u64,
@@ -159,18 +166,24 @@ impl KeyState {
     }
 }
 
-/// Rounds of timers [`Shard::finish`] runs at most, for timers that set timers.
-pub const FINISH_ROUNDS: usize = 64;
-
 /// States smaller than this are measured after every call.
 const MEASURE_EVERY_CALL_BYTES: usize = 4096;
 
 /// Most calls between two measurements of a large state.
 const MAX_MEASURE_INTERVAL: u32 = 256;
 
-/// Script time of one query on this shard in the current window.
-struct CpuWindow {
+/// The shard's script time in the current CPU window.
+struct CpuClock {
     started: Instant,
+    total: Duration,
+    /// Counts windows, so that each query knows whether its own count is current.
+    window: u64,
+}
+
+/// A query's script time on this shard in window `window`.
+#[derive(Default)]
+struct CpuUse {
+    window: u64,
     used: Duration,
 }
 
@@ -178,7 +191,7 @@ struct QueryRuntime {
     id: QueryId,
     def: Arc<QueryDef>,
     control: Arc<QueryControl>,
-    cpu: Option<CpuWindow>,
+    cpu: CpuUse,
     ast: AST,
     topics: Rc<QueryTopics>,
     states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
@@ -202,6 +215,7 @@ pub struct Shard {
     limits: Limits,
     timing: bool,
     budget: Option<CpuBudget>,
+    clock: CpuClock,
     /// Field names with a property getter on the event type (see [`Shard::deploy`]).
     getters: std::collections::HashSet<String>,
 }
@@ -223,6 +237,11 @@ impl Shard {
             limits: limits.clone(),
             timing: false,
             budget: None,
+            clock: CpuClock {
+                started: Instant::now(),
+                total: Duration::ZERO,
+                window: 1,
+            },
             getters: std::collections::HashSet::new(),
         }
     }
@@ -275,7 +294,7 @@ impl Shard {
         self.queries.push(QueryRuntime {
             id,
             control,
-            cpu: None,
+            cpu: CpuUse::default(),
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
@@ -326,6 +345,11 @@ impl Shard {
 
     /// The runtime of query `id` and the parts of the shard a script call needs.
     fn query(&mut self, id: QueryId) -> Option<(&mut QueryRuntime, Call<'_>)> {
+        let queries = self
+            .queries
+            .iter()
+            .filter(|q| !q.control.is_removed() && !q.control.is_quarantined())
+            .count();
         let q = self.queries.iter_mut().find(|q| q.id == id)?;
         let call = Call {
             engine: &self.engine,
@@ -333,6 +357,8 @@ impl Shard {
             ctx: &self.ctx,
             limits: &self.limits,
             budget: self.budget,
+            clock: &mut self.clock,
+            queries,
         };
         Some((q, call))
     }
@@ -349,22 +375,13 @@ impl Shard {
         call.fire_timers(q, now);
     }
 
-    /// Raises every query's watermark to the end of time and fires the timers, again for the
-    /// timers those set in the past, until none is due (at most [`FINISH_ROUNDS`] advances): the
-    /// end of a finite input.
+    /// Raises every query's watermark to the end of time, firing every pending timer: the end
+    /// of a finite input. This is the last advance: timers an `on_timer(T)` sets for `T` or
+    /// earlier then never fire.
     pub fn finish(&mut self, now: i64) {
         let ids: Vec<QueryId> = self.queries.iter().map(|q| q.id).collect();
         for id in ids {
             self.advance(id, i64::MAX, now);
-            for _ in 1..FINISH_ROUNDS {
-                let Some((q, mut call)) = self.query(id) else {
-                    break;
-                };
-                if q.deferred.is_empty() || q.control.is_removed() {
-                    break;
-                }
-                call.fire_timers(q, now);
-            }
         }
     }
 
@@ -381,15 +398,19 @@ impl Shard {
             q.stats.skipped += 1;
             return;
         }
-        if q.def.config.time_field.is_some() && d.time < q.watermark.max(d.watermark) {
+        let bar = q.watermark.max(d.source_mark);
+        if q.def.config.time_field.is_some() && d.time < bar {
             q.stats.late += 1;
-            let item = late_item(q, d.key, &d.event, d.time, q.watermark.max(d.watermark));
+            let item = late_item(q, d.key, &d.event, d.time, bar);
             call.ctx.borrow_mut().out.push(item);
             return;
         }
         if d.watermark > q.watermark {
             q.watermark = d.watermark;
             call.fire_timers(q, d.now);
+        }
+        if d.source_mark > q.watermark {
+            call.fire_key_timers(q, &d.key, d.source_mark, d.now);
         }
         q.stats.events += 1;
         call.on_event(q, d.key, d.event, d.now);
@@ -420,6 +441,9 @@ struct Call<'a> {
     ctx: &'a Rc<RefCell<CallCtx>>,
     limits: &'a Limits,
     budget: Option<CpuBudget>,
+    clock: &'a mut CpuClock,
+    /// Deployments running on the shard (neither removed nor quarantined).
+    queries: usize,
 }
 
 /// How a call ended, for the shard to act on.
@@ -559,7 +583,10 @@ impl Call<'_> {
         }
     }
 
-    /// Records the script time of one call; quarantines the query past its budget.
+    /// Records the script time of one call; quarantines the query past its budget: more than
+    /// `share` of the window's wall time, and more than `share` of all the script time the
+    /// shard spent in it, while other queries run on the shard. (A query running alone on its
+    /// shard is never quarantined: it slows nobody but its own producers, through backpressure.)
     fn account(&mut self, q: &mut QueryRuntime, key: &Key, function: &str, elapsed: Duration) {
         q.stats.cpu_us += elapsed.as_micros() as u64;
         if let Some(hist) = q.eval_ns.as_mut() {
@@ -567,27 +594,37 @@ impl Call<'_> {
         }
         let Some(budget) = self.budget else { return };
         let now = Instant::now();
-        let window = q.cpu.get_or_insert(CpuWindow {
-            started: now,
-            used: Duration::ZERO,
-        });
-        if now.duration_since(window.started) >= budget.window {
-            window.started = now;
-            window.used = Duration::ZERO;
+        let clock = &mut *self.clock;
+        if now.duration_since(clock.started) >= budget.window {
+            clock.started = now;
+            clock.total = Duration::ZERO;
+            clock.window += 1;
         }
-        window.used += elapsed;
-        if window.used <= budget.window.mul_f64(budget.share) {
+        clock.total += elapsed;
+        if q.cpu.window != clock.window {
+            q.cpu = CpuUse {
+                window: clock.window,
+                used: Duration::ZERO,
+            };
+        }
+        q.cpu.used += elapsed;
+        let used = q.cpu.used;
+        if self.queries < 2
+            || used <= budget.window.mul_f64(budget.share)
+            || used <= clock.total.mul_f64(budget.share)
+        {
             return;
         }
-        let used = window.used;
-        q.cpu = None;
+        let total = clock.total;
         if q.control.quarantine() {
             let msg = format!(
-                "query quarantined: its script took {} ms of the last {} ms on one shard, over its \
-                 share (max_query_cpu = {}% per query_cpu_window); its events are counted and \
-                 skipped until an admin resumes it (POST /queries/{}/resume)",
+                "query quarantined: its script took {} ms of the last {} ms on one shard ({:.0}% \
+                 of the shard's script time), over its share (max_query_cpu = {}% per \
+                 query_cpu_window); its events are counted and skipped until an admin resumes it \
+                 (POST /queries/{}/resume)",
                 used.as_millis(),
                 budget.window.as_millis(),
+                100.0 * used.as_secs_f64() / total.as_secs_f64(),
                 budget.share * 100.0,
                 q.def.name
             );
@@ -630,6 +667,37 @@ impl Call<'_> {
                 self.run(q, key, "on_timer", Dynamic::from_int(t), now);
                 q.firing = None;
             }
+        }
+    }
+
+    /// Fires the timers of `key` alone up to `mark` (its own source's mark, ahead of the
+    /// input's), in time order, with the same rules as [`Call::fire_timers`].
+    fn fire_key_timers(&mut self, q: &mut QueryRuntime, key: &Key, mark: i64, now: i64) {
+        let mut fired = 0;
+        loop {
+            let Some(entry) = q.states.get_mut(key) else {
+                return;
+            };
+            let Some(t) = entry.timers.iter().copied().filter(|&t| t <= mark).min() else {
+                return;
+            };
+            if !q.timers.contains(&(t, key.clone())) {
+                // Deferred by an on_timer at or after it: it waits for the next advance.
+                return;
+            }
+            if fired >= self.limits.max_timers_per_advance
+                || q.control.is_removed()
+                || q.control.is_quarantined()
+            {
+                return;
+            }
+            q.timers.remove(&(t, key.clone()));
+            entry.timers.retain(|&x| x != t);
+            q.stats.timers_fired += 1;
+            fired += 1;
+            q.firing = Some(t);
+            self.run(q, key.clone(), "on_timer", Dynamic::from_int(t), now);
+            q.firing = None;
         }
     }
 

@@ -415,6 +415,7 @@ fn call_times_are_measured_when_asked() {
             event: frame.event(i),
             time: 0,
             watermark: 0,
+            source_mark: 0,
             now: 0,
         });
     }
@@ -437,4 +438,76 @@ fn property_names_are_found() {
         super::property_names("this.n += ev.price * ev.dev.id; x.len(); a . b; ev.to_map ()")
             .collect();
     assert_eq!(names, ["n", "price", "dev", "id"]);
+}
+
+#[test]
+fn a_query_past_its_cpu_budget_is_quarantined_and_its_events_skipped() {
+    let limits = Limits::default();
+    let def = std::sync::Arc::new(
+        QueryDef::compile(
+            "greedy",
+            "let source = \"s\"; fn on_event(ev) { let x = 0; for i in 0..2000 { x += i; } }",
+            &limits,
+        )
+        .unwrap(),
+    );
+    let mut shard = crate::Shard::new(&limits);
+    shard.set_cpu_budget(Some(crate::shard::CpuBudget {
+        share: 0.5,
+        window: std::time::Duration::from_millis(20),
+    }));
+    shard
+        .deploy(crate::QueryId(1), std::sync::Arc::clone(&def))
+        .unwrap();
+    let frame = crate::Parser::default().parse(b"{}\n".repeat(2000)).frame;
+    let deliver = |shard: &mut crate::Shard, id: u64, i: usize| {
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(id),
+            key: crate::Key::None,
+            event: frame.event(i),
+            time: 0,
+            watermark: 0,
+            source_mark: 0,
+            now: 0,
+        })
+    };
+    // Alone on its shard, a query is never quarantined: it slows nobody else.
+    for i in 0..200 {
+        deliver(&mut shard, 1, i);
+    }
+    assert!(!shard.is_quarantined(crate::QueryId(1)));
+    let cheap = QueryDef::compile("cheap", "let source = \"s\"; fn on_event(ev) { }", &limits);
+    shard
+        .deploy(crate::QueryId(2), std::sync::Arc::new(cheap.unwrap()))
+        .unwrap();
+    for i in 0..frame.len() {
+        deliver(&mut shard, 2, i);
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(1),
+            key: crate::Key::None,
+            event: frame.event(i),
+            time: 0,
+            watermark: 0,
+            source_mark: 0,
+            now: 0,
+        });
+    }
+    let stats = shard.stats(crate::QueryId(1)).unwrap();
+    assert!(shard.is_quarantined(crate::QueryId(1)));
+    assert!(!shard.is_quarantined(crate::QueryId(2)));
+    assert!(stats.skipped > 0, "{stats:?}");
+    assert_eq!(stats.events + stats.skipped, 2200, "{stats:?}");
+    assert_eq!(shard.stats(crate::QueryId(2)).unwrap().events, 2000);
+    let mut out = Vec::new();
+    shard.take_output(&mut out);
+    let errors: Vec<_> = out
+        .iter()
+        .filter(|i| &*i.topic == "greedy.errors")
+        .collect();
+    assert_eq!(errors.len(), 1);
+    let text = String::from_utf8_lossy(&errors[0].value);
+    assert!(
+        text.contains("quarantined") && text.contains("max_query_cpu"),
+        "{text}"
+    );
 }

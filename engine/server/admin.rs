@@ -51,7 +51,7 @@ impl Catalog {
     fn publish(&self, state: &State) -> Arc<Router> {
         state.router.swap(Arc::new(Router::new(
             self.queries.values().cloned().collect(),
-            state.config.max_event_time_skew_ms,
+            state.config.time_policy(),
         )))
     }
 }

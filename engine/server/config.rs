@@ -54,8 +54,9 @@ pub struct Config {
     /// When a query's input is quiet this long, its watermark moves on with processing time, so
     /// that its last windows close. `None`: never (the watermark waits for events).
     pub idle_timeout: Option<Duration>,
-    /// Share of one shard's time one query's scripts may take per `query_cpu_window` before the
-    /// query is quarantined (0 < share ≤ 1; 1 turns quarantine off).
+    /// Share of one shard one query's scripts may take per `query_cpu_window` (of its wall time,
+    /// and of the script time of every query on it, while others share it) before the query is
+    /// quarantined (0 < share ≤ 1; 1 turns quarantine off).
     pub max_query_cpu: f64,
     pub query_cpu_window: Duration,
     /// Built-in synthetic feeds.
@@ -85,10 +86,20 @@ impl Default for Config {
             limits: Limits::default(),
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_timeout: None,
-            max_query_cpu: 0.5,
+            max_query_cpu: 0.8,
             query_cpu_window: Duration::from_secs(10),
             demo: false,
             demo_rate: 200,
+        }
+    }
+}
+
+impl Config {
+    /// How the router treats event time under this configuration.
+    pub fn time_policy(&self) -> crate::router::TimePolicy {
+        crate::router::TimePolicy {
+            max_skew_ms: self.max_event_time_skew_ms,
+            idle_ms: self.idle_timeout.map(|d| d.as_millis() as i64),
         }
     }
 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::event::Parser;
 use crate::synth::{Feed, Scenario};
 
 use super::ingest::ingest;
@@ -28,7 +27,7 @@ async fn run(state: Arc<State>, scenario: Scenario, seed: u64) {
     // The silent sensor stops after about a minute.
     let mut feed = Feed::new(scenario, seed, 0).silence_after((rate * 100.0) as u64);
     let counters = state.metrics.stream(scenario.stream());
-    let mut parser = Parser::default();
+    let mut source = super::ingest::Source::new(&state);
     let mut shutdown = state.shutdown.subscribe();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,7 +52,7 @@ async fn run(state: Arc<State>, scenario: Scenario, seed: u64) {
         }
         ingest(
             &state,
-            &mut parser,
+            &mut source,
             frame,
             Some(scenario.stream()),
             &counters,

@@ -12,6 +12,7 @@
 //! With `ack=true` every frame is answered with its counts and up to ten errors; otherwise
 //! rejected events are reported as `error` messages, at most ten a second per connection.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::event::{Parser, Position, RejectKind, Rejection};
 use crate::json::{write_int, write_str};
-use crate::router::{Clock, Delivery, RouteSink, Unnamed};
+use crate::router::{Clock, Delivery, RouteSink, SourceId, Unnamed};
 use crate::shard::QueryId;
 
 use super::metrics::StreamCounters;
@@ -89,16 +90,71 @@ impl RouteSink for Gather<'_> {
     }
 }
 
+/// One source of events (a producer connection, a `POST /ingest`, a demo feed): its parser, and
+/// the identity under which its queries keep its mark (see [`crate::router`]).
+pub struct Source {
+    id: SourceId,
+    parser: Parser,
+}
+
+impl Source {
+    pub fn new(state: &State) -> Self {
+        Source {
+            id: state.next_source.fetch_add(1, Ordering::Relaxed),
+            parser: Parser::default(),
+        }
+    }
+
+    /// Declares the source a feed of `stream`'s queries before it sends anything, so that the
+    /// input's mark waits for it (see [`crate::router`]).
+    pub fn open(&self, state: &State, stream: &str) {
+        let wall = crate::router::wall_ms();
+        let router = state.router.load();
+        for q in router.queries() {
+            if q.def.config.sources.iter().any(|s| s == stream) {
+                q.source_opened(self.id, wall);
+            }
+        }
+    }
+
+    /// The source has gone: it no longer holds its queries' marks back, and the shards hear of
+    /// their marks (which may also have risen when sources settled at the same moment).
+    pub async fn close(self, state: &State) {
+        let router = state.router.load_full();
+        let rose: Vec<(QueryId, i64)> = router
+            .queries()
+            .iter()
+            .filter(|q| q.def.functions.on_timer && q.source_closed(self.id))
+            .map(|q| (q.id, q.watermark()))
+            .filter(|(_, mark)| *mark > i64::MIN)
+            .collect();
+        drop(router);
+        if rose.is_empty() {
+            return;
+        }
+        let now = crate::router::wall_ms();
+        for shard in 0..state.pipeline.shards() {
+            let msg = ShardMsg::Batch {
+                deliveries: Vec::new(),
+                watermarks: rose.clone(),
+                now,
+                received: Instant::now(),
+            };
+            let _ = state.pipeline.send(shard, msg).await;
+        }
+    }
+}
+
 /// Parses, routes and queues one input. Returns once every event is queued for its shard.
 pub async fn ingest(
     state: &State,
-    parser: &mut Parser,
+    source: &mut Source,
     input: Vec<u8>,
     stream: Option<&str>,
     counters: &StreamCounters,
 ) -> Outcome {
     let received = Instant::now();
-    let parsed = parser.parse(input);
+    let parsed = source.parser.parse(input);
     let mut rejections = parsed.rejections;
     let nothing_was_json = parsed.items > 0
         && parsed.frame.is_empty()
@@ -117,6 +173,7 @@ pub async fn ingest(
     let now = crate::router::wall_ms();
     let mut routed = router.route(
         &parsed.frame,
+        source.id,
         stream,
         Unnamed::Reject,
         Clock::At(now),
@@ -155,6 +212,7 @@ pub async fn ingest(
             unqueued.extend(positions.into_iter().map(|p| (shard, p)));
         }
     }
+    router.settle(source.id, &routed);
     drop(router);
     unqueued.sort_by_key(|(_, p)| p.index);
     unqueued.dedup_by_key(|(_, p)| p.index);
@@ -187,8 +245,16 @@ pub struct IngestParams {
 }
 
 /// Serves one producer's WebSocket.
-pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestParams) {
-    let Ok(ws) = upgrade.await else { return };
+pub async fn websocket(
+    state: Arc<State>,
+    upgrade: UpgradeFut,
+    params: IngestParams,
+    mut source: Source,
+) {
+    let Ok(ws) = upgrade.await else {
+        source.close(&state).await;
+        return;
+    };
     let _conn = state.metrics.connection("ingest");
     let (mut read, write) = ws::split(ws, state.config.max_frame_bytes);
     let (tx, rx) = mpsc::channel::<Outbound>(64);
@@ -203,7 +269,6 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestPar
     let counters = state
         .metrics
         .stream(params.stream.as_deref().unwrap_or("-"));
-    let mut parser = Parser::default();
     let mut shutdown = state.shutdown.subscribe();
     let mut frame_no: u64 = 0;
     let mut limiter = ErrorLimiter::default();
@@ -242,7 +307,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestPar
                 let input = frame.payload.to_vec();
                 let outcome = ingest(
                     &state,
-                    &mut parser,
+                    &mut source,
                     input,
                     params.stream.as_deref(),
                     &counters,
@@ -272,6 +337,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, params: IngestPar
     }
     drop(tx);
     let _ = writer.await;
+    source.close(&state).await;
 }
 
 /// After the server's close: reads and discards what the producer still sends (unacknowledged,

@@ -63,6 +63,7 @@ pub struct State {
     /// path).
     pub catalog: tokio::sync::Mutex<admin::Catalog>,
     pub next_query: AtomicU64,
+    pub next_source: AtomicU64,
     pub next_subscriber: AtomicU64,
     pub metrics: metrics::Metrics,
     /// Set when shutdown begins: producers stop.
@@ -135,9 +136,10 @@ impl Server {
             admin_token,
             pipeline,
             hub,
-            router: ArcSwap::from_pointee(Router::new(Vec::new(), config.max_event_time_skew_ms)),
+            router: ArcSwap::from_pointee(Router::new(Vec::new(), config.time_policy())),
             catalog: tokio::sync::Mutex::new(admin::Catalog::default()),
             next_query: AtomicU64::new(1),
+            next_source: AtomicU64::new(1),
             next_subscriber: AtomicU64::new(1),
             metrics: metrics::Metrics::default(),
             shutdown: watch::channel(false).0,
@@ -172,7 +174,7 @@ impl Server {
         let state = &self.state;
         let deadline = tokio::time::Instant::now() + state.config.shutdown_timeout;
         self.accept.abort();
-        let _ = state.shutdown.send(true);
+        state.shutdown.send_replace(true);
         // Producers see the signal, finish the frame in hand and close.
         state.producers.close();
         let _ = tokio::time::timeout_at(deadline, state.producers.wait()).await;
@@ -186,7 +188,7 @@ impl Server {
             let _ = rx.await;
         };
         let _ = tokio::time::timeout_at(deadline, flush).await;
-        let _ = state.closing.send(true);
+        state.closing.send_replace(true);
         state.subscribers.close();
         let _ = tokio::time::timeout_at(deadline, state.subscribers.wait()).await;
         let mut connections = self.connections.lock().await;
@@ -399,7 +401,13 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                     stream: params.get("stream").cloned().filter(|s| !s.is_empty()),
                     ack: params.get("ack").is_some_and(|v| v == "true" || v == "1"),
                 };
-                let task = ingest::websocket(Arc::clone(&state), upgrade, params);
+                // A source of its stream from before the handshake's answer, so that the
+                // stream's mark waits for it.
+                let source = ingest::Source::new(&state);
+                if let Some(stream) = &params.stream {
+                    source.open(&state, stream);
+                }
+                let task = ingest::websocket(Arc::clone(&state), upgrade, params, source);
                 state.producers.spawn(task);
             } else {
                 let task = subscribe::websocket(Arc::clone(&state), upgrade);
@@ -457,8 +465,9 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
         Err(response) => return response,
     };
     let counters = state.metrics.stream(stream.as_deref().unwrap_or("-"));
-    let mut parser = crate::event::Parser::default();
-    let outcome = ingest::ingest(state, &mut parser, body, stream.as_deref(), &counters).await;
+    let mut source = ingest::Source::new(state);
+    let outcome = ingest::ingest(state, &mut source, body, stream.as_deref(), &counters).await;
+    source.close(state).await;
     let mut out = Vec::new();
     outcome.write_json(b"", &mut out);
     let status = if outcome.nothing_was_json {
