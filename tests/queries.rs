@@ -475,11 +475,14 @@ fn hashtag_sentiment_matches_vader_and_exact_counts() {
         assert_eq!(item["topic"], *topic);
         let got = &item["value"];
         if *topic == "hashtag_sentiment" {
+            // Keyed by its hashtag (emit_to), though the query has no key_by.
+            assert_eq!(item["key"], want["hashtag"]);
             assert_eq!(got["hashtag"], want["hashtag"]);
             assert_eq!(got["posts"], want["posts"]);
             assert_close(&got["score"], f(&want["score"]), "score");
             assert_close(&got["sentiment"], f(&want["sentiment"]), "sentiment");
         } else {
+            assert_eq!(item["key"], Value::Null);
             assert_eq!(got, want);
         }
     }
