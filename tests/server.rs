@@ -830,6 +830,56 @@ async fn the_demo_feeds_vwap_ordered_and_batched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_quotes_feed_the_cookbook_as_of_join_live() {
+    bounded(async {
+        let script = query_file("asof_join");
+        let (server, _dir) = start(&[("asof_join", &script)], |c| {
+            c.demo = true;
+            c.demo_rate = 2000;
+        })
+        .await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "asof_join"})).await;
+        let items = collect_at_least(&mut sub, "asof_join", 300, 0).await;
+        let mut symbols = std::collections::HashSet::new();
+        let mut last_ts: HashMap<String, i64> = HashMap::new();
+        for item in &items {
+            let v = &item["value"];
+            let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {item}"));
+            let (bid, ask, price, mid) = (f("bid"), f("ask"), f("price"), f("mid"));
+            assert!(bid < ask, "{item}");
+            assert_eq!(mid, (bid + ask) / 2.0, "{item}");
+            assert_eq!(f("spread"), ask - bid, "{item}");
+            let side = if price > mid {
+                "buy"
+            } else if price < mid {
+                "sell"
+            } else {
+                "mid"
+            };
+            assert_eq!(v["side"], side, "{item}");
+            assert!(
+                (f("slippage_bps") - (price - mid) / mid * 1e4).abs() < 1e-9,
+                "{item}"
+            );
+            // The quote came earlier, at most a few demo ticks before, and near the price.
+            let age = v["quote_age_ms"].as_i64().unwrap();
+            assert!(age >= 0, "{item}");
+            assert!((price - mid).abs() < 0.2 * mid, "{item}");
+            let key = item["key"].as_str().unwrap().to_owned();
+            let ts = v["ts"].as_i64().unwrap();
+            assert!(
+                last_ts.insert(key.clone(), ts).is_none_or(|t| t <= ts),
+                "{item}"
+            );
+            symbols.insert(key);
+        }
+        assert!(symbols.len() > 10, "{symbols:?}");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_deploys_and_stops_on_sigterm() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
