@@ -253,7 +253,11 @@ pub enum Verdict {
     Blessed {
         items: usize,
     },
-    Failed(Failure),
+    Failed(Box<Failure>),
+}
+
+fn failed(failure: Failure) -> Verdict {
+    Verdict::Failed(Box::new(failure))
 }
 
 /// Why a case failed.
@@ -361,18 +365,18 @@ fn run_loaded(case: &Case, limits: &Limits, bless: bool) -> Result<Verdict, Case
             return Ok(if line_matches && text_matches {
                 Verdict::Passed { items: 0 }
             } else {
-                Verdict::Failed(Failure::OtherCompileError {
+                failed(Failure::OtherCompileError {
                     expected: expected.clone(),
                     error,
                 })
             });
         }
         (Ok(_), Some(expected)) => {
-            return Ok(Verdict::Failed(Failure::Compiled {
+            return Ok(failed(Failure::Compiled {
                 line: expected.line,
             }))
         }
-        (Err(error), None) => return Ok(Verdict::Failed(Failure::Compile(error))),
+        (Err(error), None) => return Ok(failed(Failure::Compile(error))),
         (Ok(def), None) => def,
     };
 
@@ -443,7 +447,7 @@ fn run_loaded(case: &Case, limits: &Limits, bless: bool) -> Result<Verdict, Case
         let mut differences = differences.into_iter();
         match differences.next() {
             None => Verdict::Passed { items: got.len() },
-            Some(first) => Verdict::Failed(Failure::Items {
+            Some(first) => failed(Failure::Items {
                 first,
                 rest: differences.len(),
                 expected: expected.len(),
@@ -456,7 +460,7 @@ fn run_loaded(case: &Case, limits: &Limits, bless: bool) -> Result<Verdict, Case
             .lines()
             .map(str::to_owned)
             .collect();
-        return Ok(Verdict::Failed(Failure::Rejected {
+        return Ok(failed(Failure::Rejected {
             expected: case.config.rejected,
             got: summary.rejected,
             reasons,
@@ -753,7 +757,7 @@ impl fmt::Display for CaseReport {
             Err(e) => write!(f, "FAIL    {dir}\n  {e}"),
             Ok(Verdict::Failed(failure)) => {
                 writeln!(f, "FAIL    {dir}")?;
-                match failure {
+                match failure.as_ref() {
                     Failure::Items {
                         first,
                         rest,

@@ -546,7 +546,8 @@ fn eddy_test_bad_cases_are_named_and_the_others_still_run() {
     vwap_case(&root, "a_good", Some(&vwap_expected_lines()));
     let bad_toml = vwap_case(&root, "b_bad_toml", Some(&vwap_expected_lines()));
     std::fs::write(bad_toml.join("case.toml"), "tolerence = 0.1\n").unwrap();
-    let bad_out = vwap_case(
+    // An out.ndjson line with no key.
+    vwap_case(
         &root,
         "c_bad_out",
         Some(&["{\"topic\":\"vwap\"}".to_owned()]),

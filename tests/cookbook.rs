@@ -412,3 +412,25 @@ fn recipe_inputs_show_what_the_recipes_are_about() {
         .count();
     assert_eq!(passed_twice, 2, "p1 passes again after a minute");
 }
+
+/// `docs/queries.md` shows each recipe's query as the file that is tested.
+#[test]
+fn the_cookbook_page_shows_the_tested_queries() {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/queries.md"))
+            .unwrap();
+    for (name, _) in RECIPES {
+        let dir = cookbook().join(name);
+        let script = match std::fs::read_to_string(dir.join("query")) {
+            Ok(reference) => dir.join(reference.trim()),
+            Err(_) => dir.join("query.rhai"),
+        };
+        let code = std::fs::read_to_string(&script).unwrap();
+        assert!(
+            page.contains(&format!("```rhai\n{code}```")),
+            "docs/queries.md does not show {} as it is",
+            script.display()
+        );
+        assert!(page.contains(&format!("tests/queries/cookbook/{name}/")));
+    }
+}
