@@ -371,7 +371,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             } else {
                 paths
             };
-            let cases = eddy::casetest::discover(&paths)?;
+            // The error names its path and carries its cause in its message: print it once.
+            let cases = match eddy::casetest::discover(&paths) {
+                Ok(cases) => cases,
+                Err(e) => {
+                    eprintln!("eddy test: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
             let mut failed = 0;
             for dir in &cases {
                 let report = eddy::casetest::run_case(dir, &limits, bless);
