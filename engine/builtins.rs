@@ -1,5 +1,5 @@
-//! The built-in functions a query calls into its shard: `emit`, `key`, `now`, `watermark`,
-//! `set_timer`, `forget`.
+//! The built-in functions a query calls into its shard: `emit`, `emit_to`, `key`, `now`,
+//! `watermark`, `set_timer`, `forget`.
 //!
 //! Rhai functions are closures registered on the engine, which lives on one shard thread; they
 //! reach the call in progress through a [`CallCtx`] shared with the shard (`Rc<RefCell<_>>`,
@@ -141,17 +141,37 @@ impl CallCtx {
         }
     }
 
-    fn emit_to(&mut self, topic: Topic, value: &Dynamic) -> Result<(), Box<EvalAltResult>> {
+    /// Encodes `value` and queues it on `topic` under `key` (the current key when `None`).
+    fn publish(
+        &mut self,
+        topic: Topic,
+        key: Option<Key>,
+        value: &Dynamic,
+    ) -> Result<(), Box<EvalAltResult>> {
         let mut json = Vec::new();
         crate::json::write_dynamic(&mut json, value, self.max_emit_bytes)
             .map_err(|e| format!("cannot emit: {e}"))?;
         self.out.push(Emitted {
             topic,
-            key: self.key.clone(),
+            key: key.unwrap_or_else(|| self.key.clone()),
             value: json,
         });
         Ok(())
     }
+
+    fn main_topic(&self) -> Topic {
+        Arc::clone(&self.topics.as_ref().expect("active call has topics").main)
+    }
+
+    fn named_topic(&self, name: &str) -> Result<Topic, Box<EvalAltResult>> {
+        let topics = self.topics.as_ref().expect("active call has topics");
+        Ok(topics.named(name, self.max_topics)?)
+    }
+}
+
+/// The key `emit_to` publishes under: what a `key_by` field may hold, nothing else.
+fn explicit_key(key: &Dynamic) -> Result<Key, Box<EvalAltResult>> {
+    Key::from_dynamic(key).map_err(|why| format!("`emit_to`: the key {why}").into())
 }
 
 type Ctx = Rc<RefCell<CallCtx>>;
@@ -164,8 +184,8 @@ pub(crate) fn register(engine: &mut Engine, ctx: &Ctx) {
         move |value: Dynamic| -> Result<(), Box<EvalAltResult>> {
             let mut ctx = c.borrow_mut();
             ctx.check_active("emit")?;
-            let topic = Arc::clone(&ctx.topics.as_ref().expect("active call has topics").main);
-            ctx.emit_to(topic, &value)
+            let topic = ctx.main_topic();
+            ctx.publish(topic, None, &value)
         },
     );
     let c = Rc::clone(ctx);
@@ -174,9 +194,30 @@ pub(crate) fn register(engine: &mut Engine, ctx: &Ctx) {
         move |name: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
             let mut ctx = c.borrow_mut();
             ctx.check_active("emit")?;
-            let topics = ctx.topics.as_ref().expect("active call has topics");
-            let topic = topics.named(name, ctx.max_topics)?;
-            ctx.emit_to(topic, &value)
+            let topic = ctx.named_topic(name)?;
+            ctx.publish(topic, None, &value)
+        },
+    );
+    let c = Rc::clone(ctx);
+    engine.register_fn(
+        "emit_to",
+        move |key: Dynamic, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let mut ctx = c.borrow_mut();
+            ctx.check_active("emit_to")?;
+            let key = explicit_key(&key)?;
+            let topic = ctx.main_topic();
+            ctx.publish(topic, Some(key), &value)
+        },
+    );
+    let c = Rc::clone(ctx);
+    engine.register_fn(
+        "emit_to",
+        move |name: &str, key: Dynamic, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            let mut ctx = c.borrow_mut();
+            ctx.check_active("emit_to")?;
+            let key = explicit_key(&key)?;
+            let topic = ctx.named_topic(name)?;
+            ctx.publish(topic, Some(key), &value)
         },
     );
     let c = Rc::clone(ctx);

@@ -35,6 +35,36 @@ impl Key {
         }
     }
 
+    /// The key for a value a script gives `emit_to`, or the reason it cannot be one: the same
+    /// kinds as [`Key::from_value`] (a string, an integer or a boolean), with the same wording.
+    pub fn from_dynamic(value: &Dynamic) -> Result<Key, String> {
+        if let Ok(s) = value.as_immutable_string_ref() {
+            return Ok(Key::Str(CompactString::from(s.as_str())));
+        }
+        if let Ok(n) = value.as_int() {
+            return Ok(Key::Int(n));
+        }
+        if let Ok(b) = value.as_bool() {
+            return Ok(Key::Bool(b));
+        }
+        let kind = if value.is_unit() {
+            "()"
+        } else if value.is_float() {
+            "a float"
+        } else if value.is_char() {
+            "a character"
+        } else if value.is_map() {
+            "a map"
+        } else if value.is_array() {
+            "an array"
+        } else {
+            value.type_name()
+        };
+        Err(format!(
+            "must be a string, an integer or a boolean, found {kind}"
+        ))
+    }
+
     /// The key as a Rhai value (`()` for [`Key::None`]).
     pub fn to_dynamic(&self) -> Dynamic {
         match self {
@@ -93,6 +123,28 @@ mod tests {
         let err = Key::from_value(Value::Float(1.5)).unwrap_err();
         assert!(err.contains("found a float"), "{err}");
         assert!(Key::from_value(Value::Null).is_err());
+    }
+
+    #[test]
+    fn keys_from_script_values() {
+        assert_eq!(
+            Key::from_dynamic(&Dynamic::from("rust".to_owned())),
+            Ok(Key::Str("rust".into()))
+        );
+        assert_eq!(Key::from_dynamic(&Dynamic::from_int(-3)), Ok(Key::Int(-3)));
+        assert_eq!(
+            Key::from_dynamic(&Dynamic::from_bool(true)),
+            Ok(Key::Bool(true))
+        );
+        for (value, kind) in [
+            (Dynamic::from_float(1.5), "a float"),
+            (Dynamic::UNIT, "()"),
+            (Dynamic::from_map(rhai::Map::new()), "a map"),
+            (Dynamic::from_array(rhai::Array::new()), "an array"),
+        ] {
+            let err = Key::from_dynamic(&value).unwrap_err();
+            assert!(err.ends_with(&format!("found {kind}")), "{err}");
+        }
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! The pieces, in the order an event meets them: [`event`] parses inputs into frames;
 //! [`router`] picks each event's queries, keys, shards and watermarks; [`shard`] runs the
 //! queries (compiled in the [`sandbox`], calling the [`builtins`]) for the keys it owns;
-//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`);
+//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`), and
+//! [`casetest`] checks its output against expected items (`eddy test`);
 //! [`server`] runs it as a service (`eddy serve`).
 
 pub mod builtins;
+pub mod casetest;
 pub mod event;
 pub mod feed;
 pub mod json;

@@ -1,5 +1,5 @@
-//! The `eddy` command line: `serve`, `deploy` to a server, `run` and `check` queries offline,
-//! `generate` sample inputs.
+//! The `eddy` command line: `serve`, `deploy` to a server, `run`, `check` and `test` queries
+//! offline, `generate` sample inputs.
 //!
 //! Errors become `anyhow` here and only here; each carries the file it is about.
 
@@ -17,6 +17,9 @@ use eddy::{Limits, QueryDef};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Where `eddy test` looks for cases when given no path.
+const DEFAULT_CASES: &str = "tests/queries";
 
 /// Stack of the thread that runs scripts: deep (but limited) Rhai recursion needs room.
 const SCRIPT_STACK_BYTES: usize = 64 << 20;
@@ -46,6 +49,16 @@ enum Command {
         /// Stream of events without a "stream" field; by default they feed every query.
         #[arg(long)]
         stream: Option<String>,
+    },
+    /// Run query test cases (folders of query, in.ndjson, out.ndjson) and report each as ok or
+    /// FAIL with its first difference. Exit status 0 only if every case passes.
+    Test {
+        /// Case folders, or folders to search for cases [default: tests/queries].
+        paths: Vec<PathBuf>,
+        /// Write each case's out.ndjson from the current output instead of comparing: a first
+        /// draft, only as right as the person who reads and checks it.
+        #[arg(long)]
+        bless: bool,
     },
     /// Compile and validate queries without running them.
     Check {
@@ -251,7 +264,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             let script = std::fs::read_to_string(&file)
                 .with_context(|| format!("{}: cannot read query", file.display()))?;
-            let name = file.file_stem().and_then(|s| s.to_str()).with_context(|| {
+            let name = eddy::query::name_of_file(&file).with_context(|| {
                 format!("{}: no file name to name the query by", file.display())
             })?;
             let (status, body) = http_put(&server, &format!("/queries/{name}"), &token, &script)?;
@@ -352,6 +365,37 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Test { paths, bless } => {
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(DEFAULT_CASES)]
+            } else {
+                paths
+            };
+            // The error names its path and carries its cause in its message: print it once.
+            let cases = match eddy::casetest::discover(&paths) {
+                Ok(cases) => cases,
+                Err(e) => {
+                    eprintln!("eddy test: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let mut failed = 0;
+            for dir in &cases {
+                let report = eddy::casetest::run_case(dir, &limits, bless);
+                if !report.passed() {
+                    failed += 1;
+                }
+                println!("{report}");
+            }
+            let passed = cases.len() - failed;
+            let what = if bless { "blessed" } else { "passed" };
+            println!("eddy test: {passed} {what}, {failed} failed");
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Check { queries } => {
             let mut failed = false;
             for path in &queries {
@@ -414,9 +458,7 @@ fn load_queries(paths: &[PathBuf], limits: &Limits) -> Result<Vec<QueryDef>> {
 fn load_query(path: &Path, limits: &Limits) -> Result<QueryDef> {
     let script = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read query", path.display()))?;
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
+    let name = eddy::query::name_of_file(path)
         .with_context(|| format!("{}: no file name to name the query by", path.display()))?;
     QueryDef::compile(name, &script, limits).with_context(|| path.display().to_string())
 }

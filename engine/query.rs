@@ -95,6 +95,12 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The name of the query a script file holds: its file stem (`queries/vwap.rhai` → `vwap`).
+/// `None` when the path has no stem in UTF-8; the name is checked when the query compiles.
+pub fn name_of_file(path: &std::path::Path) -> Option<&str> {
+    path.file_stem().and_then(|s| s.to_str())
+}
+
 /// Compiles `script` with `engine`, seeing the settings as defined variables.
 pub(crate) fn compile(engine: &Engine, name: &str, script: &str) -> Result<AST, QueryError> {
     let mut scope = Scope::new();

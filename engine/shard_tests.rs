@@ -129,6 +129,76 @@ fn named_topics_and_emitting_the_event() {
 }
 
 #[test]
+fn emit_to_publishes_under_the_key_it_is_given() {
+    // One state (no key_by), items keyed by what the script says: a string, an integer, a
+    // boolean; on the main topic and on a named one.
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) {
+               this.n = (this.n ?? 0) + 1;
+               emit_to(ev.tag, this.n);
+               emit_to("by_size", ev.size, #{ n: this.n });
+               emit_to("flag", ev.size > 1, this.n);
+           }"#,
+        "{\"tag\":\"rust\",\"size\":1}\n{\"tag\":\"ai\",\"size\":2}\n",
+    );
+    let got: Vec<(Value, Value, Value)> = r
+        .items
+        .iter()
+        .map(|i| (i["topic"].clone(), i["key"].clone(), i["value"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!("q"), json!("rust"), json!(1)),
+            (json!("q.by_size"), json!(1), json!({"n": 1})),
+            (json!("q.flag"), json!(false), json!(1)),
+            (json!("q"), json!("ai"), json!(2)),
+            (json!("q.by_size"), json!(2), json!({"n": 2})),
+            (json!("q.flag"), json!(true), json!(2)),
+        ]
+    );
+}
+
+#[test]
+fn emit_to_refuses_keys_key_by_would_refuse() {
+    // A float, a map, an array or () cannot be a key: the call fails, is published on
+    // `q.errors` under the state's key, and what it emitted before is dropped.
+    for (expr, kind) in [
+        ("1.5", "a float"),
+        ("#{ a: 1 }", "a map"),
+        ("[1]", "an array"),
+        ("()", "()"),
+    ] {
+        let script = format!(
+            "let source = \"s\"; let key_by = \"k\";\nfn on_event(ev) {{\n  emit_to(\"ok\", 1);\n  emit_to({expr}, 2);\n}}"
+        );
+        let r = run(&script, "{\"k\":\"a\"}");
+        assert_eq!(r.values("q"), Vec::<&Value>::new(), "{expr}");
+        let errors = r.topic("q.errors");
+        assert_eq!(errors.len(), 1, "{expr}: {:?}", r.items);
+        let error = errors[0]["value"]["error"].as_str().unwrap();
+        assert!(
+            error.contains("`emit_to`: the key must be a string, an integer or a boolean")
+                && error.ends_with(&format!("found {kind}")),
+            "{expr}: {error}"
+        );
+        assert_eq!(errors[0]["key"], json!("a"));
+        assert_eq!(errors[0]["value"]["line"], json!(4));
+    }
+    // Topic names are checked as for `emit`.
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) { emit_to("late", "k", 1); }"#,
+        "{}",
+    );
+    let errors = r.values("q.errors");
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("reserved"),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn bad_topic_names_are_errors() {
     let r = run(
         r#"let source = "s"; fn on_event(ev) { emit("errors", 1); }"#,

@@ -6,7 +6,8 @@
 //! the generator is `fastrand`'s WyRand, and floats are rounded to fixed decimals.
 //!
 //! - `trades`: 50 symbols with random-walk prices, sizes in round lots with a heavy tail, and
-//!   rare jumps of 4-8 % that trip `price_alerts`.
+//!   rare jumps of 4-8 % that trip `price_alerts`; the same feed also makes `quotes` (bid and
+//!   ask around each symbol's current price, [`Feed::write_quote`]) for as-of joins.
 //! - `sensors`: 200 devices on 5 sites reporting temperature and humidity; rare spikes, and
 //!   device `dev-013` goes silent after the first 60 % of the feed.
 //! - `social`: posts with hashtags and text drawn from positive, negative and neutral words.
@@ -174,6 +175,31 @@ impl Feed {
     /// latency probes).
     pub fn write_event_stamped(&mut self, ts: i64, sent_us: i64, out: &mut Vec<u8>) {
         self.write(ts, Some(sent_us), out);
+    }
+
+    /// Appends one quote with event time `ts` to `out`: a symbol's bid and ask, 1 to 5 basis
+    /// points apart (at least a cent) around its current trade price, on stream `quotes`. Made
+    /// by the trades feed, so that quotes follow the prices trades are made at.
+    pub fn write_quote(&mut self, ts: i64, out: &mut Vec<u8>) {
+        let i = self.rng.usize(..self.keys);
+        let price = self.prices[i];
+        let bps = f64::from(self.rng.u32(1..=5));
+        let spread = round(price * bps / 10_000.0, 2).max(0.01);
+        let bid = round((price - spread / 2.0).max(0.01), 2);
+        let ask = round(bid + spread, 2);
+        out.push(b'{');
+        if self.with_stream {
+            out.extend_from_slice(b"\"stream\":\"quotes\",");
+        }
+        out.extend_from_slice(b"\"symbol\":");
+        write_str(out, &symbol(i));
+        out.extend_from_slice(b",\"bid\":");
+        write_float(out, bid);
+        out.extend_from_slice(b",\"ask\":");
+        write_float(out, ask);
+        out.extend_from_slice(b",\"ts\":");
+        write_int(out, ts);
+        out.push(b'}');
     }
 
     fn write(&mut self, ts: i64, sent_us: Option<i64>, out: &mut Vec<u8>) {
@@ -376,6 +402,41 @@ mod tests {
                 let v: serde_json::Value = serde_json::from_slice(line).unwrap();
                 assert_eq!(v["stream"], scenario.stream());
                 assert!(v["ts"].is_i64());
+            }
+        }
+    }
+
+    #[test]
+    fn quotes_straddle_the_current_trade_price() {
+        let mut feed = Feed::new(Scenario::Trades, 3, 0);
+        let mut buf = Vec::new();
+        for n in 0..2000 {
+            buf.clear();
+            feed.write_event(n, &mut buf);
+            let trade: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            buf.clear();
+            feed.write_quote(n, &mut buf);
+            let quote: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(quote["stream"], "quotes");
+            assert_eq!(quote["ts"], n);
+            let (bid, ask) = (
+                quote["bid"].as_f64().unwrap(),
+                quote["ask"].as_f64().unwrap(),
+            );
+            assert!(ask > bid && ask - bid <= 0.0005 * ask + 0.011, "{quote}");
+            // The quoted symbol's price is the last one traded (or its start price): within the
+            // spread of the mid, give or take a cent of rounding.
+            let i = SYMBOLS
+                .iter()
+                .position(|s| *s == quote["symbol"].as_str().unwrap())
+                .unwrap();
+            let price = feed.prices[i];
+            assert!(
+                bid - 0.011 <= price && price <= ask + 0.011,
+                "{price} vs {quote}"
+            );
+            if trade["symbol"] == quote["symbol"] {
+                assert_eq!(trade["price"].as_f64().unwrap(), price);
             }
         }
     }

@@ -526,7 +526,7 @@ async fn live(h: &mut Harness) -> Result<()> {
     // Topics, grouped by query.
     cdp.wait_for(
         "the topics of every shipped query",
-        "['vwap', 'ohlc_1m', 'price_alerts', 'sensor_anomaly', 'hashtag_sentiment', 'player_stats']\
+        "['vwap', 'ohlc_1m', 'price_alerts', 'sensor_anomaly', 'hashtag_sentiment', 'player_stats', 'asof_join']\
          .every(q => document.querySelector('#topics .group[data-query=\"' + q + '\"] [data-topic=\"' + q + '\"]'))",
         Duration::from_secs(5),
     )
@@ -643,6 +643,32 @@ async fn live(h: &mut Harness) -> Result<()> {
         Duration::from_secs(3),
     )
     .await?;
+
+    // A query without key_by whose items carry their own key (emit_to): a row per hashtag,
+    // keyed by the hashtag the item is about.
+    open_topic(cdp, "hashtag_sentiment", 10).await?;
+    cdp.wait_for(
+        "a row per hashtag, keyed by its hashtag",
+        "(() => { const cols = [...document.querySelectorAll('#table thead th')].map(t => t.dataset.col); \
+         const h = cols.indexOf('hashtag'); if (h < 0) return null; \
+         const rows = [...document.querySelectorAll('#table tbody tr[data-key]')]; \
+         const keys = new Set(rows.map(r => r.dataset.key)); \
+         const ok = rows.every(r => r.cells[0].textContent === r.dataset.key && \
+           r.cells[h].textContent.replace(/\"/g, '') === r.dataset.key); \
+         return rows.length >= 10 && keys.size === rows.length && ok ? rows.length : null; })()",
+        Duration::from_secs(5),
+    )
+    .await?;
+    // The as-of join of the demo's trades and quotes, live.
+    open_topic(cdp, "asof_join", 10).await?;
+    let headers = cdp
+        .eval("[...document.querySelectorAll('#table thead th')].map(t => t.dataset.col)")
+        .await?;
+    for col in ["bid", "ask", "mid", "side", "quote_age_ms"] {
+        if !headers.as_array().is_some_and(|h| h.contains(&json!(col))) {
+            bail!("the asof_join table has no column {col}: {headers}");
+        }
+    }
 
     // The health strip.
     let health = cdp

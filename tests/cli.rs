@@ -273,3 +273,318 @@ fn generate_is_deterministic_trades() {
         assert!(ev["symbol"].is_string(), "{ev}");
     }
 }
+
+// ------------------------------------------------------------------------------- eddy test
+
+/// Every case folder under `tests/queries/`, found by walking it here.
+fn shipped_cases() -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        if dir.join("query").is_file() || dir.join("query.rhai").is_file() {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            out.push(dir.strip_prefix(root).unwrap().display().to_string());
+            return;
+        }
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut cases = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/queries"),
+        &mut cases,
+    );
+    cases.sort();
+    cases
+}
+
+#[test]
+fn eddy_test_passes_on_the_shipped_and_cookbook_cases() {
+    let cases = shipped_cases();
+    assert!(cases.len() >= 13, "{cases:?}");
+    for recipe in ["tumbling_window", "session_window", "asof_join", "dedup"] {
+        assert!(cases.contains(&format!("tests/queries/cookbook/{recipe}")));
+    }
+    let out = output(eddy().arg("test"), None);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for case in &cases {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok ") && l.contains(case.as_str())),
+            "{case} not reported ok:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.lines().last(),
+        Some(format!("eddy test: {} passed, 0 failed", cases.len()).as_str())
+    );
+}
+
+/// The items `vwap` emits for [`TRADES`], from [`EXPECTED`] and the trades' prices, as
+/// `out.ndjson` lines.
+fn vwap_expected_lines() -> Vec<String> {
+    let prices = [100.0, 200.0, 110.0, 90.0, 210.0];
+    EXPECTED
+        .iter()
+        .zip(prices)
+        .map(|((symbol, vwap, volume, trades), last)| {
+            serde_json::json!({"topic": "vwap", "key": symbol, "value": {
+                "vwap": vwap, "volume": volume, "trades": trades, "last": last, "ts": null}})
+            .to_string()
+        })
+        .collect()
+}
+
+/// A case folder `name` in `dir` for the shipped vwap query over [`TRADES`], expecting
+/// `out` (no out.ndjson when `None`).
+fn vwap_case(dir: &Path, name: &str, out: Option<&[String]>) -> PathBuf {
+    let case = dir.join(name);
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::write(case.join("query"), query("vwap").display().to_string()).unwrap();
+    std::fs::write(case.join("in.ndjson"), TRADES).unwrap();
+    if let Some(lines) = out {
+        std::fs::write(case.join("out.ndjson"), lines.join("\n") + "\n").unwrap();
+    }
+    case
+}
+
+fn eddy_test(args: &[&Path]) -> (bool, String) {
+    let out = output(eddy().arg("test").args(args), None);
+    let mut report = text(&out.stdout).to_owned();
+    report.push_str(text(&out.stderr));
+    (out.status.success(), report)
+}
+
+#[test]
+fn eddy_test_names_the_field_when_one_expected_value_is_edited() {
+    let dir = tempfile::tempdir().unwrap();
+    let right = vwap_expected_lines();
+    let case = vwap_case(dir.path(), "vwap", Some(&right));
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+    assert!(report.contains("1 passed, 0 failed"), "{report}");
+
+    // Line 3 is AAPL's second trade: VWAP (1000 + 3300) / 40 = 107.5. Say 108.5 instead.
+    let mut edited = right.clone();
+    edited[2] = edited[2].replace("107.5", "108.5");
+    assert_ne!(edited[2], right[2]);
+    std::fs::write(case.join("out.ndjson"), edited.join("\n")).unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(!ok, "{report}");
+    let first = "out.ndjson line 3: topic \"vwap\", key \"AAPL\", field value.vwap: expected 108.5, got 107.5";
+    assert!(
+        report.contains("FAIL") && report.contains(first),
+        "{report}"
+    );
+    assert!(
+        report.contains("no other difference (5 items expected, 5 emitted)"),
+        "{report}"
+    );
+
+    // Another value wrong and the last item gone: the first is named, the rest counted.
+    edited[3] = edited[3].replace("\"volume\":100", "\"volume\":99");
+    edited.pop();
+    std::fs::write(case.join("out.ndjson"), edited.join("\n")).unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(!ok);
+    assert!(report.contains(first), "{report}");
+    assert!(
+        report.contains("2 more differences (4 items expected, 5 emitted)"),
+        "{report}"
+    );
+}
+
+#[test]
+fn eddy_test_compares_per_key_unless_told_order_matters() {
+    let dir = tempfile::tempdir().unwrap();
+    // MSFT's first item moved after AAPL's second: per key, the order is unchanged.
+    let mut lines = vwap_expected_lines();
+    lines.swap(1, 2);
+    let case = vwap_case(dir.path(), "vwap", Some(&lines));
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+    std::fs::write(case.join("case.toml"), "ordered = true\n").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("out.ndjson line 2: topic \"vwap\", key \"AAPL\", field key: expected \"AAPL\", got \"MSFT\""), "{report}");
+    // Within a key the order always counts.
+    let mut lines = vwap_expected_lines();
+    lines.swap(2, 3);
+    std::fs::remove_file(case.join("case.toml")).unwrap();
+    std::fs::write(case.join("out.ndjson"), lines.join("\n")).unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(
+        !ok && report.contains("line 3: topic \"vwap\", key \"AAPL\", field value.last"),
+        "{report}"
+    );
+}
+
+#[test]
+fn eddy_test_tolerance_and_topics_from_case_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    // 97 + 1e-10: exact comparison fails, a tolerance of 1e-9 passes.
+    let mut lines = vwap_expected_lines();
+    lines[3] = lines[3].replace("\"vwap\":97.0", "\"vwap\":97.0000000001");
+    assert_ne!(lines[3], vwap_expected_lines()[3]);
+    let case = vwap_case(dir.path(), "vwap", Some(&lines));
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(
+        !ok && report.contains("expected 97.0000000001, got 97.0"),
+        "{report}"
+    );
+    std::fs::write(case.join("case.toml"), "tolerance = 1e-9\n").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+
+    // A query that also fails on one event: `.errors` is compared by default; `topics` can
+    // leave it out.
+    let case = dir.path().join("errors");
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::write(
+        case.join("query.rhai"),
+        "let source = \"t\";\nfn on_event(ev) {\n  emit(10 / ev.n);\n}\n",
+    )
+    .unwrap();
+    std::fs::write(case.join("in.ndjson"), "{\"n\":2}\n{\"n\":0}\n{\"n\":5}\n").unwrap();
+    let main = "{\"topic\":\"errors\",\"key\":null,\"value\":5}\n{\"topic\":\"errors\",\"key\":null,\"value\":2}\n";
+    std::fs::write(case.join("out.ndjson"), main).unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("output item 2: topic \"errors.errors\", key null: emitted, not expected"),
+        "{report}"
+    );
+    std::fs::write(case.join("case.toml"), "topics = [\"errors\"]\n").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn eddy_test_reports_a_compile_error_at_its_line_or_expects_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = dir.path().join("broken");
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::write(
+        case.join("query.rhai"),
+        "let source = \"t\";\nfn on_event(ev) {\n  emit(ev.x +);\n}\n",
+    )
+    .unwrap();
+    std::fs::write(case.join("in.ndjson"), "{\"x\":1}\n").unwrap();
+    std::fs::write(case.join("out.ndjson"), "").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("compile error at line 3"), "{report}");
+
+    // Expected at line 3: the case passes, without running anything.
+    std::fs::write(case.join("case.toml"), "[compile_error]\nline = 3\n").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+    // Expected elsewhere, or with another message: it fails and says where it was.
+    std::fs::write(case.join("case.toml"), "[compile_error]\nline = 2\n").unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(
+        !ok && report.contains("expected a compile error at line 2")
+            && report.contains("got one at line 3"),
+        "{report}"
+    );
+    std::fs::write(
+        case.join("case.toml"),
+        "[compile_error]\nline = 3\nmessage = \"no such thing\"\n",
+    )
+    .unwrap();
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(
+        !ok && report.contains("containing \"no such thing\""),
+        "{report}"
+    );
+    // A query that compiles when an error was expected.
+    let good = vwap_case(dir.path(), "good", Some(&vwap_expected_lines()));
+    std::fs::write(good.join("case.toml"), "[compile_error]\nline = 3\n").unwrap();
+    let (ok, report) = eddy_test(&[&good]);
+    assert!(
+        !ok && report.contains("expected a compile error at line 3, but the query compiled"),
+        "{report}"
+    );
+}
+
+#[test]
+fn eddy_test_bless_writes_a_draft_that_then_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = vwap_case(dir.path(), "vwap", None);
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(
+        !ok && report.contains("out.ndjson is missing") && report.contains("--bless"),
+        "{report}"
+    );
+    let out = output(eddy().args(["test", "--bless"]).arg(&case), None);
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("wrote 5 items to out.ndjson; read every line"),
+        "{report}"
+    );
+    // The draft holds what `eddy run` prints, which here is right (checked by hand above).
+    let written = std::fs::read_to_string(case.join("out.ndjson")).unwrap();
+    let run = output(
+        eddy().arg("run").arg(query("vwap")).args(["--input", "-"]),
+        Some(TRADES.as_bytes()),
+    );
+    assert_eq!(written, text(&run.stdout));
+    check_vwap_items(&json_lines(written.as_bytes()));
+    let (ok, report) = eddy_test(&[&case]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn eddy_test_bad_cases_are_named_and_the_others_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cases");
+    vwap_case(&root, "a_good", Some(&vwap_expected_lines()));
+    let bad_toml = vwap_case(&root, "b_bad_toml", Some(&vwap_expected_lines()));
+    std::fs::write(bad_toml.join("case.toml"), "tolerence = 0.1\n").unwrap();
+    // An out.ndjson line with no key.
+    vwap_case(
+        &root,
+        "c_bad_out",
+        Some(&["{\"topic\":\"vwap\"}".to_owned()]),
+    );
+    let rejects = vwap_case(&root, "d_rejects", Some(&vwap_expected_lines()));
+    std::fs::write(rejects.join("in.ndjson"), format!("{TRADES}[1]\n")).unwrap();
+    let no_input = vwap_case(&root, "e_no_input", Some(&vwap_expected_lines()));
+    std::fs::remove_file(no_input.join("in.ndjson")).unwrap();
+    let (ok, report) = eddy_test(&[&root]);
+    assert!(!ok, "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("ok ") && l.contains("a_good")),
+        "{report}"
+    );
+    assert!(
+        report.contains("case.toml") && report.contains("tolerence"),
+        "{report}"
+    );
+    assert!(
+        report.contains("out.ndjson, line 1") && report.contains("`key`"),
+        "{report}"
+    );
+    assert!(report.contains("1 events rejected, expected 0"), "{report}");
+    assert!(report.contains("in.ndjson is missing"), "{report}");
+    assert!(report.contains("eddy test: 1 passed, 4 failed"), "{report}");
+    // Told to expect the rejection, that case passes.
+    std::fs::write(rejects.join("case.toml"), "rejected = 1\n").unwrap();
+    let (ok, report) = eddy_test(&[&rejects]);
+    assert!(ok, "{report}");
+
+    // A path that does not exist, and a folder without cases.
+    let (ok, report) = eddy_test(&[&dir.path().join("nowhere")]);
+    assert!(!ok && report.contains("nowhere"), "{report}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, report) = eddy_test(&[&empty]);
+    assert!(!ok && report.contains("no test cases there"), "{report}");
+}

@@ -1,13 +1,18 @@
 //! Golden tests of the shipped queries: each runs `queries/<name>.rhai` over its sample input in
-//! `tests/data/` through the offline runner, and checks every emitted item against values a
-//! plain helper below computes straight from the input (parsed with serde_json). Nothing here
-//! is copied from the engine's output.
+//! `tests/data/` through the offline runner, and checks every emitted item against the items a
+//! plain helper below (`expect_<query>`) computes straight from the input (parsed with
+//! serde_json). Nothing here is copied from the engine's output.
+//!
+//! The same helpers are the source of the example cases in `tests/queries/<query>/`: a test
+//! checks that each case's `out.ndjson` is what its helper computes from its `in.ndjson` (run it
+//! with `EDDY_WRITE_EXPECTED=1` to rewrite them after changing a helper or an input), and
+//! `tests/cli.rs` runs `eddy test` over the cases, which compares them with the engine.
 //!
 //! The samples are made by `eddy generate` (see `tests/data/README.md`); a test that reads one
 //! also checks that it still is what the generator makes, so they cannot drift apart.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use eddy::offline::{self, RunOptions};
 use eddy::synth::{self, Scenario};
@@ -120,49 +125,74 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+fn item(topic: &str, key: impl Into<Value>, value: Value) -> Value {
+    json!({"topic": topic, "key": key.into(), "value": value})
 }
 
-fn assert_close(got: &Value, want: f64, what: &str) {
-    assert!(close(f(got), want), "{what}: got {got}, want {want}");
+/// Where `got` and `want` differ: numbers by value within `rel` (relative to the larger of 1 and
+/// their magnitudes), everything else exactly. Written apart from `eddy test`'s comparison, so
+/// that each checks the other.
+fn mismatch(got: &Value, want: &Value, rel: f64, path: &str) -> Option<String> {
+    match (got, want) {
+        (Value::Number(_), Value::Number(_)) => {
+            let (a, b) = (f(got), f(want));
+            let ok = a == b || (a - b).abs() <= rel * a.abs().max(b.abs()).max(1.0);
+            (!ok).then(|| format!("{path}: got {got}, want {want}"))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|k| match (a.get(k), b.get(k)) {
+                (Some(x), Some(y)) => mismatch(x, y, rel, &format!("{path}.{k}")),
+                (x, y) => Some(format!("{path}.{k}: got {x:?}, want {y:?}")),
+            })
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| mismatch(x, y, rel, &format!("{path}[{i}]"))),
+        _ => (got != want).then(|| format!("{path}: got {got}, want {want}")),
+    }
 }
 
-#[test]
-fn vwap_matches_a_plain_running_sum() {
-    let (input, trades) = load(&TRADES);
-    let items = run(&["vwap"], input);
-    assert_eq!(items.len(), trades.len());
+/// Asserts that `got` holds the items of `want`, in the same order.
+fn assert_items(got: &[Value], want: &[Value], rel: f64) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if let Some(why) = mismatch(g, w, rel, "") {
+            panic!("item {i}: {why}\n  got  {g}\n  want {w}");
+        }
+    }
+    assert_eq!(got.len(), want.len(), "number of items");
+}
+
+/// VWAP per symbol after each trade.
+fn expect_vwap(trades: &[Value]) -> Vec<Value> {
     let mut sums: HashMap<String, (f64, i64, i64)> = HashMap::new();
-    for (trade, item) in trades.iter().zip(&items) {
+    let mut items = Vec::new();
+    for trade in trades {
         let symbol = trade["symbol"].as_str().unwrap();
         let (notional, volume, count) = sums.entry(symbol.to_owned()).or_default();
         *notional += f(&trade["price"]) * trade["size"].as_i64().unwrap() as f64;
         *volume += trade["size"].as_i64().unwrap();
         *count += 1;
-        assert_eq!(item["topic"], "vwap");
-        assert_eq!(item["key"], symbol);
-        let v = &item["value"];
-        assert_close(&v["vwap"], *notional / *volume as f64, "vwap");
-        assert_eq!(v["volume"], json!(*volume));
-        assert_eq!(v["trades"], json!(*count));
-        assert_eq!(v["last"], trade["price"]);
-        assert_eq!(v["ts"], trade["ts"]);
-        assert!(v.get("sent_us").is_none());
+        items.push(item(
+            "vwap",
+            symbol,
+            json!({
+                "vwap": *notional / *volume as f64, "volume": *volume, "trades": *count,
+                "last": trade["price"], "ts": trade["ts"],
+            }),
+        ));
     }
-    // The VWAP of a symbol always lies between its lowest and highest trade price.
-    assert!(sums.len() > 40);
+    items
 }
 
-#[test]
-fn ohlc_bars_match_and_close_when_the_watermark_passes_their_end() {
-    let (input, trades) = load(&TRADES);
-    // Run with vwap, which emits once per trade: the vwap items before a bar count the trades
-    // handled before the bar was emitted. ohlc_1m goes first, so the trade that closes a bar is
-    // counted after the bar it closed.
-    let items = run(&["ohlc_1m", "vwap"], input);
-    let lateness = 1000;
-
+/// One-minute bars per symbol, emitted once the watermark (newest time - 1 s) reaches their
+/// end, in order of end then symbol; trades older than the watermark go to `ohlc_1m.late`.
+/// Also returns, per item, how many trades were handled before it.
+fn expect_ohlc(trades: &[Value]) -> (Vec<Value>, Vec<usize>) {
     #[derive(Default, Debug)]
     struct Bar {
         open: f64,
@@ -173,18 +203,49 @@ fn ohlc_bars_match_and_close_when_the_watermark_passes_their_end() {
         notional: f64,
         count: i64,
     }
-    let mut bars: BTreeMap<(String, i64), Bar> = BTreeMap::new();
-    for t in &trades {
+    let lateness = 1000;
+    let mut open: BTreeMap<(i64, String), Bar> = BTreeMap::new();
+    let mut items = Vec::new();
+    let mut before = Vec::new();
+    let mut watermark = i64::MIN;
+    let close = |end: i64, symbol: &str, bar: Bar| {
+        item(
+            "ohlc_1m",
+            symbol,
+            json!({
+                "start": end - 60_000, "end": end, "open": bar.open, "high": bar.high,
+                "low": bar.low, "close": bar.close, "volume": bar.volume,
+                "vwap": bar.notional / bar.volume as f64, "count": bar.count,
+            }),
+        )
+    };
+    for (i, t) in trades.iter().enumerate() {
         let ts = t["ts"].as_i64().unwrap();
+        let symbol = t["symbol"].as_str().unwrap().to_owned();
+        if ts < watermark {
+            let event = t.clone();
+            items.push(item(
+                "ohlc_1m.late",
+                symbol,
+                json!({"event": event, "event_time": ts, "watermark": watermark}),
+            ));
+            before.push(i);
+            continue;
+        }
+        watermark = watermark.max(ts - lateness);
+        while let Some(entry) = open.first_entry() {
+            if entry.key().0 > watermark {
+                break;
+            }
+            let ((end, symbol), bar) = entry.remove_entry();
+            items.push(close(end, &symbol, bar));
+            before.push(i);
+        }
         let start = ts - ts.rem_euclid(60_000);
         let (p, s) = (f(&t["price"]), t["size"].as_i64().unwrap());
-        let bar = bars
-            .entry((t["symbol"].as_str().unwrap().to_owned(), start))
-            .or_default();
+        let bar = open.entry((start + 60_000, symbol)).or_default();
         if bar.count == 0 {
-            bar.open = p;
-            bar.high = p;
-            bar.low = p;
+            (bar.open, bar.high, bar.low) = (p, p, p);
         }
         bar.high = bar.high.max(p);
         bar.low = bar.low.min(p);
@@ -193,63 +254,11 @@ fn ohlc_bars_match_and_close_when_the_watermark_passes_their_end() {
         bar.notional += p * s as f64;
         bar.count += 1;
     }
-
-    let mut trades_before = 0;
-    let mut seen = 0;
-    for item in &items {
-        if item["topic"] == "vwap" {
-            trades_before += 1;
-            continue;
-        }
-        assert_eq!(item["topic"], "ohlc_1m");
-        seen += 1;
-        let v = &item["value"];
-        let symbol = item["key"].as_str().unwrap().to_owned();
-        let start = v["start"].as_i64().unwrap();
-        let bar = bars
-            .remove(&(symbol.clone(), start))
-            .unwrap_or_else(|| panic!("unexpected or repeated bar {item}"));
-        assert_eq!(v["end"], json!(start + 60_000));
-        for (field, want) in [
-            ("open", bar.open),
-            ("high", bar.high),
-            ("low", bar.low),
-            ("close", bar.close),
-        ] {
-            assert_close(&v[field], want, field);
-        }
-        assert_eq!(v["volume"].as_f64().unwrap() as i64, bar.volume);
-        assert_eq!(v["count"], json!(bar.count));
-        assert_close(&v["vwap"], bar.notional / bar.volume as f64, "vwap");
-        // Emitted right before the first trade whose time minus lateness reaches the bar's end,
-        // or at the end of the input.
-        let first_after = trades
-            .iter()
-            .position(|t| t["ts"].as_i64().unwrap() - lateness >= start + 60_000)
-            .unwrap_or(trades.len());
-        assert_eq!(
-            trades_before, first_after,
-            "bar {symbol} {start} emitted at the wrong time"
-        );
+    for ((end, symbol), bar) in open {
+        items.push(close(end, &symbol, bar));
+        before.push(trades.len());
     }
-    assert!(bars.is_empty(), "bars never emitted: {bars:?}");
-    assert!(seen > 100);
-}
-
-#[test]
-fn ohlc_late_trade_goes_to_the_late_topic() {
-    // Two minutes of trades, then one that belongs to the first, closed, minute.
-    let input = "{\"symbol\":\"X\",\"price\":10.0,\"size\":1,\"ts\":60000}\n\
-                 {\"symbol\":\"X\",\"price\":12.0,\"size\":3,\"ts\":125000}\n\
-                 {\"symbol\":\"X\",\"price\":99.0,\"size\":1,\"ts\":61000}\n";
-    let items = run(&["ohlc_1m"], input.as_bytes().to_vec());
-    let topics: Vec<&str> = items.iter().map(|i| i["topic"].as_str().unwrap()).collect();
-    assert_eq!(topics, ["ohlc_1m", "ohlc_1m.late", "ohlc_1m"]);
-    assert_eq!(items[0]["value"]["open"], json!(10.0));
-    assert_eq!(items[0]["value"]["count"], json!(1));
-    assert_eq!(items[1]["value"]["event"]["price"], json!(99.0));
-    assert_eq!(items[1]["value"]["watermark"], json!(124_000));
-    assert_eq!(items[2]["value"]["start"], json!(120_000));
+    (items, before)
 }
 
 /// Sample standard deviation, two-pass.
@@ -260,13 +269,12 @@ fn mean_std(xs: &VecDeque<f64>) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-#[test]
-fn price_alerts_match_a_plain_rolling_zscore() {
-    let (input, trades) = load(&TRADES);
-    let items = run(&["price_alerts"], input);
-    let mut expected = Vec::new();
+/// A trade whose return is more than 4 sample standard deviations from the mean of the
+/// symbol's last 50 returns (once it has 20).
+fn expect_price_alerts(trades: &[Value]) -> Vec<Value> {
+    let mut items = Vec::new();
     let mut state: HashMap<String, (f64, VecDeque<f64>)> = HashMap::new();
-    for t in &trades {
+    for t in trades {
         let price = f(&t["price"]);
         let symbol = t["symbol"].as_str().unwrap().to_owned();
         let Some((last, returns)) = state.get_mut(&symbol) else {
@@ -282,7 +290,14 @@ fn price_alerts_match_a_plain_rolling_zscore() {
                 (change - mean) / std
             };
             if z.abs() > 4.0 {
-                expected.push((symbol.clone(), price, *last, z));
+                items.push(item(
+                    "price_alerts.alerts",
+                    symbol.clone(),
+                    json!({
+                        "symbol": symbol, "price": t["price"], "previous": *last,
+                        "change": change, "zscore": z, "ts": t["ts"],
+                    }),
+                ));
             }
         }
         returns.push_back(change);
@@ -291,28 +306,12 @@ fn price_alerts_match_a_plain_rolling_zscore() {
         }
         *last = price;
     }
-    assert!(expected.len() >= 3, "the sample should trip some alerts");
-    assert_eq!(items.len(), expected.len());
-    for (item, (symbol, price, previous, z)) in items.iter().zip(&expected) {
-        assert_eq!(item["topic"], "price_alerts.alerts");
-        assert_eq!(item["key"], json!(symbol));
-        let v = &item["value"];
-        assert_close(&v["price"], *price, "price");
-        assert_close(&v["previous"], *previous, "previous");
-        assert!(
-            (f(&v["zscore"]) - z).abs() < 1e-6 * z.abs(),
-            "zscore {} vs {z}",
-            v["zscore"]
-        );
-    }
+    items
 }
 
-#[test]
-fn sensor_anomalies_and_silences_match_a_plain_model() {
-    let (input, readings) = load(&SENSORS);
-    let items = run(&["sensor_anomaly"], input);
-
-    // EWMA with alpha 0.1: mean and variance by the standard incremental formulas.
+/// EWMA (alpha 0.1) anomalies past 5 standard deviations after 10 readings, devices silent for
+/// 30 s of event time (in time order, then device order) and back again.
+fn expect_sensor_anomaly(readings: &[Value]) -> Vec<Value> {
     struct Device {
         n: u64,
         mean: f64,
@@ -321,10 +320,11 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
         silent: bool,
     }
     let mut devices: BTreeMap<String, Device> = BTreeMap::new();
-    let mut expected: Vec<Value> = Vec::new();
+    let mut items: Vec<Value> = Vec::new();
     let alpha = 0.1;
     let mut watermark = i64::MIN;
-    for r in &readings {
+    let alert = |id: &str, value: Value| item("sensor_anomaly.alerts", id, value);
+    for r in readings {
         let ts = r["ts"].as_i64().unwrap();
         watermark = watermark.max(ts);
         // Silences the watermark reached before this reading, in time order, then device order.
@@ -337,7 +337,7 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
         for (_, id) in due {
             let d = devices.get_mut(&id).unwrap();
             d.silent = true;
-            expected.push(json!({"kind": "silent", "device": id, "last_seen": d.last_seen, "silent_ms": 30_000}));
+            items.push(alert(&id, json!({"kind": "silent", "device": id, "last_seen": d.last_seen, "silent_ms": 30_000})));
         }
         let id = r["device"]["id"].as_str().unwrap().to_owned();
         let temp = f(&r["temp"]);
@@ -349,9 +349,10 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
             silent: false,
         });
         if d.silent {
-            expected.push(
+            items.push(alert(
+                &id,
                 json!({"kind": "back", "device": id, "ts": ts, "silent_ms": ts - d.last_seen}),
-            );
+            ));
             d.silent = false;
         }
         d.last_seen = ts;
@@ -362,7 +363,7 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
             (temp - d.mean) / std
         };
         if d.n >= 10 && z.abs() > 5.0 {
-            expected.push(json!({"kind": "anomaly", "device": id, "temp": temp, "expected": d.mean, "zscore": z, "ts": ts}));
+            items.push(alert(&id, json!({"kind": "anomaly", "device": id, "temp": r["temp"], "expected": d.mean, "zscore": z, "ts": ts})));
             continue;
         }
         if d.n == 0 {
@@ -382,58 +383,18 @@ fn sensor_anomalies_and_silences_match_a_plain_model() {
         .collect();
     due.sort();
     for (_, id) in due {
-        expected.push(json!({"kind": "silent", "device": id, "last_seen": devices[&id].last_seen, "silent_ms": 30_000}));
+        items.push(alert(&id, json!({"kind": "silent", "device": id, "last_seen": devices[&id].last_seen, "silent_ms": 30_000})));
     }
-
-    let kinds = |v: &[Value], k: &str| v.iter().filter(|e| e["kind"] == k).count();
-    assert!(
-        kinds(&expected, "anomaly") >= 3,
-        "the sample should have anomalies"
-    );
-    let silent_device = expected.iter().any(|e| {
-        e["kind"] == "silent"
-            && e["device"] == synth::SILENT_DEVICE
-            && e["last_seen"].as_i64() < Some(watermark - 30_000)
-    });
-    assert!(
-        silent_device,
-        "{} should go silent mid-stream",
-        synth::SILENT_DEVICE
-    );
-    let got: Vec<Value> = items.iter().map(|i| i["value"].clone()).collect();
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "got anomaly {} silent {} back {}",
-        kinds(&got, "anomaly"),
-        kinds(&got, "silent"),
-        kinds(&got, "back")
-    );
-    for (g, e) in got.iter().zip(&expected) {
-        assert_eq!(g["kind"], e["kind"], "{g} vs {e}");
-        assert_eq!(g["device"], e["device"], "{g} vs {e}");
-        for field in ["temp", "expected", "zscore"] {
-            if let Some(want) = e.get(field) {
-                assert!(
-                    (f(&g[field]) - f(want)).abs() <= 1e-9 * f(want).abs().max(1.0),
-                    "{field}: {g} vs {e}"
-                );
-            }
-        }
-        for field in ["ts", "last_seen", "silent_ms"] {
-            assert_eq!(g.get(field), e.get(field), "{field}: {g} vs {e}");
-        }
-    }
+    items
 }
 
-#[test]
-fn hashtag_sentiment_matches_vader_and_exact_counts() {
-    let (input, posts) = load(&SOCIAL);
-    let items = run(&["hashtag_sentiment"], input);
+/// VADER score per post; per hashtag an EWMA (alpha 0.05) of the scores and a count, keyed by
+/// the hashtag; every 50 posts the five most mentioned hashtags (ties by name).
+fn expect_hashtag_sentiment(posts: &[Value]) -> Vec<Value> {
     let analyzer = vader_sentiment::SentimentIntensityAnalyzer::new();
     let mut tags: HashMap<String, (f64, i64)> = HashMap::new();
     let mut mentions: HashMap<String, i64> = HashMap::new();
-    let mut expected = Vec::new();
+    let mut items = Vec::new();
     for (n, post) in posts.iter().enumerate() {
         let score = *analyzer
             .polarity_scores(post["text"].as_str().unwrap())
@@ -447,8 +408,9 @@ fn hashtag_sentiment_matches_vader_and_exact_counts() {
             }
             entry.1 += 1;
             *mentions.entry(tag.clone()).or_default() += 1;
-            expected.push((
+            items.push(item(
                 "hashtag_sentiment",
+                tag.clone(),
                 json!({"hashtag": tag, "sentiment": entry.0, "score": score, "posts": entry.1}),
             ));
         }
@@ -461,34 +423,18 @@ fn hashtag_sentiment_matches_vader_and_exact_counts() {
                 .take(5)
                 .map(|(item, count)| json!({"item": item, "count": count, "error": 0}))
                 .collect();
-            expected.push((
+            items.push(item(
                 "hashtag_sentiment.trending",
+                Value::Null,
                 json!({"posts": n + 1, "top": top}),
             ));
         }
     }
-    assert_eq!(items.len(), expected.len());
-    assert!(posts
-        .iter()
-        .any(|p| analyzer.polarity_scores(p["text"].as_str().unwrap())["compound"] < -0.3));
-    for (item, (topic, want)) in items.iter().zip(&expected) {
-        assert_eq!(item["topic"], *topic);
-        let got = &item["value"];
-        if *topic == "hashtag_sentiment" {
-            assert_eq!(got["hashtag"], want["hashtag"]);
-            assert_eq!(got["posts"], want["posts"]);
-            assert_close(&got["score"], f(&want["score"]), "score");
-            assert_close(&got["sentiment"], f(&want["sentiment"]), "sentiment");
-        } else {
-            assert_eq!(got, want);
-        }
-    }
+    items
 }
 
-#[test]
-fn player_stats_match_plain_counts() {
-    let (input, events) = load(&GAMES);
-    let items = run(&["player_stats"], input);
+/// Per-player counters after each event, events in the last minute, and a summary per session.
+fn expect_player_stats(events: &[Value]) -> Vec<Value> {
     #[derive(Default)]
     struct Player {
         sessions: i64,
@@ -502,8 +448,8 @@ fn player_stats_match_plain_counts() {
         times: Vec<i64>,
     }
     let mut players: HashMap<String, Player> = HashMap::new();
-    let mut expected = Vec::new();
-    for e in &events {
+    let mut items = Vec::new();
+    for e in events {
         let id = e["player"].as_str().unwrap().to_owned();
         let ts = e["ts"].as_i64().unwrap();
         let p = players.entry(id.clone()).or_default();
@@ -513,7 +459,7 @@ fn player_stats_match_plain_counts() {
                 p.sessions += 1;
                 (p.start, p.s_kills, p.s_deaths, p.s_score) = (ts, 0, 0, 0);
             }
-            "session_end" => expected.push((
+            "session_end" => items.push(item(
                 "player_stats.sessions",
                 id.clone(),
                 json!({
@@ -546,7 +492,7 @@ fn player_stats_match_plain_counts() {
             .iter()
             .filter(|&&t| t > ts - 60_000 && t <= ts)
             .count();
-        expected.push((
+        items.push(item(
             "player_stats",
             id.clone(),
             json!({
@@ -555,20 +501,206 @@ fn player_stats_match_plain_counts() {
             }),
         ));
     }
-    assert!(expected
+    items
+}
+
+#[test]
+fn vwap_matches_a_plain_running_sum() {
+    let (input, trades) = load(&TRADES);
+    let items = run(&["vwap"], input);
+    assert!(items.iter().all(|i| i["value"].get("sent_us").is_none()));
+    assert_items(&items, &expect_vwap(&trades), 1e-12);
+}
+
+#[test]
+fn ohlc_bars_match_and_close_when_the_watermark_passes_their_end() {
+    let (input, trades) = load(&TRADES);
+    // Run with vwap, which emits once per trade: the vwap items before a bar count the trades
+    // handled before the bar was emitted. ohlc_1m goes first, so the trade that closes a bar is
+    // counted after the bar it closed.
+    let items = run(&["ohlc_1m", "vwap"], input);
+    let (want, want_before) = expect_ohlc(&trades);
+    assert!(want.len() > 100);
+    let mut bars = Vec::new();
+    let mut before = Vec::new();
+    let mut trades_before = 0;
+    for item in items {
+        if item["topic"] == "vwap" {
+            trades_before += 1;
+        } else {
+            bars.push(item);
+            before.push(trades_before);
+        }
+    }
+    assert_items(&bars, &want, 1e-12);
+    assert_eq!(before, want_before, "bars emitted at the wrong time");
+}
+
+#[test]
+fn ohlc_late_trade_goes_to_the_late_topic() {
+    // Two minutes of trades, then one that belongs to the first, closed, minute.
+    let input = "{\"symbol\":\"X\",\"price\":10.0,\"size\":1,\"ts\":60000}\n\
+                 {\"symbol\":\"X\",\"price\":12.0,\"size\":3,\"ts\":125000}\n\
+                 {\"symbol\":\"X\",\"price\":99.0,\"size\":1,\"ts\":61000}\n";
+    let items = run(&["ohlc_1m"], input.as_bytes().to_vec());
+    let topics: Vec<&str> = items.iter().map(|i| i["topic"].as_str().unwrap()).collect();
+    assert_eq!(topics, ["ohlc_1m", "ohlc_1m.late", "ohlc_1m"]);
+    assert_eq!(items[0]["value"]["open"], json!(10.0));
+    assert_eq!(items[0]["value"]["count"], json!(1));
+    assert_eq!(items[1]["value"]["event"]["price"], json!(99.0));
+    assert_eq!(items[1]["value"]["watermark"], json!(124_000));
+    assert_eq!(items[2]["value"]["start"], json!(120_000));
+    let events: Vec<Value> = input
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_items(&items, &expect_ohlc(&events).0, 0.0);
+}
+
+#[test]
+fn price_alerts_match_a_plain_rolling_zscore() {
+    let (input, trades) = load(&TRADES);
+    let items = run(&["price_alerts"], input);
+    let want = expect_price_alerts(&trades);
+    assert!(want.len() >= 3, "the sample should trip some alerts");
+    // The ring keeps running sums; the helper sums twice: z-scores agree to 1e-6.
+    assert_items(&items, &want, 1e-6);
+}
+
+#[test]
+fn sensor_anomalies_and_silences_match_a_plain_model() {
+    let (input, readings) = load(&SENSORS);
+    let items = run(&["sensor_anomaly"], input);
+    let want = expect_sensor_anomaly(&readings);
+    let kinds = |v: &[Value], k: &str| v.iter().filter(|e| e["value"]["kind"] == k).count();
+    assert!(
+        kinds(&want, "anomaly") >= 3,
+        "the sample should have anomalies"
+    );
+    let last = readings.last().unwrap()["ts"].as_i64().unwrap();
+    let silent_device = want.iter().any(|e| {
+        e["value"]["kind"] == "silent"
+            && e["key"] == synth::SILENT_DEVICE
+            && e["value"]["last_seen"].as_i64() < Some(last - 30_000)
+    });
+    assert!(
+        silent_device,
+        "{} should go silent mid-stream",
+        synth::SILENT_DEVICE
+    );
+    assert_items(&items, &want, 1e-9);
+}
+
+#[test]
+fn hashtag_sentiment_matches_vader_and_exact_counts() {
+    let (input, posts) = load(&SOCIAL);
+    let items = run(&["hashtag_sentiment"], input);
+    let want = expect_hashtag_sentiment(&posts);
+    assert!(want
         .iter()
-        .any(|(t, _, _)| *t == "player_stats.sessions"));
-    assert_eq!(items.len(), expected.len());
-    for (item, (topic, key, want)) in items.iter().zip(&expected) {
-        assert_eq!(item["topic"], *topic);
-        assert_eq!(item["key"], json!(key));
-        let got = &item["value"];
-        for (field, value) in want.as_object().unwrap() {
-            if field == "kd" {
-                assert_close(&got[field], f(value), "kd");
-            } else {
-                assert_eq!(&got[field], value, "{field} of {item}");
+        .any(|i| i["value"]["score"].as_f64() < Some(-0.3)));
+    // Keyed by hashtag (emit_to), though the query has no key_by; trending has no key.
+    for item in &items {
+        match item["topic"].as_str() {
+            Some("hashtag_sentiment") => assert_eq!(item["key"], item["value"]["hashtag"]),
+            _ => assert_eq!(item["key"], Value::Null),
+        }
+    }
+    assert_items(&items, &want, 1e-9);
+}
+
+#[test]
+fn player_stats_match_plain_counts() {
+    let (input, events) = load(&GAMES);
+    let items = run(&["player_stats"], input);
+    let want = expect_player_stats(&events);
+    assert!(want.iter().any(|i| i["topic"] == "player_stats.sessions"));
+    assert_items(&items, &want, 1e-12);
+}
+
+// ------------------------------------------------------------------ the example cases
+
+/// Each shipped query's case folder and the helper that computes its expected items.
+type Helper = fn(&[Value]) -> Vec<Value>;
+const CASES: [(&str, Helper); 6] = [
+    ("vwap", expect_vwap),
+    ("ohlc_1m", |t| expect_ohlc(t).0),
+    ("price_alerts", expect_price_alerts),
+    ("sensor_anomaly", expect_sensor_anomaly),
+    ("hashtag_sentiment", expect_hashtag_sentiment),
+    ("player_stats", expect_player_stats),
+];
+
+fn cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/queries")
+}
+
+fn ndjson(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+/// Writes items as `eddy run` prints them: `{"topic","key","value"}`, one per line.
+fn write_ndjson(path: &Path, items: &[Value]) {
+    let text: String = items
+        .iter()
+        .map(|i| {
+            let (topic, key, value) = (&i["topic"], &i["key"], &i["value"]);
+            format!("{{\"topic\":{topic},\"key\":{key},\"value\":{value}}}\n")
+        })
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Shipped queries whose example case is a cookbook recipe (its expected items are computed in
+/// `tests/cookbook.rs`).
+const COOKBOOK_QUERIES: [&str; 1] = ["asof_join"];
+
+#[test]
+fn every_shipped_query_has_an_example_case() {
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("queries")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let case = if COOKBOOK_QUERIES.contains(&name.as_str()) {
+            cases_dir().join("cookbook").join(&name)
+        } else {
+            assert!(
+                CASES.iter().any(|(case, _)| *case == name),
+                "queries/{name}.rhai has no case in tests/queries/{name}/"
+            );
+            cases_dir().join(&name)
+        };
+        let target = std::fs::read_to_string(case.join("query")).unwrap();
+        assert_eq!(
+            case.join(target.trim()).canonicalize().unwrap(),
+            path.canonicalize().unwrap()
+        );
+    }
+}
+
+#[test]
+fn example_cases_expect_what_the_helpers_compute() {
+    let rewrite = std::env::var_os("EDDY_WRITE_EXPECTED").is_some();
+    for (name, helper) in CASES {
+        let dir = cases_dir().join(name);
+        let want = helper(&ndjson(&dir.join("in.ndjson")));
+        assert!(!want.is_empty(), "{name}: the case should emit something");
+        if rewrite {
+            write_ndjson(&dir.join("out.ndjson"), &want);
+        }
+        let expected = ndjson(&dir.join("out.ndjson"));
+        for (i, (g, w)) in expected.iter().zip(&want).enumerate() {
+            if let Some(why) = mismatch(g, w, 0.0, "") {
+                panic!(
+                    "{name}/out.ndjson line {}: {why}: not what the helper computes",
+                    i + 1
+                );
             }
         }
+        assert_eq!(expected.len(), want.len(), "{name}: number of items");
     }
 }

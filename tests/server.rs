@@ -82,6 +82,51 @@ async fn latest_conflates_and_snapshot_sends_the_newest_per_key() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashtag_items_are_keyed_by_hashtag_so_latest_keeps_one_per_hashtag() {
+    bounded(async {
+        let script = query_file("hashtag_sentiment");
+        let (server, _dir) = start(&[("hashtag_sentiment", &script)], |_| {}).await;
+        let input = sample("social.ndjson");
+        assert_eq!(produce(&server, "social", &input, 50).await, 600);
+        // The newest value per hashtag, from the posts themselves: each post's hashtags, in order.
+        let mut tags: Vec<String> = Vec::new();
+        for line in input.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let post: Value = serde_json::from_slice(line).unwrap();
+            for tag in post["hashtags"].as_array().unwrap() {
+                let tag = tag.as_str().unwrap().to_owned();
+                if !tags.contains(&tag) {
+                    tags.push(tag);
+                }
+            }
+        }
+        tags.sort();
+        let want = by_key(&offline_items("hashtag_sentiment", input));
+        // A `latest` subscriber with a snapshot: one item per hashtag, keyed by it.
+        let mut sub = connect(&server, "/subscribe").await;
+        send_json(
+            &mut sub,
+            json!({"op": "subscribe", "topic": "hashtag_sentiment", "mode": "latest", "snapshot": true}),
+        )
+        .await;
+        assert_eq!(next_json(&mut sub).await["type"], "subscribed");
+        let snapshot = next_json(&mut sub).await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let items = snapshot["items"].as_array().unwrap();
+        let keys: Vec<&str> = items.iter().map(|i| i["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, tags, "one item per hashtag, sorted by key");
+        for item in items {
+            assert_eq!(item["value"]["hashtag"], item["key"]);
+            let posts = item["value"]["posts"].as_i64().unwrap() as usize;
+            let history = &want[&item["key"].to_string()];
+            assert_eq!(posts, history.len(), "{item}");
+            assert_eq!(&item["value"], history.last().unwrap());
+        }
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// A query emitting about 2 KB per event.
 const FAT: &str = r#"let source = "fat"; let key_by = "k";
 fn init(key) { let pad = ""; for i in 0..2000 { pad += "x"; } #{ pad: pad, n: 0 } }
@@ -585,6 +630,56 @@ async fn the_demo_feeds_vwap_ordered_and_batched() {
             seen.insert(key, (trades, volume, vwap));
         }
         assert!(seen.len() > 10);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_quotes_feed_the_cookbook_as_of_join_live() {
+    bounded(async {
+        let script = query_file("asof_join");
+        let (server, _dir) = start(&[("asof_join", &script)], |c| {
+            c.demo = true;
+            c.demo_rate = 2000;
+        })
+        .await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "asof_join"})).await;
+        let items = collect_at_least(&mut sub, "asof_join", 300, 0).await;
+        let mut symbols = std::collections::HashSet::new();
+        let mut last_ts: HashMap<String, i64> = HashMap::new();
+        for item in &items {
+            let v = &item["value"];
+            let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {item}"));
+            let (bid, ask, price, mid) = (f("bid"), f("ask"), f("price"), f("mid"));
+            assert!(bid < ask, "{item}");
+            assert_eq!(mid, (bid + ask) / 2.0, "{item}");
+            assert_eq!(f("spread"), ask - bid, "{item}");
+            let side = if price > mid {
+                "buy"
+            } else if price < mid {
+                "sell"
+            } else {
+                "mid"
+            };
+            assert_eq!(v["side"], side, "{item}");
+            assert!(
+                (f("slippage_bps") - (price - mid) / mid * 1e4).abs() < 1e-9,
+                "{item}"
+            );
+            // The quote came earlier, at most a few demo ticks before, and near the price.
+            let age = v["quote_age_ms"].as_i64().unwrap();
+            assert!(age >= 0, "{item}");
+            assert!((price - mid).abs() < 0.2 * mid, "{item}");
+            let key = item["key"].as_str().unwrap().to_owned();
+            let ts = v["ts"].as_i64().unwrap();
+            assert!(
+                last_ts.insert(key.clone(), ts).is_none_or(|t| t <= ts),
+                "{item}"
+            );
+            symbols.insert(key);
+        }
+        assert!(symbols.len() > 10, "{symbols:?}");
         server.shutdown().await;
     })
     .await;
