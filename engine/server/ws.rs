@@ -589,7 +589,10 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
+        // Biased: what the reader queued (pongs, close replies) goes before the source's
+        // messages that it caused, in the order the peer asked.
         let closed = tokio::select! {
+            biased;
             msg = rx.recv() => match msg {
                 Some(msg) => drain(&mut ws, &mut rx, msg).await,
                 None => break,
