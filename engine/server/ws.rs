@@ -261,7 +261,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Makes `buf` hold at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
-            self.buf.reserve(READ_CHUNK);
+            self.buf.reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Closed);
             }
