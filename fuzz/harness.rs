@@ -393,7 +393,10 @@ fn check_server_output(output: &[u8]) {
         assert_eq!(b1 & 0x80, 0, "a masked server frame");
         let (len, header) = match b1 & 0x7f {
             126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-            127 => (u64::from_be_bytes(rest[2..10].try_into().expect("8")) as usize, 10),
+            127 => (
+                u64::from_be_bytes(rest[2..10].try_into().expect("8")) as usize,
+                10,
+            ),
             n => (n as usize, 2),
         };
         assert!(rest.len() >= header + len, "a cut frame");
@@ -406,7 +409,10 @@ fn check_server_output(output: &[u8]) {
                     serde_json::from_slice(payload).expect("the server's messages are JSON");
             }
             op @ (0x8..=0xa) => {
-                assert!(b0 & 0x80 != 0 && len <= 125, "control frame {op}: {len} bytes");
+                assert!(
+                    b0 & 0x80 != 0 && len <= 125,
+                    "control frame {op}: {len} bytes"
+                );
                 if op == 0x8 {
                     assert_ne!(len, 1, "a close payload of one byte");
                     assert!(rest.is_empty(), "frames after the close frame");

@@ -100,7 +100,10 @@ impl Client {
             if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break at + 4;
             }
-            assert!(client.fill().await, "the server closed during the handshake");
+            assert!(
+                client.fill().await,
+                "the server closed during the handshake"
+            );
         };
         let head = String::from_utf8(client.buf.drain(..end).collect()).unwrap();
         (client, head)
@@ -117,8 +120,10 @@ impl Client {
         .await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         assert!(
-            head.to_ascii_lowercase()
-                .contains(&format!("sec-websocket-accept: {}", ACCEPT.to_ascii_lowercase())),
+            head.to_ascii_lowercase().contains(&format!(
+                "sec-websocket-accept: {}",
+                ACCEPT.to_ascii_lowercase()
+            )),
             "{head}"
         );
         client
@@ -169,7 +174,10 @@ impl Client {
         let opcode = b0 & 0x0f;
         if opcode >= 0x8 {
             assert!(b0 & FIN != 0, "fragmented control frame from the server");
-            assert!(len <= 125, "control frame of {len} bytes from the server (§5.5)");
+            assert!(
+                len <= 125,
+                "control frame of {len} bytes from the server (§5.5)"
+            );
         }
         match opcode {
             0x1 => Got::Text(String::from_utf8(payload).expect("text is UTF-8")),
@@ -236,8 +244,14 @@ async fn protocol_errors_close_with_1002() {
         }),
         ("ping of 126 bytes", frame(FIN | PING, &[b'x'; 126], true)),
         ("fragmented ping", frame(PING, b"a", true)),
-        ("close with a 1-byte payload", frame(FIN | CLOSE, &[3], true)),
-        ("close with code 1005", frame(FIN | CLOSE, &1005u16.to_be_bytes(), true)),
+        (
+            "close with a 1-byte payload",
+            frame(FIN | CLOSE, &[3], true),
+        ),
+        (
+            "close with code 1005",
+            frame(FIN | CLOSE, &1005u16.to_be_bytes(), true),
+        ),
         ("64-bit length with the top bit set", long_len),
     ];
     for (what, bytes) in &cases {
@@ -249,8 +263,20 @@ async fn protocol_errors_close_with_1002() {
 #[tokio::test]
 async fn unmasked_client_frames_are_refused() {
     let (server, _dir) = start(1 << 20).await;
-    closes_with(&server, "unmasked text", &frame(FIN | TEXT, b"{}", false), 1002).await;
-    closes_with(&server, "unmasked ping", &frame(FIN | PING, b"", false), 1002).await;
+    closes_with(
+        &server,
+        "unmasked text",
+        &frame(FIN | TEXT, b"{}", false),
+        1002,
+    )
+    .await;
+    closes_with(
+        &server,
+        "unmasked ping",
+        &frame(FIN | PING, b"", false),
+        1002,
+    )
+    .await;
     server.shutdown().await;
 }
 
@@ -260,7 +286,13 @@ async fn close_frames_are_answered_within_125_bytes() {
     // 7.3.6: a close of 126 bytes is itself a protocol error, and is not echoed.
     let mut long_close = 1000u16.to_be_bytes().to_vec();
     long_close.extend_from_slice(&[b'a'; 124]);
-    closes_with(&server, "close of 126 bytes", &frame(FIN | CLOSE, &long_close, true), 1002).await;
+    closes_with(
+        &server,
+        "close of 126 bytes",
+        &frame(FIN | CLOSE, &long_close, true),
+        1002,
+    )
+    .await;
     // A valid close with the longest reason is answered with the code alone.
     let mut close = 4321u16.to_be_bytes().to_vec();
     close.extend_from_slice(&[b'r'; 123]);
@@ -300,7 +332,9 @@ async fn pings_are_answered_between_fragments_and_invalid_utf8_is_1007() {
             "topics"
         };
         assert_eq!(answer["type"], kind, "{path}: {answer}");
-        client.send(&frame(FIN | CLOSE, &1000u16.to_be_bytes(), true)).await;
+        client
+            .send(&frame(FIN | CLOSE, &1000u16.to_be_bytes(), true))
+            .await;
         assert_eq!(client.close_code().await, Some(1000));
     }
     // The euro sign cut in two fragments is valid; 0xff never is.
@@ -309,8 +343,17 @@ async fn pings_are_answered_between_fragments_and_invalid_utf8_is_1007() {
     let mut client = Client::open(server.addr, "/subscribe").await;
     client.send(&bytes).await;
     let answer = client.json().await;
-    assert!(answer["error"].as_str().unwrap().contains("unknown field"), "{answer}");
-    closes_with(&server, "invalid UTF-8", &frame(FIN | TEXT, b"{\"a\":\"\xff\"}", true), 1007).await;
+    assert!(
+        answer["error"].as_str().unwrap().contains("unknown field"),
+        "{answer}"
+    );
+    closes_with(
+        &server,
+        "invalid UTF-8",
+        &frame(FIN | TEXT, b"{\"a\":\"\xff\"}", true),
+        1007,
+    )
+    .await;
     server.shutdown().await;
 }
 
@@ -328,7 +371,8 @@ async fn a_wrong_version_is_told_the_one_we_speak() {
         .await;
         assert!(head.starts_with("HTTP/1.1 426"), "{head}");
         assert!(
-            head.to_ascii_lowercase().contains("sec-websocket-version: 13\r\n"),
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-version: 13\r\n"),
             "{head}"
         );
     }
@@ -364,7 +408,10 @@ async fn the_limit_counts_whole_messages_and_refuses_only_larger_ones() {
         assert_eq!(ack["accepted"], 0, "{ack}");
     }
     // One byte more is closed with 1009, fragmented or not.
-    for bytes in [fragmented(LIMIT + 1, 30_000), fragmented(LIMIT + 1, LIMIT + 1)] {
+    for bytes in [
+        fragmented(LIMIT + 1, 30_000),
+        fragmented(LIMIT + 1, LIMIT + 1),
+    ] {
         let mut client = Client::open(server.addr, "/ingest?ack=true").await;
         client.send(&bytes).await;
         assert_eq!(client.close_code().await, Some(1009));

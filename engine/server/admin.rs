@@ -266,7 +266,10 @@ fn write_info(object: &mut Object<'_>, q: &Deployed) {
     object.str("name", &q.def.name);
     write_sources(object.key("source"), &config.sources);
     object
-        .opt_str("key_by", config.key_by.as_ref().map(|k| k.to_string()).as_deref())
+        .opt_str(
+            "key_by",
+            config.key_by.as_ref().map(|k| k.to_string()).as_deref(),
+        )
         .opt_str(
             "time_field",
             config.time_field.as_ref().map(|k| k.to_string()).as_deref(),

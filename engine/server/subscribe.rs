@@ -216,7 +216,9 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 ingest,
                 published,
             } => {
-                write.send(&Outbound::Text(batch_frame(seqs, &topic, &items))).await?;
+                write
+                    .send(&Outbound::Text(batch_frame(seqs, &topic, &items)))
+                    .await?;
                 stamps.push((published, ingest, count));
             }
         }
@@ -236,7 +238,9 @@ async fn deliver<W: AsyncWrite + Unpin>(
             items.extend_from_slice(element);
         }
         items.push(b']');
-        write.send(&Outbound::Text(batch_frame(seqs, topic, &items))).await?;
+        write
+            .send(&Outbound::Text(batch_frame(seqs, topic, &items)))
+            .await?;
     }
     write.flush().await?;
     let now = Instant::now();

@@ -35,7 +35,9 @@ use hyper::header::HeaderValue;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -51,6 +53,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
 }
 
+/// An HTTP answer of the handshake.
+pub type HttpResponse = Response<Full<Bytes>>;
+
 /// The WebSocket version this server speaks (RFC 6455).
 const VERSION: &str = "13";
 
@@ -58,9 +63,7 @@ const VERSION: &str = "13";
 /// `Sec-WebSocket-Version: 13` for a request that is not an upgrade or asks for another
 /// version (RFC 6455 §4.2.2), 400 for one without a key.
 #[allow(clippy::result_large_err)]
-pub fn handshake<B>(
-    req: &mut Request<B>,
-) -> Result<(Response<Full<Bytes>>, UpgradeFut), Response<Full<Bytes>>> {
+pub fn handshake<B>(req: &mut Request<B>) -> Result<(HttpResponse, UpgradeFut), HttpResponse> {
     let refuse = |status, text: &str| {
         let mut response = super::json_error(status, text);
         let headers = response.headers_mut();
@@ -84,7 +87,10 @@ pub fn handshake<B>(
     match fastwebsockets::upgrade::upgrade(req) {
         Ok((response, upgrade)) => {
             let (parts, _) = response.into_parts();
-            Ok((Response::from_parts(parts, Full::new(Bytes::new())), upgrade))
+            Ok((
+                Response::from_parts(parts, Full::new(Bytes::new())),
+                upgrade,
+            ))
         }
         Err(e) => Err(super::json_error(StatusCode::BAD_REQUEST, &e.to_string())),
     }
@@ -137,8 +143,10 @@ pub enum Incoming {
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
-/// Most a message buffer is grown by ahead of the bytes that fill it.
+/// Most a message buffer is grown by ahead of the bytes that fill it, below [`GROW_TO_LIMIT`].
 const GROW_AHEAD: usize = 256 * 1024;
+/// A message buffer that needs more than this is sized to the limit.
+const GROW_TO_LIMIT: usize = 1 << 20;
 
 /// Reads client frames and assembles messages of at most `limit` bytes (see the module docs).
 pub struct Reader<R> {
@@ -203,7 +211,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 return Err(ReadError::Protocol("64-bit length with its top bit set"));
             }
             let m = 2 + extended;
-            let mask = [self.buf[m], self.buf[m + 1], self.buf[m + 2], self.buf[m + 3]];
+            let mask = [
+                self.buf[m],
+                self.buf[m + 1],
+                self.buf[m + 2],
+                self.buf[m + 3],
+            ];
             self.buf.advance(m + 4);
             match opcode {
                 0x8..=0xa => {
@@ -261,7 +274,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Makes `buf` hold at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
-            self.buf.reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
+            self.buf
+                .reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Closed);
             }
@@ -300,13 +314,21 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(())
     }
 
-    /// Room for `additional` more bytes, growing by doubling but never past the limit.
+    /// Room for `additional` more bytes, never past the limit. Small messages grow by
+    /// doubling; past [`GROW_TO_LIMIT`] the buffer is sized to the limit at once: one more
+    /// allocation instead of a chain of copies whose freed blocks the allocator would keep, and
+    /// pages not yet written are not resident.
     fn grow(&mut self, additional: usize) {
         let needed = self.message.len() + additional;
         let capacity = self.message.capacity();
         if needed > capacity {
-            let target = needed.max(capacity * 2).min(self.limit.max(needed));
-            self.message.reserve_exact(target - self.message.len());
+            let target = if needed > GROW_TO_LIMIT {
+                self.limit
+            } else {
+                needed.max(capacity * 2).min(self.limit)
+            };
+            self.message
+                .reserve_exact(target.max(needed) - self.message.len());
         }
     }
 
