@@ -63,6 +63,102 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Writes one JSON object field by field. Every message the server writes (WebSocket frames,
+/// HTTP answers) is built with it, so escaping and punctuation live in one place; values that
+/// are already JSON (emitted items, batches) go in with [`Object::raw`], uncopied.
+///
+/// ```
+/// let mut out = Vec::new();
+/// eddy::json::Object::new(&mut out).str("type", "error").int("frame", 3).end();
+/// assert_eq!(out, br#"{"type":"error","frame":3}"#);
+/// ```
+pub struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> Object<'a> {
+    /// Opens an object at the end of `out`.
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Object { out, empty: true }
+    }
+
+    /// Writes `key` and its colon; the caller writes the value to the returned buffer.
+    pub fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(b',');
+        }
+        write_str(self.out, key);
+        self.out.push(b':');
+        self.out
+    }
+
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        write_str(self.key(key), value);
+        self
+    }
+
+    /// A string, or `null` for `None`.
+    pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(value) => self.str(key, value),
+            None => self.raw(key, b"null"),
+        }
+    }
+
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
+        write_int(self.key(key), value);
+        self
+    }
+
+    /// A number (`null` if not finite).
+    pub fn float(&mut self, key: &str, value: f64) -> &mut Self {
+        write_float(self.key(key), value);
+        self
+    }
+
+    /// A value that is already JSON.
+    pub fn raw(&mut self, key: &str, json: &[u8]) -> &mut Self {
+        self.key(key).extend_from_slice(json);
+        self
+    }
+
+    /// An array of `items`, each written by `write`.
+    pub fn array<T>(
+        &mut self,
+        key: &str,
+        items: impl IntoIterator<Item = T>,
+        mut write: impl FnMut(&mut Vec<u8>, T),
+    ) -> &mut Self {
+        let out = self.key(key);
+        out.push(b'[');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write(out, item);
+        }
+        out.push(b']');
+        self
+    }
+
+    /// Closes the object.
+    pub fn end(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+/// `{"type":KIND,…}`: a message of the WebSocket protocol, its other fields written by `fields`.
+pub fn message(kind: &str, fields: impl FnOnce(&mut Object<'_>)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut object = Object::new(&mut out);
+    object.str("type", kind);
+    fields(&mut object);
+    object.end();
+    out
+}
+
 /// Writes a Rhai value as compact JSON, failing past `limit` bytes of output.
 pub fn write_dynamic(out: &mut Vec<u8>, value: &Dynamic, limit: usize) -> Result<(), EncodeError> {
     let start = out.len();

@@ -1,14 +1,17 @@
 //! The bodies of the fuzz targets, shared by the cargo-fuzz targets (`fuzz/fuzz_targets/*.rs`)
 //! and the corpus replay test (`tests/fuzz_corpus.rs`), so the replay runs exactly the fuzzed
-//! code. Only `eddy`, `serde_json` and `std` are used: this file must also build as part of the
-//! root package's tests.
+//! code. Only `eddy`, `serde_json`, `tokio` and `std` are used: this file must also build as part
+//! of the root package's tests.
 //!
 //! Each function must never panic, hang or blow memory, whatever its input; the assertions
 //! below are properties the engine promises, so a failing one is a bug the fuzzer found.
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use eddy::event::{FieldPath, Format, Parsed, Position};
 use eddy::offline::{self, RunOptions};
@@ -225,4 +228,197 @@ fn run_query(script: &str, events: Vec<u8>, options: RunOptions) {
         "{} rejections counted, {reported} reported:\n{err}",
         summary.rejected
     );
+}
+
+/// The message limit of the `frames` target: small, so that inputs reach it.
+pub const FRAME_LIMIT: usize = 4096;
+
+/// Flag bits of a `frames` input's first byte.
+pub const FRAMES_SUBSCRIBE: u8 = 1;
+pub const FRAMES_RAW: u8 = 2;
+
+/// Arbitrary bytes from a client, through the server's read path. The first byte holds flags:
+/// [`FRAMES_SUBSCRIBE`] picks `/subscribe` over `/ingest?ack=true`, and [`FRAMES_RAW`] sends
+/// the rest as it is (the fuzzer writes the HTTP request too) instead of after a valid
+/// handshake.
+///
+/// 1. The rest, as frames, goes through `ws::Reader` (with [`FRAME_LIMIT`]): no message is
+///    larger than the limit, a text message is UTF-8, a ping carries at most 125 bytes, an
+///    error closes with 1002, 1007 or 1009, and the reader never holds more than
+///    `Reader::max_held_bytes(FRAME_LIMIT)` bytes, however long a length a header announces.
+/// 2. The whole input goes over a socket to an in-process `eddy serve` (shared by every input,
+///    message limit [`FRAME_LIMIT`]), which must answer with HTTP, then well-formed server
+///    frames (unmasked, control frames of at most 125 bytes, JSON text), nothing after its
+///    close frame, end the connection within 10 s, and not panic in any task.
+pub fn frames_one(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let (runtime, addr) = frames_server();
+    runtime.block_on(read_frames(rest));
+    let mut input = Vec::new();
+    if flags & FRAMES_RAW == 0 {
+        let path = if flags & FRAMES_SUBSCRIBE != 0 {
+            "/subscribe"
+        } else {
+            "/ingest?ack=true"
+        };
+        input.extend_from_slice(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    input.extend_from_slice(rest);
+    let panics = PANICS.load(Ordering::SeqCst);
+    let output = runtime.block_on(exchange(*addr, &input));
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        panics,
+        "a server task panicked"
+    );
+    check_server_output(&output);
+}
+
+/// Panics seen by the hook [`frames_server`] installs (server tasks' panics do not unwind into
+/// the caller).
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn frames_server() -> &'static (tokio::runtime::Runtime, SocketAddr) {
+    static SERVER: OnceLock<(tokio::runtime::Runtime, SocketAddr)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let config = eddy::server::Config {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            shards: 1,
+            queries: "/nonexistent/eddy-fuzz-queries".into(),
+            max_frame_bytes: FRAME_LIMIT,
+            ..eddy::server::Config::default()
+        };
+        let server = runtime
+            .block_on(eddy::server::Server::start(config))
+            .expect("the server starts");
+        let addr = server.addr;
+        // Serves until the process ends.
+        std::mem::forget(server);
+        (runtime, addr)
+    })
+}
+
+async fn read_frames(bytes: &[u8]) {
+    use eddy::server::ws::{Incoming, ReadError, Reader};
+    let mut reader = Reader::new(bytes, FRAME_LIMIT);
+    let most = Reader::<&[u8]>::max_held_bytes(FRAME_LIMIT);
+    loop {
+        let read = reader.next().await;
+        assert!(
+            reader.held_bytes() <= most,
+            "the reader holds {} bytes, more than {most}",
+            reader.held_bytes()
+        );
+        match read {
+            Ok(Incoming::Message(message)) => {
+                assert!(message.payload.len() <= FRAME_LIMIT);
+                if !message.binary {
+                    assert!(std::str::from_utf8(&message.payload).is_ok());
+                }
+            }
+            Ok(Incoming::Ping(payload)) => assert!(payload.len() <= 125),
+            Ok(Incoming::Pong | Incoming::Close(_)) => {}
+            Err(ReadError::Closed) => return,
+            Err(e) => {
+                let (code, reason) = e.close().expect("a read error other than EOF closes");
+                assert!([1002, 1007, 1009].contains(&code), "{e}: {code}");
+                assert!(reason.len() <= 123);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends `input`, closes the sending direction, and reads everything the server answers.
+async fn exchange(addr: SocketAddr, input: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the in-process server");
+    // No TIME_WAIT left behind by a long fuzzing run.
+    let _ = stream.set_zero_linger();
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        let _ = write.write_all(input).await;
+        let _ = write.shutdown().await;
+    };
+    let mut output = Vec::new();
+    let receive = async {
+        let _ = read.read_to_end(&mut output).await;
+    };
+    let both = async { tokio::join!(send, receive) };
+    tokio::time::timeout(Duration::from_secs(10), both)
+        .await
+        .expect("the server ends the connection within 10 s");
+    output
+}
+
+/// Checks what the server sent: HTTP, and after a 101 only well-formed server frames.
+fn check_server_output(output: &[u8]) {
+    if output.is_empty() {
+        return;
+    }
+    assert!(output.starts_with(b"HTTP/1.1 "), "not HTTP: {output:?}");
+    if !output.starts_with(b"HTTP/1.1 101") {
+        return;
+    }
+    let head_end = output
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head")
+        + 4;
+    let mut rest = &output[head_end..];
+    while !rest.is_empty() {
+        assert!(rest.len() >= 2, "a cut frame header");
+        let (b0, b1) = (rest[0], rest[1]);
+        assert_eq!(b0 & 0x70, 0, "reserved bits from the server");
+        assert_eq!(b1 & 0x80, 0, "a masked server frame");
+        let (len, header) = match b1 & 0x7f {
+            126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(rest[2..10].try_into().expect("8")) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert!(rest.len() >= header + len, "a cut frame");
+        let payload = &rest[header..header + len];
+        rest = &rest[header + len..];
+        match b0 & 0x0f {
+            0x1 => {
+                assert!(b0 & 0x80 != 0, "the server does not fragment");
+                let _: serde_json::Value =
+                    serde_json::from_slice(payload).expect("the server's messages are JSON");
+            }
+            op @ (0x8..=0xa) => {
+                assert!(
+                    b0 & 0x80 != 0 && len <= 125,
+                    "control frame {op}: {len} bytes"
+                );
+                if op == 0x8 {
+                    assert_ne!(len, 1, "a close payload of one byte");
+                    assert!(rest.is_empty(), "frames after the close frame");
+                }
+            }
+            op => panic!("opcode {op} from the server"),
+        }
+    }
 }

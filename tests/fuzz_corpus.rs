@@ -59,3 +59,8 @@ fn parse_corpus_replays() {
 fn query_corpus_replays() {
     replay("query", harness::query_one);
 }
+
+#[test]
+fn frames_corpus_replays() {
+    replay("frames", harness::frames_one);
+}

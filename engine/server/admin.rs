@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
 
-use crate::json::{write_int, write_str};
+use crate::json::Object;
 use crate::query::valid_name;
 use crate::router::{Deployed, Router};
 use crate::sandbox::Limits;
@@ -238,13 +238,12 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
         return match resume(state, name).await {
             None => json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}")),
             Some(was) => {
-                let mut body = b"{\"name\":".to_vec();
-                write_str(&mut body, name);
-                body.extend_from_slice(if was {
-                    b",\"resumed\":true}"
-                } else {
-                    b",\"resumed\":false}"
-                });
+                let mut body = Vec::new();
+                let mut object = Object::new(&mut body);
+                object
+                    .str("name", name)
+                    .raw("resumed", if was { b"true" } else { b"false" });
+                object.end();
                 respond(StatusCode::OK, "application/json", body)
             }
         };
@@ -293,13 +292,11 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             };
             match deploy(state, def).await {
                 Ok(replaced) => {
-                    let mut body = b"{\"name\":".to_vec();
-                    write_str(&mut body, &name);
-                    body.extend_from_slice(if replaced {
-                        b",\"replaced\":true}"
-                    } else {
-                        b",\"replaced\":false}"
-                    });
+                    let mut body = Vec::new();
+                    Object::new(&mut body)
+                        .str("name", &name)
+                        .raw("replaced", if replaced { b"true" } else { b"false" })
+                        .end();
                     let status = if replaced {
                         StatusCode::OK
                     } else {
@@ -317,44 +314,43 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
 /// 400 `{"error","line","column"}`.
 fn compile_error(e: &QueryError) -> Response<Body> {
     let (line, column) = e.line_column();
-    let mut body = b"{\"error\":".to_vec();
-    write_str(&mut body, &e.to_string());
+    let mut body = Vec::new();
+    let mut object = Object::new(&mut body);
+    object.str("error", &e.to_string());
     for (name, value) in [("line", line), ("column", column)] {
-        body.extend_from_slice(format!(",\"{name}\":").as_bytes());
         match value {
-            Some(v) => write_int(&mut body, v as i64),
-            None => body.extend_from_slice(b"null"),
-        }
+            Some(v) => object.int(name, v as i64),
+            None => object.raw(name, b"null"),
+        };
     }
-    body.push(b'}');
+    object.end();
     respond(StatusCode::BAD_REQUEST, "application/json", body)
 }
 
-fn write_info(body: &mut Vec<u8>, q: &Deployed) {
+/// The fields every description of a query starts with.
+fn write_info(object: &mut Object<'_>, q: &Deployed) {
     let config = &q.def.config;
-    body.extend_from_slice(b"{\"name\":");
-    write_str(body, &q.def.name);
-    body.extend_from_slice(b",\"source\":");
-    write_sources(body, &config.sources);
-    body.extend_from_slice(b",\"key_by\":");
-    match &config.key_by {
-        Some(k) => write_str(body, &k.to_string()),
-        None => body.extend_from_slice(b"null"),
-    }
-    body.extend_from_slice(b",\"time_field\":");
-    match &config.time_field {
-        Some(k) => write_str(body, &k.to_string()),
-        None => body.extend_from_slice(b"null"),
-    }
-    body.extend_from_slice(b",\"lateness_ms\":");
-    write_int(body, config.lateness_ms);
-    body.extend_from_slice(b",\"version\":");
-    write_int(body, q.id.0 as i64);
-    body.extend_from_slice(if q.control.is_quarantined() {
-        b",\"quarantined\":true"
-    } else {
-        b",\"quarantined\":false"
-    });
+    object.str("name", &q.def.name);
+    write_sources(object.key("source"), &config.sources);
+    object
+        .opt_str(
+            "key_by",
+            config.key_by.as_ref().map(|k| k.to_string()).as_deref(),
+        )
+        .opt_str(
+            "time_field",
+            config.time_field.as_ref().map(|k| k.to_string()).as_deref(),
+        )
+        .int("lateness_ms", config.lateness_ms)
+        .int("version", q.id.0 as i64)
+        .raw(
+            "quarantined",
+            if q.control.is_quarantined() {
+                b"true"
+            } else {
+                b"false"
+            },
+        );
 }
 
 async fn show(state: &State, name: &str) -> Response<Body> {
@@ -363,10 +359,9 @@ async fn show(state: &State, name: &str) -> Response<Body> {
         return json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"));
     };
     let mut body = Vec::new();
-    write_info(&mut body, q);
-    body.extend_from_slice(b",\"script\":");
-    write_str(&mut body, &q.def.script);
-    body.push(b'}');
+    let mut object = Object::new(&mut body);
+    write_info(&mut object, q);
+    object.str("script", &q.def.script).end();
     respond(StatusCode::OK, "application/json", body)
 }
 
@@ -379,7 +374,8 @@ async fn list(state: &State) -> Response<Body> {
         if i > 0 {
             body.push(b',');
         }
-        write_info(&mut body, q);
+        let mut object = Object::new(&mut body);
+        write_info(&mut object, q);
         for (field, value) in [
             ("keys", stats.keys),
             ("events", stats.events),
@@ -391,17 +387,14 @@ async fn list(state: &State) -> Response<Body> {
             ("skipped", stats.skipped),
             ("cpu_us", stats.cpu_us),
         ] {
-            body.extend_from_slice(format!(",\"{field}\":{value}").as_bytes());
+            object.int(field, value as i64);
         }
         let us = |q: f64| eval.value_at_quantile(q) as f64 / 1000.0;
-        body.extend_from_slice(
-            format!(
-                ",\"eval_us\":{{\"p50\":{},\"p99\":{}}}}}",
-                us(0.5),
-                us(0.99)
-            )
-            .as_bytes(),
-        );
+        Object::new(object.key("eval_us"))
+            .float("p50", us(0.5))
+            .float("p99", us(0.99))
+            .end();
+        object.end();
     }
     body.push(b']');
     respond(StatusCode::OK, "application/json", body)

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::json::write_str;
+use crate::json::{self, write_str, Object};
 use crate::query::valid_name;
 use crate::{Emitted, Key, Topic};
 
@@ -398,14 +398,13 @@ impl Hub {
                     state.subs.retain(|s| s.id != subscriber);
                     before != state.subs.len()
                 });
-                let mut msg = Vec::new();
-                if found {
-                    msg.extend_from_slice(b"{\"type\":\"unsubscribed\",\"topic\":");
-                    write_str(&mut msg, &topic);
-                    msg.push(b'}');
+                let msg = if found {
+                    json::message("unsubscribed", |o| {
+                        o.str("topic", &topic);
+                    })
                 } else {
-                    msg = error_message(&format!("not subscribed to topic {topic:?}"));
-                }
+                    error_message(&format!("not subscribed to topic {topic:?}"))
+                };
                 mailbox.push_control(msg.into());
             }
             HubControl::Disconnect { subscriber } => {
@@ -440,10 +439,9 @@ impl Hub {
                     let Some(state) = self.topics.remove(&topic) else {
                         continue;
                     };
-                    let mut msg = b"{\"type\":\"closed\",\"topic\":".to_vec();
-                    write_str(&mut msg, &topic);
-                    msg.push(b'}');
-                    let msg = Bytes::from(msg);
+                    let msg = Bytes::from(json::message("closed", |o| {
+                        o.str("topic", &topic);
+                    }));
                     for sub in state.subs {
                         sub.mailbox.push_control(msg.clone());
                     }
@@ -500,24 +498,20 @@ impl Hub {
             keys: req.keys.map(|k| k.into_iter().collect()),
             mode: req.mode,
         };
-        let mut msg = b"{\"type\":\"subscribed\",\"topic\":".to_vec();
-        write_str(&mut msg, &topic);
-        msg.push(b'}');
+        let msg = json::message("subscribed", |o| {
+            o.str("topic", &topic);
+        });
         req.mailbox.push_control(msg.into());
         if req.snapshot {
             let mut latest: Vec<(&Key, &Bytes)> =
                 state.latest.iter().filter(|(k, _)| sub.wants(k)).collect();
             latest.sort_by(|a, b| a.0.cmp(b.0));
-            let mut msg = b"{\"type\":\"snapshot\",\"topic\":".to_vec();
-            write_str(&mut msg, &topic);
-            msg.extend_from_slice(b",\"items\":[");
-            for (i, (_, element)) in latest.iter().enumerate() {
-                if i > 0 {
-                    msg.push(b',');
-                }
-                msg.extend_from_slice(element);
-            }
-            msg.extend_from_slice(b"]}");
+            let msg = json::message("snapshot", |o| {
+                o.str("topic", &topic)
+                    .array("items", &latest, |out, (_, element)| {
+                        out.extend_from_slice(element)
+                    });
+            });
             req.mailbox.push_control(msg.into());
         }
         state.subs.push(sub);
@@ -539,25 +533,14 @@ impl Hub {
                 names.insert(topic.to_string(), info);
             }
         }
-        let mut msg = b"{\"type\":\"topics\",\"topics\":[".to_vec();
-        for (i, (name, info)) in names.iter().enumerate() {
-            if i > 0 {
-                msg.push(b',');
-            }
-            msg.extend_from_slice(b"{\"name\":");
-            write_str(&mut msg, name);
-            msg.extend_from_slice(b",\"query\":");
-            write_str(&mut msg, &info.name);
-            msg.extend_from_slice(b",\"source\":");
-            write_sources(&mut msg, &info.sources);
-            msg.extend_from_slice(b",\"key_by\":");
-            match &info.key_by {
-                Some(k) => write_str(&mut msg, k),
-                None => msg.extend_from_slice(b"null"),
-            }
-            msg.push(b'}');
-        }
-        msg.extend_from_slice(b"]}");
+        let msg = json::message("topics", |o| {
+            o.array("topics", &names, |out, (name, info)| {
+                let mut topic = Object::new(out);
+                topic.str("name", name).str("query", &info.name);
+                write_sources(topic.key("source"), &info.sources);
+                topic.opt_str("key_by", info.key_by.as_deref()).end();
+            });
+        });
         msg.into()
     }
 }
@@ -585,8 +568,7 @@ pub fn write_sources(out: &mut Vec<u8>, sources: &[String]) {
 
 /// `{"type":"error","error":…}`.
 pub fn error_message(text: &str) -> Vec<u8> {
-    let mut msg = b"{\"type\":\"error\",\"error\":".to_vec();
-    write_str(&mut msg, text);
-    msg.push(b'}');
-    msg
+    json::message("error", |o| {
+        o.str("error", text);
+    })
 }

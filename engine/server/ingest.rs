@@ -16,11 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fastwebsockets::{upgrade::UpgradeFut, OpCode, WebSocketError};
-use tokio::sync::mpsc;
+use fastwebsockets::upgrade::UpgradeFut;
 
 use crate::event::{Parser, Position, RejectKind, Rejection};
-use crate::json::{write_int, write_str};
+use crate::json::{self, Object};
 use crate::router::{Clock, Delivery, RouteSink, SourceId, Unnamed};
 use crate::shard::QueryId;
 
@@ -43,26 +42,27 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// `{"accepted":A,"rejected":R,"errors":[{"index":I,"error":E}…]}`, with `prefix` fields first.
-    pub fn write_json(&self, prefix: &[u8], out: &mut Vec<u8>) {
-        out.push(b'{');
-        out.extend_from_slice(prefix);
-        out.extend_from_slice(b"\"accepted\":");
-        write_int(out, self.accepted as i64);
-        out.extend_from_slice(b",\"rejected\":");
-        write_int(out, self.rejected as i64);
-        out.extend_from_slice(b",\"errors\":[");
-        for (i, (index, error)) in self.errors.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"index\":");
-            write_int(out, i64::from(*index));
-            out.extend_from_slice(b",\"error\":");
-            write_str(out, error);
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"]}");
+    /// `{"accepted":A,"rejected":R,"errors":[{"index":I,"error":E}…]}`, into an object whose
+    /// first fields are already written.
+    pub fn write_fields(&self, object: &mut Object<'_>) {
+        object
+            .int("accepted", self.accepted as i64)
+            .int("rejected", self.rejected as i64)
+            .array("errors", &self.errors, |out, (index, error)| {
+                Object::new(out)
+                    .int("index", i64::from(*index))
+                    .str("error", error)
+                    .end();
+            });
+    }
+
+    /// The answer to `POST /ingest`: just the fields of [`Outcome::write_fields`].
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut object = Object::new(&mut out);
+        self.write_fields(&mut object);
+        object.end();
+        out
     }
 }
 
@@ -244,7 +244,7 @@ pub struct IngestParams {
     pub ack: bool,
 }
 
-/// Serves one producer's WebSocket.
+/// Serves one producer's WebSocket: each message is ingested before the next is read.
 pub async fn websocket(
     state: Arc<State>,
     upgrade: UpgradeFut,
@@ -256,16 +256,12 @@ pub async fn websocket(
         return;
     };
     let _conn = state.metrics.connection("ingest");
-    let (mut read, write) = ws::split(ws, state.config.max_frame_bytes);
-    let (tx, rx) = mpsc::channel::<Outbound>(64);
-    let liveness = ws::Liveness::default();
-    liveness.heard();
-    let writer = tokio::spawn(ws::run_writer(
-        write,
-        rx,
-        liveness.clone(),
+    let mut conn = ws::open(
+        ws.into_inner(),
+        state.config.max_frame_bytes,
         state.config.ping_interval,
-    ));
+        ws::NoSource,
+    );
     let counters = state
         .metrics
         .stream(params.stream.as_deref().unwrap_or("-"));
@@ -273,101 +269,42 @@ pub async fn websocket(
     let mut frame_no: u64 = 0;
     let mut limiter = ErrorLimiter::default();
     loop {
-        let obliged = tx.clone();
-        let mut send_fn = move |frame| {
-            let obliged = obliged.clone();
-            let msg = ws::obligated(frame);
-            async move {
-                obliged
-                    .send(msg)
-                    .await
-                    .map_err(|_| WebSocketError::ConnectionClosed)
-            }
-        };
-        let frame = tokio::select! {
-            frame = read.read_frame(&mut send_fn) => frame,
+        let message = tokio::select! {
+            message = conn.inbox.next() => message,
             _ = shutdown.changed() => {
-                let _ = tx.send(Outbound::Close(ws::close::GOING_AWAY, "server shutting down")).await;
-                drain_until_closed(&mut read, &tx).await;
-                break;
+                conn.inbox.close(ws::close::GOING_AWAY, "server shutting down").await;
+                None
             }
         };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(e) => {
-                if let Some((code, reason)) = ws::close_for(&e) {
-                    let _ = tx.send(Outbound::Close(code, reason)).await;
-                }
+        let Some(message) = message else { break };
+        let outcome = ingest(
+            &state,
+            &mut source,
+            message.payload,
+            params.stream.as_deref(),
+            &counters,
+        )
+        .await;
+        let answers = if params.ack {
+            vec![json::message("ack", |o| {
+                o.int("frame", frame_no as i64);
+                outcome.write_fields(o);
+            })]
+        } else if outcome.rejected > 0 {
+            limiter.messages(frame_no, &outcome)
+        } else {
+            Vec::new()
+        };
+        for answer in answers {
+            if conn.out.send(Outbound::Text(answer.into())).await.is_err() {
                 break;
             }
-        };
-        liveness.heard();
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary => {
-                let input = frame.payload.to_vec();
-                let outcome = ingest(
-                    &state,
-                    &mut source,
-                    input,
-                    params.stream.as_deref(),
-                    &counters,
-                )
-                .await;
-                if params.ack {
-                    let mut msg = Vec::with_capacity(96);
-                    let mut prefix = b"\"type\":\"ack\",\"frame\":".to_vec();
-                    write_int(&mut prefix, frame_no as i64);
-                    prefix.push(b',');
-                    outcome.write_json(&prefix, &mut msg);
-                    if tx.send(Outbound::Text(msg.into())).await.is_err() {
-                        break;
-                    }
-                } else if outcome.rejected > 0 {
-                    for msg in limiter.messages(frame_no, &outcome) {
-                        if tx.send(Outbound::Text(msg.into())).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                frame_no += 1;
-            }
-            OpCode::Close => break,
-            _ => {}
         }
+        frame_no += 1;
     }
-    drop(tx);
-    let _ = writer.await;
+    conn.finish().await;
     source.close(&state).await;
 }
-
-/// After the server's close: reads and discards what the producer still sends (unacknowledged,
-/// so not accepted) until its close, EOF or [`CLOSE_WAIT`]. Closing the socket with unread data
-/// would reset the connection, and the producer could lose the close frame and the last acks.
-async fn drain_until_closed(read: &mut ws::WsRead, tx: &mpsc::Sender<Outbound>) {
-    let drain = async {
-        loop {
-            let obliged = tx.clone();
-            let mut send_fn = move |frame| {
-                let obliged = obliged.clone();
-                let msg = ws::obligated(frame);
-                async move {
-                    // The close is already sent: nothing more goes out.
-                    drop((obliged, msg));
-                    Ok::<_, WebSocketError>(())
-                }
-            };
-            match read.read_frame(&mut send_fn).await {
-                Ok(frame) if frame.opcode == OpCode::Close => return,
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
-}
-
-/// How long a closing producer is read from, waiting for its close.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Rate limit for unsolicited error messages: ten a second, the rest counted and summarised.
 #[derive(Default)]
@@ -391,12 +328,10 @@ impl ErrorLimiter {
         }
         let mut out = Vec::new();
         if self.suppressed > 0 && self.sent < Self::PER_SECOND {
-            let mut msg = b"{\"type\":\"error\",\"error\":\"".to_vec();
-            msg.extend_from_slice(
-                format!("{} more rejected events were not reported", self.suppressed).as_bytes(),
-            );
-            msg.extend_from_slice(b"\"}");
-            out.push(msg);
+            out.push(json::message("error", |o| {
+                let text = format!("{} more rejected events were not reported", self.suppressed);
+                o.str("error", &text);
+            }));
             self.sent += 1;
             self.suppressed = 0;
         }
@@ -405,14 +340,11 @@ impl ErrorLimiter {
                 self.suppressed += 1;
                 continue;
             }
-            let mut msg = b"{\"type\":\"error\",\"frame\":".to_vec();
-            write_int(&mut msg, frame_no as i64);
-            msg.extend_from_slice(b",\"index\":");
-            write_int(&mut msg, i64::from(*index));
-            msg.extend_from_slice(b",\"error\":");
-            write_str(&mut msg, error);
-            msg.push(b'}');
-            out.push(msg);
+            out.push(json::message("error", |o| {
+                o.int("frame", frame_no as i64)
+                    .int("index", i64::from(*index))
+                    .str("error", error);
+            }));
             self.sent += 1;
         }
         self.suppressed += outcome.rejected.saturating_sub(outcome.errors.len() as u64);

@@ -285,9 +285,8 @@ pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -
 }
 
 pub fn json_error(status: StatusCode, text: &str) -> Response<Body> {
-    let mut body = b"{\"error\":".to_vec();
-    crate::json::write_str(&mut body, text);
-    body.push(b'}');
+    let mut body = Vec::new();
+    crate::json::Object::new(&mut body).str("error", text).end();
     respond(status, "application/json", body)
 }
 
@@ -385,16 +384,13 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                     "origin not allowed (allowed_origins)",
                 );
             }
-            if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-                return json_error(StatusCode::UPGRADE_REQUIRED, "this path speaks WebSocket");
-            }
             if *state.shutdown.borrow() {
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             }
             let params = query_params(&req);
-            let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+            let (response, upgrade) = match ws::handshake(&mut req) {
                 Ok(r) => r,
-                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+                Err(response) => return response,
             };
             if ingest {
                 let params = ingest::IngestParams {
@@ -413,8 +409,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 let task = subscribe::websocket(Arc::clone(&state), upgrade);
                 state.subscribers.spawn(task);
             }
-            let (parts, _) = response.into_parts();
-            Response::from_parts(parts, Full::new(Bytes::new()))
+            response
         }
         (Method::POST, "/ingest") => post_ingest(&state, req).await,
         (_, "/ingest") | (_, "/subscribe") | (_, "/metrics") | (_, "/healthz") | (_, "/") => {
@@ -468,8 +463,7 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     let mut source = ingest::Source::new(state);
     let outcome = ingest::ingest(state, &mut source, body, stream.as_deref(), &counters).await;
     source.close(state).await;
-    let mut out = Vec::new();
-    outcome.write_json(b"", &mut out);
+    let out = outcome.to_json();
     let status = if outcome.nothing_was_json {
         StatusCode::BAD_REQUEST
     } else {

@@ -1,29 +1,32 @@
 //! Subscribers: WebSocket `/subscribe`, JSON control messages in, batch frames out.
 //!
-//! A reader task turns the client's frames into requests; this connection's task owns the write
-//! half and its [`Mailbox`]. When the hub signals the mailbox, the task takes everything in it and
-//! writes it with one flush: `dropped` notices first, then control messages and batches in order,
+//! The connection runs on the shared WebSocket loops ([`ws`]): this task reads the client's
+//! requests (at most 64 KiB each) and hands them to the hub; the writer task owns the write half
+//! and, through [`Delivery`], the [`Mailbox`]. When the hub signals the mailbox, the writer
+//! takes everything in it and writes it with one flush: `dropped` notices first, then control messages and batches in order,
 //! then the conflated `latest` values. A batch frame is `{"type":"batch","topic":T,"seq":S,
 //! "items":…}`, where the items array was encoded once by the hub and `seq` counts this
 //! subscriber's batches of that topic from 0, without gaps.
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{upgrade::UpgradeFut, OpCode, WebSocketError};
+use fastwebsockets::upgrade::UpgradeFut;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::io::AsyncWrite;
+use tokio::sync::watch;
 
-use crate::json::{write_int, write_str};
+use crate::json::{self, Object};
 use crate::{Key, Topic};
 
 use super::hub::{error_message, HubControl, Mode, Subscribe};
 use super::mailbox::{Mailbox, Outgoing};
 use super::metrics::Metrics;
-use super::ws::{self, Outbound, WsWrite};
+use super::ws::{self, Outbound, Wake, Writer};
 use super::State;
 
 /// Largest control message a subscriber may send.
@@ -54,12 +57,8 @@ enum ModeName {
     Latest,
 }
 
-enum Inbound {
-    Request(Vec<u8>),
-    Send(Outbound),
-}
-
-/// Serves one subscriber's WebSocket.
+/// Serves one subscriber's WebSocket: the reader loop handles requests, the writer loop
+/// delivers the mailbox.
 pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
     let Ok(ws) = upgrade.await else { return };
     let _conn = state.metrics.connection("subscribe");
@@ -68,109 +67,60 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
         state.config.subscriber_queue_bytes,
         state.config.slow_consumer_timeout,
     ));
-    let (mut read, mut write) = ws::split(ws, MAX_REQUEST_BYTES);
-    let (tx, mut rx) = mpsc::channel::<Inbound>(64);
-    let liveness = ws::Liveness::default();
-    liveness.heard();
-    let reader_liveness = liveness.clone();
-    let reader = tokio::spawn(async move {
-        loop {
-            let obliged = tx.clone();
-            let mut send_fn = move |frame| {
-                let obliged = obliged.clone();
-                let msg = Inbound::Send(ws::obligated(frame));
-                async move {
-                    obliged
-                        .send(msg)
-                        .await
-                        .map_err(|_| WebSocketError::ConnectionClosed)
-                }
-            };
-            let frame = match read.read_frame(&mut send_fn).await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    if let Some((code, reason)) = ws::close_for(&e) {
-                        let _ = tx.send(Inbound::Send(Outbound::Close(code, reason))).await;
-                    }
-                    break;
-                }
-            };
-            reader_liveness.heard();
-            let request = match frame.opcode {
-                OpCode::Text | OpCode::Binary => Inbound::Request(frame.payload.to_vec()),
-                OpCode::Close => break,
-                _ => continue,
-            };
-            if tx.send(request).await.is_err() {
-                break;
-            }
-        }
-    });
-
-    let mut seqs: HashMap<Topic, u64> = HashMap::new();
-    let mut closing = state.closing.subscribe();
-    let mut ticker = tokio::time::interval(state.config.ping_interval);
-    ticker.tick().await;
-    // A client that reads nothing at all blocks our writes; past this it is dropped without a
-    // close frame (there is no room left to send one).
-    let stuck_after = state.config.slow_consumer_timeout + state.config.ping_interval * 2;
-    loop {
-        let ended = tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(Inbound::Request(text)) => {
-                    request(&state, id, &mailbox, &text).await;
-                    Ok(false)
-                }
-                Some(Inbound::Send(out)) => match ws::write(&mut write, out).await {
-                    Ok(done) => write.flush().await.map(|_| done),
-                    Err(e) => Err(e),
-                },
-                None => Ok(true),
-            },
-            _ = mailbox.notify.notified() => {
-                let delivered = tokio::time::timeout(
-                    stuck_after,
-                    deliver(&mailbox, &mut write, &mut seqs, &state.metrics),
-                );
-                match delivered.await.unwrap_or(Err(WebSocketError::ConnectionClosed)) {
-                    Ok(Some(code)) => {
-                        let _ = ws::write(&mut write, Outbound::Close(code, "slow consumer")).await;
-                        let _ = write.flush().await;
-                        Ok(true)
-                    }
-                    Ok(None) => Ok(false),
-                    Err(e) => Err(e),
-                }
-            }
-            _ = ticker.tick() => {
-                if liveness.silent_for() > state.config.ping_interval * 2 {
-                    let _ = ws::write(&mut write, Outbound::Close(ws::close::GOING_AWAY, "no pong")).await;
-                    let _ = write.flush().await;
-                    Ok(true)
-                } else {
-                    match ws::ping(&mut write).await {
-                        Ok(()) => write.flush().await.map(|_| false),
-                        Err(e) => Err(e),
-                    }
-                }
-            }
-            _ = closing.changed() => {
-                // The hub has handed over everything produced before shutdown.
-                let _ = deliver(&mailbox, &mut write, &mut seqs, &state.metrics).await;
-                let _ = ws::write(&mut write, Outbound::Close(ws::close::GOING_AWAY, "server shutting down")).await;
-                let _ = write.flush().await;
-                Ok(true)
-            }
-        };
-        if !matches!(ended, Ok(false)) {
-            break;
-        }
+    let delivery = Delivery {
+        mailbox: Arc::clone(&mailbox),
+        seqs: HashMap::new(),
+        closing: state.closing.subscribe(),
+        // A client that reads nothing at all blocks our writes; past this it is dropped
+        // without a close frame (there is no room left to send one).
+        stuck_after: state.config.slow_consumer_timeout + state.config.ping_interval * 2,
+        state: Arc::clone(&state),
+    };
+    let mut conn = ws::open(
+        ws.into_inner(),
+        MAX_REQUEST_BYTES,
+        state.config.ping_interval,
+        delivery,
+    );
+    while let Some(message) = conn.inbox.next().await {
+        request(&state, id, &mailbox, &message.payload).await;
     }
-    reader.abort();
+    conn.finish().await;
     state
         .hub
         .send(HubControl::Disconnect { subscriber: id })
         .await;
+}
+
+/// A subscriber's side of the writer loop: its mailbox, and the server's closing signal.
+struct Delivery {
+    state: Arc<State>,
+    mailbox: Arc<Mailbox>,
+    seqs: HashMap<Topic, u64>,
+    closing: watch::Receiver<bool>,
+    stuck_after: Duration,
+}
+
+impl ws::Source for Delivery {
+    async fn wake(&mut self) -> Wake {
+        tokio::select! {
+            _ = self.mailbox.notify.notified() => Wake::Ready,
+            // The hub has handed over everything produced before shutdown.
+            _ = self.closing.changed() => Wake::Closing,
+        }
+    }
+
+    async fn write<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        ws: &mut Writer<W>,
+    ) -> io::Result<Option<(u16, &'static str)>> {
+        let delivered = deliver(&self.mailbox, ws, &mut self.seqs, &self.state.metrics);
+        match tokio::time::timeout(self.stuck_after, delivered).await {
+            Ok(Ok(close)) => Ok(close.map(|code| (code, "slow consumer"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
 }
 
 /// Handles one client request; answers go through the mailbox, in order with everything else.
@@ -240,26 +190,24 @@ fn key_of(value: &serde_json::Value) -> Result<Key, String> {
 
 /// Writes everything in the mailbox with one flush. Returns the close code when the subscriber
 /// must be closed.
-async fn deliver(
+async fn deliver<W: AsyncWrite + Unpin>(
     mailbox: &Mailbox,
-    write: &mut WsWrite,
+    write: &mut Writer<W>,
     seqs: &mut HashMap<Topic, u64>,
     metrics: &Metrics,
-) -> Result<Option<u16>, WebSocketError> {
+) -> io::Result<Option<u16>> {
     let inbox = mailbox.take();
     for (topic, items) in &inbox.dropped {
-        let mut msg = b"{\"type\":\"dropped\",\"topic\":".to_vec();
-        write_str(&mut msg, topic);
-        msg.extend_from_slice(b",\"items\":");
-        write_int(&mut msg, *items as i64);
-        msg.push(b'}');
-        ws::write(write, Outbound::Text(msg.into())).await?;
+        let msg = json::message("dropped", |o| {
+            o.str("topic", topic).int("items", *items as i64);
+        });
+        write.send(&Outbound::Text(msg.into())).await?;
     }
     let mut stamps = Vec::new();
     for out in inbox.queue {
         match out {
             Outgoing::Control(msg) => {
-                ws::write(write, Outbound::Text(msg)).await?;
+                write.send(&Outbound::Text(msg)).await?;
             }
             Outgoing::Batch {
                 topic,
@@ -268,7 +216,9 @@ async fn deliver(
                 ingest,
                 published,
             } => {
-                ws::write(write, Outbound::Text(batch_frame(seqs, &topic, &items))).await?;
+                write
+                    .send(&Outbound::Text(batch_frame(seqs, &topic, &items)))
+                    .await?;
                 stamps.push((published, ingest, count));
             }
         }
@@ -288,7 +238,9 @@ async fn deliver(
             items.extend_from_slice(element);
         }
         items.push(b']');
-        ws::write(write, Outbound::Text(batch_frame(seqs, topic, &items))).await?;
+        write
+            .send(&Outbound::Text(batch_frame(seqs, topic, &items)))
+            .await?;
     }
     write.flush().await?;
     let now = Instant::now();
@@ -304,13 +256,12 @@ async fn deliver(
 fn batch_frame(seqs: &mut HashMap<Topic, u64>, topic: &Topic, items: &[u8]) -> Bytes {
     let seq = seqs.entry(Arc::clone(topic)).or_insert(0);
     let mut frame = Vec::with_capacity(items.len() + topic.len() + 48);
-    frame.extend_from_slice(b"{\"type\":\"batch\",\"topic\":");
-    write_str(&mut frame, topic);
-    frame.extend_from_slice(b",\"seq\":");
-    write_int(&mut frame, *seq as i64);
-    frame.extend_from_slice(b",\"items\":");
-    frame.extend_from_slice(items);
-    frame.push(b'}');
+    Object::new(&mut frame)
+        .str("type", "batch")
+        .str("topic", topic)
+        .int("seq", *seq as i64)
+        .raw("items", items)
+        .end();
     *seq += 1;
     frame.into()
 }

@@ -1,103 +1,556 @@
-//! WebSocket plumbing shared by ingest and subscribe connections (fastwebsockets).
+//! WebSocket (RFC 6455) for both endpoints: the handshake, one reader loop, one writer loop.
 //!
-//! A connection is split: one task reads frames, another owns the write half. The write half
-//! sits on a `BufWriter`, and the writer flushes only when it has nothing more queued, so a burst
-//! of small messages leaves in one system call. The reader's obligatory replies (pong, the close
-//! echo) and everything else to write reach the writer through a bounded channel: when a client
-//! does not read, the writer stalls on TCP, the channel fills, and the reader stops reading.
+//! fastwebsockets only answers the HTTP upgrade ([`handshake`]); frames are read and written
+//! here, so that every rule of the RFC is enforced in one place and the size limit applies to
+//! whole messages:
+//!
+//! - [`Reader`] parses client frames and assembles messages. It refuses unmasked frames,
+//!   reserved bits, unknown opcodes, fragmented or oversized (> 125 bytes) control frames, a
+//!   continuation with no message started, a new message inside a fragmented one, a 64-bit
+//!   length with its top bit set and bad close payloads (1002); invalid UTF-8 in a text message
+//!   or a close reason (1007), checked as bytes arrive so that it fails fast; and a message
+//!   larger than the connection's limit (1009). The limit is checked against the length a
+//!   frame header announces, *before* its payload is read, so a message never holds more than
+//!   `limit` bytes and the assembly buffer never grows past it.
+//! - [`Inbox`] is the reader loop: it answers pings, echoes the peer's close code, sends the
+//!   close code of a violation, and hands complete messages to its endpoint.
+//! - [`run_writer`] is the writer loop: it owns the (buffered) write half, writes what the
+//!   reader and the endpoint queue on a bounded channel, flushes when it has nothing more
+//!   queued, writes what the endpoint's [`Source`] has ready (a subscriber's mailbox), pings
+//!   every interval and closes a peer silent for two.
+//!
+//! Backpressure: the channel to the writer is bounded; when a client does not read, the writer
+//! stalls on TCP, the channel fills, and the reader stops reading.
 
+use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use fastwebsockets::{
-    FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketWrite,
-};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fastwebsockets::upgrade::UpgradeFut;
+use http_body_util::Full;
+use hyper::header::HeaderValue;
 use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
+/// An upgraded connection.
 pub type Io = TokioIo<Upgraded>;
-pub type WsRead = FragmentCollectorRead<ReadHalf<Io>>;
-pub type WsWrite = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
 
 /// Close codes used by the server.
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
     pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
 }
 
-/// Splits an upgraded connection into its reading and (buffered) writing halves.
-pub fn split(ws: WebSocket<Io>, max_message_bytes: usize) -> (WsRead, WsWrite) {
-    let (read, write) = tokio::io::split(ws.into_inner());
-    let (mut read, mut write) = fastwebsockets::after_handshake_split(
-        read,
-        BufWriter::with_capacity(64 * 1024, write),
-        Role::Server,
-    );
-    read.set_max_message_size(max_message_bytes);
-    read.set_auto_close(true);
-    read.set_auto_pong(true);
-    write.set_writev(false);
-    (FragmentCollectorRead::new(read), write)
+/// An HTTP answer of the handshake.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// The WebSocket version this server speaks (RFC 6455).
+const VERSION: &str = "13";
+
+/// Checks an upgrade request and answers it. `Err` is the response to send instead: 426 with
+/// `Sec-WebSocket-Version: 13` for a request that is not an upgrade or asks for another
+/// version (RFC 6455 §4.2.2), 400 for one without a key.
+#[allow(clippy::result_large_err)]
+pub fn handshake<B>(req: &mut Request<B>) -> Result<(HttpResponse, UpgradeFut), HttpResponse> {
+    let refuse = |status, text: &str| {
+        let mut response = super::json_error(status, text);
+        let headers = response.headers_mut();
+        headers.insert("sec-websocket-version", HeaderValue::from_static(VERSION));
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
+        response
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this path speaks WebSocket",
+        ));
+    }
+    let version = req.headers().get("sec-websocket-version");
+    if version.is_none_or(|v| v.as_bytes() != VERSION.as_bytes()) {
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version: this server speaks version 13 (RFC 6455)",
+        ));
+    }
+    match fastwebsockets::upgrade::upgrade(req) {
+        Ok((response, upgrade)) => {
+            let (parts, _) = response.into_parts();
+            Ok((
+                Response::from_parts(parts, Full::new(Bytes::new())),
+                upgrade,
+            ))
+        }
+        Err(e) => Err(super::json_error(StatusCode::BAD_REQUEST, &e.to_string())),
+    }
+}
+
+/// Why reading stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A violation of RFC 6455; the text is the reason sent with close code 1002.
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("message larger than {limit} bytes")]
+    TooBig { limit: usize },
+    #[error("invalid UTF-8 in a text message or close reason")]
+    InvalidUtf8,
+}
+
+impl ReadError {
+    /// The close code and reason to send, when one should be sent.
+    pub fn close(&self) -> Option<(u16, &'static str)> {
+        match self {
+            ReadError::Closed | ReadError::Io(_) => None,
+            ReadError::Protocol(reason) => Some((close::PROTOCOL, reason)),
+            ReadError::TooBig { .. } => Some((close::TOO_BIG, "message too large")),
+            ReadError::InvalidUtf8 => Some((close::INVALID_DATA, "invalid UTF-8")),
+        }
+    }
+}
+
+/// A complete data message.
+#[derive(Debug)]
+pub struct Message {
+    pub binary: bool,
+    pub payload: Vec<u8>,
+}
+
+/// What [`Reader::next`] read.
+#[derive(Debug)]
+pub enum Incoming {
+    Message(Message),
+    Ping(Vec<u8>),
+    Pong,
+    /// The peer's close frame, with its code if it gave one (already validated).
+    Close(Option<u16>),
+}
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most a message buffer is grown by ahead of the bytes that fill it, below [`GROW_TO_LIMIT`].
+const GROW_AHEAD: usize = 256 * 1024;
+/// A message buffer that needs more than this is sized to the limit.
+const GROW_TO_LIMIT: usize = 1 << 20;
+
+/// Reads client frames and assembles messages of at most `limit` bytes (see the module docs).
+pub struct Reader<R> {
+    io: R,
+    /// Bytes read but not yet parsed: frame headers, control payloads, the start of a payload.
+    buf: BytesMut,
+    limit: usize,
+    /// The message being assembled: `Some(binary)` between its first and its final frame.
+    partial: Option<bool>,
+    message: Vec<u8>,
+    /// How much of a text `message` is known to be valid UTF-8.
+    valid: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub fn new(io: R, limit: usize) -> Self {
+        Reader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            limit,
+            partial: None,
+            message: Vec::new(),
+            valid: 0,
+        }
+    }
+
+    /// Bytes of memory the reader holds (its buffers' capacities).
+    pub fn held_bytes(&self) -> usize {
+        self.buf.capacity() + self.message.capacity()
+    }
+
+    /// Most bytes the reader ever holds for a limit of `limit`.
+    pub fn max_held_bytes(limit: usize) -> usize {
+        limit + 2 * READ_CHUNK + 256
+    }
+
+    /// Reads until a message, a control frame or an error.
+    pub async fn next(&mut self) -> Result<Incoming, ReadError> {
+        loop {
+            self.fill(2).await?;
+            let (b0, b1) = (self.buf[0], self.buf[1]);
+            let fin = b0 & 0x80 != 0;
+            if b0 & 0x70 != 0 {
+                return Err(ReadError::Protocol("reserved bits set"));
+            }
+            let opcode = b0 & 0x0f;
+            if b1 & 0x80 == 0 {
+                return Err(ReadError::Protocol("client frames must be masked"));
+            }
+            let extended = match b1 & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            self.fill(2 + extended + 4).await?;
+            let len = match extended {
+                0 => u64::from(b1 & 0x7f),
+                2 => u64::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                _ => u64::from_be_bytes(self.buf[2..10].try_into().expect("8 bytes")),
+            };
+            if len >> 63 != 0 {
+                return Err(ReadError::Protocol("64-bit length with its top bit set"));
+            }
+            let m = 2 + extended;
+            let mask = [
+                self.buf[m],
+                self.buf[m + 1],
+                self.buf[m + 2],
+                self.buf[m + 3],
+            ];
+            self.buf.advance(m + 4);
+            match opcode {
+                0x8..=0xa => {
+                    if !fin {
+                        return Err(ReadError::Protocol("fragmented control frame"));
+                    }
+                    if len > 125 {
+                        return Err(ReadError::Protocol("control frame longer than 125 bytes"));
+                    }
+                    let len = len as usize;
+                    self.fill(len).await?;
+                    let mut payload = self.buf.split_to(len).to_vec();
+                    unmask(&mut payload, mask, 0);
+                    return match opcode {
+                        0x8 => close_frame(&payload),
+                        0x9 => Ok(Incoming::Ping(payload)),
+                        _ => Ok(Incoming::Pong),
+                    };
+                }
+                0x0..=0x2 => {
+                    match (opcode, self.partial) {
+                        (0x0, None) => {
+                            return Err(ReadError::Protocol(
+                                "continuation frame with no message started",
+                            ))
+                        }
+                        (0x1 | 0x2, Some(_)) => {
+                            return Err(ReadError::Protocol(
+                                "new message inside a fragmented message",
+                            ))
+                        }
+                        (0x1 | 0x2, None) => self.partial = Some(opcode == 0x2),
+                        _ => {}
+                    }
+                    // Counted before a byte of the payload is read or buffered.
+                    if len > (self.limit - self.message.len()) as u64 {
+                        return Err(ReadError::TooBig { limit: self.limit });
+                    }
+                    self.payload(len as usize, mask).await?;
+                    if fin {
+                        let binary = self.partial.take() == Some(true);
+                        if !binary && self.valid != self.message.len() {
+                            return Err(ReadError::InvalidUtf8);
+                        }
+                        self.valid = 0;
+                        let payload = std::mem::take(&mut self.message);
+                        return Ok(Incoming::Message(Message { binary, payload }));
+                    }
+                }
+                _ => return Err(ReadError::Protocol("unknown opcode")),
+            }
+        }
+    }
+
+    /// Makes `buf` hold at least `n` bytes.
+    async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
+        while self.buf.len() < n {
+            self.buf
+                .reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a frame's payload of `len` bytes to the message, unmasked; a text message's
+    /// UTF-8 is checked after every read.
+    async fn payload(&mut self, len: usize, mask: [u8; 4]) -> Result<(), ReadError> {
+        let text = self.partial == Some(false);
+        let mut done = 0;
+        while done < len {
+            let start = self.message.len();
+            let want = (len - done).min(if self.buf.is_empty() {
+                GROW_AHEAD
+            } else {
+                self.buf.len()
+            });
+            self.grow(want);
+            if self.buf.is_empty() {
+                let mut room = (&mut self.message).limit(want);
+                if self.io.read_buf(&mut room).await? == 0 {
+                    return Err(ReadError::Closed);
+                }
+            } else {
+                self.message.extend_from_slice(&self.buf[..want]);
+                self.buf.advance(want);
+            }
+            unmask(&mut self.message[start..], mask, done);
+            done += self.message.len() - start;
+            if text {
+                self.check_utf8()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Room for `additional` more bytes, never past the limit. Small messages grow by
+    /// doubling; past [`GROW_TO_LIMIT`] the buffer is sized to the limit at once: one more
+    /// allocation instead of a chain of copies whose freed blocks the allocator would keep, and
+    /// pages not yet written are not resident.
+    fn grow(&mut self, additional: usize) {
+        let needed = self.message.len() + additional;
+        let capacity = self.message.capacity();
+        if needed > capacity {
+            let target = if needed > GROW_TO_LIMIT {
+                self.limit
+            } else {
+                needed.max(capacity * 2).min(self.limit)
+            };
+            self.message
+                .reserve_exact(target.max(needed) - self.message.len());
+        }
+    }
+
+    /// Fails on invalid UTF-8 in the text received so far; a sequence cut at the end may still
+    /// be completed by the next bytes.
+    fn check_utf8(&mut self) -> Result<(), ReadError> {
+        match simdutf8::compat::from_utf8(&self.message[self.valid..]) {
+            Ok(_) => self.valid = self.message.len(),
+            Err(e) if e.error_len().is_none() => self.valid += e.valid_up_to(),
+            Err(_) => return Err(ReadError::InvalidUtf8),
+        }
+        Ok(())
+    }
+
+    /// Discards what the peer still sends, for at most `time`: the socket is then closed with
+    /// nothing unread, so the peer gets the close frame rather than a reset.
+    async fn drain(&mut self, time: Duration) {
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
+        };
+        let _ = tokio::time::timeout(time, drain).await;
+    }
+}
+
+/// A close frame's payload: empty, or a valid code and a UTF-8 reason.
+fn close_frame(payload: &[u8]) -> Result<Incoming, ReadError> {
+    match payload {
+        [] => Ok(Incoming::Close(None)),
+        [_] => Err(ReadError::Protocol("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(ReadError::Protocol("invalid close code"));
+            }
+            if simdutf8::basic::from_utf8(reason).is_err() {
+                return Err(ReadError::InvalidUtf8);
+            }
+            Ok(Incoming::Close(Some(code)))
+        }
+    }
+}
+
+/// XORs `data` with `mask`, `data` starting `offset` bytes into the masked payload.
+fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) & 3]);
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let v = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ word;
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
+    }
 }
 
 /// Something for the writer to send.
+#[derive(Debug)]
 pub enum Outbound {
     Text(Bytes),
+    Binary(Bytes),
     Pong(Vec<u8>),
-    /// The echo of a client's close frame (raw payload).
-    CloseEcho(Vec<u8>),
+    /// The answer to the peer's close frame: its code echoed, or an empty close.
+    CloseReply(Option<u16>),
     Close(u16, &'static str),
 }
 
-/// Turns a frame the reader is obliged to send into an [`Outbound`].
-pub fn obligated(frame: Frame<'_>) -> Outbound {
-    match frame.opcode {
-        OpCode::Close => Outbound::CloseEcho(frame.payload.to_vec()),
-        _ => Outbound::Pong(frame.payload.to_vec()),
+/// How long a connection that is being failed keeps reading (and discarding) before it closes.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How long a connection the server closes waits for the peer's close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The reader loop of a connection: messages out, control frames answered (see the module docs).
+pub struct Inbox<R = ReadHalf<Io>> {
+    reader: Reader<R>,
+    out: mpsc::Sender<Outbound>,
+    liveness: Liveness,
+    done: bool,
+}
+
+impl<R: AsyncRead + Unpin> Inbox<R> {
+    pub fn new(reader: Reader<R>, out: mpsc::Sender<Outbound>, liveness: Liveness) -> Self {
+        Inbox {
+            reader,
+            out,
+            liveness,
+            done: false,
+        }
+    }
+
+    /// The next message; `None` once the connection is over (its close frame, if one is due,
+    /// is queued for the writer).
+    pub async fn next(&mut self) -> Option<Message> {
+        while !self.done {
+            let incoming = tokio::select! {
+                incoming = self.reader.next() => incoming,
+                _ = self.out.closed() => break,
+            };
+            if incoming.is_ok() {
+                self.liveness.heard();
+            }
+            let reply = match incoming {
+                Ok(Incoming::Message(message)) => return Some(message),
+                Ok(Incoming::Pong) => continue,
+                Ok(Incoming::Ping(payload)) => Outbound::Pong(payload),
+                Ok(Incoming::Close(code)) => {
+                    self.done = true;
+                    Outbound::CloseReply(code)
+                }
+                Err(e) => {
+                    self.done = true;
+                    let Some((code, reason)) = e.close() else {
+                        break;
+                    };
+                    if self.out.send(Outbound::Close(code, reason)).await.is_ok() {
+                        self.reader.drain(LINGER).await;
+                    }
+                    break;
+                }
+            };
+            if self.out.send(reply).await.is_err() {
+                break;
+            }
+        }
+        self.done = true;
+        None
+    }
+
+    /// Ends the connection from this side with `code`, then reads (and discards) what the peer
+    /// still sends until its close, EOF or [`CLOSE_WAIT`]: what it sent after our close is not
+    /// taken, and closing the socket with unread data would reset it, so that the peer could
+    /// lose the close frame and the answers queued before it.
+    pub async fn close(&mut self, code: u16, reason: &'static str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.out.send(Outbound::Close(code, reason)).await.is_err() {
+            return;
+        }
+        let until_close = async {
+            while let Ok(incoming) = self.reader.next().await {
+                if matches!(incoming, Incoming::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, until_close).await;
     }
 }
 
-/// Writes one message (unflushed). Returns whether the connection should end (a close went out).
-pub async fn write(ws: &mut WsWrite, msg: Outbound) -> Result<bool, WebSocketError> {
-    match msg {
-        Outbound::Text(text) => {
-            ws.write_frame(Frame::text(Payload::Borrowed(&text)))
-                .await?;
-            Ok(false)
-        }
-        Outbound::Pong(payload) => {
-            ws.write_frame(Frame::pong(Payload::Owned(payload))).await?;
-            Ok(false)
-        }
-        Outbound::CloseEcho(payload) => {
-            ws.write_frame(Frame::close_raw(Payload::Owned(payload)))
-                .await?;
-            Ok(true)
-        }
-        Outbound::Close(code, reason) => {
-            ws.write_frame(Frame::close(code, reason.as_bytes()))
-                .await?;
-            Ok(true)
-        }
-    }
+/// The writing half of a connection: server frames (never masked) on a buffered stream.
+pub struct Writer<W = WriteHalf<Io>> {
+    io: BufWriter<W>,
 }
 
-/// Sends a ping.
-pub async fn ping(ws: &mut WsWrite) -> Result<(), WebSocketError> {
-    ws.write_frame(Frame::new(
-        true,
-        OpCode::Ping,
-        None,
-        Payload::Borrowed(b"eddy"),
-    ))
-    .await
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    pub fn new(io: W) -> Self {
+        Writer {
+            io: BufWriter::with_capacity(64 * 1024, io),
+        }
+    }
+
+    async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut head = [0u8; 10];
+        head[0] = 0x80 | opcode;
+        let len = payload.len();
+        let n = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if len <= usize::from(u16::MAX) {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        self.io.write_all(&head[..n]).await?;
+        self.io.write_all(payload).await
+    }
+
+    /// Writes one message (unflushed). Returns whether it was a close frame, the connection's
+    /// last.
+    pub async fn send(&mut self, msg: &Outbound) -> io::Result<bool> {
+        match msg {
+            Outbound::Text(text) => self.frame(0x1, text).await.map(|_| false),
+            Outbound::Binary(data) => self.frame(0x2, data).await.map(|_| false),
+            Outbound::Pong(payload) => self.frame(0xa, payload).await.map(|_| false),
+            Outbound::CloseReply(code) => {
+                let payload = code.map(u16::to_be_bytes);
+                self.frame(0x8, payload.as_ref().map_or(&[][..], |p| p))
+                    .await
+                    .map(|_| true)
+            }
+            Outbound::Close(code, reason) => {
+                // A control frame carries at most 125 bytes: the code and 123 of reason.
+                let reason = &reason.as_bytes()[..reason.len().min(123)];
+                let mut payload = Vec::with_capacity(2 + reason.len());
+                payload.extend_from_slice(&code.to_be_bytes());
+                payload.extend_from_slice(reason);
+                self.frame(0x8, &payload).await.map(|_| true)
+            }
+        }
+    }
+
+    /// Sends a ping.
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.frame(0x9, b"eddy").await
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.io.flush().await
+    }
+
+    /// Flushes and closes the sending direction (after a close frame).
+    async fn finish(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
 }
 
 /// When the peer was last heard from, shared by a connection's reader and writer.
@@ -128,51 +581,244 @@ impl Liveness {
     }
 }
 
-/// The close code and reason for a read error, when one should be sent.
-pub fn close_for(error: &WebSocketError) -> Option<(u16, &'static str)> {
-    match error {
-        WebSocketError::FrameTooLarge => Some((close::TOO_BIG, "message too large")),
-        WebSocketError::InvalidUTF8 => Some((close::INVALID_DATA, "invalid UTF-8")),
-        WebSocketError::ConnectionClosed | WebSocketError::UnexpectedEOF => None,
-        _ => Some((close::POLICY, "protocol error")),
+/// Why an endpoint's [`Source`] woke the writer.
+pub enum Wake {
+    /// It has something to write.
+    Ready,
+    /// The server is stopping: write what is left, then close with 1001.
+    Closing,
+}
+
+/// What an endpoint writes besides what is queued on the connection's channel.
+pub trait Source: Send + 'static {
+    /// Resolves when there is something to write, or the server is stopping.
+    fn wake(&mut self) -> impl Future<Output = Wake> + Send;
+    /// Writes what is ready (unflushed). `Some` is a close to send: the connection must end.
+    fn write<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        ws: &mut Writer<W>,
+    ) -> impl Future<Output = io::Result<Option<(u16, &'static str)>>> + Send;
+}
+
+/// A connection that writes only what its channel carries.
+pub struct NoSource;
+
+impl Source for NoSource {
+    fn wake(&mut self) -> impl Future<Output = Wake> + Send {
+        std::future::pending()
+    }
+    async fn write<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &mut Writer<W>,
+    ) -> io::Result<Option<(u16, &'static str)>> {
+        Ok(None)
     }
 }
 
-/// The writer half of a simple connection (ingest): writes what arrives, flushes when idle,
-/// pings every `ping` and closes a peer silent for two intervals.
-pub async fn run_writer(
-    mut ws: WsWrite,
+/// The writer loop of a connection (see the module docs). Ends after a close frame, on a write
+/// error, or when every sender of `rx` is gone.
+pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
+    mut ws: Writer<W>,
     mut rx: mpsc::Receiver<Outbound>,
     liveness: Liveness,
     ping_every: Duration,
+    mut source: S,
 ) {
     let mut ticker = tokio::time::interval(ping_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                let mut done = matches!(write(&mut ws, msg).await, Ok(true) | Err(_));
-                while !done {
-                    match rx.try_recv() {
-                        Ok(msg) => done = matches!(write(&mut ws, msg).await, Ok(true) | Err(_)),
-                        Err(_) => break,
+        // Biased: what the reader queued (pongs, close replies) goes before the source's
+        // messages that it caused, in the order the peer asked.
+        let closed = tokio::select! {
+            biased;
+            msg = rx.recv() => match msg {
+                Some(msg) => drain(&mut ws, &mut rx, msg).await,
+                None => break,
+            },
+            wake = source.wake() => {
+                let written = source.write(&mut ws).await;
+                match (wake, written) {
+                    (_, Err(e)) => Err(e),
+                    (Wake::Ready, Ok(None)) => Ok(false),
+                    (Wake::Ready, Ok(Some((code, reason)))) => {
+                        ws.send(&Outbound::Close(code, reason)).await
                     }
-                }
-                if ws.flush().await.is_err() || done {
-                    break;
+                    (Wake::Closing, Ok(_)) => {
+                        ws.send(&Outbound::Close(close::GOING_AWAY, "server shutting down")).await
+                    }
                 }
             }
             _ = ticker.tick() => {
                 if liveness.silent_for() > ping_every * 2 {
-                    let _ = write(&mut ws, Outbound::Close(close::GOING_AWAY, "no pong")).await;
-                    let _ = ws.flush().await;
-                    break;
+                    ws.send(&Outbound::Close(close::GOING_AWAY, "no pong")).await
+                } else {
+                    ws.ping().await.map(|_| false)
                 }
-                if ping(&mut ws).await.is_err() || ws.flush().await.is_err() {
+            }
+        };
+        match closed {
+            Ok(false) => {
+                if ws.flush().await.is_err() {
                     break;
                 }
             }
+            Ok(true) => {
+                let _ = ws.finish().await;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Writes `first` and whatever else is queued. Returns whether a close frame went out.
+async fn drain<W: AsyncWrite + Unpin>(
+    ws: &mut Writer<W>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Outbound,
+) -> io::Result<bool> {
+    let mut closed = ws.send(&first).await?;
+    while !closed {
+        match rx.try_recv() {
+            Ok(msg) => closed = ws.send(&msg).await?,
+            Err(_) => break,
+        }
+    }
+    Ok(closed)
+}
+
+/// Messages queued for the writer before the reader stops reading.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// An open connection: its reader loop, a sender to its writer, and the writer's task.
+pub struct Connection<R = ReadHalf<Io>> {
+    pub inbox: Inbox<R>,
+    pub out: mpsc::Sender<Outbound>,
+    writer: JoinHandle<()>,
+}
+
+/// Splits an upgraded connection and starts its writer. Messages larger than `limit` bytes
+/// are refused with 1009.
+pub fn open<T, S>(io: T, limit: usize, ping_every: Duration, source: S) -> Connection<ReadHalf<T>>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+    S: Source,
+{
+    let (read, write) = tokio::io::split(io);
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let liveness = Liveness::default();
+    liveness.heard();
+    let writer = tokio::spawn(run_writer(
+        Writer::new(write),
+        rx,
+        liveness.clone(),
+        ping_every,
+        source,
+    ));
+    Connection {
+        inbox: Inbox::new(Reader::new(read, limit), tx.clone(), liveness),
+        out: tx,
+        writer,
+    }
+}
+
+impl<R> Connection<R> {
+    /// Lets the writer send what is queued, then waits for it to end.
+    pub async fn finish(self) {
+        let Connection { inbox, out, writer } = self;
+        drop(inbox);
+        drop(out);
+        let _ = writer.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![b0];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n < 65536 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    async fn read_all(input: Vec<u8>, limit: usize) -> (Vec<Incoming>, Option<ReadError>) {
+        let mut reader = Reader::new(&input[..], limit);
+        let mut got = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(incoming) => got.push(incoming),
+                Err(ReadError::Closed) => return (got, None),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn fragments_are_joined_and_unmasked_at_any_offset() {
+        let mut input = frame(0x01, b"hel", [1, 2, 3, 4]);
+        input.extend(frame(0x89, b"ping", [9, 9, 9, 9]));
+        input.extend(frame(0x00, b"lo, wo", [5, 6, 7, 8]));
+        input.extend(frame(0x80, b"rld!", [0xff, 0, 0xff, 0]));
+        let (got, err) = read_all(input, 64).await;
+        assert!(err.is_none(), "{err:?}");
+        assert!(matches!(&got[0], Incoming::Ping(p) if p == b"ping"));
+        let Incoming::Message(m) = &got[1] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(m.payload, b"hello, world!");
+        assert!(!m.binary);
+    }
+
+    #[tokio::test]
+    async fn a_message_of_exactly_the_limit_passes_and_one_more_byte_does_not() {
+        let (got, err) = read_all(frame(0x82, &[7; 100], [1, 2, 3, 4]), 100).await;
+        assert!(err.is_none() && got.len() == 1);
+        let mut input = frame(0x02, &[7; 60], [1, 2, 3, 4]);
+        input.extend(frame(0x80, &[7; 41], [1, 2, 3, 4]));
+        let (got, err) = read_all(input, 100).await;
+        assert!(got.is_empty());
+        assert_eq!(err.and_then(|e| e.close()).map(|c| c.0), Some(1009));
+    }
+
+    #[tokio::test]
+    async fn utf8_split_across_fragments_is_valid_and_bad_utf8_fails_fast() {
+        let euro = "€".as_bytes();
+        let mut input = frame(0x01, &euro[..1], [1, 2, 3, 4]);
+        input.extend(frame(0x80, &euro[1..], [1, 2, 3, 4]));
+        let (got, err) = read_all(input, 10).await;
+        assert!(err.is_none() && got.len() == 1, "{err:?}");
+        // The first fragment is already invalid: no need to wait for the rest.
+        let (_, err) = read_all(frame(0x01, &[0xce, 0xba, 0xff], [1, 2, 3, 4]), 10).await;
+        assert!(matches!(err, Some(ReadError::InvalidUtf8)));
+    }
+
+    #[test]
+    fn unmask_matches_bytewise_xor_at_every_offset() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let data: Vec<u8> = (0..37u8).collect();
+        for offset in 0..8 {
+            let mut got = data.clone();
+            unmask(&mut got, mask, offset);
+            let want: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[(offset + i) % 4])
+                .collect();
+            assert_eq!(got, want, "offset {offset}");
         }
     }
 }
