@@ -86,11 +86,15 @@ pub fn new_engine(limits: &Limits) -> Engine {
     engine
 }
 
-/// The `event` type: read-only field access by name, plus a few methods.
+/// The `event` type: read-only field access by name, plus a few methods; and events as feature
+/// vectors of the learners (`lr.learn(ev.features, ev.y)` reads the nested object in place).
 ///
 /// Only methods are registered, never property getters, so that `ev.len` still reads a field
 /// called `len` through the indexer fallback.
 fn register_event(engine: &mut Engine) {
+    let mut learners = rhai::Module::new();
+    eddy_plugins::register_learners::<Event>(&mut learners);
+    engine.register_global_module(learners.into());
     engine
         .register_type_with_name::<Event>("event")
         .register_indexer_get(|ev: &mut Event, name: &str| ev.get(name))
