@@ -180,3 +180,123 @@ fn the_models_folder_is_loaded_once_and_shared() {
     let b = limits.models.get("churn").unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
 }
+
+mod server {
+    //! `PUT|DELETE /models/NAME` and `GET /models` on a real server on 127.0.0.1:0, driven by
+    //! the `eddy deploy --model` binary and plain HTTP.
+
+    use super::ml;
+    use eddy::server::{Config, Server};
+    use std::process::Command;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TOKEN: &str = "models-admin-token";
+
+    async fn start(models: &std::path::Path) -> Server {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards: 2,
+            queries: models.join("no-queries"),
+            models: models.to_owned(),
+            admin_token: Some(TOKEN.into()),
+            ..Config::default()
+        };
+        Server::start(config).await.unwrap()
+    }
+
+    async fn http(server: &Server, method: &str, path: &str, token: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (status, body)
+    }
+
+    /// `eddy deploy --model FILE` against `server`: exit success, and what it printed.
+    async fn deploy(server: &Server, file: std::path::PathBuf, token: &str) -> (bool, String) {
+        let url = format!("http://{}", server.addr);
+        let token = token.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
+                .args(["deploy", "--model"])
+                .arg(&file)
+                .args(["--server", &url, "--token", &token])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &*String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn models_are_uploaded_listed_replaced_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(&dir.path().join("models")).await;
+        let upload = tempfile::tempdir().unwrap();
+        let file = upload.path().join("churn.onnx");
+        std::fs::write(&file, ml("churn.onnx")).unwrap();
+
+        let (ok, text) = deploy(&server, file.clone(), TOKEN).await;
+        assert!(ok && text.contains("(201)") && text.contains("\"inputs\":5"), "{text}");
+        // Saved in the models folder, and in the catalog every shard reads.
+        assert_eq!(
+            std::fs::read(dir.path().join("models/churn.onnx")).unwrap(),
+            ml("churn.onnx")
+        );
+        assert!(server.state.config.limits.models.get("churn").is_some());
+        let (status, body) = http(&server, "GET", "/models", "").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(v["models"][0]["name"], "churn");
+        assert_eq!(v["models"][0]["features"][4], "sessions");
+        assert_eq!(v["models"][0]["outputs"]["probabilities"], 2);
+
+        let (ok, text) = deploy(&server, file.clone(), TOKEN).await;
+        assert!(ok && text.contains("(200)"), "replaced: {text}");
+
+        let (ok, text) = deploy(&server, file.clone(), "wrong").await;
+        assert!(!ok && text.contains("401"), "{text}");
+        let broken = upload.path().join("broken.onnx");
+        std::fs::write(&broken, b"not a model").unwrap();
+        let (ok, text) = deploy(&server, broken, TOKEN).await;
+        assert!(!ok && text.contains("400") && text.contains("not a model tract can load"), "{text}");
+        assert!(server.state.config.limits.models.get("broken").is_none());
+
+        assert_eq!(http(&server, "DELETE", "/models/churn", TOKEN).await.0, 204);
+        assert_eq!(http(&server, "DELETE", "/models/churn", TOKEN).await.0, 404);
+        assert!(!dir.path().join("models/churn.onnx").exists());
+        assert_eq!(http(&server, "DELETE", "/models/x.y", TOKEN).await.0, 400);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_models_folder_is_loaded_at_start_and_a_bad_model_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("churn.onnx"), ml("churn.onnx")).unwrap();
+        let server = start(dir.path()).await;
+        assert!(server.state.config.limits.models.get("churn").is_some());
+        server.shutdown().await;
+        std::fs::write(dir.path().join("bad.onnx"), b"x").unwrap();
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            models: dir.path().to_owned(),
+            queries: dir.path().join("none"),
+            ..Config::default()
+        };
+        let e = Server::start(config).await.err().unwrap().to_string();
+        assert!(e.contains("models folder") && e.contains("bad"), "{e}");
+    }
+}
