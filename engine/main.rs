@@ -274,9 +274,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             let bytes = std::fs::read(&model)
                 .with_context(|| format!("{}: cannot read model", model.display()))?;
-            let name = model.file_stem().and_then(|s| s.to_str()).with_context(|| {
-                format!("{}: no file name to name the model by", model.display())
-            })?;
+            let name = model
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .with_context(|| {
+                    format!("{}: no file name to name the model by", model.display())
+                })?;
             let (status, body) = http_put(&server, &format!("/models/{name}"), &token, &bytes)?;
             if (200..300).contains(&status) {
                 println!("{name}: model loaded ({status}) {body}");
@@ -298,8 +301,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let name = file.file_stem().and_then(|s| s.to_str()).with_context(|| {
                 format!("{}: no file name to name the query by", file.display())
             })?;
-            let (status, body) =
-                http_put(&server, &format!("/queries/{name}"), &token, script.as_bytes())?;
+            let (status, body) = http_put(
+                &server,
+                &format!("/queries/{name}"),
+                &token,
+                script.as_bytes(),
+            )?;
             if (200..300).contains(&status) {
                 println!("{name}: deployed ({status}) {body}");
                 Ok(ExitCode::SUCCESS)

@@ -157,13 +157,15 @@ impl Model {
         let (width, shape): (usize, Vec<usize>) = match dims.as_slice() {
             [Some(n)] => (*n as usize, vec![*n as usize]),
             [batch, Some(n)] if batch.is_none_or(|b| b == 1) => (*n as usize, vec![1, *n as usize]),
-            _ => return Err(unsupported(
-                name,
-                format!(
+            _ => {
+                return Err(unsupported(
+                    name,
+                    format!(
                     "input `{}` must have shape [n] or [batch, n] with a fixed n, found {dims:?}",
                     input.name
                 ),
-            )),
+                ))
+            }
         };
         if width == 0 || width > limits.max_model_inputs {
             return Err(unsupported(

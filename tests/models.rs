@@ -218,7 +218,10 @@ mod server {
             .unwrap();
         let resp = String::from_utf8_lossy(&resp).into_owned();
         let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
         (status, body)
     }
 
@@ -250,7 +253,10 @@ mod server {
         std::fs::write(&file, ml("churn.onnx")).unwrap();
 
         let (ok, text) = deploy(&server, file.clone(), TOKEN).await;
-        assert!(ok && text.contains("(201)") && text.contains("\"inputs\":5"), "{text}");
+        assert!(
+            ok && text.contains("(201)") && text.contains("\"inputs\":5"),
+            "{text}"
+        );
         // Saved in the models folder, and in the catalog every shard reads.
         assert_eq!(
             std::fs::read(dir.path().join("models/churn.onnx")).unwrap(),
@@ -272,7 +278,10 @@ mod server {
         let broken = upload.path().join("broken.onnx");
         std::fs::write(&broken, b"not a model").unwrap();
         let (ok, text) = deploy(&server, broken, TOKEN).await;
-        assert!(!ok && text.contains("400") && text.contains("not a model tract can load"), "{text}");
+        assert!(
+            !ok && text.contains("400") && text.contains("not a model tract can load"),
+            "{text}"
+        );
         assert!(server.state.config.limits.models.get("broken").is_none());
 
         assert_eq!(http(&server, "DELETE", "/models/churn", TOKEN).await.0, 204);

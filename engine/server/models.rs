@@ -47,7 +47,10 @@ pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
         );
     }
     if !matches!(method, Method::PUT | Method::DELETE) {
-        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE /models/NAME");
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use PUT or DELETE /models/NAME",
+        );
     }
     if !authorized(&req, &state.admin_token) {
         return json_error(
@@ -79,7 +82,8 @@ pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
         Ok(Err(e)) => return json_error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let saved = std::fs::create_dir_all(&state.config.models).and_then(|()| std::fs::write(&file, &bytes));
+    let saved =
+        std::fs::create_dir_all(&state.config.models).and_then(|()| std::fs::write(&file, &bytes));
     if let Err(e) = saved {
         return json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
