@@ -10,6 +10,10 @@
 //!
 //! `query`: each shipped query over its sample input through the real router and shard,
 //! emitted items encoded and dropped: the per-event cost an analyst's query has on one core.
+//!
+//! `learner`: the same, for a query per online learner and one for the ONNX model, over the
+//! sensors sample (200 devices, one model per device): `baseline` builds the feature map and
+//! nothing else, so each learner's own cost is its figure minus the baseline's.
 
 mod common;
 
@@ -199,47 +203,115 @@ fn queries(c: &mut Criterion) {
         .unwrap();
         let def = Arc::new(QueryDef::compile(query, &script, &limits).unwrap());
         let frame = Parser::default().parse(sample(file)).frame;
-        group.throughput(Throughput::Elements(frame.len() as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(query), &frame, |b, frame| {
-            let mut round = 0u64;
-            b.iter_batched_ref(
-                || {
-                    // A fresh deployment each batch: state and watermark start over.
-                    round += 1;
-                    let mut shard = Shard::new(&limits);
-                    shard.deploy(QueryId(round), Arc::clone(&def)).unwrap();
-                    let router = Router::new(
-                        vec![Arc::new(Deployed::new(QueryId(round), Arc::clone(&def)))],
-                        eddy::router::TimePolicy::default(),
-                    );
-                    (shard, router)
-                },
-                |(shard, router)| {
-                    let mut sink = Discard {
-                        shard,
-                        out: Vec::new(),
-                    };
-                    router.route(
-                        frame,
-                        0,
-                        None,
-                        Unnamed::AllQueries,
-                        Clock::Position,
-                        1,
-                        &mut sink,
-                    )
-                },
-                criterion::BatchSize::PerIteration,
-            )
-        });
+        bench_query(&mut group, query, def, frame, &limits);
     }
     group.finish();
     let _ = Key::None;
 }
 
+/// Routes `frame` through a fresh shard running `def`, per iteration.
+fn bench_query(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    def: Arc<QueryDef>,
+    frame: Arc<eddy::Frame>,
+    limits: &Limits,
+) {
+    group.throughput(Throughput::Elements(frame.len() as u64));
+    group.bench_with_input(BenchmarkId::from_parameter(id), &frame, |b, frame| {
+        let mut round = 0u64;
+        b.iter_batched_ref(
+            || {
+                // A fresh deployment each batch: state and watermark start over.
+                round += 1;
+                let mut shard = Shard::new(limits);
+                shard.deploy(QueryId(round), Arc::clone(&def)).unwrap();
+                let router = Router::new(
+                    vec![Arc::new(Deployed::new(QueryId(round), Arc::clone(&def)))],
+                    eddy::router::TimePolicy::default(),
+                );
+                (shard, router)
+            },
+            |(shard, router)| {
+                let mut sink = Discard {
+                    shard,
+                    out: Vec::new(),
+                };
+                router.route(
+                    frame,
+                    0,
+                    None,
+                    Unnamed::AllQueries,
+                    Clock::Position,
+                    1,
+                    &mut sink,
+                )
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+}
+
+fn learners(c: &mut Criterion) {
+    let limits = Limits::default();
+    limits
+        .models
+        .load_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+            &limits,
+        )
+        .unwrap();
+    let mut group = c.benchmark_group("learner");
+    let x = "#{ temp: ev.temp, humidity: ev.humidity }";
+    for (name, init, call) in [
+        ("baseline", "0", format!("let x = {x};")),
+        (
+            "linreg",
+            "linreg()",
+            format!("this.m.predict({x}); this.m.learn(#{{ humidity: ev.humidity }}, ev.temp);"),
+        ),
+        (
+            "logreg",
+            "logreg()",
+            format!("this.m.predict_proba({x}); this.m.learn({x}, ev.temp > 25.0);"),
+        ),
+        (
+            "scaler",
+            "scaler()",
+            format!("this.m.learn({x}); this.m.transform({x});"),
+        ),
+        (
+            "hst",
+            "hst()",
+            format!("this.m.score({x}); this.m.learn({x});"),
+        ),
+        ("kmeans", "kmeans(5)", format!("this.m.learn({x});")),
+        (
+            "holt",
+            "holt(0.3, 0.1)",
+            "this.m.learn(ev.temp); this.m.forecast(10);".to_owned(),
+        ),
+        (
+            "onnx_churn",
+            "0",
+            "model(\"churn\").predict([ev.temp, 1, 2, ev.humidity, 3]);".to_owned(),
+        ),
+    ] {
+        let script = format!(
+            "let source = \"sensors\"; let key_by = \"device.id\";
+             fn init(key) {{ #{{ m: {init} }} }}
+             fn on_event(ev) {{ {call} }}"
+        );
+        let def = Arc::new(QueryDef::compile(name, &script, &limits).unwrap());
+        let frame = Parser::default().parse(sample("sensors.ndjson")).frame;
+        bench_query(&mut group, name, def, frame, &limits);
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = common::config();
-    targets = call_path, queries
+    targets = call_path, queries, learners
 }
 criterion_main!(benches);

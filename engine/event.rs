@@ -416,6 +416,35 @@ impl Event {
     }
 }
 
+/// An event object is a feature vector for the learners (`model.learn(ev.features, ev.y)`),
+/// read in place on the tape: numbers and booleans are features, anything else is an error that
+/// names the field.
+impl eddy_plugins::Features for Event {
+    fn each(
+        &self,
+        ctx: &str,
+        f: &mut dyn FnMut(&str, f64) -> Result<(), Box<rhai::EvalAltResult>>,
+    ) -> Result<(), Box<rhai::EvalAltResult>> {
+        for (name, at) in self.frame.children(self.node) {
+            let name = name.unwrap_or_default();
+            let x = match self.frame.value(at) {
+                Value::Int(n) => n as f64,
+                Value::Float(x) => x,
+                Value::Bool(b) => f64::from(u8::from(b)),
+                other => {
+                    return Err(format!(
+                        "{ctx}: feature `{name}` must be a number or a boolean, got {}",
+                        other.kind()
+                    )
+                    .into())
+                }
+            };
+            f(name, x)?;
+        }
+        Ok(())
+    }
+}
+
 /// Parses inputs into frames, keeping simd-json's scratch buffers between calls.
 pub struct Parser {
     buffers: Buffers,

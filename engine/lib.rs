@@ -4,8 +4,9 @@
 //! The pieces, in the order an event meets them: [`event`] parses inputs into frames;
 //! [`router`] picks each event's queries, keys, shards and watermarks; [`shard`] runs the
 //! queries (compiled in the [`sandbox`], calling the [`builtins`]) for the keys it owns;
-//! [`json`] encodes what they emit. [`offline`] drives all of it over a file (`eddy run`), and
-//! [`casetest`] checks its output against expected items (`eddy test`);
+//! [`json`] encodes what they emit; [`models`] holds the ONNX models queries may call.
+//! [`offline`] drives all of it over a file (`eddy run`), and [`casetest`] checks its output
+//! against expected items (`eddy test`);
 //! [`server`] runs it as a service (`eddy serve`).
 
 pub mod builtins;
@@ -14,6 +15,7 @@ pub mod event;
 pub mod feed;
 pub mod json;
 pub mod key;
+pub mod models;
 pub mod offline;
 pub mod probe;
 pub mod query;

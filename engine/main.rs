@@ -49,6 +49,9 @@ enum Command {
         /// Stream of events without a "stream" field; by default they feed every query.
         #[arg(long)]
         stream: Option<String>,
+        /// Folder of `.onnx` models the queries may call [default: models, if it exists].
+        #[arg(long)]
+        models: Option<PathBuf>,
     },
     /// Run query test cases (folders of query, in.ndjson, out.ndjson) and report each as ok or
     /// FAIL with its first difference. Exit status 0 only if every case passes.
@@ -79,6 +82,9 @@ enum Command {
         /// Folder of queries loaded at start [default: queries].
         #[arg(long)]
         queries: Option<PathBuf>,
+        /// Folder of `.onnx` models loaded at start [default: models].
+        #[arg(long)]
+        models: Option<PathBuf>,
         /// Token for deploying queries [default: generated and printed at start].
         #[arg(long)]
         admin_token: Option<String>,
@@ -89,10 +95,14 @@ enum Command {
         #[arg(long)]
         demo_rate: Option<u32>,
     },
-    /// Deploy (or replace) a query on a running server.
+    /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.
     Deploy {
         /// The query file; its stem is the query's name.
-        file: PathBuf,
+        #[arg(required_unless_present = "model", conflicts_with = "model")]
+        file: Option<PathBuf>,
+        /// An ONNX model file to upload instead; its stem is the model's name.
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// The server's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         server: String,
@@ -193,7 +203,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             queries,
             input,
             stream,
+            models,
         } => {
+            let explicit = models.is_some();
+            let folder = models.unwrap_or_else(|| PathBuf::from("models"));
+            if explicit && !folder.is_dir() {
+                bail!("--models {}: not a folder", folder.display());
+            }
+            limits
+                .models
+                .load_dir(&folder, &limits)
+                .with_context(|| format!("loading models from {}", folder.display()))?;
             let defs = load_queries(&queries, &limits)?;
             let data = read_input(&input)?;
             let stdout = std::io::stdout();
@@ -226,6 +246,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen,
             shards,
             queries,
+            models,
             admin_token,
             demo,
             demo_rate,
@@ -241,6 +262,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.listen = listen.or(raw.listen);
             raw.shards = shards.or(raw.shards);
             raw.queries = queries.or(raw.queries);
+            raw.models = models.or(raw.models);
             raw.admin_token = admin_token.or(raw.admin_token);
             raw.demo = Some(demo || raw.demo.unwrap_or(false));
             raw.demo_rate = demo_rate.or(raw.demo_rate);
@@ -258,16 +280,46 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Deploy {
-            file,
+            file: _,
+            model: Some(model),
             server,
             token,
         } => {
+            let bytes = std::fs::read(&model)
+                .with_context(|| format!("{}: cannot read model", model.display()))?;
+            let name = model
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .with_context(|| {
+                    format!("{}: no file name to name the model by", model.display())
+                })?;
+            let (status, body) = http_put(&server, &format!("/models/{name}"), &token, &bytes)?;
+            if (200..300).contains(&status) {
+                println!("{name}: model loaded ({status}) {body}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{name}: {status} {body}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Deploy {
+            file,
+            model: None,
+            server,
+            token,
+        } => {
+            let file = file.context("a query file or --model FILE is needed")?;
             let script = std::fs::read_to_string(&file)
                 .with_context(|| format!("{}: cannot read query", file.display()))?;
             let name = eddy::query::name_of_file(&file).with_context(|| {
                 format!("{}: no file name to name the query by", file.display())
             })?;
-            let (status, body) = http_put(&server, &format!("/queries/{name}"), &token, &script)?;
+            let (status, body) = http_put(
+                &server,
+                &format!("/queries/{name}"),
+                &token,
+                script.as_bytes(),
+            )?;
             if (200..300).contains(&status) {
                 println!("{name}: deployed ({status}) {body}");
                 Ok(ExitCode::SUCCESS)
@@ -478,7 +530,7 @@ fn read_input(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// A minimal HTTP/1.1 PUT over plain TCP, for `eddy deploy`: returns status and body.
-fn http_put(base: &str, path: &str, token: &str, body: &str) -> Result<(u16, String)> {
+fn http_put(base: &str, path: &str, token: &str, body: &[u8]) -> Result<(u16, String)> {
     let host = base
         .strip_prefix("http://")
         .with_context(|| format!("server URL {base:?} must start with http://"))?
@@ -487,12 +539,13 @@ fn http_put(base: &str, path: &str, token: &str, body: &str) -> Result<(u16, Str
         std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     let request = format!(
-        "PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream
         .write_all(request.as_bytes())
-        .context("sending the query")?;
+        .and_then(|()| stream.write_all(body))
+        .context("sending the file")?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)

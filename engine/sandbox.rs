@@ -40,6 +40,14 @@ pub struct Limits {
     pub max_timers_per_advance: usize,
     /// Named topics (`emit("name", v)`) of one query.
     pub max_topics_per_query: usize,
+    /// Input columns of a model (`model(name).predict(x)`), checked when it is loaded.
+    pub max_model_inputs: usize,
+    /// Output values of a model for one row, checked when it is loaded.
+    pub max_model_outputs: usize,
+    /// The models queries may call, shared by every engine made with these limits. Not a
+    /// setting: filled from the models folder and by uploads.
+    #[serde(skip)]
+    pub models: crate::models::ModelCatalog,
 }
 
 impl Default for Limits {
@@ -57,6 +65,9 @@ impl Default for Limits {
             max_timers_per_key: 1_000,
             max_timers_per_advance: 100_000,
             max_topics_per_query: 64,
+            max_model_inputs: 4096,
+            max_model_outputs: 4096,
+            models: crate::models::ModelCatalog::default(),
         }
     }
 }
@@ -65,8 +76,8 @@ impl Default for Limits {
 /// statements run, so `source = "trades";` works as well as `let source = "trades";`.
 pub const SETTINGS: [&str; 4] = ["source", "key_by", "time_field", "lateness"];
 
-/// A Rhai engine with every limit of `limits` set, the event type and the plugins registered,
-/// and no way out of the sandbox. The engine's built-ins (`emit`, `key`, …) are added by the
+/// A Rhai engine with every limit of `limits` set, the event type, the plugins and the models of
+/// `limits.models` registered, and no way out of the sandbox. The engine's built-ins (`emit`, `key`, …) are added by the
 /// shard that owns it.
 pub fn new_engine(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
@@ -87,14 +98,19 @@ pub fn new_engine(limits: &Limits) -> Engine {
     });
     engine.register_global_module(eddy_plugins::EddyPackage::new().as_shared_module());
     register_event(&mut engine);
+    crate::models::register(&mut engine, &limits.models);
     engine
 }
 
-/// The `event` type: read-only field access by name, plus a few methods.
+/// The `event` type: read-only field access by name, plus a few methods; and events as feature
+/// vectors of the learners (`lr.learn(ev.features, ev.y)` reads the nested object in place).
 ///
 /// Only methods are registered, never property getters, so that `ev.len` still reads a field
 /// called `len` through the indexer fallback.
 fn register_event(engine: &mut Engine) {
+    let mut learners = rhai::Module::new();
+    eddy_plugins::register_learners::<Event>(&mut learners);
+    engine.register_global_module(learners.into());
     engine
         .register_type_with_name::<Event>("event")
         .register_indexer_get(|ev: &mut Event, name: &str| ev.get(name))

@@ -87,6 +87,9 @@ fn load(sample: &Sample) -> (Vec<u8>, Vec<Value>) {
 /// Runs the shipped queries `names` over `input`; returns every item as parsed JSON.
 fn run(names: &[&str], input: Vec<u8>) -> Vec<Value> {
     let limits = Limits::default();
+    // The shipped models folder, as `eddy run` and `eddy serve` load it by default.
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    limits.models.load_dir(&models, &limits).unwrap();
     let defs: Vec<QueryDef> = names
         .iter()
         .map(|name| {
@@ -123,6 +126,14 @@ fn run(names: &[&str], input: Vec<u8>) -> Vec<Value> {
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn assert_close(got: &Value, want: f64, what: &str) {
+    assert!(close(f(got), want), "{what}: got {got}, want {want}");
 }
 
 fn item(topic: &str, key: impl Into<Value>, value: Value) -> Value {
@@ -703,4 +714,227 @@ fn example_cases_expect_what_the_helpers_compute() {
         }
         assert_eq!(expected.len(), want.len(), "{name}: number of items");
     }
+}
+
+fn by_key_values(items: &[Value], topic: &str) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for item in items.iter().filter(|i| i["topic"] == topic) {
+        out.entry(item["key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(item["value"].clone());
+    }
+    out
+}
+
+#[test]
+fn sensor_failure_forecasts_match_holt_written_out() {
+    let (input, events) = load(&SENSORS);
+    let items = run(&["sensor_failure"], input);
+    let got = by_key_values(&items, "sensor_failure");
+    let mut readings: BTreeMap<String, Vec<(f64, i64)>> = BTreeMap::new();
+    for ev in &events {
+        readings
+            .entry(ev["device"]["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((f(&ev["temp"]), ev["ts"].as_i64().unwrap()));
+    }
+    assert_eq!(got.len(), readings.len());
+    for (device, rs) in &readings {
+        let out = &got[device];
+        assert_eq!(out.len(), rs.len(), "{device}");
+        let (alpha, beta, limit) = (0.3, 0.1, 40.0);
+        let (mut first, mut level, mut trend): (Option<f64>, Option<f64>, f64) = (None, None, 0.0);
+        let mut gap: Option<f64> = None;
+        for (i, ((temp, ts), v)) in rs.iter().zip(out).enumerate() {
+            if i > 0 {
+                let d = (ts - rs[i - 1].1) as f64;
+                gap = Some(gap.map_or(d, |g| g + 0.2 * (d - g)));
+            }
+            match (level, first) {
+                (Some(l), _) => {
+                    let next = alpha * temp + (1.0 - alpha) * (l + trend);
+                    trend = beta * (next - l) + (1.0 - beta) * trend;
+                    level = Some(next);
+                }
+                (None, Some(y1)) => {
+                    level = Some((y1 + temp) / 2.0);
+                    trend = temp - y1;
+                }
+                (None, None) => first = Some(*temp),
+            }
+            match level {
+                None => assert!(v["forecast"].is_null() && v["eta_ms"].is_null(), "{v}"),
+                Some(l) => {
+                    assert_close(&v["forecast"], l + trend, "forecast");
+                    let steps = if l == limit {
+                        Some(0.0)
+                    } else {
+                        Some((limit - l) / trend).filter(|h| h.is_finite() && *h >= 0.0)
+                    };
+                    match (steps, gap) {
+                        (Some(h), Some(g)) => assert_close(&v["eta_ms"], h * g, "eta_ms"),
+                        _ => assert!(v["eta_ms"].is_null(), "{v}"),
+                    }
+                }
+            }
+            let score = f(&v["anomaly"]);
+            assert!((0.0..=1.0).contains(&score), "{v}");
+            if i < 25 {
+                assert_eq!(score, 0.0, "first window of {device}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sensor_failure_scores_spikes_above_ordinary_readings() {
+    // 200 readings per device, so that each has many complete windows.
+    let input = synth::generate(Scenario::Sensors, 7, 40_000, START_MS, 50);
+    let events: Vec<Value> = input
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let items = run(&["sensor_failure"], input);
+    let got = by_key_values(&items, "sensor_failure");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut last: HashMap<String, f64> = HashMap::new();
+    let (mut spikes, mut ordinary) = (Vec::new(), Vec::new());
+    for ev in &events {
+        let device = ev["device"]["id"].as_str().unwrap().to_owned();
+        let i = seen.entry(device.clone()).or_default();
+        let temp = f(&ev["temp"]);
+        let score = f(&got[&device][*i]["anomaly"]);
+        // Spikes are +15 °C on one reading (engine/synth.rs).
+        if *i >= 50 {
+            if last.get(&device).is_some_and(|l| temp > l + 10.0) {
+                spikes.push(score);
+            } else {
+                ordinary.push(score);
+            }
+        }
+        last.insert(device, temp);
+        *i += 1;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(spikes.len() >= 20, "{}", spikes.len());
+    assert!(
+        mean(&spikes) > mean(&ordinary) + 0.02,
+        "spikes {} ordinary {}",
+        mean(&spikes),
+        mean(&ordinary)
+    );
+}
+
+#[test]
+fn trade_anomaly_features_match_plain_arithmetic() {
+    let (input, events) = load(&TRADES);
+    let items = run(&["trade_anomaly"], input);
+    let got = by_key_values(&items, "trade_anomaly");
+    let mut state: HashMap<String, (f64, i64, u64, f64, f64)> = HashMap::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut total = 0;
+    for ev in &events {
+        let sym = ev["symbol"].as_str().unwrap().to_owned();
+        let (price, size, ts) = (f(&ev["price"]), f(&ev["size"]), ev["ts"].as_i64().unwrap());
+        let entry = state
+            .entry(sym.clone())
+            .or_insert((f64::NAN, 0, 0, 0.0, 0.0));
+        // Welford, population variance, as River's StandardScaler.
+        entry.2 += 1;
+        let old = entry.3;
+        entry.3 += (size - old) / entry.2 as f64;
+        entry.4 += ((size - old) * (size - entry.3) - entry.4) / entry.2 as f64;
+        if entry.2 > 1 {
+            let i = at.entry(sym.clone()).or_default();
+            let v = &got[&sym][*i];
+            *i += 1;
+            total += 1;
+            assert_close(&v["ret"], (price - entry.0) / entry.0, "ret");
+            let z = if entry.4 != 0.0 {
+                (size - entry.3) / entry.4.sqrt()
+            } else {
+                0.0
+            };
+            assert_close(&v["size_z"], z, "size_z");
+            assert_eq!(v["gap_ms"].as_i64().unwrap(), ts - entry.1);
+            let score = f(&v["score"]);
+            assert!((0.0..=1.0).contains(&score));
+            if *i <= 100 {
+                assert_eq!(score, 0.0);
+            }
+        }
+        entry.0 = price;
+        entry.1 = ts;
+    }
+    assert_eq!(total, items.len());
+}
+
+#[test]
+fn player_churn_scores_match_the_logistic_formula() {
+    let (input, events) = load(&GAMES);
+    let items = run(&["player_churn"], input);
+    let got = by_key_values(&items, "player_churn");
+    let c: Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ml/churn_coefficients.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let coef: Vec<f64> = c["coef"].as_array().unwrap().iter().map(f).collect();
+    let intercept = f(&c["intercept"]);
+    #[derive(Default)]
+    struct P {
+        sessions: u32,
+        start: Option<i64>,
+        kills: u32,
+        deaths: u32,
+        score: i64,
+        n: usize,
+    }
+    let mut players: HashMap<String, P> = HashMap::new();
+    let mut total = 0;
+    for ev in &events {
+        let p = players
+            .entry(ev["player"].as_str().unwrap().to_owned())
+            .or_default();
+        let ts = ev["ts"].as_i64().unwrap();
+        match ev["kind"].as_str().unwrap() {
+            "session_start" => {
+                p.sessions += 1;
+                p.start = Some(ts);
+                p.kills = 0;
+                p.deaths = 0;
+                p.score = 0;
+            }
+            "kill" => p.kills += 1,
+            "death" => p.deaths += 1,
+            "score" => p.score += ev["points"].as_i64().unwrap(),
+            "session_end" => {
+                let Some(start) = p.start.take() else {
+                    continue;
+                };
+                let x = [
+                    (ts - start) as f64 / 60000.0,
+                    p.kills as f64,
+                    p.deaths as f64,
+                    p.score as f64,
+                    p.sessions as f64,
+                ];
+                let z = intercept + coef.iter().zip(x).map(|(w, x)| w * x).sum::<f64>();
+                let want = 1.0 / (1.0 + (-z).exp());
+                let v = &got[ev["player"].as_str().unwrap()][p.n];
+                p.n += 1;
+                total += 1;
+                // The model computes in f32.
+                assert!((f(&v["churn"]) - want).abs() < 1e-5, "{v} vs {want}");
+                assert_eq!(v["at_risk"].as_bool().unwrap(), want > 0.5);
+                assert_eq!(v["session"]["kills"].as_i64().unwrap(), i64::from(p.kills));
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert!(total > 50, "{total}");
+    assert_eq!(total, items.len());
 }

@@ -22,6 +22,9 @@ pub struct Config {
     pub shards: usize,
     /// Folder of `.rhai` queries loaded at start (a missing folder is fine: no queries).
     pub queries: PathBuf,
+    /// Folder of `.onnx` models loaded at start and written by `PUT /models/NAME` (a missing
+    /// folder is fine: no models).
+    pub models: PathBuf,
     /// Bearer token for deploying and removing queries; generated at start when `None`.
     pub admin_token: Option<String>,
     /// When set, producers must present it (`Authorization: Bearer` or `?token=`).
@@ -71,6 +74,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             queries: PathBuf::from("queries"),
+            models: PathBuf::from("models"),
             admin_token: None,
             ingest_token: None,
             subscribe_token: None,
@@ -119,6 +123,7 @@ pub struct RawConfig {
     pub listen: Option<String>,
     pub shards: Option<usize>,
     pub queries: Option<PathBuf>,
+    pub models: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub ingest_token: Option<String>,
     pub subscribe_token: Option<String>,
@@ -209,6 +214,7 @@ impl RawConfig {
             query_cpu_window,
             shards: self.shards.unwrap_or(d.shards),
             queries: self.queries.unwrap_or(d.queries),
+            models: self.models.unwrap_or(d.models),
             admin_token: self.admin_token.or(d.admin_token),
             ingest_token: self.ingest_token.or(d.ingest_token),
             subscribe_token: self.subscribe_token.or(d.subscribe_token),

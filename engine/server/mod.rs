@@ -3,7 +3,8 @@
 //! [`Server::start`] loads the queries folder, starts the hub thread and the shard threads, and
 //! accepts connections (hyper 1, upgraded to WebSocket with fastwebsockets). Routes:
 //! `GET /` (dashboard), `GET /ingest` (WebSocket) and `POST /ingest`, `GET /subscribe`
-//! (WebSocket), `GET|PUT|DELETE /queries[/NAME]`, `GET /metrics`, `GET /healthz`.
+//! (WebSocket), `GET|PUT|DELETE /queries[/NAME]`, `GET /models` and `PUT|DELETE /models/NAME`,
+//! `GET /metrics`, `GET /healthz`.
 //!
 //! Shutdown ([`Server::shutdown`], or Ctrl-C / SIGTERM under [`run`]), all within the configured
 //! shutdown timeout:
@@ -23,6 +24,7 @@ pub mod hub;
 pub mod ingest;
 pub mod mailbox;
 pub mod metrics;
+pub mod models;
 pub mod pipeline;
 pub mod subscribe;
 pub mod ws;
@@ -102,6 +104,8 @@ pub enum StartError {
         file: String,
         source: crate::QueryError,
     },
+    #[error("models folder: {0}")]
+    Model(#[from] crate::models::ModelError),
 }
 
 impl Server {
@@ -148,6 +152,7 @@ impl Server {
             subscribers: TaskTracker::new(),
             config,
         });
+        models::load_folder(&state)?;
         admin::load_folder(&state).await?;
         let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         let accept = tokio::spawn(accept_loop(
@@ -416,6 +421,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, p) if p == "/queries" || p.starts_with("/queries/") => admin::route(&state, req).await,
+        (_, p) if p == "/models" || p.starts_with("/models/") => models::route(&state, req).await,
         _ => json_error(StatusCode::NOT_FOUND, "no such path"),
     }
 }

@@ -1,7 +1,11 @@
 //! Native Rust types and functions that eddy registers into its Rhai queries: streaming
 //! statistics (`stats`, `ewma`), windows (`ring`, `time_window`), OHLC bars (`ohlc`),
-//! quantiles (`quantiles`), heavy hitters (`topk`), sentiment (`sentiment`) and duration
-//! helpers (`duration`, `window_start`). Everything is bundled in [`EddyPackage`]; the
+//! quantiles (`quantiles`), heavy hitters (`topk`), sentiment (`sentiment`), duration
+//! helpers (`duration`, `window_start`), and online learners that learn one event at a time
+//! as River does: linear and logistic regression (`linreg`, `logreg`), standardisation
+//! (`scaler`), Half-Space Trees anomaly scores (`hst`), streaming k-means (`kmeans`) and
+//! Holt's linear trend forecasts (`holt`). Learners take their features as a map, an array,
+//! or any type registered with [`register_learners`] (see [`Features`]). Everything is bundled in [`EddyPackage`]; the
 //! engine also uses [`summary`] to serialize emitted plugin objects, [`approx_bytes`] to
 //! bound per-key state, and [`parse_duration_ms`] for its own settings.
 //!
@@ -19,10 +23,17 @@ use rhai::plugin::*;
 
 mod duration;
 mod ewma;
+mod features;
+mod holt;
+mod hst;
+mod kmeans;
+mod linear;
 mod num;
 mod ohlc;
+mod pyrandom;
 mod quantiles;
 mod ring;
+mod scaler;
 mod sentiment;
 mod stats;
 #[cfg(test)]
@@ -35,9 +46,15 @@ pub use rhai::packages::Package;
 
 pub use duration::{parse_duration_ms, window_start_ms, DurationError};
 pub use ewma::{Ewma, EwmaMode};
+pub use features::{feature_value, register_learners, Features, Table, MAX_FEATURES};
+pub use holt::Holt;
+pub use hst::{Hst, HstParams, MAX_HST_NODES};
+pub use kmeans::{KMeans, KMeansParams, MAX_CLUSTERS};
+pub use linear::{GlmParams, LinReg, LogReg};
 pub use ohlc::Ohlc;
 pub use quantiles::{Quantiles, MAX_QUANTILE_VALUE, QUANTILE_SCALE};
 pub use ring::{Ring, MAX_RING};
+pub use scaler::Scaler;
 pub use sentiment::sentiment_score;
 pub use stats::Stats;
 pub use time_window::{TimeWindow, MAX_WINDOW_ENTRIES};
@@ -54,6 +71,12 @@ def_package! {
         lib.set_custom_type::<Ohlc>("ohlc");
         lib.set_custom_type::<Quantiles>("quantiles");
         lib.set_custom_type::<TopK>("topk");
+        lib.set_custom_type::<LinReg>("linreg");
+        lib.set_custom_type::<LogReg>("logreg");
+        lib.set_custom_type::<Scaler>("scaler");
+        lib.set_custom_type::<Hst>("hst");
+        lib.set_custom_type::<KMeans>("kmeans");
+        lib.set_custom_type::<Holt>("holt");
 
         combine_with_exported_module!(lib, "stats", stats::stats_functions);
         combine_with_exported_module!(lib, "ewma", ewma::ewma_functions);
@@ -64,6 +87,13 @@ def_package! {
         combine_with_exported_module!(lib, "topk", topk::topk_functions);
         combine_with_exported_module!(lib, "sentiment", sentiment::sentiment_functions);
         combine_with_exported_module!(lib, "duration", duration::duration_functions);
+        combine_with_exported_module!(lib, "linear", linear::linear_functions);
+        combine_with_exported_module!(lib, "scaler", scaler::scaler_functions);
+        combine_with_exported_module!(lib, "hst", hst::hst_functions);
+        combine_with_exported_module!(lib, "kmeans", kmeans::kmeans_functions);
+        combine_with_exported_module!(lib, "holt", holt::holt_functions);
+        register_learners::<rhai::Map>(lib);
+        register_learners::<rhai::Array>(lib);
     }
 }
 
@@ -84,6 +114,18 @@ macro_rules! with_plugin {
         } else if let Some($x) = v.read_lock::<Quantiles>() {
             $body
         } else if let Some($x) = v.read_lock::<TopK>() {
+            $body
+        } else if let Some($x) = v.read_lock::<LinReg>() {
+            $body
+        } else if let Some($x) = v.read_lock::<LogReg>() {
+            $body
+        } else if let Some($x) = v.read_lock::<Scaler>() {
+            $body
+        } else if let Some($x) = v.read_lock::<Hst>() {
+            $body
+        } else if let Some($x) = v.read_lock::<KMeans>() {
+            $body
+        } else if let Some($x) = v.read_lock::<Holt>() {
             $body
         } else {
             $otherwise
@@ -116,7 +158,8 @@ macro_rules! names {
 }
 
 names!(Stats => "stats", Ewma => "ewma", Ring => "ring", TimeWindow => "time_window",
-       Ohlc => "ohlc", Quantiles => "quantiles", TopK => "topk");
+       Ohlc => "ohlc", Quantiles => "quantiles", TopK => "topk", LinReg => "linreg",
+       LogReg => "logreg", Scaler => "scaler", Hst => "hst", KMeans => "kmeans", Holt => "holt");
 
 fn type_name_of<T: PluginName>(_: &T) -> &'static str {
     T::NAME
@@ -138,7 +181,13 @@ mod tests {
                let s = stats(); s.add(1);
                let e = ewma(0.5); e.add(1);
                let o = ohlc(); o.add(2, 3);
-               [s, e, r, w, o, q, t]"#,
+               let lr = linreg(); lr.learn(#{ x: 1 }, 2);
+               let lg = logreg(); lg.learn(#{ x: 1 }, true);
+               let sc = scaler(); sc.learn(#{ x: 1 });
+               let h = hst(#{ trees: 2, height: 3 }); h.learn(#{ x: 1 });
+               let km = kmeans(2); km.learn(#{ x: 1 });
+               let ho = holt(0.5, 0.5); ho.learn(1);
+               [s, e, r, w, o, q, t, lr, lg, sc, h, km, ho]"#,
         );
         let names = [
             "stats",
@@ -148,6 +197,12 @@ mod tests {
             "ohlc",
             "quantiles",
             "topk",
+            "linreg",
+            "logreg",
+            "scaler",
+            "hst",
+            "kmeans",
+            "holt",
         ];
         for (v, name) in objs.iter().zip(names) {
             let m = summary(v).unwrap_or_else(|| panic!("{name} has no summary"));
