@@ -56,6 +56,19 @@ fn run_with(script: &str, input: &str, limits: &Limits) -> Run {
         .unwrap()
 }
 
+/// The `i`-th event of `frame` for query `id`, with no key and every time at 0.
+fn delivery(id: u64, frame: &std::sync::Arc<crate::Frame>, i: usize) -> crate::shard::Delivery {
+    crate::shard::Delivery {
+        query: crate::QueryId(id),
+        key: crate::Key::None,
+        event: frame.event(i),
+        time: 0,
+        watermark: 0,
+        source_mark: 0,
+        now: 0,
+    }
+}
+
 fn run(script: &str, input: &str) -> Run {
     run_with(script, input, &Limits::default())
 }
@@ -479,15 +492,7 @@ fn call_times_are_measured_when_asked() {
         .parse(b"{}\n{}\n{}\n".to_vec())
         .frame;
     for i in 0..frame.len() {
-        shard.event(crate::shard::Delivery {
-            query: crate::QueryId(1),
-            key: crate::Key::None,
-            event: frame.event(i),
-            time: 0,
-            watermark: 0,
-            source_mark: 0,
-            now: 0,
-        });
+        shard.event(delivery(1, &frame, i));
     }
     let hist = shard.eval_histogram(crate::QueryId(1)).unwrap();
     assert_eq!(hist.len(), 3);
@@ -530,20 +535,9 @@ fn a_query_past_its_cpu_budget_is_quarantined_and_its_events_skipped() {
         .deploy(crate::QueryId(1), std::sync::Arc::clone(&def))
         .unwrap();
     let frame = crate::Parser::default().parse(b"{}\n".repeat(2000)).frame;
-    let deliver = |shard: &mut crate::Shard, id: u64, i: usize| {
-        shard.event(crate::shard::Delivery {
-            query: crate::QueryId(id),
-            key: crate::Key::None,
-            event: frame.event(i),
-            time: 0,
-            watermark: 0,
-            source_mark: 0,
-            now: 0,
-        })
-    };
     // Alone on its shard, a query is never quarantined: it slows nobody else.
     for i in 0..200 {
-        deliver(&mut shard, 1, i);
+        shard.event(delivery(1, &frame, i));
     }
     assert!(!shard.is_quarantined(crate::QueryId(1)));
     let cheap = QueryDef::compile("cheap", "let source = \"s\"; fn on_event(ev) { }", &limits);
@@ -551,16 +545,8 @@ fn a_query_past_its_cpu_budget_is_quarantined_and_its_events_skipped() {
         .deploy(crate::QueryId(2), std::sync::Arc::new(cheap.unwrap()))
         .unwrap();
     for i in 0..frame.len() {
-        deliver(&mut shard, 2, i);
-        shard.event(crate::shard::Delivery {
-            query: crate::QueryId(1),
-            key: crate::Key::None,
-            event: frame.event(i),
-            time: 0,
-            watermark: 0,
-            source_mark: 0,
-            now: 0,
-        });
+        shard.event(delivery(2, &frame, i));
+        shard.event(delivery(1, &frame, i));
     }
     let stats = shard.stats(crate::QueryId(1)).unwrap();
     assert!(shard.is_quarantined(crate::QueryId(1)));

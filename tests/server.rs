@@ -689,29 +689,9 @@ async fn the_demo_quotes_feed_the_cookbook_as_of_join_live() {
 async fn the_binary_serves_deploys_and_stops_on_sigterm() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shards",
-                "2",
-                "--queries",
-            ])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
         // It prints its address and the generated admin token.
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-        let listening = lines.next_line().await.unwrap().unwrap();
-        let url = listening
-            .strip_prefix("eddy listening on ")
-            .unwrap()
-            .to_owned();
+        let (mut child, mut lines, addr) = spawn_serve(dir.path(), &[]).await;
+        let url = format!("http://{addr}");
         let token_line = lines.next_line().await.unwrap().unwrap();
         let token = token_line.strip_prefix("admin token: ").unwrap().to_owned();
         assert_eq!(token.len(), 32);

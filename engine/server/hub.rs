@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +31,7 @@ use crate::query::valid_name;
 use crate::{Emitted, Key, Topic};
 
 use super::mailbox::Mailbox;
+use super::supervise::guarded;
 
 /// Items from a shard.
 pub enum HubMsg {
@@ -157,22 +157,12 @@ impl HubHandle {
     }
 }
 
-/// Clears the hub's liveness flag when its thread ends, by return or by panic.
-struct AliveGuard(Arc<AtomicBool>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-    }
-}
-
 /// Starts the hub thread; returns the data channel for shards and the control handle.
 pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) {
     let (data_tx, data_rx) = crossbeam_channel::bounded(queue);
     let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
-    let alive = Arc::new(AtomicBool::new(true));
+    let (guard, alive) = super::supervise::Alive::new();
     let panics = Arc::new(AtomicU64::new(0));
-    let guard = AliveGuard(Arc::clone(&alive));
     let thread_panics = Arc::clone(&panics);
     let depth = data_rx.clone();
     std::thread::Builder::new()
@@ -193,19 +183,6 @@ pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) 
     )
 }
 
-/// Runs `f`; a panic in it is logged and counted, and the hub goes on.
-fn guarded(panics: &AtomicU64, f: impl FnOnce()) {
-    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        panics.fetch_add(1, Ordering::Relaxed);
-        tracing::error!("the hub panicked; the message in hand is lost, the hub goes on: {what}");
-    }
-}
-
 /// Most item messages taken before the hub publishes.
 const MAX_ROUND: usize = 256;
 
@@ -224,16 +201,16 @@ fn run(
         crossbeam_channel::select! {
             recv(data) -> msg => {
                 let Ok(msg) = msg else { break };
-                guarded(panics, || hub.take(msg));
+                guarded("the hub", panics, || hub.take(msg));
                 for _ in 0..MAX_ROUND {
                     match data.try_recv() {
-                        Ok(msg) => guarded(panics, || hub.take(msg)),
+                        Ok(msg) => guarded("the hub", panics, || hub.take(msg)),
                         Err(_) => break,
                     }
                 }
             }
             recv(control) -> msg => match msg {
-                Ok(msg) => guarded(panics, || {
+                Ok(msg) => guarded("the hub", panics, || {
                     while let Ok(item) = data.try_recv() {
                         hub.take(item);
                     }
@@ -243,9 +220,9 @@ fn run(
                 Err(_) => control = crossbeam_channel::never(),
             },
         }
-        guarded(panics, || hub.publish());
+        guarded("the hub", panics, || hub.publish());
     }
-    guarded(panics, || hub.publish());
+    guarded("the hub", panics, || hub.publish());
 }
 
 struct Subscription {

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod subscribe;
+pub mod supervise;
 pub mod ws;
 
 use std::collections::HashMap;

@@ -26,7 +26,6 @@
 //! the thread ends anyway, its liveness flag drops, `/healthz` answers 503, and ingest rejects
 //! the events bound for it instead of acknowledging them.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,15 +149,6 @@ pub struct ShardSettings {
     pub budget: Option<CpuBudget>,
 }
 
-/// Clears a liveness flag when the thread that holds it ends, by return or by panic.
-struct AliveGuard(Arc<AtomicBool>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-    }
-}
-
 impl Pipeline {
     /// Starts `shards` shard threads with data channels of `queue` messages, each sending its
     /// output to `hub`.
@@ -173,15 +163,16 @@ impl Pipeline {
             .map(|index| {
                 let (data, data_rx) = crossbeam_channel::bounded(queue);
                 let (control, control_rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
+                let (alive, flag) = super::supervise::Alive::new();
                 let handle = ShardHandle {
                     data,
                     control,
                     room: Arc::new(Notify::new()),
                     report: Arc::default(),
-                    alive: Arc::new(AtomicBool::new(true)),
+                    alive: flag,
                 };
                 let thread = ShardThread {
-                    index,
+                    name: format!("shard {index}"),
                     data: data_rx,
                     control: control_rx,
                     hub: hub.clone(),
@@ -189,7 +180,6 @@ impl Pipeline {
                     report: Arc::clone(&handle.report),
                     panics: Arc::clone(&panics),
                 };
-                let alive = AliveGuard(Arc::clone(&handle.alive));
                 let settings = settings.clone();
                 // The thread ends when every sender is dropped, after what is queued.
                 std::thread::Builder::new()
@@ -308,7 +298,8 @@ async fn collect<T>(replies: Vec<oneshot::Receiver<T>>) -> Result<Vec<T>, Stoppe
 
 /// What one shard thread holds besides its [`Shard`].
 struct ShardThread {
-    index: usize,
+    /// `shard N`, for the log.
+    name: String,
     data: Receiver<ShardMsg>,
     control: Receiver<Control>,
     hub: Sender<HubMsg>,
@@ -379,18 +370,7 @@ impl ShardThread {
 
     /// Runs `f`; a panic in it is logged and counted, and the shard goes on.
     fn guarded(&self, f: impl FnOnce()) {
-        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            self.panics.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                "shard {} panicked; the message in hand is lost, the shard goes on: {what}",
-                self.index
-            );
-        }
+        super::supervise::guarded(&self.name, &self.panics, f);
     }
 
     /// Handles control requests waiting, ahead of the next script call.

@@ -260,3 +260,46 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
         .await
         .expect("test finished in time");
 }
+
+/// Asserts that `ws` receives nothing for `millis` ms.
+pub async fn assert_silent(ws: &mut Ws, millis: u64, what: &str) {
+    let next = tokio::time::timeout(Duration::from_millis(millis), ws.next()).await;
+    assert!(next.is_err(), "{what}: {next:?}");
+}
+
+/// `eddy serve --listen 127.0.0.1:0 --shards 2 --queries DIR` and `extra` flags, as a process
+/// (killed when dropped); returns it, the lines of its stdout after the first, and the address
+/// that first line announced.
+pub async fn spawn_serve(
+    queries: &Path,
+    extra: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--queries",
+        ])
+        .arg(queries)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let listening = lines.next_line().await.unwrap().unwrap();
+    let addr = listening
+        .strip_prefix("eddy listening on http://")
+        .unwrap()
+        .to_owned();
+    (child, lines, addr)
+}
