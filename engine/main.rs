@@ -62,6 +62,9 @@ enum Command {
         /// draft, only as right as the person who reads and checks it.
         #[arg(long)]
         bless: bool,
+        /// Folder of `.onnx` models the cases' queries may call [default: models, if it exists].
+        #[arg(long)]
+        models: Option<PathBuf>,
     },
     /// Compile and validate queries without running them.
     Check {
@@ -205,15 +208,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             stream,
             models,
         } => {
-            let explicit = models.is_some();
-            let folder = models.unwrap_or_else(|| PathBuf::from("models"));
-            if explicit && !folder.is_dir() {
-                bail!("--models {}: not a folder", folder.display());
-            }
-            limits
-                .models
-                .load_dir(&folder, &limits)
-                .with_context(|| format!("loading models from {}", folder.display()))?;
+            load_models(models, &limits)?;
             let defs = load_queries(&queries, &limits)?;
             let data = read_input(&input)?;
             let stdout = std::io::stdout();
@@ -417,7 +412,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { paths, bless } => {
+        Command::Test {
+            paths,
+            bless,
+            models,
+        } => {
+            load_models(models, &limits)?;
             let paths = if paths.is_empty() {
                 vec![PathBuf::from(DEFAULT_CASES)]
             } else {
@@ -492,6 +492,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn parse_duration(text: &str) -> Result<std::time::Duration> {
     let ms = eddy_plugins::parse_duration_ms(text).with_context(|| format!("duration {text:?}"))?;
     Ok(std::time::Duration::from_millis(ms.max(0) as u64))
+}
+
+/// Loads the `.onnx` models of `--models`, or of `./models` if it exists (`eddy run`, `eddy test`).
+fn load_models(models: Option<PathBuf>, limits: &Limits) -> Result<()> {
+    let explicit = models.is_some();
+    let folder = models.unwrap_or_else(|| PathBuf::from("models"));
+    if explicit && !folder.is_dir() {
+        bail!("--models {}: not a folder", folder.display());
+    }
+    limits
+        .models
+        .load_dir(&folder, limits)
+        .with_context(|| format!("loading models from {}", folder.display()))?;
+    Ok(())
 }
 
 fn load_queries(paths: &[PathBuf], limits: &Limits) -> Result<Vec<QueryDef>> {

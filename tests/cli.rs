@@ -588,3 +588,45 @@ fn eddy_test_bad_cases_are_named_and_the_others_still_run() {
     let (ok, report) = eddy_test(&[&empty]);
     assert!(!ok && report.contains("no test cases there"), "{report}");
 }
+
+#[test]
+fn eddy_test_loads_models_from_the_flag_or_the_models_folder() {
+    // The player_churn case calls model("churn"); run it from a folder without `models/`.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let case = dir.path().join("churn");
+    std::fs::create_dir_all(&case).unwrap();
+    for file in ["in.ndjson", "out.ndjson", "case.toml"] {
+        std::fs::copy(
+            repo.join("tests/queries/player_churn").join(file),
+            case.join(file),
+        )
+        .unwrap();
+    }
+    let script = repo.join("queries/player_churn.rhai");
+    std::fs::write(case.join("query"), script.to_str().unwrap()).unwrap();
+    let run = |models: Option<&Path>| {
+        let mut cmd = eddy();
+        cmd.current_dir(dir.path()).arg("test").arg(&case);
+        if let Some(m) = models {
+            cmd.arg("--models").arg(m);
+        }
+        let out = output(&mut cmd, None);
+        let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        (out.status.success(), report)
+    };
+    // Without the model every session's item is an error instead.
+    let (ok, report) = run(None);
+    assert!(!ok && report.contains("expected, not emitted"), "{report}");
+    let (ok, report) = run(Some(&repo.join("models")));
+    assert!(ok, "{report}");
+    assert!(report.contains("eddy test: 1 passed, 0 failed"), "{report}");
+    let (ok, report) = run(Some(&dir.path().join("nowhere")));
+    assert!(
+        !ok && report.contains("--models") && report.contains("not a folder"),
+        "{report}"
+    );
+    // From the repository, `models/` is found without the flag.
+    let out = output(eddy().arg("test").arg("tests/queries/player_churn"), None);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+}

@@ -6,7 +6,9 @@
 //! The same helpers are the source of the example cases in `tests/queries/<query>/`: a test
 //! checks that each case's `out.ndjson` is what its helper computes from its `in.ndjson` (run it
 //! with `EDDY_WRITE_EXPECTED=1` to rewrite them after changing a helper or an input), and
-//! `tests/cli.rs` runs `eddy test` over the cases, which compares them with the engine.
+//! `tests/cli.rs` runs `eddy test` over the cases, which compares them with the engine. The
+//! Half-Space Trees scores of the `sensor_failure` and `trade_anomaly` cases are River's own,
+//! computed once from the cases' inputs and committed (`RiverScores`).
 //!
 //! The samples are made by `eddy generate` (see `tests/data/README.md`); a test that reads one
 //! also checks that it still is what the generator makes, so they cannot drift apart.
@@ -631,15 +633,242 @@ fn player_stats_match_plain_counts() {
 
 // ------------------------------------------------------------------ the example cases
 
+/// The Half-Space Trees scores River 0.26.1 gives for the items of an example case, in order:
+/// `tests/data/ml/<case>_hst.ndjson`, written by `tests/data/ml/make_hst_case_refs.py` from the
+/// case's `in.ndjson` with the query's settings. Each line names the key and time of its item,
+/// so that a score cannot be paired with the wrong one.
+struct RiverScores {
+    case: &'static str,
+    rows: std::vec::IntoIter<Value>,
+}
+
+impl RiverScores {
+    fn load(case: &'static str) -> Self {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/ml")
+            .join(format!("{case}_hst.ndjson"));
+        RiverScores {
+            case,
+            rows: ndjson(&path).into_iter(),
+        }
+    }
+
+    /// River's score of the next item, which must be `key`'s at `ts`.
+    fn next(&mut self, key: &str, ts: i64) -> f64 {
+        let row = self.rows.next().unwrap_or_else(|| {
+            panic!(
+                "{}: River scored fewer items than the query emits: rerun make_hst_case_refs.py",
+                self.case
+            )
+        });
+        assert!(
+            row["key"] == key && row["ts"] == ts,
+            "{}: River's next score is for {row}, the next item is {key} at {ts}: rerun make_hst_case_refs.py",
+            self.case
+        );
+        f(&row["score"])
+    }
+
+    fn finish(mut self) {
+        assert!(
+            self.rows.next().is_none(),
+            "{}: River scored more items than the query emits",
+            self.case
+        );
+    }
+}
+
+/// The limit the `sensor_failure` query forecasts towards, in °C.
+const SENSOR_LIMIT: f64 = 40.0;
+
+/// Holt's linear trend (alpha 0.3, beta 0.1) of each device's temperature, the forecast one
+/// step ahead, the steps to 40 °C times an EWMA (alpha 0.2) of the gaps between readings, and
+/// River's Half-Space Trees score of the reading (from [`RiverScores`]).
+fn expect_sensor_failure(readings: &[Value]) -> Vec<Value> {
+    #[derive(Default)]
+    struct Device {
+        first: Option<f64>,
+        level: Option<f64>,
+        trend: f64,
+        gap: Option<f64>,
+        last_ts: Option<i64>,
+    }
+    let (alpha, beta) = (0.3, 0.1);
+    let mut river = RiverScores::load("sensor_failure");
+    let mut devices: HashMap<String, Device> = HashMap::new();
+    let mut items = Vec::new();
+    for r in readings {
+        let id = r["device"]["id"].as_str().unwrap().to_owned();
+        let (temp, ts) = (f(&r["temp"]), r["ts"].as_i64().unwrap());
+        let d = devices.entry(id.clone()).or_default();
+        if let Some(last) = d.last_ts {
+            let gap = (ts - last) as f64;
+            d.gap = Some(d.gap.map_or(gap, |g| g + 0.2 * (gap - g)));
+        }
+        d.last_ts = Some(ts);
+        let anomaly = river.next(&id, ts);
+        match (d.level, d.first) {
+            (Some(level), _) => {
+                let next = alpha * temp + (1.0 - alpha) * (level + d.trend);
+                d.trend = beta * (next - level) + (1.0 - beta) * d.trend;
+                d.level = Some(next);
+            }
+            (None, Some(first)) => {
+                d.level = Some((first + temp) / 2.0);
+                d.trend = temp - first;
+            }
+            (None, None) => d.first = Some(temp),
+        }
+        let steps = d.level.and_then(|level| {
+            if level == SENSOR_LIMIT {
+                return Some(0.0);
+            }
+            Some((SENSOR_LIMIT - level) / d.trend).filter(|h| h.is_finite() && *h >= 0.0)
+        });
+        let eta_ms = steps.zip(d.gap).map(|(h, g)| h * g);
+        items.push(item(
+            "sensor_failure",
+            id.clone(),
+            json!({
+                "device": id, "temp": r["temp"], "forecast": d.level.map(|l| l + d.trend),
+                "eta_ms": eta_ms, "anomaly": anomaly, "ts": ts,
+            }),
+        ));
+    }
+    river.finish();
+    items
+}
+
+/// Per symbol after its first trade: the return since the previous trade, the size's z-score
+/// against the running mean and population variance (Welford, River's StandardScaler, 0 while
+/// the variance is 0), the gap, and River's Half-Space Trees score (from [`RiverScores`]).
+fn expect_trade_anomaly(trades: &[Value]) -> Vec<Value> {
+    #[derive(Default)]
+    struct Symbol {
+        last: Option<(f64, i64)>,
+        n: u64,
+        mean: f64,
+        var: f64,
+    }
+    let mut river = RiverScores::load("trade_anomaly");
+    let mut symbols: HashMap<String, Symbol> = HashMap::new();
+    let mut items = Vec::new();
+    for t in trades {
+        let sym = t["symbol"].as_str().unwrap().to_owned();
+        let (price, size, ts) = (f(&t["price"]), f(&t["size"]), t["ts"].as_i64().unwrap());
+        let s = symbols.entry(sym.clone()).or_default();
+        s.n += 1;
+        let old = s.mean;
+        s.mean += (size - old) / s.n as f64;
+        s.var += ((size - old) * (size - s.mean) - s.var) / s.n as f64;
+        let Some((last_price, last_ts)) = s.last.replace((price, ts)) else {
+            continue;
+        };
+        let size_z = if s.var != 0.0 {
+            (size - s.mean) / s.var.sqrt()
+        } else {
+            0.0
+        };
+        let score = river.next(&sym, ts);
+        items.push(item(
+            "trade_anomaly",
+            sym.clone(),
+            json!({
+                "symbol": sym, "price": t["price"], "ret": (price - last_price) / last_price,
+                "size_z": size_z, "gap_ms": ts - last_ts, "score": score, "ts": ts,
+            }),
+        ));
+    }
+    river.finish();
+    items
+}
+
+/// The coefficients and intercept of the churn model, as scikit-learn fitted them
+/// (`tests/data/ml/churn_coefficients.json`, written by `make_churn_model.py`).
+fn churn_coefficients() -> (Vec<f64>, f64) {
+    let c: Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ml/churn_coefficients.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let coef = c["coef"].as_array().unwrap().iter().map(f).collect();
+    (coef, f(&c["intercept"]))
+}
+
+/// When a session ends: its features and the logistic function of them with the committed
+/// coefficients, `1 / (1 + e^-(b + w·x))`, at risk when above 0.5.
+fn expect_player_churn(events: &[Value]) -> Vec<Value> {
+    #[derive(Default)]
+    struct P {
+        sessions: i64,
+        start: Option<i64>,
+        kills: i64,
+        deaths: i64,
+        score: i64,
+    }
+    let (coef, intercept) = churn_coefficients();
+    let mut players: HashMap<String, P> = HashMap::new();
+    let mut items = Vec::new();
+    for ev in events {
+        let id = ev["player"].as_str().unwrap().to_owned();
+        let p = players.entry(id.clone()).or_default();
+        let ts = ev["ts"].as_i64().unwrap();
+        match ev["kind"].as_str().unwrap() {
+            "session_start" => {
+                p.sessions += 1;
+                p.start = Some(ts);
+                (p.kills, p.deaths, p.score) = (0, 0, 0);
+            }
+            "kill" => p.kills += 1,
+            "death" => p.deaths += 1,
+            "score" => p.score += ev["points"].as_i64().unwrap(),
+            "session_end" => {
+                let Some(start) = p.start.take() else {
+                    continue;
+                };
+                let minutes = (ts - start) as f64 / 60000.0;
+                let x = [
+                    minutes,
+                    p.kills as f64,
+                    p.deaths as f64,
+                    p.score as f64,
+                    p.sessions as f64,
+                ];
+                let z = intercept + coef.iter().zip(x).map(|(w, x)| w * x).sum::<f64>();
+                let churn = 1.0 / (1.0 + (-z).exp());
+                items.push(item(
+                    "player_churn",
+                    id.clone(),
+                    json!({
+                        "player": id, "churn": churn, "at_risk": churn > 0.5,
+                        "session": {
+                            "session_minutes": minutes, "kills": p.kills, "deaths": p.deaths,
+                            "score": p.score, "sessions": p.sessions,
+                        },
+                        "ts": ts,
+                    }),
+                ));
+            }
+            other => panic!("unknown kind {other}"),
+        }
+    }
+    items
+}
+
 /// Each shipped query's case folder and the helper that computes its expected items.
 type Helper = fn(&[Value]) -> Vec<Value>;
-const CASES: [(&str, Helper); 6] = [
+const CASES: [(&str, Helper); 9] = [
     ("vwap", expect_vwap),
     ("ohlc_1m", |t| expect_ohlc(t).0),
     ("price_alerts", expect_price_alerts),
     ("sensor_anomaly", expect_sensor_anomaly),
     ("hashtag_sentiment", expect_hashtag_sentiment),
     ("player_stats", expect_player_stats),
+    ("sensor_failure", expect_sensor_failure),
+    ("trade_anomaly", expect_trade_anomaly),
+    ("player_churn", expect_player_churn),
 ];
 
 fn cases_dir() -> PathBuf {
@@ -875,15 +1104,7 @@ fn player_churn_scores_match_the_logistic_formula() {
     let (input, events) = load(&GAMES);
     let items = run(&["player_churn"], input);
     let got = by_key_values(&items, "player_churn");
-    let c: Value = serde_json::from_slice(
-        &std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ml/churn_coefficients.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let coef: Vec<f64> = c["coef"].as_array().unwrap().iter().map(f).collect();
-    let intercept = f(&c["intercept"]);
+    let (coef, intercept) = churn_coefficients();
     #[derive(Default)]
     struct P {
         sessions: u32,
