@@ -526,7 +526,7 @@ impl Call<'_> {
             function,
             (arg,),
         );
-        let elapsed = started.map(|s| s.elapsed());
+        let finished = started.map(|s| (s, Instant::now()));
         let size = match &result {
             Ok(_) if entry.unmeasured == 0 => {
                 let size = state_bytes(&entry.state);
@@ -553,8 +553,8 @@ impl Call<'_> {
                 }
             }
         }
-        if let Some(elapsed) = elapsed {
-            self.account(q, &key, function, elapsed);
+        if let Some((started, finished)) = finished {
+            self.account(q, &key, function, finished, finished - started);
         }
     }
 
@@ -587,13 +587,19 @@ impl Call<'_> {
     /// `share` of the window's wall time, and more than `share` of all the script time the
     /// shard spent in it, while other queries run on the shard. (A query running alone on its
     /// shard is never quarantined: it slows nobody but its own producers, through backpressure.)
-    fn account(&mut self, q: &mut QueryRuntime, key: &Key, function: &str, elapsed: Duration) {
+    fn account(
+        &mut self,
+        q: &mut QueryRuntime,
+        key: &Key,
+        function: &str,
+        now: Instant,
+        elapsed: Duration,
+    ) {
         q.stats.cpu_us += elapsed.as_micros() as u64;
         if let Some(hist) = q.eval_ns.as_mut() {
             hist.saturating_record(elapsed.as_nanos() as u64);
         }
         let Some(budget) = self.budget else { return };
-        let now = Instant::now();
         let clock = &mut *self.clock;
         if now.duration_since(clock.started) >= budget.window {
             clock.started = now;

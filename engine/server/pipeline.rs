@@ -12,9 +12,10 @@
 //!
 //! A shard takes everything waiting, handles it, and passes what its queries emitted to the
 //! fan-out hub in one message: under light load that is one event, under heavy load hundreds, and
-//! no stage waits on a clock. It publishes its counters ([`ShardReport`]) after each such pass
-//! (at most every [`PUBLISH_EVERY`] while busy), so `/metrics` and `GET /queries` read them
-//! without asking the shard.
+//! no stage waits on a clock. It publishes its counters ([`ShardReport`]) at most every
+//! [`PUBLISH_EVERY`], and within that time of its last work once idle, so `/metrics` and
+//! `GET /queries` read them without asking the shard (copying the histograms costs too much to do
+//! after every pass).
 //!
 //! When a shard's data channel is full, [`Pipeline::send`] waits (asynchronously: it never blocks
 //! a tokio worker) until the shard signals room, so an ingest connection stops reading and TCP
@@ -332,7 +333,16 @@ impl ShardThread {
             received: Vec::new(),
             published: Instant::now(),
         };
+        // Whether counters changed since they were last published.
+        let mut dirty = false;
         loop {
+            // Counters go out at most every PUBLISH_EVERY, and within PUBLISH_EVERY of the last
+            // change once the shard is idle.
+            let wait = if dirty {
+                PUBLISH_EVERY.saturating_sub(st.published.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
             let first = crossbeam_channel::select_biased! {
                 recv(self.control) -> msg => match msg {
                     Ok(msg) => {
@@ -349,6 +359,11 @@ impl ShardThread {
                     Ok(msg) => msg,
                     Err(_) => break,
                 },
+                default(wait) => {
+                    self.publish(&mut st);
+                    dirty = false;
+                    continue;
+                },
             };
             let mut next = Some(first);
             let mut handled = 0;
@@ -361,8 +376,10 @@ impl ShardThread {
             }
             self.room.notify_waiters();
             self.guarded(|| self.hand_on(&mut st));
-            if self.data.is_empty() || st.published.elapsed() >= PUBLISH_EVERY {
+            dirty = true;
+            if st.published.elapsed() >= PUBLISH_EVERY {
                 self.publish(&mut st);
+                dirty = false;
             }
         }
         self.publish(&mut st);
