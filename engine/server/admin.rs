@@ -191,9 +191,7 @@ pub async fn load_folder(state: &Arc<State>) -> Result<(), StartError> {
             path: file.clone(),
             source,
         })?;
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
+        let name = crate::query::name_of_file(&path)
             .unwrap_or_default()
             .to_owned();
         let def = compile(name, script, state.config.limits.clone())
