@@ -345,11 +345,15 @@ impl Shard {
 
     /// The runtime of query `id` and the parts of the shard a script call needs.
     fn query(&mut self, id: QueryId) -> Option<(&mut QueryRuntime, Call<'_>)> {
-        let queries = self
-            .queries
-            .iter()
-            .filter(|q| !q.control.is_removed() && !q.control.is_quarantined())
-            .count();
+        // Only the CPU budget needs to know how many queries share the shard.
+        let queries = match self.budget {
+            Some(_) => self
+                .queries
+                .iter()
+                .filter(|q| !q.control.is_removed() && !q.control.is_quarantined())
+                .count(),
+            None => 0,
+        };
         let q = self.queries.iter_mut().find(|q| q.id == id)?;
         let call = Call {
             engine: &self.engine,
