@@ -87,7 +87,7 @@ def main():
         port = probe.getsockname()[1]
     queries = tempfile.mkdtemp()
     server = subprocess.Popen(
-        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--queries", queries, "--shards", "1"],
+        [binary, "serve", "--ephemeral", "--listen", f"127.0.0.1:{port}", "--queries", queries, "--shards", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -11,6 +11,7 @@
 
 pub mod builtins;
 pub mod casetest;
+pub mod durable;
 pub mod event;
 pub mod feed;
 pub mod json;

@@ -97,6 +97,19 @@ enum Command {
         /// Events per second of each demo feed [default: 200].
         #[arg(long)]
         demo_rate: Option<u32>,
+        /// Folder for the ingest log, checkpoints and deployed queries [default: eddy-data next
+        /// to the config file, or in the working folder].
+        #[arg(long, conflicts_with = "ephemeral")]
+        data_dir: Option<PathBuf>,
+        /// Keep everything in memory: a restart starts empty.
+        #[arg(long)]
+        ephemeral: bool,
+        /// When the ingest log is synced: always (group commit), never, or an interval (10ms).
+        #[arg(long)]
+        fsync: Option<String>,
+        /// How often every key's state is checkpointed [default: 10s].
+        #[arg(long)]
+        checkpoint_interval: Option<String>,
     },
     /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.
     Deploy {
@@ -245,6 +258,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             admin_token,
             demo,
             demo_rate,
+            data_dir,
+            ephemeral,
+            fsync,
+            checkpoint_interval,
         } => {
             let mut raw = match &config {
                 Some(path) => {
@@ -261,6 +278,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.admin_token = admin_token.or(raw.admin_token);
             raw.demo = Some(demo || raw.demo.unwrap_or(false));
             raw.demo_rate = demo_rate.or(raw.demo_rate);
+            raw.fsync = fsync.or(raw.fsync);
+            raw.checkpoint_interval = checkpoint_interval
+                .map(eddy::server::config::RawDuration::Text)
+                .or(raw.checkpoint_interval);
+            if ephemeral {
+                raw.ephemeral = Some(true);
+            }
+            // The data directory of a config file is found next to it.
+            raw.data_dir = data_dir.or(raw.data_dir).or_else(|| {
+                let dir = config.as_ref()?.parent()?;
+                Some(dir.join(eddy::server::config::DEFAULT_DATA_DIR))
+            });
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
             runtime()?.block_on(async move {

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::durable::MarksCheckpoint;
 use crate::event::{Event, FieldPath, Frame, Position, RejectKind, Rejection, Value};
 use crate::key::Key;
 use crate::query::QueryDef;
@@ -129,6 +130,38 @@ impl Deployed {
             self.watermark.fetch_max(least, Ordering::Relaxed);
         }
         true
+    }
+
+    /// A copy of the input's marks, for a checkpoint.
+    pub fn export_marks(&self) -> MarksCheckpoint {
+        MarksCheckpoint {
+            watermark: self.watermark(),
+            sources: self
+                .sources()
+                .iter()
+                .map(|(id, m)| (*id, m.mark, m.seen))
+                .collect(),
+            last_arrival: self.last_arrival.load(Ordering::Relaxed),
+            event_mark: self.event_mark.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Puts back marks that [`Deployed::export_marks`] copied.
+    pub fn import_marks(&self, marks: &MarksCheckpoint) {
+        self.watermark.fetch_max(marks.watermark, Ordering::Relaxed);
+        self.last_arrival
+            .fetch_max(marks.last_arrival, Ordering::Relaxed);
+        self.event_mark
+            .fetch_max(marks.event_mark, Ordering::Relaxed);
+        let mut sources = self.sources();
+        for &(id, mark, seen) in &marks.sources {
+            sources.insert(id, SourceMark { mark, seen });
+        }
+    }
+
+    /// The sources this query's input is waiting for.
+    pub fn source_ids(&self) -> Vec<SourceId> {
+        self.sources().keys().copied().collect()
     }
 
     /// For an idle input: when no event was routed for `idle_ms` up to `now_ms` (wall clock),
@@ -249,7 +282,11 @@ impl Router {
         let stream_field = STREAM.get_or_init(|| FieldPath::parse("stream").expect("valid path"));
         let mut routed = Routed::default();
         let mut plan: Vec<(usize, Key, i64)> = Vec::new();
-        let wall = wall_ms();
+        // The frame's arrival, which a replay of the ingest log gives again.
+        let wall = match clock {
+            Clock::At(t) => t,
+            Clock::Position => wall_ms(),
+        };
         // Per query this frame feeds: the source's running mark and the least of the others'.
         let mut marks: Vec<Option<(i64, Option<i64>)>> = vec![None; self.queries.len()];
         for i in 0..frame.len() {
@@ -353,7 +390,12 @@ impl Router {
     /// queued (published earlier, another source's advance could overtake them and fire timers
     /// before they arrive).
     pub fn settle(&self, source: SourceId, routed: &Routed) {
-        let wall = wall_ms();
+        self.settle_at(source, routed, wall_ms());
+    }
+
+    /// [`Router::settle`] as of wall-clock time `wall` (a replay of the ingest log gives the
+    /// time the frame first came).
+    pub fn settle_at(&self, source: SourceId, routed: &Routed, wall: i64) {
         for &(qi, own) in &routed.marks {
             self.queries[qi].settle(source, own, wall, self.time.idle_ms);
         }

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
+use crate::durable::{KeyCheckpoint, ShardQueryCheckpoint, Stored};
 use crate::event::Event;
 use crate::key::Key;
 use crate::query::{self, QueryDef, QueryError};
@@ -387,6 +388,54 @@ impl Shard {
         for id in ids {
             self.advance(id, i64::MAX, now);
         }
+    }
+
+    /// A copy of what this shard holds of query `id` (every key's state and timers, and its
+    /// watermark), for a checkpoint; `None` if it does not run it.
+    pub fn export(&self, id: QueryId) -> Option<ShardQueryCheckpoint> {
+        let q = self.queries.iter().find(|q| q.id == id)?;
+        Some(ShardQueryCheckpoint {
+            watermark: q.watermark,
+            keys: q
+                .states
+                .iter()
+                .map(|(key, entry)| KeyCheckpoint {
+                    key: key.into(),
+                    state: Stored::of(&entry.state),
+                    timers: entry.timers.clone(),
+                })
+                .collect(),
+            deferred: q.deferred.iter().map(|(t, k)| (*t, k.into())).collect(),
+        })
+    }
+
+    /// Puts back what [`Shard::export`] copied, into query `id` (deployed, and given no event
+    /// yet). Returns the keys restored.
+    pub fn import(&mut self, id: QueryId, data: ShardQueryCheckpoint) -> usize {
+        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
+            return 0;
+        };
+        q.watermark = q.watermark.max(data.watermark);
+        let deferred: std::collections::HashSet<(i64, Key)> = data
+            .deferred
+            .into_iter()
+            .map(|(t, k)| (t, Key::from(k)))
+            .collect();
+        let restored = data.keys.len();
+        for k in data.keys {
+            let key = Key::from(k.key);
+            for &t in &k.timers {
+                if deferred.contains(&(t, key.clone())) {
+                    q.deferred.push((t, key.clone()));
+                } else {
+                    q.timers.insert((t, key.clone()));
+                }
+            }
+            let mut entry = KeyState::new(k.state.into_dynamic());
+            entry.timers = k.timers;
+            q.states.insert(key, entry);
+        }
+        restored
     }
 
     /// Handles one delivery: late if its time is behind the watermark; otherwise the watermark

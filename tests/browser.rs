@@ -56,7 +56,15 @@ struct Eddy {
 impl Eddy {
     async fn start(listen: &str) -> Result<Eddy> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_eddy"))
-            .args(["serve", "--demo", "--demo-rate", "1000", "--listen", listen])
+            .args([
+                "serve",
+                "--ephemeral",
+                "--demo",
+                "--demo-rate",
+                "1000",
+                "--listen",
+                listen,
+            ])
             .arg("--queries")
             .arg(manifest().join("queries"))
             .env("EDDY_LOG", "warn")

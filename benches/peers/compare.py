@@ -118,7 +118,7 @@ def main():
         dst.write(src.read())
     python = os.path.join(HERE, ".venv", "bin", "python")
     servers = {
-        "eddy": lambda port: [args.eddy, "serve", "--listen", f"127.0.0.1:{port}", "--queries", queries,
+        "eddy": lambda port: [args.eddy, "serve", "--ephemeral", "--listen", f"127.0.0.1:{port}", "--queries", queries,
                               "--admin-token", "peer-bench-token"],
         "node": lambda port: ["node", os.path.join(HERE, "node", "server.js"), str(port)],
         "python": lambda port: [python, os.path.join(HERE, "python", "server.py"), str(port)],

@@ -272,6 +272,9 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             }
             if method == Method::DELETE {
                 return if remove(state, &name).await {
+                    if let Err(e) = remember(state, &name, None).await {
+                        return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e);
+                    }
                     respond(StatusCode::NO_CONTENT, "application/json", "")
                 } else {
                     json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"))
@@ -288,8 +291,12 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
                 Ok(def) => def,
                 Err(e) => return compile_error(&e),
             };
+            let script = def.script.clone();
             match deploy(state, def).await {
                 Ok(replaced) => {
+                    if let Err(e) = remember(state, &name, Some(&script)).await {
+                        return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e);
+                    }
                     let mut body = Vec::new();
                     Object::new(&mut body)
                         .str("name", &name)
@@ -307,6 +314,27 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
         }
         _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
     }
+}
+
+/// With a data directory, records a deploy (`Some(script)`) or removal in the durable catalog
+/// and checkpoints at once, so that a restart neither loses the change nor replays the events
+/// before it through the new version.
+async fn remember(state: &State, name: &str, script: Option<&str>) -> Result<(), String> {
+    let Some(d) = &state.durable else {
+        return Ok(());
+    };
+    let written = match script {
+        Some(script) => d.catalog_deployed(name, script),
+        None => d.catalog_removed(name),
+    };
+    written
+        .map_err(|e| format!("the change is live but was not saved to the data directory: {e}"))?;
+    super::durability::checkpoint(state)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!("the change is live and saved, but the checkpoint after it failed: {e}")
+        })
 }
 
 /// 400 `{"error","line","column"}`.

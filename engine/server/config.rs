@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::durable::log::Fsync;
 use crate::sandbox::Limits;
+
+/// The data directory of `eddy serve` when neither `data_dir` nor `--ephemeral` is given.
+pub const DEFAULT_DATA_DIR: &str = "eddy-data";
 
 /// The validated configuration of `eddy serve`.
 #[derive(Clone, Debug)]
@@ -66,6 +70,14 @@ pub struct Config {
     pub demo: bool,
     /// Events per second of each demo feed.
     pub demo_rate: u32,
+    /// Where the ingest log, checkpoints and the query catalog live; `None` runs in memory
+    /// (`--ephemeral`). `eddy serve` defaults to `eddy-data` next to its config file (or in the
+    /// working folder); a `Config` built in code defaults to memory.
+    pub data_dir: Option<PathBuf>,
+    /// When the ingest log reaches the disk (see [`crate::durable::log::Fsync`]).
+    pub fsync: Fsync,
+    /// How often every key's state is checkpointed (and at shutdown).
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for Config {
@@ -94,6 +106,9 @@ impl Default for Config {
             query_cpu_window: Duration::from_secs(10),
             demo: false,
             demo_rate: 200,
+            data_dir: None,
+            fsync: Fsync::Always,
+            checkpoint_interval: Duration::from_secs(10),
         }
     }
 }
@@ -143,6 +158,12 @@ pub struct RawConfig {
     pub query_cpu_window: Option<RawDuration>,
     pub demo: Option<bool>,
     pub demo_rate: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+    /// Run in memory: no data directory.
+    pub ephemeral: Option<bool>,
+    /// `always` (group commit), `never`, or an interval such as `10ms`.
+    pub fsync: Option<String>,
+    pub checkpoint_interval: Option<RawDuration>,
 }
 
 /// Why a configuration was refused: every problem found, one per line.
@@ -206,7 +227,29 @@ impl RawConfig {
             self.query_cpu_window,
             d.query_cpu_window,
         );
+        let checkpoint_interval = duration(
+            "checkpoint_interval",
+            self.checkpoint_interval,
+            d.checkpoint_interval,
+        );
+        let fsync = match self.fsync.as_deref() {
+            None => d.fsync,
+            Some(text) => Fsync::parse(text).unwrap_or_else(|e| {
+                problems.push(e);
+                d.fsync
+            }),
+        };
+        let data_dir = match self.ephemeral {
+            Some(true) => None,
+            _ => Some(
+                self.data_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            ),
+        };
         let config = Config {
+            data_dir,
+            fsync,
+            checkpoint_interval,
             listen,
             max_event_time_skew_ms: max_event_time_skew.as_millis() as i64,
             idle_timeout,
@@ -254,6 +297,7 @@ impl RawConfig {
         for (name, value) in [
             ("ping_interval", config.ping_interval),
             ("query_cpu_window", config.query_cpu_window),
+            ("checkpoint_interval", config.checkpoint_interval),
             ("idle_timeout", config.idle_timeout.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {

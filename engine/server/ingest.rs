@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use fastwebsockets::upgrade::UpgradeFut;
 
+use crate::durable::Record;
 use crate::event::{Parser, Position, RejectKind, Rejection};
 use crate::json::{self, Object};
 use crate::router::{Clock, Delivery, RouteSink, SourceId, Unnamed};
@@ -107,45 +108,76 @@ impl Source {
 
     /// Declares the source a feed of `stream`'s queries before it sends anything, so that the
     /// input's mark waits for it (see [`crate::router`]).
-    pub fn open(&self, state: &State, stream: &str) {
+    pub async fn open(&self, state: &State, stream: &str) {
         let wall = crate::router::wall_ms();
-        let router = state.router.load();
-        for q in router.queries() {
-            if q.def.config.sources.iter().any(|s| s == stream) {
-                q.source_opened(self.id, wall);
+        let _order = match &state.durable {
+            Some(d) => {
+                let guard = d.order.lock().await;
+                d.append(&Record::Open {
+                    source: self.id,
+                    wall,
+                    stream,
+                });
+                Some(guard)
             }
-        }
+            None => None,
+        };
+        open_source(state, self.id, stream, wall);
     }
 
     /// The source has gone: it no longer holds its queries' marks back, and the shards hear of
     /// their marks (which may also have risen when sources settled at the same moment).
     pub async fn close(self, state: &State) {
-        let router = state.router.load_full();
-        let rose: Vec<(QueryId, i64)> = router
-            .queries()
-            .iter()
-            .filter(|q| q.def.functions.on_timer && q.source_closed(self.id))
-            .map(|q| (q.id, q.watermark()))
-            .filter(|(_, mark)| *mark > i64::MIN)
-            .collect();
-        drop(router);
-        if rose.is_empty() {
-            return;
-        }
-        let now = crate::router::wall_ms();
-        for shard in 0..state.pipeline.shards() {
-            let msg = ShardMsg::Batch {
-                deliveries: Vec::new(),
-                watermarks: rose.clone(),
-                now,
-                received: Instant::now(),
-            };
-            let _ = state.pipeline.send(shard, msg).await;
+        let _order = match &state.durable {
+            Some(d) => {
+                let guard = d.order.lock().await;
+                d.append(&Record::Close { source: self.id });
+                Some(guard)
+            }
+            None => None,
+        };
+        close_source(state, self.id).await;
+    }
+}
+
+/// [`Source::open`] of source `id` at wall-clock time `wall` (also a replay of the log).
+pub fn open_source(state: &State, id: SourceId, stream: &str, wall: i64) {
+    let router = state.router.load();
+    for q in router.queries() {
+        if q.def.config.sources.iter().any(|s| s == stream) {
+            q.source_opened(id, wall);
         }
     }
 }
 
-/// Parses, routes and queues one input. Returns once every event is queued for its shard.
+/// [`Source::close`] of source `id` (also a replay of the log).
+pub async fn close_source(state: &State, id: SourceId) {
+    let router = state.router.load_full();
+    let rose: Vec<(QueryId, i64)> = router
+        .queries()
+        .iter()
+        .filter(|q| q.def.functions.on_timer && q.source_closed(id))
+        .map(|q| (q.id, q.watermark()))
+        .filter(|(_, mark)| *mark > i64::MIN)
+        .collect();
+    drop(router);
+    if rose.is_empty() {
+        return;
+    }
+    let now = crate::router::wall_ms();
+    for shard in 0..state.pipeline.shards() {
+        let msg = ShardMsg::Batch {
+            deliveries: Vec::new(),
+            watermarks: rose.clone(),
+            now,
+            received: Instant::now(),
+        };
+        let _ = state.pipeline.send(shard, msg).await;
+    }
+}
+
+/// Parses, routes and queues one input. Returns once every event is queued for its shard and,
+/// with a data directory, the input is in the ingest log as its fsync policy requires.
 pub async fn ingest(
     state: &State,
     source: &mut Source,
@@ -154,6 +186,8 @@ pub async fn ingest(
     counters: &StreamCounters,
 ) -> Outcome {
     let received = Instant::now();
+    // The log keeps the input as it came: parsing works in place.
+    let copy = state.durable.as_ref().map(|_| input.clone());
     let parsed = source.parser.parse(input);
     let mut rejections = parsed.rejections;
     let nothing_was_json = parsed.items > 0
@@ -161,6 +195,82 @@ pub async fn ingest(
         && rejections
             .iter()
             .all(|r| r.kind == crate::event::RejectKind::InvalidJson);
+    let order = match &state.durable {
+        Some(d) => Some(d.order.lock().await),
+        None => None,
+    };
+    let now = crate::router::wall_ms();
+    let (mut routed, unqueued) = apply(
+        state,
+        source.id,
+        &parsed.frame,
+        stream,
+        now,
+        received,
+        &mut rejections,
+    )
+    .await;
+    let logged = match (&state.durable, copy) {
+        (Some(d), Some(bytes)) if routed.accepted > 0 => Some(d.append(&Record::Frame {
+            source: source.id,
+            now,
+            stream,
+            bytes: &bytes,
+        })),
+        _ => None,
+    };
+    drop(order);
+    if let (Some(d), Some(lsn)) = (&state.durable, logged) {
+        if !d.log.wait_durable(lsn).await {
+            // Queued but maybe not on disk: never acknowledged as accepted.
+            let already: std::collections::HashSet<u32> =
+                rejections.iter().map(|r| r.position.index).collect();
+            let positions = (0..parsed.frame.len()).map(|i| parsed.frame.position(i));
+            for position in positions.filter(|p| !already.contains(&p.index)) {
+                rejections.push(Rejection {
+                    position,
+                    kind: RejectKind::Unavailable,
+                    reason: "the ingest log cannot be written: the event was not made durable"
+                        .into(),
+                });
+            }
+            routed.accepted = 0;
+        }
+    }
+    for (shard, position) in unqueued {
+        routed.accepted -= 1;
+        rejections.push(Rejection {
+            position,
+            kind: RejectKind::Unavailable,
+            reason: format!("shard {shard} is not running: the event was not queued"),
+        });
+    }
+    counters.count(routed.accepted, &rejections);
+    rejections.sort_by_key(|r| r.position.index);
+    Outcome {
+        accepted: routed.accepted,
+        rejected: rejections.len() as u64,
+        errors: rejections
+            .iter()
+            .take(MAX_LISTED_ERRORS)
+            .map(|r| (r.position.index, r.reason.clone()))
+            .collect(),
+        nothing_was_json,
+    }
+}
+
+/// Routes a parsed input from source `id` that arrived at wall-clock `now`, and queues its
+/// events for their shards (also a replay of the log). Returns what was routed and the events
+/// that could not be queued (their shard is not running), by shard.
+pub async fn apply(
+    state: &State,
+    id: SourceId,
+    frame: &Arc<crate::event::Frame>,
+    stream: Option<&str>,
+    now: i64,
+    received: Instant,
+    rejections: &mut Vec<Rejection>,
+) -> (crate::router::Routed, Vec<(usize, Position)>) {
     // Held until every message is queued (see the module documentation).
     let router = state.router.load_full();
     let shards = state.pipeline.shards();
@@ -168,12 +278,11 @@ pub async fn ingest(
         deliveries: (0..shards).map(|_| Vec::new()).collect(),
         positions: (0..shards).map(|_| Vec::new()).collect(),
         watermarks: Vec::new(),
-        rejections: &mut rejections,
+        rejections,
     };
-    let now = crate::router::wall_ms();
-    let mut routed = router.route(
-        &parsed.frame,
-        source.id,
+    let routed = router.route(
+        frame,
+        id,
         stream,
         Unnamed::Reject,
         Clock::At(now),
@@ -212,30 +321,11 @@ pub async fn ingest(
             unqueued.extend(positions.into_iter().map(|p| (shard, p)));
         }
     }
-    router.settle(source.id, &routed);
+    router.settle_at(id, &routed, now);
     drop(router);
     unqueued.sort_by_key(|(_, p)| p.index);
     unqueued.dedup_by_key(|(_, p)| p.index);
-    for (shard, position) in unqueued {
-        routed.accepted -= 1;
-        rejections.push(Rejection {
-            position,
-            kind: RejectKind::Unavailable,
-            reason: format!("shard {shard} is not running: the event was not queued"),
-        });
-    }
-    counters.count(routed.accepted, &rejections);
-    rejections.sort_by_key(|r| r.position.index);
-    Outcome {
-        accepted: routed.accepted,
-        rejected: rejections.len() as u64,
-        errors: rejections
-            .iter()
-            .take(MAX_LISTED_ERRORS)
-            .map(|r| (r.position.index, r.reason.clone()))
-            .collect(),
-        nothing_was_json,
-    }
+    (routed, unqueued)
 }
 
 /// Options of an ingest connection, from its query string.

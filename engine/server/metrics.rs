@@ -286,6 +286,62 @@ pub async fn render(state: &State) -> String {
         "eddy_panics_total {}",
         state.pipeline.panics() + state.hub.panics()
     );
+    if let Some(d) = &state.durable {
+        use std::sync::atomic::Ordering::Relaxed;
+        let samples = [
+            (
+                "eddy_log_bytes",
+                "gauge",
+                "Bytes of ingest log segments on disk.",
+                d.log.disk_bytes(),
+            ),
+            (
+                "eddy_log_records_total",
+                "counter",
+                "Records appended to the ingest log, ever (its end position).",
+                d.log.end(),
+            ),
+            (
+                "eddy_log_truncated_bytes",
+                "gauge",
+                "Bytes cut off a torn or corrupt log tail at start.",
+                d.truncated_bytes.load(Relaxed),
+            ),
+            (
+                "eddy_replayed_records",
+                "gauge",
+                "Log records replayed at start.",
+                d.replayed_records.load(Relaxed),
+            ),
+            (
+                "eddy_checkpoints_total",
+                "counter",
+                "Checkpoints written since start.",
+                d.checkpoints.load(Relaxed),
+            ),
+            (
+                "eddy_checkpoint_last_seconds",
+                "gauge",
+                "Time the last checkpoint took, from request to file.",
+                0,
+            ),
+            (
+                "eddy_checkpoint_last_bytes",
+                "gauge",
+                "Size of the last checkpoint.",
+                d.last_checkpoint_bytes.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in samples {
+            counter_header(&mut out, name, kind, help);
+            if name == "eddy_checkpoint_last_seconds" {
+                let secs = d.last_checkpoint_us.load(Relaxed) as f64 / 1e6;
+                let _ = writeln!(out, "{name} {secs}");
+            } else {
+                let _ = writeln!(out, "{name} {value}");
+            }
+        }
+    }
     counter_header(
         &mut out,
         "eddy_thread_up",

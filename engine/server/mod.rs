@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod durability;
 pub mod hub;
 pub mod ingest;
 pub mod mailbox;
@@ -77,6 +78,8 @@ pub struct State {
     pub producers: TaskTracker,
     /// Subscriber WebSocket tasks.
     pub subscribers: TaskTracker,
+    /// The data directory; `None` in memory (`--ephemeral`).
+    pub durable: Option<durability::Durability>,
 }
 
 /// A running server.
@@ -107,6 +110,8 @@ pub enum StartError {
     },
     #[error("models folder: {0}")]
     Model(#[from] crate::models::ModelError),
+    #[error(transparent)]
+    Durability(#[from] durability::DurabilityError),
 }
 
 impl Server {
@@ -133,6 +138,10 @@ impl Server {
         };
         let pipeline =
             pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, hub_tx);
+        let durable = match &config.data_dir {
+            Some(dir) => Some(durability::Durability::open(dir, config.fsync)?),
+            None => None,
+        };
         let admin_token = config
             .admin_token
             .clone()
@@ -151,10 +160,16 @@ impl Server {
             closing: watch::channel(false).0,
             producers: TaskTracker::new(),
             subscribers: TaskTracker::new(),
+            durable,
             config,
         });
         models::load_folder(&state)?;
         admin::load_folder(&state).await?;
+        durability::apply_catalog(&state).await;
+        durability::recover(&state).await?;
+        if state.durable.is_some() {
+            tokio::spawn(durability::checkpointer(Arc::clone(&state)));
+        }
         let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         let accept = tokio::spawn(accept_loop(
             listener,
@@ -194,6 +209,12 @@ impl Server {
             let _ = rx.await;
         };
         let _ = tokio::time::timeout_at(deadline, flush).await;
+        // The last checkpoint: a restart replays nothing.
+        if state.durable.is_some() {
+            if let Err(e) = durability::checkpoint(state).await {
+                tracing::error!("checkpoint at shutdown failed: {e}");
+            }
+        }
         state.closing.send_replace(true);
         state.subscribers.close();
         let _ = tokio::time::timeout_at(deadline, state.subscribers.wait()).await;
@@ -219,30 +240,45 @@ async fn idle_ticker(state: Arc<State>, idle: std::time::Duration) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        let router = state.router.load_full();
         let now = crate::router::wall_ms();
-        let moved: Vec<_> = router
-            .queries()
-            .iter()
-            .filter(|q| q.def.functions.on_timer)
-            .filter_map(|q| Some((q.id, q.advance_idle(now, idle_ms)?)))
-            .collect();
-        drop(router);
-        if moved.is_empty() {
-            continue;
-        }
-        for shard in 0..state.pipeline.shards() {
-            let msg = pipeline::ShardMsg::Batch {
-                deliveries: Vec::new(),
-                watermarks: moved.clone(),
-                now,
-                received: std::time::Instant::now(),
-            };
-            if state.pipeline.send(shard, msg).await.is_err() {
-                return;
+        let _order = match &state.durable {
+            Some(d) => Some(d.order.lock().await),
+            None => None,
+        };
+        if advance_idle(&state, now, idle_ms).await {
+            if let Some(d) = &state.durable {
+                d.append(&crate::durable::Record::Idle { now });
             }
         }
     }
+}
+
+/// Moves quiet queries' marks on as of wall-clock `now` and tells the shards (also a replay of
+/// the log). Returns whether any moved.
+pub async fn advance_idle(state: &State, now: i64, idle_ms: i64) -> bool {
+    let router = state.router.load_full();
+    let moved: Vec<_> = router
+        .queries()
+        .iter()
+        .filter(|q| q.def.functions.on_timer)
+        .filter_map(|q| Some((q.id, q.advance_idle(now, idle_ms)?)))
+        .collect();
+    drop(router);
+    if moved.is_empty() {
+        return false;
+    }
+    for shard in 0..state.pipeline.shards() {
+        let msg = pipeline::ShardMsg::Batch {
+            deliveries: Vec::new(),
+            watermarks: moved.clone(),
+            now,
+            received: std::time::Instant::now(),
+        };
+        if state.pipeline.send(shard, msg).await.is_err() {
+            break;
+        }
+    }
+    true
 }
 
 async fn accept_loop(
@@ -407,7 +443,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 // stream's mark waits for it.
                 let source = ingest::Source::new(&state);
                 if let Some(stream) = &params.stream {
-                    source.open(&state, stream);
+                    source.open(&state, stream).await;
                 }
                 let task = ingest::websocket(Arc::clone(&state), upgrade, params, source);
                 state.producers.spawn(task);

@@ -36,6 +36,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use hdrhistogram::Histogram;
 use tokio::sync::{oneshot, Notify};
 
+use crate::durable::ShardQueryCheckpoint;
 use crate::query::{QueryDef, QueryError};
 use crate::sandbox::Limits;
 use crate::shard::{CpuBudget, Delivery, QueryControl, QueryId, QueryStats, Shard};
@@ -55,6 +56,17 @@ pub enum ShardMsg {
     Retire { id: QueryId },
     /// Replies once everything before it was handled and its output handed to the hub.
     Flush { done: oneshot::Sender<()> },
+    /// Replies with a copy of the state of queries `ids` as everything before it left it (see
+    /// [`crate::durable`]).
+    Checkpoint {
+        ids: Vec<QueryId>,
+        done: oneshot::Sender<Vec<(QueryId, ShardQueryCheckpoint)>>,
+    },
+    /// Puts back the state a checkpoint held of query `id` on this shard.
+    Restore {
+        id: QueryId,
+        data: ShardQueryCheckpoint,
+    },
 }
 
 /// Control requests, handled ahead of queued work.
@@ -423,6 +435,16 @@ impl ShardThread {
             ShardMsg::Flush { done } => {
                 self.hand_on(st);
                 let _ = done.send(());
+            }
+            ShardMsg::Checkpoint { ids, done } => {
+                let copies = ids
+                    .into_iter()
+                    .filter_map(|id| Some((id, st.shard.export(id)?)))
+                    .collect();
+                let _ = done.send(copies);
+            }
+            ShardMsg::Restore { id, data } => {
+                st.shard.import(id, data);
             }
         }
     }

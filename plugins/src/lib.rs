@@ -144,6 +144,50 @@ pub fn approx_bytes(value: &Dynamic) -> Option<usize> {
     with_plugin!(value, x => Some(std::mem::size_of_val(&*x) + x.heap_bytes()), None)
 }
 
+/// A plugin object by value, for checkpoints: every plugin type is serde-serializable, and this
+/// names which one a stored object is.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum PluginObject {
+    Stats(Stats),
+    Ewma(Ewma),
+    Ring(Ring),
+    TimeWindow(TimeWindow),
+    Ohlc(Ohlc),
+    Quantiles(Quantiles),
+    TopK(TopK),
+    LinReg(LinReg),
+    LogReg(LogReg),
+    Scaler(Scaler),
+    Hst(Hst),
+    KMeans(KMeans),
+    Holt(Holt),
+}
+
+macro_rules! plugin_objects {
+    ($($variant:ident),*) => {
+        impl PluginObject {
+            /// A copy of the plugin object inside `value`, or `None` for any other value.
+            pub fn of(value: &Dynamic) -> Option<PluginObject> {
+                $(if let Some(x) = value.read_lock::<$variant>() {
+                    return Some(PluginObject::$variant(x.clone()));
+                })*
+                None
+            }
+
+            /// The object as a Rhai value again.
+            pub fn into_dynamic(self) -> Dynamic {
+                match self {
+                    $(PluginObject::$variant(x) => Dynamic::from(x),)*
+                }
+            }
+        }
+    };
+}
+
+plugin_objects!(
+    Stats, Ewma, Ring, TimeWindow, Ohlc, Quantiles, TopK, LinReg, LogReg, Scaler, Hst, KMeans, Holt
+);
+
 /// The Rhai type name of a plugin object, for error messages.
 pub(crate) fn plugin_type_name(v: &Dynamic) -> Option<&'static str> {
     with_plugin!(v, x => Some(type_name_of(&*x)), None)

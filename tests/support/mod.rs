@@ -208,13 +208,24 @@ pub async fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    http_to(&server.addr.to_string(), method, path, token, body).await
+}
+
+/// [`http`] to a server at `addr` (`IP:PORT`), such as one started as a process.
+pub async fn http_to(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        server.addr,
+        addr,
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -289,6 +300,8 @@ pub async fn spawn_serve(
         ])
         .arg(queries)
         .args(extra)
+        // In memory unless the test gives a data directory.
+        .args((!extra.contains(&"--data-dir")).then_some("--ephemeral"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

@@ -1,0 +1,502 @@
+//! Durability end to end: `eddy serve` as a process with a data directory, killed (SIGKILL) or
+//! stopped (SIGTERM) during a feed with acks, then started again on the same directory. The
+//! final VWAP per symbol and the OHLC bars are checked against values computed here, plainly,
+//! from the events that were acknowledged; the query catalog survives a restart too.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::*;
+
+const SYMBOLS: [&str; 4] = ["AAA", "BBB", "CCC", "DDD"];
+const PER_FRAME: usize = 10;
+
+/// `(open, high, low, close, volume)` by (symbol, bar start).
+type Bars = BTreeMap<(String, i64), (f64, f64, f64, f64, f64)>;
+
+/// One trade.
+#[derive(Clone, Copy)]
+struct Trade {
+    symbol: usize,
+    price: i64,
+    size: i64,
+    ts: i64,
+}
+
+/// Trades in event-time order, 250 ms apart, starting an hour ago (whole minutes), with prices
+/// and sizes from a fixed sequence.
+fn trades(n: usize) -> Vec<Trade> {
+    let start = (eddy::router::wall_ms() - 3_600_000) / 60_000 * 60_000;
+    let mut x: u64 = 7;
+    (0..n)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Trade {
+                symbol: (x >> 33) as usize % SYMBOLS.len(),
+                price: 100 + ((x >> 40) % 50) as i64,
+                size: 1 + ((x >> 20) % 9) as i64,
+                ts: start + 250 * i as i64,
+            }
+        })
+        .collect()
+}
+
+fn frame(trades: &[Trade]) -> String {
+    trades
+        .iter()
+        .map(|t| {
+            json!({"symbol": SYMBOLS[t.symbol], "price": t.price, "size": t.size, "ts": t.ts})
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// VWAP per symbol of `trades`: `(notional / volume, volume, trades)`.
+fn vwap(trades: &[Trade]) -> BTreeMap<&'static str, (f64, i64, i64)> {
+    let mut sums: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
+    for t in trades {
+        let e = sums.entry(SYMBOLS[t.symbol]).or_default();
+        e.0 += t.price * t.size;
+        e.1 += t.size;
+        e.2 += 1;
+    }
+    sums.into_iter()
+        .map(|(s, (n, v, c))| (s, (n as f64 / v as f64, v, c)))
+        .collect()
+}
+
+/// OHLC bars of `trades` per (symbol, start) that the watermark (newest time minus 1 s of
+/// lateness) has closed: `(open, high, low, close, volume)`.
+fn bars(trades: &[Trade]) -> Bars {
+    let newest = trades.iter().map(|t| t.ts).max().unwrap_or(0);
+    let mut out: Bars = BTreeMap::new();
+    for t in trades {
+        let start = t.ts / 60_000 * 60_000;
+        if start + 60_000 > newest - 1000 {
+            continue;
+        }
+        let p = t.price as f64;
+        let bar = out
+            .entry((SYMBOLS[t.symbol].to_owned(), start))
+            .or_insert((p, p, p, p, 0.0));
+        bar.1 = bar.1.max(p);
+        bar.2 = bar.2.min(p);
+        bar.3 = p;
+        bar.4 += t.size as f64;
+    }
+    out
+}
+
+fn queries_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for q in ["vwap", "ohlc_1m"] {
+        std::fs::write(dir.path().join(format!("{q}.rhai")), query_file(q)).unwrap();
+    }
+    dir
+}
+
+/// A subscriber to `topic` (mode `all`) on the server at `addr`, collecting items in the
+/// background.
+async fn subscriber(addr: &str, topic: &str) -> tokio::task::JoinHandle<Vec<Value>> {
+    let url = format!("ws://{addr}/subscribe");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Text(
+        json!({"op": "subscribe", "topic": topic, "mode": "all"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_eq!(v["type"], "subscribed", "{v}");
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        let mut items = Vec::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await
+        {
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "batch" {
+                items.extend(v["items"].as_array().unwrap().iter().cloned());
+            }
+        }
+        items
+    })
+}
+
+/// Sends `frames` one at a time with `ack=true`, each after the previous one's ack; stops at
+/// the first failure. Returns how many were acknowledged, and whether one was sent and not
+/// answered (in doubt: it may or may not have been made durable).
+async fn feed(addr: &str, frames: &[String]) -> (usize, bool) {
+    feed_signalling(addr, frames, None).await
+}
+
+/// [`feed`], signalling `sent.1` once frame `sent.0` is sent.
+async fn feed_signalling(
+    addr: &str,
+    frames: &[String],
+    mut sent: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> (usize, bool) {
+    let url = format!("ws://{addr}/ingest?stream=trades&ack=true");
+    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+        return (0, false);
+    };
+    for (i, f) in frames.iter().enumerate() {
+        if ws.send(Message::Text(f.clone().into())).await.is_err() {
+            return (i, true);
+        }
+        if sent.as_ref().is_some_and(|(k, _)| *k == i) {
+            let _ = sent.take().unwrap().1.send(());
+        }
+        let ack = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => break Some(t),
+                Ok(Some(Ok(_))) => continue,
+                _ => break None,
+            }
+        };
+        let Some(ack) = ack else { return (i, true) };
+        let ack: Value = serde_json::from_str(&ack).unwrap();
+        assert_eq!(ack["accepted"], json!(frame_len(f)), "{ack}");
+    }
+    let _ = ws.close(None).await;
+    (frames.len(), false)
+}
+
+fn frame_len(f: &str) -> usize {
+    f.lines().count()
+}
+
+/// The newest item per key, by the order received.
+fn latest(items: &[Value]) -> BTreeMap<String, Value> {
+    items
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+        .collect()
+}
+
+fn assert_vwap(got: &BTreeMap<String, Value>, want: &BTreeMap<&str, (f64, i64, i64)>) {
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (symbol, (vwap, volume, count)) in want {
+        let v = &got[*symbol];
+        assert_eq!(v["volume"], json!(volume), "{symbol}: {v}");
+        assert_eq!(v["trades"], json!(count), "{symbol}: {v}");
+        let got = v["vwap"].as_f64().unwrap();
+        assert!(
+            (got - vwap).abs() < 1e-9 * vwap,
+            "{symbol}: {got} vs {vwap}"
+        );
+    }
+}
+
+/// Bars received, by (symbol, start), with how often each came.
+fn received_bars(items: &[Value]) -> BTreeMap<(String, i64), (Value, usize)> {
+    let mut out: BTreeMap<(String, i64), (Value, usize)> = BTreeMap::new();
+    for i in items {
+        let key = (
+            i["key"].as_str().unwrap().to_owned(),
+            i["value"]["start"].as_i64().unwrap(),
+        );
+        let e = out.entry(key).or_insert((i["value"].clone(), 0));
+        assert_eq!(e.0, i["value"], "a bar came twice with other values");
+        e.1 += 1;
+    }
+    out
+}
+
+fn assert_bars(got: &BTreeMap<(String, i64), (Value, usize)>, want: &Bars, once: bool) {
+    for (key, (o, h, l, c, v)) in want {
+        let Some((bar, times)) = got.get(key) else {
+            panic!("bar {key:?} never came");
+        };
+        let f = |name: &str| bar[name].as_f64().unwrap();
+        assert_eq!(
+            (f("open"), f("high"), f("low"), f("close"), f("volume")),
+            (*o, *h, *l, *c, *v),
+            "{key:?}"
+        );
+        if once {
+            assert_eq!(*times, 1, "bar {key:?} came {times} times");
+        }
+    }
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        extra.is_empty(),
+        "bars that should not have closed: {extra:?}"
+    );
+}
+
+async fn serve(queries: &Path, data: &Path) -> (tokio::process::Child, String) {
+    serve_with(queries, data, "10s").await
+}
+
+/// A server checkpointing every `every`.
+async fn serve_with(queries: &Path, data: &Path, every: &str) -> (tokio::process::Child, String) {
+    let data = data.to_str().unwrap();
+    let (child, _lines, addr) = spawn_serve(
+        queries,
+        &[
+            "--data-dir",
+            data,
+            "--admin-token",
+            TOKEN,
+            "--fsync",
+            "always",
+            "--checkpoint-interval",
+            every,
+        ],
+    )
+    .await;
+    (child, addr)
+}
+
+#[tokio::test]
+async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
+    bounded(async {
+        let queries = queries_dir();
+        let data = tempfile::tempdir().unwrap();
+        let all = trades(3000);
+        let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
+        // Checkpoints during the feed, so that recovery loads one and replays the log after it.
+        let (mut child, addr) = serve_with(queries.path(), data.path(), "20ms").await;
+        let bars_a = subscriber(&addr, "ohlc_1m").await;
+        // Killed at a moment chosen at random: soon after a random frame was sent (before,
+        // during or after its write to the log).
+        let at = fastrand::usize(frames.len() / 5..frames.len() * 4 / 5);
+        let delay = Duration::from_micros(fastrand::u64(0..3000));
+        let (signal, sent) = tokio::sync::oneshot::channel();
+        let killer = tokio::spawn(async move {
+            let _ = sent.await;
+            tokio::time::sleep(delay).await;
+            child.start_kill().unwrap();
+            child.wait().await.unwrap();
+        });
+        let (acked, in_doubt) = feed_signalling(&addr, &frames, Some((at, signal))).await;
+        killer.await.unwrap();
+        assert!(
+            acked < frames.len(),
+            "the kill came after the whole feed: make it earlier"
+        );
+        let bars_a = bars_a.await.unwrap();
+
+        // Again on the same data directory: the rest of the feed, after the frame in doubt.
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        let checkpoints = std::fs::read_dir(data.path().join("checkpoints"))
+            .unwrap()
+            .count();
+        assert!(checkpoints > 0, "no checkpoint was taken before the kill");
+        assert!(
+            (metric(&metrics, "eddy_replayed_records") as usize) < acked + 1,
+            "the replay starts at the checkpoint: {metrics}"
+        );
+        let vwap_b = subscriber(&addr, "vwap").await;
+        let bars_b = subscriber(&addr, "ohlc_1m").await;
+        let rest = acked + usize::from(in_doubt);
+        let (fed, _) = feed(&addr, &frames[rest..]).await;
+        assert_eq!(fed, frames.len() - rest);
+        let (status, _) = http_to(&addr, "GET", "/healthz", None, "").await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let vwap_b = latest(&vwap_b.await.unwrap());
+        let bars_b_items = bars_b.await.unwrap();
+        let mut bars_all = bars_a;
+        bars_all.extend(bars_b_items.iter().cloned());
+
+        // What was applied: every acknowledged frame, and the frame in doubt either wholly or
+        // not at all.
+        let acked_trades = |with_doubt: bool| -> Vec<Trade> {
+            let mut out: Vec<Trade> = all[..acked * PER_FRAME].to_vec();
+            if with_doubt {
+                out.extend_from_slice(&all[acked * PER_FRAME..rest * PER_FRAME]);
+            }
+            out.extend_from_slice(&all[rest * PER_FRAME..]);
+            out
+        };
+        let without = acked_trades(false);
+        let with = acked_trades(true);
+        let total: i64 = vwap_b.values().map(|v| v["trades"].as_i64().unwrap()).sum();
+        let applied = if total as usize == with.len() && in_doubt {
+            with
+        } else {
+            without
+        };
+        assert_eq!(total as usize, applied.len(), "trades counted");
+        assert_vwap(&vwap_b, &vwap(&applied));
+        // Every bar received is right, and none closed that should not have. The bars open at
+        // the kill close after the restart, each exactly once, with every trade applied in
+        // either run. (Bars that closed just before the kill may have been in flight to the
+        // first subscriber; the replay emits them again before anyone can subscribe, so they
+        // are not required here: resuming from a topic position is not built yet.)
+        let got = received_bars(&bars_all);
+        let want = bars(&applied);
+        let restart_mark = all[rest * PER_FRAME - 1].ts - 1000;
+        let same_keys: BTreeMap<_, _> = want
+            .iter()
+            .filter(|(k, _)| got.contains_key(*k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        assert_bars(&got, &same_keys, false);
+        let after: BTreeMap<_, _> = want
+            .into_iter()
+            .filter(|((_, start), _)| start + 60_000 > restart_mark)
+            .collect();
+        assert!(!after.is_empty(), "no bar spans the restart");
+        let got_after: BTreeMap<_, _> = received_bars(&bars_b_items)
+            .into_iter()
+            .filter(|(k, _)| after.contains_key(k))
+            .collect();
+        assert_bars(&got_after, &after, true);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
+    bounded(async {
+        let queries = queries_dir();
+        let data = tempfile::tempdir().unwrap();
+        let all = trades(2000);
+        let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
+        let half = frames.len() / 2;
+        let (child, addr) = serve(queries.path(), data.path()).await;
+        let bars_a = subscriber(&addr, "ohlc_1m").await;
+        assert_eq!(feed(&addr, &frames[..half]).await, (half, false));
+        let pid = child.id().unwrap() as i32;
+        // SIGTERM: a graceful stop, which checkpoints.
+        assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+        let mut child = child;
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let bars_a = bars_a.await.unwrap();
+
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        assert_eq!(metric(&metrics, "eddy_replayed_records"), 0.0, "{metrics}");
+        let vwap_b = subscriber(&addr, "vwap").await;
+        let bars_b = subscriber(&addr, "ohlc_1m").await;
+        assert_eq!(
+            feed(&addr, &frames[half..]).await,
+            (frames.len() - half, false)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        assert_vwap(&latest(&vwap_b.await.unwrap()), &vwap(&all));
+        let mut items = bars_a;
+        items.extend(bars_b.await.unwrap());
+        assert_bars(&received_bars(&items), &bars(&all), true);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn queries_deployed_and_removed_over_the_api_survive_a_restart() {
+    bounded(async {
+        let queries = queries_dir();
+        let data = tempfile::tempdir().unwrap();
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        let counter = "let source = \"trades\";\nfn on_event(ev) { emit(ev.size); }";
+        let (status, _) = http_to(&addr, "PUT", "/queries/sizes", Some(TOKEN), counter).await;
+        assert_eq!(status, 201);
+        let (status, _) = http_to(&addr, "DELETE", "/queries/ohlc_1m", Some(TOKEN), "").await;
+        assert_eq!(status, 204);
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        let (_, body) = http_to(&addr, "GET", "/queries", None, "").await;
+        let list: Value = serde_json::from_str(&body).unwrap();
+        let names: HashSet<&str> = list
+            .as_array()
+            .unwrap_or_else(|| list["queries"].as_array().unwrap())
+            .iter()
+            .map(|q| q["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, HashSet::from(["sizes", "vwap"]), "{body}");
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_corrupt_log_tail_is_cut_and_reported_at_start() {
+    bounded(async {
+        let queries = queries_dir();
+        let data = tempfile::tempdir().unwrap();
+        let all = trades(200);
+        let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        assert_eq!(feed(&addr, &frames).await, (frames.len(), false));
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        // Garbage after the last record, as a torn write leaves.
+        let segment = std::fs::read_dir(data.path().join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
+        std::fs::write(&segment, bytes).unwrap();
+
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        assert_eq!(
+            metric(&metrics, "eddy_log_truncated_bytes"),
+            10.0,
+            "{metrics}"
+        );
+        // Every acknowledged frame was replayed.
+        let vwap_b = subscriber(&addr, "vwap").await;
+        let (_, snapshot) = http_to(&addr, "GET", "/queries/vwap", None, "").await;
+        assert!(snapshot.contains("vwap"), "{snapshot}");
+        // One more trade per symbol shows the totals the replay rebuilt.
+        let extra: Vec<Trade> = (0..SYMBOLS.len())
+            .map(|s| Trade {
+                symbol: s,
+                price: 120,
+                size: 1,
+                ts: all.last().unwrap().ts + 1,
+            })
+            .collect();
+        assert_eq!(feed(&addr, &[frame(&extra)]).await, (1, false));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let mut everything = all.clone();
+        everything.extend(extra);
+        assert_vwap(&latest(&vwap_b.await.unwrap()), &vwap(&everything));
+    })
+    .await;
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
