@@ -279,9 +279,22 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         // Checkpoints during the feed, so that recovery loads one and replays the log after it.
         let (mut child, addr) = serve_with(queries.path(), data.path(), "20ms").await;
         let bars_a = subscriber(&addr, "ohlc_1m").await;
+        // A first part, then a checkpoint after it.
+        let first = frames.len() / 5;
+        assert_eq!(feed(&addr, &frames[..first]).await, (first, false));
+        let checkpoints = data.path().join("checkpoints");
+        let waited = std::time::Instant::now();
+        while !std::fs::read_dir(&checkpoints).unwrap().any(|e| {
+            let name = e.unwrap().file_name();
+            let name = name.to_str().unwrap();
+            name.ends_with(".msgpack") && !name.starts_with("checkpoint-00000000000000000000")
+        }) {
+            assert!(waited.elapsed() < Duration::from_secs(10), "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // Killed at a moment chosen at random: soon after a random frame was sent (before,
         // during or after its write to the log).
-        let at = fastrand::usize(frames.len() / 5..frames.len() * 4 / 5);
+        let at = fastrand::usize(0..(frames.len() - first) * 3 / 4);
         let delay = Duration::from_micros(fastrand::u64(0..3000));
         let (signal, sent) = tokio::sync::oneshot::channel();
         let killer = tokio::spawn(async move {
@@ -290,7 +303,8 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
             child.start_kill().unwrap();
             child.wait().await.unwrap();
         });
-        let (acked, in_doubt) = feed_signalling(&addr, &frames, Some((at, signal))).await;
+        let (acked, in_doubt) = feed_signalling(&addr, &frames[first..], Some((at, signal))).await;
+        let (acked, at) = (first + acked, first + at);
         killer.await.unwrap();
         assert!(
             acked < frames.len(),
@@ -301,10 +315,6 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         // Again on the same data directory: the rest of the feed, after the frame in doubt.
         let (mut child, addr) = serve(queries.path(), data.path()).await;
         let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
-        let checkpoints = std::fs::read_dir(data.path().join("checkpoints"))
-            .unwrap()
-            .count();
-        assert!(checkpoints > 0, "no checkpoint was taken before the kill");
         assert!(
             (metric(&metrics, "eddy_replayed_records") as usize) < acked + 1,
             "the replay starts at the checkpoint: {metrics}"
@@ -316,9 +326,8 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         assert_eq!(fed, frames.len() - rest);
         let (status, _) = http_to(&addr, "GET", "/healthz", None, "").await;
         assert_eq!(status, 200);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        child.start_kill().unwrap();
-        child.wait().await.unwrap();
+        // A graceful stop delivers everything queued to the subscribers before it closes them.
+        stop(&mut child).await;
         let vwap_b = latest(&vwap_b.await.unwrap());
         let bars_b_items = bars_b.await.unwrap();
         let mut bars_all = bars_a;
@@ -342,7 +351,20 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         } else {
             without
         };
-        assert_eq!(total as usize, applied.len(), "trades counted");
+        assert_eq!(
+            total as usize,
+            applied.len(),
+            "trades counted; acked {acked} of {}, in doubt {in_doubt}, killed after frame {at}; \
+             at restart: {}",
+            frames.len(),
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("eddy_log")
+                    || l.starts_with("eddy_replayed")
+                    || l.starts_with("eddy_check"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         assert_vwap(&vwap_b, &vwap(&applied));
         // Every bar received is right, and none closed that should not have. The bars open at
         // the kill close after the restart, each exactly once, with every trade applied in
@@ -383,15 +405,9 @@ async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
         let (child, addr) = serve(queries.path(), data.path()).await;
         let bars_a = subscriber(&addr, "ohlc_1m").await;
         assert_eq!(feed(&addr, &frames[..half]).await, (half, false));
-        let pid = child.id().unwrap() as i32;
         // SIGTERM: a graceful stop, which checkpoints.
-        assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
         let mut child = child;
-        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status:?}");
+        stop(&mut child).await;
         let bars_a = bars_a.await.unwrap();
 
         let (mut child, addr) = serve(queries.path(), data.path()).await;
@@ -403,9 +419,8 @@ async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
             feed(&addr, &frames[half..]).await,
             (frames.len() - half, false)
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        child.start_kill().unwrap();
-        child.wait().await.unwrap();
+        // A graceful stop delivers everything queued to the subscribers before it closes them.
+        stop(&mut child).await;
         assert_vwap(&latest(&vwap_b.await.unwrap()), &vwap(&all));
         let mut items = bars_a;
         items.extend(bars_b.await.unwrap());
@@ -486,14 +501,24 @@ async fn a_corrupt_log_tail_is_cut_and_reported_at_start() {
             })
             .collect();
         assert_eq!(feed(&addr, &[frame(&extra)]).await, (1, false));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        child.start_kill().unwrap();
-        child.wait().await.unwrap();
+        // A graceful stop delivers everything queued to the subscribers before it closes them.
+        stop(&mut child).await;
         let mut everything = all.clone();
         everything.extend(extra);
         assert_vwap(&latest(&vwap_b.await.unwrap()), &vwap(&everything));
     })
     .await;
+}
+
+/// SIGTERM, and the process's exit within 20 s, with success.
+async fn stop(child: &mut tokio::process::Child) {
+    let pid = child.id().unwrap() as i32;
+    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 extern "C" {

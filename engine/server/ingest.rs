@@ -185,6 +185,55 @@ pub async fn ingest(
     stream: Option<&str>,
     counters: &StreamCounters,
 ) -> Outcome {
+    route_input(state, source, input, stream, counters)
+        .await
+        .durable(state)
+        .await
+}
+
+/// An input whose events are queued for their shards, and whose log record (with a data
+/// directory) may still be on its way to the disk: its answer waits for [`Pending::durable`].
+/// A connection routes its next frame meanwhile, so that one `fsync` covers many of its frames.
+pub struct Pending {
+    outcome: Outcome,
+    /// The input's position in the ingest log.
+    logged: Option<u64>,
+    items: u32,
+}
+
+impl Pending {
+    /// The answer to the input, once the log holds it.
+    pub async fn durable(mut self, state: &State) -> Outcome {
+        if let (Some(d), Some(lsn)) = (&state.durable, self.logged) {
+            if !d.log.wait_durable(lsn).await {
+                // Queued but maybe not on disk: never acknowledged as accepted.
+                let listed: std::collections::HashSet<u32> =
+                    self.outcome.errors.iter().map(|(i, _)| *i).collect();
+                let reason = "the ingest log cannot be written: the event was not made durable";
+                let room = MAX_LISTED_ERRORS.saturating_sub(self.outcome.errors.len());
+                self.outcome.errors.extend(
+                    (0..self.items)
+                        .filter(|i| !listed.contains(i))
+                        .take(room)
+                        .map(|i| (i, reason.to_owned())),
+                );
+                self.outcome.errors.sort_by_key(|(i, _)| *i);
+                self.outcome.rejected += self.outcome.accepted;
+                self.outcome.accepted = 0;
+            }
+        }
+        self.outcome
+    }
+}
+
+/// Parses, routes and queues one input, and appends it to the ingest log.
+pub async fn route_input(
+    state: &State,
+    source: &mut Source,
+    input: Vec<u8>,
+    stream: Option<&str>,
+    counters: &StreamCounters,
+) -> Pending {
     let received = Instant::now();
     // The log keeps the input as it came: parsing works in place.
     let copy = state.durable.as_ref().map(|_| input.clone());
@@ -220,23 +269,6 @@ pub async fn ingest(
         _ => None,
     };
     drop(order);
-    if let (Some(d), Some(lsn)) = (&state.durable, logged) {
-        if !d.log.wait_durable(lsn).await {
-            // Queued but maybe not on disk: never acknowledged as accepted.
-            let already: std::collections::HashSet<u32> =
-                rejections.iter().map(|r| r.position.index).collect();
-            let positions = (0..parsed.frame.len()).map(|i| parsed.frame.position(i));
-            for position in positions.filter(|p| !already.contains(&p.index)) {
-                rejections.push(Rejection {
-                    position,
-                    kind: RejectKind::Unavailable,
-                    reason: "the ingest log cannot be written: the event was not made durable"
-                        .into(),
-                });
-            }
-            routed.accepted = 0;
-        }
-    }
     for (shard, position) in unqueued {
         routed.accepted -= 1;
         rejections.push(Rejection {
@@ -247,15 +279,19 @@ pub async fn ingest(
     }
     counters.count(routed.accepted, &rejections);
     rejections.sort_by_key(|r| r.position.index);
-    Outcome {
-        accepted: routed.accepted,
-        rejected: rejections.len() as u64,
-        errors: rejections
-            .iter()
-            .take(MAX_LISTED_ERRORS)
-            .map(|r| (r.position.index, r.reason.clone()))
-            .collect(),
-        nothing_was_json,
+    Pending {
+        outcome: Outcome {
+            accepted: routed.accepted,
+            rejected: rejections.len() as u64,
+            errors: rejections
+                .iter()
+                .take(MAX_LISTED_ERRORS)
+                .map(|r| (r.position.index, r.reason.clone()))
+                .collect(),
+            nothing_was_json,
+        },
+        logged,
+        items: parsed.items,
     }
 }
 
@@ -356,18 +392,47 @@ pub async fn websocket(
         .metrics
         .stream(params.stream.as_deref().unwrap_or("-"));
     let mut shutdown = state.shutdown.subscribe();
+    // Answers go out in order from their own task, each once its frame is durable, while this
+    // loop routes the next frames.
+    let (answers, mut pending) = tokio::sync::mpsc::channel::<(u64, Pending)>(MAX_UNANSWERED);
+    let answerer = {
+        let state = Arc::clone(&state);
+        let out = conn.out.clone();
+        let ack = params.ack;
+        tokio::spawn(async move {
+            let mut limiter = ErrorLimiter::default();
+            while let Some((frame_no, frame)) = pending.recv().await {
+                let outcome = frame.durable(&state).await;
+                let messages = if ack {
+                    vec![json::message("ack", |o| {
+                        o.int("frame", frame_no as i64);
+                        outcome.write_fields(o);
+                    })]
+                } else if outcome.rejected > 0 {
+                    limiter.messages(frame_no, &outcome)
+                } else {
+                    Vec::new()
+                };
+                for message in messages {
+                    if out.send(Outbound::Text(message.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
     let mut frame_no: u64 = 0;
-    let mut limiter = ErrorLimiter::default();
+    let mut shutting_down = false;
     loop {
         let message = tokio::select! {
             message = conn.inbox.next() => message,
             _ = shutdown.changed() => {
-                conn.inbox.close(ws::close::GOING_AWAY, "server shutting down").await;
+                shutting_down = true;
                 None
             }
         };
         let Some(message) = message else { break };
-        let outcome = ingest(
+        let routed = route_input(
             &state,
             &mut source,
             message.payload,
@@ -375,26 +440,26 @@ pub async fn websocket(
             &counters,
         )
         .await;
-        let answers = if params.ack {
-            vec![json::message("ack", |o| {
-                o.int("frame", frame_no as i64);
-                outcome.write_fields(o);
-            })]
-        } else if outcome.rejected > 0 {
-            limiter.messages(frame_no, &outcome)
-        } else {
-            Vec::new()
-        };
-        for answer in answers {
-            if conn.out.send(Outbound::Text(answer.into())).await.is_err() {
-                break;
-            }
+        if answers.send((frame_no, routed)).await.is_err() {
+            break;
         }
         frame_no += 1;
+    }
+    // Every frame routed is answered before the close.
+    drop(answers);
+    let _ = answerer.await;
+    if shutting_down {
+        conn.inbox
+            .close(ws::close::GOING_AWAY, "server shutting down")
+            .await;
     }
     conn.finish().await;
     source.close(&state).await;
 }
+
+/// Frames of one connection routed and waiting for the log before they are answered; past this
+/// the connection stops reading.
+const MAX_UNANSWERED: usize = 256;
 
 /// Rate limit for unsolicited error messages: ten a second, the rest counted and summarised.
 #[derive(Default)]
