@@ -125,6 +125,10 @@ enum Command {
         /// The server's admin token.
         #[arg(long, env = "EDDY_ADMIN_TOKEN")]
         token: String,
+        /// Replace the running version keeping every key's state (through the new script's
+        /// `fn migrate(old)` if it has one).
+        #[arg(long, conflicts_with = "model")]
+        keep_state: bool,
     },
     /// Load generator: send synthetic events with acks, paced or as fast as acks allow.
     Feed {
@@ -308,6 +312,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             model: Some(model),
             server,
             token,
+            ..
         } => {
             let bytes = std::fs::read(&model)
                 .with_context(|| format!("{}: cannot read model", model.display()))?;
@@ -331,6 +336,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             model: None,
             server,
             token,
+            keep_state,
         } => {
             let file = file.context("a query file or --model FILE is needed")?;
             let script = std::fs::read_to_string(&file)
@@ -338,9 +344,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let name = eddy::query::name_of_file(&file).with_context(|| {
                 format!("{}: no file name to name the query by", file.display())
             })?;
+            let keep = if keep_state { "?state=keep" } else { "" };
             let (status, body) = http_put(
                 &server,
-                &format!("/queries/{name}"),
+                &format!("/queries/{name}{keep}"),
                 &token,
                 script.as_bytes(),
             )?;

@@ -132,6 +132,13 @@ impl Deployed {
         true
     }
 
+    /// This deployment with the marks and switches of `old` (a replace that keeps state).
+    pub fn with_marks_of(mut self, old: &Deployed) -> Self {
+        self.import_marks(&old.export_marks());
+        self.control = Arc::clone(&old.control);
+        self
+    }
+
     /// A copy of the input's marks, for a checkpoint.
     pub fn export_marks(&self) -> MarksCheckpoint {
         MarksCheckpoint {

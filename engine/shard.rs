@@ -283,15 +283,7 @@ impl Shard {
         control: Arc<QueryControl>,
     ) -> Result<(), QueryError> {
         let ast = query::compile(&self.engine, &def.name, &def.script)?;
-        for field in property_names(&def.script) {
-            if self.getters.len() >= MAX_GETTERS || self.getters.contains(field) {
-                continue;
-            }
-            let name = field.to_owned();
-            self.engine
-                .register_get(field, move |ev: &mut Event| ev.get(&name));
-            self.getters.insert(field.to_owned());
-        }
+        self.register_getters(&def.script);
         self.queries.push(QueryRuntime {
             id,
             control,
@@ -308,6 +300,19 @@ impl Shard {
             eval_ns: self.timing.then(latency_histogram),
         });
         Ok(())
+    }
+
+    /// Registers a property getter on the event type for each field name the script reads.
+    fn register_getters(&mut self, script: &str) {
+        for field in property_names(script) {
+            if self.getters.len() >= MAX_GETTERS || self.getters.contains(field) {
+                continue;
+            }
+            let name = field.to_owned();
+            self.engine
+                .register_get(field, move |ev: &mut Event| ev.get(&name));
+            self.getters.insert(field.to_owned());
+        }
     }
 
     /// Drops a query and all its state.
@@ -387,6 +392,60 @@ impl Shard {
         let ids: Vec<QueryId> = self.queries.iter().map(|q| q.id).collect();
         for id in ids {
             self.advance(id, i64::MAX, now);
+        }
+    }
+
+    /// Prepares replacing the script of query `id` with `def` while keeping every key's state:
+    /// compiles it, and passes each key's state through its `fn migrate(old)` if it has one.
+    /// Nothing changes until [`Shard::commit_replace`]; an error names the key that failed.
+    pub fn prepare_replace(
+        &mut self,
+        id: QueryId,
+        def: Arc<QueryDef>,
+    ) -> Result<Migration, String> {
+        let ast =
+            query::compile(&self.engine, &def.name, &def.script).map_err(|e| e.to_string())?;
+        self.register_getters(&def.script);
+        let q = self
+            .queries
+            .iter()
+            .find(|q| q.id == id)
+            .ok_or("the query is not running on this shard")?;
+        let migrate = ast
+            .iter_functions()
+            .any(|f| f.name == "migrate" && f.params.len() == 1);
+        let mut states = Vec::new();
+        if migrate {
+            // Built-ins (emit, set_timer, forget) refuse to work outside an event or timer call.
+            for (key, entry) in &q.states {
+                let new = self
+                    .engine
+                    .call_fn_with_options::<Dynamic>(
+                        CallFnOptions::new().eval_ast(false).rewind_scope(true),
+                        &mut self.scope,
+                        &ast,
+                        "migrate",
+                        (entry.state.clone(),),
+                    )
+                    .map_err(|e| format!("migrate failed for key {key}: {}", error_message(&e)))?;
+                states.push((key.clone(), new));
+            }
+        }
+        Ok(Migration { ast, def, states })
+    }
+
+    /// Puts a prepared replacement in place (see [`Shard::prepare_replace`]).
+    pub fn commit_replace(&mut self, id: QueryId, m: Migration) {
+        let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
+            return;
+        };
+        q.ast = m.ast;
+        q.def = m.def;
+        for (key, state) in m.states {
+            if let Some(entry) = q.states.get_mut(&key) {
+                entry.state = state;
+                entry.unmeasured = 0;
+            }
         }
     }
 
@@ -957,6 +1016,20 @@ pub(crate) fn error_message(e: &EvalAltResult) -> String {
                 _ => text,
             }
         }
+    }
+}
+
+/// A replacement script compiled for one shard, with the migrated states of its keys.
+pub struct Migration {
+    ast: AST,
+    def: Arc<QueryDef>,
+    states: Vec<(Key, Dynamic)>,
+}
+
+impl Migration {
+    /// Keys whose state `migrate` rewrote.
+    pub fn migrated(&self) -> usize {
+        self.states.len()
     }
 }
 

@@ -510,6 +510,131 @@ async fn a_corrupt_log_tail_is_cut_and_reported_at_start() {
     .await;
 }
 
+const VWAP_V2: &str = r#"
+let source = "trades";
+let key_by = "symbol";
+fn init(key) { #{ pv: 0.0, volume: 0, trades: 0 } }
+fn migrate(old) { #{ pv: old.notional, volume: old.volume, trades: old.trades } }
+fn on_event(ev) {
+    this.pv += ev.price * ev.size;
+    this.volume += ev.size;
+    this.trades += 1;
+    emit(#{ vwap: this.pv / this.volume, volume: this.volume, trades: this.trades, version: 2 });
+}
+"#;
+
+#[tokio::test]
+async fn a_hot_replace_with_state_keep_continues_every_key_through_migrate() {
+    bounded(async {
+        let (server, _dir) = start(&[("vwap", &query_file("vwap"))], |_| {}).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        let input = sample("trades.ndjson");
+        let lines: Vec<&[u8]> = input
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let (first, rest) = lines.split_at(lines.len() / 3);
+        let (second, third) = rest.split_at(rest.len() / 2);
+        assert_eq!(
+            produce(&server, "trades", &first.join(&b'\n'), 50).await as usize,
+            first.len()
+        );
+
+        // A migrate that fails for some key changes nothing, and says why.
+        let failing = VWAP_V2.replace(
+            "fn migrate(old) {",
+            "fn migrate(old) { if old.trades > 3 { throw \"too many\"; }",
+        );
+        let (status, body) = http(
+            &server,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &failing,
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body.contains("migrate failed for key") && body.contains("too many"),
+            "{body}"
+        );
+        // So does a script that routes differently.
+        let rekeyed = VWAP_V2.replace("let key_by = \"symbol\";", "let key_by = \"stream\";");
+        let (status, body) = http(
+            &server,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &rekeyed,
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
+
+        // The good replace lands while the second half is being fed.
+        let feeding = {
+            let ws = connect(&server, "/ingest?stream=trades&ack=true").await;
+            let rest = second.join(&b'\n');
+            tokio::spawn(async move { produce_on(ws, rest, 10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (status, body) = http(
+            &server,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            VWAP_V2,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let reply: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(reply["state_kept"], json!(true));
+        assert!(reply["migrated"].as_u64().unwrap() > 0, "{body}");
+        assert_eq!(feeding.await.unwrap() as usize, second.len());
+        let after = third.join(&b'\n');
+        assert_eq!(
+            produce(&server, "trades", &after, 50).await as usize,
+            third.len()
+        );
+
+        let items = collect(&mut sub, "vwap", lines.len()).await;
+        // Reference, computed plainly from the file.
+        let mut want: BTreeMap<String, (f64, f64, i64)> = BTreeMap::new();
+        for l in &lines {
+            let t: Value = serde_json::from_slice(l).unwrap();
+            let e = want
+                .entry(t["symbol"].as_str().unwrap().to_owned())
+                .or_default();
+            e.0 += t["price"].as_f64().unwrap() * t["size"].as_f64().unwrap();
+            e.1 += t["size"].as_f64().unwrap();
+            e.2 += 1;
+        }
+        let mut versions = (0, 0);
+        for (key, values) in by_key(&items) {
+            // Each key's count runs on across the replace: no restart from zero.
+            for (i, v) in values.iter().enumerate() {
+                assert_eq!(v["trades"], json!(i + 1), "{key}: {v}");
+                if v["version"] == json!(2) {
+                    versions.1 += 1;
+                } else {
+                    assert!(v.get("version").is_none());
+                    versions.0 += 1;
+                }
+            }
+            let symbol: String = serde_json::from_str(&key).unwrap();
+            let (pv, volume, trades) = want[&symbol];
+            let last = values.last().unwrap();
+            assert_eq!(last["trades"], json!(trades));
+            assert_eq!(last["volume"].as_f64().unwrap(), volume);
+            let vwap = last["vwap"].as_f64().unwrap();
+            assert!((vwap - pv / volume).abs() < 1e-9 * vwap, "{symbol}: {vwap}");
+        }
+        assert!(versions.0 >= first.len(), "{versions:?}");
+        assert!(versions.1 >= third.len(), "{versions:?}");
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// SIGTERM, and the process's exit within 20 s, with success.
 async fn stop(child: &mut tokio::process::Child) {
     let pid = child.id().unwrap() as i32;

@@ -126,6 +126,68 @@ pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
     Ok(old.is_some())
 }
 
+/// Replaces a query's script and keeps every key's state, timers and watermark (`PUT
+/// /queries/NAME?state=keep`): each shard prepares the new version (compiles it and passes each
+/// state through `fn migrate(old)` if it has one) at a point of its queue, and all switch or, if
+/// any fails, none does. The routing must not change: same `source`, `key_by` and
+/// `time_field`. Returns the keys migrated, or why nothing changed. A query not deployed yet is
+/// deployed as usual.
+pub async fn replace_keeping(state: &Arc<State>, def: QueryDef) -> Result<usize, String> {
+    let mut catalog = state.catalog.lock().await;
+    let Some(old) = catalog.queries.get(&def.name).cloned() else {
+        drop(catalog);
+        return deploy(state, def).await.map(|_| 0);
+    };
+    let (a, b) = (&old.def.config, &def.config);
+    if a.sources != b.sources || a.key_by != b.key_by || a.time_field != b.time_field {
+        return Err(
+            "state=keep needs the same source, key_by and time_field as the running version".into(),
+        );
+    }
+    let def = Arc::new(def);
+    let mut decisions = Vec::new();
+    let mut readies = Vec::new();
+    for shard in 0..state.pipeline.shards() {
+        let (ready, ready_rx) = oneshot::channel();
+        let (commit_tx, commit) = std::sync::mpsc::channel();
+        let msg = ShardMsg::Replace {
+            id: old.id,
+            def: Arc::clone(&def),
+            ready,
+            commit,
+        };
+        decisions.push(commit_tx);
+        if state.pipeline.send(shard, msg).await.is_err() {
+            return Err(format!("shard {shard} is not running"));
+        }
+        readies.push(ready_rx);
+    }
+    let mut migrated = 0;
+    let mut failure = None;
+    for ready in readies {
+        let answer = tokio::time::timeout(super::pipeline::REPLACE_TIMEOUT, ready).await;
+        match answer {
+            Ok(Ok(Ok(n))) => migrated += n,
+            Ok(Ok(Err(e))) => failure = failure.or(Some(e)),
+            _ => failure = failure.or(Some("a shard did not answer".to_owned())),
+        }
+    }
+    let commit = failure.is_none();
+    for d in decisions {
+        let _ = d.send(commit);
+    }
+    if let Some(e) = failure {
+        return Err(format!("nothing was replaced: {e}"));
+    }
+    // The same version goes on with the new script: its marks, switches and id stay.
+    let deployed = Arc::new(Deployed::new(old.id, Arc::clone(&def)).with_marks_of(&old));
+    catalog.queries.insert(def.name.clone(), deployed);
+    catalog.publish(state);
+    drop(catalog);
+    tracing::info!("replaced {def}, keeping the state of its keys ({migrated} migrated)");
+    Ok(migrated)
+}
+
 /// Removes a query; its topics are closed. Returns whether it existed.
 pub async fn remove(state: &State, name: &str) -> bool {
     let mut catalog = state.catalog.lock().await;
@@ -280,6 +342,16 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
                     json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"))
                 };
             }
+            let keep_state = match super::query_params(&req).get("state").map(String::as_str) {
+                None | Some("fresh") => false,
+                Some("keep") => true,
+                Some(other) => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("state must be \"keep\" or \"fresh\", found {other:?}"),
+                    )
+                }
+            };
             let body = match read_body(req, MAX_SCRIPT_BYTES).await {
                 Ok(b) => b,
                 Err(response) => return response,
@@ -292,6 +364,24 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
                 Err(e) => return compile_error(&e),
             };
             let script = def.script.clone();
+            if keep_state {
+                return match replace_keeping(state, def).await {
+                    Ok(migrated) => {
+                        if let Err(e) = remember(state, &name, Some(&script)).await {
+                            return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e);
+                        }
+                        let mut body = Vec::new();
+                        Object::new(&mut body)
+                            .str("name", &name)
+                            .raw("replaced", b"true")
+                            .raw("state_kept", b"true")
+                            .int("migrated", migrated as i64)
+                            .end();
+                        respond(StatusCode::OK, "application/json", body)
+                    }
+                    Err(e) => json_error(StatusCode::CONFLICT, &e),
+                };
+            }
             match deploy(state, def).await {
                 Ok(replaced) => {
                     if let Err(e) = remember(state, &name, Some(&script)).await {

@@ -62,6 +62,15 @@ pub enum ShardMsg {
         ids: Vec<QueryId>,
         done: oneshot::Sender<Vec<(QueryId, ShardQueryCheckpoint)>>,
     },
+    /// Replaces the script of query `id` keeping its state: the shard prepares (compiles,
+    /// migrates), answers on `ready`, and waits for `commit` (true) or abort before it goes on,
+    /// so that every shard switches at the same point of its queue or none does.
+    Replace {
+        id: QueryId,
+        def: Arc<QueryDef>,
+        ready: oneshot::Sender<Result<usize, String>>,
+        commit: std::sync::mpsc::Receiver<bool>,
+    },
     /// Puts back the state a checkpoint held of query `id` on this shard.
     Restore {
         id: QueryId,
@@ -151,6 +160,9 @@ const SHARD_STACK_BYTES: usize = 64 << 20;
 
 /// Control requests waiting for one shard.
 const CONTROL_QUEUE: usize = 64;
+
+/// How long a shard waits for the decision on a replace it prepared before it gives it up.
+pub const REPLACE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often a busy shard publishes its counters.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
@@ -446,6 +458,22 @@ impl ShardThread {
             ShardMsg::Restore { id, data } => {
                 st.shard.import(id, data);
             }
+            ShardMsg::Replace {
+                id,
+                def,
+                ready,
+                commit,
+            } => match st.shard.prepare_replace(id, def) {
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+                Ok(migration) => {
+                    let _ = ready.send(Ok(migration.migrated()));
+                    if commit.recv_timeout(REPLACE_TIMEOUT) == Ok(true) {
+                        st.shard.commit_replace(id, migration);
+                    }
+                }
+            },
         }
     }
 
