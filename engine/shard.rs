@@ -155,6 +155,9 @@ struct KeyState {
     timers: Vec<i64>,
     /// Calls left before the state's size is measured again (0: after the next call).
     unmeasured: u32,
+    /// The last checkpoint this key's state was copied for, or that began after it was made
+    /// (see [`Shard::begin_export`]).
+    exported: u64,
 }
 
 impl KeyState {
@@ -163,6 +166,7 @@ impl KeyState {
             state,
             timers: Vec::new(),
             unmeasured: 0,
+            exported: 0,
         }
     }
 }
@@ -205,6 +209,17 @@ struct QueryRuntime {
     stats: QueryStats,
     /// Time per script call in ns, when the shard measures it.
     eval_ns: Option<hdrhistogram::Histogram<u64>>,
+    /// The checkpoint copying this query's keys, while one is (see [`Shard::begin_export`]).
+    export: Option<Export>,
+}
+
+/// A checkpoint's copy of one query on one shard, made a few keys at a time: the keys that
+/// existed when it began, each copied before anything changes it.
+struct Export {
+    epoch: u64,
+    todo: Vec<Key>,
+    next: usize,
+    out: ShardQueryCheckpoint,
 }
 
 /// The runtime of the queries for the keys one shard owns.
@@ -219,6 +234,8 @@ pub struct Shard {
     clock: CpuClock,
     /// Field names with a property getter on the event type (see [`Shard::deploy`]).
     getters: std::collections::HashSet<String>,
+    /// Counts checkpoints begun.
+    export_epoch: u64,
 }
 
 /// Most event field getters one shard registers; past this, fields are read through the
@@ -244,6 +261,7 @@ impl Shard {
                 window: 1,
             },
             getters: std::collections::HashSet::new(),
+            export_epoch: 0,
         }
     }
 
@@ -298,6 +316,7 @@ impl Shard {
             watermark: i64::MIN,
             stats: QueryStats::default(),
             eval_ns: self.timing.then(latency_histogram),
+            export: None,
         });
         Ok(())
     }
@@ -381,6 +400,7 @@ impl Shard {
         if q.control.is_removed() || watermark <= q.watermark {
             return;
         }
+        export_due(q, watermark);
         q.watermark = watermark;
         call.fire_timers(q, now);
     }
@@ -439,6 +459,15 @@ impl Shard {
         let Some(q) = self.queries.iter_mut().find(|q| q.id == id) else {
             return;
         };
+        // A checkpoint in progress copies the states as they were before.
+        let pending: Vec<Key> = q
+            .export
+            .as_ref()
+            .map(|e| e.todo[e.next..].to_vec())
+            .unwrap_or_default();
+        for key in pending {
+            export_key(q, &key);
+        }
         q.ast = m.ast;
         q.def = m.def;
         for (key, state) in m.states {
@@ -449,23 +478,63 @@ impl Shard {
         }
     }
 
-    /// A copy of what this shard holds of query `id` (every key's state and timers, and its
-    /// watermark), for a checkpoint; `None` if it does not run it.
-    pub fn export(&self, id: QueryId) -> Option<ShardQueryCheckpoint> {
-        let q = self.queries.iter().find(|q| q.id == id)?;
-        Some(ShardQueryCheckpoint {
-            watermark: q.watermark,
-            keys: q
-                .states
-                .iter()
-                .map(|(key, entry)| KeyCheckpoint {
-                    key: key.into(),
-                    state: Stored::of(&entry.state),
-                    timers: entry.timers.clone(),
-                })
+    /// Begins copying what this shard holds of queries `ids` for a checkpoint, as of now: the
+    /// watermark and deferred timers at once, the keys a few at a time ([`Shard::export_step`]),
+    /// each copied before an event or timer changes it, so that the copy is the state at this
+    /// point while the shard goes on. Queries it does not run are left out.
+    pub fn begin_export(&mut self, ids: &[QueryId]) {
+        self.export_epoch += 1;
+        let epoch = self.export_epoch;
+        for q in self.queries.iter_mut().filter(|q| ids.contains(&q.id)) {
+            q.export = Some(Export {
+                epoch,
+                todo: q.states.keys().cloned().collect(),
+                next: 0,
+                out: ShardQueryCheckpoint {
+                    watermark: q.watermark,
+                    keys: Vec::new(),
+                    deferred: q.deferred.iter().map(|(t, k)| (*t, k.into())).collect(),
+                },
+            });
+        }
+    }
+
+    /// Copies up to `budget` more keys of the export in progress. Returns the copies once every
+    /// key is copied (and the export is over), `None` while keys remain.
+    pub fn export_step(&mut self, budget: usize) -> Option<Vec<(QueryId, ShardQueryCheckpoint)>> {
+        let mut left = budget;
+        for q in &mut self.queries {
+            while left > 0 {
+                let Some(export) = q.export.as_mut() else {
+                    break;
+                };
+                let Some(key) = export.todo.get(export.next).cloned() else {
+                    break;
+                };
+                export.next += 1;
+                left -= 1;
+                export_key(q, &key);
+            }
+            if q.export.as_ref().is_some_and(|e| e.next < e.todo.len()) {
+                return None;
+            }
+        }
+        Some(
+            self.queries
+                .iter_mut()
+                .filter_map(|q| Some((q.id, q.export.take()?.out)))
                 .collect(),
-            deferred: q.deferred.iter().map(|(t, k)| (*t, k.into())).collect(),
-        })
+        )
+    }
+
+    /// A copy of what this shard holds of query `id`, all at once (tests and small states).
+    pub fn export(&mut self, id: QueryId) -> Option<ShardQueryCheckpoint> {
+        self.begin_export(&[id]);
+        loop {
+            if let Some(mut done) = self.export_step(usize::MAX) {
+                return done.pop().map(|(_, c)| c);
+            }
+        }
     }
 
     /// Puts back what [`Shard::export`] copied, into query `id` (deployed, and given no event
@@ -517,7 +586,9 @@ impl Shard {
             call.ctx.borrow_mut().out.push(item);
             return;
         }
+        export_key(q, &d.key);
         if d.watermark > q.watermark {
+            export_due(q, d.watermark);
             q.watermark = d.watermark;
             call.fire_timers(q, d.now);
         }
@@ -575,7 +646,10 @@ impl Call<'_> {
             } else {
                 Dynamic::from_map(rhai::Map::new())
             };
-            q.states.insert(key.clone(), KeyState::new(state));
+            let mut entry = KeyState::new(state);
+            // Made after a checkpoint in progress began: not part of it.
+            entry.exported = q.export.as_ref().map_or(0, |e| e.epoch);
+            q.states.insert(key.clone(), entry);
         }
         self.run(q, key, "on_event", Dynamic::from(event), now);
     }
@@ -945,6 +1019,42 @@ fn measure_interval(size: usize, limit: usize) -> u32 {
     let headroom = limit.saturating_sub(size) / MEASURE_EVERY_CALL_BYTES;
     let by_size = size / MEASURE_EVERY_CALL_BYTES;
     by_size.min(headroom).min(MAX_MEASURE_INTERVAL as usize) as u32
+}
+
+/// Copies `key`'s state into the export in progress, if it is part of it and not copied yet.
+fn export_key(q: &mut QueryRuntime, key: &Key) {
+    let Some(export) = q.export.as_mut() else {
+        return;
+    };
+    let Some(entry) = q.states.get_mut(key) else {
+        return;
+    };
+    if entry.exported >= export.epoch {
+        return;
+    }
+    entry.exported = export.epoch;
+    export.out.keys.push(KeyCheckpoint {
+        key: key.into(),
+        state: Stored::of(&entry.state),
+        timers: entry.timers.clone(),
+    });
+}
+
+/// Before the watermark rises to `watermark`: copies the keys whose timers that fires.
+fn export_due(q: &mut QueryRuntime, watermark: i64) {
+    if q.export.is_none() {
+        return;
+    }
+    let due: Vec<Key> = q
+        .timers
+        .iter()
+        .take_while(|(t, _)| *t <= watermark)
+        .chain(q.deferred.iter())
+        .map(|(_, k)| k.clone())
+        .collect();
+    for key in due {
+        export_key(q, &key);
+    }
 }
 
 fn drop_key(q: &mut QueryRuntime, key: &Key) {

@@ -567,3 +567,74 @@ fn a_query_past_its_cpu_budget_is_quarantined_and_its_events_skipped() {
         "{text}"
     );
 }
+
+/// A checkpoint copies keys a few at a time while events keep coming: the copy must be the
+/// state at the moment it began. Checked against a second shard given only the events before
+/// that moment and copied at once.
+#[test]
+fn a_checkpoint_copy_is_the_state_where_it_began_while_events_go_on() {
+    use crate::shard::Shard;
+    use std::collections::BTreeMap;
+    let script = r#"let source = "s"; let key_by = "k"; let time_field = "t";
+        fn on_event(ev) {
+            this.n = (this.n ?? 0) + 1;
+            this.sum = (this.sum ?? 0) + ev.x;
+            if this.n == 5 { forget(); }
+            set_timer(ev.t + 10);
+        }
+        fn on_timer(t) { this.fired = (this.fired ?? 0) + 1; }"#;
+    let def = std::sync::Arc::new(QueryDef::compile("q", script, &Limits::default()).unwrap());
+    let mut input = String::new();
+    for i in 0..600 {
+        input.push_str(&format!("{{\"k\":{},\"x\":{i},\"t\":{i}}}\n", i % 97));
+    }
+    let frame = crate::Parser::default().parse(input.into_bytes()).frame;
+    let deliver = |shard: &mut Shard, i: usize| {
+        let key = crate::Key::Int((i % 97) as i64);
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(1),
+            key,
+            event: frame.event(i),
+            time: i as i64,
+            watermark: i as i64 - 5,
+            source_mark: i as i64 - 5,
+            now: 0,
+        });
+    };
+    let copy_of = |c: crate::durable::ShardQueryCheckpoint| {
+        let keys: BTreeMap<String, String> = c
+            .keys
+            .into_iter()
+            .map(|k| {
+                let state = k.state.into_dynamic();
+                (format!("{:?}", k.key), format!("{state:?} {:?}", k.timers))
+            })
+            .collect();
+        (c.watermark, keys)
+    };
+    let point = 300;
+    let mut reference = Shard::new(&Limits::default());
+    reference
+        .deploy(crate::QueryId(1), std::sync::Arc::clone(&def))
+        .unwrap();
+    let mut live = Shard::new(&Limits::default());
+    live.deploy(crate::QueryId(1), def).unwrap();
+    for i in 0..point {
+        deliver(&mut reference, i);
+        deliver(&mut live, i);
+    }
+    let want = copy_of(reference.export(crate::QueryId(1)).unwrap());
+    assert!(want.1.len() > 50, "{}", want.1.len());
+    // The live shard copies 7 keys between events, while timers fire and keys are forgotten
+    // and made anew.
+    live.begin_export(&[crate::QueryId(1)]);
+    let mut got = None;
+    for i in point..600 {
+        deliver(&mut live, i);
+        if let Some(mut done) = live.export_step(7) {
+            got = Some(done.pop().unwrap().1);
+            break;
+        }
+    }
+    assert_eq!(copy_of(got.expect("the copy completed")), want);
+}

@@ -42,6 +42,8 @@ pub struct Durability {
     pub checkpoints: AtomicU64,
     pub last_checkpoint_us: AtomicU64,
     pub last_checkpoint_bytes: AtomicU64,
+    /// The longest a shard spent copying its state for the last checkpoint.
+    pub last_pause_us: AtomicU64,
     pub replayed_records: AtomicU64,
     pub truncated_bytes: AtomicU64,
 }
@@ -91,6 +93,7 @@ impl Durability {
             checkpoints: AtomicU64::new(0),
             last_checkpoint_us: AtomicU64::new(0),
             last_checkpoint_bytes: AtomicU64::new(0),
+            last_pause_us: AtomicU64::new(0),
             replayed_records: AtomicU64::new(0),
         })
     }
@@ -398,8 +401,10 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         replies.push(rx);
     }
     drop(guard);
+    let mut pause = Duration::ZERO;
     for rx in replies {
-        let copies = rx.await.map_err(|_| "a shard stopped".to_owned())?;
+        let (copies, copying) = rx.await.map_err(|_| "a shard stopped".to_owned())?;
+        pause = pause.max(copying);
         for (id, data) in copies {
             if let Some((_, q)) = queries.iter_mut().find(|(q, _)| *q == id) {
                 q.shards.push(data);
@@ -410,6 +415,11 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
     if lsn > 0 && !d.log.wait_durable(lsn - 1).await {
         return Err("the ingest log has stopped".into());
     }
+    let keys: usize = queries
+        .iter()
+        .flat_map(|(_, q)| &q.shards)
+        .map(|s| s.keys.len())
+        .sum();
     let checkpoint = Checkpoint {
         format: CHECKPOINT_FORMAT,
         lsn,
@@ -424,8 +434,17 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         .map_err(|e| e.to_string())?;
     d.log.delete_before(lsn).map_err(|e| e.to_string())?;
     d.checkpoints.fetch_add(1, Ordering::Relaxed);
+    let elapsed = started.elapsed();
     d.last_checkpoint_us
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        .store(elapsed.as_micros() as u64, Ordering::Relaxed);
+    d.last_pause_us
+        .store(pause.as_micros() as u64, Ordering::Relaxed);
+    tracing::debug!(
+        "checkpoint at log record {lsn}: {keys} keys, {bytes} bytes, {:.1} ms (shards paused at \
+         most {:.1} ms to copy)",
+        elapsed.as_secs_f64() * 1e3,
+        pause.as_secs_f64() * 1e3
+    );
     d.last_checkpoint_bytes.store(bytes, Ordering::Relaxed);
     Ok(bytes)
 }

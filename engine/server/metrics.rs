@@ -337,6 +337,9 @@ pub async fn render(state: &State) -> String {
             if name == "eddy_checkpoint_last_seconds" {
                 let secs = d.last_checkpoint_us.load(Relaxed) as f64 / 1e6;
                 let _ = writeln!(out, "{name} {secs}");
+            } else if name == "eddy_checkpoint_last_pause_seconds" {
+                let secs = d.last_pause_us.load(Relaxed) as f64 / 1e6;
+                let _ = writeln!(out, "{name} {secs}");
             } else {
                 let _ = writeln!(out, "{name} {value}");
             }

@@ -34,7 +34,7 @@ pub mod ws;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -210,9 +210,15 @@ impl Server {
         };
         let _ = tokio::time::timeout_at(deadline, flush).await;
         // The last checkpoint: a restart replays nothing.
-        if state.durable.is_some() {
-            if let Err(e) = durability::checkpoint(state).await {
-                tracing::error!("checkpoint at shutdown failed: {e}");
+        if let Some(d) = &state.durable {
+            match durability::checkpoint(state).await {
+                Ok(bytes) => tracing::info!(
+                    "checkpoint at shutdown: {bytes} bytes in {:.1} ms (shards paused at most \
+                     {:.1} ms)",
+                    d.last_checkpoint_us.load(Ordering::Relaxed) as f64 / 1e3,
+                    d.last_pause_us.load(Ordering::Relaxed) as f64 / 1e3
+                ),
+                Err(e) => tracing::error!("checkpoint at shutdown failed: {e}"),
             }
         }
         state.closing.send_replace(true);

@@ -60,7 +60,7 @@ pub enum ShardMsg {
     /// [`crate::durable`]).
     Checkpoint {
         ids: Vec<QueryId>,
-        done: oneshot::Sender<Vec<(QueryId, ShardQueryCheckpoint)>>,
+        done: oneshot::Sender<(Vec<(QueryId, ShardQueryCheckpoint)>, Duration)>,
     },
     /// Replaces the script of query `id` keeping its state: the shard prepares (compiles,
     /// migrates), answers on `ready`, and waits for `commit` (true) or abort before it goes on,
@@ -342,7 +342,15 @@ struct Running {
     /// Frames handled since the output was last handed on: when each arrived, and its events.
     received: Vec<(Instant, u64)>,
     published: Instant,
+    /// A checkpoint's copy in progress: the longest the shard stopped for it so far, and where
+    /// the copy goes once complete.
+    export: Option<(Duration, ExportReply)>,
 }
+
+type ExportReply = oneshot::Sender<(Vec<(QueryId, ShardQueryCheckpoint)>, Duration)>;
+
+/// Keys a shard copies for a checkpoint in one step between messages (about a millisecond).
+const EXPORT_STEP_KEYS: usize = 2_000;
 
 impl ShardThread {
     fn run(&self, settings: &ShardSettings) {
@@ -356,13 +364,16 @@ impl ShardThread {
             latency: crate::shard::latency_histogram(),
             received: Vec::new(),
             published: Instant::now(),
+            export: None,
         };
         // Whether counters changed since they were last published.
         let mut dirty = false;
         loop {
             // Counters go out at most every PUBLISH_EVERY, and within PUBLISH_EVERY of the last
             // change once the shard is idle.
-            let wait = if dirty {
+            let wait = if st.export.is_some() {
+                Duration::ZERO
+            } else if dirty {
                 PUBLISH_EVERY.saturating_sub(st.published.elapsed())
             } else {
                 Duration::from_secs(3600)
@@ -384,6 +395,10 @@ impl ShardThread {
                     Err(_) => break,
                 },
                 default(wait) => {
+                    if st.export.is_some() {
+                        self.guarded(|| self.export_step(&mut st));
+                        continue;
+                    }
                     self.publish(&mut st);
                     dirty = false;
                     continue;
@@ -399,6 +414,9 @@ impl ShardThread {
                 }
             }
             self.room.notify_waiters();
+            if st.export.is_some() {
+                self.guarded(|| self.export_step(&mut st));
+            }
             self.guarded(|| self.hand_on(&mut st));
             dirty = true;
             if st.published.elapsed() >= PUBLISH_EVERY {
@@ -449,11 +467,14 @@ impl ShardThread {
                 let _ = done.send(());
             }
             ShardMsg::Checkpoint { ids, done } => {
-                let copies = ids
-                    .into_iter()
-                    .filter_map(|id| Some((id, st.shard.export(id)?)))
-                    .collect();
-                let _ = done.send(copies);
+                // The copy goes on a few keys at a time between messages (see `run`).
+                if let Some((_, earlier)) = st.export.take() {
+                    let _ = earlier.send((Vec::new(), Duration::ZERO));
+                }
+                let started = Instant::now();
+                st.shard.begin_export(&ids);
+                st.export = Some((started.elapsed(), done));
+                self.export_step(st);
             }
             ShardMsg::Restore { id, data } => {
                 st.shard.import(id, data);
@@ -500,6 +521,20 @@ impl ShardThread {
             }
             #[cfg(test)]
             Control::Panic => panic!("a test asked this shard to panic"),
+        }
+    }
+
+    /// Copies the next keys of a checkpoint in progress; answers once all are copied.
+    fn export_step(&self, st: &mut Running) {
+        let started = Instant::now();
+        let done = st.shard.export_step(EXPORT_STEP_KEYS);
+        let Some((longest, _)) = st.export.as_mut() else {
+            return;
+        };
+        *longest = (*longest).max(started.elapsed());
+        if let Some(copies) = done {
+            let (longest, reply) = st.export.take().expect("an export in progress");
+            let _ = reply.send((copies, longest));
         }
     }
 
