@@ -492,7 +492,8 @@ impl Shard {
                 next: 0,
                 out: ShardQueryCheckpoint {
                     watermark: q.watermark,
-                    keys: Vec::new(),
+                    // Reserved now: growing it while copying would move it all at once.
+                    keys: Vec::with_capacity(q.states.len()),
                     deferred: q.deferred.iter().map(|(t, k)| (*t, k.into())).collect(),
                 },
             });

@@ -350,7 +350,7 @@ struct Running {
 type ExportReply = oneshot::Sender<(Vec<(QueryId, ShardQueryCheckpoint)>, Duration)>;
 
 /// Keys a shard copies for a checkpoint in one step between messages (about a millisecond).
-const EXPORT_STEP_KEYS: usize = 2_000;
+const EXPORT_STEP_KEYS: usize = 500;
 
 impl ShardThread {
     fn run(&self, settings: &ShardSettings) {
