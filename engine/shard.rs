@@ -36,7 +36,9 @@
 //! cost a full walk per call.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use indexmap::IndexMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -199,7 +201,8 @@ struct QueryRuntime {
     cpu: CpuUse,
     ast: AST,
     topics: Rc<QueryTopics>,
-    states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
+    /// In an index map, so that a checkpoint can walk it a few keys at a time.
+    states: IndexMap<Key, KeyState, foldhash::fast::RandomState>,
     timers: BTreeSet<(i64, Key)>,
     /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
     deferred: Vec<(i64, Key)>,
@@ -217,7 +220,9 @@ struct QueryRuntime {
 /// existed when it began, each copied before anything changes it.
 struct Export {
     epoch: u64,
-    todo: Vec<Key>,
+    /// Keys at indexes below this existed when the copy began (or moved there since).
+    bound: usize,
+    /// The next index to copy.
     next: usize,
     out: ShardQueryCheckpoint,
 }
@@ -309,7 +314,7 @@ impl Shard {
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
-            states: HashMap::default(),
+            states: IndexMap::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
             firing: None,
@@ -460,11 +465,16 @@ impl Shard {
             return;
         };
         // A checkpoint in progress copies the states as they were before.
-        let pending: Vec<Key> = q
-            .export
-            .as_ref()
-            .map(|e| e.todo[e.next..].to_vec())
-            .unwrap_or_default();
+        let pending: Vec<Key> = match &q.export {
+            Some(e) => q
+                .states
+                .keys()
+                .skip(e.next)
+                .take(e.bound.saturating_sub(e.next))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         for key in pending {
             export_key(q, &key);
         }
@@ -488,7 +498,7 @@ impl Shard {
         for q in self.queries.iter_mut().filter(|q| ids.contains(&q.id)) {
             q.export = Some(Export {
                 epoch,
-                todo: q.states.keys().cloned().collect(),
+                bound: q.states.len(),
                 next: 0,
                 out: ShardQueryCheckpoint {
                     watermark: q.watermark,
@@ -509,14 +519,18 @@ impl Shard {
                 let Some(export) = q.export.as_mut() else {
                     break;
                 };
-                let Some(key) = export.todo.get(export.next).cloned() else {
+                if export.next >= export.bound.min(q.states.len()) {
                     break;
-                };
+                }
+                let key = q.states.get_index(export.next).expect("in range").0.clone();
                 export.next += 1;
                 left -= 1;
                 export_key(q, &key);
             }
-            if q.export.as_ref().is_some_and(|e| e.next < e.todo.len()) {
+            if q.export
+                .as_ref()
+                .is_some_and(|e| e.next < e.bound.min(q.states.len()))
+            {
                 return None;
             }
         }
@@ -1059,7 +1073,16 @@ fn export_due(q: &mut QueryRuntime, watermark: i64) {
 }
 
 fn drop_key(q: &mut QueryRuntime, key: &Key) {
-    if let Some(entry) = q.states.remove(key) {
+    // The last key moves into the place of the one removed: a checkpoint walking the keys by
+    // index must copy it now if its walk has passed that place.
+    if let (Some(export), Some(index)) = (&q.export, q.states.get_index_of(key)) {
+        let last = q.states.len() - 1;
+        if index < export.next && last >= export.next {
+            let moved = q.states.get_index(last).expect("in range").0.clone();
+            export_key(q, &moved);
+        }
+    }
+    if let Some(entry) = q.states.swap_remove(key) {
         for t in entry.timers {
             q.timers.remove(&(t, key.clone()));
         }

@@ -579,7 +579,7 @@ fn a_checkpoint_copy_is_the_state_where_it_began_while_events_go_on() {
         fn on_event(ev) {
             this.n = (this.n ?? 0) + 1;
             this.sum = (this.sum ?? 0) + ev.x;
-            if this.n == 5 { forget(); }
+            if this.n == 4 { forget(); }
             set_timer(ev.t + 10);
         }
         fn on_timer(t) { this.fired = (this.fired ?? 0) + 1; }"#;
@@ -625,13 +625,13 @@ fn a_checkpoint_copy_is_the_state_where_it_began_while_events_go_on() {
     }
     let want = copy_of(reference.export(crate::QueryId(1)).unwrap());
     assert!(want.1.len() > 50, "{}", want.1.len());
-    // The live shard copies 7 keys between events, while timers fire and keys are forgotten
+    // The live shard copies 2 keys between events, while timers fire and keys are forgotten
     // and made anew.
     live.begin_export(&[crate::QueryId(1)]);
     let mut got = None;
     for i in point..600 {
         deliver(&mut live, i);
-        if let Some(mut done) = live.export_step(7) {
+        if let Some(mut done) = live.export_step(2) {
             got = Some(done.pop().unwrap().1);
             break;
         }
