@@ -24,6 +24,23 @@ pub struct QueryConfig {
     pub time_field: Option<FieldPath>,
     /// How far event time may run behind the newest seen before an event is late, in ms.
     pub lateness_ms: i64,
+    /// What happens to a new key when the query holds `max_keys_per_query` keys on a shard.
+    pub on_key_limit: OnKeyLimit,
+    /// A key not seen for this long in event time (behind the watermark) is forgotten, in ms.
+    pub key_ttl_ms: Option<i64>,
+}
+
+/// A query's answer to a new key once it holds `max_keys_per_query` keys on a shard
+/// (`on_key_limit = "evict" | "reject"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnKeyLimit {
+    /// The least recently seen key is dropped (state and timers), counted and reported on
+    /// `<query>.errors`, and the new key gets a fresh state.
+    #[default]
+    Evict,
+    /// The new key's event is not handled: counted and reported on `<query>.errors`; the keys
+    /// already held keep their state.
+    Reject,
 }
 
 /// Which optional functions a query defines.
@@ -264,11 +281,57 @@ fn read_config(scope: &Scope, problems: &mut Vec<String>) -> Option<QueryConfig>
         ));
     }
 
+    let on_key_limit = match get("on_key_limit") {
+        v if v.is_unit() => OnKeyLimit::default(),
+        v => match v.into_string().as_deref() {
+            Ok("evict") => OnKeyLimit::Evict,
+            Ok("reject") => OnKeyLimit::Reject,
+            Ok(other) => {
+                problems.push(format!(
+                    "`on_key_limit` must be \"evict\" or \"reject\", found {other:?}"
+                ));
+                OnKeyLimit::default()
+            }
+            Err(t) => {
+                problems.push(format!(
+                    "`on_key_limit` must be \"evict\" or \"reject\", found {t}"
+                ));
+                OnKeyLimit::default()
+            }
+        },
+    };
+    let key_ttl_ms = match get("key_ttl") {
+        v if v.is_unit() => None,
+        v if v.is_int() => Some(v.as_int().unwrap_or(0)),
+        v if v.is_string() => {
+            let text = v.into_string().unwrap_or_default();
+            match eddy_plugins::parse_duration_ms(&text) {
+                Ok(ms) => Some(ms),
+                Err(e) => {
+                    problems.push(format!("`key_ttl`: {e}"));
+                    None
+                }
+            }
+        }
+        v => {
+            problems.push(format!(
+                "`key_ttl` must be milliseconds or a duration string like \"1h\", found {}",
+                v.type_name()
+            ));
+            None
+        }
+    };
+    if let Some(ttl) = key_ttl_ms.filter(|&t| t <= 0) {
+        problems.push(format!("`key_ttl` must be more than 0, found {ttl}"));
+    }
+
     Some(QueryConfig {
         sources,
         key_by,
         time_field,
         lateness_ms,
+        on_key_limit,
+        key_ttl_ms,
     })
 }
 
@@ -328,6 +391,29 @@ mod tests {
         assert_eq!(def.config.time_field.unwrap().to_string(), "ts");
         assert_eq!(def.config.lateness_ms, 2000);
         assert!(def.functions.init && def.functions.on_timer);
+    }
+
+    #[test]
+    fn key_settings_are_read_and_checked() {
+        let def = compile(
+            "let source = \"t\"; let key_by = \"k\"; let on_key_limit = \"reject\"; let key_ttl = \"1h\"; fn on_event(ev) {}",
+        )
+        .unwrap();
+        assert_eq!(def.config.on_key_limit, OnKeyLimit::Reject);
+        assert_eq!(def.config.key_ttl_ms, Some(3_600_000));
+        let def = compile("let source = \"t\"; fn on_event(ev) {}").unwrap();
+        assert_eq!(def.config.on_key_limit, OnKeyLimit::Evict);
+        assert_eq!(def.config.key_ttl_ms, None);
+        let err = compile(
+            "let source = \"t\"; let on_key_limit = \"drop\"; let key_ttl = 0; fn on_event(ev) {}",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`on_key_limit` must be \"evict\" or \"reject\", found \"drop\""),
+            "{text}"
+        );
+        assert!(text.contains("`key_ttl` must be more than 0"), "{text}");
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //! cost a full walk per call.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
 use crate::event::Event;
 use crate::key::Key;
-use crate::query::{self, QueryDef, QueryError};
+use crate::query::{self, OnKeyLimit, QueryDef, QueryError};
 use crate::sandbox::{self, Limits};
 
 /// Identifies one deployment of a query; a replaced query gets a new id, so that work still in
@@ -132,6 +132,12 @@ pub struct QueryStats {
     pub timers_deferred: u64,
     /// Script time, in µs.
     pub cpu_us: u64,
+    /// Keys dropped to make room for new ones (`max_keys_per_query`, `on_key_limit = "evict"`).
+    pub keys_evicted: u64,
+    /// Events of new keys not handled (`max_keys_per_query`, `on_key_limit = "reject"`).
+    pub keys_refused: u64,
+    /// Keys forgotten after `key_ttl` without an event.
+    pub keys_expired: u64,
 }
 
 impl std::ops::AddAssign for QueryStats {
@@ -145,6 +151,9 @@ impl std::ops::AddAssign for QueryStats {
         self.skipped += o.skipped;
         self.timers_deferred += o.timers_deferred;
         self.cpu_us += o.cpu_us;
+        self.keys_evicted += o.keys_evicted;
+        self.keys_refused += o.keys_refused;
+        self.keys_expired += o.keys_expired;
     }
 }
 
@@ -154,6 +163,10 @@ struct KeyState {
     timers: Vec<i64>,
     /// Calls left before the state's size is measured again (0: after the next call).
     unmeasured: u32,
+    /// The stamp of the key's current entry in its query's [`Recency`] (0: none yet).
+    seen: u64,
+    /// The newest event time seen for the key, for `key_ttl`.
+    seen_time: i64,
 }
 
 impl KeyState {
@@ -162,7 +175,63 @@ impl KeyState {
             state,
             timers: Vec::new(),
             unmeasured: 0,
+            seen: 0,
+            seen_time: i64::MIN,
         }
+    }
+}
+
+/// The order in which a query's keys were last seen, for `max_keys_per_query` (the least
+/// recently seen key is the one evicted) and `key_ttl` (keys are forgotten from the oldest on).
+///
+/// A queue of `(stamp, key)`: seeing a key pushes a new entry and gives the key that stamp
+/// ([`KeyState::seen`]); an entry whose stamp is no longer its key's is stale and skipped when it
+/// reaches the front. Stale entries are compacted away when they outnumber the keys, so the queue
+/// holds at most about twice as many entries as there are keys, and seeing a key costs one push
+/// (none when it is already the most recent).
+#[derive(Default)]
+struct Recency {
+    queue: VecDeque<(u64, Key)>,
+    /// The last stamp given.
+    last: u64,
+}
+
+impl Recency {
+    /// `key` was just seen, at event time `time`.
+    fn touch(
+        &mut self,
+        states: &mut HashMap<Key, KeyState, foldhash::fast::RandomState>,
+        key: &Key,
+        time: i64,
+    ) {
+        let Some(entry) = states.get_mut(key) else {
+            return;
+        };
+        entry.seen_time = entry.seen_time.max(time);
+        if entry.seen != 0 && entry.seen == self.last {
+            return;
+        }
+        self.last += 1;
+        entry.seen = self.last;
+        self.queue.push_back((self.last, key.clone()));
+        if self.queue.len() > 2 * states.len() + 64 {
+            self.queue
+                .retain(|(stamp, k)| states.get(k).is_some_and(|e| e.seen == *stamp));
+        }
+    }
+
+    /// The least recently seen key still held, with stale entries before it dropped.
+    fn oldest<'a>(
+        &'a mut self,
+        states: &HashMap<Key, KeyState, foldhash::fast::RandomState>,
+    ) -> Option<&'a Key> {
+        while let Some((stamp, key)) = self.queue.front() {
+            if states.get(key).is_some_and(|e| e.seen == *stamp) {
+                return self.queue.front().map(|(_, k)| k);
+            }
+            self.queue.pop_front();
+        }
+        None
     }
 }
 
@@ -195,6 +264,8 @@ struct QueryRuntime {
     ast: AST,
     topics: Rc<QueryTopics>,
     states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
+    /// The order in which `states` were last seen (eviction and `key_ttl`).
+    recency: Recency,
     timers: BTreeSet<(i64, Key)>,
     /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
     deferred: Vec<(i64, Key)>,
@@ -299,6 +370,7 @@ impl Shard {
             def,
             ast,
             states: HashMap::default(),
+            recency: Recency::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
             firing: None,
@@ -377,6 +449,7 @@ impl Shard {
         }
         q.watermark = watermark;
         call.fire_timers(q, now);
+        call.expire_keys(q);
     }
 
     /// Raises every query's watermark to the end of time, firing every pending timer: the end
@@ -412,12 +485,13 @@ impl Shard {
         if d.watermark > q.watermark {
             q.watermark = d.watermark;
             call.fire_timers(q, d.now);
+            call.expire_keys(q);
         }
         if d.source_mark > q.watermark {
             call.fire_key_timers(q, &d.key, d.source_mark, d.now);
         }
         q.stats.events += 1;
-        call.on_event(q, d.key, d.event, d.now);
+        call.on_event(q, d.key, d.event, d.time, d.now);
     }
 }
 
@@ -457,8 +531,11 @@ enum Outcome {
 }
 
 impl Call<'_> {
-    fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, now: i64) {
+    fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, time: i64, now: i64) {
         if !q.states.contains_key(&key) {
+            if q.states.len() >= self.limits.max_keys_per_query && !self.make_room(q, &key) {
+                return;
+            }
             let state = if q.def.functions.init {
                 match self.init(q, &key, now) {
                     Some(state) => state,
@@ -469,7 +546,74 @@ impl Call<'_> {
             };
             q.states.insert(key.clone(), KeyState::new(state));
         }
+        q.recency.touch(&mut q.states, &key, time);
         self.run(q, key, "on_event", Dynamic::from(event), now);
+    }
+
+    /// The query holds `max_keys_per_query` keys and `key` is new: evicts the least recently
+    /// seen key, or refuses `key`, as the query's `on_key_limit` says; either way it is counted
+    /// and reported on `<query>.errors`. Returns whether `key` may have a state.
+    fn make_room(&mut self, q: &mut QueryRuntime, key: &Key) -> bool {
+        let limit = self.limits.max_keys_per_query;
+        match q.def.config.on_key_limit {
+            OnKeyLimit::Reject => {
+                q.stats.keys_refused += 1;
+                let msg = format!(
+                    "event of new key {key} not handled: the query holds {limit} keys on this \
+                     shard, its share of the limit (max_keys_per_query), and on_key_limit is \"reject\""
+                );
+                self.publish_error(q, key, "on_event", &msg, None);
+                false
+            }
+            OnKeyLimit::Evict => {
+                while q.states.len() >= limit {
+                    let Some(oldest) = q.recency.oldest(&q.states).cloned() else {
+                        break;
+                    };
+                    drop_key(q, &oldest);
+                    q.stats.keys_evicted += 1;
+                    let msg = format!(
+                        "key {oldest} evicted, its state and timers dropped: the query holds \
+                         {limit} keys on this shard, its share of the limit (max_keys_per_query), and it was \
+                         the least recently seen (on_key_limit = \"evict\")"
+                    );
+                    self.publish_error(q, &oldest, "on_event", &msg, None);
+                }
+                true
+            }
+        }
+    }
+
+    /// Forgets the keys not seen for the query's `key_ttl` behind its watermark, oldest first.
+    /// A key with pending timers is kept until they have fired.
+    fn expire_keys(&mut self, q: &mut QueryRuntime) {
+        let Some(ttl) = q.def.config.key_ttl_ms else {
+            return;
+        };
+        let horizon = q.watermark.saturating_sub(ttl);
+        let mut budget = q.recency.queue.len();
+        while budget > 0 {
+            budget -= 1;
+            let Some(key) = q.recency.oldest(&q.states) else {
+                return;
+            };
+            let entry = &q.states[key];
+            if entry.seen_time >= horizon {
+                return;
+            }
+            let (key, waiting) = (key.clone(), !entry.timers.is_empty());
+            if waiting {
+                // Behind the others it may expire later, once its timers have fired.
+                q.recency.queue.pop_front();
+                let entry = q.states.get_mut(&key).expect("held");
+                entry.seen = 0;
+                let time = entry.seen_time;
+                q.recency.touch(&mut q.states, &key, time);
+            } else {
+                drop_key(q, &key);
+                q.stats.keys_expired += 1;
+            }
+        }
     }
 
     /// The first state of `key`, from the query's `init(key)`; `None` when it failed.

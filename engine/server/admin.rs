@@ -383,6 +383,9 @@ async fn list(state: &State) -> Response<Body> {
             ("timers_fired", stats.timers_fired),
             ("timers_deferred", stats.timers_deferred),
             ("skipped", stats.skipped),
+            ("keys_evicted", stats.keys_evicted),
+            ("keys_refused", stats.keys_refused),
+            ("keys_expired", stats.keys_expired),
             ("cpu_us", stats.cpu_us),
         ] {
             object.int(field, value as i64);

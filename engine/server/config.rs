@@ -104,6 +104,7 @@ impl Config {
         crate::router::TimePolicy {
             max_skew_ms: self.max_event_time_skew_ms,
             idle_ms: self.idle_timeout.map(|d| d.as_millis() as i64),
+            max_key_bytes: self.limits.max_key_bytes,
         }
     }
 }
@@ -245,6 +246,13 @@ impl RawConfig {
                 problems.push(format!("{name} must be at least 1"));
             }
         }
+        for (name, value) in config.limits.named() {
+            if value == 0 {
+                problems.push(format!(
+                    "[limits] {name} must be at least 1 (0 would mean no limit)"
+                ));
+            }
+        }
         if config.shards > 256 {
             problems.push(format!(
                 "shards must be at most 256, found {}",
@@ -343,6 +351,24 @@ mod tests {
         .validate()
         .unwrap_err();
         assert_eq!(err.problems.len(), 6, "{err}");
+    }
+
+    #[test]
+    fn zero_limits_are_refused_with_the_setting_named() {
+        let err = RawConfig::from_toml("[limits]\nmax_operations = 0\nmax_keys_per_query = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("[limits] max_operations must be at least 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[limits] max_keys_per_query must be at least 1"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 2, "{text}");
     }
 
     #[test]

@@ -214,7 +214,7 @@ pub async fn render(state: &State) -> String {
         })
         .collect();
     type Pick = fn(&crate::shard::QueryStats, bool) -> u64;
-    let families: [(&str, &str, &str, Pick); 6] = [
+    let families: [(&str, &str, &str, Pick); 9] = [
         (
             "eddy_query_events_total",
             "counter",
@@ -244,6 +244,24 @@ pub async fn render(state: &State) -> String {
             "counter",
             "Due timers left for a later round by max_timers_per_advance, by query.",
             |s, _| s.timers_deferred,
+        ),
+        (
+            "eddy_keys_evicted_total",
+            "counter",
+            "Keys dropped to make room for new ones (max_keys_per_query, on_key_limit = evict), by query.",
+            |s, _| s.keys_evicted,
+        ),
+        (
+            "eddy_keys_refused_total",
+            "counter",
+            "Events of new keys not handled (max_keys_per_query, on_key_limit = reject), by query.",
+            |s, _| s.keys_refused,
+        ),
+        (
+            "eddy_keys_expired_total",
+            "counter",
+            "Keys forgotten after key_ttl without an event, by query.",
+            |s, _| s.keys_expired,
         ),
         (
             "eddy_query_quarantined",

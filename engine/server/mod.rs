@@ -125,7 +125,7 @@ impl Server {
         })?;
         let (hub_tx, hub) = hub::start(config.hub_queue, config.snapshot_keys);
         let settings = pipeline::ShardSettings {
-            limits: config.limits.clone(),
+            limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
                 share: config.max_query_cpu,
                 window: config.query_cpu_window,
