@@ -48,6 +48,10 @@ pub struct Config {
     pub ping_interval: Duration,
     /// How long shutdown waits for queues to drain and connections to close.
     pub shutdown_timeout: Duration,
+    /// How long a connection may take to send a request head (and stay idle between two).
+    pub handshake_timeout: Duration,
+    /// Open connections served in full; past it, `503` (see `server::accept`).
+    pub max_connections: usize,
     /// Latest values kept per topic for snapshots.
     pub snapshot_keys: usize,
     /// Script limits.
@@ -86,6 +90,8 @@ impl Default for Config {
             slow_consumer_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: super::accept::default_max_connections(),
             snapshot_keys: 100_000,
             limits: Limits::default(),
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
@@ -136,6 +142,8 @@ pub struct RawConfig {
     pub slow_consumer_timeout: Option<RawDuration>,
     pub ping_interval: Option<RawDuration>,
     pub shutdown_timeout: Option<RawDuration>,
+    pub handshake_timeout: Option<RawDuration>,
+    pub max_connections: Option<usize>,
     pub snapshot_keys: Option<usize>,
     pub limits: Option<Limits>,
     pub max_event_time_skew: Option<RawDuration>,
@@ -194,6 +202,11 @@ impl RawConfig {
             self.shutdown_timeout,
             d.shutdown_timeout,
         );
+        let handshake_timeout = duration(
+            "handshake_timeout",
+            self.handshake_timeout,
+            d.handshake_timeout,
+        );
         let max_event_time_skew = duration(
             "max_event_time_skew",
             self.max_event_time_skew,
@@ -229,6 +242,8 @@ impl RawConfig {
             slow_consumer_timeout,
             ping_interval,
             shutdown_timeout,
+            handshake_timeout,
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
             limits: self.limits.unwrap_or(d.limits),
             demo: self.demo.unwrap_or(d.demo),
@@ -240,6 +255,7 @@ impl RawConfig {
             ("shard_queue", config.shard_queue),
             ("hub_queue", config.hub_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
+            ("max_connections", config.max_connections),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -262,6 +278,7 @@ impl RawConfig {
         for (name, value) in [
             ("ping_interval", config.ping_interval),
             ("query_cpu_window", config.query_cpu_window),
+            ("handshake_timeout", config.handshake_timeout),
             ("idle_timeout", config.idle_timeout.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {

@@ -155,6 +155,52 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The connection gauges and counters of [`super::accept`].
+fn write_connections(out: &mut String, c: &super::accept::Connections, max: usize) {
+    let rows: [(&str, &str, &str, u64); 6] = [
+        (
+            "eddy_open_connections",
+            "gauge",
+            "Open TCP connections, HTTP and WebSocket.",
+            c.open.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "eddy_max_connections",
+            "gauge",
+            "Connections served in full (max_connections); a reserve past it serves health, metrics and admin.",
+            max as u64,
+        ),
+        (
+            "eddy_connections_refused_total",
+            "counter",
+            "Connections or requests answered 503 past max_connections.",
+            c.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_connections_shed_total",
+            "counter",
+            "Connections closed before their request head to make room past max_connections.",
+            c.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_handshake_timeouts_total",
+            "counter",
+            "Connections closed for sending no complete request head within handshake_timeout.",
+            c.timed_out.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_accept_errors_total",
+            "counter",
+            "Failed accepts (each backed off, from 10 ms to 1 s).",
+            c.accept_errors.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        counter_header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 /// The Prometheus text of every metric.
 pub async fn render(state: &State) -> String {
     let mut out = String::new();
@@ -171,6 +217,7 @@ pub async fn render(state: &State) -> String {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
+    write_connections(&mut out, &state.connections, state.config.max_connections);
     counter_header(
         &mut out,
         "eddy_events_ingested_total",

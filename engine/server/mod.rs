@@ -17,6 +17,7 @@
 //! So every acknowledged event reaches the subscribers before the process exits. Every WebSocket
 //! task is tracked ([`State::producers`], [`State::subscribers`]), not detached.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod demo;
@@ -31,7 +32,6 @@ pub mod supervise;
 pub mod ws;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -41,11 +41,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
@@ -77,6 +73,8 @@ pub struct State {
     pub producers: TaskTracker,
     /// Subscriber WebSocket tasks.
     pub subscribers: TaskTracker,
+    /// Open connections and what the connection limits did.
+    pub connections: accept::Connections,
 }
 
 /// A running server.
@@ -112,13 +110,10 @@ pub enum StartError {
 impl Server {
     /// Binds, loads the queries folder and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = accept::bind(config.listen).map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -151,12 +146,13 @@ impl Server {
             closing: watch::channel(false).0,
             producers: TaskTracker::new(),
             subscribers: TaskTracker::new(),
+            connections: accept::Connections::default(),
             config,
         });
         models::load_folder(&state)?;
         admin::load_folder(&state).await?;
         let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let accept = tokio::spawn(accept_loop(
+        let accept = tokio::spawn(accept::accept_loop(
             listener,
             Arc::clone(&state),
             Arc::clone(&connections),
@@ -242,40 +238,6 @@ async fn idle_ticker(state: Arc<State>, idle: std::time::Duration) {
                 return;
             }
         }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<State>,
-    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
-) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        let mut set = connections.lock().await;
-        // Reap finished connections so the set does not grow.
-        while set.try_join_next().is_some() {}
-        set.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(state, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended: {e}");
-            }
-        });
     }
 }
 

@@ -1,0 +1,281 @@
+//! Bounded memory and connections under hostile load, measured on `eddy serve` run as a
+//! process: resident memory is read from `/proc/PID/status` (`VmRSS` now, `VmHWM` at peak).
+//!
+//! Each test states the bound it checks and why that bound; the figures they print (run with
+//! `--nocapture`) are the ones quoted in the README.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::{http_at, metric, proc_status_kib, spawn_serve_with_files, TOKEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A queries folder with `queries` and an `eddy.toml` holding `toml` (plus the test token).
+fn folder(queries: &[(&str, &str)], toml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, script) in queries {
+        std::fs::write(dir.path().join(format!("{name}.rhai")), script).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("eddy.toml"),
+        format!("admin_token = \"{TOKEN}\"\n{toml}"),
+    )
+    .unwrap();
+    dir
+}
+
+/// `eddy serve` on `dir` (its queries and its `eddy.toml`), optionally with `nofile` open files.
+async fn serve(dir: &Path, nofile: Option<u64>) -> (tokio::process::Child, String, u32) {
+    let config = dir.join("eddy.toml");
+    let (child, _lines, addr) =
+        spawn_serve_with_files(dir, &["--config", config.to_str().unwrap()], nofile).await;
+    let pid = child.id().unwrap();
+    (child, addr, pid)
+}
+
+async fn metrics_at(addr: &str) -> String {
+    let (status, text) = http_at(addr, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 200);
+    text
+}
+
+/// `POST /ingest?stream=STREAM` of an NDJSON body; returns the answer.
+async fn post(addr: &str, stream: &str, body: &str) -> Value {
+    let (status, text) = http_at(
+        addr,
+        "POST",
+        &format!("/ingest?stream={stream}"),
+        None,
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// 2,000,000 distinct keys through a query allowed 100,000: the least recently seen keys are
+/// evicted (exactly 2,000,100 − 100,000 of them, each counted), the keys seen all along keep
+/// their full state, and resident memory stays under 400 MB (100,000 states of about 200
+/// bytes, the hub's latest values, and the process's own ~40 MB; without the limit it grew
+/// past 5 GB).
+#[test]
+fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_counted() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let query = r#"let source = "t"; let key_by = "k";
+            fn on_event(ev) {
+                this.n = (this.n ?? 0) + ev.x;
+                if ev.contains("check") { emit(this.n) }
+            }"#;
+        let dir = folder(&[("q", query)], "[limits]\nmax_keys_per_query = 100000\n");
+        let (_child, addr, pid) = serve(dir.path(), None).await;
+        let before = proc_status_kib(pid, "VmRSS");
+        // 100 hot keys, each seen every 20,000 events: always among the most recent.
+        const DISTINCT: usize = 2_000_000;
+        let mut body = String::new();
+        let mut sent = 0u64;
+        for i in 0..DISTINCT {
+            body.push_str(&format!("{{\"k\":\"k{i}\",\"x\":1}}\n"));
+            if i % 200 == 0 {
+                body.push_str(&format!("{{\"k\":\"hot{}\",\"x\":1}}\n", (i / 200) % 100));
+            }
+            if body.len() > 4 << 20 || i + 1 == DISTINCT {
+                let answer = post(&addr, "t", &body).await;
+                assert_eq!(answer["rejected"], 0, "{answer}");
+                sent += answer["accepted"].as_u64().unwrap();
+                body.clear();
+            }
+        }
+        assert_eq!(sent, (DISTINCT + DISTINCT / 200) as u64);
+        let url = format!("ws://{addr}/subscribe");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.send(Message::Text(json!({"topic": "q"}).to_string().into()))
+            .await
+            .unwrap();
+        let checks: String = (0..100)
+            .map(|j| format!("{{\"k\":\"hot{j}\",\"x\":0,\"check\":true}}\n"))
+            .collect();
+        // The subscription is confirmed before the checks are sent.
+        let reply = next_text(&mut ws).await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        post(&addr, "t", &checks).await;
+        let mut totals = Vec::new();
+        while totals.len() < 100 {
+            let msg = next_text(&mut ws).await;
+            for item in msg["items"].as_array().into_iter().flatten() {
+                totals.push(item["value"].as_i64().unwrap());
+            }
+        }
+        // Each hot key was seen DISTINCT / 200 / 100 times with x = 1.
+        assert!(totals.iter().all(|&n| n == 100), "{totals:?}");
+        let text = metrics_at(&addr).await;
+        let evicted = metric(&text, "eddy_keys_evicted_total{query=\"q\"}");
+        assert_eq!(evicted as usize, DISTINCT + 100 - 100_000);
+        let rss = proc_status_kib(pid, "VmRSS");
+        let peak = proc_status_kib(pid, "VmHWM");
+        println!(
+            "2M keys, max_keys_per_query 100000: RSS {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB; {evicted} evicted",
+            mib(before),
+            mib(rss),
+            mib(peak)
+        );
+        assert!(peak < 400 * 1024, "peak RSS {} MiB", mib(peak));
+        // Deleting the query gives its memory back.
+        let (status, _) = http_at(&addr, "DELETE", "/queries/q", Some(TOKEN), "").await;
+        assert_eq!(status, 200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let freed = loop {
+            let now = proc_status_kib(pid, "VmRSS");
+            if now < rss.saturating_sub(20 * 1024) || Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!("after DELETE /queries/q: RSS {:.0} MiB", mib(freed));
+        assert!(
+            freed < rss.saturating_sub(20 * 1024),
+            "RSS {} MiB after the delete, {} MiB before",
+            mib(freed),
+            mib(rss)
+        );
+    });
+}
+
+/// The next text message of a WebSocket as JSON.
+async fn next_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message within 20 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// 60 events whose key is 15 MiB: each is rejected (naming `max_key_bytes`), and resident
+/// memory stays flat: less than 100 MB above where it started once they are done (each such
+/// key held about 100 MB before the limit).
+#[test]
+fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let query = r#"let source = "t"; let key_by = "symbol";
+            fn on_event(ev) { this.n = (this.n ?? 0) + 1; }"#;
+        let dir = folder(&[("q", query)], "");
+        let (_child, addr, pid) = serve(dir.path(), None).await;
+        let before = proc_status_kib(pid, "VmRSS");
+        for i in 0..60 {
+            let symbol: String =
+                std::iter::repeat_n(char::from(b'a' + (i % 26) as u8), 15 << 20).collect();
+            let body = format!("{{\"symbol\":\"{symbol}\",\"price\":1}}");
+            let answer = post(&addr, "t", &body).await;
+            assert_eq!(answer["accepted"], 0, "event {i}");
+            assert_eq!(answer["rejected"], 1, "event {i}");
+            let error = answer["errors"][0]["error"].as_str().unwrap();
+            assert!(
+                error.contains("15728640 bytes long") && error.contains("(max_key_bytes)"),
+                "{error}"
+            );
+        }
+        let after = proc_status_kib(pid, "VmRSS");
+        let peak = proc_status_kib(pid, "VmHWM");
+        println!(
+            "60 events with 15 MiB keys: RSS {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB",
+            mib(before),
+            mib(after),
+            mib(peak)
+        );
+        assert!(
+            after < before + 100 * 1024,
+            "RSS grew from {} to {} MiB",
+            mib(before),
+            mib(after)
+        );
+    });
+}
+
+/// 500 connections sending their request head one byte every 200 ms and 500 that send nothing
+/// are all closed once `handshake_timeout` (1 s here) has passed, while a client asking for
+/// `/healthz` and producing events is served throughout; again with the server limited to 256
+/// open files, where slots past `max_connections` go to connections that speak.
+#[test]
+fn slowloris_and_silent_connections_are_closed_and_a_normal_client_is_served() {
+    for nofile in [None, Some(256)] {
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let query = r#"let source = "t"; fn on_event(ev) { }"#;
+            let dir = folder(&[("q", query)], "handshake_timeout = \"1s\"\n");
+            let (_child, addr, _pid) = serve(dir.path(), nofile).await;
+            let started = Instant::now();
+            let mut attackers = Vec::new();
+            let mut streams = Vec::new();
+            for _ in 0..1000 {
+                streams.push(TcpStream::connect(&addr).await.unwrap());
+            }
+            for (i, mut s) in streams.into_iter().enumerate() {
+                attackers.push(tokio::spawn(async move {
+                    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+                    let mut buf = [0u8; 256];
+                    let mut at = 0;
+                    loop {
+                        let slow = i % 2 == 0 && at < head.len();
+                        tokio::select! {
+                            n = s.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return Instant::now(),
+                                Ok(_) => {}
+                            },
+                            _ = tokio::time::sleep(Duration::from_millis(200)), if slow => {
+                                if s.write_all(&head[at..at + 1]).await.is_err() {
+                                    return Instant::now();
+                                }
+                                at += 1;
+                            }
+                        }
+                    }
+                }));
+            }
+            // The normal client, every 100 ms while the attackers hold on.
+            let mut served = 0;
+            while attackers.iter().any(|a| !a.is_finished()) {
+                let (status, body) = http_at(&addr, "GET", "/healthz", None, "").await;
+                assert_eq!(status, 200, "{body}");
+                let answer = post(&addr, "t", "{\"x\":1}\n").await;
+                assert_eq!(answer["accepted"], 1, "{answer}");
+                served += 1;
+                if started.elapsed() > Duration::from_secs(20) {
+                    let open: Vec<usize> = (0..attackers.len()).filter(|&i| !attackers[i].is_finished()).collect();
+                    panic!("{} attackers still connected after 20 s: {:?}\n{}", open.len(), &open[..open.len().min(20)], metrics_at(&addr).await);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut last = Duration::ZERO;
+            for a in attackers {
+                last = last.max(a.await.unwrap().duration_since(started));
+            }
+            let text = metrics_at(&addr).await;
+            let closed = metric(&text, "eddy_handshake_timeouts_total")
+                + metric(&text, "eddy_connections_shed_total")
+                + metric(&text, "eddy_connections_refused_total");
+            println!(
+                "nofile {nofile:?}: 1000 attackers closed within {last:?} ({} timed out, {} shed, {} refused); normal client served {served} times",
+                metric(&text, "eddy_handshake_timeouts_total"),
+                metric(&text, "eddy_connections_shed_total"),
+                metric(&text, "eddy_connections_refused_total"),
+            );
+            assert!(closed >= 1000.0, "{closed} closed by the limits");
+            assert!(served >= 5);
+        });
+    }
+}
