@@ -181,6 +181,78 @@ impl KeyState {
     }
 }
 
+/// The keys `max_keys_per_query` evicted or refused since the last report. One report per
+/// query per hand-off of the output (with the count and the first keys), not one item per key:
+/// a flood of new keys must not become a flood of error items.
+#[derive(Default)]
+struct KeyLimitReport {
+    evicted: u64,
+    refused: u64,
+    /// The first keys evicted or refused (at most [`KeyLimitReport::LISTED`]).
+    keys: Vec<Key>,
+}
+
+impl KeyLimitReport {
+    const LISTED: usize = 10;
+
+    fn note(&mut self, key: &Key) {
+        if self.keys.len() < Self::LISTED {
+            self.keys.push(key.clone());
+        }
+    }
+
+    /// `{"error":…,"function":"on_event","evicted"|"refused":N,"keys":[…]}` on
+    /// `<query>.errors`, when there is anything to report.
+    fn report(&mut self, topics: &QueryTopics, limit: usize, out: &mut Vec<Emitted>) {
+        let (count, field, message) = if self.evicted > 0 {
+            (
+                self.evicted,
+                "evicted",
+                format!(
+                    "{} least recently seen key(s) evicted, their state and timers dropped: the \
+                     query holds {limit} keys on this shard, its share of the limit \
+                     (max_keys_per_query), and on_key_limit is \"evict\"",
+                    self.evicted
+                ),
+            )
+        } else if self.refused > 0 {
+            (
+                self.refused,
+                "refused",
+                format!(
+                    "{} event(s) of new keys not handled: the query holds {limit} keys on this \
+                     shard, its share of the limit (max_keys_per_query), and on_key_limit is \
+                     \"reject\"",
+                    self.refused
+                ),
+            )
+        } else {
+            return;
+        };
+        let mut value = Vec::with_capacity(256);
+        value.extend_from_slice(b"{\"error\":");
+        crate::json::write_str(&mut value, &message);
+        value.extend_from_slice(b",\"function\":\"on_event\",\"");
+        value.extend_from_slice(field.as_bytes());
+        value.extend_from_slice(b"\":");
+        crate::json::write_int(&mut value, count as i64);
+        value.extend_from_slice(b",\"keys\":[");
+        for (i, key) in self.keys.iter().enumerate() {
+            if i > 0 {
+                value.push(b',');
+            }
+            key.write_json(&mut value);
+        }
+        value.extend_from_slice(b"]}");
+        out.push(Emitted {
+            topic: Arc::clone(&topics.errors),
+            key: Key::None,
+            value,
+        });
+        *self = KeyLimitReport::default();
+    }
+}
+
 /// The order in which a query's keys were last seen, for `max_keys_per_query` (the least
 /// recently seen key is the one evicted) and `key_ttl` (keys are forgotten from the oldest on).
 ///
@@ -266,6 +338,8 @@ struct QueryRuntime {
     states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
     /// The order in which `states` were last seen (eviction and `key_ttl`).
     recency: Recency,
+    /// Keys evicted or refused since the output was last taken, reported then.
+    key_limit: KeyLimitReport,
     timers: BTreeSet<(i64, Key)>,
     /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
     deferred: Vec<(i64, Key)>,
@@ -371,6 +445,7 @@ impl Shard {
             ast,
             states: HashMap::default(),
             recency: Recency::default(),
+            key_limit: KeyLimitReport::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
             firing: None,
@@ -381,9 +456,16 @@ impl Shard {
         Ok(())
     }
 
-    /// Drops a query and all its state.
+    /// Drops a query and all its state, and gives the memory it held back to the system (the
+    /// allocator would otherwise keep it for this thread's next allocations).
     pub fn remove(&mut self, id: QueryId) {
+        let before = self.queries.len();
         self.queries.retain(|q| q.id != id);
+        if self.queries.len() < before {
+            // SAFETY: mi_collect only walks the calling thread's heap and the segments it may
+            // reclaim; it takes no pointer from us.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
     }
 
     /// Counters of a query on this shard.
@@ -410,9 +492,15 @@ impl Shard {
         self.ctx.borrow_mut().out.push(item);
     }
 
-    /// Moves everything emitted since the last call into `out`.
+    /// Moves everything emitted since the last call into `out`, ending with a report per query
+    /// of the keys `max_keys_per_query` evicted or refused meanwhile.
     pub fn take_output(&mut self, out: &mut Vec<Emitted>) {
-        out.append(&mut self.ctx.borrow_mut().out);
+        let mut ctx = self.ctx.borrow_mut();
+        out.append(&mut ctx.out);
+        for q in &mut self.queries {
+            q.key_limit
+                .report(&q.topics, self.limits.max_keys_per_query, out);
+        }
     }
 
     /// The runtime of query `id` and the parts of the shard a script call needs.
@@ -558,11 +646,8 @@ impl Call<'_> {
         match q.def.config.on_key_limit {
             OnKeyLimit::Reject => {
                 q.stats.keys_refused += 1;
-                let msg = format!(
-                    "event of new key {key} not handled: the query holds {limit} keys on this \
-                     shard, its share of the limit (max_keys_per_query), and on_key_limit is \"reject\""
-                );
-                self.publish_error(q, key, "on_event", &msg, None);
+                q.key_limit.refused += 1;
+                q.key_limit.note(key);
                 false
             }
             OnKeyLimit::Evict => {
@@ -572,12 +657,8 @@ impl Call<'_> {
                     };
                     drop_key(q, &oldest);
                     q.stats.keys_evicted += 1;
-                    let msg = format!(
-                        "key {oldest} evicted, its state and timers dropped: the query holds \
-                         {limit} keys on this shard, its share of the limit (max_keys_per_query), and it was \
-                         the least recently seen (on_key_limit = \"evict\")"
-                    );
-                    self.publish_error(q, &oldest, "on_event", &msg, None);
+                    q.key_limit.evicted += 1;
+                    q.key_limit.note(&oldest);
                 }
                 true
             }

@@ -71,34 +71,67 @@ fn mib(kib: u64) -> f64 {
 #[test]
 fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_counted() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
+        // The full figures in a release build (`.ci/run` runs this test so); a debug build
+        // (`cargo test`) runs a fifth of them, in the same proportions, to stay within a minute.
+        let (distinct, kept) = if cfg!(debug_assertions) {
+            (400_000, 20_000)
+        } else {
+            (2_000_000, 100_000)
+        };
         let query = r#"let source = "t"; let key_by = "k";
             fn on_event(ev) {
                 this.n = (this.n ?? 0) + ev.x;
                 if ev.contains("check") { emit(this.n) }
             }"#;
-        let dir = folder(&[("q", query)], "[limits]\nmax_keys_per_query = 100000\n");
+        let dir = folder(
+            &[("q", query)],
+            &format!("[limits]\nmax_keys_per_query = {kept}\n"),
+        );
         let (_child, addr, pid) = serve(dir.path(), None).await;
         let before = proc_status_kib(pid, "VmRSS");
-        // 100 hot keys, each seen every 20,000 events: always among the most recent.
-        const DISTINCT: usize = 2_000_000;
+        // Every eviction is reported on q.errors, grouped: the reports add up to the count.
+        let url = format!("ws://{addr}/subscribe");
+        let (mut errors, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        errors
+            .send(Message::Text(
+                json!({"op": "subscribe", "topic": "q.errors"}).to_string().into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut errors).await["type"], "subscribed");
+        let reported = tokio::spawn(async move {
+            let mut evicted = 0;
+            let mut reports = 0;
+            while evicted < (distinct + 100 - kept) as u64 {
+                let msg = next_text(&mut errors).await;
+                for item in msg["items"].as_array().into_iter().flatten() {
+                    evicted += item["value"]["evicted"].as_u64().unwrap();
+                    reports += 1;
+                }
+            }
+            (evicted, reports)
+        });
+        // 10,000 events of 100 hot keys, spread evenly: each is seen 100 times, again after
+        // every distinct / 100 others, a fifth of what a shard keeps: always among the most
+        // recent.
+        let every = distinct / 10_000;
         let mut body = String::new();
         let mut sent = 0u64;
-        for i in 0..DISTINCT {
+        for i in 0..distinct {
             body.push_str(&format!("{{\"k\":\"k{i}\",\"x\":1}}\n"));
-            if i % 200 == 0 {
-                body.push_str(&format!("{{\"k\":\"hot{}\",\"x\":1}}\n", (i / 200) % 100));
+            if i % every == 0 {
+                body.push_str(&format!("{{\"k\":\"hot{}\",\"x\":1}}\n", (i / every) % 100));
             }
-            if body.len() > 4 << 20 || i + 1 == DISTINCT {
+            if body.len() > 4 << 20 || i + 1 == distinct {
                 let answer = post(&addr, "t", &body).await;
                 assert_eq!(answer["rejected"], 0, "{answer}");
                 sent += answer["accepted"].as_u64().unwrap();
                 body.clear();
             }
         }
-        assert_eq!(sent, (DISTINCT + DISTINCT / 200) as u64);
-        let url = format!("ws://{addr}/subscribe");
+        assert_eq!(sent, (distinct + 10_000) as u64);
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        ws.send(Message::Text(json!({"topic": "q"}).to_string().into()))
+        ws.send(Message::Text(json!({"op": "subscribe", "topic": "q"}).to_string().into()))
             .await
             .unwrap();
         let checks: String = (0..100)
@@ -115,15 +148,25 @@ fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_count
                 totals.push(item["value"].as_i64().unwrap());
             }
         }
-        // Each hot key was seen DISTINCT / 200 / 100 times with x = 1.
         assert!(totals.iter().all(|&n| n == 100), "{totals:?}");
-        let text = metrics_at(&addr).await;
-        let evicted = metric(&text, "eddy_keys_evicted_total{query=\"q\"}");
-        assert_eq!(evicted as usize, DISTINCT + 100 - 100_000);
+        // Shards publish their counters as they go: wait for the last.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let evicted = loop {
+            let text = metrics_at(&addr).await;
+            let evicted = metric(&text, "eddy_keys_evicted_total{query=\"q\"}") as usize;
+            if evicted == distinct + 100 - kept || Instant::now() > deadline {
+                break evicted;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(evicted, distinct + 100 - kept);
+        let (reported, reports) = reported.await.unwrap();
+        assert_eq!(reported, evicted as u64);
+        println!("{reported} evictions reported in {reports} items on q.errors");
         let rss = proc_status_kib(pid, "VmRSS");
         let peak = proc_status_kib(pid, "VmHWM");
         println!(
-            "2M keys, max_keys_per_query 100000: RSS {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB; {evicted} evicted",
+            "{distinct} keys, max_keys_per_query {kept}: RSS {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB; {evicted} evicted",
             mib(before),
             mib(rss),
             mib(peak)
@@ -131,7 +174,7 @@ fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_count
         assert!(peak < 400 * 1024, "peak RSS {} MiB", mib(peak));
         // Deleting the query gives its memory back.
         let (status, _) = http_at(&addr, "DELETE", "/queries/q", Some(TOKEN), "").await;
-        assert_eq!(status, 200);
+        assert_eq!(status, 204);
         let deadline = Instant::now() + Duration::from_secs(10);
         let freed = loop {
             let now = proc_status_kib(pid, "VmRSS");
@@ -167,8 +210,8 @@ async fn next_text(
 }
 
 /// 60 events whose key is 15 MiB: each is rejected (naming `max_key_bytes`), and resident
-/// memory stays flat: less than 100 MB above where it started once they are done (each such
-/// key held about 100 MB before the limit).
+/// memory stays flat: the last 50 add less than 16 MiB to what the first 10 left, and the whole
+/// less than 128 MiB (each such key held about 100 MB before the limit).
 #[test]
 fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -177,7 +220,11 @@ fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
         let dir = folder(&[("q", query)], "");
         let (_child, addr, pid) = serve(dir.path(), None).await;
         let before = proc_status_kib(pid, "VmRSS");
+        let mut warm = 0;
         for i in 0..60 {
+            if i == 10 {
+                warm = proc_status_kib(pid, "VmRSS");
+            }
             let symbol: String =
                 std::iter::repeat_n(char::from(b'a' + (i % 26) as u8), 15 << 20).collect();
             let body = format!("{{\"symbol\":\"{symbol}\",\"price\":1}}");
@@ -193,17 +240,16 @@ fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
         let after = proc_status_kib(pid, "VmRSS");
         let peak = proc_status_kib(pid, "VmHWM");
         println!(
-            "60 events with 15 MiB keys: RSS {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB",
+            "60 events with 15 MiB keys: RSS {:.0} MiB before, {:.0} MiB after 10, {:.0} MiB after 60, peak {:.0} MiB",
             mib(before),
+            mib(warm),
             mib(after),
             mib(peak)
         );
-        assert!(
-            after < before + 100 * 1024,
-            "RSS grew from {} to {} MiB",
-            mib(before),
-            mib(after)
-        );
+        // The first ones leave buffers the allocator keeps for the next (a few times 15 MiB);
+        // the 50 after them add nothing.
+        assert!(after < before + 128 * 1024, "RSS grew from {} to {} MiB", mib(before), mib(after));
+        assert!(after < warm + 16 * 1024, "RSS grew from {} to {} MiB after the first 10", mib(warm), mib(after));
     });
 }
 
