@@ -110,6 +110,11 @@ impl fmt::Debug for Frame {
 /// node for as little as two bytes (`[1,1,…]`; `{"":1,…}` takes two nodes per five).
 pub const MAX_TAPE_BYTES_PER_INPUT_BYTE: usize = std::mem::size_of::<Node<'static>>() / 2;
 
+/// The scratch memory one parse takes per byte of its input, given back when it is done (for
+/// inputs over 1 MiB): simd-json's copy of the input, its string buffer and its structural
+/// indexes (4 bytes for each structural character).
+pub const MAX_SCRATCH_BYTES_PER_INPUT_BYTE: usize = 6;
+
 impl Frame {
     /// The memory the frame holds, in bytes: its input, its tape and its event index.
     pub fn bytes(&self) -> usize {
@@ -753,7 +758,10 @@ mod tests {
         assert_eq!(p.frame.event(1).get("a").as_float().unwrap(), -1e20);
         assert_eq!(p.rejections.len(), 1);
         let reason = &p.rejections[0].reason;
-        assert!(reason.contains("not finite") && !reason.contains("InternalError"), "{reason}");
+        assert!(
+            reason.contains("not finite") && !reason.contains("InternalError"),
+            "{reason}"
+        );
     }
 
     #[test]

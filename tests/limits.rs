@@ -325,3 +325,72 @@ fn slowloris_and_silent_connections_are_closed_and_a_normal_client_is_served() {
         });
     }
 }
+
+/// 4 producers sending garbage as fast as the server takes it: truncated JSON, 100,000 levels
+/// of nesting, a 15 MiB string, an object with a million fields. With
+/// `max_ingest_bytes_in_flight` at 64 MiB, peak resident memory stays under that plus a stated
+/// overhead of 192 MiB: what the 4 connections have read and not yet parsed (up to 16 MiB each,
+/// `max_frame_bytes`, twice: the WebSocket buffer and the payload: 128 MiB), and 64 MiB for the
+/// allocator's slack, the hub and the runtime. Before the budget: 8.7 GB.
+#[test]
+fn garbage_on_four_connections_stays_within_the_ingest_budget() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let query = r#"let source = "t"; fn on_event(ev) { this.n = (this.n ?? 0) + 1; }"#;
+        let dir = folder(&[("q", query)], "max_ingest_bytes_in_flight = 67108864\n");
+        let (_child, addr, pid) = serve(dir.path(), None).await;
+        let before = proc_status_kib(pid, "VmRSS");
+        let truncated = "{\"a\":[1,2,3],\"b\":\"x\"".repeat(50_000);
+        let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let long_string = format!("{{\"s\":\"{}\"}}", "a".repeat(15 << 20));
+        let mut fields = String::with_capacity(16 << 20);
+        fields.push('{');
+        for i in 0..1_000_000 {
+            if i > 0 {
+                fields.push(',');
+            }
+            fields.push_str(&format!("\"{i}\":0"));
+        }
+        fields.push('}');
+        let garbage = std::sync::Arc::new([truncated, nested, long_string, fields]);
+        let until = Instant::now() + Duration::from_secs(8);
+        let mut producers = Vec::new();
+        for c in 0..4 {
+            let garbage = std::sync::Arc::clone(&garbage);
+            let url = format!("ws://{addr}/ingest?stream=t&ack=true");
+            producers.push(tokio::spawn(async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+                let mut sent = 0;
+                while Instant::now() < until {
+                    let text = garbage[(c + sent) % garbage.len()].clone();
+                    ws.send(Message::Text(text.into())).await.unwrap();
+                    let ack = next_text(&mut ws).await;
+                    assert_eq!(ack["type"], "ack", "{ack}");
+                    sent += 1;
+                }
+                sent
+            }));
+        }
+        let mut frames = 0;
+        for p in producers {
+            frames += p.await.unwrap();
+        }
+        let text = metrics_at(&addr).await;
+        let peak = proc_status_kib(pid, "VmHWM");
+        let after = proc_status_kib(pid, "VmRSS");
+        println!(
+            "garbage on 4 connections, {frames} frames: RSS {:.0} MiB before, peak {:.0} MiB, {:.0} MiB after; {} waits for the budget",
+            mib(before),
+            mib(peak),
+            mib(after),
+            metric(&text, "eddy_ingest_budget_waits_total")
+        );
+        assert!(frames >= 8, "{frames} frames");
+        let overhead = 4 * 2 * 16 + 64;
+        assert!(
+            peak < before + (64 + overhead) * 1024,
+            "peak {} MiB",
+            mib(peak)
+        );
+        assert_eq!(metric(&text, "eddy_ingest_bytes_in_flight"), 0.0);
+    });
+}

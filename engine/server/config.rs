@@ -36,6 +36,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Largest WebSocket message or HTTP body, in bytes.
     pub max_frame_bytes: usize,
+    /// Memory the frames being parsed, routed and queued may hold, all connections together;
+    /// past it, inputs wait (see `server::ingest`).
+    pub max_ingest_bytes_in_flight: usize,
     /// Messages (one per frame per shard) waiting for each shard before producers are slowed.
     pub shard_queue: usize,
     /// Output batches waiting for the fan-out before shards are slowed.
@@ -84,6 +87,7 @@ impl Default for Config {
             subscribe_token: None,
             allowed_origins: Vec::new(),
             max_frame_bytes: 16 << 20,
+            max_ingest_bytes_in_flight: 256 << 20,
             shard_queue: 1024,
             hub_queue: 1024,
             subscriber_queue_bytes: 8 << 20,
@@ -136,6 +140,7 @@ pub struct RawConfig {
     pub subscribe_token: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_frame_bytes: Option<usize>,
+    pub max_ingest_bytes_in_flight: Option<usize>,
     pub shard_queue: Option<usize>,
     pub hub_queue: Option<usize>,
     pub subscriber_queue_bytes: Option<usize>,
@@ -234,6 +239,9 @@ impl RawConfig {
             subscribe_token: self.subscribe_token.or(d.subscribe_token),
             allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
             max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            max_ingest_bytes_in_flight: self
+                .max_ingest_bytes_in_flight
+                .unwrap_or(d.max_ingest_bytes_in_flight),
             shard_queue: self.shard_queue.unwrap_or(d.shard_queue),
             hub_queue: self.hub_queue.unwrap_or(d.hub_queue),
             subscriber_queue_bytes: self
@@ -256,6 +264,10 @@ impl RawConfig {
             ("hub_queue", config.hub_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
             ("max_connections", config.max_connections),
+            (
+                "max_ingest_bytes_in_flight",
+                config.max_ingest_bytes_in_flight,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -218,6 +218,24 @@ pub async fn render(state: &State) -> String {
         v
     };
     write_connections(&mut out, &state.connections, state.config.max_connections);
+    let budget = &state.ingest_budget;
+    for (name, kind, help, value) in [
+        (
+            "eddy_ingest_bytes_in_flight",
+            "gauge",
+            "Memory held by frames being parsed, routed and queued (max_ingest_bytes_in_flight).",
+            budget.in_flight(),
+        ),
+        (
+            "eddy_ingest_budget_waits_total",
+            "counter",
+            "Inputs that waited for max_ingest_bytes_in_flight (their producers were slowed).",
+            budget.waits.load(Ordering::Relaxed),
+        ),
+    ] {
+        counter_header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     counter_header(
         &mut out,
         "eddy_events_ingested_total",

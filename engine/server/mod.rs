@@ -75,6 +75,8 @@ pub struct State {
     pub subscribers: TaskTracker,
     /// Open connections and what the connection limits did.
     pub connections: accept::Connections,
+    /// The bytes of frames in flight (`max_ingest_bytes_in_flight`).
+    pub ingest_budget: ingest::IngestBudget,
 }
 
 /// A running server.
@@ -147,6 +149,7 @@ impl Server {
             producers: TaskTracker::new(),
             subscribers: TaskTracker::new(),
             connections: accept::Connections::default(),
+            ingest_budget: ingest::IngestBudget::new(config.max_ingest_bytes_in_flight),
             config,
         });
         models::load_folder(&state)?;
