@@ -277,7 +277,8 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
                     json_error(StatusCode::NOT_FOUND, &format!("no query named {name:?}"))
                 };
             }
-            let body = match read_body(req, MAX_SCRIPT_BYTES).await {
+            let body = match read_body(req, MAX_SCRIPT_BYTES, "the limit on a script, 1 MiB").await
+            {
                 Ok(b) => b,
                 Err(response) => return response,
             };

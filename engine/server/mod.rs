@@ -392,13 +392,18 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
     }
 }
 
-/// Reads a body of at most `limit` bytes; `Err` is the response to send instead.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Response<Body>> {
+/// Reads a body of at most `limit` bytes, the limit `setting` names; `Err` is the response to
+/// send instead.
+pub async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    setting: &str,
+) -> Result<Vec<u8>, Response<Body>> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => Ok(body.to_bytes().to_vec()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {limit} bytes (max_frame_bytes)"),
+            &format!("body larger than {limit} bytes ({setting})"),
         )),
         Err(e) => Err(json_error(
             StatusCode::BAD_REQUEST,
@@ -427,7 +432,7 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     let stream = query_params(&req)
         .remove("stream")
         .filter(|s| !s.is_empty());
-    let body = match read_body(req, state.config.max_frame_bytes).await {
+    let body = match read_body(req, state.config.max_frame_bytes, "max_frame_bytes").await {
         Ok(b) => b,
         Err(response) => return response,
     };
