@@ -394,3 +394,50 @@ fn garbage_on_four_connections_stays_within_the_ingest_budget() {
         assert_eq!(metric(&text, "eddy_ingest_bytes_in_flight"), 0.0);
     });
 }
+
+/// 5,000 idle subscribers, each subscribed to a topic: the memory each costs the server is
+/// stated (printed) and at most 20 KB.
+#[test]
+fn five_thousand_idle_subscribers_cost_at_most_20_kb_each() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let query = r#"let source = "t"; fn on_event(ev) { emit(1) }"#;
+        let dir = folder(&[("q", query)], "");
+        let (_child, addr, pid) = serve(dir.path(), None).await;
+        // The topic exists once something was emitted.
+        post(&addr, "t", "{\"x\":1}").await;
+        let mut subscribers = Vec::new();
+        let connect = |addr: String| async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/subscribe"))
+                .await
+                .unwrap();
+            ws.send(Message::Text(
+                json!({"op": "subscribe", "topic": "q"}).to_string().into(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(next_text(&mut ws).await["type"], "subscribed");
+            ws
+        };
+        // A first batch brings the allocator and the runtime to their working size.
+        for _ in 0..200 {
+            subscribers.push(connect(addr.clone()).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = proc_status_kib(pid, "VmRSS");
+        const N: usize = 5_000;
+        for _ in 0..N {
+            subscribers.push(connect(addr.clone()).await);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = proc_status_kib(pid, "VmRSS");
+        let per = (after.saturating_sub(before) * 1024) as f64 / N as f64;
+        println!(
+            "{N} idle subscribers: RSS {:.1} → {:.1} MiB, {:.0} bytes each",
+            mib(before),
+            mib(after),
+            per
+        );
+        assert!(per <= 20_000.0, "{per:.0} bytes per idle subscriber");
+        drop(subscribers);
+    });
+}

@@ -35,9 +35,7 @@ use hyper::header::HeaderValue;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -141,8 +139,12 @@ pub enum Incoming {
     Close(Option<u16>),
 }
 
-/// Bytes read from the socket at a time.
+/// Bytes read from the socket at a time, at most: a connection reads in chunks of a 64th of its
+/// message limit within [`MIN_READ_CHUNK`, `READ_CHUNK`] (so 16 KiB for producers, 1 KiB for
+/// subscribers, whose requests are small), and its read buffer is given back whenever it
+/// empties past that, so an idle connection holds no more than one small chunk.
 const READ_CHUNK: usize = 16 * 1024;
+const MIN_READ_CHUNK: usize = 512;
 /// Most a message buffer is grown by ahead of the bytes that fill it, below [`GROW_TO_LIMIT`].
 const GROW_AHEAD: usize = 256 * 1024;
 /// A message buffer that needs more than this is sized to the limit.
@@ -154,6 +156,8 @@ pub struct Reader<R> {
     /// Bytes read but not yet parsed: frame headers, control payloads, the start of a payload.
     buf: BytesMut,
     limit: usize,
+    /// Bytes read at a time (see [`READ_CHUNK`]).
+    chunk: usize,
     /// The message being assembled: `Some(binary)` between its first and its final frame.
     partial: Option<bool>,
     message: Vec<u8>,
@@ -163,10 +167,12 @@ pub struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(io: R, limit: usize) -> Self {
+        let chunk = (limit / 64).clamp(MIN_READ_CHUNK, READ_CHUNK);
         Reader {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             limit,
+            chunk,
             partial: None,
             message: Vec::new(),
             valid: 0,
@@ -274,8 +280,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Makes `buf` hold at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
+            if self.buf.is_empty() && self.buf.capacity() > self.chunk {
+                self.buf = BytesMut::new();
+            }
             self.buf
-                .reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
+                .reserve(self.chunk.saturating_sub(self.buf.len()).max(n));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Closed);
             }
@@ -482,16 +491,48 @@ impl<R: AsyncRead + Unpin> Inbox<R> {
     }
 }
 
-/// The writing half of a connection: server frames (never masked) on a buffered stream.
+/// Most bytes the writer gathers before it writes them to the socket; larger payloads go
+/// straight through.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The writing half of a connection: server frames (never masked), gathered in a buffer that
+/// is allocated when there is something to write and given back at each flush, so an idle
+/// connection holds none.
 pub struct Writer<W = WriteHalf<Io>> {
-    io: BufWriter<W>,
+    io: W,
+    buf: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W) -> Self {
         Writer {
-            io: BufWriter::with_capacity(64 * 1024, io),
+            io,
+            buf: Vec::new(),
         }
+    }
+
+    /// Appends `bytes` to the buffer, writing through when they would not fit.
+    async fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.buf.len() + bytes.len() > WRITE_BUFFER {
+            self.drain().await?;
+            if bytes.len() >= WRITE_BUFFER {
+                return self.io.write_all(bytes).await;
+            }
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(bytes.len().max(4096).min(WRITE_BUFFER));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Writes what the buffer holds, keeping its allocation.
+    async fn drain(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
     }
 
     async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
@@ -510,8 +551,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         };
-        self.io.write_all(&head[..n]).await?;
-        self.io.write_all(payload).await
+        self.put(&head[..n]).await?;
+        self.put(payload).await
     }
 
     /// Writes one message (unflushed). Returns whether it was a close frame, the connection's
@@ -543,12 +584,16 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.frame(0x9, b"eddy").await
     }
 
+    /// Writes everything gathered and gives the buffer back.
     pub async fn flush(&mut self) -> io::Result<()> {
+        self.drain().await?;
+        self.buf = Vec::new();
         self.io.flush().await
     }
 
     /// Flushes and closes the sending direction (after a close frame).
     async fn finish(&mut self) -> io::Result<()> {
+        self.flush().await?;
         self.io.shutdown().await
     }
 }
