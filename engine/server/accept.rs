@@ -78,6 +78,7 @@ fn open_files_limit() -> Option<u64> {
         };
         // SAFETY: getrlimit writes into the struct it is given and nothing else.
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every platform
             return Some(limit.rlim_cur as u64);
         }
     }

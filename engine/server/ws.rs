@@ -520,7 +520,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             }
         }
         if self.buf.capacity() == 0 {
-            self.buf.reserve(bytes.len().max(4096).min(WRITE_BUFFER));
+            self.buf.reserve(bytes.len().clamp(4096, WRITE_BUFFER));
         }
         self.buf.extend_from_slice(bytes);
         Ok(())
