@@ -57,6 +57,9 @@ pub struct QueryDef {
     pub script: String,
     pub config: QueryConfig,
     pub functions: Functions,
+    /// The named topics the script spells out (`emit("name", value)` with a literal name), which
+    /// subscribers may ask for before their first item.
+    pub declared_topics: Vec<String>,
 }
 
 /// Why a query cannot be deployed.
@@ -172,6 +175,7 @@ impl QueryDef {
                 script: script.to_owned(),
                 config,
                 functions,
+                declared_topics: declared_topics(script),
             }),
             _ => Err(QueryError::Invalid {
                 query: name.to_owned(),
@@ -194,6 +198,32 @@ impl fmt::Display for QueryDef {
         }
         f.write_str(")")
     }
+}
+
+/// The names in `emit("name", …)` calls with a literal name, in order, without repeats (text in
+/// comments and strings may add a name no call uses: subscribing to it is harmless).
+fn declared_topics(script: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut rest = script;
+    while let Some(at) = rest.find("emit(") {
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + "emit(".len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        let Some(literal) = rest.trim_start().strip_prefix('"') else {
+            continue;
+        };
+        let Some(end) = literal.find('"') else { break };
+        let name = &literal[..end];
+        if literal[end + 1..].trim_start().starts_with(',')
+            && valid_name(name)
+            && !names.iter().any(|n| n == name)
+        {
+            names.push(name.to_owned());
+        }
+    }
+    names
 }
 
 pub(crate) fn line_column(pos: Position) -> (Option<usize>, Option<usize>) {
@@ -414,6 +444,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("`key_ttl` must be more than 0"), "{text}");
+    }
+
+    #[test]
+    fn literal_topic_names_are_declared() {
+        let def = compile(
+            r#"let source = "t";
+            fn on_event(ev) { emit("alerts", 1); emit( "alerts" , 2); emit(ev.x); submit("no", 1); emit("x" + "y", 1); emit("hot-1", 3) }"#,
+        )
+        .unwrap();
+        assert_eq!(def.declared_topics, ["alerts", "hot-1"]);
     }
 
     #[test]

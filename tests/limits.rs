@@ -441,3 +441,42 @@ fn five_thousand_idle_subscribers_cost_at_most_20_kb_each() {
         drop(subscribers);
     });
 }
+
+/// A subscriber cannot make the hub keep topics no query emits: `<query>.anything` is refused
+/// until the query emits it, unless the script names it literally (`emit("alerts", …)`), which
+/// may be subscribed to before its first item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_creates_no_topic_a_query_does_not_name() {
+    support::bounded(async {
+        let query = r#"let source = "t";
+            fn on_event(ev) { if ev.x > 1 { emit("alerts", ev.x) } emit(ev.name, 1) }"#;
+        let (server, _dir) = support::start(&[("q", query)], |_| {}).await;
+        let mut sub = support::connect(&server, "/subscribe").await;
+        for topic in ["q.made_up_1", "nope", "q.dyn"] {
+            support::send_json(&mut sub, json!({"op": "subscribe", "topic": topic})).await;
+            let answer = support::next_json(&mut sub).await;
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("unknown topic") && error.contains("emit(\"name\""),
+                "{answer}"
+            );
+        }
+        support::send_json(&mut sub, json!({"op": "subscribe", "topic": "q.alerts"})).await;
+        assert_eq!(support::next_json(&mut sub).await["type"], "subscribed");
+        let sent = support::produce(
+            &server,
+            "t",
+            b"{\"x\":1,\"name\":\"dyn\"}\n{\"x\":5,\"name\":\"dyn\"}\n",
+            2,
+        )
+        .await;
+        assert_eq!(sent, 2);
+        let items = support::collect(&mut sub, "q.alerts", 1).await;
+        assert_eq!(items[0]["value"], 5);
+        // Once emitted, a dynamic name is a topic like any other.
+        support::send_json(&mut sub, json!({"op": "subscribe", "topic": "q.dyn"})).await;
+        assert_eq!(support::next_json(&mut sub).await["type"], "subscribed");
+        server.shutdown().await;
+    })
+    .await;
+}

@@ -111,6 +111,7 @@ pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
             name: def.name.clone(),
             sources: def.config.sources.clone(),
             key_by: def.config.key_by.as_ref().map(ToString::to_string),
+            declared_topics: def.declared_topics.clone(),
         }))
         .await;
     let old = catalog.queries.insert(def.name.clone(), deployed);

@@ -27,7 +27,6 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::json::{self, write_str, Object};
-use crate::query::valid_name;
 use crate::{Emitted, Key, Topic};
 
 use super::mailbox::Mailbox;
@@ -57,6 +56,8 @@ pub struct QueryInfo {
     pub name: String,
     pub sources: Vec<String>,
     pub key_by: Option<String>,
+    /// Named topics the script spells out: they may be subscribed to before their first item.
+    pub declared_topics: Vec<String>,
 }
 
 pub struct Subscribe {
@@ -446,15 +447,23 @@ impl Hub {
 
     fn subscribe(&mut self, req: Subscribe) {
         let query = query_of(&req.topic);
-        let sub_ok = match req.topic.split_once('.') {
-            Some((_, sub)) => valid_name(sub),
-            None => true,
-        };
-        let known = self.topics.contains_key(req.topic.as_str())
-            || (sub_ok && self.queries.contains_key(query));
+        // A topic that exists, or one a deployed query is sure to have (its own, `.errors`,
+        // `.late`) or spells out (`emit("name", …)`): a subscriber creates no other topic, so
+        // that names no query emits cannot pile up.
+        let declared =
+            self.queries
+                .get(query)
+                .is_some_and(|info| match req.topic.split_once('.') {
+                    None => true,
+                    Some((_, "errors" | "late")) => true,
+                    Some((_, sub)) => info.declared_topics.iter().any(|t| t == sub),
+                });
+        let known = self.topics.contains_key(req.topic.as_str()) || declared;
         if !known {
             let msg = error_message(&format!(
-                "unknown topic {:?}: ask {{\"op\":\"topics\"}} for the list",
+                "unknown topic {:?}: no query emits it yet (a named topic can be subscribed to \
+                 before its first item when the query names it literally, `emit(\"name\", \
+                 value)`); ask {{\"op\":\"topics\"}} for the list",
                 req.topic
             ));
             req.mailbox.push_control(msg.into());
