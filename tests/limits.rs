@@ -480,3 +480,40 @@ async fn subscribing_creates_no_topic_a_query_does_not_name() {
     })
     .await;
 }
+
+/// The latest values kept for snapshots stay within `snapshot_bytes`, all topics together: past
+/// it, new keys' values are not kept, and that is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_keep_at_most_snapshot_bytes() {
+    support::bounded(async {
+        let query = r#"let source = "t"; let key_by = "k";
+            fn on_event(ev) { emit(#{ pad: "0123456789012345678901234567890123456789" }) }"#;
+        let (server, _dir) = support::start(&[("q", query)], |c| c.snapshot_bytes = 2000).await;
+        let input: String = (0..100).map(|i| format!("{{\"k\":\"k{i}\"}}\n")).collect();
+        // Once a subscriber has every item, the hub has kept what it keeps.
+        let mut all = support::subscribe(&server, json!({"op": "subscribe", "topic": "q"})).await;
+        assert_eq!(
+            support::produce(&server, "t", input.as_bytes(), 10).await,
+            100
+        );
+        support::collect(&mut all, "q", 100).await;
+        let (_, text) = support::http(&server, "GET", "/metrics", None, "").await;
+        let kept_bytes = metric(&text, "eddy_snapshot_bytes");
+        let skipped = metric(&text, "eddy_snapshot_skipped_total");
+        assert!(kept_bytes > 0.0 && kept_bytes <= 2000.0, "{kept_bytes}");
+        let mut sub = support::connect(&server, "/subscribe").await;
+        support::send_json(
+            &mut sub,
+            json!({"op": "subscribe", "topic": "q", "snapshot": true}),
+        )
+        .await;
+        assert_eq!(support::next_json(&mut sub).await["type"], "subscribed");
+        let snapshot = support::next_json(&mut sub).await;
+        let kept = snapshot["items"].as_array().unwrap().len();
+        // Each value is about 60 bytes of JSON plus 64 of overhead.
+        assert!((10..=20).contains(&kept), "{kept} kept");
+        assert_eq!(kept as f64 + skipped, 100.0);
+        server.shutdown().await;
+    })
+    .await;
+}

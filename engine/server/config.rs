@@ -57,6 +57,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Latest values kept per topic for snapshots.
     pub snapshot_keys: usize,
+    /// Bytes of latest values kept for snapshots, all topics together.
+    pub snapshot_bytes: usize,
     /// Script limits.
     pub limits: Limits,
     /// How far ahead of the wall clock an event time may be; later ones are rejected.
@@ -97,6 +99,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_connections: super::accept::default_max_connections(),
             snapshot_keys: 100_000,
+            snapshot_bytes: 64 << 20,
             limits: Limits::default(),
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_timeout: None,
@@ -150,6 +153,7 @@ pub struct RawConfig {
     pub handshake_timeout: Option<RawDuration>,
     pub max_connections: Option<usize>,
     pub snapshot_keys: Option<usize>,
+    pub snapshot_bytes: Option<usize>,
     pub limits: Option<Limits>,
     pub max_event_time_skew: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
@@ -253,6 +257,7 @@ impl RawConfig {
             handshake_timeout,
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
+            snapshot_bytes: self.snapshot_bytes.unwrap_or(d.snapshot_bytes),
             limits: self.limits.unwrap_or(d.limits),
             demo: self.demo.unwrap_or(d.demo),
             demo_rate: self.demo_rate.unwrap_or(d.demo_rate),
@@ -264,6 +269,8 @@ impl RawConfig {
             ("hub_queue", config.hub_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
             ("max_connections", config.max_connections),
+            ("snapshot_keys", config.snapshot_keys),
+            ("snapshot_bytes", config.snapshot_bytes),
             (
                 "max_ingest_bytes_in_flight",
                 config.max_ingest_bytes_in_flight,

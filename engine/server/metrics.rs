@@ -388,6 +388,23 @@ pub async fn render(state: &State) -> String {
     let (tx, rx) = tokio::sync::oneshot::channel();
     state.hub.send(HubControl::Report { reply: tx }).await;
     let hub = rx.await.unwrap_or_default();
+    for (name, kind, help, value) in [
+        (
+            "eddy_snapshot_bytes",
+            "gauge",
+            "Bytes of latest values kept for snapshots, all topics (snapshot_bytes).",
+            hub.snapshot_bytes,
+        ),
+        (
+            "eddy_snapshot_skipped_total",
+            "counter",
+            "Latest values not kept for snapshots (snapshot_keys, snapshot_bytes).",
+            hub.snapshot_skipped,
+        ),
+    ] {
+        counter_header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     counter_header(
         &mut out,
         "eddy_items_emitted_total",

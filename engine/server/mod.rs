@@ -120,7 +120,11 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let (hub_tx, hub) = hub::start(config.hub_queue, config.snapshot_keys);
+        let (hub_tx, hub) = hub::start(
+            config.hub_queue,
+            config.snapshot_keys,
+            config.snapshot_bytes,
+        );
         let settings = pipeline::ShardSettings {
             limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
