@@ -156,6 +156,7 @@ impl QueryDef {
         for setting in SETTINGS {
             scope.push(setting, ());
         }
+        eddy_plugins::set_call_budget(limits.max_state_bytes);
         engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
             let (line, column) = line_column(e.position());
             QueryError::Setup {

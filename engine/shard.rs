@@ -948,6 +948,7 @@ impl Call<'_> {
         wm: i64,
         now: i64,
     ) {
+        eddy_plugins::set_call_budget(self.limits.max_state_bytes);
         let mut ctx = self.ctx.borrow_mut();
         ctx.active = true;
         if !ctx.topics.as_ref().is_some_and(|t| Rc::ptr_eq(t, topics)) {

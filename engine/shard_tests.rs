@@ -720,3 +720,28 @@ fn a_key_with_pending_timers_outlives_its_ttl_until_they_fire() {
         [("a".into(), json!(2)), ("a".into(), json!(2))]
     );
 }
+
+#[test]
+fn plugin_objects_one_call_creates_are_bounded_by_max_state_bytes() {
+    // 10,000 quantiles(5) would take 20 GB; the call fails at the limit instead.
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) { let all = []; for i in 0..10000 { all.push(quantiles(5)); } emit(all.len()); }"#,
+        "{\"x\":1}\n",
+    );
+    assert!(r.values("q").is_empty());
+    let errors = r.values("q.errors");
+    assert_eq!(errors.len(), 1);
+    let msg = errors[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("plugin objects created in one call") && msg.contains("(max_state_bytes)"),
+        "{msg}"
+    );
+    // Within the limit, objects are made as before, call after call.
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) { let a = [quantiles(), quantiles()]; emit(a.len()); }"#,
+        "{\"x\":1}\n{\"x\":2}\n{\"x\":3}\n",
+    );
+    assert_eq!(r.values("q"), [&json!(2), &json!(2), &json!(2)]);
+}
