@@ -65,9 +65,9 @@ fn mib(kib: u64) -> f64 {
 
 /// 2,000,000 distinct keys through a query allowed 100,000: the least recently seen keys are
 /// evicted (exactly 2,000,100 − 100,000 of them, each counted), the keys seen all along keep
-/// their full state, and resident memory stays under 400 MB (100,000 states of about 200
-/// bytes, the hub's latest values, and the process's own ~40 MB; without the limit it grew
-/// past 5 GB).
+/// their full state, and resident memory stays under 400 MB: 100,000 states of a few hundred
+/// bytes, the frames in flight (`max_ingest_bytes_in_flight`, 64 MiB here) and the process's
+/// own ~80 MB. Without the limit it grew past 5 GB.
 #[test]
 fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_counted() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -85,7 +85,7 @@ fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_count
             }"#;
         let dir = folder(
             &[("q", query)],
-            &format!("[limits]\nmax_keys_per_query = {kept}\n"),
+            &format!("max_ingest_bytes_in_flight = 67108864\n[limits]\nmax_keys_per_query = {kept}\n"),
         );
         let (_child, addr, pid) = serve(dir.path(), None).await;
         let before = proc_status_kib(pid, "VmRSS");
