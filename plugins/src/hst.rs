@@ -392,7 +392,7 @@ pub mod hst_functions {
     /// ```
     #[rhai_fn(name = "hst", return_raw)]
     pub fn new_hst() -> Res<Hst> {
-        let made = (|| -> Res<Hst> { Hst::new(HstParams::default(), &[]) })();
+        let made: Res<Hst> = Hst::new(HstParams::default(), &[]);
         made.and_then(crate::charged)
     }
 

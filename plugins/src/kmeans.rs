@@ -242,7 +242,7 @@ pub mod kmeans_functions {
     /// ```
     #[rhai_fn(name = "kmeans", return_raw)]
     pub fn new_kmeans(k: Dynamic) -> Res<KMeans> {
-        let made = (|| -> Res<KMeans> { build(&k, &Map::new()) })();
+        let made: Res<KMeans> = build(&k, &Map::new());
         made.and_then(crate::charged)
     }
 
@@ -253,7 +253,7 @@ pub mod kmeans_functions {
     /// ```
     #[rhai_fn(name = "kmeans", return_raw)]
     pub fn new_kmeans_with(k: Dynamic, opts: Map) -> Res<KMeans> {
-        let made = (|| -> Res<KMeans> { build(&k, &opts) })();
+        let made: Res<KMeans> = build(&k, &opts);
         made.and_then(crate::charged)
     }
 

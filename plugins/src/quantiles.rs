@@ -194,7 +194,7 @@ pub mod quantiles_functions {
     /// ```
     #[rhai_fn(name = "quantiles", return_raw)]
     pub fn new_quantiles() -> Res<Quantiles> {
-        let made = (|| -> Res<Quantiles> { Quantiles::new(DEFAULT_SIGFIG).or_else(num::err) })();
+        let made: Res<Quantiles> = Quantiles::new(DEFAULT_SIGFIG).or_else(num::err);
         made.and_then(crate::charged)
     }
 
