@@ -104,8 +104,8 @@ pub enum ReadError {
     /// A violation of RFC 6455; the text is the reason sent with close code 1002.
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    #[error("message larger than {limit} bytes")]
-    TooBig { limit: usize },
+    #[error("message larger than {limit} bytes ({reason})")]
+    TooBig { limit: usize, reason: &'static str },
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
 }
@@ -116,7 +116,7 @@ impl ReadError {
         match self {
             ReadError::Closed | ReadError::Io(_) => None,
             ReadError::Protocol(reason) => Some((close::PROTOCOL, reason)),
-            ReadError::TooBig { .. } => Some((close::TOO_BIG, "message too large")),
+            ReadError::TooBig { reason, .. } => Some((close::TOO_BIG, reason)),
             ReadError::InvalidUtf8 => Some((close::INVALID_DATA, "invalid UTF-8")),
         }
     }
@@ -158,6 +158,8 @@ pub struct Reader<R> {
     limit: usize,
     /// Bytes read at a time (see [`READ_CHUNK`]).
     chunk: usize,
+    /// The close reason for a message over `limit`, naming the limit.
+    too_big: &'static str,
     /// The message being assembled: `Some(binary)` between its first and its final frame.
     partial: Option<bool>,
     message: Vec<u8>,
@@ -173,10 +175,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             buf: BytesMut::new(),
             limit,
             chunk,
+            too_big: "message larger than max_frame_bytes",
             partial: None,
             message: Vec::new(),
             valid: 0,
         }
+    }
+
+    /// Names the limit in the close reason of a message over it (`message larger than
+    /// max_frame_bytes` by default).
+    pub fn naming_limit(mut self, too_big: &'static str) -> Self {
+        self.too_big = too_big;
+        self
     }
 
     /// Bytes of memory the reader holds (its buffers' capacities).
@@ -259,7 +269,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     }
                     // Counted before a byte of the payload is read or buffered.
                     if len > (self.limit - self.message.len()) as u64 {
-                        return Err(ReadError::TooBig { limit: self.limit });
+                        return Err(ReadError::TooBig {
+                            limit: self.limit,
+                            reason: self.too_big,
+                        });
                     }
                     self.payload(len as usize, mask).await?;
                     if fin {
@@ -744,8 +757,27 @@ pub struct Connection<R = ReadHalf<Io>> {
 }
 
 /// Splits an upgraded connection and starts its writer. Messages larger than `limit` bytes
-/// are refused with 1009.
+/// (`max_frame_bytes`) are refused with 1009.
 pub fn open<T, S>(io: T, limit: usize, ping_every: Duration, source: S) -> Connection<ReadHalf<T>>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+    S: Source,
+{
+    open_naming(
+        io,
+        (limit, "message larger than max_frame_bytes"),
+        ping_every,
+        source,
+    )
+}
+
+/// [`open`], with the close reason (naming the limit) for a message over it.
+pub fn open_naming<T, S>(
+    io: T,
+    (limit, too_big): (usize, &'static str),
+    ping_every: Duration,
+    source: S,
+) -> Connection<ReadHalf<T>>
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
     S: Source,
@@ -762,7 +794,11 @@ where
         source,
     ));
     Connection {
-        inbox: Inbox::new(Reader::new(read, limit), tx.clone(), liveness),
+        inbox: Inbox::new(
+            Reader::new(read, limit).naming_limit(too_big),
+            tx.clone(),
+            liveness,
+        ),
         out: tx,
         writer,
     }
@@ -836,7 +872,15 @@ mod tests {
         input.extend(frame(0x80, &[7; 41], [1, 2, 3, 4]));
         let (got, err) = read_all(input, 100).await;
         assert!(got.is_empty());
-        assert_eq!(err.and_then(|e| e.close()).map(|c| c.0), Some(1009));
+        assert_eq!(
+            err.and_then(|e| e.close()),
+            Some((1009, "message larger than max_frame_bytes"))
+        );
+        // A reader for another limit names it.
+        let input = frame(0x82, &[7; 101], [1, 2, 3, 4]);
+        let mut reader = Reader::new(&input[..], 100).naming_limit("request larger than 100");
+        let err = reader.next().await.unwrap_err();
+        assert_eq!(err.close(), Some((1009, "request larger than 100")));
     }
 
     #[tokio::test]
