@@ -531,3 +531,45 @@ async fn snapshots_keep_at_most_snapshot_bytes() {
     })
     .await;
 }
+
+/// Past `max_connections`, when every open connection has asked for something: `/healthz`,
+/// `/metrics` and the admin API still answer from the reserve, other paths get 503 naming
+/// the setting; past the reserve too, a bare 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_the_reserve_answers_health_metrics_and_admin() {
+    support::bounded(async {
+        let (server, _dir) = support::start(&[], |c| c.max_connections = 2).await;
+        let mut subscribers = Vec::new();
+        for _ in 0..2 {
+            let mut ws = support::connect(&server, "/subscribe").await;
+            support::send_json(&mut ws, json!({"op": "topics"})).await;
+            assert_eq!(support::next_json(&mut ws).await["type"], "topics");
+            subscribers.push(ws);
+        }
+        let (status, _) = support::http(&server, "GET", "/healthz", None, "").await;
+        assert_eq!(status, 200);
+        let (status, _) = support::http(&server, "GET", "/queries", Some(TOKEN), "").await;
+        assert_eq!(status, 200);
+        let (status, body) = support::http(&server, "POST", "/ingest?stream=t", None, "{}").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("(max_connections)"), "{body}");
+        // Fill the reserve with keep-alive connections that have asked for /healthz.
+        let mut held = Vec::new();
+        for _ in 0..eddy::server::accept::RESERVE {
+            let mut s = TcpStream::connect(server.addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 200");
+            held.push(s);
+        }
+        let (status, body) = support::http(&server, "GET", "/healthz", None, "").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("(max_connections)"), "{body}");
+        drop(held);
+        server.shutdown().await;
+    })
+    .await;
+}
