@@ -566,7 +566,13 @@ impl Shard {
         let bar = q.watermark.max(d.source_mark);
         if q.def.config.time_field.is_some() && d.time < bar {
             q.stats.late += 1;
-            let item = late_item(q, d.key, &d.event, d.time, bar);
+            let item = late_item(
+                q,
+                d.key,
+                &d.event,
+                (d.time, bar),
+                call.limits.max_emit_bytes,
+            );
             call.ctx.borrow_mut().out.push(item);
             return;
         }
@@ -583,11 +589,25 @@ impl Shard {
     }
 }
 
-/// An event behind the watermark, as an item for `<query>.late`.
-fn late_item(q: &QueryRuntime, key: Key, event: &Event, time: i64, watermark: i64) -> Emitted {
+/// An event behind the watermark, as an item for `<query>.late`. An event larger than
+/// `max_emit_bytes` is not copied: the item says how large it was instead.
+fn late_item(
+    q: &QueryRuntime,
+    key: Key,
+    event: &Event,
+    (time, watermark): (i64, i64),
+    max_emit_bytes: usize,
+) -> Emitted {
     let mut value = Vec::with_capacity(128);
     value.extend_from_slice(b"{\"event\":");
     event.write_json(&mut value);
+    if value.len() > max_emit_bytes {
+        let bytes = value.len() - b"{\"event\":".len();
+        value.clear();
+        value.extend_from_slice(b"{\"event\":null,\"event_bytes\":");
+        crate::json::write_int(&mut value, bytes as i64);
+        value.extend_from_slice(b",\"note\":\"not copied: larger than max_emit_bytes\"");
+    }
     value.extend_from_slice(b",\"event_time\":");
     crate::json::write_int(&mut value, time);
     value.extend_from_slice(b",\"watermark\":");

@@ -745,3 +745,25 @@ fn plugin_objects_one_call_creates_are_bounded_by_max_state_bytes() {
     );
     assert_eq!(r.values("q"), [&json!(2), &json!(2), &json!(2)]);
 }
+
+#[test]
+fn a_late_event_larger_than_max_emit_bytes_is_reported_without_its_body() {
+    let limits = Limits {
+        max_emit_bytes: 100,
+        ..Limits::default()
+    };
+    let big = "x".repeat(500);
+    let input = format!("{{\"ts\":10}}\n{{\"ts\":1,\"pad\":\"{big}\"}}\n{{\"ts\":2}}\n");
+    let r = run_with(
+        r#"let source = "s"; let time_field = "ts"; fn on_event(ev) { }"#,
+        &input,
+        &limits,
+    );
+    let late = r.values("q.late");
+    assert_eq!(late.len(), 2);
+    assert_eq!(late[0]["event"], Value::Null);
+    // `{"ts":1,"pad":"` + 500 x + `"}`
+    assert_eq!(late[0]["event_bytes"], 15 + 500 + 2);
+    assert_eq!(late[0]["event_time"], 1);
+    assert_eq!(late[1]["event"], json!({"ts": 2}));
+}
