@@ -94,6 +94,8 @@ pub struct Frame {
     nodes: Vec<Node<'static>>,
     events: Vec<(u32, Position)>,
     _buf: Vec<u8>,
+    /// Held as long as the frame lives (the server's ingest budget, see [`Frame::hold`]).
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl fmt::Debug for Frame {
@@ -104,7 +106,28 @@ impl fmt::Debug for Frame {
     }
 }
 
+/// The most memory a frame's tape takes per byte of its input, besides the input itself: a
+/// node for as little as two bytes (`[1,1,…]`; `{"":1,…}` takes two nodes per five).
+pub const MAX_TAPE_BYTES_PER_INPUT_BYTE: usize = std::mem::size_of::<Node<'static>>() / 2;
+
+/// The scratch memory one parse takes per byte of its input, given back when it is done (for
+/// inputs over 1 MiB): simd-json's copy of the input, its string buffer and its structural
+/// indexes (4 bytes for each structural character).
+pub const MAX_SCRATCH_BYTES_PER_INPUT_BYTE: usize = 6;
+
 impl Frame {
+    /// The memory the frame holds, in bytes: its input, its tape and its event index.
+    pub fn bytes(&self) -> usize {
+        self._buf.capacity()
+            + self.nodes.capacity() * std::mem::size_of::<Node<'static>>()
+            + self.events.capacity() * std::mem::size_of::<(u32, Position)>()
+    }
+
+    /// Keeps `what` until the frame is dropped (after the last event of it is handled).
+    pub fn hold(&mut self, what: impl std::any::Any + Send + Sync) {
+        self.held = Some(Box::new(what));
+    }
+
     /// Number of events (objects) in the frame.
     pub fn len(&self) -> usize {
         self.events.len()
@@ -445,6 +468,23 @@ impl eddy_plugins::Features for Event {
     }
 }
 
+/// Inputs up to this size leave their scratch buffers to the parser for the next one.
+const RETAINED_SCRATCH_BYTES: usize = 1 << 20;
+
+/// The reason a document is not valid JSON. simd-json reads integers beyond 64 bits as floats
+/// (as JSON allows); a number too large even for a float (`1e400`) is said to be so, rather than
+/// reported by simd-json's internal name for it.
+fn invalid_json(e: &simd_json::Error) -> String {
+    match e.error() {
+        simd_json::ErrorType::InvalidNumber | simd_json::ErrorType::InvalidExponent => format!(
+            "invalid JSON: a number at character {} is not finite or not a number (JSON numbers \
+             must fit a 64-bit float)",
+            e.index()
+        ),
+        _ => format!("invalid JSON: {e}"),
+    }
+}
+
 /// Parses inputs into frames, keeping simd-json's scratch buffers between calls.
 pub struct Parser {
     buffers: Buffers,
@@ -514,6 +554,7 @@ impl Parser {
             nodes: Vec::new(),
             events: Vec::new(),
             _buf: Vec::new(),
+            held: None,
         };
         let mut rejections = Vec::new();
         let items = match format {
@@ -529,6 +570,13 @@ impl Parser {
             rejections.iter_mut().for_each(|r| shift(&mut r.position));
         }
         self.scratch.0.clear();
+        // A large input leaves large scratch buffers: give them back rather than keep them for
+        // the life of the connection.
+        if buf.len() > RETAINED_SCRATCH_BYTES {
+            self.scratch = Tape::null();
+            self.buffers = Buffers::new(4096);
+        }
+        frame.nodes.shrink_to_fit();
         frame._buf = buf;
         Parsed {
             frame: Arc::new(frame),
@@ -554,7 +602,7 @@ impl Parser {
             rejections.push(Rejection {
                 position,
                 kind: RejectKind::InvalidJson,
-                reason: format!("invalid JSON: {e}"),
+                reason: invalid_json(&e),
             });
             return 1;
         }
@@ -621,7 +669,7 @@ impl Parser {
                 rejections.push(Rejection {
                     position,
                     kind: RejectKind::InvalidJson,
-                    reason: format!("invalid JSON: {e}"),
+                    reason: invalid_json(&e),
                 });
                 continue;
             }
@@ -699,6 +747,37 @@ mod tests {
         assert_eq!(ev.get("size").as_int().unwrap(), 100);
         assert_eq!(ev.get("symbol").into_string().unwrap(), "AAPL");
         assert!(ev.get("missing").is_unit());
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_floats_and_infinite_numbers_say_so() {
+        let p = parse("{\"a\":123456789012345678901234567890}\n{\"a\":-99999999999999999999}\n{\"a\":1e400}\n");
+        assert_eq!(p.frame.len(), 2, "{:?}", p.rejections);
+        let a = p.frame.event(0).get("a").as_float().unwrap();
+        assert!((a - 1.2345678901234568e29).abs() < 1e15, "{a}");
+        assert_eq!(p.frame.event(1).get("a").as_float().unwrap(), -1e20);
+        assert_eq!(p.rejections.len(), 1);
+        let reason = &p.rejections[0].reason;
+        assert!(
+            reason.contains("not finite") && !reason.contains("InternalError"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_large_input_does_not_leave_its_scratch_buffers_behind() {
+        let mut parser = Parser::default();
+        let big = format!("[{}1]", "1,".repeat(1 << 20)).into_bytes();
+        let (input, capacity) = (big.len(), big.capacity());
+        let parsed = parser.parse(big);
+        assert!(parsed.frame.bytes() > 1 << 20);
+        assert!(
+            parsed.frame.bytes() <= capacity + (input + 2) * MAX_TAPE_BYTES_PER_INPUT_BYTE,
+            "{} bytes for {input}: {} per node",
+            parsed.frame.bytes(),
+            std::mem::size_of::<Node<'static>>()
+        );
+        assert!(parser.scratch.0.capacity() < 16);
     }
 
     #[test]

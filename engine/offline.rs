@@ -61,7 +61,11 @@ pub fn run(
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         deployed.push(Arc::new(Deployed::new(id, def)));
     }
-    let router = Router::new(deployed, TimePolicy::default());
+    let policy = TimePolicy {
+        max_key_bytes: limits.max_key_bytes,
+        ..TimePolicy::default()
+    };
+    let router = Router::new(deployed, policy);
     let unnamed = if options.stream.is_some() {
         Unnamed::Reject
     } else {

@@ -24,6 +24,23 @@ pub struct QueryConfig {
     pub time_field: Option<FieldPath>,
     /// How far event time may run behind the newest seen before an event is late, in ms.
     pub lateness_ms: i64,
+    /// What happens to a new key when the query holds `max_keys_per_query` keys on a shard.
+    pub on_key_limit: OnKeyLimit,
+    /// A key not seen for this long in event time (behind the watermark) is forgotten, in ms.
+    pub key_ttl_ms: Option<i64>,
+}
+
+/// A query's answer to a new key once it holds `max_keys_per_query` keys on a shard
+/// (`on_key_limit = "evict" | "reject"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnKeyLimit {
+    /// The least recently seen key is dropped (state and timers), counted and reported on
+    /// `<query>.errors`, and the new key gets a fresh state.
+    #[default]
+    Evict,
+    /// The new key's event is not handled: counted and reported on `<query>.errors`; the keys
+    /// already held keep their state.
+    Reject,
 }
 
 /// Which optional functions a query defines.
@@ -40,6 +57,9 @@ pub struct QueryDef {
     pub script: String,
     pub config: QueryConfig,
     pub functions: Functions,
+    /// The named topics the script spells out (`emit("name", value)` with a literal name), which
+    /// subscribers may ask for before their first item.
+    pub declared_topics: Vec<String>,
 }
 
 /// Why a query cannot be deployed.
@@ -136,6 +156,7 @@ impl QueryDef {
         for setting in SETTINGS {
             scope.push(setting, ());
         }
+        eddy_plugins::set_call_budget(limits.max_state_bytes);
         engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
             let (line, column) = line_column(e.position());
             QueryError::Setup {
@@ -155,6 +176,7 @@ impl QueryDef {
                 script: script.to_owned(),
                 config,
                 functions,
+                declared_topics: declared_topics(script),
             }),
             _ => Err(QueryError::Invalid {
                 query: name.to_owned(),
@@ -177,6 +199,32 @@ impl fmt::Display for QueryDef {
         }
         f.write_str(")")
     }
+}
+
+/// The names in `emit("name", …)` calls with a literal name, in order, without repeats (text in
+/// comments and strings may add a name no call uses: subscribing to it is harmless).
+fn declared_topics(script: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut rest = script;
+    while let Some(at) = rest.find("emit(") {
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + "emit(".len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        let Some(literal) = rest.trim_start().strip_prefix('"') else {
+            continue;
+        };
+        let Some(end) = literal.find('"') else { break };
+        let name = &literal[..end];
+        if literal[end + 1..].trim_start().starts_with(',')
+            && valid_name(name)
+            && !names.iter().any(|n| n == name)
+        {
+            names.push(name.to_owned());
+        }
+    }
+    names
 }
 
 pub(crate) fn line_column(pos: Position) -> (Option<usize>, Option<usize>) {
@@ -264,11 +312,57 @@ fn read_config(scope: &Scope, problems: &mut Vec<String>) -> Option<QueryConfig>
         ));
     }
 
+    let on_key_limit = match get("on_key_limit") {
+        v if v.is_unit() => OnKeyLimit::default(),
+        v => match v.into_string().as_deref() {
+            Ok("evict") => OnKeyLimit::Evict,
+            Ok("reject") => OnKeyLimit::Reject,
+            Ok(other) => {
+                problems.push(format!(
+                    "`on_key_limit` must be \"evict\" or \"reject\", found {other:?}"
+                ));
+                OnKeyLimit::default()
+            }
+            Err(t) => {
+                problems.push(format!(
+                    "`on_key_limit` must be \"evict\" or \"reject\", found {t}"
+                ));
+                OnKeyLimit::default()
+            }
+        },
+    };
+    let key_ttl_ms = match get("key_ttl") {
+        v if v.is_unit() => None,
+        v if v.is_int() => Some(v.as_int().unwrap_or(0)),
+        v if v.is_string() => {
+            let text = v.into_string().unwrap_or_default();
+            match eddy_plugins::parse_duration_ms(&text) {
+                Ok(ms) => Some(ms),
+                Err(e) => {
+                    problems.push(format!("`key_ttl`: {e}"));
+                    None
+                }
+            }
+        }
+        v => {
+            problems.push(format!(
+                "`key_ttl` must be milliseconds or a duration string like \"1h\", found {}",
+                v.type_name()
+            ));
+            None
+        }
+    };
+    if let Some(ttl) = key_ttl_ms.filter(|&t| t <= 0) {
+        problems.push(format!("`key_ttl` must be more than 0, found {ttl}"));
+    }
+
     Some(QueryConfig {
         sources,
         key_by,
         time_field,
         lateness_ms,
+        on_key_limit,
+        key_ttl_ms,
     })
 }
 
@@ -328,6 +422,39 @@ mod tests {
         assert_eq!(def.config.time_field.unwrap().to_string(), "ts");
         assert_eq!(def.config.lateness_ms, 2000);
         assert!(def.functions.init && def.functions.on_timer);
+    }
+
+    #[test]
+    fn key_settings_are_read_and_checked() {
+        let def = compile(
+            "let source = \"t\"; let key_by = \"k\"; let on_key_limit = \"reject\"; let key_ttl = \"1h\"; fn on_event(ev) {}",
+        )
+        .unwrap();
+        assert_eq!(def.config.on_key_limit, OnKeyLimit::Reject);
+        assert_eq!(def.config.key_ttl_ms, Some(3_600_000));
+        let def = compile("let source = \"t\"; fn on_event(ev) {}").unwrap();
+        assert_eq!(def.config.on_key_limit, OnKeyLimit::Evict);
+        assert_eq!(def.config.key_ttl_ms, None);
+        let err = compile(
+            "let source = \"t\"; let on_key_limit = \"drop\"; let key_ttl = 0; fn on_event(ev) {}",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`on_key_limit` must be \"evict\" or \"reject\", found \"drop\""),
+            "{text}"
+        );
+        assert!(text.contains("`key_ttl` must be more than 0"), "{text}");
+    }
+
+    #[test]
+    fn literal_topic_names_are_declared() {
+        let def = compile(
+            r#"let source = "t";
+            fn on_event(ev) { emit("alerts", 1); emit( "alerts" , 2); emit(ev.x); submit("no", 1); emit("x" + "y", 1); emit("hot-1", 3) }"#,
+        )
+        .unwrap();
+        assert_eq!(def.declared_topics, ["alerts", "hot-1"]);
     }
 
     #[test]

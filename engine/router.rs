@@ -238,6 +238,8 @@ pub struct TimePolicy {
     /// A source quiet this long no longer holds its queries' marks back. `None`: it does until
     /// it closes.
     pub idle_ms: Option<i64>,
+    /// Longest key, in bytes (`max_key_bytes`): an event with a longer one is rejected.
+    pub max_key_bytes: usize,
 }
 
 impl Default for TimePolicy {
@@ -245,6 +247,7 @@ impl Default for TimePolicy {
         TimePolicy {
             max_skew_ms: DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_ms: None,
+            max_key_bytes: crate::sandbox::Limits::default().max_key_bytes,
         }
     }
 }
@@ -335,7 +338,7 @@ impl Router {
                         continue;
                     }
                 }
-                match route_one(&event, q, arrival, (wall, self.time.max_skew_ms)) {
+                match route_one(&event, q, arrival, wall, &self.time) {
                     Ok((key, time)) => plan.push((qi, key, time)),
                     Err(reason) => {
                         problem = Some(reason);
@@ -414,8 +417,10 @@ fn route_one(
     event: &Event,
     q: &Deployed,
     arrival: i64,
-    (wall, max_skew_ms): (i64, i64),
+    wall: i64,
+    policy: &TimePolicy,
 ) -> Result<(Key, i64), (RejectKind, String)> {
+    let max_skew_ms = policy.max_skew_ms;
     let config = &q.def.config;
     let name = &q.def.name;
     let key = match &config.key_by {
@@ -423,6 +428,15 @@ fn route_one(
         Some(path) => match event.lookup(path) {
             None => {
                 let why = format!("field `{path}` (key_by of query `{name}`) is missing");
+                return Err((RejectKind::BadKey, why));
+            }
+            Some(Value::Str(s)) if s.len() > policy.max_key_bytes => {
+                let why = format!(
+                    "field `{path}` (key_by of query `{name}`) is {} bytes long, longer than the \
+                     limit of {} (max_key_bytes)",
+                    s.len(),
+                    policy.max_key_bytes
+                );
                 return Err((RejectKind::BadKey, why));
             }
             Some(value) => Key::from_value(value).map_err(|why| {

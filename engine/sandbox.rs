@@ -44,10 +44,51 @@ pub struct Limits {
     pub max_model_inputs: usize,
     /// Output values of a model for one row, checked when it is loaded.
     pub max_model_outputs: usize,
+    /// Longest partition key (the `key_by` value), in bytes: a longer one rejects its event.
+    pub max_key_bytes: usize,
+    /// Keys (states) one query keeps on one shard; past it, the query's `on_key_limit` decides:
+    /// the least recently seen key is evicted, or the new key's event is refused.
+    pub max_keys_per_query: usize,
     /// The models queries may call, shared by every engine made with these limits. Not a
     /// setting: filled from the models folder and by uploads.
     #[serde(skip)]
     pub models: crate::models::ModelCatalog,
+}
+
+impl Limits {
+    /// The limits of one of `shards` shards: each holds its share of `max_keys_per_query` (keys
+    /// spread evenly over the shards by their hash).
+    pub fn per_shard(&self, shards: usize) -> Limits {
+        Limits {
+            max_keys_per_query: self.max_keys_per_query.div_ceil(shards.max(1)),
+            ..self.clone()
+        }
+    }
+
+    /// Every limit with its name, for the check that none is 0 (Rhai reads 0 as "unlimited").
+    pub fn named(&self) -> [(&'static str, u64); 16] {
+        [
+            ("max_operations", self.max_operations),
+            ("max_call_levels", self.max_call_levels as u64),
+            ("max_expr_depth", self.max_expr_depth as u64),
+            (
+                "max_function_expr_depth",
+                self.max_function_expr_depth as u64,
+            ),
+            ("max_string_bytes", self.max_string_bytes as u64),
+            ("max_array_len", self.max_array_len as u64),
+            ("max_map_len", self.max_map_len as u64),
+            ("max_state_bytes", self.max_state_bytes as u64),
+            ("max_emit_bytes", self.max_emit_bytes as u64),
+            ("max_timers_per_key", self.max_timers_per_key as u64),
+            ("max_timers_per_advance", self.max_timers_per_advance as u64),
+            ("max_topics_per_query", self.max_topics_per_query as u64),
+            ("max_model_inputs", self.max_model_inputs as u64),
+            ("max_model_outputs", self.max_model_outputs as u64),
+            ("max_key_bytes", self.max_key_bytes as u64),
+            ("max_keys_per_query", self.max_keys_per_query as u64),
+        ]
+    }
 }
 
 impl Default for Limits {
@@ -67,6 +108,8 @@ impl Default for Limits {
             max_topics_per_query: 64,
             max_model_inputs: 4096,
             max_model_outputs: 4096,
+            max_key_bytes: 256,
+            max_keys_per_query: 1_000_000,
             models: crate::models::ModelCatalog::default(),
         }
     }
@@ -74,7 +117,14 @@ impl Default for Limits {
 
 /// Names a query's top-level statements may set; they are defined (as `()`) before the
 /// statements run, so `source = "trades";` works as well as `let source = "trades";`.
-pub const SETTINGS: [&str; 4] = ["source", "key_by", "time_field", "lateness"];
+pub const SETTINGS: [&str; 6] = [
+    "source",
+    "key_by",
+    "time_field",
+    "lateness",
+    "on_key_limit",
+    "key_ttl",
+];
 
 /// A Rhai engine with every limit of `limits` set, the event type, the plugins and the models of
 /// `limits.models` registered, and no way out of the sandbox. The engine's built-ins (`emit`, `key`, …) are added by the

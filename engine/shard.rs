@@ -36,7 +36,7 @@
 //! cost a full walk per call.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use indexmap::IndexMap;
 use std::rc::Rc;
@@ -50,7 +50,7 @@ use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
 use crate::durable::{KeyCheckpoint, ShardQueryCheckpoint, Stored};
 use crate::event::Event;
 use crate::key::Key;
-use crate::query::{self, QueryDef, QueryError};
+use crate::query::{self, OnKeyLimit, QueryDef, QueryError};
 use crate::sandbox::{self, Limits};
 
 /// Identifies one deployment of a query; a replaced query gets a new id, so that work still in
@@ -135,6 +135,12 @@ pub struct QueryStats {
     pub timers_deferred: u64,
     /// Script time, in µs.
     pub cpu_us: u64,
+    /// Keys dropped to make room for new ones (`max_keys_per_query`, `on_key_limit = "evict"`).
+    pub keys_evicted: u64,
+    /// Events of new keys not handled (`max_keys_per_query`, `on_key_limit = "reject"`).
+    pub keys_refused: u64,
+    /// Keys forgotten after `key_ttl` without an event.
+    pub keys_expired: u64,
 }
 
 impl std::ops::AddAssign for QueryStats {
@@ -148,6 +154,9 @@ impl std::ops::AddAssign for QueryStats {
         self.skipped += o.skipped;
         self.timers_deferred += o.timers_deferred;
         self.cpu_us += o.cpu_us;
+        self.keys_evicted += o.keys_evicted;
+        self.keys_refused += o.keys_refused;
+        self.keys_expired += o.keys_expired;
     }
 }
 
@@ -160,6 +169,10 @@ struct KeyState {
     /// The last checkpoint this key's state was copied for, or that began after it was made
     /// (see [`Shard::begin_export`]).
     exported: u64,
+    /// The stamp of the key's current entry in its query's [`Recency`] (0: none yet).
+    seen: u64,
+    /// The newest event time seen for the key, for `key_ttl`.
+    seen_time: i64,
 }
 
 impl KeyState {
@@ -169,7 +182,131 @@ impl KeyState {
             timers: Vec::new(),
             unmeasured: 0,
             exported: 0,
+            seen: 0,
+            seen_time: i64::MIN,
         }
+    }
+}
+
+/// The keys `max_keys_per_query` evicted or refused since the last report. One report per
+/// query per hand-off of the output (with the count and the first keys), not one item per key:
+/// a flood of new keys must not become a flood of error items.
+#[derive(Default)]
+struct KeyLimitReport {
+    evicted: u64,
+    refused: u64,
+    /// The first keys evicted or refused (at most [`KeyLimitReport::LISTED`]).
+    keys: Vec<Key>,
+}
+
+impl KeyLimitReport {
+    const LISTED: usize = 10;
+
+    fn note(&mut self, key: &Key) {
+        if self.keys.len() < Self::LISTED {
+            self.keys.push(key.clone());
+        }
+    }
+
+    /// `{"error":…,"function":"on_event","evicted"|"refused":N,"keys":[…]}` on
+    /// `<query>.errors`, when there is anything to report.
+    fn report(&mut self, topics: &QueryTopics, limit: usize, out: &mut Vec<Emitted>) {
+        let (count, field, message) = if self.evicted > 0 {
+            (
+                self.evicted,
+                "evicted",
+                format!(
+                    "{} least recently seen key(s) evicted, their state and timers dropped: the \
+                     query holds {limit} keys on this shard, its share of the limit \
+                     (max_keys_per_query), and on_key_limit is \"evict\"",
+                    self.evicted
+                ),
+            )
+        } else if self.refused > 0 {
+            (
+                self.refused,
+                "refused",
+                format!(
+                    "{} event(s) of new keys not handled: the query holds {limit} keys on this \
+                     shard, its share of the limit (max_keys_per_query), and on_key_limit is \
+                     \"reject\"",
+                    self.refused
+                ),
+            )
+        } else {
+            return;
+        };
+        let mut value = Vec::with_capacity(256);
+        value.extend_from_slice(b"{\"error\":");
+        crate::json::write_str(&mut value, &message);
+        value.extend_from_slice(b",\"function\":\"on_event\",\"");
+        value.extend_from_slice(field.as_bytes());
+        value.extend_from_slice(b"\":");
+        crate::json::write_int(&mut value, count as i64);
+        value.extend_from_slice(b",\"keys\":[");
+        for (i, key) in self.keys.iter().enumerate() {
+            if i > 0 {
+                value.push(b',');
+            }
+            key.write_json(&mut value);
+        }
+        value.extend_from_slice(b"]}");
+        out.push(Emitted {
+            topic: Arc::clone(&topics.errors),
+            key: Key::None,
+            value,
+        });
+        *self = KeyLimitReport::default();
+    }
+}
+
+/// A query's key states on one shard, in an index map so that a checkpoint can walk them a few
+/// keys at a time.
+type States = IndexMap<Key, KeyState, foldhash::fast::RandomState>;
+
+/// The order in which a query's keys were last seen, for `max_keys_per_query` (the least
+/// recently seen key is the one evicted) and `key_ttl` (keys are forgotten from the oldest on).
+///
+/// A queue of `(stamp, key)`: seeing a key pushes a new entry and gives the key that stamp
+/// ([`KeyState::seen`]); an entry whose stamp is no longer its key's is stale and skipped when it
+/// reaches the front. Stale entries are compacted away when they outnumber the keys, so the queue
+/// holds at most about twice as many entries as there are keys, and seeing a key costs one push
+/// (none when it is already the most recent).
+#[derive(Default)]
+struct Recency {
+    queue: VecDeque<(u64, Key)>,
+    /// The last stamp given.
+    last: u64,
+}
+
+impl Recency {
+    /// `key` was just seen, at event time `time`.
+    fn touch(&mut self, states: &mut States, key: &Key, time: i64) {
+        let Some(entry) = states.get_mut(key) else {
+            return;
+        };
+        entry.seen_time = entry.seen_time.max(time);
+        if entry.seen != 0 && entry.seen == self.last {
+            return;
+        }
+        self.last += 1;
+        entry.seen = self.last;
+        self.queue.push_back((self.last, key.clone()));
+        if self.queue.len() > 2 * states.len() + 64 {
+            self.queue
+                .retain(|(stamp, k)| states.get(k).is_some_and(|e| e.seen == *stamp));
+        }
+    }
+
+    /// The least recently seen key still held, with stale entries before it dropped.
+    fn oldest<'a>(&'a mut self, states: &States) -> Option<&'a Key> {
+        while let Some((stamp, key)) = self.queue.front() {
+            if states.get(key).is_some_and(|e| e.seen == *stamp) {
+                return self.queue.front().map(|(_, k)| k);
+            }
+            self.queue.pop_front();
+        }
+        None
     }
 }
 
@@ -202,7 +339,11 @@ struct QueryRuntime {
     ast: AST,
     topics: Rc<QueryTopics>,
     /// In an index map, so that a checkpoint can walk it a few keys at a time.
-    states: IndexMap<Key, KeyState, foldhash::fast::RandomState>,
+    states: States,
+    /// The order in which `states` were last seen (eviction and `key_ttl`).
+    recency: Recency,
+    /// Keys evicted or refused since the output was last taken, reported then.
+    key_limit: KeyLimitReport,
     timers: BTreeSet<(i64, Key)>,
     /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
     deferred: Vec<(i64, Key)>,
@@ -315,6 +456,8 @@ impl Shard {
             def,
             ast,
             states: IndexMap::default(),
+            recency: Recency::default(),
+            key_limit: KeyLimitReport::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
             firing: None,
@@ -339,9 +482,16 @@ impl Shard {
         }
     }
 
-    /// Drops a query and all its state.
+    /// Drops a query and all its state, and gives the memory it held back to the system (the
+    /// allocator would otherwise keep it for this thread's next allocations).
     pub fn remove(&mut self, id: QueryId) {
+        let before = self.queries.len();
         self.queries.retain(|q| q.id != id);
+        if self.queries.len() < before {
+            // SAFETY: mi_collect only walks the calling thread's heap and the segments it may
+            // reclaim; it takes no pointer from us.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
     }
 
     /// Counters of a query on this shard.
@@ -368,9 +518,15 @@ impl Shard {
         self.ctx.borrow_mut().out.push(item);
     }
 
-    /// Moves everything emitted since the last call into `out`.
+    /// Moves everything emitted since the last call into `out`, ending with a report per query
+    /// of the keys `max_keys_per_query` evicted or refused meanwhile.
     pub fn take_output(&mut self, out: &mut Vec<Emitted>) {
-        out.append(&mut self.ctx.borrow_mut().out);
+        let mut ctx = self.ctx.borrow_mut();
+        out.append(&mut ctx.out);
+        for q in &mut self.queries {
+            q.key_limit
+                .report(&q.topics, self.limits.max_keys_per_query, out);
+        }
     }
 
     /// The runtime of query `id` and the parts of the shard a script call needs.
@@ -408,6 +564,7 @@ impl Shard {
         export_due(q, watermark);
         q.watermark = watermark;
         call.fire_timers(q, now);
+        call.expire_keys(q);
     }
 
     /// Raises every query's watermark to the end of time, firing every pending timer: the end
@@ -565,7 +722,10 @@ impl Shard {
             .map(|(t, k)| (t, Key::from(k)))
             .collect();
         let restored = data.keys.len();
-        for k in data.keys {
+        let mut keys = data.keys;
+        // Least recently seen first, so that eviction and `key_ttl` go on in the same order.
+        keys.sort_by_key(|k| k.seen_time);
+        for k in keys {
             let key = Key::from(k.key);
             for &t in &k.timers {
                 if deferred.contains(&(t, key.clone())) {
@@ -576,7 +736,8 @@ impl Shard {
             }
             let mut entry = KeyState::new(k.state.into_dynamic());
             entry.timers = k.timers;
-            q.states.insert(key, entry);
+            q.states.insert(key.clone(), entry);
+            q.recency.touch(&mut q.states, &key, k.seen_time);
         }
         restored
     }
@@ -597,7 +758,13 @@ impl Shard {
         let bar = q.watermark.max(d.source_mark);
         if q.def.config.time_field.is_some() && d.time < bar {
             q.stats.late += 1;
-            let item = late_item(q, d.key, &d.event, d.time, bar);
+            let item = late_item(
+                q,
+                d.key,
+                &d.event,
+                (d.time, bar),
+                call.limits.max_emit_bytes,
+            );
             call.ctx.borrow_mut().out.push(item);
             return;
         }
@@ -606,20 +773,35 @@ impl Shard {
             export_due(q, d.watermark);
             q.watermark = d.watermark;
             call.fire_timers(q, d.now);
+            call.expire_keys(q);
         }
         if d.source_mark > q.watermark {
             call.fire_key_timers(q, &d.key, d.source_mark, d.now);
         }
         q.stats.events += 1;
-        call.on_event(q, d.key, d.event, d.now);
+        call.on_event(q, d.key, d.event, d.time, d.now);
     }
 }
 
-/// An event behind the watermark, as an item for `<query>.late`.
-fn late_item(q: &QueryRuntime, key: Key, event: &Event, time: i64, watermark: i64) -> Emitted {
+/// An event behind the watermark, as an item for `<query>.late`. An event larger than
+/// `max_emit_bytes` is not copied: the item says how large it was instead.
+fn late_item(
+    q: &QueryRuntime,
+    key: Key,
+    event: &Event,
+    (time, watermark): (i64, i64),
+    max_emit_bytes: usize,
+) -> Emitted {
     let mut value = Vec::with_capacity(128);
     value.extend_from_slice(b"{\"event\":");
     event.write_json(&mut value);
+    if value.len() > max_emit_bytes {
+        let bytes = value.len() - b"{\"event\":".len();
+        value.clear();
+        value.extend_from_slice(b"{\"event\":null,\"event_bytes\":");
+        crate::json::write_int(&mut value, bytes as i64);
+        value.extend_from_slice(b",\"note\":\"not copied: larger than max_emit_bytes\"");
+    }
     value.extend_from_slice(b",\"event_time\":");
     crate::json::write_int(&mut value, time);
     value.extend_from_slice(b",\"watermark\":");
@@ -651,8 +833,11 @@ enum Outcome {
 }
 
 impl Call<'_> {
-    fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, now: i64) {
+    fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, time: i64, now: i64) {
         if !q.states.contains_key(&key) {
+            if q.states.len() >= self.limits.max_keys_per_query && !self.make_room(q, &key) {
+                return;
+            }
             let state = if q.def.functions.init {
                 match self.init(q, &key, now) {
                     Some(state) => state,
@@ -666,7 +851,67 @@ impl Call<'_> {
             entry.exported = q.export.as_ref().map_or(0, |e| e.epoch);
             q.states.insert(key.clone(), entry);
         }
+        q.recency.touch(&mut q.states, &key, time);
         self.run(q, key, "on_event", Dynamic::from(event), now);
+    }
+
+    /// The query holds `max_keys_per_query` keys and `key` is new: evicts the least recently
+    /// seen key, or refuses `key`, as the query's `on_key_limit` says; either way it is counted
+    /// and reported on `<query>.errors`. Returns whether `key` may have a state.
+    fn make_room(&mut self, q: &mut QueryRuntime, key: &Key) -> bool {
+        let limit = self.limits.max_keys_per_query;
+        match q.def.config.on_key_limit {
+            OnKeyLimit::Reject => {
+                q.stats.keys_refused += 1;
+                q.key_limit.refused += 1;
+                q.key_limit.note(key);
+                false
+            }
+            OnKeyLimit::Evict => {
+                while q.states.len() >= limit {
+                    let Some(oldest) = q.recency.oldest(&q.states).cloned() else {
+                        break;
+                    };
+                    drop_key(q, &oldest);
+                    q.stats.keys_evicted += 1;
+                    q.key_limit.evicted += 1;
+                    q.key_limit.note(&oldest);
+                }
+                true
+            }
+        }
+    }
+
+    /// Forgets the keys not seen for the query's `key_ttl` behind its watermark, oldest first.
+    /// A key with pending timers is kept until they have fired.
+    fn expire_keys(&mut self, q: &mut QueryRuntime) {
+        let Some(ttl) = q.def.config.key_ttl_ms else {
+            return;
+        };
+        let horizon = q.watermark.saturating_sub(ttl);
+        let mut budget = q.recency.queue.len();
+        while budget > 0 {
+            budget -= 1;
+            let Some(key) = q.recency.oldest(&q.states) else {
+                return;
+            };
+            let entry = &q.states[key];
+            if entry.seen_time >= horizon {
+                return;
+            }
+            let (key, waiting) = (key.clone(), !entry.timers.is_empty());
+            if waiting {
+                // Behind the others it may expire later, once its timers have fired.
+                q.recency.queue.pop_front();
+                let entry = q.states.get_mut(&key).expect("held");
+                entry.seen = 0;
+                let time = entry.seen_time;
+                q.recency.touch(&mut q.states, &key, time);
+            } else {
+                drop_key(q, &key);
+                q.stats.keys_expired += 1;
+            }
+        }
     }
 
     /// The first state of `key`, from the query's `init(key)`; `None` when it failed.
@@ -920,6 +1165,7 @@ impl Call<'_> {
         wm: i64,
         now: i64,
     ) {
+        eddy_plugins::set_call_budget(self.limits.max_state_bytes);
         let mut ctx = self.ctx.borrow_mut();
         ctx.active = true;
         if !ctx.topics.as_ref().is_some_and(|t| Rc::ptr_eq(t, topics)) {
@@ -1052,6 +1298,7 @@ fn export_key(q: &mut QueryRuntime, key: &Key) {
         key: key.into(),
         state: Stored::of(&entry.state),
         timers: entry.timers.clone(),
+        seen_time: entry.seen_time,
     });
 }
 
@@ -1073,6 +1320,8 @@ fn export_due(q: &mut QueryRuntime, watermark: i64) {
 }
 
 fn drop_key(q: &mut QueryRuntime, key: &Key) {
+    // A checkpoint in progress copies the key first (evictions and expiry are not calls on it).
+    export_key(q, key);
     // The last key moves into the place of the one removed: a checkpoint walking the keys by
     // index must copy it now if its walk has passed that place.
     if let (Some(export), Some(index)) = (&q.export, q.states.get_index_of(key)) {

@@ -638,3 +638,203 @@ fn a_checkpoint_copy_is_the_state_where_it_began_while_events_go_on() {
     }
     assert_eq!(copy_of(got.expect("the copy completed")), want);
 }
+
+const COUNT_PER_KEY: &str = r#"let source = "s"; let key_by = "k"; let time_field = "ts";
+    fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); }"#;
+
+/// `(key, value)` of each item on `topic`, in order.
+fn keyed(r: &Run, topic: &str) -> Vec<(String, Value)> {
+    r.topic(topic)
+        .into_iter()
+        .map(|i| {
+            (
+                i["key"].as_str().unwrap_or("").to_owned(),
+                i["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn events(keys: &[(&str, i64)]) -> String {
+    keys.iter()
+        .map(|(k, ts)| format!("{{\"k\":\"{k}\",\"ts\":{ts}}}\n"))
+        .collect()
+}
+
+#[test]
+fn a_key_longer_than_max_key_bytes_rejects_its_event_with_position_and_reason() {
+    let limits = Limits {
+        max_key_bytes: 8,
+        ..Limits::default()
+    };
+    let r = run_with(
+        COUNT_PER_KEY,
+        &events(&[("short", 1), ("much-too-long", 2), ("12345678", 3)]),
+        &limits,
+    );
+    assert_eq!(r.summary.rejected, 1);
+    assert_eq!(keyed(&r, "q").len(), 2);
+    let line = r.rejected.lines().next().unwrap();
+    assert!(
+        line.contains("event 1 (line 2)")
+            && line.contains("13 bytes long")
+            && line.contains("limit of 8 (max_key_bytes)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn past_max_keys_per_query_the_least_recently_seen_key_is_evicted_and_reported() {
+    let limits = Limits {
+        max_keys_per_query: 3,
+        ..Limits::default()
+    };
+    // a b c fill the shard; a is seen again, so b is the least recently seen when d comes,
+    // then c when b comes back (with a fresh state).
+    let r = run_with(
+        COUNT_PER_KEY,
+        &events(&[
+            ("a", 1),
+            ("b", 2),
+            ("c", 3),
+            ("a", 4),
+            ("d", 5),
+            ("b", 6),
+            ("a", 7),
+        ]),
+        &limits,
+    );
+    let counts: Vec<(String, Value)> = [
+        ("a", 1),
+        ("b", 1),
+        ("c", 1),
+        ("a", 2),
+        ("d", 1),
+        ("b", 1),
+        ("a", 3),
+    ]
+    .iter()
+    .map(|(k, n)| (k.to_string(), json!(n)))
+    .collect();
+    assert_eq!(keyed(&r, "q"), counts);
+    let errors = r.values("q.errors");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    // The offline runner hands the output on after every event: one report each.
+    let evicted: Vec<&Value> = errors.iter().map(|e| &e["keys"]).collect();
+    assert_eq!(evicted, [&json!(["b"]), &json!(["c"])]);
+    assert_eq!(errors[0]["evicted"], 1);
+    let msg = errors[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("1 least recently seen key(s) evicted") && msg.contains("max_keys_per_query"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn with_on_key_limit_reject_new_keys_are_refused_and_old_ones_kept() {
+    let limits = Limits {
+        max_keys_per_query: 2,
+        ..Limits::default()
+    };
+    let script = format!("let on_key_limit = \"reject\"; {COUNT_PER_KEY}");
+    let r = run_with(
+        &script,
+        &events(&[("a", 1), ("b", 2), ("c", 3), ("a", 4), ("c", 5)]),
+        &limits,
+    );
+    let counts: Vec<(String, Value)> = [("a", 1), ("b", 1), ("a", 2)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), json!(n)))
+        .collect();
+    assert_eq!(keyed(&r, "q"), counts);
+    let refused: Vec<&Value> = r.values("q.errors").iter().map(|e| &e["keys"]).collect();
+    assert_eq!(refused, [&json!(["c"]), &json!(["c"])]);
+    assert_eq!(r.values("q.errors")[0]["refused"], 1);
+    let msg = r.values("q.errors")[0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("not handled") && msg.contains("on_key_limit is \"reject\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_key_not_seen_for_key_ttl_in_event_time_is_forgotten() {
+    let script = format!("let key_ttl = 10; {COUNT_PER_KEY}");
+    // At ts 20 the watermark passes a's last event (0) by more than 10: a is forgotten; b, seen
+    // at 15, is kept.
+    let r = run(
+        &script,
+        &events(&[("a", 0), ("b", 15), ("b", 20), ("a", 21), ("b", 22)]),
+    );
+    let counts: Vec<(String, Value)> = [("a", 1), ("b", 1), ("b", 2), ("a", 1), ("b", 3)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), json!(n)))
+        .collect();
+    assert_eq!(keyed(&r, "q"), counts);
+}
+
+#[test]
+fn a_key_with_pending_timers_outlives_its_ttl_until_they_fire() {
+    let script = r#"let source = "s"; let key_by = "k"; let time_field = "ts"; let key_ttl = 10;
+        fn on_event(ev) { this.n = (this.n ?? 0) + 1; if ev.k == "a" { set_timer(ev.ts + 50) } }
+        fn on_timer(t) { emit(this.n) }"#;
+    let r = run(
+        script,
+        &events(&[("a", 0), ("a", 1), ("b", 30), ("b", 60), ("b", 100)]),
+    );
+    // a's state (2 events) survives its ttl until the timers at 50 and 51 fire.
+    assert_eq!(
+        keyed(&r, "q"),
+        [("a".into(), json!(2)), ("a".into(), json!(2))]
+    );
+}
+
+#[test]
+fn plugin_objects_one_call_creates_are_bounded_by_max_state_bytes() {
+    // 10,000 quantiles(5) would take 20 GB; the call fails at the limit instead.
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) { let all = []; for i in 0..10000 { all.push(quantiles(5)); } emit(all.len()); }"#,
+        "{\"x\":1}\n",
+    );
+    assert!(r.values("q").is_empty());
+    let errors = r.values("q.errors");
+    assert_eq!(errors.len(), 1);
+    let msg = errors[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("plugin objects created in one call") && msg.contains("(max_state_bytes)"),
+        "{msg}"
+    );
+    // Within the limit, objects are made as before, call after call.
+    let r = run(
+        r#"let source = "s";
+           fn on_event(ev) { let a = [quantiles(), quantiles()]; emit(a.len()); }"#,
+        "{\"x\":1}\n{\"x\":2}\n{\"x\":3}\n",
+    );
+    assert_eq!(r.values("q"), [&json!(2), &json!(2), &json!(2)]);
+}
+
+#[test]
+fn a_late_event_larger_than_max_emit_bytes_is_reported_without_its_body() {
+    let limits = Limits {
+        max_emit_bytes: 100,
+        ..Limits::default()
+    };
+    let big = "x".repeat(500);
+    let input = format!("{{\"ts\":10}}\n{{\"ts\":1,\"pad\":\"{big}\"}}\n{{\"ts\":2}}\n");
+    let r = run_with(
+        r#"let source = "s"; let time_field = "ts"; fn on_event(ev) { }"#,
+        &input,
+        &limits,
+    );
+    let late = r.values("q.late");
+    assert_eq!(late.len(), 2);
+    assert_eq!(late[0]["event"], Value::Null);
+    // `{"ts":1,"pad":"` + 500 x + `"}`
+    assert_eq!(late[0]["event_bytes"], 15 + 500 + 2);
+    assert_eq!(late[0]["event_time"], 1);
+    assert_eq!(late[1]["event"], json!({"ts": 2}));
+}

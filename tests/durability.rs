@@ -314,7 +314,7 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
 
         // Again on the same data directory: the rest of the feed, after the frame in doubt.
         let (mut child, addr) = serve(queries.path(), data.path()).await;
-        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        let (_, metrics) = http_at(&addr, "GET", "/metrics", None, "").await;
         assert!(
             (metric(&metrics, "eddy_replayed_records") as usize) < acked + 1,
             "the replay starts at the checkpoint: {metrics}"
@@ -324,7 +324,7 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         let rest = acked + usize::from(in_doubt);
         let (fed, _) = feed(&addr, &frames[rest..]).await;
         assert_eq!(fed, frames.len() - rest);
-        let (status, _) = http_to(&addr, "GET", "/healthz", None, "").await;
+        let (status, _) = http_at(&addr, "GET", "/healthz", None, "").await;
         assert_eq!(status, 200);
         // A graceful stop delivers everything queued to the subscribers before it closes them.
         stop(&mut child).await;
@@ -411,7 +411,7 @@ async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
         let bars_a = bars_a.await.unwrap();
 
         let (mut child, addr) = serve(queries.path(), data.path()).await;
-        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        let (_, metrics) = http_at(&addr, "GET", "/metrics", None, "").await;
         assert_eq!(metric(&metrics, "eddy_replayed_records"), 0.0, "{metrics}");
         let vwap_b = subscriber(&addr, "vwap").await;
         let bars_b = subscriber(&addr, "ohlc_1m").await;
@@ -436,15 +436,15 @@ async fn queries_deployed_and_removed_over_the_api_survive_a_restart() {
         let data = tempfile::tempdir().unwrap();
         let (mut child, addr) = serve(queries.path(), data.path()).await;
         let counter = "let source = \"trades\";\nfn on_event(ev) { emit(ev.size); }";
-        let (status, _) = http_to(&addr, "PUT", "/queries/sizes", Some(TOKEN), counter).await;
+        let (status, _) = http_at(&addr, "PUT", "/queries/sizes", Some(TOKEN), counter).await;
         assert_eq!(status, 201);
-        let (status, _) = http_to(&addr, "DELETE", "/queries/ohlc_1m", Some(TOKEN), "").await;
+        let (status, _) = http_at(&addr, "DELETE", "/queries/ohlc_1m", Some(TOKEN), "").await;
         assert_eq!(status, 204);
         child.start_kill().unwrap();
         child.wait().await.unwrap();
 
         let (mut child, addr) = serve(queries.path(), data.path()).await;
-        let (_, body) = http_to(&addr, "GET", "/queries", None, "").await;
+        let (_, body) = http_at(&addr, "GET", "/queries", None, "").await;
         let list: Value = serde_json::from_str(&body).unwrap();
         let names: HashSet<&str> = list
             .as_array()
@@ -481,7 +481,7 @@ async fn a_corrupt_log_tail_is_cut_and_reported_at_start() {
         std::fs::write(&segment, bytes).unwrap();
 
         let (mut child, addr) = serve(queries.path(), data.path()).await;
-        let (_, metrics) = http_to(&addr, "GET", "/metrics", None, "").await;
+        let (_, metrics) = http_at(&addr, "GET", "/metrics", None, "").await;
         assert_eq!(
             metric(&metrics, "eddy_log_truncated_bytes"),
             10.0,
@@ -489,7 +489,7 @@ async fn a_corrupt_log_tail_is_cut_and_reported_at_start() {
         );
         // Every acknowledged frame was replayed.
         let vwap_b = subscriber(&addr, "vwap").await;
-        let (_, snapshot) = http_to(&addr, "GET", "/queries/vwap", None, "").await;
+        let (_, snapshot) = http_at(&addr, "GET", "/queries/vwap", None, "").await;
         assert!(snapshot.contains("vwap"), "{snapshot}");
         // One more trade per symbol shows the totals the replay rebuilt.
         let extra: Vec<Trade> = (0..SYMBOLS.len())

@@ -89,6 +89,7 @@ async fn hashtag_items_are_keyed_by_hashtag_so_latest_keeps_one_per_hashtag() {
         let (server, _dir) = start(&[("hashtag_sentiment", &script)], |_| {}).await;
         let input = sample("social.ndjson");
         assert_eq!(produce(&server, "social", &input, 50).await, 600);
+        drain(&server).await;
         // The newest value per hashtag, from the posts themselves: each post's hashtags, in order.
         let mut tags: Vec<String> = Vec::new();
         for line in input.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {

@@ -266,6 +266,8 @@ pub struct KeyCheckpoint {
     pub state: Stored,
     /// Its pending timers.
     pub timers: Vec<i64>,
+    /// The newest event time seen for it (`key_ttl`, and the order of eviction).
+    pub seen_time: i64,
 }
 
 /// What one shard held of one query.

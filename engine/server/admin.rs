@@ -111,6 +111,7 @@ pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
             name: def.name.clone(),
             sources: def.config.sources.clone(),
             key_by: def.config.key_by.as_ref().map(ToString::to_string),
+            declared_topics: def.declared_topics.clone(),
         }))
         .await;
     let old = catalog.queries.insert(def.name.clone(), deployed);
@@ -352,7 +353,8 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
                     )
                 }
             };
-            let body = match read_body(req, MAX_SCRIPT_BYTES).await {
+            let body = match read_body(req, MAX_SCRIPT_BYTES, "the limit on a script, 1 MiB").await
+            {
                 Ok(b) => b,
                 Err(response) => return response,
             };
@@ -501,6 +503,9 @@ async fn list(state: &State) -> Response<Body> {
             ("timers_fired", stats.timers_fired),
             ("timers_deferred", stats.timers_deferred),
             ("skipped", stats.skipped),
+            ("keys_evicted", stats.keys_evicted),
+            ("keys_refused", stats.keys_refused),
+            ("keys_expired", stats.keys_expired),
             ("cpu_us", stats.cpu_us),
         ] {
             object.int(field, value as i64);

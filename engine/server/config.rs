@@ -40,6 +40,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Largest WebSocket message or HTTP body, in bytes.
     pub max_frame_bytes: usize,
+    /// Memory the frames being parsed, routed and queued may hold, all connections together;
+    /// past it, inputs wait (see `server::ingest`).
+    pub max_ingest_bytes_in_flight: usize,
     /// Messages (one per frame per shard) waiting for each shard before producers are slowed.
     pub shard_queue: usize,
     /// Output batches waiting for the fan-out before shards are slowed.
@@ -52,8 +55,14 @@ pub struct Config {
     pub ping_interval: Duration,
     /// How long shutdown waits for queues to drain and connections to close.
     pub shutdown_timeout: Duration,
+    /// How long a connection may take to send a request head (and stay idle between two).
+    pub handshake_timeout: Duration,
+    /// Open connections served in full; past it, `503` (see `server::accept`).
+    pub max_connections: usize,
     /// Latest values kept per topic for snapshots.
     pub snapshot_keys: usize,
+    /// Bytes of latest values kept for snapshots, all topics together.
+    pub snapshot_bytes: usize,
     /// Script limits.
     pub limits: Limits,
     /// How far ahead of the wall clock an event time may be; later ones are rejected.
@@ -92,13 +101,17 @@ impl Default for Config {
             subscribe_token: None,
             allowed_origins: Vec::new(),
             max_frame_bytes: 16 << 20,
+            max_ingest_bytes_in_flight: 256 << 20,
             shard_queue: 1024,
             hub_queue: 1024,
             subscriber_queue_bytes: 8 << 20,
             slow_consumer_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: super::accept::default_max_connections(),
             snapshot_keys: 100_000,
+            snapshot_bytes: 64 << 20,
             limits: Limits::default(),
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_timeout: None,
@@ -119,6 +132,7 @@ impl Config {
         crate::router::TimePolicy {
             max_skew_ms: self.max_event_time_skew_ms,
             idle_ms: self.idle_timeout.map(|d| d.as_millis() as i64),
+            max_key_bytes: self.limits.max_key_bytes,
         }
     }
 }
@@ -144,13 +158,17 @@ pub struct RawConfig {
     pub subscribe_token: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_frame_bytes: Option<usize>,
+    pub max_ingest_bytes_in_flight: Option<usize>,
     pub shard_queue: Option<usize>,
     pub hub_queue: Option<usize>,
     pub subscriber_queue_bytes: Option<usize>,
     pub slow_consumer_timeout: Option<RawDuration>,
     pub ping_interval: Option<RawDuration>,
     pub shutdown_timeout: Option<RawDuration>,
+    pub handshake_timeout: Option<RawDuration>,
+    pub max_connections: Option<usize>,
     pub snapshot_keys: Option<usize>,
+    pub snapshot_bytes: Option<usize>,
     pub limits: Option<Limits>,
     pub max_event_time_skew: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
@@ -214,6 +232,11 @@ impl RawConfig {
             self.shutdown_timeout,
             d.shutdown_timeout,
         );
+        let handshake_timeout = duration(
+            "handshake_timeout",
+            self.handshake_timeout,
+            d.handshake_timeout,
+        );
         let max_event_time_skew = duration(
             "max_event_time_skew",
             self.max_event_time_skew,
@@ -263,6 +286,9 @@ impl RawConfig {
             subscribe_token: self.subscribe_token.or(d.subscribe_token),
             allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
             max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            max_ingest_bytes_in_flight: self
+                .max_ingest_bytes_in_flight
+                .unwrap_or(d.max_ingest_bytes_in_flight),
             shard_queue: self.shard_queue.unwrap_or(d.shard_queue),
             hub_queue: self.hub_queue.unwrap_or(d.hub_queue),
             subscriber_queue_bytes: self
@@ -271,7 +297,10 @@ impl RawConfig {
             slow_consumer_timeout,
             ping_interval,
             shutdown_timeout,
+            handshake_timeout,
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
+            snapshot_bytes: self.snapshot_bytes.unwrap_or(d.snapshot_bytes),
             limits: self.limits.unwrap_or(d.limits),
             demo: self.demo.unwrap_or(d.demo),
             demo_rate: self.demo_rate.unwrap_or(d.demo_rate),
@@ -282,10 +311,24 @@ impl RawConfig {
             ("shard_queue", config.shard_queue),
             ("hub_queue", config.hub_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
+            ("max_connections", config.max_connections),
+            ("snapshot_keys", config.snapshot_keys),
+            ("snapshot_bytes", config.snapshot_bytes),
+            (
+                "max_ingest_bytes_in_flight",
+                config.max_ingest_bytes_in_flight,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        for (name, value) in config.limits.named() {
+            if value == 0 {
+                problems.push(format!(
+                    "[limits] {name} must be at least 1 (0 would mean no limit)"
+                ));
             }
         }
         if config.shards > 256 {
@@ -298,6 +341,7 @@ impl RawConfig {
             ("ping_interval", config.ping_interval),
             ("query_cpu_window", config.query_cpu_window),
             ("checkpoint_interval", config.checkpoint_interval),
+            ("handshake_timeout", config.handshake_timeout),
             ("idle_timeout", config.idle_timeout.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {
@@ -387,6 +431,24 @@ mod tests {
         .validate()
         .unwrap_err();
         assert_eq!(err.problems.len(), 6, "{err}");
+    }
+
+    #[test]
+    fn zero_limits_are_refused_with_the_setting_named() {
+        let err = RawConfig::from_toml("[limits]\nmax_operations = 0\nmax_keys_per_query = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("[limits] max_operations must be at least 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[limits] max_keys_per_query must be at least 1"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 2, "{text}");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! groups it by topic and, per topic, encodes one batch (`[{"key":K,"value":V},…]`) once; that
 //! `Bytes` is shared by every subscriber that takes the topic unfiltered. Filtered and `latest`
 //! subscribers get slices of the same encoding. It also keeps the latest value of every key of
-//! every topic (at most `snapshot_keys` per topic) for snapshots.
+//! every topic (at most `snapshot_keys` per topic, and `snapshot_bytes` for all topics together:
+//! past either, a new key's value is not kept, and a kept key whose new value would go past the
+//! bytes is dropped from the snapshots; both are counted) for snapshots.
 //!
 //! Out: puts into subscriber [`Mailbox`]es, which never block the hub: a slow subscriber loses
 //! its oldest items, never anyone else's. Before a control request is handled, every item already
@@ -27,7 +29,6 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::json::{self, write_str, Object};
-use crate::query::valid_name;
 use crate::{Emitted, Key, Topic};
 
 use super::mailbox::Mailbox;
@@ -57,6 +58,8 @@ pub struct QueryInfo {
     pub name: String,
     pub sources: Vec<String>,
     pub key_by: Option<String>,
+    /// Named topics the script spells out: they may be subscribed to before their first item.
+    pub declared_topics: Vec<String>,
 }
 
 pub struct Subscribe {
@@ -101,6 +104,10 @@ pub enum HubControl {
 #[derive(Debug, Default)]
 pub struct HubReport {
     pub topics: Vec<TopicReport>,
+    /// Bytes of the latest values kept for snapshots.
+    pub snapshot_bytes: u64,
+    /// Latest values not kept (or dropped) for `snapshot_keys` or `snapshot_bytes`.
+    pub snapshot_skipped: u64,
 }
 
 #[derive(Debug)]
@@ -158,7 +165,11 @@ impl HubHandle {
 }
 
 /// Starts the hub thread; returns the data channel for shards and the control handle.
-pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) {
+pub fn start(
+    queue: usize,
+    snapshot_keys: usize,
+    snapshot_bytes: usize,
+) -> (Sender<HubMsg>, HubHandle) {
     let (data_tx, data_rx) = crossbeam_channel::bounded(queue);
     let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
     let (guard, alive) = super::supervise::Alive::new();
@@ -169,7 +180,12 @@ pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) 
         .name("eddy-hub".into())
         .spawn(move || {
             let _alive = guard;
-            run(&data_rx, control_rx, snapshot_keys, &thread_panics);
+            run(
+                &data_rx,
+                control_rx,
+                (snapshot_keys, snapshot_bytes),
+                &thread_panics,
+            );
         })
         .expect("spawn hub thread");
     (
@@ -183,17 +199,21 @@ pub fn start(queue: usize, snapshot_keys: usize) -> (Sender<HubMsg>, HubHandle) 
     )
 }
 
+/// What a kept latest value costs besides its bytes: its key and map slot, about.
+const LATEST_OVERHEAD: usize = 64;
+
 /// Most item messages taken before the hub publishes.
 const MAX_ROUND: usize = 256;
 
 fn run(
     data: &Receiver<HubMsg>,
     control: Receiver<HubControl>,
-    snapshot_keys: usize,
+    (snapshot_keys, snapshot_bytes): (usize, usize),
     panics: &AtomicU64,
 ) {
     let mut hub = Hub {
         snapshot_keys,
+        snapshot_bytes,
         ..Hub::default()
     };
     let mut control = control;
@@ -257,6 +277,10 @@ struct Hub {
     queries: BTreeMap<String, QueryInfo>,
     touched: Vec<Topic>,
     snapshot_keys: usize,
+    /// Most bytes of latest values kept, all topics together, and the bytes kept now.
+    snapshot_bytes: usize,
+    latest_bytes: usize,
+    snapshot_skipped: u64,
     /// Subscribers that asked for the topics: told again when the list changes.
     watchers: Vec<(u64, Arc<Mailbox>)>,
     /// The list changed since the watchers were last told.
@@ -323,8 +347,27 @@ impl Hub {
             let ingest = state.pending_ingest.take();
             for (key, range) in &keys {
                 let element = Bytes::copy_from_slice(&items[range.clone()]);
-                if state.latest.len() < self.snapshot_keys || state.latest.contains_key(key) {
-                    state.latest.insert(key.clone(), element);
+                let cost = element.len() + LATEST_OVERHEAD;
+                let kept = state.latest.len();
+                match state.latest.get_mut(key) {
+                    Some(old) => {
+                        let others = self.latest_bytes - (old.len() + LATEST_OVERHEAD);
+                        if others + cost <= self.snapshot_bytes {
+                            *old = element;
+                            self.latest_bytes = others + cost;
+                        } else {
+                            state.latest.remove(key);
+                            self.latest_bytes = others;
+                            self.snapshot_skipped += 1;
+                        }
+                    }
+                    None if kept < self.snapshot_keys
+                        && self.latest_bytes + cost <= self.snapshot_bytes =>
+                    {
+                        state.latest.insert(key.clone(), element);
+                        self.latest_bytes += cost;
+                    }
+                    None => self.snapshot_skipped += 1,
                 }
             }
             for sub in &state.subs {
@@ -416,6 +459,11 @@ impl Hub {
                     let Some(state) = self.topics.remove(&topic) else {
                         continue;
                     };
+                    self.latest_bytes -= state
+                        .latest
+                        .values()
+                        .map(|v| v.len() + LATEST_OVERHEAD)
+                        .sum::<usize>();
                     let msg = Bytes::from(json::message("closed", |o| {
                         o.str("topic", &topic);
                     }));
@@ -436,7 +484,11 @@ impl Hub {
                     })
                     .collect();
                 topics.sort_by(|a, b| a.topic.cmp(&b.topic));
-                let _ = reply.send(HubReport { topics });
+                let _ = reply.send(HubReport {
+                    topics,
+                    snapshot_bytes: self.latest_bytes as u64,
+                    snapshot_skipped: self.snapshot_skipped,
+                });
             }
             HubControl::Flush { done } => {
                 let _ = done.send(());
@@ -446,15 +498,23 @@ impl Hub {
 
     fn subscribe(&mut self, req: Subscribe) {
         let query = query_of(&req.topic);
-        let sub_ok = match req.topic.split_once('.') {
-            Some((_, sub)) => valid_name(sub),
-            None => true,
-        };
-        let known = self.topics.contains_key(req.topic.as_str())
-            || (sub_ok && self.queries.contains_key(query));
+        // A topic that exists, or one a deployed query is sure to have (its own, `.errors`,
+        // `.late`) or spells out (`emit("name", …)`): a subscriber creates no other topic, so
+        // that names no query emits cannot pile up.
+        let declared =
+            self.queries
+                .get(query)
+                .is_some_and(|info| match req.topic.split_once('.') {
+                    None => true,
+                    Some((_, "errors" | "late")) => true,
+                    Some((_, sub)) => info.declared_topics.iter().any(|t| t == sub),
+                });
+        let known = self.topics.contains_key(req.topic.as_str()) || declared;
         if !known {
             let msg = error_message(&format!(
-                "unknown topic {:?}: ask {{\"op\":\"topics\"}} for the list",
+                "unknown topic {:?}: no query emits it yet (a named topic can be subscribed to \
+                 before its first item when the query names it literally, `emit(\"name\", \
+                 value)`); ask {{\"op\":\"topics\"}} for the list",
                 req.topic
             ));
             req.mailbox.push_control(msg.into());

@@ -9,6 +9,16 @@
 //! every message is queued: a replace waits for that before it retires the old version, so each
 //! acknowledged event is handled by the version that routed it.
 //!
+//! Memory: every input takes its share of `max_ingest_bytes_in_flight` ([`IngestBudget`]) before
+//! it is parsed: as much as its parse may take at worst (its tape and simd-json's scratch
+//! buffers, about 18 bytes per input byte), given back down to what its frame
+//! really holds once parsed, and the rest when the frame is dropped, after the last of its events
+//! is handled. An input that would go past the budget waits, and its connection reads nothing
+//! meanwhile: TCP slows the producer, as with a full shard queue. So the frames parsed, routed and
+//! queued for the shards hold at most the budget, all connections together (an input larger
+//! than the whole budget waits until it is alone). What connections have read and not yet
+//! parsed is bounded apart: one input per connection, at most `max_frame_bytes` each.
+//!
 //! With `ack=true` every frame is answered with its counts and up to ten errors; otherwise
 //! rejected events are reported as `error` messages, at most ten a second per connection.
 
@@ -28,6 +38,47 @@ use super::metrics::StreamCounters;
 use super::pipeline::ShardMsg;
 use super::ws::{self, Outbound};
 use super::State;
+
+/// The bytes of frames in flight, all connections together (`max_ingest_bytes_in_flight`): a
+/// semaphore counted in KiB.
+pub struct IngestBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+    /// Inputs that had to wait for the budget.
+    pub waits: std::sync::atomic::AtomicU64,
+}
+
+impl IngestBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total_kib = (bytes / 1024).clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        ) as u32;
+        IngestBudget {
+            permits: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+            waits: Default::default(),
+        }
+    }
+
+    /// Takes `bytes` of the budget (all of it, for more than the whole), waiting for them.
+    async fn take(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as usize) as u32;
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(kib) {
+            return permit;
+        }
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        Arc::clone(&self.permits)
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget is never closed")
+    }
+
+    /// Bytes of the budget taken now.
+    pub fn in_flight(&self) -> u64 {
+        (self.total_kib as u64 - self.permits.available_permits() as u64) * 1024
+    }
+}
 
 /// At most this many errors are listed in one answer.
 const MAX_LISTED_ERRORS: usize = 10;
@@ -237,7 +288,20 @@ pub async fn route_input(
     let received = Instant::now();
     // The log keeps the input as it came: parsing works in place.
     let copy = state.durable.as_ref().map(|_| input.clone());
-    let parsed = source.parser.parse(input);
+    let worst = input.capacity()
+        + copy.as_ref().map_or(0, Vec::len)
+        + (input.len() + 2)
+            * (crate::event::MAX_TAPE_BYTES_PER_INPUT_BYTE
+                + crate::event::MAX_SCRATCH_BYTES_PER_INPUT_BYTE);
+    let mut permit = state.ingest_budget.take(worst).await;
+    let mut parsed = source.parser.parse(input);
+    let held = (parsed.frame.bytes().div_ceil(1024) as u32).max(1);
+    if permit.num_permits() > held as usize {
+        drop(permit.split(permit.num_permits() - held as usize));
+    }
+    if let Some(frame) = Arc::get_mut(&mut parsed.frame) {
+        frame.hold(permit);
+    }
     let mut rejections = parsed.rejections;
     let nothing_was_json = parsed.items > 0
         && parsed.frame.is_empty()

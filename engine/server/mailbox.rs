@@ -7,11 +7,13 @@
 //!   waits). When a batch does not fit, the oldest batches are
 //!   dropped (their items counted per topic and reported to the client as `dropped`). A mailbox
 //!   that stays full past the slow-consumer timeout is marked for closing with 4008.
-//! - `latest`: at most one pending value per key and topic, the newest: it cannot grow past the
-//!   number of keys.
+//! - `latest`: at most one pending value per key and topic, the newest, within the same `limit`
+//!   of bytes: a new key's value that does not fit is dropped (counted and reported as
+//!   `dropped`), and a mailbox full past the slow-consumer timeout is closed with 4008.
 //!
-//! Control messages (`subscribed`, `snapshot`, `closed`, `topics`, `error`) are never dropped;
-//! they are few and small.
+//! Control messages (`subscribed`, `snapshot`, `closed`, `topics`, `error`) are never dropped.
+//! They count toward `limit` too: a subscriber whose requests would queue more than the limit of
+//! answers it has not read (snapshots, most often) is closed with 4008 at once.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -84,6 +86,12 @@ impl Mailbox {
 
     pub fn push_control(&self, message: Bytes) {
         let mut inbox = self.lock();
+        if inbox.bytes > 0 && inbox.bytes + message.len() > self.limit {
+            inbox.close = Some(SLOW_CONSUMER);
+            drop(inbox);
+            self.notify.notify_one();
+            return;
+        }
         inbox.bytes += message.len();
         inbox.queue.push_back(Outgoing::Control(message));
         drop(inbox);
@@ -161,12 +169,25 @@ impl Mailbox {
             }
         }
         let size = element.len();
-        let old = inbox
+        let pending = inbox.latest.get(topic).and_then(|keys| keys.get(key));
+        let old_size = pending.map_or(0, Bytes::len);
+        if pending.is_none() && inbox.bytes > 0 && inbox.bytes + size > self.limit {
+            let now = Instant::now();
+            let since = *inbox.full_since.get_or_insert(now);
+            if now.duration_since(since) > self.slow_timeout {
+                inbox.close = Some(SLOW_CONSUMER);
+            }
+            add_dropped(&mut inbox.dropped, topic, 1);
+            drop(inbox);
+            self.notify.notify_one();
+            return;
+        }
+        inbox
             .latest
             .entry(topic.clone())
             .or_default()
             .insert(key.clone(), element);
-        inbox.bytes = inbox.bytes + size - old.map_or(0, |o| o.len());
+        inbox.bytes = inbox.bytes + size - old_size;
         drop(inbox);
         self.notify.notify_one();
     }
@@ -221,6 +242,25 @@ mod tests {
         assert_eq!(inbox.queue.len(), 2);
         assert_eq!(inbox.dropped, vec![(topic(), 2)]);
         assert!(inbox.close.is_none());
+    }
+
+    #[test]
+    fn latest_values_and_answers_stay_within_the_limit() {
+        let mb = Mailbox::new(50, Duration::from_secs(60));
+        let value = Bytes::from_static(b"{\"key\":1,\"value\":12345}");
+        for k in 0..10 {
+            mb.push_latest(&topic(), &Key::Int(k), value.clone(), None);
+        }
+        // Two fit in 50 bytes; the other eight new keys are dropped and counted.
+        let inbox = mb.take();
+        assert_eq!(inbox.latest[&topic()].len(), 2);
+        assert_eq!(inbox.dropped, vec![(topic(), 8)]);
+        // Answers a subscriber asks for and does not read: past the limit it is closed.
+        let answer = Bytes::from(vec![b' '; 30]);
+        mb.push_control(answer.clone());
+        assert!(mb.close_code().is_none());
+        mb.push_control(answer);
+        assert_eq!(mb.close_code(), Some(SLOW_CONSUMER));
     }
 
     #[test]

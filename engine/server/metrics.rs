@@ -155,6 +155,52 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The connection gauges and counters of [`super::accept`].
+fn write_connections(out: &mut String, c: &super::accept::Connections, max: usize) {
+    let rows: [(&str, &str, &str, u64); 6] = [
+        (
+            "eddy_open_connections",
+            "gauge",
+            "Open TCP connections, HTTP and WebSocket.",
+            c.open.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "eddy_max_connections",
+            "gauge",
+            "Connections served in full (max_connections); a reserve past it serves health, metrics and admin.",
+            max as u64,
+        ),
+        (
+            "eddy_connections_refused_total",
+            "counter",
+            "Connections or requests answered 503 past max_connections.",
+            c.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_connections_shed_total",
+            "counter",
+            "Connections closed before their request head to make room past max_connections.",
+            c.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_handshake_timeouts_total",
+            "counter",
+            "Connections closed for sending no complete request head within handshake_timeout.",
+            c.timed_out.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_accept_errors_total",
+            "counter",
+            "Failed accepts (each backed off, from 10 ms to 1 s).",
+            c.accept_errors.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        counter_header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 /// The Prometheus text of every metric.
 pub async fn render(state: &State) -> String {
     let mut out = String::new();
@@ -171,6 +217,25 @@ pub async fn render(state: &State) -> String {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
+    write_connections(&mut out, &state.connections, state.config.max_connections);
+    let budget = &state.ingest_budget;
+    for (name, kind, help, value) in [
+        (
+            "eddy_ingest_bytes_in_flight",
+            "gauge",
+            "Memory held by frames being parsed, routed and queued (max_ingest_bytes_in_flight).",
+            budget.in_flight(),
+        ),
+        (
+            "eddy_ingest_budget_waits_total",
+            "counter",
+            "Inputs that waited for max_ingest_bytes_in_flight (their producers were slowed).",
+            budget.waits.load(Ordering::Relaxed),
+        ),
+    ] {
+        counter_header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     counter_header(
         &mut out,
         "eddy_events_ingested_total",
@@ -214,7 +279,7 @@ pub async fn render(state: &State) -> String {
         })
         .collect();
     type Pick = fn(&crate::shard::QueryStats, bool) -> u64;
-    let families: [(&str, &str, &str, Pick); 6] = [
+    let families: [(&str, &str, &str, Pick); 9] = [
         (
             "eddy_query_events_total",
             "counter",
@@ -244,6 +309,24 @@ pub async fn render(state: &State) -> String {
             "counter",
             "Due timers left for a later round by max_timers_per_advance, by query.",
             |s, _| s.timers_deferred,
+        ),
+        (
+            "eddy_keys_evicted_total",
+            "counter",
+            "Keys dropped to make room for new ones (max_keys_per_query, on_key_limit = evict), by query.",
+            |s, _| s.keys_evicted,
+        ),
+        (
+            "eddy_keys_refused_total",
+            "counter",
+            "Events of new keys not handled (max_keys_per_query, on_key_limit = reject), by query.",
+            |s, _| s.keys_refused,
+        ),
+        (
+            "eddy_keys_expired_total",
+            "counter",
+            "Keys forgotten after key_ttl without an event, by query.",
+            |s, _| s.keys_expired,
         ),
         (
             "eddy_query_quarantined",
@@ -364,6 +447,23 @@ pub async fn render(state: &State) -> String {
     let (tx, rx) = tokio::sync::oneshot::channel();
     state.hub.send(HubControl::Report { reply: tx }).await;
     let hub = rx.await.unwrap_or_default();
+    for (name, kind, help, value) in [
+        (
+            "eddy_snapshot_bytes",
+            "gauge",
+            "Bytes of latest values kept for snapshots, all topics (snapshot_bytes).",
+            hub.snapshot_bytes,
+        ),
+        (
+            "eddy_snapshot_skipped_total",
+            "counter",
+            "Latest values not kept for snapshots (snapshot_keys, snapshot_bytes).",
+            hub.snapshot_skipped,
+        ),
+    ] {
+        counter_header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     counter_header(
         &mut out,
         "eddy_items_emitted_total",

@@ -17,6 +17,7 @@
 //! So every acknowledged event reaches the subscribers before the process exits. Every WebSocket
 //! task is tracked ([`State::producers`], [`State::subscribers`]), not detached.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod demo;
@@ -32,7 +33,6 @@ pub mod supervise;
 pub mod ws;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,11 +42,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
@@ -80,6 +76,10 @@ pub struct State {
     pub subscribers: TaskTracker,
     /// The data directory; `None` in memory (`--ephemeral`).
     pub durable: Option<durability::Durability>,
+    /// Open connections and what the connection limits did.
+    pub connections: accept::Connections,
+    /// The bytes of frames in flight (`max_ingest_bytes_in_flight`).
+    pub ingest_budget: ingest::IngestBudget,
 }
 
 /// A running server.
@@ -117,20 +117,21 @@ pub enum StartError {
 impl Server {
     /// Binds, loads the queries folder and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = accept::bind(config.listen).map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
         })?;
-        let (hub_tx, hub) = hub::start(config.hub_queue, config.snapshot_keys);
+        let (hub_tx, hub) = hub::start(
+            config.hub_queue,
+            config.snapshot_keys,
+            config.snapshot_bytes,
+        );
         let settings = pipeline::ShardSettings {
-            limits: config.limits.clone(),
+            limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
                 share: config.max_query_cpu,
                 window: config.query_cpu_window,
@@ -161,6 +162,8 @@ impl Server {
             producers: TaskTracker::new(),
             subscribers: TaskTracker::new(),
             durable,
+            connections: accept::Connections::default(),
+            ingest_budget: ingest::IngestBudget::new(config.max_ingest_bytes_in_flight),
             config,
         });
         models::load_folder(&state)?;
@@ -171,7 +174,7 @@ impl Server {
             tokio::spawn(durability::checkpointer(Arc::clone(&state)));
         }
         let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let accept = tokio::spawn(accept_loop(
+        let accept = tokio::spawn(accept::accept_loop(
             listener,
             Arc::clone(&state),
             Arc::clone(&connections),
@@ -285,40 +288,6 @@ pub async fn advance_idle(state: &State, now: i64, idle_ms: i64) -> bool {
         }
     }
     true
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<State>,
-    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
-) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        let mut set = connections.lock().await;
-        // Reap finished connections so the set does not grow.
-        while set.try_join_next().is_some() {}
-        set.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(state, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended: {e}");
-            }
-        });
-    }
 }
 
 type Body = Full<Bytes>;
@@ -469,13 +438,18 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
     }
 }
 
-/// Reads a body of at most `limit` bytes; `Err` is the response to send instead.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Response<Body>> {
+/// Reads a body of at most `limit` bytes, the limit `setting` names; `Err` is the response to
+/// send instead.
+pub async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    setting: &str,
+) -> Result<Vec<u8>, Response<Body>> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => Ok(body.to_bytes().to_vec()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {limit} bytes (max_frame_bytes)"),
+            &format!("body larger than {limit} bytes ({setting})"),
         )),
         Err(e) => Err(json_error(
             StatusCode::BAD_REQUEST,
@@ -504,7 +478,7 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     let stream = query_params(&req)
         .remove("stream")
         .filter(|s| !s.is_empty());
-    let body = match read_body(req, state.config.max_frame_bytes).await {
+    let body = match read_body(req, state.config.max_frame_bytes, "max_frame_bytes").await {
         Ok(b) => b,
         Err(response) => return response,
     };

@@ -67,7 +67,7 @@ pub async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
         let _ = std::fs::remove_file(&file);
         return respond(StatusCode::NO_CONTENT, "application/json", "");
     }
-    let body = match read_body(req, state.config.max_frame_bytes).await {
+    let body = match read_body(req, state.config.max_frame_bytes, "max_frame_bytes").await {
         Ok(b) => b,
         Err(response) => return response,
     };

@@ -76,9 +76,12 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
         stuck_after: state.config.slow_consumer_timeout + state.config.ping_interval * 2,
         state: Arc::clone(&state),
     };
-    let mut conn = ws::open(
+    let mut conn = ws::open_naming(
         ws.into_inner(),
-        MAX_REQUEST_BYTES,
+        (
+            MAX_REQUEST_BYTES,
+            "request larger than 64 KiB, the limit on a subscriber's request",
+        ),
         state.config.ping_interval,
         delivery,
     );

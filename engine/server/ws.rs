@@ -35,9 +35,7 @@ use hyper::header::HeaderValue;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -106,8 +104,8 @@ pub enum ReadError {
     /// A violation of RFC 6455; the text is the reason sent with close code 1002.
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    #[error("message larger than {limit} bytes")]
-    TooBig { limit: usize },
+    #[error("message larger than {limit} bytes ({reason})")]
+    TooBig { limit: usize, reason: &'static str },
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
 }
@@ -118,7 +116,7 @@ impl ReadError {
         match self {
             ReadError::Closed | ReadError::Io(_) => None,
             ReadError::Protocol(reason) => Some((close::PROTOCOL, reason)),
-            ReadError::TooBig { .. } => Some((close::TOO_BIG, "message too large")),
+            ReadError::TooBig { reason, .. } => Some((close::TOO_BIG, reason)),
             ReadError::InvalidUtf8 => Some((close::INVALID_DATA, "invalid UTF-8")),
         }
     }
@@ -141,8 +139,12 @@ pub enum Incoming {
     Close(Option<u16>),
 }
 
-/// Bytes read from the socket at a time.
+/// Bytes read from the socket at a time, at most: a connection reads in chunks of a 64th of its
+/// message limit within [`MIN_READ_CHUNK`, `READ_CHUNK`] (so 16 KiB for producers, 1 KiB for
+/// subscribers, whose requests are small), and its read buffer is given back whenever it
+/// empties past that, so an idle connection holds no more than one small chunk.
 const READ_CHUNK: usize = 16 * 1024;
+const MIN_READ_CHUNK: usize = 512;
 /// Most a message buffer is grown by ahead of the bytes that fill it, below [`GROW_TO_LIMIT`].
 const GROW_AHEAD: usize = 256 * 1024;
 /// A message buffer that needs more than this is sized to the limit.
@@ -154,6 +156,10 @@ pub struct Reader<R> {
     /// Bytes read but not yet parsed: frame headers, control payloads, the start of a payload.
     buf: BytesMut,
     limit: usize,
+    /// Bytes read at a time (see [`READ_CHUNK`]).
+    chunk: usize,
+    /// The close reason for a message over `limit`, naming the limit.
+    too_big: &'static str,
     /// The message being assembled: `Some(binary)` between its first and its final frame.
     partial: Option<bool>,
     message: Vec<u8>,
@@ -163,14 +169,24 @@ pub struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(io: R, limit: usize) -> Self {
+        let chunk = (limit / 64).clamp(MIN_READ_CHUNK, READ_CHUNK);
         Reader {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             limit,
+            chunk,
+            too_big: "message larger than max_frame_bytes",
             partial: None,
             message: Vec::new(),
             valid: 0,
         }
+    }
+
+    /// Names the limit in the close reason of a message over it (`message larger than
+    /// max_frame_bytes` by default).
+    pub fn naming_limit(mut self, too_big: &'static str) -> Self {
+        self.too_big = too_big;
+        self
     }
 
     /// Bytes of memory the reader holds (its buffers' capacities).
@@ -253,7 +269,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     }
                     // Counted before a byte of the payload is read or buffered.
                     if len > (self.limit - self.message.len()) as u64 {
-                        return Err(ReadError::TooBig { limit: self.limit });
+                        return Err(ReadError::TooBig {
+                            limit: self.limit,
+                            reason: self.too_big,
+                        });
                     }
                     self.payload(len as usize, mask).await?;
                     if fin {
@@ -274,8 +293,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Makes `buf` hold at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
+            if self.buf.is_empty() && self.buf.capacity() > self.chunk {
+                self.buf = BytesMut::new();
+            }
             self.buf
-                .reserve(READ_CHUNK.saturating_sub(self.buf.len()).max(n));
+                .reserve(self.chunk.saturating_sub(self.buf.len()).max(n));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Closed);
             }
@@ -482,16 +504,48 @@ impl<R: AsyncRead + Unpin> Inbox<R> {
     }
 }
 
-/// The writing half of a connection: server frames (never masked) on a buffered stream.
+/// Most bytes the writer gathers before it writes them to the socket; larger payloads go
+/// straight through.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The writing half of a connection: server frames (never masked), gathered in a buffer that
+/// is allocated when there is something to write and given back at each flush, so an idle
+/// connection holds none.
 pub struct Writer<W = WriteHalf<Io>> {
-    io: BufWriter<W>,
+    io: W,
+    buf: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W) -> Self {
         Writer {
-            io: BufWriter::with_capacity(64 * 1024, io),
+            io,
+            buf: Vec::new(),
         }
+    }
+
+    /// Appends `bytes` to the buffer, writing through when they would not fit.
+    async fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.buf.len() + bytes.len() > WRITE_BUFFER {
+            self.drain().await?;
+            if bytes.len() >= WRITE_BUFFER {
+                return self.io.write_all(bytes).await;
+            }
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(bytes.len().clamp(4096, WRITE_BUFFER));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Writes what the buffer holds, keeping its allocation.
+    async fn drain(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
     }
 
     async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
@@ -510,8 +564,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         };
-        self.io.write_all(&head[..n]).await?;
-        self.io.write_all(payload).await
+        self.put(&head[..n]).await?;
+        self.put(payload).await
     }
 
     /// Writes one message (unflushed). Returns whether it was a close frame, the connection's
@@ -543,12 +597,16 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.frame(0x9, b"eddy").await
     }
 
+    /// Writes everything gathered and gives the buffer back.
     pub async fn flush(&mut self) -> io::Result<()> {
+        self.drain().await?;
+        self.buf = Vec::new();
         self.io.flush().await
     }
 
     /// Flushes and closes the sending direction (after a close frame).
     async fn finish(&mut self) -> io::Result<()> {
+        self.flush().await?;
         self.io.shutdown().await
     }
 }
@@ -699,8 +757,27 @@ pub struct Connection<R = ReadHalf<Io>> {
 }
 
 /// Splits an upgraded connection and starts its writer. Messages larger than `limit` bytes
-/// are refused with 1009.
+/// (`max_frame_bytes`) are refused with 1009.
 pub fn open<T, S>(io: T, limit: usize, ping_every: Duration, source: S) -> Connection<ReadHalf<T>>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+    S: Source,
+{
+    open_naming(
+        io,
+        (limit, "message larger than max_frame_bytes"),
+        ping_every,
+        source,
+    )
+}
+
+/// [`open`], with the close reason (naming the limit) for a message over it.
+pub fn open_naming<T, S>(
+    io: T,
+    (limit, too_big): (usize, &'static str),
+    ping_every: Duration,
+    source: S,
+) -> Connection<ReadHalf<T>>
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
     S: Source,
@@ -717,7 +794,11 @@ where
         source,
     ));
     Connection {
-        inbox: Inbox::new(Reader::new(read, limit), tx.clone(), liveness),
+        inbox: Inbox::new(
+            Reader::new(read, limit).naming_limit(too_big),
+            tx.clone(),
+            liveness,
+        ),
         out: tx,
         writer,
     }
@@ -791,7 +872,15 @@ mod tests {
         input.extend(frame(0x80, &[7; 41], [1, 2, 3, 4]));
         let (got, err) = read_all(input, 100).await;
         assert!(got.is_empty());
-        assert_eq!(err.and_then(|e| e.close()).map(|c| c.0), Some(1009));
+        assert_eq!(
+            err.and_then(|e| e.close()),
+            Some((1009, "message larger than max_frame_bytes"))
+        );
+        // A reader for another limit names it.
+        let input = frame(0x82, &[7; 101], [1, 2, 3, 4]);
+        let mut reader = Reader::new(&input[..], 100).naming_limit("request larger than 100");
+        let err = reader.next().await.unwrap_err();
+        assert_eq!(err.close(), Some((1009, "request larger than 100")));
     }
 
     #[tokio::test]

@@ -211,8 +211,11 @@ pub mod ewma_functions {
     /// ```
     #[rhai_fn(name = "ewma", return_raw)]
     pub fn new_ewma(alpha: Dynamic) -> Res<Ewma> {
-        let alpha = num::number(&alpha, "ewma(alpha)")?;
-        Ewma::with_alpha(alpha).or_else(num::err)
+        let made = (|| -> Res<Ewma> {
+            let alpha = num::number(&alpha, "ewma(alpha)")?;
+            Ewma::with_alpha(alpha).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Creates a moving average over event time whose weights halve every `ms`
@@ -225,13 +228,16 @@ pub mod ewma_functions {
     /// ```
     #[rhai_fn(name = "ewma_halflife", return_raw)]
     pub fn new_ewma_halflife(ms: Dynamic) -> Res<Ewma> {
-        let ctx = "ewma_halflife(ms)";
-        let ms = if ms.is_string() {
-            num::duration_arg(&ms, ctx)? as f64
-        } else {
-            num::number(&ms, ctx)?
-        };
-        Ewma::with_halflife_ms(ms).or_else(num::err)
+        let made = (|| -> Res<Ewma> {
+            let ctx = "ewma_halflife(ms)";
+            let ms = if ms.is_string() {
+                num::duration_arg(&ms, ctx)? as f64
+            } else {
+                num::number(&ms, ctx)?
+            };
+            Ewma::with_halflife_ms(ms).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Adds a sample (`INT` or finite `FLOAT`) to an `ewma(alpha)`.

@@ -113,9 +113,12 @@ pub mod holt_functions {
     /// ```
     #[rhai_fn(name = "holt", return_raw)]
     pub fn new_holt(alpha: Dynamic, beta: Dynamic) -> Res<Holt> {
-        let alpha = num::finite(&alpha, "holt(alpha, beta): alpha")?;
-        let beta = num::finite(&beta, "holt(alpha, beta): beta")?;
-        Holt::new(alpha, beta).or_else(num::err)
+        let made = (|| -> Res<Holt> {
+            let alpha = num::finite(&alpha, "holt(alpha, beta): alpha")?;
+            let beta = num::finite(&beta, "holt(alpha, beta): beta")?;
+            Holt::new(alpha, beta).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Adds the next value of the series (`INT` or finite `FLOAT`).

@@ -392,7 +392,8 @@ pub mod hst_functions {
     /// ```
     #[rhai_fn(name = "hst", return_raw)]
     pub fn new_hst() -> Res<Hst> {
-        Hst::new(HstParams::default(), &[])
+        let made: Res<Hst> = Hst::new(HstParams::default(), &[]);
+        made.and_then(crate::charged)
     }
 
     /// Half-Space Trees with options: `trees`, `height`, `window`, `seed`, and `limits`, a
@@ -404,20 +405,23 @@ pub mod hst_functions {
     /// ```
     #[rhai_fn(name = "hst", return_raw)]
     pub fn new_hst_with(opts: Map) -> Res<Hst> {
-        let ctx = "hst(opts)";
-        let o = Options::new(&opts, ctx, &["trees", "height", "window", "seed", "limits"])?;
-        let d = HstParams::default();
-        let params = HstParams {
-            trees: o.size("trees", d.trees, 1, 1000)?,
-            height: o.size("height", d.height, 1, 20)?,
-            window: o.size("window", d.window, 1, 1 << 30)?,
-            seed: o.size("seed", d.seed as usize, 0, i64::MAX as usize)? as u64,
-        };
-        let limits = match o.get("limits") {
-            None => Vec::new(),
-            Some(v) => parse_limits(v)?,
-        };
-        Hst::new(params, &limits)
+        let made = (|| -> Res<Hst> {
+            let ctx = "hst(opts)";
+            let o = Options::new(&opts, ctx, &["trees", "height", "window", "seed", "limits"])?;
+            let d = HstParams::default();
+            let params = HstParams {
+                trees: o.size("trees", d.trees, 1, 1000)?,
+                height: o.size("height", d.height, 1, 20)?,
+                window: o.size("window", d.window, 1, 1 << 30)?,
+                seed: o.size("seed", d.seed as usize, 0, i64::MAX as usize)? as u64,
+            };
+            let limits = match o.get("limits") {
+                None => Vec::new(),
+                Some(v) => parse_limits(v)?,
+            };
+            Hst::new(params, &limits)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Whether the first window is complete (before, `score` is 0.0).

@@ -242,7 +242,8 @@ pub mod kmeans_functions {
     /// ```
     #[rhai_fn(name = "kmeans", return_raw)]
     pub fn new_kmeans(k: Dynamic) -> Res<KMeans> {
-        build(&k, &Map::new())
+        let made: Res<KMeans> = build(&k, &Map::new());
+        made.and_then(crate::charged)
     }
 
     /// Streaming k-means with options: `halflife`, `mu`, `sigma`, `p`, `seed`.
@@ -252,7 +253,8 @@ pub mod kmeans_functions {
     /// ```
     #[rhai_fn(name = "kmeans", return_raw)]
     pub fn new_kmeans_with(k: Dynamic, opts: Map) -> Res<KMeans> {
-        build(&k, &opts)
+        let made: Res<KMeans> = build(&k, &opts);
+        made.and_then(crate::charged)
     }
 
     /// The centers: an array of `k` maps of feature name to coordinate.

@@ -187,6 +187,33 @@ macro_rules! plugin_objects {
 plugin_objects!(
     Stats, Ewma, Ring, TimeWindow, Ohlc, Quantiles, TopK, LinReg, LogReg, Scaler, Hst, KMeans, Holt
 );
+thread_local! {
+    /// `(limit, left)`: the bytes plugin objects made in the current script call may take.
+    static CALL_BUDGET: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((usize::MAX, usize::MAX)) };
+}
+
+/// Sets the bytes the plugin objects one script call creates may take together (the shard sets
+/// it to `max_state_bytes` before each call): without it, one call could make 10,000
+/// `quantiles(5)` of 2 MiB each before the state's size is checked after the call.
+pub fn set_call_budget(bytes: usize) {
+    CALL_BUDGET.with(|b| b.set((bytes, bytes)));
+}
+
+/// Charges a new plugin object to the call's budget: the object, or an error naming the limit.
+pub(crate) fn charged<T: Clone + Send + Sync + 'static>(x: T) -> num::Res<T> {
+    let value = Dynamic::from(x);
+    let bytes = approx_bytes(&value).unwrap_or(0);
+    let (limit, left) = CALL_BUDGET.with(|b| b.get());
+    if bytes > left {
+        return Err(format!(
+            "plugin objects created in one call would take more than {limit} bytes, the limit \
+             (max_state_bytes)"
+        )
+        .into());
+    }
+    CALL_BUDGET.with(|b| b.set((limit, left - bytes)));
+    Ok(value.cast::<T>())
+}
 
 /// The Rhai type name of a plugin object, for error messages.
 pub(crate) fn plugin_type_name(v: &Dynamic) -> Option<&'static str> {

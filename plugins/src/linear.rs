@@ -275,7 +275,9 @@ pub mod linear_functions {
     /// ```
     #[rhai_fn(name = "linreg", return_raw)]
     pub fn new_linreg_with(opts: Map) -> Res<LinReg> {
-        Ok(LinReg::new(GlmParams::from_map(&opts, "linreg(opts)")?))
+        let made =
+            (|| -> Res<LinReg> { Ok(LinReg::new(GlmParams::from_map(&opts, "linreg(opts)")?)) })();
+        made.and_then(crate::charged)
     }
 
     /// Online logistic regression with River's defaults (as `linreg`).
@@ -297,7 +299,9 @@ pub mod linear_functions {
     /// ```
     #[rhai_fn(name = "logreg", return_raw)]
     pub fn new_logreg_with(opts: Map) -> Res<LogReg> {
-        Ok(LogReg::new(GlmParams::from_map(&opts, "logreg(opts)")?))
+        let made =
+            (|| -> Res<LogReg> { Ok(LogReg::new(GlmParams::from_map(&opts, "logreg(opts)")?)) })();
+        made.and_then(crate::charged)
     }
 
     /// The weights by feature name.

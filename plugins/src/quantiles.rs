@@ -194,7 +194,8 @@ pub mod quantiles_functions {
     /// ```
     #[rhai_fn(name = "quantiles", return_raw)]
     pub fn new_quantiles() -> Res<Quantiles> {
-        Quantiles::new(DEFAULT_SIGFIG).or_else(num::err)
+        let made: Res<Quantiles> = Quantiles::new(DEFAULT_SIGFIG).or_else(num::err);
+        made.and_then(crate::charged)
     }
 
     /// Creates a quantile sketch with `sigfig` significant digits, 1 to 5. Memory grows
@@ -205,8 +206,11 @@ pub mod quantiles_functions {
     /// ```
     #[rhai_fn(name = "quantiles", return_raw)]
     pub fn new_quantiles_sigfig(sigfig: Dynamic) -> Res<Quantiles> {
-        let s = num::whole(&sigfig, "quantiles(sigfig)", 1, 5)?;
-        Quantiles::new(s as u8).or_else(num::err)
+        let made = (|| -> Res<Quantiles> {
+            let s = num::whole(&sigfig, "quantiles(sigfig)", 1, 5)?;
+            Quantiles::new(s as u8).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Records a value: an `INT` or `FLOAT` between 0 and 1e12. Negative, NaN or larger

@@ -197,8 +197,11 @@ pub mod ring_functions {
     /// ```
     #[rhai_fn(name = "ring", return_raw)]
     pub fn new_ring(n: Dynamic) -> Res<Ring> {
-        let n = num::size(&n, "ring(n)", 1, MAX_RING)?;
-        Ring::new(n).or_else(num::err)
+        let made = (|| -> Res<Ring> {
+            let n = num::size(&n, "ring(n)", 1, MAX_RING)?;
+            Ring::new(n).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Appends a number (`INT` or finite `FLOAT`), evicting the oldest when full.

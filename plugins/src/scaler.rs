@@ -138,8 +138,11 @@ pub mod scaler_functions {
     /// ```
     #[rhai_fn(name = "scaler", return_raw)]
     pub fn new_scaler_with(opts: Map) -> Res<Scaler> {
-        let o = Options::new(&opts, "scaler(opts)", &["with_std"])?;
-        Ok(Scaler::new(o.flag("with_std", true)?))
+        let made = (|| -> Res<Scaler> {
+            let o = Options::new(&opts, "scaler(opts)", &["with_std"])?;
+            Ok(Scaler::new(o.flag("with_std", true)?))
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Number of features seen.

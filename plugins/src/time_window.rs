@@ -171,8 +171,11 @@ pub mod time_window_functions {
     /// ```
     #[rhai_fn(name = "time_window", return_raw)]
     pub fn new_time_window(ms: Dynamic) -> Res<TimeWindow> {
-        let ms = num::duration_arg(&ms, "time_window(ms)")?;
-        TimeWindow::new(ms).or_else(num::err)
+        let made = (|| -> Res<TimeWindow> {
+            let ms = num::duration_arg(&ms, "time_window(ms)")?;
+            TimeWindow::new(ms).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Adds `x` (`INT` or finite `FLOAT`) at event time `t_ms`, then evicts entries with

@@ -294,8 +294,11 @@ pub mod topk_functions {
     /// ```
     #[rhai_fn(name = "topk", return_raw)]
     pub fn new_topk(k: Dynamic) -> Res<TopK> {
-        let k = num::size(&k, "topk(k)", 1, MAX_TOPK)?;
-        TopK::new(k).or_else(num::err)
+        let made = (|| -> Res<TopK> {
+            let k = num::size(&k, "topk(k)", 1, MAX_TOPK)?;
+            TopK::new(k).or_else(num::err)
+        })();
+        made.and_then(crate::charged)
     }
 
     /// Counts one occurrence of `item` (a string or an `INT`).

@@ -200,6 +200,23 @@ pub fn by_key(items: &[Value]) -> HashMap<String, Vec<Value>> {
     map
 }
 
+/// Waits until every event queued so far has been handled by its shard and its items are in the
+/// hub (acks only mean "queued"), so that a snapshot taken next holds them.
+pub async fn drain(server: &Server) {
+    let state = &server.state;
+    state
+        .pipeline
+        .ask_all(|done| eddy::server::pipeline::ShardMsg::Flush { done })
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state
+        .hub
+        .send(eddy::server::hub::HubControl::Flush { done: tx })
+        .await;
+    rx.await.unwrap();
+}
+
 /// Plain HTTP/1.1 request; returns status and body.
 pub async fn http(
     server: &Server,
@@ -208,11 +225,11 @@ pub async fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    http_to(&server.addr.to_string(), method, path, token, body).await
+    http_at(&server.addr.to_string(), method, path, token, body).await
 }
 
-/// [`http`] to a server at `addr` (`IP:PORT`), such as one started as a process.
-pub async fn http_to(
+/// [`http`] to a server at `addr` (`IP:PORT`), e.g. one started with [`spawn_serve`].
+pub async fn http_at(
     addr: &str,
     method: &str,
     path: &str,
@@ -224,8 +241,7 @@ pub async fn http_to(
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        addr,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -289,7 +305,37 @@ pub async fn spawn_serve(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     String,
 ) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+    spawn_serve_with_files(queries, extra, None).await
+}
+
+/// [`spawn_serve`] with the soft and hard limit on open files set to `nofile` in the child.
+pub async fn spawn_serve_with_files(
+    queries: &Path,
+    extra: &[&str],
+    nofile: Option<u64>,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"));
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .args([
             "serve",
             "--listen",
@@ -315,4 +361,13 @@ pub async fn spawn_serve(
         .unwrap()
         .to_owned();
     (child, lines, addr)
+}
+
+/// A figure of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM` (peak resident).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
