@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use eddy::compiled::EngineMode;
 use eddy::offline::{self, RunOptions};
 use eddy::server::{RawConfig, Server};
 use eddy::synth::{self, Scenario};
@@ -52,6 +53,10 @@ enum Command {
         /// Folder of `.onnx` models the queries may call [default: models, if it exists].
         #[arg(long)]
         models: Option<PathBuf>,
+        /// `auto`: compile each query to native closures where possible and interpret the
+        /// rest; `interpreter`: interpret everything.
+        #[arg(long, value_enum, default_value_t = EngineMode::Auto)]
+        engine: EngineMode,
     },
     /// Run query test cases (folders of query, in.ndjson, out.ndjson) and report each as ok or
     /// FAIL with its first difference. Exit status 0 only if every case passes.
@@ -207,6 +212,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             input,
             stream,
             models,
+            engine,
         } => {
             load_models(models, &limits)?;
             let defs = load_queries(&queries, &limits)?;
@@ -218,7 +224,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 defs,
                 data,
                 &limits,
-                &RunOptions { stream },
+                &RunOptions { stream, engine },
                 &mut out,
                 &mut err,
             )
@@ -452,7 +458,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut failed = false;
             for path in &queries {
                 match load_query(path, &limits) {
-                    Ok(def) => println!("{}: ok: {def}", path.display()),
+                    Ok(def) => {
+                        println!("{}: ok: {def}: {}", path.display(), def.engine.summary());
+                        for line in def.engine.function_lines() {
+                            println!("  {line}");
+                        }
+                    }
                     Err(e) => {
                         failed = true;
                         eprintln!("{e:#}");

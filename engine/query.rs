@@ -40,6 +40,8 @@ pub struct QueryDef {
     pub script: String,
     pub config: QueryConfig,
     pub functions: Functions,
+    /// What the compiler made of each function (the query runs compiled only if all of it is).
+    pub engine: crate::compiled::Report,
 }
 
 /// Why a query cannot be deployed.
@@ -154,6 +156,7 @@ impl QueryDef {
                 name: name.to_owned(),
                 script: script.to_owned(),
                 config,
+                engine: crate::compiled::compile(&engine, &ast, functions.init).1,
                 functions,
             }),
             _ => Err(QueryError::Invalid {

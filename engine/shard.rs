@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
+use crate::compiled::{self, Compiled, EngineMode, Rt, State};
 use crate::event::Event;
 use crate::key::Key;
 use crate::query::{self, QueryDef, QueryError};
@@ -149,7 +150,8 @@ impl std::ops::AddAssign for QueryStats {
 }
 
 struct KeyState {
-    state: Dynamic,
+    /// The key's state: a map, or the slots of a compiled query (see [`State::to_dynamic`]).
+    state: State,
     /// Times of this key's pending timers (usually none, so no allocation).
     timers: Vec<i64>,
     /// Calls left before the state's size is measured again (0: after the next call).
@@ -157,7 +159,7 @@ struct KeyState {
 }
 
 impl KeyState {
-    fn new(state: Dynamic) -> Self {
+    fn new(state: State) -> Self {
         KeyState {
             state,
             timers: Vec::new(),
@@ -193,6 +195,8 @@ struct QueryRuntime {
     control: Arc<QueryControl>,
     cpu: CpuUse,
     ast: AST,
+    /// The query compiled to closures, when all of it could be (see [`crate::compiled`]).
+    compiled: Option<Compiled>,
     topics: Rc<QueryTopics>,
     states: HashMap<Key, KeyState, foldhash::fast::RandomState>,
     timers: BTreeSet<(i64, Key)>,
@@ -218,6 +222,8 @@ pub struct Shard {
     clock: CpuClock,
     /// Field names with a property getter on the event type (see [`Shard::deploy`]).
     getters: std::collections::HashSet<String>,
+    /// Whether queries are compiled when deployed.
+    mode: EngineMode,
 }
 
 /// Most event field getters one shard registers; past this, fields are read through the
@@ -243,7 +249,20 @@ impl Shard {
                 window: 1,
             },
             getters: std::collections::HashSet::new(),
+            mode: EngineMode::Auto,
         }
+    }
+
+    /// Which engine runs the queries deployed from now on (`auto`: compiled where possible).
+    pub fn set_engine(&mut self, mode: EngineMode) {
+        self.mode = mode;
+    }
+
+    /// Whether query `id` runs compiled on this shard.
+    pub fn is_compiled(&self, id: QueryId) -> bool {
+        self.queries
+            .iter()
+            .any(|q| q.id == id && q.compiled.is_some())
     }
 
     /// Measure the time of every script call (two clock reads per call), for
@@ -282,6 +301,10 @@ impl Shard {
         control: Arc<QueryControl>,
     ) -> Result<(), QueryError> {
         let ast = query::compile(&self.engine, &def.name, &def.script)?;
+        let compiled = match self.mode {
+            EngineMode::Auto => compiled::compile(&self.engine, &ast, def.functions.init).0,
+            EngineMode::Interpreter => None,
+        };
         for field in property_names(&def.script) {
             if self.getters.len() >= MAX_GETTERS || self.getters.contains(field) {
                 continue;
@@ -298,6 +321,7 @@ impl Shard {
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
+            compiled,
             states: HashMap::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
@@ -457,6 +481,14 @@ enum Outcome {
 }
 
 impl Call<'_> {
+    fn rt(&self) -> Rt<'_> {
+        Rt {
+            engine: self.engine,
+            ctx: self.ctx,
+            max_operations: self.limits.max_operations,
+        }
+    }
+
     fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, now: i64) {
         if !q.states.contains_key(&key) {
             let state = if q.def.functions.init {
@@ -464,8 +496,10 @@ impl Call<'_> {
                     Some(state) => state,
                     None => return,
                 }
+            } else if q.compiled.is_some() {
+                State::Slots(Box::new([]))
             } else {
-                Dynamic::from_map(rhai::Map::new())
+                State::Map(Dynamic::from_map(rhai::Map::new()))
             };
             q.states.insert(key.clone(), KeyState::new(state));
         }
@@ -473,15 +507,21 @@ impl Call<'_> {
     }
 
     /// The first state of `key`, from the query's `init(key)`; `None` when it failed.
-    fn init(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<Dynamic> {
+    fn init(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<State> {
         self.begin(q, key, now);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            CallFnOptions::new().eval_ast(false).rewind_scope(true),
-            self.scope,
-            &q.ast,
-            "init",
-            (key.to_dynamic(),),
-        );
+        let result = match &q.compiled {
+            Some(c) => c.init(&self.rt(), key.to_dynamic()),
+            None => self
+                .engine
+                .call_fn_with_options::<Dynamic>(
+                    CallFnOptions::new().eval_ast(false).rewind_scope(true),
+                    self.scope,
+                    &q.ast,
+                    "init",
+                    (key.to_dynamic(),),
+                )
+                .map(State::Map),
+        };
         let state = match result {
             Ok(state) => state,
             Err(e) => {
@@ -520,20 +560,36 @@ impl Call<'_> {
         };
         self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
         let started = (q.eval_ns.is_some() || self.budget.is_some()).then(Instant::now);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            CallFnOptions::new()
-                .eval_ast(false)
-                .rewind_scope(true)
-                .bind_this_ptr(&mut entry.state),
-            self.scope,
-            &q.ast,
-            function,
-            (arg,),
-        );
+        let result = match (&q.compiled, &mut entry.state) {
+            (Some(c), State::Slots(slots)) => {
+                let rt = Rt {
+                    engine: self.engine,
+                    ctx: self.ctx,
+                    max_operations: self.limits.max_operations,
+                };
+                c.call(&rt, function, slots, arg)
+            }
+            (_, State::Map(state)) => self
+                .engine
+                .call_fn_with_options::<Dynamic>(
+                    CallFnOptions::new()
+                        .eval_ast(false)
+                        .rewind_scope(true)
+                        .bind_this_ptr(state),
+                    self.scope,
+                    &q.ast,
+                    function,
+                    (arg,),
+                )
+                .map(|_| ()),
+            (None, State::Slots(_)) => unreachable!("slot states belong to compiled queries"),
+        };
         let finished = started.map(|s| (s, Instant::now()));
         let size = match &result {
             Ok(_) if entry.unmeasured == 0 => {
-                let size = state_bytes(&entry.state);
+                let size = entry
+                    .state
+                    .bytes(q.compiled.as_ref().map(|c| &*c.layout));
                 entry.unmeasured = measure_interval(size, self.limits.max_state_bytes);
                 Some(size).filter(|&n| n > self.limits.max_state_bytes)
             }
@@ -543,7 +599,7 @@ impl Call<'_> {
             }
             Err(_) => None,
         };
-        match self.end(q, &key, function, result.map(|_| ()), size) {
+        match self.end(q, &key, function, result, size) {
             Outcome::Failed => {
                 if size.is_some() {
                     drop_key(q, &key);
