@@ -28,8 +28,8 @@ use std::fmt;
 use std::rc::Rc;
 
 use rhai::{
-    ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr,
-    FnCallExpr, ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT, INT,
+    ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
+    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT, INT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -275,7 +275,13 @@ impl Compiled {
     }
 
     /// Runs `on_event(arg)` or `on_timer(arg)` with `this` bound to `slots`.
-    pub(crate) fn call(&self, rt: &Rt, function: &str, slots: &mut [Dynamic], arg: Dynamic) -> R<()> {
+    pub(crate) fn call(
+        &self,
+        rt: &Rt,
+        function: &str,
+        slots: &mut [Dynamic],
+        arg: Dynamic,
+    ) -> R<()> {
         let index = match function {
             "on_event" => self.on_event,
             "on_timer" => match self.on_timer {
@@ -385,8 +391,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             },
             Some(body) => {
                 let pos = body.first().map_or(Position::NONE, Stmt::position);
-                report.query =
-                    unsupported::<()>(pos, "`init` is more than one map literal").err();
+                report.query = unsupported::<()>(pos, "`init` is more than one map literal").err();
             }
             None => {}
         }
@@ -480,7 +485,10 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             return (None, report);
         }
     };
-    let find = |name: &str| fns.iter().position(|f| f.name == name && f.params.len() == 1);
+    let find = |name: &str| {
+        fns.iter()
+            .position(|f| f.name == name && f.params.len() == 1)
+    };
     let Some(on_event) = find("on_event") else {
         return (None, report);
     };
@@ -552,7 +560,8 @@ fn run_helper(
         .map_err(|e| relocate(e, pos))
 }
 
-/// The error that caused `e`, out of the helper's call, at `pos`.
+/// The error that caused `e`, out of the helper's call, at `pos` (an error without a position,
+/// such as a value over its size limit, has none in the interpreter either).
 fn relocate(mut e: Box<EvalAltResult>, pos: Position) -> Box<EvalAltResult> {
     loop {
         match *e {
@@ -560,7 +569,9 @@ fn relocate(mut e: Box<EvalAltResult>, pos: Position) -> Box<EvalAltResult> {
             _ => break,
         }
     }
-    e.set_position(pos);
+    if !e.position().is_none() {
+        e.set_position(pos);
+    }
     e
 }
 
@@ -732,7 +743,10 @@ impl Cx<'_> {
 
     /// A condition: its value as a bool, or the interpreter's type error.
     fn guard(&mut self, f: EFn, pos: Position) -> Box<dyn Fn(&mut Frame) -> R<bool>> {
-        let helper = self.helpers.borrow_mut().add(1, "if a0 { true } else { false }");
+        let helper = self
+            .helpers
+            .borrow_mut()
+            .add(1, "if a0 { true } else { false }");
         Box::new(move |fr| {
             let v = f(fr)?;
             match v.as_bool() {
@@ -755,14 +769,15 @@ impl Cx<'_> {
         let binop = match op.get_op_assignment_info() {
             None => None,
             Some((_, _, op_assign, _, op, _)) => {
-                let helper = self.helpers.borrow_mut().add(
-                    2,
-                    &format!("a0 {} a1; a0", op_assign.literal_syntax()),
-                );
+                let helper = self
+                    .helpers
+                    .borrow_mut()
+                    .add(2, &format!("a0 {} a1; a0", op_assign.literal_syntax()));
                 Some((op.clone(), helper))
             }
         };
         // The target: a local, a slot of `this`, or a property path under either.
+        let mut last_prop = Position::NONE;
         let (root, props) = match &be.lhs {
             Expr::Variable(x, _, vpos) => {
                 let name = &x.1;
@@ -779,8 +794,16 @@ impl Cx<'_> {
                 let mut props = Vec::new();
                 for s in &segs {
                     match s {
-                        Seg::Prop(name, _) => props.push(name.clone()),
-                        _ => return unsupported(be.lhs.start_position(), "assignment through a call"),
+                        Seg::Prop(name, _, dot) => {
+                            props.push(name.clone());
+                            last_prop = *dot;
+                        }
+                        _ => {
+                            return unsupported(
+                                be.lhs.start_position(),
+                                "assignment through a call",
+                            )
+                        }
                     }
                 }
                 let target = match root {
@@ -790,7 +813,10 @@ impl Cx<'_> {
                         }
                         let field = props.remove(0);
                         let Some(slot) = self.layout.fields.iter().position(|f| *f == field) else {
-                            return unsupported(*tpos, format!("`this.{field}`: a field `init` does not make"));
+                            return unsupported(
+                                *tpos,
+                                format!("`this.{field}`: a field `init` does not make"),
+                            );
                         };
                         Target::Slot(slot)
                     }
@@ -811,6 +837,8 @@ impl Cx<'_> {
         };
         // Assigning through properties falls back to a helper that does the whole path on the
         // root, unless every step is a map.
+        // Rhai places a failed property set at the property, a failed operator at the operator.
+        let path_pos = if binop.is_none() { last_prop } else { op_pos };
         let path_helper = if props.is_empty() {
             None
         } else {
@@ -846,26 +874,24 @@ impl Cx<'_> {
             }
             // A path of map properties is done in place; anything else by the helper.
             let mut v = Some(v);
-            let done = with_map_path(target, &props, binop.is_none(), &mut |place| {
-                match &binop {
-                    None => {
-                        *place = v.take().expect("once");
+            let done = with_map_path(target, &props, binop.is_none(), &mut |place| match &binop {
+                None => {
+                    *place = v.take().expect("once");
+                    Ok(true)
+                }
+                Some((op, _)) => match fast_binop(op, place, v.as_ref().expect("once"), op_pos)? {
+                    Some(new) => {
+                        *place = new;
                         Ok(true)
                     }
-                    Some((op, _)) => match fast_binop(op, place, v.as_ref().expect("once"), op_pos)? {
-                        Some(new) => {
-                            *place = new;
-                            Ok(true)
-                        }
-                        None => Ok(false),
-                    },
-                }
+                    None => Ok(false),
+                },
             })
             .unwrap_or(Ok(false))?;
             if !done {
                 let helper = path_helper.as_ref().expect("has props");
                 let args = vec![v.take().expect("not used")];
-                let _ = run_helper(engine, helpers, helper, Some(target), args, op_pos)?;
+                let _ = run_helper(engine, helpers, helper, Some(target), args, path_pos)?;
             }
             Ok(Flow::Normal(Dynamic::UNIT))
         }))
@@ -1018,11 +1044,14 @@ impl Cx<'_> {
                 if !self.this_ok {
                     return unsupported(*tpos, "`this` outside on_event and on_timer");
                 }
-                let Some((Seg::Prop(field, _), rest)) = segs.split_first() else {
+                let Some((Seg::Prop(field, ..), rest)) = segs.split_first() else {
                     return unsupported(*tpos, "a method called on `this`");
                 };
                 let Some(slot) = self.layout.fields.iter().position(|f| f == field) else {
-                    return unsupported(*tpos, format!("`this.{field}`: a field `init` does not make"));
+                    return unsupported(
+                        *tpos,
+                        format!("`this.{field}`: a field `init` does not make"),
+                    );
                 };
                 segs = rest;
                 Start::Place(Target::Slot(slot))
@@ -1041,7 +1070,7 @@ impl Cx<'_> {
                 return Ok(Box::new(move |fr| Ok(fr.slot(slot).clone())));
             }
         }
-        if let (Start::Place(Target::Local(i)), [Seg::Prop(name, ppos)]) = (&start, segs) {
+        if let (Start::Place(Target::Local(i)), [Seg::Prop(name, ppos, _)]) = (&start, segs) {
             if self.ev_local == Some(*i) {
                 let (i, name, ppos) = (*i, name.clone(), *ppos);
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
@@ -1050,7 +1079,14 @@ impl Cx<'_> {
                         return Ok(ev.get(&name));
                     }
                     let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    run_helper(engine, helpers, &helper, Some(&mut fr.locals[i]), Vec::new(), ppos)
+                    run_helper(
+                        engine,
+                        helpers,
+                        &helper,
+                        Some(&mut fr.locals[i]),
+                        Vec::new(),
+                        ppos,
+                    )
                 }));
             }
         }
@@ -1064,13 +1100,14 @@ impl Cx<'_> {
         let mut first = true;
         for s in segs {
             match s {
-                Seg::Prop(name, ppos) => {
+                Seg::Prop(name, ppos, _) => {
                     let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
                     steps.push(Step::Prop(name.clone(), helper, *ppos));
                 }
                 Seg::Method(call, mpos) => {
                     // Number methods that change nothing may work on a copy of a property.
-                    let pure = call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
+                    let pure =
+                        call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
                     if in_place && !first && !pure {
                         return unsupported(*mpos, "a method called on a property");
                     }
@@ -1103,7 +1140,9 @@ impl Cx<'_> {
                 Start::Place(t) => {
                     // The first step works on the place itself (a method may change it).
                     let Some(step) = steps.next() else {
-                        return Ok(target_ref(fr, *t).map(|v| v.clone()).unwrap_or(Dynamic::UNIT));
+                        return Ok(target_ref(fr, *t)
+                            .map(|v| v.clone())
+                            .unwrap_or(Dynamic::UNIT));
                     };
                     let args = step.args(fr)?;
                     let helpers = fr.helpers;
@@ -1260,7 +1299,9 @@ impl Cx<'_> {
             .map(|a| self.expr(a))
             .collect::<Result<Vec<_>, _>>()?;
         match (name, n) {
-            ("contains", 2) if !matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]) => {
+            ("contains", 2)
+                if !matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]) =>
+            {
                 let b = args.pop().expect("two args");
                 let a = args.pop().expect("two args");
                 return Ok(self.contains(a, b, pos));
@@ -1273,11 +1314,10 @@ impl Cx<'_> {
                 let mut order: Vec<usize> = (0..m.0.len()).collect();
                 order.sort_by(|&a, &b| m.0[a].0.name.as_str().cmp(m.0[b].0.name.as_str()));
                 let names: Vec<ImmutableString> = m.0.iter().map(|(k, _)| k.name.clone()).collect();
-                let fields = m
-                    .0
-                    .iter()
-                    .map(|(_, v)| self.expr(v))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let fields =
+                    m.0.iter()
+                        .map(|(_, v)| self.expr(v))
+                        .collect::<Result<Vec<_>, _>>()?;
                 return Ok(Box::new(move |fr| {
                     let mut values = Vec::with_capacity(fields.len());
                     for f in &fields {
@@ -1361,7 +1401,14 @@ impl Cx<'_> {
             match by_ref {
                 Some(i) => {
                     let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    run_helper(engine, helpers, &helper, Some(&mut fr.locals[i]), values, pos)
+                    run_helper(
+                        engine,
+                        helpers,
+                        &helper,
+                        Some(&mut fr.locals[i]),
+                        values,
+                        pos,
+                    )
                 }
                 None => call_helper(fr, &helper, None, values, pos),
             }
@@ -1406,7 +1453,13 @@ impl Step {
         }
     }
 
-    fn apply(&self, engine: &Engine, helpers: &AST, on: &mut Dynamic, args: Vec<Dynamic>) -> R<Dynamic> {
+    fn apply(
+        &self,
+        engine: &Engine,
+        helpers: &AST,
+        on: &mut Dynamic,
+        args: Vec<Dynamic>,
+    ) -> R<Dynamic> {
         let (helper, pos) = match self {
             Step::Prop(name, helper, pos) => {
                 if let Some(ev) = on.read_lock::<Event>() {
@@ -1483,34 +1536,37 @@ fn with_map_path(
 
 #[derive(Debug)]
 enum Seg {
-    Prop(ImmutableString, Position),
+    /// A property, its position and the position of the dot before it.
+    Prop(ImmutableString, Position, Position),
     Method(Box<FnCallExpr>, Position),
 }
 
 /// `root.a.b(x).c` as its root and its steps.
 fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
-    let Expr::Dot(be, _, _) = e else {
+    let Expr::Dot(be, _, dot) = e else {
         return unsupported(e.start_position(), "expression");
     };
     let mut segs = Vec::new();
     let mut rhs = &be.rhs;
+    let mut dot = *dot;
     loop {
         match rhs {
             Expr::Property(p, ppos) => {
-                segs.push(Seg::Prop(p.2.clone(), *ppos));
+                segs.push(Seg::Prop(p.2.clone(), *ppos, dot));
                 break;
             }
             Expr::MethodCall(call, mpos) => {
                 segs.push(Seg::Method(call.clone(), *mpos));
                 break;
             }
-            Expr::Dot(inner, _, _) => {
+            Expr::Dot(inner, _, inner_dot) => {
                 match &inner.lhs {
-                    Expr::Property(p, ppos) => segs.push(Seg::Prop(p.2.clone(), *ppos)),
+                    Expr::Property(p, ppos) => segs.push(Seg::Prop(p.2.clone(), *ppos, dot)),
                     Expr::MethodCall(call, mpos) => segs.push(Seg::Method(call.clone(), *mpos)),
                     other => return unsupported(other.start_position(), "chain"),
                 }
                 rhs = &inner.rhs;
+                dot = *inner_dot;
             }
             other => return unsupported(other.start_position(), "indexing in a chain"),
         }
@@ -1560,49 +1616,62 @@ fn assigns(stmts: &[Stmt], name: &str) -> bool {
 /// for the other types (the caller asks the interpreter).
 fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<Dynamic>> {
     use Token::*;
-    let arith = |msg: String| -> Box<EvalAltResult> { EvalAltResult::ErrorArithmetic(msg, pos).into() };
+    let arith =
+        |msg: String| -> Box<EvalAltResult> { EvalAltResult::ErrorArithmetic(msg, pos).into() };
     if let (Ok(a), Ok(b)) = (x.as_int(), y.as_int()) {
-        let v = match op {
-            Plus | PlusAssign => Dynamic::from_int(
-                a.checked_add(b)
-                    .ok_or_else(|| arith(format!("Addition overflow: {a} + {b}")))?,
-            ),
-            Minus | MinusAssign => Dynamic::from_int(
-                a.checked_sub(b)
-                    .ok_or_else(|| arith(format!("Subtraction overflow: {a} - {b}")))?,
-            ),
-            Multiply | MultiplyAssign => Dynamic::from_int(
-                a.checked_mul(b)
-                    .ok_or_else(|| arith(format!("Multiplication overflow: {a} * {b}")))?,
-            ),
-            Divide | DivideAssign => {
-                if b == 0 {
-                    return Err(arith(format!("Division by zero: {a} / {b}")));
+        let v =
+            match op {
+                Plus | PlusAssign => Dynamic::from_int(
+                    a.checked_add(b)
+                        .ok_or_else(|| arith(format!("Addition overflow: {a} + {b}")))?,
+                ),
+                Minus | MinusAssign => Dynamic::from_int(
+                    a.checked_sub(b)
+                        .ok_or_else(|| arith(format!("Subtraction overflow: {a} - {b}")))?,
+                ),
+                Multiply | MultiplyAssign => Dynamic::from_int(
+                    a.checked_mul(b)
+                        .ok_or_else(|| arith(format!("Multiplication overflow: {a} * {b}")))?,
+                ),
+                Divide | DivideAssign => {
+                    if b == 0 {
+                        return Err(arith(format!("Division by zero: {a} / {b}")));
+                    }
+                    Dynamic::from_int(
+                        a.checked_div(b)
+                            .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
+                    )
                 }
-                Dynamic::from_int(
-                    a.checked_div(b)
-                        .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
-                )
-            }
-            Modulo | ModuloAssign => Dynamic::from_int(a.checked_rem(b).ok_or_else(|| {
-                arith(format!("Modulo division by zero or overflow: {a} % {b}"))
-            })?),
-            EqualsTo => Dynamic::from_bool(a == b),
-            NotEqualsTo => Dynamic::from_bool(a != b),
-            GreaterThan => Dynamic::from_bool(a > b),
-            GreaterThanEqualsTo => Dynamic::from_bool(a >= b),
-            LessThan => Dynamic::from_bool(a < b),
-            LessThanEqualsTo => Dynamic::from_bool(a <= b),
-            _ => return Ok(None),
-        };
+                Modulo | ModuloAssign => Dynamic::from_int(a.checked_rem(b).ok_or_else(|| {
+                    arith(format!("Modulo division by zero or overflow: {a} % {b}"))
+                })?),
+                EqualsTo => Dynamic::from_bool(a == b),
+                NotEqualsTo => Dynamic::from_bool(a != b),
+                GreaterThan => Dynamic::from_bool(a > b),
+                GreaterThanEqualsTo => Dynamic::from_bool(a >= b),
+                LessThan => Dynamic::from_bool(a < b),
+                LessThanEqualsTo => Dynamic::from_bool(a <= b),
+                _ => return Ok(None),
+            };
         return Ok(Some(v));
     }
     let num = |d: &Dynamic| -> Option<FLOAT> {
-        d.as_float().ok().or_else(|| d.as_int().ok().map(|i| i as FLOAT))
+        d.as_float()
+            .ok()
+            .or_else(|| d.as_int().ok().map(|i| i as FLOAT))
     };
-    if (x.is_float() || y.is_float()) && (x.is_float() || x.is_int()) && (y.is_float() || y.is_int()) {
+    if (x.is_float() || y.is_float())
+        && (x.is_float() || x.is_int())
+        && (y.is_float() || y.is_int())
+    {
         let (a, b) = (num(x).expect("number"), num(y).expect("number"));
-        let near = |a: FLOAT, b: FLOAT| if a * b == 0.0 { 1.0 } else { a.abs().max(b.abs()) };
+        let near = |a: FLOAT, b: FLOAT| {
+            if a * b == 0.0 {
+                1.0
+            } else {
+                a.abs().max(b.abs())
+            }
+        };
         let v = match op {
             Plus | PlusAssign => Dynamic::from_float(a + b),
             Minus | MinusAssign => Dynamic::from_float(a - b),

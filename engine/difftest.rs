@@ -92,11 +92,7 @@ impl Writer<'_> {
                 format!("({} {op} {})", self.expr(d), self.expr(d))
             }
             5 => format!("mix({}, {})", self.expr(d), self.expr(d)),
-            6 => format!(
-                "({}).{}()",
-                self.expr(d),
-                self.g.pick(&["abs", "to_float"])
-            ),
+            6 => format!("({}).{}()", self.expr(d), self.g.pick(&["abs", "to_float"])),
             7 => format!(
                 "if {} {{ {} }} else {{ {} }}",
                 self.cond(d),
@@ -131,7 +127,10 @@ impl Writer<'_> {
         let mut fields = Vec::new();
         for i in 0..n {
             let name = self.g.pick(&["v", "w", "total", "n", "z9", "a_b"]);
-            if fields.iter().any(|f: &String| f.starts_with(&format!("{name}:"))) {
+            if fields
+                .iter()
+                .any(|f: &String| f.starts_with(&format!("{name}:")))
+            {
                 continue;
             }
             let _ = i;
@@ -205,7 +204,12 @@ pub fn program(seed: u64) -> String {
     let mut s = String::from("let source = \"s\";\nlet key_by = \"k\";\n");
     s.push_str(&format!(
         "fn mix(p, q) {{ {} }}\n",
-        ["p + q", "p * 2 - q", "if p > q { p } else { q }", "(p ?? 0) / (q ?? 1)"][w.g.below(4)]
+        [
+            "p + q",
+            "p * 2 - q",
+            "if p > q { p } else { q }",
+            "(p ?? 0) / (q ?? 1)"
+        ][w.g.below(4)]
     ));
     let init: Vec<String> = FIELDS
         .iter()

@@ -102,6 +102,10 @@ enum Command {
         /// Events per second of each demo feed [default: 200].
         #[arg(long)]
         demo_rate: Option<u32>,
+        /// `auto`: compile each query where possible; `interpreter`: interpret everything
+        /// [default: auto].
+        #[arg(long, value_enum)]
+        engine: Option<EngineMode>,
     },
     /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.
     Deploy {
@@ -251,6 +255,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             admin_token,
             demo,
             demo_rate,
+            engine,
         } => {
             let mut raw = match &config {
                 Some(path) => {
@@ -267,6 +272,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.admin_token = admin_token.or(raw.admin_token);
             raw.demo = Some(demo || raw.demo.unwrap_or(false));
             raw.demo_rate = demo_rate.or(raw.demo_rate);
+            raw.engine = engine.or(raw.engine);
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
             runtime()?.block_on(async move {

@@ -587,9 +587,7 @@ impl Call<'_> {
         let finished = started.map(|s| (s, Instant::now()));
         let size = match &result {
             Ok(_) if entry.unmeasured == 0 => {
-                let size = entry
-                    .state
-                    .bytes(q.compiled.as_ref().map(|c| &*c.layout));
+                let size = entry.state.bytes(q.compiled.as_ref().map(|c| &*c.layout));
                 entry.unmeasured = measure_interval(size, self.limits.max_state_bytes);
                 Some(size).filter(|&n| n > self.limits.max_state_bytes)
             }

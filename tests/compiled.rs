@@ -45,8 +45,15 @@ fn run(def: &QueryDef, input: &[u8], limits: &Limits, engine: EngineMode) -> Vec
         engine,
         ..RunOptions::default()
     };
-    offline::run(vec![def.clone()], input.to_vec(), limits, &options, &mut out, &mut err)
-        .expect("run");
+    offline::run(
+        vec![def.clone()],
+        input.to_vec(),
+        limits,
+        &options,
+        &mut out,
+        &mut err,
+    )
+    .expect("run");
     out.extend_from_slice(&err);
     out
 }
@@ -97,16 +104,25 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
             }
             Ok(Verdict::NotAQuery) => {
                 if std::env::var("SHOW").is_ok() {
-                    eprintln!("{script}\n{:?}", QueryDef::compile("q", &script, &limits).err());
+                    eprintln!(
+                        "{script}\n{:?}",
+                        QueryDef::compile("q", &script, &limits).err()
+                    );
                 }
             }
             Err(diff) => panic!("seed {seed}: {diff}"),
         }
     }
     eprintln!("{programs} programs ({compiled} compiled), {events} events");
-    assert!(programs >= 350, "only {programs} of 400 programs are queries");
+    assert!(
+        programs >= 350,
+        "only {programs} of 400 programs are queries"
+    );
     // The rest (chains through an index, `ev["x"].abs()`) hold the fallback to the same bytes.
-    assert!(compiled * 5 >= programs * 4, "only {compiled} of {programs} compiled");
+    assert!(
+        compiled * 5 >= programs * 4,
+        "only {compiled} of {programs} compiled"
+    );
 }
 
 #[test]
@@ -131,4 +147,41 @@ fn check_reports_compiled_and_interpreted_functions_with_the_reason() {
     )
     .unwrap();
     assert_eq!(def.engine.summary(), "compiled");
+}
+
+#[test]
+fn hostile_scripts_that_compile_are_stopped_alike() {
+    let limits = Limits {
+        max_state_bytes: 2_000,
+        ..Limits::default()
+    };
+    for body in [
+        // State growth: a slot that grows until the key's state is dropped.
+        r#"this.log.push("0123456789012345678901234567890123456789"); emit(this.log.len());"#,
+        // Memory bombs, each stopped by a size limit.
+        r#"if ev.bad == true { let a = []; a.pad(100000000, 0); } emit(ev.n);"#,
+        r#"if ev.bad == true { ring(1000000000); } emit(ev.n);"#,
+        r#"if ev.bad == true { let s = "x"; s.pad(1000000000, 'y'); } emit(ev.n);"#,
+        // Arithmetic errors with their positions.
+        r#"emit(#{ q: ev.n / (ev.n - ev.n), big: 9223372036854775807 + ev.n });"#,
+    ] {
+        let script = format!(
+            "let source = \"s\";\nfn init(key) {{ #{{ log: [] }} }}\nfn on_event(ev) {{\n  {body}\n}}"
+        );
+        let def = QueryDef::compile("q", &script, &limits).unwrap();
+        assert!(def.engine.compiled(), "{body}: {}", def.engine.summary());
+        let mut input = String::new();
+        for n in 0..80 {
+            input.push_str(&format!("{{\"n\":{n},\"bad\":{}}}\n", n == 3));
+        }
+        let a = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+        let b = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+        let text = String::from_utf8_lossy(&a);
+        assert!(text.contains("\"q.errors\""), "{body}: no error in\n{text}");
+        assert!(
+            a == b,
+            "{body}: the engines differ:\n{text}\n---\n{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
 }

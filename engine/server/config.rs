@@ -52,6 +52,8 @@ pub struct Config {
     pub snapshot_keys: usize,
     /// Script limits.
     pub limits: Limits,
+    /// Which engine runs the queries: `auto` (compiled where possible) or `interpreter`.
+    pub engine: crate::compiled::EngineMode,
     /// How far ahead of the wall clock an event time may be; later ones are rejected.
     pub max_event_time_skew_ms: i64,
     /// When a query's input is quiet this long, its watermark moves on with processing time, so
@@ -88,6 +90,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             snapshot_keys: 100_000,
             limits: Limits::default(),
+            engine: crate::compiled::EngineMode::Auto,
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_timeout: None,
             max_query_cpu: 0.8,
@@ -137,6 +140,7 @@ pub struct RawConfig {
     pub shutdown_timeout: Option<RawDuration>,
     pub snapshot_keys: Option<usize>,
     pub limits: Option<Limits>,
+    pub engine: Option<crate::compiled::EngineMode>,
     pub max_event_time_skew: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
     pub max_query_cpu: Option<f64>,
@@ -230,6 +234,7 @@ impl RawConfig {
             shutdown_timeout,
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
             limits: self.limits.unwrap_or(d.limits),
+            engine: self.engine.unwrap_or(d.engine),
             demo: self.demo.unwrap_or(d.demo),
             demo_rate: self.demo_rate.unwrap_or(d.demo_rate),
         };
