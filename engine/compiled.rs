@@ -231,6 +231,7 @@ enum Flow {
 
 type EFn = Box<dyn Fn(&mut Frame) -> R<Dynamic>>;
 type SFn = Box<dyn Fn(&mut Frame) -> R<Flow>>;
+type BFn = Box<dyn Fn(&mut Frame) -> R<bool>>;
 
 struct CFn {
     /// Parameters and `let`s: the size of the function's frame.
@@ -325,7 +326,9 @@ struct FnSrc {
 /// The script functions of `ast` with their statements (cloned: the AST's function bodies are
 /// only reachable through a walk).
 fn functions(ast: &AST) -> Vec<FnSrc> {
-    let mut fns: Vec<(FnSrc, (usize, usize), (usize, usize))> = ast
+    // Each function with the (line, column) where its body starts and ends.
+    type Spanned = (FnSrc, (usize, usize), (usize, usize));
+    let mut fns: Vec<Spanned> = ast
         .iter_fn_def()
         .map(|f| {
             let at = |p: Position| (p.line().unwrap_or(0), p.position().unwrap_or(0));
@@ -563,11 +566,8 @@ fn run_helper(
 /// The error that caused `e`, out of the helper's call, at `pos` (an error without a position,
 /// such as a value over its size limit, has none in the interpreter either).
 fn relocate(mut e: Box<EvalAltResult>, pos: Position) -> Box<EvalAltResult> {
-    loop {
-        match *e {
-            EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => e = inner,
-            _ => break,
-        }
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = *e {
+        e = inner;
     }
     if !e.position().is_none() {
         e.set_position(pos);
@@ -742,7 +742,7 @@ impl Cx<'_> {
     }
 
     /// A condition: its value as a bool, or the interpreter's type error.
-    fn guard(&mut self, f: EFn, pos: Position) -> Box<dyn Fn(&mut Frame) -> R<bool>> {
+    fn guard(&mut self, f: EFn, pos: Position) -> BFn {
         let helper = self
             .helpers
             .borrow_mut()
