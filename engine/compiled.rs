@@ -29,7 +29,7 @@ use std::rc::Rc;
 
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
-    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT, INT,
+    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -601,7 +601,7 @@ struct Cx<'a> {
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
-const SCOPE_FUNCTIONS: [&str; 8] = [
+const SCOPE_FUNCTIONS: [&str; 7] = [
     "is_def_var",
     "is_def_fn",
     "Fn",
@@ -609,7 +609,6 @@ const SCOPE_FUNCTIONS: [&str; 8] = [
     "curry",
     "eval",
     "is_shared",
-    "emit_to",
 ];
 
 impl Cx<'_> {
@@ -1729,6 +1728,88 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
             _ => None,
         });
     }
-    let _: Option<INT> = None;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(names: &[&str]) -> Layout {
+        Layout {
+            fields: names.iter().map(|n| (*n).into()).collect(),
+        }
+    }
+
+    #[test]
+    fn slot_state_converts_to_the_map_and_back() {
+        let layout = layout(&["volume", "notional", "name"]);
+        let slots = State::Slots(Box::new([
+            Dynamic::from_int(3),
+            Dynamic::from_float(1.5),
+            Dynamic::from("abc".to_owned()),
+        ]));
+        let map = slots.to_dynamic(Some(&layout));
+        let mut want = Map::new();
+        want.insert("volume".into(), Dynamic::from_int(3));
+        want.insert("notional".into(), Dynamic::from_float(1.5));
+        want.insert("name".into(), Dynamic::from("abc".to_owned()));
+        let want = Dynamic::from_map(want);
+        assert_eq!(map.to_string(), want.to_string());
+        // The size is the map's, so the state limit acts the same on both engines.
+        assert_eq!(slots.bytes(Some(&layout)), crate::shard::state_bytes(&want));
+        let back = State::from_dynamic(map, Some(&layout)).unwrap();
+        let State::Slots(back) = back else {
+            panic!("slots expected")
+        };
+        assert_eq!(back[0].as_int(), Ok(3));
+        assert_eq!(back[1].as_float(), Ok(1.5));
+        assert_eq!(back[2].clone().into_string().unwrap(), "abc");
+    }
+
+    #[test]
+    fn a_map_that_does_not_fit_the_layout_is_refused() {
+        let layout = layout(&["a", "b"]);
+        let mut map = Map::new();
+        map.insert("a".into(), Dynamic::from_int(1));
+        let err = State::from_dynamic(Dynamic::from_map(map.clone()), Some(&layout)).unwrap_err();
+        assert!(err.contains("1 fields") && err.contains("makes 2"), "{err}");
+        map.insert("c".into(), Dynamic::from_int(1));
+        let err = State::from_dynamic(Dynamic::from_map(map), Some(&layout)).unwrap_err();
+        assert!(err.contains("no field `b`"), "{err}");
+        let err = State::from_dynamic(Dynamic::from_int(1), Some(&layout)).unwrap_err();
+        assert!(err.contains("must be a map"), "{err}");
+        // Without a layout (an interpreted query) the map is the state as it is.
+        assert!(matches!(
+            State::from_dynamic(Dynamic::from_int(1), None),
+            Ok(State::Map(_))
+        ));
+    }
+
+    #[test]
+    fn rhai_float_comparisons_are_kept() {
+        let p = Position::NONE;
+        let cmp = |op: Token, a: f64, b: f64| {
+            fast_binop(&op, &Dynamic::from_float(a), &Dynamic::from_float(b), p)
+                .unwrap()
+                .unwrap()
+                .as_bool()
+                .unwrap()
+        };
+        // Rhai compares floats within a relative epsilon: 0.1 + 0.2 == 0.3.
+        assert!(cmp(Token::EqualsTo, 0.1 + 0.2, 0.3));
+        assert!(!cmp(Token::LessThan, 0.3, 0.1 + 0.2));
+        assert!(cmp(Token::GreaterThan, 1.0, 0.5));
+        let overflow = fast_binop(
+            &Token::Plus,
+            &Dynamic::from_int(i64::MAX),
+            &Dynamic::from_int(1),
+            p,
+        )
+        .unwrap_err();
+        assert_eq!(
+            overflow.to_string(),
+            "Addition overflow: 9223372036854775807 + 1"
+        );
+    }
 }
