@@ -7,6 +7,9 @@
 #   bash benches/callgrind.sh            # check (what .ci/run does)
 #   bash benches/callgrind.sh --update   # record new baselines (after an intended change)
 #
+# Each shipped query the compiler handles is measured on both engines (`--engine auto` and
+# `--engine interpreter`), and a query that does nothing shows the cost outside the script.
+#
 # The inputs are made by `eddy generate` with fixed seeds, so they are the same everywhere.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,30 +19,53 @@ update=false
 [ "${1:-}" = "--update" ] && update=true
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)"; exit 1; }
 cargo build --release --quiet --bin eddy
-eddy="$root/target/release/eddy"
+eddy="${CARGO_TARGET_DIR:-$root/target}/release/eddy"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$eddy" generate --scenario trades --count 20000 --seed 1 > "$work/trades.ndjson"
 "$eddy" generate --scenario sensors --count 20000 --seed 1 > "$work/sensors.ndjson"
 "$eddy" generate --scenario games --count 20000 --seed 1 > "$work/games.ndjson"
 "$eddy" generate --scenario social --count 2000 --seed 1 > "$work/social.ndjson"
+"$eddy" generate --scenario sensors --count 2000 --seed 1 > "$work/sensors2k.ndjson"
 
-# name | input | queries
+# A query that does nothing: what parsing, routing and the call itself cost.
+cat > "$work/noop.rhai" <<'EOF_NOOP'
+let source = "trades";
+let key_by = "symbol";
+fn on_event(ev) { }
+EOF_NOOP
+
+# name | input | engine | queries (a query without a folder is in queries/)
 workloads=(
-  "vwap_20k|trades|vwap"
-  "trades_all_20k|trades|vwap ohlc_1m price_alerts"
-  "sensor_anomaly_20k|sensors|sensor_anomaly"
-  "player_stats_20k|games|player_stats"
-  "hashtag_sentiment_2k|social|hashtag_sentiment"
+  "vwap_20k|trades|auto|vwap"
+  "vwap_interpreted_20k|trades|interpreter|vwap"
+  "noop_20k|trades|auto|$work/noop.rhai"
+  "noop_interpreted_20k|trades|interpreter|$work/noop.rhai"
+  "trades_all_20k|trades|auto|vwap ohlc_1m price_alerts"
+  "asof_join_20k|trades|auto|asof_join"
+  "asof_join_interpreted_20k|trades|interpreter|asof_join"
+  "price_alerts_20k|trades|auto|price_alerts"
+  "price_alerts_interpreted_20k|trades|interpreter|price_alerts"
+  "trade_anomaly_20k|trades|auto|trade_anomaly"
+  "trade_anomaly_interpreted_20k|trades|interpreter|trade_anomaly"
+  "ohlc_1m_20k|trades|auto|ohlc_1m"
+  "sensor_anomaly_20k|sensors|auto|sensor_anomaly"
+  "sensor_anomaly_interpreted_20k|sensors|interpreter|sensor_anomaly"
+  "sensor_failure_2k|sensors2k|auto|sensor_failure"
+  "sensor_failure_interpreted_2k|sensors2k|interpreter|sensor_failure"
+  "player_stats_20k|games|auto|player_stats"
+  "hashtag_sentiment_2k|social|auto|hashtag_sentiment"
 )
 
 declare -A counts
 for w in "${workloads[@]}"; do
-  IFS='|' read -r name input queries <<< "$w"
+  IFS='|' read -r name input engine queries <<< "$w"
   args=()
-  for q in $queries; do args+=("queries/$q.rhai"); done
+  for q in $queries; do
+    case "$q" in */*) args+=("$q") ;; *) args+=("queries/$q.rhai") ;; esac
+  done
   EDDY_LOG=error valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" \
-    "$eddy" run "${args[@]}" --input "$work/$input.ndjson" > /dev/null 2> "$work/$name.err"
+    "$eddy" run "${args[@]}" --engine "$engine" --input "$work/$input.ndjson" > /dev/null 2> "$work/$name.err"
   counts[$name]=$(grep -oE 'Collected : [0-9]+' "$work/$name.err" | grep -oE '[0-9]+$')
 done
 

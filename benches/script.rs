@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use eddy::compiled::EngineMode;
 use eddy::router::{Clock, Delivery, Deployed, RouteSink, Router, Unnamed};
 use eddy::{Emitted, Event, Key, Limits, Parser, QueryDef, QueryId, Shard};
 use rhai::{CallFnOptions, Dynamic, Scope};
@@ -191,6 +192,8 @@ fn queries(c: &mut Criterion) {
     let mut group = c.benchmark_group("query");
     for (query, file) in [
         ("vwap", "trades.ndjson"),
+        ("asof_join", "trades.ndjson"),
+        ("trade_anomaly", "trades.ndjson"),
         ("ohlc_1m", "trades.ndjson"),
         ("price_alerts", "trades.ndjson"),
         ("sensor_anomaly", "sensors.ndjson"),
@@ -203,7 +206,18 @@ fn queries(c: &mut Criterion) {
         .unwrap();
         let def = Arc::new(QueryDef::compile(query, &script, &limits).unwrap());
         let frame = Parser::default().parse(sample(file)).frame;
-        bench_query(&mut group, query, def, frame, &limits);
+        // Side by side: compiled (where the compiler takes the query) and interpreted.
+        for engine in [EngineMode::Auto, EngineMode::Interpreter] {
+            let id = format!("{query}/{engine}");
+            bench_query(
+                &mut group,
+                &id,
+                Arc::clone(&def),
+                Arc::clone(&frame),
+                &limits,
+                engine,
+            );
+        }
     }
     group.finish();
     let _ = Key::None;
@@ -216,6 +230,7 @@ fn bench_query(
     def: Arc<QueryDef>,
     frame: Arc<eddy::Frame>,
     limits: &Limits,
+    engine: EngineMode,
 ) {
     group.throughput(Throughput::Elements(frame.len() as u64));
     group.bench_with_input(BenchmarkId::from_parameter(id), &frame, |b, frame| {
@@ -225,6 +240,7 @@ fn bench_query(
                 // A fresh deployment each batch: state and watermark start over.
                 round += 1;
                 let mut shard = Shard::new(limits);
+                shard.set_engine(engine);
                 shard.deploy(QueryId(round), Arc::clone(&def)).unwrap();
                 let router = Router::new(
                     vec![Arc::new(Deployed::new(QueryId(round), Arc::clone(&def)))],
@@ -304,7 +320,7 @@ fn learners(c: &mut Criterion) {
         );
         let def = Arc::new(QueryDef::compile(name, &script, &limits).unwrap());
         let frame = Parser::default().parse(sample("sensors.ndjson")).frame;
-        bench_query(&mut group, name, def, frame, &limits);
+        bench_query(&mut group, name, def, frame, &limits, EngineMode::Auto);
     }
     group.finish();
 }

@@ -130,7 +130,7 @@ impl CallCtx {
         }
     }
 
-    fn check_active(&self, what: &str) -> Result<(), Box<EvalAltResult>> {
+    pub(crate) fn check_active(&self, what: &str) -> Result<(), Box<EvalAltResult>> {
         if self.active {
             Ok(())
         } else {
@@ -142,13 +142,13 @@ impl CallCtx {
     }
 
     /// Encodes `value` and queues it on `topic` under `key` (the current key when `None`).
-    fn publish(
+    pub(crate) fn publish(
         &mut self,
         topic: Topic,
         key: Option<Key>,
         value: &Dynamic,
     ) -> Result<(), Box<EvalAltResult>> {
-        let mut json = Vec::new();
+        let mut json = Vec::with_capacity(128);
         crate::json::write_dynamic(&mut json, value, self.max_emit_bytes)
             .map_err(|e| format!("cannot emit: {e}"))?;
         self.out.push(Emitted {
@@ -159,11 +159,28 @@ impl CallCtx {
         Ok(())
     }
 
-    fn main_topic(&self) -> Topic {
+    /// Queues `value`, written by `encode`, on the main topic under the current key (the same
+    /// item and the same error as [`CallCtx::publish`] of the value it encodes).
+    pub(crate) fn publish_with(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>, usize) -> Result<(), crate::json::EncodeError>,
+    ) -> Result<(), Box<EvalAltResult>> {
+        let mut json = Vec::with_capacity(128);
+        encode(&mut json, self.max_emit_bytes).map_err(|e| format!("cannot emit: {e}"))?;
+        let topic = self.main_topic();
+        self.out.push(Emitted {
+            topic,
+            key: self.key.clone(),
+            value: json,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn main_topic(&self) -> Topic {
         Arc::clone(&self.topics.as_ref().expect("active call has topics").main)
     }
 
-    fn named_topic(&self, name: &str) -> Result<Topic, Box<EvalAltResult>> {
+    pub(crate) fn named_topic(&self, name: &str) -> Result<Topic, Box<EvalAltResult>> {
         let topics = self.topics.as_ref().expect("active call has topics");
         Ok(topics.named(name, self.max_topics)?)
     }

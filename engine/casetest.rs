@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::compiled::EngineMode;
 use crate::offline::{self, RunOptions};
 use crate::query::{self, QueryDef, QueryError};
 use crate::sandbox::Limits;
@@ -346,13 +347,23 @@ impl CaseReport {
 /// Runs the case in `dir`; with `bless`, writes its output to `out.ndjson` instead of
 /// comparing.
 pub fn run_case(dir: &Path, limits: &Limits, bless: bool) -> CaseReport {
+    run_case_on(dir, limits, bless, EngineMode::Auto)
+}
+
+/// [`run_case`] on the given engine (to hold the compiled and interpreted runs to one case).
+pub fn run_case_on(dir: &Path, limits: &Limits, bless: bool, engine: EngineMode) -> CaseReport {
     CaseReport {
         dir: dir.to_owned(),
-        result: Case::load(dir).and_then(|case| run_loaded(&case, limits, bless)),
+        result: Case::load(dir).and_then(|case| run_loaded(&case, limits, bless, engine)),
     }
 }
 
-fn run_loaded(case: &Case, limits: &Limits, bless: bool) -> Result<Verdict, CaseError> {
+fn run_loaded(
+    case: &Case,
+    limits: &Limits,
+    bless: bool,
+    engine: EngineMode,
+) -> Result<Verdict, CaseError> {
     let script = std::fs::read_to_string(&case.script_path).map_err(io(&case.script_path))?;
     let compiled = QueryDef::compile(&case.name, &script, limits);
     let def = match (compiled, &case.config.compile_error) {
@@ -393,6 +404,7 @@ fn run_loaded(case: &Case, limits: &Limits, bless: bool) -> Result<Verdict, Case
     let mut err = Vec::new();
     let options = RunOptions {
         stream: case.config.stream.clone(),
+        engine,
     };
     let summary =
         offline::run(vec![def], input, limits, &options, &mut out, &mut err).map_err(|source| {

@@ -222,6 +222,31 @@ fn write_value(out: &mut Vec<u8>, value: &Dynamic, depth: usize) -> Result<(), E
     Ok(())
 }
 
+/// Writes a map given as its entries in key order, exactly as [`write_dynamic`] writes a
+/// `rhai::Map` holding them, failing past `limit` bytes of output.
+pub fn write_entries<'a>(
+    out: &mut Vec<u8>,
+    entries: impl Iterator<Item = (&'a str, &'a Dynamic)>,
+    limit: usize,
+) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.push(b'{');
+    for (i, (name, item)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name);
+        out.push(b':');
+        write_value(out, item, 1)?;
+    }
+    out.push(b'}');
+    if out.len() - start > limit {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { limit });
+    }
+    Ok(())
+}
+
 fn write_map(out: &mut Vec<u8>, map: &rhai::Map, depth: usize) -> Result<(), EncodeError> {
     out.push(b'{');
     for (i, (name, item)) in map.iter().enumerate() {

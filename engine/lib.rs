@@ -11,6 +11,8 @@
 
 pub mod builtins;
 pub mod casetest;
+pub mod compiled;
+pub mod difftest;
 pub mod durable;
 pub mod event;
 pub mod feed;

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use eddy::compiled::EngineMode;
 use eddy::offline::{self, RunOptions};
 use eddy::server::{RawConfig, Server};
 use eddy::synth::{self, Scenario};
@@ -52,6 +53,10 @@ enum Command {
         /// Folder of `.onnx` models the queries may call [default: models, if it exists].
         #[arg(long)]
         models: Option<PathBuf>,
+        /// `auto`: compile each query to native closures where possible and interpret the
+        /// rest; `interpreter`: interpret everything.
+        #[arg(long, value_enum, default_value_t = EngineMode::Auto)]
+        engine: EngineMode,
     },
     /// Run query test cases (folders of query, in.ndjson, out.ndjson) and report each as ok or
     /// FAIL with its first difference. Exit status 0 only if every case passes.
@@ -110,6 +115,10 @@ enum Command {
         /// How often every key's state is checkpointed [default: 10s].
         #[arg(long)]
         checkpoint_interval: Option<String>,
+        /// `auto`: compile each query where possible; `interpreter`: interpret everything
+        /// [default: auto].
+        #[arg(long, value_enum)]
+        engine: Option<EngineMode>,
     },
     /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.
     Deploy {
@@ -224,6 +233,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             input,
             stream,
             models,
+            engine,
         } => {
             load_models(models, &limits)?;
             let defs = load_queries(&queries, &limits)?;
@@ -235,7 +245,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 defs,
                 data,
                 &limits,
-                &RunOptions { stream },
+                &RunOptions { stream, engine },
                 &mut out,
                 &mut err,
             )
@@ -266,6 +276,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             ephemeral,
             fsync,
             checkpoint_interval,
+            engine,
         } => {
             let mut raw = match &config {
                 Some(path) => {
@@ -294,6 +305,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 let dir = config.as_ref()?.parent()?;
                 Some(dir.join(eddy::server::config::DEFAULT_DATA_DIR))
             });
+            raw.engine = engine.or(raw.engine);
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
             runtime()?.block_on(async move {
@@ -488,7 +500,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut failed = false;
             for path in &queries {
                 match load_query(path, &limits) {
-                    Ok(def) => println!("{}: ok: {def}", path.display()),
+                    Ok(def) => {
+                        println!("{}: ok: {def}: {}", path.display(), def.engine.summary());
+                        for line in def.engine.function_lines() {
+                            println!("  {line}");
+                        }
+                    }
                     Err(e) => {
                         failed = true;
                         eprintln!("{e:#}");

@@ -28,6 +28,8 @@ pub const FRAME_BYTES: usize = 1 << 20;
 pub struct RunOptions {
     /// Stream of the events that carry no `"stream"` field; when `None` they feed every query.
     pub stream: Option<String>,
+    /// Which engine runs the queries (compiled where possible, or the interpreter alone).
+    pub engine: crate::compiled::EngineMode,
 }
 
 /// What a run counted.
@@ -52,6 +54,7 @@ pub fn run(
     err: &mut dyn Write,
 ) -> std::io::Result<RunSummary> {
     let mut shard = Shard::new(limits);
+    shard.set_engine(options.engine);
     let mut deployed = Vec::new();
     for (i, def) in queries.into_iter().enumerate() {
         let id = QueryId(i as u64);

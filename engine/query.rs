@@ -60,6 +60,8 @@ pub struct QueryDef {
     /// The named topics the script spells out (`emit("name", value)` with a literal name), which
     /// subscribers may ask for before their first item.
     pub declared_topics: Vec<String>,
+    /// What the compiler made of each function (the query runs compiled only if all of it is).
+    pub engine: crate::compiled::Report,
 }
 
 /// Why a query cannot be deployed.
@@ -175,6 +177,7 @@ impl QueryDef {
                 name: name.to_owned(),
                 script: script.to_owned(),
                 config,
+                engine: crate::compiled::compile(&engine, &ast, functions.init).1,
                 functions,
                 declared_topics: declared_topics(script),
             }),

@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
+use crate::compiled::{self, Compiled, EngineMode, Rt, State};
 use crate::durable::{KeyCheckpoint, ShardQueryCheckpoint, Stored};
 use crate::event::Event;
 use crate::key::Key;
@@ -161,7 +162,8 @@ impl std::ops::AddAssign for QueryStats {
 }
 
 struct KeyState {
-    state: Dynamic,
+    /// The key's state: a map, or the slots of a compiled query (see [`State::to_dynamic`]).
+    state: State,
     /// Times of this key's pending timers (usually none, so no allocation).
     timers: Vec<i64>,
     /// Calls left before the state's size is measured again (0: after the next call).
@@ -176,7 +178,7 @@ struct KeyState {
 }
 
 impl KeyState {
-    fn new(state: Dynamic) -> Self {
+    fn new(state: State) -> Self {
         KeyState {
             state,
             timers: Vec::new(),
@@ -337,6 +339,8 @@ struct QueryRuntime {
     control: Arc<QueryControl>,
     cpu: CpuUse,
     ast: AST,
+    /// The query compiled to closures, when all of it could be (see [`crate::compiled`]).
+    compiled: Option<Compiled>,
     topics: Rc<QueryTopics>,
     /// In an index map, so that a checkpoint can walk it a few keys at a time.
     states: States,
@@ -382,6 +386,8 @@ pub struct Shard {
     getters: std::collections::HashSet<String>,
     /// Counts checkpoints begun.
     export_epoch: u64,
+    /// Whether queries are compiled when deployed.
+    mode: EngineMode,
 }
 
 /// Most event field getters one shard registers; past this, fields are read through the
@@ -408,7 +414,20 @@ impl Shard {
             },
             getters: std::collections::HashSet::new(),
             export_epoch: 0,
+            mode: EngineMode::Auto,
         }
+    }
+
+    /// Which engine runs the queries deployed from now on (`auto`: compiled where possible).
+    pub fn set_engine(&mut self, mode: EngineMode) {
+        self.mode = mode;
+    }
+
+    /// Whether query `id` runs compiled on this shard.
+    pub fn is_compiled(&self, id: QueryId) -> bool {
+        self.queries
+            .iter()
+            .any(|q| q.id == id && q.compiled.is_some())
     }
 
     /// Measure the time of every script call (two clock reads per call), for
@@ -447,6 +466,10 @@ impl Shard {
         control: Arc<QueryControl>,
     ) -> Result<(), QueryError> {
         let ast = query::compile(&self.engine, &def.name, &def.script)?;
+        let compiled = match self.mode {
+            EngineMode::Auto => compiled::compile(&self.engine, &ast, def.functions.init).0,
+            EngineMode::Interpreter => None,
+        };
         self.register_getters(&def.script);
         self.queries.push(QueryRuntime {
             id,
@@ -455,6 +478,7 @@ impl Shard {
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
+            compiled,
             states: IndexMap::default(),
             recency: Recency::default(),
             key_limit: KeyLimitReport::default(),
@@ -596,24 +620,59 @@ impl Shard {
         let migrate = ast
             .iter_functions()
             .any(|f| f.name == "migrate" && f.params.len() == 1);
-        let mut states = Vec::new();
-        if migrate {
-            // Built-ins (emit, set_timer, forget) refuse to work outside an event or timer call.
-            for (key, entry) in &q.states {
-                let new = self
-                    .engine
+        let old_layout = q.compiled.as_ref().map(|c| Rc::clone(&c.layout));
+        let mut maps = Vec::with_capacity(q.states.len());
+        let mut migrated = 0;
+        for (key, entry) in &q.states {
+            let old = entry.state.to_dynamic(old_layout.as_deref());
+            let new = if migrate {
+                // Built-ins (emit, set_timer, forget) refuse to work outside an event or timer
+                // call.
+                migrated += 1;
+                self.engine
                     .call_fn_with_options::<Dynamic>(
                         CallFnOptions::new().eval_ast(false).rewind_scope(true),
                         &mut self.scope,
                         &ast,
                         "migrate",
-                        (entry.state.clone(),),
+                        (old,),
                     )
-                    .map_err(|e| format!("migrate failed for key {key}: {}", error_message(&e)))?;
-                states.push((key.clone(), new));
-            }
+                    .map_err(|e| format!("migrate failed for key {key}: {}", error_message(&e)))?
+            } else {
+                old
+            };
+            maps.push((key.clone(), new));
         }
-        Ok(Migration { ast, def, states })
+        // The new script's slots, if it compiles and every state fits them; otherwise it runs
+        // on the interpreter, with the states as maps.
+        let mut compiled = match self.mode {
+            EngineMode::Auto => compiled::compile(&self.engine, &ast, def.functions.init).0,
+            EngineMode::Interpreter => None,
+        };
+        let layout = compiled.as_ref().map(|c| Rc::clone(&c.layout));
+        let fitted: Option<Vec<(Key, State)>> = maps
+            .iter()
+            .map(|(k, v)| {
+                Some((
+                    k.clone(),
+                    State::from_dynamic(v.clone(), layout.as_deref()).ok()?,
+                ))
+            })
+            .collect();
+        let states = match fitted {
+            Some(states) => states,
+            None => {
+                compiled = None;
+                maps.into_iter().map(|(k, v)| (k, State::Map(v))).collect()
+            }
+        };
+        Ok(Migration {
+            ast,
+            def,
+            compiled,
+            states,
+            migrated,
+        })
     }
 
     /// Puts a prepared replacement in place (see [`Shard::prepare_replace`]).
@@ -637,6 +696,7 @@ impl Shard {
         }
         q.ast = m.ast;
         q.def = m.def;
+        q.compiled = m.compiled;
         for (key, state) in m.states {
             if let Some(entry) = q.states.get_mut(&key) {
                 entry.state = state;
@@ -722,6 +782,7 @@ impl Shard {
             .map(|(t, k)| (t, Key::from(k)))
             .collect();
         let restored = data.keys.len();
+        let layout = q.compiled.as_ref().map(|c| Rc::clone(&c.layout));
         let mut keys = data.keys;
         // Least recently seen first, so that eviction and `key_ttl` go on in the same order.
         keys.sort_by_key(|k| k.seen_time);
@@ -734,7 +795,16 @@ impl Shard {
                     q.timers.insert((t, key.clone()));
                 }
             }
-            let mut entry = KeyState::new(k.state.into_dynamic());
+            let value = k.state.into_dynamic();
+            let state = match State::from_dynamic(value.clone(), layout.as_deref()) {
+                Ok(state) => state,
+                Err(e) => {
+                    // The same script makes the same slots; this would be a bug, not lost data.
+                    tracing::warn!("checkpoint: key {key} of {} kept as a map: {e}", q.def.name);
+                    State::Map(value)
+                }
+            };
+            let mut entry = KeyState::new(state);
             entry.timers = k.timers;
             q.states.insert(key.clone(), entry);
             q.recency.touch(&mut q.states, &key, k.seen_time);
@@ -833,6 +903,14 @@ enum Outcome {
 }
 
 impl Call<'_> {
+    fn rt(&self) -> Rt<'_> {
+        Rt {
+            engine: self.engine,
+            ctx: self.ctx,
+            max_operations: self.limits.max_operations,
+        }
+    }
+
     fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, time: i64, now: i64) {
         if !q.states.contains_key(&key) {
             if q.states.len() >= self.limits.max_keys_per_query && !self.make_room(q, &key) {
@@ -843,8 +921,10 @@ impl Call<'_> {
                     Some(state) => state,
                     None => return,
                 }
+            } else if q.compiled.is_some() {
+                State::Slots(Box::new([]))
             } else {
-                Dynamic::from_map(rhai::Map::new())
+                State::Map(Dynamic::from_map(rhai::Map::new()))
             };
             let mut entry = KeyState::new(state);
             // Made after a checkpoint in progress began: not part of it.
@@ -915,15 +995,21 @@ impl Call<'_> {
     }
 
     /// The first state of `key`, from the query's `init(key)`; `None` when it failed.
-    fn init(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<Dynamic> {
+    fn init(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<State> {
         self.begin(q, key, now);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            CallFnOptions::new().eval_ast(false).rewind_scope(true),
-            self.scope,
-            &q.ast,
-            "init",
-            (key.to_dynamic(),),
-        );
+        let result = match &q.compiled {
+            Some(c) => c.init(&self.rt(), key.to_dynamic()),
+            None => self
+                .engine
+                .call_fn_with_options::<Dynamic>(
+                    CallFnOptions::new().eval_ast(false).rewind_scope(true),
+                    self.scope,
+                    &q.ast,
+                    "init",
+                    (key.to_dynamic(),),
+                )
+                .map(State::Map),
+        };
         let state = match result {
             Ok(state) => state,
             Err(e) => {
@@ -962,20 +1048,34 @@ impl Call<'_> {
         };
         self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
         let started = (q.eval_ns.is_some() || self.budget.is_some()).then(Instant::now);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            CallFnOptions::new()
-                .eval_ast(false)
-                .rewind_scope(true)
-                .bind_this_ptr(&mut entry.state),
-            self.scope,
-            &q.ast,
-            function,
-            (arg,),
-        );
+        let result = match (&q.compiled, &mut entry.state) {
+            (Some(c), State::Slots(slots)) => {
+                let rt = Rt {
+                    engine: self.engine,
+                    ctx: self.ctx,
+                    max_operations: self.limits.max_operations,
+                };
+                c.call(&rt, function, slots, arg)
+            }
+            (_, State::Map(state)) => self
+                .engine
+                .call_fn_with_options::<Dynamic>(
+                    CallFnOptions::new()
+                        .eval_ast(false)
+                        .rewind_scope(true)
+                        .bind_this_ptr(state),
+                    self.scope,
+                    &q.ast,
+                    function,
+                    (arg,),
+                )
+                .map(|_| ()),
+            (None, State::Slots(_)) => unreachable!("slot states belong to compiled queries"),
+        };
         let finished = started.map(|s| (s, Instant::now()));
         let size = match &result {
             Ok(_) if entry.unmeasured == 0 => {
-                let size = state_bytes(&entry.state);
+                let size = entry.state.bytes(q.compiled.as_ref().map(|c| &*c.layout));
                 entry.unmeasured = measure_interval(size, self.limits.max_state_bytes);
                 Some(size).filter(|&n| n > self.limits.max_state_bytes)
             }
@@ -985,7 +1085,7 @@ impl Call<'_> {
             }
             Err(_) => None,
         };
-        match self.end(q, &key, function, result.map(|_| ()), size) {
+        match self.end(q, &key, function, result, size) {
             Outcome::Failed => {
                 if size.is_some() {
                     drop_key(q, &key);
@@ -1294,9 +1394,13 @@ fn export_key(q: &mut QueryRuntime, key: &Key) {
         return;
     }
     entry.exported = export.epoch;
+    let state = match &entry.state {
+        State::Map(map) => Stored::of(map),
+        slots => Stored::of(&slots.to_dynamic(q.compiled.as_ref().map(|c| &*c.layout))),
+    };
     export.out.keys.push(KeyCheckpoint {
         key: key.into(),
-        state: Stored::of(&entry.state),
+        state,
         timers: entry.timers.clone(),
         seen_time: entry.seen_time,
     });
@@ -1402,17 +1506,20 @@ pub(crate) fn error_message(e: &EvalAltResult) -> String {
     }
 }
 
-/// A replacement script compiled for one shard, with the migrated states of its keys.
+/// A replacement script compiled for one shard, with the states of its keys as it will hold
+/// them.
 pub struct Migration {
     ast: AST,
     def: Arc<QueryDef>,
-    states: Vec<(Key, Dynamic)>,
+    compiled: Option<Compiled>,
+    states: Vec<(Key, State)>,
+    migrated: usize,
 }
 
 impl Migration {
     /// Keys whose state `migrate` rewrote.
     pub fn migrated(&self) -> usize {
-        self.states.len()
+        self.migrated
     }
 }
 

@@ -29,17 +29,33 @@ fn run_with(script: &str, input: &str, limits: &Limits) -> Run {
     std::thread::Builder::new()
         .stack_size(64 << 20)
         .spawn(move || {
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let summary = offline::run(
-                vec![def],
-                input,
-                &limits,
-                &RunOptions::default(),
-                &mut out,
-                &mut err,
-            )
-            .unwrap();
+            // Every case runs on both engines, which must write the same bytes.
+            let run_on = |engine| {
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                let options = RunOptions {
+                    engine,
+                    ..RunOptions::default()
+                };
+                let summary = offline::run(
+                    vec![def.clone()],
+                    input.clone(),
+                    &limits,
+                    &options,
+                    &mut out,
+                    &mut err,
+                )
+                .unwrap();
+                (out, err, summary)
+            };
+            let (out, err, summary) = run_on(crate::compiled::EngineMode::Auto);
+            let interpreted = run_on(crate::compiled::EngineMode::Interpreter);
+            assert!(
+                (&out, &err) == (&interpreted.0, &interpreted.1),
+                "the engines differ:\n{}\n---\n{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&interpreted.0)
+            );
             let items = String::from_utf8(out)
                 .unwrap()
                 .lines()

@@ -184,7 +184,16 @@ pub fn query_one(data: &[u8]) {
     let worker = std::thread::Builder::new()
         .name("fuzz-query".into())
         .stack_size(SCRIPT_STACK_BYTES)
-        .spawn(move || run_query(&script, events, RunOptions { stream }))
+        .spawn(move || {
+            run_query(
+                &script,
+                events,
+                RunOptions {
+                    stream,
+                    ..RunOptions::default()
+                },
+            )
+        })
         .expect("spawn the script thread");
     if let Err(panic) = worker.join() {
         std::panic::resume_unwind(panic);
@@ -422,5 +431,30 @@ fn check_server_output(output: &[u8]) {
             }
             op => panic!("opcode {op} from the server"),
         }
+    }
+}
+
+/// The `differential` target: the first 8 bytes seed a random query over the compiled subset
+/// (`eddy::difftest::program`), the rest seed its events; both engines must write the same
+/// bytes, errors included.
+pub fn differential_one(data: &[u8]) {
+    let mut seed = [0u8; 8];
+    let n = data.len().min(8);
+    seed[..n].copy_from_slice(&data[..n]);
+    let program_seed = u64::from_le_bytes(seed);
+    let event_seed = data[n..]
+        .iter()
+        .fold(program_seed, |h, &b| h.rotate_left(5) ^ u64::from(b));
+    let script = eddy::difftest::program(program_seed);
+    let events = eddy::difftest::events(event_seed, 20);
+    let worker = std::thread::Builder::new()
+        .name("fuzz-differential".into())
+        .stack_size(SCRIPT_STACK_BYTES)
+        .spawn(move || eddy::difftest::run_both(&script, &events, &Limits::default()))
+        .expect("spawn the script thread");
+    match worker.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(diff)) => panic!("{diff}"),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }

@@ -195,7 +195,57 @@ fn check_accepts_the_shipped_queries() {
     assert!(names.len() >= 6, "{names:?}");
     let out = output(eddy().arg("check").args(&names), None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).lines().count(), names.len());
+    let stdout = text(&out.stdout);
+    // One line per query, then one per function, each compiled or interpreted with a reason.
+    let queries: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("  ")).collect();
+    assert_eq!(queries.len(), names.len(), "{stdout}");
+    assert!(stdout.contains("vwap.rhai: ok: vwap (source [\"trades\"], key_by symbol): compiled\n  init: compiled\n  on_event: compiled\n"), "{stdout}");
+    assert!(
+        stdout.contains("hashtag_sentiment (source [\"social\"]): interpreted (23:5 for loop)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  on_event: interpreted (23:5 for loop)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_gives_the_same_bytes_on_both_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("trades.ndjson");
+    let data = output(
+        eddy().args(["generate", "--scenario", "trades", "--count", "300"]),
+        None,
+    );
+    std::fs::write(&input, &data.stdout).unwrap();
+    let run = |engine: &str| {
+        let out = output(
+            eddy()
+                .arg("run")
+                .arg(query("vwap"))
+                .arg("--input")
+                .arg(&input)
+                .args(["--engine", engine]),
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        out.stdout
+    };
+    let compiled = run("auto");
+    assert_eq!(text(&compiled).lines().count(), 300);
+    assert!(compiled == run("interpreter"));
+    let bad = output(
+        eddy()
+            .arg("run")
+            .arg(query("vwap"))
+            .arg("--input")
+            .arg(&input)
+            .args(["--engine", "jit"]),
+        None,
+    );
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("auto"), "{}", text(&bad.stderr));
 }
 
 #[test]

@@ -64,3 +64,8 @@ fn query_corpus_replays() {
 fn frames_corpus_replays() {
     replay("frames", harness::frames_one);
 }
+
+#[test]
+fn differential_corpus_replays() {
+    replay("differential", harness::differential_one);
+}

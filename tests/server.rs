@@ -439,6 +439,10 @@ async fn deploy_replace_and_delete_at_run_time() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(list[0]["name"], "counter");
+        // No `init`, so `this.n` has no slot: the query runs on the interpreter, and says why.
+        let engine = list[0]["engine"].as_str().unwrap();
+        assert!(engine.starts_with("interpreted (2:") && engine.contains("`this.n`"), "{list}");
+        assert!(list[0]["functions"][0].as_str().unwrap().starts_with("on_event: interpreted"), "{list}");
         assert_eq!(list[0]["events"], 3);
         assert_eq!(list[0]["keys"], 1);
         let (_, one) = http(&server, "GET", "/queries/counter", None, "").await;

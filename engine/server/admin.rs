@@ -460,6 +460,11 @@ fn write_info(object: &mut Object<'_>, q: &Deployed) {
             config.time_field.as_ref().map(|k| k.to_string()).as_deref(),
         )
         .int("lateness_ms", config.lateness_ms)
+        // What `--engine auto` makes of it (under `--engine interpreter` all is interpreted).
+        .str("engine", &q.def.engine.summary())
+        .array("functions", q.def.engine.function_lines(), |out, line| {
+            crate::json::write_str(out, &line)
+        })
         .int("version", q.id.0 as i64)
         .raw(
             "quarantined",

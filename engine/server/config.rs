@@ -65,6 +65,8 @@ pub struct Config {
     pub snapshot_bytes: usize,
     /// Script limits.
     pub limits: Limits,
+    /// Which engine runs the queries: `auto` (compiled where possible) or `interpreter`.
+    pub engine: crate::compiled::EngineMode,
     /// How far ahead of the wall clock an event time may be; later ones are rejected.
     pub max_event_time_skew_ms: i64,
     /// When a query's input is quiet this long, its watermark moves on with processing time, so
@@ -113,6 +115,7 @@ impl Default for Config {
             snapshot_keys: 100_000,
             snapshot_bytes: 64 << 20,
             limits: Limits::default(),
+            engine: crate::compiled::EngineMode::Auto,
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
             idle_timeout: None,
             max_query_cpu: 0.8,
@@ -170,6 +173,7 @@ pub struct RawConfig {
     pub snapshot_keys: Option<usize>,
     pub snapshot_bytes: Option<usize>,
     pub limits: Option<Limits>,
+    pub engine: Option<crate::compiled::EngineMode>,
     pub max_event_time_skew: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
     pub max_query_cpu: Option<f64>,
@@ -302,6 +306,7 @@ impl RawConfig {
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
             snapshot_bytes: self.snapshot_bytes.unwrap_or(d.snapshot_bytes),
             limits: self.limits.unwrap_or(d.limits),
+            engine: self.engine.unwrap_or(d.engine),
             demo: self.demo.unwrap_or(d.demo),
             demo_rate: self.demo_rate.unwrap_or(d.demo_rate),
         };

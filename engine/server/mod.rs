@@ -136,6 +136,7 @@ impl Server {
                 share: config.max_query_cpu,
                 window: config.query_cpu_window,
             }),
+            engine: config.engine,
         };
         let pipeline =
             pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, hub_tx);

@@ -172,6 +172,7 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 pub struct ShardSettings {
     pub limits: Limits,
     pub budget: Option<CpuBudget>,
+    pub engine: crate::compiled::EngineMode,
 }
 
 impl Pipeline {
@@ -357,6 +358,7 @@ impl ShardThread {
         let mut shard = Shard::new(&settings.limits);
         shard.measure_calls(true);
         shard.set_cpu_budget(settings.budget);
+        shard.set_engine(settings.engine);
         let mut st = Running {
             shard,
             ids: Vec::new(),
@@ -582,6 +584,7 @@ mod tests {
         ShardSettings {
             limits: Limits::default(),
             budget: None,
+            engine: crate::compiled::EngineMode::Auto,
         }
     }
 

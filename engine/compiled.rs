@@ -1,0 +1,1815 @@
+//! The query compiler: a query's functions turned, at deploy time, into a tree of Rust closures
+//! that run with Rhai's semantics without walking its AST.
+//!
+//! [`compile`] reads the Rhai AST (the `internals` feature) of every script function. What it
+//! understands it turns into closures over pre-resolved slots: locals by index, `this.field` by
+//! slot when `init` returns a map literal (the key's state is then a [`State::Slots`], not a
+//! map looked up by name), event fields read from the parsed tape, operators on integers,
+//! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages,
+//! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
+//! and calls of script functions without the interpreter. Every other native call (a plugin
+//! method, a property of a plugin object, an operator on other types) goes through a one-line
+//! helper function that the same Rhai engine runs, so its result and its error are exactly the
+//! interpreter's; the error is moved to the position of the call in the query.
+//!
+//! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
+//! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
+//! run on the interpreter, as it always did: [`Report`] says which function kept it there and
+//! the first construct, with its line and column. That is normal, never an error.
+//!
+//! Operations are counted per statement and per call against `max_operations`, so a script
+//! stops where the interpreter would stop it give or take the count of expressions (the
+//! interpreter also counts each expression); call depth is bounded because recursion is not
+//! compiled.
+
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::rc::Rc;
+
+use rhai::{
+    ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
+    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::builtins::CallCtx;
+use crate::event::Event;
+
+type R<T> = Result<T, Box<EvalAltResult>>;
+
+/// Which engine runs the queries: `auto` compiles what it can and interprets the rest;
+/// `interpreter` runs everything on Rhai's interpreter, as before the compiler existed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    #[default]
+    Auto,
+    Interpreter,
+}
+
+impl fmt::Display for EngineMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineMode::Auto => "auto",
+            EngineMode::Interpreter => "interpreter",
+        })
+    }
+}
+
+/// Why a function was not compiled: the first construct the compiler does not handle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unsupported {
+    pub line: usize,
+    pub column: usize,
+    pub what: String,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} {}", self.line, self.column, self.what)
+    }
+}
+
+fn unsupported<T>(pos: Position, what: impl Into<String>) -> Result<T, Unsupported> {
+    Err(Unsupported {
+        line: pos.line().unwrap_or(0),
+        column: pos.position().unwrap_or(0),
+        what: what.into(),
+    })
+}
+
+/// What the compiler made of each function of a query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// `(function, None)` when compiled, `(function, Some(why not))` otherwise; in script order.
+    pub functions: Vec<(String, Option<Unsupported>)>,
+    /// A reason that concerns the query as a whole (the shape of `init`'s state).
+    pub query: Option<Unsupported>,
+}
+
+impl Report {
+    /// Whether the whole query runs compiled.
+    pub fn compiled(&self) -> bool {
+        self.query.is_none() && self.functions.iter().all(|(_, why)| why.is_none())
+    }
+
+    /// `compiled`, or `interpreted (line:col what)` for the first reason.
+    pub fn summary(&self) -> String {
+        match self.first_reason() {
+            None => "compiled".into(),
+            Some(why) => format!("interpreted ({why})"),
+        }
+    }
+
+    fn first_reason(&self) -> Option<&Unsupported> {
+        self.query
+            .as_ref()
+            .or_else(|| self.functions.iter().find_map(|(_, why)| why.as_ref()))
+    }
+
+    /// One line per function: `name: compiled` or `name: interpreted (line:col what)`.
+    pub fn function_lines(&self) -> Vec<String> {
+        self.functions
+            .iter()
+            .map(|(name, why)| match why {
+                None => format!("{name}: compiled"),
+                Some(why) => format!("{name}: interpreted ({why})"),
+            })
+            .collect()
+    }
+}
+
+/// The state of one key: a Rhai map (interpreted queries, and the form state takes as data), or
+/// fixed slots (compiled queries whose `init` returns a map literal).
+#[derive(Clone, Debug)]
+pub enum State {
+    Map(Dynamic),
+    Slots(Box<[Dynamic]>),
+}
+
+impl State {
+    /// The state as a Rhai map (`Dynamic`): what snapshots, checkpoints and the interpreter see.
+    pub fn to_dynamic(&self, layout: Option<&Layout>) -> Dynamic {
+        match (self, layout) {
+            (State::Map(d), _) => d.clone(),
+            (State::Slots(slots), Some(layout)) => {
+                let mut map = Map::new();
+                for (name, v) in layout.fields.iter().zip(slots.iter()) {
+                    map.insert(name.as_str().into(), v.clone());
+                }
+                Dynamic::from_map(map)
+            }
+            (State::Slots(_), None) => Dynamic::UNIT,
+        }
+    }
+
+    /// A state from its Rhai map form: slots when `layout` is given (the map must hold exactly
+    /// the layout's fields), the map itself otherwise.
+    pub fn from_dynamic(value: Dynamic, layout: Option<&Layout>) -> Result<State, String> {
+        let Some(layout) = layout else {
+            return Ok(State::Map(value));
+        };
+        let map = value
+            .try_cast::<Map>()
+            .ok_or_else(|| "the state of a compiled query must be a map".to_owned())?;
+        if map.len() != layout.fields.len() {
+            return Err(format!(
+                "the state has {} fields, the query's `init` makes {}",
+                map.len(),
+                layout.fields.len()
+            ));
+        }
+        let mut slots = Vec::with_capacity(layout.fields.len());
+        for name in &layout.fields {
+            match map.get(name.as_str()) {
+                Some(v) => slots.push(v.clone()),
+                None => return Err(format!("the state has no field `{name}`")),
+            }
+        }
+        Ok(State::Slots(slots.into_boxed_slice()))
+    }
+
+    /// The estimated size in bytes, the same figure as [`crate::shard::state_bytes`] of the map.
+    pub fn bytes(&self, layout: Option<&Layout>) -> usize {
+        match (self, layout) {
+            (State::Map(d), _) => crate::shard::state_bytes(d),
+            (State::Slots(slots), Some(layout)) => {
+                const SLOT: usize = 16;
+                SLOT + layout
+                    .fields
+                    .iter()
+                    .zip(slots.iter())
+                    .map(|(k, v)| k.len() + SLOT + crate::shard::state_bytes(v))
+                    .sum::<usize>()
+            }
+            (State::Slots(_), None) => 0,
+        }
+    }
+}
+
+/// The fields of a slot state, in the order of `init`'s map literal.
+#[derive(Debug)]
+pub struct Layout {
+    pub fields: Vec<ImmutableString>,
+}
+
+/// What a compiled call needs from its shard.
+pub(crate) struct Rt<'a> {
+    pub engine: &'a Engine,
+    pub ctx: &'a RefCell<CallCtx>,
+    pub max_operations: u64,
+}
+
+/// The running state of one compiled call.
+struct Frame<'f> {
+    locals: Vec<Dynamic>,
+    this: Option<&'f mut [Dynamic]>,
+    rt: &'f Rt<'f>,
+    helpers: &'f AST,
+    ops: &'f mut u64,
+}
+
+impl Frame<'_> {
+    fn tick(&mut self, pos: Position) -> R<()> {
+        *self.ops += 1;
+        if self.rt.max_operations > 0 && *self.ops > self.rt.max_operations {
+            return Err(EvalAltResult::ErrorTooManyOperations(pos).into());
+        }
+        Ok(())
+    }
+
+    fn slot(&mut self, i: usize) -> &mut Dynamic {
+        &mut self.this.as_deref_mut().expect("this is bound")[i]
+    }
+}
+
+enum Flow {
+    Normal(Dynamic),
+    Return(Dynamic),
+}
+
+type EFn = Box<dyn Fn(&mut Frame) -> R<Dynamic>>;
+type SFn = Box<dyn Fn(&mut Frame) -> R<Flow>>;
+type BFn = Box<dyn Fn(&mut Frame) -> R<bool>>;
+
+struct CFn {
+    /// Parameters and `let`s: the size of the function's frame.
+    locals: usize,
+    body: Vec<SFn>,
+}
+
+type FnTable = Rc<Vec<OnceCell<CFn>>>;
+
+/// A compiled query: its functions, the layout of its state, and the helper functions that run
+/// the native calls it does not do itself.
+pub struct Compiled {
+    table: FnTable,
+    /// The expressions of `init`'s map literal, and the size of its frame.
+    init: Option<(Vec<EFn>, usize)>,
+    on_event: usize,
+    on_timer: Option<usize>,
+    pub layout: Rc<Layout>,
+    helpers: AST,
+}
+
+impl Compiled {
+    /// Runs `init(key)`: the key's first state.
+    pub(crate) fn init(&self, rt: &Rt, key: Dynamic) -> R<State> {
+        let mut ops = 0;
+        let size = self.init.as_ref().map_or(1, |(_, n)| *n);
+        let mut frame = Frame {
+            locals: vec![Dynamic::UNIT; size.max(1)],
+            this: None,
+            rt,
+            helpers: &self.helpers,
+            ops: &mut ops,
+        };
+        frame.locals[0] = key;
+        let mut slots = Vec::with_capacity(self.layout.fields.len());
+        if let Some((fields, _)) = &self.init {
+            for f in fields {
+                slots.push(f(&mut frame)?.flatten());
+            }
+        }
+        Ok(State::Slots(slots.into_boxed_slice()))
+    }
+
+    /// Runs `on_event(arg)` or `on_timer(arg)` with `this` bound to `slots`.
+    pub(crate) fn call(
+        &self,
+        rt: &Rt,
+        function: &str,
+        slots: &mut [Dynamic],
+        arg: Dynamic,
+    ) -> R<()> {
+        let index = match function {
+            "on_event" => self.on_event,
+            "on_timer" => match self.on_timer {
+                Some(i) => i,
+                None => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        let f = self.table[index].get().expect("compiled");
+        let mut ops = 0;
+        let mut frame = Frame {
+            locals: vec![Dynamic::UNIT; f.locals.max(1)],
+            this: Some(slots),
+            rt,
+            helpers: &self.helpers,
+            ops: &mut ops,
+        };
+        frame.locals[0] = arg;
+        run_body(&f.body, &mut frame).map(|_| ())
+    }
+}
+
+fn run_body(body: &[SFn], frame: &mut Frame) -> R<Dynamic> {
+    let mut last = Dynamic::UNIT;
+    for s in body {
+        match s(frame)? {
+            Flow::Normal(v) => last = v,
+            Flow::Return(v) => return Ok(v),
+        }
+    }
+    Ok(last)
+}
+
+/// One script function of the AST, with its body's statements.
+struct FnSrc {
+    name: String,
+    params: Vec<ImmutableString>,
+    body: Vec<Stmt>,
+}
+
+/// The script functions of `ast` with their statements (cloned: the AST's function bodies are
+/// only reachable through a walk).
+fn functions(ast: &AST) -> Vec<FnSrc> {
+    // Each function with the (line, column) where its body starts and ends.
+    type Spanned = (FnSrc, (usize, usize), (usize, usize));
+    let mut fns: Vec<Spanned> = ast
+        .iter_fn_def()
+        .map(|f| {
+            let at = |p: Position| (p.line().unwrap_or(0), p.position().unwrap_or(0));
+            (
+                FnSrc {
+                    name: f.name.to_string(),
+                    params: f.params.iter().cloned().collect(),
+                    body: Vec::new(),
+                },
+                at(f.body.start_position()),
+                at(f.body.end_position()),
+            )
+        })
+        .collect();
+    let globals = ast.statements().len();
+    let mut seen = 0;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let [ASTNode::Stmt(stmt)] = path {
+            seen += 1;
+            if seen > globals {
+                let p = stmt.position();
+                let at = (p.line().unwrap_or(0), p.position().unwrap_or(0));
+                if let Some(f) = fns.iter_mut().find(|(_, s, e)| *s <= at && at <= *e) {
+                    f.0.body.push((*stmt).clone());
+                }
+            }
+        }
+        true
+    });
+    fns.sort_by_key(|(_, start, _)| *start);
+    fns.into_iter().map(|(f, ..)| f).collect()
+}
+
+/// Compiles the functions of a query's `ast` (made by `engine`). The report says what was
+/// compiled; the query is returned only when all of it was.
+pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>, Report) {
+    let fns = functions(ast);
+    let mut report = Report::default();
+    // The state's layout: the keys of the map literal `init` returns.
+    let mut layout = Layout { fields: Vec::new() };
+    let mut init_exprs: Option<InitExprs> = None;
+    if has_init {
+        let init = fns.iter().find(|f| f.name == "init");
+        match init.map(|f| f.body.as_slice()) {
+            Some([Stmt::Expr(e)]) => match &**e {
+                Expr::Map(m, _) => {
+                    layout.fields = m.0.iter().map(|(k, _)| k.name.clone()).collect();
+                    init_exprs = Some(InitExprs::Fields(&m.0));
+                }
+                // A literal of constants, folded by Rhai's optimizer.
+                Expr::DynamicConstant(v, _) if v.is_map() => {
+                    let map = v.as_map_ref().expect("checked is_map");
+                    layout.fields = map.keys().map(|k| k.as_str().into()).collect();
+                    init_exprs = Some(InitExprs::Constant(map.values().cloned().collect()));
+                }
+                other => {
+                    report.query = unsupported::<()>(
+                        other.start_position(),
+                        "`init` does not return a map literal",
+                    )
+                    .err()
+                }
+            },
+            Some(body) => {
+                let pos = body.first().map_or(Position::NONE, Stmt::position);
+                report.query = unsupported::<()>(pos, "`init` is more than one map literal").err();
+            }
+            None => {}
+        }
+    }
+    let index: HashMap<(String, usize), usize> = fns
+        .iter()
+        .enumerate()
+        .map(|(i, f)| ((f.name.clone(), f.params.len()), i))
+        .collect();
+    let table: FnTable = Rc::new((0..fns.len()).map(|_| OnceCell::new()).collect());
+    let helpers = RefCell::new(Helpers::default());
+    let layout = Rc::new(layout);
+    let mut ok = report.query.is_none();
+    for (i, f) in fns.iter().enumerate() {
+        let entry = matches!(f.name.as_str(), "on_event" | "on_timer");
+        let mut cx = Cx {
+            fns: &fns,
+            index: &index,
+            table: &table,
+            layout: &layout,
+            this_ok: entry,
+            ev_local: None,
+            names: Vec::new(),
+            helpers: &helpers,
+            stack: vec![i],
+            next_local: 0,
+        };
+        let result = if f.name == "init" && has_init && f.params.len() == 1 {
+            // Compiled field by field into the slots, below.
+            Ok(())
+        } else {
+            cx.compile_fn(i)
+        };
+        if result.is_err() {
+            ok = false;
+        }
+        report.functions.push((f.name.clone(), result.err()));
+    }
+    let mut init = None;
+    if ok {
+        if let Some(fields) = init_exprs {
+            let init_fn = fns
+                .iter()
+                .position(|f| f.name == "init")
+                .expect("init exists");
+            let mut cx = Cx {
+                fns: &fns,
+                index: &index,
+                table: &table,
+                layout: &layout,
+                this_ok: false,
+                ev_local: None,
+                names: vec![(fns[init_fn].params[0].clone(), 0)],
+                helpers: &helpers,
+                stack: vec![init_fn],
+                next_local: 1,
+            };
+            let mut compiled: Vec<EFn> = Vec::new();
+            let fields = match fields {
+                InitExprs::Fields(fields) => fields,
+                InitExprs::Constant(values) => {
+                    for v in values {
+                        compiled.push(Box::new(move |_| Ok(v.clone())));
+                    }
+                    &[][..]
+                }
+            };
+            for (_, e) in fields {
+                match cx.expr(e) {
+                    Ok(f) => compiled.push(f),
+                    Err(why) => {
+                        ok = false;
+                        if let Some(slot) = report.functions.iter_mut().find(|(n, _)| n == "init") {
+                            slot.1 = Some(why);
+                        }
+                        break;
+                    }
+                }
+            }
+            init = Some((compiled, cx.next_local));
+        }
+    }
+    if !ok {
+        return (None, report);
+    }
+    let source = helpers.into_inner().source;
+    let helper_ast = match engine.compile(&source) {
+        Ok(ast) => ast,
+        Err(e) => {
+            report.query = unsupported::<()>(Position::NONE, format!("helper: {e}")).err();
+            return (None, report);
+        }
+    };
+    let find = |name: &str| {
+        fns.iter()
+            .position(|f| f.name == name && f.params.len() == 1)
+    };
+    let Some(on_event) = find("on_event") else {
+        return (None, report);
+    };
+    let compiled = Compiled {
+        table,
+        init,
+        on_event,
+        on_timer: find("on_timer"),
+        layout,
+        helpers: helper_ast,
+    };
+    (Some(compiled), report)
+}
+
+/// What `init` returns: a map literal's fields, or the values of one Rhai folded to a constant.
+enum InitExprs<'a> {
+    Fields(&'a [(rhai::Ident, Expr)]),
+    Constant(Vec<Dynamic>),
+}
+
+/// The helper functions, one per distinct native call the compiled code leaves to Rhai.
+#[derive(Default)]
+struct Helpers {
+    source: String,
+    names: HashMap<String, Rc<str>>,
+}
+
+impl Helpers {
+    /// A helper function with `params` parameters and `body`; its name.
+    fn add(&mut self, params: usize, body: &str) -> Rc<str> {
+        let args: Vec<String> = (0..params).map(|i| format!("a{i}")).collect();
+        let key = format!("({}) {{ {body} }}", args.join(", "));
+        if let Some(name) = self.names.get(&key) {
+            return Rc::clone(name);
+        }
+        let name: Rc<str> = format!("h{}", self.names.len()).into();
+        self.source.push_str(&format!("fn {name}{key}\n"));
+        self.names.insert(key, Rc::clone(&name));
+        name
+    }
+}
+
+/// Calls helper `name` with `this` bound to `this`; its error placed at `pos`.
+fn call_helper(
+    frame: &Frame,
+    name: &str,
+    this: Option<&mut Dynamic>,
+    args: Vec<Dynamic>,
+    pos: Position,
+) -> R<Dynamic> {
+    run_helper(frame.rt.engine, frame.helpers, name, this, args, pos)
+}
+
+fn run_helper(
+    engine: &Engine,
+    helpers: &AST,
+    name: &str,
+    this: Option<&mut Dynamic>,
+    args: Vec<Dynamic>,
+    pos: Position,
+) -> R<Dynamic> {
+    let mut scope = Scope::new();
+    let mut options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+    if let Some(this) = this {
+        options = options.bind_this_ptr(this);
+    }
+    engine
+        .call_fn_with_options::<Dynamic>(options, &mut scope, helpers, name, args)
+        .map_err(|e| relocate(e, pos))
+}
+
+/// The error that caused `e`, out of the helper's call, at `pos` (an error without a position,
+/// such as a value over its size limit, has none in the interpreter either).
+fn relocate(mut e: Box<EvalAltResult>, pos: Position) -> Box<EvalAltResult> {
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = *e {
+        e = inner;
+    }
+    if !e.position().is_none() {
+        e.set_position(pos);
+    }
+    e
+}
+
+fn fill(mut e: Box<EvalAltResult>, pos: Position) -> Box<EvalAltResult> {
+    if e.position().is_none() {
+        e.set_position(pos);
+    }
+    e
+}
+
+/// Compile-time context of one function.
+struct Cx<'a> {
+    fns: &'a [FnSrc],
+    index: &'a HashMap<(String, usize), usize>,
+    table: &'a FnTable,
+    layout: &'a Rc<Layout>,
+    /// Whether `this` is bound (on_event, on_timer).
+    this_ok: bool,
+    /// The local holding the event (on_event's parameter, never assigned).
+    ev_local: Option<usize>,
+    /// Names in scope and their local slots, innermost last.
+    names: Vec<(ImmutableString, usize)>,
+    helpers: &'a RefCell<Helpers>,
+    /// Functions being compiled (to refuse recursion).
+    stack: Vec<usize>,
+    next_local: usize,
+}
+
+/// Names a compiled query may not call: they look at the interpreter's own scope or functions.
+const SCOPE_FUNCTIONS: [&str; 7] = [
+    "is_def_var",
+    "is_def_fn",
+    "Fn",
+    "call",
+    "curry",
+    "eval",
+    "is_shared",
+];
+
+impl Cx<'_> {
+    fn compile_fn(&mut self, i: usize) -> Result<(), Unsupported> {
+        if self.table[i].get().is_some() {
+            return Ok(());
+        }
+        let f = &self.fns[i];
+        if f.name == "on_event" && f.params.len() == 1 && !assigns(&f.body, &f.params[0]) {
+            self.ev_local = Some(0);
+        }
+        for p in &f.params {
+            self.new_local(p.clone());
+        }
+        let body = self.block(&f.body)?;
+        let _ = self.table[i].set(CFn {
+            locals: self.next_local,
+            body,
+        });
+        Ok(())
+    }
+
+    fn local(&self, name: &str) -> Option<usize> {
+        self.names
+            .iter()
+            .rev()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, i)| *i)
+    }
+
+    /// A new local slot for `name` (slots are never reused within a function).
+    fn new_local(&mut self, name: ImmutableString) -> usize {
+        let i = self.next_local;
+        self.next_local += 1;
+        self.names.push((name, i));
+        i
+    }
+
+    fn block(&mut self, stmts: &[Stmt]) -> Result<Vec<SFn>, Unsupported> {
+        let depth = self.names.len();
+        let mut out = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            out.push(self.stmt(s)?);
+        }
+        self.names.truncate(depth);
+        Ok(out)
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<SFn, Unsupported> {
+        let pos = s.position();
+        Ok(match s {
+            Stmt::Noop(_) => Box::new(|_| Ok(Flow::Normal(Dynamic::UNIT))),
+            Stmt::Expr(e) => {
+                let f = self.expr(e)?;
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    Ok(Flow::Normal(f(fr)?))
+                })
+            }
+            Stmt::FnCall(call, cpos) => {
+                let f = self.call(call, *cpos)?;
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    Ok(Flow::Normal(f(fr)?))
+                })
+            }
+            Stmt::Block(b) => {
+                let body = self.block(b.statements())?;
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    run_block(&body, fr)
+                })
+            }
+            Stmt::If(fc, _) => {
+                let cond = self.expr(&fc.expr)?;
+                let cond = self.guard(cond, fc.expr.start_position());
+                let then = self.block(fc.body.statements())?;
+                let other = self.block(fc.branch.statements())?;
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    if cond(fr)? {
+                        run_block(&then, fr)
+                    } else {
+                        run_block(&other, fr)
+                    }
+                })
+            }
+            Stmt::Var(v, flags, _) => {
+                let (ident, e, _) = &**v;
+                if flags.intersects(ASTFlags::EXPORTED) {
+                    return unsupported(pos, "export");
+                }
+                let f = self.expr(e)?;
+                let slot = self.new_local(ident.name.clone());
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    fr.locals[slot] = f(fr)?.flatten();
+                    Ok(Flow::Normal(Dynamic::UNIT))
+                })
+            }
+            Stmt::Return(value, flags, _) => {
+                if flags.intersects(ASTFlags::BREAK) {
+                    return unsupported(pos, "throw");
+                }
+                let f = match value {
+                    Some(e) => Some(self.expr(e)?),
+                    None => None,
+                };
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    let v = match &f {
+                        Some(f) => f(fr)?,
+                        None => Dynamic::UNIT,
+                    };
+                    Ok(Flow::Return(v))
+                })
+            }
+            Stmt::Assignment(a) => {
+                let (op, be) = &**a;
+                self.assignment(op, be, pos)?
+            }
+            Stmt::While(..) => return unsupported(pos, "while loop"),
+            Stmt::Do(..) => return unsupported(pos, "do loop"),
+            Stmt::For(..) => return unsupported(pos, "for loop"),
+            Stmt::Switch(..) => return unsupported(pos, "switch"),
+            Stmt::TryCatch(..) => return unsupported(pos, "try/catch"),
+            Stmt::BreakLoop(..) => return unsupported(pos, "break/continue"),
+            _ => return unsupported(pos, "statement"),
+        })
+    }
+
+    /// A condition: its value as a bool, or the interpreter's type error.
+    fn guard(&mut self, f: EFn, pos: Position) -> BFn {
+        let helper = self
+            .helpers
+            .borrow_mut()
+            .add(1, "if a0 { true } else { false }");
+        Box::new(move |fr| {
+            let v = f(fr)?;
+            match v.as_bool() {
+                Ok(b) => Ok(b),
+                Err(_) => call_helper(fr, &helper, None, vec![v], pos)?
+                    .as_bool()
+                    .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
+            }
+        })
+    }
+
+    fn assignment(
+        &mut self,
+        op: &rhai::OpAssignment,
+        be: &BinaryExpr,
+        pos: Position,
+    ) -> Result<SFn, Unsupported> {
+        let value = self.expr(&be.rhs)?;
+        let op_pos = op.position();
+        let binop = match op.get_op_assignment_info() {
+            None => None,
+            Some((_, _, op_assign, _, op, _)) => {
+                let helper = self
+                    .helpers
+                    .borrow_mut()
+                    .add(2, &format!("a0 {} a1; a0", op_assign.literal_syntax()));
+                Some((op.clone(), helper))
+            }
+        };
+        // The target: a local, a slot of `this`, or a property path under either.
+        let mut last_prop = Position::NONE;
+        let (root, props) = match &be.lhs {
+            Expr::Variable(x, _, vpos) => {
+                let name = &x.1;
+                let Some(i) = self.local(name) else {
+                    return unsupported(*vpos, format!("assignment to `{name}`"));
+                };
+                if self.ev_local == Some(i) {
+                    return unsupported(*vpos, "assignment to the event");
+                }
+                (Target::Local(i), Vec::new())
+            }
+            Expr::Dot(..) => {
+                let (root, segs) = flatten(&be.lhs)?;
+                let mut props = Vec::new();
+                for s in &segs {
+                    match s {
+                        Seg::Prop(name, _, dot) => {
+                            props.push(name.clone());
+                            last_prop = *dot;
+                        }
+                        _ => {
+                            return unsupported(
+                                be.lhs.start_position(),
+                                "assignment through a call",
+                            )
+                        }
+                    }
+                }
+                let target = match root {
+                    Expr::ThisPtr(tpos) => {
+                        if !self.this_ok {
+                            return unsupported(*tpos, "`this` outside on_event and on_timer");
+                        }
+                        let field = props.remove(0);
+                        let Some(slot) = self.layout.fields.iter().position(|f| *f == field) else {
+                            return unsupported(
+                                *tpos,
+                                format!("`this.{field}`: a field `init` does not make"),
+                            );
+                        };
+                        Target::Slot(slot)
+                    }
+                    Expr::Variable(x, _, vpos) => {
+                        let Some(i) = self.local(&x.1) else {
+                            return unsupported(*vpos, format!("assignment to `{}`", x.1));
+                        };
+                        if self.ev_local == Some(i) {
+                            return unsupported(*vpos, "assignment to the event");
+                        }
+                        Target::Local(i)
+                    }
+                    other => return unsupported(other.start_position(), "assignment target"),
+                };
+                (target, props)
+            }
+            other => return unsupported(other.start_position(), "assignment target"),
+        };
+        // Assigning through properties falls back to a helper that does the whole path on the
+        // root, unless every step is a map.
+        // Rhai places a failed property set at the property, a failed operator at the operator.
+        let path_pos = if binop.is_none() { last_prop } else { op_pos };
+        let path_helper = if props.is_empty() {
+            None
+        } else {
+            let path: String = props.iter().map(|p| format!(".{p}")).collect();
+            let body = match op.get_op_assignment_info() {
+                None => format!("this{path} = a0;"),
+                Some((_, _, op_assign, ..)) => {
+                    format!("this{path} {} a0;", op_assign.literal_syntax())
+                }
+            };
+            Some(self.helpers.borrow_mut().add(1, &body))
+        };
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            let v = value(fr)?.flatten();
+            let engine = fr.rt.engine;
+            let helpers = fr.helpers;
+            let Some(target) = target_ref(fr, root) else {
+                return Ok(Flow::Normal(Dynamic::UNIT));
+            };
+            if props.is_empty() {
+                *target = match &binop {
+                    None => v,
+                    Some((op, helper)) => match fast_binop(op, target, &v, op_pos)? {
+                        Some(new) => new,
+                        None => {
+                            let args = vec![target.clone(), v];
+                            run_helper(engine, helpers, helper, None, args, op_pos)?
+                        }
+                    },
+                };
+                return Ok(Flow::Normal(Dynamic::UNIT));
+            }
+            // A path of map properties is done in place; anything else by the helper.
+            let mut v = Some(v);
+            let done = with_map_path(target, &props, binop.is_none(), &mut |place| match &binop {
+                None => {
+                    *place = v.take().expect("once");
+                    Ok(true)
+                }
+                Some((op, _)) => match fast_binop(op, place, v.as_ref().expect("once"), op_pos)? {
+                    Some(new) => {
+                        *place = new;
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                },
+            })
+            .unwrap_or(Ok(false))?;
+            if !done {
+                let helper = path_helper.as_ref().expect("has props");
+                let args = vec![v.take().expect("not used")];
+                let _ = run_helper(engine, helpers, helper, Some(target), args, path_pos)?;
+            }
+            Ok(Flow::Normal(Dynamic::UNIT))
+        }))
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
+        let pos = e.start_position();
+        Ok(match e {
+            Expr::DynamicConstant(v, _) => {
+                let v = (**v).clone();
+                Box::new(move |_| Ok(v.clone()))
+            }
+            Expr::BoolConstant(b, _) => {
+                let b = *b;
+                Box::new(move |_| Ok(Dynamic::from_bool(b)))
+            }
+            Expr::IntegerConstant(n, _) => {
+                let n = *n;
+                Box::new(move |_| Ok(Dynamic::from_int(n)))
+            }
+            Expr::FloatConstant(x, _) => {
+                let x: FLOAT = **x;
+                Box::new(move |_| Ok(Dynamic::from_float(x)))
+            }
+            Expr::CharConstant(c, _) => {
+                let c = *c;
+                Box::new(move |_| Ok(Dynamic::from_char(c)))
+            }
+            Expr::StringConstant(s, _) => {
+                let s = s.clone();
+                Box::new(move |_| Ok(Dynamic::from(s.clone())))
+            }
+            Expr::Unit(_) => Box::new(|_| Ok(Dynamic::UNIT)),
+            Expr::Variable(x, _, vpos) => {
+                if !x.2.is_empty() {
+                    return unsupported(*vpos, "module path");
+                }
+                let Some(i) = self.local(&x.1) else {
+                    return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
+                };
+                Box::new(move |fr| Ok(fr.locals[i].clone()))
+            }
+            Expr::ThisPtr(p) => return unsupported(*p, "`this` as a value"),
+            Expr::Map(m, _) => {
+                let template = m.1.clone();
+                let mut fields = Vec::new();
+                for (k, v) in &m.0 {
+                    fields.push((k.name.clone(), self.expr(v)?));
+                }
+                Box::new(move |fr| {
+                    let mut map = template.clone();
+                    for (k, f) in &fields {
+                        let v = f(fr)?.flatten();
+                        *map.get_mut(k.as_str()).expect("template has every key") = v;
+                    }
+                    Ok(Dynamic::from_map(map))
+                })
+            }
+            Expr::Array(items, _) => {
+                let items = items
+                    .iter()
+                    .map(|i| self.expr(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Box::new(move |fr| {
+                    let mut out = Vec::with_capacity(items.len());
+                    for f in &items {
+                        out.push(f(fr)?.flatten());
+                    }
+                    Ok(Dynamic::from_array(out))
+                })
+            }
+            Expr::Stmt(block) => {
+                let body = self.block(block.statements())?;
+                Box::new(move |fr| match run_block(&body, fr)? {
+                    Flow::Normal(v) | Flow::Return(v) => Ok(v),
+                })
+            }
+            Expr::And(xs, _) | Expr::Or(xs, _) => {
+                let is_and = matches!(e, Expr::And(..));
+                let mut parts = Vec::new();
+                for x in xs.iter() {
+                    let f = self.expr(x)?;
+                    parts.push(self.guard(f, x.start_position()));
+                }
+                Box::new(move |fr| {
+                    for p in &parts {
+                        let b = p(fr)?;
+                        if b != is_and {
+                            return Ok(Dynamic::from_bool(b));
+                        }
+                    }
+                    Ok(Dynamic::from_bool(is_and))
+                })
+            }
+            Expr::Coalesce(xs, _) => {
+                let parts = xs
+                    .iter()
+                    .map(|x| self.expr(x))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Box::new(move |fr| {
+                    let mut v = Dynamic::UNIT;
+                    for p in &parts {
+                        v = p(fr)?;
+                        if !v.is_unit() {
+                            break;
+                        }
+                    }
+                    Ok(v)
+                })
+            }
+            Expr::FnCall(call, cpos) => self.call(call, *cpos)?,
+            Expr::Dot(..) => self.chain(e)?,
+            Expr::Index(be, _, ipos) => {
+                // A read: `ev["price"]` from the tape, anything else by Rhai.
+                if matches!(be.lhs, Expr::ThisPtr(_)) {
+                    return unsupported(pos, "indexing `this`");
+                }
+                // `a[i].b` is `Index(a, Dot(i, b))`: a chain goes on in the index.
+                if matches!(be.rhs, Expr::Dot(..) | Expr::Index(..)) {
+                    return unsupported(pos, "indexing in a chain");
+                }
+                let on = self.expr(&be.lhs)?;
+                let index = self.expr(&be.rhs)?;
+                let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
+                let ipos = *ipos;
+                Box::new(move |fr| {
+                    let on = on(fr)?;
+                    let index = index(fr)?.flatten();
+                    if let (Some(ev), Ok(name)) =
+                        (on.read_lock::<Event>(), index.as_immutable_string_ref())
+                    {
+                        return Ok(ev.get(&name));
+                    }
+                    call_helper(fr, &helper, None, vec![on, index], ipos)
+                })
+            }
+            Expr::InterpolatedString(..) => return unsupported(pos, "interpolated string"),
+            Expr::Property(..) | Expr::MethodCall(..) => return unsupported(pos, "property"),
+            _ => return unsupported(pos, "expression"),
+        })
+    }
+
+    /// `a.b.c`, `a.m(x).b`, ... rooted on `this`, a local, or any value.
+    fn chain(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
+        let (root, segs) = flatten(e)?;
+        // Where the chain starts: a slot of `this`, a local (both in place), or a value.
+        let mut segs = segs.as_slice();
+        let start = match root {
+            Expr::ThisPtr(tpos) => {
+                if !self.this_ok {
+                    return unsupported(*tpos, "`this` outside on_event and on_timer");
+                }
+                let Some((Seg::Prop(field, ..), rest)) = segs.split_first() else {
+                    return unsupported(*tpos, "a method called on `this`");
+                };
+                let Some(slot) = self.layout.fields.iter().position(|f| f == field) else {
+                    return unsupported(
+                        *tpos,
+                        format!("`this.{field}`: a field `init` does not make"),
+                    );
+                };
+                segs = rest;
+                Start::Place(Target::Slot(slot))
+            }
+            Expr::Variable(x, _, vpos) if x.2.is_empty() => {
+                let Some(i) = self.local(&x.1) else {
+                    return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
+                };
+                Start::Place(Target::Local(i))
+            }
+            other => Start::Value(self.expr(other)?),
+        };
+        // The common reads, without the general machinery: `this.field` and `ev.field`.
+        if segs.is_empty() {
+            if let Start::Place(Target::Slot(slot)) = start {
+                return Ok(Box::new(move |fr| Ok(fr.slot(slot).clone())));
+            }
+        }
+        if let (Start::Place(Target::Local(i)), [Seg::Prop(name, ppos, _)]) = (&start, segs) {
+            if self.ev_local == Some(*i) {
+                let (i, name, ppos) = (*i, name.clone(), *ppos);
+                let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+                return Ok(Box::new(move |fr| {
+                    if let Some(ev) = fr.locals[i].read_lock::<Event>() {
+                        return Ok(ev.get(&name));
+                    }
+                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
+                    run_helper(
+                        engine,
+                        helpers,
+                        &helper,
+                        Some(&mut fr.locals[i]),
+                        Vec::new(),
+                        ppos,
+                    )
+                }));
+            }
+        }
+        let mut steps = Vec::new();
+        // The event's fields are read-only values: a method on one works on a copy in Rhai too.
+        let mut in_place = match start {
+            Start::Place(Target::Local(i)) => self.ev_local != Some(i),
+            Start::Place(Target::Slot(_)) => true,
+            Start::Value(_) => false,
+        };
+        let mut first = true;
+        for s in segs {
+            match s {
+                Seg::Prop(name, ppos, _) => {
+                    let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+                    steps.push(Step::Prop(name.clone(), helper, *ppos));
+                }
+                Seg::Method(call, mpos) => {
+                    // Number methods that change nothing may work on a copy of a property.
+                    let pure =
+                        call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
+                    if in_place && !first && !pure {
+                        return unsupported(*mpos, "a method called on a property");
+                    }
+                    if self.index.keys().any(|(n, _)| n == call.name.as_str()) {
+                        return unsupported(*mpos, "a script function called as a method");
+                    }
+                    if !call.namespace.is_empty() || call.capture_parent_scope {
+                        return unsupported(*mpos, "method call");
+                    }
+                    let args = call
+                        .args
+                        .iter()
+                        .map(|a| self.expr(a))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let params: Vec<String> = (0..args.len()).map(|i| format!("a{i}")).collect();
+                    let helper = self.helpers.borrow_mut().add(
+                        args.len(),
+                        &format!("this.{}({})", call.name, params.join(", ")),
+                    );
+                    steps.push(Step::Method(call.name.clone(), args, helper, *mpos));
+                    in_place = false;
+                }
+            }
+            first = false;
+        }
+        Ok(Box::new(move |fr| {
+            let mut steps = steps.iter();
+            let mut value = match &start {
+                Start::Value(f) => f(fr)?,
+                Start::Place(t) => {
+                    // The first step works on the place itself (a method may change it).
+                    let Some(step) = steps.next() else {
+                        return Ok(target_ref(fr, *t)
+                            .map(|v| v.clone())
+                            .unwrap_or(Dynamic::UNIT));
+                    };
+                    let args = step.args(fr)?;
+                    let helpers = fr.helpers;
+                    let engine = fr.rt.engine;
+                    let place = target_ref(fr, *t).expect("bound");
+                    step.apply(engine, helpers, place, args)?
+                }
+            };
+            for step in steps {
+                let args = step.args(fr)?;
+                value = step.apply(fr.rt.engine, fr.helpers, &mut value, args)?;
+            }
+            Ok(value)
+        }))
+    }
+
+    /// Whether `e` is the event parameter.
+    fn ev_arg(&self, e: &Expr) -> bool {
+        match e {
+            Expr::Variable(x, ..) => self.local(&x.1).is_some_and(|i| self.ev_local == Some(i)),
+            _ => false,
+        }
+    }
+
+    /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
+    fn contains(&mut self, a: EFn, b: EFn, pos: Position) -> EFn {
+        let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
+        Box::new(move |fr| {
+            let c = a(fr)?;
+            let x = b(fr)?;
+            if let (Some(ev), Ok(s)) = (c.read_lock::<Event>(), x.as_immutable_string_ref()) {
+                return Ok(Dynamic::from_bool(ev.contains(&s)));
+            }
+            if let (Ok(map), Ok(s)) = (c.as_map_ref(), x.as_immutable_string_ref()) {
+                return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
+            }
+            call_helper(fr, &helper, None, vec![c, x], pos)
+        })
+    }
+
+    fn call(&mut self, call: &FnCallExpr, pos: Position) -> Result<EFn, Unsupported> {
+        if !call.namespace.is_empty() {
+            return unsupported(pos, "module function");
+        }
+        if call.capture_parent_scope {
+            return unsupported(pos, "call capturing the scope");
+        }
+        let name = call.name.as_str();
+        let n = call.args.len();
+        if let Some(op) = &call.op_token {
+            if n == 2 {
+                let a = self.expr(&call.args[0])?;
+                let b = self.expr(&call.args[1])?;
+                if matches!(op, Token::In) {
+                    return Ok(self.contains(a, b, pos));
+                }
+                let op = op.clone();
+                let helper = self
+                    .helpers
+                    .borrow_mut()
+                    .add(2, &format!("a0 {} a1", op.literal_syntax()));
+                return Ok(Box::new(move |fr| {
+                    let x = a(fr)?.flatten();
+                    let y = b(fr)?.flatten();
+                    match fast_binop(&op, &x, &y, pos)? {
+                        Some(v) => Ok(v),
+                        None => call_helper(fr, &helper, None, vec![x, y], pos),
+                    }
+                }));
+            }
+            if n == 1 {
+                let a = self.expr(&call.args[0])?;
+                let (helper, kind) = match op {
+                    Token::Bang => ("!a0", 0),
+                    Token::UnaryMinus | Token::Minus => ("-a0", 1),
+                    Token::UnaryPlus | Token::Plus => ("+a0", 2),
+                    _ => return unsupported(pos, format!("operator {}", op.literal_syntax())),
+                };
+                let helper = self.helpers.borrow_mut().add(1, helper);
+                return Ok(Box::new(move |fr| {
+                    let x = a(fr)?.flatten();
+                    match kind {
+                        0 => {
+                            if let Ok(b) = x.as_bool() {
+                                return Ok(Dynamic::from_bool(!b));
+                            }
+                        }
+                        1 => {
+                            if let Ok(i) = x.as_int() {
+                                return i.checked_neg().map(Dynamic::from_int).ok_or_else(|| {
+                                    EvalAltResult::ErrorArithmetic("integer overflow".into(), pos)
+                                        .into()
+                                });
+                            }
+                            if let Ok(f) = x.as_float() {
+                                return Ok(Dynamic::from_float(-f));
+                            }
+                        }
+                        _ => {}
+                    }
+                    call_helper(fr, &helper, None, vec![x], pos)
+                }));
+            }
+            return unsupported(pos, format!("operator {}", op.literal_syntax()));
+        }
+        // A script function of the query.
+        if let Some(&i) = self.index.get(&(name.to_owned(), n)) {
+            if self.stack.contains(&i) {
+                return unsupported(pos, format!("recursive call of `{name}`"));
+            }
+            let args = call
+                .args
+                .iter()
+                .map(|a| self.expr(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut inner = Cx {
+                fns: self.fns,
+                index: self.index,
+                table: self.table,
+                layout: self.layout,
+                this_ok: false,
+                ev_local: None,
+                names: Vec::new(),
+                helpers: self.helpers,
+                stack: self.stack.clone(),
+                next_local: 0,
+            };
+            inner.stack.push(i);
+            inner.compile_fn(i)?;
+            let table = Rc::clone(self.table);
+            return Ok(Box::new(move |fr| {
+                let f = table[i].get().expect("compiled before use");
+                let mut locals = vec![Dynamic::UNIT; f.locals];
+                for (slot, a) in locals.iter_mut().zip(&args) {
+                    *slot = a(fr)?.flatten();
+                }
+                fr.tick(pos)?;
+                let mut frame = Frame {
+                    locals,
+                    this: None,
+                    rt: fr.rt,
+                    helpers: fr.helpers,
+                    ops: &mut *fr.ops,
+                };
+                run_body(&f.body, &mut frame)
+            }));
+        }
+        if SCOPE_FUNCTIONS.contains(&name) {
+            return unsupported(pos, format!("`{name}`"));
+        }
+        let mut args = call
+            .args
+            .iter()
+            .map(|a| self.expr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        match (name, n) {
+            ("contains", 2)
+                if !matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]) =>
+            {
+                let b = args.pop().expect("two args");
+                let a = args.pop().expect("two args");
+                return Ok(self.contains(a, b, pos));
+            }
+            ("emit", 1) if matches!(call.args[0], Expr::Map(..)) => {
+                // A map literal, encoded straight from its values in key order.
+                let Expr::Map(m, _) = &call.args[0] else {
+                    unreachable!("checked")
+                };
+                let mut order: Vec<usize> = (0..m.0.len()).collect();
+                order.sort_by(|&a, &b| m.0[a].0.name.as_str().cmp(m.0[b].0.name.as_str()));
+                let names: Vec<ImmutableString> = m.0.iter().map(|(k, _)| k.name.clone()).collect();
+                let fields =
+                    m.0.iter()
+                        .map(|(_, v)| self.expr(v))
+                        .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Box::new(move |fr| {
+                    let mut values = Vec::with_capacity(fields.len());
+                    for f in &fields {
+                        values.push(f(fr)?.flatten());
+                    }
+                    let mut ctx = fr.rt.ctx.borrow_mut();
+                    ctx.check_active("emit").map_err(|e| fill(e, pos))?;
+                    ctx.publish_with(|out, limit| {
+                        let entries = order.iter().map(|&i| (names[i].as_str(), &values[i]));
+                        crate::json::write_entries(out, entries, limit)
+                    })
+                    .map_err(|e| fill(e, pos))?;
+                    Ok(Dynamic::UNIT)
+                }));
+            }
+            ("emit", 1) => {
+                let v = args.pop().expect("one arg");
+                return Ok(Box::new(move |fr| {
+                    let value = v(fr)?.flatten();
+                    let mut ctx = fr.rt.ctx.borrow_mut();
+                    ctx.check_active("emit").map_err(|e| fill(e, pos))?;
+                    let topic = ctx.main_topic();
+                    ctx.publish(topic, None, &value).map_err(|e| fill(e, pos))?;
+                    Ok(Dynamic::UNIT)
+                }));
+            }
+            ("key", 0) => {
+                return Ok(Box::new(move |fr| {
+                    let ctx = fr.rt.ctx.borrow();
+                    ctx.check_active("key").map_err(|e| fill(e, pos))?;
+                    Ok(ctx.key.to_dynamic())
+                }))
+            }
+            ("now", 0) => {
+                return Ok(Box::new(move |fr| {
+                    let ctx = fr.rt.ctx.borrow();
+                    ctx.check_active("now").map_err(|e| fill(e, pos))?;
+                    Ok(Dynamic::from_int(ctx.now))
+                }))
+            }
+            ("watermark", 0) => {
+                return Ok(Box::new(move |fr| {
+                    let ctx = fr.rt.ctx.borrow();
+                    ctx.check_active("watermark").map_err(|e| fill(e, pos))?;
+                    Ok(Dynamic::from_int(ctx.watermark))
+                }))
+            }
+            _ => {}
+        }
+        // Any other native function: through a helper, the first argument in place when it
+        // is a variable (as the interpreter passes it).
+        let params: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+        let by_ref = match call.args.first() {
+            Some(Expr::Variable(x, _, _)) => self.local(&x.1),
+            Some(Expr::ThisPtr(p)) => return unsupported(*p, "`this` as an argument"),
+            _ => None,
+        };
+        let helper = match by_ref {
+            Some(_) => {
+                let rest: Vec<String> = (1..n).map(|i| format!("a{i}")).collect();
+                let mut all = vec!["this".to_owned()];
+                all.extend(rest);
+                self.helpers
+                    .borrow_mut()
+                    .add(n, &format!("{name}({})", all.join(", ")))
+            }
+            None => self
+                .helpers
+                .borrow_mut()
+                .add(n, &format!("{name}({})", params.join(", "))),
+        };
+        Ok(Box::new(move |fr| {
+            let mut values = Vec::with_capacity(args.len());
+            for (k, a) in args.iter().enumerate() {
+                if k == 0 && by_ref.is_some() {
+                    values.push(Dynamic::UNIT);
+                } else {
+                    values.push(a(fr)?.flatten());
+                }
+            }
+            match by_ref {
+                Some(i) => {
+                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
+                    run_helper(
+                        engine,
+                        helpers,
+                        &helper,
+                        Some(&mut fr.locals[i]),
+                        values,
+                        pos,
+                    )
+                }
+                None => call_helper(fr, &helper, None, values, pos),
+            }
+        }))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    Slot(usize),
+    Local(usize),
+}
+
+fn target_ref<'a>(fr: &'a mut Frame, t: Target) -> Option<&'a mut Dynamic> {
+    match t {
+        Target::Slot(i) => Some(fr.slot(i)),
+        Target::Local(i) => fr.locals.get_mut(i),
+    }
+}
+
+enum Start {
+    Place(Target),
+    Value(EFn),
+}
+
+enum Step {
+    Prop(ImmutableString, Rc<str>, Position),
+    Method(ImmutableString, Vec<EFn>, Rc<str>, Position),
+}
+
+impl Step {
+    fn args(&self, fr: &mut Frame) -> R<Vec<Dynamic>> {
+        match self {
+            Step::Prop(..) => Ok(Vec::new()),
+            Step::Method(_, args, ..) => {
+                let mut out = Vec::with_capacity(args.len());
+                for a in args {
+                    out.push(a(fr)?.flatten());
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        engine: &Engine,
+        helpers: &AST,
+        on: &mut Dynamic,
+        args: Vec<Dynamic>,
+    ) -> R<Dynamic> {
+        let (helper, pos) = match self {
+            Step::Prop(name, helper, pos) => {
+                if let Some(ev) = on.read_lock::<Event>() {
+                    return Ok(ev.get(name));
+                }
+                if let Ok(map) = on.as_map_ref() {
+                    return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
+                }
+                (helper, *pos)
+            }
+            Step::Method(name, _, helper, pos) => {
+                if let Some(v) = fast_method(name, on, &args, *pos)? {
+                    return Ok(v);
+                }
+                (helper, *pos)
+            }
+        };
+        run_helper(engine, helpers, helper, Some(on), args, pos)
+    }
+}
+
+/// Methods of numbers done inline: `to_float`, `to_int` of an int, `abs`.
+fn fast_method(name: &str, on: &Dynamic, args: &[Dynamic], pos: Position) -> R<Option<Dynamic>> {
+    if !args.is_empty() {
+        return Ok(None);
+    }
+    Ok(match name {
+        "to_float" => {
+            if let Ok(i) = on.as_int() {
+                Some(Dynamic::from_float(i as FLOAT))
+            } else if let Ok(f) = on.as_float() {
+                Some(Dynamic::from_float(f))
+            } else {
+                None
+            }
+        }
+        "abs" => {
+            if let Ok(f) = on.as_float() {
+                Some(Dynamic::from_float(f.abs()))
+            } else if let Ok(i) = on.as_int() {
+                Some(Dynamic::from_int(i.checked_abs().ok_or_else(|| {
+                    EvalAltResult::ErrorArithmetic(format!("Negation overflow: -{i}"), pos)
+                })?))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    })
+}
+
+/// Calls `f` on the entry at the map property path `props` inside `at`, when every step is a
+/// map holding it (the last entry may be missing when `insert`: it is added as `()`); `None`
+/// otherwise.
+fn with_map_path(
+    at: &mut Dynamic,
+    props: &[ImmutableString],
+    insert: bool,
+    f: &mut dyn FnMut(&mut Dynamic) -> R<bool>,
+) -> Option<R<bool>> {
+    let (first, rest) = props.split_first()?;
+    if !at.is_map() {
+        return None;
+    }
+    let mut map = at.as_map_mut().ok()?;
+    if rest.is_empty() {
+        if insert {
+            return Some(f(map.entry(first.as_str().into()).or_insert(Dynamic::UNIT)));
+        }
+        return map.get_mut(first.as_str()).map(f);
+    }
+    with_map_path(map.get_mut(first.as_str())?, rest, insert, f)
+}
+
+#[derive(Debug)]
+enum Seg {
+    /// A property, its position and the position of the dot before it.
+    Prop(ImmutableString, Position, Position),
+    Method(Box<FnCallExpr>, Position),
+}
+
+/// `root.a.b(x).c` as its root and its steps.
+fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
+    let Expr::Dot(be, _, dot) = e else {
+        return unsupported(e.start_position(), "expression");
+    };
+    let mut segs = Vec::new();
+    let mut rhs = &be.rhs;
+    let mut dot = *dot;
+    loop {
+        match rhs {
+            Expr::Property(p, ppos) => {
+                segs.push(Seg::Prop(p.2.clone(), *ppos, dot));
+                break;
+            }
+            Expr::MethodCall(call, mpos) => {
+                segs.push(Seg::Method(call.clone(), *mpos));
+                break;
+            }
+            Expr::Dot(inner, _, inner_dot) => {
+                match &inner.lhs {
+                    Expr::Property(p, ppos) => segs.push(Seg::Prop(p.2.clone(), *ppos, dot)),
+                    Expr::MethodCall(call, mpos) => segs.push(Seg::Method(call.clone(), *mpos)),
+                    other => return unsupported(other.start_position(), "chain"),
+                }
+                rhs = &inner.rhs;
+                dot = *inner_dot;
+            }
+            other => return unsupported(other.start_position(), "indexing in a chain"),
+        }
+    }
+    Ok((&be.lhs, segs))
+}
+
+fn run_block(body: &[SFn], fr: &mut Frame) -> R<Flow> {
+    let mut last = Dynamic::UNIT;
+    for s in body {
+        match s(fr)? {
+            Flow::Normal(v) => last = v,
+            ret @ Flow::Return(_) => return Ok(ret),
+        }
+    }
+    Ok(Flow::Normal(last))
+}
+
+/// Whether `stmts` assign to the variable `name` (anywhere, conservatively).
+fn assigns(stmts: &[Stmt], name: &str) -> bool {
+    let mut found = false;
+    for s in stmts {
+        s.walk(&mut Vec::new(), &mut |path: &[ASTNode]| {
+            if let Some(ASTNode::Stmt(Stmt::Assignment(a))) = path.last() {
+                let mut lhs = &a.1.lhs;
+                while let Expr::Dot(be, ..) | Expr::Index(be, ..) = lhs {
+                    lhs = &be.lhs;
+                }
+                if let Expr::Variable(x, ..) = lhs {
+                    if x.1.as_str() == name {
+                        found = true;
+                    }
+                }
+            }
+            if let Some(ASTNode::Stmt(Stmt::Var(v, ..))) = path.last() {
+                if v.0.name.as_str() == name {
+                    found = true;
+                }
+            }
+            true
+        });
+    }
+    found
+}
+
+/// `x op y` for ints, floats, bools, strings and `()`, with Rhai's results and errors; `None`
+/// for the other types (the caller asks the interpreter).
+fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<Dynamic>> {
+    use Token::*;
+    let arith =
+        |msg: String| -> Box<EvalAltResult> { EvalAltResult::ErrorArithmetic(msg, pos).into() };
+    if let (Ok(a), Ok(b)) = (x.as_int(), y.as_int()) {
+        let v =
+            match op {
+                Plus | PlusAssign => Dynamic::from_int(
+                    a.checked_add(b)
+                        .ok_or_else(|| arith(format!("Addition overflow: {a} + {b}")))?,
+                ),
+                Minus | MinusAssign => Dynamic::from_int(
+                    a.checked_sub(b)
+                        .ok_or_else(|| arith(format!("Subtraction overflow: {a} - {b}")))?,
+                ),
+                Multiply | MultiplyAssign => Dynamic::from_int(
+                    a.checked_mul(b)
+                        .ok_or_else(|| arith(format!("Multiplication overflow: {a} * {b}")))?,
+                ),
+                Divide | DivideAssign => {
+                    if b == 0 {
+                        return Err(arith(format!("Division by zero: {a} / {b}")));
+                    }
+                    Dynamic::from_int(
+                        a.checked_div(b)
+                            .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
+                    )
+                }
+                Modulo | ModuloAssign => Dynamic::from_int(a.checked_rem(b).ok_or_else(|| {
+                    arith(format!("Modulo division by zero or overflow: {a} % {b}"))
+                })?),
+                EqualsTo => Dynamic::from_bool(a == b),
+                NotEqualsTo => Dynamic::from_bool(a != b),
+                GreaterThan => Dynamic::from_bool(a > b),
+                GreaterThanEqualsTo => Dynamic::from_bool(a >= b),
+                LessThan => Dynamic::from_bool(a < b),
+                LessThanEqualsTo => Dynamic::from_bool(a <= b),
+                _ => return Ok(None),
+            };
+        return Ok(Some(v));
+    }
+    let num = |d: &Dynamic| -> Option<FLOAT> {
+        d.as_float()
+            .ok()
+            .or_else(|| d.as_int().ok().map(|i| i as FLOAT))
+    };
+    if (x.is_float() || y.is_float())
+        && (x.is_float() || x.is_int())
+        && (y.is_float() || y.is_int())
+    {
+        let (a, b) = (num(x).expect("number"), num(y).expect("number"));
+        let near = |a: FLOAT, b: FLOAT| {
+            if a * b == 0.0 {
+                1.0
+            } else {
+                a.abs().max(b.abs())
+            }
+        };
+        let v = match op {
+            Plus | PlusAssign => Dynamic::from_float(a + b),
+            Minus | MinusAssign => Dynamic::from_float(a - b),
+            Multiply | MultiplyAssign => Dynamic::from_float(a * b),
+            Divide | DivideAssign => Dynamic::from_float(a / b),
+            Modulo | ModuloAssign => Dynamic::from_float(a % b),
+            EqualsTo => {
+                let max = near(a, b);
+                Dynamic::from_bool(max == 0.0 || (a - b).abs() / max <= FLOAT::EPSILON)
+            }
+            NotEqualsTo => {
+                let max = near(a, b);
+                Dynamic::from_bool(max != 0.0 && (a - b).abs() / max > FLOAT::EPSILON)
+            }
+            GreaterThan => {
+                let max = near(a, b);
+                Dynamic::from_bool(max != 0.0 && (a - b) / max > FLOAT::EPSILON)
+            }
+            GreaterThanEqualsTo => {
+                let max = near(a, b);
+                Dynamic::from_bool(max == 0.0 || (a - b) / max > -FLOAT::EPSILON)
+            }
+            LessThan => {
+                let max = near(a, b);
+                Dynamic::from_bool(max != 0.0 && (b - a) / max > FLOAT::EPSILON)
+            }
+            LessThanEqualsTo => {
+                let max = near(a, b);
+                Dynamic::from_bool(max == 0.0 || (b - a) / max > -FLOAT::EPSILON)
+            }
+            _ => return Ok(None),
+        };
+        return Ok(Some(v));
+    }
+    if x.is_unit() && y.is_unit() {
+        return Ok(match op {
+            EqualsTo => Some(Dynamic::TRUE),
+            NotEqualsTo | GreaterThan | GreaterThanEqualsTo | LessThan | LessThanEqualsTo => {
+                Some(Dynamic::FALSE)
+            }
+            _ => None,
+        });
+    }
+    if let (Ok(a), Ok(b)) = (x.as_bool(), y.as_bool()) {
+        return Ok(match op {
+            EqualsTo => Some(Dynamic::from_bool(a == b)),
+            NotEqualsTo => Some(Dynamic::from_bool(a != b)),
+            _ => None,
+        });
+    }
+    if let (Ok(a), Ok(b)) = (x.as_immutable_string_ref(), y.as_immutable_string_ref()) {
+        return Ok(match op {
+            EqualsTo => Some(Dynamic::from_bool(*a == *b)),
+            NotEqualsTo => Some(Dynamic::from_bool(*a != *b)),
+            _ => None,
+        });
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(names: &[&str]) -> Layout {
+        Layout {
+            fields: names.iter().map(|n| (*n).into()).collect(),
+        }
+    }
+
+    #[test]
+    fn slot_state_converts_to_the_map_and_back() {
+        let layout = layout(&["volume", "notional", "name"]);
+        let slots = State::Slots(Box::new([
+            Dynamic::from_int(3),
+            Dynamic::from_float(1.5),
+            Dynamic::from("abc".to_owned()),
+        ]));
+        let map = slots.to_dynamic(Some(&layout));
+        let mut want = Map::new();
+        want.insert("volume".into(), Dynamic::from_int(3));
+        want.insert("notional".into(), Dynamic::from_float(1.5));
+        want.insert("name".into(), Dynamic::from("abc".to_owned()));
+        let want = Dynamic::from_map(want);
+        assert_eq!(map.to_string(), want.to_string());
+        // The size is the map's, so the state limit acts the same on both engines.
+        assert_eq!(slots.bytes(Some(&layout)), crate::shard::state_bytes(&want));
+        let back = State::from_dynamic(map, Some(&layout)).unwrap();
+        let State::Slots(back) = back else {
+            panic!("slots expected")
+        };
+        assert_eq!(back[0].as_int(), Ok(3));
+        assert_eq!(back[1].as_float(), Ok(1.5));
+        assert_eq!(back[2].clone().into_string().unwrap(), "abc");
+    }
+
+    #[test]
+    fn a_map_that_does_not_fit_the_layout_is_refused() {
+        let layout = layout(&["a", "b"]);
+        let mut map = Map::new();
+        map.insert("a".into(), Dynamic::from_int(1));
+        let err = State::from_dynamic(Dynamic::from_map(map.clone()), Some(&layout)).unwrap_err();
+        assert!(err.contains("1 fields") && err.contains("makes 2"), "{err}");
+        map.insert("c".into(), Dynamic::from_int(1));
+        let err = State::from_dynamic(Dynamic::from_map(map), Some(&layout)).unwrap_err();
+        assert!(err.contains("no field `b`"), "{err}");
+        let err = State::from_dynamic(Dynamic::from_int(1), Some(&layout)).unwrap_err();
+        assert!(err.contains("must be a map"), "{err}");
+        // Without a layout (an interpreted query) the map is the state as it is.
+        assert!(matches!(
+            State::from_dynamic(Dynamic::from_int(1), None),
+            Ok(State::Map(_))
+        ));
+    }
+
+    #[test]
+    fn rhai_float_comparisons_are_kept() {
+        let p = Position::NONE;
+        let cmp = |op: Token, a: f64, b: f64| {
+            fast_binop(&op, &Dynamic::from_float(a), &Dynamic::from_float(b), p)
+                .unwrap()
+                .unwrap()
+                .as_bool()
+                .unwrap()
+        };
+        // Rhai compares floats within a relative epsilon: 0.1 + 0.2 == 0.3.
+        assert!(cmp(Token::EqualsTo, 0.1 + 0.2, 0.3));
+        assert!(!cmp(Token::LessThan, 0.3, 0.1 + 0.2));
+        assert!(cmp(Token::GreaterThan, 1.0, 0.5));
+        let overflow = fast_binop(
+            &Token::Plus,
+            &Dynamic::from_int(i64::MAX),
+            &Dynamic::from_int(1),
+            p,
+        )
+        .unwrap_err();
+        assert_eq!(
+            overflow.to_string(),
+            "Addition overflow: 9223372036854775807 + 1"
+        );
+    }
+}

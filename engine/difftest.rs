@@ -1,0 +1,323 @@
+//! Differential testing of the query compiler: random queries over the subset it compiles, and
+//! random events, run by both engines, whose outputs must be byte-identical (errors included).
+//!
+//! [`program`] writes a query from a seed: arithmetic on state fields and event fields (which
+//! may be missing, strings, huge or zero, so overflow, division by zero and type errors happen),
+//! locals, `if`/`else`, `&&`/`||`, script functions, number methods, `in`, emits of map literals
+//! and of locals, named topics, timers and `forget`. [`events`] writes NDJSON for it.
+//! [`run_both`] runs a query over events with `--engine auto` and `--engine interpreter` and
+//! says where they differ. The same code serves the quick test in `cargo test`
+//! (`tests/compiled.rs`) and the cargo-fuzz target `differential`.
+
+use crate::compiled::EngineMode;
+use crate::offline::{self, RunOptions};
+use crate::query::QueryDef;
+use crate::sandbox::Limits;
+
+/// A small deterministic generator (xorshift), so that a seed names one program everywhere.
+pub struct Gen(u64);
+
+impl Gen {
+    pub fn new(seed: u64) -> Self {
+        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+const FIELDS: [&str; 4] = ["a", "b", "c", "f"];
+const EVENT_FIELDS: [&str; 3] = ["x", "y", "z"];
+const INTS: [&str; 9] = [
+    "0",
+    "1",
+    "2",
+    "-3",
+    "7",
+    "1000",
+    "9223372036854775807",
+    "-9223372036854775807",
+    "4611686018427387904",
+];
+const FLOATS: [&str; 6] = ["0.0", "0.5", "1.5", "-2.25", "1e300", "3.0"];
+
+struct Writer<'g> {
+    g: &'g mut Gen,
+    locals: Vec<String>,
+    next: usize,
+}
+
+impl Writer<'_> {
+    fn expr(&mut self, depth: usize) -> String {
+        let leaf = depth == 0 || self.g.chance(30);
+        if leaf {
+            return match self.g.below(7) {
+                0 => self.g.pick(&INTS).to_owned(),
+                1 => self.g.pick(&FLOATS).to_owned(),
+                2 | 3 => format!("ev.{}", self.g.pick(&EVENT_FIELDS)),
+                4 => format!("this.{}", self.g.pick(&FIELDS)),
+                5 if !self.locals.is_empty() => {
+                    let i = self.g.below(self.locals.len());
+                    self.locals[i].clone()
+                }
+                5 => "()".to_owned(),
+                _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),
+            };
+        }
+        let d = depth - 1;
+        match self.g.below(12) {
+            0..=4 => {
+                let op = self.g.pick(&[
+                    "+", "-", "*", "/", "%", "==", "!=", "<", ">", "<=", ">=", "+", "*",
+                ]);
+                format!("({} {op} {})", self.expr(d), self.expr(d))
+            }
+            5 => format!("mix({}, {})", self.expr(d), self.expr(d)),
+            6 => format!("({}).{}()", self.expr(d), self.g.pick(&["abs", "to_float"])),
+            7 => format!(
+                "if {} {{ {} }} else {{ {} }}",
+                self.cond(d),
+                self.expr(d),
+                self.expr(d)
+            ),
+            8 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
+            9 => format!("-({})", self.expr(d)),
+            10 => format!("({} ?? {})", self.expr(d), self.expr(d)),
+            _ => self.cond(d),
+        }
+    }
+
+    fn cond(&mut self, depth: usize) -> String {
+        let d = depth.saturating_sub(1);
+        match self.g.below(5) {
+            0 => format!("({} && {})", self.cmp(d), self.cmp(d)),
+            1 => format!("({} || {})", self.cmp(d), self.cmp(d)),
+            2 => format!("!{}", self.cmp(d)),
+            3 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
+            _ => self.cmp(d),
+        }
+    }
+
+    fn cmp(&mut self, depth: usize) -> String {
+        let op = self.g.pick(&["==", "!=", "<", ">", "<=", ">="]);
+        format!("({} {op} {})", self.expr(depth), self.expr(depth))
+    }
+
+    fn emit_map(&mut self) -> String {
+        let n = 1 + self.g.below(4);
+        let mut fields = Vec::new();
+        for i in 0..n {
+            let name = self.g.pick(&["v", "w", "total", "n", "z9", "a_b"]);
+            if fields
+                .iter()
+                .any(|f: &String| f.starts_with(&format!("{name}:")))
+            {
+                continue;
+            }
+            let _ = i;
+            fields.push(format!("{name}: {}", self.expr(2)));
+        }
+        format!("#{{ {} }}", fields.join(", "))
+    }
+
+    fn stmts(&mut self, depth: usize, n: usize, out: &mut String, timers: bool) {
+        let scope = self.locals.len();
+        for _ in 0..n {
+            match self.g.below(14) {
+                0..=2 => {
+                    let op = self.g.pick(&["=", "+=", "-=", "*=", "/=", "+="]);
+                    out.push_str(&format!(
+                        "this.{} {op} {};\n",
+                        self.g.pick(&FIELDS),
+                        self.expr(2)
+                    ));
+                }
+                3 | 4 => {
+                    let name = format!("v{}", self.next);
+                    self.next += 1;
+                    out.push_str(&format!("let {name} = {};\n", self.expr(3)));
+                    self.locals.push(name);
+                }
+                5 if !self.locals.is_empty() => {
+                    let i = self.g.below(self.locals.len());
+                    let op = self.g.pick(&["=", "+=", "*="]);
+                    let value = self.expr(2);
+                    out.push_str(&format!("{} {op} {value};\n", self.locals[i]));
+                }
+                6 | 7 if depth > 0 => {
+                    out.push_str(&format!("if {} {{\n", self.cond(2)));
+                    let k = 1 + self.g.below(3);
+                    self.stmts(depth - 1, k, out, timers);
+                    if self.g.chance(50) {
+                        out.push_str("} else {\n");
+                        let k = 1 + self.g.below(2);
+                        self.stmts(depth - 1, k, out, timers);
+                    }
+                    out.push_str("}\n");
+                }
+                8 | 9 => out.push_str(&format!("emit({});\n", self.emit_map())),
+                10 => {
+                    let name = format!("m{}", self.next);
+                    self.next += 1;
+                    out.push_str(&format!("let {name} = {};\n", self.emit_map()));
+                    out.push_str(&format!("{name}.extra = {};\n", self.expr(1)));
+                    out.push_str(&format!("emit(\"side\", {name});\n"));
+                }
+                11 if timers => out.push_str(&format!("set_timer({});\n", self.expr(1))),
+                12 if depth < 2 && self.g.chance(20) => out.push_str("return;\n"),
+                13 if self.g.chance(10) => out.push_str("forget();\n"),
+                _ => out.push_str(&format!("emit({});\n", self.expr(2))),
+            }
+        }
+        self.locals.truncate(scope);
+    }
+}
+
+/// A random query over the compiled subset.
+pub fn program(seed: u64) -> String {
+    let mut g = Gen::new(seed);
+    let timers = g.chance(40);
+    let mut w = Writer {
+        g: &mut g,
+        locals: Vec::new(),
+        next: 0,
+    };
+    let mut s = String::from("let source = \"s\";\nlet key_by = \"k\";\n");
+    s.push_str(&format!(
+        "fn mix(p, q) {{ {} }}\n",
+        [
+            "p + q",
+            "p * 2 - q",
+            "if p > q { p } else { q }",
+            "(p ?? 0) / (q ?? 1)"
+        ][w.g.below(4)]
+    ));
+    let init: Vec<String> = FIELDS
+        .iter()
+        .map(|f| {
+            let v = match w.g.below(4) {
+                0 => w.g.pick(&INTS).to_owned(),
+                1 => w.g.pick(&FLOATS).to_owned(),
+                2 => "0".to_owned(),
+                _ => "()".to_owned(),
+            };
+            format!("{f}: {v}")
+        })
+        .collect();
+    s.push_str(&format!("fn init(key) {{ #{{ {} }} }}\n", init.join(", ")));
+    s.push_str("fn on_event(ev) {\n");
+    let n = 2 + w.g.below(6);
+    w.stmts(2, n, &mut s, timers);
+    s.push_str("}\n");
+    if timers {
+        // The timer's time is called `ev` too: event-style reads of a number must fail alike.
+        s.push_str("fn on_timer(ev) {\n");
+        w.locals.push("ev".into());
+        let n = 1 + w.g.below(3);
+        w.stmts(1, n, &mut s, false);
+        w.locals.clear();
+        s.push_str("}\n");
+    }
+    s
+}
+
+/// Random events for [`program`]'s queries, as NDJSON.
+pub fn events(seed: u64, count: usize) -> Vec<u8> {
+    let mut g = Gen::new(seed ^ 0x5EED);
+    let mut out = String::new();
+    for _ in 0..count {
+        let mut fields = vec![format!("\"k\":\"{}\"", g.pick(&["a", "b", "c"]))];
+        for f in EVENT_FIELDS {
+            let v = match g.below(10) {
+                0 => continue,
+                1 => "\"text\"".to_owned(),
+                2 => "null".to_owned(),
+                3 => "0".to_owned(),
+                4..=5 => g.pick(&INTS).to_owned(),
+                6 => "true".to_owned(),
+                _ => g.pick(&FLOATS).to_owned(),
+            };
+            fields.push(format!("\"{f}\":{v}"));
+        }
+        out.push('{');
+        out.push_str(&fields.join(","));
+        out.push_str("}\n");
+    }
+    out.into_bytes()
+}
+
+/// What one engine made of a run: the items as `eddy run` prints them, the rejections, and
+/// whether the query ran compiled.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Output {
+    pub items: Vec<u8>,
+    pub rejected: Vec<u8>,
+}
+
+fn run_on(def: &QueryDef, events: &[u8], limits: &Limits, engine: EngineMode) -> Output {
+    let mut items = Vec::new();
+    let mut rejected = Vec::new();
+    let options = RunOptions {
+        engine,
+        ..RunOptions::default()
+    };
+    offline::run(
+        vec![def.clone()],
+        events.to_vec(),
+        limits,
+        &options,
+        &mut items,
+        &mut rejected,
+    )
+    .expect("writing to memory cannot fail");
+    Output { items, rejected }
+}
+
+/// How a differential run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Both engines wrote the same bytes; `compiled` says whether `auto` compiled the query.
+    Same { compiled: bool },
+    /// The script does not compile as a query (not a compiler question).
+    NotAQuery,
+}
+
+/// Runs `script` over `events` on both engines: `Err` with both outputs when they differ.
+pub fn run_both(script: &str, events: &[u8], limits: &Limits) -> Result<Verdict, String> {
+    let Ok(def) = QueryDef::compile("q", script, limits) else {
+        return Ok(Verdict::NotAQuery);
+    };
+    let compiled = run_on(&def, events, limits, EngineMode::Auto);
+    let interpreted = run_on(&def, events, limits, EngineMode::Interpreter);
+    if compiled == interpreted {
+        return Ok(Verdict::Same {
+            compiled: def.engine.compiled(),
+        });
+    }
+    Err(format!(
+        "the engines differ on\n{script}\n--- compiled:\n{}{}\n--- interpreted:\n{}{}",
+        String::from_utf8_lossy(&compiled.items),
+        String::from_utf8_lossy(&compiled.rejected),
+        String::from_utf8_lossy(&interpreted.items),
+        String::from_utf8_lossy(&interpreted.rejected),
+    ))
+}

@@ -1,0 +1,187 @@
+//! The query compiler held to the interpreter: every golden case of the shipped queries passes
+//! on both engines, every shipped query writes the same bytes on both over generated input, and
+//! random queries over the compiled subset (see `eddy::difftest`) write the same bytes on both,
+//! errors included.
+
+use std::path::Path;
+
+use eddy::casetest;
+use eddy::compiled::EngineMode;
+use eddy::difftest::{self, Verdict};
+use eddy::offline::{self, RunOptions};
+use eddy::synth::{self, Scenario};
+use eddy::{Limits, QueryDef};
+
+fn limits() -> Limits {
+    let limits = Limits::default();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    if models.is_dir() {
+        limits
+            .models
+            .load_dir(&models, &limits)
+            .expect("load the models");
+    }
+    limits
+}
+
+#[test]
+fn golden_cases_pass_on_both_engines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/queries");
+    let cases = casetest::discover(&[root]).expect("find the cases");
+    assert!(cases.len() >= 6, "found {} cases", cases.len());
+    let limits = limits();
+    for dir in &cases {
+        for engine in [EngineMode::Auto, EngineMode::Interpreter] {
+            let report = casetest::run_case_on(dir, &limits, false, engine);
+            assert!(report.passed(), "{} on {engine}: {report:?}", dir.display());
+        }
+    }
+}
+
+fn run(def: &QueryDef, input: &[u8], limits: &Limits, engine: EngineMode) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let options = RunOptions {
+        engine,
+        ..RunOptions::default()
+    };
+    offline::run(
+        vec![def.clone()],
+        input.to_vec(),
+        limits,
+        &options,
+        &mut out,
+        &mut err,
+    )
+    .expect("run");
+    out.extend_from_slice(&err);
+    out
+}
+
+#[test]
+fn shipped_queries_write_the_same_bytes_on_both_engines() {
+    let limits = limits();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+    let mut compiled = 0;
+    for entry in std::fs::read_dir(&root).expect("queries folder") {
+        let path = entry.expect("entry").path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let script = std::fs::read_to_string(&path).unwrap();
+        let def = QueryDef::compile(&name, &script, &limits).expect("shipped queries compile");
+        let scenario = match def.config.sources[0].as_str() {
+            "trades" => Scenario::Trades,
+            "sensors" => Scenario::Sensors,
+            "games" => Scenario::Games,
+            _ => Scenario::Social,
+        };
+        let input = synth::generate(scenario, 7, 4000, 1_700_000_000_000, 50);
+        let a = run(&def, &input, &limits, EngineMode::Auto);
+        let b = run(&def, &input, &limits, EngineMode::Interpreter);
+        assert!(!b.is_empty(), "{name} wrote nothing");
+        assert!(a == b, "{name}: the engines differ");
+        compiled += usize::from(def.engine.compiled());
+    }
+    // vwap, asof_join, price_alerts, sensor_anomaly, sensor_failure, trade_anomaly.
+    assert!(compiled >= 6, "only {compiled} shipped queries compile");
+}
+
+#[test]
+fn random_queries_write_the_same_bytes_on_both_engines() {
+    let limits = Limits::default();
+    let (mut programs, mut compiled, mut events) = (0, 0, 0);
+    for seed in 0..400u64 {
+        let script = difftest::program(seed);
+        let input = difftest::events(seed, 25);
+        match difftest::run_both(&script, &input, &limits) {
+            Ok(Verdict::Same { compiled: c }) => {
+                if !c && std::env::var("SHOW").is_ok() {
+                    let def = QueryDef::compile("q", &script, &limits).unwrap();
+                    eprintln!("NOTCOMPILED {}", def.engine.summary());
+                }
+                programs += 1;
+                compiled += usize::from(c);
+                events += 25;
+            }
+            Ok(Verdict::NotAQuery) => {
+                if std::env::var("SHOW").is_ok() {
+                    eprintln!(
+                        "{script}\n{:?}",
+                        QueryDef::compile("q", &script, &limits).err()
+                    );
+                }
+            }
+            Err(diff) => panic!("seed {seed}: {diff}"),
+        }
+    }
+    eprintln!("{programs} programs ({compiled} compiled), {events} events");
+    assert!(
+        programs >= 350,
+        "only {programs} of 400 programs are queries"
+    );
+    // The rest (chains through an index, `ev["x"].abs()`) hold the fallback to the same bytes.
+    assert!(
+        compiled * 5 >= programs * 4,
+        "only {compiled} of {programs} compiled"
+    );
+}
+
+#[test]
+fn check_reports_compiled_and_interpreted_functions_with_the_reason() {
+    let limits = Limits::default();
+    let def = QueryDef::compile(
+        "q",
+        "let source = \"s\";\nfn init(key) { #{ n: 0 } }\nfn on_event(ev) {\n  for i in 0..3 { this.n += i; }\n}",
+        &limits,
+    )
+    .unwrap();
+    assert!(!def.engine.compiled());
+    assert_eq!(def.engine.summary(), "interpreted (4:3 for loop)");
+    assert_eq!(
+        def.engine.function_lines(),
+        vec!["init: compiled", "on_event: interpreted (4:3 for loop)"]
+    );
+    let def = QueryDef::compile(
+        "q",
+        "let source = \"s\"; fn init(key) { #{ n: 0 } } fn on_event(ev) { this.n += ev.x; emit(#{ n: this.n }); }",
+        &limits,
+    )
+    .unwrap();
+    assert_eq!(def.engine.summary(), "compiled");
+}
+
+#[test]
+fn hostile_scripts_that_compile_are_stopped_alike() {
+    let limits = Limits {
+        max_state_bytes: 2_000,
+        ..Limits::default()
+    };
+    for body in [
+        // State growth: a slot that grows until the key's state is dropped.
+        r#"this.log.push("0123456789012345678901234567890123456789"); emit(this.log.len());"#,
+        // Memory bombs, each stopped by a size limit.
+        r#"if ev.bad == true { let a = []; a.pad(100000000, 0); } emit(ev.n);"#,
+        r#"if ev.bad == true { ring(1000000000); } emit(ev.n);"#,
+        r#"if ev.bad == true { let s = "x"; s.pad(1000000000, 'y'); } emit(ev.n);"#,
+        // Arithmetic errors with their positions.
+        r#"emit(#{ q: ev.n / (ev.n - ev.n), big: 9223372036854775807 + ev.n });"#,
+    ] {
+        let script = format!(
+            "let source = \"s\";\nfn init(key) {{ #{{ log: [] }} }}\nfn on_event(ev) {{\n  {body}\n}}"
+        );
+        let def = QueryDef::compile("q", &script, &limits).unwrap();
+        assert!(def.engine.compiled(), "{body}: {}", def.engine.summary());
+        let mut input = String::new();
+        for n in 0..80 {
+            input.push_str(&format!("{{\"n\":{n},\"bad\":{}}}\n", n == 3));
+        }
+        let a = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+        let b = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+        let text = String::from_utf8_lossy(&a);
+        assert!(text.contains("\"q.errors\""), "{body}: no error in\n{text}");
+        assert!(
+            a == b,
+            "{body}: the engines differ:\n{text}\n---\n{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+}
