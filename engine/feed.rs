@@ -297,8 +297,8 @@ async fn session(
     let mut lost = None;
     while Instant::now() < end && !stop.is_cancelled() {
         if let Some(rate) = per_connection {
-            let due = session_start
-                + Duration::from_secs_f64(sent as f64 * options.batch as f64 / rate);
+            let due =
+                session_start + Duration::from_secs_f64(sent as f64 * options.batch as f64 / rate);
             tokio::select! {
                 _ = tokio::time::sleep_until(due.min(end).into()) => {}
                 why = &mut reader => { lost = Some(why); break; }
@@ -324,7 +324,11 @@ async fn session(
             }
             feed.write_event_stamped(stamp / 1000, stamp, &mut buf);
         }
-        if outgoing.send(Frame::text(Payload::Owned(buf))).await.is_err() {
+        if outgoing
+            .send(Frame::text(Payload::Owned(buf)))
+            .await
+            .is_err()
+        {
             break;
         }
         sent += 1;
@@ -356,9 +360,7 @@ async fn session(
     let unacked = sent.saturating_sub(t.acked) * options.batch as u64;
     counters.unacked.fetch_add(unacked, Ordering::Relaxed);
     match lost {
-        Some(Ok(why)) if unacked > 0 || (Instant::now() < end && !stop.is_cancelled()) => {
-            Err(why)
-        }
+        Some(Ok(why)) if unacked > 0 || (Instant::now() < end && !stop.is_cancelled()) => Err(why),
         _ => Ok(()),
     }
 }

@@ -477,7 +477,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         one.p50_us as f64 / 1000.0,
                         one.p99_us as f64 / 1000.0,
                         one.max_us as f64 / 1000.0,
-                        if one.connected { "" } else { "  (disconnected)" }
+                        if one.connected {
+                            ""
+                        } else {
+                            "  (disconnected)"
+                        }
                     );
                 }
                 let _ = std::io::stdout().flush();

@@ -278,15 +278,21 @@ pub async fn spawn_serve(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     String,
 ) {
+    spawn_serve_on("127.0.0.1:0", queries, extra).await
+}
+
+/// [`spawn_serve`] listening on `listen` (e.g. the address of a server that was stopped).
+pub async fn spawn_serve_on(
+    listen: &str,
+    queries: &Path,
+    extra: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--queries",
-        ])
+        .args(["serve", "--listen", listen, "--shards", "2", "--queries"])
         .arg(queries)
         .args(extra)
         .stdout(std::process::Stdio::piped())
