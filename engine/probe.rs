@@ -6,7 +6,9 @@
 //! gaps or repeats and adds up `dropped` notices. With a count field (a field of the item's
 //! value that counts the key's items from 1, like `vwap`'s `trades`) it also checks per key that
 //! the count rises by exactly one (mode `all`; in mode `latest` only that it rises), and adds up
-//! each key's last count per connection: the events the query handled for the keys seen.
+//! each key's last count per connection: the events the query handled for the keys seen. (A
+//! count that goes on from the key's last one on the previous connection is taken as the same
+//! server's and counted from there; one that does not, as a new server's, counted from 0.)
 //!
 //! It runs over a [`Link`], so a server that closes, dies or falls silent is noticed within the
 //! link's timeout; the probe then ends with the reason in its report, or with `reconnect`
@@ -108,7 +110,8 @@ pub struct ProbeReport {
     pub count_gaps: u64,
     /// With a count field: items whose count was not above the key's last one.
     pub count_duplicates: u64,
-    /// With a count field: the sum over connections of each key's last count.
+    /// With a count field: the sum over connections of each key's last count, less its last
+    /// count on the previous connection when it went on from there (the same server).
     pub counted: u64,
     /// Why the probe stopped early (without `reconnect`), or never connected.
     pub error: Option<String>,
@@ -150,7 +153,11 @@ pub async fn fan_out(
     duration: Duration,
     subscribers: usize,
 ) -> Result<FanOutReport, ClientError> {
-    let options = ProbeOptions::new(url, topic, duration);
+    let options = ProbeOptions {
+        // Hundreds of subscribers on the server's cores can starve its pongs for a while.
+        timeout: Duration::from_secs(10),
+        ..ProbeOptions::new(url, topic, duration)
+    };
     let mut tasks = Vec::new();
     for _ in 0..subscribers {
         let options = options.clone();
@@ -214,8 +221,9 @@ pub async fn run_with(
 #[derive(Default)]
 struct Session {
     next_seq: Option<u64>,
-    /// Each key's last count (with a count field).
-    counts: HashMap<String, u64>,
+    /// Each key's count before this subscription (see [`end_session`]) and last count, with a
+    /// count field.
+    counts: HashMap<String, (u64, u64)>,
 }
 
 async fn probe(
@@ -235,6 +243,7 @@ async fn probe(
     let mut window_items = 0;
     let mut report = ProbeReport::default();
     let mut session = Session::default();
+    let mut previous = HashMap::new();
     let mut first: Option<Instant> = None;
     // Until the first item, wait at most a minute for the feed to start.
     let mut deadline = Instant::now() + Duration::from_secs(60);
@@ -311,7 +320,7 @@ async fn probe(
             Ok(payload) => payload,
             Err(lost) => {
                 report.lost += 1;
-                end_session(&mut report, &mut session);
+                end_session(&mut report, &mut session, &mut previous);
                 link = None;
                 subscribed = false;
                 if !options.reconnect {
@@ -364,7 +373,13 @@ async fn probe(
                         continue;
                     };
                     let key = item.get("key").map(|k| k.encode()).unwrap_or_default();
-                    let last = session.counts.entry(key).or_insert(0);
+                    let (_, last) = session.counts.entry(key).or_insert_with_key(|key| {
+                        // A count above the key's last one on the previous connection goes on
+                        // from it (the same server, or one that resumed its state); otherwise
+                        // the server started afresh.
+                        let before = previous.get(key).copied().filter(|&p| count > p);
+                        (before.unwrap_or(0), 0)
+                    });
                     if *last > 0 {
                         if count <= *last {
                             report.count_duplicates += 1;
@@ -386,7 +401,7 @@ async fn probe(
             _ => {}
         }
     }
-    end_session(&mut report, &mut session);
+    end_session(&mut report, &mut session, &mut previous);
     if report.error.is_none() && connections == 0 {
         report.error = Some(format!("never connected to {}", options.url));
     }
@@ -408,8 +423,15 @@ async fn probe(
 }
 
 /// Closes the books of one subscription.
-fn end_session(report: &mut ProbeReport, session: &mut Session) {
-    report.counted += session.counts.values().sum::<u64>();
+fn end_session(
+    report: &mut ProbeReport,
+    session: &mut Session,
+    previous: &mut HashMap<String, u64>,
+) {
+    for (key, (before, last)) in session.counts.drain() {
+        report.counted += last - before;
+        previous.insert(key, last);
+    }
     *session = Session::default();
 }
 

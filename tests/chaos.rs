@@ -69,7 +69,16 @@ fn probe(addr: &str, extra: &[&str]) -> Child {
 
 /// Waits (at most `limit`) for a tool to end; its status, its report (the last line of its
 /// stdout) and its stderr.
-async fn finish(mut child: Child, limit: Duration) -> (ExitStatus, Value, String) {
+async fn finish(child: Child, limit: Duration) -> (ExitStatus, Value, String) {
+    let (status, mut lines, err) = finish_lines(child, limit).await;
+    let last = lines
+        .pop()
+        .unwrap_or_else(|| panic!("no report; stderr: {err}"));
+    (status, last, err)
+}
+
+/// As [`finish`], with every line of its stdout as JSON.
+async fn finish_lines(mut child: Child, limit: Duration) -> (ExitStatus, Vec<Value>, String) {
     let status = tokio::time::timeout(limit, child.wait())
         .await
         .unwrap_or_else(|_| panic!("the tool ended within {limit:?}"))
@@ -90,11 +99,11 @@ async fn finish(mut child: Child, limit: Duration) -> (ExitStatus, Value, String
         .read_to_string(&mut err)
         .await
         .unwrap();
-    let last = out
+    let lines = out
         .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no report; stderr: {err}"));
-    (status, serde_json::from_str(last).unwrap(), err)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (status, lines, err)
 }
 
 /// `/metrics` of the server at `addr`: the sample `name`.
@@ -320,6 +329,58 @@ async fn with_reconnect_both_tools_carry_on_on_a_new_server() {
             counted >= accepted && counted <= accepted + unacked,
             "{probed} {fed}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_in_latest_mode_counts_every_trade_and_reports_intervals() {
+    bounded(async {
+        let dir = queries();
+        let (server, _lines, addr) = spawn_serve(dir.path(), &[]).await;
+        let p = probe(
+            &addr,
+            &[
+                "--mode",
+                "latest",
+                "--interval",
+                "500ms",
+                "--duration",
+                "60s",
+            ],
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let f = feed(
+            &addr,
+            &["--rate", "2000", "--duration", "2s", "--keys", "5"],
+        );
+        let (status, fed, err) = finish(f, Duration::from_secs(20)).await;
+        assert!(status.success(), "{fed} {err}");
+        let accepted = fed["accepted"].as_u64().unwrap();
+        assert_eq!(accepted, fed["events"].as_u64().unwrap());
+        // Stopping the server hands every result to the probe first; then the probe reports.
+        signal(&server, "-TERM");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        signal(&p, "-TERM");
+        let (status, mut lines, err) = finish_lines(p, Duration::from_secs(20)).await;
+        assert!(!status.success(), "the server closed under it: {err}");
+        let report = lines.pop().unwrap();
+        // Mode latest coalesces a key's values, so fewer items than trades; the newest value of
+        // each key still carries its count of trades, so the counts add up to every trade.
+        let items = report["items"].as_u64().unwrap();
+        assert!(items > 0 && items <= accepted, "{report}");
+        assert_eq!(report["counted"].as_u64(), Some(accepted), "{report}");
+        assert_eq!(report["count_duplicates"], 0);
+        assert_eq!(report["count_gaps"], 0, "not counted in mode latest");
+        // One line per half second, whose items add up to the report's.
+        assert!(lines.len() >= 4, "{lines:?}");
+        let mut sum = 0;
+        for line in &lines {
+            let one = &line["interval"];
+            sum += one["items"].as_u64().unwrap();
+            assert!(one["p50_us"].as_u64() <= one["p99_us"].as_u64(), "{one}");
+        }
+        assert!(sum > 0 && sum <= items, "{sum} of {items}");
     })
     .await;
 }
