@@ -6,9 +6,11 @@
 //! gaps or repeats and adds up `dropped` notices. With a count field (a field of the item's
 //! value that counts the key's items from 1, like `vwap`'s `trades`) it also checks per key that
 //! the count rises by exactly one (mode `all`; in mode `latest` only that it rises), and adds up
-//! each key's last count per connection: the events the query handled for the keys seen. (A
-//! count that goes on from the key's last one on the previous connection is taken as the same
-//! server's and counted from there; one that does not, as a new server's, counted from 0.)
+//! each key's last count per connection: the events the query handled for the keys seen. (After
+//! a connection that ended with the server's shutdown close, 1001, counts start afresh. After one
+//! lost otherwise, a count that goes on from the key's last one is taken as the same server's and
+//! counted from there; one that does not, as a new server's, counted from 0. Once servers resume
+//! their state, a shutdown will no longer reset the counts.)
 //!
 //! It runs over a [`Link`], so a server that closes, dies or falls silent is noticed within the
 //! link's timeout; the probe then ends with the reason in its report, or with `reconnect`
@@ -321,6 +323,11 @@ async fn probe(
             Err(lost) => {
                 report.lost += 1;
                 end_session(&mut report, &mut session, &mut previous);
+                if matches!(lost, crate::link::Lost::Closed(1001)) {
+                    // The server went away (shut down): the next one starts afresh. A key that
+                    // had few items would otherwise look as if it went on.
+                    previous.clear();
+                }
                 link = None;
                 subscribed = false;
                 if !options.reconnect {
@@ -374,9 +381,9 @@ async fn probe(
                     };
                     let key = item.get("key").map(|k| k.encode()).unwrap_or_default();
                     let (_, last) = session.counts.entry(key).or_insert_with_key(|key| {
-                        // A count above the key's last one on the previous connection goes on
-                        // from it (the same server, or one that resumed its state); otherwise
-                        // the server started afresh.
+                        // After a connection lost without a shutdown (silence, a broken
+                        // socket), a count above the key's last one goes on from it (the same
+                        // server); otherwise the server started afresh.
                         let before = previous.get(key).copied().filter(|&p| count > p);
                         (before.unwrap_or(0), 0)
                     });
