@@ -6,95 +6,29 @@
 //! the wall-clock time (epoch µs) its frame was sent, so a subscriber (`eddy probe`) can measure
 //! the latency from producer to subscriber. The report counts events and frames sent, and the
 //! accepted and rejected totals from the acks.
+//!
+//! A connection runs over a [`Link`], so a server that closes, dies or falls silent is noticed
+//! within the link's timeout: the connection stops, counts the events it sent that were never
+//! acknowledged (`unacked`: the server may or may not have handled them), and either ends the
+//! feed with the reason in the report or, with `reconnect`, connects again after a [`Backoff`]
+//! and goes on with the next events of its generator (nothing is resent). Acks are checked
+//! against the frame numbers sent: a skipped number is a gap, a repeated one a duplicate.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError};
-use http_body_util::Empty;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use fastwebsockets::{Frame, Payload};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
+pub use crate::link::{connect, host_of, ClientError};
+use crate::link::{Backoff, Link, Lost};
 use crate::synth::{Feed, Scenario};
 
 /// Frames a connection may have sent without an ack.
 pub const WINDOW: usize = 64;
-
-/// Why a client could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("bad URL {0:?}: expected ws://HOST:PORT or http://HOST:PORT")]
-    Url(String),
-    #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("WebSocket handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: String,
-        source: WebSocketError,
-    },
-}
-
-/// `host:port` of a `ws://`, `http://` or bare URL.
-pub fn host_of(url: &str) -> Result<String, ClientError> {
-    let rest = url
-        .strip_prefix("ws://")
-        .or_else(|| url.strip_prefix("http://"))
-        .unwrap_or(url);
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty() || !host.contains(':') {
-        return Err(ClientError::Url(url.to_owned()));
-    }
-    Ok(host.to_owned())
-}
-
-struct SpawnExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
-}
-
-/// Opens a WebSocket to `path` (with its query string) on the server at `url`.
-pub async fn connect(url: &str, path: &str) -> Result<WebSocket<TokioIo<Upgraded>>, ClientError> {
-    let addr = host_of(url)?;
-    let stream = TcpStream::connect(&addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-    let _ = stream.set_nodelay(true);
-    let request = hyper::Request::builder()
-        .method("GET")
-        .uri(format!("http://{addr}{path}"))
-        .header("Host", &addr)
-        .header("Upgrade", "websocket")
-        .header("Connection", "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13")
-        .body(Empty::<Bytes>::new())
-        .map_err(|_| ClientError::Url(url.to_owned()))?;
-    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
-        .await
-        .map_err(|source| ClientError::Handshake { addr, source })?;
-    Ok(ws)
-}
 
 pub fn now_us() -> i64 {
     SystemTime::now()
@@ -115,6 +49,11 @@ pub struct FeedOptions {
     /// Distinct keys (0: the scenario's default).
     pub keys: usize,
     pub seed: u64,
+    /// Connect again (with backoff) when a connection is lost or refused, until `duration`.
+    pub reconnect: bool,
+    /// How long the server may stay silent (no ack, no pong) before the connection is given up;
+    /// also the limit on connecting.
+    pub timeout: Duration,
 }
 
 /// What was sent and acknowledged.
@@ -127,6 +66,21 @@ pub struct FeedReport {
     pub seconds: f64,
     pub events_per_second: f64,
     pub frames_per_second: f64,
+    /// Events sent on a connection that was lost before their ack: the server may or may not
+    /// have handled them.
+    pub unacked: u64,
+    /// Connections lost (closed, broken or silent server).
+    pub lost: u64,
+    /// Connections made after the first one of each connection slot.
+    pub reconnects: u64,
+    /// Attempts to connect that failed.
+    pub connect_failures: u64,
+    /// Acks whose frame number skipped ahead of the next one expected (counted in frames).
+    pub ack_gaps: u64,
+    /// Acks for a frame number already acknowledged.
+    pub ack_duplicates: u64,
+    /// Why the feed stopped early (without `reconnect`), or never connected.
+    pub error: Option<String>,
 }
 
 #[derive(Default)]
@@ -135,23 +89,39 @@ struct Counters {
     frames: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    unacked: AtomicU64,
+    lost: AtomicU64,
+    reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    ack_gaps: AtomicU64,
+    ack_duplicates: AtomicU64,
+    /// The first reason a connection slot gave up.
+    error: Mutex<Option<String>>,
 }
 
 /// Runs the feed; prints progress to stderr once a second when `progress` is set.
 pub async fn run(options: FeedOptions, progress: bool) -> Result<FeedReport, ClientError> {
+    run_until(options, progress, CancellationToken::new()).await
+}
+
+/// As [`run`], ending early (with the report of what was done) when `stop` is cancelled.
+pub async fn run_until(
+    options: FeedOptions,
+    progress: bool,
+    stop: CancellationToken,
+) -> Result<FeedReport, ClientError> {
+    host_of(&options.url)?;
     let counters = Arc::new(Counters::default());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..options.connections.max(1) {
-        let ws = connect(
-            &options.url,
-            &format!("/ingest?stream={}&ack=true", options.scenario.stream()),
-        )
-        .await?;
         let options = options.clone();
         let counters = Arc::clone(&counters);
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            connection(ws, &options, c as u64, &counters, start).await;
+            if let Err(why) = slot(&options, c as u64, &counters, start, &stop).await {
+                counters.error.lock().unwrap().get_or_insert(why);
+            }
         }));
     }
     let ticker = progress.then(|| {
@@ -190,100 +160,232 @@ pub async fn run(options: FeedOptions, progress: bool) -> Result<FeedReport, Cli
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    let events = counters.events.load(Ordering::Relaxed);
-    let frames = counters.frames.load(Ordering::Relaxed);
+    let c = &counters;
+    let events = c.events.load(Ordering::Relaxed);
+    let frames = c.frames.load(Ordering::Relaxed);
+    let error = c.error.lock().unwrap().clone();
     Ok(FeedReport {
         events,
         frames,
-        accepted: counters.accepted.load(Ordering::Relaxed),
-        rejected: counters.rejected.load(Ordering::Relaxed),
+        accepted: c.accepted.load(Ordering::Relaxed),
+        rejected: c.rejected.load(Ordering::Relaxed),
         seconds,
         events_per_second: events as f64 / seconds,
         frames_per_second: frames as f64 / seconds,
+        unacked: c.unacked.load(Ordering::Relaxed),
+        lost: c.lost.load(Ordering::Relaxed),
+        reconnects: c.reconnects.load(Ordering::Relaxed),
+        connect_failures: c.connect_failures.load(Ordering::Relaxed),
+        ack_gaps: c.ack_gaps.load(Ordering::Relaxed),
+        ack_duplicates: c.ack_duplicates.load(Ordering::Relaxed),
+        error,
     })
 }
 
-async fn connection(
-    ws: WebSocket<TokioIo<Upgraded>>,
+/// One connection slot: connects, sends until the duration is over, and with `reconnect`
+/// connects again after a lost or refused connection. `Err` says why it gave up.
+async fn slot(
     options: &FeedOptions,
     index: u64,
-    counters: &Arc<Counters>,
+    counters: &Counters,
     start: Instant,
-) {
-    let (mut read, mut write) = ws.split(tokio::io::split);
-    let window = Arc::new(Semaphore::new(WINDOW));
-    let reader_window = Arc::clone(&window);
-    let reader_counters = Arc::clone(counters);
-    let reader = tokio::spawn(async move {
-        let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), WebSocketError>(()));
-        loop {
-            let frame = match read.read_frame(&mut ignore).await {
-                Ok(frame) => frame,
-                Err(_) => break,
-            };
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    let (accepted, rejected) = ack_counts(&frame.payload);
-                    reader_counters
-                        .accepted
-                        .fetch_add(accepted, Ordering::Relaxed);
-                    reader_counters
-                        .rejected
-                        .fetch_add(rejected, Ordering::Relaxed);
-                    reader_window.add_permits(1);
-                }
-                OpCode::Close => break,
-                _ => {}
-            }
-        }
-    });
-
-    let connections = options.connections.max(1) as f64;
-    let per_connection = options.rate.map(|r| r as f64 / connections);
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let path = format!("/ingest?stream={}&ack=true", options.scenario.stream());
     let mut feed = Feed::new(
         options.scenario,
         options.seed.wrapping_add(index),
         options.keys,
     );
-    let mut sent_frames: u64 = 0;
-    let mut buf = Vec::with_capacity(options.batch * 128);
-    while start.elapsed() < options.duration {
+    let mut backoff = Backoff::default();
+    let mut connected = false;
+    let end = start + options.duration;
+    while Instant::now() < end && !stop.is_cancelled() {
+        let link = tokio::select! {
+            link = Link::open(&options.url, &path, options.timeout) => link,
+            _ = stop.cancelled() => break,
+        };
+        let link = match link {
+            Ok(link) => link,
+            Err(e) => {
+                counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                if !options.reconnect {
+                    return Err(e.to_string());
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(end.min(Instant::now() + delay).into()) => {}
+                    _ = stop.cancelled() => {}
+                }
+                continue;
+            }
+        };
+        if connected {
+            counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        connected = true;
+        backoff.reset();
+        match session(link, &mut feed, options, counters, end, stop).await {
+            Ok(()) => return Ok(()),
+            Err(lost) => {
+                counters.lost.fetch_add(1, Ordering::Relaxed);
+                if !options.reconnect {
+                    return Err(lost.to_string());
+                }
+            }
+        }
+    }
+    if connected {
+        Ok(())
+    } else {
+        Err(format!("never connected to {}", options.url))
+    }
+}
+
+/// Sends on one connection until `end` (or `stop`), then waits a bounded time for the last
+/// acks. `Err` when the connection was lost first.
+async fn session(
+    link: Link,
+    feed: &mut Feed,
+    options: &FeedOptions,
+    counters: &Counters,
+    end: Instant,
+    stop: &CancellationToken,
+) -> Result<(), Lost> {
+    let Link {
+        outgoing,
+        mut incoming,
+    } = link;
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let reader_window = Arc::clone(&window);
+    // The reader owns the acks' tally; it hands back why the connection ended and how many
+    // frames were acknowledged.
+    let (tally_tx, tally) = tokio::sync::watch::channel(Tally::default());
+    let mut reader = tokio::spawn(async move {
+        let mut t = Tally::default();
+        let lost = loop {
+            match incoming.next().await {
+                Ok(payload) => {
+                    let ack = ack_fields(&payload);
+                    if ack.frame > t.next_frame {
+                        t.gaps += ack.frame - t.next_frame;
+                    } else if ack.frame < t.next_frame {
+                        t.duplicates += 1;
+                        continue;
+                    }
+                    t.next_frame = ack.frame + 1;
+                    t.acked += 1;
+                    t.accepted += ack.accepted;
+                    t.rejected += ack.rejected;
+                    tally_tx.send_replace(t);
+                    reader_window.add_permits(1);
+                }
+                Err(lost) => break lost,
+            }
+        };
+        // Wake a sender waiting for the window.
+        reader_window.close();
+        lost
+    });
+
+    let per_connection = options
+        .rate
+        .map(|r| r as f64 / options.connections.max(1) as f64);
+    // Pacing starts afresh on each connection, so a reconnection does not burst.
+    let session_start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut lost = None;
+    while Instant::now() < end && !stop.is_cancelled() {
         if let Some(rate) = per_connection {
             let due =
-                start + Duration::from_secs_f64(sent_frames as f64 * options.batch as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
+                session_start + Duration::from_secs_f64(sent as f64 * options.batch as f64 / rate);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.min(end).into()) => {}
+                why = &mut reader => { lost = Some(why); break; }
+                _ = stop.cancelled() => break,
+            }
+            if Instant::now() >= end {
+                break;
+            }
         }
-        let Ok(permit) = window.acquire().await else {
+        let permit = tokio::select! {
+            permit = window.acquire() => permit,
+            _ = stop.cancelled() => break,
+        };
+        let Ok(permit) = permit else {
             break;
         };
         permit.forget();
-        buf.clear();
-        let sent = now_us();
-        let ts = sent / 1000;
+        let mut buf = Vec::with_capacity(options.batch * 160);
+        let stamp = now_us();
         for i in 0..options.batch {
             if i > 0 {
                 buf.push(b'\n');
             }
-            feed.write_event_stamped(ts, sent, &mut buf);
+            feed.write_event_stamped(stamp / 1000, stamp, &mut buf);
         }
-        let frame = Frame::text(Payload::Borrowed(&buf));
-        if write.write_frame(frame).await.is_err() {
+        if outgoing
+            .send(Frame::text(Payload::Owned(buf)))
+            .await
+            .is_err()
+        {
             break;
         }
-        sent_frames += 1;
+        sent += 1;
         counters.frames.fetch_add(1, Ordering::Relaxed);
         counters
             .events
             .fetch_add(options.batch as u64, Ordering::Relaxed);
     }
-    // Wait (a bounded time) for the last acks.
-    let _ = tokio::time::timeout(Duration::from_secs(5), window.acquire_many(WINDOW as u32)).await;
-    let _ = write.write_frame(Frame::close(1000, b"done")).await;
+    if lost.is_none() {
+        // Wait (a bounded time) for the last acks, or for the reader to see the end.
+        let all = window.acquire_many(WINDOW as u32);
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(5), all) => {}
+            why = &mut reader => lost = Some(why),
+        }
+    }
+    drop(outgoing);
+    if lost.is_none() && window.is_closed() {
+        lost = Some((&mut reader).await);
+    }
     reader.abort();
+    let t = *tally.borrow();
+    counters.accepted.fetch_add(t.accepted, Ordering::Relaxed);
+    counters.rejected.fetch_add(t.rejected, Ordering::Relaxed);
+    counters.ack_gaps.fetch_add(t.gaps, Ordering::Relaxed);
+    counters
+        .ack_duplicates
+        .fetch_add(t.duplicates, Ordering::Relaxed);
+    let unacked = sent.saturating_sub(t.acked) * options.batch as u64;
+    counters.unacked.fetch_add(unacked, Ordering::Relaxed);
+    match lost {
+        Some(Ok(why)) if unacked > 0 || (Instant::now() < end && !stop.is_cancelled()) => Err(why),
+        _ => Ok(()),
+    }
 }
 
-/// `accepted` and `rejected` of an ack, read without a full parse.
-fn ack_counts(payload: &[u8]) -> (u64, u64) {
+/// What the acks of one connection said.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    next_frame: u64,
+    acked: u64,
+    accepted: u64,
+    rejected: u64,
+    gaps: u64,
+    duplicates: u64,
+}
+
+/// The fields of an ack the feed reads.
+#[derive(Debug, PartialEq)]
+struct Ack {
+    frame: u64,
+    accepted: u64,
+    rejected: u64,
+}
+
+/// The frame number and counts of an ack, read without a full parse.
+fn ack_fields(payload: &[u8]) -> Ack {
     // The quoted name, then optional spaces, a colon, optional spaces, the digits.
     let field = |name: &[u8]| -> u64 {
         let Some(at) = payload.windows(name.len()).position(|w| w == name) else {
@@ -295,7 +397,11 @@ fn ack_counts(payload: &[u8]) -> (u64, u64) {
             .take_while(|b| b.is_ascii_digit())
             .fold(0, |n, b| n * 10 + u64::from(b - b'0'))
     };
-    (field(b"\"accepted\""), field(b"\"rejected\""))
+    Ack {
+        frame: field(b"\"frame\""),
+        accepted: field(b"\"accepted\""),
+        rejected: field(b"\"rejected\""),
+    }
 }
 
 #[cfg(test)]
@@ -303,13 +409,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_and_acks() {
-        assert_eq!(host_of("ws://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
-        assert_eq!(host_of("http://localhost:1/x").unwrap(), "localhost:1");
-        assert!(host_of("ws://nowhere").is_err());
+    fn acks_are_read() {
         let ack = br#"{"type":"ack","frame":3,"accepted":99,"rejected":1,"errors":[]}"#;
-        assert_eq!(ack_counts(ack), (99, 1));
-        let spaced = br#"{"type": "ack", "frame": 3, "accepted": 7, "rejected": 0}"#;
-        assert_eq!(ack_counts(spaced), (7, 0));
+        let want = Ack {
+            frame: 3,
+            accepted: 99,
+            rejected: 1,
+        };
+        assert_eq!(ack_fields(ack), want);
+        let spaced = br#"{"type": "ack", "frame": 12, "accepted": 7, "rejected": 0}"#;
+        let want = Ack {
+            frame: 12,
+            accepted: 7,
+            rejected: 0,
+        };
+        assert_eq!(ack_fields(spaced), want);
     }
 }

@@ -18,6 +18,7 @@ pub mod event;
 pub mod feed;
 pub mod json;
 pub mod key;
+pub mod link;
 pub mod models;
 pub mod offline;
 pub mod probe;

@@ -161,6 +161,12 @@ enum Command {
         keys: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Connect again (with backoff) when the server goes away, until the duration is over.
+        #[arg(long)]
+        reconnect: bool,
+        /// How long the server may stay silent (no ack, no pong) before the connection is lost.
+        #[arg(long, default_value = "1s")]
+        timeout: String,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -177,6 +183,22 @@ enum Command {
         /// Subscribers to open (fan-out); their latencies are merged.
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
+        /// Subscription mode.
+        #[arg(long, value_enum, default_value = "all")]
+        mode: eddy::probe::Mode,
+        /// Connect and subscribe again (with backoff) when the server goes away.
+        #[arg(long)]
+        reconnect: bool,
+        /// How long the server may stay silent (no frame, no pong) before the connection is lost.
+        #[arg(long, default_value = "1s")]
+        timeout: String,
+        /// A field of the items' values that counts each key's items from 1 (e.g. `trades` of
+        /// vwap): checked per key for gaps and repeats, and each key's last count is summed.
+        #[arg(long)]
+        count_field: Option<String>,
+        /// Also print latency and items every this long (e.g. 10s).
+        #[arg(long)]
+        interval: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -380,6 +402,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             duration,
             keys,
             seed,
+            reconnect,
+            timeout,
             json,
         } => {
             let rate = match rate.as_str() {
@@ -401,8 +425,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 duration: parse_duration(&duration)?,
                 keys,
                 seed,
+                reconnect,
+                timeout: parse_duration(&timeout)?,
             };
-            let report = runtime()?.block_on(eddy::feed::run(options, !json))?;
+            let rt = runtime()?;
+            let stop = rt.block_on(async { stop_on_signal() });
+            let report = rt.block_on(eddy::feed::run_until(options, !json, stop))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -416,6 +444,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     report.accepted,
                     report.rejected
                 );
+                if report.lost + report.connect_failures + report.ack_gaps + report.ack_duplicates
+                    > 0
+                {
+                    println!(
+                        "{} connections lost, {} reconnects, {} failed connects, {} events unacknowledged, {} ack gaps, {} duplicate acks",
+                        report.lost,
+                        report.reconnects,
+                        report.connect_failures,
+                        report.unacked,
+                        report.ack_gaps,
+                        report.ack_duplicates
+                    );
+                }
+            }
+            if let Some(error) = &report.error {
+                eprintln!("feed stopped: {error}");
+                return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -424,6 +469,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             topic,
             duration,
             subscribers,
+            mode,
+            reconnect,
+            timeout,
+            count_field,
+            interval,
             json,
         } => {
             let duration = parse_duration(&duration)?;
@@ -452,11 +502,46 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let report = runtime()?.block_on(eddy::probe::run(&url, &topic, duration))?;
+            let options = eddy::probe::ProbeOptions {
+                mode,
+                reconnect,
+                timeout: parse_duration(&timeout)?,
+                count_field,
+                interval: interval.as_deref().map(parse_duration).transpose()?,
+                ..eddy::probe::ProbeOptions::new(&url, &topic, duration)
+            };
+            let rt = runtime()?;
+            let stop = rt.block_on(async { stop_on_signal() });
+            let report = rt.block_on(eddy::probe::run_with(&options, stop, |one| {
+                if json {
+                    if let Ok(line) = serde_json::to_string(one) {
+                        println!("{{\"interval\":{line}}}");
+                    }
+                } else {
+                    println!(
+                        "{:>7.1}s  {:>8} items  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms{}",
+                        one.t,
+                        one.items,
+                        one.p50_us as f64 / 1000.0,
+                        one.p99_us as f64 / 1000.0,
+                        one.max_us as f64 / 1000.0,
+                        if one.connected {
+                            ""
+                        } else {
+                            "  (disconnected)"
+                        }
+                    );
+                }
+                let _ = std::io::stdout().flush();
+            }))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 eddy::probe::print(&report, &topic);
+            }
+            if let Some(error) = &report.error {
+                eprintln!("probe stopped: {error}");
+                return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -540,6 +625,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// A token cancelled at Ctrl-C or SIGTERM, so a client can print its report and exit.
+fn stop_on_signal() -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        token.cancel();
+    });
+    stop
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration> {

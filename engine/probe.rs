@@ -1,16 +1,86 @@
-//! `eddy probe`: a subscriber that measures end-to-end latency.
+//! `eddy probe`: a subscriber that measures end-to-end latency and checks what it receives.
 //!
-//! It subscribes to a topic (mode `all`) and, for every item whose value carries `sent_us` (the
-//! send time `eddy feed` stamps into each event, passed through by the query), records
-//! `now - sent_us` in an HdrHistogram. It also checks that each topic's `seq` has no gaps and
-//! adds up `dropped` notices. Producer and probe must share a clock: run both on one machine.
+//! It subscribes to a topic (mode `all` or `latest`) and, for every item whose value carries
+//! `sent_us` (the send time `eddy feed` stamps into each event, passed through by the query),
+//! records `now - sent_us` in an HdrHistogram. It checks that each subscription's `seq` has no
+//! gaps or repeats and adds up `dropped` notices. With a count field (a field of the item's
+//! value that counts the key's items from 1, like `vwap`'s `trades`) it also checks per key that
+//! the count rises by exactly one (mode `all`; in mode `latest` only that it rises), and adds up
+//! each key's last count per connection: the events the query handled for the keys seen. (After
+//! a connection that ended with the server's shutdown close, 1001, counts start afresh. After one
+//! lost otherwise, a count that goes on from the key's last one is taken as the same server's and
+//! counted from there; one that does not, as a new server's, counted from 0. Once servers resume
+//! their state, a shutdown will no longer reset the counts.)
+//!
+//! It runs over a [`Link`], so a server that closes, dies or falls silent is noticed within the
+//! link's timeout; the probe then ends with the reason in its report, or with `reconnect`
+//! connects again after a [`Backoff`] and subscribes again (seq starts from 0 on the new
+//! subscription; without a durable server, state starts afresh too). Producer and probe must
+//! share a clock: run both on one machine.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fastwebsockets::{Frame, OpCode, Payload};
+use fastwebsockets::{Frame, Payload};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
-use crate::feed::{connect, now_us, ClientError};
+use crate::feed::now_us;
+use crate::link::{Backoff, ClientError, Link};
+
+/// How the probe subscribes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every item, in order.
+    #[default]
+    All,
+    /// At most one pending value per key, the newest.
+    Latest,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::All => "all",
+            Mode::Latest => "latest",
+        }
+    }
+}
+
+/// What to probe and how.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub url: String,
+    pub topic: String,
+    /// How long to listen after the first item (before it, at most a minute).
+    pub duration: Duration,
+    pub mode: Mode,
+    /// Connect and subscribe again (with backoff) when the connection is lost or refused.
+    pub reconnect: bool,
+    /// How long the server may stay silent (no frame, no pong) before the connection is given
+    /// up; also the limit on connecting.
+    pub timeout: Duration,
+    /// A field of each item's value that counts the key's items from 1.
+    pub count_field: Option<String>,
+    /// Report latency and items every this often (to the `on_interval` callback).
+    pub interval: Option<Duration>,
+}
+
+impl ProbeOptions {
+    pub fn new(url: &str, topic: &str, duration: Duration) -> ProbeOptions {
+        ProbeOptions {
+            url: url.to_owned(),
+            topic: topic.to_owned(),
+            duration,
+            mode: Mode::All,
+            reconnect: false,
+            timeout: crate::link::SILENCE,
+            count_field: None,
+            interval: None,
+        }
+    }
+}
 
 /// What the probe saw.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -20,7 +90,10 @@ pub struct ProbeReport {
     /// Items that carried `sent_us`.
     pub timed: u64,
     pub dropped: u64,
+    /// Batches whose seq skipped ahead (counted in batches skipped).
     pub seq_gaps: u64,
+    /// Batches whose seq was not above the last one's.
+    pub seq_duplicates: u64,
     pub seconds: f64,
     pub items_per_second: f64,
     pub p50_us: u64,
@@ -28,6 +101,35 @@ pub struct ProbeReport {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// Connections made after the first.
+    pub reconnects: u64,
+    /// Connections lost (closed, broken or silent server).
+    pub lost: u64,
+    /// Attempts to connect that failed.
+    pub connect_failures: u64,
+    /// With a count field: items whose count skipped ahead of the key's last one + 1, in counts
+    /// skipped (mode `all` only).
+    pub count_gaps: u64,
+    /// With a count field: items whose count was not above the key's last one.
+    pub count_duplicates: u64,
+    /// With a count field: the sum over connections of each key's last count, less its last
+    /// count on the previous connection when it went on from there (the same server).
+    pub counted: u64,
+    /// Why the probe stopped early (without `reconnect`), or never connected.
+    pub error: Option<String>,
+}
+
+/// Latency and items over one interval, for a live view of a long run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IntervalReport {
+    /// Seconds since the probe started, at the interval's end.
+    pub t: f64,
+    pub items: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Whether a connection was open at the interval's end.
+    pub connected: bool,
 }
 
 /// What `subscribers` probes saw together.
@@ -53,13 +155,19 @@ pub async fn fan_out(
     duration: Duration,
     subscribers: usize,
 ) -> Result<FanOutReport, ClientError> {
+    let options = ProbeOptions {
+        // Hundreds of subscribers on the server's cores can starve its pongs for a while.
+        timeout: Duration::from_secs(10),
+        ..ProbeOptions::new(url, topic, duration)
+    };
     let mut tasks = Vec::new();
     for _ in 0..subscribers {
-        let (url, topic) = (url.to_owned(), topic.to_owned());
-        let ws = connect(&url, "/subscribe").await?;
-        tasks.push(tokio::spawn(
-            async move { probe(ws, &topic, duration).await },
-        ));
+        let options = options.clone();
+        // Every subscriber connects before any starts, so all see the feed from its start.
+        let link = Link::open(&options.url, "/subscribe", options.timeout).await?;
+        tasks.push(tokio::spawn(async move {
+            probe(&options, Some(link), CancellationToken::new(), |_| {}).await
+        }));
     }
     let mut all = crate::shard::latency_histogram();
     let mut report = FanOutReport {
@@ -92,39 +200,146 @@ pub async fn fan_out(
 /// Subscribes to `topic` on the server at `url` for `duration` (starting at the first item, so
 /// a probe may be started before its feed).
 pub async fn run(url: &str, topic: &str, duration: Duration) -> Result<ProbeReport, ClientError> {
-    let ws = connect(url, "/subscribe").await?;
-    Ok(probe(ws, topic, duration).await.0)
+    run_with(
+        &ProbeOptions::new(url, topic, duration),
+        CancellationToken::new(),
+        |_| {},
+    )
+    .await
+}
+
+/// Probes as `options` say, until the duration is over or `stop` is cancelled; calls
+/// `on_interval` at every interval. Connection trouble ends up in the report's `error`.
+pub async fn run_with(
+    options: &ProbeOptions,
+    stop: CancellationToken,
+    on_interval: impl FnMut(&IntervalReport),
+) -> Result<ProbeReport, ClientError> {
+    crate::link::host_of(&options.url)?;
+    Ok(probe(options, None, stop, on_interval).await.0)
+}
+
+/// What one subscription has seen so far.
+#[derive(Default)]
+struct Session {
+    next_seq: Option<u64>,
+    /// Each key's count before this subscription (see [`end_session`]) and last count, with a
+    /// count field.
+    counts: HashMap<String, (u64, u64)>,
 }
 
 async fn probe(
-    mut ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
-    topic: &str,
-    duration: Duration,
+    options: &ProbeOptions,
+    mut link: Option<Link>,
+    stop: CancellationToken,
+    mut on_interval: impl FnMut(&IntervalReport),
 ) -> (ProbeReport, hdrhistogram::Histogram<u64>) {
     let mut request = b"{\"op\":\"subscribe\",\"topic\":".to_vec();
-    crate::json::write_str(&mut request, topic);
-    request.push(b'}');
-    let _ = ws.write_frame(Frame::text(Payload::Owned(request))).await;
+    crate::json::write_str(&mut request, &options.topic);
+    request.extend_from_slice(b",\"mode\":\"");
+    request.extend_from_slice(options.mode.name().as_bytes());
+    request.extend_from_slice(b"\"}");
+    let started = Instant::now();
     let mut latency = crate::shard::latency_histogram();
+    let mut window = crate::shard::latency_histogram();
+    let mut window_items = 0;
     let mut report = ProbeReport::default();
-    let mut next_seq: Option<u64> = None;
+    let mut session = Session::default();
+    let mut previous = HashMap::new();
     let mut first: Option<Instant> = None;
     // Until the first item, wait at most a minute for the feed to start.
     let mut deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Backoff::default();
+    let mut retry_at = Instant::now();
+    let mut connections = 0u64;
+    let mut subscribed = false;
+    let every = options.interval.unwrap_or(Duration::from_secs(3600));
+    let mut ticker = tokio::time::interval_at((Instant::now() + every).into(), every);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let frame = match tokio::time::timeout(left, ws.read_frame()).await {
-            Ok(Ok(frame)) => frame,
-            _ => break,
+        if link.is_none() && Instant::now() >= retry_at {
+            let opened = tokio::select! {
+                opened = Link::open(&options.url, "/subscribe", options.timeout) => opened,
+                _ = stop.cancelled() => break,
+            };
+            match opened {
+                Ok(l) => link = Some(l),
+                Err(e) => {
+                    report.connect_failures += 1;
+                    if !options.reconnect {
+                        report.error = Some(e.to_string());
+                        break;
+                    }
+                    retry_at = Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+        if let Some(l) = &link {
+            if !subscribed {
+                connections += 1;
+                let frame = Frame::text(Payload::Owned(request.clone()));
+                // If the writer is gone, the reader says why next.
+                let _ = l.outgoing.send(frame).await;
+                subscribed = true;
+            }
+        }
+        let next = async {
+            match &mut link {
+                Some(l) => l.incoming.next().await,
+                None => {
+                    tokio::time::sleep_until(retry_at.into()).await;
+                    Ok(Vec::new())
+                }
+            }
         };
-        if frame.opcode == OpCode::Close {
-            break;
-        }
-        if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
-            continue;
-        }
+        let payload = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline.into()) => break,
+            _ = ticker.tick(), if options.interval.is_some() => {
+                let mut one = IntervalReport {
+                    t: started.elapsed().as_secs_f64(),
+                    items: window_items,
+                    connected: link.is_some(),
+                    ..IntervalReport::default()
+                };
+                if !window.is_empty() {
+                    one.p50_us = window.value_at_quantile(0.5);
+                    one.p99_us = window.value_at_quantile(0.99);
+                    one.max_us = window.max();
+                }
+                on_interval(&one);
+                window.reset();
+                window_items = 0;
+                continue;
+            }
+            next = next => next,
+        };
+        let mut payload = match payload {
+            Ok(payload) if link.is_none() => {
+                debug_assert!(payload.is_empty());
+                continue;
+            }
+            Ok(payload) => payload,
+            Err(lost) => {
+                report.lost += 1;
+                end_session(&mut report, &mut session, &mut previous);
+                if matches!(lost, crate::link::Lost::Closed(1001)) {
+                    // The server went away (shut down): the next one starts afresh. A key that
+                    // had few items would otherwise look as if it went on.
+                    previous.clear();
+                }
+                link = None;
+                subscribed = false;
+                if !options.reconnect {
+                    report.error = Some(lost.to_string());
+                    break;
+                }
+                backoff.reset();
+                retry_at = Instant::now() + backoff.next_delay();
+                continue;
+            }
+        };
         let now = now_us();
-        let mut payload = frame.payload.to_vec();
         let Ok(msg) = simd_json::to_borrowed_value(&mut payload) else {
             continue;
         };
@@ -133,14 +348,16 @@ async fn probe(
             Some("batch") => {
                 if first.is_none() {
                     first = Some(Instant::now());
-                    deadline = Instant::now() + duration;
+                    deadline = Instant::now() + options.duration;
                 }
                 report.batches += 1;
                 if let Some(seq) = msg.get_u64("seq") {
-                    if next_seq.is_some_and(|n| n != seq) {
-                        report.seq_gaps += 1;
+                    match session.next_seq {
+                        Some(n) if seq > n => report.seq_gaps += seq - n,
+                        Some(n) if seq < n => report.seq_duplicates += 1,
+                        _ => {}
                     }
-                    next_seq = Some(seq + 1);
+                    session.next_seq = Some(seq + 1);
                 }
                 for item in msg
                     .get_array("items")
@@ -148,21 +365,54 @@ async fn probe(
                     .unwrap_or_default()
                 {
                     report.items += 1;
-                    let sent = item.get("value").and_then(|v| v.get_i64("sent_us"));
-                    if let Some(sent) = sent {
+                    window_items += 1;
+                    let value = item.get("value");
+                    if let Some(sent) = value.and_then(|v| v.get_i64("sent_us")) {
                         report.timed += 1;
-                        latency.saturating_record((now - sent).max(0) as u64);
+                        let us = (now - sent).max(0) as u64;
+                        latency.saturating_record(us);
+                        window.saturating_record(us);
                     }
+                    let Some(field) = &options.count_field else {
+                        continue;
+                    };
+                    let Some(count) = value.and_then(|v| v.get_u64(field.as_str())) else {
+                        continue;
+                    };
+                    let key = item.get("key").map(|k| k.encode()).unwrap_or_default();
+                    let (_, last) = session.counts.entry(key).or_insert_with_key(|key| {
+                        // After a connection lost without a shutdown (silence, a broken
+                        // socket), a count above the key's last one goes on from it (the same
+                        // server); otherwise the server started afresh.
+                        let before = previous.get(key).copied().filter(|&p| count > p);
+                        (before.unwrap_or(0), 0)
+                    });
+                    if *last > 0 {
+                        if count <= *last {
+                            report.count_duplicates += 1;
+                            continue;
+                        }
+                        if count > *last + 1 && options.mode == Mode::All {
+                            report.count_gaps += count - *last - 1;
+                        }
+                    }
+                    *last = count;
                 }
             }
             Some("dropped") => report.dropped += msg.get_u64("items").unwrap_or(0),
             Some("error") => {
-                tracing::warn!("probe: {}", msg.get_str("error").unwrap_or("error"));
+                let error = msg.get_str("error").unwrap_or("error");
+                report.error = Some(format!("the server said: {error}"));
                 break;
             }
             _ => {}
         }
     }
+    end_session(&mut report, &mut session, &mut previous);
+    if report.error.is_none() && connections == 0 {
+        report.error = Some(format!("never connected to {}", options.url));
+    }
+    report.reconnects = connections.saturating_sub(1);
     report.seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     report.items_per_second = if report.seconds > 0.0 {
         report.items as f64 / report.seconds
@@ -179,6 +429,19 @@ async fn probe(
     (report, latency)
 }
 
+/// Closes the books of one subscription.
+fn end_session(
+    report: &mut ProbeReport,
+    session: &mut Session,
+    previous: &mut HashMap<String, u64>,
+) {
+    for (key, (before, last)) in session.counts.drain() {
+        report.counted += last - before;
+        previous.insert(key, last);
+    }
+    *session = Session::default();
+}
+
 /// Prints the report as a few readable lines.
 pub fn print(report: &ProbeReport, topic: &str) {
     let ms = |us: u64| us as f64 / 1000.0;
@@ -191,6 +454,18 @@ pub fn print(report: &ProbeReport, topic: &str) {
         report.dropped,
         report.seq_gaps
     );
+    if report.lost + report.connect_failures + report.seq_duplicates > 0 {
+        println!(
+            "{} connections lost, {} reconnects, {} failed connects, {} repeated seqs",
+            report.lost, report.reconnects, report.connect_failures, report.seq_duplicates
+        );
+    }
+    if report.counted > 0 || report.count_gaps + report.count_duplicates > 0 {
+        println!(
+            "counts: {} counted (last count per key and connection, summed), {} gaps, {} repeats",
+            report.counted, report.count_gaps, report.count_duplicates
+        );
+    }
     if report.timed > 0 {
         println!(
             "latency (send → receive, {} timed items): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",

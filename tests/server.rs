@@ -852,6 +852,8 @@ async fn feed_and_probe_measure_the_server_end_to_end() {
             duration: Duration::from_secs(1),
             keys: 0,
             seed: 7,
+            reconnect: false,
+            timeout: eddy::link::SILENCE,
         };
         let feed = eddy::feed::run(options, false).await.unwrap();
         // Paced: about 2000 events in the second, all acknowledged as accepted.

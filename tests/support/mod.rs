@@ -305,11 +305,37 @@ pub async fn spawn_serve(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     String,
 ) {
-    spawn_serve_with_files(queries, extra, None).await
+    spawn_serve_on("127.0.0.1:0", queries, extra).await
+}
+
+/// [`spawn_serve`] listening on `listen` (e.g. the address of a server that was stopped).
+pub async fn spawn_serve_on(
+    listen: &str,
+    queries: &Path,
+    extra: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    spawn_serve_full(listen, queries, extra, None).await
 }
 
 /// [`spawn_serve`] with the soft and hard limit on open files set to `nofile` in the child.
 pub async fn spawn_serve_with_files(
+    queries: &Path,
+    extra: &[&str],
+    nofile: Option<u64>,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    spawn_serve_full("127.0.0.1:0", queries, extra, nofile).await
+}
+
+async fn spawn_serve_full(
+    listen: &str,
     queries: &Path,
     extra: &[&str],
     nofile: Option<u64>,
@@ -336,14 +362,7 @@ pub async fn spawn_serve_with_files(
         }
     }
     let mut child = command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--queries",
-        ])
+        .args(["serve", "--listen", listen, "--shards", "2", "--queries"])
         .arg(queries)
         .args(extra)
         // In memory unless the test gives a data directory.
