@@ -43,7 +43,8 @@ pub struct Config {
     /// Memory the frames being parsed, routed and queued may hold, all connections together;
     /// past it, inputs wait (see `server::ingest`).
     pub max_ingest_bytes_in_flight: usize,
-    /// Messages (one per frame per shard) waiting for each shard before producers are slowed.
+    /// Bytes of messages (one per frame per shard: its deliveries and marks) waiting for each
+    /// shard before producers are slowed; a message always goes into an empty queue.
     pub shard_queue: usize,
     /// Output batches waiting for the fan-out before shards are slowed.
     pub hub_queue: usize,
@@ -104,7 +105,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             max_frame_bytes: 16 << 20,
             max_ingest_bytes_in_flight: 256 << 20,
-            shard_queue: 1024,
+            shard_queue: 16 << 20,
             hub_queue: 1024,
             subscriber_queue_bytes: 8 << 20,
             slow_consumer_timeout: Duration::from_secs(10),

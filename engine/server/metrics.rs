@@ -521,6 +521,19 @@ pub async fn render(state: &State) -> String {
     }
     counter_header(
         &mut out,
+        "eddy_shard_queue_bytes",
+        "gauge",
+        "Bytes of the messages waiting for each shard (bounded by shard_queue).",
+    );
+    for i in 0..state.pipeline.shards() {
+        let _ = writeln!(
+            out,
+            "eddy_shard_queue_bytes{{shard=\"{i}\"}} {}",
+            state.pipeline.queue_bytes(i)
+        );
+    }
+    counter_header(
+        &mut out,
         "eddy_connections",
         "gauge",
         "Open WebSocket connections, by kind.",

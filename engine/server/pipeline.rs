@@ -27,7 +27,7 @@
 //! the thread ends anyway, its liveness flag drops, `/healthz` answers 503, and ingest rejects
 //! the events bound for it instead of acknowledging them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,25 @@ pub enum ShardMsg {
         id: QueryId,
         data: ShardQueryCheckpoint,
     },
+}
+
+impl ShardMsg {
+    /// What the message holds in memory, for `shard_queue`: its deliveries and marks (the
+    /// frames they point into count toward `max_ingest_bytes_in_flight`).
+    pub fn bytes(&self) -> usize {
+        let own = std::mem::size_of::<ShardMsg>();
+        match self {
+            ShardMsg::Batch {
+                deliveries,
+                watermarks,
+                ..
+            } => {
+                own + deliveries.len() * std::mem::size_of::<Delivery>()
+                    + watermarks.len() * std::mem::size_of::<(QueryId, i64)>()
+            }
+            _ => own,
+        }
+    }
 }
 
 /// Control requests, handled ahead of queued work.
@@ -137,6 +156,8 @@ struct ShardHandle {
     data: Sender<ShardMsg>,
     control: Sender<Control>,
     room: Arc<Notify>,
+    /// Bytes of the messages waiting (see [`ShardMsg::bytes`]).
+    queued: Arc<AtomicUsize>,
     report: Arc<ArcSwap<ShardReport>>,
     alive: Arc<AtomicBool>,
 }
@@ -145,6 +166,8 @@ struct ShardHandle {
 pub struct Pipeline {
     shards: Vec<ShardHandle>,
     panics: Arc<AtomicU64>,
+    /// Bytes of messages that may wait for one shard (`shard_queue`).
+    queue_bytes: usize,
 }
 
 /// The shard has stopped (the server is shutting down, or the thread died).
@@ -176,24 +199,26 @@ pub struct ShardSettings {
 }
 
 impl Pipeline {
-    /// Starts `shards` shard threads with data channels of `queue` messages, each sending its
-    /// output to `hub`.
+    /// Starts `shards` shard threads whose data channels hold up to `queue_bytes` of messages
+    /// each (one message always fits), each sending its output to `hub`.
     pub fn start(
         shards: usize,
-        queue: usize,
+        queue_bytes: usize,
         settings: &ShardSettings,
         hub: Sender<HubMsg>,
     ) -> Pipeline {
         let panics = Arc::new(AtomicU64::new(0));
         let shards = (0..shards)
             .map(|index| {
-                let (data, data_rx) = crossbeam_channel::bounded(queue);
+                // Bounded in bytes by `send`, not in messages.
+                let (data, data_rx) = crossbeam_channel::unbounded();
                 let (control, control_rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
                 let (alive, flag) = super::supervise::Alive::new();
                 let handle = ShardHandle {
                     data,
                     control,
                     room: Arc::new(Notify::new()),
+                    queued: Arc::default(),
                     report: Arc::default(),
                     alive: flag,
                 };
@@ -203,6 +228,7 @@ impl Pipeline {
                     control: control_rx,
                     hub: hub.clone(),
                     room: Arc::clone(&handle.room),
+                    queued: Arc::clone(&handle.queued),
                     report: Arc::clone(&handle.report),
                     panics: Arc::clone(&panics),
                 };
@@ -219,7 +245,11 @@ impl Pipeline {
                 handle
             })
             .collect();
-        Pipeline { shards, panics }
+        Pipeline {
+            shards,
+            panics,
+            queue_bytes,
+        }
     }
 
     pub fn shards(&self) -> usize {
@@ -229,6 +259,11 @@ impl Pipeline {
     /// Messages waiting for shard `i`.
     pub fn queue_depth(&self, i: usize) -> usize {
         self.shards[i].data.len()
+    }
+
+    /// Bytes of the messages waiting for shard `i`.
+    pub fn queue_bytes(&self, i: usize) -> usize {
+        self.shards[i].queued.load(Ordering::Relaxed)
     }
 
     /// Whether shard `i`'s thread is running.
@@ -241,29 +276,35 @@ impl Pipeline {
         self.panics.load(Ordering::Relaxed)
     }
 
-    /// Sends `msg` to shard `shard`, waiting (without blocking the thread) while its queue is
-    /// full.
+    /// Sends `msg` to shard `shard`, waiting (without blocking the thread) while the messages
+    /// already waiting for it hold `shard_queue` bytes (a message always goes into an empty
+    /// queue, whatever its size).
     pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), Stopped> {
         let handle = &self.shards[shard];
-        let mut msg = msg;
-        loop {
-            match handle.data.try_send(msg) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Disconnected(_)) => return Err(Stopped),
-                Err(TrySendError::Full(back)) => {
-                    if !self.is_alive(shard) {
-                        return Err(Stopped);
-                    }
-                    msg = back;
-                    let room = handle.room.notified();
-                    tokio::pin!(room);
-                    room.as_mut().enable();
-                    if handle.data.is_full() {
-                        // The timeout only guards against a lost wake-up; normally the shard's
-                        // signal comes first.
-                        let _ = tokio::time::timeout(Duration::from_millis(50), room).await;
-                    }
-                }
+        let bytes = msg.bytes();
+        let fits = || {
+            let queued = handle.queued.load(Ordering::Acquire);
+            queued == 0 || queued + bytes <= self.queue_bytes
+        };
+        while !fits() {
+            if !self.is_alive(shard) {
+                return Err(Stopped);
+            }
+            let room = handle.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if !fits() {
+                // The timeout only guards against a lost wake-up; normally the shard's signal
+                // comes first.
+                let _ = tokio::time::timeout(Duration::from_millis(50), room).await;
+            }
+        }
+        handle.queued.fetch_add(bytes, Ordering::AcqRel);
+        match handle.data.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected(_) | TrySendError::Full(_)) => {
+                handle.queued.fetch_sub(bytes, Ordering::AcqRel);
+                Err(Stopped)
             }
         }
     }
@@ -330,6 +371,7 @@ struct ShardThread {
     control: Receiver<Control>,
     hub: Sender<HubMsg>,
     room: Arc<Notify>,
+    queued: Arc<AtomicUsize>,
     report: Arc<ArcSwap<ShardReport>>,
     panics: Arc<AtomicU64>,
 }
@@ -410,7 +452,9 @@ impl ShardThread {
             let mut handled = 0;
             while let Some(msg) = next.take() {
                 handled += 1;
+                let bytes = msg.bytes();
                 self.guarded(|| self.data_msg(&mut st, msg));
+                self.queued.fetch_sub(bytes, Ordering::AcqRel);
                 if handled < MAX_BATCH {
                     next = self.data.try_recv().ok();
                 }
@@ -586,6 +630,67 @@ mod tests {
             budget: None,
             engine: crate::compiled::EngineMode::Auto,
         }
+    }
+
+    #[tokio::test]
+    async fn a_shard_queue_holds_its_bytes_and_no_more_and_senders_wait_beyond() {
+        let (hub_tx, _hub_rx) = crossbeam_channel::bounded(1024);
+        let budget = 4096;
+        let pipeline = Pipeline::start(1, budget, &settings(), hub_tx);
+        let def = Arc::new(
+            QueryDef::compile(
+                "q",
+                r#"let source = "s"; fn on_event(ev) { }"#,
+                &Limits::default(),
+            )
+            .unwrap(),
+        );
+        pipeline
+            .control_all(|done| Control::Deploy {
+                id: QueryId(1),
+                def: Arc::clone(&def),
+                control: Arc::default(),
+                done,
+            })
+            .await
+            .unwrap();
+        // The shard stops at a replace until it hears the decision.
+        let (ready, ready_rx) = oneshot::channel();
+        let (decide, commit) = std::sync::mpsc::channel();
+        let replace = ShardMsg::Replace {
+            id: QueryId(1),
+            def,
+            ready,
+            commit,
+        };
+        // Counted until the shard has handled it.
+        let held = replace.bytes();
+        pipeline.send(0, replace).await.unwrap();
+        ready_rx.await.unwrap().unwrap();
+        let batch = || ShardMsg::Batch {
+            deliveries: Vec::new(),
+            watermarks: vec![(QueryId(1), 0); 40],
+            now: 0,
+            received: Instant::now(),
+        };
+        let each = batch().bytes();
+        assert!(each < budget / 2, "{each}");
+        let mut sent = 0;
+        while tokio::time::timeout(Duration::from_millis(200), pipeline.send(0, batch()))
+            .await
+            .is_ok()
+        {
+            sent += 1;
+            assert!(sent <= budget, "the queue never filled");
+        }
+        assert_eq!(sent, (budget - held) / each);
+        assert_eq!(pipeline.queue_bytes(0), held + sent * each);
+        // The shard goes on: the queue drains and the waiting side may send again.
+        decide.send(false).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), pipeline.send(0, batch()))
+            .await
+            .expect("room once the shard went on")
+            .unwrap();
     }
 
     #[tokio::test]
