@@ -49,6 +49,9 @@ pub struct Limits {
     /// Keys (states) one query keeps on one shard; past it, the query's `on_key_limit` decides:
     /// the least recently seen key is evicted, or the new key's event is refused.
     pub max_keys_per_query: usize,
+    /// Bytes of `<query>.late` and `<query>.errors` items one query may hand on from one shard
+    /// per batch; past it they are counted, and one item says how many were not published.
+    pub max_report_bytes: usize,
     /// The models queries may call, shared by every engine made with these limits. Not a
     /// setting: filled from the models folder and by uploads.
     #[serde(skip)]
@@ -66,7 +69,7 @@ impl Limits {
     }
 
     /// Every limit with its name, for the check that none is 0 (Rhai reads 0 as "unlimited").
-    pub fn named(&self) -> [(&'static str, u64); 16] {
+    pub fn named(&self) -> [(&'static str, u64); 17] {
         [
             ("max_operations", self.max_operations),
             ("max_call_levels", self.max_call_levels as u64),
@@ -87,6 +90,7 @@ impl Limits {
             ("max_model_outputs", self.max_model_outputs as u64),
             ("max_key_bytes", self.max_key_bytes as u64),
             ("max_keys_per_query", self.max_keys_per_query as u64),
+            ("max_report_bytes", self.max_report_bytes as u64),
         ]
     }
 }
@@ -110,6 +114,7 @@ impl Default for Limits {
             max_model_outputs: 4096,
             max_key_bytes: 256,
             max_keys_per_query: 1_000_000,
+            max_report_bytes: 1024 * 1024,
             models: crate::models::ModelCatalog::default(),
         }
     }

@@ -348,6 +348,8 @@ struct QueryRuntime {
     recency: Recency,
     /// Keys evicted or refused since the output was last taken, reported then.
     key_limit: KeyLimitReport,
+    /// Late and error items since the output was last taken (`max_report_bytes`).
+    reports: ReportBudget,
     timers: BTreeSet<(i64, Key)>,
     /// Timers an `on_timer(T)` set for a time at or before `T`: they wait for the next advance.
     deferred: Vec<(i64, Key)>,
@@ -482,6 +484,7 @@ impl Shard {
             states: IndexMap::default(),
             recency: Recency::default(),
             key_limit: KeyLimitReport::default(),
+            reports: ReportBudget::default(),
             timers: BTreeSet::new(),
             deferred: Vec::new(),
             firing: None,
@@ -550,6 +553,8 @@ impl Shard {
         for q in &mut self.queries {
             q.key_limit
                 .report(&q.topics, self.limits.max_keys_per_query, out);
+            q.reports
+                .report(&q.topics, self.limits.max_report_bytes, out);
         }
     }
 
@@ -835,7 +840,13 @@ impl Shard {
                 (d.time, bar),
                 call.limits.max_emit_bytes,
             );
-            call.ctx.borrow_mut().out.push(item);
+            if q.reports
+                .admit(item.value.len(), call.limits.max_report_bytes)
+            {
+                call.ctx.borrow_mut().out.push(item);
+            } else {
+                q.reports.late += 1;
+            }
             return;
         }
         export_key(q, &d.key);
@@ -1362,11 +1373,59 @@ impl Call<'_> {
         value.extend_from_slice(b",\"key\":");
         key.write_json(&mut value);
         value.push(b'}');
+        if !q.reports.admit(value.len(), self.limits.max_report_bytes) {
+            q.reports.errors += 1;
+            return;
+        }
         self.ctx.borrow_mut().out.push(Emitted {
             topic: Arc::clone(&q.topics.errors),
             key: key.clone(),
             value,
         });
+    }
+}
+
+/// What one query may publish on `<query>.late` and `<query>.errors` from one shard per batch
+/// (`max_report_bytes`): a flood of late events or failing calls must not become a flood of
+/// items. What does not fit is counted, and one item on `<query>.errors` says how many.
+#[derive(Default)]
+struct ReportBudget {
+    bytes: usize,
+    late: u64,
+    errors: u64,
+}
+
+impl ReportBudget {
+    /// Whether an item of `len` bytes fits; counts it if so.
+    fn admit(&mut self, len: usize, limit: usize) -> bool {
+        if self.bytes + len > limit {
+            return false;
+        }
+        self.bytes += len;
+        true
+    }
+
+    /// Adds the summary of what did not fit to `out`, and starts a new batch.
+    fn report(&mut self, topics: &QueryTopics, limit: usize, out: &mut Vec<Emitted>) {
+        if self.late + self.errors > 0 {
+            let mut value = Vec::with_capacity(160);
+            let text = format!(
+                "{} late items and {} error items were not published: more than \
+                 max_report_bytes ({limit}) in one batch",
+                self.late, self.errors
+            );
+            crate::json::Object::new(&mut value)
+                .str("error", &text)
+                .int("late_not_published", self.late as i64)
+                .int("errors_not_published", self.errors as i64)
+                .end();
+            out.push(Emitted {
+                topic: Arc::clone(&topics.errors),
+                key: Key::None,
+                value,
+            });
+        }
+        *self = ReportBudget::default();
     }
 }
 

@@ -854,3 +854,82 @@ fn a_late_event_larger_than_max_emit_bytes_is_reported_without_its_body() {
     assert_eq!(late[0]["event_time"], 1);
     assert_eq!(late[1]["event"], json!({"ts": 2}));
 }
+
+/// A flood of failing calls and late events publishes at most `max_report_bytes` of items on
+/// `.errors` and `.late` per batch, and one item that counts the rest; the counters count all.
+#[test]
+fn late_and_error_items_are_bounded_per_batch_and_the_rest_counted() {
+    use crate::shard::Shard;
+    let limits = Limits {
+        max_report_bytes: 1000,
+        ..Limits::default()
+    };
+    let script = r#"let source = "s"; let key_by = "k"; let time_field = "t";
+        fn on_event(ev) { if ev.x > 0 { throw "bad event"; } }"#;
+    let def = std::sync::Arc::new(QueryDef::compile("q", script, &limits).unwrap());
+    let mut shard = Shard::new(&limits);
+    shard.deploy(crate::QueryId(1), def).unwrap();
+    let mut input = String::new();
+    for i in 0..100 {
+        input.push_str(&format!("{{\"k\":{i},\"x\":1,\"t\":{}}}\n", 1000 + i));
+    }
+    let frame = crate::Parser::default().parse(input.into_bytes()).frame;
+    let batch = |shard: &mut Shard, late: bool| {
+        for i in 0..100 {
+            let time = if late { 0 } else { 1000 + i };
+            shard.event(crate::shard::Delivery {
+                query: crate::QueryId(1),
+                key: crate::Key::Int(i),
+                event: frame.event(i as usize),
+                time,
+                watermark: 500,
+                source_mark: 500,
+                now: 0,
+            });
+        }
+        let mut out = Vec::new();
+        shard.take_output(&mut out);
+        out
+    };
+    for late in [false, true, false] {
+        let out = batch(&mut shard, late);
+        let topic = if late { "q.late" } else { "q.errors" };
+        let is_summary = |v: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(v)
+                .unwrap()
+                .get("late_not_published")
+                .is_some()
+        };
+        let items: Vec<_> = out
+            .iter()
+            .filter(|i| &*i.topic == topic && !is_summary(&i.value))
+            .collect();
+        let bytes: usize = items.iter().map(|i| i.value.len()).sum();
+        let summaries: Vec<serde_json::Value> = out
+            .iter()
+            .filter(|i| &*i.topic == "q.errors")
+            .map(|i| serde_json::from_slice(&i.value).unwrap())
+            .filter(|v: &serde_json::Value| v.get("late_not_published").is_some())
+            .collect();
+        assert!(bytes <= 1000, "{bytes}");
+        assert!(!items.is_empty());
+        let published = items.len();
+        let field = if late {
+            "late_not_published"
+        } else {
+            "errors_not_published"
+        };
+        assert_eq!(summaries.len(), 1, "{summaries:?}");
+        assert_eq!(
+            summaries[0][field].as_u64().unwrap() as usize + published,
+            100,
+            "{summaries:?}"
+        );
+        assert!(summaries[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_report_bytes"));
+    }
+    let stats = shard.stats(crate::QueryId(1)).unwrap();
+    assert_eq!((stats.errors, stats.late), (200, 100));
+}
