@@ -579,46 +579,47 @@ async fn past_max_connections_the_reserve_answers_health_metrics_and_admin() {
 /// clients hold every descriptor of a server limited to 64 (and told it may keep 1,000
 /// connections, so it never sheds them), the server's CPU time stays low; once they go, it
 /// answers again and `eddy_accept_errors_total` has counted the failures.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accept_errors_back_off_instead_of_spinning() {
-    let _one = one_at_a_time();
-    support::bounded(async {
-        let dir = folder(&[], "max_connections = 1000\nhandshake_timeout = \"30s\"\n");
-        let (_child, addr, pid) = serve(dir.path(), Some(64)).await;
-        let mut silent = Vec::new();
-        for _ in 0..200 {
-            match tokio::net::TcpStream::connect(&addr).await {
-                Ok(s) => silent.push(s),
-                Err(_) => break,
+#[test]
+fn accept_errors_back_off_instead_of_spinning() {
+    let _alone = one_at_a_time();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(support::bounded(async {
+            let dir = folder(&[], "max_connections = 1000\nhandshake_timeout = \"30s\"\n");
+            let (_child, addr, pid) = serve(dir.path(), Some(64)).await;
+            let mut silent = Vec::new();
+            for _ in 0..200 {
+                match tokio::net::TcpStream::connect(&addr).await {
+                    Ok(s) => silent.push(s),
+                    Err(_) => break,
+                }
             }
-        }
-        // Connections past the descriptors wait in the listen queue; the accept loop fails on
-        // each try. Give it a second of that.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let cpu = || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .split_whitespace()
-                .collect();
-            // utime and stime, in clock ticks (100 a second on Linux).
-            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-        };
-        let before = cpu();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let spent = cpu() - before;
-        assert!(
-            spent < 30,
-            "{spent} ticks of CPU in 1 s with no descriptor left: spinning"
-        );
-        drop(silent);
-        let metrics = metrics_at(&addr).await;
-        let errors = support::metric(&metrics, "eddy_accept_errors_total");
-        assert!(errors >= 1.0, "{metrics}");
-        // Backing off from 10 ms, doubling to 1 s: a few tries a second, not thousands.
-        assert!(errors < 100.0, "{errors} failed accepts");
-    })
-    .await;
+            // Connections past the descriptors wait in the listen queue; the accept loop fails on
+            // each try. Give it a second of that.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let cpu = || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .collect();
+                // utime and stime, in clock ticks (100 a second on Linux).
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+            };
+            let before = cpu();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let spent = cpu() - before;
+            assert!(
+                spent < 30,
+                "{spent} ticks of CPU in 1 s with no descriptor left: spinning"
+            );
+            drop(silent);
+            let metrics = metrics_at(&addr).await;
+            let errors = support::metric(&metrics, "eddy_accept_errors_total");
+            assert!(errors >= 1.0, "{metrics}");
+            // Backing off from 10 ms, doubling to 1 s: a few tries a second, not thousands.
+            assert!(errors < 100.0, "{errors} failed accepts");
+        }));
 }
