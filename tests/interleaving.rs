@@ -426,8 +426,11 @@ async fn a_heavy_state_neither_stalls_other_queries_nor_the_control_plane() {
         let after = vwap_rate(&server, 3000)
             .await
             .max(vwap_rate(&server, 3000).await);
+        // Loose on purpose: the machine is shared (CI saw a fall of 2.3x from noise alone),
+        // while the failure this guards against (walking the whole state after every call)
+        // made vwap some 40 times slower (BENCHMARKS.md: 611,700 instructions per event).
         assert!(
-            after * 2.0 >= before,
+            after * 4.0 >= before,
             "vwap fell from {before:.0} to {after:.0} events/s"
         );
         // The control plane answers at once, from published counters.
