@@ -624,6 +624,21 @@ impl ShardThread {
 mod tests {
     use super::*;
 
+    /// Compiles `script` as query `q` and deploys it as version 1 on every shard.
+    async fn deploy(pipeline: &Pipeline, script: &str) -> Arc<QueryDef> {
+        let def = Arc::new(QueryDef::compile("q", script, &Limits::default()).unwrap());
+        pipeline
+            .control_all(|done| Control::Deploy {
+                id: QueryId(1),
+                def: Arc::clone(&def),
+                control: Arc::default(),
+                done,
+            })
+            .await
+            .unwrap();
+        def
+    }
+
     fn settings() -> ShardSettings {
         ShardSettings {
             limits: Limits::default(),
@@ -637,23 +652,7 @@ mod tests {
         let (hub_tx, _hub_rx) = crossbeam_channel::bounded(1024);
         let budget = 4096;
         let pipeline = Pipeline::start(1, budget, &settings(), hub_tx);
-        let def = Arc::new(
-            QueryDef::compile(
-                "q",
-                r#"let source = "s"; fn on_event(ev) { }"#,
-                &Limits::default(),
-            )
-            .unwrap(),
-        );
-        pipeline
-            .control_all(|done| Control::Deploy {
-                id: QueryId(1),
-                def: Arc::clone(&def),
-                control: Arc::default(),
-                done,
-            })
-            .await
-            .unwrap();
+        let def = deploy(&pipeline, r#"let source = "s"; fn on_event(ev) { }"#).await;
         // The shard stops at a replace until it hears the decision.
         let (ready, ready_rx) = oneshot::channel();
         let (decide, commit) = std::sync::mpsc::channel();
@@ -697,23 +696,11 @@ mod tests {
     async fn a_panic_in_a_shard_is_counted_and_the_shard_goes_on() {
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(16);
         let pipeline = Pipeline::start(1, 8, &settings(), hub_tx);
-        let def = Arc::new(
-            QueryDef::compile(
-                "q",
-                r#"let source = "s"; fn on_event(ev) { emit(ev.x); }"#,
-                &Limits::default(),
-            )
-            .unwrap(),
-        );
-        pipeline
-            .control_all(|done| Control::Deploy {
-                id: QueryId(1),
-                def: Arc::clone(&def),
-                control: Arc::default(),
-                done,
-            })
-            .await
-            .unwrap();
+        deploy(
+            &pipeline,
+            r#"let source = "s"; fn on_event(ev) { emit(ev.x); }"#,
+        )
+        .await;
         let (tx, _rx) = oneshot::channel::<()>();
         drop(tx);
         pipeline.shards[0].control.send(Control::Panic).unwrap();
