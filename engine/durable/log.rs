@@ -6,10 +6,12 @@
 //! the LSN of their first record (`00000000000000000042.log`); a new one starts once the current
 //! one passes [`SEGMENT_BYTES`], and whole segments are deleted once a checkpoint covers them.
 //!
-//! Appends go to a buffer in memory; one writer thread takes whatever is waiting, writes it with
-//! one system call and, under [`Fsync::Always`], one `fsync`: every frame that arrived during the
-//! previous `fsync` shares the next one (group commit), so throughput holds while each
-//! acknowledgement still waits for the disk. [`Log::durable`] tells how far that got.
+//! Appends go to a buffer in memory; a writer thread takes whatever is waiting and writes it with
+//! one system call, at once ([`LogGate`] tells the hub when it is written). Beside it, a syncer
+//! thread runs `fsync` under [`Fsync::Always`] whenever something is unsynced: every frame
+//! written during the previous `fsync` shares the next one (group commit), so throughput holds
+//! while each acknowledgement still waits for the disk, and no write waits for an `fsync`.
+//! [`Log::durable`] tells how far acknowledgements may go.
 //!
 //! At open, every segment is read and checked. The first record that is cut short or fails its
 //! checksum ends the log: the segment is truncated there, later segments are deleted, and the
@@ -18,6 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +97,45 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Records before these LSNs were appended, and written to the file (handed to the
+    /// operating system, which keeps them through a crash of the process).
+    appended: AtomicU64,
+    written: AtomicU64,
+    /// The writer has stopped (a write failed, or the log closed).
+    stopped: AtomicBool,
+    /// Signalled when `written` moves.
+    written_lock: Mutex<()>,
+    written_moved: Condvar,
+    /// A handle on the segment being written, for the syncer.
+    segment: Mutex<Option<File>>,
+}
+
+/// Lets a reader of the shards' output wait until every record appended so far is written
+/// (see [`LogGate::wait_written`]).
+#[derive(Clone)]
+pub struct LogGate {
+    shared: Arc<Shared>,
+}
+
+impl LogGate {
+    /// Waits until every record appended before the call is written to the file, or the
+    /// writer has stopped. The hub calls it before it publishes: an item whose input is not in
+    /// the log could otherwise reach a subscriber and then, after a crash, not be replayed.
+    pub fn wait_written(&self) {
+        let s = &self.shared;
+        let target = s.appended.load(Ordering::Acquire);
+        if s.written.load(Ordering::Acquire) >= target {
+            return;
+        }
+        let mut guard = s.written_lock.lock().unwrap_or_else(|e| e.into_inner());
+        while s.written.load(Ordering::Acquire) < target && !s.stopped.load(Ordering::Acquire) {
+            guard = s
+                .written_moved
+                .wait_timeout(guard, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 /// The appending side of the log; its owner decides the order of records.
@@ -255,12 +297,18 @@ impl Log {
                 closed: false,
             }),
             wake: Condvar::new(),
+            appended: AtomicU64::new(end),
+            written: AtomicU64::new(end),
+            stopped: AtomicBool::new(false),
+            written_lock: Mutex::new(()),
+            written_moved: Condvar::new(),
+            segment: Mutex::new(None),
         });
         let writer = Writer {
             dir: dir.to_path_buf(),
             fsync,
             shared: Arc::clone(&shared),
-            durable: durable_tx,
+            durable: Arc::new(durable_tx),
             file: None,
             reuse,
             written_end: end,
@@ -290,9 +338,17 @@ impl Log {
         frame_record(&mut p.buf, payload);
         let lsn = p.end;
         p.end += 1;
+        self.shared.appended.store(p.end, Ordering::Release);
         drop(p);
         self.shared.wake.notify_one();
         lsn
+    }
+
+    /// See [`LogGate`].
+    pub fn gate(&self) -> LogGate {
+        LogGate {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The LSN the next append gets.
@@ -364,6 +420,79 @@ impl Drop for Log {
     }
 }
 
+/// Moves the durable position to `to`, never back (the writer and the syncer both move it).
+fn advance(durable: &watch::Sender<u64>, to: u64) {
+    durable.send_if_modified(|at| {
+        let moved = to > *at;
+        if moved {
+            *at = to;
+        }
+        moved
+    });
+}
+
+/// Flushes what the writer wrote to disk, and moves the durable position (`always`: as soon as
+/// there is something unsynced, so one fsync covers everything written while the previous one
+/// ran; an interval: at most that often).
+struct Syncer {
+    fsync: Fsync,
+    shared: Arc<Shared>,
+    durable: Arc<watch::Sender<u64>>,
+    synced: u64,
+}
+
+impl Syncer {
+    fn run(mut self) {
+        let mut last_sync = Instant::now();
+        loop {
+            // What is written, and the segment it is in, read together (see `write_until_closed`).
+            let (target, file) = {
+                let mut guard = self
+                    .shared
+                    .written_lock
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                while self.shared.written.load(Ordering::Acquire) <= self.synced {
+                    if self.shared.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    guard = self
+                        .shared
+                        .written_moved
+                        .wait_timeout(guard, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                let file = self
+                    .shared
+                    .segment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .and_then(|f| f.try_clone().ok());
+                (self.shared.written.load(Ordering::Acquire), file)
+            };
+            if let Fsync::Interval(every) = self.fsync {
+                let wait = every.saturating_sub(last_sync.elapsed());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
+            if let Some(file) = file {
+                if let Err(e) = file.sync_data() {
+                    tracing::error!("ingest log fsync failed, acknowledgements stop: {e}");
+                    return;
+                }
+            }
+            last_sync = Instant::now();
+            self.synced = target;
+            if self.fsync == Fsync::Always {
+                advance(&self.durable, target);
+            }
+        }
+    }
+}
+
 /// Reads the records of the log in `dir` from LSN `from` on, calling `each(lsn, payload)`. Run
 /// after [`Log::open`], which has cut any bad tail.
 pub fn read_from(
@@ -402,7 +531,7 @@ struct Writer {
     dir: PathBuf,
     fsync: Fsync,
     shared: Arc<Shared>,
-    durable: watch::Sender<u64>,
+    durable: Arc<watch::Sender<u64>>,
     /// The open segment and its size.
     file: Option<(File, u64)>,
     /// The segment the log ended in at open, to go on in.
@@ -412,8 +541,40 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        let mut last_sync = Instant::now();
-        let mut unsynced = false;
+        let shared = Arc::clone(&self.shared);
+        // Writes go to the file as soon as they are appended; fsyncs run beside them, on a
+        // second thread, so that a write never waits behind an fsync (the hub publishes once a
+        // record is written, and should not wait for a disk flush to do so).
+        let syncer = match self.fsync {
+            Fsync::Never => None,
+            fsync => {
+                let syncer = Syncer {
+                    fsync,
+                    shared: Arc::clone(&shared),
+                    durable: Arc::clone(&self.durable),
+                    synced: self.written_end,
+                };
+                std::thread::Builder::new()
+                    .name("eddy-log-sync".into())
+                    .spawn(move || syncer.run())
+                    .ok()
+            }
+        };
+        if let Err(e) = self.write_until_closed() {
+            tracing::error!("ingest log write failed, acknowledgements stop: {e}");
+        }
+        shared.stopped.store(true, Ordering::Release);
+        {
+            let _guard = shared.written_lock.lock();
+            shared.written_moved.notify_all();
+        }
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
+        }
+    }
+
+    /// Writes what is appended until the log closes; then syncs it all.
+    fn write_until_closed(&mut self) -> io::Result<()> {
         loop {
             let (buf, end, closed) = {
                 let mut p = self
@@ -422,61 +583,43 @@ impl Writer {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 while p.buf.is_empty() && !p.closed {
-                    let wait = match self.fsync {
-                        Fsync::Interval(every) if unsynced => every
-                            .saturating_sub(last_sync.elapsed())
-                            .max(Duration::from_millis(1)),
-                        _ => Duration::from_secs(3600),
-                    };
-                    let (guard, timeout) = self
-                        .shared
-                        .wake
-                        .wait_timeout(p, wait)
-                        .unwrap_or_else(|e| e.into_inner());
-                    p = guard;
-                    if timeout.timed_out() && unsynced {
-                        break;
-                    }
+                    p = self.shared.wake.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
                 (std::mem::take(&mut p.buf), p.end, p.closed)
             };
             if !buf.is_empty() {
                 let first = self.written_end;
-                if let Err(e) = self.write(first, &buf) {
-                    tracing::error!("ingest log write failed, acknowledgements stop: {e}");
-                    return;
-                }
+                self.write(first, &buf)?;
                 self.written_end = end;
-                unsynced = true;
-            }
-            let sync_now = match self.fsync {
-                Fsync::Always => unsynced,
-                Fsync::Interval(every) => unsynced && (closed || last_sync.elapsed() >= every),
-                Fsync::Never => false,
-            } || (closed && unsynced);
-            if sync_now {
-                if let Some((file, _)) = &self.file {
-                    if let Err(e) = file.sync_data() {
-                        tracing::error!("ingest log fsync failed, acknowledgements stop: {e}");
-                        return;
-                    }
+                {
+                    // Under the lock the syncer reads the file and `written` together.
+                    let _guard = self
+                        .shared
+                        .written_lock
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    self.shared.written.store(end, Ordering::Release);
+                    self.shared.written_moved.notify_all();
                 }
-                last_sync = Instant::now();
-                unsynced = false;
+                // `never` and an interval: an acknowledgement waits for the write only.
+                if self.fsync != Fsync::Always {
+                    advance(&self.durable, end);
+                }
             }
-            // Under `always` an acknowledgement waits for the fsync; otherwise for the write.
-            if !buf.is_empty() || sync_now {
-                self.durable.send_replace(self.written_end);
-            }
-            if closed {
-                let p = self
+            if closed
+                && self
                     .shared
                     .pending
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if p.buf.is_empty() {
-                    return;
+                    .unwrap_or_else(|e| e.into_inner())
+                    .buf
+                    .is_empty()
+            {
+                if let Some((file, _)) = &self.file {
+                    file.sync_data()?;
                 }
+                advance(&self.durable, self.written_end);
+                return Ok(());
             }
         }
     }
@@ -505,6 +648,12 @@ impl Writer {
                     let _ = d.sync_all();
                 }
             }
+            // The syncer flushes this segment from now on (the previous one is synced above).
+            *self
+                .shared
+                .segment
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = file.try_clone().ok();
             self.file = Some((file, size));
         }
         let (file, size) = self.file.as_mut().expect("a segment is open");
