@@ -12,8 +12,9 @@ What it does, on loopback only and bounded by --duration:
   3. Every --sample seconds records the server's resident memory, open file descriptors and
      threads (/proc), its shard queue depths and counters (/metrics), and the probes' p50/p99
      over the interval.
-  4. With --chaos, stops the server with SIGTERM at random intervals and starts a new one on the
-     same port; records each restart's shutdown time and recovery time (SIGTERM to the new
+  4. With --chaos, stops the server with SIGTERM (with --durable: SIGTERM or, --kill-share of
+     the time, SIGKILL) at random intervals and starts a new one on the same port (and data
+     directory); records each restart's shutdown time and recovery time (signal to the new
      server ingesting again).
   5. At the end prints a table, draws a PNG chart (memory, p99, queue depth over time) and checks:
      - nothing lost. Without --chaos: every event a feed sent was acknowledged as accepted; each
@@ -24,7 +25,11 @@ What it does, on loopback only and bounded by --duration:
        subscribers before the server exits, and state starts afresh after a restart (no
        durability yet). So vwap's counts, summed over the server lifetimes, lie between the trades
        acknowledged and the trades sent (events in flight at a restart, sent but never
-       acknowledged, may or may not have been handled); no count repeats within a lifetime;
+       acknowledged, may or may not have been handled); no count repeats within a lifetime.
+       With --durable (ephemeral otherwise) a restart, even a SIGKILL, resumes every key's state
+       and the `all` probe resumes its stream from its last position: every reconnect must
+       resume (none `gone`), and vwap's counts, rising by one per trade through every restart,
+       must end between the trades acknowledged and sent;
      - memory: the least-squares slope of resident memory after warm-up, times the time it spans,
        is at most max(--rss-noise MiB, --max-slope MiB/hour x span) (without --chaos);
      - file descriptors and threads at the end are no more than after warm-up (+2) (without
@@ -38,6 +43,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,10 +117,11 @@ def proc_stats(pid):
 class Server:
     """`eddy serve` on a fixed port with the shipped queries; restartable."""
 
-    def __init__(self, eddy, port, queries, models, log):
-        # In memory: the chaos accounting below assumes a restart starts empty (a durable
-        # restart keeps every key's count, which the probe's count checks do not expect yet).
-        self.argv = [eddy, "serve", "--ephemeral", "--listen", f"127.0.0.1:{port}", "--queries",
+    def __init__(self, eddy, port, queries, models, log, data=None):
+        # In memory, or (`data`) durable with a data directory: then a restart resumes every
+        # key's state, and the probes resume their streams from their positions.
+        store = ["--data-dir", data] if data else ["--ephemeral"]
+        self.argv = [eddy, "serve", *store, "--listen", f"127.0.0.1:{port}", "--queries",
                      queries, "--models", models, "--admin-token", TOKEN]
         self.port, self.log, self.proc = port, log, None
 
@@ -131,6 +138,13 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        return time.time() - t0, code
+
+    def kill(self):
+        """SIGKILL; returns (seconds to exit, exit code)."""
+        t0 = time.time()
+        self.proc.kill()
+        code = self.proc.wait()
         return time.time() - t0, code
 
 
@@ -239,7 +253,10 @@ def main():
     ap.add_argument("--warmup", type=parse_duration, help="ignored by the memory check [20%% of the run, at least 30s]")
     ap.add_argument("--max-slope", type=float, default=10.0, help="allowed memory growth after warm-up, MiB/hour [10]")
     ap.add_argument("--rss-noise", type=float, default=32.0, help="growth always allowed, MiB [32]")
-    ap.add_argument("--chaos", action="store_true", help="restart the server with SIGTERM at random intervals")
+    ap.add_argument("--chaos", action="store_true", help="restart the server at random intervals (SIGTERM; with --durable, SIGTERM or SIGKILL)")
+    ap.add_argument("--durable", action="store_true",
+                    help="run the server with a data directory (in --out) instead of --ephemeral: restarts resume state and streams")
+    ap.add_argument("--kill-share", type=float, default=0.5, help="with --chaos --durable: share of restarts by SIGKILL [0.5]")
     ap.add_argument("--chaos-min", type=parse_duration, default=20.0, help="shortest time between restarts [20s]")
     ap.add_argument("--chaos-max", type=parse_duration, default=60.0, help="longest time between restarts [60s]")
     ap.add_argument("--tool-timeout", default="10s",
@@ -262,28 +279,39 @@ def main():
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
     eddy = args.eddy
+    data = None
+    if args.durable:
+        data = os.path.join(args.out, "data")
+        shutil.rmtree(data, ignore_errors=True)
 
     # 1. The maximum rate, on a throwaway server.
     if args.rate:
         max_rate, rate = None, args.rate
     else:
-        probe_server = Server(eddy, port, queries, models, log)
+        measured = os.path.join(args.out, "data-measure") if data else None
+        if measured:
+            shutil.rmtree(measured, ignore_errors=True)
+        probe_server = Server(eddy, port, queries, models, log, measured)
         probe_server.start()
         out = subprocess.run([eddy, "feed", url, "--rate", "max", "--batch", str(args.batch),
                               "--duration", f"{args.measure}s", "--json"],
                              capture_output=True, text=True, timeout=args.measure + 60)
         probe_server.stop()
+        if measured:
+            shutil.rmtree(measured, ignore_errors=True)
         report = json.loads(out.stdout.strip().splitlines()[-1])
         max_rate = report["accepted"] / report["seconds"]
         rate = max(1, int(max_rate * args.fraction))
     print(f"soak: {args.duration:.0f} s, trades at {rate} events/s"
           + (f" ({args.fraction:.0%} of the measured maximum {max_rate:.0f}/s)" if max_rate else "")
           + f", {args.batch} per frame; {', '.join(OTHER_FEEDS)} at {args.other_rate}/s each"
-          + (f"; chaos: SIGTERM every {args.chaos_min:.0f}-{args.chaos_max:.0f} s" if args.chaos else ""),
+          + ("; durable (data directory, fsync always)" if data else "; ephemeral")
+          + (f"; chaos: {'SIGTERM or SIGKILL' if data else 'SIGTERM'} every {args.chaos_min:.0f}-{args.chaos_max:.0f} s"
+             if args.chaos else ""),
           flush=True)
 
     # 2. The server, the probes, the feeds.
-    server = Server(eddy, port, queries, models, log)
+    server = Server(eddy, port, queries, models, log, data)
     server.start()
     probe_args = ["--timeout", args.tool_timeout, "--topic", "vwap", "--count-field", "trades", "--reconnect", "--interval", f"{args.sample}s",
                   "--duration", f"{args.duration + 3600}s", "--json"]
@@ -307,9 +335,10 @@ def main():
             wait = rng.uniform(args.chaos_min, args.chaos_max)
             if stop_chaos.wait(wait) or time.time() - start + 5 > args.duration:
                 return
+            kill = data is not None and rng.random() < args.kill_share
             with lock:
                 t0 = time.time()
-                shutdown_s, code = server.stop()
+                shutdown_s, code = server.kill() if kill else server.stop()
                 server.start()
                 listening = time.time()
             # Recovered when the new server ingests again.
@@ -322,10 +351,11 @@ def main():
                 except OSError:
                     pass
                 time.sleep(0.02)
-            restarts.append({"t": t0 - start, "shutdown_s": round(shutdown_s, 3), "exit_code": code,
+            restarts.append({"t": t0 - start, "signal": "KILL" if kill else "TERM",
+                             "shutdown_s": round(shutdown_s, 3), "exit_code": code,
                              "down_s": round(listening - t0, 3),
                              "recovery_s": round(recovered - t0, 3) if recovered else None})
-            print(f"  restart at {t0 - start:6.1f} s: shutdown {shutdown_s:.2f} s (exit {code}), "
+            print(f"  restart at {t0 - start:6.1f} s: SIG{restarts[-1]['signal']}, shutdown {shutdown_s:.2f} s (exit {code}), "
                   f"recovered in {restarts[-1]['recovery_s']} s", flush=True)
 
     chaos_thread = threading.Thread(target=chaos, daemon=True) if args.chaos else None
@@ -440,8 +470,13 @@ def main():
         if pa.get("dropped") or pa.get("count_gaps"):
             failures.append(f"probe all: {pa.get('dropped')} dropped, {pa.get('count_gaps')} count gaps "
                             f"within a server lifetime")
+        if data:
+            # Durable: every reconnect of the `all` probe resumes the same stream.
+            if pa.get("gone") or pa.get("resumed", 0) < len(restarts):
+                failures.append(f"probe all: {pa.get('resumed')} reconnects resumed, {pa.get('gone')} positions "
+                                f"gone, over {len(restarts)} restarts")
         for r in restarts:
-            if r["exit_code"] != 0:
+            if r["exit_code"] != 0 and r["signal"] == "TERM":
                 failures.append(f"restart at {r['t']:.0f} s: the server exited with {r['exit_code']}")
             if r["recovery_s"] is None:
                 failures.append(f"restart at {r['t']:.0f} s: no recovery within 30 s")
@@ -502,7 +537,8 @@ def main():
         print(f"  {mode:>8}: {r.get('items', 0):>11} items, p50 {r.get('p50_us', 0) / 1000:.2f} ms, "
               f"p99 {r.get('p99_us', 0) / 1000:.2f} ms, max {r.get('max_us', 0) / 1000:.1f} ms; "
               f"{r.get('dropped', 0)} dropped, {r.get('seq_gaps', 0)} seq gaps, {r.get('count_gaps', 0)} count gaps, "
-              f"{r.get('count_duplicates', 0)} repeats, {r.get('reconnects', 0)} reconnects")
+              f"{r.get('count_duplicates', 0)} repeats, {r.get('reconnects', 0)} reconnects "
+              f"({r.get('resumed', 0)} resumed, {r.get('gone', 0)} gone)")
     print(f"  vwap's counts over the server lifetimes: {counted} trades handled; "
           f"{trades_acked} acknowledged, {trades_unacked} in doubt")
     if per_query:
@@ -518,7 +554,8 @@ def main():
               f"second half {p99_halves[1]:.2f} ms")
     if args.chaos:
         rec = [r["recovery_s"] for r in restarts if r["recovery_s"] is not None]
-        print(f"restarts: {len(restarts)}" + (f"; recovery (SIGTERM to ingesting again) min {min(rec):.2f} s, "
+        kills = sum(1 for r in restarts if r["signal"] == "KILL")
+        print(f"restarts: {len(restarts)} ({kills} by SIGKILL)" + (f"; recovery (signal to ingesting again) min {min(rec):.2f} s, "
                                               f"median {sorted(rec)[len(rec) // 2]:.2f} s, max {max(rec):.2f} s" if rec else ""))
     print(f"results: {args.out}/results.json" + (f", chart: {png}" if drew else ""))
     if failures:

@@ -5,6 +5,7 @@
 # and latency every 10 s, and checks that nothing leaks or is lost. Arguments go to soak.py:
 #   bash benches/soak.sh --duration 1h            # the soak
 #   bash benches/soak.sh --duration 1h --chaos    # restarts the server with SIGTERM at random
+#   bash benches/soak.sh --duration 1h --chaos --durable   # SIGTERM or SIGKILL; state and streams resume
 # (`python3 benches/soak.py --help` lists every option.) Results: $CARGO_TARGET_DIR/soak/.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
