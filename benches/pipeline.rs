@@ -54,6 +54,7 @@ fn pipeline(c: &mut Criterion) {
         keys: None,
         mode: Mode::All,
         snapshot: false,
+        from: None,
     })));
     let input = frames();
     let counters = state.metrics.stream("trades");

@@ -15,8 +15,12 @@
 //! It runs over a [`Link`], so a server that closes, dies or falls silent is noticed within the
 //! link's timeout; the probe then ends with the reason in its report, or with `reconnect`
 //! connects again after a [`Backoff`] and subscribes again (seq starts from 0 on the new
-//! subscription; without a durable server, state starts afresh too). Producer and probe must
-//! share a clock: run both on one machine.
+//! subscription). In mode `all` it resumes from the topic position of the last batch it got
+//! (`from`): when the server still has what came after it, the new subscription continues the
+//! old one exactly, and per-key counts are checked across the reconnect for gaps and repeats;
+//! when the position is gone (`gone`: an ephemeral server restarted, or the replay no longer
+//! holds it), the heuristics above apply. Producer and probe must share a clock: run both on one
+//! machine.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -103,6 +107,10 @@ pub struct ProbeReport {
     pub max_us: u64,
     /// Connections made after the first.
     pub reconnects: u64,
+    /// Reconnects that resumed from the last position seen (mode `all`).
+    pub resumed: u64,
+    /// Reconnects whose position the server no longer had (`gone`).
+    pub gone: u64,
     /// Connections lost (closed, broken or silent server).
     pub lost: u64,
     /// Attempts to connect that failed.
@@ -234,11 +242,23 @@ async fn probe(
     stop: CancellationToken,
     mut on_interval: impl FnMut(&IntervalReport),
 ) -> (ProbeReport, hdrhistogram::Histogram<u64>) {
-    let mut request = b"{\"op\":\"subscribe\",\"topic\":".to_vec();
-    crate::json::write_str(&mut request, &options.topic);
-    request.extend_from_slice(b",\"mode\":\"");
-    request.extend_from_slice(options.mode.name().as_bytes());
-    request.extend_from_slice(b"\"}");
+    let request = |from: Option<&str>| {
+        let mut request = b"{\"op\":\"subscribe\",\"topic\":".to_vec();
+        crate::json::write_str(&mut request, &options.topic);
+        request.extend_from_slice(b",\"mode\":\"");
+        request.extend_from_slice(options.mode.name().as_bytes());
+        request.push(b'"');
+        if let Some(from) = from {
+            request.extend_from_slice(b",\"from\":");
+            crate::json::write_str(&mut request, from);
+        }
+        request.push(b'}');
+        request
+    };
+    // The topic position to resume from (mode `all`), and a lost subscription whose books
+    // stay open until the next one says whether it resumed (with whether the server shut down).
+    let mut pos: Option<String> = None;
+    let mut unsettled: Option<bool> = None;
     let started = Instant::now();
     let mut latency = crate::shard::latency_histogram();
     let mut window = crate::shard::latency_histogram();
@@ -276,7 +296,8 @@ async fn probe(
         if let Some(l) = &link {
             if !subscribed {
                 connections += 1;
-                let frame = Frame::text(Payload::Owned(request.clone()));
+                let from = pos.as_deref().filter(|_| options.mode == Mode::All);
+                let frame = Frame::text(Payload::Owned(request(from)));
                 // If the writer is gone, the reader says why next.
                 let _ = l.outgoing.send(frame).await;
                 subscribed = true;
@@ -322,12 +343,11 @@ async fn probe(
             Ok(payload) => payload,
             Err(lost) => {
                 report.lost += 1;
-                end_session(&mut report, &mut session, &mut previous);
-                if matches!(lost, crate::link::Lost::Closed(1001)) {
-                    // The server went away (shut down): the next one starts afresh. A key that
-                    // had few items would otherwise look as if it went on.
-                    previous.clear();
+                // A second loss before the first was settled: that one did not resume.
+                if let Some(shutdown) = unsettled.take() {
+                    settle(&mut report, &mut session, &mut previous, shutdown);
                 }
+                unsettled = Some(matches!(lost, crate::link::Lost::Closed(1001)));
                 link = None;
                 subscribed = false;
                 if !options.reconnect {
@@ -345,7 +365,26 @@ async fn probe(
         };
         use simd_json::prelude::*;
         match msg.get_str("type") {
+            Some("subscribed") => {
+                let resumed = msg.get("replayed").is_some();
+                if let Some(shutdown) = unsettled.take() {
+                    if resumed {
+                        // The same stream goes on: only seq starts again.
+                        report.resumed += 1;
+                        session.next_seq = None;
+                    } else {
+                        settle(&mut report, &mut session, &mut previous, shutdown);
+                    }
+                }
+                if !resumed {
+                    pos = msg.get_str("pos").map(str::to_owned);
+                }
+            }
+            Some("gone") => report.gone += 1,
             Some("batch") => {
+                if let Some(p) = msg.get_str("pos") {
+                    pos = Some(p.to_owned());
+                }
                 if first.is_none() {
                     first = Some(Instant::now());
                     deadline = Instant::now() + options.duration;
@@ -408,6 +447,9 @@ async fn probe(
             _ => {}
         }
     }
+    if let Some(shutdown) = unsettled.take() {
+        settle(&mut report, &mut session, &mut previous, shutdown);
+    }
     end_session(&mut report, &mut session, &mut previous);
     if report.error.is_none() && connections == 0 {
         report.error = Some(format!("never connected to {}", options.url));
@@ -427,6 +469,21 @@ async fn probe(
         report.max_us = latency.max();
     }
     (report, latency)
+}
+
+/// Closes the books of a lost subscription that did not resume.
+fn settle(
+    report: &mut ProbeReport,
+    session: &mut Session,
+    previous: &mut HashMap<String, u64>,
+    shutdown: bool,
+) {
+    end_session(report, session, previous);
+    if shutdown {
+        // The server went away (shut down) and did not resume: the next one starts afresh. A
+        // key that had few items would otherwise look as if it went on.
+        previous.clear();
+    }
 }
 
 /// Closes the books of one subscription.
@@ -456,8 +513,13 @@ pub fn print(report: &ProbeReport, topic: &str) {
     );
     if report.lost + report.connect_failures + report.seq_duplicates > 0 {
         println!(
-            "{} connections lost, {} reconnects, {} failed connects, {} repeated seqs",
-            report.lost, report.reconnects, report.connect_failures, report.seq_duplicates
+            "{} connections lost, {} reconnects ({} resumed, {} positions gone), {} failed connects, {} repeated seqs",
+            report.lost,
+            report.reconnects,
+            report.resumed,
+            report.gone,
+            report.connect_failures,
+            report.seq_duplicates
         );
     }
     if report.counted > 0 || report.count_gaps + report.count_duplicates > 0 {

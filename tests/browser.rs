@@ -844,6 +844,24 @@ async fn reconnects_and_resubscribes_after_a_restart() {
 
 async fn reconnect(h: &mut Harness) -> Result<()> {
     open_topic(&mut h.cdp, "vwap", 20).await?;
+    // The connection drops, the server stays: the alert feeds resume from their positions
+    // (nothing sent meanwhile is missed), none is gone.
+    h.cdp
+        .wait_for(
+            "positions for the alert feeds",
+            "feedPos.size > 0",
+            Duration::from_secs(5),
+        )
+        .await?;
+    h.cdp.eval("ws.close()").await?;
+    h.cdp
+        .wait_for(
+            "the alert feeds to resume after the socket closed",
+            "resumes.resumed >= feedSubs.size && resumes.gone === 0 && \
+             document.querySelector('#conn-state').dataset.state === 'live'",
+            Duration::from_secs(10),
+        )
+        .await?;
     let addr = h.eddy.addr.clone();
     // Kill the server: the page shows it is reconnecting.
     h.eddy.child.kill().await?;
@@ -872,6 +890,14 @@ async fn reconnect(h: &mut Harness) -> Result<()> {
         "the connection state to show live again",
         "document.querySelector('#conn-state').dataset.state === 'live'",
         Duration::from_secs(15),
+    )
+    .await?;
+    // A new server without the old one's data: the positions are gone, and the page says so.
+    cdp.wait_for(
+        "the old positions to be reported gone",
+        "resumes.gone > 0 && !document.querySelector('#notice').hidden && \
+         document.querySelector('#notice').textContent.includes('gone')",
+        Duration::from_secs(5),
     )
     .await?;
     // Resubscribed: the new server counts the page on vwap and on the alert topics, and the

@@ -290,7 +290,8 @@ async fn with_reconnect_both_tools_carry_on_on_a_new_server() {
         );
         ingested(&addr, 1000.0).await;
         // Stopped (not killed: without durability, a killed server loses what it acked and
-        // has not delivered yet), so the counts below add up exactly.
+        // has not delivered yet), so the counts below add up exactly. (A killed durable
+        // server: the next test.)
         signal(&first, "-TERM");
         let mut first = first;
         first.wait().await.unwrap();
@@ -324,6 +325,66 @@ async fn with_reconnect_both_tools_carry_on_on_a_new_server() {
         assert_eq!(probed["count_duplicates"], 0);
         // vwap's count per key, summed over both servers, is every trade they handled: at
         // least what was acknowledged, at most what was sent.
+        let counted = probed["counted"].as_u64().unwrap();
+        assert!(
+            counted >= accepted && counted <= accepted + unacked,
+            "{probed} {fed}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_durable_server_the_probe_resumes_across_a_kill_with_nothing_lost_or_twice() {
+    bounded(async {
+        let dir = queries();
+        let data = tempfile::tempdir().unwrap();
+        let data_dir = data.path().to_str().unwrap().to_owned();
+        let durable = [
+            "--data-dir",
+            data_dir.as_str(),
+            "--fsync",
+            "always",
+            "--checkpoint-interval",
+            "300ms",
+        ];
+        let (first, _lines, addr) = spawn_serve(dir.path(), &durable).await;
+        let p = probe(&addr, &["--duration", "60s", "--reconnect"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let f = feed(
+            &addr,
+            &["--rate", "2000", "--duration", "5s", "--reconnect"],
+        );
+        ingested(&addr, 2000.0).await;
+        // Killed: what it acknowledged is in its log, and the items the probe got before the
+        // kill have positions the replay gives again.
+        signal(&first, "-KILL");
+        let mut first = first;
+        first.wait().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (second, _lines2, again) = spawn_serve_on(&addr, dir.path(), &durable).await;
+        assert_eq!(again, addr);
+        let (status, fed, err) = finish(f, Duration::from_secs(30)).await;
+        assert!(status.success(), "{fed} {err}");
+        assert_eq!(fed["lost"], 1, "{fed}");
+        let (accepted, unacked) = (
+            fed["accepted"].as_u64().unwrap(),
+            fed["unacked"].as_u64().unwrap(),
+        );
+        signal(&second, "-TERM");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        signal(&p, "-TERM");
+        let (status, probed, err) = finish(p, Duration::from_secs(20)).await;
+        assert!(status.success(), "{probed} {err}");
+        // One stream across the kill: resumed, nothing gone, every key's count rising by one
+        // through the reconnect.
+        assert!(probed["resumed"].as_u64().unwrap() >= 1, "{probed}");
+        assert_eq!(probed["gone"], 0, "{probed}");
+        assert_eq!(probed["dropped"], 0, "{probed}");
+        assert_eq!(probed["count_gaps"], 0, "{probed}");
+        assert_eq!(probed["count_duplicates"], 0, "{probed}");
+        // Every acknowledged trade counted once; those sent but not acknowledged (in doubt at
+        // the kill) at most once.
         let counted = probed["counted"].as_u64().unwrap();
         assert!(
             counted >= accepted && counted <= accepted + unacked,

@@ -108,16 +108,36 @@ fn queries_dir() -> tempfile::TempDir {
 /// A subscriber to `topic` (mode `all`) on the server at `addr`, collecting items in the
 /// background.
 async fn subscriber(addr: &str, topic: &str) -> tokio::task::JoinHandle<Vec<Value>> {
+    let (_, task) = resuming(addr, topic, None).await;
+    tokio::spawn(async move { task.await.unwrap().items })
+}
+
+/// What a subscriber got until its connection closed.
+struct Received {
+    items: Vec<Value>,
+    /// The `pos` of the last batch (or of the subscription, before any batch).
+    pos: Option<String>,
+    /// `gone` messages.
+    gone: Vec<Value>,
+}
+
+/// A subscriber to `topic` (mode `all`) that resumes after position `from` when given;
+/// returns the `subscribed` answer and the task collecting what follows.
+async fn resuming(
+    addr: &str,
+    topic: &str,
+    from: Option<&str>,
+) -> (Value, tokio::task::JoinHandle<Received>) {
     let url = format!("ws://{addr}/subscribe");
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::Text(
-        json!({"op": "subscribe", "topic": topic, "mode": "all"})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    loop {
+    let mut request = json!({"op": "subscribe", "topic": topic, "mode": "all"});
+    if let Some(from) = from {
+        request["from"] = json!(from);
+    }
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    let subscribed = loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .unwrap()
@@ -126,21 +146,72 @@ async fn subscriber(addr: &str, topic: &str) -> tokio::task::JoinHandle<Vec<Valu
         if let Message::Text(t) = msg {
             let v: Value = serde_json::from_str(&t).unwrap();
             assert_eq!(v["type"], "subscribed", "{v}");
-            break;
+            break v;
         }
-    }
-    tokio::spawn(async move {
-        let mut items = Vec::new();
+    };
+    // Before any batch, the position to resume from is where the subscription started.
+    let start = subscribed["pos"].as_str().map(str::to_owned);
+    let task = tokio::spawn(async move {
+        let mut got = Received {
+            items: Vec::new(),
+            pos: start,
+            gone: Vec::new(),
+        };
         while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await
         {
             let Message::Text(t) = msg else { continue };
             let v: Value = serde_json::from_str(&t).unwrap();
             if v["type"] == "batch" {
-                items.extend(v["items"].as_array().unwrap().iter().cloned());
+                got.items
+                    .extend(v["items"].as_array().unwrap().iter().cloned());
+                got.pos = Some(v["pos"].as_str().unwrap().to_owned());
+            } else if v["type"] == "gone" {
+                got.gone.push(v);
             }
         }
-        items
-    })
+        got
+    });
+    (subscribed, task)
+}
+
+/// The items of a snapshot of `topic`.
+async fn snapshot(addr: &str, topic: &str) -> Vec<Value> {
+    let url = format!("ws://{addr}/subscribe");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let request = json!({"op": "subscribe", "topic": topic, "snapshot": true});
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "snapshot" {
+                return v["items"].as_array().unwrap().clone();
+            }
+        }
+    }
+}
+
+/// Checks that, per key, the `trades` counts of vwap's items go 1, 2, 3, … without a gap or a
+/// repeat (vwap emits once per trade), and end at the key's number of trades in `applied`.
+fn assert_every_trade_once(items: &[Value], applied: &[Trade]) {
+    let mut seen: BTreeMap<String, i64> = BTreeMap::new();
+    for i in items {
+        let key = i["key"].as_str().unwrap().to_owned();
+        let trades = i["value"]["trades"].as_i64().unwrap();
+        let last = seen.entry(key.clone()).or_insert(0);
+        assert_eq!(trades, *last + 1, "{key}: after {} came {trades}", *last);
+        *last = trades;
+    }
+    for (n, symbol) in SYMBOLS.iter().enumerate() {
+        let want = applied.iter().filter(|t| t.symbol == n).count() as i64;
+        assert_eq!(seen.get(*symbol).copied().unwrap_or(0), want, "{symbol}");
+    }
 }
 
 /// Sends `frames` one at a time with `ack=true`, each after the previous one's ack; stops at
@@ -278,7 +349,8 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
         // Checkpoints during the feed, so that recovery loads one and replays the log after it.
         let (mut child, addr) = serve_with(queries.path(), data.path(), "20ms").await;
-        let bars_a = subscriber(&addr, "ohlc_1m").await;
+        let (_, bars_a) = resuming(&addr, "ohlc_1m", None).await;
+        let (_, vwap_a) = resuming(&addr, "vwap", None).await;
         // A first part, then a checkpoint after it.
         let first = frames.len() / 5;
         assert_eq!(feed(&addr, &frames[..first]).await, (first, false));
@@ -311,16 +383,19 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
             "the kill came after the whole feed: make it earlier"
         );
         let bars_a = bars_a.await.unwrap();
+        let vwap_a = vwap_a.await.unwrap();
 
         // Again on the same data directory: the rest of the feed, after the frame in doubt.
+        // The subscribers resume from the last position they saw: the replay gave the items
+        // after the checkpoint their old positions.
         let (mut child, addr) = serve(queries.path(), data.path()).await;
         let (_, metrics) = http_at(&addr, "GET", "/metrics", None, "").await;
         assert!(
             (metric(&metrics, "eddy_replayed_records") as usize) < acked + 1,
             "the replay starts at the checkpoint: {metrics}"
         );
-        let vwap_b = subscriber(&addr, "vwap").await;
-        let bars_b = subscriber(&addr, "ohlc_1m").await;
+        let (vwap_answer, vwap_b) = resuming(&addr, "vwap", vwap_a.pos.as_deref()).await;
+        let (bars_answer, bars_b) = resuming(&addr, "ohlc_1m", bars_a.pos.as_deref()).await;
         let rest = acked + usize::from(in_doubt);
         let (fed, _) = feed(&addr, &frames[rest..]).await;
         assert_eq!(fed, frames.len() - rest);
@@ -328,10 +403,23 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
         assert_eq!(status, 200);
         // A graceful stop delivers everything queued to the subscribers before it closes them.
         stop(&mut child).await;
-        let vwap_b = latest(&vwap_b.await.unwrap());
-        let bars_b_items = bars_b.await.unwrap();
-        let mut bars_all = bars_a;
-        bars_all.extend(bars_b_items.iter().cloned());
+        let vwap_b = vwap_b.await.unwrap();
+        let bars_b = bars_b.await.unwrap();
+        assert!(
+            vwap_b.gone.is_empty() && bars_b.gone.is_empty(),
+            "resumed from {:?} and {:?}: {:?} {:?}",
+            vwap_a.pos,
+            bars_a.pos,
+            vwap_b.gone,
+            bars_b.gone
+        );
+        assert!(vwap_answer["replayed"].is_u64(), "{vwap_answer}");
+        assert!(bars_answer["replayed"].is_u64(), "{bars_answer}");
+        let mut vwap_all = vwap_a.items;
+        vwap_all.extend(vwap_b.items.iter().cloned());
+        let vwap_b = latest(&vwap_all);
+        let mut bars_all = bars_a.items;
+        bars_all.extend(bars_b.items.iter().cloned());
 
         // What was applied: every acknowledged frame, and the frame in doubt either wholly or
         // not at all.
@@ -366,30 +454,18 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
                 .join(", ")
         );
         assert_vwap(&vwap_b, &vwap(&applied));
-        // Every bar received is right, and none closed that should not have. The bars open at
-        // the kill close after the restart, each exactly once, with every trade applied in
-        // either run. (Bars that closed just before the kill may have been in flight to the
-        // first subscriber; the replay emits them again before anyone can subscribe, so they
-        // are not required here: resuming from a topic position is not built yet.)
-        let got = received_bars(&bars_all);
-        let want = bars(&applied);
+        // Across the crash, each subscriber saw every item once: the one before it up to its
+        // last position, the one after it resumed from there. Every vwap item (one per trade)
+        // and every bar, none twice, none missing, none that should not have closed.
+        assert_every_trade_once(&vwap_all, &applied);
+        assert_bars(&received_bars(&bars_all), &bars(&applied), true);
         let restart_mark = all[rest * PER_FRAME - 1].ts - 1000;
-        let same_keys: BTreeMap<_, _> = want
-            .iter()
-            .filter(|(k, _)| got.contains_key(*k))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        assert_bars(&got, &same_keys, false);
-        let after: BTreeMap<_, _> = want
-            .into_iter()
-            .filter(|((_, start), _)| start + 60_000 > restart_mark)
-            .collect();
-        assert!(!after.is_empty(), "no bar spans the restart");
-        let got_after: BTreeMap<_, _> = received_bars(&bars_b_items)
-            .into_iter()
-            .filter(|(k, _)| after.contains_key(k))
-            .collect();
-        assert_bars(&got_after, &after, true);
+        assert!(
+            bars(&applied)
+                .keys()
+                .any(|(_, start)| start + 60_000 > restart_mark),
+            "no bar spans the restart"
+        );
     })
     .await;
 }
@@ -403,27 +479,41 @@ async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
         let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
         let half = frames.len() / 2;
         let (child, addr) = serve(queries.path(), data.path()).await;
-        let bars_a = subscriber(&addr, "ohlc_1m").await;
+        let (_, bars_a) = resuming(&addr, "ohlc_1m", None).await;
+        let (_, vwap_a) = resuming(&addr, "vwap", None).await;
         assert_eq!(feed(&addr, &frames[..half]).await, (half, false));
         // SIGTERM: a graceful stop, which checkpoints.
         let mut child = child;
         stop(&mut child).await;
         let bars_a = bars_a.await.unwrap();
+        let vwap_a = vwap_a.await.unwrap();
 
         let (mut child, addr) = serve(queries.path(), data.path()).await;
         let (_, metrics) = http_at(&addr, "GET", "/metrics", None, "").await;
         assert_eq!(metric(&metrics, "eddy_replayed_records"), 0.0, "{metrics}");
-        let vwap_b = subscriber(&addr, "vwap").await;
-        let bars_b = subscriber(&addr, "ohlc_1m").await;
+        // Snapshots hold the latest values from before the stop (nothing was replayed: they
+        // came back with the checkpoint).
+        let snapshot = snapshot(&addr, "vwap").await;
+        assert_vwap(&latest(&snapshot), &vwap(&all[..half * PER_FRAME]));
+        // Resuming where they stopped: nothing to send again, and no gap.
+        let (answer, vwap_b) = resuming(&addr, "vwap", vwap_a.pos.as_deref()).await;
+        assert_eq!(answer["replayed"], 0, "{answer}");
+        let (answer, bars_b) = resuming(&addr, "ohlc_1m", bars_a.pos.as_deref()).await;
+        assert_eq!(answer["replayed"], 0, "{answer}");
         assert_eq!(
             feed(&addr, &frames[half..]).await,
             (frames.len() - half, false)
         );
         // A graceful stop delivers everything queued to the subscribers before it closes them.
         stop(&mut child).await;
-        assert_vwap(&latest(&vwap_b.await.unwrap()), &vwap(&all));
-        let mut items = bars_a;
-        items.extend(bars_b.await.unwrap());
+        let (vwap_b, bars_b) = (vwap_b.await.unwrap(), bars_b.await.unwrap());
+        assert!(vwap_b.gone.is_empty() && bars_b.gone.is_empty());
+        assert_vwap(&latest(&vwap_b.items), &vwap(&all));
+        let mut vwap_all = vwap_a.items;
+        vwap_all.extend(vwap_b.items);
+        assert_every_trade_once(&vwap_all, &all);
+        let mut items = bars_a.items;
+        items.extend(bars_b.items);
         assert_bars(&received_bars(&items), &bars(&all), true);
     })
     .await;

@@ -64,6 +64,8 @@ pub struct Config {
     pub snapshot_keys: usize,
     /// Bytes of latest values kept for snapshots, all topics together.
     pub snapshot_bytes: usize,
+    /// Bytes of the newest batches kept per topic for resuming subscribers.
+    pub replay_bytes: usize,
     /// Script limits.
     pub limits: Limits,
     /// Which engine runs the queries: `auto` (compiled where possible) or `interpreter`.
@@ -115,6 +117,7 @@ impl Default for Config {
             max_connections: super::accept::default_max_connections(),
             snapshot_keys: 100_000,
             snapshot_bytes: 64 << 20,
+            replay_bytes: 8 << 20,
             limits: Limits::default(),
             engine: crate::compiled::EngineMode::Auto,
             max_event_time_skew_ms: crate::router::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
@@ -173,6 +176,7 @@ pub struct RawConfig {
     pub max_connections: Option<usize>,
     pub snapshot_keys: Option<usize>,
     pub snapshot_bytes: Option<usize>,
+    pub replay_bytes: Option<usize>,
     pub limits: Option<Limits>,
     pub engine: Option<crate::compiled::EngineMode>,
     pub max_event_time_skew: Option<RawDuration>,
@@ -306,6 +310,7 @@ impl RawConfig {
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             snapshot_keys: self.snapshot_keys.unwrap_or(d.snapshot_keys),
             snapshot_bytes: self.snapshot_bytes.unwrap_or(d.snapshot_bytes),
+            replay_bytes: self.replay_bytes.unwrap_or(d.replay_bytes),
             limits: self.limits.unwrap_or(d.limits),
             engine: self.engine.unwrap_or(d.engine),
             demo: self.demo.unwrap_or(d.demo),

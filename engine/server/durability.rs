@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 use crate::durable::log::{self, Fsync, Log, Opened};
 use crate::durable::{
     read_latest, script_hash, write_checkpoint, Checkpoint, QueryCheckpoint, Record,
-    ShardQueryCheckpoint, CHECKPOINT_FORMAT,
+    ShardQueryCheckpoint, StoredKey, TopicCheckpoint, CHECKPOINT_FORMAT,
 };
 use crate::key::Key;
 use crate::shard::QueryId;
 
+use super::hub::{HubControl, RestoredTopic, ShardCount};
 use super::pipeline::ShardMsg;
+use super::replay::Position;
 use super::{StartError, State};
 
 /// The data directory in use.
@@ -223,6 +225,30 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
         next_source = c.next_source;
         let router = state.router.load_full();
         let shards = state.pipeline.shards();
+        // Topics go on from their positions, so that replayed items get the same ones; with
+        // another number of shards the positions mean nothing and topics start afresh.
+        let topics: Vec<RestoredTopic> = c
+            .topics
+            .into_iter()
+            .filter(|t| t.counts.len() == shards)
+            .map(|t| RestoredTopic {
+                topic: t.topic,
+                position: Position {
+                    epoch: t.epoch,
+                    counts: t.counts,
+                },
+                latest: t
+                    .latest
+                    .into_iter()
+                    .map(|(k, v, shard)| (Key::from(k), v.into(), shard as usize))
+                    .collect(),
+            })
+            .collect();
+        let (done, restored) = tokio::sync::oneshot::channel();
+        state.hub.send(HubControl::Restore { topics, done }).await;
+        restored.await.map_err(|_| {
+            StartError::Durability(DurabilityError::Recovery("the hub stopped".into()))
+        })?;
         for qc in c.queries {
             let Some(q) = router.queries().iter().find(|q| q.def.name == qc.name) else {
                 tracing::info!("checkpoint: query {} is no longer deployed", qc.name);
@@ -323,6 +349,16 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
         d.append(&Record::Close { source });
         super::ingest::close_source(state, source).await;
     }
+    // Everything replayed is handled and its items are in the hub (at their old positions)
+    // before the first subscriber can ask to resume from one.
+    state
+        .pipeline
+        .ask_all(|done| ShardMsg::Flush { done })
+        .await
+        .map_err(|e| StartError::Durability(DurabilityError::Recovery(e.to_string())))?;
+    let (done, flushed) = tokio::sync::oneshot::channel();
+    state.hub.send(HubControl::Flush { done }).await;
+    let _ = flushed.await;
     d.replayed_records
         .store(recovered.records, Ordering::Relaxed);
     recovered.elapsed = started.elapsed();
@@ -387,11 +423,15 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
     let next_source = state.next_source.load(Ordering::Relaxed);
     let ids: Vec<QueryId> = queries.iter().map(|(id, _)| *id).collect();
     let mut replies = Vec::new();
-    for shard in 0..state.pipeline.shards() {
+    let mut marks = Vec::new();
+    let shards = state.pipeline.shards();
+    for shard in 0..shards {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mark_tx, mark_rx) = tokio::sync::oneshot::channel();
         let msg = ShardMsg::Checkpoint {
             ids: ids.clone(),
             done: tx,
+            hub_mark: mark_tx,
         };
         state
             .pipeline
@@ -399,6 +439,7 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
             .await
             .map_err(|e| e.to_string())?;
         replies.push(rx);
+        marks.push(mark_rx);
     }
     drop(guard);
     let mut pause = Duration::ZERO;
@@ -411,6 +452,11 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
             }
         }
     }
+    let mut counts: Vec<Vec<ShardCount>> = Vec::with_capacity(shards);
+    for rx in marks {
+        counts.push(rx.await.map_err(|_| "the hub stopped".to_owned())?);
+    }
+    let topics = topic_positions(counts);
     // Everything the checkpoint holds must be in the log first.
     if lsn > 0 && !d.log.wait_durable(lsn - 1).await {
         return Err("the ingest log has stopped".into());
@@ -426,6 +472,7 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         next_source,
         taken_ms: crate::router::wall_ms(),
         queries: queries.into_iter().map(|(_, q)| q).collect(),
+        topics,
     };
     let dir = d.dir.join("checkpoints");
     let bytes = tokio::task::spawn_blocking(move || write_checkpoint(&dir, &checkpoint))
@@ -447,6 +494,36 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
     );
     d.last_checkpoint_bytes.store(bytes, Ordering::Relaxed);
     Ok(bytes)
+}
+
+/// Puts the shards' counts together: per topic, its epoch and one count per shard (0 where a
+/// shard had not emitted to it yet).
+fn topic_positions(per_shard: Vec<Vec<ShardCount>>) -> Vec<TopicCheckpoint> {
+    let shards = per_shard.len();
+    let mut topics: std::collections::BTreeMap<String, TopicCheckpoint> = Default::default();
+    for (shard, counts) in per_shard.into_iter().enumerate() {
+        for c in counts {
+            let t = topics
+                .entry(c.topic.clone())
+                .or_insert_with(|| TopicCheckpoint {
+                    topic: c.topic,
+                    epoch: c.epoch,
+                    counts: vec![0; shards],
+                    latest: Vec::new(),
+                });
+            // A topic made again between two shards' marks: the newer run.
+            if c.epoch != t.epoch {
+                t.epoch = t.epoch.max(c.epoch);
+            }
+            t.counts[shard] = c.count;
+            t.latest.extend(c.latest.into_iter().map(|(k, v)| {
+                // The hub encoded the element as JSON: UTF-8.
+                let text = String::from_utf8_lossy(&v).into_owned();
+                (StoredKey::from(&k), text, shard as u32)
+            }));
+        }
+    }
+    topics.into_values().collect()
 }
 
 /// Checkpoints every `checkpoint_interval` until shutdown begins.

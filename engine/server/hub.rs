@@ -14,12 +14,18 @@
 //! queued is taken, so a `closed` follows the last items of its query and a flush covers all
 //! that came before it.
 //!
+//! Positions: every item gets its topic's per-shard index ([`replay`]); each batch carries the
+//! topic's position after it, and the newest batches stay in a per-topic ring (`replay_bytes`)
+//! so that a subscriber that hands a position back gets exactly what came after it. A checkpoint
+//! asks the hub, through each shard's [`HubMsg::Mark`], for the counts its state covers; recovery
+//! gives them back ([`HubControl::Restore`]) before the log replays, so replayed items get their
+//! old positions.
+//!
 //! Supervision: a panic while the hub handles one message is caught, logged and counted
 //! (`eddy_panics_total`), and the hub goes on with its topics; if the thread ends anyway its
 //! liveness flag drops and `/healthz` answers 503.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,19 +34,45 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
+use crate::durable::log::LogGate;
 use crate::json::{self, write_str, Object};
 use crate::{Emitted, Key, Topic};
 
 use super::mailbox::Mailbox;
+use super::replay::{Element, Position, Ring};
 use super::supervise::guarded;
 
-/// Items from a shard.
+/// From a shard, in the order it produced them.
 pub enum HubMsg {
     Items {
+        shard: usize,
         items: Vec<Emitted>,
         /// When the oldest frame among those that produced the items was received.
         ingest: Option<Instant>,
     },
+    /// A checkpoint's place in the shard's output: answers, per topic, its epoch and how many
+    /// items the shard emitted to it before this point.
+    Mark {
+        shard: usize,
+        reply: oneshot::Sender<Vec<ShardCount>>,
+    },
+}
+
+/// What a checkpoint held of a topic.
+pub struct RestoredTopic {
+    pub topic: String,
+    pub position: Position,
+    pub latest: Vec<(Key, Bytes, usize)>,
+}
+
+/// A topic's count for one shard at a checkpoint, and the latest values that came from it.
+#[derive(Debug, Clone)]
+pub struct ShardCount {
+    pub topic: String,
+    pub epoch: u64,
+    pub count: u64,
+    /// `{"key":K,"value":V}` per key.
+    pub latest: Vec<(Key, Bytes)>,
 }
 
 /// How a subscriber takes a topic.
@@ -69,6 +101,8 @@ pub struct Subscribe {
     pub keys: Option<Vec<Key>>,
     pub mode: Mode,
     pub snapshot: bool,
+    /// Resume after this position (mode `all`).
+    pub from: Option<Position>,
 }
 
 pub enum HubControl {
@@ -98,6 +132,13 @@ pub enum HubControl {
     Flush {
         done: oneshot::Sender<()>,
     },
+    /// Recovery: topics go on from the positions a checkpoint recorded, with the latest values
+    /// it held (and the shard each came from). Replies once done: no replayed item may be
+    /// counted before it.
+    Restore {
+        topics: Vec<RestoredTopic>,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Counters per topic, for `/metrics`.
@@ -116,6 +157,8 @@ pub struct TopicReport {
     pub emitted: u64,
     pub subscribers: usize,
     pub dropped: u64,
+    /// Bytes kept for resuming subscribers.
+    pub replay_bytes: u64,
 }
 
 /// The async side's handle to the hub's control channel.
@@ -164,13 +207,22 @@ impl HubHandle {
     }
 }
 
+/// What the hub keeps, and how much.
+#[derive(Clone, Copy, Debug)]
+pub struct HubSettings {
+    /// Item messages waiting from the shards.
+    pub queue: usize,
+    pub shards: usize,
+    pub snapshot_keys: usize,
+    pub snapshot_bytes: usize,
+    /// Per topic, for resuming subscribers.
+    pub replay_bytes: usize,
+}
+
 /// Starts the hub thread; returns the data channel for shards and the control handle.
-pub fn start(
-    queue: usize,
-    snapshot_keys: usize,
-    snapshot_bytes: usize,
-) -> (Sender<HubMsg>, HubHandle) {
-    let (data_tx, data_rx) = crossbeam_channel::bounded(queue);
+/// With a `gate` (durable mode), nothing is published before its input is written to the log.
+pub fn start(settings: HubSettings, gate: Option<LogGate>) -> (Sender<HubMsg>, HubHandle) {
+    let (data_tx, data_rx) = crossbeam_channel::bounded(settings.queue);
     let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
     let (guard, alive) = super::supervise::Alive::new();
     let panics = Arc::new(AtomicU64::new(0));
@@ -180,12 +232,7 @@ pub fn start(
         .name("eddy-hub".into())
         .spawn(move || {
             let _alive = guard;
-            run(
-                &data_rx,
-                control_rx,
-                (snapshot_keys, snapshot_bytes),
-                &thread_panics,
-            );
+            run(&data_rx, control_rx, settings, gate, &thread_panics);
         })
         .expect("spawn hub thread");
     (
@@ -202,19 +249,60 @@ pub fn start(
 /// What a kept latest value costs besides its bytes: its key and map slot, about.
 const LATEST_OVERHEAD: usize = 64;
 
+/// Keeps `element` as `key`'s latest value on a topic, within `snapshot_keys` (per topic) and
+/// `snapshot_bytes` (all topics: `used`). Returns 1 when it is not kept (or a kept value is
+/// dropped), else 0.
+fn keep_latest(
+    latest: &mut HashMap<Key, (Bytes, usize)>,
+    used: &mut usize,
+    settings: &HubSettings,
+    key: &Key,
+    element: (Bytes, usize),
+) -> u64 {
+    let cost = element.0.len() + LATEST_OVERHEAD;
+    let kept = latest.len();
+    match latest.get_mut(key) {
+        Some(old) => {
+            let others = *used - (old.0.len() + LATEST_OVERHEAD);
+            if others + cost <= settings.snapshot_bytes {
+                *old = element;
+                *used = others + cost;
+                0
+            } else {
+                latest.remove(key);
+                *used = others;
+                1
+            }
+        }
+        None if kept < settings.snapshot_keys && *used + cost <= settings.snapshot_bytes => {
+            latest.insert(key.clone(), element);
+            *used += cost;
+            0
+        }
+        None => 1,
+    }
+}
+
 /// Most item messages taken before the hub publishes.
 const MAX_ROUND: usize = 256;
 
 fn run(
     data: &Receiver<HubMsg>,
     control: Receiver<HubControl>,
-    (snapshot_keys, snapshot_bytes): (usize, usize),
+    settings: HubSettings,
+    gate: Option<LogGate>,
     panics: &AtomicU64,
 ) {
     let mut hub = Hub {
-        snapshot_keys,
-        snapshot_bytes,
-        ..Hub::default()
+        settings,
+        gate,
+        topics: HashMap::new(),
+        queries: BTreeMap::new(),
+        touched: Vec::new(),
+        latest_bytes: 0,
+        snapshot_skipped: 0,
+        watchers: Vec::new(),
+        topics_changed: false,
     };
     let mut control = control;
     loop {
@@ -258,27 +346,44 @@ impl Subscription {
     }
 }
 
-#[derive(Default)]
 struct TopicState {
     query: String,
-    latest: HashMap<Key, Bytes>,
+    /// Each key's newest element, and the shard it came from.
+    latest: HashMap<Key, (Bytes, usize)>,
     subs: Vec<Subscription>,
     emitted: u64,
     dropped: u64,
     /// Elements of the batch being gathered: `[` + elements joined by `,`.
     pending: Vec<u8>,
-    pending_keys: Vec<(Key, Range<usize>)>,
+    pending_keys: Vec<Element>,
     pending_ingest: Option<Instant>,
+    /// Positions, and the newest batches for resuming subscribers.
+    ring: Ring,
 }
 
-#[derive(Default)]
+impl TopicState {
+    fn new(query: &str, settings: &HubSettings) -> TopicState {
+        TopicState {
+            query: query.to_owned(),
+            latest: HashMap::new(),
+            subs: Vec::new(),
+            emitted: 0,
+            dropped: 0,
+            pending: Vec::new(),
+            pending_keys: Vec::new(),
+            pending_ingest: None,
+            ring: Ring::new(settings.shards, settings.replay_bytes),
+        }
+    }
+}
+
 struct Hub {
+    settings: HubSettings,
+    gate: Option<LogGate>,
     topics: HashMap<Topic, TopicState>,
     queries: BTreeMap<String, QueryInfo>,
     touched: Vec<Topic>,
-    snapshot_keys: usize,
-    /// Most bytes of latest values kept, all topics together, and the bytes kept now.
-    snapshot_bytes: usize,
+    /// Bytes of latest values kept now, all topics together (at most `snapshot_bytes`).
     latest_bytes: usize,
     snapshot_skipped: u64,
     /// Subscribers that asked for the topics: told again when the list changes.
@@ -289,7 +394,35 @@ struct Hub {
 
 impl Hub {
     fn take(&mut self, msg: HubMsg) {
-        let HubMsg::Items { items, ingest } = msg;
+        let (shard, items, ingest) = match msg {
+            HubMsg::Items {
+                shard,
+                items,
+                ingest,
+            } => (shard, items, ingest),
+            HubMsg::Mark { shard, reply } => {
+                // What the shard emitted before the mark is in the latest values first.
+                self.publish();
+                let counts = self
+                    .topics
+                    .iter()
+                    .map(|(topic, state)| ShardCount {
+                        topic: topic.to_string(),
+                        epoch: state.ring.epoch(),
+                        count: state.ring.count(shard),
+                        latest: state
+                            .latest
+                            .iter()
+                            .filter(|(_, (_, from))| *from == shard)
+                            .map(|(k, (v, _))| (k.clone(), v.clone()))
+                            .collect(),
+                    })
+                    .collect();
+                let _ = reply.send(counts);
+                return;
+            }
+        };
+        let settings = &self.settings;
         for item in items {
             let state = match self.topics.get_mut(&item.topic) {
                 Some(state) => state,
@@ -298,10 +431,7 @@ impl Hub {
                     self.topics_changed = true;
                     self.topics
                         .entry(Arc::clone(&item.topic))
-                        .or_insert_with(|| TopicState {
-                            query: query_of(&item.topic).to_owned(),
-                            ..TopicState::default()
-                        })
+                        .or_insert_with(|| TopicState::new(query_of(&item.topic), settings))
                 }
             };
             state.emitted += 1;
@@ -323,13 +453,24 @@ impl Hub {
             state.pending.extend_from_slice(&item.value);
             state.pending.push(b'}');
             let end = state.pending.len();
-            state.pending_keys.push((item.key, start..end));
+            let index = state.ring.next(shard);
+            state.pending_keys.push(Element {
+                key: item.key,
+                shard,
+                index,
+                range: start..end,
+            });
         }
     }
 
     /// Encodes the batch of every topic that got items and puts it in its subscribers'
     /// mailboxes; tells the watchers when the topics changed.
     fn publish(&mut self) {
+        if !self.touched.is_empty() {
+            if let Some(gate) = &self.gate {
+                gate.wait_written();
+            }
+        }
         if std::mem::take(&mut self.topics_changed) && !self.watchers.is_empty() {
             let msg = self.topics_message();
             for (_, mailbox) in &self.watchers {
@@ -345,63 +486,57 @@ impl Hub {
             let items = Bytes::from(buf);
             let keys = std::mem::take(&mut state.pending_keys);
             let ingest = state.pending_ingest.take();
-            for (key, range) in &keys {
+            let pos = state.ring.pos();
+            for Element {
+                key, range, shard, ..
+            } in &keys
+            {
                 let element = Bytes::copy_from_slice(&items[range.clone()]);
-                let cost = element.len() + LATEST_OVERHEAD;
-                let kept = state.latest.len();
-                match state.latest.get_mut(key) {
-                    Some(old) => {
-                        let others = self.latest_bytes - (old.len() + LATEST_OVERHEAD);
-                        if others + cost <= self.snapshot_bytes {
-                            *old = element;
-                            self.latest_bytes = others + cost;
-                        } else {
-                            state.latest.remove(key);
-                            self.latest_bytes = others;
-                            self.snapshot_skipped += 1;
-                        }
-                    }
-                    None if kept < self.snapshot_keys
-                        && self.latest_bytes + cost <= self.snapshot_bytes =>
-                    {
-                        state.latest.insert(key.clone(), element);
-                        self.latest_bytes += cost;
-                    }
-                    None => self.snapshot_skipped += 1,
-                }
+                self.snapshot_skipped += keep_latest(
+                    &mut state.latest,
+                    &mut self.latest_bytes,
+                    &self.settings,
+                    key,
+                    (element, *shard),
+                );
             }
             for sub in &state.subs {
                 match (sub.mode, &sub.keys) {
                     (Mode::All, None) => {
                         let n = keys.len() as u64;
-                        state.dropped += sub.mailbox.push_batch(&topic, items.clone(), n, ingest);
+                        state.dropped +=
+                            sub.mailbox
+                                .push_batch(&topic, items.clone(), n, ingest, Some(&pos));
                     }
                     (Mode::All, Some(_)) => {
                         let mut filtered = Vec::with_capacity(items.len());
                         let mut n = 0;
-                        for (_, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
+                        for e in keys.iter().filter(|e| sub.wants(&e.key)) {
                             filtered.push(if n == 0 { b'[' } else { b',' });
-                            filtered.extend_from_slice(&items[range.clone()]);
+                            filtered.extend_from_slice(&items[e.range.clone()]);
                             n += 1;
                         }
                         if n > 0 {
                             filtered.push(b']');
                             let filtered = Bytes::from(filtered);
-                            state.dropped += sub.mailbox.push_batch(&topic, filtered, n, ingest);
+                            state.dropped +=
+                                sub.mailbox
+                                    .push_batch(&topic, filtered, n, ingest, Some(&pos));
                         }
                     }
                     (Mode::Latest, _) => {
-                        for (key, range) in keys.iter().filter(|(k, _)| sub.wants(k)) {
+                        for e in keys.iter().filter(|e| sub.wants(&e.key)) {
                             sub.mailbox.push_latest(
                                 &topic,
-                                key,
-                                items.slice(range.clone()),
+                                &e.key,
+                                items.slice(e.range.clone()),
                                 ingest,
                             );
                         }
                     }
                 }
             }
+            state.ring.keep(items, keys, pos);
         }
     }
 
@@ -462,7 +597,7 @@ impl Hub {
                     self.latest_bytes -= state
                         .latest
                         .values()
-                        .map(|v| v.len() + LATEST_OVERHEAD)
+                        .map(|(v, _)| v.len() + LATEST_OVERHEAD)
                         .sum::<usize>();
                     let msg = Bytes::from(json::message("closed", |o| {
                         o.str("topic", &topic);
@@ -481,6 +616,7 @@ impl Hub {
                         emitted: s.emitted,
                         subscribers: s.subs.len(),
                         dropped: s.dropped,
+                        replay_bytes: s.ring.bytes() as u64,
                     })
                     .collect();
                 topics.sort_by(|a, b| a.topic.cmp(&b.topic));
@@ -491,6 +627,31 @@ impl Hub {
                 });
             }
             HubControl::Flush { done } => {
+                let _ = done.send(());
+            }
+            HubControl::Restore { topics, done } => {
+                for t in topics {
+                    // Only the topics of queries still deployed: no other is known.
+                    let query = query_of(&t.topic);
+                    if !self.queries.contains_key(query) {
+                        continue;
+                    }
+                    let settings = &self.settings;
+                    let state = self
+                        .topics
+                        .entry(t.topic.as_str().into())
+                        .or_insert_with(|| TopicState::new(query, settings));
+                    state.ring.restore(t.position);
+                    for (key, element, shard) in t.latest {
+                        self.snapshot_skipped += keep_latest(
+                            &mut state.latest,
+                            &mut self.latest_bytes,
+                            settings,
+                            &key,
+                            (element, shard),
+                        );
+                    }
+                }
                 let _ = done.send(());
             }
         }
@@ -521,13 +682,11 @@ impl Hub {
             return;
         }
         let topic: Topic = req.topic.as_str().into();
+        let settings = &self.settings;
         let state = self
             .topics
             .entry(Arc::clone(&topic))
-            .or_insert_with(|| TopicState {
-                query: query.to_owned(),
-                ..TopicState::default()
-            });
+            .or_insert_with(|| TopicState::new(query, settings));
         state.subs.retain(|s| s.id != req.subscriber);
         let sub = Subscription {
             id: req.subscriber,
@@ -535,19 +694,58 @@ impl Hub {
             keys: req.keys.map(|k| k.into_iter().collect()),
             mode: req.mode,
         };
+        let head = state.ring.pos();
+        // With a position: what came after it, or why that is gone (and then the snapshot,
+        // when asked for). The replay goes in order before any new batch.
+        let resumed = req.from.as_ref().map(|from| {
+            state
+                .ring
+                .since(from, |k| sub.wants(k))
+                .map_err(|gone| (from.encode(), gone))
+        });
         let msg = json::message("subscribed", |o| {
-            o.str("topic", &topic);
+            o.str("topic", &topic).str("pos", &head);
+            if let Some(Ok(replayed)) = &resumed {
+                o.int(
+                    "replayed",
+                    replayed.iter().map(|r| r.count).sum::<u64>() as i64,
+                );
+            }
         });
         req.mailbox.push_control(msg.into());
-        if req.snapshot {
-            let mut latest: Vec<(&Key, &Bytes)> =
-                state.latest.iter().filter(|(k, _)| sub.wants(k)).collect();
+        let mut snapshot = req.snapshot;
+        match resumed {
+            Some(Ok(replayed)) => {
+                snapshot = false;
+                if !replayed.is_empty() {
+                    req.mailbox.push_replay(&topic, replayed);
+                }
+            }
+            Some(Err((from, gone))) => {
+                let msg = json::message("gone", |o| {
+                    o.str("topic", &topic)
+                        .str("from", &from)
+                        .str("pos", &head)
+                        .str("reason", gone.reason());
+                });
+                req.mailbox.push_control(msg.into());
+            }
+            None => {}
+        }
+        if snapshot {
+            let mut latest: Vec<(&Key, &Bytes)> = state
+                .latest
+                .iter()
+                .filter(|(k, _)| sub.wants(k))
+                .map(|(k, (v, _))| (k, v))
+                .collect();
             latest.sort_by(|a, b| a.0.cmp(b.0));
             let msg = json::message("snapshot", |o| {
-                o.str("topic", &topic)
-                    .array("items", &latest, |out, (_, element)| {
-                        out.extend_from_slice(element)
-                    });
+                o.str("topic", &topic).str("pos", &head).array(
+                    "items",
+                    &latest,
+                    |out, (_, element)| out.extend_from_slice(element),
+                );
             });
             req.mailbox.push_control(msg.into());
         }

@@ -313,6 +313,19 @@ pub async fn route_input(
         None => None,
     };
     let now = crate::router::wall_ms();
+    // Appended before its events are queued, so that the hub, which publishes nothing before
+    // the log has written what was appended, never lets out an item whose input a crash of
+    // the process could lose. A frame none of whose events turn out to be accepted is logged
+    // too: its replay rejects them again, and nothing else.
+    let logged = match (&state.durable, copy) {
+        (Some(d), Some(bytes)) if !parsed.frame.is_empty() => Some(d.append(&Record::Frame {
+            source: source.id,
+            now,
+            stream,
+            bytes: &bytes,
+        })),
+        _ => None,
+    };
     let (mut routed, unqueued) = apply(
         state,
         source.id,
@@ -323,15 +336,6 @@ pub async fn route_input(
         &mut rejections,
     )
     .await;
-    let logged = match (&state.durable, copy) {
-        (Some(d), Some(bytes)) if routed.accepted > 0 => Some(d.append(&Record::Frame {
-            source: source.id,
-            now,
-            stream,
-            bytes: &bytes,
-        })),
-        _ => None,
-    };
     drop(order);
     for (shard, position) in unqueued {
         routed.accepted -= 1;

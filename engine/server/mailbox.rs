@@ -16,13 +16,15 @@
 //! answers it has not read (snapshots, most often) is closed with 4008 at once.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::{Key, Topic};
+
+use super::replay::Replayed;
 
 /// Close code for a subscriber that stayed full too long.
 pub const SLOW_CONSUMER: u16 = 4008;
@@ -40,6 +42,14 @@ pub enum Outgoing {
         ingest: Option<Instant>,
         /// When the hub published it.
         published: Instant,
+        /// The topic's position after it (none for the conflated mode `latest`).
+        pos: Option<Arc<str>>,
+    },
+    /// Batches sent again to a resuming subscriber, in order. Never dropped, and not counted
+    /// toward the limit: they are bounded by `replay_bytes` and share the hub's bytes.
+    Replay {
+        topic: Topic,
+        batches: Vec<Replayed>,
     },
 }
 
@@ -105,6 +115,7 @@ impl Mailbox {
         items: Bytes,
         count: u64,
         ingest: Option<Instant>,
+        pos: Option<&Arc<str>>,
     ) -> u64 {
         let mut inbox = self.lock();
         let mut dropped = 0;
@@ -149,11 +160,23 @@ impl Mailbox {
                 count,
                 ingest,
                 published: Instant::now(),
+                pos: pos.cloned(),
             });
         }
         drop(inbox);
         self.notify.notify_one();
         dropped
+    }
+
+    /// Queues the batches a resume sends again (see [`Outgoing::Replay`]).
+    pub fn push_replay(&self, topic: &Topic, batches: Vec<Replayed>) {
+        let mut inbox = self.lock();
+        inbox.queue.push_back(Outgoing::Replay {
+            topic: topic.clone(),
+            batches,
+        });
+        drop(inbox);
+        self.notify.notify_one();
     }
 
     /// Mode `latest`: replaces the pending value of `key` on `topic`.
@@ -234,10 +257,10 @@ mod tests {
     fn oldest_batches_are_dropped_and_counted() {
         let mb = Mailbox::new(100, Duration::from_secs(60));
         let batch = Bytes::from_static(br#"[{"key":1,"value":"a]{"},{"key":2,"value":2}]"#);
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None), 0);
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None), 0);
+        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 0);
+        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 0);
         // The third does not fit: the first is dropped.
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None), 2);
+        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 2);
         let inbox = mb.take();
         assert_eq!(inbox.queue.len(), 2);
         assert_eq!(inbox.dropped, vec![(topic(), 2)]);
@@ -267,9 +290,9 @@ mod tests {
     fn staying_full_past_the_timeout_closes() {
         let mb = Mailbox::new(10, Duration::ZERO);
         let batch = Bytes::from_static(b"[{\"key\":1,\"value\":1}]");
-        mb.push_batch(&topic(), batch.clone(), 1, None);
+        mb.push_batch(&topic(), batch.clone(), 1, None, None);
         std::thread::sleep(Duration::from_millis(2));
-        mb.push_batch(&topic(), batch, 1, None);
+        mb.push_batch(&topic(), batch, 1, None, None);
         assert_eq!(mb.close_code(), Some(SLOW_CONSUMER));
     }
 

@@ -480,6 +480,20 @@ pub async fn render(state: &State) -> String {
     }
     counter_header(
         &mut out,
+        "eddy_replay_bytes",
+        "gauge",
+        "Bytes of the newest batches kept for resuming subscribers, by topic (replay_bytes).",
+    );
+    for t in &hub.topics {
+        let _ = writeln!(
+            out,
+            "eddy_replay_bytes{{topic=\"{}\"}} {}",
+            label(&t.topic),
+            t.replay_bytes
+        );
+    }
+    counter_header(
+        &mut out,
         "eddy_subscribers",
         "gauge",
         "Subscribers, by topic.",

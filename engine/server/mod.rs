@@ -28,6 +28,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod replay;
 pub mod subscribe;
 pub mod supervise;
 pub mod ws;
@@ -125,11 +126,18 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let (hub_tx, hub) = hub::start(
-            config.hub_queue,
-            config.snapshot_keys,
-            config.snapshot_bytes,
-        );
+        let durable = match &config.data_dir {
+            Some(dir) => Some(durability::Durability::open(dir, config.fsync)?),
+            None => None,
+        };
+        let hub_settings = hub::HubSettings {
+            queue: config.hub_queue,
+            shards: config.shards,
+            snapshot_keys: config.snapshot_keys,
+            snapshot_bytes: config.snapshot_bytes,
+            replay_bytes: config.replay_bytes,
+        };
+        let (hub_tx, hub) = hub::start(hub_settings, durable.as_ref().map(|d| d.log.gate()));
         let settings = pipeline::ShardSettings {
             limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
@@ -140,10 +148,6 @@ impl Server {
         };
         let pipeline =
             pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, hub_tx);
-        let durable = match &config.data_dir {
-            Some(dir) => Some(durability::Durability::open(dir, config.fsync)?),
-            None => None,
-        };
         let admin_token = config
             .admin_token
             .clone()
@@ -255,28 +259,42 @@ async fn idle_ticker(state: Arc<State>, idle: std::time::Duration) {
             Some(d) => Some(d.order.lock().await),
             None => None,
         };
-        if advance_idle(&state, now, idle_ms).await {
-            if let Some(d) = &state.durable {
-                d.append(&crate::durable::Record::Idle { now });
-            }
+        let moved = idle_moves(&state, now, idle_ms);
+        if moved.is_empty() {
+            continue;
         }
+        // Logged before the shards hear of it (see `ingest::route_input`).
+        if let Some(d) = &state.durable {
+            d.append(&crate::durable::Record::Idle { now });
+        }
+        send_marks(&state, moved, now).await;
     }
 }
 
 /// Moves quiet queries' marks on as of wall-clock `now` and tells the shards (also a replay of
 /// the log). Returns whether any moved.
 pub async fn advance_idle(state: &State, now: i64, idle_ms: i64) -> bool {
+    let moved = idle_moves(state, now, idle_ms);
+    if moved.is_empty() {
+        return false;
+    }
+    send_marks(state, moved, now).await;
+    true
+}
+
+/// Moves quiet queries' marks on as of `now`; returns the ones that moved.
+fn idle_moves(state: &State, now: i64, idle_ms: i64) -> Vec<(crate::shard::QueryId, i64)> {
     let router = state.router.load_full();
-    let moved: Vec<_> = router
+    router
         .queries()
         .iter()
         .filter(|q| q.def.functions.on_timer)
         .filter_map(|q| Some((q.id, q.advance_idle(now, idle_ms)?)))
-        .collect();
-    drop(router);
-    if moved.is_empty() {
-        return false;
-    }
+        .collect()
+}
+
+/// Tells every shard of queries' new marks.
+async fn send_marks(state: &State, moved: Vec<(crate::shard::QueryId, i64)>, now: i64) {
     for shard in 0..state.pipeline.shards() {
         let msg = pipeline::ShardMsg::Batch {
             deliveries: Vec::new(),
@@ -288,7 +306,6 @@ pub async fn advance_idle(state: &State, now: i64, idle_ms: i64) -> bool {
             break;
         }
     }
-    true
 }
 
 type Body = Full<Bytes>;

@@ -41,7 +41,7 @@ use crate::query::{QueryDef, QueryError};
 use crate::sandbox::Limits;
 use crate::shard::{CpuBudget, Delivery, QueryControl, QueryId, QueryStats, Shard};
 
-use super::hub::HubMsg;
+use super::hub::{HubMsg, ShardCount};
 
 /// Work for a shard, handled in the order it was sent.
 pub enum ShardMsg {
@@ -58,9 +58,12 @@ pub enum ShardMsg {
     Flush { done: oneshot::Sender<()> },
     /// Replies with a copy of the state of queries `ids` as everything before it left it (see
     /// [`crate::durable`]).
+    /// The shard also hands `hub_mark` to the hub after its output so far, for the topic
+    /// positions the copy covers.
     Checkpoint {
         ids: Vec<QueryId>,
         done: oneshot::Sender<(Vec<(QueryId, ShardQueryCheckpoint)>, Duration)>,
+        hub_mark: oneshot::Sender<Vec<ShardCount>>,
     },
     /// Replaces the script of query `id` keeping its state: the shard prepares (compiles,
     /// migrates), answers on `ready`, and waits for `commit` (true) or abort before it goes on,
@@ -223,6 +226,7 @@ impl Pipeline {
                     alive: flag,
                 };
                 let thread = ShardThread {
+                    index,
                     name: format!("shard {index}"),
                     data: data_rx,
                     control: control_rx,
@@ -365,6 +369,7 @@ async fn collect<T>(replies: Vec<oneshot::Receiver<T>>) -> Result<Vec<T>, Stoppe
 
 /// What one shard thread holds besides its [`Shard`].
 struct ShardThread {
+    index: usize,
     /// `shard N`, for the log.
     name: String,
     data: Receiver<ShardMsg>,
@@ -512,7 +517,17 @@ impl ShardThread {
                 self.hand_on(st);
                 let _ = done.send(());
             }
-            ShardMsg::Checkpoint { ids, done } => {
+            ShardMsg::Checkpoint {
+                ids,
+                done,
+                hub_mark,
+            } => {
+                // Everything emitted before this point goes to the hub ahead of the mark.
+                self.hand_on(st);
+                let _ = self.hub.send(HubMsg::Mark {
+                    shard: self.index,
+                    reply: hub_mark,
+                });
                 // The copy goes on a few keys at a time between messages (see `run`).
                 if let Some((_, earlier)) = st.export.take() {
                     let _ = earlier.send((Vec::new(), Duration::ZERO));
@@ -597,6 +612,7 @@ impl ShardThread {
             let items = std::mem::take(&mut st.out);
             // Blocks while the hub is full: backpressure, not loss.
             let _ = self.hub.send(HubMsg::Items {
+                shard: self.index,
                 items,
                 ingest: oldest,
             });

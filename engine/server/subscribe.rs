@@ -5,8 +5,9 @@
 //! and, through [`Delivery`], the [`Mailbox`]. When the hub signals the mailbox, the writer
 //! takes everything in it and writes it with one flush: `dropped` notices first, then control messages and batches in order,
 //! then the conflated `latest` values. A batch frame is `{"type":"batch","topic":T,"seq":S,
-//! "items":…}`, where the items array was encoded once by the hub and `seq` counts this
-//! subscriber's batches of that topic from 0, without gaps.
+//! "pos":P,"items":…}`, where the items array was encoded once by the hub, `seq` counts this
+//! subscriber's batches of that topic from 0, without gaps, and `pos` is the topic's position
+//! after the batch (mode `all`), which a later subscribe may hand back as `from` to resume.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +27,7 @@ use crate::{Key, Topic};
 use super::hub::{error_message, HubControl, Mode, Subscribe};
 use super::mailbox::{Mailbox, Outgoing};
 use super::metrics::Metrics;
+use super::replay::Position;
 use super::ws::{self, Outbound, Wake, Writer};
 use super::State;
 
@@ -42,6 +44,7 @@ enum Request {
         mode: ModeName,
         #[serde(default)]
         snapshot: bool,
+        from: Option<String>,
     },
     Unsubscribe {
         topic: String,
@@ -144,7 +147,21 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
             keys,
             mode,
             snapshot,
+            from,
         } => {
+            let from = match (from.as_deref().map(Position::parse), mode) {
+                (Some(Err(e)), _) => {
+                    mailbox.push_control(error_message(&e).into());
+                    return;
+                }
+                (Some(Ok(_)), ModeName::Latest) => {
+                    let e = "`from` resumes mode \"all\"; mode \"latest\" catches up with                              \"snapshot\":true instead";
+                    mailbox.push_control(error_message(e).into());
+                    return;
+                }
+                (Some(Ok(p)), ModeName::All) => Some(p),
+                (None, _) => None,
+            };
             let keys =
                 match keys.map(|k| k.iter().map(key_of).collect::<Result<Vec<Key>, String>>()) {
                     Some(Err(e)) => {
@@ -164,6 +181,7 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
                     ModeName::Latest => Mode::Latest,
                 },
                 snapshot,
+                from,
             })
         }
         Request::Unsubscribe { topic } => HubControl::Unsubscribe {
@@ -218,11 +236,17 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 count,
                 ingest,
                 published,
+                pos,
             } => {
-                write
-                    .send(&Outbound::Text(batch_frame(seqs, &topic, &items)))
-                    .await?;
+                let frame = batch_frame(seqs, &topic, &items, pos.as_deref());
+                write.send(&Outbound::Text(frame)).await?;
                 stamps.push((published, ingest, count));
+            }
+            Outgoing::Replay { topic, batches } => {
+                for b in batches {
+                    let frame = batch_frame(seqs, &topic, &b.items, Some(&b.pos));
+                    write.send(&Outbound::Text(frame)).await?;
+                }
             }
         }
     }
@@ -242,7 +266,7 @@ async fn deliver<W: AsyncWrite + Unpin>(
         }
         items.push(b']');
         write
-            .send(&Outbound::Text(batch_frame(seqs, topic, &items)))
+            .send(&Outbound::Text(batch_frame(seqs, topic, &items, None)))
             .await?;
     }
     write.flush().await?;
@@ -256,15 +280,22 @@ async fn deliver<W: AsyncWrite + Unpin>(
     Ok(inbox.close)
 }
 
-fn batch_frame(seqs: &mut HashMap<Topic, u64>, topic: &Topic, items: &[u8]) -> Bytes {
+fn batch_frame(
+    seqs: &mut HashMap<Topic, u64>,
+    topic: &Topic,
+    items: &[u8],
+    pos: Option<&str>,
+) -> Bytes {
     let seq = seqs.entry(Arc::clone(topic)).or_insert(0);
-    let mut frame = Vec::with_capacity(items.len() + topic.len() + 48);
-    Object::new(&mut frame)
-        .str("type", "batch")
+    let mut frame = Vec::with_capacity(items.len() + topic.len() + 80);
+    let mut o = Object::new(&mut frame);
+    o.str("type", "batch")
         .str("topic", topic)
-        .int("seq", *seq as i64)
-        .raw("items", items)
-        .end();
+        .int("seq", *seq as i64);
+    if let Some(pos) = pos {
+        o.str("pos", pos);
+    }
+    o.raw("items", items).end();
     *seq += 1;
     frame.into()
 }

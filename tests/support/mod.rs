@@ -89,7 +89,12 @@ pub async fn subscribe(server: &Server, request: Value) -> Ws {
     let topic = request["topic"].clone();
     send_json(&mut ws, request).await;
     let reply = next_json(&mut ws).await;
-    assert_eq!(reply, json!({"type": "subscribed", "topic": topic}));
+    assert_eq!(
+        (&reply["type"], &reply["topic"]),
+        (&json!("subscribed"), &topic),
+        "{reply}"
+    );
+    assert!(reply["pos"].is_string(), "{reply}");
     ws
 }
 
