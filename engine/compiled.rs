@@ -421,6 +421,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             helpers: &helpers,
             stack: vec![i],
             next_local: 0,
+            max_map: engine.max_map_size(),
+            records: Vec::new(),
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
             // Compiled field by field into the slots, below.
@@ -451,6 +453,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 helpers: &helpers,
                 stack: vec![init_fn],
                 next_local: 1,
+                max_map: engine.max_map_size(),
+                records: Vec::new(),
             };
             let mut compiled: Vec<EFn> = Vec::new();
             let fields = match fields {
@@ -598,6 +602,10 @@ struct Cx<'a> {
     /// Functions being compiled (to refuse recursion).
     stack: Vec<usize>,
     next_local: usize,
+    /// The engine's `max_map_len` (0: none).
+    max_map: usize,
+    /// Locals that are records: a map literal kept as one local per field (see [`Record`]).
+    records: Vec<(usize, Rc<Record>)>,
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
@@ -641,20 +649,134 @@ impl Cx<'_> {
 
     /// A new local slot for `name` (slots are never reused within a function).
     fn new_local(&mut self, name: ImmutableString) -> usize {
+        let i = self.new_slot();
+        self.names.push((name, i));
+        i
+    }
+
+    /// A new local slot without a name.
+    fn new_slot(&mut self) -> usize {
         let i = self.next_local;
         self.next_local += 1;
-        self.names.push((name, i));
         i
     }
 
     fn block(&mut self, stmts: &[Stmt]) -> Result<Vec<SFn>, Unsupported> {
         let depth = self.names.len();
+        let records = self.records.len();
         let mut out = Vec::with_capacity(stmts.len());
-        for s in stmts {
-            out.push(self.stmt(s)?);
+        for (i, s) in stmts.iter().enumerate() {
+            let record = match s {
+                Stmt::Var(v, flags, _) if !flags.intersects(ASTFlags::EXPORTED) => match &v.1 {
+                    Expr::Map(m, _) => self.record_fields(&v.0.name, &m.0, &stmts[i + 1..]),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match record {
+                Some(extra) => out.push(self.record_let(s, extra)?),
+                None => out.push(self.stmt(s)?),
+            }
         }
         self.names.truncate(depth);
+        self.records.truncate(records);
         Ok(out)
+    }
+
+    /// Whether the local map `name`, made by the literal `fields`, can be a [`Record`]: in the
+    /// statements after its `let` it is only given fields (`name.f = v`), read by fields the
+    /// literal makes (`name.f`) and emitted (`emit(name)`), and the map it would be could not
+    /// break a size limit. Returns the fields assigned that the literal does not make.
+    fn record_fields(
+        &self,
+        name: &str,
+        fields: &[(rhai::Ident, Expr)],
+        rest: &[Stmt],
+    ) -> Option<Vec<ImmutableString>> {
+        if self.index.contains_key(&("emit".to_owned(), 1)) {
+            return None;
+        }
+        let literal: Vec<&str> = fields.iter().map(|(k, _)| k.name.as_str()).collect();
+        let mut extra: Vec<ImmutableString> = Vec::new();
+        let mut ok = true;
+        for s in rest {
+            s.walk(&mut Vec::new(), &mut |path: &[ASTNode]| {
+                match path.last() {
+                    Some(ASTNode::Stmt(Stmt::Var(v, ..))) if v.0.name.as_str() == name => {
+                        ok = false;
+                    }
+                    Some(ASTNode::Expr(var @ Expr::Variable(x, ..))) if x.1.as_str() == name => {
+                        ok &= x.2.is_empty() && record_use(path, var, &literal, &mut extra);
+                    }
+                    _ => {}
+                }
+                ok
+            });
+            if !ok {
+                return None;
+            }
+        }
+        // A map of more fields than `max_map_len` fails in the interpreter: leave it to the map.
+        let max = self.max_map;
+        if max > 0 && literal.len() + extra.len() > max {
+            return None;
+        }
+        Some(extra)
+    }
+
+    /// `let name = #{...}` of a record: each field's value into its own local.
+    fn record_let(&mut self, s: &Stmt, extra: Vec<ImmutableString>) -> Result<SFn, Unsupported> {
+        let pos = s.position();
+        let Stmt::Var(v, ..) = s else {
+            unreachable!("checked by block")
+        };
+        let Expr::Map(m, _) = &v.1 else {
+            unreachable!("checked by block")
+        };
+        let values =
+            m.0.iter()
+                .map(|(_, e)| self.expr(e))
+                .collect::<Result<Vec<_>, _>>()?;
+        let own = self.new_local(v.0.name.clone());
+        let mut fields = Vec::new();
+        let mut set = Vec::new();
+        for (k, _) in &m.0 {
+            let slot = self.new_slot();
+            set.push(slot);
+            fields.push(RecordField::new(k.name.clone(), slot, None));
+        }
+        let mut absent = Vec::new();
+        for name in extra {
+            let slot = self.new_slot();
+            let present = self.new_slot();
+            absent.push(present);
+            fields.push(RecordField::new(name, slot, Some(present)));
+        }
+        fields.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        self.records.push((own, Rc::new(Record { fields })));
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            for (f, &slot) in values.iter().zip(&set) {
+                fr.locals[slot] = f(fr)?.flatten();
+            }
+            for &p in &absent {
+                fr.locals[p] = Dynamic::FALSE;
+            }
+            Ok(Flow::Normal(Dynamic::UNIT))
+        }))
+    }
+
+    /// The record a variable expression names, if any.
+    fn record(&self, e: &Expr) -> Option<Rc<Record>> {
+        let Expr::Variable(x, ..) = e else {
+            return None;
+        };
+        let i = self.local(&x.1)?;
+        self.records
+            .iter()
+            .rev()
+            .find(|(l, _)| *l == i)
+            .map(|(_, r)| Rc::clone(r))
     }
 
     fn stmt(&mut self, s: &Stmt) -> Result<SFn, Unsupported> {
@@ -764,6 +886,20 @@ impl Cx<'_> {
         pos: Position,
     ) -> Result<SFn, Unsupported> {
         let value = self.expr(&be.rhs)?;
+        if let Expr::Dot(d, ..) = &be.lhs {
+            if let (Some(record), Expr::Property(p, _)) = (self.record(&d.lhs), &d.rhs) {
+                let field = record.field(&p.2).expect("record_use saw every field");
+                let (slot, present) = (field.slot, field.present);
+                return Ok(Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    fr.locals[slot] = value(fr)?.flatten();
+                    if let Some(p) = present {
+                        fr.locals[p] = Dynamic::TRUE;
+                    }
+                    Ok(Flow::Normal(Dynamic::UNIT))
+                }));
+            }
+        }
         let op_pos = op.position();
         let binop = match op.get_op_assignment_info() {
             None => None,
@@ -931,6 +1067,9 @@ impl Cx<'_> {
                 let Some(i) = self.local(&x.1) else {
                     return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
                 };
+                if self.record(e).is_some() {
+                    return unsupported(*vpos, format!("the map `{}` as a value", x.1));
+                }
                 Box::new(move |fr| Ok(fr.locals[i].clone()))
             }
             Expr::ThisPtr(p) => return unsupported(*p, "`this` as a value"),
@@ -1036,6 +1175,10 @@ impl Cx<'_> {
     /// `a.b.c`, `a.m(x).b`, ... rooted on `this`, a local, or any value.
     fn chain(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
         let (root, segs) = flatten(e)?;
+        if let (Some(record), [Seg::Prop(name, ..)]) = (self.record(root), segs.as_slice()) {
+            let slot = record.field(name).expect("record_use saw every read").slot;
+            return Ok(Box::new(move |fr| Ok(fr.locals[slot].clone())));
+        }
         // Where the chain starts: a slot of `this`, a local (both in place), or a value.
         let mut segs = segs.as_slice();
         let start = match root {
@@ -1268,6 +1411,8 @@ impl Cx<'_> {
                 helpers: self.helpers,
                 stack: self.stack.clone(),
                 next_local: 0,
+                max_map: self.max_map,
+                records: Vec::new(),
             };
             inner.stack.push(i);
             inner.compile_fn(i)?;
@@ -1292,6 +1437,17 @@ impl Cx<'_> {
         if SCOPE_FUNCTIONS.contains(&name) {
             return unsupported(pos, format!("`{name}`"));
         }
+        if let (("emit", 1), Some(record)) =
+            ((name, n), call.args.first().and_then(|a| self.record(a)))
+        {
+            return Ok(Box::new(move |fr| {
+                let mut ctx = fr.rt.ctx.borrow_mut();
+                ctx.check_active("emit").map_err(|e| fill(e, pos))?;
+                ctx.publish_with(|out, limit| record.write(&fr.locals, out, limit))
+                    .map_err(|e| fill(e, pos))?;
+                Ok(Dynamic::UNIT)
+            }));
+        }
         let mut args = call
             .args
             .iter()
@@ -1312,7 +1468,10 @@ impl Cx<'_> {
                 };
                 let mut order: Vec<usize> = (0..m.0.len()).collect();
                 order.sort_by(|&a, &b| m.0[a].0.name.as_str().cmp(m.0[b].0.name.as_str()));
-                let names: Vec<ImmutableString> = m.0.iter().map(|(k, _)| k.name.clone()).collect();
+                let keys: Vec<RecordField> =
+                    m.0.iter()
+                        .map(|(k, _)| RecordField::new(k.name.clone(), 0, None))
+                        .collect();
                 let fields =
                     m.0.iter()
                         .map(|(_, v)| self.expr(v))
@@ -1325,8 +1484,8 @@ impl Cx<'_> {
                     let mut ctx = fr.rt.ctx.borrow_mut();
                     ctx.check_active("emit").map_err(|e| fill(e, pos))?;
                     ctx.publish_with(|out, limit| {
-                        let entries = order.iter().map(|&i| (names[i].as_str(), &values[i]));
-                        crate::json::write_entries(out, entries, limit)
+                        let entries = order.iter().map(|&i| (&*keys[i].key, &values[i]));
+                        crate::json::write_encoded_entries(out, entries, limit)
                     })
                     .map_err(|e| fill(e, pos))?;
                     Ok(Dynamic::UNIT)
@@ -1412,6 +1571,99 @@ impl Cx<'_> {
                 None => call_helper(fr, &helper, None, values, pos),
             }
         }))
+    }
+}
+
+/// A local map that is never a map: `let m = #{...}` whose later uses are only `m.f = v`,
+/// reads of the literal's fields and `emit(m)` (see [`Cx::record_fields`]). Each field is a
+/// local of its own, and `emit(m)` encodes them straight to JSON, as the map would be encoded.
+struct Record {
+    /// In key order, as a map holds them.
+    fields: Vec<RecordField>,
+}
+
+struct RecordField {
+    name: ImmutableString,
+    /// `"name":`, encoded once.
+    key: Box<[u8]>,
+    slot: usize,
+    /// For a field the literal does not make: the local saying whether it was given.
+    present: Option<usize>,
+}
+
+impl RecordField {
+    fn new(name: ImmutableString, slot: usize, present: Option<usize>) -> Self {
+        let mut key = Vec::with_capacity(name.len() + 3);
+        crate::json::write_str(&mut key, &name);
+        key.push(b':');
+        RecordField {
+            name,
+            key: key.into_boxed_slice(),
+            slot,
+            present,
+        }
+    }
+}
+
+impl Record {
+    fn field(&self, name: &str) -> Option<&RecordField> {
+        self.fields.iter().find(|f| f.name.as_str() == name)
+    }
+
+    /// The record as the JSON object of the map it stands for.
+    fn write(
+        &self,
+        locals: &[Dynamic],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), crate::json::EncodeError> {
+        let present = self.fields.iter().filter(|f| match f.present {
+            None => true,
+            Some(p) => locals[p].as_bool().unwrap_or(false),
+        });
+        crate::json::write_encoded_entries(out, present.map(|f| (&*f.key, &locals[f.slot])), limit)
+    }
+}
+
+/// Whether the use of a record's variable `var` at the end of `path` is one a record handles:
+/// `m.f = v` (the field noted in `extra` when the literal does not make it), a read `m.f` of a
+/// field of the literal, or `emit(m)`.
+fn record_use(
+    path: &[ASTNode],
+    var: &Expr,
+    literal: &[&str],
+    extra: &mut Vec<ImmutableString>,
+) -> bool {
+    let n = path.len();
+    let parent = n.checked_sub(2).map(|i| &path[i]);
+    let grand = n.checked_sub(3).map(|i| &path[i]);
+    match parent {
+        Some(ASTNode::Expr(dot @ Expr::Dot(be, ..))) if std::ptr::eq(&be.lhs, var) => {
+            let Expr::Property(p, _) = &be.rhs else {
+                return false;
+            };
+            let field = &p.2;
+            if let Some(ASTNode::Stmt(Stmt::Assignment(a))) = grand {
+                if std::ptr::eq(&a.1.lhs, *dot) {
+                    if a.0.is_op_assignment() {
+                        return false;
+                    }
+                    if !literal.contains(&field.as_str()) && !extra.contains(field) {
+                        extra.push(field.clone());
+                    }
+                    return true;
+                }
+            }
+            literal.contains(&field.as_str())
+        }
+        Some(ASTNode::Expr(Expr::FnCall(call, _))) | Some(ASTNode::Stmt(Stmt::FnCall(call, _))) => {
+            call.name.as_str() == "emit"
+                && call.args.len() == 1
+                && call.namespace.is_empty()
+                && call.op_token.is_none()
+                && !call.capture_parent_scope
+        }
+        _ => false,
     }
 }
 
