@@ -251,6 +251,8 @@ pub struct Compiled {
     on_timer: Option<usize>,
     pub layout: Rc<Layout>,
     helpers: AST,
+    /// The locals of the last call, kept for the next (empty between calls).
+    scratch: RefCell<Vec<Dynamic>>,
 }
 
 impl Compiled {
@@ -293,15 +295,22 @@ impl Compiled {
         };
         let f = self.table[index].get().expect("compiled");
         let mut ops = 0;
+        // The frame's locals reuse one buffer: no allocation per call.
+        let mut locals = self.scratch.take();
+        locals.resize(f.locals.max(1), Dynamic::UNIT);
         let mut frame = Frame {
-            locals: vec![Dynamic::UNIT; f.locals.max(1)],
+            locals,
             this: Some(slots),
             rt,
             helpers: &self.helpers,
             ops: &mut ops,
         };
         frame.locals[0] = arg;
-        run_body(&f.body, &mut frame).map(|_| ())
+        let result = run_body(&f.body, &mut frame).map(|_| ());
+        let mut locals = frame.locals;
+        locals.clear();
+        self.scratch.replace(locals);
+        result
     }
 }
 
@@ -506,6 +515,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
         on_timer: find("on_timer"),
         layout,
         helpers: helper_ast,
+        scratch: RefCell::new(Vec::new()),
     };
     (Some(compiled), report)
 }
@@ -1216,9 +1226,10 @@ impl Cx<'_> {
             if self.ev_local == Some(*i) {
                 let (i, name, ppos) = (*i, name.clone(), *ppos);
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+                let hint = std::cell::Cell::new(0);
                 return Ok(Box::new(move |fr| {
                     if let Some(ev) = fr.locals[i].read_lock::<Event>() {
-                        return Ok(ev.get(&name));
+                        return Ok(ev.get_hinted(&name, &hint));
                     }
                     let (engine, helpers) = (fr.rt.engine, fr.helpers);
                     run_helper(
