@@ -1991,6 +1991,33 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
             _ => None,
         });
     }
+    // Values of two different standard types, not both numbers (`x != ()` on a float): Rhai's
+    // default for comparing different types, `!=` true and every other comparison false.
+    let kind = |d: &Dynamic| {
+        if d.is_unit() {
+            Some(0)
+        } else if d.is_int() || d.is_float() {
+            Some(1)
+        } else if d.is_bool() {
+            Some(2)
+        } else if d.is_string() {
+            // (Not a char: Rhai compares a char with a string.)
+            Some(3)
+        } else {
+            None
+        }
+    };
+    if let (Some(a), Some(b)) = (kind(x), kind(y)) {
+        if a != b {
+            return Ok(match op {
+                NotEqualsTo => Some(Dynamic::TRUE),
+                EqualsTo | GreaterThan | GreaterThanEqualsTo | LessThan | LessThanEqualsTo => {
+                    Some(Dynamic::FALSE)
+                }
+                _ => None,
+            });
+        }
+    }
     Ok(None)
 }
 
@@ -2047,6 +2074,35 @@ mod tests {
             State::from_dynamic(Dynamic::from_int(1), None),
             Ok(State::Map(_))
         ));
+    }
+
+    #[test]
+    fn comparisons_of_different_types_are_rhais() {
+        let engine = Engine::new();
+        let values = ["1.5", "()", "true", "2", "\"a\""];
+        let ops = [
+            ("==", Token::EqualsTo),
+            ("!=", Token::NotEqualsTo),
+            ("<", Token::LessThan),
+            ("<=", Token::LessThanEqualsTo),
+            (">", Token::GreaterThan),
+            (">=", Token::GreaterThanEqualsTo),
+        ];
+        for a in values {
+            for b in values {
+                for (text, op) in &ops {
+                    let want = engine.eval::<bool>(&format!("{a} {text} {b}")).ok();
+                    let x = engine.eval::<Dynamic>(a).unwrap();
+                    let y = engine.eval::<Dynamic>(b).unwrap();
+                    match fast_binop(op, &x, &y, Position::NONE) {
+                        Ok(Some(v)) => assert_eq!(v.as_bool().ok(), want, "{a} {text} {b}"),
+                        // Left to the interpreter: nothing to hold to.
+                        Ok(None) => {}
+                        Err(e) => panic!("{a} {text} {b}: {e}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]
