@@ -7,10 +7,12 @@
 //! map looked up by name), event fields read from the parsed tape, operators on integers,
 //! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages,
 //! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
-//! and calls of script functions without the interpreter. Every other native call (a plugin
-//! method, a property of a plugin object, an operator on other types) goes through a one-line
-//! helper function that the same Rhai engine runs, so its result and its error are exactly the
-//! interpreter's; the error is moved to the position of the call in the query.
+//! and calls of script functions without the interpreter. A local map that is only given
+//! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
+//! `emit`, never a `rhai::Map`. Every other native call (a plugin method, a property of a
+//! plugin object, an operator on other types) goes through a one-line helper function that the
+//! same Rhai engine runs, so its result and its error are exactly the interpreter's; the error
+//! is moved to the position of the call in the query.
 //!
 //! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
 //! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
