@@ -55,6 +55,9 @@ workloads=(
   "sensor_failure_interpreted_2k|sensors2k|interpreter|sensor_failure"
   "player_stats_20k|games|auto|player_stats"
   "hashtag_sentiment_2k|social|auto|hashtag_sentiment"
+  # Not a shipped query: the compiler's hidden-query check, in the shipped queries' style.
+  "order_flow_20k|trades|auto|tests/hidden/order_flow.rhai"
+  "order_flow_interpreted_20k|trades|interpreter|tests/hidden/order_flow.rhai"
 )
 
 # Two workloads at a time (the machines have 2 cores): an instruction count does not depend on

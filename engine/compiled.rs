@@ -7,10 +7,12 @@
 //! map looked up by name), event fields read from the parsed tape, operators on integers,
 //! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages,
 //! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
-//! and calls of script functions without the interpreter. Every other native call (a plugin
-//! method, a property of a plugin object, an operator on other types) goes through a one-line
-//! helper function that the same Rhai engine runs, so its result and its error are exactly the
-//! interpreter's; the error is moved to the position of the call in the query.
+//! and calls of script functions without the interpreter. A local map that is only given
+//! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
+//! `emit`, never a `rhai::Map`. Every other native call (a plugin method, a property of a
+//! plugin object, an operator on other types) goes through a one-line helper function that the
+//! same Rhai engine runs, so its result and its error are exactly the interpreter's; the error
+//! is moved to the position of the call in the query.
 //!
 //! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
 //! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
@@ -251,6 +253,8 @@ pub struct Compiled {
     on_timer: Option<usize>,
     pub layout: Rc<Layout>,
     helpers: AST,
+    /// The locals of the last call, kept for the next (empty between calls).
+    scratch: RefCell<Vec<Dynamic>>,
 }
 
 impl Compiled {
@@ -293,15 +297,22 @@ impl Compiled {
         };
         let f = self.table[index].get().expect("compiled");
         let mut ops = 0;
+        // The frame's locals reuse one buffer: no allocation per call.
+        let mut locals = self.scratch.take();
+        locals.resize(f.locals.max(1), Dynamic::UNIT);
         let mut frame = Frame {
-            locals: vec![Dynamic::UNIT; f.locals.max(1)],
+            locals,
             this: Some(slots),
             rt,
             helpers: &self.helpers,
             ops: &mut ops,
         };
         frame.locals[0] = arg;
-        run_body(&f.body, &mut frame).map(|_| ())
+        let result = run_body(&f.body, &mut frame).map(|_| ());
+        let mut locals = frame.locals;
+        locals.clear();
+        self.scratch.replace(locals);
+        result
     }
 }
 
@@ -421,6 +432,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             helpers: &helpers,
             stack: vec![i],
             next_local: 0,
+            max_map: engine.max_map_size(),
+            records: Vec::new(),
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
             // Compiled field by field into the slots, below.
@@ -451,6 +464,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 helpers: &helpers,
                 stack: vec![init_fn],
                 next_local: 1,
+                max_map: engine.max_map_size(),
+                records: Vec::new(),
             };
             let mut compiled: Vec<EFn> = Vec::new();
             let fields = match fields {
@@ -502,6 +517,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
         on_timer: find("on_timer"),
         layout,
         helpers: helper_ast,
+        scratch: RefCell::new(Vec::new()),
     };
     (Some(compiled), report)
 }
@@ -598,6 +614,10 @@ struct Cx<'a> {
     /// Functions being compiled (to refuse recursion).
     stack: Vec<usize>,
     next_local: usize,
+    /// The engine's `max_map_len` (0: none).
+    max_map: usize,
+    /// Locals that are records: a map literal kept as one local per field (see [`Record`]).
+    records: Vec<(usize, Rc<Record>)>,
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
@@ -641,20 +661,134 @@ impl Cx<'_> {
 
     /// A new local slot for `name` (slots are never reused within a function).
     fn new_local(&mut self, name: ImmutableString) -> usize {
+        let i = self.new_slot();
+        self.names.push((name, i));
+        i
+    }
+
+    /// A new local slot without a name.
+    fn new_slot(&mut self) -> usize {
         let i = self.next_local;
         self.next_local += 1;
-        self.names.push((name, i));
         i
     }
 
     fn block(&mut self, stmts: &[Stmt]) -> Result<Vec<SFn>, Unsupported> {
         let depth = self.names.len();
+        let records = self.records.len();
         let mut out = Vec::with_capacity(stmts.len());
-        for s in stmts {
-            out.push(self.stmt(s)?);
+        for (i, s) in stmts.iter().enumerate() {
+            let record = match s {
+                Stmt::Var(v, flags, _) if !flags.intersects(ASTFlags::EXPORTED) => match &v.1 {
+                    Expr::Map(m, _) => self.record_fields(&v.0.name, &m.0, &stmts[i + 1..]),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match record {
+                Some(extra) => out.push(self.record_let(s, extra)?),
+                None => out.push(self.stmt(s)?),
+            }
         }
         self.names.truncate(depth);
+        self.records.truncate(records);
         Ok(out)
+    }
+
+    /// Whether the local map `name`, made by the literal `fields`, can be a [`Record`]: in the
+    /// statements after its `let` it is only given fields (`name.f = v`), read by fields the
+    /// literal makes (`name.f`) and emitted (`emit(name)`), and the map it would be could not
+    /// break a size limit. Returns the fields assigned that the literal does not make.
+    fn record_fields(
+        &self,
+        name: &str,
+        fields: &[(rhai::Ident, Expr)],
+        rest: &[Stmt],
+    ) -> Option<Vec<ImmutableString>> {
+        if self.index.contains_key(&("emit".to_owned(), 1)) {
+            return None;
+        }
+        let literal: Vec<&str> = fields.iter().map(|(k, _)| k.name.as_str()).collect();
+        let mut extra: Vec<ImmutableString> = Vec::new();
+        let mut ok = true;
+        for s in rest {
+            s.walk(&mut Vec::new(), &mut |path: &[ASTNode]| {
+                match path.last() {
+                    Some(ASTNode::Stmt(Stmt::Var(v, ..))) if v.0.name.as_str() == name => {
+                        ok = false;
+                    }
+                    Some(ASTNode::Expr(var @ Expr::Variable(x, ..))) if x.1.as_str() == name => {
+                        ok &= x.2.is_empty() && record_use(path, var, &literal, &mut extra);
+                    }
+                    _ => {}
+                }
+                ok
+            });
+            if !ok {
+                return None;
+            }
+        }
+        // A map of more fields than `max_map_len` fails in the interpreter: leave it to the map.
+        let max = self.max_map;
+        if max > 0 && literal.len() + extra.len() > max {
+            return None;
+        }
+        Some(extra)
+    }
+
+    /// `let name = #{...}` of a record: each field's value into its own local.
+    fn record_let(&mut self, s: &Stmt, extra: Vec<ImmutableString>) -> Result<SFn, Unsupported> {
+        let pos = s.position();
+        let Stmt::Var(v, ..) = s else {
+            unreachable!("checked by block")
+        };
+        let Expr::Map(m, _) = &v.1 else {
+            unreachable!("checked by block")
+        };
+        let values =
+            m.0.iter()
+                .map(|(_, e)| self.expr(e))
+                .collect::<Result<Vec<_>, _>>()?;
+        let own = self.new_local(v.0.name.clone());
+        let mut fields = Vec::new();
+        let mut set = Vec::new();
+        for (k, _) in &m.0 {
+            let slot = self.new_slot();
+            set.push(slot);
+            fields.push(RecordField::new(k.name.clone(), slot, None));
+        }
+        let mut absent = Vec::new();
+        for name in extra {
+            let slot = self.new_slot();
+            let present = self.new_slot();
+            absent.push(present);
+            fields.push(RecordField::new(name, slot, Some(present)));
+        }
+        fields.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        self.records.push((own, Rc::new(Record { fields })));
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            for (f, &slot) in values.iter().zip(&set) {
+                fr.locals[slot] = f(fr)?.flatten();
+            }
+            for &p in &absent {
+                fr.locals[p] = Dynamic::FALSE;
+            }
+            Ok(Flow::Normal(Dynamic::UNIT))
+        }))
+    }
+
+    /// The record a variable expression names, if any.
+    fn record(&self, e: &Expr) -> Option<Rc<Record>> {
+        let Expr::Variable(x, ..) = e else {
+            return None;
+        };
+        let i = self.local(&x.1)?;
+        self.records
+            .iter()
+            .rev()
+            .find(|(l, _)| *l == i)
+            .map(|(_, r)| Rc::clone(r))
     }
 
     fn stmt(&mut self, s: &Stmt) -> Result<SFn, Unsupported> {
@@ -764,6 +898,20 @@ impl Cx<'_> {
         pos: Position,
     ) -> Result<SFn, Unsupported> {
         let value = self.expr(&be.rhs)?;
+        if let Expr::Dot(d, ..) = &be.lhs {
+            if let (Some(record), Expr::Property(p, _)) = (self.record(&d.lhs), &d.rhs) {
+                let field = record.field(&p.2).expect("record_use saw every field");
+                let (slot, present) = (field.slot, field.present);
+                return Ok(Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    fr.locals[slot] = value(fr)?.flatten();
+                    if let Some(p) = present {
+                        fr.locals[p] = Dynamic::TRUE;
+                    }
+                    Ok(Flow::Normal(Dynamic::UNIT))
+                }));
+            }
+        }
         let op_pos = op.position();
         let binop = match op.get_op_assignment_info() {
             None => None,
@@ -931,6 +1079,9 @@ impl Cx<'_> {
                 let Some(i) = self.local(&x.1) else {
                     return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
                 };
+                if self.record(e).is_some() {
+                    return unsupported(*vpos, format!("the map `{}` as a value", x.1));
+                }
                 Box::new(move |fr| Ok(fr.locals[i].clone()))
             }
             Expr::ThisPtr(p) => return unsupported(*p, "`this` as a value"),
@@ -1036,6 +1187,10 @@ impl Cx<'_> {
     /// `a.b.c`, `a.m(x).b`, ... rooted on `this`, a local, or any value.
     fn chain(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
         let (root, segs) = flatten(e)?;
+        if let (Some(record), [Seg::Prop(name, ..)]) = (self.record(root), segs.as_slice()) {
+            let slot = record.field(name).expect("record_use saw every read").slot;
+            return Ok(Box::new(move |fr| Ok(fr.locals[slot].clone())));
+        }
         // Where the chain starts: a slot of `this`, a local (both in place), or a value.
         let mut segs = segs.as_slice();
         let start = match root {
@@ -1073,9 +1228,10 @@ impl Cx<'_> {
             if self.ev_local == Some(*i) {
                 let (i, name, ppos) = (*i, name.clone(), *ppos);
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+                let hint = std::cell::Cell::new(0);
                 return Ok(Box::new(move |fr| {
                     if let Some(ev) = fr.locals[i].read_lock::<Event>() {
-                        return Ok(ev.get(&name));
+                        return Ok(ev.get_hinted(&name, &hint));
                     }
                     let (engine, helpers) = (fr.rt.engine, fr.helpers);
                     run_helper(
@@ -1268,6 +1424,8 @@ impl Cx<'_> {
                 helpers: self.helpers,
                 stack: self.stack.clone(),
                 next_local: 0,
+                max_map: self.max_map,
+                records: Vec::new(),
             };
             inner.stack.push(i);
             inner.compile_fn(i)?;
@@ -1292,6 +1450,17 @@ impl Cx<'_> {
         if SCOPE_FUNCTIONS.contains(&name) {
             return unsupported(pos, format!("`{name}`"));
         }
+        if let (("emit", 1), Some(record)) =
+            ((name, n), call.args.first().and_then(|a| self.record(a)))
+        {
+            return Ok(Box::new(move |fr| {
+                let mut ctx = fr.rt.ctx.borrow_mut();
+                ctx.check_active("emit").map_err(|e| fill(e, pos))?;
+                ctx.publish_with(|out, limit| record.write(&fr.locals, out, limit))
+                    .map_err(|e| fill(e, pos))?;
+                Ok(Dynamic::UNIT)
+            }));
+        }
         let mut args = call
             .args
             .iter()
@@ -1312,7 +1481,10 @@ impl Cx<'_> {
                 };
                 let mut order: Vec<usize> = (0..m.0.len()).collect();
                 order.sort_by(|&a, &b| m.0[a].0.name.as_str().cmp(m.0[b].0.name.as_str()));
-                let names: Vec<ImmutableString> = m.0.iter().map(|(k, _)| k.name.clone()).collect();
+                let keys: Vec<RecordField> =
+                    m.0.iter()
+                        .map(|(k, _)| RecordField::new(k.name.clone(), 0, None))
+                        .collect();
                 let fields =
                     m.0.iter()
                         .map(|(_, v)| self.expr(v))
@@ -1325,8 +1497,8 @@ impl Cx<'_> {
                     let mut ctx = fr.rt.ctx.borrow_mut();
                     ctx.check_active("emit").map_err(|e| fill(e, pos))?;
                     ctx.publish_with(|out, limit| {
-                        let entries = order.iter().map(|&i| (names[i].as_str(), &values[i]));
-                        crate::json::write_entries(out, entries, limit)
+                        let entries = order.iter().map(|&i| (&*keys[i].key, &values[i]));
+                        crate::json::write_encoded_entries(out, entries, limit)
                     })
                     .map_err(|e| fill(e, pos))?;
                     Ok(Dynamic::UNIT)
@@ -1412,6 +1584,99 @@ impl Cx<'_> {
                 None => call_helper(fr, &helper, None, values, pos),
             }
         }))
+    }
+}
+
+/// A local map that is never a map: `let m = #{...}` whose later uses are only `m.f = v`,
+/// reads of the literal's fields and `emit(m)` (see [`Cx::record_fields`]). Each field is a
+/// local of its own, and `emit(m)` encodes them straight to JSON, as the map would be encoded.
+struct Record {
+    /// In key order, as a map holds them.
+    fields: Vec<RecordField>,
+}
+
+struct RecordField {
+    name: ImmutableString,
+    /// `"name":`, encoded once.
+    key: Box<[u8]>,
+    slot: usize,
+    /// For a field the literal does not make: the local saying whether it was given.
+    present: Option<usize>,
+}
+
+impl RecordField {
+    fn new(name: ImmutableString, slot: usize, present: Option<usize>) -> Self {
+        let mut key = Vec::with_capacity(name.len() + 3);
+        crate::json::write_str(&mut key, &name);
+        key.push(b':');
+        RecordField {
+            name,
+            key: key.into_boxed_slice(),
+            slot,
+            present,
+        }
+    }
+}
+
+impl Record {
+    fn field(&self, name: &str) -> Option<&RecordField> {
+        self.fields.iter().find(|f| f.name.as_str() == name)
+    }
+
+    /// The record as the JSON object of the map it stands for.
+    fn write(
+        &self,
+        locals: &[Dynamic],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), crate::json::EncodeError> {
+        let present = self.fields.iter().filter(|f| match f.present {
+            None => true,
+            Some(p) => locals[p].as_bool().unwrap_or(false),
+        });
+        crate::json::write_encoded_entries(out, present.map(|f| (&*f.key, &locals[f.slot])), limit)
+    }
+}
+
+/// Whether the use of a record's variable `var` at the end of `path` is one a record handles:
+/// `m.f = v` (the field noted in `extra` when the literal does not make it), a read `m.f` of a
+/// field of the literal, or `emit(m)`.
+fn record_use(
+    path: &[ASTNode],
+    var: &Expr,
+    literal: &[&str],
+    extra: &mut Vec<ImmutableString>,
+) -> bool {
+    let n = path.len();
+    let parent = n.checked_sub(2).map(|i| &path[i]);
+    let grand = n.checked_sub(3).map(|i| &path[i]);
+    match parent {
+        Some(ASTNode::Expr(dot @ Expr::Dot(be, ..))) if std::ptr::eq(&be.lhs, var) => {
+            let Expr::Property(p, _) = &be.rhs else {
+                return false;
+            };
+            let field = &p.2;
+            if let Some(ASTNode::Stmt(Stmt::Assignment(a))) = grand {
+                if std::ptr::eq(&a.1.lhs, *dot) {
+                    if a.0.is_op_assignment() {
+                        return false;
+                    }
+                    if !literal.contains(&field.as_str()) && !extra.contains(field) {
+                        extra.push(field.clone());
+                    }
+                    return true;
+                }
+            }
+            literal.contains(&field.as_str())
+        }
+        Some(ASTNode::Expr(Expr::FnCall(call, _))) | Some(ASTNode::Stmt(Stmt::FnCall(call, _))) => {
+            call.name.as_str() == "emit"
+                && call.args.len() == 1
+                && call.namespace.is_empty()
+                && call.op_token.is_none()
+                && !call.capture_parent_scope
+        }
+        _ => false,
     }
 }
 
@@ -1728,6 +1993,33 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
             _ => None,
         });
     }
+    // Values of two different standard types, not both numbers (`x != ()` on a float): Rhai's
+    // default for comparing different types, `!=` true and every other comparison false.
+    let kind = |d: &Dynamic| {
+        if d.is_unit() {
+            Some(0)
+        } else if d.is_int() || d.is_float() {
+            Some(1)
+        } else if d.is_bool() {
+            Some(2)
+        } else if d.is_string() {
+            // (Not a char: Rhai compares a char with a string.)
+            Some(3)
+        } else {
+            None
+        }
+    };
+    if let (Some(a), Some(b)) = (kind(x), kind(y)) {
+        if a != b {
+            return Ok(match op {
+                NotEqualsTo => Some(Dynamic::TRUE),
+                EqualsTo | GreaterThan | GreaterThanEqualsTo | LessThan | LessThanEqualsTo => {
+                    Some(Dynamic::FALSE)
+                }
+                _ => None,
+            });
+        }
+    }
     Ok(None)
 }
 
@@ -1784,6 +2076,35 @@ mod tests {
             State::from_dynamic(Dynamic::from_int(1), None),
             Ok(State::Map(_))
         ));
+    }
+
+    #[test]
+    fn comparisons_of_different_types_are_rhais() {
+        let engine = Engine::new();
+        let values = ["1.5", "()", "true", "2", "\"a\""];
+        let ops = [
+            ("==", Token::EqualsTo),
+            ("!=", Token::NotEqualsTo),
+            ("<", Token::LessThan),
+            ("<=", Token::LessThanEqualsTo),
+            (">", Token::GreaterThan),
+            (">=", Token::GreaterThanEqualsTo),
+        ];
+        for a in values {
+            for b in values {
+                for (text, op) in &ops {
+                    let want = engine.eval::<bool>(&format!("{a} {text} {b}")).ok();
+                    let x = engine.eval::<Dynamic>(a).unwrap();
+                    let y = engine.eval::<Dynamic>(b).unwrap();
+                    match fast_binop(op, &x, &y, Position::NONE) {
+                        Ok(Some(v)) => assert_eq!(v.as_bool().ok(), want, "{a} {text} {b}"),
+                        // Left to the interpreter: nothing to hold to.
+                        Ok(None) => {}
+                        Err(e) => panic!("{a} {text} {b}: {e}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

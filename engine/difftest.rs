@@ -178,9 +178,22 @@ impl Writer<'_> {
                 10 => {
                     let name = format!("m{}", self.next);
                     self.next += 1;
-                    out.push_str(&format!("let {name} = {};\n", self.emit_map()));
-                    out.push_str(&format!("{name}.extra = {};\n", self.expr(1)));
-                    out.push_str(&format!("emit(\"side\", {name});\n"));
+                    let map = self.emit_map();
+                    out.push_str(&format!("let {name} = {map};\n"));
+                    if self.g.chance(50) {
+                        // A local map only given fields, read and emitted: a record, never a
+                        // map, in the compiled code; a field given on one branch only.
+                        let first = map[3..].split(':').next().unwrap_or("v").to_owned();
+                        out.push_str(&format!("if {} {{\n", self.cond(1)));
+                        out.push_str(&format!("{name}.extra = {};\n", self.expr(1)));
+                        out.push_str("}\n");
+                        out.push_str(&format!("{name}.{first} = {};\n", self.expr(1)));
+                        out.push_str(&format!("{name}.again = {name}.{first};\n"));
+                        out.push_str(&format!("emit({name});\n"));
+                    } else {
+                        out.push_str(&format!("{name}.extra = {};\n", self.expr(1)));
+                        out.push_str(&format!("emit(\"side\", {name});\n"));
+                    }
                 }
                 11 if timers => out.push_str(&format!("set_timer({});\n", self.expr(1))),
                 12 if depth < 2 && self.g.chance(20) => out.push_str("return;\n"),

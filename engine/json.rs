@@ -222,21 +222,21 @@ fn write_value(out: &mut Vec<u8>, value: &Dynamic, depth: usize) -> Result<(), E
     Ok(())
 }
 
-/// Writes a map given as its entries in key order, exactly as [`write_dynamic`] writes a
-/// `rhai::Map` holding them, failing past `limit` bytes of output.
-pub fn write_entries<'a>(
+/// Writes a map given as its entries in key order, each key already written as `"key":`,
+/// exactly as [`write_dynamic`] writes a `rhai::Map` holding them, failing past `limit` bytes
+/// of output.
+pub fn write_encoded_entries<'a>(
     out: &mut Vec<u8>,
-    entries: impl Iterator<Item = (&'a str, &'a Dynamic)>,
+    entries: impl Iterator<Item = (&'a [u8], &'a Dynamic)>,
     limit: usize,
 ) -> Result<(), EncodeError> {
     let start = out.len();
     out.push(b'{');
-    for (i, (name, item)) in entries.enumerate() {
+    for (i, (key, item)) in entries.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, name);
-        out.push(b':');
+        out.extend_from_slice(key);
         write_value(out, item, 1)?;
     }
     out.push(b'}');

@@ -36,7 +36,7 @@
 //! cost a full walk per call.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use indexmap::IndexMap;
 use std::rc::Rc;
@@ -171,8 +171,12 @@ struct KeyState {
     /// The last checkpoint this key's state was copied for, or that began after it was made
     /// (see [`Shard::begin_export`]).
     exported: u64,
-    /// The stamp of the key's current entry in its query's [`Recency`] (0: none yet).
-    seen: u64,
+    /// The keys seen just before and just after this one, as indexes of its query's states, in
+    /// its query's [`Recency`] list ([`NIL`]: none).
+    prev: usize,
+    next: usize,
+    /// Whether the key is in the [`Recency`] list.
+    linked: bool,
     /// The newest event time seen for the key, for `key_ttl`.
     seen_time: i64,
 }
@@ -184,7 +188,9 @@ impl KeyState {
             timers: Vec::new(),
             unmeasured: 0,
             exported: 0,
-            seen: 0,
+            prev: NIL,
+            next: NIL,
+            linked: false,
             seen_time: i64::MIN,
         }
     }
@@ -266,49 +272,104 @@ impl KeyLimitReport {
 /// keys at a time.
 type States = IndexMap<Key, KeyState, foldhash::fast::RandomState>;
 
+/// No key, in the links of [`Recency`].
+const NIL: usize = usize::MAX;
+
 /// The order in which a query's keys were last seen, for `max_keys_per_query` (the least
 /// recently seen key is the one evicted) and `key_ttl` (keys are forgotten from the oldest on).
 ///
-/// A queue of `(stamp, key)`: seeing a key pushes a new entry and gives the key that stamp
-/// ([`KeyState::seen`]); an entry whose stamp is no longer its key's is stale and skipped when it
-/// reaches the front. Stale entries are compacted away when they outnumber the keys, so the queue
-/// holds at most about twice as many entries as there are keys, and seeing a key costs one push
-/// (none when it is already the most recent).
-#[derive(Default)]
+/// A doubly linked list through the key states themselves ([`KeyState::prev`] and
+/// [`KeyState::next`] are indexes into the query's index map), from the least recently seen key
+/// (`head`) to the most recent (`tail`). Seeing a key moves it to the tail by index, with no
+/// hashing and no allocation; removing a key fixes the links of the key that
+/// `swap_remove_index` moves into its place ([`Recency::remove`]).
 struct Recency {
-    queue: VecDeque<(u64, Key)>,
-    /// The last stamp given.
-    last: u64,
+    head: usize,
+    tail: usize,
+}
+
+impl Default for Recency {
+    fn default() -> Self {
+        Recency {
+            head: NIL,
+            tail: NIL,
+        }
+    }
 }
 
 impl Recency {
-    /// `key` was just seen, at event time `time`.
-    fn touch(&mut self, states: &mut States, key: &Key, time: i64) {
-        let Some(entry) = states.get_mut(key) else {
-            return;
-        };
+    /// The key at `index` was just seen, at event time `time`.
+    fn touch(&mut self, states: &mut States, index: usize, time: i64) {
+        let entry = &mut states[index];
         entry.seen_time = entry.seen_time.max(time);
-        if entry.seen != 0 && entry.seen == self.last {
+        if self.tail == index {
             return;
         }
-        self.last += 1;
-        entry.seen = self.last;
-        self.queue.push_back((self.last, key.clone()));
-        if self.queue.len() > 2 * states.len() + 64 {
-            self.queue
-                .retain(|(stamp, k)| states.get(k).is_some_and(|e| e.seen == *stamp));
+        if entry.linked {
+            self.unlink(states, index);
+        }
+        let tail = self.tail;
+        let entry = &mut states[index];
+        entry.prev = tail;
+        entry.next = NIL;
+        entry.linked = true;
+        match tail {
+            NIL => self.head = index,
+            t => states[t].next = index,
+        }
+        self.tail = index;
+    }
+
+    /// `key` was just seen, at event time `time` (nothing if it has no state).
+    fn touch_key(&mut self, states: &mut States, key: &Key, time: i64) {
+        if let Some(index) = states.get_index_of(key) {
+            self.touch(states, index, time);
         }
     }
 
-    /// The least recently seen key still held, with stale entries before it dropped.
-    fn oldest<'a>(&'a mut self, states: &States) -> Option<&'a Key> {
-        while let Some((stamp, key)) = self.queue.front() {
-            if states.get(key).is_some_and(|e| e.seen == *stamp) {
-                return self.queue.front().map(|(_, k)| k);
-            }
-            self.queue.pop_front();
+    fn unlink(&mut self, states: &mut States, index: usize) {
+        let entry = &mut states[index];
+        let (prev, next) = (entry.prev, entry.next);
+        entry.linked = false;
+        entry.prev = NIL;
+        entry.next = NIL;
+        match prev {
+            NIL => self.head = next,
+            p => states[p].next = next,
         }
-        None
+        match next {
+            NIL => self.tail = prev,
+            n => states[n].prev = prev,
+        }
+    }
+
+    /// Before `states.swap_remove_index(index)`: takes the key out of the list, and points the
+    /// links of the last key, which is about to move to `index`, there.
+    fn remove(&mut self, states: &mut States, index: usize) {
+        if states[index].linked {
+            self.unlink(states, index);
+        }
+        let last = states.len() - 1;
+        if last == index || !states[last].linked {
+            return;
+        }
+        let (prev, next) = (states[last].prev, states[last].next);
+        match prev {
+            NIL => self.head = index,
+            p => states[p].next = index,
+        }
+        match next {
+            NIL => self.tail = index,
+            n => states[n].prev = index,
+        }
+    }
+
+    /// The least recently seen key still held.
+    fn oldest<'a>(&self, states: &'a States) -> Option<&'a Key> {
+        match self.head {
+            NIL => None,
+            h => states.get_index(h).map(|(k, _)| k),
+        }
     }
 }
 
@@ -811,8 +872,13 @@ impl Shard {
             };
             let mut entry = KeyState::new(state);
             entry.timers = k.timers;
-            q.states.insert(key.clone(), entry);
-            q.recency.touch(&mut q.states, &key, k.seen_time);
+            let (index, old) = q.states.insert_full(key.clone(), entry);
+            if let Some(old) = old {
+                // Held already: it keeps its place in the list until touched.
+                let entry = &mut q.states[index];
+                (entry.prev, entry.next, entry.linked) = (old.prev, old.next, old.linked);
+            }
+            q.recency.touch(&mut q.states, index, k.seen_time);
         }
         restored
     }
@@ -923,27 +989,34 @@ impl Call<'_> {
     }
 
     fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, time: i64, now: i64) {
-        if !q.states.contains_key(&key) {
-            if q.states.len() >= self.limits.max_keys_per_query && !self.make_room(q, &key) {
-                return;
-            }
-            let state = if q.def.functions.init {
-                match self.init(q, &key, now) {
-                    Some(state) => state,
-                    None => return,
-                }
-            } else if q.compiled.is_some() {
-                State::Slots(Box::new([]))
-            } else {
-                State::Map(Dynamic::from_map(rhai::Map::new()))
-            };
-            let mut entry = KeyState::new(state);
-            // Made after a checkpoint in progress began: not part of it.
-            entry.exported = q.export.as_ref().map_or(0, |e| e.epoch);
-            q.states.insert(key.clone(), entry);
+        let index = match q.states.get_index_of(&key) {
+            Some(index) => index,
+            None => match self.new_key(q, &key, now) {
+                Some(index) => index,
+                None => return,
+            },
+        };
+        q.recency.touch(&mut q.states, index, time);
+        self.run_at(q, index, key, "on_event", Dynamic::from(event), now);
+    }
+
+    /// Makes the state of a new key (room for it, then `init`): its index, or `None` when it
+    /// was refused or `init` failed.
+    fn new_key(&mut self, q: &mut QueryRuntime, key: &Key, now: i64) -> Option<usize> {
+        if q.states.len() >= self.limits.max_keys_per_query && !self.make_room(q, key) {
+            return None;
         }
-        q.recency.touch(&mut q.states, &key, time);
-        self.run(q, key, "on_event", Dynamic::from(event), now);
+        let state = if q.def.functions.init {
+            self.init(q, key, now)?
+        } else if q.compiled.is_some() {
+            State::Slots(Box::new([]))
+        } else {
+            State::Map(Dynamic::from_map(rhai::Map::new()))
+        };
+        let mut entry = KeyState::new(state);
+        // Made after a checkpoint in progress began: not part of it.
+        entry.exported = q.export.as_ref().map_or(0, |e| e.epoch);
+        Some(q.states.insert_full(key.clone(), entry).0)
     }
 
     /// The query holds `max_keys_per_query` keys and `key` is new: evicts the least recently
@@ -980,7 +1053,7 @@ impl Call<'_> {
             return;
         };
         let horizon = q.watermark.saturating_sub(ttl);
-        let mut budget = q.recency.queue.len();
+        let mut budget = q.states.len();
         while budget > 0 {
             budget -= 1;
             let Some(key) = q.recency.oldest(&q.states) else {
@@ -993,11 +1066,7 @@ impl Call<'_> {
             let (key, waiting) = (key.clone(), !entry.timers.is_empty());
             if waiting {
                 // Behind the others it may expire later, once its timers have fired.
-                q.recency.queue.pop_front();
-                let entry = q.states.get_mut(&key).expect("held");
-                entry.seen = 0;
-                let time = entry.seen_time;
-                q.recency.touch(&mut q.states, &key, time);
+                q.recency.touch_key(&mut q.states, &key, i64::MIN);
             } else {
                 drop_key(q, &key);
                 q.stats.keys_expired += 1;
@@ -1054,9 +1123,23 @@ impl Call<'_> {
         arg: Dynamic,
         now: i64,
     ) {
-        let Some(entry) = q.states.get_mut(&key) else {
+        let Some(index) = q.states.get_index_of(&key) else {
             return;
         };
+        self.run_at(q, index, key, function, arg, now);
+    }
+
+    /// [`Call::run`] of the key at `index` of the query's states.
+    fn run_at(
+        &mut self,
+        q: &mut QueryRuntime,
+        index: usize,
+        key: Key,
+        function: &'static str,
+        arg: Dynamic,
+        now: i64,
+    ) {
+        let entry = &mut q.states[index];
         self.begin_raw(&q.topics, q.def.functions.on_timer, &key, q.watermark, now);
         let started = (q.eval_ns.is_some() || self.budget.is_some()).then(Instant::now);
         let result = match (&q.compiled, &mut entry.state) {
@@ -1494,7 +1577,9 @@ fn drop_key(q: &mut QueryRuntime, key: &Key) {
             export_key(q, &moved);
         }
     }
-    if let Some(entry) = q.states.swap_remove(key) {
+    if let Some(index) = q.states.get_index_of(key) {
+        q.recency.remove(&mut q.states, index);
+        let (_, entry) = q.states.swap_remove_index(index).expect("held");
         for t in entry.timers {
             q.timers.remove(&(t, key.clone()));
         }

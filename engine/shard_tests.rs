@@ -933,3 +933,59 @@ fn late_and_error_items_are_bounded_per_batch_and_the_rest_counted() {
     let stats = shard.stats(crate::QueryId(1)).unwrap();
     assert_eq!((stats.errors, stats.late), (200, 100));
 }
+
+/// The recency list against a plain model (a vector, least recently seen first), through
+/// touches, new keys and removals that move the last key into the removed one's place.
+#[test]
+fn the_recency_list_keeps_the_order_keys_were_last_seen_through_removals() {
+    use super::{KeyState, Recency, State, States};
+    use crate::key::Key;
+    let mut states = States::default();
+    let mut recency = Recency::default();
+    let mut model: Vec<i64> = Vec::new();
+    // A fixed pseudo-random walk (xorshift), so that a failure repeats.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for step in 0..20_000 {
+        let key = next(40) as i64;
+        match next(4) {
+            0 if !model.is_empty() => {
+                // Remove a key as drop_key does.
+                let k = model[next(model.len() as u64) as usize];
+                let index = states.get_index_of(&Key::Int(k)).expect("held");
+                recency.remove(&mut states, index);
+                states.swap_remove_index(index);
+                model.retain(|&m| m != k);
+            }
+            _ => {
+                let index = match states.get_index_of(&Key::Int(key)) {
+                    Some(i) => i,
+                    None => {
+                        let entry = KeyState::new(State::Slots(Box::new([])));
+                        states.insert_full(Key::Int(key), entry).0
+                    }
+                };
+                recency.touch(&mut states, index, step);
+                model.retain(|&m| m != key);
+                model.push(key);
+            }
+        }
+        let oldest = recency.oldest(&states).cloned();
+        assert_eq!(oldest, model.first().map(|&k| Key::Int(k)), "step {step}");
+    }
+    // Walking the whole list from the oldest gives the model's order.
+    let mut order = Vec::new();
+    let mut at = recency.head;
+    while at != super::NIL {
+        let (k, e) = states.get_index(at).expect("linked");
+        order.push(k.clone());
+        at = e.next;
+    }
+    let want: Vec<Key> = model.iter().map(|&k| Key::Int(k)).collect();
+    assert_eq!(order, want);
+}

@@ -185,3 +185,117 @@ fn hostile_scripts_that_compile_are_stopped_alike() {
         );
     }
 }
+
+/// A query the compiler was not written against, in the shipped queries' style (sums on state
+/// fields, ratios, an emitted map literal): it compiles, writes the same bytes on both engines,
+/// and its figures are those of a plain computation over the same trades.
+#[test]
+fn a_hidden_query_in_the_shipped_style_compiles_and_computes_its_figures() {
+    let limits = limits();
+    let script = include_str!("hidden/order_flow.rhai");
+    let def = QueryDef::compile("order_flow", script, &limits).expect("compiles as a query");
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = synth::generate(Scenario::Trades, 11, 3000, 1_700_000_000_000, 50);
+    let out = run(&def, &input, &limits, EngineMode::Auto);
+    assert!(out == run(&def, &input, &limits, EngineMode::Interpreter));
+
+    // The same figures, by hand: per symbol, in input order.
+    #[derive(Default)]
+    struct Flow {
+        large: i64,
+        small: i64,
+        notional: f64,
+        count: i64,
+        high: f64,
+    }
+    let mut flows: std::collections::HashMap<String, Flow> = Default::default();
+    let mut want = Vec::new();
+    for line in input.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let t: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let (price, size) = (t["price"].as_f64().unwrap(), t["size"].as_i64().unwrap());
+        let f = flows
+            .entry(t["symbol"].as_str().unwrap().to_owned())
+            .or_default();
+        f.count += 1;
+        f.notional += price * size as f64;
+        if size >= 500 {
+            f.large += size;
+        } else {
+            f.small += size;
+        }
+        f.high = f.high.max(price);
+        let volume = (f.large + f.small) as f64;
+        want.push((
+            f.large as f64 / volume,
+            f.notional / f.count as f64,
+            f.high,
+            f.count,
+        ));
+    }
+    let got: Vec<serde_json::Value> = out
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    for (item, (share, avg, high, trades)) in got.iter().zip(want) {
+        let v = &item["value"];
+        assert!(close(v["large_share"].as_f64().unwrap(), share), "{v}");
+        assert!(close(v["avg_notional"].as_f64().unwrap(), avg), "{v}");
+        assert!(close(v["high"].as_f64().unwrap(), high), "{v}");
+        assert_eq!(v["trades"].as_i64(), Some(trades), "{v}");
+    }
+}
+
+/// A local map used as a map (passed on, changed by an operator) is not a record, and one that
+/// is only given fields and emitted is: both write the same bytes on both engines, and the
+/// record's fields come out in key order with the optional one only when it was given.
+#[test]
+fn local_maps_emitted_as_records_or_as_maps_write_the_same_bytes() {
+    let limits = limits();
+    let record = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            this.n += 1;
+            let out = #{ z: ev.x, a: this.n };
+            if ev.x > 1 { out.flag = true; }
+            out.a = out.a * 10;
+            emit(out);
+            out.z = ();
+            emit(out);
+        }"#;
+    let as_map = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            let out = #{ z: ev.x, a: 1 };
+            out.a += 1;
+            emit(out);
+            emit("side", out);
+        }"#;
+    let input = b"{\"k\":\"a\",\"x\":1}\n{\"k\":\"a\",\"x\":2}\n".to_vec();
+    for script in [record, as_map] {
+        let def = QueryDef::compile("q", script, &limits).unwrap();
+        assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+        let a = run(&def, &input, &limits, EngineMode::Auto);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&run(&def, &input, &limits, EngineMode::Interpreter))
+        );
+    }
+    let def = QueryDef::compile("q", record, &limits).unwrap();
+    let out = String::from_utf8(run(&def, &input, &limits, EngineMode::Auto)).unwrap();
+    let values: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].to_string())
+        .collect();
+    assert_eq!(
+        values,
+        [
+            r#"{"a":10,"z":1}"#,
+            r#"{"a":10,"z":null}"#,
+            r#"{"a":20,"flag":true,"z":2}"#,
+            r#"{"a":20,"flag":true,"z":null}"#,
+        ]
+    );
+}
