@@ -474,7 +474,7 @@ def main():
             # Durable: every reconnect of the `all` probe resumes the same stream.
             if pa.get("gone") or pa.get("resumed", 0) < len(restarts):
                 failures.append(f"probe all: {pa.get('resumed')} reconnects resumed, {pa.get('gone')} positions "
-                                f"gone, over {len(restarts)} restarts")
+                                f"gone, over {len(restarts)} restarts: {pa.get('gone_reasons')}")
         for r in restarts:
             if r["exit_code"] != 0 and r["signal"] == "TERM":
                 failures.append(f"restart at {r['t']:.0f} s: the server exited with {r['exit_code']}")

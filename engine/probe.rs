@@ -111,6 +111,8 @@ pub struct ProbeReport {
     pub resumed: u64,
     /// Reconnects whose position the server no longer had (`gone`).
     pub gone: u64,
+    /// Why, for the first few.
+    pub gone_reasons: Vec<String>,
     /// Connections lost (closed, broken or silent server).
     pub lost: u64,
     /// Attempts to connect that failed.
@@ -380,7 +382,17 @@ async fn probe(
                     pos = msg.get_str("pos").map(str::to_owned);
                 }
             }
-            Some("gone") => report.gone += 1,
+            Some("gone") => {
+                report.gone += 1;
+                if report.gone_reasons.len() < 5 {
+                    let reason = msg.get_str("reason").unwrap_or("gone");
+                    let from = msg.get_str("from").unwrap_or("");
+                    let pos = msg.get_str("pos").unwrap_or("");
+                    report
+                        .gone_reasons
+                        .push(format!("{reason} (from {from}, topic at {pos})"));
+                }
+            }
             Some("batch") => {
                 if let Some(p) = msg.get_str("pos") {
                     pos = Some(p.to_owned());

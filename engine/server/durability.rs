@@ -244,6 +244,9 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
                     .collect(),
             })
             .collect();
+        for t in &topics {
+            tracing::debug!("topic {} goes on from {}", t.topic, t.position.encode());
+        }
         let (done, restored) = tokio::sync::oneshot::channel();
         state.hub.send(HubControl::Restore { topics, done }).await;
         restored.await.map_err(|_| {
@@ -457,6 +460,9 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         counts.push(rx.await.map_err(|_| "the hub stopped".to_owned())?);
     }
     let topics = topic_positions(counts);
+    for t in &topics {
+        tracing::debug!("checkpoint at {lsn}: topic {} at {:?}", t.topic, t.counts);
+    }
     // Everything the checkpoint holds must be in the log first.
     if lsn > 0 && !d.log.wait_durable(lsn - 1).await {
         return Err("the ingest log has stopped".into());

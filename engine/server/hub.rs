@@ -286,6 +286,11 @@ fn keep_latest(
 /// Most item messages taken before the hub publishes.
 const MAX_ROUND: usize = 256;
 
+/// A topic's batch is published once it holds this many bytes, even within a round: so that
+/// batches stay a small part of `replay_bytes` (a resume can only start in a batch still
+/// kept), as they would not in a recovery's replay or a burst.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 fn run(
     data: &Receiver<HubMsg>,
     control: Receiver<HubControl>,
@@ -422,44 +427,55 @@ impl Hub {
                 return;
             }
         };
-        let settings = &self.settings;
-        for item in items {
-            let state = match self.topics.get_mut(&item.topic) {
-                Some(state) => state,
-                None => {
-                    // A named topic's first item (the others are listed from the start).
-                    self.topics_changed = true;
-                    self.topics
-                        .entry(Arc::clone(&item.topic))
-                        .or_insert_with(|| TopicState::new(query_of(&item.topic), settings))
-                }
-            };
-            state.emitted += 1;
-            if state.pending.is_empty() {
-                self.touched.push(Arc::clone(&item.topic));
-                state.pending.push(b'[');
-                state.pending_ingest = ingest;
-            } else {
-                state.pending.push(b',');
-                state.pending_ingest = match (state.pending_ingest, ingest) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let settings = &self.settings;
+            let mut full = false;
+            for item in items.by_ref() {
+                let state = match self.topics.get_mut(&item.topic) {
+                    Some(state) => state,
+                    None => {
+                        // A named topic's first item (the others are listed from the start).
+                        self.topics_changed = true;
+                        self.topics
+                            .entry(Arc::clone(&item.topic))
+                            .or_insert_with(|| TopicState::new(query_of(&item.topic), settings))
+                    }
                 };
+                state.emitted += 1;
+                if state.pending.is_empty() {
+                    self.touched.push(Arc::clone(&item.topic));
+                    state.pending.push(b'[');
+                    state.pending_ingest = ingest;
+                } else {
+                    state.pending.push(b',');
+                    state.pending_ingest = match (state.pending_ingest, ingest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                let start = state.pending.len();
+                state.pending.extend_from_slice(b"{\"key\":");
+                item.key.write_json(&mut state.pending);
+                state.pending.extend_from_slice(b",\"value\":");
+                state.pending.extend_from_slice(&item.value);
+                state.pending.push(b'}');
+                let end = state.pending.len();
+                full = end >= MAX_BATCH_BYTES;
+                let index = state.ring.next(shard);
+                state.pending_keys.push(Element {
+                    key: item.key,
+                    shard,
+                    index,
+                    range: start..end,
+                });
+                if full {
+                    break;
+                }
             }
-            let start = state.pending.len();
-            state.pending.extend_from_slice(b"{\"key\":");
-            item.key.write_json(&mut state.pending);
-            state.pending.extend_from_slice(b",\"value\":");
-            state.pending.extend_from_slice(&item.value);
-            state.pending.push(b'}');
-            let end = state.pending.len();
-            let index = state.ring.next(shard);
-            state.pending_keys.push(Element {
-                key: item.key,
-                shard,
-                index,
-                range: start..end,
-            });
+            if full {
+                self.publish();
+            }
         }
     }
 
@@ -536,7 +552,7 @@ impl Hub {
                     }
                 }
             }
-            state.ring.keep(items, keys, pos);
+            state.ring.keep(&items, &keys);
         }
     }
 

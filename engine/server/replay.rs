@@ -75,20 +75,51 @@ pub struct Element {
     pub range: Range<usize>,
 }
 
-/// A batch as the hub published it.
-struct Kept {
-    /// `[element,element,…]`.
-    items: Bytes,
-    elements: Vec<Element>,
-    /// The topic's counts after it, and the same written out.
-    end: Vec<u64>,
-    pos: Arc<str>,
+/// Past this many bytes a shard's open chunk is sealed (and shared whole by resumes after it).
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// What a kept element costs besides its bytes: its key, index and range, about.
+const ELEMENT_OVERHEAD: usize = 48;
+
+/// Consecutive items of one shard: `[` + elements joined by `,` (+ `]` once sealed).
+struct Chunk {
+    buf: Vec<u8>,
+    /// The sealed bytes, shared by every resume that takes the chunk whole.
+    sealed: Option<Bytes>,
+    /// Each element's key, index, and place in `buf`.
+    elements: Vec<(Key, u64, Range<usize>)>,
 }
 
-impl Kept {
-    fn bytes(&self) -> usize {
-        self.items.len() + self.elements.len() * std::mem::size_of::<Element>() + 64
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk {
+            buf: vec![b'['],
+            sealed: None,
+            elements: Vec::new(),
+        }
     }
+
+    /// Its elements' bytes: the sealed array, or the array being filled.
+    fn data(&self) -> &[u8] {
+        self.sealed.as_deref().unwrap_or(&self.buf)
+    }
+
+    fn bytes(&self) -> usize {
+        self.data().len() + self.elements.len() * ELEMENT_OVERHEAD
+    }
+
+    /// The index after its last element.
+    fn end(&self) -> u64 {
+        self.elements.last().map_or(0, |(_, i, _)| i + 1)
+    }
+}
+
+/// What a topic keeps of one shard's items.
+struct ShardRing {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    /// The index of the oldest item kept (the head when none is).
+    start: u64,
 }
 
 /// A batch to send again to a resuming subscriber.
@@ -126,45 +157,57 @@ impl Gone {
     }
 }
 
-/// A topic's position and its newest batches.
+/// A topic's position and its newest items, kept per shard: the shards' outputs interleave
+/// unevenly (in a recovery's replay one shard may finish long before another), and one ring
+/// over the interleaving could keep none of a shard's recent items. Each shard keeps its share
+/// of `replay_bytes`.
 pub struct Ring {
     epoch: u64,
     /// Items per shard so far.
     head: Vec<u64>,
-    /// The counts before the oldest batch kept.
-    start: Vec<u64>,
-    kept: VecDeque<Kept>,
-    bytes: usize,
+    shards: Vec<ShardRing>,
     limit: usize,
 }
 
 impl Ring {
     pub fn new(shards: usize, limit: usize) -> Ring {
-        Ring {
+        let mut ring = Ring {
             epoch: new_epoch(),
-            head: vec![0; shards],
-            start: vec![0; shards],
-            kept: VecDeque::new(),
-            bytes: 0,
+            head: Vec::new(),
+            shards: Vec::new(),
             limit,
+        };
+        ring.grow(shards);
+        ring
+    }
+
+    fn grow(&mut self, shards: usize) {
+        while self.head.len() < shards {
+            let start = 0;
+            self.head.push(start);
+            self.shards.push(ShardRing {
+                chunks: VecDeque::new(),
+                bytes: 0,
+                start,
+            });
         }
     }
 
     /// Continues from a position a checkpoint recorded (nothing before it is kept).
     pub fn restore(&mut self, position: Position) {
         self.epoch = position.epoch;
-        self.start.clone_from(&position.counts);
-        self.head = position.counts;
-        self.kept.clear();
-        self.bytes = 0;
+        self.head = Vec::new();
+        self.shards = Vec::new();
+        self.grow(position.counts.len());
+        for (s, count) in position.counts.into_iter().enumerate() {
+            self.head[s] = count;
+            self.shards[s].start = count;
+        }
     }
 
     /// The index of the next item `shard` emits, counted.
     pub fn next(&mut self, shard: usize) -> u64 {
-        if shard >= self.head.len() {
-            self.head.resize(shard + 1, 0);
-            self.start.resize(shard + 1, 0);
-        }
+        self.grow(shard + 1);
         let n = self.head[shard];
         self.head[shard] += 1;
         n
@@ -193,31 +236,59 @@ impl Ring {
 
     /// Bytes kept for replay.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.shards.iter().map(|s| s.bytes).sum()
     }
 
-    /// Keeps a published batch (`pos` is [`Ring::pos`] after its items), dropping the oldest
-    /// batches past the limit.
-    pub fn keep(&mut self, items: Bytes, elements: Vec<Element>, pos: Arc<str>) {
-        let kept = Kept {
-            items,
-            elements,
-            end: self.head.clone(),
-            pos,
-        };
-        self.bytes += kept.bytes();
-        self.kept.push_back(kept);
-        while self.bytes > self.limit {
-            let Some(old) = self.kept.pop_front() else {
-                break;
-            };
-            self.bytes -= old.bytes();
-            self.start = old.end;
+    /// Keeps the elements of a published batch (`items`), each with its shard's items; drops a
+    /// shard's oldest chunks past its share of the limit (never the chunk being filled).
+    pub fn keep(&mut self, items: &[u8], elements: &[Element]) {
+        if self.limit == 0 {
+            for ring in &mut self.shards {
+                ring.chunks.clear();
+                ring.bytes = 0;
+            }
+            for (s, ring) in self.shards.iter_mut().enumerate() {
+                ring.start = self.head[s];
+            }
+            return;
+        }
+        let share = (self.limit / self.shards.len().max(1)).max(1);
+        for e in elements {
+            self.grow(e.shard + 1);
+            let ring = &mut self.shards[e.shard];
+            if ring.chunks.back().is_none_or(|c| c.sealed.is_some()) {
+                if ring.chunks.is_empty() {
+                    ring.start = e.index;
+                }
+                ring.chunks.push_back(Chunk::new());
+            }
+            let chunk = ring.chunks.back_mut().expect("an open chunk");
+            let before = chunk.bytes();
+            if !chunk.elements.is_empty() {
+                chunk.buf.push(b',');
+            }
+            let at = chunk.buf.len();
+            chunk.buf.extend_from_slice(&items[e.range.clone()]);
+            let range = at..chunk.buf.len();
+            chunk.elements.push((e.key.clone(), e.index, range));
+            if chunk.buf.len() >= CHUNK_BYTES {
+                let mut buf = std::mem::take(&mut chunk.buf);
+                buf.push(b']');
+                chunk.sealed = Some(Bytes::from(buf));
+            }
+            ring.bytes += chunk.bytes() - before;
+            while ring.bytes > share && ring.chunks.len() > 1 {
+                let Some(old) = ring.chunks.pop_front() else {
+                    break;
+                };
+                ring.bytes -= old.bytes();
+                ring.start = old.end();
+            }
         }
     }
 
-    /// The items after `from` that `wants` takes, batch by batch as they were published; the
-    /// first may be cut (it held items from before `from` too).
+    /// The items after `from` that `wants` takes, shard by shard, in chunks; each carries the
+    /// position after it (a subscriber cut off in the middle of a replay resumes from there).
     pub fn since(
         &self,
         from: &Position,
@@ -229,39 +300,51 @@ impl Ring {
         if from.counts.iter().zip(&self.head).any(|(f, h)| f > h) {
             return Err(Gone::Ahead);
         }
-        if from.counts.iter().zip(&self.start).any(|(f, s)| f < s) {
+        if from
+            .counts
+            .iter()
+            .zip(&self.shards)
+            .any(|(f, ring)| *f < ring.start)
+        {
             return Err(Gone::TooOld);
         }
-        let new = |e: &Element| e.index >= from.counts[e.shard];
         let mut out = Vec::new();
-        for kept in &self.kept {
-            if kept.end.iter().zip(&from.counts).all(|(e, f)| e <= f) {
-                continue;
+        let mut pos = from.counts.clone();
+        for (s, ring) in self.shards.iter().enumerate() {
+            let after = from.counts[s];
+            for chunk in ring.chunks.iter().filter(|c| c.end() > after) {
+                pos[s] = chunk.end();
+                let first = chunk.elements.first().map_or(0, |(_, i, _)| *i);
+                let whole = first >= after && chunk.elements.iter().all(|(k, _, _)| wants(k));
+                if let (true, Some(sealed)) = (whole, &chunk.sealed) {
+                    out.push(Replayed {
+                        items: sealed.clone(),
+                        count: chunk.elements.len() as u64,
+                        pos: encode(self.epoch, &pos).into(),
+                    });
+                    continue;
+                }
+                let mut items = Vec::new();
+                let mut count = 0;
+                for (_, _, range) in chunk
+                    .elements
+                    .iter()
+                    .filter(|(k, i, _)| *i >= after && wants(k))
+                {
+                    items.push(if count == 0 { b'[' } else { b',' });
+                    items.extend_from_slice(&chunk.data()[range.clone()]);
+                    count += 1;
+                }
+                if count > 0 {
+                    items.push(b']');
+                    out.push(Replayed {
+                        items: items.into(),
+                        count,
+                        pos: encode(self.epoch, &pos).into(),
+                    });
+                }
             }
-            let whole = kept.elements.iter().all(|e| new(e) && wants(&e.key));
-            if whole {
-                out.push(Replayed {
-                    items: kept.items.clone(),
-                    count: kept.elements.len() as u64,
-                    pos: Arc::clone(&kept.pos),
-                });
-                continue;
-            }
-            let mut items = Vec::new();
-            let mut count = 0;
-            for e in kept.elements.iter().filter(|e| new(e) && wants(&e.key)) {
-                items.push(if count == 0 { b'[' } else { b',' });
-                items.extend_from_slice(&kept.items[e.range.clone()]);
-                count += 1;
-            }
-            if count > 0 {
-                items.push(b']');
-                out.push(Replayed {
-                    items: items.into(),
-                    count,
-                    pos: Arc::clone(&kept.pos),
-                });
-            }
+            pos[s] = self.head[s];
         }
         Ok(out)
     }
@@ -278,8 +361,8 @@ fn new_epoch() -> u64 {
 mod tests {
     use super::*;
 
-    /// Publishes one batch of `(shard, key)` items whose values are their `key:index`, the way
-    /// the hub does; returns its position.
+    /// Publishes one batch of `(shard, key)` items whose values are `"key:shard:index"`, the
+    /// way the hub does; returns its position.
     fn publish(ring: &mut Ring, items: &[(usize, &str)]) -> Arc<str> {
         let mut buf = vec![b'['];
         let mut elements = Vec::new();
@@ -298,15 +381,19 @@ mod tests {
             });
         }
         buf.push(b']');
-        let pos = ring.pos();
-        ring.keep(buf.into(), elements, Arc::clone(&pos));
-        pos
+        ring.keep(&buf, &elements);
+        ring.pos()
     }
 
-    fn texts(replayed: &[Replayed]) -> Vec<String> {
+    /// The replayed items, each as its value.
+    fn values(replayed: &[Replayed]) -> Vec<String> {
         replayed
             .iter()
-            .map(|r| String::from_utf8(r.items.to_vec()).unwrap())
+            .flat_map(|r| {
+                let items: Vec<String> = serde_json::from_slice(&r.items).unwrap();
+                assert_eq!(items.len() as u64, r.count);
+                items
+            })
             .collect()
     }
 
@@ -332,17 +419,18 @@ mod tests {
         publish(&mut ring, &[(0, "d")]);
         let from = Position::parse(&first).unwrap();
         let got = ring.since(&from, |_| true).unwrap();
-        // Whole batches after the position are shared, not copied.
-        assert_eq!(texts(&got), ["[\"c:1:1\",\"a:0:1\"]", "[\"d:0:2\"]"]);
-        assert_eq!(got.iter().map(|r| r.count).sum::<u64>(), 3);
-        assert_eq!(got[1].pos, ring.pos());
+        // Shard by shard, each in its order.
+        assert_eq!(values(&got), ["a:0:1", "d:0:2", "c:1:1"]);
+        // Each replayed batch carries the position after it; the last is the head.
+        assert_eq!(&*got[0].pos, format!("{}:3,1", ring.epoch()));
+        assert_eq!(got.last().unwrap().pos, ring.pos());
         // At the head: nothing to send, and that is a resume, not a gap.
         let head = ring.head();
         assert!(ring.since(&head, |_| true).unwrap().is_empty());
     }
 
     #[test]
-    fn a_position_from_another_interleaving_cuts_batches_per_shard() {
+    fn a_position_from_another_interleaving_resumes_per_shard() {
         // Before a crash the subscriber saw shard 0's first two items and shard 1's first one;
         // the replay interleaves the same items differently.
         let mut ring = Ring::new(2, 1 << 20);
@@ -353,32 +441,55 @@ mod tests {
             counts: vec![2, 1],
         };
         let got = ring.since(&from, |_| true).unwrap();
-        assert_eq!(texts(&got), ["[\"y:1:1\"]", "[\"c:0:2\"]"]);
+        assert_eq!(values(&got), ["c:0:2", "y:1:1"]);
     }
 
     #[test]
     fn key_filters_apply_to_what_is_replayed() {
         let mut ring = Ring::new(1, 1 << 20);
-        let start = Position {
-            epoch: ring.epoch(),
-            counts: vec![0],
-        };
+        let start = ring.head();
         publish(&mut ring, &[(0, "a"), (0, "b"), (0, "a")]);
         let got = ring.since(&start, |k| *k == Key::Str("a".into())).unwrap();
-        assert_eq!(texts(&got), ["[\"a:0:0\",\"a:0:2\"]"]);
-        assert_eq!(got[0].count, 2);
+        assert_eq!(values(&got), ["a:0:0", "a:0:2"]);
+    }
+
+    #[test]
+    fn whole_sealed_chunks_are_shared_and_cut_ones_copied() {
+        let mut ring = Ring::new(1, 64 << 20);
+        let start = ring.head();
+        let key = "k".repeat(1000);
+        // About 1 KiB an item: a chunk seals after some 64 items.
+        let batch: Vec<(usize, &str)> = (0..200).map(|_| (0, key.as_str())).collect();
+        publish(&mut ring, &batch);
+        let all = ring.since(&start, |_| true).unwrap();
+        assert!(all.len() >= 3, "{} chunks", all.len());
+        assert_eq!(all.iter().map(|r| r.count).sum::<u64>(), 200);
+        let again = ring.since(&start, |_| true).unwrap();
+        assert_eq!(
+            all[0].items.as_ptr(),
+            again[0].items.as_ptr(),
+            "a sealed chunk is shared"
+        );
+        let mid = Position {
+            epoch: ring.epoch(),
+            counts: vec![10],
+        };
+        let cut = ring.since(&mid, |_| true).unwrap();
+        assert_eq!(cut.iter().map(|r| r.count).sum::<u64>(), 190);
+        assert_eq!(values(&cut)[0], format!("{key}:0:10"));
     }
 
     #[test]
     fn gone_positions_say_why() {
-        let mut ring = Ring::new(2, 300);
+        let mut ring = Ring::new(2, 2 * 64 * 1024);
         let start = ring.head();
+        let key = "k".repeat(500);
         let mut last = ring.pos();
-        for _ in 0..20 {
-            last = publish(&mut ring, &[(0, "a"), (1, "b")]);
+        for _ in 0..400 {
+            last = publish(&mut ring, &[(0, key.as_str()), (1, key.as_str())]);
         }
-        // The limit keeps only the newest batches.
-        assert!(ring.bytes() <= 300);
+        // Each shard keeps its share of the limit, and at least the chunk being filled.
+        assert!(ring.bytes() <= 4 * 64 * 1024, "{}", ring.bytes());
         assert_eq!(ring.since(&start, |_| true).err(), Some(Gone::TooOld));
         let last = Position::parse(&last).unwrap();
         assert!(ring.since(&last, |_| true).unwrap().is_empty());
@@ -394,6 +505,36 @@ mod tests {
     }
 
     #[test]
+    fn one_shard_racing_ahead_does_not_push_out_the_others_items() {
+        // A recovery's replay: shard 0's items all come first, then shard 1's.
+        let mut ring = Ring::new(2, 4 * 64 * 1024);
+        let key = "k".repeat(500);
+        for _ in 0..2000 {
+            publish(&mut ring, &[(0, key.as_str())]);
+        }
+        for _ in 0..2000 {
+            publish(&mut ring, &[(1, key.as_str())]);
+        }
+        // A subscriber a few items behind on both shards resumes.
+        let mut near = ring.head();
+        near.counts[0] -= 5;
+        near.counts[1] -= 5;
+        let got = ring.since(&near, |_| true).unwrap();
+        assert_eq!(got.iter().map(|r| r.count).sum::<u64>(), 10);
+    }
+
+    #[test]
+    fn a_limit_of_zero_keeps_nothing_and_only_the_head_resumes() {
+        let mut ring = Ring::new(1, 0);
+        let before = ring.head();
+        publish(&mut ring, &[(0, "k")]);
+        assert_eq!(ring.bytes(), 0);
+        assert_eq!(ring.since(&before, |_| true).err(), Some(Gone::TooOld));
+        let head = ring.head();
+        assert!(ring.since(&head, |_| true).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_restored_ring_goes_on_counting_from_the_checkpoint() {
         let mut ring = Ring::new(2, 1 << 20);
         let before = Position {
@@ -404,7 +545,7 @@ mod tests {
         assert_eq!(ring.head(), before);
         publish(&mut ring, &[(1, "z")]);
         let got = ring.since(&before, |_| true).unwrap();
-        assert_eq!(texts(&got), ["[\"z:1:7\"]"]);
+        assert_eq!(values(&got), ["z:1:7"]);
         // Before the checkpoint, nothing is kept.
         let older = Position {
             epoch: 42,
