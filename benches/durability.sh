@@ -4,14 +4,23 @@
 #      100 events per frame, alternating in the same run (ROUNDS rounds, medians);
 #   2. a checkpoint of KEYS keys: its time, and the longest a shard stopped to copy its state;
 #   3. recovery: a restart loading that checkpoint.
+#   4. latency while checkpoints run: with KEYS keys held, a feed at LAT_RATE events/s and a
+#      probe on vwap, once with a checkpoint every 2 s and once with none (same data, same
+#      rate): p50/p99/max from send to receipt, and the checkpoints' pauses.
 #
 #   bash benches/durability.sh                 # ROUNDS=3, KEYS=1000000
 #   ROUNDS=1 KEYS=100000 bash benches/durability.sh   # quick
+#   STEPS="2 4" bash benches/durability.sh   # some steps only (4 needs 2's keys)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 rounds="${ROUNDS:-3}"
 keys="${KEYS:-1000000}"
+lat_rate="${LAT_RATE:-20000}"
+steps=" ${STEPS:-1 2 3 4} "
+step() { [[ "$steps" == *" $1 "* ]]; }
+# Where step 2 leaves its keys, for steps 3 and 4.
+data=""
 cargo build --release --quiet --bin eddy
 eddy="$root/target/release/eddy"
 work="$(mktemp -d)"
@@ -47,6 +56,7 @@ stop() {
 
 metric() { curl -s "http://127.0.0.1:$port/metrics" | awk -v n="$1" '$1 == n { print $2 }'; }
 
+if step 1; then
 echo "== 1. events/s, ingest log (fsync always) against --ephemeral, $rounds rounds"
 declare -a eph logd
 for r in $(seq 1 "$rounds"); do
@@ -63,7 +73,9 @@ median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int(
 me="$(median "${eph[@]}")"
 ml="$(median "${logd[@]}")"
 echo "median: ephemeral $me, log $ml events/s: log/ephemeral = $(python3 -c "print(f'{$ml / $me:.2f}')")"
+fi
 
+if step 2; then
 echo "== 2. a checkpoint of about $keys keys"
 data="$work/data-keys"
 serve --data-dir "$data" --checkpoint-interval 1h
@@ -76,8 +88,35 @@ echo "keys held: $held"
 stop
 grep -o 'checkpoint at shutdown.*' "$work/serve.log" | sed 's/\x1b\[[0-9;]*m//g'
 ls -l "$data/checkpoints" | awk '/msgpack/ { print "checkpoint file:", $5, "bytes" }'
+fi
 
+if step 3; then
 echo "== 3. recovery of that checkpoint"
 serve --data-dir "$data" --checkpoint-interval 1h
 grep -o 'recovered.*' "$work/serve.log" | sed 's/\x1b\[[0-9;]*m//g'
 stop
+fi
+
+if step 4; then
+echo "== 4. latency at $lat_rate events/s over $keys keys, with a checkpoint every 2 s and with none"
+for every in 2s 1h; do
+  serve --data-dir "$data" --checkpoint-interval "$every"
+  "$eddy" probe "ws://127.0.0.1:$port" --topic vwap --duration 20s --json > "$work/probe.json" &
+  probe=$!
+  sleep 0.5
+  "$eddy" feed "ws://127.0.0.1:$port" --rate "$lat_rate" --batch 10 --keys "$keys" --duration 20s \
+    --json > /dev/null
+  wait "$probe" || true
+  checkpoints="$(metric eddy_checkpoints_total)"
+  pause="$(metric eddy_checkpoint_last_pause_seconds)"
+  stop
+  python3 - "$work/probe.json" "$every" "$checkpoints" "$pause" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+ms = lambda us: us / 1000
+print(f"checkpoint every {sys.argv[2]}: {r['items']} items, p50 {ms(r['p50_us']):.2f} ms, "
+      f"p99 {ms(r['p99_us']):.2f} ms, p999 {ms(r['p999_us']):.2f} ms, max {ms(r['max_us']):.1f} ms; "
+      f"{sys.argv[3] or 0} checkpoints, last pause {float(sys.argv[4] or 0) * 1000:.1f} ms")
+PY
+done
+fi

@@ -137,18 +137,8 @@ async fn resuming(
     ws.send(Message::Text(request.to_string().into()))
         .await
         .unwrap();
-    let subscribed = loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            assert_eq!(v["type"], "subscribed", "{v}");
-            break v;
-        }
-    };
+    let subscribed = next_json(&mut ws).await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     // Before any batch, the position to resume from is where the subscription started.
     let start = subscribed["pos"].as_str().map(str::to_owned);
     let task = tokio::spawn(async move {
@@ -183,16 +173,9 @@ async fn snapshot(addr: &str, topic: &str) -> Vec<Value> {
         .await
         .unwrap();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "snapshot" {
-                return v["items"].as_array().unwrap().clone();
-            }
+        let v = next_json(&mut ws).await;
+        if v["type"] == "snapshot" {
+            return v["items"].as_array().unwrap().clone();
         }
     }
 }
@@ -364,6 +347,24 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
             assert!(waited.elapsed() < Duration::from_secs(10), "no checkpoint");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Its metrics: how many, and how long a shard stopped for the last one's copy.
+        let metrics = loop {
+            let (_, m) = http_at(&addr, "GET", "/metrics", None, "").await;
+            if metric(&m, "eddy_checkpoints_total") >= 1.0 {
+                break m;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(10), "{m}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        for name in [
+            "eddy_checkpoint_last_seconds",
+            "eddy_checkpoint_last_bytes",
+            "eddy_checkpoint_last_pause_seconds",
+        ] {
+            let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
+            assert!(line.is_some(), "{name} missing:\n{metrics}");
+        }
+        assert!(metric(&metrics, "eddy_checkpoint_last_bytes") > 0.0);
         // Killed at a moment chosen at random: soon after a random frame was sent (before,
         // during or after its write to the log).
         let at = fastrand::usize(0..(frames.len() - first) * 3 / 4);

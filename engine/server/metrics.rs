@@ -414,6 +414,12 @@ pub async fn render(state: &State) -> String {
                 "Size of the last checkpoint.",
                 d.last_checkpoint_bytes.load(Relaxed),
             ),
+            (
+                "eddy_checkpoint_last_pause_seconds",
+                "gauge",
+                "The longest a shard stopped to copy its state for the last checkpoint.",
+                0,
+            ),
         ];
         for (name, kind, help, value) in samples {
             counter_header(&mut out, name, kind, help);
