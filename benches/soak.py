@@ -30,8 +30,10 @@ What it does, on loopback only and bounded by --duration:
        and the `all` probe resumes its stream from its last position: every reconnect must
        resume (none `gone`), and vwap's counts, rising by one per trade through every restart,
        must end between the trades acknowledged and sent;
-     - memory: the least-squares slope of resident memory after warm-up, times the time it spans,
-       is at most max(--rss-noise MiB, --max-slope MiB/hour x span) (without --chaos);
+     - memory: the least-squares slope of resident memory after warm-up, less the bytes the
+       topics keep for resuming subscribers (`eddy_replay_bytes`: bounded by replay_bytes a topic,
+       and filling over minutes on a slow topic), times the time it spans, is at most
+       max(--rss-noise MiB, --max-slope MiB/hour x span) (without --chaos);
      - file descriptors and threads at the end are no more than after warm-up (+2) (without
        --chaos).
 Exit status 0 when every check passes, 1 otherwise. Results go to --out (results.json,
@@ -213,8 +215,10 @@ def chart(path, samples, restarts, title):
         return False
     t = [s["t"] / 60 for s in samples]
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
-    axes[0].plot(t, [s["rss_mib"] for s in samples], marker=".", color="tab:blue")
-    axes[0].set_ylabel("resident memory (MiB)")
+    axes[0].plot(t, [s["rss_mib"] for s in samples], marker=".", color="tab:blue", label="resident")
+    axes[0].plot(t, [s["replay_mib"] for s in samples], marker=".", color="tab:gray", label="replay rings")
+    axes[0].set_ylabel("memory (MiB)")
+    axes[0].legend(loc="lower right")
     axes[0].set_ylim(bottom=0)
     axes[1].plot(t, [s["p99_all_ms"] for s in samples], marker=".", label="p99, mode all")
     axes[1].plot(t, [s["p99_latest_ms"] for s in samples], marker=".", label="p99, mode latest")
@@ -378,11 +382,13 @@ def main():
                 continue
         now = time.time()
         depths = [v for k, v in m.items() if k.startswith("eddy_shard_queue_depth")]
+        replay = sum(v for k, v in m.items() if k.startswith("eddy_replay_bytes")) / (1 << 20)
         ingested = sum(v for k, v in m.items() if k.startswith("eddy_events_ingested_total"))
         rate_now = (ingested - last_ingested) / (now - last_t) if ingested >= last_ingested else ingested / (now - last_t)
         last_ingested, last_t = ingested, now
         pa, pl = probes["all"].latest() or {}, probes["latest"].latest() or {}
-        s = {"t": round(now - start, 1), "rss_mib": round(rss, 1), "fds": fds, "threads": threads,
+        s = {"t": round(now - start, 1), "rss_mib": round(rss, 1), "replay_mib": round(replay, 1),
+             "fds": fds, "threads": threads,
              "queue_max": max(depths, default=0), "queue_sum": sum(depths), "ingest_per_s": round(rate_now),
              "p50_all_ms": pa.get("p50_us", 0) / 1000, "p99_all_ms": pa.get("p99_us", 0) / 1000,
              "p99_latest_ms": pl.get("p99_us", 0) / 1000, "restarts": len(restarts)}
@@ -491,13 +497,14 @@ def main():
     after = [s for s in samples if s["t"] >= warmup]
     memory = {}
     if len(after) >= 2:
-        slope = slope_per_hour([(s["t"], s["rss_mib"]) for s in after])
+        slope = slope_per_hour([(s["t"], s["rss_mib"] - s["replay_mib"]) for s in after])
         span_h = (after[-1]["t"] - after[0]["t"]) / 3600
         growth = slope * span_h
         allowed = max(args.rss_noise, args.max_slope * span_h)
         memory = {"slope_mib_per_hour": round(slope, 2), "fitted_growth_mib": round(growth, 2),
                   "allowed_mib": round(allowed, 2), "first_mib": after[0]["rss_mib"], "last_mib": after[-1]["rss_mib"],
-                  "max_mib": max(s["rss_mib"] for s in samples)}
+                  "max_mib": max(s["rss_mib"] for s in samples),
+                  "replay_first_mib": after[0]["replay_mib"], "replay_last_mib": after[-1]["replay_mib"]}
         if not args.chaos:
             if growth > allowed:
                 failures.append(f"memory grew {growth:.1f} MiB after warm-up ({slope:.1f} MiB/hour); "
@@ -553,7 +560,8 @@ def main():
     if memory:
         print(f"memory after warm-up ({warmup:.0f} s): {memory['first_mib']} → {memory['last_mib']} MiB, "
               f"slope {memory['slope_mib_per_hour']} MiB/hour (fitted growth {memory['fitted_growth_mib']} MiB, "
-              f"allowed {memory['allowed_mib']} MiB); peak {memory['max_mib']} MiB")
+              f"allowed {memory['allowed_mib']} MiB, after the replay rings' "
+              f"{memory['replay_first_mib']} → {memory['replay_last_mib']} MiB); peak {memory['max_mib']} MiB")
     if p99_halves[0] is not None:
         print(f"p99 (mode all), median of the samples: first half {p99_halves[0]:.2f} ms, "
               f"second half {p99_halves[1]:.2f} ms")
