@@ -47,7 +47,7 @@ fn pipeline(c: &mut Criterion) {
     let shards = server.state.pipeline.shards();
     let state = Arc::clone(&server.state);
     let mailbox = Arc::new(Mailbox::new(usize::MAX, Duration::from_secs(3600)));
-    rt.block_on(state.hub.send(HubControl::Subscribe(Subscribe {
+    state.hub.control(HubControl::Subscribe(Subscribe {
         subscriber: 0,
         mailbox: Arc::clone(&mailbox),
         topic: "vwap".into(),
@@ -55,7 +55,7 @@ fn pipeline(c: &mut Criterion) {
         mode: Mode::All,
         snapshot: false,
         from: None,
-    })));
+    }));
     let input = frames();
     let counters = state.metrics.stream("trades");
     let mut group = c.benchmark_group("pipeline");

@@ -87,6 +87,9 @@ enum Command {
         /// Shard threads [default: the number of cores].
         #[arg(long)]
         shards: Option<usize>,
+        /// Async runtime threads (connections) [default: the number of cores].
+        #[arg(long)]
+        workers: Option<usize>,
         /// Folder of queries loaded at start [default: queries].
         #[arg(long)]
         queries: Option<PathBuf>,
@@ -289,6 +292,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             config,
             listen,
             shards,
+            workers,
             queries,
             models,
             admin_token,
@@ -310,6 +314,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             raw.listen = listen.or(raw.listen);
             raw.shards = shards.or(raw.shards);
+            raw.workers = workers.or(raw.workers);
             raw.queries = queries.or(raw.queries);
             raw.models = models.or(raw.models);
             raw.admin_token = admin_token.or(raw.admin_token);
@@ -330,15 +335,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.engine = engine.or(raw.engine);
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
-            runtime()?.block_on(async move {
-                let server = Server::start(config).await?;
-                println!("eddy listening on http://{}", server.addr);
-                if generated {
-                    println!("admin token: {}", server.state.admin_token);
-                }
-                eddy::server::run(server).await;
-                anyhow::Ok(())
-            })?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.workers)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(async move {
+                    let server = Server::start(config).await?;
+                    println!("eddy listening on http://{}", server.addr);
+                    if generated {
+                        println!("admin token: {}", server.state.admin_token);
+                    }
+                    eddy::server::run(server).await;
+                    anyhow::Ok(())
+                })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Deploy {

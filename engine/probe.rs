@@ -1,9 +1,12 @@
 //! `eddy probe`: a subscriber that measures end-to-end latency and checks what it receives.
 //!
-//! It subscribes to a topic (mode `all` or `latest`) and, for every item whose value carries
-//! `sent_us` (the send time `eddy feed` stamps into each event, passed through by the query),
-//! records `now - sent_us` in an HdrHistogram. It checks that each subscription's `seq` has no
-//! gaps or repeats and adds up `dropped` notices. With a count field (a field of the item's
+//! It subscribes to a topic (mode `all` or `latest`) and, for items whose value carries `sent_us`
+//! (the send time `eddy feed` stamps into each event, passed through by the query), records
+//! `now - sent_us` in an HdrHistogram. So that one probe can keep up with thousands of
+//! subscriptions on the same cores as the server, it samples: a batch is read without decoding
+//! its items (its `seq`, `n` and `pos`, then the first `sent_us`, which is the batch's oldest
+//! item, so the sample errs late), unless a count field asks for every item to be decoded. It
+//! checks that each subscription's `seq` has no gaps or repeats and adds up `dropped` notices. With a count field (a field of the item's
 //! value that counts the key's items from 1, like `vwap`'s `trades`) it also checks per key that
 //! the count rises by exactly one (mode `all`; in mode `latest` only that it rises), and adds up
 //! each key's last count per connection: the events the query handled for the keys seen. (After
@@ -91,7 +94,8 @@ impl ProbeOptions {
 pub struct ProbeReport {
     pub items: u64,
     pub batches: u64,
-    /// Items that carried `sent_us`.
+    /// Items whose latency was recorded: with a count field, every item that carried `sent_us`;
+    /// without, the first one of each batch (batches are read without decoding their items).
     pub timed: u64,
     pub dropped: u64,
     /// Batches whose seq skipped ahead (counted in batches skipped).
@@ -362,6 +366,26 @@ async fn probe(
             }
         };
         let now = now_us();
+        // Without a count field, a batch is read without decoding its items: its head, and the
+        // first item's send stamp (the oldest item of the batch, so the sample errs late).
+        if options.count_field.is_none() {
+            if let Some(batch) = scan_batch(&payload) {
+                report.items += batch.n;
+                window_items += batch.n;
+                if first.is_none() {
+                    first = Some(Instant::now());
+                    deadline = Instant::now() + options.duration;
+                }
+                batch_head(&mut report, &mut session, &mut pos, batch.seq, batch.pos);
+                if let Some(sent) = batch.first_sent_us {
+                    report.timed += 1;
+                    let us = (now - sent).max(0) as u64;
+                    latency.saturating_record(us);
+                    window.saturating_record(us);
+                }
+                continue;
+            }
+        }
         let Ok(msg) = simd_json::to_borrowed_value(&mut payload) else {
             continue;
         };
@@ -394,22 +418,12 @@ async fn probe(
                 }
             }
             Some("batch") => {
-                if let Some(p) = msg.get_str("pos") {
-                    pos = Some(p.to_owned());
-                }
                 if first.is_none() {
                     first = Some(Instant::now());
                     deadline = Instant::now() + options.duration;
                 }
-                report.batches += 1;
-                if let Some(seq) = msg.get_u64("seq") {
-                    match session.next_seq {
-                        Some(n) if seq > n => report.seq_gaps += seq - n,
-                        Some(n) if seq < n => report.seq_duplicates += 1,
-                        _ => {}
-                    }
-                    session.next_seq = Some(seq + 1);
-                }
+                let seq = msg.get_u64("seq");
+                batch_head(&mut report, &mut session, &mut pos, seq, msg.get_str("pos"));
                 for item in msg
                     .get_array("items")
                     .map(|a| a.as_slice())
@@ -483,6 +497,82 @@ async fn probe(
     (report, latency)
 }
 
+/// Counts a batch and checks its `seq`; keeps its position to resume from.
+fn batch_head(
+    report: &mut ProbeReport,
+    session: &mut Session,
+    pos: &mut Option<String>,
+    seq: Option<u64>,
+    batch_pos: Option<&str>,
+) {
+    if let Some(p) = batch_pos {
+        *pos = Some(p.to_owned());
+    }
+    report.batches += 1;
+    if let Some(seq) = seq {
+        match session.next_seq {
+            Some(n) if seq > n => report.seq_gaps += seq - n,
+            Some(n) if seq < n => report.seq_duplicates += 1,
+            _ => {}
+        }
+        session.next_seq = Some(seq + 1);
+    }
+}
+
+/// A batch frame read without decoding its items.
+#[derive(Debug, PartialEq)]
+struct ScannedBatch<'a> {
+    seq: Option<u64>,
+    n: u64,
+    pos: Option<&'a str>,
+    /// The first item's `sent_us`.
+    first_sent_us: Option<i64>,
+}
+
+/// Reads a batch frame's head (`type`, `seq`, `n`, `pos`: every member before `items`) and the
+/// first `sent_us` after it, without decoding the items. `None` for any other frame, or a batch
+/// without `n`: those are decoded in full.
+fn scan_batch(frame: &[u8]) -> Option<ScannedBatch<'_>> {
+    let items = memchr::memmem::find(frame, b"\"items\"")?;
+    let head = &frame[..items];
+    if !member(head, b"\"type\"")?.starts_with(b"\"batch\"") {
+        return None;
+    }
+    let number = |v: &[u8]| -> Option<i64> {
+        let end = v
+            .iter()
+            .position(|b| !(b.is_ascii_digit() || *b == b'-'))
+            .unwrap_or(v.len());
+        std::str::from_utf8(&v[..end]).ok()?.parse().ok()
+    };
+    let n = u64::try_from(number(member(head, b"\"n\"")?)?).ok()?;
+    let seq = member(head, b"\"seq\"").and_then(number).map(|s| s as u64);
+    let pos = member(head, b"\"pos\"").and_then(|v| {
+        let v = v.strip_prefix(b"\"")?;
+        std::str::from_utf8(&v[..memchr::memchr(b'"', v)?]).ok()
+    });
+    let first_sent_us = member(&frame[items..], b"\"sent_us\"").and_then(number);
+    Some(ScannedBatch {
+        seq,
+        n,
+        pos,
+        first_sent_us,
+    })
+}
+
+/// A member's value, from the first `name` (quoted) in `within` followed by optional spaces and a
+/// colon (a string equal to the name is followed by `,` or `}` instead).
+fn member<'a>(within: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut from = 0;
+    while let Some(at) = memchr::memmem::find(&within[from..], name) {
+        from += at + name.len();
+        if let Some(rest) = within[from..].trim_ascii_start().strip_prefix(b":") {
+            return Some(rest.trim_ascii_start());
+        }
+    }
+    None
+}
+
 /// Closes the books of a lost subscription that did not resume.
 fn settle(
     report: &mut ProbeReport,
@@ -542,7 +632,7 @@ pub fn print(report: &ProbeReport, topic: &str) {
     }
     if report.timed > 0 {
         println!(
-            "latency (send → receive, {} timed items): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",
+            "latency (send → receive, {} timed items, the first of each batch unless a count field is checked): p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",
             report.timed,
             ms(report.p50_us),
             ms(report.p90_us),
@@ -552,5 +642,51 @@ pub fn print(report: &ProbeReport, topic: &str) {
         );
     } else {
         println!("no item carried sent_us: is the topic's query passing it through, and is `eddy feed` the producer?");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_head_is_read_without_decoding_its_items() {
+        let frame = br#"{"type":"batch","topic":"vwap","seq":7,"n":2,"pos":"12:5,9","items":[{"key":"A","value":{"sent_us":1700000000000123,"n":5}},{"key":"B","value":{"sent_us":1700000000000999}}]}"#;
+        assert_eq!(
+            scan_batch(frame),
+            Some(ScannedBatch {
+                seq: Some(7),
+                n: 2,
+                pos: Some("12:5,9"),
+                first_sent_us: Some(1_700_000_000_000_123),
+            })
+        );
+    }
+
+    #[test]
+    fn spaces_other_members_and_topic_names_do_not_confuse_the_scan() {
+        // Python's json.dumps puts spaces after colons and commas; a topic may be called "n".
+        let frame = br#"{"type": "batch", "topic": "n", "seq": 0, "n": 3, "items": [{"key": 1, "value": {"x": 1}}, {"key": 2, "value": {"sent_us": 42}}]}"#;
+        let head = scan_batch(frame).unwrap();
+        assert_eq!((head.seq, head.n, head.pos), (Some(0), 3, None));
+        // The first item carries no stamp: the first one that does is taken.
+        assert_eq!(head.first_sent_us, Some(42));
+        let no_stamp =
+            br#"{"type":"batch","topic":"t","seq":1,"n":1,"items":[{"key":1,"value":2}]}"#;
+        assert_eq!(scan_batch(no_stamp).unwrap().first_sent_us, None);
+    }
+
+    #[test]
+    fn other_frames_and_batches_without_n_are_left_to_the_full_decode() {
+        assert_eq!(
+            scan_batch(br#"{"type":"snapshot","topic":"t","items":[]}"#),
+            None
+        );
+        assert_eq!(scan_batch(br#"{"type":"subscribed","topic":"t"}"#), None);
+        assert_eq!(
+            scan_batch(br#"{"type":"batch","topic":"t","seq":1,"items":[{"key":1,"value":2}]}"#),
+            None
+        );
+        assert_eq!(scan_batch(b"not json"), None);
     }
 }

@@ -576,9 +576,7 @@ impl Shard {
         let before = self.queries.len();
         self.queries.retain(|q| q.id != id);
         if self.queries.len() < before {
-            // SAFETY: mi_collect only walks the calling thread's heap and the segments it may
-            // reclaim; it takes no pointer from us.
-            unsafe { libmimalloc_sys::mi_collect(true) };
+            collect_memory();
         }
     }
 
@@ -1702,3 +1700,11 @@ pub fn state_bytes(value: &Dynamic) -> usize {
 #[cfg(test)]
 #[path = "shard_tests.rs"]
 mod tests;
+
+/// Returns the memory this thread's heap no longer uses to the system at once, including what
+/// other threads freed of it (mimalloc takes that back only when the owner collects).
+pub fn collect_memory() {
+    // SAFETY: mi_collect only walks the calling thread's heap and the segments it may reclaim;
+    // it takes no pointer from us.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}

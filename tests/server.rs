@@ -265,7 +265,6 @@ async fn a_tiny_shard_queue_slows_the_producer_and_loses_no_acknowledged_event()
         let vwap = query_file("vwap");
         let (server, _dir) = start(&[("vwap", &vwap)], |c| {
             c.shard_queue = 1;
-            c.hub_queue = 1;
         })
         .await;
         let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
@@ -831,6 +830,51 @@ async fn tokens_and_browser_origins_are_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_probe_checks_every_subscriber_gets_every_item() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let url = format!("ws://{}", server.addr);
+        let probe_url = url.clone();
+        let probe = tokio::spawn(async move {
+            eddy::probe::fan_out(&probe_url, "vwap", Duration::from_millis(1500), 40)
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let options = eddy::feed::FeedOptions {
+            url,
+            scenario: eddy::synth::Scenario::Trades,
+            rate: Some(2000),
+            batch: 10,
+            connections: 1,
+            duration: Duration::from_millis(500),
+            keys: 0,
+            seed: 11,
+            reconnect: false,
+            timeout: eddy::link::SILENCE,
+        };
+        let feed = eddy::feed::run(options, false).await.unwrap();
+        assert_eq!(feed.accepted, feed.events);
+        let report = probe.await.unwrap();
+        // Every one of the 40 got every item (counted from the batches' `n`), in order.
+        assert_eq!(report.subscribers, 40);
+        assert_eq!(
+            (report.min_items, report.max_items),
+            (feed.events, feed.events),
+            "{report:?}"
+        );
+        assert_eq!((report.seq_gaps, report.dropped), (0, 0));
+        assert!(
+            report.p50_us > 0 && report.p50_us <= report.p99_us,
+            "{report:?}"
+        );
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feed_and_probe_measure_the_server_end_to_end() {
     bounded(async {
         let vwap = query_file("vwap");
@@ -861,8 +905,9 @@ async fn feed_and_probe_measure_the_server_end_to_end() {
         assert_eq!(feed.events, feed.frames * 10);
         assert_eq!((feed.accepted, feed.rejected), (feed.events, 0));
         let report = probe.await.unwrap();
+        // Counted from each batch's `n`, without decoding the items; one sample a batch.
         assert_eq!(report.items, feed.events, "{report:?}");
-        assert_eq!(report.timed, report.items);
+        assert_eq!(report.timed, report.batches);
         assert_eq!((report.seq_gaps, report.dropped), (0, 0));
         assert!(
             report.p50_us > 0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us

@@ -7,8 +7,11 @@ pushed to one subscriber (`eddy probe`, which also measures latency from send to
 Measurements per server and round:
   - max events/s with 1 event per frame and with 100 events per frame (acked events / s);
   - latency p50/p99 at a fixed rate (default 10 000 events/s, 10 events per frame);
-and for eddy alone, latency at half its maximum sustained rate (100 events per frame) and a
-fan-out run (many subscribers on vwap at a fixed rate).
+  - latency p50/p99 at eddy's half maximum sustained rate of the round (100 events per frame),
+    the same absolute rate for every server;
+and for eddy alone, fan-out runs: 1,000 and 10,000 subscribers (--fanout) on vwap in mode `all`
+at a fixed rate (--fanout-rate), with the CPU seconds the server, the feed and the probe used.
+The probe samples (the first item of each batch), so that it is not the bottleneck.
 
 Only loopback addresses are used; every run is bounded in time. Use run.sh, which installs the
 peers' packages and builds eddy first.
@@ -16,6 +19,7 @@ peers' packages and builds eddy first.
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -81,8 +85,33 @@ def probe_start(eddy, port, seconds, subscribers=1):
     if subscribers > 1:
         args += ["--subscribers", str(subscribers)]
     proc = subprocess.Popen(eddy_cmd(eddy, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(0.5 if subscribers == 1 else 3)
+    if subscribers == 1:
+        time.sleep(0.5)
+    else:
+        wait_subscribed(port, subscribers, proc)
     return proc
+
+
+def metric(port, name):
+    """A sample's value from eddy's /metrics (summed over labels), or None."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    values = [float(line.split()[-1]) for line in data.decode().splitlines()
+              if line.startswith(name) and not line.startswith("#")]
+    return sum(values) if values else None
+
+
+def wait_subscribed(port, subscribers, proc, timeout=120):
+    """Until eddy counts `subscribers` subscriptions (every probe connection has subscribed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (metric(port, "eddy_subscribers") or 0) >= subscribers:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{subscribers} subscribers did not all subscribe within {timeout} s")
 
 
 def probe_result(proc, timeout):
@@ -90,11 +119,42 @@ def probe_result(proc, timeout):
     return json.loads(out)
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a running process has used (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(eddy, port, rate, batch, seconds):
     """One feed run with a probe subscribed; returns (feed report, probe report)."""
     probe = probe_start(eddy, port, seconds + 1)
     report = feed(eddy, port, rate, batch, seconds)
     return report, probe_result(probe, seconds + 90)
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def fan_out(eddy, server, port, subscribers, rate, seconds):
+    """`subscribers` probe connections on vwap while the feed sends at `rate`; with the CPU
+    seconds the server, the feed and the probe each used during the run."""
+    server_cpu = cpu_seconds(server.proc.pid)
+    before = children_cpu()
+    probe = probe_start(eddy, port, seconds + 1, subscribers=subscribers)
+    server_cpu_connected = cpu_seconds(server.proc.pid)
+    sent = feed(eddy, port, rate, 100, seconds)
+    feed_cpu = children_cpu() - before
+    fan = probe_result(probe, seconds + 300)
+    probe_cpu = children_cpu() - before - feed_cpu
+    fan["events_sent"] = sent["events"]
+    fan["events_per_second"] = acked_rate(sent)
+    fan["cpu_seconds"] = {"server": round(cpu_seconds(server.proc.pid) - server_cpu_connected, 2),
+                          "server_while_connecting": round(server_cpu_connected - server_cpu, 2),
+                          "feed": round(feed_cpu, 2), "probe": round(probe_cpu, 2)}
+    return fan
 
 
 def acked_rate(report):
@@ -107,10 +167,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--latency-rate", type=int, default=10_000)
-    ap.add_argument("--fanout", type=int, default=1000, help="subscribers in eddy's fan-out run (0: skip)")
+    ap.add_argument("--fanout", default="1000,10000",
+                    help="subscribers in eddy's fan-out runs, comma-separated (0: skip)")
     ap.add_argument("--fanout-rate", type=int, default=50_000)
     ap.add_argument("--only", default="eddy,node,python")
+    ap.add_argument("--baseline", help="another eddy binary to run as a server too (`eddy-base`), alternating with "
+                                       "the others in every round, for before/after ratios from the same run; "
+                                       "the feed and the probe are always --eddy's")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="another eddy server, with extra `eddy serve` arguments (e.g. 'w1=--workers 1'), "
+                         "alternating with the others in every round; repeatable")
     args = ap.parse_args()
 
     queries = tempfile.mkdtemp(prefix="eddy-peer-queries-")
@@ -123,9 +190,21 @@ def main():
         "node": lambda port: ["node", os.path.join(HERE, "node", "server.js"), str(port)],
         "python": lambda port: [python, os.path.join(HERE, "python", "server.py"), str(port)],
     }
+    if args.baseline:
+        servers["eddy-base"] = lambda port: [args.baseline, *servers["eddy"](port)[1:]]
+    variants = []
+    for v in args.variant:
+        name, extra = v.split("=", 1)
+        servers[name] = lambda port, extra=extra: [*servers["eddy"](port), *extra.split()]
+        variants.append(name)
     names = [n for n in args.only.split(",") if n in servers]
+    for extra_name in reversed((["eddy-base"] if args.baseline else []) + variants):
+        if extra_name not in names:
+            names.insert(1, extra_name)
     results = {n: {"max_1": [], "max_100": [], "p50_us": [], "p99_us": []} for n in names}
     extra = {"half_max_p50_us": [], "half_max_p99_us": [], "half_max_rate": []}
+    # Every server at eddy's half-max rate of the same round (eddy runs first in a round).
+    at_half = {n: {"p50_us": [], "p99_us": [], "acked_per_s": []} for n in names}
     s = args.seconds
     for r in range(args.rounds):
         for name in names:
@@ -144,30 +223,37 @@ def main():
                         f"p50 {lat['p50_us'] / 1000:.3f} ms p99 {lat['p99_us'] / 1000:.3f} ms @{args.latency_rate}/s")
                 if name == "eddy":
                     half = int(acked_rate(hundred) / 2)
-                    _, hl = measure(args.eddy, port, half, 100, s)
                     extra["half_max_rate"].append(half)
-                    extra["half_max_p50_us"].append(hl["p50_us"])
-                    extra["half_max_p99_us"].append(hl["p99_us"])
-                    line += f"; at {half}/s (half max, @100): p50 {hl['p50_us'] / 1000:.3f} ms p99 {hl['p99_us'] / 1000:.3f} ms"
+                if extra["half_max_rate"]:
+                    half = extra["half_max_rate"][-1]
+                    fed, hl = measure(args.eddy, port, half, 100, s)
+                    at_half[name]["p50_us"].append(hl["p50_us"])
+                    at_half[name]["p99_us"].append(hl["p99_us"])
+                    at_half[name]["acked_per_s"].append(acked_rate(fed))
+                    if name == "eddy":
+                        extra["half_max_p50_us"].append(hl["p50_us"])
+                        extra["half_max_p99_us"].append(hl["p99_us"])
+                    line += (f"; at {half}/s (eddy's half max, @100): {acked_rate(fed):.0f} acked/s, "
+                             f"p50 {hl['p50_us'] / 1000:.3f} ms p99 {hl['p99_us'] / 1000:.3f} ms")
                 print(line, file=sys.stderr, flush=True)
 
-    fan = None
-    if args.fanout and "eddy" in names:
+    fans = []
+    for subscribers in [int(x) for x in str(args.fanout).split(",") if int(x) > 0]:
+        if "eddy" not in names:
+            break
         port = free_port()
-        with Server("eddy", servers["eddy"](port)):
+        with Server("eddy", servers["eddy"](port)) as server:
             wait_port(port)
-            probe = probe_start(args.eddy, port, s + 1, subscribers=args.fanout)
-            sent = feed(args.eddy, port, args.fanout_rate, 100, s)
-            fan = probe_result(probe, s + 120)
-            fan["events_sent"] = sent["events"]
-            fan["events_per_second"] = acked_rate(sent)
+            fan = fan_out(args.eddy, server, port, subscribers, args.fanout_rate, s)
+            fans.append(fan)
+            print(f"fan-out {subscribers}: {json.dumps(fan)}", file=sys.stderr, flush=True)
 
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     table = {n: {k: med(v) for k, v in res.items()} for n, res in results.items()}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"rounds": args.rounds, "seconds": s, "results": results, "medians": table,
-                   "eddy_half_max": extra, "fanout": fan}, f, indent=2)
+                   "eddy_half_max": extra, "at_eddy_half_max": at_half, "fanout": fans}, f, indent=2)
 
     base = table.get("eddy")
     print(f"Medians of {args.rounds} rounds, {s} s each; latency at {args.latency_rate} events/s (10 per frame).\n")
@@ -182,13 +268,21 @@ def main():
         print(f"| {n} | {t['max_1']:,.0f}{ratio('max_1')} | {t['max_100']:,.0f}{ratio('max_100')} | "
               f"{t['p50_us'] / 1000:.3f} ms{ratio('p50_us', False)} | {t['p99_us'] / 1000:.3f} ms{ratio('p99_us', False)} |")
     if extra["half_max_rate"]:
-        print(f"\neddy at half its maximum sustained rate ({med(extra['half_max_rate']):,.0f} events/s, 100 per frame): "
-              f"p50 {med(extra['half_max_p50_us']) / 1000:.3f} ms, p99 {med(extra['half_max_p99_us']) / 1000:.3f} ms")
-    if fan:
-        print(f"\neddy fan-out: {fan['subscribers']} subscribers on vwap at {fan['events_per_second']:,.0f} events/s: "
-              f"each received {fan['min_items']:,}..{fan['max_items']:,} of {fan['events_sent']:,} items, "
+        print(f"\nAt eddy's half maximum sustained rate (median {med(extra['half_max_rate']):,.0f} events/s, "
+              f"100 per frame), every server at the same rate:\n")
+        print("| server | acked events/s | p50 latency | p99 latency |")
+        print("|---|---|---|---|")
+        for n, t in at_half.items():
+            if t["p99_us"]:
+                print(f"| {n} | {med(t['acked_per_s']):,.0f} | {med(t['p50_us']) / 1000:.3f} ms | "
+                      f"{med(t['p99_us']) / 1000:.3f} ms |")
+    for fan in fans:
+        cpu = fan["cpu_seconds"]
+        print(f"\neddy fan-out: {fan['subscribers']:,} subscribers on vwap at {fan['events_per_second']:,.0f} events/s "
+              f"for {s} s: each received {fan['min_items']:,}..{fan['max_items']:,} of {fan['events_sent']:,} items, "
               f"{fan['dropped']} dropped, {fan['seq_gaps']} seq gaps; latency p50 {fan['p50_us'] / 1000:.1f} ms, "
-              f"p99 {fan['p99_us'] / 1000:.1f} ms")
+              f"p99 {fan['p99_us'] / 1000:.1f} ms; CPU seconds: server {cpu['server']} "
+              f"(+{cpu['server_while_connecting']} connecting), feed {cpu['feed']}, probe {cpu['probe']}")
 
 
 if __name__ == "__main__":

@@ -105,15 +105,12 @@ pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
             .await;
         return Err(e.to_string());
     }
-    state
-        .hub
-        .send(HubControl::QueryDeployed(QueryInfo {
-            name: def.name.clone(),
-            sources: def.config.sources.clone(),
-            key_by: def.config.key_by.as_ref().map(ToString::to_string),
-            declared_topics: def.declared_topics.clone(),
-        }))
-        .await;
+    state.hub.control(HubControl::QueryDeployed(QueryInfo {
+        name: def.name.clone(),
+        sources: def.config.sources.clone(),
+        key_by: def.config.key_by.as_ref().map(ToString::to_string),
+        declared_topics: def.declared_topics.clone(),
+    }));
     let old = catalog.queries.insert(def.name.clone(), deployed);
     let table = catalog.publish(state);
     drop(catalog);
@@ -202,11 +199,13 @@ pub async fn remove(state: &State, name: &str) -> bool {
         .pipeline
         .control_all(|done| Control::Remove { id, done })
         .await;
-    state
-        .hub
-        .send(HubControl::QueryRemoved {
-            name: name.to_owned(),
-        })
+    state.hub.control(HubControl::QueryRemoved {
+        name: name.to_owned(),
+    });
+    // The topics' memory was allocated on the shard threads, which publish.
+    let _ = state
+        .pipeline
+        .control_all(|done| Control::Collect { done })
         .await;
     tracing::info!("removed query {name}");
     true

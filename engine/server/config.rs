@@ -24,6 +24,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Shard threads; each owns the state of its keys.
     pub shards: usize,
+    /// Threads of the async runtime (connections: parsing, routing, writing to subscribers).
+    pub workers: usize,
     /// Folder of `.rhai` queries loaded at start (a missing folder is fine: no queries).
     pub queries: PathBuf,
     /// Folder of `.onnx` models loaded at start and written by `PUT /models/NAME` (a missing
@@ -46,8 +48,6 @@ pub struct Config {
     /// Bytes of messages (one per frame per shard: its deliveries and marks) waiting for each
     /// shard before producers are slowed; a message always goes into an empty queue.
     pub shard_queue: usize,
-    /// Output batches waiting for the fan-out before shards are slowed.
-    pub hub_queue: usize,
     /// Bytes waiting for one subscriber before its oldest items are dropped.
     pub subscriber_queue_bytes: usize,
     /// How long a subscriber may stay full before it is closed (4008).
@@ -99,6 +99,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             queries: PathBuf::from("queries"),
             models: PathBuf::from("models"),
             admin_token: None,
@@ -108,7 +109,6 @@ impl Default for Config {
             max_frame_bytes: 16 << 20,
             max_ingest_bytes_in_flight: 256 << 20,
             shard_queue: 16 << 20,
-            hub_queue: 1024,
             subscriber_queue_bytes: 8 << 20,
             slow_consumer_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
@@ -158,6 +158,7 @@ pub enum RawDuration {
 pub struct RawConfig {
     pub listen: Option<String>,
     pub shards: Option<usize>,
+    pub workers: Option<usize>,
     pub queries: Option<PathBuf>,
     pub models: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -167,6 +168,8 @@ pub struct RawConfig {
     pub max_frame_bytes: Option<usize>,
     pub max_ingest_bytes_in_flight: Option<usize>,
     pub shard_queue: Option<usize>,
+    /// No longer used: shards publish straight to the subscribers' mailboxes, with no queue in
+    /// between. Still read, with a warning, so that older files load.
     pub hub_queue: Option<usize>,
     pub subscriber_queue_bytes: Option<usize>,
     pub slow_consumer_timeout: Option<RawDuration>,
@@ -278,6 +281,11 @@ impl RawConfig {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             ),
         };
+        if self.hub_queue.is_some() {
+            tracing::warn!(
+                "hub_queue is no longer used (shards publish to subscribers directly): remove it"
+            );
+        }
         let config = Config {
             data_dir,
             fsync,
@@ -288,6 +296,7 @@ impl RawConfig {
             max_query_cpu: self.max_query_cpu.unwrap_or(d.max_query_cpu),
             query_cpu_window,
             shards: self.shards.unwrap_or(d.shards),
+            workers: self.workers.unwrap_or(d.workers),
             queries: self.queries.unwrap_or(d.queries),
             models: self.models.unwrap_or(d.models),
             admin_token: self.admin_token.or(d.admin_token),
@@ -299,7 +308,6 @@ impl RawConfig {
                 .max_ingest_bytes_in_flight
                 .unwrap_or(d.max_ingest_bytes_in_flight),
             shard_queue: self.shard_queue.unwrap_or(d.shard_queue),
-            hub_queue: self.hub_queue.unwrap_or(d.hub_queue),
             subscriber_queue_bytes: self
                 .subscriber_queue_bytes
                 .unwrap_or(d.subscriber_queue_bytes),
@@ -318,9 +326,9 @@ impl RawConfig {
         };
         let positive = [
             ("shards", config.shards),
+            ("workers", config.workers),
             ("max_frame_bytes", config.max_frame_bytes),
             ("shard_queue", config.shard_queue),
-            ("hub_queue", config.hub_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
             ("max_connections", config.max_connections),
             ("snapshot_keys", config.snapshot_keys),

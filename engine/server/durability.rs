@@ -247,11 +247,7 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
         for t in &topics {
             tracing::debug!("topic {} goes on from {}", t.topic, t.position.encode());
         }
-        let (done, restored) = tokio::sync::oneshot::channel();
-        state.hub.send(HubControl::Restore { topics, done }).await;
-        restored.await.map_err(|_| {
-            StartError::Durability(DurabilityError::Recovery("the hub stopped".into()))
-        })?;
+        state.hub.control(HubControl::Restore { topics });
         for qc in c.queries {
             let Some(q) = router.queries().iter().find(|q| q.def.name == qc.name) else {
                 tracing::info!("checkpoint: query {} is no longer deployed", qc.name);
@@ -359,9 +355,6 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
         .ask_all(|done| ShardMsg::Flush { done })
         .await
         .map_err(|e| StartError::Durability(DurabilityError::Recovery(e.to_string())))?;
-    let (done, flushed) = tokio::sync::oneshot::channel();
-    state.hub.send(HubControl::Flush { done }).await;
-    let _ = flushed.await;
     d.replayed_records
         .store(recovered.records, Ordering::Relaxed);
     recovered.elapsed = started.elapsed();

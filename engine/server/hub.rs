@@ -1,37 +1,40 @@
-//! The fan-out hub: one thread that owns every topic and every subscription.
+//! The fan-out hub: every topic and every subscription, behind one lock.
 //!
-//! In: the items shards emitted (a bounded channel, [`HubMsg`]) and control requests from the
-//! async side (a second bounded channel, [`HubControl`]). The hub takes everything waiting,
-//! groups it by topic and, per topic, encodes one batch (`[{"key":K,"value":V},…]`) once; that
-//! `Bytes` is shared by every subscriber that takes the topic unfiltered. Filtered and `latest`
-//! subscribers get slices of the same encoding. It also keeps the latest value of every key of
-//! every topic (at most `snapshot_keys` per topic, and `snapshot_bytes` for all topics together:
-//! past either, a new key's value is not kept, and a kept key whose new value would go past the
-//! bytes is dropped from the snapshots; both are counted) for snapshots.
+//! In: the items a shard emitted, published by the shard's own thread ([`HubHandle::items`])
+//! as it hands them on, and control requests from the async side ([`HubHandle::control`]). So
+//! an item goes from the shard straight into its subscribers' mailboxes, with no hand-off to a
+//! fan-out thread in between (one wake-up less per batch on the hot path; see the README's "How
+//! it works"). Per call and topic, the hub encodes one batch (`[{"key":K,"value":V},…]`) once;
+//! that `Bytes` is shared by every subscriber that takes the topic unfiltered. Filtered and
+//! `latest` subscribers get slices of the same encoding. It also keeps the latest value of every
+//! key of every topic (at most `snapshot_keys` per topic, and `snapshot_bytes` for all topics
+//! together: past either, a new key's value is not kept, and a kept key whose new value would go
+//! past the bytes is dropped from the snapshots; both are counted) for snapshots.
 //!
-//! Out: puts into subscriber [`Mailbox`]es, which never block the hub: a slow subscriber loses
-//! its oldest items, never anyone else's. Before a control request is handled, every item already
-//! queued is taken, so a `closed` follows the last items of its query and a flush covers all
-//! that came before it.
+//! Out: puts into subscriber [`Mailbox`]es, which never block: a slow subscriber loses its
+//! oldest items, never anyone else's. Since a shard's items are in the mailboxes before the
+//! shard goes on, a control request sees everything handed on before it: a `closed` follows the
+//! last items of its query. The lock is held for one publish (encode, keep, push): shards that
+//! emit at once take turns, which is the backpressure a fan-out thread's bounded queue gave.
 //!
 //! Positions: every item gets its topic's per-shard index ([`replay`]); each batch carries the
 //! topic's position after it, and the newest batches stay in a per-topic ring (`replay_bytes`)
 //! so that a subscriber that hands a position back gets exactly what came after it. A checkpoint
-//! asks the hub, through each shard's [`HubMsg::Mark`], for the counts its state covers; recovery
-//! gives them back ([`HubControl::Restore`]) before the log replays, so replayed items get their
-//! old positions.
+//! asks the hub, through each shard ([`HubHandle::mark`]), for the counts its state covers;
+//! recovery gives them back ([`HubControl::Restore`]) before the log replays, so replayed items
+//! get their old positions.
 //!
-//! Supervision: a panic while the hub handles one message is caught, logged and counted
-//! (`eddy_panics_total`), and the hub goes on with its topics; if the thread ends anyway its
-//! liveness flag drops and `/healthz` answers 503.
+//! Supervision: a panic while publishing is caught by the shard that published (and counted as
+//! its panic); one while handling a control request is caught, logged and counted here
+//! (`eddy_panics_total`). Either way the lock is taken again afterwards and the hub goes on with
+//! its topics.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::durable::log::LogGate;
@@ -40,23 +43,6 @@ use crate::{Emitted, Key, Topic};
 
 use super::mailbox::Mailbox;
 use super::replay::{Element, Position, Ring};
-use super::supervise::guarded;
-
-/// From a shard, in the order it produced them.
-pub enum HubMsg {
-    Items {
-        shard: usize,
-        items: Vec<Emitted>,
-        /// When the oldest frame among those that produced the items was received.
-        ingest: Option<Instant>,
-    },
-    /// A checkpoint's place in the shard's output: answers, per topic, its epoch and how many
-    /// items the shard emitted to it before this point.
-    Mark {
-        shard: usize,
-        reply: oneshot::Sender<Vec<ShardCount>>,
-    },
-}
 
 /// What a checkpoint held of a topic.
 pub struct RestoredTopic {
@@ -128,16 +114,11 @@ pub enum HubControl {
     Report {
         reply: oneshot::Sender<HubReport>,
     },
-    /// Replies once every item queued before it reached the mailboxes.
-    Flush {
-        done: oneshot::Sender<()>,
-    },
     /// Recovery: topics go on from the positions a checkpoint recorded, with the latest values
-    /// it held (and the shard each came from). Replies once done: no replayed item may be
-    /// counted before it.
+    /// it held (and the shard each came from); before the log replays, so that no replayed
+    /// item is counted before it.
     Restore {
         topics: Vec<RestoredTopic>,
-        done: oneshot::Sender<()>,
     },
 }
 
@@ -161,57 +142,52 @@ pub struct TopicReport {
     pub replay_bytes: u64,
 }
 
-/// The async side's handle to the hub's control channel.
+/// The hub, shared by the shards (which publish into it) and the async side (which subscribes,
+/// and asks for reports).
 #[derive(Clone)]
 pub struct HubHandle {
-    control: Sender<HubControl>,
-    /// Only to read the queue's depth.
-    data: Receiver<HubMsg>,
-    alive: Arc<AtomicBool>,
+    hub: Arc<Mutex<Hub>>,
     panics: Arc<AtomicU64>,
 }
 
 impl HubHandle {
-    /// Sends a control request, waiting (without blocking the thread) while the channel is full.
-    pub async fn send(&self, msg: HubControl) {
-        let mut msg = msg;
-        loop {
-            match self.control.try_send(msg) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => return,
-                Err(TrySendError::Full(back)) => {
-                    msg = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
+    /// The hub, also after a panic while it was held (the panic was counted where it happened).
+    fn lock(&self) -> MutexGuard<'_, Hub> {
+        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends from a plain thread (or a drop handler); gives up when the channel is full.
-    pub fn try_send(&self, msg: HubControl) {
-        let _ = self.control.try_send(msg);
+    /// A shard's items, in the order it produced them: in their subscribers' mailboxes when
+    /// this returns. `ingest` is when the oldest frame among those that produced them arrived.
+    pub fn items(&self, shard: usize, items: Vec<Emitted>, ingest: Option<Instant>) {
+        let mut hub = self.lock();
+        hub.take(shard, items, ingest);
+        hub.publish();
     }
 
-    /// Whether the hub thread is running.
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
+    /// A checkpoint's place in the shard's output: per topic, its epoch and how many items the
+    /// shard emitted to it so far, with the latest values that came from the shard.
+    pub fn mark(&self, shard: usize) -> Vec<ShardCount> {
+        self.lock().mark(shard)
     }
 
-    /// Panics caught in the hub thread since start.
+    /// Handles a control request (its answer goes to the request's mailbox or reply).
+    pub fn control(&self, msg: HubControl) {
+        super::supervise::guarded("the hub", &self.panics, || {
+            let mut hub = self.lock();
+            hub.control(msg);
+            hub.tell_watchers();
+        });
+    }
+
+    /// Panics caught while handling control requests since start.
     pub fn panics(&self) -> u64 {
         self.panics.load(Ordering::Relaxed)
-    }
-
-    /// Item batches waiting for the hub.
-    pub fn queue_depth(&self) -> usize {
-        self.data.len()
     }
 }
 
 /// What the hub keeps, and how much.
 #[derive(Clone, Copy, Debug)]
 pub struct HubSettings {
-    /// Item messages waiting from the shards.
-    pub queue: usize,
     pub shards: usize,
     pub snapshot_keys: usize,
     pub snapshot_bytes: usize,
@@ -219,31 +195,23 @@ pub struct HubSettings {
     pub replay_bytes: usize,
 }
 
-/// Starts the hub thread; returns the data channel for shards and the control handle.
-/// With a `gate` (durable mode), nothing is published before its input is written to the log.
-pub fn start(settings: HubSettings, gate: Option<LogGate>) -> (Sender<HubMsg>, HubHandle) {
-    let (data_tx, data_rx) = crossbeam_channel::bounded(settings.queue);
-    let (control_tx, control_rx) = crossbeam_channel::bounded(1024);
-    let (guard, alive) = super::supervise::Alive::new();
-    let panics = Arc::new(AtomicU64::new(0));
-    let thread_panics = Arc::clone(&panics);
-    let depth = data_rx.clone();
-    std::thread::Builder::new()
-        .name("eddy-hub".into())
-        .spawn(move || {
-            let _alive = guard;
-            run(&data_rx, control_rx, settings, gate, &thread_panics);
-        })
-        .expect("spawn hub thread");
-    (
-        data_tx,
-        HubHandle {
-            control: control_tx,
-            data: depth,
-            alive,
-            panics,
-        },
-    )
+/// The hub, with no topic yet. With a `gate` (durable mode), nothing is published before its
+/// input is written to the log.
+pub fn start(settings: HubSettings, gate: Option<LogGate>) -> HubHandle {
+    HubHandle {
+        hub: Arc::new(Mutex::new(Hub {
+            settings,
+            gate,
+            topics: HashMap::new(),
+            queries: BTreeMap::new(),
+            touched: Vec::new(),
+            latest_bytes: 0,
+            snapshot_skipped: 0,
+            watchers: Vec::new(),
+            topics_changed: false,
+        })),
+        panics: Arc::new(AtomicU64::new(0)),
+    }
 }
 
 /// What a kept latest value costs besides its bytes: its key and map slot, about.
@@ -283,60 +251,10 @@ fn keep_latest(
     }
 }
 
-/// Most item messages taken before the hub publishes.
-const MAX_ROUND: usize = 256;
-
-/// A topic's batch is published once it holds this many bytes, even within a round: so that
-/// batches stay a small part of `replay_bytes` (a resume can only start in a batch still
+/// A topic's batch is published once it holds this many bytes, even within one shard's hand-on:
+/// so that batches stay a small part of `replay_bytes` (a resume can only start in a batch still
 /// kept), as they would not in a recovery's replay or a burst.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
-
-fn run(
-    data: &Receiver<HubMsg>,
-    control: Receiver<HubControl>,
-    settings: HubSettings,
-    gate: Option<LogGate>,
-    panics: &AtomicU64,
-) {
-    let mut hub = Hub {
-        settings,
-        gate,
-        topics: HashMap::new(),
-        queries: BTreeMap::new(),
-        touched: Vec::new(),
-        latest_bytes: 0,
-        snapshot_skipped: 0,
-        watchers: Vec::new(),
-        topics_changed: false,
-    };
-    let mut control = control;
-    loop {
-        crossbeam_channel::select! {
-            recv(data) -> msg => {
-                let Ok(msg) = msg else { break };
-                guarded("the hub", panics, || hub.take(msg));
-                for _ in 0..MAX_ROUND {
-                    match data.try_recv() {
-                        Ok(msg) => guarded("the hub", panics, || hub.take(msg)),
-                        Err(_) => break,
-                    }
-                }
-            }
-            recv(control) -> msg => match msg {
-                Ok(msg) => guarded("the hub", panics, || {
-                    while let Ok(item) = data.try_recv() {
-                        hub.take(item);
-                    }
-                    hub.publish();
-                    hub.control(msg);
-                }),
-                Err(_) => control = crossbeam_channel::never(),
-            },
-        }
-        guarded("the hub", panics, || hub.publish());
-    }
-    guarded("the hub", panics, || hub.publish());
-}
 
 struct Subscription {
     id: u64,
@@ -398,35 +316,26 @@ struct Hub {
 }
 
 impl Hub {
-    fn take(&mut self, msg: HubMsg) {
-        let (shard, items, ingest) = match msg {
-            HubMsg::Items {
-                shard,
-                items,
-                ingest,
-            } => (shard, items, ingest),
-            HubMsg::Mark { shard, reply } => {
-                // What the shard emitted before the mark is in the latest values first.
-                self.publish();
-                let counts = self
-                    .topics
+    /// What a shard emitted before a checkpoint's mark, and the latest values from it.
+    fn mark(&mut self, shard: usize) -> Vec<ShardCount> {
+        self.topics
+            .iter()
+            .map(|(topic, state)| ShardCount {
+                topic: topic.to_string(),
+                epoch: state.ring.epoch(),
+                count: state.ring.count(shard),
+                latest: state
+                    .latest
                     .iter()
-                    .map(|(topic, state)| ShardCount {
-                        topic: topic.to_string(),
-                        epoch: state.ring.epoch(),
-                        count: state.ring.count(shard),
-                        latest: state
-                            .latest
-                            .iter()
-                            .filter(|(_, (_, from))| *from == shard)
-                            .map(|(k, (v, _))| (k.clone(), v.clone()))
-                            .collect(),
-                    })
-                    .collect();
-                let _ = reply.send(counts);
-                return;
-            }
-        };
+                    .filter(|(_, (_, from))| *from == shard)
+                    .map(|(k, (v, _))| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Adds a shard's items to their topics' pending batches (publishing a batch that got full).
+    fn take(&mut self, shard: usize, items: Vec<Emitted>, ingest: Option<Instant>) {
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
             let settings = &self.settings;
@@ -487,12 +396,7 @@ impl Hub {
                 gate.wait_written();
             }
         }
-        if std::mem::take(&mut self.topics_changed) && !self.watchers.is_empty() {
-            let msg = self.topics_message();
-            for (_, mailbox) in &self.watchers {
-                mailbox.push_control(msg.clone());
-            }
-        }
+        self.tell_watchers();
         for topic in std::mem::take(&mut self.touched) {
             let Some(state) = self.topics.get_mut(&topic) else {
                 continue;
@@ -553,6 +457,16 @@ impl Hub {
                 }
             }
             state.ring.keep(&items, &keys);
+        }
+    }
+
+    /// Sends the topics to the subscribers that asked for them, when the list changed.
+    fn tell_watchers(&mut self) {
+        if std::mem::take(&mut self.topics_changed) && !self.watchers.is_empty() {
+            let msg = self.topics_message();
+            for (_, mailbox) in &self.watchers {
+                mailbox.push_control(msg.clone());
+            }
         }
     }
 
@@ -642,10 +556,7 @@ impl Hub {
                     snapshot_skipped: self.snapshot_skipped,
                 });
             }
-            HubControl::Flush { done } => {
-                let _ = done.send(());
-            }
-            HubControl::Restore { topics, done } => {
+            HubControl::Restore { topics } => {
                 for t in topics {
                     // Only the topics of queries still deployed: no other is known.
                     let query = query_of(&t.topic);
@@ -668,7 +579,6 @@ impl Hub {
                         );
                     }
                 }
-                let _ = done.send(());
             }
         }
     }

@@ -362,7 +362,7 @@ pub async fn render(state: &State) -> String {
         &mut out,
         "eddy_panics_total",
         "counter",
-        "Panics caught in shard and hub threads (each lost the message in hand).",
+        "Panics caught in shard threads and the hub (each lost the message in hand).",
     );
     let _ = writeln!(
         out,
@@ -438,20 +438,15 @@ pub async fn render(state: &State) -> String {
         &mut out,
         "eddy_thread_up",
         "gauge",
-        "1 while a shard or hub thread runs.",
+        "1 while a shard thread runs.",
     );
     for i in 0..state.pipeline.shards() {
         let up = u64::from(state.pipeline.is_alive(i));
         let _ = writeln!(out, "eddy_thread_up{{thread=\"shard-{i}\"}} {up}");
     }
-    let _ = writeln!(
-        out,
-        "eddy_thread_up{{thread=\"hub\"}} {}",
-        u64::from(state.hub.is_alive())
-    );
 
     let (tx, rx) = tokio::sync::oneshot::channel();
-    state.hub.send(HubControl::Report { reply: tx }).await;
+    state.hub.control(HubControl::Report { reply: tx });
     let hub = rx.await.unwrap_or_default();
     for (name, kind, help, value) in [
         (

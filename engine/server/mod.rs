@@ -131,13 +131,12 @@ impl Server {
             None => None,
         };
         let hub_settings = hub::HubSettings {
-            queue: config.hub_queue,
             shards: config.shards,
             snapshot_keys: config.snapshot_keys,
             snapshot_bytes: config.snapshot_bytes,
             replay_bytes: config.replay_bytes,
         };
-        let (hub_tx, hub) = hub::start(hub_settings, durable.as_ref().map(|d| d.log.gate()));
+        let hub = hub::start(hub_settings, durable.as_ref().map(|d| d.log.gate()));
         let settings = pipeline::ShardSettings {
             limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
@@ -147,7 +146,7 @@ impl Server {
             engine: config.engine,
         };
         let pipeline =
-            pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, hub_tx);
+            pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, &hub);
         let admin_token = config
             .admin_token
             .clone()
@@ -207,15 +206,10 @@ impl Server {
         // Producers see the signal, finish the frame in hand and close.
         state.producers.close();
         let _ = tokio::time::timeout_at(deadline, state.producers.wait()).await;
-        let flush = async {
-            let _ = state
-                .pipeline
-                .ask_all(|done| pipeline::ShardMsg::Flush { done })
-                .await;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            state.hub.send(hub::HubControl::Flush { done: tx }).await;
-            let _ = rx.await;
-        };
+        // What the shards hand on is in the mailboxes when a flush is answered.
+        let flush = state
+            .pipeline
+            .ask_all(|done| pipeline::ShardMsg::Flush { done });
         let _ = tokio::time::timeout_at(deadline, flush).await;
         // The last checkpoint: a restart replays nothing.
         if let Some(d) = &state.durable {
@@ -513,14 +507,13 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     respond(status, "application/json", out)
 }
 
-/// `GET /healthz`: the shards, the hub and their queues; 503 when the server cannot accept work
-/// (a shard or the hub is not running, or shutdown has begun).
+/// `GET /healthz`: the shards and their queues; 503 when the server cannot accept work (a shard
+/// is not running, or shutdown has begun).
 fn health(state: &State) -> Response<Body> {
     let pipeline = &state.pipeline;
     let shutting_down = *state.shutdown.borrow();
     let shards_ok = (0..pipeline.shards()).all(|i| pipeline.is_alive(i));
-    let hub_ok = state.hub.is_alive();
-    let ok = shards_ok && hub_ok && !shutting_down;
+    let ok = shards_ok && !shutting_down;
     let mut body = b"{\"status\":".to_vec();
     crate::json::write_str(&mut body, if ok { "ok" } else { "unavailable" });
     body.extend_from_slice(b",\"shutting_down\":");
@@ -542,11 +535,7 @@ fn health(state: &State) -> Response<Body> {
         crate::json::write_int(&mut body, pipeline.queue_depth(i) as i64);
         body.push(b'}');
     }
-    body.extend_from_slice(b"],\"hub\":{\"alive\":");
-    body.extend_from_slice(if hub_ok { b"true" } else { b"false" });
-    body.extend_from_slice(b",\"queue\":");
-    crate::json::write_int(&mut body, state.hub.queue_depth() as i64);
-    body.extend_from_slice(b"},\"panics\":");
+    body.extend_from_slice(b"],\"panics\":");
     crate::json::write_int(&mut body, (pipeline.panics() + state.hub.panics()) as i64);
     body.push(b'}');
     let status = if ok {

@@ -10,17 +10,17 @@
 //!   message and between the events of a batch, so the control plane never waits behind a busy
 //!   shard for more than one script call.
 //!
-//! A shard takes everything waiting, handles it, and passes what its queries emitted to the
-//! fan-out hub in one message: under light load that is one event, under heavy load hundreds, and
-//! no stage waits on a clock. It publishes its counters ([`ShardReport`]) at most every
+//! A shard takes everything waiting, handles it, and publishes what its queries emitted through
+//! the hub straight into the subscribers' mailboxes, on its own thread, in one call: under light
+//! load that is one event, under heavy load hundreds, and no stage waits on a clock. It publishes its counters ([`ShardReport`]) at most every
 //! [`PUBLISH_EVERY`], and within that time of its last work once idle, so `/metrics` and
 //! `GET /queries` read them without asking the shard (copying the histograms costs too much to do
 //! after every pass).
 //!
 //! When a shard's data channel is full, [`Pipeline::send`] waits (asynchronously: it never blocks
 //! a tokio worker) until the shard signals room, so an ingest connection stops reading and TCP
-//! slows the producer. The hub's channel is bounded too: a shard blocks on it, which in turn fills
-//! the shard's own channel. Nothing is dropped on this path.
+//! slows the producer. A shard that publishes waits while another holds the hub, which in turn
+//! fills the shard's own channel. Nothing is dropped on this path.
 //!
 //! Supervision: a panic while a shard handles one message is caught, logged and counted
 //! (`eddy_panics_total`); that message's work is lost and the shard goes on with its state. If
@@ -41,7 +41,7 @@ use crate::query::{QueryDef, QueryError};
 use crate::sandbox::Limits;
 use crate::shard::{CpuBudget, Delivery, QueryControl, QueryId, QueryStats, Shard};
 
-use super::hub::{HubMsg, ShardCount};
+use super::hub::{HubHandle, ShardCount};
 
 /// Work for a shard, handled in the order it was sent.
 pub enum ShardMsg {
@@ -113,6 +113,10 @@ pub enum Control {
         id: QueryId,
         done: oneshot::Sender<()>,
     },
+    /// Gives the memory freed elsewhere back to the system: what the shard's thread allocated
+    /// for the hub (a removed query's latest values and replay chunks, published on this
+    /// thread) and another thread freed waits for this thread to collect it.
+    Collect { done: oneshot::Sender<()> },
     /// Panics inside the shard, to test supervision.
     #[cfg(test)]
     Panic,
@@ -203,12 +207,12 @@ pub struct ShardSettings {
 
 impl Pipeline {
     /// Starts `shards` shard threads whose data channels hold up to `queue_bytes` of messages
-    /// each (one message always fits), each sending its output to `hub`.
+    /// each (one message always fits), each publishing its output through `hub`.
     pub fn start(
         shards: usize,
         queue_bytes: usize,
         settings: &ShardSettings,
-        hub: Sender<HubMsg>,
+        hub: &HubHandle,
     ) -> Pipeline {
         let panics = Arc::new(AtomicU64::new(0));
         let shards = (0..shards)
@@ -374,7 +378,7 @@ struct ShardThread {
     name: String,
     data: Receiver<ShardMsg>,
     control: Receiver<Control>,
-    hub: Sender<HubMsg>,
+    hub: HubHandle,
     room: Arc<Notify>,
     queued: Arc<AtomicUsize>,
     report: Arc<ArcSwap<ShardReport>>,
@@ -524,10 +528,7 @@ impl ShardThread {
             } => {
                 // Everything emitted before this point goes to the hub ahead of the mark.
                 self.hand_on(st);
-                let _ = self.hub.send(HubMsg::Mark {
-                    shard: self.index,
-                    reply: hub_mark,
-                });
+                let _ = hub_mark.send(self.hub.mark(self.index));
                 // The copy goes on a few keys at a time between messages (see `run`).
                 if let Some((_, earlier)) = st.export.take() {
                     let _ = earlier.send((Vec::new(), Duration::ZERO));
@@ -580,6 +581,10 @@ impl ShardThread {
                 self.publish(st);
                 let _ = done.send(());
             }
+            Control::Collect { done } => {
+                crate::shard::collect_memory();
+                let _ = done.send(());
+            }
             #[cfg(test)]
             Control::Panic => panic!("a test asked this shard to panic"),
         }
@@ -610,12 +615,8 @@ impl ShardThread {
         }
         if !st.out.is_empty() {
             let items = std::mem::take(&mut st.out);
-            // Blocks while the hub is full: backpressure, not loss.
-            let _ = self.hub.send(HubMsg::Items {
-                shard: self.index,
-                items,
-                ingest: oldest,
-            });
+            // Waits while another shard publishes: backpressure, not loss.
+            self.hub.items(self.index, items, oldest);
         }
     }
 
@@ -655,6 +656,18 @@ mod tests {
         def
     }
 
+    fn hub() -> HubHandle {
+        super::super::hub::start(
+            super::super::hub::HubSettings {
+                shards: 1,
+                snapshot_keys: 100,
+                snapshot_bytes: 1 << 20,
+                replay_bytes: 1 << 20,
+            },
+            None,
+        )
+    }
+
     fn settings() -> ShardSettings {
         ShardSettings {
             limits: Limits::default(),
@@ -665,9 +678,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_shard_queue_holds_its_bytes_and_no_more_and_senders_wait_beyond() {
-        let (hub_tx, _hub_rx) = crossbeam_channel::bounded(1024);
         let budget = 4096;
-        let pipeline = Pipeline::start(1, budget, &settings(), hub_tx);
+        let pipeline = Pipeline::start(1, budget, &settings(), &hub());
         let def = deploy(&pipeline, r#"let source = "s"; fn on_event(ev) { }"#).await;
         // The shard stops at a replace until it hears the decision.
         let (ready, ready_rx) = oneshot::channel();
@@ -710,8 +722,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_in_a_shard_is_counted_and_the_shard_goes_on() {
-        let (hub_tx, hub_rx) = crossbeam_channel::bounded(16);
-        let pipeline = Pipeline::start(1, 8, &settings(), hub_tx);
+        let pipeline = Pipeline::start(1, 8, &settings(), &hub());
         deploy(
             &pipeline,
             r#"let source = "s"; fn on_event(ev) { emit(ev.x); }"#,
@@ -727,6 +738,5 @@ mod tests {
             .unwrap();
         assert_eq!(pipeline.panics(), 1);
         assert!(pipeline.is_alive(0));
-        drop(hub_rx);
     }
 }

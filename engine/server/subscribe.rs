@@ -3,10 +3,12 @@
 //! The connection runs on the shared WebSocket loops ([`ws`]): this task reads the client's
 //! requests (at most 64 KiB each) and hands them to the hub; the writer task owns the write half
 //! and, through [`Delivery`], the [`Mailbox`]. When the hub signals the mailbox, the writer
-//! takes everything in it and writes it with one flush: `dropped` notices first, then control messages and batches in order,
-//! then the conflated `latest` values. A batch frame is `{"type":"batch","topic":T,"seq":S,
-//! "pos":P,"items":…}`, where the items array was encoded once by the hub, `seq` counts this
-//! subscriber's batches of that topic from 0, without gaps, and `pos` is the topic's position
+//! takes everything in it and writes it with one flush: `dropped` notices first, then control
+//! messages and batches in order (batches of one topic waiting back to back merged into one
+//! frame), then the conflated `latest` values. A batch frame is `{"type":"batch","topic":T,"seq":S,
+//! "n":N,"pos":P,"items":…}`, where the items array was encoded once by the hub, `seq` counts
+//! this subscriber's batches of that topic from 0, without gaps, `n` is how many items the batch
+//! holds (so a client may count them without decoding them), and `pos` is the topic's position
 //! after the batch (mode `all`), which a later subscribe may hand back as `from` to resume.
 
 use std::collections::HashMap;
@@ -92,10 +94,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
         request(&state, id, &mailbox, &message.payload).await;
     }
     conn.finish().await;
-    state
-        .hub
-        .send(HubControl::Disconnect { subscriber: id })
-        .await;
+    state.hub.control(HubControl::Disconnect { subscriber: id });
 }
 
 /// A subscriber's side of the writer loop: its mailbox, and the server's closing signal.
@@ -194,7 +193,7 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
             mailbox: Arc::clone(mailbox),
         },
     };
-    state.hub.send(control).await;
+    state.hub.control(control);
 }
 
 fn key_of(value: &serde_json::Value) -> Result<Key, String> {
@@ -208,6 +207,9 @@ fn key_of(value: &serde_json::Value) -> Result<Key, String> {
         )),
     }
 }
+
+/// Most bytes of items merged into one frame from batches queued back to back.
+const MERGED_BYTES: usize = 1 << 20;
 
 /// Writes everything in the mailbox with one flush. Returns the close code when the subscriber
 /// must be closed.
@@ -225,7 +227,8 @@ async fn deliver<W: AsyncWrite + Unpin>(
         write.send(&Outbound::Text(msg.into())).await?;
     }
     let mut stamps = Vec::new();
-    for out in inbox.queue {
+    let mut queue = inbox.queue.into_iter().peekable();
+    while let Some(out) = queue.next() {
         match out {
             Outgoing::Control(msg) => {
                 write.send(&Outbound::Text(msg)).await?;
@@ -233,18 +236,53 @@ async fn deliver<W: AsyncWrite + Unpin>(
             Outgoing::Batch {
                 topic,
                 items,
-                count,
+                mut count,
                 ingest,
                 published,
-                pos,
+                mut pos,
             } => {
-                let frame = batch_frame(seqs, &topic, &items, pos.as_deref());
-                write.send(&Outbound::Text(frame)).await?;
                 stamps.push((published, ingest, count));
+                // Batches of one topic queued back to back (the subscriber fell behind the
+                // shards) go out as one frame, up to MERGED_BYTES: fewer frames to write and to
+                // read for the same items, in the same order, with the last one's position.
+                let mut merged: Option<Vec<u8>> = None;
+                while let Some(Outgoing::Batch { topic: next, .. }) = queue.peek() {
+                    let size = merged.as_ref().map_or(items.len(), Vec::len);
+                    if *next != topic || size >= MERGED_BYTES {
+                        break;
+                    }
+                    let Some(Outgoing::Batch {
+                        items: more,
+                        count: n,
+                        ingest,
+                        published,
+                        pos: more_pos,
+                        ..
+                    }) = queue.next()
+                    else {
+                        unreachable!("peeked a batch");
+                    };
+                    let all = merged.get_or_insert_with(|| items[..items.len() - 1].to_vec());
+                    all.push(b',');
+                    all.extend_from_slice(&more[1..]);
+                    all.pop();
+                    count += n;
+                    pos = more_pos;
+                    stamps.push((published, ingest, n));
+                }
+                let items = match merged {
+                    Some(mut all) => {
+                        all.push(b']');
+                        Bytes::from(all)
+                    }
+                    None => items,
+                };
+                let frame = batch_frame(seqs, &topic, &items, count, pos.as_deref());
+                write.send(&Outbound::Text(frame)).await?;
             }
             Outgoing::Replay { topic, batches } => {
                 for b in batches {
-                    let frame = batch_frame(seqs, &topic, &b.items, Some(&b.pos));
+                    let frame = batch_frame(seqs, &topic, &b.items, b.count, Some(&b.pos));
                     write.send(&Outbound::Text(frame)).await?;
                 }
             }
@@ -266,7 +304,13 @@ async fn deliver<W: AsyncWrite + Unpin>(
         }
         items.push(b']');
         write
-            .send(&Outbound::Text(batch_frame(seqs, topic, &items, None)))
+            .send(&Outbound::Text(batch_frame(
+                seqs,
+                topic,
+                &items,
+                pending.len() as u64,
+                None,
+            )))
             .await?;
     }
     write.flush().await?;
@@ -284,6 +328,7 @@ fn batch_frame(
     seqs: &mut HashMap<Topic, u64>,
     topic: &Topic,
     items: &[u8],
+    count: u64,
     pos: Option<&str>,
 ) -> Bytes {
     let seq = seqs.entry(Arc::clone(topic)).or_insert(0);
@@ -291,11 +336,78 @@ fn batch_frame(
     let mut o = Object::new(&mut frame);
     o.str("type", "batch")
         .str("topic", topic)
-        .int("seq", *seq as i64);
+        .int("seq", *seq as i64)
+        .int("n", count as i64);
     if let Some(pos) = pos {
         o.str("pos", pos);
     }
     o.raw("items", items).end();
     *seq += 1;
     frame.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// The payloads of the unmasked frames in `bytes`.
+    fn payloads(mut bytes: &[u8]) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (len, head) = match bytes[1] & 0x7f {
+                126 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (usize::from(n), 2),
+            };
+            out.push(serde_json::from_slice(&bytes[head..head + len]).unwrap());
+            bytes = &bytes[head + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn batches_of_a_topic_queued_back_to_back_go_out_as_one_frame() {
+        let mailbox = Mailbox::new(1 << 20, Duration::from_secs(10));
+        let (a, b): (Topic, Topic) = ("a".into(), "b".into());
+        let batch = |topic: &Topic, items: &'static str, n: u64, pos: &str| {
+            mailbox.push_batch(topic, Bytes::from(items), n, None, Some(&Arc::from(pos)));
+        };
+        batch(&a, "[1,2]", 2, "p1");
+        batch(&a, "[3]", 1, "p2");
+        batch(&a, r#"[{"x":[4]}]"#, 1, "p3");
+        mailbox.push_control(Bytes::from(r#"{"type":"unsubscribed","topic":"c"}"#));
+        batch(&a, "[5]", 1, "p4");
+        batch(&b, "[6]", 1, "q1");
+        batch(&a, "[7,8]", 2, "p5");
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut writer = Writer::new(server);
+        let mut seqs = HashMap::new();
+        let close = deliver(&mailbox, &mut writer, &mut seqs, &Metrics::default())
+            .await
+            .unwrap();
+        assert_eq!(close, None);
+        drop(writer);
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).await.unwrap();
+        let frame = |topic: &str, seq: u64, items: serde_json::Value, pos: &str| {
+            let n = items.as_array().unwrap().len();
+            serde_json::json!({"type": "batch", "topic": topic, "seq": seq, "n": n, "pos": pos,
+                               "items": items})
+        };
+        // Merged up to the control message and across no other topic; seq counts frames.
+        assert_eq!(
+            payloads(&bytes),
+            [
+                frame("a", 0, serde_json::json!([1, 2, 3, {"x": [4]}]), "p3"),
+                serde_json::json!({"type": "unsubscribed", "topic": "c"}),
+                frame("a", 1, serde_json::json!([5]), "p4"),
+                frame("b", 0, serde_json::json!([6]), "q1"),
+                frame("a", 2, serde_json::json!([7, 8]), "p5"),
+            ]
+        );
+    }
 }

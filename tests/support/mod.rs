@@ -214,12 +214,6 @@ pub async fn drain(server: &Server) {
         .ask_all(|done| eddy::server::pipeline::ShardMsg::Flush { done })
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    state
-        .hub
-        .send(eddy::server::hub::HubControl::Flush { done: tx })
-        .await;
-    rx.await.unwrap();
 }
 
 /// Plain HTTP/1.1 request; returns status and body.

@@ -38,7 +38,7 @@ function ingest(ws, ack) {
     }
     if (items.length > 0) {
       for (const sub of subscribers) {
-        sub.ws.send(JSON.stringify({ type: "batch", topic: "vwap", seq: sub.seq++, items }));
+        sub.ws.send(JSON.stringify({ type: "batch", topic: "vwap", seq: sub.seq++, n: items.length, items }));
       }
     }
     if (ack) ws.send(JSON.stringify({ type: "ack", frame: frame, accepted, rejected, errors: [] }));

@@ -49,7 +49,7 @@ async def ingest(ws, ack):
             for sub in list(subscribers):
                 seq = subscribers[sub]
                 subscribers[sub] = seq + 1
-                broadcast([sub], json.dumps({"type": "batch", "topic": "vwap", "seq": seq, "items": items}))
+                broadcast([sub], json.dumps({"type": "batch", "topic": "vwap", "seq": seq, "n": len(items), "items": items}))
         if ack:
             await ws.send(json.dumps({"type": "ack", "frame": frame, "accepted": accepted, "rejected": rejected, "errors": []}))
         frame += 1
