@@ -841,7 +841,11 @@ async fn a_fan_out_probe_checks_every_subscriber_gets_every_item() {
                 .await
                 .unwrap()
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Every subscriber has subscribed before the feed starts.
+        metrics_when(&server, |m| {
+            metric(m, "eddy_subscribers{topic=\"vwap\"}") >= 40.0
+        })
+        .await;
         let options = eddy::feed::FeedOptions {
             url,
             scenario: eddy::synth::Scenario::Trades,

@@ -10,7 +10,7 @@ Measurements per server and round:
   - latency p50/p99 at eddy's half maximum sustained rate of the round (100 events per frame),
     the same absolute rate for every server;
 and for eddy alone, fan-out runs: 1,000 and 10,000 subscribers (--fanout) on vwap in mode `all`
-at a fixed rate (--fanout-rate), with the CPU seconds the server, the feed and the probe used.
+at fixed rates, with the CPU seconds the server, the feed and the probe used.
 The probe samples (the first item of each batch), so that it is not the bottleneck.
 
 Only loopback addresses are used; every run is bounded in time. Use run.sh, which installs the
@@ -70,10 +70,10 @@ def eddy_cmd(eddy, *args):
     return [eddy, *args]
 
 
-def feed(eddy, port, rate, batch, seconds):
+def feed(eddy, port, rate, batch, seconds, timeout="1s"):
     out = subprocess.run(
         eddy_cmd(eddy, "feed", f"ws://127.0.0.1:{port}", "--rate", str(rate), "--batch", str(batch),
-                 "--duration", f"{seconds}s", "--json"),
+                 "--duration", f"{seconds}s", "--json", "--timeout", timeout),
         capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(f"feed failed: {out.stderr}")
@@ -145,7 +145,8 @@ def fan_out(eddy, server, port, subscribers, rate, seconds):
     before = children_cpu()
     probe = probe_start(eddy, port, seconds + 1, subscribers=subscribers)
     server_cpu_connected = cpu_seconds(server.proc.pid)
-    sent = feed(eddy, port, rate, 100, seconds)
+    # Thousands of subscribers can hold acks back longer than the feed's usual 1 s of silence.
+    sent = feed(eddy, port, rate, 100, seconds, timeout="30s")
     feed_cpu = children_cpu() - before
     fan = probe_result(probe, seconds + 300)
     probe_cpu = children_cpu() - before - feed_cpu
@@ -167,8 +168,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--latency-rate", type=int, default=10_000)
-    ap.add_argument("--fanout", default="1000,10000",
-                    help="subscribers in eddy's fan-out runs, comma-separated (0: skip)")
+    ap.add_argument("--fanout", default="1000@50000,1000@5000,10000@500",
+                    help="eddy's fan-out runs, comma-separated: SUBSCRIBERS[@EVENTS_PER_S] (the rate defaults "
+                         "to --fanout-rate; 0: skip)")
     ap.add_argument("--fanout-rate", type=int, default=50_000)
     ap.add_argument("--only", default="eddy,node,python")
     ap.add_argument("--baseline", help="another eddy binary to run as a server too (`eddy-base`), alternating with "
@@ -238,13 +240,16 @@ def main():
                 print(line, file=sys.stderr, flush=True)
 
     fans = []
-    for subscribers in [int(x) for x in str(args.fanout).split(",") if int(x) > 0]:
-        if "eddy" not in names:
-            break
+    for run in str(args.fanout).split(","):
+        subscribers, _, rate = run.partition("@")
+        subscribers, rate = int(subscribers), int(rate or args.fanout_rate)
+        if subscribers <= 0 or "eddy" not in names:
+            continue
         port = free_port()
         with Server("eddy", servers["eddy"](port)) as server:
             wait_port(port)
-            fan = fan_out(args.eddy, server, port, subscribers, args.fanout_rate, s)
+            fan = fan_out(args.eddy, server, port, subscribers, rate, s)
+            fan["rate_asked"] = rate
             fans.append(fan)
             print(f"fan-out {subscribers}: {json.dumps(fan)}", file=sys.stderr, flush=True)
 
@@ -278,7 +283,8 @@ def main():
                       f"{med(t['p99_us']) / 1000:.3f} ms |")
     for fan in fans:
         cpu = fan["cpu_seconds"]
-        print(f"\neddy fan-out: {fan['subscribers']:,} subscribers on vwap at {fan['events_per_second']:,.0f} events/s "
+        print(f"\neddy fan-out: {fan['subscribers']:,} subscribers on vwap, asked {fan['rate_asked']:,} events/s, "
+              f"acked {fan['events_per_second']:,.0f} events/s "
               f"for {s} s: each received {fan['min_items']:,}..{fan['max_items']:,} of {fan['events_sent']:,} items, "
               f"{fan['dropped']} dropped, {fan['seq_gaps']} seq gaps; latency p50 {fan['p50_us'] / 1000:.1f} ms, "
               f"p99 {fan['p99_us'] / 1000:.1f} ms; CPU seconds: server {cpu['server']} "

@@ -406,7 +406,8 @@ impl Hub {
             let items = Bytes::from(buf);
             let keys = std::mem::take(&mut state.pending_keys);
             let ingest = state.pending_ingest.take();
-            let pos = state.ring.pos();
+            // Written out only for mode `all` subscribers, which carry it.
+            let pos = (state.subs.iter().any(|s| s.mode == Mode::All)).then(|| state.ring.pos());
             for Element {
                 key, range, shard, ..
             } in &keys
@@ -426,7 +427,7 @@ impl Hub {
                         let n = keys.len() as u64;
                         state.dropped +=
                             sub.mailbox
-                                .push_batch(&topic, items.clone(), n, ingest, Some(&pos));
+                                .push_batch(&topic, items.clone(), n, ingest, pos.as_ref());
                     }
                     (Mode::All, Some(_)) => {
                         let mut filtered = Vec::with_capacity(items.len());
@@ -441,7 +442,7 @@ impl Hub {
                             let filtered = Bytes::from(filtered);
                             state.dropped +=
                                 sub.mailbox
-                                    .push_batch(&topic, filtered, n, ingest, Some(&pos));
+                                    .push_batch(&topic, filtered, n, ingest, pos.as_ref());
                         }
                     }
                     (Mode::Latest, _) => {

@@ -75,7 +75,9 @@ pub struct Element {
     pub range: Range<usize>,
 }
 
-/// Past this many bytes a shard's open chunk is sealed (and shared whole by resumes after it).
+/// A shard's open chunk is sealed (and shared whole by resumes after it) before an element
+/// would take it past this many bytes. Its buffer is allocated at this size and so never grows
+/// (a grown `Vec` would hold up to twice its bytes), unless one element is larger.
 const CHUNK_BYTES: usize = 64 * 1024;
 
 /// What a kept element costs besides its bytes: its key, index and range, about.
@@ -92,11 +94,20 @@ struct Chunk {
 
 impl Chunk {
     fn new() -> Chunk {
+        let mut buf = Vec::with_capacity(CHUNK_BYTES);
+        buf.push(b'[');
         Chunk {
-            buf: vec![b'['],
+            buf,
             sealed: None,
             elements: Vec::new(),
         }
+    }
+
+    /// Closes the array: the chunk takes no more elements.
+    fn seal(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.push(b']');
+        self.sealed = Some(Bytes::from(buf));
     }
 
     /// Its elements' bytes: the sealed array, or the array being filled.
@@ -255,7 +266,16 @@ impl Ring {
         let share = (self.limit / self.shards.len().max(1)).max(1);
         for e in elements {
             self.grow(e.shard + 1);
+            let element = &items[e.range.clone()];
             let ring = &mut self.shards[e.shard];
+            if let Some(open) = ring.chunks.back_mut().filter(|c| c.sealed.is_none()) {
+                // `,` + the element + the closing `]` would not fit.
+                if !open.elements.is_empty() && open.buf.len() + element.len() + 2 > CHUNK_BYTES {
+                    let before = open.bytes();
+                    open.seal();
+                    ring.bytes = ring.bytes + open.bytes() - before;
+                }
+            }
             if ring.chunks.back().is_none_or(|c| c.sealed.is_some()) {
                 if ring.chunks.is_empty() {
                     ring.start = e.index;
@@ -268,13 +288,11 @@ impl Ring {
                 chunk.buf.push(b',');
             }
             let at = chunk.buf.len();
-            chunk.buf.extend_from_slice(&items[e.range.clone()]);
+            chunk.buf.extend_from_slice(element);
             let range = at..chunk.buf.len();
             chunk.elements.push((e.key.clone(), e.index, range));
-            if chunk.buf.len() >= CHUNK_BYTES {
-                let mut buf = std::mem::take(&mut chunk.buf);
-                buf.push(b']');
-                chunk.sealed = Some(Bytes::from(buf));
+            if chunk.buf.len() + 1 >= CHUNK_BYTES {
+                chunk.seal();
             }
             ring.bytes += chunk.bytes() - before;
             while ring.bytes > share && ring.chunks.len() > 1 {
