@@ -24,11 +24,14 @@
 //! interpreter also counts each expression); call depth is bounded because recursion is not
 //! compiled.
 
+use std::any::TypeId;
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::OnceLock;
 
+use rhai::plugin::PluginFunc;
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
     ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT,
@@ -1257,7 +1260,8 @@ impl Cx<'_> {
             match s {
                 Seg::Prop(name, ppos, _) => {
                     let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
-                    steps.push(Step::Prop(name.clone(), helper, *ppos));
+                    let natives = natives_for(&format!("get${name}"), 1);
+                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives));
                 }
                 Seg::Method(call, mpos) => {
                     // Number methods that change nothing may work on a copy of a property.
@@ -1282,7 +1286,14 @@ impl Cx<'_> {
                         args.len(),
                         &format!("this.{}({})", call.name, params.join(", ")),
                     );
-                    steps.push(Step::Method(call.name.clone(), args, helper, *mpos));
+                    let natives = natives_for(&call.name, args.len() + 1);
+                    steps.push(Step::Method(
+                        call.name.clone(),
+                        args,
+                        helper,
+                        *mpos,
+                        natives,
+                    ));
                     in_place = false;
                 }
             }
@@ -1698,9 +1709,11 @@ enum Start {
     Value(EFn),
 }
 
+/// One step of a chain: a property or a method, with its helper and the plugin functions of
+/// that name it may call directly (see [`Native`]).
 enum Step {
-    Prop(ImmutableString, Rc<str>, Position),
-    Method(ImmutableString, Vec<EFn>, Rc<str>, Position),
+    Prop(ImmutableString, Rc<str>, Position, Natives),
+    Method(ImmutableString, Vec<EFn>, Rc<str>, Position, Natives),
 }
 
 impl Step {
@@ -1724,18 +1737,25 @@ impl Step {
         on: &mut Dynamic,
         args: Vec<Dynamic>,
     ) -> R<Dynamic> {
+        let mut args = args;
         let (helper, pos) = match self {
-            Step::Prop(name, helper, pos) => {
+            Step::Prop(name, helper, pos, natives) => {
                 if let Some(ev) = on.read_lock::<Event>() {
                     return Ok(ev.get(name));
                 }
                 if let Ok(map) = on.as_map_ref() {
                     return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
                 }
+                if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
+                    return Ok(v);
+                }
                 (helper, *pos)
             }
-            Step::Method(name, _, helper, pos) => {
+            Step::Method(name, _, helper, pos, natives) => {
                 if let Some(v) = fast_method(name, on, &args, *pos)? {
+                    return Ok(v);
+                }
+                if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
                     return Ok(v);
                 }
                 (helper, *pos)
@@ -1743,6 +1763,163 @@ impl Step {
         };
         run_helper(engine, helpers, helper, Some(on), args, pos)
     }
+}
+
+/// A plugin function of a manifest ([`eddy_plugins::manifests`]), called as Rust on the value in
+/// its slot instead of through a helper: the same function the interpreter would resolve, with
+/// the interpreter's checks around it (a non-pure method on a constant, the data size of the
+/// result, the error placed at the call).
+struct Native {
+    /// Parameter types as Rhai matches them (`&str` and `String` as `ImmutableString`); the
+    /// first is a plugin type.
+    params: Box<[TypeId]>,
+    func: &'static (dyn PluginFunc + Send + Sync),
+}
+
+/// The plugin functions of one name and arity that a chain step may call directly.
+type Natives = Box<[&'static Native]>;
+
+/// Every plugin function that takes a plugin object first and needs no call context, by the
+/// name Rhai registers it under (`push`, `get$len`, ...): the manifests' functions and the
+/// learners' for maps, arrays and events.
+fn natives() -> &'static HashMap<&'static str, Vec<Native>> {
+    static TABLE: OnceLock<HashMap<&'static str, Vec<Native>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let manifests = eddy_plugins::manifests();
+        // The plugin types: the first parameter of the manifests' methods that is no Rhai type.
+        let builtin = [
+            TypeId::of::<Dynamic>(),
+            TypeId::of::<rhai::INT>(),
+            TypeId::of::<FLOAT>(),
+            TypeId::of::<bool>(),
+            TypeId::of::<char>(),
+            TypeId::of::<()>(),
+            TypeId::of::<ImmutableString>(),
+            TypeId::of::<&str>(),
+            TypeId::of::<String>(),
+            TypeId::of::<rhai::Array>(),
+            TypeId::of::<Map>(),
+            TypeId::of::<rhai::Blob>(),
+        ];
+        let mut table: HashMap<&'static str, Vec<Native>> = HashMap::new();
+        for m in manifests {
+            m.for_each_fn(true, &mut |entry| {
+                let func = entry.func();
+                if func.has_context() || !func.is_method_call() {
+                    return;
+                }
+                let mut params = Vec::new();
+                entry.with_param_types(&mut |types| {
+                    params = types
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &t)| {
+                            let text = t == TypeId::of::<&str>() || t == TypeId::of::<String>();
+                            if i > 0 && text {
+                                TypeId::of::<ImmutableString>()
+                            } else {
+                                t
+                            }
+                        })
+                        .collect();
+                });
+                if params.first().is_none_or(|t| builtin.contains(t)) {
+                    return;
+                }
+                table.entry(entry.name()).or_default().push(Native {
+                    params: params.into_boxed_slice(),
+                    func,
+                });
+            });
+        }
+        // The learners' functions for each feature vector type (registered outside the
+        // manifests, by `register_learners`), kept for the life of the process.
+        let learners = [
+            eddy_plugins::learner_methods::<Map>(),
+            eddy_plugins::learner_methods::<rhai::Array>(),
+            eddy_plugins::learner_methods::<Event>(),
+        ];
+        for m in learners.into_iter().flatten() {
+            if m.func.has_context() || !m.func.is_method_call() {
+                continue;
+            }
+            let func: &'static (dyn PluginFunc + Send + Sync) = Box::leak(m.func);
+            table.entry(m.name).or_default().push(Native {
+                params: m.params.into_boxed_slice(),
+                func,
+            });
+        }
+        table
+    })
+}
+
+/// The plugin functions called `name` with `params` parameters (the receiver included).
+fn natives_for(name: &str, params: usize) -> Natives {
+    natives()
+        .get(name)
+        .map(|fns| fns.iter().filter(|n| n.params.len() == params).collect())
+        .unwrap_or_default()
+}
+
+/// The one function of `natives` that Rhai would call on `on` with `args`: the receiver of its
+/// type, each argument of its type or a `Dynamic` parameter. `None` when none or more than one
+/// fits (the helper then asks Rhai).
+fn pick<'n>(natives: &'n [&'static Native], on: &Dynamic, args: &[Dynamic]) -> Option<&'n Native> {
+    let on_type = on.type_id();
+    let any = TypeId::of::<Dynamic>();
+    let mut found = None;
+    for n in natives {
+        let fits = n.params[0] == on_type
+            && n.params[1..]
+                .iter()
+                .zip(args)
+                .all(|(&p, a)| p == any || p == a.type_id());
+        if fits {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(&**n);
+        }
+    }
+    found
+}
+
+/// Calls the plugin function `name` on `on` directly when one of `natives` fits, as the
+/// interpreter's native call does; `Ok(None)` leaves the call to the helper.
+fn call_native(
+    engine: &Engine,
+    natives: &[&'static Native],
+    name: &str,
+    on: &mut Dynamic,
+    args: &mut [Dynamic],
+    pos: Position,
+) -> R<Option<Dynamic>> {
+    if natives.is_empty() {
+        return Ok(None);
+    }
+    let Some(native) = pick(natives, on, args) else {
+        return Ok(None);
+    };
+    let func = native.func;
+    if !func.is_pure() && on.is_read_only() {
+        return Err(EvalAltResult::ErrorNonPureMethodCallOnConstant(name.to_owned(), pos).into());
+    }
+    let result = match args {
+        [] => func.call(None, &mut [on]),
+        [a] => func.call(None, &mut [on, a]),
+        [a, b] => func.call(None, &mut [on, a, b]),
+        [a, b, c] => func.call(None, &mut [on, a, b, c]),
+        more => {
+            let mut all: Vec<&mut Dynamic> = vec![on];
+            all.extend(more.iter_mut());
+            func.call(None, &mut all)
+        }
+    };
+    let value = result.map_err(|e| fill(e, pos))?;
+    engine
+        .ensure_data_size_within_limits(&value)
+        .map_err(|e| fill(e, pos))?;
+    Ok(Some(value))
 }
 
 /// Methods of numbers done inline: `to_float`, `to_int` of an int, `abs`.
