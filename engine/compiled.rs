@@ -206,9 +206,29 @@ pub(crate) struct Rt<'a> {
     pub max_operations: u64,
 }
 
+/// The argument of `on_event` or `on_timer`: an event, kept unboxed for compiled code that only
+/// reads its fields, or any value.
+pub(crate) enum Arg {
+    Event(Event),
+    Value(Dynamic),
+}
+
+impl Arg {
+    /// The argument as a Rhai value (what the interpreter is given).
+    pub fn into_dynamic(self) -> Dynamic {
+        match self {
+            Arg::Event(e) => Dynamic::from(e),
+            Arg::Value(v) => v,
+        }
+    }
+}
+
 /// The running state of one compiled call.
 struct Frame<'f> {
     locals: Vec<Dynamic>,
+    /// The event of an `on_event` call that reads it only by field (see [`CFn::ev_boxed`]),
+    /// never made a Rhai value: its local stays `()`.
+    event: Option<&'f Event>,
     this: Option<&'f mut [Dynamic]>,
     rt: &'f Rt<'f>,
     helpers: &'f AST,
@@ -242,6 +262,9 @@ struct CFn {
     /// Parameters and `let`s: the size of the function's frame.
     locals: usize,
     body: Vec<SFn>,
+    /// Whether the event parameter is used as a value (passed, emitted, a method called on
+    /// it, ...); when not, `on_event` reads the event's fields without boxing it in a `Dynamic`.
+    ev_boxed: bool,
 }
 
 type FnTable = Rc<Vec<OnceCell<CFn>>>;
@@ -267,6 +290,7 @@ impl Compiled {
         let size = self.init.as_ref().map_or(1, |(_, n)| *n);
         let mut frame = Frame {
             locals: vec![Dynamic::UNIT; size.max(1)],
+            event: None,
             this: None,
             rt,
             helpers: &self.helpers,
@@ -283,13 +307,7 @@ impl Compiled {
     }
 
     /// Runs `on_event(arg)` or `on_timer(arg)` with `this` bound to `slots`.
-    pub(crate) fn call(
-        &self,
-        rt: &Rt,
-        function: &str,
-        slots: &mut [Dynamic],
-        arg: Dynamic,
-    ) -> R<()> {
+    pub(crate) fn call(&self, rt: &Rt, function: &str, slots: &mut [Dynamic], arg: Arg) -> R<()> {
         let index = match function {
             "on_event" => self.on_event,
             "on_timer" => match self.on_timer {
@@ -303,14 +321,21 @@ impl Compiled {
         // The frame's locals reuse one buffer: no allocation per call.
         let mut locals = self.scratch.take();
         locals.resize(f.locals.max(1), Dynamic::UNIT);
+        let event = match arg {
+            Arg::Event(e) if !f.ev_boxed => Some(e),
+            other => {
+                locals[0] = other.into_dynamic();
+                None
+            }
+        };
         let mut frame = Frame {
             locals,
+            event: event.as_ref(),
             this: Some(slots),
             rt,
             helpers: &self.helpers,
             ops: &mut ops,
         };
-        frame.locals[0] = arg;
         let result = run_body(&f.body, &mut frame).map(|_| ());
         let mut locals = frame.locals;
         locals.clear();
@@ -431,6 +456,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             layout: &layout,
             this_ok: entry,
             ev_local: None,
+            ev_boxed: false,
             names: Vec::new(),
             helpers: &helpers,
             stack: vec![i],
@@ -463,6 +489,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 layout: &layout,
                 this_ok: false,
                 ev_local: None,
+                ev_boxed: false,
                 names: vec![(fns[init_fn].params[0].clone(), 0)],
                 helpers: &helpers,
                 stack: vec![init_fn],
@@ -611,6 +638,8 @@ struct Cx<'a> {
     this_ok: bool,
     /// The local holding the event (on_event's parameter, never assigned).
     ev_local: Option<usize>,
+    /// Whether the event is used as a value, not only read by field (see [`CFn::ev_boxed`]).
+    ev_boxed: bool,
     /// Names in scope and their local slots, innermost last.
     names: Vec<(ImmutableString, usize)>,
     helpers: &'a RefCell<Helpers>,
@@ -650,6 +679,8 @@ impl Cx<'_> {
         let _ = self.table[i].set(CFn {
             locals: self.next_local,
             body,
+            // A parameter the function assigns is a plain local: always a value.
+            ev_boxed: self.ev_boxed || self.ev_local.is_none(),
         });
         Ok(())
     }
@@ -1085,6 +1116,9 @@ impl Cx<'_> {
                 if self.record(e).is_some() {
                     return unsupported(*vpos, format!("the map `{}` as a value", x.1));
                 }
+                if self.ev_local == Some(i) {
+                    self.ev_boxed = true;
+                }
                 Box::new(move |fr| Ok(fr.locals[i].clone()))
             }
             Expr::ThisPtr(p) => return unsupported(*p, "`this` as a value"),
@@ -1166,10 +1200,27 @@ impl Cx<'_> {
                 if matches!(be.rhs, Expr::Dot(..) | Expr::Index(..)) {
                     return unsupported(pos, "indexing in a chain");
                 }
-                let on = self.expr(&be.lhs)?;
-                let index = self.expr(&be.rhs)?;
                 let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
                 let ipos = *ipos;
+                if let Some(i) = self.ev_param(&be.lhs) {
+                    let index = self.expr(&be.rhs)?;
+                    return Ok(Box::new(move |fr| {
+                        let index = index(fr)?.flatten();
+                        if let Ok(name) = index.as_immutable_string_ref() {
+                            if let Some(ev) = fr.event {
+                                return Ok(ev.get(&name));
+                            }
+                            if let Some(ev) = fr.locals[i].read_lock::<Event>() {
+                                return Ok(ev.get(&name));
+                            }
+                        }
+                        let on = ev_value(fr, i);
+                        call_helper(fr, &helper, None, vec![on, index], ipos)
+                    }));
+                }
+                let on = self.expr(&be.lhs)?;
+                let index = self.expr(&be.rhs)?;
+                let rpos = be.rhs.start_position();
                 Box::new(move |fr| {
                     let on = on(fr)?;
                     let index = index(fr)?.flatten();
@@ -1178,7 +1229,15 @@ impl Cx<'_> {
                     {
                         return Ok(ev.get(&name));
                     }
-                    call_helper(fr, &helper, None, vec![on, index], ipos)
+                    // Rhai places an error of its own indexing (arrays, BLOBs, maps, strings,
+                    // bits of an integer) at the index, and an indexer's at the bracket.
+                    let builtin = on.is_array()
+                        || on.is_blob()
+                        || on.is_map()
+                        || on.is_string()
+                        || on.is_int();
+                    let at = if builtin { rpos } else { ipos };
+                    call_helper(fr, &helper, None, vec![on, index], at)
                 })
             }
             Expr::InterpolatedString(..) => return unsupported(pos, "interpolated string"),
@@ -1233,6 +1292,9 @@ impl Cx<'_> {
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
                 let hint = std::cell::Cell::new(0);
                 return Ok(Box::new(move |fr| {
+                    if let Some(ev) = fr.event {
+                        return Ok(ev.get_hinted(&name, &hint));
+                    }
                     if let Some(ev) = fr.locals[i].read_lock::<Event>() {
                         return Ok(ev.get_hinted(&name, &hint));
                     }
@@ -1246,6 +1308,11 @@ impl Cx<'_> {
                         ppos,
                     )
                 }));
+            }
+        }
+        if let Start::Place(Target::Local(i)) = start {
+            if self.ev_local == Some(i) {
+                self.ev_boxed = true;
             }
         }
         let mut steps = Vec::new();
@@ -1327,28 +1394,78 @@ impl Cx<'_> {
 
     /// Whether `e` is the event parameter.
     fn ev_arg(&self, e: &Expr) -> bool {
+        self.ev_param(e).is_some()
+    }
+
+    /// The local of the event parameter, when `e` is it.
+    fn ev_param(&self, e: &Expr) -> Option<usize> {
         match e {
-            Expr::Variable(x, ..) => self.local(&x.1).is_some_and(|i| self.ev_local == Some(i)),
-            _ => false,
+            Expr::Variable(x, ..) if x.2.is_empty() => {
+                self.local(&x.1).filter(|&i| self.ev_local == Some(i))
+            }
+            _ => None,
         }
     }
 
-    /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
-    fn contains(&mut self, a: EFn, b: EFn, pos: Position) -> EFn {
-        let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
-        Box::new(move |fr| {
-            let c = a(fr)?;
-            let x = b(fr)?;
-            if let (Some(ev), Ok(s)) = (c.read_lock::<Event>(), x.as_immutable_string_ref()) {
-                return Ok(Dynamic::from_bool(ev.contains(&s)));
-            }
-            if let (Ok(map), Ok(s)) = (c.as_map_ref(), x.as_immutable_string_ref()) {
-                return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
-            }
-            call_helper(fr, &helper, None, vec![c, x], pos)
+    /// The container of `x in c`: the event read in place, or any value.
+    fn container(&mut self, c: &Expr) -> Result<Container, Unsupported> {
+        Ok(match self.ev_param(c) {
+            Some(i) => Container::Event(i),
+            None => Container::Value(self.expr(c)?),
         })
     }
 
+    /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
+    fn contains(&mut self, a: Container, b: EFn, pos: Position) -> EFn {
+        let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
+        Box::new(move |fr| {
+            let c = match &a {
+                Container::Event(i) => {
+                    let x = b(fr)?;
+                    if let Ok(s) = x.as_immutable_string_ref() {
+                        if let Some(ev) = fr.event {
+                            return Ok(Dynamic::from_bool(ev.contains(&s)));
+                        }
+                    }
+                    let c = ev_value(fr, *i);
+                    return contains_value(fr, &helper, c, x, pos);
+                }
+                Container::Value(a) => a(fr)?,
+            };
+            let x = b(fr)?;
+            contains_value(fr, &helper, c, x, pos)
+        })
+    }
+}
+
+/// `x in c` on values: inline for an event or a map and a string, by the helper otherwise.
+fn contains_value(fr: &Frame, helper: &str, c: Dynamic, x: Dynamic, pos: Position) -> R<Dynamic> {
+    if let (Some(ev), Ok(s)) = (c.read_lock::<Event>(), x.as_immutable_string_ref()) {
+        return Ok(Dynamic::from_bool(ev.contains(&s)));
+    }
+    if let (Ok(map), Ok(s)) = (c.as_map_ref(), x.as_immutable_string_ref()) {
+        return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
+    }
+    call_helper(fr, helper, None, vec![c, x], pos)
+}
+
+/// The event parameter in local `i` as a Rhai value: the local itself, or the unboxed event of
+/// the call boxed now (a rare path: an index or `in` the compiled code does not do inline).
+fn ev_value(fr: &Frame, i: usize) -> Dynamic {
+    match fr.event {
+        Some(ev) => Dynamic::from(ev.clone()),
+        None => fr.locals[i].clone(),
+    }
+}
+
+/// The container of an `in`.
+enum Container {
+    /// The event parameter, in this local.
+    Event(usize),
+    Value(EFn),
+}
+
+impl Cx<'_> {
     fn call(&mut self, call: &FnCallExpr, pos: Position) -> Result<EFn, Unsupported> {
         if !call.namespace.is_empty() {
             return unsupported(pos, "module function");
@@ -1360,11 +1477,13 @@ impl Cx<'_> {
         let n = call.args.len();
         if let Some(op) = &call.op_token {
             if n == 2 {
-                let a = self.expr(&call.args[0])?;
-                let b = self.expr(&call.args[1])?;
                 if matches!(op, Token::In) {
+                    let a = self.container(&call.args[0])?;
+                    let b = self.expr(&call.args[1])?;
                     return Ok(self.contains(a, b, pos));
                 }
+                let a = self.expr(&call.args[0])?;
+                let b = self.expr(&call.args[1])?;
                 let op = op.clone();
                 let helper = self
                     .helpers
@@ -1431,6 +1550,7 @@ impl Cx<'_> {
                 layout: self.layout,
                 this_ok: false,
                 ev_local: None,
+                ev_boxed: false,
                 names: Vec::new(),
                 helpers: self.helpers,
                 stack: self.stack.clone(),
@@ -1450,6 +1570,7 @@ impl Cx<'_> {
                 fr.tick(pos)?;
                 let mut frame = Frame {
                     locals,
+                    event: None,
                     this: None,
                     rt: fr.rt,
                     helpers: fr.helpers,
@@ -1472,19 +1593,19 @@ impl Cx<'_> {
                 Ok(Dynamic::UNIT)
             }));
         }
+        if (name, n) == ("contains", 2)
+            && (!matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]))
+        {
+            let a = self.container(&call.args[0])?;
+            let b = self.expr(&call.args[1])?;
+            return Ok(self.contains(a, b, pos));
+        }
         let mut args = call
             .args
             .iter()
             .map(|a| self.expr(a))
             .collect::<Result<Vec<_>, _>>()?;
         match (name, n) {
-            ("contains", 2)
-                if !matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]) =>
-            {
-                let b = args.pop().expect("two args");
-                let a = args.pop().expect("two args");
-                return Ok(self.contains(a, b, pos));
-            }
             ("emit", 1) if matches!(call.args[0], Expr::Map(..)) => {
                 // A map literal, encoded straight from its values in key order.
                 let Expr::Map(m, _) = &call.args[0] else {

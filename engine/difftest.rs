@@ -154,6 +154,8 @@ impl Writer<'_> {
                     self.locals[i].clone()
                 }
                 5 => "()".to_owned(),
+                // An index that is no field name: the event as a value, by Rhai.
+                _ if self.g.chance(5) => "ev[1]".to_owned(),
                 _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),
             };
         }
@@ -323,6 +325,8 @@ impl Writer<'_> {
                 }
                 12 if depth < 2 && self.g.chance(20) => out.push_str("return;\n"),
                 13 if self.g.chance(10) => out.push_str("forget();\n"),
+                // The event itself as a value: `on_event` then holds it boxed.
+                13 if self.g.chance(10) => out.push_str("emit(ev);\n"),
                 _ => out.push_str(&format!("emit({});\n", self.expr(2))),
             }
         }
