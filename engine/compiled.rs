@@ -462,6 +462,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             stack: vec![i],
             next_local: 0,
             max_map: engine.max_map_size(),
+            data: DataLimits::of(engine),
             records: Vec::new(),
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
@@ -495,6 +496,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 stack: vec![init_fn],
                 next_local: 1,
                 max_map: engine.max_map_size(),
+                data: DataLimits::of(engine),
                 records: Vec::new(),
             };
             let mut compiled: Vec<EFn> = Vec::new();
@@ -648,6 +650,8 @@ struct Cx<'a> {
     next_local: usize,
     /// The engine's `max_map_len` (0: none).
     max_map: usize,
+    /// The engine's size limits, checked while a literal is built as the interpreter does.
+    data: DataLimits,
     /// Locals that are records: a map literal kept as one local per field (see [`Record`]).
     records: Vec<(usize, Rc<Record>)>,
 }
@@ -783,6 +787,7 @@ impl Cx<'_> {
             m.0.iter()
                 .map(|(_, e)| self.expr(e))
                 .collect::<Result<Vec<_>, _>>()?;
+        let data = self.data;
         let own = self.new_local(v.0.name.clone());
         let mut fields = Vec::new();
         let mut set = Vec::new();
@@ -802,8 +807,11 @@ impl Cx<'_> {
         self.records.push((own, Rc::new(Record { fields })));
         Ok(Box::new(move |fr| {
             fr.tick(pos)?;
+            let mut total = Sizes::default();
             for (f, &slot) in values.iter().zip(&set) {
-                fr.locals[slot] = f(fr)?.flatten();
+                let v = f(fr)?.flatten();
+                data.add_entry(&mut total, &v)?;
+                fr.locals[slot] = v;
             }
             for &p in &absent {
                 fr.locals[p] = Dynamic::FALSE;
@@ -1128,10 +1136,13 @@ impl Cx<'_> {
                 for (k, v) in &m.0 {
                     fields.push((k.name.clone(), self.expr(v)?));
                 }
+                let data = self.data;
                 Box::new(move |fr| {
                     let mut map = template.clone();
+                    let mut total = Sizes::default();
                     for (k, f) in &fields {
                         let v = f(fr)?.flatten();
+                        data.add_entry(&mut total, &v)?;
                         *map.get_mut(k.as_str()).expect("template has every key") = v;
                     }
                     Ok(Dynamic::from_map(map))
@@ -1142,10 +1153,14 @@ impl Cx<'_> {
                     .iter()
                     .map(|i| self.expr(i))
                     .collect::<Result<Vec<_>, _>>()?;
+                let data = self.data;
                 Box::new(move |fr| {
                     let mut out = Vec::with_capacity(items.len());
+                    let mut total = Sizes::default();
                     for f in &items {
-                        out.push(f(fr)?.flatten());
+                        let v = f(fr)?.flatten();
+                        data.add_item(&mut total, &v)?;
+                        out.push(v);
                     }
                     Ok(Dynamic::from_array(out))
                 })
@@ -1556,6 +1571,7 @@ impl Cx<'_> {
                 stack: self.stack.clone(),
                 next_local: 0,
                 max_map: self.max_map,
+                data: self.data,
                 records: Vec::new(),
             };
             inner.stack.push(i);
@@ -1621,10 +1637,14 @@ impl Cx<'_> {
                     m.0.iter()
                         .map(|(_, v)| self.expr(v))
                         .collect::<Result<Vec<_>, _>>()?;
+                let data = self.data;
                 return Ok(Box::new(move |fr| {
                     let mut values = Vec::with_capacity(fields.len());
+                    let mut total = Sizes::default();
                     for f in &fields {
-                        values.push(f(fr)?.flatten());
+                        let v = f(fr)?.flatten();
+                        data.add_entry(&mut total, &v)?;
+                        values.push(v);
                     }
                     let mut ctx = fr.rt.ctx.borrow_mut();
                     ctx.check_active("emit").map_err(|e| fill(e, pos))?;
@@ -2041,6 +2061,134 @@ fn call_native(
         .ensure_data_size_within_limits(&value)
         .map_err(|e| fill(e, pos))?;
     Ok(Some(value))
+}
+
+/// The engine's limits on the data a value holds (0: none): string bytes, array items and map
+/// entries, summed over nested values as Rhai's `calc_data_sizes` does.
+#[derive(Clone, Copy)]
+struct DataLimits {
+    string: usize,
+    array: usize,
+    map: usize,
+}
+
+/// A running total of array items, map entries and string bytes.
+#[derive(Clone, Copy, Default)]
+struct Sizes {
+    arrays: usize,
+    maps: usize,
+    strings: usize,
+}
+
+impl Sizes {
+    /// What `v` holds, as Rhai counts it for a value at the top.
+    fn of(v: &Dynamic) -> Sizes {
+        if let Ok(a) = v.as_array_ref() {
+            return Sizes::of_array(&a);
+        }
+        if v.is_blob() {
+            let n = v.as_blob_ref().map_or(0, |b| b.len());
+            return Sizes {
+                arrays: n,
+                ..Sizes::default()
+            };
+        }
+        if let Ok(m) = v.as_map_ref() {
+            return Sizes::of_map(&m);
+        }
+        if let Ok(s) = v.as_immutable_string_ref() {
+            return Sizes {
+                strings: s.len(),
+                ..Sizes::default()
+            };
+        }
+        Sizes::default()
+    }
+
+    /// What `v` adds inside an array or a map (a BLOB counts one more than at the top).
+    fn inner(v: &Dynamic) -> Sizes {
+        let mut s = Sizes::of(v);
+        if v.is_blob() {
+            s.arrays += 1;
+        }
+        s
+    }
+
+    fn of_array(items: &[Dynamic]) -> Sizes {
+        let mut total = Sizes::default();
+        for v in items {
+            let d = Sizes::inner(v);
+            total.arrays += 1 + d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
+        total
+    }
+
+    fn of_map(map: &Map) -> Sizes {
+        let mut total = Sizes::default();
+        for v in map.values() {
+            let d = Sizes::inner(v);
+            total.arrays += d.arrays;
+            total.maps += 1 + d.maps;
+            total.strings += d.strings;
+        }
+        total
+    }
+}
+
+impl DataLimits {
+    fn of(engine: &Engine) -> DataLimits {
+        DataLimits {
+            string: engine.max_string_size(),
+            array: engine.max_array_size(),
+            map: engine.max_map_size(),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.string > 0 || self.array > 0 || self.map > 0
+    }
+
+    /// Adds value `v` of a map literal's entry to `total`, failing as the interpreter does when
+    /// the map being built goes over a limit (an error without a position, as the
+    /// interpreter's reaches the query).
+    fn add_entry(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
+        if !self.any() {
+            return Ok(());
+        }
+        let d = Sizes::of(v);
+        total.arrays += d.arrays;
+        total.maps += d.maps + 1;
+        total.strings += d.strings;
+        self.check(total)
+    }
+
+    /// Adds item `v` of an array literal to `total`, as [`DataLimits::add_entry`].
+    fn add_item(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
+        if !self.any() {
+            return Ok(());
+        }
+        let d = Sizes::of(v);
+        total.arrays += d.arrays + 1;
+        total.maps += d.maps;
+        total.strings += d.strings;
+        self.check(total)
+    }
+
+    fn check(&self, total: &Sizes) -> R<()> {
+        let over = |limit: usize, n: usize| limit > 0 && n > limit;
+        let what = if over(self.string, total.strings) {
+            "Length of string"
+        } else if over(self.array, total.arrays) {
+            "Size of array/BLOB"
+        } else if over(self.map, total.maps) {
+            "Size of object map"
+        } else {
+            return Ok(());
+        };
+        Err(EvalAltResult::ErrorDataTooLarge(what.into(), Position::NONE).into())
+    }
 }
 
 /// Methods of numbers done inline: `to_float`, `to_int` of an int, `abs`.

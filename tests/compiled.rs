@@ -357,3 +357,50 @@ fn plugin_methods_called_directly_give_the_interpreters_values_and_errors() {
     let message = errors[0].to_string();
     assert!(message.contains("ring.push(x)"), "{message}");
 }
+
+#[test]
+fn literals_over_a_size_limit_fail_alike_on_both_engines() {
+    // Each string fits the limit; two of them in one literal do not.
+    let mut limits = limits();
+    limits.max_string_bytes = 10;
+    limits.max_array_len = 4;
+    let bodies = [
+        // A map literal emitted straight to JSON.
+        "emit(#{ a: ev.s, b: ev.s });",
+        // A map literal as a value.
+        "this.m = #{ a: ev.s, b: ev.s }; emit(this.m);",
+        // A local map kept as one local per field.
+        "let out = #{ a: ev.s, n: 1, b: ev.s }; emit(out);",
+        // Array literals: string bytes, then items.
+        "emit([ev.s, ev.s]);",
+        "emit([1, ev.a]);",
+    ];
+    let input =
+        b"{\"k\":\"a\",\"s\":\"abcdefgh\",\"a\":[1,2,3]}\n{\"k\":\"a\",\"s\":\"abc\",\"a\":7}\n"
+            .to_vec();
+    for body in bodies {
+        let script = format!(
+            "let source = \"s\"; let key_by = \"k\";\nfn init(key) {{ #{{ m: () }} }}\nfn on_event(ev) {{\n    {body}\n}}"
+        );
+        let def = QueryDef::compile("q", &script, &limits).unwrap();
+        assert_eq!(def.engine.summary(), "compiled", "{body}: {:?}", def.engine);
+        let compiled = String::from_utf8(run(&def, &input, &limits, EngineMode::Auto)).unwrap();
+        let interpreted =
+            String::from_utf8(run(&def, &input, &limits, EngineMode::Interpreter)).unwrap();
+        assert_eq!(compiled, interpreted, "{body}");
+        // The first event (16 bytes of strings, 5 array items) fails, the second passes.
+        let lines: Vec<serde_json::Value> = compiled
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{body}: {compiled}");
+        let error = lines[0]["value"]["error"].as_str().unwrap_or_default();
+        let expected = if body.contains("ev.a") {
+            "Size of array"
+        } else {
+            "Length of string"
+        };
+        assert!(error.contains(expected), "{body}: {compiled}");
+        assert_eq!(lines[1]["topic"], "q", "{body}: {compiled}");
+    }
+}
