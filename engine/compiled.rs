@@ -2072,6 +2072,12 @@ struct DataLimits {
     map: usize,
 }
 
+/// Whether `v` counts toward a size limit at all (a string, an array, a BLOB or a map): the
+/// cheap test before [`Sizes::of`].
+fn holds_data(v: &Dynamic) -> bool {
+    v.is_string() || v.is_array() || v.is_map() || v.is_blob()
+}
+
 /// A running total of array items, map entries and string bytes.
 #[derive(Clone, Copy, Default)]
 struct Sizes {
@@ -2157,10 +2163,13 @@ impl DataLimits {
         if !self.any() {
             return Ok(());
         }
-        let d = Sizes::of(v);
-        total.arrays += d.arrays;
-        total.maps += d.maps + 1;
-        total.strings += d.strings;
+        total.maps += 1;
+        if holds_data(v) {
+            let d = Sizes::of(v);
+            total.arrays += d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
         self.check(total)
     }
 
@@ -2169,10 +2178,13 @@ impl DataLimits {
         if !self.any() {
             return Ok(());
         }
-        let d = Sizes::of(v);
-        total.arrays += d.arrays + 1;
-        total.maps += d.maps;
-        total.strings += d.strings;
+        total.arrays += 1;
+        if holds_data(v) {
+            let d = Sizes::of(v);
+            total.arrays += d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
         self.check(total)
     }
 
