@@ -9,10 +9,13 @@
 //! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
 //! and calls of script functions without the interpreter. A local map that is only given
 //! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
-//! `emit`, never a `rhai::Map`. Every other native call (a plugin method, a property of a
-//! plugin object, an operator on other types) goes through a one-line helper function that the
-//! same Rhai engine runs, so its result and its error are exactly the interpreter's; the error
-//! is moved to the position of the call in the query.
+//! `emit`, never a `rhai::Map`. A plugin method or property is called as the plugin's own Rust
+//! function ([`Native`], from the plugin modules' manifests), the one Rhai would resolve for the
+//! argument types, with the interpreter's checks around it. `on_event`'s event stays unboxed
+//! when the code only reads its fields. Every other native call (an operator on other types, a
+//! plugin call no single plugin function fits, other built-ins) goes through a one-line helper
+//! function that the same Rhai engine runs, so its result and its error are exactly the
+//! interpreter's; the error is moved to the position of the call in the query.
 //!
 //! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
 //! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
