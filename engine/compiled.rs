@@ -10,7 +10,7 @@
 //! and calls of script functions without the interpreter. A local map that is only given
 //! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
 //! `emit`, never a `rhai::Map`. A plugin method or property is called as the plugin's own Rust
-//! function ([`Native`], from the plugin modules' manifests), the one Rhai would resolve for the
+//! function (`Native`, from the plugin modules' manifests), the one Rhai would resolve for the
 //! argument types, with the interpreter's checks around it. `on_event`'s event stays unboxed
 //! when the code only reads its fields. Every other native call (an operator on other types, a
 //! plugin call no single plugin function fits, other built-ins) goes through a one-line helper
