@@ -9,10 +9,13 @@
 //! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
 //! and calls of script functions without the interpreter. A local map that is only given
 //! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
-//! `emit`, never a `rhai::Map`. Every other native call (a plugin method, a property of a
-//! plugin object, an operator on other types) goes through a one-line helper function that the
-//! same Rhai engine runs, so its result and its error are exactly the interpreter's; the error
-//! is moved to the position of the call in the query.
+//! `emit`, never a `rhai::Map`. A plugin method or property is called as the plugin's own Rust
+//! function (`Native`, from the plugin modules' manifests), the one Rhai would resolve for the
+//! argument types, with the interpreter's checks around it. `on_event`'s event stays unboxed
+//! when the code only reads its fields. Every other native call (an operator on other types, a
+//! plugin call no single plugin function fits, other built-ins) goes through a one-line helper
+//! function that the same Rhai engine runs, so its result and its error are exactly the
+//! interpreter's; the error is moved to the position of the call in the query.
 //!
 //! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
 //! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
@@ -24,11 +27,14 @@
 //! interpreter also counts each expression); call depth is bounded because recursion is not
 //! compiled.
 
+use std::any::TypeId;
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::OnceLock;
 
+use rhai::plugin::PluginFunc;
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
     ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT,
@@ -203,9 +209,29 @@ pub(crate) struct Rt<'a> {
     pub max_operations: u64,
 }
 
+/// The argument of `on_event` or `on_timer`: an event, kept unboxed for compiled code that only
+/// reads its fields, or any value.
+pub(crate) enum Arg {
+    Event(Event),
+    Value(Dynamic),
+}
+
+impl Arg {
+    /// The argument as a Rhai value (what the interpreter is given).
+    pub fn into_dynamic(self) -> Dynamic {
+        match self {
+            Arg::Event(e) => Dynamic::from(e),
+            Arg::Value(v) => v,
+        }
+    }
+}
+
 /// The running state of one compiled call.
 struct Frame<'f> {
     locals: Vec<Dynamic>,
+    /// The event of an `on_event` call that reads it only by field (see [`CFn::ev_boxed`]),
+    /// never made a Rhai value: its local stays `()`.
+    event: Option<&'f Event>,
     this: Option<&'f mut [Dynamic]>,
     rt: &'f Rt<'f>,
     helpers: &'f AST,
@@ -239,6 +265,9 @@ struct CFn {
     /// Parameters and `let`s: the size of the function's frame.
     locals: usize,
     body: Vec<SFn>,
+    /// Whether the event parameter is used as a value (passed, emitted, a method called on
+    /// it, ...); when not, `on_event` reads the event's fields without boxing it in a `Dynamic`.
+    ev_boxed: bool,
 }
 
 type FnTable = Rc<Vec<OnceCell<CFn>>>;
@@ -264,6 +293,7 @@ impl Compiled {
         let size = self.init.as_ref().map_or(1, |(_, n)| *n);
         let mut frame = Frame {
             locals: vec![Dynamic::UNIT; size.max(1)],
+            event: None,
             this: None,
             rt,
             helpers: &self.helpers,
@@ -280,13 +310,7 @@ impl Compiled {
     }
 
     /// Runs `on_event(arg)` or `on_timer(arg)` with `this` bound to `slots`.
-    pub(crate) fn call(
-        &self,
-        rt: &Rt,
-        function: &str,
-        slots: &mut [Dynamic],
-        arg: Dynamic,
-    ) -> R<()> {
+    pub(crate) fn call(&self, rt: &Rt, function: &str, slots: &mut [Dynamic], arg: Arg) -> R<()> {
         let index = match function {
             "on_event" => self.on_event,
             "on_timer" => match self.on_timer {
@@ -300,14 +324,21 @@ impl Compiled {
         // The frame's locals reuse one buffer: no allocation per call.
         let mut locals = self.scratch.take();
         locals.resize(f.locals.max(1), Dynamic::UNIT);
+        let event = match arg {
+            Arg::Event(e) if !f.ev_boxed => Some(e),
+            other => {
+                locals[0] = other.into_dynamic();
+                None
+            }
+        };
         let mut frame = Frame {
             locals,
+            event: event.as_ref(),
             this: Some(slots),
             rt,
             helpers: &self.helpers,
             ops: &mut ops,
         };
-        frame.locals[0] = arg;
         let result = run_body(&f.body, &mut frame).map(|_| ());
         let mut locals = frame.locals;
         locals.clear();
@@ -428,11 +459,13 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             layout: &layout,
             this_ok: entry,
             ev_local: None,
+            ev_boxed: false,
             names: Vec::new(),
             helpers: &helpers,
             stack: vec![i],
             next_local: 0,
             max_map: engine.max_map_size(),
+            data: DataLimits::of(engine),
             records: Vec::new(),
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
@@ -460,11 +493,13 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 layout: &layout,
                 this_ok: false,
                 ev_local: None,
+                ev_boxed: false,
                 names: vec![(fns[init_fn].params[0].clone(), 0)],
                 helpers: &helpers,
                 stack: vec![init_fn],
                 next_local: 1,
                 max_map: engine.max_map_size(),
+                data: DataLimits::of(engine),
                 records: Vec::new(),
             };
             let mut compiled: Vec<EFn> = Vec::new();
@@ -608,6 +643,8 @@ struct Cx<'a> {
     this_ok: bool,
     /// The local holding the event (on_event's parameter, never assigned).
     ev_local: Option<usize>,
+    /// Whether the event is used as a value, not only read by field (see [`CFn::ev_boxed`]).
+    ev_boxed: bool,
     /// Names in scope and their local slots, innermost last.
     names: Vec<(ImmutableString, usize)>,
     helpers: &'a RefCell<Helpers>,
@@ -616,6 +653,8 @@ struct Cx<'a> {
     next_local: usize,
     /// The engine's `max_map_len` (0: none).
     max_map: usize,
+    /// The engine's size limits, checked while a literal is built as the interpreter does.
+    data: DataLimits,
     /// Locals that are records: a map literal kept as one local per field (see [`Record`]).
     records: Vec<(usize, Rc<Record>)>,
 }
@@ -647,6 +686,8 @@ impl Cx<'_> {
         let _ = self.table[i].set(CFn {
             locals: self.next_local,
             body,
+            // A parameter the function assigns is a plain local: always a value.
+            ev_boxed: self.ev_boxed || self.ev_local.is_none(),
         });
         Ok(())
     }
@@ -749,6 +790,7 @@ impl Cx<'_> {
             m.0.iter()
                 .map(|(_, e)| self.expr(e))
                 .collect::<Result<Vec<_>, _>>()?;
+        let data = self.data;
         let own = self.new_local(v.0.name.clone());
         let mut fields = Vec::new();
         let mut set = Vec::new();
@@ -768,8 +810,11 @@ impl Cx<'_> {
         self.records.push((own, Rc::new(Record { fields })));
         Ok(Box::new(move |fr| {
             fr.tick(pos)?;
+            let mut total = Sizes::default();
             for (f, &slot) in values.iter().zip(&set) {
-                fr.locals[slot] = f(fr)?.flatten();
+                let v = f(fr)?.flatten();
+                data.add_entry(&mut total, &v)?;
+                fr.locals[slot] = v;
             }
             for &p in &absent {
                 fr.locals[p] = Dynamic::FALSE;
@@ -1082,6 +1127,9 @@ impl Cx<'_> {
                 if self.record(e).is_some() {
                     return unsupported(*vpos, format!("the map `{}` as a value", x.1));
                 }
+                if self.ev_local == Some(i) {
+                    self.ev_boxed = true;
+                }
                 Box::new(move |fr| Ok(fr.locals[i].clone()))
             }
             Expr::ThisPtr(p) => return unsupported(*p, "`this` as a value"),
@@ -1091,10 +1139,13 @@ impl Cx<'_> {
                 for (k, v) in &m.0 {
                     fields.push((k.name.clone(), self.expr(v)?));
                 }
+                let data = self.data;
                 Box::new(move |fr| {
                     let mut map = template.clone();
+                    let mut total = Sizes::default();
                     for (k, f) in &fields {
                         let v = f(fr)?.flatten();
+                        data.add_entry(&mut total, &v)?;
                         *map.get_mut(k.as_str()).expect("template has every key") = v;
                     }
                     Ok(Dynamic::from_map(map))
@@ -1105,10 +1156,14 @@ impl Cx<'_> {
                     .iter()
                     .map(|i| self.expr(i))
                     .collect::<Result<Vec<_>, _>>()?;
+                let data = self.data;
                 Box::new(move |fr| {
                     let mut out = Vec::with_capacity(items.len());
+                    let mut total = Sizes::default();
                     for f in &items {
-                        out.push(f(fr)?.flatten());
+                        let v = f(fr)?.flatten();
+                        data.add_item(&mut total, &v)?;
+                        out.push(v);
                     }
                     Ok(Dynamic::from_array(out))
                 })
@@ -1163,10 +1218,27 @@ impl Cx<'_> {
                 if matches!(be.rhs, Expr::Dot(..) | Expr::Index(..)) {
                     return unsupported(pos, "indexing in a chain");
                 }
-                let on = self.expr(&be.lhs)?;
-                let index = self.expr(&be.rhs)?;
                 let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
                 let ipos = *ipos;
+                if let Some(i) = self.ev_param(&be.lhs) {
+                    let index = self.expr(&be.rhs)?;
+                    return Ok(Box::new(move |fr| {
+                        let index = index(fr)?.flatten();
+                        if let Ok(name) = index.as_immutable_string_ref() {
+                            if let Some(ev) = fr.event {
+                                return Ok(ev.get(&name));
+                            }
+                            if let Some(ev) = fr.locals[i].read_lock::<Event>() {
+                                return Ok(ev.get(&name));
+                            }
+                        }
+                        let on = ev_value(fr, i);
+                        call_helper(fr, &helper, None, vec![on, index], ipos)
+                    }));
+                }
+                let on = self.expr(&be.lhs)?;
+                let index = self.expr(&be.rhs)?;
+                let rpos = be.rhs.start_position();
                 Box::new(move |fr| {
                     let on = on(fr)?;
                     let index = index(fr)?.flatten();
@@ -1175,7 +1247,15 @@ impl Cx<'_> {
                     {
                         return Ok(ev.get(&name));
                     }
-                    call_helper(fr, &helper, None, vec![on, index], ipos)
+                    // Rhai places an error of its own indexing (arrays, BLOBs, maps, strings,
+                    // bits of an integer) at the index, and an indexer's at the bracket.
+                    let builtin = on.is_array()
+                        || on.is_blob()
+                        || on.is_map()
+                        || on.is_string()
+                        || on.is_int();
+                    let at = if builtin { rpos } else { ipos };
+                    call_helper(fr, &helper, None, vec![on, index], at)
                 })
             }
             Expr::InterpolatedString(..) => return unsupported(pos, "interpolated string"),
@@ -1230,6 +1310,9 @@ impl Cx<'_> {
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
                 let hint = std::cell::Cell::new(0);
                 return Ok(Box::new(move |fr| {
+                    if let Some(ev) = fr.event {
+                        return Ok(ev.get_hinted(&name, &hint));
+                    }
                     if let Some(ev) = fr.locals[i].read_lock::<Event>() {
                         return Ok(ev.get_hinted(&name, &hint));
                     }
@@ -1245,6 +1328,11 @@ impl Cx<'_> {
                 }));
             }
         }
+        if let Start::Place(Target::Local(i)) = start {
+            if self.ev_local == Some(i) {
+                self.ev_boxed = true;
+            }
+        }
         let mut steps = Vec::new();
         // The event's fields are read-only values: a method on one works on a copy in Rhai too.
         let mut in_place = match start {
@@ -1257,7 +1345,8 @@ impl Cx<'_> {
             match s {
                 Seg::Prop(name, ppos, _) => {
                     let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
-                    steps.push(Step::Prop(name.clone(), helper, *ppos));
+                    let natives = natives_for(&format!("get${name}"), 1);
+                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives));
                 }
                 Seg::Method(call, mpos) => {
                     // Number methods that change nothing may work on a copy of a property.
@@ -1282,7 +1371,14 @@ impl Cx<'_> {
                         args.len(),
                         &format!("this.{}({})", call.name, params.join(", ")),
                     );
-                    steps.push(Step::Method(call.name.clone(), args, helper, *mpos));
+                    let natives = natives_for(&call.name, args.len() + 1);
+                    steps.push(Step::Method(
+                        call.name.clone(),
+                        args,
+                        helper,
+                        *mpos,
+                        natives,
+                    ));
                     in_place = false;
                 }
             }
@@ -1316,28 +1412,78 @@ impl Cx<'_> {
 
     /// Whether `e` is the event parameter.
     fn ev_arg(&self, e: &Expr) -> bool {
+        self.ev_param(e).is_some()
+    }
+
+    /// The local of the event parameter, when `e` is it.
+    fn ev_param(&self, e: &Expr) -> Option<usize> {
         match e {
-            Expr::Variable(x, ..) => self.local(&x.1).is_some_and(|i| self.ev_local == Some(i)),
-            _ => false,
+            Expr::Variable(x, ..) if x.2.is_empty() => {
+                self.local(&x.1).filter(|&i| self.ev_local == Some(i))
+            }
+            _ => None,
         }
     }
 
-    /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
-    fn contains(&mut self, a: EFn, b: EFn, pos: Position) -> EFn {
-        let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
-        Box::new(move |fr| {
-            let c = a(fr)?;
-            let x = b(fr)?;
-            if let (Some(ev), Ok(s)) = (c.read_lock::<Event>(), x.as_immutable_string_ref()) {
-                return Ok(Dynamic::from_bool(ev.contains(&s)));
-            }
-            if let (Ok(map), Ok(s)) = (c.as_map_ref(), x.as_immutable_string_ref()) {
-                return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
-            }
-            call_helper(fr, &helper, None, vec![c, x], pos)
+    /// The container of `x in c`: the event read in place, or any value.
+    fn container(&mut self, c: &Expr) -> Result<Container, Unsupported> {
+        Ok(match self.ev_param(c) {
+            Some(i) => Container::Event(i),
+            None => Container::Value(self.expr(c)?),
         })
     }
 
+    /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
+    fn contains(&mut self, a: Container, b: EFn, pos: Position) -> EFn {
+        let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
+        Box::new(move |fr| {
+            let c = match &a {
+                Container::Event(i) => {
+                    let x = b(fr)?;
+                    if let Ok(s) = x.as_immutable_string_ref() {
+                        if let Some(ev) = fr.event {
+                            return Ok(Dynamic::from_bool(ev.contains(&s)));
+                        }
+                    }
+                    let c = ev_value(fr, *i);
+                    return contains_value(fr, &helper, c, x, pos);
+                }
+                Container::Value(a) => a(fr)?,
+            };
+            let x = b(fr)?;
+            contains_value(fr, &helper, c, x, pos)
+        })
+    }
+}
+
+/// `x in c` on values: inline for an event or a map and a string, by the helper otherwise.
+fn contains_value(fr: &Frame, helper: &str, c: Dynamic, x: Dynamic, pos: Position) -> R<Dynamic> {
+    if let (Some(ev), Ok(s)) = (c.read_lock::<Event>(), x.as_immutable_string_ref()) {
+        return Ok(Dynamic::from_bool(ev.contains(&s)));
+    }
+    if let (Ok(map), Ok(s)) = (c.as_map_ref(), x.as_immutable_string_ref()) {
+        return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
+    }
+    call_helper(fr, helper, None, vec![c, x], pos)
+}
+
+/// The event parameter in local `i` as a Rhai value: the local itself, or the unboxed event of
+/// the call boxed now (a rare path: an index or `in` the compiled code does not do inline).
+fn ev_value(fr: &Frame, i: usize) -> Dynamic {
+    match fr.event {
+        Some(ev) => Dynamic::from(ev.clone()),
+        None => fr.locals[i].clone(),
+    }
+}
+
+/// The container of an `in`.
+enum Container {
+    /// The event parameter, in this local.
+    Event(usize),
+    Value(EFn),
+}
+
+impl Cx<'_> {
     fn call(&mut self, call: &FnCallExpr, pos: Position) -> Result<EFn, Unsupported> {
         if !call.namespace.is_empty() {
             return unsupported(pos, "module function");
@@ -1349,11 +1495,13 @@ impl Cx<'_> {
         let n = call.args.len();
         if let Some(op) = &call.op_token {
             if n == 2 {
-                let a = self.expr(&call.args[0])?;
-                let b = self.expr(&call.args[1])?;
                 if matches!(op, Token::In) {
+                    let a = self.container(&call.args[0])?;
+                    let b = self.expr(&call.args[1])?;
                     return Ok(self.contains(a, b, pos));
                 }
+                let a = self.expr(&call.args[0])?;
+                let b = self.expr(&call.args[1])?;
                 let op = op.clone();
                 let helper = self
                     .helpers
@@ -1420,11 +1568,13 @@ impl Cx<'_> {
                 layout: self.layout,
                 this_ok: false,
                 ev_local: None,
+                ev_boxed: false,
                 names: Vec::new(),
                 helpers: self.helpers,
                 stack: self.stack.clone(),
                 next_local: 0,
                 max_map: self.max_map,
+                data: self.data,
                 records: Vec::new(),
             };
             inner.stack.push(i);
@@ -1439,6 +1589,7 @@ impl Cx<'_> {
                 fr.tick(pos)?;
                 let mut frame = Frame {
                     locals,
+                    event: None,
                     this: None,
                     rt: fr.rt,
                     helpers: fr.helpers,
@@ -1461,19 +1612,19 @@ impl Cx<'_> {
                 Ok(Dynamic::UNIT)
             }));
         }
+        if (name, n) == ("contains", 2)
+            && (!matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]))
+        {
+            let a = self.container(&call.args[0])?;
+            let b = self.expr(&call.args[1])?;
+            return Ok(self.contains(a, b, pos));
+        }
         let mut args = call
             .args
             .iter()
             .map(|a| self.expr(a))
             .collect::<Result<Vec<_>, _>>()?;
         match (name, n) {
-            ("contains", 2)
-                if !matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]) =>
-            {
-                let b = args.pop().expect("two args");
-                let a = args.pop().expect("two args");
-                return Ok(self.contains(a, b, pos));
-            }
             ("emit", 1) if matches!(call.args[0], Expr::Map(..)) => {
                 // A map literal, encoded straight from its values in key order.
                 let Expr::Map(m, _) = &call.args[0] else {
@@ -1489,10 +1640,14 @@ impl Cx<'_> {
                     m.0.iter()
                         .map(|(_, v)| self.expr(v))
                         .collect::<Result<Vec<_>, _>>()?;
+                let data = self.data;
                 return Ok(Box::new(move |fr| {
                     let mut values = Vec::with_capacity(fields.len());
+                    let mut total = Sizes::default();
                     for f in &fields {
-                        values.push(f(fr)?.flatten());
+                        let v = f(fr)?.flatten();
+                        data.add_entry(&mut total, &v)?;
+                        values.push(v);
                     }
                     let mut ctx = fr.rt.ctx.borrow_mut();
                     ctx.check_active("emit").map_err(|e| fill(e, pos))?;
@@ -1698,9 +1853,11 @@ enum Start {
     Value(EFn),
 }
 
+/// One step of a chain: a property or a method, with its helper and the plugin functions of
+/// that name it may call directly (see [`Native`]).
 enum Step {
-    Prop(ImmutableString, Rc<str>, Position),
-    Method(ImmutableString, Vec<EFn>, Rc<str>, Position),
+    Prop(ImmutableString, Rc<str>, Position, Natives),
+    Method(ImmutableString, Vec<EFn>, Rc<str>, Position, Natives),
 }
 
 impl Step {
@@ -1724,24 +1881,328 @@ impl Step {
         on: &mut Dynamic,
         args: Vec<Dynamic>,
     ) -> R<Dynamic> {
+        let mut args = args;
         let (helper, pos) = match self {
-            Step::Prop(name, helper, pos) => {
+            Step::Prop(name, helper, pos, natives) => {
                 if let Some(ev) = on.read_lock::<Event>() {
                     return Ok(ev.get(name));
                 }
                 if let Ok(map) = on.as_map_ref() {
                     return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
                 }
+                if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
+                    return Ok(v);
+                }
                 (helper, *pos)
             }
-            Step::Method(name, _, helper, pos) => {
+            Step::Method(name, _, helper, pos, natives) => {
                 if let Some(v) = fast_method(name, on, &args, *pos)? {
+                    return Ok(v);
+                }
+                if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
                     return Ok(v);
                 }
                 (helper, *pos)
             }
         };
         run_helper(engine, helpers, helper, Some(on), args, pos)
+    }
+}
+
+/// A plugin function of a manifest ([`eddy_plugins::manifests`]), called as Rust on the value in
+/// its slot instead of through a helper: the same function the interpreter would resolve, with
+/// the interpreter's checks around it (a non-pure method on a constant, the data size of the
+/// result, the error placed at the call).
+struct Native {
+    /// Parameter types as Rhai matches them (`&str` and `String` as `ImmutableString`); the
+    /// first is a plugin type.
+    params: Box<[TypeId]>,
+    func: &'static (dyn PluginFunc + Send + Sync),
+}
+
+/// The plugin functions of one name and arity that a chain step may call directly.
+type Natives = Box<[&'static Native]>;
+
+/// Every plugin function that takes a plugin object first and needs no call context, by the
+/// name Rhai registers it under (`push`, `get$len`, ...): the manifests' functions and the
+/// learners' for maps, arrays and events.
+fn natives() -> &'static HashMap<&'static str, Vec<Native>> {
+    static TABLE: OnceLock<HashMap<&'static str, Vec<Native>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let manifests = eddy_plugins::manifests();
+        // The plugin types: the first parameter of the manifests' methods that is no Rhai type.
+        let builtin = [
+            TypeId::of::<Dynamic>(),
+            TypeId::of::<rhai::INT>(),
+            TypeId::of::<FLOAT>(),
+            TypeId::of::<bool>(),
+            TypeId::of::<char>(),
+            TypeId::of::<()>(),
+            TypeId::of::<ImmutableString>(),
+            TypeId::of::<&str>(),
+            TypeId::of::<String>(),
+            TypeId::of::<rhai::Array>(),
+            TypeId::of::<Map>(),
+            TypeId::of::<rhai::Blob>(),
+        ];
+        let mut table: HashMap<&'static str, Vec<Native>> = HashMap::new();
+        for m in manifests {
+            m.for_each_fn(true, &mut |entry| {
+                let func = entry.func();
+                if func.has_context() || !func.is_method_call() {
+                    return;
+                }
+                let mut params = Vec::new();
+                entry.with_param_types(&mut |types| {
+                    params = types
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &t)| {
+                            let text = t == TypeId::of::<&str>() || t == TypeId::of::<String>();
+                            if i > 0 && text {
+                                TypeId::of::<ImmutableString>()
+                            } else {
+                                t
+                            }
+                        })
+                        .collect();
+                });
+                if params.first().is_none_or(|t| builtin.contains(t)) {
+                    return;
+                }
+                table.entry(entry.name()).or_default().push(Native {
+                    params: params.into_boxed_slice(),
+                    func,
+                });
+            });
+        }
+        // The learners' functions for each feature vector type (registered outside the
+        // manifests, by `register_learners`), kept for the life of the process.
+        let learners = [
+            eddy_plugins::learner_methods::<Map>(),
+            eddy_plugins::learner_methods::<rhai::Array>(),
+            eddy_plugins::learner_methods::<Event>(),
+        ];
+        for m in learners.into_iter().flatten() {
+            if m.func.has_context() || !m.func.is_method_call() {
+                continue;
+            }
+            let func: &'static (dyn PluginFunc + Send + Sync) = Box::leak(m.func);
+            table.entry(m.name).or_default().push(Native {
+                params: m.params.into_boxed_slice(),
+                func,
+            });
+        }
+        table
+    })
+}
+
+/// The plugin functions called `name` with `params` parameters (the receiver included).
+fn natives_for(name: &str, params: usize) -> Natives {
+    natives()
+        .get(name)
+        .map(|fns| fns.iter().filter(|n| n.params.len() == params).collect())
+        .unwrap_or_default()
+}
+
+/// The one function of `natives` that Rhai would call on `on` with `args`: the receiver of its
+/// type, each argument of its type or a `Dynamic` parameter. `None` when none or more than one
+/// fits (the helper then asks Rhai).
+fn pick<'n>(natives: &'n [&'static Native], on: &Dynamic, args: &[Dynamic]) -> Option<&'n Native> {
+    let on_type = on.type_id();
+    let any = TypeId::of::<Dynamic>();
+    let mut found = None;
+    for n in natives {
+        let fits = n.params[0] == on_type
+            && n.params[1..]
+                .iter()
+                .zip(args)
+                .all(|(&p, a)| p == any || p == a.type_id());
+        if fits {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(&**n);
+        }
+    }
+    found
+}
+
+/// Calls the plugin function `name` on `on` directly when one of `natives` fits, as the
+/// interpreter's native call does; `Ok(None)` leaves the call to the helper.
+fn call_native(
+    engine: &Engine,
+    natives: &[&'static Native],
+    name: &str,
+    on: &mut Dynamic,
+    args: &mut [Dynamic],
+    pos: Position,
+) -> R<Option<Dynamic>> {
+    if natives.is_empty() {
+        return Ok(None);
+    }
+    let Some(native) = pick(natives, on, args) else {
+        return Ok(None);
+    };
+    let func = native.func;
+    if !func.is_pure() && on.is_read_only() {
+        return Err(EvalAltResult::ErrorNonPureMethodCallOnConstant(name.to_owned(), pos).into());
+    }
+    let result = match args {
+        [] => func.call(None, &mut [on]),
+        [a] => func.call(None, &mut [on, a]),
+        [a, b] => func.call(None, &mut [on, a, b]),
+        [a, b, c] => func.call(None, &mut [on, a, b, c]),
+        more => {
+            let mut all: Vec<&mut Dynamic> = vec![on];
+            all.extend(more.iter_mut());
+            func.call(None, &mut all)
+        }
+    };
+    let value = result.map_err(|e| fill(e, pos))?;
+    engine
+        .ensure_data_size_within_limits(&value)
+        .map_err(|e| fill(e, pos))?;
+    Ok(Some(value))
+}
+
+/// The engine's limits on the data a value holds (0: none): string bytes, array items and map
+/// entries, summed over nested values as Rhai's `calc_data_sizes` does.
+#[derive(Clone, Copy)]
+struct DataLimits {
+    string: usize,
+    array: usize,
+    map: usize,
+}
+
+/// Whether `v` counts toward a size limit at all (a string, an array, a BLOB or a map): the
+/// cheap test before [`Sizes::of`].
+fn holds_data(v: &Dynamic) -> bool {
+    v.is_string() || v.is_array() || v.is_map() || v.is_blob()
+}
+
+/// A running total of array items, map entries and string bytes.
+#[derive(Clone, Copy, Default)]
+struct Sizes {
+    arrays: usize,
+    maps: usize,
+    strings: usize,
+}
+
+impl Sizes {
+    /// What `v` holds, as Rhai counts it for a value at the top.
+    fn of(v: &Dynamic) -> Sizes {
+        if let Ok(a) = v.as_array_ref() {
+            return Sizes::of_array(&a);
+        }
+        if v.is_blob() {
+            let n = v.as_blob_ref().map_or(0, |b| b.len());
+            return Sizes {
+                arrays: n,
+                ..Sizes::default()
+            };
+        }
+        if let Ok(m) = v.as_map_ref() {
+            return Sizes::of_map(&m);
+        }
+        if let Ok(s) = v.as_immutable_string_ref() {
+            return Sizes {
+                strings: s.len(),
+                ..Sizes::default()
+            };
+        }
+        Sizes::default()
+    }
+
+    /// What `v` adds inside an array or a map (a BLOB counts one more than at the top).
+    fn inner(v: &Dynamic) -> Sizes {
+        let mut s = Sizes::of(v);
+        if v.is_blob() {
+            s.arrays += 1;
+        }
+        s
+    }
+
+    fn of_array(items: &[Dynamic]) -> Sizes {
+        let mut total = Sizes::default();
+        for v in items {
+            let d = Sizes::inner(v);
+            total.arrays += 1 + d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
+        total
+    }
+
+    fn of_map(map: &Map) -> Sizes {
+        let mut total = Sizes::default();
+        for v in map.values() {
+            let d = Sizes::inner(v);
+            total.arrays += d.arrays;
+            total.maps += 1 + d.maps;
+            total.strings += d.strings;
+        }
+        total
+    }
+}
+
+impl DataLimits {
+    fn of(engine: &Engine) -> DataLimits {
+        DataLimits {
+            string: engine.max_string_size(),
+            array: engine.max_array_size(),
+            map: engine.max_map_size(),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.string > 0 || self.array > 0 || self.map > 0
+    }
+
+    /// Adds value `v` of a map literal's entry to `total`, failing as the interpreter does when
+    /// the map being built goes over a limit (an error without a position, as the
+    /// interpreter's reaches the query).
+    fn add_entry(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
+        if !self.any() {
+            return Ok(());
+        }
+        total.maps += 1;
+        if holds_data(v) {
+            let d = Sizes::of(v);
+            total.arrays += d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
+        self.check(total)
+    }
+
+    /// Adds item `v` of an array literal to `total`, as [`DataLimits::add_entry`].
+    fn add_item(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
+        if !self.any() {
+            return Ok(());
+        }
+        total.arrays += 1;
+        if holds_data(v) {
+            let d = Sizes::of(v);
+            total.arrays += d.arrays;
+            total.maps += d.maps;
+            total.strings += d.strings;
+        }
+        self.check(total)
+    }
+
+    fn check(&self, total: &Sizes) -> R<()> {
+        let over = |limit: usize, n: usize| limit > 0 && n > limit;
+        let what = if over(self.string, total.strings) {
+            "Length of string"
+        } else if over(self.array, total.arrays) {
+            "Size of array/BLOB"
+        } else if over(self.map, total.maps) {
+            "Size of object map"
+        } else {
+            return Ok(());
+        };
+        Err(EvalAltResult::ErrorDataTooLarge(what.into(), Position::NONE).into())
     }
 }
 

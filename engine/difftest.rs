@@ -4,7 +4,8 @@
 //! [`program`] writes a query from a seed: arithmetic on state fields and event fields (which
 //! may be missing, strings, huge or zero, so overflow, division by zero and type errors happen),
 //! locals, `if`/`else`, `&&`/`||`, script functions, number methods, `in`, emits of map literals
-//! and of locals, named topics, timers and `forget`. [`events`] writes NDJSON for it.
+//! and of locals, named topics, timers, `forget`, and plugin objects (in state and in locals)
+//! with their methods and properties, given any value. [`events`] writes NDJSON for it.
 //! [`run_both`] runs a query over events with `--engine auto` and `--engine interpreter` and
 //! says where they differ. The same code serves the quick test in `cargo test`
 //! (`tests/compiled.rs`) and the cargo-fuzz target `differential`.
@@ -60,10 +61,83 @@ const INTS: [&str; 9] = [
 ];
 const FLOATS: [&str; 6] = ["0.0", "0.5", "1.5", "-2.25", "1e300", "3.0"];
 
+/// A plugin type the generator keeps in state field `p`: its constructor, the calls that change
+/// it (`name/arity`) and the reads of it (a getter, or a method `name/arity`).
+struct Plugin {
+    make: &'static str,
+    changes: &'static [&'static str],
+    reads: &'static [&'static str],
+}
+
+const PLUGINS: [Plugin; 11] = [
+    Plugin {
+        make: "scaler()",
+        changes: &["learn/m"],
+        reads: &["transform/m", "transform/a", "to_map/0"],
+    },
+    Plugin {
+        make: "hst(#{ trees: 3, height: 3, window: 4 })",
+        changes: &["learn/m", "learn/a", "learn/1"],
+        reads: &["score/m", "score/a", "ready", "count"],
+    },
+    Plugin {
+        make: "linreg()",
+        changes: &["learn/me", "learn/ae"],
+        reads: &["predict/m", "predict/a"],
+    },
+    Plugin {
+        make: "ring(4)",
+        changes: &["push/1"],
+        reads: &[
+            "len", "capacity", "is_full", "sum", "mean", "std", "min", "max", "zscore/1",
+            "values/0", "to_map/0",
+        ],
+    },
+    Plugin {
+        make: "ewma(0.3)",
+        changes: &["add/1", "add/2"],
+        reads: &["value", "count", "variance", "std", "zscore/1", "to_map/0"],
+    },
+    Plugin {
+        make: "stats()",
+        changes: &["add/1"],
+        reads: &[
+            "count", "mean", "variance", "std", "min", "max", "sum", "zscore/1",
+        ],
+    },
+    Plugin {
+        make: "ohlc()",
+        changes: &["add/1", "add/2", "reset/0"],
+        reads: &["open", "high", "low", "close", "volume", "vwap", "count"],
+    },
+    Plugin {
+        make: "quantiles()",
+        changes: &["record/1"],
+        reads: &["p/1", "count", "min", "max", "mean"],
+    },
+    Plugin {
+        make: "topk(2)",
+        changes: &["add/1", "add/2"],
+        reads: &["top/0", "top/1", "len", "total"],
+    },
+    Plugin {
+        make: "time_window(1000)",
+        changes: &["add/2"],
+        reads: &["count", "sum", "mean", "rate", "min", "max", "evicted"],
+    },
+    Plugin {
+        make: "holt(0.5, 0.3)",
+        changes: &["learn/1"],
+        reads: &["forecast/1", "steps_to/1", "level", "trend", "count"],
+    },
+];
+
 struct Writer<'g> {
     g: &'g mut Gen,
     locals: Vec<String>,
     next: usize,
+    /// The plugin object in state field `p`, if any.
+    plugin: Option<&'static Plugin>,
 }
 
 impl Writer<'_> {
@@ -80,6 +154,8 @@ impl Writer<'_> {
                     self.locals[i].clone()
                 }
                 5 => "()".to_owned(),
+                // An index that is no field name: the event as a value, by Rhai.
+                _ if self.g.chance(5) => "ev[1]".to_owned(),
                 _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),
             };
         }
@@ -102,8 +178,41 @@ impl Writer<'_> {
             8 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
             9 => format!("-({})", self.expr(d)),
             10 => format!("({} ?? {})", self.expr(d), self.expr(d)),
+            11 if self.plugin.is_some() && self.g.chance(50) => {
+                let read = self.g.pick(self.plugin.expect("checked").reads);
+                self.plugin_call("this.p", read, d)
+            }
             _ => self.cond(d),
         }
+    }
+
+    /// `on.name` or `on.name(args)` for `spec`: `name`, or `name/args` where the arguments are
+    /// a count of expressions, or one letter each: `e` an expression, `m` a feature map, `a` a
+    /// feature array.
+    fn plugin_call(&mut self, on: &str, spec: &str, depth: usize) -> String {
+        let Some((name, kinds)) = spec.split_once('/') else {
+            return format!("{on}.{spec}");
+        };
+        let mut args = Vec::new();
+        for k in kinds.chars() {
+            match k {
+                'm' => {
+                    let (u, w) = (self.expr(depth), self.expr(depth));
+                    args.push(format!("#{{ u: {u}, w: {w} }}"));
+                }
+                'a' => {
+                    let (u, w) = (self.expr(depth), self.expr(depth));
+                    args.push(format!("[{u}, {w}]"));
+                }
+                'e' => args.push(self.expr(depth)),
+                n => {
+                    for _ in 0..n.to_digit(10).expect("a count") {
+                        args.push(self.expr(depth));
+                    }
+                }
+            }
+        }
+        format!("{on}.{name}({})", args.join(", "))
     }
 
     fn cond(&mut self, depth: usize) -> String {
@@ -196,8 +305,28 @@ impl Writer<'_> {
                     }
                 }
                 11 if timers => out.push_str(&format!("set_timer({});\n", self.expr(1))),
+                11 | 12 if self.plugin.is_some() => {
+                    // Plugin methods, on the state's object or on a local one.
+                    let plugin = self.plugin.expect("checked");
+                    let change = self.g.pick(plugin.changes);
+                    if self.g.chance(75) {
+                        let call = self.plugin_call("this.p", change, 1);
+                        out.push_str(&format!("{call};\n"));
+                    } else {
+                        let name = format!("o{}", self.next);
+                        self.next += 1;
+                        out.push_str(&format!("let {name} = {};\n", plugin.make));
+                        let call = self.plugin_call(&name, change, 1);
+                        out.push_str(&format!("{call};\n"));
+                        let read = self.g.pick(plugin.reads);
+                        let read = self.plugin_call(&name, read, 1);
+                        out.push_str(&format!("emit(#{{ local: {read} }});\n"));
+                    }
+                }
                 12 if depth < 2 && self.g.chance(20) => out.push_str("return;\n"),
                 13 if self.g.chance(10) => out.push_str("forget();\n"),
+                // The event itself as a value: `on_event` then holds it boxed.
+                13 if self.g.chance(10) => out.push_str("emit(ev);\n"),
                 _ => out.push_str(&format!("emit({});\n", self.expr(2))),
             }
         }
@@ -209,10 +338,12 @@ impl Writer<'_> {
 pub fn program(seed: u64) -> String {
     let mut g = Gen::new(seed);
     let timers = g.chance(40);
+    let plugin = g.chance(50).then(|| &PLUGINS[g.below(PLUGINS.len())]);
     let mut w = Writer {
         g: &mut g,
         locals: Vec::new(),
         next: 0,
+        plugin,
     };
     let mut s = String::from("let source = \"s\";\nlet key_by = \"k\";\n");
     s.push_str(&format!(
@@ -236,6 +367,10 @@ pub fn program(seed: u64) -> String {
             format!("{f}: {v}")
         })
         .collect();
+    let mut init = init;
+    if let Some(p) = w.plugin {
+        init.push(format!("p: {}", p.make));
+    }
     s.push_str(&format!("fn init(key) {{ #{{ {} }} }}\n", init.join(", ")));
     s.push_str("fn on_event(ev) {\n");
     let n = 2 + w.g.below(6);

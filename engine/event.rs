@@ -691,8 +691,12 @@ impl Parser {
     ) -> u32 {
         let mut index = 0;
         let mut line_no = 0;
+        // Room for the tape of the whole input at once, rather than regrowing it (and copying
+        // it) many times: about one node per 8 bytes of JSON; `parse_with` gives back what is
+        // left over.
+        frame.nodes.reserve(rest.len() / 8);
         while !rest.is_empty() {
-            let end = rest.iter().position(|&b| b == b'\n');
+            let end = memchr::memchr(b'\n', rest);
             let (line, tail) = rest.split_at_mut(end.map_or(rest.len(), |e| e + 1));
             rest = tail;
             line_no += 1;

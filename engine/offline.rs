@@ -90,7 +90,7 @@ pub fn run(
         line: Some(0),
     };
     for chunk in chunks(input, format) {
-        let lines = chunk.iter().filter(|&&b| b == b'\n').count() as u32;
+        let lines = memchr::memchr_iter(b'\n', &chunk).count() as u32;
         let parsed = parser.parse_with(chunk, format, base);
         summary.items += u64::from(parsed.items);
         for rejection in parsed.rejections {

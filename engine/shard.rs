@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
-use crate::compiled::{self, Compiled, EngineMode, Rt, State};
+use crate::compiled::{self, Arg, Compiled, EngineMode, Rt, State};
 use crate::durable::{KeyCheckpoint, ShardQueryCheckpoint, Stored};
 use crate::event::Event;
 use crate::key::Key;
@@ -995,7 +995,7 @@ impl Call<'_> {
             },
         };
         q.recency.touch(&mut q.states, index, time);
-        self.run_at(q, index, key, "on_event", Dynamic::from(event), now);
+        self.run_at(q, index, key, "on_event", Arg::Event(event), now);
     }
 
     /// Makes the state of a new key (room for it, then `init`): its index, or `None` when it
@@ -1124,7 +1124,7 @@ impl Call<'_> {
         let Some(index) = q.states.get_index_of(&key) else {
             return;
         };
-        self.run_at(q, index, key, function, arg, now);
+        self.run_at(q, index, key, function, Arg::Value(arg), now);
     }
 
     /// [`Call::run`] of the key at `index` of the query's states.
@@ -1134,7 +1134,7 @@ impl Call<'_> {
         index: usize,
         key: Key,
         function: &'static str,
-        arg: Dynamic,
+        arg: Arg,
         now: i64,
     ) {
         let entry = &mut q.states[index];
@@ -1159,7 +1159,7 @@ impl Call<'_> {
                     self.scope,
                     &q.ast,
                     function,
-                    (arg,),
+                    (arg.into_dynamic(),),
                 )
                 .map(|_| ()),
             (None, State::Slots(_)) => unreachable!("slot states belong to compiled queries"),

@@ -299,3 +299,108 @@ fn local_maps_emitted_as_records_or_as_maps_write_the_same_bytes() {
         ]
     );
 }
+
+#[test]
+fn plugin_methods_called_directly_give_the_interpreters_values_and_errors() {
+    let limits = limits();
+    // A ring of 3 and a scaler fed in place; a number method, a getter, a learner with a map.
+    let script = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ r: ring(3), s: scaler() } }
+        fn on_event(ev) {
+            this.r.push(ev.x);
+            this.s.learn(#{ x: ev.x });
+            emit(#{ n: this.r.len, mean: this.r.mean, sum: this.r.sum, z: this.s.transform(#{ x: ev.x }).x });
+        }"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    // The fourth event pushes a string: the same error on both engines, then the ring goes on.
+    let xs = ["1", "2", "6", "\"text\"", "10"];
+    let input: String = xs
+        .iter()
+        .map(|x| format!("{{\"k\":\"a\",\"x\":{x}}}\n"))
+        .collect();
+    let compiled = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+    let interpreted = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+    assert_eq!(
+        String::from_utf8_lossy(&compiled),
+        String::from_utf8_lossy(&interpreted)
+    );
+    let out = String::from_utf8(compiled).unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let values: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["topic"] == "q")
+        .map(|l| &l["value"])
+        .collect();
+    // By hand: the ring holds the last three numbers.
+    let expect = [(1, 1.0, 1.0), (2, 1.5, 3.0), (3, 3.0, 9.0), (3, 6.0, 18.0)];
+    assert_eq!(values.len(), expect.len(), "{out}");
+    for (v, (n, mean, sum)) in values.iter().zip(expect) {
+        assert_eq!(v["n"], n, "{v}");
+        assert!((v["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{v}");
+        assert!((v["sum"].as_f64().unwrap() - sum).abs() < 1e-9, "{v}");
+    }
+    // The scaler's z of the third event over 1, 2, 6: (6 - 3) / the population std.
+    let std = ((4.0 + 1.0 + 9.0) / 3.0f64).sqrt();
+    let z = values[2]["z"].as_f64().unwrap();
+    assert!(
+        (z - 3.0 / std).abs() < 1e-9,
+        "z {z}, expected {}",
+        3.0 / std
+    );
+    let errors: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["topic"] == "q.errors").collect();
+    assert_eq!(errors.len(), 1, "{out}");
+    let message = errors[0].to_string();
+    assert!(message.contains("ring.push(x)"), "{message}");
+}
+
+#[test]
+fn literals_over_a_size_limit_fail_alike_on_both_engines() {
+    // Each string fits the limit; two of them in one literal do not.
+    let mut limits = limits();
+    limits.max_string_bytes = 10;
+    limits.max_array_len = 4;
+    let bodies = [
+        // A map literal emitted straight to JSON.
+        "emit(#{ a: ev.s, b: ev.s });",
+        // A map literal as a value.
+        "this.m = #{ a: ev.s, b: ev.s }; emit(this.m);",
+        // A local map kept as one local per field.
+        "let out = #{ a: ev.s, n: 1, b: ev.s }; emit(out);",
+        // Array literals: string bytes, then items.
+        "emit([ev.s, ev.s]);",
+        "emit([1, ev.a]);",
+    ];
+    let input =
+        b"{\"k\":\"a\",\"s\":\"abcdefgh\",\"a\":[1,2,3]}\n{\"k\":\"a\",\"s\":\"abc\",\"a\":7}\n"
+            .to_vec();
+    for body in bodies {
+        let script = format!(
+            "let source = \"s\"; let key_by = \"k\";\nfn init(key) {{ #{{ m: () }} }}\nfn on_event(ev) {{\n    {body}\n}}"
+        );
+        let def = QueryDef::compile("q", &script, &limits).unwrap();
+        assert_eq!(def.engine.summary(), "compiled", "{body}: {:?}", def.engine);
+        let compiled = String::from_utf8(run(&def, &input, &limits, EngineMode::Auto)).unwrap();
+        let interpreted =
+            String::from_utf8(run(&def, &input, &limits, EngineMode::Interpreter)).unwrap();
+        assert_eq!(compiled, interpreted, "{body}");
+        // The first event (16 bytes of strings, 5 array items) fails, the second passes.
+        let lines: Vec<serde_json::Value> = compiled
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{body}: {compiled}");
+        let error = lines[0]["value"]["error"].as_str().unwrap_or_default();
+        let expected = if body.contains("ev.a") {
+            "Size of array"
+        } else {
+            "Length of string"
+        };
+        assert!(error.contains(expected), "{body}: {compiled}");
+        assert_eq!(lines[1]["topic"], "q", "{body}: {compiled}");
+    }
+}

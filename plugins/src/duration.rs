@@ -151,7 +151,7 @@ pub fn window_start_ms(ts: i64, size_ms: i64) -> Option<i64> {
 }
 
 /// Rhai functions for durations and tumbling windows.
-#[export_module]
+#[export_module(manifest)]
 pub mod duration_functions {
     use super::*;
 

@@ -197,7 +197,7 @@ impl Ewma {
 }
 
 /// Rhai functions of `ewma`.
-#[export_module]
+#[export_module(manifest)]
 pub mod ewma_functions {
     use super::*;
 

@@ -228,10 +228,67 @@ pub(crate) fn label(v: &Dynamic, ctx: &str) -> Res<bool> {
 /// `learn`/`predict`/`predict_proba`/`transform`/`score` of `linreg`, `logreg`, `scaler`,
 /// `hst` and `kmeans`. The package does this for maps and arrays; the engine for its events.
 pub fn register_learners<X: Features>(m: &mut Module) {
+    add_learners::<X>(m);
+}
+
+/// The learner functions [`register_learners`] registers for `X`, as a list instead of in a
+/// module: eddy's query compiler calls them directly.
+pub fn learner_methods<X: Features>() -> Vec<LearnerMethod> {
+    let mut out = Vec::new();
+    add_learners::<X>(&mut out);
+    out
+}
+
+fn add_learners<X: Features>(m: &mut dyn Sink) {
     crate::linear::register::<X>(m);
     crate::scaler::register::<X>(m);
     crate::hst::register::<X>(m);
     crate::kmeans::register::<X>(m);
+}
+
+/// One learner function for one feature vector type: its name, parameter types (the learner
+/// first) and the function.
+pub struct LearnerMethod {
+    pub name: &'static str,
+    pub params: Vec<std::any::TypeId>,
+    pub func: Box<dyn rhai::plugin::PluginFunc + Send + Sync>,
+}
+
+/// Where the learner functions go: a module (registered) or a list ([`learner_methods`]).
+pub(crate) trait Sink {
+    fn add(
+        &mut self,
+        name: &'static str,
+        params: Vec<std::any::TypeId>,
+        func: Box<dyn rhai::plugin::PluginFunc + Send + Sync>,
+    );
+}
+
+impl Sink for Module {
+    fn add(
+        &mut self,
+        name: &'static str,
+        params: Vec<std::any::TypeId>,
+        func: Box<dyn rhai::plugin::PluginFunc + Send + Sync>,
+    ) {
+        let func: Box<dyn rhai::plugin::PluginFunc> = func;
+        rhai::FuncRegistration::new(name).set_into_module_raw(
+            self,
+            params,
+            rhai::plugin::RhaiFunc::Plugin { func: func.into() },
+        );
+    }
+}
+
+impl Sink for Vec<LearnerMethod> {
+    fn add(
+        &mut self,
+        name: &'static str,
+        params: Vec<std::any::TypeId>,
+        func: Box<dyn rhai::plugin::PluginFunc + Send + Sync>,
+    ) {
+        self.push(LearnerMethod { name, params, func });
+    }
 }
 
 /// A learner method registered for one feature vector type: `this` of type `T`, the vector
@@ -282,8 +339,8 @@ impl<T: Clone + 'static, X: Features> rhai::plugin::PluginFunc for Method<T, X> 
 }
 
 fn set<T: Clone + 'static, X: Features>(
-    m: &mut Module,
-    name: &str,
+    m: &mut dyn Sink,
+    name: &'static str,
     method: Method<T, X>,
     target: bool,
 ) {
@@ -292,17 +349,13 @@ fn set<T: Clone + 'static, X: Features>(
     if target {
         types.push(TypeId::of::<Dynamic>());
     }
-    rhai::FuncRegistration::new(name).set_into_module_raw(
-        m,
-        types,
-        rhai::plugin::RhaiFunc::from(method),
-    );
+    m.add(name, types, Box::new(method));
 }
 
 /// Registers `x.name(features)`, which changes `x`.
 pub(crate) fn set_mut<T: Clone + 'static, X: Features>(
-    m: &mut Module,
-    name: &str,
+    m: &mut dyn Sink,
+    name: &'static str,
     f: fn(&mut T, &X, Option<&Dynamic>) -> Res<Dynamic>,
 ) {
     set(m, name, Method::Mut(f), false);
@@ -310,8 +363,8 @@ pub(crate) fn set_mut<T: Clone + 'static, X: Features>(
 
 /// Registers `x.name(features)`, which reads `x` only.
 pub(crate) fn set_pure<T: Clone + 'static, X: Features>(
-    m: &mut Module,
-    name: &str,
+    m: &mut dyn Sink,
+    name: &'static str,
     f: fn(&T, &X) -> Res<Dynamic>,
 ) {
     set(m, name, Method::Pure(f), false);
@@ -319,8 +372,8 @@ pub(crate) fn set_pure<T: Clone + 'static, X: Features>(
 
 /// Registers `x.name(features, target)`, which changes `x`.
 pub(crate) fn set_mut2<T: Clone + 'static, X: Features>(
-    m: &mut Module,
-    name: &str,
+    m: &mut dyn Sink,
+    name: &'static str,
     f: fn(&mut T, &X, Option<&Dynamic>) -> Res<Dynamic>,
 ) {
     set(m, name, Method::Mut(f), true);

@@ -99,7 +99,7 @@ impl Holt {
 }
 
 /// Rhai functions of `holt`.
-#[export_module]
+#[export_module(manifest)]
 pub mod holt_functions {
     use super::*;
 

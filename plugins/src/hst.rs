@@ -340,7 +340,7 @@ fn walk_score(tree: &[Node], vals: &[f64], height: usize, size_limit: f64) -> f6
 }
 
 /// The methods that take a feature vector, for vectors of type `X`.
-pub(crate) fn register<X: Features>(m: &mut Module) {
+pub(crate) fn register<X: Features>(m: &mut dyn features::Sink) {
     features::set_mut::<Hst, X>(m, "learn", |h, x, _| h.learn(x).map(|()| Dynamic::UNIT));
     features::set_pure::<Hst, X>(m, "score", |h, x| h.score(x).map(Dynamic::from_float));
 }
@@ -378,7 +378,7 @@ fn parse_limits(v: &Dynamic) -> Res<Vec<(String, f64, f64)>> {
 }
 
 /// Rhai functions of `hst` that take no feature vector.
-#[export_module]
+#[export_module(manifest)]
 pub mod hst_functions {
     use super::*;
 

@@ -205,7 +205,7 @@ impl KMeans {
 }
 
 /// The methods that take a feature vector, for vectors of type `X`.
-pub(crate) fn register<X: Features>(m: &mut Module) {
+pub(crate) fn register<X: Features>(m: &mut dyn features::Sink) {
     features::set_mut::<KMeans, X>(m, "learn", |k, x, _| {
         Ok(Dynamic::from_int(k.learn(x)? as INT))
     });
@@ -229,7 +229,7 @@ fn build(k: &Dynamic, opts: &Map) -> Res<KMeans> {
 }
 
 /// Rhai functions of `kmeans` that take no feature vector.
-#[export_module]
+#[export_module(manifest)]
 pub mod kmeans_functions {
     use super::*;
 

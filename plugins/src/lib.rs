@@ -46,7 +46,9 @@ pub use rhai::packages::Package;
 
 pub use duration::{parse_duration_ms, window_start_ms, DurationError};
 pub use ewma::{Ewma, EwmaMode};
-pub use features::{feature_value, register_learners, Features, Table, MAX_FEATURES};
+pub use features::{
+    feature_value, learner_methods, register_learners, Features, LearnerMethod, Table, MAX_FEATURES,
+};
 pub use holt::Holt;
 pub use hst::{Hst, HstParams, MAX_HST_NODES};
 pub use kmeans::{KMeans, KMeansParams, MAX_CLUSTERS};
@@ -95,6 +97,29 @@ def_package! {
         register_learners::<rhai::Map>(lib);
         register_learners::<rhai::Array>(lib);
     }
+}
+
+/// The static manifests of the plugin modules in [`EddyPackage`]: every exported function with
+/// its name and parameter types, callable without the interpreter. eddy's query compiler calls
+/// plugin methods through them (the learners' generic functions of [`register_learners`] are
+/// not in a manifest).
+pub fn manifests() -> [&'static rhai::plugin::ModuleManifest; 14] {
+    [
+        &stats::stats_functions::RHAI_MANIFEST,
+        &ewma::ewma_functions::RHAI_MANIFEST,
+        &ring::ring_functions::RHAI_MANIFEST,
+        &time_window::time_window_functions::RHAI_MANIFEST,
+        &ohlc::ohlc_functions::RHAI_MANIFEST,
+        &quantiles::quantiles_functions::RHAI_MANIFEST,
+        &topk::topk_functions::RHAI_MANIFEST,
+        &sentiment::sentiment_functions::RHAI_MANIFEST,
+        &duration::duration_functions::RHAI_MANIFEST,
+        &linear::linear_functions::RHAI_MANIFEST,
+        &scaler::scaler_functions::RHAI_MANIFEST,
+        &hst::hst_functions::RHAI_MANIFEST,
+        &kmeans::kmeans_functions::RHAI_MANIFEST,
+        &holt::holt_functions::RHAI_MANIFEST,
+    ]
 }
 
 /// Runs `$body` with `$x` bound to the plugin object inside `$value`, for each type.

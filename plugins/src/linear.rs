@@ -231,7 +231,7 @@ impl LogReg {
 }
 
 /// The methods that take a feature vector, for vectors of type `X`.
-pub(crate) fn register<X: Features>(m: &mut Module) {
+pub(crate) fn register<X: Features>(m: &mut dyn features::Sink) {
     features::set_mut2::<LinReg, X>(m, "learn", |r, x, y| {
         let y = num::finite(features::target(y), "linreg.learn(x, y)")?;
         r.learn(x, y).map(|()| Dynamic::UNIT)
@@ -250,7 +250,7 @@ pub(crate) fn register<X: Features>(m: &mut Module) {
 }
 
 /// Rhai functions of `linreg` and `logreg` that take no feature vector.
-#[export_module]
+#[export_module(manifest)]
 pub mod linear_functions {
     use super::*;
 

@@ -104,7 +104,7 @@ impl Ohlc {
 }
 
 /// Rhai functions of `ohlc`.
-#[export_module]
+#[export_module(manifest)]
 pub mod ohlc_functions {
     use super::*;
 

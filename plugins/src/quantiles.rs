@@ -183,7 +183,7 @@ mod hist_v2 {
 }
 
 /// Rhai functions of `quantiles`.
-#[export_module]
+#[export_module(manifest)]
 pub mod quantiles_functions {
     use super::*;
 

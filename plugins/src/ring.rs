@@ -186,7 +186,7 @@ impl Ring {
 }
 
 /// Rhai functions of `ring`.
-#[export_module]
+#[export_module(manifest)]
 pub mod ring_functions {
     use super::*;
 

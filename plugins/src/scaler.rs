@@ -109,13 +109,13 @@ impl Scaler {
 }
 
 /// The methods that take a feature vector, for vectors of type `X`.
-pub(crate) fn register<X: Features>(m: &mut Module) {
+pub(crate) fn register<X: Features>(m: &mut dyn features::Sink) {
     features::set_mut::<Scaler, X>(m, "learn", |s, x, _| s.learn(x).map(|()| Dynamic::UNIT));
     features::set_pure::<Scaler, X>(m, "transform", |s, x| s.transform(x).map(Dynamic::from_map));
 }
 
 /// Rhai functions of `scaler` that take no feature vector.
-#[export_module]
+#[export_module(manifest)]
 pub mod scaler_functions {
     use super::*;
 

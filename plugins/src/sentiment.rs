@@ -28,7 +28,7 @@ pub fn sentiment_score(text: &str) -> Result<f64, String> {
 }
 
 /// Rhai functions for sentiment analysis.
-#[export_module]
+#[export_module(manifest)]
 pub mod sentiment_functions {
     use super::*;
 

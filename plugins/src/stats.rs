@@ -106,7 +106,7 @@ impl Stats {
 }
 
 /// Rhai functions of `stats`.
-#[export_module]
+#[export_module(manifest)]
 pub mod stats_functions {
     use super::*;
 

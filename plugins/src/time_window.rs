@@ -159,7 +159,7 @@ impl TimeWindow {
 }
 
 /// Rhai functions of `time_window`.
-#[export_module]
+#[export_module(manifest)]
 pub mod time_window_functions {
     use super::*;
 

@@ -283,7 +283,7 @@ fn item_arg(v: &Dynamic, ctx: &str) -> Res<Item> {
 }
 
 /// Rhai functions of `topk`.
-#[export_module]
+#[export_module(manifest)]
 pub mod topk_functions {
     use super::*;
 
