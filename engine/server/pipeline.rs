@@ -79,6 +79,13 @@ pub enum ShardMsg {
         id: QueryId,
         data: ShardQueryCheckpoint,
     },
+    /// Cluster mode: drops the state of every key in partition `partition` of `partitions`
+    /// (handed over to another node), then replies.
+    DropPartition {
+        partitions: usize,
+        partition: usize,
+        done: oneshot::Sender<()>,
+    },
 }
 
 impl ShardMsg {
@@ -539,6 +546,14 @@ impl ShardThread {
             }
             ShardMsg::Restore { id, data } => {
                 st.shard.import(id, data);
+            }
+            ShardMsg::DropPartition {
+                partitions,
+                partition,
+                done,
+            } => {
+                st.shard.drop_keys(|key| key.shard(partitions) == partition);
+                let _ = done.send(());
             }
             ShardMsg::Replace {
                 id,

