@@ -43,12 +43,13 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use futures_util::StreamExt;
 
-use crate::durable::StoredKey;
+use crate::durable::{script_hash, ShardQueryCheckpoint, StoredKey};
 use crate::event::{Frame, Parser, Position, Rejection};
 use crate::json::Object;
 use crate::router::{Clock, Delivery, RouteSink, Routed, SourceId, Unnamed};
 use crate::shard::QueryId;
 use crate::{Emitted, Key};
+use serde::{Deserialize, Serialize};
 
 use super::hub::HubMsg;
 use super::pipeline::ShardMsg;
@@ -74,6 +75,7 @@ const EVENTS: &str = "EDDY_EVENTS";
 const NODES: &str = "eddy_nodes";
 const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
+const CHECKPOINTS: &str = "eddy_checkpoints";
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +173,19 @@ pub struct Cluster {
     nodes: kv::Store,
     owners: kv::Store,
     catalog: kv::Store,
+    /// Checkpoints, one object per partition (`p<N>`).
+    checkpoints: jetstream::object_store::ObjectStore,
+    /// Per partition: the stream sequence of the last message queued for the shards.
+    fed: Vec<AtomicU64>,
+    /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
+    /// queued on the shards: the checkpoint's state covers exactly the sequences it records.
+    order: tokio::sync::Mutex<()>,
+    /// Held while partitions are handed over and while checkpoints are written: a checkpoint is
+    /// written only by the partition's owner.
+    moves: tokio::sync::Mutex<()>,
+    pub checkpoints_written: AtomicU64,
+    pub last_checkpoint_bytes: AtomicU64,
+    pub restored_keys: AtomicU64,
     /// Per partition: this node owns it, and its items may leave (the output fence).
     owned: Vec<AtomicBool>,
     /// Per partition: messages the owner's consumer has not delivered yet.
@@ -253,6 +268,15 @@ impl Cluster {
             .create_key_value(bucket(CATALOG, None))
             .await
             .map_err(|e| js_err("bucket eddy_catalog")(Box::new(e)))?;
+        let checkpoints = js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: CHECKPOINTS.into(),
+                num_replicas: config.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("object store eddy_checkpoints")(Box::new(e)))?;
         let (out, out_rx) = crossbeam_channel::bounded(hub_queue);
         let n = config.partitions as usize;
         Ok(Arc::new(Cluster {
@@ -262,6 +286,13 @@ impl Cluster {
             nodes,
             owners,
             catalog,
+            checkpoints,
+            fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            order: tokio::sync::Mutex::new(()),
+            moves: tokio::sync::Mutex::new(()),
+            checkpoints_written: AtomicU64::new(0),
+            last_checkpoint_bytes: AtomicU64::new(0),
+            restored_keys: AtomicU64::new(0),
             owned: (0..n).map(|_| AtomicBool::new(false)).collect(),
             pending: (0..n).map(|_| AtomicU64::new(0)).collect(),
             failovers: AtomicU64::new(0),
@@ -341,13 +372,14 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .await
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
     tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
     *cluster.tasks.lock().await = Some(task);
     Ok(())
 }
 
 /// Leaves the cluster at shutdown: stops consuming, lets the shards and the forwarder finish,
-/// then gives every lease up so that the other nodes take the partitions at once.
+/// checkpoints, then gives every lease up so that the other nodes take the partitions at once.
 pub async fn leave(state: &State) {
     let Some(cluster) = &state.cluster else {
         return;
@@ -357,7 +389,14 @@ pub async fn leave(state: &State) {
         task.abort();
         let _ = task.await;
     }
+    // The consumers stop before their next message (they check under this lock).
+    drop(cluster.order.lock().await);
     drain(state, cluster).await;
+    // The next owners start from here and replay nothing.
+    match checkpoint(state, cluster).await {
+        Ok(n) => tracing::info!("cluster: {n} partitions checkpointed before leaving"),
+        Err(e) => tracing::warn!("cluster: checkpoint before leaving failed: {e}"),
+    }
     for p in 0..cluster.config.partitions {
         if cluster.owned[p as usize].swap(false, Ordering::Relaxed) {
             let _ = cluster.owners.delete(p.to_string()).await;
@@ -578,10 +617,15 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
         over.sort_unstable();
         over.truncate(HAND_OVER_PER_TICK);
         if !over.is_empty() {
-            for p in &over {
-                if let Some((_, task)) = mine.remove(p) {
-                    task.abort();
-                    let _ = task.await;
+            let _moves = cluster.moves.lock().await;
+            {
+                // Their consumers stop before their next message (they check under this lock),
+                // and the fence closes once the shards' output of them is out.
+                let _order = cluster.order.lock().await;
+                for p in &over {
+                    if let Some((_, task)) = mine.remove(p) {
+                        task.abort();
+                    }
                 }
             }
             drain(&state, &cluster).await;
@@ -692,18 +736,41 @@ impl RouteSink for OwnedSink<'_> {
     }
 }
 
-/// Reads partition `p` from the start of the stream and feeds the local shards, as source
-/// `source` (its own mark: event time per partition, as Flink keeps per input partition).
+/// Runs partition `p` on this node: puts back its latest checkpoint, then reads the stream from
+/// the sequence after it and feeds the local shards, as source `source` (its own mark: event
+/// time per partition, as Flink keeps one per input partition).
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
+    let mut next = match load_checkpoint(&cluster, p).await {
+        Ok(Some(checkpoint)) => {
+            let seq = checkpoint.seq;
+            let keys = restore(&state, partitions, checkpoint).await;
+            cluster
+                .restored_keys
+                .fetch_add(keys as u64, Ordering::Relaxed);
+            tracing::info!("partition {p}: {keys} keys from its checkpoint at sequence {seq}");
+            seq + 1
+        }
+        Ok(None) => 1,
+        Err(e) => {
+            // Without its checkpoint the partition cannot be rebuilt (what it covered may be
+            // purged): this node gives it up by stopping, rather than run it wrong.
+            fenced(&format!(
+                "partition {p}: its checkpoint cannot be read: {e}"
+            ));
+        }
+    };
+    cluster.fed[p as usize].store(next - 1, Ordering::Relaxed);
     loop {
         let messages = async {
             let stream = cluster.js.get_stream(EVENTS).await.ok()?;
             let consumer = stream
                 .create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: event_subject(p),
-                    deliver_policy: consumer::DeliverPolicy::All,
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
                     ..Default::default()
                 })
                 .await
@@ -717,8 +784,11 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
         };
         while let Some(message) = messages.next().await {
             let Ok(message) = message else { break };
-            if let Ok(info) = message.info() {
-                cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
+            if seq < next {
+                continue;
             }
             let header = |name: &str| {
                 message
@@ -732,6 +802,13 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                 .unwrap_or_else(crate::router::wall_ms);
             let stream = header("Eddy-Stream");
             let parsed = parser.parse(message.payload.to_vec());
+            let _order = cluster.order.lock().await;
+            // Handed over or leaving: stop between messages, never within one.
+            if !cluster.owned[p as usize].load(Ordering::Relaxed)
+                || cluster.stopping.load(Ordering::Relaxed)
+            {
+                return;
+            }
             let router = state.router.load_full();
             let shards = state.pipeline.shards();
             let mut rejected = 0;
@@ -780,12 +857,274 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                 }
             }
             router.settle_at(source, &routed, now);
+            cluster.fed[p as usize].store(seq, Ordering::Relaxed);
+            next = seq + 1;
             if rejected > 0 {
                 tracing::debug!("partition {p}: {rejected} events no longer routable");
             }
         }
         tokio::time::sleep(TICK).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints per partition.
+
+/// What a partition's checkpoint holds: the state of its keys, query by query, as the events up
+/// to stream sequence `seq` left it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartitionCheckpoint {
+    format: u32,
+    seq: u64,
+    queries: Vec<PartitionQuery>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionQuery {
+    name: String,
+    /// Restored only into the same script ([`crate::durable::script_hash`]).
+    script_hash: u64,
+    state: ShardQueryCheckpoint,
+}
+
+const PARTITION_CHECKPOINT_FORMAT: u32 = 1;
+
+/// The latest checkpoint of partition `p`, if it has one.
+async fn load_checkpoint(cluster: &Cluster, p: u32) -> Result<Option<PartitionCheckpoint>, String> {
+    let mut object = match cluster.checkpoints.get(format!("p{p}")).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    let checkpoint: PartitionCheckpoint =
+        rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if checkpoint.format != PARTITION_CHECKPOINT_FORMAT {
+        return Err(format!("unknown checkpoint format {}", checkpoint.format));
+    }
+    Ok(Some(checkpoint))
+}
+
+/// Queues a checkpoint's keys for the local shards that own them, into the deployed queries of
+/// the same name and script. Returns the keys restored.
+async fn restore(state: &State, partitions: usize, checkpoint: PartitionCheckpoint) -> usize {
+    let _ = partitions;
+    let router = state.router.load_full();
+    let shards = state.pipeline.shards();
+    let mut restored = 0;
+    for q in checkpoint.queries {
+        let Some(deployed) = router
+            .queries()
+            .iter()
+            .find(|d| d.def.name == q.name && script_hash(&d.def.script) == q.script_hash)
+        else {
+            tracing::warn!(
+                "checkpoint: query {} is not deployed with the same script; its state is not \
+                 restored",
+                q.name
+            );
+            continue;
+        };
+        let mut per: Vec<ShardQueryCheckpoint> = (0..shards)
+            .map(|_| ShardQueryCheckpoint {
+                watermark: q.state.watermark,
+                keys: Vec::new(),
+                deferred: Vec::new(),
+            })
+            .collect();
+        for k in q.state.keys {
+            let shard = Key::from(k.key.clone()).shard(shards);
+            per[shard].keys.push(k);
+        }
+        for (t, k) in q.state.deferred {
+            let shard = Key::from(k.clone()).shard(shards);
+            per[shard].deferred.push((t, k));
+        }
+        for (shard, data) in per.into_iter().enumerate() {
+            restored += data.keys.len();
+            let _ = state
+                .pipeline
+                .send(
+                    shard,
+                    ShardMsg::Restore {
+                        id: deployed.id,
+                        data,
+                    },
+                )
+                .await;
+        }
+    }
+    restored
+}
+
+/// The copy of query `id` in partition `p`'s checkpoint, if `p` is being checkpointed.
+fn partition_query(
+    per: &mut BTreeMap<usize, BTreeMap<QueryId, ShardQueryCheckpoint>>,
+    p: usize,
+    id: QueryId,
+    watermark: i64,
+) -> Option<&mut ShardQueryCheckpoint> {
+    let e = per
+        .get_mut(&p)?
+        .entry(id)
+        .or_insert_with(|| ShardQueryCheckpoint {
+            watermark,
+            keys: Vec::new(),
+            deferred: Vec::new(),
+        });
+    e.watermark = e.watermark.max(watermark);
+    Some(e)
+}
+
+/// Checkpoints this node's partitions every `checkpoint_interval`.
+async fn checkpointer(state: Arc<State>, cluster: Arc<Cluster>) {
+    let mut every = tokio::time::interval(state.config.checkpoint_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = checkpoint(&state, &cluster).await {
+            tracing::warn!("cluster checkpoint failed: {e}");
+        }
+    }
+}
+
+/// Copies the state of every owned partition's keys, writes one checkpoint per partition, then
+/// purges from the stream what each checkpoint covers (the equivalent of acknowledging those
+/// messages: a later owner replays only what came after). Returns the partitions written.
+async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
+    let partitions = cluster.config.partitions as usize;
+    let router = state.router.load_full();
+    let queries: HashMap<QueryId, (String, u64)> = router
+        .queries()
+        .iter()
+        .map(|q| (q.id, (q.def.name.clone(), script_hash(&q.def.script))))
+        .collect();
+    let ids: Vec<QueryId> = queries.keys().copied().collect();
+    drop(router);
+    let (covered, replies) = {
+        let _order = cluster.order.lock().await;
+        let covered: BTreeMap<usize, u64> = (0..partitions)
+            .filter(|&p| cluster.owned[p].load(Ordering::Relaxed))
+            .map(|p| (p, cluster.fed[p].load(Ordering::Relaxed)))
+            .filter(|(_, seq)| *seq > 0)
+            .collect();
+        if covered.is_empty() {
+            return Ok(0);
+        }
+        let mut replies = Vec::new();
+        for shard in 0..state.pipeline.shards() {
+            let (done, reply) = tokio::sync::oneshot::channel();
+            let (hub_mark, _) = tokio::sync::oneshot::channel();
+            let msg = ShardMsg::Checkpoint {
+                ids: ids.clone(),
+                done,
+                hub_mark,
+            };
+            state
+                .pipeline
+                .send(shard, msg)
+                .await
+                .map_err(|_| format!("shard {shard} is not running"))?;
+            replies.push(reply);
+        }
+        (covered, replies)
+    };
+    // Per partition, per query: the keys of that partition.
+    let mut per: BTreeMap<usize, BTreeMap<QueryId, ShardQueryCheckpoint>> =
+        covered.keys().map(|&p| (p, BTreeMap::new())).collect();
+    for reply in replies {
+        let (exports, _) = reply.await.map_err(|_| "a shard stopped".to_owned())?;
+        for (id, data) in exports {
+            let watermark = data.watermark;
+            for k in data.keys {
+                let p = Key::from(k.key.clone()).shard(partitions);
+                if let Some(e) = partition_query(&mut per, p, id, watermark) {
+                    e.keys.push(k);
+                }
+            }
+            for (t, k) in data.deferred {
+                let p = Key::from(k.clone()).shard(partitions);
+                if let Some(e) = partition_query(&mut per, p, id, watermark) {
+                    e.deferred.push((t, k));
+                }
+            }
+        }
+    }
+    let stream = cluster
+        .js
+        .get_stream(EVENTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _moves = cluster.moves.lock().await;
+    let mut written = 0;
+    let mut bytes_total = 0;
+    for (p, states) in per {
+        if !cluster.owned[p].load(Ordering::Relaxed) {
+            continue;
+        }
+        let seq = covered[&p];
+        let checkpoint = PartitionCheckpoint {
+            format: PARTITION_CHECKPOINT_FORMAT,
+            seq,
+            queries: states
+                .into_iter()
+                .filter_map(|(id, state)| {
+                    let (name, script_hash) = queries.get(&id)?.clone();
+                    Some(PartitionQuery {
+                        name,
+                        script_hash,
+                        state,
+                    })
+                })
+                .collect(),
+        };
+        let name = format!("p{p}");
+        // Never over a newer checkpoint (one a later owner wrote while this node was paused and
+        // lost its lease): what that one covers may already be purged.
+        if let Ok(info) = cluster.checkpoints.info(&name).await {
+            let newer = info
+                .metadata
+                .get("seq")
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|theirs| theirs > seq);
+            if newer {
+                continue;
+            }
+        }
+        let bytes = rmp_serde::to_vec(&checkpoint).map_err(|e| e.to_string())?;
+        bytes_total += bytes.len();
+        let meta = jetstream::object_store::ObjectMetadata {
+            name,
+            metadata: HashMap::from([("seq".to_owned(), seq.to_string())]),
+            ..Default::default()
+        };
+        cluster
+            .checkpoints
+            .put(meta, &mut bytes.as_slice())
+            .await
+            .map_err(|e| format!("partition {p}: {e}"))?;
+        stream
+            .purge()
+            .filter(event_subject(p as u32))
+            .sequence(seq + 1)
+            .await
+            .map_err(|e| format!("partition {p}: purge: {e}"))?;
+        written += 1;
+    }
+    cluster
+        .checkpoints_written
+        .fetch_add(written as u64, Ordering::Relaxed);
+    cluster
+        .last_checkpoint_bytes
+        .store(bytes_total as u64, Ordering::Relaxed);
+    Ok(written)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1004,6 +1343,24 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Messages (one per frame and partition) published to JetStream and acknowledged or awaited.",
             c.published_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_checkpoints_total",
+            "counter",
+            "Partition checkpoints this node wrote (each purges what it covers from the stream).",
+            c.checkpoints_written.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_last_checkpoint_bytes",
+            "gauge",
+            "Bytes of the partition checkpoints this node wrote last time.",
+            c.last_checkpoint_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_restored_keys_total",
+            "counter",
+            "Keys put back from partition checkpoints when this node took partitions.",
+            c.restored_keys.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_publish_failures_total",
