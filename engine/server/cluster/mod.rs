@@ -159,7 +159,7 @@ fn weight(node: &str, p: u32) -> u64 {
 }
 
 /// The preferred owner of `p` among `live`.
-fn preferred<'a>(live: &'a [String], p: u32) -> Option<&'a str> {
+fn preferred(live: &[String], p: u32) -> Option<&str> {
     live.iter()
         .max_by_key(|n| (weight(n, p), n.as_str()))
         .map(String::as_str)
@@ -547,6 +547,8 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     let mut held_by_other: HashSet<u32> = HashSet::new();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut last_renew = Instant::now();
+    // When each lease of this node was last renewed (or taken).
+    let mut renewed: HashMap<u32, Instant> = HashMap::new();
     let mut last_heartbeat_ok = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -593,10 +595,24 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                     .update(p.to_string(), Bytes::from(me.clone()), *revision)
                     .await
                 {
-                    Ok(r) => *revision = r,
-                    Err(e) => fenced(&format!(
-                        "partition {p}: its lease could not be renewed: {e}"
-                    )),
+                    Ok(r) => {
+                        *revision = r;
+                        renewed.insert(*p, now);
+                    }
+                    // Someone else holds it now.
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        fenced(&format!("partition {p}: its lease was taken over: {e}"))
+                    }
+                    // NATS did not answer: try again next time, until the lease has expired.
+                    Err(e) => {
+                        let last = renewed.get(p).copied().unwrap_or(started);
+                        if now.duration_since(last) >= LEASE_TTL {
+                            fenced(&format!(
+                                "partition {p}: its lease could not be renewed: {e}"
+                            ));
+                        }
+                        tracing::warn!("partition {p}: lease not renewed this time: {e}");
+                    }
                 }
             }
         }
@@ -679,6 +695,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             cluster.owned[p as usize].store(true, Ordering::Relaxed);
             let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
             mine.insert(p, (revision, task));
+            renewed.insert(p, Instant::now());
             cluster.acquired.fetch_add(1, Ordering::Relaxed);
             if held_by_other.remove(&p) && !released {
                 cluster.failovers.fetch_add(1, Ordering::Relaxed);
