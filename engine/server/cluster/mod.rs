@@ -216,7 +216,6 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, ClusterError> {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("eddy {}", config.node))
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5));
         if let Some(path) = &config.credentials {
             options = options.credentials_file(path).await.map_err(|source| {
