@@ -547,7 +547,7 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         let mut sub_a = subscribe_vwap(&addrs[0]).await;
         let mut sub_b = subscribe_vwap(&addrs[1]).await;
         // Producers on a and b; c computes its share until it is killed.
-        let all = trades(4000, 23);
+        let all = trades(8000, 23);
         let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
         let pa = tokio::spawn(produce(
             addrs[0].clone(),
