@@ -15,21 +15,28 @@
 //!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
 //!   [`LEASE_TTL`] after its owner stops renewing it.
 //! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
+//! - object store `eddy_checkpoints`: one object per partition (`p<N>`), its keys' state and the
+//!   stream sequence that state covers.
 //! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to every node's hub.
 //!
 //! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
 //! nodes; a free partition is taken by its preferred owner at once and by any node after
 //! [`ORPHAN_GRACE`]. A node that sees a live node preferred for one of its partitions hands it
-//! over (stops consuming it, lets its shards and this module's output finish, deletes the
-//! lease). The owner reads its partitions with ordered consumers from the start of the stream and
-//! runs the events through the same router and shards as a node alone; its state is memory
-//! only (see the README: checkpoints per partition are not built, so a new owner replays the
-//! partition's retained history). A node that hands a partition over drops its keys' state from
-//! its shards; a node whose lease was renewed by someone else or could not be renewed for
-//! [`LEASE_TTL`] exits (code 3): it cannot know what another owner did meanwhile.
+//! over: its consumer stops between two messages, the shards and this module's output finish,
+//! its keys' state is dropped from the shards, the lease is deleted. The owner restores the
+//! partition's checkpoint, reads the rest with an ordered consumer from the sequence after it,
+//! and runs the events through the same router and shards as a node alone. Every
+//! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
+//! purges what it covers from the stream: the purge stands for the acknowledgement. A node whose
+//! lease was taken by someone else, or could not be renewed for [`LEASE_TTL`], exits (code 3):
+//! it cannot know what another owner did meanwhile.
 //!
 //! Output fence: items of keys whose partition this node does not own are not published, so a
 //! handed-over partition's leftover state on its old owner never reaches a subscriber.
+//!
+//! In: producers' frames (through `ingest`), NATS messages. Out: NATS publishes, the local hub's
+//! input. The forwarder's channel from the shards is bounded (`hub_queue`): a full one slows the
+//! shards, as the hub's does when alone.
 
 pub mod config;
 
@@ -758,7 +765,14 @@ impl RouteSink for OwnedSink<'_> {
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
-    let mut next = match load_checkpoint(&cluster, p).await {
+    // NATS may be briefly away (a leader election): try for as long as a lease lives.
+    let mut loaded = load_checkpoint(&cluster, p).await;
+    let trying = Instant::now();
+    while loaded.is_err() && trying.elapsed() < LEASE_TTL {
+        tokio::time::sleep(TICK).await;
+        loaded = load_checkpoint(&cluster, p).await;
+    }
+    let mut next = match loaded {
         Ok(Some(checkpoint)) => {
             let seq = checkpoint.seq;
             let keys = restore(&state, partitions, checkpoint).await;
