@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use support::{http_at, spawn_serve, Ws, TOKEN};
+use support::{http_at, Ws, TOKEN};
 
 /// A nats-server with JetStream, killed when dropped.
 struct Nats {
@@ -100,17 +100,51 @@ async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
     node_with(nats, queries, name, &[]).await
 }
 
+/// `eddy serve --cluster … --node NAME` as a process (killed when dropped), with `extra` flags;
+/// its warnings and errors go to the test's stderr, tagged with the node's name.
 async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[&str]) -> Node {
-    let mut args = vec![
-        "--cluster",
-        &nats.url,
-        "--node",
-        name,
-        "--admin-token",
-        TOKEN,
-    ];
-    args.extend_from_slice(extra);
-    spawn_serve(queries, &args).await
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--queries",
+        ])
+        .arg(queries)
+        .args([
+            "--cluster",
+            &nats.url,
+            "--node",
+            name,
+            "--admin-token",
+            TOKEN,
+        ])
+        .args(extra)
+        .env("EDDY_LOG", "warn,async_nats=error")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let tag = name.to_owned();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[node {tag}] {line}");
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let listening = lines.next_line().await.unwrap().unwrap();
+    let addr = listening
+        .strip_prefix("eddy listening on http://")
+        .unwrap()
+        .to_owned();
+    (child, lines, addr)
 }
 
 /// `GET /cluster` of the node at `addr`.
@@ -546,18 +580,13 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         assert!(of_c > 0);
         let mut sub_a = subscribe_vwap(&addrs[0]).await;
         let mut sub_b = subscribe_vwap(&addrs[1]).await;
-        // Producers on a and b; c computes its share until it is killed.
+        // Producers on a and b; c computes its share until it is killed. First half a feed,
+        // until c has checkpointed some of its partitions, then the rest, during which c is
+        // killed (the second half takes 2 s at least: a frame every 5 ms per producer).
         let all = trades(8000, 23);
         let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
-        let pa = tokio::spawn(produce(
-            addrs[0].clone(),
-            frames.iter().step_by(2).cloned().collect(),
-        ));
-        let pb = tokio::spawn(produce(
-            addrs[1].clone(),
-            frames.iter().skip(1).step_by(2).cloned().collect(),
-        ));
-        // Killed once it has checkpointed some of its partitions during the feed.
+        let (first, second) = frames.split_at(frames.len() / 2);
+        let mut acked = produce(addrs[0].clone(), first.to_vec()).await;
         loop {
             let (_, text) = http_at(&addrs[2], "GET", "/metrics", None, "").await;
             if support::metric(&text, "eddy_cluster_checkpoints_total") > 0.0 {
@@ -565,10 +594,15 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            !pa.is_finished() && !pb.is_finished(),
-            "killed during the feed"
-        );
+        let pa = tokio::spawn(produce(
+            addrs[0].clone(),
+            second.iter().step_by(2).cloned().collect(),
+        ));
+        let pb = tokio::spawn(produce(
+            addrs[1].clone(),
+            second.iter().skip(1).step_by(2).cloned().collect(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
         // SAFETY: kill(2) on our own child's pid.
         let pid = c.0.id().unwrap() as i32;
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -578,7 +612,7 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         let failover = killed.elapsed();
         eprintln!("failover: the {of_c} partitions of c owned again after {failover:?}");
         assert_eq!(owners.len(), 64);
-        let mut acked = pa.await.unwrap();
+        acked.extend(pa.await.unwrap());
         acked.extend(pb.await.unwrap());
         assert_eq!(acked.len(), all.len());
         let want = reference(&acked);
@@ -636,5 +670,66 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
     tokio::select! {
         _ = run => {}
         _ = bounded() => panic!("the failover test took more than 100 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_takes_partitions_with_their_state() {
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let often = ["--checkpoint-interval", "300ms"];
+        let a = node_with(&nats, queries.path(), "a", &often).await;
+        let b = node_with(&nats, queries.path(), "b", &often).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub = subscribe_vwap(&b.2).await;
+        let mut seq = 0;
+        let first = trades(2000, 41);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        converge(&mut sub, &reference(&acked), &mut seq).await;
+        // c joins: a and b hand it the partitions it is preferred for, state included (their
+        // checkpoints, then the stream after them), and drop their own copy.
+        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let owners = balanced(&a.2, &["a", "b", "c"]).await;
+        let moved = owners.iter().filter(|o| *o == "c").count();
+        let (_, text) = http_at(&c.2, "GET", "/metrics", None, "").await;
+        assert_eq!(support::metric(&text, "eddy_cluster_failovers_total"), 0.0);
+        assert!(
+            support::metric(&text, "eddy_cluster_restored_keys_total") > 0.0,
+            "{text}"
+        );
+        assert_eq!(
+            support::metric(&text, "eddy_cluster_partitions_acquired_total") as usize,
+            moved
+        );
+        let second = trades(1000, 43);
+        acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut seq).await;
+        assert_vwap(&latest, &want);
+        let mut sub_c = subscribe_vwap(&c.2).await;
+        let third = trades(300, 47);
+        acked.extend(produce(b.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let mut seq_c = 0;
+        // c's subscriber joined late: it sees the symbols the third feed touched.
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| third.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let latest = converge(&mut sub_c, &touched, &mut seq_c).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        let latest = converge(&mut sub, &want, &mut seq).await;
+        assert_vwap(&latest, &want);
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the join test took more than 100 s"),
     }
 }
