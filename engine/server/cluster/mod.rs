@@ -211,6 +211,9 @@ pub struct Cluster {
     hub_tx: Sender<HubMsg>,
     stopping: AtomicBool,
     tasks: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This node's leases: partition → (revision held, when last renewed or taken). Shared by
+    /// the ownership loop (takes, hands over) and the renewer (off the event path).
+    leases: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
 }
 
 impl Cluster {
@@ -311,7 +314,12 @@ impl Cluster {
             hub_tx,
             stopping: AtomicBool::new(false),
             tasks: tokio::sync::Mutex::new(None),
+            leases: std::sync::Mutex::new(HashMap::new()),
         }))
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (u64, Instant)>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What the shards send their output to in cluster mode.
@@ -379,6 +387,7 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
     tokio::spawn(follow_catalog(Arc::clone(state), watch));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
+    tokio::spawn(renew(Arc::clone(&cluster)));
     let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
     *cluster.tasks.lock().await = Some(task);
     Ok(())
@@ -546,15 +555,12 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     let me = cluster.config.node.clone();
     let n = cluster.config.partitions;
     let started = Instant::now();
-    // Per partition this node owns: the lease's revision and its consumer task.
-    let mut mine: HashMap<u32, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
+    // Per partition this node owns: its consumer task (the leases are in `cluster.leases`).
+    let mut mine: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
     // When each partition was last seen owned, and by whom it was last seen owned at all.
     let mut free_since: HashMap<u32, Instant> = HashMap::new();
     let mut held_by_other: HashSet<u32> = HashSet::new();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let mut last_renew = Instant::now();
-    // When each lease of this node was last renewed (or taken).
-    let mut renewed: HashMap<u32, Instant> = HashMap::new();
     let mut last_heartbeat_ok = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -593,35 +599,6 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
             .cloned()
             .collect();
-        if now.duration_since(last_renew) >= RENEW_EVERY {
-            last_renew = now;
-            for (p, (revision, _)) in mine.iter_mut() {
-                match cluster
-                    .owners
-                    .update(p.to_string(), Bytes::from(me.clone()), *revision)
-                    .await
-                {
-                    Ok(r) => {
-                        *revision = r;
-                        renewed.insert(*p, now);
-                    }
-                    // Someone else holds it now.
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        fenced(&format!("partition {p}: its lease was taken over: {e}"))
-                    }
-                    // NATS did not answer: try again next time, until the lease has expired.
-                    Err(e) => {
-                        let last = renewed.get(p).copied().unwrap_or(started);
-                        if now.duration_since(last) >= LEASE_TTL {
-                            fenced(&format!(
-                                "partition {p}: its lease could not be renewed: {e}"
-                            ));
-                        }
-                        tracing::warn!("partition {p}: lease not renewed this time: {e}");
-                    }
-                }
-            }
-        }
         let Some(taken) = keys(&cluster.owners).await else {
             continue;
         };
@@ -645,9 +622,10 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 // and the fence closes once the shards' output of them is out.
                 let _order = cluster.order.lock().await;
                 for p in &over {
-                    if let Some((_, task)) = mine.remove(p) {
+                    if let Some(task) = mine.remove(p) {
                         task.abort();
                     }
+                    cluster.leases().remove(p);
                 }
             }
             drain(&state, &cluster).await;
@@ -700,12 +678,64 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             let source = state.next_source.fetch_add(1, Ordering::Relaxed);
             cluster.owned[p as usize].store(true, Ordering::Relaxed);
             let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
-            mine.insert(p, (revision, task));
-            renewed.insert(p, Instant::now());
+            mine.insert(p, task);
+            cluster.leases().insert(p, (revision, Instant::now()));
             cluster.acquired.fetch_add(1, Ordering::Relaxed);
             if held_by_other.remove(&p) && !released {
                 cluster.failovers.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("partition {p} taken over");
+            }
+        }
+    }
+}
+
+/// Renews this node's leases every [`RENEW_EVERY`], all at once, on its own task: nothing else
+/// the node does (a hand-over waiting for busy shards, a checkpoint) may delay it.
+async fn renew(cluster: Arc<Cluster>) {
+    let me = Bytes::from(cluster.config.node.clone());
+    let mut every = tokio::time::interval(RENEW_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let held: Vec<(u32, u64, Instant)> = cluster
+            .leases()
+            .iter()
+            .map(|(p, (revision, at))| (*p, *revision, *at))
+            .collect();
+        let updates = held
+            .iter()
+            .map(|(p, revision, _)| cluster.owners.update(p.to_string(), me.clone(), *revision));
+        let results = futures_util::future::join_all(updates).await;
+        // Leaving: the leases are being given up.
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        for ((p, _, at), result) in held.into_iter().zip(results) {
+            match result {
+                Ok(revision) => {
+                    if let Some(lease) = cluster.leases().get_mut(&p) {
+                        *lease = (revision, now);
+                    }
+                }
+                // Handed over meanwhile: nothing to renew.
+                Err(_) if !cluster.leases().contains_key(&p) => {}
+                // Someone else holds it now.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    fenced(&format!("partition {p}: its lease was lost: {e}"))
+                }
+                // NATS did not answer: again next time, until the lease would have expired.
+                Err(e) => {
+                    if now.duration_since(at) >= LEASE_TTL {
+                        fenced(&format!(
+                            "partition {p}: its lease could not be renewed: {e}"
+                        ));
+                    }
+                    tracing::warn!("partition {p}: lease not renewed this time: {e}");
+                }
             }
         }
     }
