@@ -21,6 +21,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::{http_at, Ws, TOKEN};
 
+/// One cluster test at a time: each runs a nats-server and up to three nodes, and on two cores
+/// several at once starve each other's lease renewals.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A nats-server with JetStream, killed when dropped.
 struct Nats {
     child: std::process::Child,
@@ -433,6 +437,7 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(nats) = start_nats() else { return };
     let run = async {
         let queries = queries_dir();
@@ -565,6 +570,7 @@ async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partitions_move() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(nats) = start_nats() else { return };
     let run = async {
         let queries = queries_dir();
@@ -675,6 +681,7 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_takes_partitions_with_their_state() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(nats) = start_nats() else { return };
     let run = async {
         let queries = queries_dir();

@@ -66,10 +66,10 @@ pub use config::{ClusterConfig, RawCluster};
 
 /// How long a lease (and a node's liveness) lasts without renewal: the failover time is this
 /// plus up to one [`TICK`] and the replay of the partition.
-pub const LEASE_TTL: Duration = Duration::from_secs(3);
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often a node heartbeats, renews its leases and looks for free partitions.
 pub const TICK: Duration = Duration::from_millis(250);
-/// Leases are renewed this often (a third of their life).
+/// Leases are renewed this often (a fifth of their life: a loaded machine may miss a few).
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// A free partition whose preferred owner does not take it is taken by anyone after this.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
