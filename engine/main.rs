@@ -122,6 +122,13 @@ enum Command {
         /// [default: auto].
         #[arg(long, value_enum)]
         engine: Option<EngineMode>,
+        /// Run as one node of a cluster on NATS JetStream: its URLs, comma-separated
+        /// (nats://h1:4222,nats://h2:4222). The rest of `[cluster]` comes from the config file.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// This node's name in the cluster [default: host name and listen port].
+        #[arg(long, requires = "cluster")]
+        node: Option<String>,
     },
     /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.
     Deploy {
@@ -303,6 +310,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             fsync,
             checkpoint_interval,
             engine,
+            cluster,
+            node,
         } => {
             let mut raw = match &config {
                 Some(path) => {
@@ -333,6 +342,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Some(dir.join(eddy::server::config::DEFAULT_DATA_DIR))
             });
             raw.engine = engine.or(raw.engine);
+            if let Some(urls) = cluster {
+                let c = raw.cluster.get_or_insert_with(Default::default);
+                c.urls = Some(vec![urls]);
+            }
+            if let Some(node) = node {
+                raw.cluster.get_or_insert_with(Default::default).node = Some(node);
+            }
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
             tokio::runtime::Builder::new_multi_thread()

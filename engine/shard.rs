@@ -833,6 +833,20 @@ impl Shard {
         }
     }
 
+    /// Drops every key of every query for which `drop` holds, with its timers (cluster mode: the
+    /// keys of a partition handed over to another node). Returns the keys dropped.
+    pub fn drop_keys(&mut self, drop: impl Fn(&Key) -> bool) -> usize {
+        let mut dropped = 0;
+        for q in &mut self.queries {
+            let keys: Vec<Key> = q.states.keys().filter(|k| drop(k)).cloned().collect();
+            for key in &keys {
+                drop_key(q, key);
+            }
+            dropped += keys.len();
+        }
+        dropped
+    }
+
     /// Puts back what [`Shard::export`] copied, into query `id` (deployed, and given no event
     /// yet). Returns the keys restored.
     pub fn import(&mut self, id: QueryId, data: ShardQueryCheckpoint) -> usize {

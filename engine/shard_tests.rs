@@ -655,6 +655,55 @@ fn a_checkpoint_copy_is_the_state_where_it_began_while_events_go_on() {
     assert_eq!(copy_of(got.expect("the copy completed")), want);
 }
 
+#[test]
+fn dropping_a_partitions_keys_takes_their_state_and_timers_and_nothing_else() {
+    use crate::shard::Shard;
+    let script = r#"let source = "s"; let key_by = "k"; let time_field = "t";
+        fn on_event(ev) { this.n = (this.n ?? 0) + 1; set_timer(ev.t + 1000); }
+        fn on_timer(t) { emit(this.n); }"#;
+    let def = std::sync::Arc::new(QueryDef::compile("q", script, &Limits::default()).unwrap());
+    let mut input = String::new();
+    for i in 0..200 {
+        input.push_str(&format!("{{\"k\":{},\"t\":{i}}}\n", i % 40));
+    }
+    let frame = crate::Parser::default().parse(input.into_bytes()).frame;
+    let mut shard = Shard::new(&Limits::default());
+    shard.deploy(crate::QueryId(1), def).unwrap();
+    for i in 0..200 {
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(1),
+            key: crate::Key::Int((i % 40) as i64),
+            event: frame.event(i),
+            time: i as i64,
+            watermark: i as i64,
+            source_mark: i as i64,
+            now: 0,
+        });
+    }
+    let in_partition = |k: &crate::Key| k.shard(8) == 3;
+    let doomed = (0..40)
+        .filter(|&k| in_partition(&crate::Key::Int(k)))
+        .count();
+    assert!(doomed > 0 && doomed < 40, "{doomed}");
+    assert_eq!(shard.drop_keys(in_partition), doomed);
+    let left = shard.export(crate::QueryId(1)).unwrap();
+    assert_eq!(left.keys.len(), 40 - doomed);
+    for k in &left.keys {
+        let key = crate::Key::from(k.key.clone());
+        assert!(!in_partition(&key), "{key} should be gone");
+        assert_eq!(k.timers.len(), 5, "{key} keeps its timers (one per event)");
+    }
+    // Past every timer: only the keys left fire, five times each, with their count.
+    shard.advance(crate::QueryId(1), 10_000, 0);
+    let mut fired = Vec::new();
+    shard.take_output(&mut fired);
+    let fired: Vec<_> = fired.into_iter().filter(|e| &*e.topic == "q").collect();
+    assert_eq!(fired.len(), 5 * (40 - doomed), "{fired:?}");
+    assert!(fired
+        .iter()
+        .all(|e| !in_partition(&e.key) && e.value == b"5"));
+}
+
 const COUNT_PER_KEY: &str = r#"let source = "s"; let key_by = "k"; let time_field = "ts";
     fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); }"#;
 

@@ -211,6 +211,12 @@ pub async fn remove(state: &State, name: &str) -> bool {
     true
 }
 
+/// The script of the deployed query `name` (the cluster's catalog skips what is already live).
+pub async fn deployed_script(state: &State, name: &str) -> Option<String> {
+    let catalog = state.catalog.lock().await;
+    Some(catalog.queries.get(name)?.def.script.clone())
+}
+
 /// Lifts the quarantine of a query. Returns whether it exists.
 pub async fn resume(state: &State, name: &str) -> Option<bool> {
     let catalog = state.catalog.lock().await;
@@ -411,6 +417,9 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
 /// and checkpoints at once, so that a restart neither loses the change nor replays the events
 /// before it through the new version.
 async fn remember(state: &State, name: &str, script: Option<&str>) -> Result<(), String> {
+    if let Some(cluster) = &state.cluster {
+        return cluster.remember(name, script).await;
+    }
     let Some(d) = &state.durable else {
         return Ok(());
     };

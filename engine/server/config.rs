@@ -92,6 +92,8 @@ pub struct Config {
     pub fsync: Fsync,
     /// How often every key's state is checkpointed (and at shutdown).
     pub checkpoint_interval: Duration,
+    /// Cluster mode (`[cluster]`, `--cluster`); `None` runs alone.
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -129,6 +131,7 @@ impl Default for Config {
             data_dir: None,
             fsync: Fsync::Always,
             checkpoint_interval: Duration::from_secs(10),
+            cluster: None,
         }
     }
 }
@@ -194,6 +197,8 @@ pub struct RawConfig {
     /// `always` (group commit), `never`, or an interval such as `10ms`.
     pub fsync: Option<String>,
     pub checkpoint_interval: Option<RawDuration>,
+    /// Cluster mode on NATS JetStream.
+    pub cluster: Option<super::cluster::RawCluster>,
 }
 
 /// Why a configuration was refused: every problem found, one per line.
@@ -274,7 +279,12 @@ impl RawConfig {
                 d.fsync
             }),
         };
+        let cluster = self
+            .cluster
+            .and_then(|c| c.validate(listen.port(), &mut problems));
+        // In cluster mode JetStream holds the log, and the catalog: no data directory.
         let data_dir = match self.ephemeral {
+            _ if cluster.is_some() => None,
             Some(true) => None,
             _ => Some(
                 self.data_dir
@@ -287,6 +297,7 @@ impl RawConfig {
             );
         }
         let config = Config {
+            cluster,
             data_dir,
             fsync,
             checkpoint_interval,

@@ -81,7 +81,7 @@ impl IngestBudget {
 }
 
 /// At most this many errors are listed in one answer.
-const MAX_LISTED_ERRORS: usize = 10;
+pub const MAX_LISTED_ERRORS: usize = 10;
 
 /// What one input came to.
 pub struct Outcome {
@@ -250,11 +250,16 @@ pub struct Pending {
     /// The input's position in the ingest log.
     logged: Option<u64>,
     items: u32,
+    /// Cluster mode: JetStream's acks of the input's events.
+    published: Option<super::cluster::Acks>,
 }
 
 impl Pending {
     /// The answer to the input, once the log holds it.
     pub async fn durable(mut self, state: &State) -> Outcome {
+        if let Some(acks) = self.published.take() {
+            super::cluster::unacknowledged(&mut self.outcome, acks.await);
+        }
         if let (Some(d), Some(lsn)) = (&state.durable, self.logged) {
             if !d.log.wait_durable(lsn).await {
                 // Queued but maybe not on disk: never acknowledged as accepted.
@@ -326,16 +331,35 @@ pub async fn route_input(
         })),
         _ => None,
     };
-    let (mut routed, unqueued) = apply(
-        state,
-        source.id,
-        &parsed.frame,
-        stream,
-        now,
-        received,
-        &mut rejections,
-    )
-    .await;
+    let (mut routed, unqueued, published) = match &state.cluster {
+        // Cluster mode: published to the partitions' owners, not queued here.
+        Some(cluster) => {
+            let (routed, acks) = super::cluster::publish(
+                state,
+                cluster,
+                source.id,
+                &parsed.frame,
+                stream,
+                now,
+                &mut rejections,
+            )
+            .await;
+            (routed, Vec::new(), Some(acks))
+        }
+        None => {
+            let (routed, unqueued) = apply(
+                state,
+                source.id,
+                &parsed.frame,
+                stream,
+                now,
+                received,
+                &mut rejections,
+            )
+            .await;
+            (routed, unqueued, None)
+        }
+    };
     drop(order);
     for (shard, position) in unqueued {
         routed.accepted -= 1;
@@ -360,6 +384,7 @@ pub async fn route_input(
         },
         logged,
         items: parsed.items,
+        published,
     }
 }
 

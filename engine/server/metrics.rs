@@ -218,6 +218,7 @@ pub async fn render(state: &State) -> String {
         v
     };
     write_connections(&mut out, &state.connections, state.config.max_connections);
+    super::cluster::write_metrics(state, &mut out);
     let budget = &state.ingest_budget;
     for (name, kind, help, value) in [
         (

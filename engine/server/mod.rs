@@ -19,6 +19,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod durability;
@@ -81,6 +82,8 @@ pub struct State {
     pub connections: accept::Connections,
     /// The bytes of frames in flight (`max_ingest_bytes_in_flight`).
     pub ingest_budget: ingest::IngestBudget,
+    /// Cluster mode (`--cluster`): this node's membership; `None` alone.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A running server.
@@ -113,6 +116,8 @@ pub enum StartError {
     Model(#[from] crate::models::ModelError),
     #[error(transparent)]
     Durability(#[from] durability::DurabilityError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 impl Server {
@@ -137,6 +142,15 @@ impl Server {
             replay_bytes: config.replay_bytes,
         };
         let hub = hub::start(hub_settings, durable.as_ref().map(|d| d.log.gate()));
+        // In cluster mode the shards' output goes to NATS, and the hub takes every node's.
+        let (cluster, output) = match &config.cluster {
+            Some(c) => {
+                let c = cluster::Cluster::connect(c, hub.clone()).await?;
+                let out = pipeline::Output::Forward(c.shard_output());
+                (Some(c), out)
+            }
+            None => (None, pipeline::Output::Hub(hub.clone())),
+        };
         let settings = pipeline::ShardSettings {
             limits: config.limits.per_shard(config.shards),
             budget: (config.max_query_cpu < 1.0).then_some(crate::shard::CpuBudget {
@@ -146,7 +160,7 @@ impl Server {
             engine: config.engine,
         };
         let pipeline =
-            pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, &hub);
+            pipeline::Pipeline::start(config.shards, config.shard_queue, &settings, &output);
         let admin_token = config
             .admin_token
             .clone()
@@ -168,12 +182,14 @@ impl Server {
             durable,
             connections: accept::Connections::default(),
             ingest_budget: ingest::IngestBudget::new(config.max_ingest_bytes_in_flight),
+            cluster,
             config,
         });
         models::load_folder(&state)?;
         admin::load_folder(&state).await?;
         durability::apply_catalog(&state).await;
         durability::recover(&state).await?;
+        cluster::start(&state).await?;
         if state.durable.is_some() {
             tokio::spawn(durability::checkpointer(Arc::clone(&state)));
         }
@@ -206,6 +222,7 @@ impl Server {
         // Producers see the signal, finish the frame in hand and close.
         state.producers.close();
         let _ = tokio::time::timeout_at(deadline, state.producers.wait()).await;
+        let _ = tokio::time::timeout_at(deadline, cluster::leave(state)).await;
         // What the shards hand on is in the mailboxes when a flush is answered.
         let flush = state
             .pipeline
@@ -441,6 +458,10 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
             response
         }
         (Method::POST, "/ingest") => post_ingest(&state, req).await,
+        (Method::GET, "/cluster") => match cluster::describe(&state).await {
+            Some(body) => respond(StatusCode::OK, "application/json", body),
+            None => json_error(StatusCode::NOT_FOUND, "not in cluster mode (--cluster)"),
+        },
         (_, "/ingest") | (_, "/subscribe") | (_, "/metrics") | (_, "/healthz") | (_, "/") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }

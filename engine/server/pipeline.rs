@@ -43,6 +43,60 @@ use crate::shard::{CpuBudget, Delivery, QueryControl, QueryId, QueryStats, Shard
 
 use super::hub::{HubHandle, ShardCount};
 
+/// Where the shards' output goes.
+#[derive(Clone)]
+pub enum Output {
+    /// Published into the local hub, on the shard's thread (alone).
+    Hub(HubHandle),
+    /// Handed to the cluster's forwarder, which publishes it on NATS for every node's hub
+    /// (`--cluster`).
+    Forward(Sender<Forwarded>),
+}
+
+/// What a shard hands the cluster's forwarder, in the order it produced it.
+pub enum Forwarded {
+    Items {
+        shard: usize,
+        items: Vec<crate::Emitted>,
+        /// When the oldest frame among those that produced the items was received.
+        ingest: Option<Instant>,
+    },
+    /// A checkpoint's place in the shard's output (answered once what came before is handed on).
+    Mark {
+        shard: usize,
+        reply: oneshot::Sender<Vec<ShardCount>>,
+    },
+}
+
+impl Output {
+    /// Hands `items` on: into the mailboxes (waiting while another shard publishes), or to the
+    /// forwarder (waiting while its queue is full). Backpressure either way, not loss.
+    fn items(&self, shard: usize, items: Vec<crate::Emitted>, ingest: Option<Instant>) {
+        match self {
+            Output::Hub(hub) => hub.items(shard, items, ingest),
+            Output::Forward(tx) => {
+                let _ = tx.send(Forwarded::Items {
+                    shard,
+                    items,
+                    ingest,
+                });
+            }
+        }
+    }
+
+    /// Answers `reply` with the counts a checkpoint's mark covers, after what came before it.
+    fn mark(&self, shard: usize, reply: oneshot::Sender<Vec<ShardCount>>) {
+        match self {
+            Output::Hub(hub) => {
+                let _ = reply.send(hub.mark(shard));
+            }
+            Output::Forward(tx) => {
+                let _ = tx.send(Forwarded::Mark { shard, reply });
+            }
+        }
+    }
+}
+
 /// Work for a shard, handled in the order it was sent.
 pub enum ShardMsg {
     /// The events of one frame that belong to this shard, then the marks the frame reached.
@@ -78,6 +132,13 @@ pub enum ShardMsg {
     Restore {
         id: QueryId,
         data: ShardQueryCheckpoint,
+    },
+    /// Cluster mode: drops the state of every key in partition `partition` of `partitions`
+    /// (handed over to another node), then replies.
+    DropPartition {
+        partitions: usize,
+        partition: usize,
+        done: oneshot::Sender<()>,
     },
 }
 
@@ -207,12 +268,12 @@ pub struct ShardSettings {
 
 impl Pipeline {
     /// Starts `shards` shard threads whose data channels hold up to `queue_bytes` of messages
-    /// each (one message always fits), each publishing its output through `hub`.
+    /// each (one message always fits), each handing its output to `output`.
     pub fn start(
         shards: usize,
         queue_bytes: usize,
         settings: &ShardSettings,
-        hub: &HubHandle,
+        output: &Output,
     ) -> Pipeline {
         let panics = Arc::new(AtomicU64::new(0));
         let shards = (0..shards)
@@ -234,7 +295,7 @@ impl Pipeline {
                     name: format!("shard {index}"),
                     data: data_rx,
                     control: control_rx,
-                    hub: hub.clone(),
+                    output: output.clone(),
                     room: Arc::clone(&handle.room),
                     queued: Arc::clone(&handle.queued),
                     report: Arc::clone(&handle.report),
@@ -378,7 +439,7 @@ struct ShardThread {
     name: String,
     data: Receiver<ShardMsg>,
     control: Receiver<Control>,
-    hub: HubHandle,
+    output: Output,
     room: Arc<Notify>,
     queued: Arc<AtomicUsize>,
     report: Arc<ArcSwap<ShardReport>>,
@@ -528,7 +589,7 @@ impl ShardThread {
             } => {
                 // Everything emitted before this point goes to the hub ahead of the mark.
                 self.hand_on(st);
-                let _ = hub_mark.send(self.hub.mark(self.index));
+                self.output.mark(self.index, hub_mark);
                 // The copy goes on a few keys at a time between messages (see `run`).
                 if let Some((_, earlier)) = st.export.take() {
                     let _ = earlier.send((Vec::new(), Duration::ZERO));
@@ -540,6 +601,14 @@ impl ShardThread {
             }
             ShardMsg::Restore { id, data } => {
                 st.shard.import(id, data);
+            }
+            ShardMsg::DropPartition {
+                partitions,
+                partition,
+                done,
+            } => {
+                st.shard.drop_keys(|key| key.shard(partitions) == partition);
+                let _ = done.send(());
             }
             ShardMsg::Replace {
                 id,
@@ -616,7 +685,7 @@ impl ShardThread {
         if !st.out.is_empty() {
             let items = std::mem::take(&mut st.out);
             // Waits while another shard publishes: backpressure, not loss.
-            self.hub.items(self.index, items, oldest);
+            self.output.items(self.index, items, oldest);
         }
     }
 
@@ -656,8 +725,8 @@ mod tests {
         def
     }
 
-    fn hub() -> HubHandle {
-        super::super::hub::start(
+    fn hub() -> Output {
+        Output::Hub(super::super::hub::start(
             super::super::hub::HubSettings {
                 shards: 1,
                 snapshot_keys: 100,
@@ -665,7 +734,7 @@ mod tests {
                 replay_bytes: 1 << 20,
             },
             None,
-        )
+        ))
     }
 
     fn settings() -> ShardSettings {

