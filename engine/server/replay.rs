@@ -498,6 +498,25 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_sealed_before_they_would_outgrow_their_buffer() {
+        let mut ring = Ring::new(1, 64 << 20);
+        // Items of about 1 KiB that do not divide 64 KiB evenly.
+        let key = "k".repeat(1000);
+        let batch: Vec<(usize, &str)> = (0..300).map(|_| (0, key.as_str())).collect();
+        publish(&mut ring, &batch);
+        let chunks = &ring.shards[0].chunks;
+        assert!(chunks.len() >= 4, "{} chunks", chunks.len());
+        for chunk in chunks {
+            match &chunk.sealed {
+                // The closing `]` fit in the buffer allocated at CHUNK_BYTES.
+                Some(sealed) => assert!(sealed.len() <= CHUNK_BYTES, "{}", sealed.len()),
+                None => assert_eq!(chunk.buf.capacity(), CHUNK_BYTES),
+            }
+        }
+        assert_eq!(chunks.iter().map(|c| c.elements.len()).sum::<usize>(), 300);
+    }
+
+    #[test]
     fn gone_positions_say_why() {
         let mut ring = Ring::new(2, 2 * 64 * 1024);
         let start = ring.head();
