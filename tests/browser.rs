@@ -853,15 +853,30 @@ async fn reconnect(h: &mut Harness) -> Result<()> {
             Duration::from_secs(5),
         )
         .await?;
+    // Every feed with a position asks to resume from it; a feed whose first answer had not
+    // come yet when the socket closed has none and starts anew, which is right.
+    let asked_before = h.cdp.eval("resumes.asked").await?;
     h.cdp.eval("ws.close()").await?;
-    h.cdp
+    let resumed = h
+        .cdp
         .wait_for(
             "the alert feeds to resume after the socket closed",
-            "resumes.resumed >= feedSubs.size && resumes.gone === 0 && \
-             document.querySelector('#conn-state').dataset.state === 'live'",
+            &format!(
+                "resumes.asked > {asked_before} && resumes.resumed >= resumes.asked && \
+                 resumes.gone === 0 && \
+                 document.querySelector('#conn-state').dataset.state === 'live'"
+            ),
             Duration::from_secs(10),
         )
-        .await?;
+        .await;
+    if let Err(e) = resumed {
+        let state = h
+            .cdp
+            .eval("JSON.stringify({resumes, subs: [...feedSubs], pos: [...feedPos.keys()]})")
+            .await
+            .unwrap_or_default();
+        return Err(e.context(format!("dashboard state: {state}")));
+    }
     let addr = h.eddy.addr.clone();
     // Kill the server: the page shows it is reconnecting.
     h.eddy.child.kill().await?;
