@@ -314,7 +314,7 @@ async fn probe(
                 Some(l) => l.incoming.next().await,
                 None => {
                     tokio::time::sleep_until(retry_at.into()).await;
-                    Ok(Vec::new())
+                    Ok(bytes::BytesMut::new())
                 }
             }
         };

@@ -208,8 +208,11 @@ fn key_of(value: &serde_json::Value) -> Result<Key, String> {
     }
 }
 
-/// Most bytes of items merged into one frame from batches queued back to back.
-const MERGED_BYTES: usize = 1 << 20;
+/// Bytes of items past which no further batch is merged into a frame. Kept small: a client's
+/// read buffer grows to its largest frame, and a thousand subscribers that fell behind would
+/// otherwise each take megabyte frames, and the client the page faults of buffers that keep
+/// growing, which puts it further behind.
+const MERGED_BYTES: usize = 64 * 1024;
 
 /// Writes everything in the mailbox with one flush. Returns the close code when the subscriber
 /// must be closed.
@@ -245,14 +248,14 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 // Batches of one topic queued back to back (the subscriber fell behind the
                 // shards) go out as one frame, up to MERGED_BYTES: fewer frames to write and to
                 // read for the same items, in the same order, with the last one's position.
-                let mut merged: Option<Vec<u8>> = None;
+                let mut arrays = vec![items];
+                let mut size = arrays[0].len();
                 while let Some(Outgoing::Batch { topic: next, .. }) = queue.peek() {
-                    let size = merged.as_ref().map_or(items.len(), Vec::len);
                     if *next != topic || size >= MERGED_BYTES {
                         break;
                     }
                     let Some(Outgoing::Batch {
-                        items: more,
+                        items,
                         count: n,
                         ingest,
                         published,
@@ -262,28 +265,19 @@ async fn deliver<W: AsyncWrite + Unpin>(
                     else {
                         unreachable!("peeked a batch");
                     };
-                    let all = merged.get_or_insert_with(|| items[..items.len() - 1].to_vec());
-                    all.push(b',');
-                    all.extend_from_slice(&more[1..]);
-                    all.pop();
+                    size += items.len();
                     count += n;
                     pos = more_pos;
                     stamps.push((published, ingest, n));
+                    arrays.push(items);
                 }
-                let items = match merged {
-                    Some(mut all) => {
-                        all.push(b']');
-                        Bytes::from(all)
-                    }
-                    None => items,
-                };
-                let frame = batch_frame(seqs, &topic, &items, count, pos.as_deref());
-                write.send(&Outbound::Text(frame)).await?;
+                let head = batch_head(seqs, &topic, count, pos.as_deref());
+                write.text_parts(&joined(&head, &arrays)).await?;
             }
             Outgoing::Replay { topic, batches } => {
                 for b in batches {
-                    let frame = batch_frame(seqs, &topic, &b.items, b.count, Some(&b.pos));
-                    write.send(&Outbound::Text(frame)).await?;
+                    let head = batch_head(seqs, &topic, b.count, Some(&b.pos));
+                    write.text_parts(&[&head, &b.items, b"}"]).await?;
                 }
             }
         }
@@ -303,15 +297,8 @@ async fn deliver<W: AsyncWrite + Unpin>(
             items.extend_from_slice(element);
         }
         items.push(b']');
-        write
-            .send(&Outbound::Text(batch_frame(
-                seqs,
-                topic,
-                &items,
-                pending.len() as u64,
-                None,
-            )))
-            .await?;
+        let head = batch_head(seqs, topic, pending.len() as u64, None);
+        write.text_parts(&[&head, &items, b"}"]).await?;
     }
     write.flush().await?;
     let now = Instant::now();
@@ -324,16 +311,17 @@ async fn deliver<W: AsyncWrite + Unpin>(
     Ok(inbox.close)
 }
 
-fn batch_frame(
+/// A batch frame up to its items: `{"type":"batch","topic":T,"seq":S,"n":N,"pos":P,"items":`
+/// (the items and the closing brace follow). Counts the frame in `seqs`.
+fn batch_head(
     seqs: &mut HashMap<Topic, u64>,
     topic: &Topic,
-    items: &[u8],
     count: u64,
     pos: Option<&str>,
-) -> Bytes {
+) -> Vec<u8> {
     let seq = seqs.entry(Arc::clone(topic)).or_insert(0);
-    let mut frame = Vec::with_capacity(items.len() + topic.len() + 80);
-    let mut o = Object::new(&mut frame);
+    let mut head = Vec::with_capacity(topic.len() + pos.map_or(0, str::len) + 64);
+    let mut o = Object::new(&mut head);
     o.str("type", "batch")
         .str("topic", topic)
         .int("seq", *seq as i64)
@@ -341,9 +329,33 @@ fn batch_frame(
     if let Some(pos) = pos {
         o.str("pos", pos);
     }
-    o.raw("items", items).end();
+    o.key("items");
     *seq += 1;
-    frame.into()
+    head
+}
+
+/// The parts of a batch frame whose items are the JSON arrays `arrays` joined into one: the
+/// elements of each (its brackets left out), in order, without copying them.
+fn joined<'a>(head: &'a [u8], arrays: &'a [Bytes]) -> Vec<&'a [u8]> {
+    if let [items] = arrays {
+        return vec![head, items, b"}"];
+    }
+    let mut parts = Vec::with_capacity(2 * arrays.len() + 3);
+    parts.extend_from_slice(&[head, b"["]);
+    for array in arrays {
+        let elements = array
+            .get(1..array.len().saturating_sub(1))
+            .unwrap_or_default();
+        if elements.is_empty() {
+            continue;
+        }
+        if parts.len() > 2 {
+            parts.push(b",");
+        }
+        parts.push(elements);
+    }
+    parts.push(b"]}");
+    parts
 }
 
 #[cfg(test)]
@@ -367,6 +379,25 @@ mod tests {
             bytes = &bytes[head + len..];
         }
         out
+    }
+
+    #[test]
+    fn joined_arrays_are_one_array_of_their_elements_in_order() {
+        let frame = |arrays: &[&'static str]| {
+            let arrays: Vec<Bytes> = arrays
+                .iter()
+                .map(|a| Bytes::from_static(a.as_bytes()))
+                .collect();
+            let text: Vec<u8> = joined(b"{\"items\":", &arrays).concat();
+            serde_json::from_slice::<serde_json::Value>(&text).unwrap()
+        };
+        let items = |v: serde_json::Value| serde_json::json!({ "items": v });
+        assert_eq!(frame(&["[1,2]"]), items(serde_json::json!([1, 2])));
+        assert_eq!(
+            frame(&["[]", "[1]", "[]", r#"[{"a":[2]},"]"]"#]),
+            items(serde_json::json!([1, {"a": [2]}, "]"]))
+        );
+        assert_eq!(frame(&["[]", "[]"]), items(serde_json::json!([])));
     }
 
     #[tokio::test]

@@ -549,9 +549,25 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        self.head(opcode, payload.len()).await?;
+        self.put(payload).await
+    }
+
+    /// Writes one text frame (unflushed) whose payload is `parts` one after the other: a
+    /// message assembled from pieces shared with other connections (a batch's items, encoded
+    /// once for all its subscribers) is not first copied into one buffer of its own.
+    pub async fn text_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.head(0x1, parts.iter().map(|p| p.len()).sum()).await?;
+        for part in parts {
+            self.put(part).await?;
+        }
+        Ok(())
+    }
+
+    /// A frame's header: final, unmasked, `len` bytes of payload to follow.
+    async fn head(&mut self, opcode: u8, len: usize) -> io::Result<()> {
         let mut head = [0u8; 10];
         head[0] = 0x80 | opcode;
-        let len = payload.len();
         let n = if len < 126 {
             head[1] = len as u8;
             2
@@ -564,8 +580,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         };
-        self.put(&head[..n]).await?;
-        self.put(payload).await
+        self.put(&head[..n]).await
     }
 
     /// Writes one message (unflushed). Returns whether it was a close frame, the connection's
