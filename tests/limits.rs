@@ -181,23 +181,26 @@ fn two_million_keys_with_max_keys_per_query_stay_bounded_and_evictions_are_count
             mib(peak)
         );
         assert!(peak < 400 * 1024, "peak RSS {} MiB", mib(peak));
-        // Deleting the query gives its memory back.
+        // Deleting the query gives its memory back: 20 MiB, or half of what the server grew
+        // by when that is less (the debug build's fifth of the keys grows by about 30 MiB).
         let (status, _) = http_at(&addr, "DELETE", "/queries/q", Some(TOKEN), "").await;
         assert_eq!(status, 204);
+        let owed = (20 * 1024).min(rss.saturating_sub(before) / 2);
         let deadline = Instant::now() + Duration::from_secs(10);
         let freed = loop {
             let now = proc_status_kib(pid, "VmRSS");
-            if now < rss.saturating_sub(20 * 1024) || Instant::now() > deadline {
+            if now < rss.saturating_sub(owed) || Instant::now() > deadline {
                 break now;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         println!("after DELETE /queries/q: RSS {:.0} MiB", mib(freed));
         assert!(
-            freed < rss.saturating_sub(20 * 1024),
-            "RSS {} MiB after the delete, {} MiB before",
+            freed < rss.saturating_sub(owed),
+            "RSS {} MiB after the delete, {} MiB before: less than {} MiB given back",
             mib(freed),
-            mib(rss)
+            mib(rss),
+            mib(owed)
         );
     });
 }
