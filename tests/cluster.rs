@@ -740,3 +740,119 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         _ = bounded() => panic!("the join test took more than 100 s"),
     }
 }
+
+/// Subscribes to `vwap` with a snapshot on the node at `addr`; returns the connection and the
+/// snapshot's items, key → value.
+async fn subscribe_vwap_snapshot(addr: &str) -> (Ws, BTreeMap<String, Value>) {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": "vwap", "snapshot": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let snapshot = next_json(&mut w).await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let items = snapshot["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+        .collect();
+    (w, items)
+}
+
+/// A cluster metric of the node at `addr`.
+async fn metric_of(addr: &str, name: &str) -> f64 {
+    let (_, text) = http_at(addr, "GET", "/metrics", None, "").await;
+    support::metric(&text, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_from_jetstream() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let often = ["--checkpoint-interval", "300ms"];
+        let a = node_with(&nats, queries.path(), "a", &often).await;
+        let b = node_with(&nats, queries.path(), "b", &often).await;
+        let owners = balanced(&a.2, &["a", "b"]).await;
+        assert!(owners.iter().any(|o| o == "b"));
+        // Only a has a subscriber to `vwap`; b computes its partitions' share and publishes it,
+        // but takes none of it from NATS.
+        let mut sub_a = subscribe_vwap(&a.2).await;
+        let mut seq_a = 0;
+        let first = trades(1000, 61);
+        let mut acked = produce(b.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 1.0);
+        assert!(metric_of(&a.2, "eddy_cluster_received_items_total").await > 0.0);
+        assert_eq!(metric_of(&b.2, "eddy_cluster_topics_taken").await, 0.0);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_received_items_total").await,
+            0.0,
+            "b took items of a topic none of its subscribers wants"
+        );
+        // c starts after the last item: its first subscriber's snapshot comes from JetStream's
+        // latest value per key, every symbol, equal to the reference.
+        let c = node_with(&nats, queries.path(), "c", &often).await;
+        balanced(&a.2, &["a", "b", "c"]).await;
+        let (_sub_c, snapshot) = subscribe_vwap_snapshot(&c.2).await;
+        assert_vwap(&snapshot, &want);
+        assert_eq!(
+            metric_of(&c.2, "eddy_cluster_snapshot_values_loaded_total").await,
+            want.len() as f64
+        );
+        // A subscriber that arrives later on b gets the snapshot, then the items that follow.
+        let (mut sub_b, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        let second = trades(300, 67);
+        acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let mut seq_b = 0;
+        let latest = converge(&mut sub_b, &touched, &mut seq_b).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        // b's last subscriber leaves: b stops taking the topic.
+        sub_b
+            .send(Message::Text(
+                json!({"op": "unsubscribe", "topic": "vwap"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut sub_b).await["type"], "unsubscribed");
+        assert_eq!(metric_of(&b.2, "eddy_cluster_topics_taken").await, 0.0);
+        let taken = metric_of(&b.2, "eddy_cluster_received_items_total").await;
+        assert!(taken > 0.0);
+        let third = trades(200, 71);
+        acked.extend(produce(a.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_received_items_total").await,
+            taken,
+            "b took items after its last subscriber left"
+        );
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the topics test took more than 100 s"),
+    }
+}
