@@ -45,10 +45,58 @@ fn nats_server_binary() -> Option<PathBuf> {
 /// Starts `nats-server -js` on 127.0.0.1 with a port of its choosing; waits until it is ready.
 pub fn start_nats() -> Option<Nats> {
     let binary = nats_server_binary()?;
+    Some(spawn(&binary, &[]))
+}
+
+/// Starts `n` nats-servers with JetStream clustered on 127.0.0.1 (servers `n1`…, routes on
+/// ports picked free just before; client ports of their choosing).
+pub fn start_nats_cluster(n: usize) -> Option<Vec<Nats>> {
+    let binary = nats_server_binary()?;
+    let routes: Vec<u16> = (0..n)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Some(
+        (0..n)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                let listen = format!("nats://127.0.0.1:{}", routes[i]);
+                spawn(
+                    &binary,
+                    &[
+                        "-n",
+                        &name,
+                        "--cluster_name",
+                        "eddy",
+                        "--cluster",
+                        &listen,
+                        "--routes",
+                        &all,
+                    ],
+                )
+            })
+            .collect(),
+    )
+}
+
+/// `nats-server -js` with `extra` arguments, on 127.0.0.1 with a client port of its choosing and
+/// a temporary store; waits until it says it is ready.
+fn spawn(binary: &std::path::Path, extra: &[&str]) -> Nats {
     let store = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(&binary)
+    let mut child = std::process::Command::new(binary)
         .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
         .arg(store.path())
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -65,15 +113,21 @@ pub fn start_nats() -> Option<Nats> {
             if line.contains("Server is ready") {
                 let _ = tx.send(port.take());
             }
+            // Warnings and errors go to the test's output (not the routes' start-up retries).
+            if (line.contains("[WRN]") || line.contains("[ERR]"))
+                && !line.contains("Error trying to connect to route")
+            {
+                eprintln!("[nats] {line}");
+            }
         }
     });
     let port = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("nats-server ready within 20 s")
         .expect("nats-server said its port");
-    Some(Nats {
+    Nats {
         child,
         url: format!("nats://127.0.0.1:{port}"),
         _store: store,
-    })
+    }
 }

@@ -10,10 +10,12 @@
 //!   owner of a partition applies only the deliveries whose key is in that partition. The
 //!   producer's ack waits for JetStream's acks of every message of the frame (all published,
 //!   then all awaited).
-//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after [`LEASE_TTL`].
+//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
+//!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
+//!   [`TICK`] and the replay of the partition).
 //! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
 //!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
-//!   [`LEASE_TTL`] after its owner stops renewing it.
+//!   the lease's life after its owner stops renewing it.
 //! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
 //! - object store `eddy_checkpoints`: one object per partition (`p<N>`), its keys' state and the
 //!   stream sequence that state covers.
@@ -38,7 +40,7 @@
 //! and runs the events through the same router and shards as a node alone. Every
 //! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
 //! purges what it covers from the stream: the purge stands for the acknowledgement. A node whose
-//! lease was taken by someone else, or could not be renewed for [`LEASE_TTL`], exits (code 3):
+//! lease was taken by someone else, or could not be renewed for the lease's life, exits (code 3):
 //! it cannot know what another owner did meanwhile.
 //!
 //! Output fence: items of keys whose partition this node does not own are not published, so a
@@ -78,13 +80,10 @@ use super::State;
 
 pub use config::{ClusterConfig, RawCluster};
 
-/// How long a lease (and a node's liveness) lasts without renewal: the failover time is this
-/// plus up to one [`TICK`] and the replay of the partition.
-pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often a node heartbeats, renews its leases and looks for free partitions.
 pub const TICK: Duration = Duration::from_millis(250);
-/// Leases are renewed this often (a fifth of their life: a loaded machine may miss a few).
-const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Leases are renewed a fifth of their life apart (a loaded machine may miss a few).
+const RENEWALS_PER_LEASE: u32 = 5;
 /// A free partition whose preferred owner does not take it is taken by anyone after this.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Partitions a node hands over to a node that joined, at most, per [`TICK`].
@@ -343,11 +342,11 @@ impl Cluster {
             ..Default::default()
         };
         let nodes = js
-            .create_key_value(bucket(NODES, Some(LEASE_TTL)))
+            .create_key_value(bucket(NODES, Some(config.lease)))
             .await
             .map_err(|e| js_err("bucket eddy_nodes")(Box::new(e)))?;
         let owners = js
-            .create_key_value(bucket(OWNERS, Some(LEASE_TTL)))
+            .create_key_value(bucket(OWNERS, Some(config.lease)))
             .await
             .map_err(|e| js_err("bucket eddy_owners")(Box::new(e)))?;
         let catalog = js
@@ -773,9 +772,10 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             Ok(_) => last_heartbeat_ok = now,
             Err(e) => {
                 tracing::warn!("cluster heartbeat failed: {e}");
-                if now.duration_since(last_heartbeat_ok) >= LEASE_TTL && !mine.is_empty() {
+                let lease = cluster.config.lease;
+                if now.duration_since(last_heartbeat_ok) >= lease && !mine.is_empty() {
                     fenced(&format!(
-                        "no heartbeat for {LEASE_TTL:?}: its leases have expired"
+                        "no heartbeat for {lease:?}: its leases have expired"
                     ));
                 }
                 continue;
@@ -884,11 +884,11 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     }
 }
 
-/// Renews this node's leases every [`RENEW_EVERY`], all at once, on its own task: nothing else
+/// Renews this node's leases [`RENEWALS_PER_LEASE`] times per lease life, all at once, on its own task: nothing else
 /// the node does (a hand-over waiting for busy shards, a checkpoint) may delay it.
 async fn renew(cluster: Arc<Cluster>) {
     let me = Bytes::from(cluster.config.node.clone());
-    let mut every = tokio::time::interval(RENEW_EVERY);
+    let mut every = tokio::time::interval(cluster.config.lease / RENEWALS_PER_LEASE);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -924,7 +924,7 @@ async fn renew(cluster: Arc<Cluster>) {
                 }
                 // NATS did not answer: again next time, until the lease would have expired.
                 Err(e) => {
-                    if now.duration_since(at) >= LEASE_TTL {
+                    if now.duration_since(at) >= cluster.config.lease {
                         fenced(&format!(
                             "partition {p}: its lease could not be renewed: {e}"
                         ));
@@ -993,7 +993,7 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
     // NATS may be briefly away (a leader election): try for as long as a lease lives.
     let mut loaded = load_checkpoint(&cluster, p).await;
     let trying = Instant::now();
-    while loaded.is_err() && trying.elapsed() < LEASE_TTL {
+    while loaded.is_err() && trying.elapsed() < cluster.config.lease {
         tokio::time::sleep(TICK).await;
         loaded = load_checkpoint(&cluster, p).await;
     }
