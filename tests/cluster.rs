@@ -811,6 +811,30 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
             taken,
             "b took items after its last subscriber left"
         );
+        // Removing the query purges its latest values: deployed again, it starts with an empty
+        // snapshot, as alone.
+        let (status, _) = http_at(&a.2, "DELETE", "/queries/vwap", Some(TOKEN), "").await;
+        assert!(status == 200 || status == 204, "{status}");
+        let started = Instant::now();
+        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 404 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "removal never reached b"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let script = support::query_file("vwap");
+        let (status, body) = http_at(&a.2, "PUT", "/queries/vwap", Some(TOKEN), &script).await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "deploy never reached b"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert!(snapshot.is_empty(), "{snapshot:?}");
         drop((a, b, c));
     };
     tokio::select! {
