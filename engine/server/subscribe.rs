@@ -95,6 +95,9 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
     }
     conn.finish().await;
     state.hub.control(HubControl::Disconnect { subscriber: id });
+    if let Some(cluster) = &state.cluster {
+        cluster.unwant(id, None).await;
+    }
 }
 
 /// A subscriber's side of the writer loop: its mailbox, and the server's closing signal.
@@ -170,6 +173,13 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
                     Some(Ok(keys)) => Some(keys),
                     None => None,
                 };
+            // In cluster mode the node takes the topic from NATS first (with its snapshot).
+            if let Some(cluster) = &state.cluster {
+                if let Err(e) = cluster.want(id, &topic).await {
+                    mailbox.push_control(error_message(&e).into());
+                    return;
+                }
+            }
             HubControl::Subscribe(Subscribe {
                 subscriber: id,
                 mailbox: Arc::clone(mailbox),
@@ -183,11 +193,16 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
                 from,
             })
         }
-        Request::Unsubscribe { topic } => HubControl::Unsubscribe {
-            subscriber: id,
-            topic,
-            mailbox: Arc::clone(mailbox),
-        },
+        Request::Unsubscribe { topic } => {
+            if let Some(cluster) = &state.cluster {
+                cluster.unwant(id, Some(&topic)).await;
+            }
+            HubControl::Unsubscribe {
+                subscriber: id,
+                topic,
+                mailbox: Arc::clone(mailbox),
+            }
+        }
         Request::Topics {} => HubControl::Topics {
             subscriber: id,
             mailbox: Arc::clone(mailbox),

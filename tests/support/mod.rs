@@ -3,6 +3,8 @@
 //! HTTP over TCP, `eddy run` of the same queries for comparison, and a time bound.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;

@@ -3,14 +3,23 @@
 //! Without it eddy runs alone. With it, the NATS servers to use, the credentials file, this
 //! node's name (unique in the cluster; default: the host name and the listen port), the number
 //! of partitions (fixed for the life of the cluster's streams; default 64) and the replicas of
-//! the JetStream streams and buckets (1; 3 on a three-server NATS cluster).
+//! the JetStream streams and buckets (1; 3 on a three-server NATS cluster), and the life of a
+//! partition's lease (5 s), the same on every node.
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use serde::Deserialize;
+
+use crate::server::config::RawDuration;
 
 /// Partitions of the event stream when `partitions` is not given.
 pub const DEFAULT_PARTITIONS: u32 = 64;
+/// How long a lease lives without renewal when `lease` is not given: a dead node's partitions
+/// move after this. On a replicated NATS cluster, a lease must outlast NATS's own election of a
+/// new stream leader when a NATS server dies (4 to 9 s in nats-server 2.10+): 12 s does.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
 /// `[cluster]` as written.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -23,6 +32,8 @@ pub struct RawCluster {
     pub node: Option<String>,
     pub partitions: Option<u32>,
     pub replicas: Option<usize>,
+    /// The life of a lease without renewal (`"5s"`, or milliseconds).
+    pub lease: Option<RawDuration>,
 }
 
 /// The cluster settings in use.
@@ -33,6 +44,7 @@ pub struct ClusterConfig {
     pub node: String,
     pub partitions: u32,
     pub replicas: usize,
+    pub lease: Duration,
 }
 
 impl RawCluster {
@@ -65,6 +77,20 @@ impl RawCluster {
         if !(1..=5).contains(&replicas) {
             problems.push(format!("cluster.replicas: {replicas} (expected 1 to 5)"));
         }
+        let lease = match self.lease {
+            None => DEFAULT_LEASE,
+            Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
+            Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
+                Ok(ms) => Duration::from_millis(ms.max(0) as u64),
+                Err(e) => {
+                    problems.push(format!("cluster.lease: {e}"));
+                    DEFAULT_LEASE
+                }
+            },
+        };
+        if !(Duration::from_secs(2)..=Duration::from_secs(60)).contains(&lease) {
+            problems.push(format!("cluster.lease: {lease:?} (expected 2 s to 60 s)"));
+        }
         let node = self.node.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
@@ -87,6 +113,7 @@ impl RawCluster {
             node,
             partitions,
             replicas,
+            lease,
         })
     }
 }
@@ -108,6 +135,35 @@ mod tests {
         assert_eq!(c.urls.len(), 2);
         assert_eq!(c.partitions, DEFAULT_PARTITIONS);
         assert_eq!(c.replicas, 1);
+        assert_eq!(c.lease, DEFAULT_LEASE);
+    }
+
+    #[test]
+    fn a_lease_is_a_duration_within_bounds() {
+        let lease = |raw: RawDuration| {
+            let raw = RawCluster {
+                urls: Some(vec!["nats://127.0.0.1:4222".into()]),
+                node: Some("a".into()),
+                lease: Some(raw),
+                ..Default::default()
+            };
+            let mut problems = Vec::new();
+            let c = raw.validate(8080, &mut problems).unwrap();
+            (c.lease, problems)
+        };
+        assert_eq!(
+            lease(RawDuration::Text("12s".into())),
+            (Duration::from_secs(12), vec![])
+        );
+        assert_eq!(
+            lease(RawDuration::Millis(2500)),
+            (Duration::from_millis(2500), vec![])
+        );
+        let (_, problems) = lease(RawDuration::Millis(500));
+        assert_eq!(problems, ["cluster.lease: 500ms (expected 2 s to 60 s)"]);
+        let (_, problems) = lease(RawDuration::Text("soon".into()));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("cluster.lease: "), "{problems:?}");
     }
 
     #[test]
@@ -117,10 +173,11 @@ mod tests {
             node: Some("a b".into()),
             partitions: Some(0),
             replicas: Some(9),
+            lease: Some(RawDuration::Text("1h".into())),
             ..Default::default()
         };
         let mut problems = Vec::new();
         raw.validate(8080, &mut problems);
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
     }
 }

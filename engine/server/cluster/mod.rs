@@ -10,14 +10,26 @@
 //!   owner of a partition applies only the deliveries whose key is in that partition. The
 //!   producer's ack waits for JetStream's acks of every message of the frame (all published,
 //!   then all awaited).
-//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after [`LEASE_TTL`].
+//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
+//!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
+//!   [`TICK`] and the replay of the partition).
 //! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
 //!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
-//!   [`LEASE_TTL`] after its owner stops renewing it.
+//!   the lease's life after its owner stops renewing it.
 //! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
 //! - object store `eddy_checkpoints`: one object per partition (`p<N>`), its keys' state and the
 //!   stream sequence that state covers.
-//! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to every node's hub.
+//! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to the hubs of the
+//!   nodes that have a subscriber to the topic: a node subscribes to a topic's subject when its
+//!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
+//! - stream `EDDY_LATEST`, subjects `eddy.last.<query>.<topic>.<key>` (each part one token, see
+//!   [`latest_subject`]), one message kept per subject: each key's latest item per topic, for
+//!   snapshots. The owner publishes it just before the item's batch on `eddy.out`. A node whose
+//!   first subscriber to a topic arrives subscribes to `eddy.out.<topic>`, then reads the topic's
+//!   latest values from this stream into its hub, then lets the subscriber in: its snapshot holds
+//!   every key the cluster ever emitted on the topic, also on a node started after the key's
+//!   last item. A key's value published between the node's subscription and its read of the
+//!   stream may reach the hub twice (from the stream, then from `eddy.out`), in order.
 //!
 //! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
 //! nodes; a free partition is taken by its preferred owner at once and by any node after
@@ -28,7 +40,7 @@
 //! and runs the events through the same router and shards as a node alone. Every
 //! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
 //! purges what it covers from the stream: the purge stands for the acknowledgement. A node whose
-//! lease was taken by someone else, or could not be renewed for [`LEASE_TTL`], exits (code 3):
+//! lease was taken by someone else, or could not be renewed for the lease's life, exits (code 3):
 //! it cannot know what another owner did meanwhile.
 //!
 //! Output fence: items of keys whose partition this node does not own are not published, so a
@@ -68,13 +80,10 @@ use super::State;
 
 pub use config::{ClusterConfig, RawCluster};
 
-/// How long a lease (and a node's liveness) lasts without renewal: the failover time is this
-/// plus up to one [`TICK`] and the replay of the partition.
-pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often a node heartbeats, renews its leases and looks for free partitions.
 pub const TICK: Duration = Duration::from_millis(250);
-/// Leases are renewed this often (a fifth of their life: a loaded machine may miss a few).
-const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Leases are renewed a fifth of their life apart (a loaded machine may miss a few).
+const RENEWALS_PER_LEASE: u32 = 5;
 /// A free partition whose preferred owner does not take it is taken by anyone after this.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Partitions a node hands over to a node that joined, at most, per [`TICK`].
@@ -87,6 +96,9 @@ const NODES: &str = "eddy_nodes";
 const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
+const LATEST: &str = "EDDY_LATEST";
+/// How long a first subscriber to a topic waits, at most, for the topic's latest values.
+const LATEST_READ: Duration = Duration::from_secs(5);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +167,48 @@ fn subject_topic(subject: &str) -> Option<String> {
     Some(rest.to_owned())
 }
 
+/// One subject token for `part`: itself when it is a plain token (letters, digits, `_`, `-`,
+/// not starting with `x`), else `x` and its bytes in hex.
+fn token(part: &[u8]) -> String {
+    let plain = !part.is_empty()
+        && part[0] != b'x'
+        && part
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-');
+    if plain {
+        String::from_utf8_lossy(part).into_owned()
+    } else {
+        let mut s = String::with_capacity(1 + 2 * part.len());
+        s.push('x');
+        for b in part {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// `eddy.last.<query>.<rest>` of a topic: its query's token and the rest of its name as one
+/// token (`_` for the query's own topic), so that a topic's filter matches no other topic's keys
+/// and one query's topics share a prefix.
+fn latest_topic(topic: &str) -> String {
+    match topic.split_once('.') {
+        Some((query, rest)) => format!(
+            "eddy.last.{}.{}",
+            token(query.as_bytes()),
+            token(rest.as_bytes())
+        ),
+        None => format!("eddy.last.{}._", token(topic.as_bytes())),
+    }
+}
+
+/// The subject that keeps `key`'s latest item on `topic` in the stream `EDDY_LATEST`: the key
+/// as a token of its JSON.
+fn latest_subject(topic: &str, key: &Key) -> String {
+    let mut json = Vec::new();
+    key.write_json(&mut json);
+    format!("{}.{}", latest_topic(topic), token(&json))
+}
+
 /// The rendezvous weight of `node` for partition `p`: the live node with the highest weight is
 /// the partition's preferred owner.
 fn weight(node: &str, p: u32) -> u64 {
@@ -186,6 +240,15 @@ pub struct Cluster {
     catalog: kv::Store,
     /// Checkpoints, one object per partition (`p<N>`).
     checkpoints: jetstream::object_store::ObjectStore,
+    /// The topics this node's subscribers want: their subscribers here, and the task taking the
+    /// topic's items from NATS into the hub (its NATS subscription ends with it).
+    interest: tokio::sync::Mutex<HashMap<String, Interest>>,
+    /// Topics this node takes from NATS now.
+    pub topics_taken: AtomicU64,
+    /// Items taken from NATS into the hub, and latest values read from `EDDY_LATEST` for
+    /// snapshots.
+    pub received_items: AtomicU64,
+    pub latest_loaded: AtomicU64,
     /// Per partition: the stream sequence of the last message queued for the shards.
     fed: Vec<AtomicU64>,
     /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
@@ -260,6 +323,16 @@ impl Cluster {
         })
         .await
         .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        js.get_or_create_stream(stream::Config {
+            name: LATEST.into(),
+            subjects: vec!["eddy.last.>".into()],
+            max_messages_per_subject: 1,
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("stream EDDY_LATEST")(Box::new(e)))?;
         let bucket = |name: &'static str, ttl: Option<Duration>| kv::Config {
             bucket: name.into(),
             history: 1,
@@ -269,11 +342,11 @@ impl Cluster {
             ..Default::default()
         };
         let nodes = js
-            .create_key_value(bucket(NODES, Some(LEASE_TTL)))
+            .create_key_value(bucket(NODES, Some(config.lease)))
             .await
             .map_err(|e| js_err("bucket eddy_nodes")(Box::new(e)))?;
         let owners = js
-            .create_key_value(bucket(OWNERS, Some(LEASE_TTL)))
+            .create_key_value(bucket(OWNERS, Some(config.lease)))
             .await
             .map_err(|e| js_err("bucket eddy_owners")(Box::new(e)))?;
         let catalog = js
@@ -299,6 +372,10 @@ impl Cluster {
             owners,
             catalog,
             checkpoints,
+            interest: tokio::sync::Mutex::new(HashMap::new()),
+            topics_taken: AtomicU64::new(0),
+            received_items: AtomicU64::new(0),
+            latest_loaded: AtomicU64::new(0),
             fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             order: tokio::sync::Mutex::new(()),
             moves: tokio::sync::Mutex::new(()),
@@ -353,14 +430,137 @@ impl Cluster {
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            None => self.catalog.delete(name).await.map_err(|e| e.to_string()),
+            None => {
+                // The query's latest values go with it: a later query of the same name starts
+                // with an empty snapshot, as it does alone.
+                if let Ok(latest) = self.js.get_stream(LATEST).await {
+                    let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
+                    if let Err(e) = latest.purge().filter(filter).await {
+                        tracing::warn!("cluster: latest values of {name} not purged: {e}");
+                    }
+                }
+                self.catalog.delete(name).await.map_err(|e| e.to_string())
+            }
         };
         done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
     }
+
+    /// Subscriber `subscriber` here wants `topic`. The first one makes this node take the topic
+    /// from NATS: subscribe to `eddy.out.<topic>`, put the topic's latest values from
+    /// `EDDY_LATEST` in the hub (for its snapshot), then start feeding the hub with what arrives.
+    /// Returns once the hub has them, so that the subscriber's snapshot holds them.
+    pub async fn want(self: &Arc<Self>, subscriber: u64, topic: &str) -> Result<(), String> {
+        let mut interest = self.interest.lock().await;
+        if let Some(i) = interest.get_mut(topic) {
+            i.subscribers.insert(subscriber);
+            return Ok(());
+        }
+        let subject = topic_subject(topic);
+        let items = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+        // The server has the subscription before the stream is read: nothing falls in between.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+        match tokio::time::timeout(LATEST_READ, self.read_latest(topic)).await {
+            Ok(Ok(latest)) => {
+                self.latest_loaded
+                    .fetch_add(latest.len() as u64, Ordering::Relaxed);
+                if !latest.is_empty() {
+                    self.hub.items(0, latest, None);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
+            Err(_) => {
+                tracing::warn!("cluster: no snapshot of {topic} from NATS within {LATEST_READ:?}")
+            }
+        }
+        let task = tokio::spawn(receive(Arc::clone(self), items));
+        interest.insert(
+            topic.to_owned(),
+            Interest {
+                subscribers: HashSet::from([subscriber]),
+                task,
+            },
+        );
+        self.topics_taken
+            .store(interest.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Subscriber `subscriber` no longer wants `topic` (`None`: any topic, it left). A topic
+    /// nobody here wants any more is no longer taken from NATS.
+    pub async fn unwant(&self, subscriber: u64, topic: Option<&str>) {
+        let mut interest = self.interest.lock().await;
+        interest.retain(|t, i| {
+            if topic.is_none_or(|want| want == t) {
+                i.subscribers.remove(&subscriber);
+            }
+            if i.subscribers.is_empty() {
+                i.task.abort();
+                return false;
+            }
+            true
+        });
+        self.topics_taken
+            .store(interest.len() as u64, Ordering::Relaxed);
+    }
+
+    /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them.
+    async fn read_latest(&self, topic: &str) -> Result<Vec<Emitted>, String> {
+        let stream = self
+            .js
+            .get_stream(LATEST)
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.*", latest_topic(topic)),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let topic: crate::Topic = Arc::from(topic);
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            let pending = message.info().map_err(|e| e.to_string())?.pending;
+            match rmp_serde::from_slice::<(StoredKey, String)>(&message.payload) {
+                Ok((key, value)) => out.push(Emitted {
+                    topic: Arc::clone(&topic),
+                    key: Key::from(key),
+                    value: value.into_bytes(),
+                }),
+                Err(e) => tracing::warn!(
+                    "cluster: undecodable latest value on {}: {e}",
+                    message.subject
+                ),
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
 }
 
-/// Starts the node's cluster tasks: the output forwarder, the items receiver, the catalog
-/// watcher and the ownership loop.
+/// A topic this node takes from NATS.
+struct Interest {
+    subscribers: HashSet<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the node's cluster tasks: the output forwarder, the catalog watcher and the ownership
+/// loop (the items receivers start with each topic's first subscriber: [`Cluster::want`]).
 pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
     let Some(cluster) = state.cluster.clone() else {
         return Ok(());
@@ -373,15 +573,6 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
             .name("eddy-cluster-out".into())
             .spawn(move || forward(&cluster, &runtime, partitions))
             .expect("spawn the cluster forwarder");
-    }
-    let items = cluster
-        .client
-        .subscribe("eddy.out.>")
-        .await
-        .map_err(|e| js_err("subscribe to eddy.out.>")(Box::new(e)))?;
-    {
-        let cluster = Arc::clone(&cluster);
-        tokio::spawn(receive(cluster, items));
     }
     let watch = cluster
         .catalog
@@ -581,9 +772,10 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             Ok(_) => last_heartbeat_ok = now,
             Err(e) => {
                 tracing::warn!("cluster heartbeat failed: {e}");
-                if now.duration_since(last_heartbeat_ok) >= LEASE_TTL && !mine.is_empty() {
+                let lease = cluster.config.lease;
+                if now.duration_since(last_heartbeat_ok) >= lease && !mine.is_empty() {
                     fenced(&format!(
-                        "no heartbeat for {LEASE_TTL:?}: its leases have expired"
+                        "no heartbeat for {lease:?}: its leases have expired"
                     ));
                 }
                 continue;
@@ -692,11 +884,11 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     }
 }
 
-/// Renews this node's leases every [`RENEW_EVERY`], all at once, on its own task: nothing else
+/// Renews this node's leases [`RENEWALS_PER_LEASE`] times per lease life, all at once, on its own task: nothing else
 /// the node does (a hand-over waiting for busy shards, a checkpoint) may delay it.
 async fn renew(cluster: Arc<Cluster>) {
     let me = Bytes::from(cluster.config.node.clone());
-    let mut every = tokio::time::interval(RENEW_EVERY);
+    let mut every = tokio::time::interval(cluster.config.lease / RENEWALS_PER_LEASE);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -732,7 +924,7 @@ async fn renew(cluster: Arc<Cluster>) {
                 }
                 // NATS did not answer: again next time, until the lease would have expired.
                 Err(e) => {
-                    if now.duration_since(at) >= LEASE_TTL {
+                    if now.duration_since(at) >= cluster.config.lease {
                         fenced(&format!(
                             "partition {p}: its lease could not be renewed: {e}"
                         ));
@@ -801,7 +993,7 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
     // NATS may be briefly away (a leader election): try for as long as a lease lives.
     let mut loaded = load_checkpoint(&cluster, p).await;
     let trying = Instant::now();
-    while loaded.is_err() && trying.elapsed() < LEASE_TTL {
+    while loaded.is_err() && trying.elapsed() < cluster.config.lease {
         tokio::time::sleep(TICK).await;
         loaded = load_checkpoint(&cluster, p).await;
     }
@@ -1194,14 +1386,16 @@ async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
 // Results: shards → NATS → every node's hub.
 
 /// The forwarder thread: takes the shards' output, drops items of partitions this node does not
-/// own (the fence), and publishes the rest per topic. Marks are answered once everything before
-/// them is handed to the NATS client.
+/// own (the fence), and publishes the rest per topic: each key's newest value of the batch to its
+/// subject of `EDDY_LATEST`, then the batch on `eddy.out.<topic>` (in that order, on one
+/// connection: a node that reads `EDDY_LATEST` after subscribing to `eddy.out` misses no value).
+/// Marks are answered once everything before them is handed to the NATS client.
 fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
     let partitions = partitions as usize;
     while let Ok(msg) = cluster.out_rx.recv() {
         let mut batch = vec![msg];
         batch.extend(cluster.out_rx.try_iter());
-        let mut topics: BTreeMap<crate::Topic, Vec<(StoredKey, String)>> = BTreeMap::new();
+        let mut topics: BTreeMap<crate::Topic, Vec<(Key, String)>> = BTreeMap::new();
         let mut marks = Vec::new();
         for msg in batch {
             match msg {
@@ -1214,29 +1408,48 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                         topics
                             .entry(item.topic)
                             .or_default()
-                            .push((StoredKey::from(&item.key), value));
+                            .push((item.key, value));
                     }
                 }
                 Forwarded::Mark { reply, .. } => marks.push(reply),
             }
         }
-        for (topic, items) in topics {
-            let Ok(payload) = rmp_serde::to_vec(&items) else {
-                continue;
-            };
-            let subject = topic_subject(&topic);
-            let client = &cluster.client;
-            if let Err(e) = runtime.block_on(client.publish(subject, payload.into())) {
-                tracing::warn!("cluster: items of {topic} not published: {e}");
+        runtime.block_on(async {
+            for (topic, items) in topics {
+                let mut latest = HashSet::new();
+                for (key, value) in items.iter().rev() {
+                    if !latest.insert(key) {
+                        continue;
+                    }
+                    let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(key), value)) else {
+                        continue;
+                    };
+                    let subject = latest_subject(&topic, key);
+                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
+                        tracing::warn!("cluster: latest value of {topic} not published: {e}");
+                    }
+                }
+                let items: Vec<(StoredKey, &String)> = items
+                    .iter()
+                    .map(|(key, value)| (StoredKey::from(key), value))
+                    .collect();
+                let Ok(payload) = rmp_serde::to_vec(&items) else {
+                    continue;
+                };
+                let subject = topic_subject(&topic);
+                if let Err(e) = cluster.client.publish(subject, payload.into()).await {
+                    tracing::warn!("cluster: items of {topic} not published: {e}");
+                }
             }
-        }
+        });
         for reply in marks {
             let _ = reply.send(Vec::new());
         }
     }
 }
 
-/// Items from every node's shards into the local hub.
+/// Items of one topic from every node's shards into the local hub, while a subscriber here wants
+/// the topic ([`Cluster::want`]).
 async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
     while let Some(message) = items.next().await {
         let Some(topic) = subject_topic(&message.subject) else {
@@ -1256,6 +1469,9 @@ async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
                 value: value.into_bytes(),
             })
             .collect();
+        cluster
+            .received_items
+            .fetch_add(items.len() as u64, Ordering::Relaxed);
         // Into the mailboxes (waiting, briefly, while a local publish holds the hub).
         cluster.hub.items(0, items, None);
     }
@@ -1410,6 +1626,24 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Keys put back from partition checkpoints when this node took partitions.",
             c.restored_keys.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_topics_taken",
+            "gauge",
+            "Topics this node takes from NATS (those its own subscribers want).",
+            c.topics_taken.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_received_items_total",
+            "counter",
+            "Items taken from NATS into this node's hub (only topics its subscribers want).",
+            c.received_items.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_snapshot_values_loaded_total",
+            "counter",
+            "Latest values read from the stream EDDY_LATEST when a topic's first subscriber came.",
+            c.latest_loaded.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_publish_failures_total",
