@@ -699,6 +699,14 @@ async fn live(h: &mut Harness) -> Result<()> {
         )
         .await?;
     eprintln!("health strip: in/s, out/s, p99, subscribers = {health}");
+    // A server alone has no cluster figures: that part of the strip stays hidden.
+    if cdp
+        .eval("document.getElementById('h-cluster').hidden")
+        .await?
+        != json!(true)
+    {
+        bail!("the health strip shows cluster figures on a server that runs alone");
+    }
 
     // Alerts from price_alerts (a topic that only exists once it has emitted: the page finds
     // it by re-asking for the topics).
