@@ -422,6 +422,18 @@ impl Event {
         }
     }
 
+    /// [`Event::get_hinted`] for typed code: a number or a boolean as itself (`Ok`), any other
+    /// value (`()` when missing) as the Rhai value `get_hinted` would give (`Err`).
+    pub fn get_hinted_scalar(&self, name: &str, hint: &Cell<u32>) -> Result<Value<'_>, Dynamic> {
+        match self.frame.get_hinted(self.node, name, hint) {
+            Some(at) => match self.frame.value(at) {
+                v @ (Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Ok(v),
+                _ => Err(self.frame.to_dynamic(at)),
+            },
+            None => Err(Dynamic::UNIT),
+        }
+    }
+
     /// The value at `path`, borrowed.
     pub fn lookup(&self, path: &FieldPath) -> Option<Value<'_>> {
         self.frame
