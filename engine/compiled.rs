@@ -321,9 +321,13 @@ impl Compiled {
         };
         let f = self.table[index].get().expect("compiled");
         let mut ops = 0;
-        // The frame's locals reuse one buffer: no allocation per call.
+        // The frame's locals reuse one buffer: no allocation per call. A local is always given
+        // its value (parameter, `let`, a record's field) before it is read, so the numbers a
+        // call left behind stay; values that hold memory were cleared when it ended.
         let mut locals = self.scratch.take();
-        locals.resize(f.locals.max(1), Dynamic::UNIT);
+        if locals.len() < f.locals.max(1) {
+            locals.resize(f.locals.max(1), Dynamic::UNIT);
+        }
         let event = match arg {
             Arg::Event(e) if !f.ev_boxed => Some(e),
             other => {
@@ -341,7 +345,11 @@ impl Compiled {
         };
         let result = run_body(&f.body, &mut frame).map(|_| ());
         let mut locals = frame.locals;
-        locals.clear();
+        for l in &mut locals {
+            if !(l.is_unit() || l.is_float() || l.is_int() || l.is_bool()) {
+                *l = Dynamic::UNIT;
+            }
+        }
         self.scratch.replace(locals);
         result
     }
@@ -2459,38 +2467,25 @@ enum Num {
 impl Num {
     /// A value read in place (a local, a slot): numbers and booleans copied, the rest cloned.
     fn of(d: &Dynamic) -> Num {
-        if let Ok(n) = d.as_int() {
-            Num::I(n)
-        } else if let Ok(x) = d.as_float() {
-            Num::F(x)
-        } else if let Ok(b) = d.as_bool() {
-            Num::B(b)
-        } else {
-            Num::D(d.clone().flatten())
-        }
+        Num::scalar(d).unwrap_or_else(|| Num::D(d.clone().flatten()))
     }
 
     /// A number or a boolean read in place, `None` for other values.
+    /// (`is_*` first: a failed `as_*` names the value's type, which costs more than the test.)
     fn scalar(d: &Dynamic) -> Option<Num> {
-        if let Ok(n) = d.as_int() {
-            Some(Num::I(n))
-        } else if let Ok(x) = d.as_float() {
-            Some(Num::F(x))
-        } else {
+        if d.is_float() {
+            d.as_float().ok().map(Num::F)
+        } else if d.is_int() {
+            d.as_int().ok().map(Num::I)
+        } else if d.is_bool() {
             d.as_bool().ok().map(Num::B)
+        } else {
+            None
         }
     }
 
     fn from_dynamic(d: Dynamic) -> Num {
-        if let Ok(n) = d.as_int() {
-            Num::I(n)
-        } else if let Ok(x) = d.as_float() {
-            Num::F(x)
-        } else if let Ok(b) = d.as_bool() {
-            Num::B(b)
-        } else {
-            Num::D(d.flatten())
-        }
+        Num::scalar(&d).unwrap_or_else(|| Num::D(d.flatten()))
     }
 
     fn into_dynamic(self) -> Dynamic {
@@ -2615,7 +2610,8 @@ fn bool_binop(op: &Token, a: bool, b: bool) -> Option<Num> {
 /// for the other types (the caller asks the interpreter).
 fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<Dynamic>> {
     use Token::*;
-    if let (Ok(a), Ok(b)) = (x.as_int(), y.as_int()) {
+    if x.is_int() && y.is_int() {
+        let (a, b) = (x.as_int().expect("int"), y.as_int().expect("int"));
         return Ok(int_binop(op, a, b, pos)?.map(Num::into_dynamic));
     }
     let num = |d: &Dynamic| -> Option<FLOAT> {
