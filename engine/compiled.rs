@@ -1440,11 +1440,21 @@ impl Cx<'_> {
     }
 
     /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
-    fn contains(&mut self, a: Container, b: EFn, pos: Position) -> EFn {
+    /// `name` is `x` when it is a string constant: then `"f" in ev` makes no value for it.
+    fn contains(
+        &mut self,
+        a: Container,
+        b: EFn,
+        name: Option<ImmutableString>,
+        pos: Position,
+    ) -> EFn {
         let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
         Box::new(move |fr| {
             let c = match &a {
                 Container::Event(i) => {
+                    if let (Some(name), Some(ev)) = (&name, fr.event) {
+                        return Ok(Dynamic::from_bool(ev.contains(name)));
+                    }
                     let x = b(fr)?;
                     if let Ok(s) = x.as_immutable_string_ref() {
                         if let Some(ev) = fr.event {
@@ -1504,7 +1514,11 @@ impl Cx<'_> {
                 if matches!(op, Token::In) {
                     let a = self.container(&call.args[0])?;
                     let b = self.expr(&call.args[1])?;
-                    return Ok(self.contains(a, b, pos));
+                    let name = match &call.args[1] {
+                        Expr::StringConstant(s, _) => Some(s.clone()),
+                        _ => None,
+                    };
+                    return Ok(self.contains(a, b, name, pos));
                 }
                 let a = self.num(&call.args[0])?;
                 let b = self.num(&call.args[1])?;
@@ -1612,7 +1626,11 @@ impl Cx<'_> {
         {
             let a = self.container(&call.args[0])?;
             let b = self.expr(&call.args[1])?;
-            return Ok(self.contains(a, b, pos));
+            let name = match &call.args[1] {
+                Expr::StringConstant(s, _) => Some(s.clone()),
+                _ => None,
+            };
+            return Ok(self.contains(a, b, name, pos));
         }
         let mut args = call
             .args
@@ -1767,7 +1785,10 @@ impl Cx<'_> {
                 if call.namespace.is_empty()
                     && !call.capture_parent_scope
                     && call.args.len() == 2
-                    && call.op_token.as_ref().is_some_and(|t| !matches!(t, Token::In)) =>
+                    && call
+                        .op_token
+                        .as_ref()
+                        .is_some_and(|t| !matches!(t, Token::In)) =>
             {
                 let op = call.op_token.clone().expect("checked");
                 let a = self.num(&call.args[0])?;
@@ -2539,9 +2560,10 @@ fn int_binop(op: &Token, a: INT, b: INT, pos: Position) -> R<Option<Num>> {
                     .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
             )
         }
-        Modulo | ModuloAssign => Num::I(a.checked_rem(b).ok_or_else(|| {
-            arith(format!("Modulo division by zero or overflow: {a} % {b}"))
-        })?),
+        Modulo | ModuloAssign => Num::I(
+            a.checked_rem(b)
+                .ok_or_else(|| arith(format!("Modulo division by zero or overflow: {a} % {b}")))?,
+        ),
         EqualsTo => Num::B(a == b),
         NotEqualsTo => Num::B(a != b),
         GreaterThan => Num::B(a > b),
