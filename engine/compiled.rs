@@ -5,9 +5,10 @@
 //! understands it turns into closures over pre-resolved slots: locals by index, `this.field` by
 //! slot when `init` returns a map literal (the key's state is then a [`State::Slots`], not a
 //! map looked up by name), event fields read from the parsed tape, operators on integers,
-//! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages,
-//! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
-//! and calls of script functions without the interpreter. A local map that is only given
+//! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages
+//! (numbers and booleans passed unboxed between operators, conditions and op-assignments: see
+//! [`Num`]), `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call
+//! context, and calls of script functions without the interpreter. A local map that is only given
 //! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
 //! `emit`, never a `rhai::Map`. A plugin method or property is called as the plugin's own Rust
 //! function (`Native`, from the plugin modules' manifests), the one Rhai would resolve for the
