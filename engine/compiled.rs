@@ -5,9 +5,10 @@
 //! understands it turns into closures over pre-resolved slots: locals by index, `this.field` by
 //! slot when `init` returns a map literal (the key's state is then a [`State::Slots`], not a
 //! map looked up by name), event fields read from the parsed tape, operators on integers,
-//! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages,
-//! `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call context,
-//! and calls of script functions without the interpreter. A local map that is only given
+//! floats, booleans, strings and `()` done inline with Rhai's exact results and error messages
+//! (numbers and booleans passed unboxed between operators, conditions and op-assignments: see
+//! [`Num`]), `emit`, `set_timer`, `forget`, `key`, `now`, `watermark` done directly on the call
+//! context, and calls of script functions without the interpreter. A local map that is only given
 //! fields, read and emitted is a [`Record`]: one local per field, encoded straight to JSON by
 //! `emit`, never a `rhai::Map`. A plugin method or property is called as the plugin's own Rust
 //! function (`Native`, from the plugin modules' manifests), the one Rhai would resolve for the
@@ -37,7 +38,7 @@ use std::sync::OnceLock;
 use rhai::plugin::PluginFunc;
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
-    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT,
+    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT, INT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -321,9 +322,13 @@ impl Compiled {
         };
         let f = self.table[index].get().expect("compiled");
         let mut ops = 0;
-        // The frame's locals reuse one buffer: no allocation per call.
+        // The frame's locals reuse one buffer: no allocation per call. A local is always given
+        // its value (parameter, `let`, a record's field) before it is read, so the numbers a
+        // call left behind stay; values that hold memory were cleared when it ended.
         let mut locals = self.scratch.take();
-        locals.resize(f.locals.max(1), Dynamic::UNIT);
+        if locals.len() < f.locals.max(1) {
+            locals.resize(f.locals.max(1), Dynamic::UNIT);
+        }
         let event = match arg {
             Arg::Event(e) if !f.ev_boxed => Some(e),
             other => {
@@ -341,7 +346,11 @@ impl Compiled {
         };
         let result = run_body(&f.body, &mut frame).map(|_| ());
         let mut locals = frame.locals;
-        locals.clear();
+        for l in &mut locals {
+            if !(l.is_unit() || l.is_float() || l.is_int() || l.is_bool()) {
+                *l = Dynamic::UNIT;
+            }
+        }
         self.scratch.replace(locals);
         result
     }
@@ -862,8 +871,7 @@ impl Cx<'_> {
                 })
             }
             Stmt::If(fc, _) => {
-                let cond = self.expr(&fc.expr)?;
-                let cond = self.guard(cond, fc.expr.start_position());
+                let cond = self.cond(&fc.expr)?;
                 let then = self.block(fc.body.statements())?;
                 let other = self.block(fc.branch.statements())?;
                 Box::new(move |fr| {
@@ -919,37 +927,27 @@ impl Cx<'_> {
         })
     }
 
-    /// A condition: its value as a bool, or the interpreter's type error.
-    fn guard(&mut self, f: EFn, pos: Position) -> BFn {
-        let helper = self
-            .helpers
-            .borrow_mut()
-            .add(1, "if a0 { true } else { false }");
-        Box::new(move |fr| {
-            let v = f(fr)?;
-            match v.as_bool() {
-                Ok(b) => Ok(b),
-                Err(_) => call_helper(fr, &helper, None, vec![v], pos)?
-                    .as_bool()
-                    .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
-            }
-        })
-    }
-
     fn assignment(
         &mut self,
         op: &rhai::OpAssignment,
         be: &BinaryExpr,
         pos: Position,
     ) -> Result<SFn, Unsupported> {
-        let value = self.expr(&be.rhs)?;
+        // The value of `x op= v` is typed (the operator may run unboxed); of `x = v` exactly
+        // what the expression gives.
+        let value: NFn = if op.is_op_assignment() {
+            self.num(&be.rhs)?
+        } else {
+            let f = self.expr(&be.rhs)?;
+            Box::new(move |fr| Ok(Num::D(f(fr)?.flatten())))
+        };
         if let Expr::Dot(d, ..) = &be.lhs {
             if let (Some(record), Expr::Property(p, _)) = (self.record(&d.lhs), &d.rhs) {
                 let field = record.field(&p.2).expect("record_use saw every field");
                 let (slot, present) = (field.slot, field.present);
                 return Ok(Box::new(move |fr| {
                     fr.tick(pos)?;
-                    fr.locals[slot] = value(fr)?.flatten();
+                    fr.locals[slot] = value(fr)?.into_dynamic();
                     if let Some(p) = present {
                         fr.locals[p] = Dynamic::TRUE;
                     }
@@ -1045,13 +1043,23 @@ impl Cx<'_> {
         };
         Ok(Box::new(move |fr| {
             fr.tick(pos)?;
-            let v = value(fr)?.flatten();
+            let v = value(fr)?;
             let engine = fr.rt.engine;
             let helpers = fr.helpers;
             let Some(target) = target_ref(fr, root) else {
                 return Ok(Flow::Normal(Dynamic::UNIT));
             };
             if props.is_empty() {
+                // Numbers: unboxed, the result written over the target.
+                if let Some((op, _)) = &binop {
+                    if let Some(x) = Num::scalar(target) {
+                        if let Some(new) = num_binop(op, &x, &v, op_pos)? {
+                            *target = new.into_dynamic();
+                            return Ok(Flow::Normal(Dynamic::UNIT));
+                        }
+                    }
+                }
+                let v = v.into_dynamic();
                 *target = match &binop {
                     None => v,
                     Some((op, helper)) => match fast_binop(op, target, &v, op_pos)? {
@@ -1065,7 +1073,7 @@ impl Cx<'_> {
                 return Ok(Flow::Normal(Dynamic::UNIT));
             }
             // A path of map properties is done in place; anything else by the helper.
-            let mut v = Some(v);
+            let mut v = Some(v.into_dynamic());
             let done = with_map_path(target, &props, binop.is_none(), &mut |place| match &binop {
                 None => {
                     *place = v.take().expect("once");
@@ -1178,8 +1186,7 @@ impl Cx<'_> {
                 let is_and = matches!(e, Expr::And(..));
                 let mut parts = Vec::new();
                 for x in xs.iter() {
-                    let f = self.expr(x)?;
-                    parts.push(self.guard(f, x.start_position()));
+                    parts.push(self.cond(x)?);
                 }
                 Box::new(move |fr| {
                     for p in &parts {
@@ -1434,11 +1441,21 @@ impl Cx<'_> {
     }
 
     /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
-    fn contains(&mut self, a: Container, b: EFn, pos: Position) -> EFn {
+    /// `name` is `x` when it is a string constant: then `"f" in ev` makes no value for it.
+    fn contains(
+        &mut self,
+        a: Container,
+        b: EFn,
+        name: Option<ImmutableString>,
+        pos: Position,
+    ) -> EFn {
         let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
         Box::new(move |fr| {
             let c = match &a {
                 Container::Event(i) => {
+                    if let (Some(name), Some(ev)) = (&name, fr.event) {
+                        return Ok(Dynamic::from_bool(ev.contains(name)));
+                    }
                     let x = b(fr)?;
                     if let Ok(s) = x.as_immutable_string_ref() {
                         if let Some(ev) = fr.event {
@@ -1498,23 +1515,16 @@ impl Cx<'_> {
                 if matches!(op, Token::In) {
                     let a = self.container(&call.args[0])?;
                     let b = self.expr(&call.args[1])?;
-                    return Ok(self.contains(a, b, pos));
+                    let name = match &call.args[1] {
+                        Expr::StringConstant(s, _) => Some(s.clone()),
+                        _ => None,
+                    };
+                    return Ok(self.contains(a, b, name, pos));
                 }
-                let a = self.expr(&call.args[0])?;
-                let b = self.expr(&call.args[1])?;
-                let op = op.clone();
-                let helper = self
-                    .helpers
-                    .borrow_mut()
-                    .add(2, &format!("a0 {} a1", op.literal_syntax()));
-                return Ok(Box::new(move |fr| {
-                    let x = a(fr)?.flatten();
-                    let y = b(fr)?.flatten();
-                    match fast_binop(&op, &x, &y, pos)? {
-                        Some(v) => Ok(v),
-                        None => call_helper(fr, &helper, None, vec![x, y], pos),
-                    }
-                }));
+                let a = self.num(&call.args[0])?;
+                let b = self.num(&call.args[1])?;
+                let f = self.binop(op.clone(), a, b, pos);
+                return Ok(Box::new(move |fr| Ok(f(fr)?.into_dynamic())));
             }
             if n == 1 {
                 let a = self.expr(&call.args[0])?;
@@ -1617,7 +1627,11 @@ impl Cx<'_> {
         {
             let a = self.container(&call.args[0])?;
             let b = self.expr(&call.args[1])?;
-            return Ok(self.contains(a, b, pos));
+            let name = match &call.args[1] {
+                Expr::StringConstant(s, _) => Some(s.clone()),
+                _ => None,
+            };
+            return Ok(self.contains(a, b, name, pos));
         }
         let mut args = call
             .args
@@ -1738,6 +1752,131 @@ impl Cx<'_> {
                 }
                 None => call_helper(fr, &helper, None, values, pos),
             }
+        }))
+    }
+}
+
+type NFn = Box<dyn Fn(&mut Frame) -> R<Num>>;
+
+/// Typed code: expressions whose values are mostly numbers, compiled to closures that pass
+/// [`Num`]s, not `Dynamic`s. Every result is the one [`Cx::expr`] would give.
+impl Cx<'_> {
+    /// `e` as typed code: reads of locals, slots and event fields, number and boolean constants
+    /// and the operators on them unboxed; anything else through [`Cx::expr`].
+    fn num(&mut self, e: &Expr) -> Result<NFn, Unsupported> {
+        match e {
+            Expr::IntegerConstant(n, _) => {
+                let n = *n;
+                return Ok(Box::new(move |_| Ok(Num::I(n))));
+            }
+            Expr::FloatConstant(x, _) => {
+                let x: FLOAT = **x;
+                return Ok(Box::new(move |_| Ok(Num::F(x))));
+            }
+            Expr::BoolConstant(b, _) => {
+                let b = *b;
+                return Ok(Box::new(move |_| Ok(Num::B(b))));
+            }
+            Expr::Variable(x, _, _) if x.2.is_empty() && self.record(e).is_none() => {
+                if let Some(i) = self.local(&x.1).filter(|&i| self.ev_local != Some(i)) {
+                    return Ok(Box::new(move |fr| Ok(Num::of(&fr.locals[i]))));
+                }
+            }
+            Expr::FnCall(call, pos)
+                if call.namespace.is_empty()
+                    && !call.capture_parent_scope
+                    && call.args.len() == 2
+                    && call
+                        .op_token
+                        .as_ref()
+                        .is_some_and(|t| !matches!(t, Token::In)) =>
+            {
+                let op = call.op_token.clone().expect("checked");
+                let a = self.num(&call.args[0])?;
+                let b = self.num(&call.args[1])?;
+                return Ok(self.binop(op, a, b, *pos));
+            }
+            Expr::Dot(..) => {
+                if let Some(f) = self.num_read(e)? {
+                    return Ok(f);
+                }
+            }
+            _ => {}
+        }
+        let f = self.expr(e)?;
+        Ok(Box::new(move |fr| Ok(Num::from_dynamic(f(fr)?))))
+    }
+
+    /// `this.f`, `ev.f` and a record's `m.f` as typed reads; `None` for other chains.
+    fn num_read(&mut self, e: &Expr) -> Result<Option<NFn>, Unsupported> {
+        let (root, segs) = flatten(e)?;
+        let [Seg::Prop(name, ..)] = segs.as_slice() else {
+            return Ok(None);
+        };
+        if let Some(record) = self.record(root) {
+            let slot = record.field(name).expect("record_use saw every read").slot;
+            return Ok(Some(Box::new(move |fr| Ok(Num::of(&fr.locals[slot])))));
+        }
+        if matches!(root, Expr::ThisPtr(_)) && self.this_ok {
+            if let Some(slot) = self.layout.fields.iter().position(|f| f == name) {
+                return Ok(Some(Box::new(move |fr| Ok(Num::of(fr.slot(slot))))));
+            }
+            return Ok(None);
+        }
+        if self.ev_param(root).is_some() {
+            // The general read (an event boxed in a local, or not an event at all) stays as it
+            // is; the unboxed event is read straight from its tape.
+            let slow = self.chain(e)?;
+            let name = name.clone();
+            let hint = std::cell::Cell::new(0);
+            return Ok(Some(Box::new(move |fr| match fr.event {
+                Some(ev) => Ok(match ev.get_hinted_scalar(&name, &hint) {
+                    Ok(crate::event::Value::Int(n)) => Num::I(n),
+                    Ok(crate::event::Value::Float(x)) => Num::F(x),
+                    Ok(crate::event::Value::Bool(b)) => Num::B(b),
+                    Ok(_) => unreachable!("get_hinted_scalar gives numbers and booleans"),
+                    Err(d) => Num::D(d),
+                }),
+                None => Ok(Num::from_dynamic(slow(fr)?)),
+            })));
+        }
+        Ok(None)
+    }
+
+    /// `a op b` on typed operands: unboxed when both are numbers (or booleans), otherwise boxed
+    /// and done as [`Cx::expr`] does it (inline for the standard types, else a helper).
+    fn binop(&mut self, op: Token, a: NFn, b: NFn, pos: Position) -> NFn {
+        let helper = self
+            .helpers
+            .borrow_mut()
+            .add(2, &format!("a0 {} a1", op.literal_syntax()));
+        Box::new(move |fr| {
+            let x = a(fr)?;
+            let y = b(fr)?;
+            if let Some(v) = num_binop(&op, &x, &y, pos)? {
+                return Ok(v);
+            }
+            let (x, y) = (x.into_dynamic(), y.into_dynamic());
+            match fast_binop(&op, &x, &y, pos)? {
+                Some(v) => Ok(Num::from_dynamic(v)),
+                None => call_helper(fr, &helper, None, vec![x, y], pos).map(Num::from_dynamic),
+            }
+        })
+    }
+
+    /// A condition (`if`, `&&`, `||`): its value as a bool, or the interpreter's type error.
+    fn cond(&mut self, e: &Expr) -> Result<BFn, Unsupported> {
+        let f = self.num(e)?;
+        let pos = e.start_position();
+        let helper = self
+            .helpers
+            .borrow_mut()
+            .add(1, "if a0 { true } else { false }");
+        Ok(Box::new(move |fr| match f(fr)? {
+            Num::B(b) => Ok(b),
+            other => call_helper(fr, &helper, None, vec![other.into_dynamic()], pos)?
+                .as_bool()
+                .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
         }))
     }
 }
@@ -2337,48 +2476,166 @@ fn assigns(stmts: &[Stmt], name: &str) -> bool {
     found
 }
 
+/// A value in typed code: an integer, a float or a boolean unboxed, anything else as the Rhai
+/// value. Arithmetic and comparisons of the first three run on them directly
+/// ([`num_binop`]), so `a * b + c` makes no `Dynamic` between its steps.
+enum Num {
+    I(INT),
+    F(FLOAT),
+    B(bool),
+    D(Dynamic),
+}
+
+impl Num {
+    /// A value read in place (a local, a slot): numbers and booleans copied, the rest cloned.
+    fn of(d: &Dynamic) -> Num {
+        Num::scalar(d).unwrap_or_else(|| Num::D(d.clone().flatten()))
+    }
+
+    /// A number or a boolean read in place, `None` for other values.
+    /// (`is_*` first: a failed `as_*` names the value's type, which costs more than the test.)
+    fn scalar(d: &Dynamic) -> Option<Num> {
+        if d.is_float() {
+            d.as_float().ok().map(Num::F)
+        } else if d.is_int() {
+            d.as_int().ok().map(Num::I)
+        } else if d.is_bool() {
+            d.as_bool().ok().map(Num::B)
+        } else {
+            None
+        }
+    }
+
+    fn from_dynamic(d: Dynamic) -> Num {
+        Num::scalar(&d).unwrap_or_else(|| Num::D(d.flatten()))
+    }
+
+    fn into_dynamic(self) -> Dynamic {
+        match self {
+            Num::I(n) => Dynamic::from_int(n),
+            Num::F(x) => Dynamic::from_float(x),
+            Num::B(b) => Dynamic::from_bool(b),
+            Num::D(d) => d,
+        }
+    }
+}
+
+/// `x op y` on unboxed values: what [`fast_binop`] gives for two integers, two numbers one of
+/// which is a float, or two booleans; `None` for anything else (the caller boxes both and asks
+/// `fast_binop`, then the interpreter).
+fn num_binop(op: &Token, x: &Num, y: &Num, pos: Position) -> R<Option<Num>> {
+    Ok(match (x, y) {
+        (Num::I(a), Num::I(b)) => int_binop(op, *a, *b, pos)?,
+        (Num::F(a), Num::F(b)) => float_binop(op, *a, *b),
+        (Num::I(a), Num::F(b)) => float_binop(op, *a as FLOAT, *b),
+        (Num::F(a), Num::I(b)) => float_binop(op, *a, *b as FLOAT),
+        (Num::B(a), Num::B(b)) => bool_binop(op, *a, *b),
+        _ => None,
+    })
+}
+
+/// An operator on two integers, with Rhai's checked arithmetic and its error messages.
+fn int_binop(op: &Token, a: INT, b: INT, pos: Position) -> R<Option<Num>> {
+    use Token::*;
+    let arith =
+        |msg: String| -> Box<EvalAltResult> { EvalAltResult::ErrorArithmetic(msg, pos).into() };
+    Ok(Some(match op {
+        Plus | PlusAssign => Num::I(
+            a.checked_add(b)
+                .ok_or_else(|| arith(format!("Addition overflow: {a} + {b}")))?,
+        ),
+        Minus | MinusAssign => Num::I(
+            a.checked_sub(b)
+                .ok_or_else(|| arith(format!("Subtraction overflow: {a} - {b}")))?,
+        ),
+        Multiply | MultiplyAssign => Num::I(
+            a.checked_mul(b)
+                .ok_or_else(|| arith(format!("Multiplication overflow: {a} * {b}")))?,
+        ),
+        Divide | DivideAssign => {
+            if b == 0 {
+                return Err(arith(format!("Division by zero: {a} / {b}")));
+            }
+            Num::I(
+                a.checked_div(b)
+                    .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
+            )
+        }
+        Modulo | ModuloAssign => Num::I(
+            a.checked_rem(b)
+                .ok_or_else(|| arith(format!("Modulo division by zero or overflow: {a} % {b}")))?,
+        ),
+        EqualsTo => Num::B(a == b),
+        NotEqualsTo => Num::B(a != b),
+        GreaterThan => Num::B(a > b),
+        GreaterThanEqualsTo => Num::B(a >= b),
+        LessThan => Num::B(a < b),
+        LessThanEqualsTo => Num::B(a <= b),
+        _ => return Ok(None),
+    }))
+}
+
+/// An operator on two numbers at least one of which is a float (the other converted), with
+/// Rhai's float comparisons (equal within `FLOAT::EPSILON`, relative).
+fn float_binop(op: &Token, a: FLOAT, b: FLOAT) -> Option<Num> {
+    use Token::*;
+    let near = |a: FLOAT, b: FLOAT| {
+        if a * b == 0.0 {
+            1.0
+        } else {
+            a.abs().max(b.abs())
+        }
+    };
+    Some(match op {
+        Plus | PlusAssign => Num::F(a + b),
+        Minus | MinusAssign => Num::F(a - b),
+        Multiply | MultiplyAssign => Num::F(a * b),
+        Divide | DivideAssign => Num::F(a / b),
+        Modulo | ModuloAssign => Num::F(a % b),
+        EqualsTo => {
+            let max = near(a, b);
+            Num::B(max == 0.0 || (a - b).abs() / max <= FLOAT::EPSILON)
+        }
+        NotEqualsTo => {
+            let max = near(a, b);
+            Num::B(max != 0.0 && (a - b).abs() / max > FLOAT::EPSILON)
+        }
+        GreaterThan => {
+            let max = near(a, b);
+            Num::B(max != 0.0 && (a - b) / max > FLOAT::EPSILON)
+        }
+        GreaterThanEqualsTo => {
+            let max = near(a, b);
+            Num::B(max == 0.0 || (a - b) / max > -FLOAT::EPSILON)
+        }
+        LessThan => {
+            let max = near(a, b);
+            Num::B(max != 0.0 && (b - a) / max > FLOAT::EPSILON)
+        }
+        LessThanEqualsTo => {
+            let max = near(a, b);
+            Num::B(max == 0.0 || (b - a) / max > -FLOAT::EPSILON)
+        }
+        _ => return None,
+    })
+}
+
+/// `==` and `!=` on two booleans (Rhai has no other operator on them built in).
+fn bool_binop(op: &Token, a: bool, b: bool) -> Option<Num> {
+    match op {
+        Token::EqualsTo => Some(Num::B(a == b)),
+        Token::NotEqualsTo => Some(Num::B(a != b)),
+        _ => None,
+    }
+}
+
 /// `x op y` for ints, floats, bools, strings and `()`, with Rhai's results and errors; `None`
 /// for the other types (the caller asks the interpreter).
 fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<Dynamic>> {
     use Token::*;
-    let arith =
-        |msg: String| -> Box<EvalAltResult> { EvalAltResult::ErrorArithmetic(msg, pos).into() };
-    if let (Ok(a), Ok(b)) = (x.as_int(), y.as_int()) {
-        let v =
-            match op {
-                Plus | PlusAssign => Dynamic::from_int(
-                    a.checked_add(b)
-                        .ok_or_else(|| arith(format!("Addition overflow: {a} + {b}")))?,
-                ),
-                Minus | MinusAssign => Dynamic::from_int(
-                    a.checked_sub(b)
-                        .ok_or_else(|| arith(format!("Subtraction overflow: {a} - {b}")))?,
-                ),
-                Multiply | MultiplyAssign => Dynamic::from_int(
-                    a.checked_mul(b)
-                        .ok_or_else(|| arith(format!("Multiplication overflow: {a} * {b}")))?,
-                ),
-                Divide | DivideAssign => {
-                    if b == 0 {
-                        return Err(arith(format!("Division by zero: {a} / {b}")));
-                    }
-                    Dynamic::from_int(
-                        a.checked_div(b)
-                            .ok_or_else(|| arith(format!("Division overflow: {a} / {b}")))?,
-                    )
-                }
-                Modulo | ModuloAssign => Dynamic::from_int(a.checked_rem(b).ok_or_else(|| {
-                    arith(format!("Modulo division by zero or overflow: {a} % {b}"))
-                })?),
-                EqualsTo => Dynamic::from_bool(a == b),
-                NotEqualsTo => Dynamic::from_bool(a != b),
-                GreaterThan => Dynamic::from_bool(a > b),
-                GreaterThanEqualsTo => Dynamic::from_bool(a >= b),
-                LessThan => Dynamic::from_bool(a < b),
-                LessThanEqualsTo => Dynamic::from_bool(a <= b),
-                _ => return Ok(None),
-            };
-        return Ok(Some(v));
+    if x.is_int() && y.is_int() {
+        let (a, b) = (x.as_int().expect("int"), y.as_int().expect("int"));
+        return Ok(int_binop(op, a, b, pos)?.map(Num::into_dynamic));
     }
     let num = |d: &Dynamic| -> Option<FLOAT> {
         d.as_float()
@@ -2390,46 +2647,7 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
         && (y.is_float() || y.is_int())
     {
         let (a, b) = (num(x).expect("number"), num(y).expect("number"));
-        let near = |a: FLOAT, b: FLOAT| {
-            if a * b == 0.0 {
-                1.0
-            } else {
-                a.abs().max(b.abs())
-            }
-        };
-        let v = match op {
-            Plus | PlusAssign => Dynamic::from_float(a + b),
-            Minus | MinusAssign => Dynamic::from_float(a - b),
-            Multiply | MultiplyAssign => Dynamic::from_float(a * b),
-            Divide | DivideAssign => Dynamic::from_float(a / b),
-            Modulo | ModuloAssign => Dynamic::from_float(a % b),
-            EqualsTo => {
-                let max = near(a, b);
-                Dynamic::from_bool(max == 0.0 || (a - b).abs() / max <= FLOAT::EPSILON)
-            }
-            NotEqualsTo => {
-                let max = near(a, b);
-                Dynamic::from_bool(max != 0.0 && (a - b).abs() / max > FLOAT::EPSILON)
-            }
-            GreaterThan => {
-                let max = near(a, b);
-                Dynamic::from_bool(max != 0.0 && (a - b) / max > FLOAT::EPSILON)
-            }
-            GreaterThanEqualsTo => {
-                let max = near(a, b);
-                Dynamic::from_bool(max == 0.0 || (a - b) / max > -FLOAT::EPSILON)
-            }
-            LessThan => {
-                let max = near(a, b);
-                Dynamic::from_bool(max != 0.0 && (b - a) / max > FLOAT::EPSILON)
-            }
-            LessThanEqualsTo => {
-                let max = near(a, b);
-                Dynamic::from_bool(max == 0.0 || (b - a) / max > -FLOAT::EPSILON)
-            }
-            _ => return Ok(None),
-        };
-        return Ok(Some(v));
+        return Ok(float_binop(op, a, b).map(Num::into_dynamic));
     }
     if x.is_unit() && y.is_unit() {
         return Ok(match op {
@@ -2441,11 +2659,7 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
         });
     }
     if let (Ok(a), Ok(b)) = (x.as_bool(), y.as_bool()) {
-        return Ok(match op {
-            EqualsTo => Some(Dynamic::from_bool(a == b)),
-            NotEqualsTo => Some(Dynamic::from_bool(a != b)),
-            _ => None,
-        });
+        return Ok(bool_binop(op, a, b).map(Num::into_dynamic));
     }
     if let (Ok(a), Ok(b)) = (x.as_immutable_string_ref(), y.as_immutable_string_ref()) {
         return Ok(match op {

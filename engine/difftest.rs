@@ -154,6 +154,11 @@ impl Writer<'_> {
                     self.locals[i].clone()
                 }
                 5 => "()".to_owned(),
+                // Booleans and strings among the numbers: typed code must box them and give
+                // Rhai's answers (`true == false`, `"ab" + 1`, `true + 1` an error, ...).
+                _ if self.g.chance(12) => {
+                    self.g.pick(&["true", "false", "\"ab\"", "true"]).to_owned()
+                }
                 // An index that is no field name: the event as a value, by Rhai.
                 _ if self.g.chance(5) => "ev[1]".to_owned(),
                 _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),

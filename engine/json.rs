@@ -174,10 +174,11 @@ fn write_value(out: &mut Vec<u8>, value: &Dynamic, depth: usize) -> Result<(), E
     if depth > MAX_DEPTH {
         return Err(EncodeError::TooDeep);
     }
-    if let Ok(x) = value.as_float() {
-        write_float(out, x);
-    } else if let Ok(n) = value.as_int() {
-        write_int(out, n);
+    // (`is_*` before `as_*`: a failed `as_*` names the value's type, which costs more.)
+    if value.is_float() {
+        write_float(out, value.as_float().expect("a float"));
+    } else if value.is_int() {
+        write_int(out, value.as_int().expect("an int"));
     } else if value.is_unit() {
         out.extend_from_slice(b"null");
     } else if let Ok(b) = value.as_bool() {

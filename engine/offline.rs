@@ -81,6 +81,7 @@ pub fn run(
         line: Vec::with_capacity(4096),
         io: Ok(()),
         emitted: 0,
+        items: Vec::new(),
     };
     let mut parser = Parser::default();
     let mut summary = RunSummary::default();
@@ -161,6 +162,7 @@ struct Sink<'a> {
     line: Vec<u8>,
     io: std::io::Result<()>,
     emitted: u64,
+    items: Vec<Emitted>,
 }
 
 impl Sink<'_> {
@@ -174,11 +176,13 @@ impl Sink<'_> {
     }
 
     fn flush_shard(&mut self) {
-        let mut items = Vec::new();
+        // One buffer for every event's items: no allocation per event.
+        let mut items = std::mem::take(&mut self.items);
         self.shard.take_output(&mut items);
-        for item in &items {
-            self.write(item);
+        for item in items.drain(..) {
+            self.write(&item);
         }
+        self.items = items;
     }
 }
 

@@ -404,3 +404,59 @@ fn literals_over_a_size_limit_fail_alike_on_both_engines() {
         assert_eq!(lines[1]["topic"], "q", "{body}: {compiled}");
     }
 }
+
+#[test]
+fn typed_arithmetic_gives_hand_computed_values_and_rhais_errors_on_both_engines() {
+    // Compiled, operands and op-assignments pass unboxed ints, floats and bools; the figures
+    // below are worked out by hand, and the errors are Rhai's own messages.
+    let limits = limits();
+    let script = "let source = \"s\"; let key_by = \"k\";
+fn init(key) { #{ n: 0, x: 0.0 } }
+fn on_event(ev) {
+    this.n += ev.a * ev.b + 1;
+    this.x += ev.a * 0.5 + ev.b;
+    let q = ev.a / ev.b;
+    if this.n > 10 && this.x >= 2.0 { emit(#{ n: this.n, x: this.x, q: q }); } else { emit(#{ q: q }); }
+}";
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = b"{\"k\":\"a\",\"a\":3,\"b\":4}
+{\"k\":\"b\",\"a\":7,\"b\":0}
+{\"k\":\"c\",\"a\":9223372036854775807,\"b\":2}
+{\"k\":\"d\",\"a\":5,\"b\":2}
+{\"k\":\"e\",\"a\":1,\"b\":1}
+";
+    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
+    let interpreted =
+        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
+    assert_eq!(compiled, interpreted);
+    let lines: Vec<serde_json::Value> = compiled
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{compiled}");
+    // n = 3 * 4 + 1, x = 3 * 0.5 + 4, q = 3 / 4 in integers.
+    assert_eq!(
+        lines[0]["value"],
+        serde_json::json!({ "n": 13, "x": 5.5, "q": 0 })
+    );
+    let error = |i: usize| {
+        lines[i]["value"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(lines[1]["topic"], "q.errors", "{compiled}");
+    assert!(error(1).contains("Division by zero: 7 / 0"), "{compiled}");
+    assert!(
+        error(2).contains("Multiplication overflow: 9223372036854775807 * 2"),
+        "{compiled}"
+    );
+    // n = 5 * 2 + 1 = 11 > 10, x = 2.5 + 2 = 4.5, q = 2.
+    assert_eq!(
+        lines[3]["value"],
+        serde_json::json!({ "n": 11, "x": 4.5, "q": 2 })
+    );
+    // n = 2 is not over 10: the other branch.
+    assert_eq!(lines[4]["value"], serde_json::json!({ "q": 1 }));
+}
