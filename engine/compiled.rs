@@ -2306,13 +2306,7 @@ impl DataLimits {
             return Ok(());
         }
         total.maps += 1;
-        if holds_data(v) {
-            let d = Sizes::of(v);
-            total.arrays += d.arrays;
-            total.maps += d.maps;
-            total.strings += d.strings;
-        }
-        self.check(total)
+        self.add_nested(total, v)
     }
 
     /// Adds item `v` of an array literal to `total`, as [`DataLimits::add_entry`].
@@ -2321,6 +2315,11 @@ impl DataLimits {
             return Ok(());
         }
         total.arrays += 1;
+        self.add_nested(total, v)
+    }
+
+    /// Adds what `v` holds (its strings, arrays and maps) to `total` and checks the limits.
+    fn add_nested(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
         if holds_data(v) {
             let d = Sizes::of(v);
             total.arrays += d.arrays;

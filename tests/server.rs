@@ -829,6 +829,22 @@ async fn tokens_and_browser_origins_are_checked() {
     .await;
 }
 
+/// Trades to `url` at 2,000 events/s in frames of 10, on two connections, for a second.
+fn paced_trades(url: String) -> eddy::feed::FeedOptions {
+    eddy::feed::FeedOptions {
+        url,
+        scenario: eddy::synth::Scenario::Trades,
+        rate: Some(2000),
+        batch: 10,
+        connections: 2,
+        duration: Duration::from_secs(1),
+        keys: 0,
+        seed: 7,
+        reconnect: false,
+        timeout: eddy::link::SILENCE,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_probe_checks_every_subscriber_gets_every_item() {
     bounded(async {
@@ -847,16 +863,10 @@ async fn a_fan_out_probe_checks_every_subscriber_gets_every_item() {
         })
         .await;
         let options = eddy::feed::FeedOptions {
-            url,
-            scenario: eddy::synth::Scenario::Trades,
-            rate: Some(2000),
-            batch: 10,
             connections: 1,
             duration: Duration::from_millis(500),
-            keys: 0,
             seed: 11,
-            reconnect: false,
-            timeout: eddy::link::SILENCE,
+            ..paced_trades(url)
         };
         let feed = eddy::feed::run(options, false).await.unwrap();
         assert_eq!(feed.accepted, feed.events);
@@ -891,18 +901,7 @@ async fn feed_and_probe_measure_the_server_end_to_end() {
                 .unwrap()
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let options = eddy::feed::FeedOptions {
-            url,
-            scenario: eddy::synth::Scenario::Trades,
-            rate: Some(2000),
-            batch: 10,
-            connections: 2,
-            duration: Duration::from_secs(1),
-            keys: 0,
-            seed: 7,
-            reconnect: false,
-            timeout: eddy::link::SILENCE,
-        };
+        let options = paced_trades(url);
         let feed = eddy::feed::run(options, false).await.unwrap();
         // Paced: about 2000 events in the second, all acknowledged as accepted.
         assert!((1500..=2100).contains(&feed.events), "{feed:?}");
