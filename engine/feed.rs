@@ -266,7 +266,7 @@ async fn session(
         let lost = loop {
             match incoming.next().await {
                 Ok(payload) => {
-                    let ack = ack_fields(&payload);
+                    let ack = ack_fields(&payload.payload);
                     if ack.frame > t.next_frame {
                         t.gaps += ack.frame - t.next_frame;
                     } else if ack.frame < t.next_frame {

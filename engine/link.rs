@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead};
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError};
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -21,6 +21,8 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::server::ws::{self, ReadError, Reader};
 
 /// The default time a server may stay silent before a client gives it up.
 pub const SILENCE: Duration = Duration::from_secs(1);
@@ -56,7 +58,18 @@ pub enum Lost {
     #[error("the server closed the connection (code {0})")]
     Closed(u16),
     #[error("the connection broke: {0}")]
-    Broken(#[source] WebSocketError),
+    Broken(#[source] ReadError),
+}
+
+/// Largest message a client takes from the server (a snapshot of many keys is one message).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// A data message from the server.
+pub struct Received {
+    pub payload: Vec<u8>,
+    /// Still compressed (permessage-deflate, which only [`Link::open_compressed`] offers): see
+    /// [`crate::server::deflate::inflate`] and [`crate::server::deflate::inflate_prefix`].
+    pub compressed: bool,
 }
 
 /// `host:port` of a `ws://`, `http://` or bare URL.
@@ -89,6 +102,16 @@ type Io = TokioIo<Upgraded>;
 /// Opens a WebSocket to `path` (with its query string) on the server at `url`, with no time
 /// limit (see [`Link::open`] for one).
 pub async fn connect(url: &str, path: &str) -> Result<WebSocket<Io>, ClientError> {
+    connect_offering(url, path, false).await.map(|(ws, _)| ws)
+}
+
+/// [`connect`], offering permessage-deflate when `deflate`; the second value says whether the
+/// server took it.
+async fn connect_offering(
+    url: &str,
+    path: &str,
+    deflate: bool,
+) -> Result<(WebSocket<Io>, bool), ClientError> {
     let addr = host_of(url)?;
     let stream = TcpStream::connect(&addr)
         .await
@@ -97,7 +120,14 @@ pub async fn connect(url: &str, path: &str) -> Result<WebSocket<Io>, ClientError
             source,
         })?;
     let _ = stream.set_nodelay(true);
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder();
+    if deflate {
+        request = request.header(
+            "Sec-WebSocket-Extensions",
+            "permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+        );
+    }
+    let request = request
         .method("GET")
         .uri(format!("http://{addr}{path}"))
         .header("Host", &addr)
@@ -110,10 +140,15 @@ pub async fn connect(url: &str, path: &str) -> Result<WebSocket<Io>, ClientError
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|_| ClientError::Url(url.to_owned()))?;
-    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
+    let (ws, response) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
         .await
         .map_err(|source| ClientError::Handshake { addr, source })?;
-    Ok(ws)
+    let taken = response
+        .headers()
+        .get("sec-websocket-extensions")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("permessage-deflate"));
+    Ok((ws, deflate && taken))
 }
 
 /// An open connection: frames to send go into `outgoing`, the server's come from `incoming`.
@@ -124,7 +159,7 @@ pub struct Link {
 
 /// The read half of a [`Link`]. Dropping it stops the writer task.
 pub struct Incoming {
-    read: WebSocketRead<ReadHalf<Io>>,
+    read: Reader<ReadHalf<Io>>,
     /// For the pongs and the close echo the reader owes the server.
     owed: mpsc::Sender<Frame<'static>>,
     writer: JoinHandle<()>,
@@ -135,13 +170,38 @@ impl Link {
     /// Connects to `path` on `url`; the TCP connection and the handshake together take at most
     /// `timeout`, which is also the silence after which [`Incoming::next`] gives up.
     pub async fn open(url: &str, path: &str, timeout: Duration) -> Result<Link, ClientError> {
-        let ws = tokio::time::timeout(timeout, connect(url, path))
+        Self::open_offering(url, path, timeout, false).await
+    }
+
+    /// [`Link::open`], offering permessage-deflate: messages the server compressed come back
+    /// still compressed ([`Received::compressed`]), for the caller to inflate as much as it
+    /// needs.
+    pub async fn open_compressed(
+        url: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Link, ClientError> {
+        Self::open_offering(url, path, timeout, true).await
+    }
+
+    async fn open_offering(
+        url: &str,
+        path: &str,
+        timeout: Duration,
+        deflate: bool,
+    ) -> Result<Link, ClientError> {
+        let (ws, deflate) = tokio::time::timeout(timeout, connect_offering(url, path, deflate))
             .await
             .map_err(|_| ClientError::Timeout {
                 addr: host_of(url).unwrap_or_default(),
                 timeout,
             })??;
-        let (read, write) = ws.split(tokio::io::split);
+        // Frames are read by the server's own reader (which knows permessage-deflate) and
+        // written by fastwebsockets (which masks them, as a client must).
+        let (read, write) = tokio::io::split(ws.into_inner());
+        let (_, write) =
+            fastwebsockets::after_handshake_split(tokio::io::empty(), write, Role::Client);
+        let read = Reader::new(read, MAX_MESSAGE).of_server(deflate);
         let (outgoing, queue) = mpsc::channel(OUTGOING);
         let writer = tokio::spawn(write_loop(write, queue, timeout / 4));
         Ok(Link {
@@ -157,37 +217,35 @@ impl Link {
 }
 
 impl Incoming {
-    /// The payload of the next text or binary frame, or why the connection is over. The payload
-    /// is the frame's own bytes in the read buffer, not a copy: a probe on a thousand busy
-    /// connections would otherwise spend most of its time allocating (and the kernel zeroing
-    /// fresh pages for) copies of large frames.
-    pub async fn next(&mut self) -> Result<BytesMut, Lost> {
-        let owed = &self.owed;
-        let mut send = |frame: Frame<'_>| {
-            // A pong or close echo; if the queue is full the server gets the next one.
-            let _ = owed.try_send(owned(frame));
-            std::future::ready(Ok::<(), WebSocketError>(()))
-        };
+    /// The next text or binary message, or why the connection is over. Pings are answered
+    /// (through the writer's queue; if it is full the server gets the next one), and a close
+    /// from the server is echoed.
+    pub async fn next(&mut self) -> Result<Received, Lost> {
         loop {
-            let frame = tokio::time::timeout(self.timeout, self.read.read_frame(&mut send))
+            let incoming = tokio::time::timeout(self.timeout, self.read.next())
                 .await
                 .map_err(|_| Lost::Silent(self.timeout))?
                 .map_err(Lost::Broken)?;
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    return Ok(match frame.payload {
-                        Payload::Bytes(bytes) => bytes,
-                        other => BytesMut::from(&*other),
+            match incoming {
+                ws::Incoming::Message(m) => {
+                    return Ok(Received {
+                        payload: m.payload,
+                        compressed: m.compressed,
                     })
                 }
-                OpCode::Close => {
-                    let code = frame
-                        .payload
-                        .get(..2)
-                        .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
-                    return Err(Lost::Closed(code));
+                ws::Incoming::Ping(payload) => {
+                    let pong = Frame::new(true, OpCode::Pong, None, Payload::Owned(payload));
+                    let _ = self.owed.try_send(pong);
                 }
-                _ => {}
+                ws::Incoming::Pong => {}
+                ws::Incoming::Close(code) => {
+                    let echo = match code {
+                        Some(code) => Frame::close(code, b""),
+                        None => Frame::new(true, OpCode::Close, None, Payload::Owned(Vec::new())),
+                    };
+                    let _ = self.owed.try_send(echo);
+                    return Err(Lost::Closed(code.unwrap_or(1005)));
+                }
             }
         }
     }
@@ -197,15 +255,6 @@ impl Drop for Incoming {
     fn drop(&mut self) {
         self.writer.abort();
     }
-}
-
-fn owned(frame: Frame<'_>) -> Frame<'static> {
-    Frame::new(
-        frame.fin,
-        frame.opcode,
-        None,
-        Payload::Owned(frame.payload.to_vec()),
-    )
 }
 
 /// Sends what is queued, and a ping every `ping_every`; when the queue's senders are all gone,

@@ -209,6 +209,10 @@ enum Command {
         /// Also print latency and items every this long (e.g. 10s).
         #[arg(long)]
         interval: Option<String>,
+        /// Offer permessage-deflate, as browsers do: batch frames then come compressed, and
+        /// without --count-field only each batch's head and first item are inflated.
+        #[arg(long)]
+        deflate: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -500,6 +504,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             timeout,
             count_field,
             interval,
+            deflate,
             json,
         } => {
             let duration = parse_duration(&duration)?;
@@ -509,6 +514,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     &topic,
                     duration,
                     subscribers,
+                    deflate,
                 ))?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
@@ -534,6 +540,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 timeout: parse_duration(&timeout)?,
                 count_field,
                 interval: interval.as_deref().map(parse_duration).transpose()?,
+                deflate,
                 ..eddy::probe::ProbeOptions::new(&url, &topic, duration)
             };
             let rt = runtime()?;

@@ -33,7 +33,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::now_us;
-use crate::link::{Backoff, ClientError, Link};
+use crate::link::{Backoff, ClientError, Link, Received};
+use crate::server::deflate;
 
 /// How the probe subscribes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -72,9 +73,21 @@ pub struct ProbeOptions {
     pub count_field: Option<String>,
     /// Report latency and items every this often (to the `on_interval` callback).
     pub interval: Option<Duration>,
+    /// Offer permessage-deflate: batch frames come compressed, and only their head and first
+    /// item are inflated (unless a count field needs every item).
+    pub deflate: bool,
 }
 
 impl ProbeOptions {
+    /// Opens a connection to `/subscribe`, offering permessage-deflate if asked to.
+    async fn open(&self) -> Result<Link, ClientError> {
+        if self.deflate {
+            Link::open_compressed(&self.url, "/subscribe", self.timeout).await
+        } else {
+            Link::open(&self.url, "/subscribe", self.timeout).await
+        }
+    }
+
     pub fn new(url: &str, topic: &str, duration: Duration) -> ProbeOptions {
         ProbeOptions {
             url: url.to_owned(),
@@ -85,6 +98,7 @@ impl ProbeOptions {
             timeout: crate::link::SILENCE,
             count_field: None,
             interval: None,
+            deflate: false,
         }
     }
 }
@@ -94,6 +108,8 @@ impl ProbeOptions {
 pub struct ProbeReport {
     pub items: u64,
     pub batches: u64,
+    /// Payload bytes of the messages received, as they came (compressed or not).
+    pub wire_bytes: u64,
     /// Items whose latency was recorded: with a count field, every item that carried `sent_us`;
     /// without, the first one of each batch (batches are read without decoding their items).
     pub timed: u64,
@@ -155,6 +171,8 @@ pub struct FanOutReport {
     pub max_items: u64,
     pub dropped: u64,
     pub seq_gaps: u64,
+    /// Payload bytes received by all subscribers, as they came (compressed or not).
+    pub wire_bytes: u64,
     /// Latency over every timed item of every subscriber.
     pub p50_us: u64,
     pub p99_us: u64,
@@ -163,22 +181,25 @@ pub struct FanOutReport {
 }
 
 /// Opens `subscribers` connections to `topic` and probes them all.
+/// With `deflate`, each offers permessage-deflate (see [`ProbeOptions::deflate`]).
 pub async fn fan_out(
     url: &str,
     topic: &str,
     duration: Duration,
     subscribers: usize,
+    deflate: bool,
 ) -> Result<FanOutReport, ClientError> {
     let options = ProbeOptions {
         // Hundreds of subscribers on the server's cores can starve its pongs for a while.
         timeout: Duration::from_secs(10),
+        deflate,
         ..ProbeOptions::new(url, topic, duration)
     };
     let mut tasks = Vec::new();
     for _ in 0..subscribers {
         let options = options.clone();
         // Every subscriber connects before any starts, so all see the feed from its start.
-        let link = Link::open(&options.url, "/subscribe", options.timeout).await?;
+        let link = options.open().await?;
         tasks.push(tokio::spawn(async move {
             probe(&options, Some(link), CancellationToken::new(), |_| {}).await
         }));
@@ -197,6 +218,7 @@ pub async fn fan_out(
         report.max_items = report.max_items.max(one.items);
         report.dropped += one.dropped;
         report.seq_gaps += one.seq_gaps;
+        report.wire_bytes += one.wire_bytes;
         let _ = all.add(&latency);
     }
     if subscribers == 0 {
@@ -284,7 +306,7 @@ async fn probe(
     loop {
         if link.is_none() && Instant::now() >= retry_at {
             let opened = tokio::select! {
-                opened = Link::open(&options.url, "/subscribe", options.timeout) => opened,
+                opened = options.open() => opened,
                 _ = stop.cancelled() => break,
             };
             match opened {
@@ -314,7 +336,10 @@ async fn probe(
                 Some(l) => l.incoming.next().await,
                 None => {
                     tokio::time::sleep_until(retry_at.into()).await;
-                    Ok(bytes::BytesMut::new())
+                    Ok(Received {
+                        payload: Vec::new(),
+                        compressed: false,
+                    })
                 }
             }
         };
@@ -341,12 +366,12 @@ async fn probe(
             }
             next = next => next,
         };
-        let mut payload = match payload {
-            Ok(payload) if link.is_none() => {
-                debug_assert!(payload.is_empty());
+        let received: Received = match payload {
+            Ok(received) if link.is_none() => {
+                debug_assert!(received.payload.is_empty());
                 continue;
             }
-            Ok(payload) => payload,
+            Ok(received) => received,
             Err(lost) => {
                 report.lost += 1;
                 // A second loss before the first was settled: that one did not resume.
@@ -366,10 +391,22 @@ async fn probe(
             }
         };
         let now = now_us();
+        report.wire_bytes += received.payload.len() as u64;
         // Without a count field, a batch is read without decoding its items: its head, and the
-        // first item's send stamp (the oldest item of the batch, so the sample errs late).
-        if options.count_field.is_none() {
-            if let Some(batch) = scan_batch(&payload) {
+        // first item's send stamp (the oldest item of the batch, so the sample errs late). A
+        // compressed batch is inflated only as far as that.
+        let mut payload = received.payload;
+        let prefix;
+        let head = match (options.count_field.is_none(), received.compressed) {
+            (false, _) => None,
+            (true, false) => Some(&payload[..]),
+            (true, true) => {
+                prefix = head_of_compressed(&payload);
+                prefix.as_deref()
+            }
+        };
+        if let Some(head) = head {
+            if let Some(batch) = scan_batch(head) {
                 report.items += batch.n;
                 window_items += batch.n;
                 if first.is_none() {
@@ -384,6 +421,12 @@ async fn probe(
                     window.saturating_record(us);
                 }
                 continue;
+            }
+        }
+        if received.compressed {
+            match deflate::inflate(&payload, MAX_INFLATED) {
+                Ok(whole) => payload = whole,
+                Err(_) => continue,
             }
         }
         let Ok(msg) = simd_json::to_borrowed_value(&mut payload) else {
@@ -517,6 +560,24 @@ fn batch_head(
         }
         session.next_seq = Some(seq + 1);
     }
+}
+
+/// Bytes of a compressed batch the sampling probe inflates: its head and first item.
+const HEAD_BYTES: usize = 1024;
+
+/// Largest message the probe inflates whole.
+const MAX_INFLATED: usize = 256 << 20;
+
+/// The first [`HEAD_BYTES`] of a compressed message, cut after its last `,` or `}` when it was
+/// cut short, so that no number or string in it is read cut (a `sent_us` missing its last
+/// digits would read as a time long ago).
+fn head_of_compressed(payload: &[u8]) -> Option<Vec<u8>> {
+    let mut head = deflate::inflate_prefix(payload, HEAD_BYTES).ok()?;
+    if head.len() == HEAD_BYTES {
+        let end = memchr::memrchr2(b',', b'}', &head).map_or(0, |i| i + 1);
+        head.truncate(end);
+    }
+    Some(head)
 }
 
 /// A batch frame read without decoding its items.

@@ -93,8 +93,8 @@ async fn echo_server() -> SocketAddr {
             };
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|mut req| async move {
-                    let response = match ws::handshake(&mut req) {
-                        Ok((response, upgrade)) => {
+                    let response = match ws::handshake(&mut req, false) {
+                        Ok((response, upgrade, _)) => {
                             tokio::spawn(echo(upgrade));
                             response
                         }

@@ -734,6 +734,15 @@ async fn live(h: &mut Harness) -> Result<()> {
     if feed.as_u64().is_none_or(|n| n > 200) {
         bail!("the alerts feed holds {feed} entries, at most 200 expected");
     }
+    // Chromium offers permessage-deflate and the server takes it: the alerts above came in
+    // compressed batch frames (mode `all`), inflated by the browser's own implementation.
+    let extensions = cdp.eval("ws ? ws.extensions : null").await?;
+    if !extensions
+        .as_str()
+        .is_some_and(|e| e.starts_with("permessage-deflate"))
+    {
+        bail!("the page's socket did not negotiate permessage-deflate: {extensions}");
+    }
 
     sleep(Duration::from_millis(600)).await;
     let path = cdp.screenshot("dashboard.png").await?;

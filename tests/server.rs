@@ -847,13 +847,24 @@ fn paced_trades(url: String) -> eddy::feed::FeedOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_probe_checks_every_subscriber_gets_every_item() {
+    fan_out_probe(false).await;
+}
+
+/// The same through permessage-deflate: batches come compressed and the probe inflates only
+/// their heads, yet counts every item and seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_probe_with_permessage_deflate_counts_every_item() {
+    fan_out_probe(true).await;
+}
+
+async fn fan_out_probe(deflate: bool) {
     bounded(async {
         let vwap = query_file("vwap");
         let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
         let url = format!("ws://{}", server.addr);
         let probe_url = url.clone();
         let probe = tokio::spawn(async move {
-            eddy::probe::fan_out(&probe_url, "vwap", Duration::from_millis(1500), 40)
+            eddy::probe::fan_out(&probe_url, "vwap", Duration::from_millis(1500), 40, deflate)
                 .await
                 .unwrap()
         });

@@ -82,6 +82,8 @@ enum Got {
 struct Client {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// permessage-deflate was negotiated: RSV1 may mark a compressed message.
+    deflate: bool,
 }
 
 impl Client {
@@ -95,6 +97,7 @@ impl Client {
         let mut client = Client {
             stream,
             buf: Vec::new(),
+            deflate: false,
         };
         let end = loop {
             if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -152,7 +155,12 @@ impl Client {
             }
         }
         let (b0, b1) = (self.buf[0], self.buf[1]);
-        assert_eq!(b0 & 0x70, 0, "reserved bits from the server");
+        let compressed = b0 & 0x40 != 0;
+        assert_eq!(b0 & 0x30, 0, "reserved bits from the server");
+        assert!(
+            !compressed || (self.deflate && b0 & 0x0f == 0x1),
+            "RSV1 on a frame that cannot be compressed"
+        );
         assert_eq!(b1 & 0x80, 0, "a server must not mask its frames (§5.1)");
         let (len, header) = match b1 & 0x7f {
             126 => (2, 4),
@@ -170,7 +178,10 @@ impl Client {
         while self.buf.len() < header + len {
             assert!(self.fill().await, "EOF inside a frame");
         }
-        let payload: Vec<u8> = self.buf.drain(..header + len).skip(header).collect();
+        let mut payload: Vec<u8> = self.buf.drain(..header + len).skip(header).collect();
+        if compressed {
+            payload = inflate(&payload);
+        }
         let opcode = b0 & 0x0f;
         if opcode >= 0x8 {
             assert!(b0 & FIN != 0, "fragmented control frame from the server");
@@ -213,6 +224,50 @@ impl Client {
             }
         }
     }
+}
+
+/// A compressed message's payload inflated as RFC 7692 §7.2.2 says (the tail `00 00 ff ff`
+/// appended), with flate2's plain reader.
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::new();
+    let mut reader = flate2::read::DeflateDecoder::new(&input[..]);
+    // No final block: the reader stops with an error once the input runs out.
+    let _ = std::io::Read::read_to_end(&mut reader, &mut out);
+    out
+}
+
+/// `text` compressed as a client sends it (RFC 7692 §7.2.1): raw DEFLATE, sync flush, the
+/// tail `00 00 ff ff` left out.
+fn deflated(text: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(text.len() + 64);
+    c.compress_vec(text, &mut out, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert!(out.len() < out.capacity(), "room enough for one call");
+    assert_eq!(out[out.len() - 4..], [0, 0, 0xff, 0xff]);
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// The `Sec-WebSocket-Extensions` answer to an upgrade of `path` offering `offer`, if any.
+async fn extension_answer(addr: std::net::SocketAddr, path: &str, offer: &str) -> Option<String> {
+    let (_, head) = Client::request(
+        addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: {offer}"
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-extensions")
+            .then(|| value.trim().to_owned())
+    })
 }
 
 /// Sends `bytes` on a fresh connection to each endpoint and expects it closed with `code`.
@@ -444,5 +499,196 @@ async fn two_fragments_of_8_mib_and_one_byte_are_closed_with_1009() {
     bytes.extend(frame(FIN, b" ", true));
     client.send(&bytes).await;
     assert_eq!(client.close_code().await, Some(1009));
+    server.shutdown().await;
+}
+
+/// The answer a server sends to an upgrade that takes permessage-deflate.
+const DEFLATE_TAKEN: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+#[tokio::test]
+async fn permessage_deflate_is_negotiated_on_subscribe_only_and_offers_are_checked() {
+    let (server, _dir) = start(1 << 20).await;
+    let answer =
+        |path: &'static str, offer: &'static str| extension_answer(server.addr, path, offer);
+    // Offers as browsers, Node's `ws` and Python's `websockets` make them.
+    for offer in [
+        "permessage-deflate; client_max_window_bits",
+        "permessage-deflate",
+        "permessage-deflate; client_no_context_takeover; server_max_window_bits=15",
+        // The first offer asks for a smaller window than the shared pieces use: the second is
+        // taken.
+        "permessage-deflate; server_max_window_bits=10, permessage-deflate",
+    ] {
+        assert_eq!(
+            answer("/subscribe", offer).await.as_deref(),
+            Some(DEFLATE_TAKEN),
+            "{offer}"
+        );
+    }
+    for offer in [
+        "permessage-deflate; server_max_window_bits=10",
+        "permessage-deflate; mystery",
+        "x-webkit-deflate-frame",
+    ] {
+        assert_eq!(answer("/subscribe", offer).await, None, "{offer}");
+    }
+    // Producers' frames are not compressed: /ingest declines.
+    assert_eq!(answer("/ingest", "permessage-deflate").await, None);
+    server.shutdown().await;
+}
+
+/// Opens `/subscribe` offering permessage-deflate, and checks it was taken.
+async fn open_deflate(addr: std::net::SocketAddr) -> Client {
+    let (mut client, head) = Client::request(
+        addr,
+        &format!(
+            "GET /subscribe HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains(DEFLATE_TAKEN), "{head}");
+    client.deflate = true;
+    client
+}
+
+#[tokio::test]
+async fn compressed_batches_carry_the_same_items_and_compressed_requests_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("vwap.rhai"),
+        include_str!("../queries/vwap.rhai"),
+    )
+    .unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        queries: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let server = Server::start(config).await.unwrap();
+    let mut sub = open_deflate(server.addr).await;
+    // The request itself compressed, as browsers send them.
+    let request = deflated(br#"{"op":"subscribe","topic":"vwap"}"#);
+    sub.send(&frame(FIN | 0x40 | TEXT, &request, true)).await;
+    assert_eq!(sub.json().await["type"], "subscribed");
+    // 300 trades on 7 symbols, in frames of 25.
+    let trades: Vec<(String, f64, i64)> = (0..300)
+        .map(|i| {
+            let symbol = format!("S{}", i % 7);
+            (symbol, 100.0 + (i * 37 % 101) as f64 / 4.0, 1 + i * 13 % 50)
+        })
+        .collect();
+    let mut producer = Client::open(server.addr, "/ingest?stream=trades&ack=true").await;
+    for chunk in trades.chunks(25) {
+        let lines: String = chunk
+            .iter()
+            .map(|(s, p, n)| {
+                format!("{{\"symbol\":\"{s}\",\"price\":{p},\"size\":{n},\"ts\":1}}\n")
+            })
+            .collect();
+        producer
+            .send(&frame(FIN | TEXT, lines.as_bytes(), true))
+            .await;
+        assert_eq!(producer.json().await["accepted"], 25);
+    }
+    // VWAP by hand, per symbol in order: sum(price * size) / sum(size).
+    let mut expected: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    let mut sums: std::collections::HashMap<String, (f64, i64)> = Default::default();
+    for (s, p, n) in &trades {
+        let (notional, volume) = sums.entry(s.clone()).or_default();
+        *notional += p * *n as f64;
+        *volume += n;
+        expected
+            .entry(s.clone())
+            .or_default()
+            .push(*notional / *volume as f64);
+    }
+    let mut got: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    let mut items = 0;
+    let mut next_seq = 0;
+    while items < trades.len() {
+        let batch = sub.json().await;
+        assert_eq!(batch["type"], "batch", "{batch}");
+        assert_eq!(batch["seq"], next_seq, "{batch}");
+        next_seq += 1;
+        let list = batch["items"].as_array().unwrap();
+        assert_eq!(batch["n"], list.len(), "{batch}");
+        for item in list {
+            let key = item["key"].as_str().unwrap().to_owned();
+            got.entry(key)
+                .or_default()
+                .push(item["value"]["vwap"].as_f64().unwrap());
+        }
+        items += list.len();
+    }
+    assert_eq!(items, trades.len());
+    for (symbol, want) in &expected {
+        let have = &got[symbol];
+        assert_eq!(have.len(), want.len(), "{symbol}");
+        for (h, w) in have.iter().zip(want) {
+            assert!((h - w).abs() <= 1e-9 * w.abs(), "{symbol}: {h} against {w}");
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_compressed_messages_are_closed_with_their_codes() {
+    let (server, _dir) = start(1 << 20).await;
+    // A deflate bomb: 1 MiB of spaces in a few KiB, past /subscribe's 64 KiB once inflated.
+    let mut bomb = br#"{"op":"topics"}"#.to_vec();
+    bomb.resize(1 << 20, b' ');
+    let bomb = deflated(&bomb);
+    assert!(bomb.len() < SUBSCRIBE_LIMIT / 4, "{}", bomb.len());
+    // Exactly the limit once inflated still passes.
+    let mut fits = br#"{"op":"topics"}"#.to_vec();
+    fits.resize(SUBSCRIBE_LIMIT, b' ');
+    let mut client = open_deflate(server.addr).await;
+    client
+        .send(&frame(FIN | 0x40 | TEXT, &deflated(&fits), true))
+        .await;
+    assert_eq!(client.json().await["type"], "topics");
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "a deflate bomb",
+            frame(FIN | 0x40 | TEXT, &bomb, true),
+            1009,
+        ),
+        (
+            "data that is not DEFLATE",
+            frame(FIN | 0x40 | TEXT, &[0xff, 0xfe, 0xfd, 0x07, 0x13], true),
+            1002,
+        ),
+        ("RSV1 on a ping", frame(FIN | 0x40 | PING, b"", true), 1002),
+        (
+            "RSV1 on a continuation",
+            {
+                let mut b = frame(0x40 | TEXT, &deflated(b"{\"op\":"), true);
+                b.extend(frame(FIN | 0x40, b"x", true));
+                b
+            },
+            1002,
+        ),
+        (
+            "invalid UTF-8 once inflated",
+            frame(FIN | 0x40 | TEXT, &deflated(b"{\"op\":\"\xff\"}"), true),
+            1007,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        let mut client = open_deflate(server.addr).await;
+        client.send(&bytes).await;
+        assert_eq!(client.close_code().await, Some(code), "{what}");
+    }
+    // The server goes on: a fresh subscriber is answered.
+    let mut client = open_deflate(server.addr).await;
+    client
+        .send(&frame(FIN | TEXT, br#"{"op":"topics"}"#, true))
+        .await;
+    assert_eq!(client.json().await["type"], "topics");
     server.shutdown().await;
 }

@@ -10,7 +10,8 @@ Measurements per server and round:
   - latency p50/p99 at eddy's half maximum sustained rate of the round (100 events per frame),
     the same absolute rate for every server;
 and for eddy alone, fan-out runs: 1,000 and 10,000 subscribers (--fanout) on vwap in mode `all`
-at fixed rates, with the CPU seconds the server, the feed and the probe used.
+at fixed rates, with the CPU seconds the server, the feed and the probe used; a run spelled
+`SUBSCRIBERS@RATE+deflate` has the probe offer permessage-deflate, as browsers do.
 The probe samples (the first item of each batch), so that it is not the bottleneck.
 
 Only loopback addresses are used; every run is bounded in time. Use run.sh, which installs the
@@ -80,10 +81,12 @@ def feed(eddy, port, rate, batch, seconds, timeout="1s"):
     return json.loads(out.stdout)
 
 
-def probe_start(eddy, port, seconds, subscribers=1):
+def probe_start(eddy, port, seconds, subscribers=1, deflate=False):
     args = ["probe", f"ws://127.0.0.1:{port}", "--topic", "vwap", "--duration", f"{seconds}s", "--json"]
     if subscribers > 1:
         args += ["--subscribers", str(subscribers)]
+    if deflate:
+        args += ["--deflate"]
     proc = subprocess.Popen(eddy_cmd(eddy, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if subscribers == 1:
         time.sleep(0.5)
@@ -138,12 +141,12 @@ def children_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def fan_out(eddy, server, port, subscribers, rate, seconds):
+def fan_out(eddy, server, port, subscribers, rate, seconds, deflate=False):
     """`subscribers` probe connections on vwap while the feed sends at `rate`; with the CPU
     seconds the server, the feed and the probe each used during the run."""
     server_cpu = cpu_seconds(server.proc.pid)
     before = children_cpu()
-    probe = probe_start(eddy, port, seconds + 1, subscribers=subscribers)
+    probe = probe_start(eddy, port, seconds + 1, subscribers=subscribers, deflate=deflate)
     server_cpu_connected = cpu_seconds(server.proc.pid)
     # Thousands of subscribers can hold acks back longer than the feed's usual 1 s of silence.
     sent = feed(eddy, port, rate, 100, seconds, timeout="30s")
@@ -168,8 +171,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--latency-rate", type=int, default=10_000)
-    ap.add_argument("--fanout", default="1000@50000,1000@5000,10000@500",
-                    help="eddy's fan-out runs, comma-separated: SUBSCRIBERS[@EVENTS_PER_S] (the rate defaults "
+    ap.add_argument("--fanout", default="1000@50000,1000@5000,1000@5000+deflate,10000@500",
+                    help="eddy's fan-out runs, comma-separated: SUBSCRIBERS[@EVENTS_PER_S][+deflate] (the rate defaults "
                          "to --fanout-rate; 0: skip)")
     ap.add_argument("--fanout-rate", type=int, default=50_000)
     ap.add_argument("--only", default="eddy,node,python")
@@ -241,15 +244,18 @@ def main():
 
     fans = []
     for run in str(args.fanout).split(","):
+        run, _, extension = run.partition("+")
         subscribers, _, rate = run.partition("@")
         subscribers, rate = int(subscribers), int(rate or args.fanout_rate)
+        deflate = extension == "deflate"
         if subscribers <= 0 or "eddy" not in names:
             continue
         port = free_port()
         with Server("eddy", servers["eddy"](port)) as server:
             wait_port(port)
-            fan = fan_out(args.eddy, server, port, subscribers, rate, s)
+            fan = fan_out(args.eddy, server, port, subscribers, rate, s, deflate)
             fan["rate_asked"] = rate
+            fan["deflate"] = deflate
             fans.append(fan)
             print(f"fan-out {subscribers}: {json.dumps(fan)}", file=sys.stderr, flush=True)
 
@@ -283,11 +289,13 @@ def main():
                       f"{med(t['p99_us']) / 1000:.3f} ms |")
     for fan in fans:
         cpu = fan["cpu_seconds"]
-        print(f"\neddy fan-out: {fan['subscribers']:,} subscribers on vwap, asked {fan['rate_asked']:,} events/s, "
+        how = " with permessage-deflate" if fan.get("deflate") else ""
+        print(f"\neddy fan-out{how}: {fan['subscribers']:,} subscribers on vwap, asked {fan['rate_asked']:,} events/s, "
               f"acked {fan['events_per_second']:,.0f} events/s "
               f"for {s} s: each received {fan['min_items']:,}..{fan['max_items']:,} of {fan['events_sent']:,} items, "
               f"{fan['dropped']} dropped, {fan['seq_gaps']} seq gaps; latency p50 {fan['p50_us'] / 1000:.1f} ms, "
-              f"p99 {fan['p99_us'] / 1000:.1f} ms; CPU seconds: server {cpu['server']} "
+              f"p99 {fan['p99_us'] / 1000:.1f} ms; {fan['wire_bytes'] / 1e6:,.0f} MB over the sockets; "
+              f"CPU seconds: server {cpu['server']} "
               f"(+{cpu['server_while_connecting']} connecting), feed {cpu['feed']}, probe {cpu['probe']}")
 
 

@@ -41,7 +41,7 @@ use crate::durable::log::LogGate;
 use crate::json::{self, write_str, Object};
 use crate::{Emitted, Key, Topic};
 
-use super::mailbox::Mailbox;
+use super::mailbox::{Items, Mailbox};
 use super::replay::{Element, Position, Ring};
 
 /// What a checkpoint held of a topic.
@@ -404,6 +404,7 @@ impl Hub {
             let mut buf = std::mem::take(&mut state.pending);
             buf.push(b']');
             let items = Bytes::from(buf);
+            let shared = Arc::new(Items::from(items.clone()));
             let keys = std::mem::take(&mut state.pending_keys);
             let ingest = state.pending_ingest.take();
             // Written out only for mode `all` subscribers, which carry it.
@@ -427,7 +428,7 @@ impl Hub {
                         let n = keys.len() as u64;
                         state.dropped +=
                             sub.mailbox
-                                .push_batch(&topic, items.clone(), n, ingest, pos.as_ref());
+                                .push_batch(&topic, &shared, n, ingest, pos.as_ref());
                     }
                     (Mode::All, Some(_)) => {
                         let mut filtered = Vec::with_capacity(items.len());
@@ -439,10 +440,10 @@ impl Hub {
                         }
                         if n > 0 {
                             filtered.push(b']');
-                            let filtered = Bytes::from(filtered);
+                            let filtered = Arc::new(Items::from(Bytes::from(filtered)));
                             state.dropped +=
                                 sub.mailbox
-                                    .push_batch(&topic, filtered, n, ingest, pos.as_ref());
+                                    .push_batch(&topic, &filtered, n, ingest, pos.as_ref());
                         }
                     }
                     (Mode::Latest, _) => {

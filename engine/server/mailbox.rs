@@ -24,10 +24,27 @@ use tokio::sync::Notify;
 
 use crate::{Key, Topic};
 
+use super::deflate::Compressed;
 use super::replay::Replayed;
 
 /// Close code for a subscriber that stayed full too long.
 pub const SLOW_CONSUMER: u16 = 4008;
+
+/// A batch's items as the hub encoded them once: the JSON array, and its compressed form for
+/// subscribers that negotiated permessage-deflate, made by the first of them that needs it.
+pub struct Items {
+    pub json: Bytes,
+    pub compressed: Compressed,
+}
+
+impl From<Bytes> for Items {
+    fn from(json: Bytes) -> Self {
+        Items {
+            json,
+            compressed: Compressed::default(),
+        }
+    }
+}
 
 /// Something waiting to be written to a subscriber.
 pub enum Outgoing {
@@ -37,7 +54,7 @@ pub enum Outgoing {
     /// subscriber that takes this topic unfiltered.
     Batch {
         topic: Topic,
-        items: Bytes,
+        items: Arc<Items>,
         count: u64,
         ingest: Option<Instant>,
         /// When the hub published it.
@@ -112,14 +129,14 @@ impl Mailbox {
     pub fn push_batch(
         &self,
         topic: &Topic,
-        items: Bytes,
+        items: &Arc<Items>,
         count: u64,
         ingest: Option<Instant>,
         pos: Option<&Arc<str>>,
     ) -> u64 {
         let mut inbox = self.lock();
         let mut dropped = 0;
-        let size = items.len();
+        let size = items.json.len();
         if inbox.bytes + size > self.limit {
             let now = Instant::now();
             let since = *inbox.full_since.get_or_insert(now);
@@ -137,7 +154,7 @@ impl Mailbox {
                         count,
                         ..
                     } if inbox.bytes + size > self.limit => {
-                        inbox.bytes -= items.len();
+                        inbox.bytes -= items.json.len();
                         let n = count;
                         dropped += n;
                         add_dropped(&mut inbox.dropped, &topic, n);
@@ -156,7 +173,7 @@ impl Mailbox {
             inbox.bytes += size;
             inbox.queue.push_back(Outgoing::Batch {
                 topic: topic.clone(),
-                items,
+                items: Arc::clone(items),
                 count,
                 ingest,
                 published: Instant::now(),
@@ -257,10 +274,37 @@ mod tests {
     fn oldest_batches_are_dropped_and_counted() {
         let mb = Mailbox::new(100, Duration::from_secs(60));
         let batch = Bytes::from_static(br#"[{"key":1,"value":"a]{"},{"key":2,"value":2}]"#);
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 0);
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 0);
+        assert_eq!(
+            mb.push_batch(
+                &topic(),
+                &Arc::new(Items::from(batch.clone())),
+                2,
+                None,
+                None
+            ),
+            0
+        );
+        assert_eq!(
+            mb.push_batch(
+                &topic(),
+                &Arc::new(Items::from(batch.clone())),
+                2,
+                None,
+                None
+            ),
+            0
+        );
         // The third does not fit: the first is dropped.
-        assert_eq!(mb.push_batch(&topic(), batch.clone(), 2, None, None), 2);
+        assert_eq!(
+            mb.push_batch(
+                &topic(),
+                &Arc::new(Items::from(batch.clone())),
+                2,
+                None,
+                None
+            ),
+            2
+        );
         let inbox = mb.take();
         assert_eq!(inbox.queue.len(), 2);
         assert_eq!(inbox.dropped, vec![(topic(), 2)]);
@@ -290,9 +334,15 @@ mod tests {
     fn staying_full_past_the_timeout_closes() {
         let mb = Mailbox::new(10, Duration::ZERO);
         let batch = Bytes::from_static(b"[{\"key\":1,\"value\":1}]");
-        mb.push_batch(&topic(), batch.clone(), 1, None, None);
+        mb.push_batch(
+            &topic(),
+            &Arc::new(Items::from(batch.clone())),
+            1,
+            None,
+            None,
+        );
         std::thread::sleep(Duration::from_millis(2));
-        mb.push_batch(&topic(), batch, 1, None, None);
+        mb.push_batch(&topic(), &Arc::new(Items::from(batch)), 1, None, None);
         assert_eq!(mb.close_code(), Some(SLOW_CONSUMER));
     }
 

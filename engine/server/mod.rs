@@ -21,6 +21,7 @@ pub mod accept;
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod deflate;
 pub mod demo;
 pub mod durability;
 pub mod hub;
@@ -434,7 +435,9 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             }
             let params = query_params(&req);
-            let (response, upgrade) = match ws::handshake(&mut req) {
+            // permessage-deflate pays on the way out, where a batch is compressed once for
+            // every subscriber; producers' frames are not compressed.
+            let (response, upgrade, deflate) = match ws::handshake(&mut req, !ingest) {
                 Ok(r) => r,
                 Err(response) => return response,
             };
@@ -452,7 +455,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 let task = ingest::websocket(Arc::clone(&state), upgrade, params, source);
                 state.producers.spawn(task);
             } else {
-                let task = subscribe::websocket(Arc::clone(&state), upgrade);
+                let task = subscribe::websocket(Arc::clone(&state), upgrade, deflate);
                 state.subscribers.spawn(task);
             }
             response

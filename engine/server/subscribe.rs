@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use serde::Deserialize;
 use tokio::io::AsyncWrite;
@@ -26,8 +25,9 @@ use tokio::sync::watch;
 use crate::json::{self, Object};
 use crate::{Key, Topic};
 
+use super::deflate;
 use super::hub::{error_message, HubControl, Mode, Subscribe};
-use super::mailbox::{Mailbox, Outgoing};
+use super::mailbox::{Items, Mailbox, Outgoing};
 use super::metrics::Metrics;
 use super::replay::Position;
 use super::ws::{self, Outbound, Wake, Writer};
@@ -63,8 +63,9 @@ enum ModeName {
 }
 
 /// Serves one subscriber's WebSocket: the reader loop handles requests, the writer loop
-/// delivers the mailbox.
-pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
+/// delivers the mailbox. With `deflate` (negotiated in the handshake), batch frames go out
+/// compressed and compressed requests are taken.
+pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, deflate: bool) {
     let Ok(ws) = upgrade.await else { return };
     let _conn = state.metrics.connection("subscribe");
     let id = state.next_subscriber.fetch_add(1, Ordering::Relaxed);
@@ -75,6 +76,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
     let delivery = Delivery {
         mailbox: Arc::clone(&mailbox),
         seqs: HashMap::new(),
+        deflate,
         closing: state.closing.subscribe(),
         // A client that reads nothing at all blocks our writes; past this it is dropped
         // without a close frame (there is no room left to send one).
@@ -88,6 +90,7 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut) {
             "request larger than 64 KiB, the limit on a subscriber's request",
         ),
         state.config.ping_interval,
+        deflate,
         delivery,
     );
     while let Some(message) = conn.inbox.next().await {
@@ -105,6 +108,8 @@ struct Delivery {
     state: Arc<State>,
     mailbox: Arc<Mailbox>,
     seqs: HashMap<Topic, u64>,
+    /// Batch frames go out compressed (permessage-deflate).
+    deflate: bool,
     closing: watch::Receiver<bool>,
     stuck_after: Duration,
 }
@@ -122,7 +127,13 @@ impl ws::Source for Delivery {
         &mut self,
         ws: &mut Writer<W>,
     ) -> io::Result<Option<(u16, &'static str)>> {
-        let delivered = deliver(&self.mailbox, ws, &mut self.seqs, &self.state.metrics);
+        let delivered = deliver(
+            &self.mailbox,
+            ws,
+            &mut self.seqs,
+            self.deflate,
+            &self.state.metrics,
+        );
         match tokio::time::timeout(self.stuck_after, delivered).await {
             Ok(Ok(close)) => Ok(close.map(|code| (code, "slow consumer"))),
             Ok(Err(e)) => Err(e),
@@ -229,12 +240,13 @@ fn key_of(value: &serde_json::Value) -> Result<Key, String> {
 /// growing, which puts it further behind.
 const MERGED_BYTES: usize = 64 * 1024;
 
-/// Writes everything in the mailbox with one flush. Returns the close code when the subscriber
-/// must be closed.
+/// Writes everything in the mailbox with one flush; with `deflate`, batch frames compressed.
+/// Returns the close code when the subscriber must be closed.
 async fn deliver<W: AsyncWrite + Unpin>(
     mailbox: &Mailbox,
     write: &mut Writer<W>,
     seqs: &mut HashMap<Topic, u64>,
+    deflate: bool,
     metrics: &Metrics,
 ) -> io::Result<Option<u16>> {
     let inbox = mailbox.take();
@@ -264,7 +276,7 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 // shards) go out as one frame, up to MERGED_BYTES: fewer frames to write and to
                 // read for the same items, in the same order, with the last one's position.
                 let mut arrays = vec![items];
-                let mut size = arrays[0].len();
+                let mut size = arrays[0].json.len();
                 while let Some(Outgoing::Batch { topic: next, .. }) = queue.peek() {
                     if *next != topic || size >= MERGED_BYTES {
                         break;
@@ -280,14 +292,21 @@ async fn deliver<W: AsyncWrite + Unpin>(
                     else {
                         unreachable!("peeked a batch");
                     };
-                    size += items.len();
+                    size += items.json.len();
                     count += n;
                     pos = more_pos;
                     stamps.push((published, ingest, n));
                     arrays.push(items);
                 }
                 let head = batch_head(seqs, &topic, count, pos.as_deref());
-                write.text_parts(&joined(&head, &arrays)).await?;
+                if deflate {
+                    let mut prefix = Vec::with_capacity(head.len() + 16);
+                    let parts = compressed_joined(&mut prefix, &head, &arrays);
+                    write.compressed_parts(&parts).await?;
+                } else {
+                    let json: Vec<&[u8]> = arrays.iter().map(|a| &a.json[..]).collect();
+                    write.text_parts(&joined(&head, &json)).await?;
+                }
             }
             Outgoing::Replay { topic, batches } => {
                 for b in batches {
@@ -349,9 +368,35 @@ fn batch_head(
     head
 }
 
+/// The parts of a compressed batch frame (see [`deflate`]): the head and `[` stored, each
+/// array's elements compressed once for every subscriber, `,` between them, `]}` and the end.
+/// Only the head is this subscriber's own; the rest is not copied.
+fn compressed_joined<'a>(
+    prefix: &'a mut Vec<u8>,
+    head: &[u8],
+    arrays: &'a [Arc<Items>],
+) -> Vec<&'a [u8]> {
+    deflate::stored(prefix, head);
+    deflate::stored(prefix, b"[");
+    let mut parts = Vec::with_capacity(2 * arrays.len() + 2);
+    parts.push(&prefix[..]);
+    for items in arrays {
+        let piece = items.compressed.get(&items.json);
+        if piece.is_empty() {
+            continue;
+        }
+        if parts.len() > 1 {
+            parts.push(deflate::COMMA);
+        }
+        parts.push(&piece[..]);
+    }
+    parts.push(deflate::CLOSE);
+    parts
+}
+
 /// The parts of a batch frame whose items are the JSON arrays `arrays` joined into one: the
 /// elements of each (its brackets left out), in order, without copying them.
-fn joined<'a>(head: &'a [u8], arrays: &'a [Bytes]) -> Vec<&'a [u8]> {
+fn joined<'a>(head: &'a [u8], arrays: &'a [&'a [u8]]) -> Vec<&'a [u8]> {
     if let [items] = arrays {
         return vec![head, items, b"}"];
     }
@@ -376,12 +421,15 @@ fn joined<'a>(head: &'a [u8], arrays: &'a [Bytes]) -> Vec<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use tokio::io::AsyncReadExt;
 
-    /// The payloads of the unmasked frames in `bytes`.
-    fn payloads(mut bytes: &[u8]) -> Vec<serde_json::Value> {
+    /// The payloads of the unmasked frames in `bytes`; a compressed one (RSV1) is inflated the
+    /// way RFC 7692 says, with flate2's plain reader.
+    fn payloads(mut bytes: &[u8]) -> Vec<(serde_json::Value, bool)> {
         let mut out = Vec::new();
         while !bytes.is_empty() {
+            let compressed = bytes[0] & 0x40 != 0;
             let (len, head) = match bytes[1] & 0x7f {
                 126 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
                 127 => (
@@ -390,7 +438,16 @@ mod tests {
                 ),
                 n => (usize::from(n), 2),
             };
-            out.push(serde_json::from_slice(&bytes[head..head + len]).unwrap());
+            let mut payload = bytes[head..head + len].to_vec();
+            if compressed {
+                payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+                let mut text = Vec::new();
+                let mut reader = flate2::read::DeflateDecoder::new(&payload[..]);
+                // No final block: read until the input runs out.
+                let _ = std::io::Read::read_to_end(&mut reader, &mut text);
+                payload = text;
+            }
+            out.push((serde_json::from_slice(&payload).unwrap(), compressed));
             bytes = &bytes[head + len..];
         }
         out
@@ -403,6 +460,7 @@ mod tests {
                 .iter()
                 .map(|a| Bytes::from_static(a.as_bytes()))
                 .collect();
+            let arrays: Vec<&[u8]> = arrays.iter().map(|a| &a[..]).collect();
             let text: Vec<u8> = joined(b"{\"items\":", &arrays).concat();
             serde_json::from_slice::<serde_json::Value>(&text).unwrap()
         };
@@ -417,10 +475,18 @@ mod tests {
 
     #[tokio::test]
     async fn batches_of_a_topic_queued_back_to_back_go_out_as_one_frame() {
+        for deflate in [false, true] {
+            merged_frames(deflate).await;
+        }
+    }
+
+    /// Without and with permessage-deflate: the same frames, batches compressed and nothing else.
+    async fn merged_frames(deflate: bool) {
         let mailbox = Mailbox::new(1 << 20, Duration::from_secs(10));
         let (a, b): (Topic, Topic) = ("a".into(), "b".into());
         let batch = |topic: &Topic, items: &'static str, n: u64, pos: &str| {
-            mailbox.push_batch(topic, Bytes::from(items), n, None, Some(&Arc::from(pos)));
+            let items = Arc::new(Items::from(Bytes::from(items)));
+            mailbox.push_batch(topic, &items, n, None, Some(&Arc::from(pos)));
         };
         batch(&a, "[1,2]", 2, "p1");
         batch(&a, "[3]", 1, "p2");
@@ -432,9 +498,15 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let mut writer = Writer::new(server);
         let mut seqs = HashMap::new();
-        let close = deliver(&mailbox, &mut writer, &mut seqs, &Metrics::default())
-            .await
-            .unwrap();
+        let close = deliver(
+            &mailbox,
+            &mut writer,
+            &mut seqs,
+            deflate,
+            &Metrics::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(close, None);
         drop(writer);
         let mut bytes = Vec::new();
@@ -448,11 +520,17 @@ mod tests {
         assert_eq!(
             payloads(&bytes),
             [
-                frame("a", 0, serde_json::json!([1, 2, 3, {"x": [4]}]), "p3"),
-                serde_json::json!({"type": "unsubscribed", "topic": "c"}),
-                frame("a", 1, serde_json::json!([5]), "p4"),
-                frame("b", 0, serde_json::json!([6]), "q1"),
-                frame("a", 2, serde_json::json!([7, 8]), "p5"),
+                (
+                    frame("a", 0, serde_json::json!([1, 2, 3, {"x": [4]}]), "p3"),
+                    deflate
+                ),
+                (
+                    serde_json::json!({"type": "unsubscribed", "topic": "c"}),
+                    false
+                ),
+                (frame("a", 1, serde_json::json!([5]), "p4"), deflate),
+                (frame("b", 0, serde_json::json!([6]), "q1"), deflate),
+                (frame("a", 2, serde_json::json!([7, 8]), "p5"), deflate),
             ]
         );
     }

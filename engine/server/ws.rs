@@ -59,9 +59,14 @@ const VERSION: &str = "13";
 
 /// Checks an upgrade request and answers it. `Err` is the response to send instead: 426 with
 /// `Sec-WebSocket-Version: 13` for a request that is not an upgrade or asks for another
-/// version (RFC 6455 §4.2.2), 400 for one without a key.
+/// version (RFC 6455 §4.2.2), 400 for one without a key. With `deflate`, a permessage-deflate
+/// offer the server can take is accepted (see [`super::deflate`]); the last value says whether
+/// it was.
 #[allow(clippy::result_large_err)]
-pub fn handshake<B>(req: &mut Request<B>) -> Result<(HttpResponse, UpgradeFut), HttpResponse> {
+pub fn handshake<B>(
+    req: &mut Request<B>,
+    deflate: bool,
+) -> Result<(HttpResponse, UpgradeFut, bool), HttpResponse> {
     let refuse = |status, text: &str| {
         let mut response = super::json_error(status, text);
         let headers = response.headers_mut();
@@ -82,12 +87,26 @@ pub fn handshake<B>(req: &mut Request<B>) -> Result<(HttpResponse, UpgradeFut), 
             "unsupported Sec-WebSocket-Version: this server speaks version 13 (RFC 6455)",
         ));
     }
+    let deflate = deflate
+        && req
+            .headers()
+            .get_all("sec-websocket-extensions")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(super::deflate::accepts);
     match fastwebsockets::upgrade::upgrade(req) {
         Ok((response, upgrade)) => {
-            let (parts, _) = response.into_parts();
+            let (mut parts, _) = response.into_parts();
+            if deflate {
+                parts.headers.insert(
+                    "sec-websocket-extensions",
+                    HeaderValue::from_static(super::deflate::RESPONSE),
+                );
+            }
             Ok((
                 Response::from_parts(parts, Full::new(Bytes::new())),
                 upgrade,
+                deflate,
             ))
         }
         Err(e) => Err(super::json_error(StatusCode::BAD_REQUEST, &e.to_string())),
@@ -127,6 +146,9 @@ impl ReadError {
 pub struct Message {
     pub binary: bool,
     pub payload: Vec<u8>,
+    /// Still compressed (permessage-deflate): only from a reader that keeps compressed messages
+    /// as they came ([`Reader::keeping_compressed`]).
+    pub compressed: bool,
 }
 
 /// What [`Reader::next`] read.
@@ -162,6 +184,14 @@ pub struct Reader<R> {
     too_big: &'static str,
     /// The message being assembled: `Some(binary)` between its first and its final frame.
     partial: Option<bool>,
+    /// Whether the connection negotiated permessage-deflate, and whether the message being
+    /// assembled is compressed (RSV1 on its first frame).
+    deflate: bool,
+    compressed: bool,
+    /// Hand compressed messages on as they came, for the caller to inflate (as much as it needs).
+    keep_compressed: bool,
+    /// Read a server's frames (unmasked) rather than a client's (masked).
+    from_server: bool,
     message: Vec<u8>,
     /// How much of a text `message` is known to be valid UTF-8.
     valid: usize,
@@ -177,9 +207,30 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             chunk,
             too_big: "message larger than max_frame_bytes",
             partial: None,
+            deflate: false,
+            compressed: false,
+            keep_compressed: false,
+            from_server: false,
             message: Vec::new(),
             valid: 0,
         }
+    }
+
+    /// Takes compressed messages (permessage-deflate was negotiated): a message whose first
+    /// frame has RSV1 set is inflated once complete, to at most the limit (a larger result is
+    /// refused with 1009 like a larger message), and its UTF-8 checked then.
+    pub fn inflating(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    /// Reads a server's frames, for a client: they must not be masked, and compressed messages
+    /// (when `deflate`) are handed on still compressed.
+    pub fn of_server(mut self, deflate: bool) -> Self {
+        self.from_server = true;
+        self.deflate = deflate;
+        self.keep_compressed = true;
+        self
     }
 
     /// Names the limit in the close reason of a message over it (`message larger than
@@ -194,7 +245,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.buf.capacity() + self.message.capacity()
     }
 
-    /// Most bytes the reader ever holds for a limit of `limit`.
+    /// Most bytes the reader ever holds for a limit of `limit` (with permessage-deflate, a
+    /// message's inflated copy of at most `limit` more, while it is inflated).
     pub fn max_held_bytes(limit: usize) -> usize {
         limit + 2 * READ_CHUNK + 256
     }
@@ -205,19 +257,26 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.fill(2).await?;
             let (b0, b1) = (self.buf[0], self.buf[1]);
             let fin = b0 & 0x80 != 0;
-            if b0 & 0x70 != 0 {
+            let opcode = b0 & 0x0f;
+            // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6).
+            let rsv1 = b0 & 0x40 != 0;
+            if b0 & 0x30 != 0 || (rsv1 && !(self.deflate && matches!(opcode, 0x1 | 0x2))) {
                 return Err(ReadError::Protocol("reserved bits set"));
             }
-            let opcode = b0 & 0x0f;
-            if b1 & 0x80 == 0 {
+            let masked = b1 & 0x80 != 0;
+            if !masked && !self.from_server {
                 return Err(ReadError::Protocol("client frames must be masked"));
             }
+            if masked && self.from_server {
+                return Err(ReadError::Protocol("server frames must not be masked"));
+            }
+            let mask_len = if masked { 4 } else { 0 };
             let extended = match b1 & 0x7f {
                 126 => 2,
                 127 => 8,
                 _ => 0,
             };
-            self.fill(2 + extended + 4).await?;
+            self.fill(2 + extended + mask_len).await?;
             let len = match extended {
                 0 => u64::from(b1 & 0x7f),
                 2 => u64::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
@@ -227,13 +286,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 return Err(ReadError::Protocol("64-bit length with its top bit set"));
             }
             let m = 2 + extended;
-            let mask = [
-                self.buf[m],
-                self.buf[m + 1],
-                self.buf[m + 2],
-                self.buf[m + 3],
-            ];
-            self.buf.advance(m + 4);
+            let mask = if masked {
+                [
+                    self.buf[m],
+                    self.buf[m + 1],
+                    self.buf[m + 2],
+                    self.buf[m + 3],
+                ]
+            } else {
+                [0; 4]
+            };
+            self.buf.advance(m + mask_len);
             match opcode {
                 0x8..=0xa => {
                     if !fin {
@@ -264,7 +327,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                                 "new message inside a fragmented message",
                             ))
                         }
-                        (0x1 | 0x2, None) => self.partial = Some(opcode == 0x2),
+                        (0x1 | 0x2, None) => {
+                            self.partial = Some(opcode == 0x2);
+                            self.compressed = rsv1;
+                        }
                         _ => {}
                     }
                     // Counted before a byte of the payload is read or buffered.
@@ -277,17 +343,47 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     self.payload(len as usize, mask).await?;
                     if fin {
                         let binary = self.partial.take() == Some(true);
-                        if !binary && self.valid != self.message.len() {
+                        let mut payload = std::mem::take(&mut self.message);
+                        let compressed = std::mem::take(&mut self.compressed);
+                        if compressed && self.keep_compressed {
+                            self.valid = 0;
+                            return Ok(Incoming::Message(Message {
+                                binary,
+                                payload,
+                                compressed,
+                            }));
+                        }
+                        if compressed {
+                            payload = self.inflate(&payload)?;
+                            if !binary && simdutf8::basic::from_utf8(&payload).is_err() {
+                                return Err(ReadError::InvalidUtf8);
+                            }
+                        } else if !binary && self.valid != payload.len() {
                             return Err(ReadError::InvalidUtf8);
                         }
                         self.valid = 0;
-                        let payload = std::mem::take(&mut self.message);
-                        return Ok(Incoming::Message(Message { binary, payload }));
+                        return Ok(Incoming::Message(Message {
+                            binary,
+                            payload,
+                            compressed: false,
+                        }));
                     }
                 }
                 _ => return Err(ReadError::Protocol("unknown opcode")),
             }
         }
+    }
+
+    /// A compressed message, inflated within the limit.
+    fn inflate(&self, payload: &[u8]) -> Result<Vec<u8>, ReadError> {
+        use super::deflate::InflateError;
+        super::deflate::inflate(payload, self.limit).map_err(|e| match e {
+            InflateError::TooBig => ReadError::TooBig {
+                limit: self.limit,
+                reason: self.too_big,
+            },
+            InflateError::Invalid => ReadError::Protocol("invalid compressed data"),
+        })
     }
 
     /// Makes `buf` hold at least `n` bytes.
@@ -308,7 +404,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Appends a frame's payload of `len` bytes to the message, unmasked; a text message's
     /// UTF-8 is checked after every read.
     async fn payload(&mut self, len: usize, mask: [u8; 4]) -> Result<(), ReadError> {
-        let text = self.partial == Some(false);
+        // A compressed message's text is checked once inflated.
+        let text = self.partial == Some(false) && !self.compressed;
         let mut done = 0;
         while done < len {
             let start = self.message.len();
@@ -394,8 +491,12 @@ fn close_frame(payload: &[u8]) -> Result<Incoming, ReadError> {
     }
 }
 
-/// XORs `data` with `mask`, `data` starting `offset` bytes into the masked payload.
+/// XORs `data` with `mask`, `data` starting `offset` bytes into the masked payload (nothing to
+/// do for an unmasked frame, whose mask reads as zeros).
 fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    if mask == [0; 4] {
+        return;
+    }
     let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) & 3]);
     let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     let mut chunks = data.chunks_exact_mut(8);
@@ -564,7 +665,19 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         Ok(())
     }
 
-    /// A frame's header: final, unmasked, `len` bytes of payload to follow.
+    /// Writes one compressed text frame (RSV1 set, unflushed) whose payload is `parts`, pieces
+    /// of one DEFLATE stream (see [`super::deflate`]).
+    pub async fn compressed_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.head(0x40 | 0x1, parts.iter().map(|p| p.len()).sum())
+            .await?;
+        for part in parts {
+            self.put(part).await?;
+        }
+        Ok(())
+    }
+
+    /// A frame's header: final, unmasked, `len` bytes of payload to follow; `opcode` may carry
+    /// RSV1.
     async fn head(&mut self, opcode: u8, len: usize) -> io::Result<()> {
         let mut head = [0u8; 10];
         head[0] = 0x80 | opcode;
@@ -782,15 +895,18 @@ where
         io,
         (limit, "message larger than max_frame_bytes"),
         ping_every,
+        false,
         source,
     )
 }
 
-/// [`open`], with the close reason (naming the limit) for a message over it.
+/// [`open`], with the close reason (naming the limit) for a message over it, and whether the
+/// connection negotiated permessage-deflate.
 pub fn open_naming<T, S>(
     io: T,
     (limit, too_big): (usize, &'static str),
     ping_every: Duration,
+    deflate: bool,
     source: S,
 ) -> Connection<ReadHalf<T>>
 where
@@ -810,7 +926,9 @@ where
     ));
     Connection {
         inbox: Inbox::new(
-            Reader::new(read, limit).naming_limit(too_big),
+            Reader::new(read, limit)
+                .naming_limit(too_big)
+                .inflating(deflate),
             tx.clone(),
             liveness,
         ),
