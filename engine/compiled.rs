@@ -2301,11 +2301,20 @@ impl DataLimits {
     /// Adds value `v` of a map literal's entry to `total`, failing as the interpreter does when
     /// the map being built goes over a limit (an error without a position, as the
     /// interpreter's reaches the query).
+    #[inline]
     fn add_entry(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
         if !self.any() {
             return Ok(());
         }
         total.maps += 1;
+        // A number, a bool, `()`...: only the count of entries grew, and only its limit can
+        // newly be broken (the others were checked with the entries before).
+        if v.is_int() || v.is_float() || v.is_bool() || v.is_unit() {
+            if self.map > 0 && total.maps > self.map {
+                return self.check(total);
+            }
+            return Ok(());
+        }
         self.add_nested(total, v)
     }
 
