@@ -134,10 +134,29 @@ fn write_short_float(out: &mut Vec<u8>, x: f64) -> bool {
     true
 }
 
+/// The bytes a JSON string cannot hold as they are: `"`, `\\` and control characters.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 /// Writes `s` as a JSON string literal.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings (keys, tickers, topics) need no escape: one copy.
+    if !bytes.iter().any(|&b| NEEDS_ESCAPE[b as usize]) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -384,6 +403,20 @@ mod tests {
         assert_eq!(parsed, expected);
         // keys come out sorted
         assert!(text.starts_with(r#"{"a":"#));
+    }
+
+    #[test]
+    fn every_ascii_character_reads_back_from_a_written_string() {
+        for c in (0u8..128).map(char::from) {
+            let s = format!("a{c}b{c}");
+            let mut out = Vec::new();
+            write_str(&mut out, &s);
+            let back: String = serde_json::from_slice(&out).unwrap();
+            assert_eq!(back, s, "{c:?}");
+        }
+        let mut out = Vec::new();
+        write_str(&mut out, "plain é");
+        assert_eq!(out, "\"plain é\"".as_bytes());
     }
 
     #[test]
