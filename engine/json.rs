@@ -89,27 +89,27 @@ fn write_short_float(out: &mut Vec<u8>, x: f64) -> bool {
     }
     // Trailing zeros off, as long as they are decimals.
     let mut decimals = k;
-    if decimals >= 8 && n % 100_000_000 == 0 {
+    if decimals >= 8 && n.is_multiple_of(100_000_000) {
         n /= 100_000_000;
         decimals -= 8;
     }
-    if decimals >= 8 && n % 100_000_000 == 0 {
+    if decimals >= 8 && n.is_multiple_of(100_000_000) {
         n /= 100_000_000;
         decimals -= 8;
     }
-    if decimals >= 4 && n % 10_000 == 0 {
+    if decimals >= 4 && n.is_multiple_of(10_000) {
         n /= 10_000;
         decimals -= 4;
     }
-    if decimals >= 2 && n % 100 == 0 {
+    if decimals >= 2 && n.is_multiple_of(100) {
         n /= 100;
         decimals -= 2;
     }
-    if decimals >= 1 && n % 10 == 0 {
+    if decimals >= 1 && n.is_multiple_of(10) {
         n /= 10;
         decimals -= 1;
     }
-    if decimals >= 1 && n % 10 == 0 {
+    if decimals >= 1 && n.is_multiple_of(10) {
         n /= 10;
         decimals -= 1;
     }
@@ -468,7 +468,12 @@ mod tests {
             if !x.is_finite() {
                 return;
             }
-            for x in [x, -x, f64::from_bits(x.to_bits().wrapping_add(1)), f64::from_bits(x.to_bits().wrapping_sub(1))] {
+            for x in [
+                x,
+                -x,
+                f64::from_bits(x.to_bits().wrapping_add(1)),
+                f64::from_bits(x.to_bits().wrapping_sub(1)),
+            ] {
                 let mut out = Vec::new();
                 short += usize::from(write_short_float(&mut out, x));
                 assert_eq!(float_text(x), ryu_text(x), "{:#x}", x.to_bits());
@@ -492,7 +497,9 @@ mod tests {
         for _ in 0..200_000 {
             check(f64::from_bits(rng.u64(..)));
             // Doubles of ordinary sizes, where the short path is tried.
-            check(f64::from_bits(rng.u64(0x3f00_0000_0000_0000..0x4330_0000_0000_0000)));
+            check(f64::from_bits(
+                rng.u64(0x3f00_0000_0000_0000..0x4330_0000_0000_0000),
+            ));
         }
         assert!(short > 50_000, "the short path ran {short} times");
     }

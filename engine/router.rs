@@ -19,8 +19,8 @@
 //! In: a parsed [`Frame`]. Out, through a [`RouteSink`]: deliveries per shard, the marks the
 //! frame reached (for shards that got no event of it), and rejections.
 
-use std::collections::HashMap;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -422,7 +422,11 @@ impl Router {
 }
 
 /// [`Event::lookup_hinted`] with a hint shared by the threads that route for one query.
-fn lookup_shared_hint<'e>(event: &'e Event, path: &FieldPath, hint: &AtomicU32) -> Option<Value<'e>> {
+fn lookup_shared_hint<'e>(
+    event: &'e Event,
+    path: &FieldPath,
+    hint: &AtomicU32,
+) -> Option<Value<'e>> {
     let was = hint.load(Ordering::Relaxed);
     let cell = Cell::new(was);
     let found = event.lookup_hinted(path, &cell);
@@ -540,12 +544,25 @@ mod tests {
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 let key = v["key"].as_str().unwrap().to_owned();
-                (key, v["value"]["n"].as_i64().unwrap(), v["value"]["ts"].as_i64().unwrap())
+                (
+                    key,
+                    v["value"]["n"].as_i64().unwrap(),
+                    v["value"]["ts"].as_i64().unwrap(),
+                )
             })
             .collect();
-        let want = [("a", 1, 1), ("a", 2, 2), ("b", 1, 3), ("a", 3, 4), ("b", 2, 5), ("a", 4, 8)];
-        let want: Vec<(String, i64, i64)> =
-            want.iter().map(|(k, n, t)| (k.to_string(), *n, *t)).collect();
+        let want = [
+            ("a", 1, 1),
+            ("a", 2, 2),
+            ("b", 1, 3),
+            ("a", 3, 4),
+            ("b", 2, 5),
+            ("a", 4, 8),
+        ];
+        let want: Vec<(String, i64, i64)> = want
+            .iter()
+            .map(|(k, n, t)| (k.to_string(), *n, *t))
+            .collect();
         assert_eq!(got, want);
         let err = String::from_utf8(err).unwrap();
         assert!(

@@ -428,7 +428,11 @@ impl QueryRuntime {
     /// Whether a timer is waiting to fire or to be moved at the watermark.
     #[inline]
     fn timers_due(&self) -> bool {
-        !self.deferred.is_empty() || self.timers.first().is_some_and(|(t, _)| *t <= self.watermark)
+        !self.deferred.is_empty()
+            || self
+                .timers
+                .first()
+                .is_some_and(|(t, _)| *t <= self.watermark)
     }
 }
 
