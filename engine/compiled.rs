@@ -360,7 +360,7 @@ fn run_body(body: &[SFn], frame: &mut Frame) -> R<Dynamic> {
     let mut last = Dynamic::UNIT;
     for s in body {
         match s(frame)? {
-            Flow::Normal(v) => last = v,
+            Flow::Normal(v) => put(&mut last, v),
             Flow::Return(v) => return Ok(v),
         }
     }
@@ -823,10 +823,10 @@ impl Cx<'_> {
             for (f, &slot) in values.iter().zip(&set) {
                 let v = f(fr)?.flatten();
                 data.add_entry(&mut total, &v)?;
-                fr.locals[slot] = v;
+                put(&mut fr.locals[slot], v);
             }
             for &p in &absent {
-                fr.locals[p] = Dynamic::FALSE;
+                put(&mut fr.locals[p], Dynamic::FALSE);
             }
             Ok(Flow::Normal(Dynamic::UNIT))
         }))
@@ -892,7 +892,8 @@ impl Cx<'_> {
                 let slot = self.new_local(ident.name.clone());
                 Box::new(move |fr| {
                     fr.tick(pos)?;
-                    fr.locals[slot] = f(fr)?.flatten();
+                    let v = f(fr)?.flatten();
+                    put(&mut fr.locals[slot], v);
                     Ok(Flow::Normal(Dynamic::UNIT))
                 })
             }
@@ -947,9 +948,10 @@ impl Cx<'_> {
                 let (slot, present) = (field.slot, field.present);
                 return Ok(Box::new(move |fr| {
                     fr.tick(pos)?;
-                    fr.locals[slot] = value(fr)?.into_dynamic();
+                    let v = value(fr)?.into_dynamic();
+                    put(&mut fr.locals[slot], v);
                     if let Some(p) = present {
-                        fr.locals[p] = Dynamic::TRUE;
+                        put(&mut fr.locals[p], Dynamic::TRUE);
                     }
                     Ok(Flow::Normal(Dynamic::UNIT))
                 }));
@@ -1054,7 +1056,7 @@ impl Cx<'_> {
                 if let Some((op, _)) = &binop {
                     if let Some(x) = Num::scalar(target) {
                         if let Some(new) = num_binop(op, &x, &v, op_pos)? {
-                            *target = new.into_dynamic();
+                            put(target, new.into_dynamic());
                             return Ok(Flow::Normal(Dynamic::UNIT));
                         }
                     }
@@ -1655,18 +1657,21 @@ impl Cx<'_> {
                         .map(|(_, v)| self.expr(v))
                         .collect::<Result<Vec<_>, _>>()?;
                 let data = self.data;
+                // The values wait in locals of their own (no vector per emit; numbers left
+                // there need no drop, the rest is cleared when the call ends).
+                let slots: Vec<usize> = fields.iter().map(|_| self.new_slot()).collect();
                 return Ok(Box::new(move |fr| {
-                    let mut values = Vec::with_capacity(fields.len());
                     let mut total = Sizes::default();
-                    for f in &fields {
+                    for (f, &slot) in fields.iter().zip(&slots) {
                         let v = f(fr)?.flatten();
                         data.add_entry(&mut total, &v)?;
-                        values.push(v);
+                        put(&mut fr.locals[slot], v);
                     }
                     let mut ctx = fr.rt.ctx.borrow_mut();
                     ctx.check_active("emit").map_err(|e| fill(e, pos))?;
+                    let locals = &fr.locals;
                     ctx.publish_with(|out, limit| {
-                        let entries = order.iter().map(|&i| (&*keys[i].key, &values[i]));
+                        let entries = order.iter().map(|&i| (&*keys[i].key, &locals[slots[i]]));
                         crate::json::write_encoded_entries(out, entries, limit)
                     })
                     .map_err(|e| fill(e, pos))?;
@@ -2301,11 +2306,20 @@ impl DataLimits {
     /// Adds value `v` of a map literal's entry to `total`, failing as the interpreter does when
     /// the map being built goes over a limit (an error without a position, as the
     /// interpreter's reaches the query).
+    #[inline]
     fn add_entry(&self, total: &mut Sizes, v: &Dynamic) -> R<()> {
         if !self.any() {
             return Ok(());
         }
         total.maps += 1;
+        // A number, a bool, `()`...: only the count of entries grew, and only its limit can
+        // newly be broken (the others were checked with the entries before).
+        if v.is_int() || v.is_float() || v.is_bool() || v.is_unit() {
+            if self.map > 0 && total.maps > self.map {
+                return self.check(total);
+            }
+            return Ok(());
+        }
         self.add_nested(total, v)
     }
 
@@ -2437,11 +2451,29 @@ fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
     Ok((&be.lhs, segs))
 }
 
+/// Stores `v` in `place`. A number, a boolean or `()` (not shared) holds no memory, so the value
+/// it replaces is overwritten without its drop, which is a call per value (about 20
+/// instructions, and these stores happen several times per event).
+#[inline]
+fn put(place: &mut Dynamic, v: Dynamic) {
+    if holds_nothing(place) {
+        std::mem::forget(std::mem::replace(place, v));
+    } else {
+        *place = v;
+    }
+}
+
+/// Whether dropping `v` would free nothing: `()`, a number or a boolean, not shared.
+#[inline]
+fn holds_nothing(v: &Dynamic) -> bool {
+    !v.is_shared() && (v.is_unit() || v.is_int() || v.is_float() || v.is_bool())
+}
+
 fn run_block(body: &[SFn], fr: &mut Frame) -> R<Flow> {
     let mut last = Dynamic::UNIT;
     for s in body {
         match s(fr)? {
-            Flow::Normal(v) => last = v,
+            Flow::Normal(v) => put(&mut last, v),
             ret @ Flow::Return(_) => return Ok(ret),
         }
     }

@@ -441,6 +441,18 @@ impl Event {
             .map(|at| self.frame.value(at))
     }
 
+    /// [`Event::lookup`] with a hint of where a one-field path was last found (see
+    /// [`Frame::get_hinted`]): for a read made on every event of a stream, such as routing's.
+    pub fn lookup_hinted(&self, path: &FieldPath, hint: &Cell<u32>) -> Option<Value<'_>> {
+        match path.0.as_slice() {
+            [field] => self
+                .frame
+                .get_hinted(self.node, field, hint)
+                .map(|at| self.frame.value(at)),
+            _ => self.lookup(path),
+        }
+    }
+
     /// Whether the object has the field `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.frame.get(self.node, name).is_some()

@@ -19,8 +19,9 @@
 //! In: a parsed [`Frame`]. Out, through a [`RouteSink`]: deliveries per shard, the marks the
 //! frame reached (for shards that got no event of it), and rejections.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::durable::MarksCheckpoint;
@@ -45,6 +46,10 @@ pub struct Deployed {
     last_arrival: AtomicI64,
     /// The input's mark as its events left it, before any idle move.
     event_mark: AtomicI64,
+    /// Where the `key_by` and `time_field` fields were last found among an event's fields
+    /// (hints, see [`Event::lookup_hinted`]; any value is safe).
+    key_hint: AtomicU32,
+    time_hint: AtomicU32,
 }
 
 /// Identifies one source of events: a producer connection, a `POST /ingest`, a demo feed, or
@@ -67,6 +72,8 @@ impl Deployed {
             sources: Mutex::new(HashMap::new()),
             last_arrival: AtomicI64::new(i64::MIN),
             event_mark: AtomicI64::new(i64::MIN),
+            key_hint: AtomicU32::new(0),
+            time_hint: AtomicU32::new(0),
         }
     }
 
@@ -299,6 +306,8 @@ impl Router {
         };
         // Per query this frame feeds: the source's running mark and the least of the others'.
         let mut marks: Vec<Option<(i64, Option<i64>)>> = vec![None; self.queries.len()];
+        // Where `stream` was in the last event: events of a frame mostly share one shape.
+        let stream_hint = Cell::new(0);
         for i in 0..frame.len() {
             let event = frame.event(i);
             let position = frame.position(i);
@@ -306,7 +315,7 @@ impl Router {
                 Clock::At(t) => t,
                 Clock::Position => i64::from(position.index),
             };
-            let own_stream = match event.lookup(stream_field) {
+            let own_stream = match event.lookup_hinted(stream_field, &stream_hint) {
                 Some(Value::Str(s)) => Some(s),
                 Some(other) => {
                     routed.rejected += 1;
@@ -412,6 +421,21 @@ impl Router {
     }
 }
 
+/// [`Event::lookup_hinted`] with a hint shared by the threads that route for one query.
+fn lookup_shared_hint<'e>(
+    event: &'e Event,
+    path: &FieldPath,
+    hint: &AtomicU32,
+) -> Option<Value<'e>> {
+    let was = hint.load(Ordering::Relaxed);
+    let cell = Cell::new(was);
+    let found = event.lookup_hinted(path, &cell);
+    if cell.get() != was {
+        hint.store(cell.get(), Ordering::Relaxed);
+    }
+    found
+}
+
 /// The key and event time of `event` for query `q`, or why it has none.
 fn route_one(
     event: &Event,
@@ -425,7 +449,7 @@ fn route_one(
     let name = &q.def.name;
     let key = match &config.key_by {
         None => Key::None,
-        Some(path) => match event.lookup(path) {
+        Some(path) => match lookup_shared_hint(event, path, &q.key_hint) {
             None => {
                 let why = format!("field `{path}` (key_by of query `{name}`) is missing");
                 return Err((RejectKind::BadKey, why));
@@ -447,7 +471,7 @@ fn route_one(
     };
     let time = match &config.time_field {
         None => return Ok((key, arrival)),
-        Some(path) => match event.lookup(path) {
+        Some(path) => match lookup_shared_hint(event, path, &q.time_hint) {
             Some(Value::Int(t)) => t,
             Some(Value::Float(t)) if t.is_finite() => t as i64,
             None => {
@@ -472,4 +496,79 @@ fn route_one(
         return Err((RejectKind::BadTime, why));
     }
     Ok((key, time))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::offline::{self, RunOptions};
+    use crate::{Limits, QueryDef};
+
+    /// Routing remembers where `stream`, `key_by` and `time_field` were in the last event; an
+    /// event of another shape (fields moved, added, missing, a nested object) is routed by
+    /// its own fields all the same.
+    #[test]
+    fn fields_are_found_wherever_each_event_has_them() {
+        let limits = Limits::default();
+        let script = r#"
+            let source = "s";
+            let key_by = "user";
+            let time_field = "ts";
+            fn init(key) { #{ n: 0 } }
+            fn on_event(ev) { this.n += 1; emit(#{ n: this.n, ts: ev.ts }); }
+        "#;
+        let def = QueryDef::compile("q", script, &limits).unwrap();
+        let input = [
+            r#"{"stream":"s","user":"a","ts":1}"#,
+            r#"{"stream":"s","user":"a","ts":2}"#,
+            r#"{"user":"b","stream":"s","ts":3}"#,
+            r#"{"ts":4,"x":1,"user":"a","stream":"s"}"#,
+            r#"{"stream":"s","nested":{"user":"c"},"user":"b","ts":5}"#,
+            r#"{"stream":"s","ts":6}"#,
+            r#"{"stream":"t","user":"a","ts":7}"#,
+            r#"{"user":"a","ts":8,"stream":"s"}"#,
+        ]
+        .join("\n");
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let summary = offline::run(
+            vec![def],
+            input.into_bytes(),
+            &limits,
+            &RunOptions::default(),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+        let got: Vec<(String, i64, i64)> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let key = v["key"].as_str().unwrap().to_owned();
+                (
+                    key,
+                    v["value"]["n"].as_i64().unwrap(),
+                    v["value"]["ts"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("a", 1, 1),
+            ("a", 2, 2),
+            ("b", 1, 3),
+            ("a", 3, 4),
+            ("b", 2, 5),
+            ("a", 4, 8),
+        ];
+        let want: Vec<(String, i64, i64)> = want
+            .iter()
+            .map(|(k, n, t)| (k.to_string(), *n, *t))
+            .collect();
+        assert_eq!(got, want);
+        let err = String::from_utf8(err).unwrap();
+        assert!(
+            err.contains("field `user` (key_by of query `q`) is missing"),
+            "{err}"
+        );
+        assert_eq!(summary.rejected, 1);
+    }
 }

@@ -424,6 +424,18 @@ struct QueryRuntime {
     export: Option<Export>,
 }
 
+impl QueryRuntime {
+    /// Whether a timer is waiting to fire or to be moved at the watermark.
+    #[inline]
+    fn timers_due(&self) -> bool {
+        !self.deferred.is_empty()
+            || self
+                .timers
+                .first()
+                .is_some_and(|(t, _)| *t <= self.watermark)
+    }
+}
+
 /// A checkpoint's copy of one query on one shard, made a few keys at a time: the keys that
 /// existed when it began, each copied before anything changes it.
 struct Export {
@@ -610,10 +622,14 @@ impl Shard {
         let mut ctx = self.ctx.borrow_mut();
         out.append(&mut ctx.out);
         for q in &mut self.queries {
-            q.key_limit
-                .report(&q.topics, self.limits.max_keys_per_query, out);
-            q.reports
-                .report(&q.topics, self.limits.max_report_bytes, out);
+            if q.key_limit.evicted + q.key_limit.refused > 0 {
+                q.key_limit
+                    .report(&q.topics, self.limits.max_keys_per_query, out);
+            }
+            if q.reports.late + q.reports.errors + q.reports.bytes as u64 > 0 {
+                q.reports
+                    .report(&q.topics, self.limits.max_report_bytes, out);
+            }
         }
     }
 
@@ -927,12 +943,21 @@ impl Shard {
             }
             return;
         }
-        export_key(q, &d.key);
+        // (Each step below is skipped in line when it has nothing to do: this runs per event.)
+        if q.export.is_some() {
+            export_key(q, &d.key);
+        }
         if d.watermark > q.watermark {
-            export_due(q, d.watermark);
+            if q.export.is_some() {
+                export_due(q, d.watermark);
+            }
             q.watermark = d.watermark;
-            call.fire_timers(q, d.now);
-            call.expire_keys(q);
+            if q.timers_due() {
+                call.fire_timers(q, d.now);
+            }
+            if q.def.config.key_ttl_ms.is_some() {
+                call.expire_keys(q);
+            }
         }
         if d.source_mark > q.watermark {
             call.fire_key_timers(q, &d.key, d.source_mark, d.now);
@@ -1297,7 +1322,7 @@ impl Call<'_> {
     /// not loop.
     fn fire_timers(&mut self, q: &mut QueryRuntime, now: i64) {
         // Most advances reach no timer: nothing to move or fire.
-        if q.deferred.is_empty() && q.timers.first().is_none_or(|(t, _)| *t > q.watermark) {
+        if !q.timers_due() {
             return;
         }
         for timer in q.deferred.drain(..) {
