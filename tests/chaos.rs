@@ -118,6 +118,28 @@ async fn metric_of(addr: &str, name: &str) -> f64 {
     metric(&text, name)
 }
 
+/// Waits until the kernel holds `n` established connections to `addr` (`host:port`), read from
+/// `/proc/net/tcp`: a stopped server's kernel still completes handshakes into its backlog.
+async fn established(addr: &str, n: usize) {
+    let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let local = format!(":{port:04X}");
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let count = table
+            .lines()
+            .skip(1)
+            .filter(|row| {
+                let cols: Vec<&str> = row.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&local) && cols[3] == "01"
+            })
+            .count();
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the server at `addr` has ingested at least `n` events.
 async fn ingested(addr: &str, n: f64) {
     let name = "eddy_events_ingested_total{stream=\"trades\"}";
@@ -173,7 +195,9 @@ async fn a_server_that_dies_during_the_handshake_is_noticed() {
         // Killed while they wait for its answer to the upgrade.
         let f = feed(&addr, &["--duration", "5s", "--timeout", "10s"]);
         let p = probe(&addr, &["--duration", "5s", "--timeout", "10s"]);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Both are connected (and so in the handshake, not still connecting) before the kill.
+        established(&addr, 2).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         signal(&frozen, "-KILL");
         let started = Instant::now();
         for (status, report, _) in [finish(f, NOTICE).await, finish(p, NOTICE).await] {
