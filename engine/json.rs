@@ -88,30 +88,20 @@ fn write_short_float(out: &mut Vec<u8>, x: f64) -> bool {
         return false;
     }
     // Trailing zeros off, as long as they are decimals.
+    // Up to 15 decimals come off in steps of 8, 8, 4, 2, 1 and 1 (a fixed loop, unrolled).
     let mut decimals = k;
-    if decimals >= 8 && n.is_multiple_of(100_000_000) {
-        n /= 100_000_000;
-        decimals -= 8;
-    }
-    if decimals >= 8 && n.is_multiple_of(100_000_000) {
-        n /= 100_000_000;
-        decimals -= 8;
-    }
-    if decimals >= 4 && n.is_multiple_of(10_000) {
-        n /= 10_000;
-        decimals -= 4;
-    }
-    if decimals >= 2 && n.is_multiple_of(100) {
-        n /= 100;
-        decimals -= 2;
-    }
-    if decimals >= 1 && n.is_multiple_of(10) {
-        n /= 10;
-        decimals -= 1;
-    }
-    if decimals >= 1 && n.is_multiple_of(10) {
-        n /= 10;
-        decimals -= 1;
+    for (digits, divisor) in [
+        (8, 100_000_000),
+        (8, 100_000_000),
+        (4, 10_000),
+        (2, 100),
+        (1, 10),
+        (1, 10),
+    ] {
+        if decimals >= digits && n.is_multiple_of(divisor) {
+            n /= divisor;
+            decimals -= digits;
+        }
     }
     if x < 0.0 {
         out.push(b'-');

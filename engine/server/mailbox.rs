@@ -270,41 +270,25 @@ mod tests {
         "t".into()
     }
 
+    /// Queues `batch` of `n` items on topic `t`; how many items were dropped for it.
+    fn push(mb: &Mailbox, batch: &Bytes, n: u64) -> u64 {
+        mb.push_batch(
+            &topic(),
+            &Arc::new(Items::from(batch.clone())),
+            n,
+            None,
+            None,
+        )
+    }
+
     #[test]
     fn oldest_batches_are_dropped_and_counted() {
         let mb = Mailbox::new(100, Duration::from_secs(60));
         let batch = Bytes::from_static(br#"[{"key":1,"value":"a]{"},{"key":2,"value":2}]"#);
-        assert_eq!(
-            mb.push_batch(
-                &topic(),
-                &Arc::new(Items::from(batch.clone())),
-                2,
-                None,
-                None
-            ),
-            0
-        );
-        assert_eq!(
-            mb.push_batch(
-                &topic(),
-                &Arc::new(Items::from(batch.clone())),
-                2,
-                None,
-                None
-            ),
-            0
-        );
+        assert_eq!(push(&mb, &batch, 2), 0);
+        assert_eq!(push(&mb, &batch, 2), 0);
         // The third does not fit: the first is dropped.
-        assert_eq!(
-            mb.push_batch(
-                &topic(),
-                &Arc::new(Items::from(batch.clone())),
-                2,
-                None,
-                None
-            ),
-            2
-        );
+        assert_eq!(push(&mb, &batch, 2), 2);
         let inbox = mb.take();
         assert_eq!(inbox.queue.len(), 2);
         assert_eq!(inbox.dropped, vec![(topic(), 2)]);
@@ -334,15 +318,9 @@ mod tests {
     fn staying_full_past_the_timeout_closes() {
         let mb = Mailbox::new(10, Duration::ZERO);
         let batch = Bytes::from_static(b"[{\"key\":1,\"value\":1}]");
-        mb.push_batch(
-            &topic(),
-            &Arc::new(Items::from(batch.clone())),
-            1,
-            None,
-            None,
-        );
+        push(&mb, &batch, 1);
         std::thread::sleep(Duration::from_millis(2));
-        mb.push_batch(&topic(), &Arc::new(Items::from(batch)), 1, None, None);
+        push(&mb, &batch, 1);
         assert_eq!(mb.close_code(), Some(SLOW_CONSUMER));
     }
 
