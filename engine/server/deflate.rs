@@ -94,8 +94,10 @@ impl Compressed {
 }
 
 thread_local! {
-    /// One compressor per thread, reset between pieces (setting one up allocates its tables).
+    /// One compressor and one decompressor per thread, reset between uses (setting one up
+    /// allocates its tables and window, which cost more than inflating a batch's head).
     static COMPRESS: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+    static DECOMPRESS: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
 /// `data` as raw DEFLATE blocks ending in a sync flush (byte-aligned, not final).
@@ -146,7 +148,14 @@ pub enum InflateError {
 /// append) to at most `limit` bytes. A message that would inflate further stops at the limit:
 /// a small frame cannot make the server allocate more than the limit.
 pub fn inflate(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
-    let mut d = Decompress::new(false);
+    DECOMPRESS.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        inflate_with(&mut d, payload, limit)
+    })
+}
+
+fn inflate_with(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
     // Room for one byte past the limit tells a message at the limit from one beyond it.
     let mut out = Vec::with_capacity((payload.len() * 4).max(256).min(limit + 1));
     for input in [payload, &TAIL[..]] {
@@ -181,11 +190,14 @@ pub fn inflate(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
 /// The first bytes of a compressed message, at most `n` of them, inflating no more than that:
 /// what a client that only looks at a frame's head needs (see `eddy probe`).
 pub fn inflate_prefix(payload: &[u8], n: usize) -> Result<Vec<u8>, InflateError> {
-    let mut d = Decompress::new(false);
-    let mut out = Vec::with_capacity(n);
-    d.decompress_vec(payload, &mut out, FlushDecompress::Sync)
-        .map_err(|_| InflateError::Invalid)?;
-    Ok(out)
+    DECOMPRESS.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut out = Vec::with_capacity(n);
+        d.decompress_vec(payload, &mut out, FlushDecompress::Sync)
+            .map_err(|_| InflateError::Invalid)?;
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
