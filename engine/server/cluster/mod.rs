@@ -9,7 +9,10 @@
 //!   (as Kafka Streams repartitions, deduplicated when the keys land in one partition), and the
 //!   owner of a partition applies only the deliveries whose key is in that partition. The
 //!   producer's ack waits for JetStream's acks of every message of the frame (all published,
-//!   then all awaited).
+//!   then all awaited at once). Each message carries an id (`Nats-Msg-Id`): one that fails (no
+//!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
+//!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
+//!   after the frame came; only then are its events answered as rejected.
 //! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
@@ -97,6 +100,18 @@ const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
 const LATEST: &str = "EDDY_LATEST";
+/// How long a node keeps trying to get an input's messages into JetStream (a new stream leader
+/// is elected in 4 to 9 s when one dies) before it answers the input's events as rejected.
+pub const PUBLISH_RETRY: Duration = Duration::from_secs(20);
+/// The longest wait for one publish's ack before the message is sent again.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+/// JetStream's duplicate window of the event stream: longer than [`PUBLISH_RETRY`], so that a
+/// message sent again is stored once.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
+/// The longest wait for a consumer to be made (one placed on a server that died times out).
+const CONSUMER_CREATE: Duration = Duration::from_secs(2);
+/// How often an idle partition consumer hears from NATS: two missed beats and it is made again.
+const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a first subscriber to a topic waits, at most, for the topic's latest values.
 const LATEST_READ: Duration = Duration::from_secs(5);
 
@@ -271,6 +286,11 @@ pub struct Cluster {
     /// Frames and events published, and publishes JetStream did not acknowledge.
     pub published_messages: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Messages sent again after a failed publish.
+    pub publish_retries: AtomicU64,
+    /// This process's prefix of message ids (node name and start time), and the next number.
+    incarnation: String,
+    next_message: AtomicU64,
     /// The shards' output (the forwarder's input), for its marks.
     out: Sender<Forwarded>,
     out_rx: Receiver<Forwarded>,
@@ -317,6 +337,7 @@ impl Cluster {
         js.get_or_create_stream(stream::Config {
             name: EVENTS.into(),
             subjects: vec!["eddy.ev.*".into()],
+            duplicate_window: DUPLICATE_WINDOW,
             num_replicas: config.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -389,6 +410,9 @@ impl Cluster {
             released: AtomicU64::new(0),
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            publish_retries: AtomicU64::new(0),
+            incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
+            next_message: AtomicU64::new(0),
             out,
             out_rx,
             hub,
@@ -694,26 +718,48 @@ pub async fn publish(
     if let Some(stream) = stream {
         headers.insert("Eddy-Stream", stream);
     }
-    let mut waiting = Vec::new();
-    let mut failed = Vec::new();
+    let published = Instant::now();
+    let mut sends = Vec::new();
     for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
-        let subject = event_subject(partition as u32);
-        match cluster
-            .js
-            .publish_with_headers(subject, headers.clone(), ndjson.into())
-            .await
-        {
-            Ok(ack) => waiting.push((ack, indexes)),
-            Err(e) => failed.extend(indexes.into_iter().map(|i| (i, e.to_string()))),
-        }
+        let mut headers = headers.clone();
+        // JetStream stores a message once per id within its duplicate window: a retry of a
+        // message whose first ack was lost (a leader that died after storing it) is not stored
+        // twice.
+        let id = cluster.next_message.fetch_add(1, Ordering::Relaxed);
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{}.{id}", cluster.incarnation).as_str(),
+        );
+        let message = Outgoing {
+            subject: event_subject(partition as u32),
+            headers,
+            payload: Bytes::from(ndjson),
+        };
+        let first = cluster.send(&message).await;
+        sends.push((message, first, indexes));
     }
     cluster
         .published_messages
-        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        .fetch_add(sends.len() as u64, Ordering::Relaxed);
     let counted = Arc::clone(cluster);
     let acks: Acks = Box::pin(async move {
-        for (ack, indexes) in waiting {
-            if let Err(e) = ack.await {
+        // All of the input's messages at once: one that waits for its ack (or for a new stream
+        // leader) delays the others by nothing, and the deadline runs from the publish, so that
+        // an input's answer never waits on an earlier input's.
+        let deadline = published + PUBLISH_RETRY;
+        let cluster = &counted;
+        let results = futures_util::future::join_all(sends.into_iter().map(
+            |(message, first, indexes)| async move {
+                (
+                    indexes,
+                    cluster.acknowledged(message, first, deadline).await,
+                )
+            },
+        ))
+        .await;
+        let mut failed = Vec::new();
+        for (indexes, result) in results {
+            if let Err(e) = result {
                 let reason = format!("JetStream did not acknowledge the event: {e}");
                 failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
             }
@@ -726,6 +772,70 @@ pub async fn publish(
         failed
     });
     (routed, acks)
+}
+
+/// One message of an input for the event stream, kept until JetStream acknowledges it.
+struct Outgoing {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+}
+
+type SendResult = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
+
+impl Cluster {
+    /// Hands `message` to the NATS client; the future resolves with JetStream's ack.
+    async fn send(&self, message: &Outgoing) -> SendResult {
+        self.js
+            .send_publish(
+                message.subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(message.payload.clone())
+                    .headers(message.headers.clone()),
+            )
+            .await
+    }
+
+    /// Waits for JetStream's ack of `message`, sent once already (`sent`), and sends it again
+    /// (with the same id) after a failure: no responders while a new stream leader is elected,
+    /// an ack lost with the leader that died, no ack within [`ACK_WAIT`]. Retries back off from
+    /// 50 ms to 1 s, until the message is acknowledged or `deadline` passes.
+    async fn acknowledged(
+        &self,
+        message: Outgoing,
+        mut sent: SendResult,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let failure = match sent {
+                Ok(ack) => {
+                    let wait = (Instant::now() + ACK_WAIT).min(deadline);
+                    match tokio::time::timeout_at(
+                        wait.into(),
+                        std::future::IntoFuture::into_future(ack),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(e)) => e,
+                        Err(_) => jetstream::context::PublishError::new(
+                            jetstream::context::PublishErrorKind::TimedOut,
+                        ),
+                    }
+                }
+                Err(e) => e,
+            };
+            let retry = failure.kind() != jetstream::context::PublishErrorKind::MaxPayloadExceeded;
+            if !retry || Instant::now() + backoff >= deadline {
+                return Err(failure.to_string());
+            }
+            self.publish_retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            sent = self.send(&message).await;
+        }
+    }
 }
 
 /// Applies the acks' failures to an outcome: those events were not accepted.
@@ -781,7 +891,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 continue;
             }
         }
-        let Some(live) = keys(&cluster.nodes).await else {
+        let Some(live) = keys(&cluster, NODES).await else {
             continue;
         };
         for node in &live {
@@ -794,7 +904,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
             .cloned()
             .collect();
-        let Some(taken) = keys(&cluster.owners).await else {
+        let Some(taken) = keys(&cluster, OWNERS).await else {
             continue;
         };
         if now.duration_since(started) < SETTLE {
@@ -944,20 +1054,73 @@ fn fenced(why: &str) -> ! {
     std::process::exit(3)
 }
 
-/// The keys of a bucket, `None` when NATS did not answer.
-async fn keys(store: &kv::Store) -> Option<Vec<String>> {
-    let mut keys = match store.keys().await {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!("cluster: cannot list keys: {e}");
-            return None;
+/// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
+/// answer in time.
+///
+/// Read with one batched direct get (`multi_last`, NATS 2.11 and later), which any server of
+/// the bucket's group answers, rather than with `kv::Store::keys`, which makes a consumer: NATS
+/// places such a consumer on a random server of the bucket's group, and for a minute or more
+/// after a server is SIGKILLed that may be the dead one (NATS does not count it offline yet),
+/// so one listing in three would wait for nothing.
+async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
+    let listed = tokio::time::timeout(2 * CONSUMER_CREATE, async {
+        let inbox = cluster.client.new_inbox();
+        let mut replies = cluster
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let prefix = format!("$KV.{bucket}.");
+        let request = format!(r#"{{"multi_last":["{prefix}>"],"batch":1000000}}"#);
+        cluster
+            .client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.KV_{bucket}"),
+                inbox,
+                request.into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        while let Some(message) = replies.next().await {
+            match message.status {
+                None => {}
+                // No key at all.
+                Some(async_nats::StatusCode::NOT_FOUND) => return Ok(out),
+                // The end of the batch (204).
+                Some(code) if code.as_u16() == 204 => return Ok(out),
+                Some(code) => return Err(format!("status {code}: {:?}", message.description)),
+            }
+            let Some(headers) = &message.headers else {
+                continue;
+            };
+            let deleted = headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let key = headers
+                .get("Nats-Subject")
+                .and_then(|s| s.as_str().strip_prefix(&prefix).map(str::to_owned));
+            if let (Some(key), false) = (key, deleted) {
+                out.push(key);
+            }
         }
-    };
-    let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        out.push(k.ok()?);
+        Err("the reply subscription ended".to_owned())
+    })
+    .await;
+    match listed {
+        Ok(Ok(keys)) => Some(keys),
+        Ok(Err(e)) => {
+            tracing::warn!("cluster: cannot list the keys of {bucket}: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "cluster: cannot list the keys of {bucket}: no answer within {:?}",
+                2 * CONSUMER_CREATE
+            );
+            None
+        }
     }
-    Some(out)
 }
 
 /// Collects one partition's deliveries for the local shards, dropping those of keys in other
@@ -990,10 +1153,11 @@ impl RouteSink for OwnedSink<'_> {
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
-    // NATS may be briefly away (a leader election): try for as long as a lease lives.
+    // NATS may be briefly away (a leader election): try for as long as a lease lives, and at
+    // least as long as a publish is retried.
     let mut loaded = load_checkpoint(&cluster, p).await;
     let trying = Instant::now();
-    while loaded.is_err() && trying.elapsed() < cluster.config.lease {
+    while loaded.is_err() && trying.elapsed() < cluster.config.lease.max(PUBLISH_RETRY) {
         tokio::time::sleep(TICK).await;
         loaded = load_checkpoint(&cluster, p).await;
     }
@@ -1018,28 +1182,52 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
     };
     cluster.fed[p as usize].store(next - 1, Ordering::Relaxed);
     loop {
-        let messages = async {
+        // A consumer of our own (not the client's ordered consumer, whose recreation backs off
+        // to 10 s between attempts): NATS places an R1 consumer on a random server of the
+        // stream's group, which for a minute or more after a server is SIGKILLed may be the dead
+        // one (NATS does not count it offline yet), and its creation then times out. So each
+        // attempt is short and the next one follows a tick later.
+        let messages = tokio::time::timeout(CONSUMER_CREATE, async {
             let stream = cluster.js.get_stream(EVENTS).await.ok()?;
             let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
+                .create_consumer(consumer::pull::Config {
                     filter_subject: event_subject(p),
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: next,
                     },
+                    ack_policy: consumer::AckPolicy::None,
+                    memory_storage: true,
+                    num_replicas: 1,
+                    inactive_threshold: Duration::from_secs(30),
                     ..Default::default()
                 })
                 .await
                 .ok()?;
-            consumer.messages().await.ok()
-        }
-        .await;
+            consumer
+                .stream()
+                .heartbeat(CONSUMER_HEARTBEAT)
+                .expires(CONSUMER_HEARTBEAT * 10)
+                .messages()
+                .await
+                .ok()
+        })
+        .await
+        .ok()
+        .flatten();
         let Some(mut messages) = messages else {
             tokio::time::sleep(TICK).await;
             continue;
         };
+        // The consumer's own numbering has no gap unless a delivery was lost: then it is made
+        // again from the sequence after the last one fed.
+        let mut delivered = 0;
         while let Some(message) = messages.next().await {
             let Ok(message) = message else { break };
-            let Ok(info) = message.info() else { continue };
+            let Ok(info) = message.info() else { break };
+            if info.consumer_sequence != delivered + 1 {
+                break;
+            }
+            delivered = info.consumer_sequence;
             let seq = info.stream_sequence;
             cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
             if seq < next {
@@ -1146,7 +1334,15 @@ const PARTITION_CHECKPOINT_FORMAT: u32 = 1;
 
 /// The latest checkpoint of partition `p`, if it has one.
 async fn load_checkpoint(cluster: &Cluster, p: u32) -> Result<Option<PartitionCheckpoint>, String> {
-    let mut object = match cluster.checkpoints.get(format!("p{p}")).await {
+    // Reading makes a consumer, which may land on a server that died: a short wait, then the
+    // caller tries again.
+    let got = tokio::time::timeout(
+        2 * CONSUMER_CREATE,
+        cluster.checkpoints.get(format!("p{p}")),
+    )
+    .await
+    .map_err(|_| format!("no answer within {:?}", 2 * CONSUMER_CREATE))?;
+    let mut object = match got {
         Ok(o) => o,
         Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
@@ -1519,7 +1715,7 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
 /// `GET /cluster`: this node, the live nodes and each partition's owner.
 pub async fn describe(state: &State) -> Option<Vec<u8>> {
     let cluster = state.cluster.as_ref()?;
-    let mut live = keys(&cluster.nodes).await.unwrap_or_default();
+    let mut live = keys(&cluster, NODES).await.unwrap_or_default();
     live.sort();
     let mut owners = Vec::new();
     for p in 0..cluster.config.partitions {
@@ -1644,6 +1840,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Latest values read from the stream EDDY_LATEST when a topic's first subscriber came.",
             c.latest_loaded.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_publish_retries_total",
+            "counter",
+            "Messages sent to JetStream again after a failed publish (no responders, no ack).",
+            c.publish_retries.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_publish_failures_total",
