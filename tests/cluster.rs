@@ -843,6 +843,67 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
     }
 }
 
+/// Owners write keys' latest values to `EDDY_LATEST` at most every `latest_interval` (2 s
+/// here). A node whose first subscriber to a topic arrives right after the last item waits that
+/// long before it reads the stream, so the snapshot holds every key's newest value, equal to the
+/// reference; and those values are a snapshot, not items: that node counts none emitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_every_2_s() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\nlatest_interval = \"2s\"\n").unwrap();
+        let path = path.to_str().unwrap();
+        let queries = queries_dir();
+        let args = ["--config", path, "--cluster", &nats.url];
+        let a = node_args(queries.path(), "a", &args).await;
+        let b = node_args(queries.path(), "b", &args).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub_a = subscribe_vwap(&a.2).await;
+        let mut acked = Vec::new();
+        // Two feeds, so that many keys change twice within one interval.
+        for seed in [91, 97] {
+            let feed = trades(400, seed);
+            acked.extend(produce(a.2.clone(), feed.chunks(10).map(<[_]>::to_vec).collect()).await);
+        }
+        let want = reference(&acked);
+        let mut seq = 0;
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq).await, &want);
+        // Every item is out; b has had no subscriber, and some values are not in the stream yet.
+        let (_sub_b, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        let (_, text) = http_at(&b.2, "GET", "/metrics", None, "").await;
+        assert_eq!(
+            support::metric(&text, "eddy_items_emitted_total{topic=\"vwap\"}"),
+            0.0,
+            "the snapshot's values were counted as items on b"
+        );
+        assert_eq!(
+            support::metric(&text, "eddy_cluster_snapshot_values_loaded_total"),
+            want.len() as f64
+        );
+        // Each key was written at most once per interval: fewer writes than items.
+        let written = metric_of(&a.2, "eddy_cluster_latest_values_written_total").await
+            + metric_of(&b.2, "eddy_cluster_latest_values_written_total").await;
+        assert!(
+            written >= want.len() as f64,
+            "{written} latest values written"
+        );
+        assert!(
+            written < acked.len() as f64,
+            "{written} latest values written for {} items",
+            acked.len()
+        );
+        drop((a, b));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the latest-interval test took more than 100 s"),
+    }
+}
+
 /// A NATS client of any of `urls`.
 async fn nats_client(urls: &[String]) -> Option<async_nats::Client> {
     let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();

@@ -27,12 +27,17 @@
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
 //! - stream `EDDY_LATEST`, subjects `eddy.last.<query>.<topic>.<key>` (each part one token, see
 //!   [`latest_subject`]), one message kept per subject: each key's latest item per topic, for
-//!   snapshots. The owner publishes it just before the item's batch on `eddy.out`. A node whose
-//!   first subscriber to a topic arrives subscribes to `eddy.out.<topic>`, then reads the topic's
-//!   latest values from this stream into its hub, then lets the subscriber in: its snapshot holds
-//!   every key the cluster ever emitted on the topic, also on a node started after the key's
-//!   last item. A key's value published between the node's subscription and its read of the
-//!   stream may reach the hub twice (from the stream, then from `eddy.out`), in order.
+//!   snapshots. The owner's forwarder publishes items on `eddy.out` at once and writes the keys
+//!   that changed to this stream at most every `[cluster] latest_interval` (250 ms), each
+//!   acknowledged by JetStream or kept for the next write, and before it answers a mark (a
+//!   hand-over, a checkpoint, a removal). A node whose first subscriber to a topic arrives
+//!   subscribes to `eddy.out.<topic>`, waits `latest_interval` and 100 ms (so that every value
+//!   emitted before is in the stream), reads the topic's latest values into its hub's snapshot
+//!   store (not items: not counted, not kept for resumes), then the items that came on
+//!   `eddy.out` meanwhile (a key that came live keeps its live value, and a key's first live
+//!   item equal to the value read is not taken twice), then lets the subscriber in: its
+//!   snapshot holds every key the cluster ever emitted on the topic, also on a node started
+//!   after the key's last item.
 //!
 //! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
 //! nodes; a free partition is taken by its preferred owner at once and by any node after
@@ -112,6 +117,9 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
 const CONSUMER_CREATE: Duration = Duration::from_secs(2);
 /// How often an idle partition consumer hears from NATS: two missed beats and it is made again.
 const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// What a node waits, besides `latest_interval`, before it reads `EDDY_LATEST` for a topic's
+/// first subscriber: the owners' write and its ack.
+const LATEST_SETTLE: Duration = Duration::from_millis(100);
 /// How long a first subscriber to a topic waits, at most, for the topic's latest values.
 const LATEST_READ: Duration = Duration::from_secs(5);
 
@@ -264,6 +272,8 @@ pub struct Cluster {
     /// snapshots.
     pub received_items: AtomicU64,
     pub latest_loaded: AtomicU64,
+    /// Writes of changed keys' latest values to `EDDY_LATEST`.
+    pub latest_written: AtomicU64,
     /// Per partition: the stream sequence of the last message queued for the shards.
     fed: Vec<AtomicU64>,
     /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
@@ -397,6 +407,7 @@ impl Cluster {
             topics_taken: AtomicU64::new(0),
             received_items: AtomicU64::new(0),
             latest_loaded: AtomicU64::new(0),
+            latest_written: AtomicU64::new(0),
             fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             order: tokio::sync::Mutex::new(()),
             moves: tokio::sync::Mutex::new(()),
@@ -455,24 +466,31 @@ impl Cluster {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             None => {
-                // The query's latest values go with it: a later query of the same name starts
-                // with an empty snapshot, as it does alone.
-                if let Ok(latest) = self.js.get_stream(LATEST).await {
-                    let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
-                    if let Err(e) = latest.purge().filter(filter).await {
-                        tracing::warn!("cluster: latest values of {name} not purged: {e}");
-                    }
-                }
+                self.purge_latest(name).await;
                 self.catalog.delete(name).await.map_err(|e| e.to_string())
             }
         };
         done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
     }
 
+    /// Removes query `name`'s latest values from `EDDY_LATEST`: a later query of the same name
+    /// starts with an empty snapshot, as it does alone.
+    async fn purge_latest(&self, name: &str) {
+        if let Ok(latest) = self.js.get_stream(LATEST).await {
+            let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
+            if let Err(e) = latest.purge().filter(filter).await {
+                tracing::warn!("cluster: latest values of {name} not purged: {e}");
+            }
+        }
+    }
+
     /// Subscriber `subscriber` here wants `topic`. The first one makes this node take the topic
-    /// from NATS: subscribe to `eddy.out.<topic>`, put the topic's latest values from
-    /// `EDDY_LATEST` in the hub (for its snapshot), then start feeding the hub with what arrives.
-    /// Returns once the hub has them, so that the subscriber's snapshot holds them.
+    /// from NATS: subscribe to `eddy.out.<topic>`, wait until every value emitted before is in
+    /// `EDDY_LATEST` (owners write there at most `latest_interval` after the item), read the
+    /// topic's latest values from it into the hub's snapshot store, with the items that came on
+    /// `eddy.out` meanwhile after them (a key that came live keeps its live value), then feed
+    /// the hub with what arrives. Returns once the hub has them, so that the subscriber's
+    /// snapshot holds them.
     pub async fn want(self: &Arc<Self>, subscriber: u64, topic: &str) -> Result<(), String> {
         let mut interest = self.interest.lock().await;
         if let Some(i) = interest.get_mut(topic) {
@@ -480,7 +498,7 @@ impl Cluster {
             return Ok(());
         }
         let subject = topic_subject(topic);
-        let items = self
+        let mut items = self
             .client
             .subscribe(subject.clone())
             .await
@@ -490,12 +508,32 @@ impl Cluster {
             .flush()
             .await
             .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+        tokio::time::sleep(self.config.latest_interval + LATEST_SETTLE).await;
+        let mut seeded = HashMap::new();
         match tokio::time::timeout(LATEST_READ, self.read_latest(topic)).await {
             Ok(Ok(latest)) => {
                 self.latest_loaded
                     .fetch_add(latest.len() as u64, Ordering::Relaxed);
-                if !latest.is_empty() {
-                    self.hub.items(0, latest, None);
+                // What came live meanwhile is as new as the stream's values or newer.
+                let mut live = Vec::new();
+                while let Some(Some(message)) = futures_util::FutureExt::now_or_never(items.next())
+                {
+                    live.extend(decode_items(&message));
+                }
+                let came: HashSet<&Key> = live.iter().map(|item| &item.key).collect();
+                let latest: Vec<Emitted> = latest
+                    .into_iter()
+                    .filter(|value| !came.contains(&value.key))
+                    .collect();
+                seeded = latest
+                    .iter()
+                    .map(|value| (value.key.clone(), value.value.clone()))
+                    .collect();
+                self.hub.seed_latest(latest);
+                if !live.is_empty() {
+                    self.received_items
+                        .fetch_add(live.len() as u64, Ordering::Relaxed);
+                    self.hub.items(0, live, None);
                 }
             }
             Ok(Err(e)) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
@@ -503,7 +541,7 @@ impl Cluster {
                 tracing::warn!("cluster: no snapshot of {topic} from NATS within {LATEST_READ:?}")
             }
         }
-        let task = tokio::spawn(receive(Arc::clone(self), items));
+        let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
         interest.insert(
             topic.to_owned(),
             Interest {
@@ -1582,14 +1620,31 @@ async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
 // Results: shards → NATS → every node's hub.
 
 /// The forwarder thread: takes the shards' output, drops items of partitions this node does not
-/// own (the fence), and publishes the rest per topic: each key's newest value of the batch to its
-/// subject of `EDDY_LATEST`, then the batch on `eddy.out.<topic>` (in that order, on one
-/// connection: a node that reads `EDDY_LATEST` after subscribing to `eddy.out` misses no value).
-/// Marks are answered once everything before them is handed to the NATS client.
+/// own (the fence), and publishes the rest per topic on `eddy.out.<topic>` at once. Each key's
+/// newest value is also kept, and the values that changed go to their subjects of
+/// `EDDY_LATEST` at most every `latest_interval` (and before a mark is answered: a partition
+/// handed over leaves its newest values behind), each acknowledged by JetStream or kept for the
+/// next write. Marks are answered once everything before them is handed to the NATS client.
 fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
     let partitions = partitions as usize;
-    while let Ok(msg) = cluster.out_rx.recv() {
-        let mut batch = vec![msg];
+    let every = cluster.config.latest_interval;
+    // Keys whose newest value is not in EDDY_LATEST yet.
+    let mut changed: HashMap<(crate::Topic, Key), String> = HashMap::new();
+    let mut next_write = Instant::now();
+    loop {
+        let first = if changed.is_empty() {
+            match cluster.out_rx.recv() {
+                Ok(msg) => Some(msg),
+                Err(_) => return,
+            }
+        } else {
+            match cluster.out_rx.recv_deadline(next_write) {
+                Ok(msg) => Some(msg),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut batch: Vec<Forwarded> = first.into_iter().collect();
         batch.extend(cluster.out_rx.try_iter());
         let mut topics: BTreeMap<crate::Topic, Vec<(Key, String)>> = BTreeMap::new();
         let mut marks = Vec::new();
@@ -1612,30 +1667,23 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
         }
         runtime.block_on(async {
             for (topic, items) in topics {
-                let mut latest = HashSet::new();
-                for (key, value) in items.iter().rev() {
-                    if !latest.insert(key) {
-                        continue;
-                    }
-                    let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(key), value)) else {
-                        continue;
-                    };
-                    let subject = latest_subject(&topic, key);
-                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
-                        tracing::warn!("cluster: latest value of {topic} not published: {e}");
-                    }
-                }
-                let items: Vec<(StoredKey, &String)> = items
+                let stored: Vec<(StoredKey, &String)> = items
                     .iter()
                     .map(|(key, value)| (StoredKey::from(key), value))
                     .collect();
-                let Ok(payload) = rmp_serde::to_vec(&items) else {
-                    continue;
-                };
-                let subject = topic_subject(&topic);
-                if let Err(e) = cluster.client.publish(subject, payload.into()).await {
-                    tracing::warn!("cluster: items of {topic} not published: {e}");
+                if let Ok(payload) = rmp_serde::to_vec(&stored) {
+                    let subject = topic_subject(&topic);
+                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
+                        tracing::warn!("cluster: items of {topic} not published: {e}");
+                    }
                 }
+                for (key, value) in items {
+                    changed.insert((Arc::clone(&topic), key), value);
+                }
+            }
+            if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
+                write_latest(cluster, &mut changed).await;
+                next_write = Instant::now() + every;
             }
         });
         for reply in marks {
@@ -1644,33 +1692,91 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
     }
 }
 
+/// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
+/// JetStream did not acknowledge within [`ACK_WAIT`] stay in `changed` (unless a newer value
+/// came meanwhile) for the next write.
+async fn write_latest(cluster: &Cluster, changed: &mut HashMap<(crate::Topic, Key), String>) {
+    let mut sent = Vec::with_capacity(changed.len());
+    for ((topic, key), value) in changed.drain() {
+        let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(&key), &value)) else {
+            continue;
+        };
+        let subject = latest_subject(&topic, &key);
+        let ack = cluster.js.publish(subject, payload.into()).await;
+        sent.push(((topic, key), value, ack));
+    }
+    let waits = sent.into_iter().map(|(at, value, ack)| async move {
+        let done = match ack {
+            Ok(ack) => matches!(
+                tokio::time::timeout(ACK_WAIT, std::future::IntoFuture::into_future(ack)).await,
+                Ok(Ok(_))
+            ),
+            Err(_) => false,
+        };
+        (at, value, done)
+    });
+    let mut failed = 0;
+    let results = futures_util::future::join_all(waits).await;
+    let total = results.len() as u64;
+    for (at, value, done) in results {
+        if !done {
+            failed += 1;
+            changed.entry(at).or_insert(value);
+        }
+    }
+    cluster
+        .latest_written
+        .fetch_add(total - failed, Ordering::Relaxed);
+    if failed > 0 {
+        tracing::warn!(
+            "cluster: {failed} latest values not stored in EDDY_LATEST; again next time"
+        );
+    }
+}
+
 /// Items of one topic from every node's shards into the local hub, while a subscriber here wants
-/// the topic ([`Cluster::want`]).
-async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
+/// the topic ([`Cluster::want`]). `seeded`: the values the topic's snapshot store got from
+/// `EDDY_LATEST`; a key's first live item equal to its seeded value was already there (it came
+/// on `eddy.out` before the read, and arrived after) and is not taken twice.
+async fn receive(
+    cluster: Arc<Cluster>,
+    mut items: async_nats::Subscriber,
+    mut seeded: HashMap<Key, Vec<u8>>,
+) {
     while let Some(message) = items.next().await {
-        let Some(topic) = subject_topic(&message.subject) else {
+        let mut items = decode_items(&message);
+        if !seeded.is_empty() {
+            items.retain(|item| seeded.remove(&item.key).is_none_or(|v| v != item.value));
+        }
+        if items.is_empty() {
             continue;
-        };
-        let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload)
-        else {
-            tracing::warn!("cluster: undecodable items on {}", message.subject);
-            continue;
-        };
-        let topic: crate::Topic = Arc::from(topic.as_str());
-        let items: Vec<Emitted> = decoded
-            .into_iter()
-            .map(|(key, value)| Emitted {
-                topic: Arc::clone(&topic),
-                key: Key::from(key),
-                value: value.into_bytes(),
-            })
-            .collect();
+        }
         cluster
             .received_items
             .fetch_add(items.len() as u64, Ordering::Relaxed);
         // Into the mailboxes (waiting, briefly, while a local publish holds the hub).
         cluster.hub.items(0, items, None);
     }
+}
+
+/// The items of one `eddy.out.<topic>` message.
+fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
+    let Some(topic) = subject_topic(&message.subject) else {
+        return Vec::new();
+    };
+    let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload) else {
+        tracing::warn!("cluster: undecodable items on {}", message.subject);
+        return Vec::new();
+    };
+    let topic: crate::Topic = Arc::from(topic.as_str());
+    decoded
+        .into_iter()
+        .map(|(key, value)| Emitted {
+            topic: Arc::clone(&topic),
+            key: Key::from(key),
+            value: value.into_bytes(),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1704,6 +1810,13 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
             }
             kv::Operation::Delete | kv::Operation::Purge => {
                 super::admin::remove(&state, &name).await;
+                // Every node that owned some of its keys purges their latest values again once
+                // its forwarder has written what it kept of them (a mark writes them): none is
+                // left for a later query of the same name.
+                if let Some(cluster) = &state.cluster {
+                    drain(&state, cluster).await;
+                    cluster.purge_latest(&name).await;
+                }
             }
         }
     }
@@ -1846,6 +1959,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Messages sent to JetStream again after a failed publish (no responders, no ack).",
             c.publish_retries.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_latest_values_written_total",
+            "counter",
+            "Keys' latest values this node wrote to EDDY_LATEST (at most one per key per latest_interval).",
+            c.latest_written.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_publish_failures_total",
