@@ -1828,7 +1828,7 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
 /// `GET /cluster`: this node, the live nodes and each partition's owner.
 pub async fn describe(state: &State) -> Option<Vec<u8>> {
     let cluster = state.cluster.as_ref()?;
-    let mut live = keys(&cluster, NODES).await.unwrap_or_default();
+    let mut live = keys(cluster, NODES).await.unwrap_or_default();
     live.sort();
     let mut owners = Vec::new();
     for p in 0..cluster.config.partitions {
