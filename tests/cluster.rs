@@ -265,9 +265,9 @@ async fn produce_through(
     for (i, f) in frames.into_iter().enumerate() {
         // The ack, past the node's pings (a wait for JetStream may outlast a ping interval).
         let ack: Value = loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            let msg = tokio::time::timeout(Duration::from_secs(60), rx.next())
                 .await
-                .expect("an ack within 30 s")
+                .expect("an ack within 60 s (a publish is retried for up to 30 s)")
                 .unwrap()
                 .unwrap();
             if let Message::Text(t) = msg {

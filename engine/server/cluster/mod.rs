@@ -106,8 +106,8 @@ const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
 const LATEST: &str = "EDDY_LATEST";
 /// How long a node keeps trying to get an input's messages into JetStream (a new stream leader
-/// is elected in 4 to 9 s when one dies) before it answers the input's events as rejected.
-pub const PUBLISH_RETRY: Duration = Duration::from_secs(20);
+/// is elected in 4 to 9 s when one dies, 20 s and more on a starved machine) before it answers the input's events as rejected.
+pub const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// The longest wait for one publish's ack before the message is sent again.
 const ACK_WAIT: Duration = Duration::from_secs(2);
 /// JetStream's duplicate window of the event stream: longer than [`PUBLISH_RETRY`], so that a
