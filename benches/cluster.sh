@@ -8,10 +8,13 @@
 #      owns them all with every key restored.
 #
 #   EDDY_NATS_SERVER=/path/to/nats-server bash benches/cluster.sh        # ROUNDS=3, KEYS=100000
+#   LATEST="0 250ms" ... : one cluster run per [cluster] latest_interval in each round (default
+#   250ms), to compare how often the latest values are written; RECOVERY=0 skips part 2.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 rounds="${ROUNDS:-3}"
+latest_intervals="${LATEST:-250ms}"
 keys="${KEYS:-100000}"
 nats="${EDDY_NATS_SERVER:-$(command -v nats-server || true)}"
 [ -x "$nats" ] || { echo "no nats-server: set EDDY_NATS_SERVER"; exit 1; }
@@ -73,34 +76,38 @@ metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { prin
 echo "== 1. events/s and CPU per event: alone against one cluster node, $rounds rounds"
 declare -a alone clus
 for r in $(seq 1 "$rounds"); do
-  for mode in alone cluster; do
+  for mode in alone $(for l in $latest_intervals; do echo "cluster:$l"; done); do
     if [ "$mode" = alone ]; then
       serve --ephemeral
     else
       start_nats
-      serve --cluster "$nats_url" --node bench
+      printf '[cluster]\nlatest_interval = "%s"\n' "${mode#cluster:}" > "$work/eddy.toml"
+      serve --config "$work/eddy.toml" --cluster "$nats_url" --node bench
       for _ in $(seq 1 100); do [ "$(owned "$port")" = 64 ] && break; sleep 0.1; done
     fi
-    e0="$(cpu "$pid")"; n0=0; [ "$mode" = cluster ] && n0="$(cpu "$nats_pid")"
+    e0="$(cpu "$pid")"; n0=0; [ "$mode" != alone ] && n0="$(cpu "$nats_pid")"
     report="$("$eddy" feed "ws://127.0.0.1:$port" --rate max --batch 100 --duration 8s --json)"
     # The owner may still be working through what was acknowledged: wait for it.
-    if [ "$mode" = cluster ]; then
+    if [ "$mode" != alone ]; then
       for _ in $(seq 1 300); do [ "$(metric "$port" eddy_cluster_consumer_lag)" = 0 ] && break; sleep 0.1; done
     fi
-    e1="$(cpu "$pid")"; n1=0; [ "$mode" = cluster ] && n1="$(cpu "$nats_pid")"
+    e1="$(cpu "$pid")"; n1=0; [ "$mode" != alone ] && n1="$(cpu "$nats_pid")"
     read -r eps events < <(echo "$report" | python3 -c 'import sys, json; r = json.load(sys.stdin); print(int(r["events_per_second"]), r["accepted"])')
     stop "$pid"
-    [ "$mode" = cluster ] && stop "$nats_pid"
+    [ "$mode" != alone ] && stop "$nats_pid"
     per_event="$(python3 -c "print(f'{($e1 - $e0) * 1e6 / $events:.1f}')")"
     nats_per_event="$(python3 -c "print(f'{($n1 - $n0) * 1e6 / $events:.1f}')")"
     echo "round $r  $mode  $eps events/s  eddy $per_event µs CPU/event  nats-server $nats_per_event µs CPU/event"
-    if [ "$mode" = alone ]; then alone+=("$eps"); else clus+=("$eps"); fi
+    if [ "$mode" = alone ]; then alone+=("$eps"); else clus+=("$mode=$eps"); fi
   done
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 ma="$(median "${alone[@]}")"
-mc="$(median "${clus[@]}")"
-echo "median: alone $ma, cluster $mc events/s: cluster/alone = $(python3 -c "print(f'{$mc / $ma:.2f}')")"
+for l in $latest_intervals; do
+  mc="$(median $(printf '%s\n' "${clus[@]}" | awk -F= -v m="cluster:$l" '$1 == m { print $2 }'))"
+  echo "median: alone $ma, cluster (latest_interval $l) $mc events/s: cluster/alone = $(python3 -c "print(f'{$mc / $ma:.2f}')")"
+done
+[ "${RECOVERY:-1}" = 0 ] && exit 0
 
 echo "== 2. recovery of about $keys keys from partition checkpoints"
 start_nats

@@ -265,9 +265,9 @@ async fn produce_through(
     for (i, f) in frames.into_iter().enumerate() {
         // The ack, past the node's pings (a wait for JetStream may outlast a ping interval).
         let ack: Value = loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            let msg = tokio::time::timeout(Duration::from_secs(60), rx.next())
                 .await
-                .expect("an ack within 30 s")
+                .expect("an ack within 60 s (a publish is retried for up to 30 s)")
                 .unwrap()
                 .unwrap();
             if let Message::Text(t) = msg {
@@ -843,6 +843,67 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
     }
 }
 
+/// Owners write keys' latest values to `EDDY_LATEST` at most every `latest_interval` (2 s
+/// here). A node whose first subscriber to a topic arrives right after the last item waits that
+/// long before it reads the stream, so the snapshot holds every key's newest value, equal to the
+/// reference; and those values are a snapshot, not items: that node counts none emitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_every_2_s() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\nlatest_interval = \"2s\"\n").unwrap();
+        let path = path.to_str().unwrap();
+        let queries = queries_dir();
+        let args = ["--config", path, "--cluster", &nats.url];
+        let a = node_args(queries.path(), "a", &args).await;
+        let b = node_args(queries.path(), "b", &args).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub_a = subscribe_vwap(&a.2).await;
+        let mut acked = Vec::new();
+        // Two feeds, so that many keys change twice within one interval.
+        for seed in [91, 97] {
+            let feed = trades(400, seed);
+            acked.extend(produce(a.2.clone(), feed.chunks(10).map(<[_]>::to_vec).collect()).await);
+        }
+        let want = reference(&acked);
+        let mut seq = 0;
+        assert_vwap(&converge(&mut sub_a, &want, &mut seq).await, &want);
+        // Every item is out; b has had no subscriber, and some values are not in the stream yet.
+        let (_sub_b, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        let (_, text) = http_at(&b.2, "GET", "/metrics", None, "").await;
+        assert_eq!(
+            support::metric(&text, "eddy_items_emitted_total{topic=\"vwap\"}"),
+            0.0,
+            "the snapshot's values were counted as items on b"
+        );
+        assert_eq!(
+            support::metric(&text, "eddy_cluster_snapshot_values_loaded_total"),
+            want.len() as f64
+        );
+        // Each key was written at most once per interval: fewer writes than items.
+        let written = metric_of(&a.2, "eddy_cluster_latest_values_written_total").await
+            + metric_of(&b.2, "eddy_cluster_latest_values_written_total").await;
+        assert!(
+            written >= want.len() as f64,
+            "{written} latest values written"
+        );
+        assert!(
+            written < acked.len() as f64,
+            "{written} latest values written for {} items",
+            acked.len()
+        );
+        drop((a, b));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the latest-interval test took more than 100 s"),
+    }
+}
+
 /// A NATS client of any of `urls`.
 async fn nats_client(urls: &[String]) -> Option<async_nats::Client> {
     let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
@@ -859,13 +920,12 @@ async fn stream_leader(urls: &[String], name: &str) -> Option<String> {
 }
 
 /// Three nats-servers, the streams and buckets replicated 3 times, leases of 12 s; the leader of
-/// `EDDY_EVENTS` is killed during a feed through two eddy nodes. Passes: no acknowledged event is
-/// lost or counted twice, and neither node fences itself. Ignored because of what it found: NATS
-/// elects a new stream leader in about 6 s, but the nodes' publishes to `eddy.ev.*` go on failing
-/// (no responders) for the rest of the feed, so the test takes over a minute (see the README's
-/// "Not built yet"). Run it with `cargo test --test cluster -- --ignored nats_stream_leader`.
+/// `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a new stream
+/// leader, publishes get "no responders" (or no ack, from the leader that died): the nodes send
+/// those messages again, with the same message id, until JetStream acknowledges them. So every
+/// event of the feed is acknowledged, none is lost or counted twice, and neither node fences
+/// itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes over a minute: after the NATS leader dies, eddy's publishes fail until the feed ends"]
 async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_event() {
     let _one = ONE_AT_A_TIME.lock().await;
     let Some(mut servers) = support::nats::start_nats_cluster(3) else {
@@ -935,6 +995,7 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             acked.extend(ok);
             unacked.extend(failed);
         }
+        let feed_over = killed.elapsed();
         let rest: Vec<String> = urls
             .iter()
             .enumerate()
@@ -942,31 +1003,27 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             .map(|(_, u)| u.clone())
             .collect();
         let new_leader = stream_leader(&rest, "EDDY_EVENTS").await;
+        let retries = metric_of(&a.2, "eddy_cluster_publish_retries_total").await
+            + metric_of(&b.2, "eddy_cluster_publish_retries_total").await;
         eprintln!(
             "stream leader {leader} killed; new leader {new_leader:?}; {} events acknowledged, \
-             {} not, feed over {:?} after the kill",
+             {} not; {retries} messages sent again; feed over {feed_over:?} after the kill",
             acked.len(),
             unacked.len(),
-            killed.elapsed()
         );
         assert!(new_leader.is_some_and(|l| l != leader));
-
-        // Every acknowledged trade is counted, once; one JetStream stored without its ack
-        // reaching the node may be counted too (it was answered as rejected).
-        let floor = reference(&acked);
-        let mut sent = acked.clone();
-        sent.extend(unacked.iter().cloned());
-        let ceiling = reference(&sent);
+        // The publishes that failed while NATS had no stream leader were sent again: every
+        // event of the feed is acknowledged.
+        assert!(retries > 0.0, "no publish failed: the kill missed the feed");
+        assert!(
+            unacked.is_empty(),
+            "{} events not acknowledged after the NATS leader died",
+            unacked.len()
+        );
+        // Every trade is counted once: a message sent again is stored once (its id).
+        let want = reference(&acked);
         let mut seq = 0;
-        let latest = converge(&mut sub, &floor, &mut seq).await;
-        if unacked.is_empty() {
-            assert_vwap(&latest, &floor);
-        } else {
-            for (s, v) in &latest {
-                let n = v["trades"].as_i64().unwrap();
-                assert!(n >= floor[s].1 && n <= ceiling[s].1, "{s}: {n} trades");
-            }
-        }
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
         // Both eddy nodes lived through it (neither lost a lease and fenced itself).
         let (mut a, mut b) = (a, b);
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");

@@ -164,6 +164,13 @@ impl HubHandle {
         hub.publish();
     }
 
+    /// Latest values kept elsewhere (cluster mode: the stream `EDDY_LATEST`), for snapshots
+    /// only: they are not items here, so they are not counted, not kept for resumes and not
+    /// sent to anyone.
+    pub fn seed_latest(&self, values: Vec<Emitted>) {
+        self.lock().seed_latest(values);
+    }
+
     /// A checkpoint's place in the shard's output: per topic, its epoch and how many items the
     /// shard emitted to it so far, with the latest values that came from the shard.
     pub fn mark(&self, shard: usize) -> Vec<ShardCount> {
@@ -332,6 +339,34 @@ impl Hub {
                     .collect(),
             })
             .collect()
+    }
+
+    /// See [`HubHandle::seed_latest`].
+    fn seed_latest(&mut self, values: Vec<Emitted>) {
+        for value in values {
+            let settings = &self.settings;
+            let state = match self.topics.get_mut(&value.topic) {
+                Some(state) => state,
+                None => {
+                    self.topics_changed = true;
+                    self.topics
+                        .entry(Arc::clone(&value.topic))
+                        .or_insert_with(|| TopicState::new(query_of(&value.topic), settings))
+                }
+            };
+            let mut element = b"{\"key\":".to_vec();
+            value.key.write_json(&mut element);
+            element.extend_from_slice(b",\"value\":");
+            element.extend_from_slice(&value.value);
+            element.push(b'}');
+            self.snapshot_skipped += keep_latest(
+                &mut state.latest,
+                &mut self.latest_bytes,
+                settings,
+                &value.key,
+                (Bytes::from(element), 0),
+            );
+        }
     }
 
     /// Adds a shard's items to their topics' pending batches (publishing a batch that got full).

@@ -3,8 +3,9 @@
 //! Without it eddy runs alone. With it, the NATS servers to use, the credentials file, this
 //! node's name (unique in the cluster; default: the host name and the listen port), the number
 //! of partitions (fixed for the life of the cluster's streams; default 64) and the replicas of
-//! the JetStream streams and buckets (1; 3 on a three-server NATS cluster), and the life of a
-//! partition's lease (5 s), the same on every node.
+//! the JetStream streams and buckets (1; 3 on a three-server NATS cluster), the life of a
+//! partition's lease (5 s), the same on every node, and how often a partition's owner writes
+//! its keys' latest values to `EDDY_LATEST` for snapshots (at most every 250 ms per key).
 
 use std::path::PathBuf;
 
@@ -20,6 +21,10 @@ pub const DEFAULT_PARTITIONS: u32 = 64;
 /// move after this. On a replicated NATS cluster, a lease must outlast NATS's own election of a
 /// new stream leader when a NATS server dies (4 to 9 s in nats-server 2.10+): 12 s does.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+/// How often an owner writes the latest values of the keys that changed to `EDDY_LATEST` when
+/// `latest_interval` is not given: a snapshot read from the stream is at most this old for a key
+/// (a node waits this long before reading it, so that its snapshot misses nothing).
+pub const DEFAULT_LATEST_INTERVAL: Duration = Duration::from_millis(250);
 
 /// `[cluster]` as written.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -34,6 +39,9 @@ pub struct RawCluster {
     pub replicas: Option<usize>,
     /// The life of a lease without renewal (`"5s"`, or milliseconds).
     pub lease: Option<RawDuration>,
+    /// How often changed keys' latest values go to `EDDY_LATEST` (`"250ms"`, or milliseconds;
+    /// 0: with every batch of items).
+    pub latest_interval: Option<RawDuration>,
 }
 
 /// The cluster settings in use.
@@ -45,6 +53,7 @@ pub struct ClusterConfig {
     pub partitions: u32,
     pub replicas: usize,
     pub lease: Duration,
+    pub latest_interval: Duration,
 }
 
 impl RawCluster {
@@ -77,19 +86,20 @@ impl RawCluster {
         if !(1..=5).contains(&replicas) {
             problems.push(format!("cluster.replicas: {replicas} (expected 1 to 5)"));
         }
-        let lease = match self.lease {
-            None => DEFAULT_LEASE,
-            Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
-            Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
-                Ok(ms) => Duration::from_millis(ms.max(0) as u64),
-                Err(e) => {
-                    problems.push(format!("cluster.lease: {e}"));
-                    DEFAULT_LEASE
-                }
-            },
-        };
+        let lease = duration("cluster.lease", self.lease, DEFAULT_LEASE, problems);
         if !(Duration::from_secs(2)..=Duration::from_secs(60)).contains(&lease) {
             problems.push(format!("cluster.lease: {lease:?} (expected 2 s to 60 s)"));
+        }
+        let latest_interval = duration(
+            "cluster.latest_interval",
+            self.latest_interval,
+            DEFAULT_LATEST_INTERVAL,
+            problems,
+        );
+        if latest_interval > Duration::from_secs(10) {
+            problems.push(format!(
+                "cluster.latest_interval: {latest_interval:?} (expected 0 to 10 s)"
+            ));
         }
         let node = self.node.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
@@ -114,7 +124,28 @@ impl RawCluster {
             partitions,
             replicas,
             lease,
+            latest_interval,
         })
+    }
+}
+
+/// A duration setting: `"5s"`, `"250ms"` or milliseconds; `default` when not given.
+fn duration(
+    name: &str,
+    raw: Option<RawDuration>,
+    default: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match raw {
+        None => default,
+        Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
+        Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
+            Ok(ms) => Duration::from_millis(ms.max(0) as u64),
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                default
+            }
+        },
     }
 }
 
@@ -136,6 +167,38 @@ mod tests {
         assert_eq!(c.partitions, DEFAULT_PARTITIONS);
         assert_eq!(c.replicas, 1);
         assert_eq!(c.lease, DEFAULT_LEASE);
+        assert_eq!(c.latest_interval, DEFAULT_LATEST_INTERVAL);
+    }
+
+    #[test]
+    fn the_latest_interval_is_a_duration_up_to_ten_seconds() {
+        let every = |raw: RawDuration| {
+            let raw = RawCluster {
+                urls: Some(vec!["nats://127.0.0.1:4222".into()]),
+                node: Some("a".into()),
+                latest_interval: Some(raw),
+                ..Default::default()
+            };
+            let mut problems = Vec::new();
+            let c = raw.validate(8080, &mut problems).unwrap();
+            (c.latest_interval, problems)
+        };
+        assert_eq!(
+            every(RawDuration::Text("100ms".into())),
+            (Duration::from_millis(100), vec![])
+        );
+        assert_eq!(every(RawDuration::Millis(0)), (Duration::ZERO, vec![]));
+        let (_, problems) = every(RawDuration::Text("11s".into()));
+        assert_eq!(
+            problems,
+            ["cluster.latest_interval: 11s (expected 0 to 10 s)"]
+        );
+        let (_, problems) = every(RawDuration::Text("often".into()));
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("cluster.latest_interval: "),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //!   (as Kafka Streams repartitions, deduplicated when the keys land in one partition), and the
 //!   owner of a partition applies only the deliveries whose key is in that partition. The
 //!   producer's ack waits for JetStream's acks of every message of the frame (all published,
-//!   then all awaited).
+//!   then all awaited at once). Each message carries an id (`Nats-Msg-Id`): one that fails (no
+//!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
+//!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
+//!   after the frame came; only then are its events answered as rejected.
 //! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
@@ -24,12 +27,17 @@
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
 //! - stream `EDDY_LATEST`, subjects `eddy.last.<query>.<topic>.<key>` (each part one token, see
 //!   [`latest_subject`]), one message kept per subject: each key's latest item per topic, for
-//!   snapshots. The owner publishes it just before the item's batch on `eddy.out`. A node whose
-//!   first subscriber to a topic arrives subscribes to `eddy.out.<topic>`, then reads the topic's
-//!   latest values from this stream into its hub, then lets the subscriber in: its snapshot holds
-//!   every key the cluster ever emitted on the topic, also on a node started after the key's
-//!   last item. A key's value published between the node's subscription and its read of the
-//!   stream may reach the hub twice (from the stream, then from `eddy.out`), in order.
+//!   snapshots. The owner's forwarder publishes items on `eddy.out` at once and writes the keys
+//!   that changed to this stream at most every `[cluster] latest_interval` (250 ms), each
+//!   acknowledged by JetStream or kept for the next write, and before it answers a mark (a
+//!   hand-over, a checkpoint, a removal). A node whose first subscriber to a topic arrives
+//!   subscribes to `eddy.out.<topic>`, waits `latest_interval` and 100 ms (so that every value
+//!   emitted before is in the stream), reads the topic's latest values into its hub's snapshot
+//!   store (not items: not counted, not kept for resumes), then the items that came on
+//!   `eddy.out` meanwhile (a key that came live keeps its live value, and a key's first live
+//!   item equal to the value read is not taken twice), then lets the subscriber in: its
+//!   snapshot holds every key the cluster ever emitted on the topic, also on a node started
+//!   after the key's last item.
 //!
 //! Ownership: each partition has a preferred owner, the rendezvous-hash winner among the live
 //! nodes; a free partition is taken by its preferred owner at once and by any node after
@@ -97,6 +105,21 @@ const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
 const LATEST: &str = "EDDY_LATEST";
+/// How long a node keeps trying to get an input's messages into JetStream (a new stream leader
+/// is elected in 4 to 9 s when one dies, 20 s and more on a starved machine) before it answers the input's events as rejected.
+pub const PUBLISH_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait for one publish's ack before the message is sent again.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+/// JetStream's duplicate window of the event stream: longer than [`PUBLISH_RETRY`], so that a
+/// message sent again is stored once.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
+/// The longest wait for a consumer to be made (one placed on a server that died times out).
+const CONSUMER_CREATE: Duration = Duration::from_secs(2);
+/// How often an idle partition consumer hears from NATS: two missed beats and it is made again.
+const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// What a node waits, besides `latest_interval`, before it reads `EDDY_LATEST` for a topic's
+/// first subscriber: the owners' write and its ack.
+const LATEST_SETTLE: Duration = Duration::from_millis(100);
 /// How long a first subscriber to a topic waits, at most, for the topic's latest values.
 const LATEST_READ: Duration = Duration::from_secs(5);
 
@@ -249,6 +272,8 @@ pub struct Cluster {
     /// snapshots.
     pub received_items: AtomicU64,
     pub latest_loaded: AtomicU64,
+    /// Writes of changed keys' latest values to `EDDY_LATEST`.
+    pub latest_written: AtomicU64,
     /// Per partition: the stream sequence of the last message queued for the shards.
     fed: Vec<AtomicU64>,
     /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
@@ -271,6 +296,11 @@ pub struct Cluster {
     /// Frames and events published, and publishes JetStream did not acknowledge.
     pub published_messages: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Messages sent again after a failed publish.
+    pub publish_retries: AtomicU64,
+    /// This process's prefix of message ids (node name and start time), and the next number.
+    incarnation: String,
+    next_message: AtomicU64,
     /// The shards' output (the forwarder's input), for its marks.
     out: Sender<Forwarded>,
     out_rx: Receiver<Forwarded>,
@@ -317,6 +347,7 @@ impl Cluster {
         js.get_or_create_stream(stream::Config {
             name: EVENTS.into(),
             subjects: vec!["eddy.ev.*".into()],
+            duplicate_window: DUPLICATE_WINDOW,
             num_replicas: config.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -376,6 +407,7 @@ impl Cluster {
             topics_taken: AtomicU64::new(0),
             received_items: AtomicU64::new(0),
             latest_loaded: AtomicU64::new(0),
+            latest_written: AtomicU64::new(0),
             fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             order: tokio::sync::Mutex::new(()),
             moves: tokio::sync::Mutex::new(()),
@@ -389,6 +421,9 @@ impl Cluster {
             released: AtomicU64::new(0),
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            publish_retries: AtomicU64::new(0),
+            incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
+            next_message: AtomicU64::new(0),
             out,
             out_rx,
             hub,
@@ -431,24 +466,31 @@ impl Cluster {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             None => {
-                // The query's latest values go with it: a later query of the same name starts
-                // with an empty snapshot, as it does alone.
-                if let Ok(latest) = self.js.get_stream(LATEST).await {
-                    let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
-                    if let Err(e) = latest.purge().filter(filter).await {
-                        tracing::warn!("cluster: latest values of {name} not purged: {e}");
-                    }
-                }
+                self.purge_latest(name).await;
                 self.catalog.delete(name).await.map_err(|e| e.to_string())
             }
         };
         done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
     }
 
+    /// Removes query `name`'s latest values from `EDDY_LATEST`: a later query of the same name
+    /// starts with an empty snapshot, as it does alone.
+    async fn purge_latest(&self, name: &str) {
+        if let Ok(latest) = self.js.get_stream(LATEST).await {
+            let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
+            if let Err(e) = latest.purge().filter(filter).await {
+                tracing::warn!("cluster: latest values of {name} not purged: {e}");
+            }
+        }
+    }
+
     /// Subscriber `subscriber` here wants `topic`. The first one makes this node take the topic
-    /// from NATS: subscribe to `eddy.out.<topic>`, put the topic's latest values from
-    /// `EDDY_LATEST` in the hub (for its snapshot), then start feeding the hub with what arrives.
-    /// Returns once the hub has them, so that the subscriber's snapshot holds them.
+    /// from NATS: subscribe to `eddy.out.<topic>`, wait until every value emitted before is in
+    /// `EDDY_LATEST` (owners write there at most `latest_interval` after the item), read the
+    /// topic's latest values from it into the hub's snapshot store, with the items that came on
+    /// `eddy.out` meanwhile after them (a key that came live keeps its live value), then feed
+    /// the hub with what arrives. Returns once the hub has them, so that the subscriber's
+    /// snapshot holds them.
     pub async fn want(self: &Arc<Self>, subscriber: u64, topic: &str) -> Result<(), String> {
         let mut interest = self.interest.lock().await;
         if let Some(i) = interest.get_mut(topic) {
@@ -456,7 +498,7 @@ impl Cluster {
             return Ok(());
         }
         let subject = topic_subject(topic);
-        let items = self
+        let mut items = self
             .client
             .subscribe(subject.clone())
             .await
@@ -466,12 +508,32 @@ impl Cluster {
             .flush()
             .await
             .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+        tokio::time::sleep(self.config.latest_interval + LATEST_SETTLE).await;
+        let mut seeded = HashMap::new();
         match tokio::time::timeout(LATEST_READ, self.read_latest(topic)).await {
             Ok(Ok(latest)) => {
                 self.latest_loaded
                     .fetch_add(latest.len() as u64, Ordering::Relaxed);
-                if !latest.is_empty() {
-                    self.hub.items(0, latest, None);
+                // What came live meanwhile is as new as the stream's values or newer.
+                let mut live = Vec::new();
+                while let Some(Some(message)) = futures_util::FutureExt::now_or_never(items.next())
+                {
+                    live.extend(decode_items(&message));
+                }
+                let came: HashSet<&Key> = live.iter().map(|item| &item.key).collect();
+                let latest: Vec<Emitted> = latest
+                    .into_iter()
+                    .filter(|value| !came.contains(&value.key))
+                    .collect();
+                seeded = latest
+                    .iter()
+                    .map(|value| (value.key.clone(), value.value.clone()))
+                    .collect();
+                self.hub.seed_latest(latest);
+                if !live.is_empty() {
+                    self.received_items
+                        .fetch_add(live.len() as u64, Ordering::Relaxed);
+                    self.hub.items(0, live, None);
                 }
             }
             Ok(Err(e)) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
@@ -479,7 +541,7 @@ impl Cluster {
                 tracing::warn!("cluster: no snapshot of {topic} from NATS within {LATEST_READ:?}")
             }
         }
-        let task = tokio::spawn(receive(Arc::clone(self), items));
+        let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
         interest.insert(
             topic.to_owned(),
             Interest {
@@ -694,26 +756,48 @@ pub async fn publish(
     if let Some(stream) = stream {
         headers.insert("Eddy-Stream", stream);
     }
-    let mut waiting = Vec::new();
-    let mut failed = Vec::new();
+    let published = Instant::now();
+    let mut sends = Vec::new();
     for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
-        let subject = event_subject(partition as u32);
-        match cluster
-            .js
-            .publish_with_headers(subject, headers.clone(), ndjson.into())
-            .await
-        {
-            Ok(ack) => waiting.push((ack, indexes)),
-            Err(e) => failed.extend(indexes.into_iter().map(|i| (i, e.to_string()))),
-        }
+        let mut headers = headers.clone();
+        // JetStream stores a message once per id within its duplicate window: a retry of a
+        // message whose first ack was lost (a leader that died after storing it) is not stored
+        // twice.
+        let id = cluster.next_message.fetch_add(1, Ordering::Relaxed);
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{}.{id}", cluster.incarnation).as_str(),
+        );
+        let message = Outgoing {
+            subject: event_subject(partition as u32),
+            headers,
+            payload: Bytes::from(ndjson),
+        };
+        let first = cluster.send(&message).await;
+        sends.push((message, first, indexes));
     }
     cluster
         .published_messages
-        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        .fetch_add(sends.len() as u64, Ordering::Relaxed);
     let counted = Arc::clone(cluster);
     let acks: Acks = Box::pin(async move {
-        for (ack, indexes) in waiting {
-            if let Err(e) = ack.await {
+        // All of the input's messages at once: one that waits for its ack (or for a new stream
+        // leader) delays the others by nothing, and the deadline runs from the publish, so that
+        // an input's answer never waits on an earlier input's.
+        let deadline = published + PUBLISH_RETRY;
+        let cluster = &counted;
+        let results = futures_util::future::join_all(sends.into_iter().map(
+            |(message, first, indexes)| async move {
+                (
+                    indexes,
+                    cluster.acknowledged(message, first, deadline).await,
+                )
+            },
+        ))
+        .await;
+        let mut failed = Vec::new();
+        for (indexes, result) in results {
+            if let Err(e) = result {
                 let reason = format!("JetStream did not acknowledge the event: {e}");
                 failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
             }
@@ -726,6 +810,70 @@ pub async fn publish(
         failed
     });
     (routed, acks)
+}
+
+/// One message of an input for the event stream, kept until JetStream acknowledges it.
+struct Outgoing {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+}
+
+type SendResult = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
+
+impl Cluster {
+    /// Hands `message` to the NATS client; the future resolves with JetStream's ack.
+    async fn send(&self, message: &Outgoing) -> SendResult {
+        self.js
+            .send_publish(
+                message.subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(message.payload.clone())
+                    .headers(message.headers.clone()),
+            )
+            .await
+    }
+
+    /// Waits for JetStream's ack of `message`, sent once already (`sent`), and sends it again
+    /// (with the same id) after a failure: no responders while a new stream leader is elected,
+    /// an ack lost with the leader that died, no ack within [`ACK_WAIT`]. Retries back off from
+    /// 50 ms to 1 s, until the message is acknowledged or `deadline` passes.
+    async fn acknowledged(
+        &self,
+        message: Outgoing,
+        mut sent: SendResult,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let failure = match sent {
+                Ok(ack) => {
+                    let wait = (Instant::now() + ACK_WAIT).min(deadline);
+                    match tokio::time::timeout_at(
+                        wait.into(),
+                        std::future::IntoFuture::into_future(ack),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(e)) => e,
+                        Err(_) => jetstream::context::PublishError::new(
+                            jetstream::context::PublishErrorKind::TimedOut,
+                        ),
+                    }
+                }
+                Err(e) => e,
+            };
+            let retry = failure.kind() != jetstream::context::PublishErrorKind::MaxPayloadExceeded;
+            if !retry || Instant::now() + backoff >= deadline {
+                return Err(failure.to_string());
+            }
+            self.publish_retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            sent = self.send(&message).await;
+        }
+    }
 }
 
 /// Applies the acks' failures to an outcome: those events were not accepted.
@@ -781,7 +929,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 continue;
             }
         }
-        let Some(live) = keys(&cluster.nodes).await else {
+        let Some(live) = keys(&cluster, NODES).await else {
             continue;
         };
         for node in &live {
@@ -794,7 +942,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
             .cloned()
             .collect();
-        let Some(taken) = keys(&cluster.owners).await else {
+        let Some(taken) = keys(&cluster, OWNERS).await else {
             continue;
         };
         if now.duration_since(started) < SETTLE {
@@ -944,20 +1092,73 @@ fn fenced(why: &str) -> ! {
     std::process::exit(3)
 }
 
-/// The keys of a bucket, `None` when NATS did not answer.
-async fn keys(store: &kv::Store) -> Option<Vec<String>> {
-    let mut keys = match store.keys().await {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!("cluster: cannot list keys: {e}");
-            return None;
+/// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
+/// answer in time.
+///
+/// Read with one batched direct get (`multi_last`, NATS 2.11 and later), which any server of
+/// the bucket's group answers, rather than with `kv::Store::keys`, which makes a consumer: NATS
+/// places such a consumer on a random server of the bucket's group, and for a minute or more
+/// after a server is SIGKILLed that may be the dead one (NATS does not count it offline yet),
+/// so one listing in three would wait for nothing.
+async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
+    let listed = tokio::time::timeout(2 * CONSUMER_CREATE, async {
+        let inbox = cluster.client.new_inbox();
+        let mut replies = cluster
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let prefix = format!("$KV.{bucket}.");
+        let request = format!(r#"{{"multi_last":["{prefix}>"],"batch":1000000}}"#);
+        cluster
+            .client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.KV_{bucket}"),
+                inbox,
+                request.into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        while let Some(message) = replies.next().await {
+            match message.status {
+                None => {}
+                // No key at all.
+                Some(async_nats::StatusCode::NOT_FOUND) => return Ok(out),
+                // The end of the batch (204).
+                Some(code) if code.as_u16() == 204 => return Ok(out),
+                Some(code) => return Err(format!("status {code}: {:?}", message.description)),
+            }
+            let Some(headers) = &message.headers else {
+                continue;
+            };
+            let deleted = headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let key = headers
+                .get("Nats-Subject")
+                .and_then(|s| s.as_str().strip_prefix(&prefix).map(str::to_owned));
+            if let (Some(key), false) = (key, deleted) {
+                out.push(key);
+            }
         }
-    };
-    let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        out.push(k.ok()?);
+        Err("the reply subscription ended".to_owned())
+    })
+    .await;
+    match listed {
+        Ok(Ok(keys)) => Some(keys),
+        Ok(Err(e)) => {
+            tracing::warn!("cluster: cannot list the keys of {bucket}: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "cluster: cannot list the keys of {bucket}: no answer within {:?}",
+                2 * CONSUMER_CREATE
+            );
+            None
+        }
     }
-    Some(out)
 }
 
 /// Collects one partition's deliveries for the local shards, dropping those of keys in other
@@ -990,10 +1191,11 @@ impl RouteSink for OwnedSink<'_> {
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
-    // NATS may be briefly away (a leader election): try for as long as a lease lives.
+    // NATS may be briefly away (a leader election): try for as long as a lease lives, and at
+    // least as long as a publish is retried.
     let mut loaded = load_checkpoint(&cluster, p).await;
     let trying = Instant::now();
-    while loaded.is_err() && trying.elapsed() < cluster.config.lease {
+    while loaded.is_err() && trying.elapsed() < cluster.config.lease.max(PUBLISH_RETRY) {
         tokio::time::sleep(TICK).await;
         loaded = load_checkpoint(&cluster, p).await;
     }
@@ -1018,28 +1220,52 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
     };
     cluster.fed[p as usize].store(next - 1, Ordering::Relaxed);
     loop {
-        let messages = async {
+        // A consumer of our own (not the client's ordered consumer, whose recreation backs off
+        // to 10 s between attempts): NATS places an R1 consumer on a random server of the
+        // stream's group, which for a minute or more after a server is SIGKILLed may be the dead
+        // one (NATS does not count it offline yet), and its creation then times out. So each
+        // attempt is short and the next one follows a tick later.
+        let messages = tokio::time::timeout(CONSUMER_CREATE, async {
             let stream = cluster.js.get_stream(EVENTS).await.ok()?;
             let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
+                .create_consumer(consumer::pull::Config {
                     filter_subject: event_subject(p),
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: next,
                     },
+                    ack_policy: consumer::AckPolicy::None,
+                    memory_storage: true,
+                    num_replicas: 1,
+                    inactive_threshold: Duration::from_secs(30),
                     ..Default::default()
                 })
                 .await
                 .ok()?;
-            consumer.messages().await.ok()
-        }
-        .await;
+            consumer
+                .stream()
+                .heartbeat(CONSUMER_HEARTBEAT)
+                .expires(CONSUMER_HEARTBEAT * 10)
+                .messages()
+                .await
+                .ok()
+        })
+        .await
+        .ok()
+        .flatten();
         let Some(mut messages) = messages else {
             tokio::time::sleep(TICK).await;
             continue;
         };
+        // The consumer's own numbering has no gap unless a delivery was lost: then it is made
+        // again from the sequence after the last one fed.
+        let mut delivered = 0;
         while let Some(message) = messages.next().await {
             let Ok(message) = message else { break };
-            let Ok(info) = message.info() else { continue };
+            let Ok(info) = message.info() else { break };
+            if info.consumer_sequence != delivered + 1 {
+                break;
+            }
+            delivered = info.consumer_sequence;
             let seq = info.stream_sequence;
             cluster.pending[p as usize].store(info.pending, Ordering::Relaxed);
             if seq < next {
@@ -1146,7 +1372,15 @@ const PARTITION_CHECKPOINT_FORMAT: u32 = 1;
 
 /// The latest checkpoint of partition `p`, if it has one.
 async fn load_checkpoint(cluster: &Cluster, p: u32) -> Result<Option<PartitionCheckpoint>, String> {
-    let mut object = match cluster.checkpoints.get(format!("p{p}")).await {
+    // Reading makes a consumer, which may land on a server that died: a short wait, then the
+    // caller tries again.
+    let got = tokio::time::timeout(
+        2 * CONSUMER_CREATE,
+        cluster.checkpoints.get(format!("p{p}")),
+    )
+    .await
+    .map_err(|_| format!("no answer within {:?}", 2 * CONSUMER_CREATE))?;
+    let mut object = match got {
         Ok(o) => o,
         Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
@@ -1386,14 +1620,31 @@ async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
 // Results: shards → NATS → every node's hub.
 
 /// The forwarder thread: takes the shards' output, drops items of partitions this node does not
-/// own (the fence), and publishes the rest per topic: each key's newest value of the batch to its
-/// subject of `EDDY_LATEST`, then the batch on `eddy.out.<topic>` (in that order, on one
-/// connection: a node that reads `EDDY_LATEST` after subscribing to `eddy.out` misses no value).
-/// Marks are answered once everything before them is handed to the NATS client.
+/// own (the fence), and publishes the rest per topic on `eddy.out.<topic>` at once. Each key's
+/// newest value is also kept, and the values that changed go to their subjects of
+/// `EDDY_LATEST` at most every `latest_interval` (and before a mark is answered: a partition
+/// handed over leaves its newest values behind), each acknowledged by JetStream or kept for the
+/// next write. Marks are answered once everything before them is handed to the NATS client.
 fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
     let partitions = partitions as usize;
-    while let Ok(msg) = cluster.out_rx.recv() {
-        let mut batch = vec![msg];
+    let every = cluster.config.latest_interval;
+    // Keys whose newest value is not in EDDY_LATEST yet.
+    let mut changed: HashMap<(crate::Topic, Key), String> = HashMap::new();
+    let mut next_write = Instant::now();
+    loop {
+        let first = if changed.is_empty() {
+            match cluster.out_rx.recv() {
+                Ok(msg) => Some(msg),
+                Err(_) => return,
+            }
+        } else {
+            match cluster.out_rx.recv_deadline(next_write) {
+                Ok(msg) => Some(msg),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut batch: Vec<Forwarded> = first.into_iter().collect();
         batch.extend(cluster.out_rx.try_iter());
         let mut topics: BTreeMap<crate::Topic, Vec<(Key, String)>> = BTreeMap::new();
         let mut marks = Vec::new();
@@ -1416,30 +1667,23 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
         }
         runtime.block_on(async {
             for (topic, items) in topics {
-                let mut latest = HashSet::new();
-                for (key, value) in items.iter().rev() {
-                    if !latest.insert(key) {
-                        continue;
-                    }
-                    let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(key), value)) else {
-                        continue;
-                    };
-                    let subject = latest_subject(&topic, key);
-                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
-                        tracing::warn!("cluster: latest value of {topic} not published: {e}");
-                    }
-                }
-                let items: Vec<(StoredKey, &String)> = items
+                let stored: Vec<(StoredKey, &String)> = items
                     .iter()
                     .map(|(key, value)| (StoredKey::from(key), value))
                     .collect();
-                let Ok(payload) = rmp_serde::to_vec(&items) else {
-                    continue;
-                };
-                let subject = topic_subject(&topic);
-                if let Err(e) = cluster.client.publish(subject, payload.into()).await {
-                    tracing::warn!("cluster: items of {topic} not published: {e}");
+                if let Ok(payload) = rmp_serde::to_vec(&stored) {
+                    let subject = topic_subject(&topic);
+                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
+                        tracing::warn!("cluster: items of {topic} not published: {e}");
+                    }
                 }
+                for (key, value) in items {
+                    changed.insert((Arc::clone(&topic), key), value);
+                }
+            }
+            if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
+                write_latest(cluster, &mut changed).await;
+                next_write = Instant::now() + every;
             }
         });
         for reply in marks {
@@ -1448,33 +1692,91 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
     }
 }
 
+/// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
+/// JetStream did not acknowledge within [`ACK_WAIT`] stay in `changed` (unless a newer value
+/// came meanwhile) for the next write.
+async fn write_latest(cluster: &Cluster, changed: &mut HashMap<(crate::Topic, Key), String>) {
+    let mut sent = Vec::with_capacity(changed.len());
+    for ((topic, key), value) in changed.drain() {
+        let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(&key), &value)) else {
+            continue;
+        };
+        let subject = latest_subject(&topic, &key);
+        let ack = cluster.js.publish(subject, payload.into()).await;
+        sent.push(((topic, key), value, ack));
+    }
+    let waits = sent.into_iter().map(|(at, value, ack)| async move {
+        let done = match ack {
+            Ok(ack) => matches!(
+                tokio::time::timeout(ACK_WAIT, std::future::IntoFuture::into_future(ack)).await,
+                Ok(Ok(_))
+            ),
+            Err(_) => false,
+        };
+        (at, value, done)
+    });
+    let mut failed = 0;
+    let results = futures_util::future::join_all(waits).await;
+    let total = results.len() as u64;
+    for (at, value, done) in results {
+        if !done {
+            failed += 1;
+            changed.entry(at).or_insert(value);
+        }
+    }
+    cluster
+        .latest_written
+        .fetch_add(total - failed, Ordering::Relaxed);
+    if failed > 0 {
+        tracing::warn!(
+            "cluster: {failed} latest values not stored in EDDY_LATEST; again next time"
+        );
+    }
+}
+
 /// Items of one topic from every node's shards into the local hub, while a subscriber here wants
-/// the topic ([`Cluster::want`]).
-async fn receive(cluster: Arc<Cluster>, mut items: async_nats::Subscriber) {
+/// the topic ([`Cluster::want`]). `seeded`: the values the topic's snapshot store got from
+/// `EDDY_LATEST`; a key's first live item equal to its seeded value was already there (it came
+/// on `eddy.out` before the read, and arrived after) and is not taken twice.
+async fn receive(
+    cluster: Arc<Cluster>,
+    mut items: async_nats::Subscriber,
+    mut seeded: HashMap<Key, Vec<u8>>,
+) {
     while let Some(message) = items.next().await {
-        let Some(topic) = subject_topic(&message.subject) else {
+        let mut items = decode_items(&message);
+        if !seeded.is_empty() {
+            items.retain(|item| seeded.remove(&item.key).is_none_or(|v| v != item.value));
+        }
+        if items.is_empty() {
             continue;
-        };
-        let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload)
-        else {
-            tracing::warn!("cluster: undecodable items on {}", message.subject);
-            continue;
-        };
-        let topic: crate::Topic = Arc::from(topic.as_str());
-        let items: Vec<Emitted> = decoded
-            .into_iter()
-            .map(|(key, value)| Emitted {
-                topic: Arc::clone(&topic),
-                key: Key::from(key),
-                value: value.into_bytes(),
-            })
-            .collect();
+        }
         cluster
             .received_items
             .fetch_add(items.len() as u64, Ordering::Relaxed);
         // Into the mailboxes (waiting, briefly, while a local publish holds the hub).
         cluster.hub.items(0, items, None);
     }
+}
+
+/// The items of one `eddy.out.<topic>` message.
+fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
+    let Some(topic) = subject_topic(&message.subject) else {
+        return Vec::new();
+    };
+    let Ok(decoded) = rmp_serde::from_slice::<Vec<(StoredKey, String)>>(&message.payload) else {
+        tracing::warn!("cluster: undecodable items on {}", message.subject);
+        return Vec::new();
+    };
+    let topic: crate::Topic = Arc::from(topic.as_str());
+    decoded
+        .into_iter()
+        .map(|(key, value)| Emitted {
+            topic: Arc::clone(&topic),
+            key: Key::from(key),
+            value: value.into_bytes(),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1508,6 +1810,13 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
             }
             kv::Operation::Delete | kv::Operation::Purge => {
                 super::admin::remove(&state, &name).await;
+                // Every node that owned some of its keys purges their latest values again once
+                // its forwarder has written what it kept of them (a mark writes them): none is
+                // left for a later query of the same name.
+                if let Some(cluster) = &state.cluster {
+                    drain(&state, cluster).await;
+                    cluster.purge_latest(&name).await;
+                }
             }
         }
     }
@@ -1519,7 +1828,7 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
 /// `GET /cluster`: this node, the live nodes and each partition's owner.
 pub async fn describe(state: &State) -> Option<Vec<u8>> {
     let cluster = state.cluster.as_ref()?;
-    let mut live = keys(&cluster.nodes).await.unwrap_or_default();
+    let mut live = keys(cluster, NODES).await.unwrap_or_default();
     live.sort();
     let mut owners = Vec::new();
     for p in 0..cluster.config.partitions {
@@ -1644,6 +1953,18 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Latest values read from the stream EDDY_LATEST when a topic's first subscriber came.",
             c.latest_loaded.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_publish_retries_total",
+            "counter",
+            "Messages sent to JetStream again after a failed publish (no responders, no ack).",
+            c.publish_retries.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_latest_values_written_total",
+            "counter",
+            "Keys' latest values this node wrote to EDDY_LATEST (at most one per key per latest_interval).",
+            c.latest_written.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_publish_failures_total",
