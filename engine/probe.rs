@@ -110,6 +110,8 @@ pub struct ProbeReport {
     pub batches: u64,
     /// Payload bytes of the messages received, as they came (compressed or not).
     pub wire_bytes: u64,
+    /// Messages that came compressed (permessage-deflate).
+    pub compressed: u64,
     /// Items whose latency was recorded: with a count field, every item that carried `sent_us`;
     /// without, the first one of each batch (batches are read without decoding their items).
     pub timed: u64,
@@ -173,6 +175,9 @@ pub struct FanOutReport {
     pub seq_gaps: u64,
     /// Payload bytes received by all subscribers, as they came (compressed or not).
     pub wire_bytes: u64,
+    /// Batches received, and messages that came compressed, all subscribers together.
+    pub batches: u64,
+    pub compressed: u64,
     /// Latency over every timed item of every subscriber.
     pub p50_us: u64,
     pub p99_us: u64,
@@ -219,6 +224,8 @@ pub async fn fan_out(
         report.dropped += one.dropped;
         report.seq_gaps += one.seq_gaps;
         report.wire_bytes += one.wire_bytes;
+        report.compressed += one.compressed;
+        report.batches += one.batches;
         let _ = all.add(&latency);
     }
     if subscribers == 0 {
@@ -392,6 +399,7 @@ async fn probe(
         };
         let now = now_us();
         report.wire_bytes += received.payload.len() as u64;
+        report.compressed += u64::from(received.compressed);
         // Without a count field, a batch is read without decoding its items: its head, and the
         // first item's send stamp (the oldest item of the batch, so the sample errs late). A
         // compressed batch is inflated only as far as that.

@@ -890,6 +890,11 @@ async fn fan_out_probe(deflate: bool) {
             "{report:?}"
         );
         assert_eq!((report.seq_gaps, report.dropped), (0, 0));
+        // With permessage-deflate every batch came compressed (and was counted from its head
+        // alone); without, none did.
+        assert!(report.batches > 0, "{report:?}");
+        let expected = if deflate { report.batches } else { 0 };
+        assert_eq!(report.compressed, expected, "{report:?}");
         assert!(
             report.p50_us > 0 && report.p50_us <= report.p99_us,
             "{report:?}"

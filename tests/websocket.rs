@@ -84,6 +84,8 @@ struct Client {
     buf: Vec<u8>,
     /// permessage-deflate was negotiated: RSV1 may mark a compressed message.
     deflate: bool,
+    /// Messages that came compressed (RSV1).
+    compressed: usize,
 }
 
 impl Client {
@@ -98,6 +100,7 @@ impl Client {
             stream,
             buf: Vec::new(),
             deflate: false,
+            compressed: 0,
         };
         let end = loop {
             if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -180,6 +183,7 @@ impl Client {
         }
         let mut payload: Vec<u8> = self.buf.drain(..header + len).skip(header).collect();
         if compressed {
+            self.compressed += 1;
             payload = inflate(&payload);
         }
         let opcode = b0 & 0x0f;
@@ -575,6 +579,8 @@ async fn compressed_batches_carry_the_same_items_and_compressed_requests_are_tak
     let request = deflated(br#"{"op":"subscribe","topic":"vwap"}"#);
     sub.send(&frame(FIN | 0x40 | TEXT, &request, true)).await;
     assert_eq!(sub.json().await["type"], "subscribed");
+    // Control answers go out plain.
+    assert_eq!(sub.compressed, 0);
     // 300 trades on 7 symbols, in frames of 25.
     let trades: Vec<(String, f64, i64)> = (0..300)
         .map(|i| {
@@ -626,6 +632,8 @@ async fn compressed_batches_carry_the_same_items_and_compressed_requests_are_tak
         items += list.len();
     }
     assert_eq!(items, trades.len());
+    // Every batch came compressed.
+    assert_eq!(sub.compressed, next_seq as usize);
     for (symbol, want) in &expected {
         let have = &got[symbol];
         assert_eq!(have.len(), want.len(), "{symbol}");

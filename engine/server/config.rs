@@ -155,6 +155,29 @@ pub enum RawDuration {
     Text(String),
 }
 
+impl RawDuration {
+    /// The setting `name` written as `raw`: `default` when not given, or (with the problem
+    /// noted in `problems`) when it does not parse.
+    pub fn or_default(
+        raw: Option<RawDuration>,
+        name: &str,
+        default: Duration,
+        problems: &mut Vec<String>,
+    ) -> Duration {
+        match raw {
+            None => default,
+            Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
+            Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
+                Ok(ms) => Duration::from_millis(ms.max(0) as u64),
+                Err(e) => {
+                    problems.push(format!("{name}: {e}"));
+                    default
+                }
+            },
+        }
+    }
+}
+
 /// `eddy.toml` as written, before validation.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,16 +250,8 @@ impl RawConfig {
                 d.listen
             }),
         };
-        let mut duration = |name: &str, raw: Option<RawDuration>, default: Duration| match raw {
-            None => default,
-            Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
-            Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
-                Ok(ms) => Duration::from_millis(ms.max(0) as u64),
-                Err(e) => {
-                    problems.push(format!("{name}: {e}"));
-                    default
-                }
-            },
+        let mut duration = |name: &str, raw: Option<RawDuration>, default: Duration| {
+            RawDuration::or_default(raw, name, default, &mut problems)
         };
         let slow_consumer_timeout = duration(
             "slow_consumer_timeout",

@@ -224,6 +224,30 @@ pub fn start(settings: HubSettings, gate: Option<LogGate>) -> HubHandle {
 /// What a kept latest value costs besides its bytes: its key and map slot, about.
 const LATEST_OVERHEAD: usize = 64;
 
+/// Makes the state of `topic` on its first item (a named topic's; the others are listed from
+/// the start), which changes the topic list. Callers look the topic up first, so an item of a
+/// known topic costs one lookup and no reference count.
+fn new_topic<'a>(
+    topics: &'a mut HashMap<Topic, TopicState>,
+    changed: &mut bool,
+    settings: &HubSettings,
+    topic: &Topic,
+) -> &'a mut TopicState {
+    *changed = true;
+    topics
+        .entry(Arc::clone(topic))
+        .or_insert_with(|| TopicState::new(query_of(topic), settings))
+}
+
+/// Appends one item as a batch element, `{"key":K,"value":V}`.
+fn write_element(out: &mut Vec<u8>, key: &Key, value: &[u8]) {
+    out.extend_from_slice(b"{\"key\":");
+    key.write_json(out);
+    out.extend_from_slice(b",\"value\":");
+    out.extend_from_slice(value);
+    out.push(b'}');
+}
+
 /// Keeps `element` as `key`'s latest value on a topic, within `snapshot_keys` (per topic) and
 /// `snapshot_bytes` (all topics: `used`). Returns 1 when it is not kept (or a kept value is
 /// dropped), else 0.
@@ -347,18 +371,15 @@ impl Hub {
             let settings = &self.settings;
             let state = match self.topics.get_mut(&value.topic) {
                 Some(state) => state,
-                None => {
-                    self.topics_changed = true;
-                    self.topics
-                        .entry(Arc::clone(&value.topic))
-                        .or_insert_with(|| TopicState::new(query_of(&value.topic), settings))
-                }
+                None => new_topic(
+                    &mut self.topics,
+                    &mut self.topics_changed,
+                    settings,
+                    &value.topic,
+                ),
             };
-            let mut element = b"{\"key\":".to_vec();
-            value.key.write_json(&mut element);
-            element.extend_from_slice(b",\"value\":");
-            element.extend_from_slice(&value.value);
-            element.push(b'}');
+            let mut element = Vec::new();
+            write_element(&mut element, &value.key, &value.value);
             self.snapshot_skipped += keep_latest(
                 &mut state.latest,
                 &mut self.latest_bytes,
@@ -378,13 +399,12 @@ impl Hub {
             for item in items.by_ref() {
                 let state = match self.topics.get_mut(&item.topic) {
                     Some(state) => state,
-                    None => {
-                        // A named topic's first item (the others are listed from the start).
-                        self.topics_changed = true;
-                        self.topics
-                            .entry(Arc::clone(&item.topic))
-                            .or_insert_with(|| TopicState::new(query_of(&item.topic), settings))
-                    }
+                    None => new_topic(
+                        &mut self.topics,
+                        &mut self.topics_changed,
+                        settings,
+                        &item.topic,
+                    ),
                 };
                 state.emitted += 1;
                 if state.pending.is_empty() {
@@ -399,11 +419,7 @@ impl Hub {
                     };
                 }
                 let start = state.pending.len();
-                state.pending.extend_from_slice(b"{\"key\":");
-                item.key.write_json(&mut state.pending);
-                state.pending.extend_from_slice(b",\"value\":");
-                state.pending.extend_from_slice(&item.value);
-                state.pending.push(b'}');
+                write_element(&mut state.pending, &item.key, &item.value);
                 let end = state.pending.len();
                 full = end >= MAX_BATCH_BYTES;
                 let index = state.ring.next(shard);

@@ -34,7 +34,14 @@ pub const SLOW_CONSUMER: u16 = 4008;
 /// subscribers that negotiated permessage-deflate, made by the first of them that needs it.
 pub struct Items {
     pub json: Bytes,
-    pub compressed: Compressed,
+    compressed: Compressed,
+}
+
+impl Items {
+    /// The elements of `json`, compressed (see [`Compressed`]).
+    pub fn deflated(&self) -> &Bytes {
+        self.compressed.get(&self.json)
+    }
 }
 
 impl From<Bytes> for Items {

@@ -381,7 +381,7 @@ fn compressed_joined<'a>(
     let mut parts = Vec::with_capacity(2 * arrays.len() + 2);
     parts.push(&prefix[..]);
     for items in arrays {
-        let piece = items.compressed.get(&items.json);
+        let piece = items.deflated();
         if piece.is_empty() {
             continue;
         }

@@ -146,8 +146,8 @@ impl ReadError {
 pub struct Message {
     pub binary: bool,
     pub payload: Vec<u8>,
-    /// Still compressed (permessage-deflate): only from a reader that keeps compressed messages
-    /// as they came ([`Reader::keeping_compressed`]).
+    /// Still compressed (permessage-deflate): only from a reader of a server's frames
+    /// ([`Reader::of_server`]).
     pub compressed: bool,
 }
 
@@ -188,9 +188,8 @@ pub struct Reader<R> {
     /// assembled is compressed (RSV1 on its first frame).
     deflate: bool,
     compressed: bool,
-    /// Hand compressed messages on as they came, for the caller to inflate (as much as it needs).
-    keep_compressed: bool,
-    /// Read a server's frames (unmasked) rather than a client's (masked).
+    /// Read a server's frames (unmasked) rather than a client's (masked); compressed ones are
+    /// then handed on as they came, for the client to inflate as much as it needs.
     from_server: bool,
     message: Vec<u8>,
     /// How much of a text `message` is known to be valid UTF-8.
@@ -209,7 +208,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             partial: None,
             deflate: false,
             compressed: false,
-            keep_compressed: false,
             from_server: false,
             message: Vec::new(),
             valid: 0,
@@ -229,7 +227,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn of_server(mut self, deflate: bool) -> Self {
         self.from_server = true;
         self.deflate = deflate;
-        self.keep_compressed = true;
         self
     }
 
@@ -345,7 +342,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         let binary = self.partial.take() == Some(true);
                         let mut payload = std::mem::take(&mut self.message);
                         let compressed = std::mem::take(&mut self.compressed);
-                        if compressed && self.keep_compressed {
+                        if compressed && self.from_server {
                             self.valid = 0;
                             return Ok(Incoming::Message(Message {
                                 binary,

@@ -86,13 +86,13 @@ impl RawCluster {
         if !(1..=5).contains(&replicas) {
             problems.push(format!("cluster.replicas: {replicas} (expected 1 to 5)"));
         }
-        let lease = duration("cluster.lease", self.lease, DEFAULT_LEASE, problems);
+        let lease = RawDuration::or_default(self.lease, "cluster.lease", DEFAULT_LEASE, problems);
         if !(Duration::from_secs(2)..=Duration::from_secs(60)).contains(&lease) {
             problems.push(format!("cluster.lease: {lease:?} (expected 2 s to 60 s)"));
         }
-        let latest_interval = duration(
-            "cluster.latest_interval",
+        let latest_interval = RawDuration::or_default(
             self.latest_interval,
+            "cluster.latest_interval",
             DEFAULT_LATEST_INTERVAL,
             problems,
         );
@@ -126,26 +126,6 @@ impl RawCluster {
             lease,
             latest_interval,
         })
-    }
-}
-
-/// A duration setting: `"5s"`, `"250ms"` or milliseconds; `default` when not given.
-fn duration(
-    name: &str,
-    raw: Option<RawDuration>,
-    default: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
-    match raw {
-        None => default,
-        Some(RawDuration::Millis(ms)) => Duration::from_millis(ms),
-        Some(RawDuration::Text(text)) => match eddy_plugins::parse_duration_ms(&text) {
-            Ok(ms) => Duration::from_millis(ms.max(0) as u64),
-            Err(e) => {
-                problems.push(format!("{name}: {e}"));
-                default
-            }
-        },
     }
 }
 
