@@ -222,7 +222,7 @@ async fn next_text(
 }
 
 /// 60 events whose key is 15 MiB: each is rejected (naming `max_key_bytes`), and resident
-/// memory stays flat: the last 50 add less than 48 MiB (three of those keys) to what the first 10 left, and the whole
+/// memory stays flat: the last 30 add less than 48 MiB (three of those keys) to what the first 30 left, and the whole
 /// less than 128 MiB (each such key held about 100 MB before the limit).
 #[test]
 fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
@@ -235,7 +235,7 @@ fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
         let before = proc_status_kib(pid, "VmRSS");
         let mut warm = 0;
         for i in 0..60 {
-            if i == 10 {
+            if i == 30 {
                 warm = proc_status_kib(pid, "VmRSS");
             }
             let symbol: String =
@@ -253,16 +253,17 @@ fn sixty_events_with_15_mib_keys_are_rejected_and_memory_stays_flat() {
         let after = proc_status_kib(pid, "VmRSS");
         let peak = proc_status_kib(pid, "VmHWM");
         println!(
-            "60 events with 15 MiB keys: RSS {:.0} MiB before, {:.0} MiB after 10, {:.0} MiB after 60, peak {:.0} MiB",
+            "60 events with 15 MiB keys: RSS {:.0} MiB before, {:.0} MiB after 30, {:.0} MiB after 60, peak {:.0} MiB",
             mib(before),
             mib(warm),
             mib(after),
             mib(peak)
         );
-        // The first ones leave buffers the allocator keeps for the next (a few times 15 MiB);
-        // the 50 after them add no more than a few frames' worth.
+        // The first ones leave buffers the allocator keeps for the next (a few times 15 MiB, and
+        // not always within the first 10: once it reached that plateau only after 10); the 30
+        // after them add no more than a few frames' worth.
         assert!(after < before + 128 * 1024, "RSS grew from {} to {} MiB", mib(before), mib(after));
-        assert!(after < warm + 48 * 1024, "RSS grew from {} to {} MiB after the first 10", mib(warm), mib(after));
+        assert!(after < warm + 48 * 1024, "RSS grew from {} to {} MiB after the first 30", mib(warm), mib(after));
     });
 }
 
