@@ -30,7 +30,7 @@ use super::hub::{error_message, HubControl, Mode, Subscribe};
 use super::mailbox::{Items, Mailbox, Outgoing};
 use super::metrics::Metrics;
 use super::replay::Position;
-use super::ws::{self, Outbound, Wake, Writer};
+use super::ws::{self, Gather, Wake, Writer, COMPRESSED, TEXT};
 use super::State;
 
 /// Largest control message a subscriber may send.
@@ -250,68 +250,67 @@ async fn deliver<W: AsyncWrite + Unpin>(
     metrics: &Metrics,
 ) -> io::Result<Option<u16>> {
     let inbox = mailbox.take();
+    let mut frames = Gather::default();
     for (topic, items) in &inbox.dropped {
         let msg = json::message("dropped", |o| {
             o.str("topic", topic).int("items", *items as i64);
         });
-        write.send(&Outbound::Text(msg.into())).await?;
+        frames.frame(TEXT, &[&msg], &[]);
     }
     let mut stamps = Vec::new();
-    let mut queue = inbox.queue.into_iter().peekable();
+    let mut queue = inbox.queue.iter().peekable();
     while let Some(out) = queue.next() {
         match out {
-            Outgoing::Control(msg) => {
-                write.send(&Outbound::Text(msg)).await?;
-            }
+            Outgoing::Control(msg) => frames.frame(TEXT, &[], &[msg]),
             Outgoing::Batch {
                 topic,
                 items,
-                mut count,
+                count,
                 ingest,
                 published,
-                mut pos,
+                pos,
             } => {
-                stamps.push((published, ingest, count));
+                stamps.push((*published, *ingest, *count));
                 // Batches of one topic queued back to back (the subscriber fell behind the
                 // shards) go out as one frame, up to MERGED_BYTES: fewer frames to write and to
                 // read for the same items, in the same order, with the last one's position.
-                let mut arrays = vec![items];
-                let mut size = arrays[0].json.len();
-                while let Some(Outgoing::Batch { topic: next, .. }) = queue.peek() {
-                    if *next != topic || size >= MERGED_BYTES {
+                let (mut count, mut pos) = (*count, pos);
+                let mut arrays = vec![&**items];
+                let mut size = items.json.len();
+                while let Some(Outgoing::Batch {
+                    topic: next,
+                    items,
+                    count: n,
+                    ingest,
+                    published,
+                    pos: more_pos,
+                }) = queue.peek()
+                {
+                    if next != topic || size >= MERGED_BYTES {
                         break;
                     }
-                    let Some(Outgoing::Batch {
-                        items,
-                        count: n,
-                        ingest,
-                        published,
-                        pos: more_pos,
-                        ..
-                    }) = queue.next()
-                    else {
-                        unreachable!("peeked a batch");
-                    };
                     size += items.json.len();
                     count += n;
                     pos = more_pos;
-                    stamps.push((published, ingest, n));
-                    arrays.push(items);
+                    stamps.push((*published, *ingest, *n));
+                    arrays.push(&**items);
+                    queue.next();
                 }
-                let head = batch_head(seqs, &topic, count, pos.as_deref());
+                let head = batch_head(seqs, topic, count, pos.as_deref());
                 if deflate {
                     let mut prefix = Vec::with_capacity(head.len() + 16);
-                    let parts = compressed_joined(&mut prefix, &head, &arrays);
-                    write.compressed_parts(&parts).await?;
+                    deflate::stored(&mut prefix, &head);
+                    deflate::stored(&mut prefix, b"[");
+                    frames.frame(TEXT | COMPRESSED, &[&prefix], &compressed_joined(&arrays));
                 } else {
                     let json: Vec<&[u8]> = arrays.iter().map(|a| &a.json[..]).collect();
-                    write.text_parts(&joined(&head, &json)).await?;
+                    frames.frame(TEXT, &[&head], &joined(&json));
                 }
             }
             Outgoing::Replay { topic, batches } => {
                 for b in batches {
-                    let head = batch_head(seqs, &topic, b.count, Some(&b.pos));
-                    write.text_parts(&[&head, &b.items, b"}"]).await?;
+                    let head = batch_head(seqs, topic, b.count, Some(&b.pos));
+                    frames.frame(TEXT, &[&head], &[&b.items, b"}"]);
                 }
             }
         }
@@ -332,8 +331,9 @@ async fn deliver<W: AsyncWrite + Unpin>(
         }
         items.push(b']');
         let head = batch_head(seqs, topic, pending.len() as u64, None);
-        write.text_parts(&[&head, &items, b"}"]).await?;
+        frames.frame(TEXT, &[&head, &items, b"}"], &[]);
     }
+    write.gathered(&frames).await?;
     write.flush().await?;
     let now = Instant::now();
     let us = |t: Instant| now.duration_since(t).as_micros() as u64;
@@ -368,24 +368,17 @@ fn batch_head(
     head
 }
 
-/// The parts of a compressed batch frame (see [`deflate`]): the head and `[` stored, each
-/// array's elements compressed once for every subscriber, `,` between them, `]}` and the end.
-/// Only the head is this subscriber's own; the rest is not copied.
-fn compressed_joined<'a>(
-    prefix: &'a mut Vec<u8>,
-    head: &[u8],
-    arrays: &'a [Arc<Items>],
-) -> Vec<&'a [u8]> {
-    deflate::stored(prefix, head);
-    deflate::stored(prefix, b"[");
-    let mut parts = Vec::with_capacity(2 * arrays.len() + 2);
-    parts.push(&prefix[..]);
+/// The shared parts of a compressed batch frame (see [`deflate`]), after its head and `[`
+/// (stored, the subscriber's own): each array's elements compressed once for every subscriber,
+/// `,` between them, `]}` and the end. None of it is copied.
+fn compressed_joined<'a>(arrays: &[&'a Items]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(2 * arrays.len() + 1);
     for items in arrays {
         let piece = items.deflated();
         if piece.is_empty() {
             continue;
         }
-        if parts.len() > 1 {
+        if !parts.is_empty() {
             parts.push(deflate::COMMA);
         }
         parts.push(&piece[..]);
@@ -394,14 +387,14 @@ fn compressed_joined<'a>(
     parts
 }
 
-/// The parts of a batch frame whose items are the JSON arrays `arrays` joined into one: the
-/// elements of each (its brackets left out), in order, without copying them.
-fn joined<'a>(head: &'a [u8], arrays: &'a [&'a [u8]]) -> Vec<&'a [u8]> {
+/// The parts of a batch frame, after its head, whose items are the JSON arrays `arrays` joined
+/// into one: the elements of each (its brackets left out), in order, without copying them.
+fn joined<'a>(arrays: &[&'a [u8]]) -> Vec<&'a [u8]> {
     if let [items] = arrays {
-        return vec![head, items, b"}"];
+        return vec![items, b"}"];
     }
-    let mut parts = Vec::with_capacity(2 * arrays.len() + 3);
-    parts.extend_from_slice(&[head, b"["]);
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * arrays.len() + 2);
+    parts.push(b"[");
     for array in arrays {
         let elements = array
             .get(1..array.len().saturating_sub(1))
@@ -409,7 +402,7 @@ fn joined<'a>(head: &'a [u8], arrays: &'a [&'a [u8]]) -> Vec<&'a [u8]> {
         if elements.is_empty() {
             continue;
         }
-        if parts.len() > 2 {
+        if parts.len() > 1 {
             parts.push(b",");
         }
         parts.push(elements);
@@ -461,7 +454,11 @@ mod tests {
                 .map(|a| Bytes::from_static(a.as_bytes()))
                 .collect();
             let arrays: Vec<&[u8]> = arrays.iter().map(|a| &a[..]).collect();
-            let text: Vec<u8> = joined(b"{\"items\":", &arrays).concat();
+            let text: Vec<u8> = [&b"{\"items\":"[..]]
+                .into_iter()
+                .chain(joined(&arrays))
+                .collect::<Vec<_>>()
+                .concat();
             serde_json::from_slice::<serde_json::Value>(&text).unwrap()
         };
         let items = |v: serde_json::Value| serde_json::json!({ "items": v });

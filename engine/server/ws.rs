@@ -23,7 +23,7 @@
 //! stalls on TCP, the channel fills, and the reader stops reading.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +41,10 @@ use tokio::task::JoinHandle;
 
 /// An upgraded connection.
 pub type Io = TokioIo<Upgraded>;
+
+/// The text frame opcode, and the RSV1 bit that marks a compressed message (RFC 7692).
+pub const TEXT: u8 = 0x1;
+pub const COMPRESSED: u8 = 0x40;
 
 /// Close codes used by the server.
 pub mod close {
@@ -651,46 +655,30 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.put(payload).await
     }
 
-    /// Writes one text frame (unflushed) whose payload is `parts` one after the other: a
-    /// message assembled from pieces shared with other connections (a batch's items, encoded
-    /// once for all its subscribers) is not first copied into one buffer of its own.
-    pub async fn text_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        self.head(0x1, parts.iter().map(|p| p.len()).sum()).await?;
-        for part in parts {
-            self.put(part).await?;
-        }
-        Ok(())
-    }
-
-    /// Writes one compressed text frame (RSV1 set, unflushed) whose payload is `parts`, pieces
-    /// of one DEFLATE stream (see [`super::deflate`]).
-    pub async fn compressed_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        self.head(0x40 | 0x1, parts.iter().map(|p| p.len()).sum())
-            .await?;
-        for part in parts {
-            self.put(part).await?;
-        }
-        Ok(())
-    }
-
     /// A frame's header: final, unmasked, `len` bytes of payload to follow; `opcode` may carry
     /// RSV1.
     async fn head(&mut self, opcode: u8, len: usize) -> io::Result<()> {
-        let mut head = [0u8; 10];
-        head[0] = 0x80 | opcode;
-        let n = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if len <= usize::from(u16::MAX) {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        let (head, n) = frame_head(opcode, len);
         self.put(&head[..n]).await
+    }
+
+    /// Writes the frames of `gathered` (unflushed) with vectored writes: its shared pieces go
+    /// from where they are to the kernel, without being copied into this connection's buffer.
+    pub async fn gathered(&mut self, gathered: &Gather<'_>) -> io::Result<()> {
+        self.drain().await?;
+        let mut slices: Vec<IoSlice<'_>> = gathered.slices().map(IoSlice::new).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self
+                .io
+                .write_vectored(&rest[..rest.len().min(MAX_IOVECS)])
+                .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
     }
 
     /// Writes one message (unflushed). Returns whether it was a close frame, the connection's
@@ -733,6 +721,92 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn finish(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
+    }
+}
+
+/// The header of a final, unmasked frame of `len` payload bytes (`opcode` may carry RSV1), and
+/// how many of its bytes are used.
+fn frame_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut head = [0u8; 10];
+    head[0] = 0x80 | opcode;
+    let n = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= usize::from(u16::MAX) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, n)
+}
+
+/// Most buffers one `writev` takes (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// Pieces shorter than this are copied next to their neighbours rather than given their own
+/// `iovec`: a copy of a few hundred bytes costs less than the kernel's walk over one more
+/// buffer.
+const SHARE_FROM: usize = 512;
+
+/// Server frames gathered for one vectored write ([`Writer::gathered`]). Frame heads and short
+/// pieces are copied into one buffer of its own; longer pieces (a batch's items, encoded or
+/// compressed once for every subscriber) are only borrowed, so fan-out copies each byte once,
+/// into the kernel.
+#[derive(Default)]
+pub struct Gather<'a> {
+    own: Vec<u8>,
+    pieces: Vec<Piece<'a>>,
+}
+
+enum Piece<'a> {
+    /// A range of `own`.
+    Own(usize, usize),
+    Shared(&'a [u8]),
+}
+
+impl<'a> Gather<'a> {
+    /// Adds one frame whose payload is `owned` then `shared`, each one part after the other;
+    /// `opcode` may carry [`COMPRESSED`]. `owned` (this connection's own bytes, such as a batch
+    /// frame's head) is copied, `shared` only borrowed when long enough to be worth it.
+    pub fn frame(&mut self, opcode: u8, owned: &[&[u8]], shared: &[&'a [u8]]) {
+        let len: usize = owned.iter().chain(shared).map(|p| p.len()).sum();
+        let (head, n) = frame_head(opcode, len);
+        self.copy(&head[..n]);
+        for part in owned {
+            self.copy(part);
+        }
+        for part in shared {
+            self.share(part);
+        }
+    }
+
+    fn share(&mut self, bytes: &'a [u8]) {
+        if bytes.len() < SHARE_FROM {
+            self.copy(bytes);
+        } else {
+            self.pieces.push(Piece::Shared(bytes));
+        }
+    }
+
+    fn copy(&mut self, bytes: &[u8]) {
+        let start = self.own.len();
+        self.own.extend_from_slice(bytes);
+        match self.pieces.last_mut() {
+            Some(Piece::Own(_, end)) if *end == start => *end = self.own.len(),
+            _ => self.pieces.push(Piece::Own(start, self.own.len())),
+        }
+    }
+
+    /// The bytes to write, in order.
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().map(|piece| match *piece {
+            Piece::Own(start, end) => &self.own[start..end],
+            Piece::Shared(bytes) => bytes,
+        })
     }
 }
 
@@ -1023,6 +1097,122 @@ mod tests {
         // The first fragment is already invalid: no need to wait for the rest.
         let (_, err) = read_all(frame(0x01, &[0xce, 0xba, 0xff], [1, 2, 3, 4]), 10).await;
         assert!(matches!(err, Some(ReadError::InvalidUtf8)));
+    }
+
+    /// A vectored sink that takes at most `most` bytes per call, across buffers.
+    struct Trickle {
+        got: Vec<u8>,
+        most: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            assert!(
+                bufs.len() <= MAX_IOVECS,
+                "{} buffers in one call",
+                bufs.len()
+            );
+            self.calls += 1;
+            let mut room = self.most;
+            for buf in bufs {
+                let n = buf.len().min(room);
+                self.got.extend_from_slice(&buf[..n]);
+                room -= n;
+            }
+            std::task::Poll::Ready(Ok(self.most - room))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The frames a plain writer would produce, one byte at a time: header then payload.
+    fn plain_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n <= 65535 => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[tokio::test]
+    async fn gathered_frames_arrive_whole_in_order_through_short_vectored_writes() {
+        // 3,000 frames of shared pieces long and short: more buffers than one writev takes,
+        // and a sink that stops mid-buffer on every call.
+        let long: Vec<Vec<u8>> = (0..3000)
+            .map(|i| format!("[{}]", "7,".repeat(i % 600)).into_bytes())
+            .collect();
+        let mut gather = Gather::default();
+        let mut expected = Vec::new();
+        for (i, items) in long.iter().enumerate() {
+            let head = format!("{{\"seq\":{i},\"items\":");
+            let opcode = if i % 2 == 0 { TEXT } else { TEXT | COMPRESSED };
+            gather.frame(opcode, &[head.as_bytes()], &[items, b"}"]);
+            expected.extend(plain_frame(
+                opcode,
+                &[head.as_bytes(), items, b"}"].concat(),
+            ));
+        }
+        let shared = gather
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Shared(_)))
+            .count();
+        assert!(shared > MAX_IOVECS, "only {shared} shared pieces");
+        for most in [7, 100_000, usize::MAX / 2] {
+            let mut writer = Writer::new(Trickle {
+                got: Vec::new(),
+                most,
+                calls: 0,
+            });
+            writer
+                .send(&Outbound::Text(Bytes::from_static(b"before")))
+                .await
+                .unwrap();
+            writer.gathered(&gather).await.unwrap();
+            writer.flush().await.unwrap();
+            let mut want = plain_frame(TEXT, b"before");
+            want.extend_from_slice(&expected);
+            assert_eq!(writer.io.got, want, "at most {most} bytes per call");
+            assert!(writer.io.calls >= 2, "{}", writer.io.calls);
+        }
     }
 
     #[test]
