@@ -895,6 +895,14 @@ async fn fan_out_probe(deflate: bool) {
         assert!(report.batches > 0, "{report:?}");
         let expected = if deflate { report.batches } else { 0 };
         assert_eq!(report.compressed, expected, "{report:?}");
+        // Every plain batch is timed; one compressed batch in eight per subscriber is inflated
+        // for its stamp, the rest counted from their uncompressed head without inflating.
+        if deflate {
+            let most = report.batches.div_ceil(8) + report.subscribers as u64;
+            assert!(report.timed > 0 && report.timed <= most, "{report:?}");
+        } else {
+            assert_eq!(report.timed, report.batches, "{report:?}");
+        }
         assert!(
             report.p50_us > 0 && report.p50_us <= report.p99_us,
             "{report:?}"
@@ -931,6 +939,80 @@ async fn feed_and_probe_measure_the_server_end_to_end() {
         assert!(
             report.p50_us > 0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
         );
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A batch that a permessage-deflate subscriber takes is compressed when it is published, before
+/// any writer asks for it (so writers never wait on one another's compression), and only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated_deflate() {
+    use eddy::server::hub::{HubControl, Mode, Subscribe};
+    use eddy::server::mailbox::{Mailbox, Outgoing};
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let state = std::sync::Arc::clone(&server.state);
+        let counters = state.metrics.stream("trades");
+        let mut source = eddy::server::ingest::Source::new(&state);
+        for (subscriber, deflate) in [(0, false), (1, true)] {
+            let mailbox = std::sync::Arc::new(
+                Mailbox::new(1 << 20, Duration::from_secs(10)).compressing(deflate),
+            );
+            state.hub.control(HubControl::Subscribe(Subscribe {
+                subscriber,
+                mailbox: std::sync::Arc::clone(&mailbox),
+                topic: "vwap".into(),
+                keys: None,
+                mode: Mode::All,
+                snapshot: false,
+                from: None,
+            }));
+            // The subscription is in place once its `subscribed` answer is queued.
+            loop {
+                mailbox.notify.notified().await;
+                let queue = mailbox.take().queue;
+                if queue.iter().any(|o| matches!(o, Outgoing::Control(_))) {
+                    break;
+                }
+            }
+            let price = 100 + subscriber;
+            let frame = format!(r#"{{"symbol":"S{subscriber}","price":{price},"size":2,"ts":1}}"#);
+            eddy::server::ingest::ingest(
+                &state,
+                &mut source,
+                frame.into_bytes(),
+                Some("trades"),
+                &counters,
+            )
+            .await;
+            let items = loop {
+                mailbox.notify.notified().await;
+                let batch = mailbox.take().queue.into_iter().find_map(|o| match o {
+                    Outgoing::Batch { items, .. } => Some(items),
+                    _ => None,
+                });
+                if let Some(items) = batch {
+                    break items;
+                }
+            };
+            // Subscriber 1 negotiated deflate: the batch it shares with subscriber 0 came
+            // compressed already. With only subscriber 0, nothing was compressed.
+            assert_eq!(items.is_deflated(), deflate);
+            let value: Value = serde_json::from_slice(&items.json).unwrap();
+            assert_eq!(value[0]["value"]["vwap"], json!(price as f64), "{value}");
+            if deflate {
+                let mut message = items.deflated().to_vec();
+                message.extend_from_slice(&[0, 0, 0xff, 0xff]);
+                let mut text = Vec::new();
+                let _ = std::io::Read::read_to_end(
+                    &mut flate2::read::DeflateDecoder::new(&message[..]),
+                    &mut text,
+                );
+                assert_eq!(text, &items.json[1..items.json.len() - 1]);
+            }
+        }
         server.shutdown().await;
     })
     .await;

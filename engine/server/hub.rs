@@ -473,6 +473,16 @@ impl Hub {
                     (element, *shard),
                 );
             }
+            // Compressed here, once, if a subscriber that takes the batch unfiltered will send
+            // it compressed: left to the first such subscriber's writer, it would hold up every
+            // other writer that needs it, blocked on the same piece, for as long as it takes.
+            if state
+                .subs
+                .iter()
+                .any(|s| s.mode == Mode::All && s.keys.is_none() && s.mailbox.deflate)
+            {
+                shared.deflated();
+            }
             for sub in &state.subs {
                 match (sub.mode, &sub.keys) {
                     (Mode::All, None) => {

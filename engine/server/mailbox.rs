@@ -42,6 +42,11 @@ impl Items {
     pub fn deflated(&self) -> &Bytes {
         self.compressed.get(&self.json)
     }
+
+    /// Whether [`Items::deflated`] has been computed.
+    pub fn is_deflated(&self) -> bool {
+        self.compressed.is_done()
+    }
 }
 
 impl From<Bytes> for Items {
@@ -100,6 +105,8 @@ pub struct Mailbox {
     pub notify: Notify,
     limit: usize,
     slow_timeout: Duration,
+    /// The subscriber negotiated permessage-deflate: its batches go out compressed.
+    pub deflate: bool,
 }
 
 impl Mailbox {
@@ -109,7 +116,14 @@ impl Mailbox {
             notify: Notify::new(),
             limit,
             slow_timeout,
+            deflate: false,
         }
+    }
+
+    /// The mailbox of a subscriber that negotiated permessage-deflate (or not).
+    pub fn compressing(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {

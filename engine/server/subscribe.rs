@@ -69,10 +69,13 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, deflate: bool) {
     let Ok(ws) = upgrade.await else { return };
     let _conn = state.metrics.connection("subscribe");
     let id = state.next_subscriber.fetch_add(1, Ordering::Relaxed);
-    let mailbox = Arc::new(Mailbox::new(
-        state.config.subscriber_queue_bytes,
-        state.config.slow_consumer_timeout,
-    ));
+    let mailbox = Arc::new(
+        Mailbox::new(
+            state.config.subscriber_queue_bytes,
+            state.config.slow_consumer_timeout,
+        )
+        .compressing(deflate),
+    );
     let delivery = Delivery {
         mailbox: Arc::clone(&mailbox),
         seqs: HashMap::new(),
