@@ -795,9 +795,10 @@ impl Cx<'_> {
         let Expr::Map(m, _) = &v.1 else {
             unreachable!("checked by block")
         };
+        // Typed: an event field or a slot is read as a number, not made a `Dynamic` and cloned.
         let values =
             m.0.iter()
-                .map(|(_, e)| self.expr(e))
+                .map(|(_, e)| self.num(e))
                 .collect::<Result<Vec<_>, _>>()?;
         let data = self.data;
         let own = self.new_local(v.0.name.clone());
@@ -821,7 +822,7 @@ impl Cx<'_> {
             fr.tick(pos)?;
             let mut total = Sizes::default();
             for (f, &slot) in values.iter().zip(&set) {
-                let v = f(fr)?.flatten();
+                let v = f(fr)?.into_dynamic();
                 data.add_entry(&mut total, &v)?;
                 put(&mut fr.locals[slot], v);
             }
@@ -1641,7 +1642,7 @@ impl Cx<'_> {
                         .collect();
                 let fields =
                     m.0.iter()
-                        .map(|(_, v)| self.expr(v))
+                        .map(|(_, v)| self.num(v))
                         .collect::<Result<Vec<_>, _>>()?;
                 let data = self.data;
                 // The values wait in locals of their own (no vector per emit; numbers left
@@ -1650,7 +1651,7 @@ impl Cx<'_> {
                 return Ok(Box::new(move |fr| {
                     let mut total = Sizes::default();
                     for (f, &slot) in fields.iter().zip(&slots) {
-                        let v = f(fr)?.flatten();
+                        let v = f(fr)?.into_dynamic();
                         data.add_entry(&mut total, &v)?;
                         put(&mut fr.locals[slot], v);
                     }
