@@ -795,9 +795,10 @@ impl Cx<'_> {
         let Expr::Map(m, _) = &v.1 else {
             unreachable!("checked by block")
         };
+        // Typed: an event field or a slot is read as a number, not made a `Dynamic` and cloned.
         let values =
             m.0.iter()
-                .map(|(_, e)| self.expr(e))
+                .map(|(_, e)| self.num(e))
                 .collect::<Result<Vec<_>, _>>()?;
         let data = self.data;
         let own = self.new_local(v.0.name.clone());
@@ -821,7 +822,7 @@ impl Cx<'_> {
             fr.tick(pos)?;
             let mut total = Sizes::default();
             for (f, &slot) in values.iter().zip(&set) {
-                let v = f(fr)?.flatten();
+                let v = f(fr)?.into_dynamic();
                 data.add_entry(&mut total, &v)?;
                 put(&mut fr.locals[slot], v);
             }
@@ -1043,6 +1044,11 @@ impl Cx<'_> {
             };
             Some(self.helpers.borrow_mut().add(1, &body))
         };
+        if props.is_empty() {
+            if let Some((op, helper)) = binop {
+                return Ok(op_assign(op, helper, root, value, pos, op_pos));
+            }
+        }
         Ok(Box::new(move |fr| {
             fr.tick(pos)?;
             let v = value(fr)?;
@@ -1052,26 +1058,8 @@ impl Cx<'_> {
                 return Ok(Flow::Normal(Dynamic::UNIT));
             };
             if props.is_empty() {
-                // Numbers: unboxed, the result written over the target.
-                if let Some((op, _)) = &binop {
-                    if let Some(x) = Num::scalar(target) {
-                        if let Some(new) = num_binop(op, &x, &v, op_pos)? {
-                            put(target, new.into_dynamic());
-                            return Ok(Flow::Normal(Dynamic::UNIT));
-                        }
-                    }
-                }
-                let v = v.into_dynamic();
-                *target = match &binop {
-                    None => v,
-                    Some((op, helper)) => match fast_binop(op, target, &v, op_pos)? {
-                        Some(new) => new,
-                        None => {
-                            let args = vec![target.clone(), v];
-                            run_helper(engine, helpers, helper, None, args, op_pos)?
-                        }
-                    },
-                };
+                // (`x op= v` is `op_assign`'s.)
+                *target = v.into_dynamic();
                 return Ok(Flow::Normal(Dynamic::UNIT));
             }
             // A path of map properties is done in place; anything else by the helper.
@@ -1654,7 +1642,7 @@ impl Cx<'_> {
                         .collect();
                 let fields =
                     m.0.iter()
-                        .map(|(_, v)| self.expr(v))
+                        .map(|(_, v)| self.num(v))
                         .collect::<Result<Vec<_>, _>>()?;
                 let data = self.data;
                 // The values wait in locals of their own (no vector per emit; numbers left
@@ -1663,7 +1651,7 @@ impl Cx<'_> {
                 return Ok(Box::new(move |fr| {
                     let mut total = Sizes::default();
                     for (f, &slot) in fields.iter().zip(&slots) {
-                        let v = f(fr)?.flatten();
+                        let v = f(fr)?.into_dynamic();
                         data.add_entry(&mut total, &v)?;
                         put(&mut fr.locals[slot], v);
                     }
@@ -1850,23 +1838,39 @@ impl Cx<'_> {
 
     /// `a op b` on typed operands: unboxed when both are numbers (or booleans), otherwise boxed
     /// and done as [`Cx::expr`] does it (inline for the standard types, else a helper).
+    ///
+    /// The arithmetic and comparison operators get a closure each, with the operator a
+    /// constant: [`num_binop`] is inlined into it and its match on the operator folds away.
     fn binop(&mut self, op: Token, a: NFn, b: NFn, pos: Position) -> NFn {
-        let helper = self
+        let helper: Rc<str> = self
             .helpers
             .borrow_mut()
             .add(2, &format!("a0 {} a1", op.literal_syntax()));
-        Box::new(move |fr| {
-            let x = a(fr)?;
-            let y = b(fr)?;
-            if let Some(v) = num_binop(&op, &x, &y, pos)? {
-                return Ok(v);
-            }
-            let (x, y) = (x.into_dynamic(), y.into_dynamic());
-            match fast_binop(&op, &x, &y, pos)? {
-                Some(v) => Ok(Num::from_dynamic(v)),
-                None => call_helper(fr, &helper, None, vec![x, y], pos).map(Num::from_dynamic),
-            }
-        })
+        macro_rules! typed {
+            ($($t:ident)*) => {
+                match op {
+                    $(Token::$t => Box::new(move |fr: &mut Frame| {
+                        const OP: Token = Token::$t;
+                        let x = a(fr)?;
+                        let y = b(fr)?;
+                        if let Some(v) = num_binop(&OP, &x, &y, pos)? {
+                            return Ok(v);
+                        }
+                        boxed_binop(fr, &OP, x, y, &helper, pos)
+                    }),)*
+                    op => Box::new(move |fr: &mut Frame| {
+                        let x = a(fr)?;
+                        let y = b(fr)?;
+                        if let Some(v) = num_binop(&op, &x, &y, pos)? {
+                            return Ok(v);
+                        }
+                        boxed_binop(fr, &op, x, y, &helper, pos)
+                    }),
+                }
+            };
+        }
+        typed!(Plus Minus Multiply Divide Modulo EqualsTo NotEqualsTo GreaterThan
+            GreaterThanEqualsTo LessThan LessThanEqualsTo)
     }
 
     /// A condition (`if`, `&&`, `||`): its value as a bool, or the interpreter's type error.
@@ -1884,6 +1888,91 @@ impl Cx<'_> {
                 .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
         }))
     }
+}
+
+/// `x op y` when the operands are not both numbers (or booleans): boxed and done as
+/// [`Cx::expr`] does it, inline for the standard types, else by a helper.
+#[inline(never)]
+fn boxed_binop(fr: &Frame, op: &Token, x: Num, y: Num, helper: &str, pos: Position) -> R<Num> {
+    let (x, y) = (x.into_dynamic(), y.into_dynamic());
+    match fast_binop(op, &x, &y, pos)? {
+        Some(v) => Ok(Num::from_dynamic(v)),
+        None => call_helper(fr, helper, None, vec![x, y], pos).map(Num::from_dynamic),
+    }
+}
+
+/// `x op= v` on a local or a slot of `this`: numbers unboxed, the result written over the
+/// target; other values as [`boxed_op_assign`] does them. Each arithmetic and comparison
+/// operator gets a closure of its own with the operator a constant (as in [`Cx::binop`]).
+fn op_assign(
+    op: Token,
+    helper: Rc<str>,
+    root: Target,
+    value: NFn,
+    pos: Position,
+    op_pos: Position,
+) -> SFn {
+    macro_rules! typed {
+        ($($t:ident)*) => {
+            match op {
+                $(Token::$t => Box::new(move |fr: &mut Frame| {
+                    const OP: Token = Token::$t;
+                    fr.tick(pos)?;
+                    let v = value(fr)?;
+                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
+                    let Some(target) = target_ref(fr, root) else {
+                        return Ok(Flow::Normal(Dynamic::UNIT));
+                    };
+                    if let Some(x) = Num::scalar(target) {
+                        if let Some(new) = num_binop(&OP, &x, &v, op_pos)? {
+                            put(target, new.into_dynamic());
+                            return Ok(Flow::Normal(Dynamic::UNIT));
+                        }
+                    }
+                    boxed_op_assign(engine, helpers, target, &OP, v, &helper, op_pos)
+                }),)*
+                op => Box::new(move |fr: &mut Frame| {
+                    fr.tick(pos)?;
+                    let v = value(fr)?;
+                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
+                    let Some(target) = target_ref(fr, root) else {
+                        return Ok(Flow::Normal(Dynamic::UNIT));
+                    };
+                    if let Some(x) = Num::scalar(target) {
+                        if let Some(new) = num_binop(&op, &x, &v, op_pos)? {
+                            put(target, new.into_dynamic());
+                            return Ok(Flow::Normal(Dynamic::UNIT));
+                        }
+                    }
+                    boxed_op_assign(engine, helpers, target, &op, v, &helper, op_pos)
+                }),
+            }
+        };
+    }
+    typed!(Plus Minus Multiply Divide Modulo)
+}
+
+/// `target op= v` when the two are not both numbers: inline for the standard types, else by
+/// the helper running `a0 op= a1; a0`.
+#[inline(never)]
+fn boxed_op_assign(
+    engine: &Engine,
+    helpers: &AST,
+    target: &mut Dynamic,
+    op: &Token,
+    v: Num,
+    helper: &str,
+    op_pos: Position,
+) -> R<Flow> {
+    let v = v.into_dynamic();
+    *target = match fast_binop(op, target, &v, op_pos)? {
+        Some(new) => new,
+        None => {
+            let args = vec![target.clone(), v];
+            run_helper(engine, helpers, helper, None, args, op_pos)?
+        }
+    };
+    Ok(Flow::Normal(Dynamic::UNIT))
 }
 
 /// A local map that is never a map: `let m = #{...}` whose later uses are only `m.f = v`,
@@ -2554,6 +2643,7 @@ impl Num {
 /// `x op y` on unboxed values: what [`fast_binop`] gives for two integers, two numbers one of
 /// which is a float, or two booleans; `None` for anything else (the caller boxes both and asks
 /// `fast_binop`, then the interpreter).
+#[inline(always)]
 fn num_binop(op: &Token, x: &Num, y: &Num, pos: Position) -> R<Option<Num>> {
     Ok(match (x, y) {
         (Num::I(a), Num::I(b)) => int_binop(op, *a, *b, pos)?,
@@ -2566,6 +2656,7 @@ fn num_binop(op: &Token, x: &Num, y: &Num, pos: Position) -> R<Option<Num>> {
 }
 
 /// An operator on two integers, with Rhai's checked arithmetic and its error messages.
+#[inline(always)]
 fn int_binop(op: &Token, a: INT, b: INT, pos: Position) -> R<Option<Num>> {
     use Token::*;
     let arith =
@@ -2608,6 +2699,7 @@ fn int_binop(op: &Token, a: INT, b: INT, pos: Position) -> R<Option<Num>> {
 
 /// An operator on two numbers at least one of which is a float (the other converted), with
 /// Rhai's float comparisons (equal within `FLOAT::EPSILON`, relative).
+#[inline(always)]
 fn float_binop(op: &Token, a: FLOAT, b: FLOAT) -> Option<Num> {
     use Token::*;
     let near = |a: FLOAT, b: FLOAT| {
@@ -2652,6 +2744,7 @@ fn float_binop(op: &Token, a: FLOAT, b: FLOAT) -> Option<Num> {
 }
 
 /// `==` and `!=` on two booleans (Rhai has no other operator on them built in).
+#[inline(always)]
 fn bool_binop(op: &Token, a: bool, b: bool) -> Option<Num> {
     match op {
         Token::EqualsTo => Some(Num::B(a == b)),

@@ -258,7 +258,7 @@ impl Writer<'_> {
         for _ in 0..n {
             match self.g.below(14) {
                 0..=2 => {
-                    let op = self.g.pick(&["=", "+=", "-=", "*=", "/=", "+="]);
+                    let op = self.g.pick(&["=", "+=", "-=", "*=", "/=", "+=", "%="]);
                     out.push_str(&format!(
                         "this.{} {op} {};\n",
                         self.g.pick(&FIELDS),
@@ -273,7 +273,7 @@ impl Writer<'_> {
                 }
                 5 if !self.locals.is_empty() => {
                     let i = self.g.below(self.locals.len());
-                    let op = self.g.pick(&["=", "+=", "*="]);
+                    let op = self.g.pick(&["=", "+=", "*=", "-=", "/=", "%="]);
                     let value = self.expr(2);
                     out.push_str(&format!("{} {op} {value};\n", self.locals[i]));
                 }

@@ -167,9 +167,16 @@ impl Frame {
 
     /// The value of `field` in the object at node `obj`.
     fn get(&self, obj: u32, field: &str) -> Option<u32> {
-        let Node::Object { len, .. } = self.node(obj) else {
+        let Node::Object { len, count } = self.node(obj) else {
             return None;
         };
+        if count == 2 * len {
+            // Only scalar values: every other node is a name, no value's span to walk.
+            return (0..len as u32)
+                .map(|j| obj + 1 + 2 * j)
+                .find(|&at| matches!(self.node(at), Node::String(name) if name == field))
+                .map(|at| at + 1);
+        }
         let mut at = obj + 1;
         for _ in 0..len {
             let name = self.node(at);
