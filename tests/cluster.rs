@@ -1024,6 +1024,34 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
         let want = reference(&acked);
         let mut seq = 0;
         assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // Snapshots read after the kill, while NATS still counts the dead server in the
+        // streams' groups: b has no subscriber to `vwap`, so each first subscriber there makes
+        // b read every key's latest value from `EDDY_LATEST`. Read with direct gets, which any
+        // live server answers, it is whole each time (a consumer, which NATS may place on the
+        // dead server, left one read in three empty), and no consumer is made for it.
+        for round in 1..=3 {
+            let loaded = metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await;
+            let (w, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+            assert_vwap(&snapshot, &want);
+            assert_eq!(
+                metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await - loaded,
+                want.len() as f64,
+                "read {round} after the kill: not every key's latest value came from EDDY_LATEST"
+            );
+            drop(w);
+            let left = Instant::now();
+            while metric_of(&b.2, "eddy_cluster_topics_taken").await != 0.0 {
+                assert!(left.elapsed() < Duration::from_secs(10), "b kept the topic");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let js = async_nats::jetstream::new(nats_client(&rest).await.unwrap());
+        let mut latest = js.get_stream("EDDY_LATEST").await.unwrap();
+        let latest = latest.info().await.unwrap();
+        assert_eq!(
+            latest.state.consumer_count, 0,
+            "snapshots were read with a consumer"
+        );
         // Both eddy nodes lived through it (neither lost a lease and fenced itself).
         let (mut a, mut b) = (a, b);
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");

@@ -32,9 +32,10 @@
 //!   acknowledged by JetStream or kept for the next write, and before it answers a mark (a
 //!   hand-over, a checkpoint, a removal). A node whose first subscriber to a topic arrives
 //!   subscribes to `eddy.out.<topic>`, waits `latest_interval` and 100 ms (so that every value
-//!   emitted before is in the stream), reads the topic's latest values into its hub's snapshot
-//!   store (not items: not counted, not kept for resumes), then the items that came on
-//!   `eddy.out` meanwhile (a key that came live keeps its live value, and a key's first live
+//!   emitted before is in the stream), reads the topic's latest values (with batched direct
+//!   gets, [`last_messages`], which any live server answers) into its hub's snapshot store
+//!   (not items: not counted, not kept for resumes), then the items that came on `eddy.out`
+//!   meanwhile (a key that came live keeps its live value, and a key's first live
 //!   item equal to the value read is not taken twice), then lets the subscriber in: its
 //!   snapshot holds every key the cluster ever emitted on the topic, also on a node started
 //!   after the key's last item.
@@ -354,10 +355,13 @@ impl Cluster {
         })
         .await
         .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
-        js.get_or_create_stream(stream::Config {
+        // Made or updated: read with direct gets, which streams made by earlier versions did not
+        // allow.
+        js.create_or_update_stream(stream::Config {
             name: LATEST.into(),
             subjects: vec!["eddy.last.>".into()],
             max_messages_per_subject: 1,
+            allow_direct: true,
             num_replicas: config.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -510,8 +514,8 @@ impl Cluster {
             .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
         tokio::time::sleep(self.config.latest_interval + LATEST_SETTLE).await;
         let mut seeded = HashMap::new();
-        match tokio::time::timeout(LATEST_READ, self.read_latest(topic)).await {
-            Ok(Ok(latest)) => {
+        match self.read_latest(topic).await {
+            Ok(latest) => {
                 self.latest_loaded
                     .fetch_add(latest.len() as u64, Ordering::Relaxed);
                 // What came live meanwhile is as new as the stream's values or newer.
@@ -536,10 +540,7 @@ impl Cluster {
                     self.hub.items(0, live, None);
                 }
             }
-            Ok(Err(e)) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
-            Err(_) => {
-                tracing::warn!("cluster: no snapshot of {topic} from NATS within {LATEST_READ:?}")
-            }
+            Err(e) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
         }
         let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
         interest.insert(
@@ -572,43 +573,22 @@ impl Cluster {
             .store(interest.len() as u64, Ordering::Relaxed);
     }
 
-    /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them.
+    /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them: read with batched direct
+    /// gets ([`last_messages`]), which any live server answers, so that a server that died
+    /// does not leave a snapshot empty.
     async fn read_latest(&self, topic: &str) -> Result<Vec<Emitted>, String> {
-        let stream = self
-            .js
-            .get_stream(LATEST)
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("{}.*", latest_topic(topic)),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
+        let filter = format!("{}.*", latest_topic(topic));
+        let messages = last_messages(self, LATEST, &filter, LATEST_READ).await?;
         let topic: crate::Topic = Arc::from(topic);
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let pending = message.info().map_err(|e| e.to_string())?.pending;
+        let mut out = Vec::with_capacity(messages.len());
+        for (subject, message) in messages {
             match rmp_serde::from_slice::<(StoredKey, String)>(&message.payload) {
                 Ok((key, value)) => out.push(Emitted {
                     topic: Arc::clone(&topic),
                     key: Key::from(key),
                     value: value.into_bytes(),
                 }),
-                Err(e) => tracing::warn!(
-                    "cluster: undecodable latest value on {}: {e}",
-                    message.subject
-                ),
-            }
-            if pending == 0 {
-                break;
+                Err(e) => tracing::warn!("cluster: undecodable latest value on {subject}: {e}"),
             }
         }
         Ok(out)
@@ -1093,72 +1073,149 @@ fn fenced(why: &str) -> ! {
 }
 
 /// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
-/// answer in time.
-///
-/// Read with one batched direct get (`multi_last`, NATS 2.11 and later), which any server of
-/// the bucket's group answers, rather than with `kv::Store::keys`, which makes a consumer: NATS
-/// places such a consumer on a random server of the bucket's group, and for a minute or more
-/// after a server is SIGKILLed that may be the dead one (NATS does not count it offline yet),
-/// so one listing in three would wait for nothing.
+/// answer in time: read with [`last_messages`], not with `kv::Store::keys`, which makes a
+/// consumer (see there).
 async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
-    let listed = tokio::time::timeout(2 * CONSUMER_CREATE, async {
-        let inbox = cluster.client.new_inbox();
-        let mut replies = cluster
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let prefix = format!("$KV.{bucket}.");
-        let request = format!(r#"{{"multi_last":["{prefix}>"],"batch":1000000}}"#);
-        cluster
-            .client
-            .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.KV_{bucket}"),
-                inbox,
-                request.into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        while let Some(message) = replies.next().await {
-            match message.status {
-                None => {}
-                // No key at all.
-                Some(async_nats::StatusCode::NOT_FOUND) => return Ok(out),
-                // The end of the batch (204).
-                Some(code) if code.as_u16() == 204 => return Ok(out),
-                Some(code) => return Err(format!("status {code}: {:?}", message.description)),
-            }
-            let Some(headers) = &message.headers else {
-                continue;
-            };
-            let deleted = headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            let key = headers
-                .get("Nats-Subject")
-                .and_then(|s| s.as_str().strip_prefix(&prefix).map(str::to_owned));
-            if let (Some(key), false) = (key, deleted) {
-                out.push(key);
-            }
-        }
-        Err("the reply subscription ended".to_owned())
-    })
-    .await;
-    match listed {
-        Ok(Ok(keys)) => Some(keys),
-        Ok(Err(e)) => {
+    let prefix = format!("$KV.{bucket}.");
+    let within = 2 * CONSUMER_CREATE;
+    match last_messages(
+        cluster,
+        &format!("KV_{bucket}"),
+        &format!("{prefix}>"),
+        within,
+    )
+    .await
+    {
+        Ok(messages) => Some(
+            messages
+                .into_iter()
+                .filter(|(_, m)| {
+                    !m.headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+                })
+                .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
+                .collect(),
+        ),
+        Err(e) => {
             tracing::warn!("cluster: cannot list the keys of {bucket}: {e}");
             None
         }
-        Err(_) => {
-            tracing::warn!(
-                "cluster: cannot list the keys of {bucket}: no answer within {:?}",
-                2 * CONSUMER_CREATE
-            );
-            None
-        }
     }
+}
+
+/// Messages one batched direct get asks for: more come in further requests.
+const DIRECT_PAGE: usize = 10_000;
+/// How long a node waits for the next answer of a direct get before it asks again (a server
+/// that died while answering).
+const DIRECT_WAIT: Duration = Duration::from_secs(1);
+
+/// The newest message of each subject matching `filter` in stream `stream` (which keeps one
+/// message per subject: `EDDY_LATEST`, and the buckets, whose history is 1), with its subject,
+/// within `within`.
+///
+/// Read with batched direct gets (`$JS.API.DIRECT.GET`, NATS 2.11 and later), which any live
+/// server of the stream's group answers, rather than with a consumer: NATS places a consumer on
+/// a random server of the group, and for a minute or more after a server is SIGKILLed that may
+/// be the dead one (NATS does not count it offline yet), so one read in three would wait for
+/// nothing. Not with `multi_last` either: it answers `413 Too Many Results` when more than 1,024
+/// subjects match (nats-server 2.14). Each request asks for the next [`DIRECT_PAGE`] messages
+/// matching `filter` from a sequence on: with one message kept per subject, those are the
+/// subjects' newest, and a subject written again while the pages are read comes again later
+/// with its newer message, which wins.
+async fn last_messages(
+    cluster: &Cluster,
+    stream: &str,
+    filter: &str,
+    within: Duration,
+) -> Result<Vec<(String, async_nats::Message)>, String> {
+    let read = async {
+        let mut newest: HashMap<String, (u64, async_nats::Message)> = HashMap::new();
+        let mut from = 1u64;
+        'pages: loop {
+            let inbox = cluster.client.new_inbox();
+            let mut replies = cluster
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let request = format!(
+                r#"{{"next_by_subj":{},"seq":{from},"batch":{DIRECT_PAGE}}}"#,
+                serde_json::Value::from(filter)
+            );
+            cluster
+                .client
+                .publish_with_reply(
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    inbox,
+                    request.into(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut last = None;
+            loop {
+                let Ok(message) = tokio::time::timeout(DIRECT_WAIT, replies.next()).await else {
+                    // No answer (the server asked died): ask again from where this page is.
+                    if let Some(seq) = last {
+                        from = seq + 1;
+                    }
+                    continue 'pages;
+                };
+                let Some(message) = message else {
+                    return Err("the reply subscription ended".to_owned());
+                };
+                let header = |name: &str| {
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.as_str().to_owned())
+                };
+                match message.status {
+                    None => {}
+                    // Nothing (more) matches.
+                    Some(async_nats::StatusCode::NOT_FOUND) => break 'pages,
+                    // The end of this page (204): more to come unless nothing is pending.
+                    Some(code) if code.as_u16() == 204 => {
+                        let pending: u64 = header("Nats-Num-Pending")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        match last {
+                            Some(seq) if pending > 0 => {
+                                from = seq + 1;
+                                continue 'pages;
+                            }
+                            _ => break 'pages,
+                        }
+                    }
+                    Some(code) => return Err(format!("status {code}: {:?}", message.description)),
+                }
+                let (Some(subject), Some(seq)) = (
+                    header("Nats-Subject"),
+                    header("Nats-Sequence").and_then(|v| v.parse::<u64>().ok()),
+                ) else {
+                    return Err("a direct get answer without its subject or sequence".to_owned());
+                };
+                last = Some(seq);
+                match newest.get(&subject) {
+                    Some((had, _)) if *had > seq => {}
+                    _ => {
+                        newest.insert(subject, (seq, message));
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(u64, String, async_nats::Message)> = newest
+            .into_iter()
+            .map(|(subject, (seq, message))| (seq, subject, message))
+            .collect();
+        out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        Ok(out.into_iter().map(|(_, s, m)| (s, m)).collect())
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
 }
 
 /// Collects one partition's deliveries for the local shards, dropping those of keys in other
