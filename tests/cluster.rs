@@ -1064,3 +1064,140 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
         }
     }
 }
+
+/// The names in a `{"op":"topics"}` answer of the node at `addr`.
+async fn topic_names(addr: &str) -> Vec<String> {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(json!({"op": "topics"}).to_string().into()))
+        .await
+        .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "topics", "{reply}");
+    reply["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A query names its topics at run time (`emit("at_" + ev.venue, …)`), on one partition that
+/// one node computes. The other node, which has taken no item of them, lists every such topic,
+/// and a subscriber there gets its snapshot (each symbol's count at its last trade on that
+/// venue, counted here plainly) and then its live items; a node that joins later lists them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        std::fs::write(
+            queries.path().join("byvenue.rhai"),
+            "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+             fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(\"at_\" + ev.venue, this.n); }\n",
+        )
+        .unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
+        let args = ["--config", path.to_str().unwrap(), "--cluster", &nats.url];
+        let a = node_args(queries.path(), "a", &args).await;
+        let b = node_args(queries.path(), "b", &args).await;
+        // One partition: one node computes every key; the other computes none.
+        let mut stable: Option<(String, Instant)> = None;
+        let started = Instant::now();
+        let owner = loop {
+            let c = cluster_of(&a.2).await;
+            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
+            let live = c["nodes"].as_array().unwrap().len();
+            match &stable {
+                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
+                    if since.elapsed() >= Duration::from_millis(1500) {
+                        break owner;
+                    }
+                }
+                _ => stable = Some((owner, Instant::now())),
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no owner: {c}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
+        let feed = trades(400, 89);
+        let acked = produce(
+            computing.2.clone(),
+            feed.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        // Each symbol's count at its last trade on each venue, plainly.
+        let mut n: BTreeMap<String, i64> = BTreeMap::new();
+        let mut want: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for (s, p, _) in &acked {
+            let count = n.entry(s.clone()).or_default();
+            *count += 1;
+            want.entry(format!("byvenue.at_{}", venue(*p)))
+                .or_default()
+                .insert(s.clone(), *count);
+        }
+        assert_eq!(want.len(), 5);
+        // The other node has taken no item of them, and lists them all.
+        let listed = |names: &[String]| want.keys().all(|t| names.contains(t));
+        let started = Instant::now();
+        while !listed(&topic_names(&other.2).await) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the run-time topics are not listed on the other node: {:?}",
+                topic_names(&other.2).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            metric_of(&other.2, "eddy_cluster_received_items_total").await,
+            0.0
+        );
+        // Subscribed to there: the snapshot, then live items.
+        let topic = "byvenue.at_V1";
+        let mut w = ws(&other.2, "/subscribe").await;
+        w.send(Message::Text(
+            json!({"op": "subscribe", "topic": topic, "snapshot": true})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next_json(&mut w).await["type"], "subscribed");
+        let snapshot = next_json(&mut w).await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let got: BTreeMap<String, i64> = snapshot["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["key"].as_str().unwrap().to_owned(),
+                    i["value"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want[topic]);
+        // One more trade of S00 on V1 (a price of 101): its count comes live.
+        produce(computing.2.clone(), vec![vec![("S00".to_owned(), 101, 1)]]).await;
+        let msg = next_json(&mut w).await;
+        assert_eq!(msg["type"], "batch", "{msg}");
+        assert_eq!(msg["items"], json!([{"key": "S00", "value": n["S00"] + 1}]));
+        // A node that joins later lists them from the start.
+        let c = node_args(queries.path(), "c", &args).await;
+        let started = Instant::now();
+        while !listed(&topic_names(&c.2).await) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the run-time topics are not listed on a node that joined"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the run-time topics test took more than 100 s"),
+    }
+}

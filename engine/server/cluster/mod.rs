@@ -25,6 +25,11 @@
 //! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to the hubs of the
 //!   nodes that have a subscriber to the topic: a node subscribes to a topic's subject when its
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
+//! - bucket `eddy_topics`: the named topics queries made at run time (a name built from the
+//!   event: `emit("v_" + ev.venue, …)`), key [`named_topic_key`], value the topic's name. The
+//!   owner that emits a topic's first item here puts it; every node watches the bucket and
+//!   makes the topic known to its hub, so that it is listed (`{"op":"topics"}`) and can be
+//!   subscribed to on every node before that node takes any item of it.
 //! - stream `EDDY_LATEST`, subjects `eddy.last.<query>.<topic>.<key>` (each part one token, see
 //!   [`latest_subject`]), one message kept per subject: each key's latest item per topic, for
 //!   snapshots. The owner's forwarder publishes items on `eddy.out` at once and writes the keys
@@ -106,6 +111,7 @@ const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
 const LATEST: &str = "EDDY_LATEST";
+const TOPICS: &str = "eddy_topics";
 /// How long a node keeps trying to get an input's messages into JetStream (a new stream leader
 /// is elected in 4 to 9 s when one dies, 20 s and more on a starved machine) before it answers the input's events as rejected.
 pub const PUBLISH_RETRY: Duration = Duration::from_secs(30);
@@ -225,6 +231,21 @@ fn latest_topic(topic: &str) -> String {
     }
 }
 
+/// The key of named topic `topic` (`<query>.<name>`) in the bucket `eddy_topics`: both parts as
+/// tokens ([`token`]), so that one query's topics share a prefix. `None` for a query's own topic
+/// and its `.errors` and `.late`, which every node lists from the query alone.
+fn named_topic_key(topic: &str) -> Option<String> {
+    let (query, name) = topic.split_once('.')?;
+    if name == "errors" || name == "late" {
+        return None;
+    }
+    Some(format!(
+        "{}.{}",
+        token(query.as_bytes()),
+        token(name.as_bytes())
+    ))
+}
+
 /// The subject that keeps `key`'s latest item on `topic` in the stream `EDDY_LATEST`: the key
 /// as a token of its JSON.
 fn latest_subject(topic: &str, key: &Key) -> String {
@@ -262,6 +283,10 @@ pub struct Cluster {
     nodes: kv::Store,
     owners: kv::Store,
     catalog: kv::Store,
+    /// Named topics made at run time, by their [`named_topic_key`].
+    topics: kv::Store,
+    /// Named topics this node put in `topics` (or saw there): not put again.
+    announced: std::sync::Mutex<HashSet<crate::Topic>>,
     /// Checkpoints, one object per partition (`p<N>`).
     checkpoints: jetstream::object_store::ObjectStore,
     /// The topics this node's subscribers want: their subscribers here, and the task taking the
@@ -388,6 +413,10 @@ impl Cluster {
             .create_key_value(bucket(CATALOG, None))
             .await
             .map_err(|e| js_err("bucket eddy_catalog")(Box::new(e)))?;
+        let topics = js
+            .create_key_value(bucket(TOPICS, None))
+            .await
+            .map_err(|e| js_err("bucket eddy_topics")(Box::new(e)))?;
         let checkpoints = js
             .create_object_store(jetstream::object_store::Config {
                 bucket: CHECKPOINTS.into(),
@@ -406,6 +435,8 @@ impl Cluster {
             nodes,
             owners,
             catalog,
+            topics,
+            announced: std::sync::Mutex::new(HashSet::new()),
             checkpoints,
             interest: tokio::sync::Mutex::new(HashMap::new()),
             topics_taken: AtomicU64::new(0),
@@ -479,11 +510,23 @@ impl Cluster {
 
     /// Removes query `name`'s latest values from `EDDY_LATEST`: a later query of the same name
     /// starts with an empty snapshot, as it does alone.
+    /// Its named topics leave `eddy_topics` too (and this node forgets it saw them), so that
+    /// they are listed again only once the new query emits to them.
     async fn purge_latest(&self, name: &str) {
         if let Ok(latest) = self.js.get_stream(LATEST).await {
             let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
             if let Err(e) = latest.purge().filter(filter).await {
                 tracing::warn!("cluster: latest values of {name} not purged: {e}");
+            }
+        }
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|t| t.split_once('.').is_none_or(|(q, _)| q != name));
+        if let Ok(topics) = self.js.get_stream(format!("KV_{TOPICS}")).await {
+            let filter = format!("$KV.{TOPICS}.{}.>", token(name.as_bytes()));
+            if let Err(e) = topics.purge().filter(filter).await {
+                tracing::warn!("cluster: named topics of {name} not purged: {e}");
             }
         }
     }
@@ -622,6 +665,12 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .await
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
     tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    let watch = cluster
+        .topics
+        .watch_with_history(">")
+        .await
+        .map_err(|e| js_err("watch eddy_topics")(Box::new(e)))?;
+    tokio::spawn(follow_topics(Arc::clone(&cluster), watch));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     tokio::spawn(renew(Arc::clone(&cluster)));
     let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
@@ -1723,6 +1772,7 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
             }
         }
         runtime.block_on(async {
+            announce(cluster, topics.keys()).await;
             for (topic, items) in topics {
                 let stored: Vec<(StoredKey, &String)> = items
                     .iter()
@@ -1746,6 +1796,54 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
         for reply in marks {
             let _ = reply.send(Vec::new());
         }
+    }
+}
+
+/// Puts the named topics among `topics` that this node has not seen in `eddy_topics` yet (once
+/// per topic: a lookup per topic of a batch, not per item), each acknowledged by JetStream
+/// before the topic counts as put (else it is put again with the next batch).
+async fn announce<'a>(cluster: &Cluster, topics: impl Iterator<Item = &'a crate::Topic>) {
+    let new: Vec<(&crate::Topic, String)> = {
+        let announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+        topics
+            .filter(|t| !announced.contains(*t))
+            .filter_map(|t| named_topic_key(t).map(|key| (t, key)))
+            .collect()
+    };
+    for (topic, key) in new {
+        let put = tokio::time::timeout(
+            ACK_WAIT,
+            cluster
+                .topics
+                .put(key, Bytes::copy_from_slice(topic.as_bytes())),
+        )
+        .await;
+        match put {
+            Ok(Ok(_)) => {
+                let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+                announced.insert(Arc::clone(topic));
+            }
+            Ok(Err(e)) => tracing::warn!("cluster: topic {topic} not put in eddy_topics: {e}"),
+            Err(_) => tracing::warn!("cluster: topic {topic} not put in eddy_topics in time"),
+        }
+    }
+}
+
+/// Makes every named topic of `eddy_topics` known to this node's hub (those put before the node
+/// started too): listed and subscribable before any of its items arrives here.
+async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else { continue };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(&entry.value) else {
+            continue;
+        };
+        let topic: crate::Topic = Arc::from(name);
+        cluster.hub.declare_topic(&topic);
+        let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+        announced.insert(topic);
     }
 }
 
