@@ -1201,3 +1201,161 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         _ = bounded() => panic!("the run-time topics test took more than 100 s"),
     }
 }
+
+/// Ten-second bars per symbol by event time (lateness 1 s), fired by `set_timer`/`on_timer`.
+const BARS: &str = "let source = \"trades\";\nlet key_by = \"symbol\";\nlet time_field = \"ts\";\n\
+let lateness = \"1s\";\n\
+fn init(key) { #{ w: #{} } }\n\
+fn on_event(ev) {\n\
+    let start = window_start(ev.ts, \"10s\");\n\
+    let id = start.to_string();\n\
+    if !(id in this.w) { this.w[id] = #{ n: 0, sum: 0 }; set_timer(start + 10_000); }\n\
+    let b = this.w[id];\n\
+    b.n += 1;\n\
+    b.sum += ev.size;\n\
+    this.w[id] = b;\n\
+}\n\
+fn on_timer(end) {\n\
+    let id = (end - 10_000).to_string();\n\
+    if id in this.w {\n\
+        let b = this.w.remove(id);\n\
+        emit(#{ start: end - 10_000, n: b.n, sum: b.sum });\n\
+    }\n\
+}\n";
+
+/// One producer's feed through one node of three, with event times out of order by up to 3 s
+/// (lateness 1 s, so some events are late), then one trade an hour later that moves the
+/// watermark past every bar. A subscriber on another node gets every bar and every late event
+/// that `eddy run` gives over the same events: computed here plainly (one watermark, the newest
+/// event time minus lateness; an event behind it is late; a bar holds its window's other events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_output_over_one_producer_equals_eddy_run() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        std::fs::write(queries.path().join("bars.rhai"), BARS).unwrap();
+        let a = node(&nats, queries.path(), "a").await;
+        let b = node(&nats, queries.path(), "b").await;
+        let c = node(&nats, queries.path(), "c").await;
+        balanced(&a.2, &["a", "b", "c"]).await;
+        let mut bars = ws(&b.2, "/subscribe").await;
+        for topic in ["bars", "bars.late"] {
+            bars.send(Message::Text(
+                json!({"op": "subscribe", "topic": topic})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(next_json(&mut bars).await["type"], "subscribed");
+        }
+        // The feed: 2,000 trades 40 ms apart in event time, each shifted back by up to 3 s.
+        let base: i64 = 1_700_000_000_000;
+        let mut x: u64 = 97;
+        let mut feed: Vec<(String, i64, i64)> = (0..2000)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let symbol = format!("S{:02}", (x >> 33) % SYMBOLS as u64);
+                let back = if (x >> 20).is_multiple_of(10) {
+                    ((x >> 40) % 3000) as i64
+                } else {
+                    0
+                };
+                (symbol, base + 40 * i - back, 1 + ((x >> 50) % 9) as i64)
+            })
+            .collect();
+        feed.push(("S00".to_owned(), base + 3_600_000, 1));
+        // `eddy run`'s answer, plainly.
+        let mut mark = i64::MIN;
+        let mut want: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        let mut want_late = 0;
+        for (s, ts, size) in &feed {
+            if *ts < mark {
+                want_late += 1;
+                continue;
+            }
+            mark = mark.max(ts - 1000);
+            let e = want
+                .entry((s.clone(), ts - ts.rem_euclid(10_000)))
+                .or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        // The last trade's own bar is still open at the end of the feed (`eddy run` fires it at
+        // the end of its input; a server waits for the watermark).
+        want.remove(&(
+            "S00".to_owned(),
+            base + 3_600_000 - (base + 3_600_000).rem_euclid(10_000),
+        ));
+        assert!(
+            want_late > 50,
+            "{want_late} late events: the feed is not out of order enough"
+        );
+        let frames: Vec<String> = feed
+            .chunks(10)
+            .map(|f| {
+                f.iter()
+                    .map(|(s, ts, z)| {
+                        json!({"symbol": s, "ts": ts, "size": z, "price": 100}).to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        let mut producer = ws(&a.2, "/ingest?stream=trades&ack=true").await;
+        for f in &frames {
+            producer
+                .send(Message::Text(f.clone().into()))
+                .await
+                .unwrap();
+            let ack = loop {
+                let next = tokio::time::timeout(Duration::from_secs(60), producer.next())
+                    .await
+                    .expect("an ack within 60 s");
+                if let Message::Text(t) = next.unwrap().unwrap() {
+                    break serde_json::from_str::<Value>(&t).unwrap();
+                }
+            };
+            assert_eq!(ack["type"], "ack", "{ack}");
+            assert_eq!(ack["rejected"], 0, "{ack}");
+        }
+        let mut got: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        let mut late = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < want.len() || late < want_late {
+            let Ok(msg) = tokio::time::timeout_at(deadline.into(), next_json(&mut bars)).await
+            else {
+                panic!(
+                    "{} of {} bars and {late} of {want_late} late events after 30 s",
+                    got.len(),
+                    want.len()
+                );
+            };
+            assert_eq!(msg["type"], "batch", "{msg}");
+            for item in msg["items"].as_array().unwrap() {
+                if msg["topic"] == "bars.late" {
+                    late += 1;
+                    continue;
+                }
+                let key = item["key"].as_str().unwrap().to_owned();
+                let v = &item["value"];
+                let bar = (key, v["start"].as_i64().unwrap());
+                let was = got.insert(
+                    bar.clone(),
+                    (v["n"].as_i64().unwrap(), v["sum"].as_i64().unwrap()),
+                );
+                assert!(was.is_none(), "bar {bar:?} emitted twice");
+            }
+        }
+        assert_eq!(late, want_late);
+        assert_eq!(got, want);
+        drop((a, b, c));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the timer test took more than 100 s"),
+    }
+}

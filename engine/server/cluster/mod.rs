@@ -13,6 +13,9 @@
 //!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
 //!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
 //!   after the frame came; only then are its events answered as rejected.
+//!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
+//!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
+//!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
 //! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
@@ -324,6 +327,9 @@ pub struct Cluster {
     pub publish_failures: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
+    /// Per query with timers (by name): the newest mark this node's producers reached, not yet
+    /// sent to every partition ([`broadcast_marks`]).
+    marks_due: std::sync::Mutex<HashMap<String, i64>>,
     /// This process's prefix of message ids (node name and start time), and the next number.
     incarnation: String,
     next_message: AtomicU64,
@@ -457,6 +463,7 @@ impl Cluster {
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
+            marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
             out,
@@ -673,6 +680,7 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
     tokio::spawn(follow_topics(Arc::clone(&cluster), watch));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     tokio::spawn(renew(Arc::clone(&cluster)));
+    tokio::spawn(broadcast_marks(Arc::clone(&cluster)));
     let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
     *cluster.tasks.lock().await = Some(task);
     Ok(())
@@ -734,9 +742,13 @@ async fn drain(state: &State, cluster: &Cluster) {
 /// acknowledged (their index in the input, and why).
 pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
 
-/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it.
+/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it, and the
+/// producer's mark with each of them for the queries on event time ([`EventTimeQueries`]).
 struct PartitionSink<'a> {
     messages: BTreeMap<usize, (Vec<u8>, Vec<u32>)>,
+    /// Per partition: (line of its message, query's index in `timed`, the producer's mark).
+    marks: BTreeMap<usize, Vec<(usize, usize, i64)>>,
+    timed: &'a [QueryId],
     rejections: &'a mut Vec<Rejection>,
 }
 
@@ -747,6 +759,13 @@ impl RouteSink for PartitionSink<'_> {
             delivery.event.write_json(ndjson);
             ndjson.push(b'\n');
             indexes.push(position.index);
+        }
+        if let Some(t) = self.timed.iter().position(|id| *id == delivery.query) {
+            let line = indexes.len() - 1;
+            self.marks
+                .entry(partition)
+                .or_default()
+                .push((line, t, delivery.source_mark));
         }
     }
     fn advanced(&mut self, _: QueryId, _: i64) {}
@@ -767,8 +786,11 @@ pub async fn publish(
     rejections: &mut Vec<Rejection>,
 ) -> (Routed, Acks) {
     let router = state.router.load_full();
+    let timed = EventTimeQueries::of(&router);
     let mut sink = PartitionSink {
         messages: BTreeMap::new(),
+        marks: BTreeMap::new(),
+        timed: &timed.ids,
         rejections,
     };
     let routed = router.route(
@@ -787,8 +809,15 @@ pub async fn publish(
     }
     let published = Instant::now();
     let mut sends = Vec::new();
+    let mut marks = std::mem::take(&mut sink.marks);
     for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
         let mut headers = headers.clone();
+        if let Some(marks) = marks.remove(&partition) {
+            headers.insert(
+                MARKS_HEADER,
+                timed.encode_lines(indexes.len(), &marks).as_str(),
+            );
+        }
         // JetStream stores a message once per id within its duplicate window: a retry of a
         // message whose first ack was lost (a leader that died after storing it) is not stored
         // twice.
@@ -808,6 +837,23 @@ pub async fn publish(
     cluster
         .published_messages
         .fetch_add(sends.len() as u64, Ordering::Relaxed);
+    // The producer's own marks go on from here with its next input (as alone: its events are
+    // late against its own mark, and it holds this node's watermark back while connected).
+    router.settle_at(source, &routed, now);
+    // The marks this input took its timer queries to, for the partitions it sent nothing to
+    // (published with the next tick of [`broadcast_marks`], after these messages).
+    if timed.timers.iter().any(|t| *t) {
+        let mut due = cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner());
+        for &(qi, own) in &routed.marks {
+            let q = &router.queries()[qi];
+            if let Some(t) = timed.ids.iter().position(|id| *id == q.id) {
+                if timed.timers[t] {
+                    let mark = due.entry(timed.names[t].clone()).or_insert(own);
+                    *mark = (*mark).max(own);
+                }
+            }
+        }
+    }
     let counted = Arc::clone(cluster);
     let acks: Acks = Box::pin(async move {
         // All of the input's messages at once: one that waits for its ack (or for a new stream
@@ -839,6 +885,131 @@ pub async fn publish(
         failed
     });
     (routed, acks)
+}
+
+/// The header of an event message that carries, per query on event time, the producer's mark
+/// with each of its events: `NAME=M0,M1,…;NAME2=…` (one entry per line of the message, empty
+/// where the query has no key of the line in the partition).
+const MARKS_HEADER: &str = "Eddy-Marks";
+/// The header of a marks message ([`broadcast_marks`]): `NAME=M;NAME2=M`.
+const MARK_HEADER: &str = "Eddy-Mark";
+/// How often a node sends the marks its producers reached to every partition.
+const MARKS_EVERY: Duration = Duration::from_millis(100);
+
+/// The deployed queries on event time (a `time_field`), whose marks travel with the events.
+struct EventTimeQueries {
+    ids: Vec<QueryId>,
+    names: Vec<String>,
+    /// Whether each has `on_timer` (its marks also go to partitions without its events).
+    timers: Vec<bool>,
+}
+
+impl EventTimeQueries {
+    fn of(router: &crate::router::Router) -> Self {
+        let mut out = EventTimeQueries {
+            ids: Vec::new(),
+            names: Vec::new(),
+            timers: Vec::new(),
+        };
+        for q in router.queries() {
+            if q.def.config.time_field.is_some() {
+                out.ids.push(q.id);
+                out.names.push(q.def.name.clone());
+                out.timers.push(q.def.functions.on_timer);
+            }
+        }
+        out
+    }
+
+    /// The [`MARKS_HEADER`] of a message of `lines` lines with these marks.
+    fn encode_lines(&self, lines: usize, marks: &[(usize, usize, i64)]) -> String {
+        let mut per: BTreeMap<usize, Vec<Option<i64>>> = BTreeMap::new();
+        for &(line, t, mark) in marks {
+            per.entry(t).or_insert_with(|| vec![None; lines])[line] = Some(mark);
+        }
+        let mut out = String::new();
+        for (t, marks) in per {
+            if !out.is_empty() {
+                out.push(';');
+            }
+            out.push_str(&self.names[t]);
+            out.push('=');
+            for (i, m) in marks.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                if let Some(m) = m {
+                    out.push_str(&m.to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `NAME=M0,M1,…;…` ([`MARKS_HEADER`], [`MARK_HEADER`]) as query name → marks (`None` where
+/// empty); parts that do not parse are left out.
+fn decode_marks(header: &str) -> Vec<(&str, Vec<Option<i64>>)> {
+    header
+        .split(';')
+        .filter_map(|part| {
+            let (name, marks) = part.split_once('=')?;
+            let marks = marks
+                .split(',')
+                .map(|m| m.parse().ok())
+                .collect::<Vec<Option<i64>>>();
+            Some((name, marks))
+        })
+        .collect()
+}
+
+/// Every [`MARKS_EVERY`], the marks this node's producers took queries with timers to, sent to
+/// every partition: a partition none of whose keys a producer's recent events had still learns
+/// how far event time went, so its keys' timers fire as `eddy run`'s do. Sent after the events
+/// that reached them (on the same connection), so that none of those becomes late.
+async fn broadcast_marks(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(MARKS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = std::mem::take(&mut *cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner()));
+        if due.is_empty() {
+            continue;
+        }
+        let mark = due
+            .iter()
+            .map(|(name, m)| format!("{name}={m}"))
+            .collect::<Vec<_>>()
+            .join(";");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MARK_HEADER, mark.as_str());
+        headers.insert("Eddy-Now", crate::router::wall_ms().to_string().as_str());
+        let mut acks = Vec::new();
+        for p in 0..cluster.config.partitions {
+            let message = Outgoing {
+                subject: event_subject(p),
+                headers: headers.clone(),
+                payload: Bytes::new(),
+            };
+            if let Ok(ack) = cluster.send(&message).await {
+                acks.push(std::future::IntoFuture::into_future(ack));
+            }
+        }
+        let acked = tokio::time::timeout(ACK_WAIT, futures_util::future::join_all(acks)).await;
+        let lost = acked.map_or(cluster.config.partitions as usize, |a| {
+            a.iter().filter(|r| r.is_err()).count()
+        });
+        if lost > 0 {
+            // The next input's marks go out at the next tick; until then those partitions'
+            // timers wait.
+            tracing::warn!("cluster: marks not stored for {lost} partitions");
+            let mut again = cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, m) in due {
+                let mark = again.entry(name).or_insert(m);
+                *mark = (*mark).max(m);
+            }
+        }
+    }
 }
 
 /// One message of an input for the event stream, kept until JetStream acknowledges it.
@@ -1272,14 +1443,26 @@ async fn last_messages(
 struct OwnedSink<'a> {
     partition: usize,
     partitions: usize,
+    /// Per query on event time: the producer's mark with each line ([`MARKS_HEADER`]).
+    carried: &'a [(QueryId, usize, Vec<Option<i64>>)],
     deliveries: Vec<Vec<Delivery>>,
     watermarks: Vec<(QueryId, i64)>,
     rejected: &'a mut u64,
 }
 
 impl RouteSink for OwnedSink<'_> {
-    fn deliver(&mut self, shard: usize, _: Position, delivery: Delivery) {
+    fn deliver(&mut self, shard: usize, position: Position, mut delivery: Delivery) {
         if delivery.key.shard(self.partitions) == self.partition {
+            // Late, and the key's own timers, as against the producer's mark with the event
+            // (as alone), not only this partition's.
+            let carried = self
+                .carried
+                .iter()
+                .find(|(id, _, _)| *id == delivery.query)
+                .and_then(|(_, _, marks)| marks.get(position.index as usize).copied().flatten());
+            if let Some(mark) = carried {
+                delivery.source_mark = delivery.source_mark.max(mark);
+            }
             self.deliveries[shard].push(delivery);
         }
     }
@@ -1292,8 +1475,9 @@ impl RouteSink for OwnedSink<'_> {
 }
 
 /// Runs partition `p` on this node: puts back its latest checkpoint, then reads the stream from
-/// the sequence after it and feeds the local shards, as source `source` (its own mark: event
-/// time per partition, as Flink keeps one per input partition).
+/// the sequence after it and feeds the local shards, as source `source`, whose mark goes as far
+/// as the producers' marks its messages carry ([`MARKS_HEADER`], [`MARK_HEADER`]): events are
+/// late, and timers fire, as they do in `eddy run` for a single producer.
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
@@ -1388,6 +1572,8 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(crate::router::wall_ms);
             let stream = header("Eddy-Stream");
+            let line_marks = header(MARKS_HEADER);
+            let end_marks = header(MARK_HEADER);
             let parsed = parser.parse(message.payload.to_vec());
             let _order = cluster.order.lock().await;
             // Handed over or leaving: stop between messages, never within one.
@@ -1398,10 +1584,27 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             }
             let router = state.router.load_full();
             let shards = state.pipeline.shards();
+            let deployed = |name: &str| {
+                router
+                    .queries()
+                    .iter()
+                    .enumerate()
+                    .find(|(_, q)| q.def.name == name)
+                    .map(|(qi, q)| (q.id, qi))
+            };
+            let carried: Vec<(QueryId, usize, Vec<Option<i64>>)> = line_marks
+                .as_deref()
+                .map(decode_marks)
+                .unwrap_or_default()
+                .into_iter()
+                .chain(end_marks.as_deref().map(decode_marks).unwrap_or_default())
+                .filter_map(|(name, marks)| deployed(name).map(|(id, qi)| (id, qi, marks)))
+                .collect();
             let mut rejected = 0;
             let mut sink = OwnedSink {
                 partition: p as usize,
                 partitions,
+                carried: &carried,
                 deliveries: (0..shards).map(|_| Vec::new()).collect(),
                 watermarks: Vec::new(),
                 rejected: &mut rejected,
@@ -1443,7 +1646,40 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                     return;
                 }
             }
-            router.settle_at(source, &routed, now);
+            // The partition's mark goes as far as the producers' marks it carried: event time
+            // moves on here as it did at the producers' nodes, and the timers it reaches fire.
+            let mut routed = routed;
+            for (_, qi, marks) in &carried {
+                if let Some(end) = marks.iter().flatten().max() {
+                    match routed.marks.iter_mut().find(|(q, _)| q == qi) {
+                        Some((_, own)) => *own = (*own).max(*end),
+                        None => routed.marks.push((*qi, *end)),
+                    }
+                }
+            }
+            let rose: Vec<(QueryId, i64)> = router
+                .settle_rising(source, &routed, now)
+                .into_iter()
+                .filter(|(id, _)| {
+                    router
+                        .queries()
+                        .iter()
+                        .any(|q| q.id == *id && q.def.functions.on_timer)
+                })
+                .collect();
+            if !rose.is_empty() {
+                for shard in 0..shards {
+                    let msg = ShardMsg::Batch {
+                        deliveries: Vec::new(),
+                        watermarks: rose.clone(),
+                        now,
+                        received: Instant::now(),
+                    };
+                    if state.pipeline.send(shard, msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
             cluster.fed[p as usize].store(seq, Ordering::Relaxed);
             next = seq + 1;
             if rejected > 0 {
