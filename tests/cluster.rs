@@ -1359,3 +1359,71 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
         _ = bounded() => panic!("the timer test took more than 100 s"),
     }
 }
+
+/// `PUT /queries/vwap?state=keep` on one node of two: every node replaces its version keeping
+/// its own keys' state, so after more trades through the other node every symbol's VWAP and
+/// count cover all the trades (a fresh deploy on the other node would count only the new ones
+/// for its keys), and every value comes from the new script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let run = async {
+        let queries = queries_dir();
+        let a = node(&nats, queries.path(), "a").await;
+        let b = node(&nats, queries.path(), "b").await;
+        balanced(&a.2, &["a", "b"]).await;
+        let mut sub = subscribe_vwap(&b.2).await;
+        let mut seq = 0;
+        let first = trades(1000, 101);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // The same state, a new output: `version`.
+        let script = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+            fn init(key) { #{ notional: 0.0, volume: 0, trades: 0 } }\n\
+            fn on_event(ev) {\n\
+                this.notional += ev.price * ev.size;\n\
+                this.volume += ev.size;\n\
+                this.trades += 1;\n\
+                emit(#{ vwap: this.notional / this.volume, trades: this.trades, version: 2 });\n\
+            }\n";
+        let (status, body) =
+            http_at(&a.2, "PUT", "/queries/vwap?state=keep", Some(TOKEN), script).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["state_kept"], true, "{body}");
+        let started = Instant::now();
+        loop {
+            let (_, body) = http_at(&b.2, "GET", "/queries/vwap", None, "").await;
+            if body.contains("version: 2") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the replace never reached b: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let second = trades(500, 103);
+        acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let latest = converge(&mut sub, &touched, &mut seq).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            assert_eq!(latest[s]["version"], 2, "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        drop((a, b));
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = bounded() => panic!("the state=keep test took more than 100 s"),
+    }
+}

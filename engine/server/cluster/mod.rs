@@ -515,6 +515,22 @@ impl Cluster {
         done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
     }
 
+    /// Records a replace that keeps each key's state (`PUT /queries/NAME?state=keep`) in the
+    /// cluster's catalog: every node replaces its own shards' version the same way, so each key
+    /// keeps its state on the node that owns it ([`CatalogEntry`]).
+    pub async fn remember_keeping(&self, name: &str, script: &str) -> Result<(), String> {
+        let entry = CatalogEntry {
+            script: script.to_owned(),
+            state: Some("keep".to_owned()),
+        };
+        let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+        self.catalog
+            .put(name, value.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
+    }
+
     /// Removes query `name`'s latest values from `EDDY_LATEST`: a later query of the same name
     /// starts with an empty snapshot, as it does alone.
     /// Its named topics leave `eddy_topics` too (and this node forgets it saw them), so that
@@ -2173,30 +2189,55 @@ fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
 // ---------------------------------------------------------------------------------------------
 // The catalog.
 
+/// A replace that keeps each key's state, as `eddy_catalog` holds it: JSON
+/// `{"script":…,"state":"keep"}`. A plain deploy is the script itself.
+#[derive(Serialize, Deserialize)]
+struct CatalogEntry {
+    script: String,
+    #[serde(default)]
+    state: Option<String>,
+}
+
 /// Applies every change of the cluster's catalog to this node (its own changes come back too and
-/// are skipped when the script is already deployed).
+/// are skipped when the script is already deployed). A replace that keeps state replaces this
+/// node's version the same way (its keys keep their state here), then checkpoints: a partition
+/// that moves later restores its keys' state into the new script.
 async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
         let name = entry.key.clone();
         match entry.operation {
             kv::Operation::Put => {
-                let script = String::from_utf8_lossy(&entry.value).into_owned();
-                if super::admin::deployed_script(&state, &name)
-                    .await
-                    .as_deref()
-                    == Some(script.as_str())
-                {
-                    continue;
+                let (script, keep) = match serde_json::from_slice::<CatalogEntry>(&entry.value) {
+                    Ok(e) => (e.script, e.state.as_deref() == Some("keep")),
+                    Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
+                };
+                let here = super::admin::deployed_script(&state, &name).await;
+                if here.as_deref() != Some(script.as_str()) {
+                    let limits = state.config.limits.clone();
+                    match super::admin::compile(name.clone(), script, limits).await {
+                        Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
+                            Ok(n) => tracing::info!(
+                                "cluster catalog: {name} replaced, {n} keys' state kept here"
+                            ),
+                            Err(e) => tracing::error!(
+                                "cluster catalog: {name} not replaced on this node: {e}"
+                            ),
+                        },
+                        Ok(def) => {
+                            if let Err(e) = super::admin::deploy(&state, def).await {
+                                tracing::error!("cluster catalog: {name}: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                    }
                 }
-                match super::admin::compile(name.clone(), script, state.config.limits.clone()).await
-                {
-                    Ok(def) => {
-                        if let Err(e) = super::admin::deploy(&state, def).await {
-                            tracing::error!("cluster catalog: {name}: {e}");
+                if keep && here.is_some() {
+                    if let Some(cluster) = &state.cluster {
+                        if let Err(e) = checkpoint(&state, cluster).await {
+                            tracing::warn!("cluster: checkpoint after replacing {name}: {e}");
                         }
                     }
-                    Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
                 }
             }
             kv::Operation::Delete | kv::Operation::Purge => {
