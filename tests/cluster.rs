@@ -30,10 +30,6 @@ type Node = (
     String,
 );
 
-async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
-    node_with(nats, queries, name, &[]).await
-}
-
 /// `eddy serve --cluster … --node NAME` as a process (killed when dropped), with `extra` flags;
 /// its warnings and errors go to the test's stderr, tagged with the node's name.
 async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[&str]) -> Node {
@@ -203,9 +199,11 @@ async fn ws(addr: &str, path: &str) -> Ws {
         .0
 }
 
+/// The next text message, within 30 s (the node's pings do not count).
 async fn next_json(ws: &mut Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("a message within 30 s")
             .expect("open")
@@ -340,8 +338,54 @@ fn assert_vwap(latest: &BTreeMap<String, Value>, want: &BTreeMap<String, (f64, i
     }
 }
 
-fn bounded() -> tokio::time::Sleep {
-    tokio::time::sleep(Duration::from_secs(100))
+/// What every cluster test starts from: a nats-server of its own and a queries folder with
+/// `vwap` (a test may add its own queries before it starts nodes).
+struct Setup {
+    nats: Nats,
+    queries: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Node `name` on this setup's NATS and queries, with `extra` flags.
+    async fn node(&self, name: &str, extra: &[&str]) -> Node {
+        node_with(&self.nats, self.queries.path(), name, extra).await
+    }
+
+    /// Nodes `names` (with `extra` flags), once every partition has an owner among them, each
+    /// owning some, and the owners have settled; with the owners.
+    async fn start<const N: usize>(
+        &self,
+        names: [&str; N],
+        extra: &[&str],
+    ) -> ([Node; N], Vec<String>) {
+        let mut nodes = Vec::with_capacity(N);
+        for name in names {
+            nodes.push(self.node(name, extra).await);
+        }
+        let nodes: [Node; N] = nodes.try_into().unwrap_or_else(|_| unreachable!());
+        let owners = balanced(&nodes[0].2, &names).await;
+        (nodes, owners)
+    }
+}
+
+/// Runs a cluster test: one at a time, on a nats-server of its own (skipped, saying why, without
+/// one), and failing as `what` if it takes more than 100 s.
+async fn cluster_test(what: &str, body: impl AsyncFnOnce(&Setup)) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let setup = Setup {
+        nats,
+        queries: queries_dir(),
+    };
+    within(what, Duration::from_secs(100), body(&setup)).await;
+}
+
+/// Runs `run`, failing as `what` if it takes more than `limit`.
+async fn within(what: &str, limit: Duration, run: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = run => {}
+        _ = tokio::time::sleep(limit) => panic!("{what} took more than {limit:?}"),
+    }
 }
 
 #[tokio::test]
@@ -399,15 +443,9 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
-        let a = node(&nats, queries.path(), "a").await;
-        let b = node(&nats, queries.path(), "b").await;
-        let c = node(&nats, queries.path(), "c").await;
+    cluster_test("the three-node test", async |s| {
+        let ([a, b, c], owners) = s.start(["a", "b", "c"], &[]).await;
         let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
-        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
         for n in ["a", "b", "c"] {
             let owned = owners.iter().filter(|o| *o == n).count();
             eprintln!("node {n} owns {owned} partitions");
@@ -523,27 +561,18 @@ async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_a
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the three-node test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partitions_move() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the failover test", async |s| {
         // Checkpoints during the feed: the partitions of c move with the state their last
         // checkpoint held and replay only what came after it.
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        let mut c = node_with(&nats, queries.path(), "c", &often).await;
+        let ([a, b, mut c], owners) = s.start(["a", "b", "c"], &often).await;
         let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
-        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
         let of_c = owners.iter().filter(|o| *o == "c").count();
         assert!(of_c > 0);
         let mut sub_a = subscribe_vwap(&addrs[0]).await;
@@ -634,23 +663,15 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         );
         assert!(support::metric(&text, "eddy_cluster_restored_keys_total") > restored_before);
         drop(a);
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the failover test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_takes_partitions_with_their_state() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the join test", async |s| {
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        balanced(&a.2, &["a", "b"]).await;
+        let ([a, b], _) = s.start(["a", "b"], &often).await;
         let mut sub = subscribe_vwap(&b.2).await;
         let mut seq = 0;
         let first = trades(2000, 41);
@@ -658,7 +679,7 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         converge(&mut sub, &reference(&acked), &mut seq).await;
         // c joins: a and b hand it the partitions it is preferred for, state included (their
         // checkpoints, then the stream after them), and drop their own copy.
-        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let c = s.node("c", &often).await;
         let owners = balanced(&a.2, &["a", "b", "c"]).await;
         let moved = owners.iter().filter(|o| *o == "c").count();
         let (_, text) = http_at(&c.2, "GET", "/metrics", None, "").await;
@@ -696,11 +717,8 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         let latest = converge(&mut sub, &want, &mut seq).await;
         assert_vwap(&latest, &want);
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the join test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// Subscribes to `vwap` with a snapshot on the node at `addr`; returns the connection and the
@@ -735,14 +753,9 @@ async fn metric_of(addr: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_from_jetstream() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the topics test", async |s| {
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        let owners = balanced(&a.2, &["a", "b"]).await;
+        let ([a, b], owners) = s.start(["a", "b"], &often).await;
         assert!(owners.iter().any(|o| o == "b"));
         // Only a has a subscriber to `vwap`; b computes its partitions' share and publishes it,
         // but takes none of it from NATS.
@@ -762,7 +775,7 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         );
         // c starts after the last item: its first subscriber's snapshot comes from JetStream's
         // latest value per key, every symbol, equal to the reference.
-        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let c = s.node("c", &often).await;
         balanced(&a.2, &["a", "b", "c"]).await;
         let (_sub_c, snapshot) = subscribe_vwap_snapshot(&c.2).await;
         assert_vwap(&snapshot, &want);
@@ -836,11 +849,8 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         let (_, snapshot) = subscribe_vwap_snapshot(&b.2).await;
         assert!(snapshot.is_empty(), "{snapshot:?}");
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the topics test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// Owners write keys' latest values to `EDDY_LATEST` at most every `latest_interval` (2 s
@@ -849,18 +859,13 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
 /// reference; and those values are a snapshot, not items: that node counts none emitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_every_2_s() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
+    cluster_test("the latest-interval test", async |s| {
         let config = tempfile::tempdir().unwrap();
         let path = config.path().join("eddy.toml");
         std::fs::write(&path, "[cluster]\nlatest_interval = \"2s\"\n").unwrap();
         let path = path.to_str().unwrap();
-        let queries = queries_dir();
-        let args = ["--config", path, "--cluster", &nats.url];
-        let a = node_args(queries.path(), "a", &args).await;
-        let b = node_args(queries.path(), "b", &args).await;
-        balanced(&a.2, &["a", "b"]).await;
+        let args = ["--config", path];
+        let ([a, b], _) = s.start(["a", "b"], &args).await;
         let mut sub_a = subscribe_vwap(&a.2).await;
         let mut acked = Vec::new();
         // Two feeds, so that many keys change twice within one interval.
@@ -897,11 +902,8 @@ async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_ever
             acked.len()
         );
         drop((a, b));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the latest-interval test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// A NATS client of any of `urls`.
@@ -1057,12 +1059,7 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
         assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
     };
-    tokio::select! {
-        _ = run => {}
-        _ = tokio::time::sleep(Duration::from_secs(240)) => {
-            panic!("the NATS leader test took more than 240 s")
-        }
-    }
+    within("the NATS leader test", Duration::from_secs(240), run).await;
 }
 
 /// The names in a `{"op":"topics"}` answer of the node at `addr`.
@@ -1087,12 +1084,9 @@ async fn topic_names(addr: &str) -> Vec<String> {
 /// venue, counted here plainly) and then its live items; a node that joins later lists them too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_node() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the run-time topics test", async |s| {
         std::fs::write(
-            queries.path().join("byvenue.rhai"),
+            s.queries.path().join("byvenue.rhai"),
             "let source = \"trades\";\nlet key_by = \"symbol\";\n\
              fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(\"at_\" + ev.venue, this.n); }\n",
         )
@@ -1100,9 +1094,9 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         let config = tempfile::tempdir().unwrap();
         let path = config.path().join("eddy.toml");
         std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
-        let args = ["--config", path.to_str().unwrap(), "--cluster", &nats.url];
-        let a = node_args(queries.path(), "a", &args).await;
-        let b = node_args(queries.path(), "b", &args).await;
+        let args = ["--config", path.to_str().unwrap()];
+        let a = s.node("a", &args).await;
+        let b = s.node("b", &args).await;
         // One partition: one node computes every key; the other computes none.
         let mut stable: Option<(String, Instant)> = None;
         let started = Instant::now();
@@ -1185,7 +1179,7 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         assert_eq!(msg["type"], "batch", "{msg}");
         assert_eq!(msg["items"], json!([{"key": "S00", "value": n["S00"] + 1}]));
         // A node that joins later lists them from the start.
-        let c = node_args(queries.path(), "c", &args).await;
+        let c = s.node("c", &args).await;
         let started = Instant::now();
         while !listed(&topic_names(&c.2).await) {
             assert!(
@@ -1195,11 +1189,8 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the run-time topics test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// Ten-second bars per symbol by event time (lateness 1 s), fired by `set_timer`/`on_timer`.
@@ -1230,15 +1221,9 @@ fn on_timer(end) {\n\
 /// event time minus lateness; an event behind it is late; a bar holds its window's other events).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_output_over_one_producer_equals_eddy_run() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
-        std::fs::write(queries.path().join("bars.rhai"), BARS).unwrap();
-        let a = node(&nats, queries.path(), "a").await;
-        let b = node(&nats, queries.path(), "b").await;
-        let c = node(&nats, queries.path(), "c").await;
-        balanced(&a.2, &["a", "b", "c"]).await;
+    cluster_test("the timer test", async |s| {
+        std::fs::write(s.queries.path().join("bars.rhai"), BARS).unwrap();
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
         let mut bars = ws(&b.2, "/subscribe").await;
         for topic in ["bars", "bars.late"] {
             bars.send(Message::Text(
@@ -1353,11 +1338,8 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
         assert_eq!(late, want_late);
         assert_eq!(got, want);
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the timer test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// `PUT /queries/vwap?state=keep` on one node of two: every node replaces its version keeping
@@ -1366,13 +1348,8 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
 /// for its keys), and every value comes from the new script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
-        let a = node(&nats, queries.path(), "a").await;
-        let b = node(&nats, queries.path(), "b").await;
-        balanced(&a.2, &["a", "b"]).await;
+    cluster_test("the state=keep test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
         let mut sub = subscribe_vwap(&b.2).await;
         let mut seq = 0;
         let first = trades(1000, 101);
@@ -1421,9 +1398,6 @@ async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
             assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
         }
         drop((a, b));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the state=keep test took more than 100 s"),
-    }
+    })
+    .await;
 }
