@@ -1401,3 +1401,27 @@ async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
     })
     .await;
 }
+
+/// A topic with 1,500 keys: more than one page of the direct gets that read `EDDY_LATEST`
+/// (1,000), and more than `multi_last` answers (1,024). A node with no subscriber to it yet
+/// serves a snapshot of every key, each equal to its one trade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_more_keys_than_one_direct_get_page_is_whole() {
+    cluster_test("the many-keys snapshot test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let feed: Vec<(String, i64, i64)> = (0..1500)
+            .map(|i| (format!("K{i:04}"), 100 + i % 50, 1 + i % 9))
+            .collect();
+        let acked = produce(a.2.clone(), feed.chunks(50).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_eq!(want.len(), 1500);
+        let (_sub, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await,
+            1500.0
+        );
+        drop((a, b));
+    })
+    .await;
+}

@@ -1342,7 +1342,7 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
 }
 
 /// Messages one batched direct get asks for: more come in further requests.
-const DIRECT_PAGE: usize = 10_000;
+const DIRECT_PAGE: usize = 1_000;
 /// How long a node waits for the next answer of a direct get before it asks again (a server
 /// that died while answering).
 const DIRECT_WAIT: Duration = Duration::from_secs(1);
