@@ -101,11 +101,12 @@ impl Deployed {
             .min()
     }
 
-    /// Records `source`'s mark after a frame and raises the input's mark to the least of the
-    /// sources'; returns the input's mark when it rose.
+    /// Records `source`'s mark after a frame (a mark never goes back) and raises the input's
+    /// mark to the least of the sources'; returns the input's mark when it rose.
     fn settle(&self, source: SourceId, mark: i64, wall: i64, idle_ms: Option<i64>) -> Option<i64> {
         let least = {
             let mut sources = self.sources();
+            let mark = sources.get(&source).map_or(mark, |m| m.mark.max(mark));
             sources.insert(source, SourceMark { mark, seen: wall });
             Self::others(&sources, source, wall, idle_ms).map_or(mark, |o| o.min(mark))
         };
@@ -415,9 +416,24 @@ impl Router {
     /// [`Router::settle`] as of wall-clock time `wall` (a replay of the ingest log gives the
     /// time the frame first came).
     pub fn settle_at(&self, source: SourceId, routed: &Routed, wall: i64) {
+        let _ = self.settle_rising(source, routed, wall);
+    }
+
+    /// [`Router::settle_at`], returning the queries whose input mark rose, with the mark.
+    pub fn settle_rising(
+        &self,
+        source: SourceId,
+        routed: &Routed,
+        wall: i64,
+    ) -> Vec<(QueryId, i64)> {
+        let mut rose = Vec::new();
         for &(qi, own) in &routed.marks {
-            self.queries[qi].settle(source, own, wall, self.time.idle_ms);
+            let q = &self.queries[qi];
+            if let Some(mark) = q.settle(source, own, wall, self.time.idle_ms) {
+                rose.push((q.id, mark));
+            }
         }
+        rose
     }
 }
 

@@ -30,10 +30,6 @@ type Node = (
     String,
 );
 
-async fn node(nats: &Nats, queries: &std::path::Path, name: &str) -> Node {
-    node_with(nats, queries, name, &[]).await
-}
-
 /// `eddy serve --cluster … --node NAME` as a process (killed when dropped), with `extra` flags;
 /// its warnings and errors go to the test's stderr, tagged with the node's name.
 async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[&str]) -> Node {
@@ -203,9 +199,11 @@ async fn ws(addr: &str, path: &str) -> Ws {
         .0
 }
 
+/// The next text message, within 30 s (the node's pings do not count).
 async fn next_json(ws: &mut Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("a message within 30 s")
             .expect("open")
@@ -340,8 +338,54 @@ fn assert_vwap(latest: &BTreeMap<String, Value>, want: &BTreeMap<String, (f64, i
     }
 }
 
-fn bounded() -> tokio::time::Sleep {
-    tokio::time::sleep(Duration::from_secs(100))
+/// What every cluster test starts from: a nats-server of its own and a queries folder with
+/// `vwap` (a test may add its own queries before it starts nodes).
+struct Setup {
+    nats: Nats,
+    queries: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Node `name` on this setup's NATS and queries, with `extra` flags.
+    async fn node(&self, name: &str, extra: &[&str]) -> Node {
+        node_with(&self.nats, self.queries.path(), name, extra).await
+    }
+
+    /// Nodes `names` (with `extra` flags), once every partition has an owner among them, each
+    /// owning some, and the owners have settled; with the owners.
+    async fn start<const N: usize>(
+        &self,
+        names: [&str; N],
+        extra: &[&str],
+    ) -> ([Node; N], Vec<String>) {
+        let mut nodes = Vec::with_capacity(N);
+        for name in names {
+            nodes.push(self.node(name, extra).await);
+        }
+        let nodes: [Node; N] = nodes.try_into().unwrap_or_else(|_| unreachable!());
+        let owners = balanced(&nodes[0].2, &names).await;
+        (nodes, owners)
+    }
+}
+
+/// Runs a cluster test: one at a time, on a nats-server of its own (skipped, saying why, without
+/// one), and failing as `what` if it takes more than 100 s.
+async fn cluster_test(what: &str, body: impl AsyncFnOnce(&Setup)) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(nats) = start_nats() else { return };
+    let setup = Setup {
+        nats,
+        queries: queries_dir(),
+    };
+    within(what, Duration::from_secs(100), body(&setup)).await;
+}
+
+/// Runs `run`, failing as `what` if it takes more than `limit`.
+async fn within(what: &str, limit: Duration, run: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = run => {}
+        _ = tokio::time::sleep(limit) => panic!("{what} took more than {limit:?}"),
+    }
 }
 
 #[tokio::test]
@@ -399,15 +443,9 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
-        let a = node(&nats, queries.path(), "a").await;
-        let b = node(&nats, queries.path(), "b").await;
-        let c = node(&nats, queries.path(), "c").await;
+    cluster_test("the three-node test", async |s| {
+        let ([a, b, c], owners) = s.start(["a", "b", "c"], &[]).await;
         let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
-        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
         for n in ["a", "b", "c"] {
             let owned = owners.iter().filter(|o| *o == n).count();
             eprintln!("node {n} owns {owned} partitions");
@@ -523,27 +561,18 @@ async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_a
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the three-node test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partitions_move() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the failover test", async |s| {
         // Checkpoints during the feed: the partitions of c move with the state their last
         // checkpoint held and replay only what came after it.
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        let mut c = node_with(&nats, queries.path(), "c", &often).await;
+        let ([a, b, mut c], owners) = s.start(["a", "b", "c"], &often).await;
         let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
-        let owners = balanced(&addrs[0], &["a", "b", "c"]).await;
         let of_c = owners.iter().filter(|o| *o == "c").count();
         assert!(of_c > 0);
         let mut sub_a = subscribe_vwap(&addrs[0]).await;
@@ -634,23 +663,15 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         );
         assert!(support::metric(&text, "eddy_cluster_restored_keys_total") > restored_before);
         drop(a);
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the failover test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_takes_partitions_with_their_state() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the join test", async |s| {
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        balanced(&a.2, &["a", "b"]).await;
+        let ([a, b], _) = s.start(["a", "b"], &often).await;
         let mut sub = subscribe_vwap(&b.2).await;
         let mut seq = 0;
         let first = trades(2000, 41);
@@ -658,7 +679,7 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         converge(&mut sub, &reference(&acked), &mut seq).await;
         // c joins: a and b hand it the partitions it is preferred for, state included (their
         // checkpoints, then the stream after them), and drop their own copy.
-        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let c = s.node("c", &often).await;
         let owners = balanced(&a.2, &["a", "b", "c"]).await;
         let moved = owners.iter().filter(|o| *o == "c").count();
         let (_, text) = http_at(&c.2, "GET", "/metrics", None, "").await;
@@ -696,11 +717,8 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         let latest = converge(&mut sub, &want, &mut seq).await;
         assert_vwap(&latest, &want);
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the join test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// Subscribes to `vwap` with a snapshot on the node at `addr`; returns the connection and the
@@ -735,14 +753,9 @@ async fn metric_of(addr: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_from_jetstream() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
-        let queries = queries_dir();
+    cluster_test("the topics test", async |s| {
         let often = ["--checkpoint-interval", "300ms"];
-        let a = node_with(&nats, queries.path(), "a", &often).await;
-        let b = node_with(&nats, queries.path(), "b", &often).await;
-        let owners = balanced(&a.2, &["a", "b"]).await;
+        let ([a, b], owners) = s.start(["a", "b"], &often).await;
         assert!(owners.iter().any(|o| o == "b"));
         // Only a has a subscriber to `vwap`; b computes its partitions' share and publishes it,
         // but takes none of it from NATS.
@@ -762,7 +775,7 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         );
         // c starts after the last item: its first subscriber's snapshot comes from JetStream's
         // latest value per key, every symbol, equal to the reference.
-        let c = node_with(&nats, queries.path(), "c", &often).await;
+        let c = s.node("c", &often).await;
         balanced(&a.2, &["a", "b", "c"]).await;
         let (_sub_c, snapshot) = subscribe_vwap_snapshot(&c.2).await;
         assert_vwap(&snapshot, &want);
@@ -836,11 +849,8 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         let (_, snapshot) = subscribe_vwap_snapshot(&b.2).await;
         assert!(snapshot.is_empty(), "{snapshot:?}");
         drop((a, b, c));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the topics test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// Owners write keys' latest values to `EDDY_LATEST` at most every `latest_interval` (2 s
@@ -849,18 +859,13 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
 /// reference; and those values are a snapshot, not items: that node counts none emitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_every_2_s() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(nats) = start_nats() else { return };
-    let run = async {
+    cluster_test("the latest-interval test", async |s| {
         let config = tempfile::tempdir().unwrap();
         let path = config.path().join("eddy.toml");
         std::fs::write(&path, "[cluster]\nlatest_interval = \"2s\"\n").unwrap();
         let path = path.to_str().unwrap();
-        let queries = queries_dir();
-        let args = ["--config", path, "--cluster", &nats.url];
-        let a = node_args(queries.path(), "a", &args).await;
-        let b = node_args(queries.path(), "b", &args).await;
-        balanced(&a.2, &["a", "b"]).await;
+        let args = ["--config", path];
+        let ([a, b], _) = s.start(["a", "b"], &args).await;
         let mut sub_a = subscribe_vwap(&a.2).await;
         let mut acked = Vec::new();
         // Two feeds, so that many keys change twice within one interval.
@@ -897,11 +902,8 @@ async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_ever
             acked.len()
         );
         drop((a, b));
-    };
-    tokio::select! {
-        _ = run => {}
-        _ = bounded() => panic!("the latest-interval test took more than 100 s"),
-    }
+    })
+    .await;
 }
 
 /// A NATS client of any of `urls`.
@@ -1024,15 +1026,402 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
         let want = reference(&acked);
         let mut seq = 0;
         assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // Snapshots read after the kill, while NATS still counts the dead server in the
+        // streams' groups: b has no subscriber to `vwap`, so each first subscriber there makes
+        // b read every key's latest value from `EDDY_LATEST`. Read with direct gets, which any
+        // live server answers, it is whole each time (a consumer, which NATS may place on the
+        // dead server, left one read in three empty), and no consumer is made for it.
+        for round in 1..=3 {
+            let loaded = metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await;
+            let (w, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+            assert_vwap(&snapshot, &want);
+            assert_eq!(
+                metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await - loaded,
+                want.len() as f64,
+                "read {round} after the kill: not every key's latest value came from EDDY_LATEST"
+            );
+            drop(w);
+            let left = Instant::now();
+            while metric_of(&b.2, "eddy_cluster_topics_taken").await != 0.0 {
+                assert!(left.elapsed() < Duration::from_secs(10), "b kept the topic");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let js = async_nats::jetstream::new(nats_client(&rest).await.unwrap());
+        let mut latest = js.get_stream("EDDY_LATEST").await.unwrap();
+        let latest = latest.info().await.unwrap();
+        assert_eq!(
+            latest.state.consumer_count, 0,
+            "snapshots were read with a consumer"
+        );
         // Both eddy nodes lived through it (neither lost a lease and fenced itself).
         let (mut a, mut b) = (a, b);
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
         assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
     };
-    tokio::select! {
-        _ = run => {}
-        _ = tokio::time::sleep(Duration::from_secs(240)) => {
-            panic!("the NATS leader test took more than 240 s")
+    within("the NATS leader test", Duration::from_secs(240), run).await;
+}
+
+/// The names in a `{"op":"topics"}` answer of the node at `addr`.
+async fn topic_names(addr: &str) -> Vec<String> {
+    let mut w = ws(addr, "/subscribe").await;
+    w.send(Message::Text(json!({"op": "topics"}).to_string().into()))
+        .await
+        .unwrap();
+    let reply = next_json(&mut w).await;
+    assert_eq!(reply["type"], "topics", "{reply}");
+    reply["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A query names its topics at run time (`emit("at_" + ev.venue, …)`), on one partition that
+/// one node computes. The other node, which has taken no item of them, lists every such topic,
+/// and a subscriber there gets its snapshot (each symbol's count at its last trade on that
+/// venue, counted here plainly) and then its live items; a node that joins later lists them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_node() {
+    cluster_test("the run-time topics test", async |s| {
+        std::fs::write(
+            s.queries.path().join("byvenue.rhai"),
+            "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+             fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(\"at_\" + ev.venue, this.n); }\n",
+        )
+        .unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
+        let args = ["--config", path.to_str().unwrap()];
+        let a = s.node("a", &args).await;
+        let b = s.node("b", &args).await;
+        // One partition: one node computes every key; the other computes none.
+        let mut stable: Option<(String, Instant)> = None;
+        let started = Instant::now();
+        let owner = loop {
+            let c = cluster_of(&a.2).await;
+            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
+            let live = c["nodes"].as_array().unwrap().len();
+            match &stable {
+                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
+                    if since.elapsed() >= Duration::from_millis(1500) {
+                        break owner;
+                    }
+                }
+                _ => stable = Some((owner, Instant::now())),
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no owner: {c}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
+        let feed = trades(400, 89);
+        let acked = produce(
+            computing.2.clone(),
+            feed.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        // Each symbol's count at its last trade on each venue, plainly.
+        let mut n: BTreeMap<String, i64> = BTreeMap::new();
+        let mut want: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for (s, p, _) in &acked {
+            let count = n.entry(s.clone()).or_default();
+            *count += 1;
+            want.entry(format!("byvenue.at_{}", venue(*p)))
+                .or_default()
+                .insert(s.clone(), *count);
         }
-    }
+        assert_eq!(want.len(), 5);
+        // The other node has taken no item of them, and lists them all.
+        let listed = |names: &[String]| want.keys().all(|t| names.contains(t));
+        let started = Instant::now();
+        while !listed(&topic_names(&other.2).await) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the run-time topics are not listed on the other node: {:?}",
+                topic_names(&other.2).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            metric_of(&other.2, "eddy_cluster_received_items_total").await,
+            0.0
+        );
+        // Subscribed to there: the snapshot, then live items.
+        let topic = "byvenue.at_V1";
+        let mut w = ws(&other.2, "/subscribe").await;
+        w.send(Message::Text(
+            json!({"op": "subscribe", "topic": topic, "snapshot": true})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next_json(&mut w).await["type"], "subscribed");
+        let snapshot = next_json(&mut w).await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let got: BTreeMap<String, i64> = snapshot["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["key"].as_str().unwrap().to_owned(),
+                    i["value"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want[topic]);
+        // One more trade of S00 on V1 (a price of 101): its count comes live.
+        produce(computing.2.clone(), vec![vec![("S00".to_owned(), 101, 1)]]).await;
+        let msg = next_json(&mut w).await;
+        assert_eq!(msg["type"], "batch", "{msg}");
+        assert_eq!(msg["items"], json!([{"key": "S00", "value": n["S00"] + 1}]));
+        // A node that joins later lists them from the start.
+        let c = s.node("c", &args).await;
+        let started = Instant::now();
+        while !listed(&topic_names(&c.2).await) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the run-time topics are not listed on a node that joined"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop((a, b, c));
+    })
+    .await;
+}
+
+/// Ten-second bars per symbol by event time (lateness 1 s), fired by `set_timer`/`on_timer`.
+const BARS: &str = "let source = \"trades\";\nlet key_by = \"symbol\";\nlet time_field = \"ts\";\n\
+let lateness = \"1s\";\n\
+fn init(key) { #{ w: #{} } }\n\
+fn on_event(ev) {\n\
+    let start = window_start(ev.ts, \"10s\");\n\
+    let id = start.to_string();\n\
+    if !(id in this.w) { this.w[id] = #{ n: 0, sum: 0 }; set_timer(start + 10_000); }\n\
+    let b = this.w[id];\n\
+    b.n += 1;\n\
+    b.sum += ev.size;\n\
+    this.w[id] = b;\n\
+}\n\
+fn on_timer(end) {\n\
+    let id = (end - 10_000).to_string();\n\
+    if id in this.w {\n\
+        let b = this.w.remove(id);\n\
+        emit(#{ start: end - 10_000, n: b.n, sum: b.sum });\n\
+    }\n\
+}\n";
+
+/// One producer's feed through one node of three, with event times out of order by up to 3 s
+/// (lateness 1 s, so some events are late), then one trade an hour later that moves the
+/// watermark past every bar. A subscriber on another node gets every bar and every late event
+/// that `eddy run` gives over the same events: computed here plainly (one watermark, the newest
+/// event time minus lateness; an event behind it is late; a bar holds its window's other events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_output_over_one_producer_equals_eddy_run() {
+    cluster_test("the timer test", async |s| {
+        std::fs::write(s.queries.path().join("bars.rhai"), BARS).unwrap();
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
+        let mut bars = ws(&b.2, "/subscribe").await;
+        for topic in ["bars", "bars.late"] {
+            bars.send(Message::Text(
+                json!({"op": "subscribe", "topic": topic})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(next_json(&mut bars).await["type"], "subscribed");
+        }
+        // The feed: 2,000 trades 40 ms apart in event time, each shifted back by up to 3 s.
+        let base: i64 = 1_700_000_000_000;
+        let mut x: u64 = 97;
+        let mut feed: Vec<(String, i64, i64)> = (0..2000)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let symbol = format!("S{:02}", (x >> 33) % SYMBOLS as u64);
+                let back = if (x >> 20).is_multiple_of(10) {
+                    ((x >> 40) % 3000) as i64
+                } else {
+                    0
+                };
+                (symbol, base + 40 * i - back, 1 + ((x >> 50) % 9) as i64)
+            })
+            .collect();
+        feed.push(("S00".to_owned(), base + 3_600_000, 1));
+        // `eddy run`'s answer, plainly.
+        let mut mark = i64::MIN;
+        let mut want: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        let mut want_late = 0;
+        for (s, ts, size) in &feed {
+            if *ts < mark {
+                want_late += 1;
+                continue;
+            }
+            mark = mark.max(ts - 1000);
+            let e = want
+                .entry((s.clone(), ts - ts.rem_euclid(10_000)))
+                .or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        // The last trade's own bar is still open at the end of the feed (`eddy run` fires it at
+        // the end of its input; a server waits for the watermark).
+        want.remove(&(
+            "S00".to_owned(),
+            base + 3_600_000 - (base + 3_600_000).rem_euclid(10_000),
+        ));
+        assert!(
+            want_late > 50,
+            "{want_late} late events: the feed is not out of order enough"
+        );
+        let frames: Vec<String> = feed
+            .chunks(10)
+            .map(|f| {
+                f.iter()
+                    .map(|(s, ts, z)| {
+                        json!({"symbol": s, "ts": ts, "size": z, "price": 100}).to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        let mut producer = ws(&a.2, "/ingest?stream=trades&ack=true").await;
+        for f in &frames {
+            producer
+                .send(Message::Text(f.clone().into()))
+                .await
+                .unwrap();
+            let ack = loop {
+                let next = tokio::time::timeout(Duration::from_secs(60), producer.next())
+                    .await
+                    .expect("an ack within 60 s");
+                if let Message::Text(t) = next.unwrap().unwrap() {
+                    break serde_json::from_str::<Value>(&t).unwrap();
+                }
+            };
+            assert_eq!(ack["type"], "ack", "{ack}");
+            assert_eq!(ack["rejected"], 0, "{ack}");
+        }
+        let mut got: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        let mut late = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < want.len() || late < want_late {
+            let Ok(msg) = tokio::time::timeout_at(deadline.into(), next_json(&mut bars)).await
+            else {
+                panic!(
+                    "{} of {} bars and {late} of {want_late} late events after 30 s",
+                    got.len(),
+                    want.len()
+                );
+            };
+            assert_eq!(msg["type"], "batch", "{msg}");
+            for item in msg["items"].as_array().unwrap() {
+                if msg["topic"] == "bars.late" {
+                    late += 1;
+                    continue;
+                }
+                let key = item["key"].as_str().unwrap().to_owned();
+                let v = &item["value"];
+                let bar = (key, v["start"].as_i64().unwrap());
+                let was = got.insert(
+                    bar.clone(),
+                    (v["n"].as_i64().unwrap(), v["sum"].as_i64().unwrap()),
+                );
+                assert!(was.is_none(), "bar {bar:?} emitted twice");
+            }
+        }
+        assert_eq!(late, want_late);
+        assert_eq!(got, want);
+        drop((a, b, c));
+    })
+    .await;
+}
+
+/// `PUT /queries/vwap?state=keep` on one node of two: every node replaces its version keeping
+/// its own keys' state, so after more trades through the other node every symbol's VWAP and
+/// count cover all the trades (a fresh deploy on the other node would count only the new ones
+/// for its keys), and every value comes from the new script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
+    cluster_test("the state=keep test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let mut sub = subscribe_vwap(&b.2).await;
+        let mut seq = 0;
+        let first = trades(1000, 101);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // The same state, a new output: `version`.
+        let script = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+            fn init(key) { #{ notional: 0.0, volume: 0, trades: 0 } }\n\
+            fn on_event(ev) {\n\
+                this.notional += ev.price * ev.size;\n\
+                this.volume += ev.size;\n\
+                this.trades += 1;\n\
+                emit(#{ vwap: this.notional / this.volume, trades: this.trades, version: 2 });\n\
+            }\n";
+        let (status, body) =
+            http_at(&a.2, "PUT", "/queries/vwap?state=keep", Some(TOKEN), script).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["state_kept"], true, "{body}");
+        let started = Instant::now();
+        loop {
+            let (_, body) = http_at(&b.2, "GET", "/queries/vwap", None, "").await;
+            if body.contains("version: 2") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the replace never reached b: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let second = trades(500, 103);
+        acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        let touched: BTreeMap<String, (f64, i64)> = want
+            .iter()
+            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        let latest = converge(&mut sub, &touched, &mut seq).await;
+        for (s, (vwap, n)) in &touched {
+            assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
+            assert_eq!(latest[s]["version"], 2, "{s}");
+            let v = latest[s]["vwap"].as_f64().unwrap();
+            assert!((v - vwap).abs() <= 1e-9 * vwap, "{s}: {v} against {vwap}");
+        }
+        drop((a, b));
+    })
+    .await;
+}
+
+/// A topic with 1,500 keys: more than one page of the direct gets that read `EDDY_LATEST`
+/// (1,000), and more than `multi_last` answers (1,024). A node with no subscriber to it yet
+/// serves a snapshot of every key, each equal to its one trade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_more_keys_than_one_direct_get_page_is_whole() {
+    cluster_test("the many-keys snapshot test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let feed: Vec<(String, i64, i64)> = (0..1500)
+            .map(|i| (format!("K{i:04}"), 100 + i % 50, 1 + i % 9))
+            .collect();
+        let acked = produce(a.2.clone(), feed.chunks(50).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_eq!(want.len(), 1500);
+        let (_sub, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await,
+            1500.0
+        );
+        drop((a, b));
+    })
+    .await;
 }

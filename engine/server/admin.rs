@@ -374,7 +374,11 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             if keep_state {
                 return match replace_keeping(state, def).await {
                     Ok(migrated) => {
-                        if let Err(e) = remember(state, &name, Some(&script)).await {
+                        let remembered = match &state.cluster {
+                            Some(cluster) => cluster.remember_keeping(&name, &script).await,
+                            None => remember(state, &name, Some(&script)).await,
+                        };
+                        if let Err(e) = remembered {
                             return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e);
                         }
                         let mut body = Vec::new();

@@ -171,6 +171,21 @@ impl HubHandle {
         self.lock().seed_latest(values);
     }
 
+    /// A named topic that a query made on another node (cluster mode): listed and subscribable
+    /// here before its first item arrives.
+    pub fn declare_topic(&self, topic: &Topic) {
+        let mut hub = self.lock();
+        if !hub.topics.contains_key(topic) {
+            let hub = &mut *hub;
+            new_topic(
+                &mut hub.topics,
+                &mut hub.topics_changed,
+                &hub.settings,
+                topic,
+            );
+        }
+    }
+
     /// A checkpoint's place in the shard's output: per topic, its epoch and how many items the
     /// shard emitted to it so far, with the latest values that came from the shard.
     pub fn mark(&self, shard: usize) -> Vec<ShardCount> {

@@ -13,6 +13,9 @@
 //!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
 //!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
 //!   after the frame came; only then are its events answered as rejected.
+//!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
+//!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
+//!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
 //! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
@@ -25,6 +28,11 @@
 //! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to the hubs of the
 //!   nodes that have a subscriber to the topic: a node subscribes to a topic's subject when its
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
+//! - bucket `eddy_topics`: the named topics queries made at run time (a name built from the
+//!   event: `emit("v_" + ev.venue, …)`), key [`named_topic_key`], value the topic's name. The
+//!   owner that emits a topic's first item here puts it; every node watches the bucket and
+//!   makes the topic known to its hub, so that it is listed (`{"op":"topics"}`) and can be
+//!   subscribed to on every node before that node takes any item of it.
 //! - stream `EDDY_LATEST`, subjects `eddy.last.<query>.<topic>.<key>` (each part one token, see
 //!   [`latest_subject`]), one message kept per subject: each key's latest item per topic, for
 //!   snapshots. The owner's forwarder publishes items on `eddy.out` at once and writes the keys
@@ -32,9 +40,10 @@
 //!   acknowledged by JetStream or kept for the next write, and before it answers a mark (a
 //!   hand-over, a checkpoint, a removal). A node whose first subscriber to a topic arrives
 //!   subscribes to `eddy.out.<topic>`, waits `latest_interval` and 100 ms (so that every value
-//!   emitted before is in the stream), reads the topic's latest values into its hub's snapshot
-//!   store (not items: not counted, not kept for resumes), then the items that came on
-//!   `eddy.out` meanwhile (a key that came live keeps its live value, and a key's first live
+//!   emitted before is in the stream), reads the topic's latest values (with batched direct
+//!   gets, [`last_messages`], which any live server answers) into its hub's snapshot store
+//!   (not items: not counted, not kept for resumes), then the items that came on `eddy.out`
+//!   meanwhile (a key that came live keeps its live value, and a key's first live
 //!   item equal to the value read is not taken twice), then lets the subscriber in: its
 //!   snapshot holds every key the cluster ever emitted on the topic, also on a node started
 //!   after the key's last item.
@@ -105,6 +114,7 @@ const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
 const CHECKPOINTS: &str = "eddy_checkpoints";
 const LATEST: &str = "EDDY_LATEST";
+const TOPICS: &str = "eddy_topics";
 /// How long a node keeps trying to get an input's messages into JetStream (a new stream leader
 /// is elected in 4 to 9 s when one dies, 20 s and more on a starved machine) before it answers the input's events as rejected.
 pub const PUBLISH_RETRY: Duration = Duration::from_secs(30);
@@ -224,6 +234,21 @@ fn latest_topic(topic: &str) -> String {
     }
 }
 
+/// The key of named topic `topic` (`<query>.<name>`) in the bucket `eddy_topics`: both parts as
+/// tokens ([`token`]), so that one query's topics share a prefix. `None` for a query's own topic
+/// and its `.errors` and `.late`, which every node lists from the query alone.
+fn named_topic_key(topic: &str) -> Option<String> {
+    let (query, name) = topic.split_once('.')?;
+    if name == "errors" || name == "late" {
+        return None;
+    }
+    Some(format!(
+        "{}.{}",
+        token(query.as_bytes()),
+        token(name.as_bytes())
+    ))
+}
+
 /// The subject that keeps `key`'s latest item on `topic` in the stream `EDDY_LATEST`: the key
 /// as a token of its JSON.
 fn latest_subject(topic: &str, key: &Key) -> String {
@@ -261,6 +286,10 @@ pub struct Cluster {
     nodes: kv::Store,
     owners: kv::Store,
     catalog: kv::Store,
+    /// Named topics made at run time, by their [`named_topic_key`].
+    topics: kv::Store,
+    /// Named topics this node put in `topics` (or saw there): not put again.
+    announced: std::sync::Mutex<HashSet<crate::Topic>>,
     /// Checkpoints, one object per partition (`p<N>`).
     checkpoints: jetstream::object_store::ObjectStore,
     /// The topics this node's subscribers want: their subscribers here, and the task taking the
@@ -298,6 +327,9 @@ pub struct Cluster {
     pub publish_failures: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
+    /// Per query with timers (by name): the newest mark this node's producers reached, not yet
+    /// sent to every partition ([`broadcast_marks`]).
+    marks_due: std::sync::Mutex<HashMap<String, i64>>,
     /// This process's prefix of message ids (node name and start time), and the next number.
     incarnation: String,
     next_message: AtomicU64,
@@ -354,10 +386,13 @@ impl Cluster {
         })
         .await
         .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
-        js.get_or_create_stream(stream::Config {
+        // Made or updated: read with direct gets, which streams made by earlier versions did not
+        // allow.
+        js.create_or_update_stream(stream::Config {
             name: LATEST.into(),
             subjects: vec!["eddy.last.>".into()],
             max_messages_per_subject: 1,
+            allow_direct: true,
             num_replicas: config.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -384,6 +419,10 @@ impl Cluster {
             .create_key_value(bucket(CATALOG, None))
             .await
             .map_err(|e| js_err("bucket eddy_catalog")(Box::new(e)))?;
+        let topics = js
+            .create_key_value(bucket(TOPICS, None))
+            .await
+            .map_err(|e| js_err("bucket eddy_topics")(Box::new(e)))?;
         let checkpoints = js
             .create_object_store(jetstream::object_store::Config {
                 bucket: CHECKPOINTS.into(),
@@ -402,6 +441,8 @@ impl Cluster {
             nodes,
             owners,
             catalog,
+            topics,
+            announced: std::sync::Mutex::new(HashSet::new()),
             checkpoints,
             interest: tokio::sync::Mutex::new(HashMap::new()),
             topics_taken: AtomicU64::new(0),
@@ -422,6 +463,7 @@ impl Cluster {
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
+            marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
             out,
@@ -473,13 +515,41 @@ impl Cluster {
         done.map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
     }
 
+    /// Records a replace that keeps each key's state (`PUT /queries/NAME?state=keep`) in the
+    /// cluster's catalog: every node replaces its own shards' version the same way, so each key
+    /// keeps its state on the node that owns it ([`CatalogEntry`]).
+    pub async fn remember_keeping(&self, name: &str, script: &str) -> Result<(), String> {
+        let entry = CatalogEntry {
+            script: script.to_owned(),
+            state: Some("keep".to_owned()),
+        };
+        let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+        self.catalog
+            .put(name, value.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the change is live on this node but not in the cluster: {e}"))
+    }
+
     /// Removes query `name`'s latest values from `EDDY_LATEST`: a later query of the same name
     /// starts with an empty snapshot, as it does alone.
+    /// Its named topics leave `eddy_topics` too (and this node forgets it saw them), so that
+    /// they are listed again only once the new query emits to them.
     async fn purge_latest(&self, name: &str) {
         if let Ok(latest) = self.js.get_stream(LATEST).await {
             let filter = format!("eddy.last.{}.>", token(name.as_bytes()));
             if let Err(e) = latest.purge().filter(filter).await {
                 tracing::warn!("cluster: latest values of {name} not purged: {e}");
+            }
+        }
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|t| t.split_once('.').is_none_or(|(q, _)| q != name));
+        if let Ok(topics) = self.js.get_stream(format!("KV_{TOPICS}")).await {
+            let filter = format!("$KV.{TOPICS}.{}.>", token(name.as_bytes()));
+            if let Err(e) = topics.purge().filter(filter).await {
+                tracing::warn!("cluster: named topics of {name} not purged: {e}");
             }
         }
     }
@@ -510,8 +580,8 @@ impl Cluster {
             .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
         tokio::time::sleep(self.config.latest_interval + LATEST_SETTLE).await;
         let mut seeded = HashMap::new();
-        match tokio::time::timeout(LATEST_READ, self.read_latest(topic)).await {
-            Ok(Ok(latest)) => {
+        match self.read_latest(topic).await {
+            Ok(latest) => {
                 self.latest_loaded
                     .fetch_add(latest.len() as u64, Ordering::Relaxed);
                 // What came live meanwhile is as new as the stream's values or newer.
@@ -536,10 +606,7 @@ impl Cluster {
                     self.hub.items(0, live, None);
                 }
             }
-            Ok(Err(e)) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
-            Err(_) => {
-                tracing::warn!("cluster: no snapshot of {topic} from NATS within {LATEST_READ:?}")
-            }
+            Err(e) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
         }
         let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
         interest.insert(
@@ -572,43 +639,22 @@ impl Cluster {
             .store(interest.len() as u64, Ordering::Relaxed);
     }
 
-    /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them.
+    /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them: read with batched direct
+    /// gets ([`last_messages`]), which any live server answers, so that a server that died
+    /// does not leave a snapshot empty.
     async fn read_latest(&self, topic: &str) -> Result<Vec<Emitted>, String> {
-        let stream = self
-            .js
-            .get_stream(LATEST)
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("{}.*", latest_topic(topic)),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
+        let filter = format!("{}.*", latest_topic(topic));
+        let messages = last_messages(self, LATEST, &filter, LATEST_READ).await?;
         let topic: crate::Topic = Arc::from(topic);
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let pending = message.info().map_err(|e| e.to_string())?.pending;
+        let mut out = Vec::with_capacity(messages.len());
+        for (subject, message) in messages {
             match rmp_serde::from_slice::<(StoredKey, String)>(&message.payload) {
                 Ok((key, value)) => out.push(Emitted {
                     topic: Arc::clone(&topic),
                     key: Key::from(key),
                     value: value.into_bytes(),
                 }),
-                Err(e) => tracing::warn!(
-                    "cluster: undecodable latest value on {}: {e}",
-                    message.subject
-                ),
-            }
-            if pending == 0 {
-                break;
+                Err(e) => tracing::warn!("cluster: undecodable latest value on {subject}: {e}"),
             }
         }
         Ok(out)
@@ -642,8 +688,15 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .await
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
     tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    let watch = cluster
+        .topics
+        .watch_with_history(">")
+        .await
+        .map_err(|e| js_err("watch eddy_topics")(Box::new(e)))?;
+    tokio::spawn(follow_topics(Arc::clone(&cluster), watch));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     tokio::spawn(renew(Arc::clone(&cluster)));
+    tokio::spawn(broadcast_marks(Arc::clone(&cluster)));
     let task = tokio::spawn(ownership(Arc::clone(state), Arc::clone(&cluster)));
     *cluster.tasks.lock().await = Some(task);
     Ok(())
@@ -705,9 +758,13 @@ async fn drain(state: &State, cluster: &Cluster) {
 /// acknowledged (their index in the input, and why).
 pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
 
-/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it.
+/// Collects, per partition, the NDJSON of the accepted events whose keys fall in it, and the
+/// producer's mark with each of them for the queries on event time ([`EventTimeQueries`]).
 struct PartitionSink<'a> {
     messages: BTreeMap<usize, (Vec<u8>, Vec<u32>)>,
+    /// Per partition: (line of its message, query's index in `timed`, the producer's mark).
+    marks: BTreeMap<usize, Vec<(usize, usize, i64)>>,
+    timed: &'a [QueryId],
     rejections: &'a mut Vec<Rejection>,
 }
 
@@ -718,6 +775,13 @@ impl RouteSink for PartitionSink<'_> {
             delivery.event.write_json(ndjson);
             ndjson.push(b'\n');
             indexes.push(position.index);
+        }
+        if let Some(t) = self.timed.iter().position(|id| *id == delivery.query) {
+            let line = indexes.len() - 1;
+            self.marks
+                .entry(partition)
+                .or_default()
+                .push((line, t, delivery.source_mark));
         }
     }
     fn advanced(&mut self, _: QueryId, _: i64) {}
@@ -738,8 +802,11 @@ pub async fn publish(
     rejections: &mut Vec<Rejection>,
 ) -> (Routed, Acks) {
     let router = state.router.load_full();
+    let timed = EventTimeQueries::of(&router);
     let mut sink = PartitionSink {
         messages: BTreeMap::new(),
+        marks: BTreeMap::new(),
+        timed: &timed.ids,
         rejections,
     };
     let routed = router.route(
@@ -758,8 +825,15 @@ pub async fn publish(
     }
     let published = Instant::now();
     let mut sends = Vec::new();
+    let mut marks = std::mem::take(&mut sink.marks);
     for (partition, (ndjson, indexes)) in std::mem::take(&mut sink.messages) {
         let mut headers = headers.clone();
+        if let Some(marks) = marks.remove(&partition) {
+            headers.insert(
+                MARKS_HEADER,
+                timed.encode_lines(indexes.len(), &marks).as_str(),
+            );
+        }
         // JetStream stores a message once per id within its duplicate window: a retry of a
         // message whose first ack was lost (a leader that died after storing it) is not stored
         // twice.
@@ -779,6 +853,23 @@ pub async fn publish(
     cluster
         .published_messages
         .fetch_add(sends.len() as u64, Ordering::Relaxed);
+    // The producer's own marks go on from here with its next input (as alone: its events are
+    // late against its own mark, and it holds this node's watermark back while connected).
+    router.settle_at(source, &routed, now);
+    // The marks this input took its timer queries to, for the partitions it sent nothing to
+    // (published with the next tick of [`broadcast_marks`], after these messages).
+    if timed.timers.iter().any(|t| *t) {
+        let mut due = cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner());
+        for &(qi, own) in &routed.marks {
+            let q = &router.queries()[qi];
+            if let Some(t) = timed.ids.iter().position(|id| *id == q.id) {
+                if timed.timers[t] {
+                    let mark = due.entry(timed.names[t].clone()).or_insert(own);
+                    *mark = (*mark).max(own);
+                }
+            }
+        }
+    }
     let counted = Arc::clone(cluster);
     let acks: Acks = Box::pin(async move {
         // All of the input's messages at once: one that waits for its ack (or for a new stream
@@ -810,6 +901,131 @@ pub async fn publish(
         failed
     });
     (routed, acks)
+}
+
+/// The header of an event message that carries, per query on event time, the producer's mark
+/// with each of its events: `NAME=M0,M1,…;NAME2=…` (one entry per line of the message, empty
+/// where the query has no key of the line in the partition).
+const MARKS_HEADER: &str = "Eddy-Marks";
+/// The header of a marks message ([`broadcast_marks`]): `NAME=M;NAME2=M`.
+const MARK_HEADER: &str = "Eddy-Mark";
+/// How often a node sends the marks its producers reached to every partition.
+const MARKS_EVERY: Duration = Duration::from_millis(100);
+
+/// The deployed queries on event time (a `time_field`), whose marks travel with the events.
+struct EventTimeQueries {
+    ids: Vec<QueryId>,
+    names: Vec<String>,
+    /// Whether each has `on_timer` (its marks also go to partitions without its events).
+    timers: Vec<bool>,
+}
+
+impl EventTimeQueries {
+    fn of(router: &crate::router::Router) -> Self {
+        let mut out = EventTimeQueries {
+            ids: Vec::new(),
+            names: Vec::new(),
+            timers: Vec::new(),
+        };
+        for q in router.queries() {
+            if q.def.config.time_field.is_some() {
+                out.ids.push(q.id);
+                out.names.push(q.def.name.clone());
+                out.timers.push(q.def.functions.on_timer);
+            }
+        }
+        out
+    }
+
+    /// The [`MARKS_HEADER`] of a message of `lines` lines with these marks.
+    fn encode_lines(&self, lines: usize, marks: &[(usize, usize, i64)]) -> String {
+        let mut per: BTreeMap<usize, Vec<Option<i64>>> = BTreeMap::new();
+        for &(line, t, mark) in marks {
+            per.entry(t).or_insert_with(|| vec![None; lines])[line] = Some(mark);
+        }
+        let mut out = String::new();
+        for (t, marks) in per {
+            if !out.is_empty() {
+                out.push(';');
+            }
+            out.push_str(&self.names[t]);
+            out.push('=');
+            for (i, m) in marks.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                if let Some(m) = m {
+                    out.push_str(&m.to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `NAME=M0,M1,…;…` ([`MARKS_HEADER`], [`MARK_HEADER`]) as query name → marks (`None` where
+/// empty); parts that do not parse are left out.
+fn decode_marks(header: &str) -> Vec<(&str, Vec<Option<i64>>)> {
+    header
+        .split(';')
+        .filter_map(|part| {
+            let (name, marks) = part.split_once('=')?;
+            let marks = marks
+                .split(',')
+                .map(|m| m.parse().ok())
+                .collect::<Vec<Option<i64>>>();
+            Some((name, marks))
+        })
+        .collect()
+}
+
+/// Every [`MARKS_EVERY`], the marks this node's producers took queries with timers to, sent to
+/// every partition: a partition none of whose keys a producer's recent events had still learns
+/// how far event time went, so its keys' timers fire as `eddy run`'s do. Sent after the events
+/// that reached them (on the same connection), so that none of those becomes late.
+async fn broadcast_marks(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(MARKS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = std::mem::take(&mut *cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner()));
+        if due.is_empty() {
+            continue;
+        }
+        let mark = due
+            .iter()
+            .map(|(name, m)| format!("{name}={m}"))
+            .collect::<Vec<_>>()
+            .join(";");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MARK_HEADER, mark.as_str());
+        headers.insert("Eddy-Now", crate::router::wall_ms().to_string().as_str());
+        let mut acks = Vec::new();
+        for p in 0..cluster.config.partitions {
+            let message = Outgoing {
+                subject: event_subject(p),
+                headers: headers.clone(),
+                payload: Bytes::new(),
+            };
+            if let Ok(ack) = cluster.send(&message).await {
+                acks.push(std::future::IntoFuture::into_future(ack));
+            }
+        }
+        let acked = tokio::time::timeout(ACK_WAIT, futures_util::future::join_all(acks)).await;
+        let lost = acked.map_or(cluster.config.partitions as usize, |a| {
+            a.iter().filter(|r| r.is_err()).count()
+        });
+        if lost > 0 {
+            // The next input's marks go out at the next tick; until then those partitions'
+            // timers wait.
+            tracing::warn!("cluster: marks not stored for {lost} partitions");
+            let mut again = cluster.marks_due.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, m) in due {
+                let mark = again.entry(name).or_insert(m);
+                *mark = (*mark).max(m);
+            }
+        }
+    }
 }
 
 /// One message of an input for the event stream, kept until JetStream acknowledges it.
@@ -1093,72 +1309,149 @@ fn fenced(why: &str) -> ! {
 }
 
 /// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
-/// answer in time.
-///
-/// Read with one batched direct get (`multi_last`, NATS 2.11 and later), which any server of
-/// the bucket's group answers, rather than with `kv::Store::keys`, which makes a consumer: NATS
-/// places such a consumer on a random server of the bucket's group, and for a minute or more
-/// after a server is SIGKILLed that may be the dead one (NATS does not count it offline yet),
-/// so one listing in three would wait for nothing.
+/// answer in time: read with [`last_messages`], not with `kv::Store::keys`, which makes a
+/// consumer (see there).
 async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
-    let listed = tokio::time::timeout(2 * CONSUMER_CREATE, async {
-        let inbox = cluster.client.new_inbox();
-        let mut replies = cluster
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let prefix = format!("$KV.{bucket}.");
-        let request = format!(r#"{{"multi_last":["{prefix}>"],"batch":1000000}}"#);
-        cluster
-            .client
-            .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.KV_{bucket}"),
-                inbox,
-                request.into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        while let Some(message) = replies.next().await {
-            match message.status {
-                None => {}
-                // No key at all.
-                Some(async_nats::StatusCode::NOT_FOUND) => return Ok(out),
-                // The end of the batch (204).
-                Some(code) if code.as_u16() == 204 => return Ok(out),
-                Some(code) => return Err(format!("status {code}: {:?}", message.description)),
-            }
-            let Some(headers) = &message.headers else {
-                continue;
-            };
-            let deleted = headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            let key = headers
-                .get("Nats-Subject")
-                .and_then(|s| s.as_str().strip_prefix(&prefix).map(str::to_owned));
-            if let (Some(key), false) = (key, deleted) {
-                out.push(key);
-            }
-        }
-        Err("the reply subscription ended".to_owned())
-    })
-    .await;
-    match listed {
-        Ok(Ok(keys)) => Some(keys),
-        Ok(Err(e)) => {
+    let prefix = format!("$KV.{bucket}.");
+    let within = 2 * CONSUMER_CREATE;
+    match last_messages(
+        cluster,
+        &format!("KV_{bucket}"),
+        &format!("{prefix}>"),
+        within,
+    )
+    .await
+    {
+        Ok(messages) => Some(
+            messages
+                .into_iter()
+                .filter(|(_, m)| {
+                    !m.headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+                })
+                .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
+                .collect(),
+        ),
+        Err(e) => {
             tracing::warn!("cluster: cannot list the keys of {bucket}: {e}");
             None
         }
-        Err(_) => {
-            tracing::warn!(
-                "cluster: cannot list the keys of {bucket}: no answer within {:?}",
-                2 * CONSUMER_CREATE
-            );
-            None
-        }
     }
+}
+
+/// Messages one batched direct get asks for: more come in further requests.
+const DIRECT_PAGE: usize = 1_000;
+/// How long a node waits for the next answer of a direct get before it asks again (a server
+/// that died while answering).
+const DIRECT_WAIT: Duration = Duration::from_secs(1);
+
+/// The newest message of each subject matching `filter` in stream `stream` (which keeps one
+/// message per subject: `EDDY_LATEST`, and the buckets, whose history is 1), with its subject,
+/// within `within`.
+///
+/// Read with batched direct gets (`$JS.API.DIRECT.GET`, NATS 2.11 and later), which any live
+/// server of the stream's group answers, rather than with a consumer: NATS places a consumer on
+/// a random server of the group, and for a minute or more after a server is SIGKILLed that may
+/// be the dead one (NATS does not count it offline yet), so one read in three would wait for
+/// nothing. Not with `multi_last` either: it answers `413 Too Many Results` when more than 1,024
+/// subjects match (nats-server 2.14). Each request asks for the next [`DIRECT_PAGE`] messages
+/// matching `filter` from a sequence on: with one message kept per subject, those are the
+/// subjects' newest, and a subject written again while the pages are read comes again later
+/// with its newer message, which wins.
+async fn last_messages(
+    cluster: &Cluster,
+    stream: &str,
+    filter: &str,
+    within: Duration,
+) -> Result<Vec<(String, async_nats::Message)>, String> {
+    let read = async {
+        let mut newest: HashMap<String, (u64, async_nats::Message)> = HashMap::new();
+        let mut from = 1u64;
+        'pages: loop {
+            let inbox = cluster.client.new_inbox();
+            let mut replies = cluster
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let request = format!(
+                r#"{{"next_by_subj":{},"seq":{from},"batch":{DIRECT_PAGE}}}"#,
+                serde_json::Value::from(filter)
+            );
+            cluster
+                .client
+                .publish_with_reply(
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    inbox,
+                    request.into(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut last = None;
+            loop {
+                let Ok(message) = tokio::time::timeout(DIRECT_WAIT, replies.next()).await else {
+                    // No answer (the server asked died): ask again from where this page is.
+                    if let Some(seq) = last {
+                        from = seq + 1;
+                    }
+                    continue 'pages;
+                };
+                let Some(message) = message else {
+                    return Err("the reply subscription ended".to_owned());
+                };
+                let header = |name: &str| {
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.as_str().to_owned())
+                };
+                match message.status {
+                    None => {}
+                    // Nothing (more) matches.
+                    Some(async_nats::StatusCode::NOT_FOUND) => break 'pages,
+                    // The end of this page (204): more to come unless nothing is pending.
+                    Some(code) if code.as_u16() == 204 => {
+                        let pending: u64 = header("Nats-Num-Pending")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        match last {
+                            Some(seq) if pending > 0 => {
+                                from = seq + 1;
+                                continue 'pages;
+                            }
+                            _ => break 'pages,
+                        }
+                    }
+                    Some(code) => return Err(format!("status {code}: {:?}", message.description)),
+                }
+                let (Some(subject), Some(seq)) = (
+                    header("Nats-Subject"),
+                    header("Nats-Sequence").and_then(|v| v.parse::<u64>().ok()),
+                ) else {
+                    return Err("a direct get answer without its subject or sequence".to_owned());
+                };
+                last = Some(seq);
+                match newest.get(&subject) {
+                    Some((had, _)) if *had > seq => {}
+                    _ => {
+                        newest.insert(subject, (seq, message));
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(u64, String, async_nats::Message)> = newest
+            .into_iter()
+            .map(|(subject, (seq, message))| (seq, subject, message))
+            .collect();
+        out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        Ok(out.into_iter().map(|(_, s, m)| (s, m)).collect())
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
 }
 
 /// Collects one partition's deliveries for the local shards, dropping those of keys in other
@@ -1166,14 +1459,26 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
 struct OwnedSink<'a> {
     partition: usize,
     partitions: usize,
+    /// Per query on event time: the producer's mark with each line ([`MARKS_HEADER`]).
+    carried: &'a [(QueryId, usize, Vec<Option<i64>>)],
     deliveries: Vec<Vec<Delivery>>,
     watermarks: Vec<(QueryId, i64)>,
     rejected: &'a mut u64,
 }
 
 impl RouteSink for OwnedSink<'_> {
-    fn deliver(&mut self, shard: usize, _: Position, delivery: Delivery) {
+    fn deliver(&mut self, shard: usize, position: Position, mut delivery: Delivery) {
         if delivery.key.shard(self.partitions) == self.partition {
+            // Late, and the key's own timers, as against the producer's mark with the event
+            // (as alone), not only this partition's.
+            let carried = self
+                .carried
+                .iter()
+                .find(|(id, _, _)| *id == delivery.query)
+                .and_then(|(_, _, marks)| marks.get(position.index as usize).copied().flatten());
+            if let Some(mark) = carried {
+                delivery.source_mark = delivery.source_mark.max(mark);
+            }
             self.deliveries[shard].push(delivery);
         }
     }
@@ -1186,8 +1491,9 @@ impl RouteSink for OwnedSink<'_> {
 }
 
 /// Runs partition `p` on this node: puts back its latest checkpoint, then reads the stream from
-/// the sequence after it and feeds the local shards, as source `source` (its own mark: event
-/// time per partition, as Flink keeps one per input partition).
+/// the sequence after it and feeds the local shards, as source `source`, whose mark goes as far
+/// as the producers' marks its messages carry ([`MARKS_HEADER`], [`MARK_HEADER`]): events are
+/// late, and timers fire, as they do in `eddy run` for a single producer.
 async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: SourceId) {
     let mut parser = Parser::default();
     let partitions = cluster.config.partitions as usize;
@@ -1282,6 +1588,8 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(crate::router::wall_ms);
             let stream = header("Eddy-Stream");
+            let line_marks = header(MARKS_HEADER);
+            let end_marks = header(MARK_HEADER);
             let parsed = parser.parse(message.payload.to_vec());
             let _order = cluster.order.lock().await;
             // Handed over or leaving: stop between messages, never within one.
@@ -1292,10 +1600,27 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             }
             let router = state.router.load_full();
             let shards = state.pipeline.shards();
+            let deployed = |name: &str| {
+                router
+                    .queries()
+                    .iter()
+                    .enumerate()
+                    .find(|(_, q)| q.def.name == name)
+                    .map(|(qi, q)| (q.id, qi))
+            };
+            let carried: Vec<(QueryId, usize, Vec<Option<i64>>)> = line_marks
+                .as_deref()
+                .map(decode_marks)
+                .unwrap_or_default()
+                .into_iter()
+                .chain(end_marks.as_deref().map(decode_marks).unwrap_or_default())
+                .filter_map(|(name, marks)| deployed(name).map(|(id, qi)| (id, qi, marks)))
+                .collect();
             let mut rejected = 0;
             let mut sink = OwnedSink {
                 partition: p as usize,
                 partitions,
+                carried: &carried,
                 deliveries: (0..shards).map(|_| Vec::new()).collect(),
                 watermarks: Vec::new(),
                 rejected: &mut rejected,
@@ -1337,7 +1662,40 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                     return;
                 }
             }
-            router.settle_at(source, &routed, now);
+            // The partition's mark goes as far as the producers' marks it carried: event time
+            // moves on here as it did at the producers' nodes, and the timers it reaches fire.
+            let mut routed = routed;
+            for (_, qi, marks) in &carried {
+                if let Some(end) = marks.iter().flatten().max() {
+                    match routed.marks.iter_mut().find(|(q, _)| q == qi) {
+                        Some((_, own)) => *own = (*own).max(*end),
+                        None => routed.marks.push((*qi, *end)),
+                    }
+                }
+            }
+            let rose: Vec<(QueryId, i64)> = router
+                .settle_rising(source, &routed, now)
+                .into_iter()
+                .filter(|(id, _)| {
+                    router
+                        .queries()
+                        .iter()
+                        .any(|q| q.id == *id && q.def.functions.on_timer)
+                })
+                .collect();
+            if !rose.is_empty() {
+                for shard in 0..shards {
+                    let msg = ShardMsg::Batch {
+                        deliveries: Vec::new(),
+                        watermarks: rose.clone(),
+                        now,
+                        received: Instant::now(),
+                    };
+                    if state.pipeline.send(shard, msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
             cluster.fed[p as usize].store(seq, Ordering::Relaxed);
             next = seq + 1;
             if rejected > 0 {
@@ -1666,6 +2024,7 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
             }
         }
         runtime.block_on(async {
+            announce(cluster, topics.keys()).await;
             for (topic, items) in topics {
                 let stored: Vec<(StoredKey, &String)> = items
                     .iter()
@@ -1689,6 +2048,54 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
         for reply in marks {
             let _ = reply.send(Vec::new());
         }
+    }
+}
+
+/// Puts the named topics among `topics` that this node has not seen in `eddy_topics` yet (once
+/// per topic: a lookup per topic of a batch, not per item), each acknowledged by JetStream
+/// before the topic counts as put (else it is put again with the next batch).
+async fn announce<'a>(cluster: &Cluster, topics: impl Iterator<Item = &'a crate::Topic>) {
+    let new: Vec<(&crate::Topic, String)> = {
+        let announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+        topics
+            .filter(|t| !announced.contains(*t))
+            .filter_map(|t| named_topic_key(t).map(|key| (t, key)))
+            .collect()
+    };
+    for (topic, key) in new {
+        let put = tokio::time::timeout(
+            ACK_WAIT,
+            cluster
+                .topics
+                .put(key, Bytes::copy_from_slice(topic.as_bytes())),
+        )
+        .await;
+        match put {
+            Ok(Ok(_)) => {
+                let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+                announced.insert(Arc::clone(topic));
+            }
+            Ok(Err(e)) => tracing::warn!("cluster: topic {topic} not put in eddy_topics: {e}"),
+            Err(_) => tracing::warn!("cluster: topic {topic} not put in eddy_topics in time"),
+        }
+    }
+}
+
+/// Makes every named topic of `eddy_topics` known to this node's hub (those put before the node
+/// started too): listed and subscribable before any of its items arrives here.
+async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else { continue };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(&entry.value) else {
+            continue;
+        };
+        let topic: crate::Topic = Arc::from(name);
+        cluster.hub.declare_topic(&topic);
+        let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
+        announced.insert(topic);
     }
 }
 
@@ -1782,30 +2189,55 @@ fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
 // ---------------------------------------------------------------------------------------------
 // The catalog.
 
+/// A replace that keeps each key's state, as `eddy_catalog` holds it: JSON
+/// `{"script":…,"state":"keep"}`. A plain deploy is the script itself.
+#[derive(Serialize, Deserialize)]
+struct CatalogEntry {
+    script: String,
+    #[serde(default)]
+    state: Option<String>,
+}
+
 /// Applies every change of the cluster's catalog to this node (its own changes come back too and
-/// are skipped when the script is already deployed).
+/// are skipped when the script is already deployed). A replace that keeps state replaces this
+/// node's version the same way (its keys keep their state here), then checkpoints: a partition
+/// that moves later restores its keys' state into the new script.
 async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
         let name = entry.key.clone();
         match entry.operation {
             kv::Operation::Put => {
-                let script = String::from_utf8_lossy(&entry.value).into_owned();
-                if super::admin::deployed_script(&state, &name)
-                    .await
-                    .as_deref()
-                    == Some(script.as_str())
-                {
-                    continue;
+                let (script, keep) = match serde_json::from_slice::<CatalogEntry>(&entry.value) {
+                    Ok(e) => (e.script, e.state.as_deref() == Some("keep")),
+                    Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
+                };
+                let here = super::admin::deployed_script(&state, &name).await;
+                if here.as_deref() != Some(script.as_str()) {
+                    let limits = state.config.limits.clone();
+                    match super::admin::compile(name.clone(), script, limits).await {
+                        Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
+                            Ok(n) => tracing::info!(
+                                "cluster catalog: {name} replaced, {n} keys' state kept here"
+                            ),
+                            Err(e) => tracing::error!(
+                                "cluster catalog: {name} not replaced on this node: {e}"
+                            ),
+                        },
+                        Ok(def) => {
+                            if let Err(e) = super::admin::deploy(&state, def).await {
+                                tracing::error!("cluster catalog: {name}: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                    }
                 }
-                match super::admin::compile(name.clone(), script, state.config.limits.clone()).await
-                {
-                    Ok(def) => {
-                        if let Err(e) = super::admin::deploy(&state, def).await {
-                            tracing::error!("cluster catalog: {name}: {e}");
+                if keep && here.is_some() {
+                    if let Some(cluster) = &state.cluster {
+                        if let Err(e) = checkpoint(&state, cluster).await {
+                            tracing::warn!("cluster: checkpoint after replacing {name}: {e}");
                         }
                     }
-                    Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
                 }
             }
             kv::Operation::Delete | kv::Operation::Purge => {
