@@ -283,6 +283,12 @@ async fn probe(
     stop: CancellationToken,
     mut on_interval: impl FnMut(&IntervalReport),
 ) -> (ProbeReport, hdrhistogram::Histogram<u64>) {
+    // Which compressed batches this connection inflates: every COMPRESSED_SAMPLE_EVERY-th,
+    // starting at a different one on each connection, so that together they sample every
+    // batch of the run alike (the first batches, slower, are not over-represented).
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let sampled =
+        PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % COMPRESSED_SAMPLE_EVERY;
     let request = |from: Option<&str>| {
         let mut request = b"{\"op\":\"subscribe\",\"topic\":".to_vec();
         crate::json::write_str(&mut request, &options.topic);
@@ -417,7 +423,7 @@ async fn probe(
             (false, _) => None,
             (true, false) => Some(&payload[..]),
             (true, true) => {
-                let sample = report.compressed % COMPRESSED_SAMPLE_EVERY == 1;
+                let sample = report.compressed % COMPRESSED_SAMPLE_EVERY == sampled;
                 let stored = deflate::leading_stored(&payload).filter(|_| !sample);
                 prefix = match stored {
                     Some(head) => Some(Cow::Borrowed(head)),
