@@ -1912,40 +1912,34 @@ fn op_assign(
     pos: Position,
     op_pos: Position,
 ) -> SFn {
+    // The body of one closure, for operator `$op` (a constant, or the captured `op`).
+    macro_rules! op_assign {
+        ($op:expr) => {
+            Box::new(move |fr: &mut Frame| {
+                fr.tick(pos)?;
+                let v = value(fr)?;
+                let (engine, helpers) = (fr.rt.engine, fr.helpers);
+                let Some(target) = target_ref(fr, root) else {
+                    return Ok(Flow::Normal(Dynamic::UNIT));
+                };
+                if let Some(x) = Num::scalar(target) {
+                    if let Some(new) = num_binop(&$op, &x, &v, op_pos)? {
+                        put(target, new.into_dynamic());
+                        return Ok(Flow::Normal(Dynamic::UNIT));
+                    }
+                }
+                boxed_op_assign(engine, helpers, target, &$op, v, &helper, op_pos)
+            })
+        };
+    }
     macro_rules! typed {
         ($($t:ident)*) => {
             match op {
-                $(Token::$t => Box::new(move |fr: &mut Frame| {
+                $(Token::$t => {
                     const OP: Token = Token::$t;
-                    fr.tick(pos)?;
-                    let v = value(fr)?;
-                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    let Some(target) = target_ref(fr, root) else {
-                        return Ok(Flow::Normal(Dynamic::UNIT));
-                    };
-                    if let Some(x) = Num::scalar(target) {
-                        if let Some(new) = num_binop(&OP, &x, &v, op_pos)? {
-                            put(target, new.into_dynamic());
-                            return Ok(Flow::Normal(Dynamic::UNIT));
-                        }
-                    }
-                    boxed_op_assign(engine, helpers, target, &OP, v, &helper, op_pos)
-                }),)*
-                op => Box::new(move |fr: &mut Frame| {
-                    fr.tick(pos)?;
-                    let v = value(fr)?;
-                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    let Some(target) = target_ref(fr, root) else {
-                        return Ok(Flow::Normal(Dynamic::UNIT));
-                    };
-                    if let Some(x) = Num::scalar(target) {
-                        if let Some(new) = num_binop(&op, &x, &v, op_pos)? {
-                            put(target, new.into_dynamic());
-                            return Ok(Flow::Normal(Dynamic::UNIT));
-                        }
-                    }
-                    boxed_op_assign(engine, helpers, target, &op, v, &helper, op_pos)
-                }),
+                    op_assign!(OP)
+                })*
+                op => op_assign!(op),
             }
         };
     }

@@ -283,6 +283,13 @@ impl Router {
         &self.queries
     }
 
+    /// Whether query `id` has timers (an `on_timer`): only those care about marks on a shard.
+    pub fn has_timers(&self, id: QueryId) -> bool {
+        self.queries
+            .iter()
+            .any(|q| q.id == id && q.def.functions.on_timer)
+    }
+
     /// Routes every event of `frame`, which came from `source`. `stream` names the stream of
     /// events that carry no `"stream"` field; `clock` gives each event's arrival time.
     #[allow(clippy::too_many_arguments)]

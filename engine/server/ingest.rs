@@ -423,12 +423,7 @@ pub async fn apply(
         .watermarks
         .iter()
         .copied()
-        .filter(|(id, _)| {
-            router
-                .queries()
-                .iter()
-                .any(|q| q.id == *id && q.def.functions.on_timer)
-        })
+        .filter(|(id, _)| router.has_timers(*id))
         .collect();
     let Gather {
         deliveries,

@@ -1401,13 +1401,7 @@ async fn last_messages(
                 let Some(message) = message else {
                     return Err("the reply subscription ended".to_owned());
                 };
-                let header = |name: &str| {
-                    message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(name))
-                        .map(|v| v.as_str().to_owned())
-                };
+                let header = |name: &str| header_of(&message, name);
                 match message.status {
                     None => {}
                     // Nothing (more) matches.
@@ -1577,13 +1571,7 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             if seq < next {
                 continue;
             }
-            let header = |name: &str| {
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_owned())
-            };
+            let header = |name: &str| header_of(&message, name);
             let now: i64 = header("Eddy-Now")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(crate::router::wall_ms);
@@ -1641,12 +1629,7 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             } = sink;
             let timed: Vec<(QueryId, i64)> = watermarks
                 .into_iter()
-                .filter(|(id, _)| {
-                    router
-                        .queries()
-                        .iter()
-                        .any(|q| q.id == *id && q.def.functions.on_timer)
-                })
+                .filter(|(id, _)| router.has_timers(*id))
                 .collect();
             for (shard, deliveries) in deliveries.into_iter().enumerate() {
                 if deliveries.is_empty() && timed.is_empty() {
@@ -1676,12 +1659,7 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             let rose: Vec<(QueryId, i64)> = router
                 .settle_rising(source, &routed, now)
                 .into_iter()
-                .filter(|(id, _)| {
-                    router
-                        .queries()
-                        .iter()
-                        .any(|q| q.id == *id && q.def.functions.on_timer)
-                })
+                .filter(|(id, _)| router.has_timers(*id))
                 .collect();
             if !rose.is_empty() {
                 for shard in 0..shards {
@@ -2407,6 +2385,15 @@ pub fn write_metrics(state: &State, out: &mut String) {
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
+}
+
+/// The value of header `name` of a NATS message, if it has one.
+fn header_of(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
 }
 
 #[cfg(test)]
