@@ -178,6 +178,17 @@ fn venue(price: i64) -> String {
     format!("V{}", price % 5)
 }
 
+/// The entries of `want` for the symbols that `trades` traded.
+fn touched(
+    want: &BTreeMap<String, (f64, i64)>,
+    trades: &[(String, i64, i64)],
+) -> BTreeMap<String, (f64, i64)> {
+    want.iter()
+        .filter(|(s, _)| trades.iter().any(|t| &t.0 == *s))
+        .map(|(s, v)| (s.clone(), *v))
+        .collect()
+}
+
 /// VWAP per symbol, plainly: `(notional / volume, trades)`.
 fn reference(acked: &[(String, i64, i64)]) -> BTreeMap<String, (f64, i64)> {
     let mut sums: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
@@ -495,17 +506,12 @@ async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_a
             http_at(&addrs[1], "PUT", "/queries/counts", Some(TOKEN), script).await;
         assert!(status == 200 || status == 201, "{status} {body}");
         for addr in [&addrs[0], &addrs[2]] {
-            loop {
-                let (status, _) = http_at(addr, "GET", "/queries/counts", None, "").await;
-                if status == 200 {
-                    break;
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "deploy never reached {addr}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let status = || async { http_at(addr, "GET", "/queries/counts", None, "").await.0 };
+            let what = format!("deploy never reached {addr}");
+            until(started + Duration::from_secs(10), &what, async || {
+                status().await == 200
+            })
+            .await;
         }
         eprintln!("deploy live on all nodes after {:?}", started.elapsed());
         // It runs on every owner: counts per venue from a feed through node c reach node a,
@@ -548,18 +554,13 @@ async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_a
         // A query removed on one node is gone on all.
         let (status, _) = http_at(&addrs[0], "DELETE", "/queries/counts", Some(TOKEN), "").await;
         assert!(status == 200 || status == 204, "{status}");
-        let started = Instant::now();
-        loop {
-            let (status, _) = http_at(&addrs[2], "GET", "/queries/counts", None, "").await;
-            if status == 404 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "removal never reached c"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(in_secs(10), "removal never reached c", async || {
+            http_at(&addrs[2], "GET", "/queries/counts", None, "")
+                .await
+                .0
+                == 404
+        })
+        .await;
         drop((a, b, c));
     })
     .await;
@@ -703,11 +704,7 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         let want = reference(&acked);
         let mut seq_c = 0;
         // c's subscriber joined late: it sees the symbols the third feed touched.
-        let touched: BTreeMap<String, (f64, i64)> = want
-            .iter()
-            .filter(|(s, _)| third.iter().any(|t| &t.0 == *s))
-            .map(|(s, v)| (s.clone(), *v))
-            .collect();
+        let touched = touched(&want, &third);
         let latest = converge(&mut sub_c, &touched, &mut seq_c).await;
         for (s, (vwap, n)) in &touched {
             assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");
@@ -789,11 +786,7 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         let second = trades(300, 67);
         acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
         let want = reference(&acked);
-        let touched: BTreeMap<String, (f64, i64)> = want
-            .iter()
-            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
-            .map(|(s, v)| (s.clone(), *v))
-            .collect();
+        let touched = touched(&want, &second);
         let mut seq_b = 0;
         let latest = converge(&mut sub_b, &touched, &mut seq_b).await;
         for (s, (vwap, n)) in &touched {
@@ -828,24 +821,19 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
         // snapshot, as alone.
         let (status, _) = http_at(&a.2, "DELETE", "/queries/vwap", Some(TOKEN), "").await;
         assert!(status == 200 || status == 204, "{status}");
-        let started = Instant::now();
-        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 404 {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "removal never reached b"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // One deadline for the removal and the deploy after it.
+        let deadline = in_secs(10);
+        until(deadline, "removal never reached b", async || {
+            http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 == 404
+        })
+        .await;
         let script = support::query_file("vwap");
         let (status, body) = http_at(&a.2, "PUT", "/queries/vwap", Some(TOKEN), &script).await;
         assert!(status == 200 || status == 201, "{status} {body}");
-        while http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 != 200 {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "deploy never reached b"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(deadline, "deploy never reached b", async || {
+            http_at(&b.2, "GET", "/queries/vwap", None, "").await.0 == 200
+        })
+        .await;
         let (_, snapshot) = subscribe_vwap_snapshot(&b.2).await;
         assert!(snapshot.is_empty(), "{snapshot:?}");
         drop((a, b, c));
@@ -1062,6 +1050,19 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
     within("the NATS leader test", Duration::from_secs(240), run).await;
 }
 
+/// `now + secs`, a deadline for [`until`].
+fn in_secs(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// Polls `ready` every 10 ms until it holds; fails with `what` once `deadline` has passed.
+async fn until(deadline: Instant, what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    while !ready().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The names in a `{"op":"topics"}` answer of the node at `addr`.
 async fn topic_names(addr: &str) -> Vec<String> {
     let mut w = ws(addr, "/subscribe").await;
@@ -1135,15 +1136,12 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         assert_eq!(want.len(), 5);
         // The other node has taken no item of them, and lists them all.
         let listed = |names: &[String]| want.keys().all(|t| names.contains(t));
-        let started = Instant::now();
-        while !listed(&topic_names(&other.2).await) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the run-time topics are not listed on the other node: {:?}",
-                topic_names(&other.2).await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until(
+            in_secs(5),
+            "the run-time topics are not listed on the other node",
+            async || listed(&topic_names(&other.2).await),
+        )
+        .await;
         assert_eq!(
             metric_of(&other.2, "eddy_cluster_received_items_total").await,
             0.0
@@ -1180,14 +1178,12 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         assert_eq!(msg["items"], json!([{"key": "S00", "value": n["S00"] + 1}]));
         // A node that joins later lists them from the start.
         let c = s.node("c", &args).await;
-        let started = Instant::now();
-        while !listed(&topic_names(&c.2).await) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the run-time topics are not listed on a node that joined"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until(
+            in_secs(5),
+            "the run-time topics are not listed on a node that joined",
+            async || listed(&topic_names(&c.2).await),
+        )
+        .await;
         drop((a, b, c));
     })
     .await;
@@ -1370,26 +1366,15 @@ async fn a_state_keep_replace_on_one_node_keeps_each_keys_state_on_its_owner() {
         assert_eq!(status, 200, "{body}");
         let answer: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(answer["state_kept"], true, "{body}");
-        let started = Instant::now();
-        loop {
+        until(in_secs(10), "the replace never reached b", async || {
             let (_, body) = http_at(&b.2, "GET", "/queries/vwap", None, "").await;
-            if body.contains("version: 2") {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "the replace never reached b: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            body.contains("version: 2")
+        })
+        .await;
         let second = trades(500, 103);
         acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
         let want = reference(&acked);
-        let touched: BTreeMap<String, (f64, i64)> = want
-            .iter()
-            .filter(|(s, _)| second.iter().any(|t| &t.0 == *s))
-            .map(|(s, v)| (s.clone(), *v))
-            .collect();
+        let touched = touched(&want, &second);
         let latest = converge(&mut sub, &touched, &mut seq).await;
         for (s, (vwap, n)) in &touched {
             assert_eq!(latest[s]["trades"].as_i64(), Some(*n), "{s}");

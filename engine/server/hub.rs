@@ -488,19 +488,15 @@ impl Hub {
                     (element, *shard),
                 );
             }
-            // Compressed here, once, if a subscriber that takes the batch unfiltered will send
-            // it compressed: left to the first such subscriber's writer, it would hold up every
-            // other writer that needs it, blocked on the same piece, for as long as it takes.
-            if state
-                .subs
-                .iter()
-                .any(|s| s.mode == Mode::All && s.keys.is_none() && s.mailbox.deflate)
-            {
-                shared.deflated();
-            }
             for sub in &state.subs {
                 match (sub.mode, &sub.keys) {
                     (Mode::All, None) => {
+                        // Compressed here, once, before the first subscriber that sends it
+                        // compressed gets it: left to that subscriber's writer, it would hold
+                        // up every other writer of the batch, blocked on the same piece.
+                        if sub.mailbox.deflate {
+                            shared.deflated();
+                        }
                         let n = keys.len() as u64;
                         state.dropped +=
                             sub.mailbox

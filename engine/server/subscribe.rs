@@ -323,18 +323,17 @@ async fn deliver<W: AsyncWrite + Unpin>(
         stamps.push((published, ingest, count));
     }
     for (topic, pending) in &inbox.latest {
-        let mut items =
-            Vec::with_capacity(pending.values().map(|v| v.len() + 1).sum::<usize>() + 2);
-        items.push(b'[');
-        for (i, element) in pending.values().enumerate() {
-            if i > 0 {
-                items.push(b',');
-            }
-            items.extend_from_slice(element);
+        let mut items: Vec<&[u8]> = Vec::with_capacity(2 * pending.len() + 1);
+        for element in pending.values() {
+            items.push(if items.is_empty() { b"[" } else { b"," });
+            items.push(element);
         }
-        items.push(b']');
+        if items.is_empty() {
+            items.push(b"[");
+        }
+        items.push(b"]}");
         let head = batch_head(seqs, topic, pending.len() as u64, None);
-        frames.frame(TEXT, &[&head, &items, b"}"], &[]);
+        frames.frame(TEXT, &[&head], &items);
     }
     write.gathered(&frames).await?;
     write.flush().await?;
