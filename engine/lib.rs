@@ -25,6 +25,7 @@ pub mod probe;
 pub mod query;
 pub mod router;
 pub mod sandbox;
+pub mod sched;
 pub mod server;
 pub mod shard;
 pub mod synth;

@@ -90,6 +90,10 @@ enum Command {
         /// Async runtime threads (connections) [default: the number of cores].
         #[arg(long)]
         workers: Option<usize>,
+        /// Time slice the server's threads ask the kernel for, in µs; 0 keeps the kernel's
+        /// [default: 200].
+        #[arg(long)]
+        time_slice_us: Option<u32>,
         /// Folder of queries loaded at start [default: queries].
         #[arg(long)]
         queries: Option<PathBuf>,
@@ -304,6 +308,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen,
             shards,
             workers,
+            time_slice_us,
             queries,
             models,
             admin_token,
@@ -328,6 +333,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             raw.listen = listen.or(raw.listen);
             raw.shards = shards.or(raw.shards);
             raw.workers = workers.or(raw.workers);
+            raw.time_slice_us = time_slice_us.or(raw.time_slice_us);
             raw.queries = queries.or(raw.queries);
             raw.models = models.or(raw.models);
             raw.admin_token = admin_token.or(raw.admin_token);
@@ -355,6 +361,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             let config = raw.validate()?;
             let generated = config.admin_token.is_none();
+            // Before any other thread starts: the runtime's workers and the shards inherit it.
+            if let Some(us) = config.time_slice_us {
+                if let Err(e) = eddy::sched::request_time_slice(us) {
+                    tracing::warn!(
+                        "time_slice_us = {us}: the kernel refused it ({e}); using its default"
+                    );
+                }
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.workers)
                 .enable_all()
@@ -653,7 +667,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The runtime of the client commands. Their threads ask for the server's default time slice:
+/// the probe's and the feed's timestamps should wait for the scheduler no more than the
+/// server's threads do (on kernels without custom slices, nothing changes).
 fn runtime() -> Result<tokio::runtime::Runtime> {
+    let _ = eddy::sched::request_time_slice(eddy::server::config::DEFAULT_TIME_SLICE_US);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

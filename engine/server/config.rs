@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::durable::log::Fsync;
 use crate::sandbox::Limits;
 
+/// Time slice of the server's threads, in µs, unless `time_slice_us` says otherwise.
+pub const DEFAULT_TIME_SLICE_US: u32 = 200;
+
 /// The data directory of `eddy serve` when neither `data_dir` nor `--ephemeral` is given.
 pub const DEFAULT_DATA_DIR: &str = "eddy-data";
 
@@ -26,6 +29,9 @@ pub struct Config {
     pub shards: usize,
     /// Threads of the async runtime (connections: parsing, routing, writing to subscribers).
     pub workers: usize,
+    /// Time slice the server's threads ask the kernel for, in µs (see [`crate::sched`]);
+    /// `None` keeps the kernel's default. Applied by `eddy serve` at start.
+    pub time_slice_us: Option<u32>,
     /// Folder of `.rhai` queries loaded at start (a missing folder is fine: no queries).
     pub queries: PathBuf,
     /// Folder of `.onnx` models loaded at start and written by `PUT /models/NAME` (a missing
@@ -102,6 +108,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            time_slice_us: Some(DEFAULT_TIME_SLICE_US),
             queries: PathBuf::from("queries"),
             models: PathBuf::from("models"),
             admin_token: None,
@@ -185,6 +192,8 @@ pub struct RawConfig {
     pub listen: Option<String>,
     pub shards: Option<usize>,
     pub workers: Option<usize>,
+    /// 0 keeps the kernel's default slice.
+    pub time_slice_us: Option<u32>,
     pub queries: Option<PathBuf>,
     pub models: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -323,6 +332,11 @@ impl RawConfig {
             query_cpu_window,
             shards: self.shards.unwrap_or(d.shards),
             workers: self.workers.unwrap_or(d.workers),
+            time_slice_us: match self.time_slice_us {
+                None => d.time_slice_us,
+                Some(0) => None,
+                Some(us) => Some(us),
+            },
             queries: self.queries.unwrap_or(d.queries),
             models: self.models.unwrap_or(d.models),
             admin_token: self.admin_token.or(d.admin_token),
@@ -373,6 +387,16 @@ impl RawConfig {
             if value == 0 {
                 problems.push(format!(
                     "[limits] {name} must be at least 1 (0 would mean no limit)"
+                ));
+            }
+        }
+        if let Some(us) = config.time_slice_us {
+            let range = crate::sched::MIN_SLICE_US..=crate::sched::MAX_SLICE_US;
+            if !range.contains(&us) {
+                problems.push(format!(
+                    "time_slice_us must be 0 (the kernel's default) or {} to {}, found {us}",
+                    range.start(),
+                    range.end()
                 ));
             }
         }
@@ -459,6 +483,29 @@ mod tests {
         assert_eq!(config.idle_timeout, Some(Duration::from_secs(30)));
         assert_eq!(config.max_query_cpu, 0.25);
         assert_eq!(config.query_cpu_window, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_time_slice_is_the_default_off_or_in_the_kernels_range() {
+        let slice = |toml: &str| RawConfig::from_toml(toml).unwrap().validate();
+        assert_eq!(
+            slice("").unwrap().time_slice_us,
+            Some(DEFAULT_TIME_SLICE_US)
+        );
+        assert_eq!(slice("time_slice_us = 0").unwrap().time_slice_us, None);
+        assert_eq!(
+            slice("time_slice_us = 1000").unwrap().time_slice_us,
+            Some(1000)
+        );
+        for bad in [50, 100_001] {
+            let err = slice(&format!("time_slice_us = {bad}")).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!(
+                    "time_slice_us must be 0 (the kernel's default) or 100 to 100000, found {bad}"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]
