@@ -1017,3 +1017,99 @@ async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated
     })
     .await;
 }
+
+/// A batch shared by many permessage-deflate subscribers is compressed harder (they all pay for
+/// its bytes; the compression is paid once); one shared by a few, at the faster level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
+    use eddy::server::deflate::{Compressed, WIDE};
+    use eddy::server::hub::{HubControl, Mode, Subscribe};
+    use eddy::server::mailbox::{Mailbox, Outgoing};
+    bounded(async {
+        let vwap = query_file("vwap");
+        for sharers in [WIDE - 1, WIDE] {
+            // One shard, so that one frame's items are one batch.
+            let (server, _dir) = start(&[("vwap", &vwap)], |c| c.shards = 1).await;
+            let state = std::sync::Arc::clone(&server.state);
+            let counters = state.metrics.stream("trades");
+            let mut source = eddy::server::ingest::Source::new(&state);
+            let mut mailboxes = Vec::new();
+            for subscriber in 0..sharers as u64 {
+                let mailbox = std::sync::Arc::new(
+                    Mailbox::new(1 << 20, Duration::from_secs(10)).compressing(true),
+                );
+                state.hub.control(HubControl::Subscribe(Subscribe {
+                    subscriber,
+                    mailbox: std::sync::Arc::clone(&mailbox),
+                    topic: "vwap".into(),
+                    keys: None,
+                    mode: Mode::All,
+                    snapshot: false,
+                    from: None,
+                }));
+                loop {
+                    mailbox.notify.notified().await;
+                    let queue = mailbox.take().queue;
+                    if queue.iter().any(|o| matches!(o, Outgoing::Control(_))) {
+                        break;
+                    }
+                }
+                mailboxes.push(mailbox);
+            }
+            let trades: Vec<String> = (0..300)
+                .map(|i| {
+                    let price = 100.0 + (i * 37 % 101) as f64 / 100.0;
+                    format!(
+                        r#"{{"symbol":"S{}","price":{price},"size":{},"ts":{i}}}"#,
+                        i % 40,
+                        1 + i % 7
+                    )
+                })
+                .collect();
+            let frame = format!("[{}]", trades.join(","));
+            eddy::server::ingest::ingest(
+                &state,
+                &mut source,
+                frame.into_bytes(),
+                Some("trades"),
+                &counters,
+            )
+            .await;
+            let mut pieces = Vec::new();
+            for mailbox in &mailboxes {
+                let items = loop {
+                    mailbox.notify.notified().await;
+                    let batch = mailbox.take().queue.into_iter().find_map(|o| match o {
+                        Outgoing::Batch { items, .. } => Some(items),
+                        _ => None,
+                    });
+                    if let Some(items) = batch {
+                        break items;
+                    }
+                };
+                assert!(items.is_deflated());
+                pieces.push((items.json.clone(), items.deflated().clone()));
+            }
+            let (json, piece) = &pieces[0];
+            assert!(pieces.iter().all(|p| p == &pieces[0]), "one shared piece");
+            let n = serde_json::from_slice::<Value>(json)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len();
+            assert_eq!(n, 300, "one batch of every item");
+            let faster = Compressed::default().get(json).clone();
+            let harder = Compressed::default().get_for(json, WIDE).clone();
+            assert!(
+                harder.len() < faster.len(),
+                "{} {}",
+                harder.len(),
+                faster.len()
+            );
+            let expected = if sharers >= WIDE { &harder } else { &faster };
+            assert_eq!(piece, expected, "{sharers} subscribers");
+            server.shutdown().await;
+        }
+    })
+    .await;
+}

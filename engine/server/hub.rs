@@ -494,8 +494,15 @@ impl Hub {
                         // Compressed here, once, before the first subscriber that sends it
                         // compressed gets it: left to that subscriber's writer, it would hold
                         // up every other writer of the batch, blocked on the same piece.
-                        if sub.mailbox.deflate {
-                            shared.deflated();
+                        if sub.mailbox.deflate && !shared.is_deflated() {
+                            let sharers = state
+                                .subs
+                                .iter()
+                                .filter(|s| s.mode == Mode::All && s.keys.is_none())
+                                .filter(|s| s.mailbox.deflate)
+                                .take(super::deflate::WIDE)
+                                .count();
+                            shared.deflated_for(sharers);
                         }
                         let n = keys.len() as u64;
                         state.dropped +=

@@ -43,6 +43,11 @@ impl Items {
         self.compressed.get(&self.json)
     }
 
+    /// [`Items::deflated`], made for `sharers` subscribers (see [`Compressed::get_for`]).
+    pub fn deflated_for(&self, sharers: usize) -> &Bytes {
+        self.compressed.get_for(&self.json, sharers)
+    }
+
     /// Whether [`Items::deflated`] has been computed.
     pub fn is_deflated(&self) -> bool {
         self.compressed.is_done()
