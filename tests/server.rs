@@ -948,8 +948,6 @@ async fn feed_and_probe_measure_the_server_end_to_end() {
 /// any writer asks for it (so writers never wait on one another's compression), and only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated_deflate() {
-    use eddy::server::hub::{HubControl, Mode, Subscribe};
-    use eddy::server::mailbox::{Mailbox, Outgoing};
     bounded(async {
         let vwap = query_file("vwap");
         let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
@@ -957,26 +955,7 @@ async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated
         let counters = state.metrics.stream("trades");
         let mut source = eddy::server::ingest::Source::new(&state);
         for (subscriber, deflate) in [(0, false), (1, true)] {
-            let mailbox = std::sync::Arc::new(
-                Mailbox::new(1 << 20, Duration::from_secs(10)).compressing(deflate),
-            );
-            state.hub.control(HubControl::Subscribe(Subscribe {
-                subscriber,
-                mailbox: std::sync::Arc::clone(&mailbox),
-                topic: "vwap".into(),
-                keys: None,
-                mode: Mode::All,
-                snapshot: false,
-                from: None,
-            }));
-            // The subscription is in place once its `subscribed` answer is queued.
-            loop {
-                mailbox.notify.notified().await;
-                let queue = mailbox.take().queue;
-                if queue.iter().any(|o| matches!(o, Outgoing::Control(_))) {
-                    break;
-                }
-            }
+            let mailbox = hub_subscriber(&state, subscriber, deflate).await;
             let price = 100 + subscriber;
             let frame = format!(r#"{{"symbol":"S{subscriber}","price":{price},"size":2,"ts":1}}"#);
             eddy::server::ingest::ingest(
@@ -987,16 +966,7 @@ async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated
                 &counters,
             )
             .await;
-            let items = loop {
-                mailbox.notify.notified().await;
-                let batch = mailbox.take().queue.into_iter().find_map(|o| match o {
-                    Outgoing::Batch { items, .. } => Some(items),
-                    _ => None,
-                });
-                if let Some(items) = batch {
-                    break items;
-                }
-            };
+            let items = next_batch(&mailbox).await;
             // Subscriber 1 negotiated deflate: the batch it shares with subscriber 0 came
             // compressed already. With only subscriber 0, nothing was compressed.
             assert_eq!(items.is_deflated(), deflate);
@@ -1023,8 +993,6 @@ async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
     use eddy::server::deflate::{Compressed, WIDE};
-    use eddy::server::hub::{HubControl, Mode, Subscribe};
-    use eddy::server::mailbox::{Mailbox, Outgoing};
     bounded(async {
         let vwap = query_file("vwap");
         for sharers in [WIDE - 1, WIDE] {
@@ -1035,26 +1003,7 @@ async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
             let mut source = eddy::server::ingest::Source::new(&state);
             let mut mailboxes = Vec::new();
             for subscriber in 0..sharers as u64 {
-                let mailbox = std::sync::Arc::new(
-                    Mailbox::new(1 << 20, Duration::from_secs(10)).compressing(true),
-                );
-                state.hub.control(HubControl::Subscribe(Subscribe {
-                    subscriber,
-                    mailbox: std::sync::Arc::clone(&mailbox),
-                    topic: "vwap".into(),
-                    keys: None,
-                    mode: Mode::All,
-                    snapshot: false,
-                    from: None,
-                }));
-                loop {
-                    mailbox.notify.notified().await;
-                    let queue = mailbox.take().queue;
-                    if queue.iter().any(|o| matches!(o, Outgoing::Control(_))) {
-                        break;
-                    }
-                }
-                mailboxes.push(mailbox);
+                mailboxes.push(hub_subscriber(&state, subscriber, true).await);
             }
             let trades: Vec<String> = (0..300)
                 .map(|i| {
@@ -1077,16 +1026,7 @@ async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
             .await;
             let mut pieces = Vec::new();
             for mailbox in &mailboxes {
-                let items = loop {
-                    mailbox.notify.notified().await;
-                    let batch = mailbox.take().queue.into_iter().find_map(|o| match o {
-                        Outgoing::Batch { items, .. } => Some(items),
-                        _ => None,
-                    });
-                    if let Some(items) = batch {
-                        break items;
-                    }
-                };
+                let items = next_batch(mailbox).await;
                 assert!(items.is_deflated());
                 pieces.push((items.json.clone(), items.deflated().clone()));
             }
@@ -1112,4 +1052,50 @@ async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
         }
     })
     .await;
+}
+
+/// A mode `all` mailbox subscribed to vwap through the hub itself, once its `subscribed`
+/// answer is queued.
+async fn hub_subscriber(
+    state: &eddy::server::State,
+    subscriber: u64,
+    deflate: bool,
+) -> std::sync::Arc<eddy::server::mailbox::Mailbox> {
+    use eddy::server::hub::{HubControl, Mode, Subscribe};
+    use eddy::server::mailbox::{Mailbox, Outgoing};
+    let mailbox =
+        std::sync::Arc::new(Mailbox::new(1 << 20, Duration::from_secs(10)).compressing(deflate));
+    state.hub.control(HubControl::Subscribe(Subscribe {
+        subscriber,
+        mailbox: std::sync::Arc::clone(&mailbox),
+        topic: "vwap".into(),
+        keys: None,
+        mode: Mode::All,
+        snapshot: false,
+        from: None,
+    }));
+    loop {
+        mailbox.notify.notified().await;
+        let queue = mailbox.take().queue;
+        if queue.iter().any(|o| matches!(o, Outgoing::Control(_))) {
+            return mailbox;
+        }
+    }
+}
+
+/// The next batch `mailbox` receives.
+async fn next_batch(
+    mailbox: &eddy::server::mailbox::Mailbox,
+) -> std::sync::Arc<eddy::server::mailbox::Items> {
+    use eddy::server::mailbox::Outgoing;
+    loop {
+        mailbox.notify.notified().await;
+        let batch = mailbox.take().queue.into_iter().find_map(|o| match o {
+            Outgoing::Batch { items, .. } => Some(items),
+            _ => None,
+        });
+        if let Some(items) = batch {
+            return items;
+        }
+    }
 }
