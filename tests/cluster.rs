@@ -1410,3 +1410,88 @@ async fn a_snapshot_of_more_keys_than_one_direct_get_page_is_whole() {
     })
     .await;
 }
+
+/// Subscribes the connection `w` to `topic`; returns the answer (`subscribed` or an error).
+async fn subscribe_to(w: &mut Ws, topic: &str) -> Value {
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": topic})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    next_json(w).await
+}
+
+/// A node takes from NATS only the topics it serves: a subscription to an unknown topic is
+/// refused without a NATS subscription left behind, and a removed query's topics are let go at
+/// once, though its subscriber is still connected (`eddy_cluster_topics_taken` counts them). An
+/// `eddy_topics` entry of a query that is not deployed (one put while the query was being
+/// removed: an owner's last items were on their way) does not bring its topic back, neither at
+/// once nor when a query of that name is deployed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_no_topic_from_nats_that_no_query_has() {
+    cluster_test("the stale topics test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let taken = async || metric_of(&b.2, "eddy_cluster_topics_taken").await;
+        // Unknown: refused, and nothing taken.
+        let mut w = ws(&b.2, "/subscribe").await;
+        let reply = subscribe_to(&mut w, "nosuch").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains("unknown topic"),
+            "{reply}"
+        );
+        assert_eq!(taken().await, 0.0);
+        // A stale entry for `gone` (not deployed), then one for `vwap`: once b lists the second,
+        // it has seen the first. Then the first is purged, as its putter's removal does.
+        let client = nats_client(std::slice::from_ref(&s.nats.url))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let topics = js.get_key_value("eddy_topics").await.unwrap();
+        topics.put("gone.at_X", "gone.at_X".into()).await.unwrap();
+        topics.put("vwap.at_Y", "vwap.at_Y".into()).await.unwrap();
+        until(in_secs(5), "b never listed vwap.at_Y", async || {
+            topic_names(&b.2).await.iter().any(|t| t == "vwap.at_Y")
+        })
+        .await;
+        js.get_stream("KV_eddy_topics")
+            .await
+            .unwrap()
+            .purge()
+            .filter("$KV.eddy_topics.gone.>")
+            .await
+            .unwrap();
+        let reply = subscribe_to(&mut w, "gone.at_X").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(taken().await, 0.0);
+        // `gone` deployed: listed on b with its own topics only.
+        let script = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                      fn on_event(ev) { emit(ev.price); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/gone", Some(TOKEN), script).await;
+        assert_eq!(status, 201, "{body}");
+        until(in_secs(5), "gone never reached b", async || {
+            topic_names(&b.2).await.iter().any(|t| t == "gone")
+        })
+        .await;
+        let names = topic_names(&b.2).await;
+        assert!(!names.iter().any(|t| t == "gone.at_X"), "{names:?}");
+        let reply = subscribe_to(&mut w, "gone.at_X").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        // A subscriber to `vwap` on b, then `vwap` removed on a: b lets the topic go at once.
+        let reply = subscribe_to(&mut w, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(taken().await, 1.0);
+        let (status, body) = http_at(&a.2, "DELETE", "/queries/vwap", Some(TOKEN), "").await;
+        assert_eq!(status, 204, "{body}");
+        let closed = next_json(&mut w).await;
+        assert_eq!(closed, json!({"type": "closed", "topic": "vwap"}));
+        until(in_secs(5), "b still takes vwap from NATS", async || {
+            taken().await == 0.0
+        })
+        .await;
+        drop((a, b));
+    })
+    .await;
+}

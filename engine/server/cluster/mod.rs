@@ -567,6 +567,10 @@ impl Cluster {
             i.subscribers.insert(subscriber);
             return Ok(());
         }
+        // A topic the hub would refuse (it answers why): not taken from NATS at all.
+        if !self.hub.accepts(topic) {
+            return Ok(());
+        }
         let subject = topic_subject(topic);
         let mut items = self
             .client
@@ -637,6 +641,53 @@ impl Cluster {
         });
         self.topics_taken
             .store(interest.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Query `name` was removed here (its topics are closed): its topics are no longer taken
+    /// from NATS, whoever subscribed to them.
+    async fn forget_query(&self, name: &str) {
+        let mut interest = self.interest.lock().await;
+        interest.retain(|t, i| {
+            if query_of(t) != name {
+                return true;
+            }
+            i.task.abort();
+            false
+        });
+        self.topics_taken
+            .store(interest.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Makes the named topics of query `name` that `eddy_topics` holds known to the hub, once
+    /// the query is deployed here: an entry that came before the query reached this node was
+    /// not taken then ([`follow_topics`]).
+    async fn declare_named(&self, name: &str) {
+        let prefix = format!("$KV.{TOPICS}.{}.", token(name.as_bytes()));
+        let filter = format!("{prefix}>");
+        let within = 2 * CONSUMER_CREATE;
+        let messages = match last_messages(self, &format!("KV_{TOPICS}"), &filter, within).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cluster: cannot read the named topics of {name}: {e}");
+                return;
+            }
+        };
+        for (_, message) in messages {
+            if kv_removed(&message) {
+                continue;
+            }
+            if let Ok(topic) = std::str::from_utf8(&message.payload) {
+                self.declare(Arc::from(topic));
+            }
+        }
+    }
+
+    /// Makes named topic `topic` known to the hub if its query is deployed here.
+    fn declare(&self, topic: crate::Topic) {
+        if self.hub.declare_topic(&topic) {
+            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+            announced.insert(topic);
+        }
     }
 
     /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them: read with batched direct
@@ -1325,12 +1376,7 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
         Ok(messages) => Some(
             messages
                 .into_iter()
-                .filter(|(_, m)| {
-                    !m.headers
-                        .as_ref()
-                        .and_then(|h| h.get("KV-Operation"))
-                        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
-                })
+                .filter(|(_, m)| !kv_removed(m))
                 .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
                 .collect(),
         ),
@@ -1339,6 +1385,15 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
             None
         }
     }
+}
+
+/// A bucket's message that marks its key deleted or purged.
+fn kv_removed(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
 }
 
 /// Messages one batched direct get asks for: more come in further requests.
@@ -2060,7 +2115,10 @@ async fn announce<'a>(cluster: &Cluster, topics: impl Iterator<Item = &'a crate:
 }
 
 /// Makes every named topic of `eddy_topics` known to this node's hub (those put before the node
-/// started too): listed and subscribable before any of its items arrives here.
+/// started too): listed and subscribable before any of its items arrives here. Only while its
+/// query is deployed here: an entry that arrives after its query was removed (an owner's last
+/// items were on their way) would otherwise bring the topic back, and one that arrives before
+/// the query reached this node is read again once it has ([`Cluster::declare_named`]).
 async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
@@ -2070,11 +2128,13 @@ async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
         let Ok(name) = std::str::from_utf8(&entry.value) else {
             continue;
         };
-        let topic: crate::Topic = Arc::from(name);
-        cluster.hub.declare_topic(&topic);
-        let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
-        announced.insert(topic);
+        cluster.declare(Arc::from(name));
     }
+}
+
+/// The query a topic belongs to: the part before the first dot.
+fn query_of(topic: &str) -> &str {
+    topic.split_once('.').map_or(topic, |(q, _)| q)
 }
 
 /// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
@@ -2202,11 +2262,14 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                                 "cluster catalog: {name} not replaced on this node: {e}"
                             ),
                         },
-                        Ok(def) => {
-                            if let Err(e) = super::admin::deploy(&state, def).await {
-                                tracing::error!("cluster catalog: {name}: {e}");
+                        Ok(def) => match super::admin::deploy(&state, def).await {
+                            Ok(_) => {
+                                if let Some(cluster) = &state.cluster {
+                                    cluster.declare_named(&name).await;
+                                }
                             }
-                        }
+                            Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                        },
                         Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
                     }
                 }
@@ -2224,6 +2287,7 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                 // its forwarder has written what it kept of them (a mark writes them): none is
                 // left for a later query of the same name.
                 if let Some(cluster) = &state.cluster {
+                    cluster.forget_query(&name).await;
                     drain(&state, cluster).await;
                     cluster.purge_latest(&name).await;
                 }
