@@ -1495,3 +1495,102 @@ async fn a_node_takes_no_topic_from_nats_that_no_query_has() {
     })
     .await;
 }
+
+/// A `state=keep` replace whose `migrate` throws for the keys of one node only (one partition:
+/// b owns every key, a none), taken by the node where it would succeed: refused up front with
+/// 409 naming the node where it fails, and no node changes (both still run the old script,
+/// and trades after it are counted by the old one). Then a replace that works everywhere
+/// answers the keys migrated on every node, which is every symbol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_keep_replace_that_fails_on_one_node_changes_no_node() {
+    cluster_test("the failing state=keep test", async |s| {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
+        let args = ["--config", path.to_str().unwrap()];
+        let a = s.node("a", &args).await;
+        let b = s.node("b", &args).await;
+        let mut stable: Option<(String, Instant)> = None;
+        let owner = loop {
+            let c = cluster_of(&a.2).await;
+            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
+            let live = c["nodes"].as_array().unwrap().len();
+            match &stable {
+                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
+                    if since.elapsed() >= Duration::from_millis(1500) {
+                        break owner;
+                    }
+                }
+                _ => stable = Some((owner, Instant::now())),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
+        let mut sub = subscribe_vwap(&other.2).await;
+        let mut seq = 0;
+        let first = trades(300, 107);
+        let mut acked = produce(
+            other.2.clone(),
+            first.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        let old_script = std::fs::read_to_string(s.queries.path().join("vwap.rhai")).unwrap();
+        let failing = format!(
+            "{old_script}\nfn migrate(old) {{ if old.trades > 0 {{ throw \"no, not here\"; }} old }}\n"
+        );
+        let (status, body) = http_at(
+            &other.2,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &failing,
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        let failed = answer["nodes"].as_object().unwrap();
+        assert_eq!(failed.len(), 1, "{body}");
+        assert!(failed[&owner].as_str().unwrap().contains("no, not here"), "{body}");
+        // No node changed, now or later (the catalog was not written).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for node in [&a, &b] {
+            let (_, body) = http_at(&node.2, "GET", "/queries/vwap", None, "").await;
+            let q: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(q["script"], old_script.as_str(), "node {}", node.2);
+        }
+        let second = trades(200, 109);
+        acked.extend(
+            produce(
+                computing.2.clone(),
+                second.chunks(10).map(<[_]>::to_vec).collect(),
+            )
+            .await,
+        );
+        let want = reference(&acked);
+        let touched = touched(&want, &second);
+        assert_vwap(&converge(&mut sub, &touched, &mut seq).await, &touched);
+        // A migrate that works everywhere: every symbol's state migrated, all on the owner.
+        let working = format!("{old_script}\nfn migrate(old) {{ old }}\n");
+        let (status, body) = http_at(
+            &other.2,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &working,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["migrated"], want.len(), "{body}");
+        assert_eq!(answer["nodes"][&owner], want.len(), "{body}");
+        for node in [&a, &b] {
+            let (_, body) = http_at(&node.2, "GET", "/queries/vwap", None, "").await;
+            let q: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(q["script"], working.as_str(), "node {}", node.2);
+        }
+        drop((a, b));
+    })
+    .await;
+}

@@ -28,6 +28,9 @@
 //! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to the hubs of the
 //!   nodes that have a subscriber to the topic: a node subscribes to a topic's subject when its
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
+//! - subjects `eddy.keep.<node>` and `eddy.keep.decide.<id>`: a replace that keeps state
+//!   (`state=keep`), prepared on every live node before it is written to the catalog and
+//!   committed, or given up everywhere ([`Cluster::replace_keeping`]).
 //! - bucket `eddy_topics`: the named topics queries made at run time (a name built from the
 //!   event: `emit("v_" + ev.venue, …)`), key [`named_topic_key`], value the topic's name. The
 //!   owner that emits a topic's first item here puts it; every node watches the bucket and
@@ -132,6 +135,11 @@ const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(1);
 const LATEST_SETTLE: Duration = Duration::from_millis(100);
 /// How long a first subscriber to a topic waits, at most, for the topic's latest values.
 const LATEST_READ: Duration = Duration::from_secs(5);
+/// How long a node that takes a `state=keep` replace waits for every other node to prepare it.
+const KEEP_PREPARE: Duration = Duration::from_secs(10);
+/// How long a node that prepared a `state=keep` replace waits for the decision before it gives
+/// the replace up (the catalog entry, if it was written, then replaces it as alone).
+const KEEP_DECIDE: Duration = Duration::from_secs(15);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -712,6 +720,225 @@ impl Cluster {
     }
 }
 
+/// Why a `state=keep` replace in a cluster changed nothing.
+pub enum KeepRefused {
+    /// The nodes where it cannot be prepared, and why (a `migrate` that throws for one of
+    /// their keys, a node that does not answer).
+    Nodes(Vec<(String, String)>),
+    /// Every node prepared it but the catalog could not be written.
+    Catalog(String),
+}
+
+/// A request to prepare a `state=keep` replace, from the node that took it to every other.
+#[derive(Serialize, Deserialize)]
+struct KeepRequest {
+    name: String,
+    script: String,
+    /// Where the decision comes: `commit`, or anything else to give it up.
+    decide: String,
+}
+
+/// A node's answer to a [`KeepRequest`].
+#[derive(Serialize, Deserialize)]
+struct KeepAnswer {
+    #[serde(default)]
+    migrated: usize,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// The subject where node `node` takes [`KeepRequest`]s.
+fn keep_subject(node: &str) -> String {
+    format!("eddy.keep.{}", token(node.as_bytes()))
+}
+
+impl Cluster {
+    /// A replace of `def`'s query that keeps each key's state, on every live node or on none:
+    /// this node and every other prepare it (their shards compile it and migrate their keys,
+    /// then wait); only when all succeeded is it written to the catalog and committed
+    /// everywhere, else every node gives it up and the answer names the nodes where it failed.
+    /// Returns the keys migrated per node.
+    pub async fn replace_keeping(
+        &self,
+        state: &Arc<State>,
+        def: crate::QueryDef,
+    ) -> Result<Vec<(String, usize)>, KeepRefused> {
+        let me = self.config.node.clone();
+        let name = def.name.clone();
+        let script = def.script.clone();
+        let here = super::admin::prepare_keeping(state, def)
+            .await
+            .map_err(|e| KeepRefused::Nodes(vec![(me.clone(), e)]))?;
+        let Some(live) = keys(self, NODES).await else {
+            return Err(KeepRefused::Nodes(vec![(
+                me,
+                "the live nodes could not be read from NATS".to_owned(),
+            )]));
+        };
+        let decide = format!(
+            "eddy.keep.decide.{}",
+            token(
+                format!(
+                    "{}.{}",
+                    self.incarnation,
+                    self.next_message.fetch_add(1, Ordering::Relaxed)
+                )
+                .as_bytes()
+            )
+        );
+        let request = serde_json::to_vec(&KeepRequest {
+            name: name.clone(),
+            script: script.clone(),
+            decide: decide.clone(),
+        })
+        .expect("a keep request serializes");
+        let asks = live.iter().filter(|n| **n != me).map(|node| {
+            let request = Bytes::from(request.clone());
+            async move {
+                let asked = tokio::time::timeout(
+                    KEEP_PREPARE,
+                    self.client.request(keep_subject(node), request),
+                )
+                .await;
+                let answer = match asked {
+                    Ok(Ok(reply)) => serde_json::from_slice::<KeepAnswer>(&reply.payload)
+                        .map_err(|e| format!("an answer that does not parse: {e}")),
+                    Ok(Err(e)) => Err(format!("did not answer: {e}")),
+                    Err(_) => Err(format!("did not answer within {KEEP_PREPARE:?}")),
+                };
+                let answer = match answer {
+                    Ok(KeepAnswer { error: Some(e), .. }) => Err(e),
+                    Ok(KeepAnswer { migrated, .. }) => Ok(migrated),
+                    Err(e) => Err(e),
+                };
+                (node.clone(), answer)
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let failed: Vec<(String, String)> = answers
+            .iter()
+            .filter_map(|(node, a)| a.as_ref().err().map(|e| (node.clone(), e.clone())))
+            .collect();
+        let give_up = async || {
+            let _ = self.client.publish(decide.clone(), "abort".into()).await;
+            let _ = self.client.flush().await;
+        };
+        if !failed.is_empty() {
+            give_up().await;
+            return Err(KeepRefused::Nodes(failed));
+        }
+        // The commit point: once in the catalog, a node that misses the decision replaces its
+        // version from there, as alone.
+        if let Err(e) = self.remember_keeping(&name, &script).await {
+            give_up().await;
+            return Err(KeepRefused::Catalog(e));
+        }
+        let _ = self.client.publish(decide, "commit".into()).await;
+        let _ = self.client.flush().await;
+        let migrated_here = match here {
+            super::admin::Keeping::Prepared(prepared) => prepared.commit(state),
+            super::admin::Keeping::New(def) => {
+                if let Err(e) = super::admin::deploy(state, def).await {
+                    tracing::error!("cluster: {name} not deployed on this node: {e}");
+                }
+                0
+            }
+        };
+        let mut out = vec![(me, migrated_here)];
+        out.extend(answers.into_iter().filter_map(|(n, a)| Some((n, a.ok()?))));
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Prepares the `state=keep` replaces other nodes ask this one for ([`Cluster::replace_keeping`]),
+/// each on its own task.
+async fn serve_keeps(state: Arc<State>, mut requests: async_nats::Subscriber) {
+    while let Some(message) = requests.next().await {
+        tokio::spawn(prepare_for(Arc::clone(&state), message));
+    }
+}
+
+/// Prepares one replace another node asked for, answers, and commits it if the decision says so
+/// within [`KEEP_DECIDE`] (else the shards go on with the old script).
+async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let Some(reply) = message.reply.clone() else {
+        return;
+    };
+    let answer = |migrated, error| {
+        Bytes::from(serde_json::to_vec(&KeepAnswer { migrated, error }).unwrap_or_default())
+    };
+    let request = match serde_json::from_slice::<KeepRequest>(&message.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = cluster
+                .client
+                .publish(
+                    reply,
+                    answer(0, Some(format!("a request that does not parse: {e}"))),
+                )
+                .await;
+            return;
+        }
+    };
+    let limits = state.config.limits.clone();
+    let def = match super::admin::compile(request.name.clone(), request.script, limits).await {
+        Ok(def) => def,
+        Err(e) => {
+            let _ = cluster
+                .client
+                .publish(reply, answer(0, Some(e.to_string())))
+                .await;
+            return;
+        }
+    };
+    // Listening for the decision before answering: it cannot come before.
+    let decision = cluster.client.subscribe(request.decide).await;
+    let prepared = match super::admin::prepare_keeping(&state, def).await {
+        Ok(super::admin::Keeping::Prepared(prepared)) => prepared,
+        // Not deployed here: the catalog entry deploys it.
+        Ok(super::admin::Keeping::New(_)) => {
+            let _ = cluster.client.publish(reply, answer(0, None)).await;
+            return;
+        }
+        Err(e) => {
+            let _ = cluster.client.publish(reply, answer(0, Some(e))).await;
+            return;
+        }
+    };
+    let mut decision = match decision {
+        Ok(d) => d,
+        Err(e) => {
+            let error = format!("cannot hear the decision: {e}");
+            let _ = cluster.client.publish(reply, answer(0, Some(error))).await;
+            return;
+        }
+    };
+    let _ = cluster
+        .client
+        .publish(reply, answer(prepared.migrated, None))
+        .await;
+    let _ = cluster.client.flush().await;
+    match tokio::time::timeout(KEEP_DECIDE, decision.next()).await {
+        Ok(Some(d)) if &d.payload[..] == b"commit" => {
+            let n = prepared.commit(&state);
+            tracing::info!(
+                "cluster: {} replaced as another node asked, {n} keys' state kept here",
+                request.name
+            );
+        }
+        Ok(_) => tracing::info!("cluster: {} not replaced: given up", request.name),
+        Err(_) => tracing::warn!(
+            "cluster: no decision on replacing {} within {KEEP_DECIDE:?}: given up here \
+             (the catalog replaces it if it was decided)",
+            request.name
+        ),
+    }
+}
+
 /// A topic this node takes from NATS.
 struct Interest {
     subscribers: HashSet<u64>,
@@ -745,6 +972,13 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .await
         .map_err(|e| js_err("watch eddy_topics")(Box::new(e)))?;
     tokio::spawn(follow_topics(Arc::clone(&cluster), watch));
+    let subject = keep_subject(&cluster.config.node);
+    let keeps = cluster
+        .client
+        .subscribe(subject)
+        .await
+        .map_err(|e| js_err("subscribe to eddy.keep")(Box::new(e)))?;
+    tokio::spawn(serve_keeps(Arc::clone(state), keeps));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     tokio::spawn(renew(Arc::clone(&cluster)));
     tokio::spawn(broadcast_marks(Arc::clone(&cluster)));
