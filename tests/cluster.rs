@@ -1594,3 +1594,61 @@ async fn a_state_keep_replace_that_fails_on_one_node_changes_no_node() {
     })
     .await;
 }
+
+/// Positions are per node: a subscriber that resumes on the node it was on gets every item after
+/// its position; one that hands the same position to another node gets `gone` (another run of
+/// the topic there) and then, as it asked, the snapshot: every symbol's newest VWAP, equal to the
+/// reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_resumes_on_its_own_node_and_is_gone_with_a_snapshot_on_another() {
+    cluster_test("the resume test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let mut first = ws(&a.2, "/subscribe").await;
+        let reply = subscribe_to(&mut first, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        let pos = reply["pos"].as_str().unwrap().to_owned();
+        let mut seq = 0;
+        let feed = trades(300, 113);
+        let acked = produce(b.2.clone(), feed.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut first, &want, &mut seq).await, &want);
+        drop(first);
+        let resume = json!({"op": "subscribe", "topic": "vwap", "from": pos, "snapshot": true});
+        // On a: every item after the position again (one per trade), and no snapshot.
+        let mut again = ws(&a.2, "/subscribe").await;
+        again
+            .send(Message::Text(resume.to_string().into()))
+            .await
+            .unwrap();
+        let reply = next_json(&mut again).await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["replayed"], acked.len(), "{reply}");
+        let mut seq = 0;
+        assert_vwap(&converge(&mut again, &want, &mut seq).await, &want);
+        // On b: gone, then the snapshot.
+        let mut elsewhere = ws(&b.2, "/subscribe").await;
+        elsewhere
+            .send(Message::Text(resume.to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut elsewhere).await["type"], "subscribed");
+        let gone = next_json(&mut elsewhere).await;
+        assert_eq!(gone["type"], "gone", "{gone}");
+        assert_eq!(gone["from"], pos.as_str(), "{gone}");
+        assert!(
+            gone["reason"].as_str().unwrap().contains("another run"),
+            "{gone}"
+        );
+        let snapshot = next_json(&mut elsewhere).await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let items: BTreeMap<String, Value> = snapshot["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+            .collect();
+        assert_vwap(&items, &want);
+        drop((a, b));
+    })
+    .await;
+}
