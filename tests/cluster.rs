@@ -1333,6 +1333,12 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
         }
         assert_eq!(late, want_late);
         assert_eq!(got, want);
+        // The producer's node sent its marks to every partition (64), 100 ms apart.
+        let marks = metric_of(&a.2, "eddy_cluster_mark_messages_total").await;
+        assert!(
+            marks >= 64.0 && marks % 64.0 == 0.0,
+            "{marks} mark messages"
+        );
         drop((a, b, c));
     })
     .await;
@@ -1648,6 +1654,11 @@ async fn a_position_resumes_on_its_own_node_and_is_gone_with_a_snapshot_on_anoth
             .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
             .collect();
         assert_vwap(&items, &want);
+        // No query with timers: no mark messages.
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_mark_messages_total").await,
+            0.0
+        );
         drop((a, b));
     })
     .await;

@@ -139,7 +139,11 @@ const LATEST_READ: Duration = Duration::from_secs(5);
 const KEEP_PREPARE: Duration = Duration::from_secs(10);
 /// How long a node that prepared a `state=keep` replace waits for the decision before it gives
 /// the replace up (the catalog entry, if it was written, then replaces it as alone).
-const KEEP_DECIDE: Duration = Duration::from_secs(15);
+const KEEP_DECIDE: Duration = Duration::from_secs(20);
+/// How long the catalog write that commits a `state=keep` replace may take: with
+/// [`KEEP_PREPARE`], well within the time the shards wait for the decision
+/// ([`super::pipeline::REPLACE_TIMEOUT`]).
+const KEEP_WRITE: Duration = Duration::from_secs(5);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +339,8 @@ pub struct Cluster {
     pub publish_failures: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
+    /// Mark messages sent to the partitions ([`broadcast_marks`]).
+    pub mark_messages: AtomicU64,
     /// Per query with timers (by name): the newest mark this node's producers reached, not yet
     /// sent to every partition ([`broadcast_marks`]).
     marks_due: std::sync::Mutex<HashMap<String, i64>>,
@@ -471,6 +477,7 @@ impl Cluster {
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
+            mark_messages: AtomicU64::new(0),
             marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
@@ -829,7 +836,10 @@ impl Cluster {
         }
         // The commit point: once in the catalog, a node that misses the decision replaces its
         // version from there, as alone.
-        if let Err(e) = self.remember_keeping(&name, &script).await {
+        let written = tokio::time::timeout(KEEP_WRITE, self.remember_keeping(&name, &script))
+            .await
+            .unwrap_or_else(|_| Err(format!("the catalog was not written within {KEEP_WRITE:?}")));
+        if let Err(e) = written {
             give_up().await;
             return Err(KeepRefused::Catalog(e));
         }
@@ -1296,6 +1306,9 @@ async fn broadcast_marks(cluster: Arc<Cluster>) {
                 acks.push(std::future::IntoFuture::into_future(ack));
             }
         }
+        cluster
+            .mark_messages
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
         let acked = tokio::time::timeout(ACK_WAIT, futures_util::future::join_all(acks)).await;
         let lost = acked.map_or(cluster.config.partitions as usize, |a| {
             a.iter().filter(|r| r.is_err()).count()
@@ -2625,6 +2638,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Messages (one per frame and partition) published to JetStream and acknowledged or awaited.",
             c.published_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_mark_messages_total",
+            "counter",
+            "Mark messages (event time moving on) sent to the partitions, 100 ms apart while timer queries get events.",
+            c.mark_messages.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_checkpoints_total",
