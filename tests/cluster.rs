@@ -1663,3 +1663,43 @@ async fn a_position_resumes_on_its_own_node_and_is_gone_with_a_snapshot_on_anoth
     })
     .await;
 }
+
+/// A deploy that one node cannot apply (node b's `[limits]` allow less nesting than the script
+/// has) is live on the node that took it, and `GET /cluster` on any node names b, the query and
+/// why; a later version that b can apply clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_fails_on_one_node_is_listed_by_get_cluster() {
+    cluster_test("the catalog failures test", async |s| {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[limits]\nmax_expr_depth = 6\n").unwrap();
+        let a = s.node("a", &[]).await;
+        let b = s.node("b", &["--config", path.to_str().unwrap()]).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let deep = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                    let deep = 1 + (2 + (3 + (4 + (5 + (6 + (7 + (8 + 9)))))));\n\
+                    fn on_event(ev) { emit(ev.price); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/deep", Some(TOKEN), deep).await;
+        assert_eq!(status, 201, "{body}");
+        let mut listed = Value::Null;
+        until(in_secs(5), "b's failure never listed", async || {
+            listed = cluster_of(&a.2).await;
+            listed["failed"]["b"]["deep"].is_string()
+        })
+        .await;
+        assert_eq!(listed["failed"].as_object().unwrap().len(), 1, "{listed}");
+        let why = cluster_of(&b.2).await["failed"]["b"]["deep"].clone();
+        assert!(why.as_str().unwrap().contains("complexity"), "{why}");
+        // A version b can apply: listed nowhere any more.
+        let flat = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                    fn on_event(ev) { emit(45); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/deep", Some(TOKEN), flat).await;
+        assert_eq!(status, 200, "{body}");
+        until(in_secs(5), "b's failure still listed", async || {
+            cluster_of(&a.2).await["failed"] == json!({})
+        })
+        .await;
+        drop((a, b));
+    })
+    .await;
+}

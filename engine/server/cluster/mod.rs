@@ -341,6 +341,9 @@ pub struct Cluster {
     pub publish_retries: AtomicU64,
     /// Mark messages sent to the partitions ([`broadcast_marks`]).
     pub mark_messages: AtomicU64,
+    /// Catalog entries this node could not apply (query → why): sent with its heartbeat, so
+    /// that `GET /cluster` on any node lists them.
+    catalog_failures: std::sync::Mutex<BTreeMap<String, String>>,
     /// Per query with timers (by name): the newest mark this node's producers reached, not yet
     /// sent to every partition ([`broadcast_marks`]).
     marks_due: std::sync::Mutex<HashMap<String, i64>>,
@@ -478,6 +481,7 @@ impl Cluster {
             publish_failures: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
             mark_messages: AtomicU64::new(0),
+            catalog_failures: std::sync::Mutex::new(BTreeMap::new()),
             marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
@@ -946,6 +950,40 @@ async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
              (the catalog replaces it if it was decided)",
             request.name
         ),
+    }
+}
+
+/// What a node puts in `eddy_nodes` with every heartbeat: `{"at":MS,"failed":{QUERY:WHY}}`.
+#[derive(Serialize, Deserialize, Default)]
+struct Heartbeat {
+    at: i64,
+    #[serde(default)]
+    failed: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    /// This node's [`Heartbeat`].
+    fn heartbeat(&self) -> Bytes {
+        let beat = Heartbeat {
+            at: crate::router::wall_ms(),
+            failed: self.failures().clone(),
+        };
+        serde_json::to_vec(&beat).unwrap_or_default().into()
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.catalog_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records how applying query `name`'s catalog entry here ended (`Err`: why it failed).
+    fn applied(&self, name: &str, outcome: Result<(), String>) {
+        let mut failures = self.failures();
+        match outcome {
+            Ok(()) => failures.remove(name),
+            Err(e) => failures.insert(name.to_owned(), e),
+        };
     }
 }
 
@@ -1426,11 +1464,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             return;
         }
         let now = Instant::now();
-        match cluster
-            .nodes
-            .put(&me, Bytes::from(crate::router::wall_ms().to_string()))
-            .await
-        {
+        match cluster.nodes.put(&me, cluster.heartbeat()).await {
             Ok(_) => last_heartbeat_ok = now,
             Err(e) => {
                 tracing::warn!("cluster heartbeat failed: {e}");
@@ -1607,9 +1641,16 @@ fn fenced(why: &str) -> ! {
 }
 
 /// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
-/// answer in time: read with [`last_messages`], not with `kv::Store::keys`, which makes a
-/// consumer (see there).
+/// answer in time.
 async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
+    let entries = entries(cluster, bucket).await?;
+    Some(entries.into_iter().map(|(key, _)| key).collect())
+}
+
+/// The keys of bucket `bucket` with their values (deleted or expired ones left out), `None`
+/// when NATS did not answer in time: read with [`last_messages`], not with `kv::Store::keys`,
+/// which makes a consumer (see there).
+async fn entries(cluster: &Cluster, bucket: &str) -> Option<Vec<(String, Bytes)>> {
     let prefix = format!("$KV.{bucket}.");
     let within = 2 * CONSUMER_CREATE;
     match last_messages(
@@ -1624,7 +1665,9 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
             messages
                 .into_iter()
                 .filter(|(_, m)| !kv_removed(m))
-                .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
+                .filter_map(|(subject, m)| {
+                    Some((subject.strip_prefix(&prefix)?.to_owned(), m.payload))
+                })
                 .collect(),
         ),
         Err(e) => {
@@ -2498,27 +2541,44 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                     Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
                 };
                 let here = super::admin::deployed_script(&state, &name).await;
+                let mut outcome = Ok(());
                 if here.as_deref() != Some(script.as_str()) {
                     let limits = state.config.limits.clone();
-                    match super::admin::compile(name.clone(), script, limits).await {
+                    outcome = match super::admin::compile(name.clone(), script, limits).await {
                         Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
-                            Ok(n) => tracing::info!(
-                                "cluster catalog: {name} replaced, {n} keys' state kept here"
-                            ),
-                            Err(e) => tracing::error!(
-                                "cluster catalog: {name} not replaced on this node: {e}"
-                            ),
+                            Ok(n) => {
+                                tracing::info!(
+                                    "cluster catalog: {name} replaced, {n} keys' state kept here"
+                                );
+                                Ok(())
+                            }
+                            Err(e) => {
+                                tracing::error!(
+                                    "cluster catalog: {name} not replaced on this node: {e}"
+                                );
+                                Err(e)
+                            }
                         },
                         Ok(def) => match super::admin::deploy(&state, def).await {
                             Ok(_) => {
                                 if let Some(cluster) = &state.cluster {
                                     cluster.declare_named(&name).await;
                                 }
+                                Ok(())
                             }
-                            Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
+                            Err(e) => {
+                                tracing::error!("cluster catalog: {name}: {e}");
+                                Err(e)
+                            }
                         },
-                        Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
-                    }
+                        Err(e) => {
+                            tracing::error!("cluster catalog: {name}: {e}");
+                            Err(e.to_string())
+                        }
+                    };
+                }
+                if let Some(cluster) = &state.cluster {
+                    cluster.applied(&name, outcome);
                 }
                 if keep && here.is_some() {
                     if let Some(cluster) = &state.cluster {
@@ -2534,6 +2594,7 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                 // its forwarder has written what it kept of them (a mark writes them): none is
                 // left for a later query of the same name.
                 if let Some(cluster) = &state.cluster {
+                    cluster.applied(&name, Ok(()));
                     cluster.forget_query(&name).await;
                     drain(&state, cluster).await;
                     cluster.purge_latest(&name).await;
@@ -2549,8 +2610,9 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
 /// `GET /cluster`: this node, the live nodes and each partition's owner.
 pub async fn describe(state: &State) -> Option<Vec<u8>> {
     let cluster = state.cluster.as_ref()?;
-    let mut live = keys(cluster, NODES).await.unwrap_or_default();
-    live.sort();
+    let mut nodes = entries(cluster, NODES).await.unwrap_or_default();
+    nodes.sort();
+    let live: Vec<&String> = nodes.iter().map(|(name, _)| name).collect();
     let mut owners = Vec::new();
     for p in 0..cluster.config.partitions {
         let owner = match cluster.owners.get(p.to_string()).await {
@@ -2580,6 +2642,24 @@ pub async fn describe(state: &State) -> Option<Vec<u8>> {
         a.push(b']');
         a
     });
+    // Per node, the catalog entries it could not apply (only nodes with some).
+    let mut failed = Vec::new();
+    let mut per_node = Object::new(&mut failed);
+    for (node, value) in &nodes {
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(value) else {
+            continue;
+        };
+        if beat.failed.is_empty() {
+            continue;
+        }
+        let mut queries = Object::new(per_node.key(node));
+        for (query, why) in &beat.failed {
+            queries.str(query, why);
+        }
+        queries.end();
+    }
+    per_node.end();
+    o.raw("failed", &failed);
     o.raw("owners", &{
         let mut a = b"[".to_vec();
         for (i, owner) in owners.iter().enumerate() {
