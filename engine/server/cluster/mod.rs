@@ -16,7 +16,8 @@
 //!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
 //!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
 //!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
-//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
+//! - bucket `eddy_nodes`: one key per live node, put every tick (with the catalog entries the
+//!   node could not apply, for `GET /cluster`: [`Heartbeat`]), gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
 //! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
