@@ -8,8 +8,15 @@
 #      owns them all with every key restored.
 #
 #   EDDY_NATS_SERVER=/path/to/nats-server bash benches/cluster.sh        # ROUNDS=3, KEYS=100000
+#   3. (MARKS=1) the mark messages: one cluster node with a query on event time with
+#      `on_timer` against the same query without it (both carry the producer's marks in each
+#      event message; only the first makes the node send a mark message to every partition every
+#      100 ms), paced at each of MARK_RATES (default "1000 max") events/s for MARK_SECONDS (10):
+#      CPU milliseconds per second of eddy and nats-server, and mark messages per second.
+#
 #   LATEST="0 250ms" ... : one cluster run per [cluster] latest_interval in each round (default
-#   250ms), to compare how often the latest values are written; RECOVERY=0 skips part 2.
+#   250ms), to compare how often the latest values are written; RECOVERY=0 skips part 2,
+#   THROUGHPUT=0 part 1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -54,7 +61,7 @@ start_nats() {
 # Starts `eddy serve` with extra flags; sets $port and $pid, logs to $work/serve.log.
 serve() {
   port="$(free_port)"
-  EDDY_LOG=info "$eddy" serve --listen "127.0.0.1:$port" --queries "$work/queries" "$@" \
+  EDDY_LOG=info "$eddy" serve --listen "127.0.0.1:$port" --queries "${queries:-$work/queries}" "$@" \
     > /dev/null 2> "$work/serve-$port.log" &
   pid=$!
   pids+=("$pid")
@@ -73,6 +80,45 @@ stop() {
 owned() { curl -s "http://127.0.0.1:$1/cluster" | python3 -c 'import sys, json; print(json.load(sys.stdin)["owned"])'; }
 metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'; }
 
+if [ "${MARKS:-0}" = 1 ]; then
+  echo "== 3. the mark messages: on_timer against none, one cluster node, $rounds rounds"
+  mkdir -p "$work/q-plain" "$work/q-timers"
+  cat > "$work/q-plain/ev.rhai" <<'Q'
+let source = "trades";
+let key_by = "symbol";
+let time_field = "ts";
+let lateness = "1s";
+fn on_event(ev) { this.n = (this.n ?? 0) + 1; }
+Q
+  cp "$work/q-plain/ev.rhai" "$work/q-timers/ev.rhai"
+  echo 'fn on_timer(t) { }' >> "$work/q-timers/ev.rhai"
+  seconds="${MARK_SECONDS:-10}"
+  for r in $(seq 1 "$rounds"); do
+    for rate in ${MARK_RATES:-1000 max}; do
+      for v in plain timers; do
+        start_nats
+        queries="$work/q-$v" serve --cluster "$nats_url" --node bench
+        for _ in $(seq 1 100); do [ "$(owned "$port")" = 64 ] && break; sleep 0.1; done
+        e0="$(cpu "$pid")"; n0="$(cpu "$nats_pid")"; t0="$(date +%s.%N)"
+        report="$("$eddy" feed "ws://127.0.0.1:$port" --rate "$rate" --batch 100 --duration "${seconds}s" --json)"
+        for _ in $(seq 1 300); do [ "$(metric "$port" eddy_cluster_consumer_lag)" = 0 ] && break; sleep 0.1; done
+        e1="$(cpu "$pid")"; n1="$(cpu "$nats_pid")"; t1="$(date +%s.%N)"
+        marks="$(metric "$port" eddy_cluster_mark_messages_total)"
+        events="$(echo "$report" | python3 -c 'import sys, json; print(json.load(sys.stdin)["accepted"])')"
+        stop "$pid"; stop "$nats_pid"
+        python3 -c "
+t = $t1 - $t0
+print(f'round $r  rate $rate  $v: {$events} events in {t:.1f} s;' \
+      f' eddy {($e1 - $e0) * 1e3 / t:.0f} ms CPU/s ({($e1 - $e0) * 1e6 / $events:.2f} µs/event),' \
+      f' nats-server {($n1 - $n0) * 1e3 / t:.0f} ms CPU/s ({($n1 - $n0) * 1e6 / $events:.2f} µs/event),' \
+      f' {$marks / t:.0f} mark messages/s')"
+      done
+    done
+  done
+fi
+[ "${THROUGHPUT:-1}" = 0 ] && [ "${RECOVERY:-1}" = 0 ] && exit 0
+
+if [ "${THROUGHPUT:-1}" != 0 ]; then
 echo "== 1. events/s and CPU per event: alone against one cluster node, $rounds rounds"
 declare -a alone clus
 for r in $(seq 1 "$rounds"); do
@@ -107,6 +153,7 @@ for l in $latest_intervals; do
   mc="$(median $(printf '%s\n' "${clus[@]}" | awk -F= -v m="cluster:$l" '$1 == m { print $2 }'))"
   echo "median: alone $ma, cluster (latest_interval $l) $mc events/s: cluster/alone = $(python3 -c "print(f'{$mc / $ma:.2f}')")"
 done
+fi
 [ "${RECOVERY:-1}" = 0 ] && exit 0
 
 echo "== 2. recovery of about $keys keys from partition checkpoints"

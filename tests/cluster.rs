@@ -1333,6 +1333,12 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
         }
         assert_eq!(late, want_late);
         assert_eq!(got, want);
+        // The producer's node sent its marks to every partition (64), 100 ms apart.
+        let marks = metric_of(&a.2, "eddy_cluster_mark_messages_total").await;
+        assert!(
+            marks >= 64.0 && marks % 64.0 == 0.0,
+            "{marks} mark messages"
+        );
         drop((a, b, c));
     })
     .await;
@@ -1406,6 +1412,293 @@ async fn a_snapshot_of_more_keys_than_one_direct_get_page_is_whole() {
             metric_of(&b.2, "eddy_cluster_snapshot_values_loaded_total").await,
             1500.0
         );
+        drop((a, b));
+    })
+    .await;
+}
+
+/// Subscribes the connection `w` to `topic`; returns the answer (`subscribed` or an error).
+async fn subscribe_to(w: &mut Ws, topic: &str) -> Value {
+    w.send(Message::Text(
+        json!({"op": "subscribe", "topic": topic})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    next_json(w).await
+}
+
+/// A node takes from NATS only the topics it serves: a subscription to an unknown topic is
+/// refused without a NATS subscription left behind, and a removed query's topics are let go at
+/// once, though its subscriber is still connected (`eddy_cluster_topics_taken` counts them). An
+/// `eddy_topics` entry of a query that is not deployed (one put while the query was being
+/// removed: an owner's last items were on their way) does not bring its topic back, neither at
+/// once nor when a query of that name is deployed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_no_topic_from_nats_that_no_query_has() {
+    cluster_test("the stale topics test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let taken = async || metric_of(&b.2, "eddy_cluster_topics_taken").await;
+        // Unknown: refused, and nothing taken.
+        let mut w = ws(&b.2, "/subscribe").await;
+        let reply = subscribe_to(&mut w, "nosuch").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains("unknown topic"),
+            "{reply}"
+        );
+        assert_eq!(taken().await, 0.0);
+        // A stale entry for `gone` (not deployed), then one for `vwap`: once b lists the second,
+        // it has seen the first. Then the first is purged, as its putter's removal does.
+        let client = nats_client(std::slice::from_ref(&s.nats.url))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let topics = js.get_key_value("eddy_topics").await.unwrap();
+        topics.put("gone.at_X", "gone.at_X".into()).await.unwrap();
+        topics.put("vwap.at_Y", "vwap.at_Y".into()).await.unwrap();
+        until(in_secs(5), "b never listed vwap.at_Y", async || {
+            topic_names(&b.2).await.iter().any(|t| t == "vwap.at_Y")
+        })
+        .await;
+        js.get_stream("KV_eddy_topics")
+            .await
+            .unwrap()
+            .purge()
+            .filter("$KV.eddy_topics.gone.>")
+            .await
+            .unwrap();
+        let reply = subscribe_to(&mut w, "gone.at_X").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(taken().await, 0.0);
+        // `gone` deployed: listed on b with its own topics only.
+        let script = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                      fn on_event(ev) { emit(ev.price); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/gone", Some(TOKEN), script).await;
+        assert_eq!(status, 201, "{body}");
+        until(in_secs(5), "gone never reached b", async || {
+            topic_names(&b.2).await.iter().any(|t| t == "gone")
+        })
+        .await;
+        let names = topic_names(&b.2).await;
+        assert!(!names.iter().any(|t| t == "gone.at_X"), "{names:?}");
+        let reply = subscribe_to(&mut w, "gone.at_X").await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        // A subscriber to `vwap` on b, then `vwap` removed on a: b lets the topic go at once.
+        let reply = subscribe_to(&mut w, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(taken().await, 1.0);
+        let (status, body) = http_at(&a.2, "DELETE", "/queries/vwap", Some(TOKEN), "").await;
+        assert_eq!(status, 204, "{body}");
+        let closed = next_json(&mut w).await;
+        assert_eq!(closed, json!({"type": "closed", "topic": "vwap"}));
+        until(in_secs(5), "b still takes vwap from NATS", async || {
+            taken().await == 0.0
+        })
+        .await;
+        drop((a, b));
+    })
+    .await;
+}
+
+/// A `state=keep` replace whose `migrate` throws for the keys of one node only (one partition:
+/// b owns every key, a none), taken by the node where it would succeed: refused up front with
+/// 409 naming the node where it fails, and no node changes (both still run the old script,
+/// and trades after it are counted by the old one). Then a replace that works everywhere
+/// answers the keys migrated on every node, which is every symbol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_keep_replace_that_fails_on_one_node_changes_no_node() {
+    cluster_test("the failing state=keep test", async |s| {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
+        let args = ["--config", path.to_str().unwrap()];
+        let a = s.node("a", &args).await;
+        let b = s.node("b", &args).await;
+        let mut stable: Option<(String, Instant)> = None;
+        let owner = loop {
+            let c = cluster_of(&a.2).await;
+            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
+            let live = c["nodes"].as_array().unwrap().len();
+            match &stable {
+                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
+                    if since.elapsed() >= Duration::from_millis(1500) {
+                        break owner;
+                    }
+                }
+                _ => stable = Some((owner, Instant::now())),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
+        let mut sub = subscribe_vwap(&other.2).await;
+        let mut seq = 0;
+        let first = trades(300, 107);
+        let mut acked = produce(
+            other.2.clone(),
+            first.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        let old_script = std::fs::read_to_string(s.queries.path().join("vwap.rhai")).unwrap();
+        let failing = format!(
+            "{old_script}\nfn migrate(old) {{ if old.trades > 0 {{ throw \"no, not here\"; }} old }}\n"
+        );
+        let (status, body) = http_at(
+            &other.2,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &failing,
+        )
+        .await;
+        assert_eq!(status, 409, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        let failed = answer["nodes"].as_object().unwrap();
+        assert_eq!(failed.len(), 1, "{body}");
+        assert!(failed[&owner].as_str().unwrap().contains("no, not here"), "{body}");
+        // No node changed, now or later (the catalog was not written).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for node in [&a, &b] {
+            let (_, body) = http_at(&node.2, "GET", "/queries/vwap", None, "").await;
+            let q: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(q["script"], old_script.as_str(), "node {}", node.2);
+        }
+        let second = trades(200, 109);
+        acked.extend(
+            produce(
+                computing.2.clone(),
+                second.chunks(10).map(<[_]>::to_vec).collect(),
+            )
+            .await,
+        );
+        let want = reference(&acked);
+        let touched = touched(&want, &second);
+        assert_vwap(&converge(&mut sub, &touched, &mut seq).await, &touched);
+        // A migrate that works everywhere: every symbol's state migrated, all on the owner.
+        let working = format!("{old_script}\nfn migrate(old) {{ old }}\n");
+        let (status, body) = http_at(
+            &other.2,
+            "PUT",
+            "/queries/vwap?state=keep",
+            Some(TOKEN),
+            &working,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["migrated"], want.len(), "{body}");
+        assert_eq!(answer["nodes"][&owner], want.len(), "{body}");
+        for node in [&a, &b] {
+            let (_, body) = http_at(&node.2, "GET", "/queries/vwap", None, "").await;
+            let q: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(q["script"], working.as_str(), "node {}", node.2);
+        }
+        drop((a, b));
+    })
+    .await;
+}
+
+/// Positions are per node: a subscriber that resumes on the node it was on gets every item after
+/// its position; one that hands the same position to another node gets `gone` (another run of
+/// the topic there) and then, as it asked, the snapshot: every symbol's newest VWAP, equal to the
+/// reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_resumes_on_its_own_node_and_is_gone_with_a_snapshot_on_another() {
+    cluster_test("the resume test", async |s| {
+        let ([a, b], _) = s.start(["a", "b"], &[]).await;
+        let mut first = ws(&a.2, "/subscribe").await;
+        let reply = subscribe_to(&mut first, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        let pos = reply["pos"].as_str().unwrap().to_owned();
+        let mut seq = 0;
+        let feed = trades(300, 113);
+        let acked = produce(b.2.clone(), feed.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut first, &want, &mut seq).await, &want);
+        drop(first);
+        let resume = json!({"op": "subscribe", "topic": "vwap", "from": pos, "snapshot": true});
+        // On a: every item after the position again (one per trade), and no snapshot.
+        let mut again = ws(&a.2, "/subscribe").await;
+        again
+            .send(Message::Text(resume.to_string().into()))
+            .await
+            .unwrap();
+        let reply = next_json(&mut again).await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["replayed"], acked.len(), "{reply}");
+        let mut seq = 0;
+        assert_vwap(&converge(&mut again, &want, &mut seq).await, &want);
+        // On b: gone, then the snapshot.
+        let mut elsewhere = ws(&b.2, "/subscribe").await;
+        elsewhere
+            .send(Message::Text(resume.to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut elsewhere).await["type"], "subscribed");
+        let gone = next_json(&mut elsewhere).await;
+        assert_eq!(gone["type"], "gone", "{gone}");
+        assert_eq!(gone["from"], pos.as_str(), "{gone}");
+        assert!(
+            gone["reason"].as_str().unwrap().contains("another run"),
+            "{gone}"
+        );
+        let snapshot = next_json(&mut elsewhere).await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let items: BTreeMap<String, Value> = snapshot["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+            .collect();
+        assert_vwap(&items, &want);
+        // No query with timers: no mark messages.
+        assert_eq!(
+            metric_of(&b.2, "eddy_cluster_mark_messages_total").await,
+            0.0
+        );
+        drop((a, b));
+    })
+    .await;
+}
+
+/// A deploy that one node cannot apply (node b's `[limits]` allow less nesting than the script
+/// has) is live on the node that took it, and `GET /cluster` on any node names b, the query and
+/// why; a later version that b can apply clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_fails_on_one_node_is_listed_by_get_cluster() {
+    cluster_test("the catalog failures test", async |s| {
+        let config = tempfile::tempdir().unwrap();
+        let path = config.path().join("eddy.toml");
+        std::fs::write(&path, "[limits]\nmax_expr_depth = 6\n").unwrap();
+        let a = s.node("a", &[]).await;
+        let b = s.node("b", &["--config", path.to_str().unwrap()]).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let deep = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                    let deep = 1 + (2 + (3 + (4 + (5 + (6 + (7 + (8 + 9)))))));\n\
+                    fn on_event(ev) { emit(ev.price); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/deep", Some(TOKEN), deep).await;
+        assert_eq!(status, 201, "{body}");
+        let mut listed = Value::Null;
+        until(in_secs(5), "b's failure never listed", async || {
+            listed = cluster_of(&a.2).await;
+            listed["failed"]["b"]["deep"].is_string()
+        })
+        .await;
+        assert_eq!(listed["failed"].as_object().unwrap().len(), 1, "{listed}");
+        let why = cluster_of(&b.2).await["failed"]["b"]["deep"].clone();
+        assert!(why.as_str().unwrap().contains("complexity"), "{why}");
+        // A version b can apply: listed nowhere any more.
+        let flat = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                    fn on_event(ev) { emit(45); }\n";
+        let (status, body) = http_at(&a.2, "PUT", "/queries/deep", Some(TOKEN), flat).await;
+        assert_eq!(status, 200, "{body}");
+        until(in_secs(5), "b's failure still listed", async || {
+            cluster_of(&a.2).await["failed"] == json!({})
+        })
+        .await;
         drop((a, b));
     })
     .await;

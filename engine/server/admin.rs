@@ -131,10 +131,68 @@ pub async fn deploy(state: &Arc<State>, def: QueryDef) -> Result<bool, String> {
 /// `time_field`. Returns the keys migrated, or why nothing changed. A query not deployed yet is
 /// deployed as usual.
 pub async fn replace_keeping(state: &Arc<State>, def: QueryDef) -> Result<usize, String> {
-    let mut catalog = state.catalog.lock().await;
+    match prepare_keeping(state, def).await? {
+        Keeping::Prepared(prepared) => Ok(prepared.commit(state)),
+        Keeping::New(def) => deploy(state, def).await.map(|_| 0),
+    }
+}
+
+/// What [`prepare_keeping`] made of a replace that keeps state.
+pub enum Keeping<'a> {
+    /// Every shard has the new version ready and waits for [`Prepared::commit`] (or its drop).
+    Prepared(Prepared<'a>),
+    /// The query is not deployed here: a plain deploy.
+    New(QueryDef),
+}
+
+/// A replace that keeps state, prepared on every shard: committed with [`Prepared::commit`],
+/// given up when dropped (the shards go on with the old script). It holds the catalog, so no
+/// other change comes in between; the shards wait at most [`super::pipeline::REPLACE_TIMEOUT`]
+/// for the decision.
+pub struct Prepared<'a> {
+    catalog: tokio::sync::MutexGuard<'a, Catalog>,
+    old: Arc<Deployed>,
+    def: Arc<QueryDef>,
+    decisions: Vec<std::sync::mpsc::Sender<bool>>,
+    /// Keys whose state passed into the new script on this node.
+    pub migrated: usize,
+}
+
+impl Prepared<'_> {
+    /// Every shard switches to the new script; returns the keys migrated.
+    pub fn commit(mut self, state: &State) -> usize {
+        for d in self.decisions.drain(..) {
+            let _ = d.send(true);
+        }
+        // The same version goes on with the new script: its marks, switches and id stay.
+        let deployed =
+            Arc::new(Deployed::new(self.old.id, Arc::clone(&self.def)).with_marks_of(&self.old));
+        self.catalog.queries.insert(self.def.name.clone(), deployed);
+        self.catalog.publish(state);
+        tracing::info!(
+            "replaced {}, keeping the state of its keys ({} migrated)",
+            self.def,
+            self.migrated
+        );
+        self.migrated
+    }
+}
+
+impl Drop for Prepared<'_> {
+    fn drop(&mut self) {
+        for d in self.decisions.drain(..) {
+            let _ = d.send(false);
+        }
+    }
+}
+
+/// Has every shard prepare a replace of `def`'s query that keeps each key's state (see
+/// [`replace_keeping`]); the shards then wait for the decision. Fails, changing nothing, when the
+/// routing would change or any shard cannot prepare (a `migrate` that throws for a key).
+pub async fn prepare_keeping(state: &State, def: QueryDef) -> Result<Keeping<'_>, String> {
+    let catalog = state.catalog.lock().await;
     let Some(old) = catalog.queries.get(&def.name).cloned() else {
-        drop(catalog);
-        return deploy(state, def).await.map(|_| 0);
+        return Ok(Keeping::New(def));
     };
     let (a, b) = (&old.def.config, &def.config);
     if a.sources != b.sources || a.key_by != b.key_by || a.time_field != b.time_field {
@@ -143,47 +201,43 @@ pub async fn replace_keeping(state: &Arc<State>, def: QueryDef) -> Result<usize,
         );
     }
     let def = Arc::new(def);
-    let mut decisions = Vec::new();
+    let mut prepared = Prepared {
+        catalog,
+        old,
+        def,
+        decisions: Vec::new(),
+        migrated: 0,
+    };
     let mut readies = Vec::new();
     for shard in 0..state.pipeline.shards() {
         let (ready, ready_rx) = oneshot::channel();
         let (commit_tx, commit) = std::sync::mpsc::channel();
         let msg = ShardMsg::Replace {
-            id: old.id,
-            def: Arc::clone(&def),
+            id: prepared.old.id,
+            def: Arc::clone(&prepared.def),
             ready,
             commit,
         };
-        decisions.push(commit_tx);
+        prepared.decisions.push(commit_tx);
         if state.pipeline.send(shard, msg).await.is_err() {
             return Err(format!("shard {shard} is not running"));
         }
         readies.push(ready_rx);
     }
-    let mut migrated = 0;
     let mut failure = None;
     for ready in readies {
         let answer = tokio::time::timeout(super::pipeline::REPLACE_TIMEOUT, ready).await;
         match answer {
-            Ok(Ok(Ok(n))) => migrated += n,
+            Ok(Ok(Ok(n))) => prepared.migrated += n,
             Ok(Ok(Err(e))) => failure = failure.or(Some(e)),
             _ => failure = failure.or(Some("a shard did not answer".to_owned())),
         }
     }
-    let commit = failure.is_none();
-    for d in decisions {
-        let _ = d.send(commit);
+    match failure {
+        // Dropped: every shard goes on with the old script.
+        Some(e) => Err(format!("nothing was replaced: {e}")),
+        None => Ok(Keeping::Prepared(prepared)),
     }
-    if let Some(e) = failure {
-        return Err(format!("nothing was replaced: {e}"));
-    }
-    // The same version goes on with the new script: its marks, switches and id stay.
-    let deployed = Arc::new(Deployed::new(old.id, Arc::clone(&def)).with_marks_of(&old));
-    catalog.queries.insert(def.name.clone(), deployed);
-    catalog.publish(state);
-    drop(catalog);
-    tracing::info!("replaced {def}, keeping the state of its keys ({migrated} migrated)");
-    Ok(migrated)
 }
 
 /// Removes a query; its topics are closed. Returns whether it existed.
@@ -372,13 +426,12 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             };
             let script = def.script.clone();
             if keep_state {
+                if let Some(cluster) = &state.cluster {
+                    return keep_in_cluster(state, cluster, def).await;
+                }
                 return match replace_keeping(state, def).await {
                     Ok(migrated) => {
-                        let remembered = match &state.cluster {
-                            Some(cluster) => cluster.remember_keeping(&name, &script).await,
-                            None => remember(state, &name, Some(&script)).await,
-                        };
-                        if let Err(e) = remembered {
+                        if let Err(e) = remember(state, &name, Some(&script)).await {
                             return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e);
                         }
                         let mut body = Vec::new();
@@ -414,6 +467,66 @@ pub async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             }
         }
         _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
+    }
+}
+
+/// `PUT /queries/NAME?state=keep` in cluster mode: on every live node or none
+/// ([`super::cluster::Cluster::replace_keeping`]). 200 with the keys migrated in all and per
+/// node; 409 naming each node where it failed, and why, when nothing changed.
+async fn keep_in_cluster(
+    state: &Arc<State>,
+    cluster: &super::cluster::Cluster,
+    def: QueryDef,
+) -> Response<Body> {
+    let name = def.name.clone();
+    match cluster.replace_keeping(state, def).await {
+        Ok(nodes) => {
+            let mut body = Vec::new();
+            let mut object = Object::new(&mut body);
+            object
+                .str("name", &name)
+                .raw("replaced", b"true")
+                .raw("state_kept", b"true")
+                .int("migrated", nodes.iter().map(|(_, n)| *n as i64).sum());
+            let mut per_node = Object::new(object.key("nodes"));
+            for (node, n) in &nodes {
+                per_node.int(node, *n as i64);
+            }
+            per_node.end();
+            object.end();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        Err(super::cluster::KeepRefused::Catalog(e)) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("nothing was replaced: {e}"),
+        ),
+        Err(super::cluster::KeepRefused::Nodes(failed)) => {
+            // Each node's own reason, without the prefix a node alone answers with.
+            let failed: Vec<(String, &str)> = failed
+                .iter()
+                .map(|(node, e)| {
+                    let e = e.strip_prefix("nothing was replaced: ").unwrap_or(e);
+                    (node.clone(), e)
+                })
+                .collect();
+            let why: Vec<String> = failed
+                .iter()
+                .map(|(node, e)| format!("on node {node}: {e}"))
+                .collect();
+            let mut body = Vec::new();
+            let mut object = Object::new(&mut body);
+            object.str(
+                "error",
+                &format!("nothing was replaced on any node: {}", why.join("; ")),
+            );
+            let mut per_node = Object::new(object.key("nodes"));
+            for (node, e) in &failed {
+                per_node.str(node, e);
+            }
+            per_node.end();
+            object.end();
+            respond(StatusCode::CONFLICT, "application/json", body)
+        }
     }
 }
 

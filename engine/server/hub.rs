@@ -172,9 +172,13 @@ impl HubHandle {
     }
 
     /// A named topic that a query made on another node (cluster mode): listed and subscribable
-    /// here before its first item arrives.
-    pub fn declare_topic(&self, topic: &Topic) {
+    /// here before its first item arrives. Only while its query is deployed here (a topic that
+    /// comes after its query was removed must not outlive it); returns whether it is known now.
+    pub fn declare_topic(&self, topic: &Topic) -> bool {
         let mut hub = self.lock();
+        if !hub.queries.contains_key(query_of(topic)) {
+            return false;
+        }
         if !hub.topics.contains_key(topic) {
             let hub = &mut *hub;
             new_topic(
@@ -184,6 +188,13 @@ impl HubHandle {
                 topic,
             );
         }
+        true
+    }
+
+    /// Whether a subscription to `topic` would be taken (see `Hub::accepts`): cluster mode asks
+    /// before it takes the topic from NATS.
+    pub fn accepts(&self, topic: &str) -> bool {
+        self.lock().accepts(topic)
     }
 
     /// A checkpoint's place in the shard's output: per topic, its epoch and how many items the
@@ -664,21 +675,24 @@ impl Hub {
         }
     }
 
-    fn subscribe(&mut self, req: Subscribe) {
-        let query = query_of(&req.topic);
-        // A topic that exists, or one a deployed query is sure to have (its own, `.errors`,
-        // `.late`) or spells out (`emit("name", …)`): a subscriber creates no other topic, so
-        // that names no query emits cannot pile up.
+    /// A topic that exists, or one a deployed query is sure to have (its own, `.errors`,
+    /// `.late`) or spells out (`emit("name", …)`): a subscriber creates no other topic, so
+    /// that names no query emits cannot pile up.
+    fn accepts(&self, topic: &str) -> bool {
         let declared =
             self.queries
-                .get(query)
-                .is_some_and(|info| match req.topic.split_once('.') {
+                .get(query_of(topic))
+                .is_some_and(|info| match topic.split_once('.') {
                     None => true,
                     Some((_, "errors" | "late")) => true,
                     Some((_, sub)) => info.declared_topics.iter().any(|t| t == sub),
                 });
-        let known = self.topics.contains_key(req.topic.as_str()) || declared;
-        if !known {
+        self.topics.contains_key(topic) || declared
+    }
+
+    fn subscribe(&mut self, req: Subscribe) {
+        let query = query_of(&req.topic);
+        if !self.accepts(&req.topic) {
             let msg = error_message(&format!(
                 "unknown topic {:?}: no query emits it yet (a named topic can be subscribed to \
                  before its first item when the query names it literally, `emit(\"name\", \

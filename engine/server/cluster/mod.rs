@@ -16,7 +16,8 @@
 //!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
 //!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
 //!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
-//! - bucket `eddy_nodes`: one key per live node, put every tick, gone after the lease's life
+//! - bucket `eddy_nodes`: one key per live node, put every tick (with the catalog entries the
+//!   node could not apply, for `GET /cluster`: [`Heartbeat`]), gone after the lease's life
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
 //! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
@@ -28,6 +29,9 @@
 //! - subjects `eddy.out.<topic>`: emitted items, from the partition's owner to the hubs of the
 //!   nodes that have a subscriber to the topic: a node subscribes to a topic's subject when its
 //!   first local subscriber to the topic arrives and unsubscribes when the last one leaves.
+//! - subjects `eddy.keep.<node>` and `eddy.keep.decide.<id>`: a replace that keeps state
+//!   (`state=keep`), prepared on every live node before it is written to the catalog and
+//!   committed, or given up everywhere ([`Cluster::replace_keeping`]).
 //! - bucket `eddy_topics`: the named topics queries made at run time (a name built from the
 //!   event: `emit("v_" + ev.venue, …)`), key [`named_topic_key`], value the topic's name. The
 //!   owner that emits a topic's first item here puts it; every node watches the bucket and
@@ -132,6 +136,15 @@ const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(1);
 const LATEST_SETTLE: Duration = Duration::from_millis(100);
 /// How long a first subscriber to a topic waits, at most, for the topic's latest values.
 const LATEST_READ: Duration = Duration::from_secs(5);
+/// How long a node that takes a `state=keep` replace waits for every other node to prepare it.
+const KEEP_PREPARE: Duration = Duration::from_secs(10);
+/// How long a node that prepared a `state=keep` replace waits for the decision before it gives
+/// the replace up (the catalog entry, if it was written, then replaces it as alone).
+const KEEP_DECIDE: Duration = Duration::from_secs(20);
+/// How long the catalog write that commits a `state=keep` replace may take: with
+/// [`KEEP_PREPARE`], well within the time the shards wait for the decision
+/// ([`super::pipeline::REPLACE_TIMEOUT`]).
+const KEEP_WRITE: Duration = Duration::from_secs(5);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +340,11 @@ pub struct Cluster {
     pub publish_failures: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
+    /// Mark messages sent to the partitions ([`broadcast_marks`]).
+    pub mark_messages: AtomicU64,
+    /// Catalog entries this node could not apply (query → why): sent with its heartbeat, so
+    /// that `GET /cluster` on any node lists them.
+    catalog_failures: std::sync::Mutex<BTreeMap<String, String>>,
     /// Per query with timers (by name): the newest mark this node's producers reached, not yet
     /// sent to every partition ([`broadcast_marks`]).
     marks_due: std::sync::Mutex<HashMap<String, i64>>,
@@ -463,6 +481,8 @@ impl Cluster {
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
+            mark_messages: AtomicU64::new(0),
+            catalog_failures: std::sync::Mutex::new(BTreeMap::new()),
             marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
@@ -567,6 +587,10 @@ impl Cluster {
             i.subscribers.insert(subscriber);
             return Ok(());
         }
+        // A topic the hub would refuse (it answers why): not taken from NATS at all.
+        if !self.hub.accepts(topic) {
+            return Ok(());
+        }
         let subject = topic_subject(topic);
         let mut items = self
             .client
@@ -639,6 +663,53 @@ impl Cluster {
             .store(interest.len() as u64, Ordering::Relaxed);
     }
 
+    /// Query `name` was removed here (its topics are closed): its topics are no longer taken
+    /// from NATS, whoever subscribed to them.
+    async fn forget_query(&self, name: &str) {
+        let mut interest = self.interest.lock().await;
+        interest.retain(|t, i| {
+            if query_of(t) != name {
+                return true;
+            }
+            i.task.abort();
+            false
+        });
+        self.topics_taken
+            .store(interest.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Makes the named topics of query `name` that `eddy_topics` holds known to the hub, once
+    /// the query is deployed here: an entry that came before the query reached this node was
+    /// not taken then ([`follow_topics`]).
+    async fn declare_named(&self, name: &str) {
+        let prefix = format!("$KV.{TOPICS}.{}.", token(name.as_bytes()));
+        let filter = format!("{prefix}>");
+        let within = 2 * CONSUMER_CREATE;
+        let messages = match last_messages(self, &format!("KV_{TOPICS}"), &filter, within).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cluster: cannot read the named topics of {name}: {e}");
+                return;
+            }
+        };
+        for (_, message) in messages {
+            if kv_removed(&message) {
+                continue;
+            }
+            if let Ok(topic) = std::str::from_utf8(&message.payload) {
+                self.declare(Arc::from(topic));
+            }
+        }
+    }
+
+    /// Makes named topic `topic` known to the hub if its query is deployed here.
+    fn declare(&self, topic: crate::Topic) {
+        if self.hub.declare_topic(&topic) {
+            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+            announced.insert(topic);
+        }
+    }
+
     /// `topic`'s latest item per key, as `EDDY_LATEST` keeps them: read with batched direct
     /// gets ([`last_messages`]), which any live server answers, so that a server that died
     /// does not leave a snapshot empty.
@@ -658,6 +729,262 @@ impl Cluster {
             }
         }
         Ok(out)
+    }
+}
+
+/// Why a `state=keep` replace in a cluster changed nothing.
+pub enum KeepRefused {
+    /// The nodes where it cannot be prepared, and why (a `migrate` that throws for one of
+    /// their keys, a node that does not answer).
+    Nodes(Vec<(String, String)>),
+    /// Every node prepared it but the catalog could not be written.
+    Catalog(String),
+}
+
+/// A request to prepare a `state=keep` replace, from the node that took it to every other.
+#[derive(Serialize, Deserialize)]
+struct KeepRequest {
+    name: String,
+    script: String,
+    /// Where the decision comes: `commit`, or anything else to give it up.
+    decide: String,
+}
+
+/// A node's answer to a [`KeepRequest`].
+#[derive(Serialize, Deserialize)]
+struct KeepAnswer {
+    #[serde(default)]
+    migrated: usize,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// The subject where node `node` takes [`KeepRequest`]s.
+fn keep_subject(node: &str) -> String {
+    format!("eddy.keep.{}", token(node.as_bytes()))
+}
+
+impl Cluster {
+    /// A replace of `def`'s query that keeps each key's state, on every live node or on none:
+    /// this node and every other prepare it (their shards compile it and migrate their keys,
+    /// then wait); only when all succeeded is it written to the catalog and committed
+    /// everywhere, else every node gives it up and the answer names the nodes where it failed.
+    /// Returns the keys migrated per node.
+    pub async fn replace_keeping(
+        &self,
+        state: &Arc<State>,
+        def: crate::QueryDef,
+    ) -> Result<Vec<(String, usize)>, KeepRefused> {
+        let me = self.config.node.clone();
+        let name = def.name.clone();
+        let script = def.script.clone();
+        let here = super::admin::prepare_keeping(state, def)
+            .await
+            .map_err(|e| KeepRefused::Nodes(vec![(me.clone(), e)]))?;
+        let Some(live) = keys(self, NODES).await else {
+            return Err(KeepRefused::Nodes(vec![(
+                me,
+                "the live nodes could not be read from NATS".to_owned(),
+            )]));
+        };
+        let decide = format!(
+            "eddy.keep.decide.{}",
+            token(
+                format!(
+                    "{}.{}",
+                    self.incarnation,
+                    self.next_message.fetch_add(1, Ordering::Relaxed)
+                )
+                .as_bytes()
+            )
+        );
+        let request = serde_json::to_vec(&KeepRequest {
+            name: name.clone(),
+            script: script.clone(),
+            decide: decide.clone(),
+        })
+        .expect("a keep request serializes");
+        let asks = live.iter().filter(|n| **n != me).map(|node| {
+            let request = Bytes::from(request.clone());
+            async move {
+                let asked = tokio::time::timeout(
+                    KEEP_PREPARE,
+                    self.client.request(keep_subject(node), request),
+                )
+                .await;
+                let answer = match asked {
+                    Ok(Ok(reply)) => serde_json::from_slice::<KeepAnswer>(&reply.payload)
+                        .map_err(|e| format!("an answer that does not parse: {e}")),
+                    Ok(Err(e)) => Err(format!("did not answer: {e}")),
+                    Err(_) => Err(format!("did not answer within {KEEP_PREPARE:?}")),
+                };
+                let answer = match answer {
+                    Ok(KeepAnswer { error: Some(e), .. }) => Err(e),
+                    Ok(KeepAnswer { migrated, .. }) => Ok(migrated),
+                    Err(e) => Err(e),
+                };
+                (node.clone(), answer)
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let failed: Vec<(String, String)> = answers
+            .iter()
+            .filter_map(|(node, a)| a.as_ref().err().map(|e| (node.clone(), e.clone())))
+            .collect();
+        let give_up = async || {
+            let _ = self.client.publish(decide.clone(), "abort".into()).await;
+            let _ = self.client.flush().await;
+        };
+        if !failed.is_empty() {
+            give_up().await;
+            return Err(KeepRefused::Nodes(failed));
+        }
+        // The commit point: once in the catalog, a node that misses the decision replaces its
+        // version from there, as alone.
+        let written = tokio::time::timeout(KEEP_WRITE, self.remember_keeping(&name, &script))
+            .await
+            .unwrap_or_else(|_| Err(format!("the catalog was not written within {KEEP_WRITE:?}")));
+        if let Err(e) = written {
+            give_up().await;
+            return Err(KeepRefused::Catalog(e));
+        }
+        let _ = self.client.publish(decide, "commit".into()).await;
+        let _ = self.client.flush().await;
+        let migrated_here = match here {
+            super::admin::Keeping::Prepared(prepared) => prepared.commit(state),
+            super::admin::Keeping::New(def) => {
+                if let Err(e) = super::admin::deploy(state, def).await {
+                    tracing::error!("cluster: {name} not deployed on this node: {e}");
+                }
+                0
+            }
+        };
+        let mut out = vec![(me, migrated_here)];
+        out.extend(answers.into_iter().filter_map(|(n, a)| Some((n, a.ok()?))));
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Prepares the `state=keep` replaces other nodes ask this one for ([`Cluster::replace_keeping`]),
+/// each on its own task.
+async fn serve_keeps(state: Arc<State>, mut requests: async_nats::Subscriber) {
+    while let Some(message) = requests.next().await {
+        tokio::spawn(prepare_for(Arc::clone(&state), message));
+    }
+}
+
+/// Prepares one replace another node asked for, answers, and commits it if the decision says so
+/// within [`KEEP_DECIDE`] (else the shards go on with the old script).
+async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let Some(reply) = message.reply.clone() else {
+        return;
+    };
+    let answer = |migrated, error| {
+        Bytes::from(serde_json::to_vec(&KeepAnswer { migrated, error }).unwrap_or_default())
+    };
+    let request = match serde_json::from_slice::<KeepRequest>(&message.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = cluster
+                .client
+                .publish(
+                    reply,
+                    answer(0, Some(format!("a request that does not parse: {e}"))),
+                )
+                .await;
+            return;
+        }
+    };
+    let limits = state.config.limits.clone();
+    let def = match super::admin::compile(request.name.clone(), request.script, limits).await {
+        Ok(def) => def,
+        Err(e) => {
+            let _ = cluster
+                .client
+                .publish(reply, answer(0, Some(e.to_string())))
+                .await;
+            return;
+        }
+    };
+    // Listening for the decision before answering: it cannot come before.
+    let decision = cluster.client.subscribe(request.decide).await;
+    let prepared = match super::admin::prepare_keeping(&state, def).await {
+        Ok(super::admin::Keeping::Prepared(prepared)) => prepared,
+        // Not deployed here: the catalog entry deploys it.
+        Ok(super::admin::Keeping::New(_)) => {
+            let _ = cluster.client.publish(reply, answer(0, None)).await;
+            return;
+        }
+        Err(e) => {
+            let _ = cluster.client.publish(reply, answer(0, Some(e))).await;
+            return;
+        }
+    };
+    let mut decision = match decision {
+        Ok(d) => d,
+        Err(e) => {
+            let error = format!("cannot hear the decision: {e}");
+            let _ = cluster.client.publish(reply, answer(0, Some(error))).await;
+            return;
+        }
+    };
+    let _ = cluster
+        .client
+        .publish(reply, answer(prepared.migrated, None))
+        .await;
+    let _ = cluster.client.flush().await;
+    match tokio::time::timeout(KEEP_DECIDE, decision.next()).await {
+        Ok(Some(d)) if &d.payload[..] == b"commit" => {
+            let n = prepared.commit(&state);
+            tracing::info!(
+                "cluster: {} replaced as another node asked, {n} keys' state kept here",
+                request.name
+            );
+        }
+        Ok(_) => tracing::info!("cluster: {} not replaced: given up", request.name),
+        Err(_) => tracing::warn!(
+            "cluster: no decision on replacing {} within {KEEP_DECIDE:?}: given up here \
+             (the catalog replaces it if it was decided)",
+            request.name
+        ),
+    }
+}
+
+/// What a node puts in `eddy_nodes` with every heartbeat: `{"at":MS,"failed":{QUERY:WHY}}`.
+#[derive(Serialize, Deserialize, Default)]
+struct Heartbeat {
+    at: i64,
+    #[serde(default)]
+    failed: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    /// This node's [`Heartbeat`].
+    fn heartbeat(&self) -> Bytes {
+        let beat = Heartbeat {
+            at: crate::router::wall_ms(),
+            failed: self.failures().clone(),
+        };
+        serde_json::to_vec(&beat).unwrap_or_default().into()
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.catalog_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records how applying query `name`'s catalog entry here ended (`Err`: why it failed).
+    fn applied(&self, name: &str, outcome: Result<(), String>) {
+        let mut failures = self.failures();
+        match outcome {
+            Ok(()) => failures.remove(name),
+            Err(e) => failures.insert(name.to_owned(), e),
+        };
     }
 }
 
@@ -694,6 +1021,13 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
         .await
         .map_err(|e| js_err("watch eddy_topics")(Box::new(e)))?;
     tokio::spawn(follow_topics(Arc::clone(&cluster), watch));
+    let subject = keep_subject(&cluster.config.node);
+    let keeps = cluster
+        .client
+        .subscribe(subject)
+        .await
+        .map_err(|e| js_err("subscribe to eddy.keep")(Box::new(e)))?;
+    tokio::spawn(serve_keeps(Arc::clone(state), keeps));
     tokio::spawn(checkpointer(Arc::clone(state), Arc::clone(&cluster)));
     tokio::spawn(renew(Arc::clone(&cluster)));
     tokio::spawn(broadcast_marks(Arc::clone(&cluster)));
@@ -1011,6 +1345,9 @@ async fn broadcast_marks(cluster: Arc<Cluster>) {
                 acks.push(std::future::IntoFuture::into_future(ack));
             }
         }
+        cluster
+            .mark_messages
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
         let acked = tokio::time::timeout(ACK_WAIT, futures_util::future::join_all(acks)).await;
         let lost = acked.map_or(cluster.config.partitions as usize, |a| {
             a.iter().filter(|r| r.is_err()).count()
@@ -1128,11 +1465,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             return;
         }
         let now = Instant::now();
-        match cluster
-            .nodes
-            .put(&me, Bytes::from(crate::router::wall_ms().to_string()))
-            .await
-        {
+        match cluster.nodes.put(&me, cluster.heartbeat()).await {
             Ok(_) => last_heartbeat_ok = now,
             Err(e) => {
                 tracing::warn!("cluster heartbeat failed: {e}");
@@ -1309,9 +1642,16 @@ fn fenced(why: &str) -> ! {
 }
 
 /// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
-/// answer in time: read with [`last_messages`], not with `kv::Store::keys`, which makes a
-/// consumer (see there).
+/// answer in time.
 async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
+    let entries = entries(cluster, bucket).await?;
+    Some(entries.into_iter().map(|(key, _)| key).collect())
+}
+
+/// The keys of bucket `bucket` with their values (deleted or expired ones left out), `None`
+/// when NATS did not answer in time: read with [`last_messages`], not with `kv::Store::keys`,
+/// which makes a consumer (see there).
+async fn entries(cluster: &Cluster, bucket: &str) -> Option<Vec<(String, Bytes)>> {
     let prefix = format!("$KV.{bucket}.");
     let within = 2 * CONSUMER_CREATE;
     match last_messages(
@@ -1325,13 +1665,10 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
         Ok(messages) => Some(
             messages
                 .into_iter()
-                .filter(|(_, m)| {
-                    !m.headers
-                        .as_ref()
-                        .and_then(|h| h.get("KV-Operation"))
-                        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+                .filter(|(_, m)| !kv_removed(m))
+                .filter_map(|(subject, m)| {
+                    Some((subject.strip_prefix(&prefix)?.to_owned(), m.payload))
                 })
-                .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
                 .collect(),
         ),
         Err(e) => {
@@ -1339,6 +1676,15 @@ async fn keys(cluster: &Cluster, bucket: &str) -> Option<Vec<String>> {
             None
         }
     }
+}
+
+/// A bucket's message that marks its key deleted or purged.
+fn kv_removed(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
 }
 
 /// Messages one batched direct get asks for: more come in further requests.
@@ -2060,7 +2406,10 @@ async fn announce<'a>(cluster: &Cluster, topics: impl Iterator<Item = &'a crate:
 }
 
 /// Makes every named topic of `eddy_topics` known to this node's hub (those put before the node
-/// started too): listed and subscribable before any of its items arrives here.
+/// started too): listed and subscribable before any of its items arrives here. Only while its
+/// query is deployed here: an entry that arrives after its query was removed (an owner's last
+/// items were on their way) would otherwise bring the topic back, and one that arrives before
+/// the query reached this node is read again once it has ([`Cluster::declare_named`]).
 async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
@@ -2070,11 +2419,13 @@ async fn follow_topics(cluster: Arc<Cluster>, mut watch: kv::Watch) {
         let Ok(name) = std::str::from_utf8(&entry.value) else {
             continue;
         };
-        let topic: crate::Topic = Arc::from(name);
-        cluster.hub.declare_topic(&topic);
-        let mut announced = cluster.announced.lock().unwrap_or_else(|e| e.into_inner());
-        announced.insert(topic);
+        cluster.declare(Arc::from(name));
     }
+}
+
+/// The query a topic belongs to: the part before the first dot.
+fn query_of(topic: &str) -> &str {
+    topic.split_once('.').map_or(topic, |(q, _)| q)
 }
 
 /// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
@@ -2191,24 +2542,44 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                     Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
                 };
                 let here = super::admin::deployed_script(&state, &name).await;
+                let mut outcome = Ok(());
                 if here.as_deref() != Some(script.as_str()) {
                     let limits = state.config.limits.clone();
-                    match super::admin::compile(name.clone(), script, limits).await {
+                    outcome = match super::admin::compile(name.clone(), script, limits).await {
                         Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
-                            Ok(n) => tracing::info!(
-                                "cluster catalog: {name} replaced, {n} keys' state kept here"
-                            ),
-                            Err(e) => tracing::error!(
-                                "cluster catalog: {name} not replaced on this node: {e}"
-                            ),
-                        },
-                        Ok(def) => {
-                            if let Err(e) = super::admin::deploy(&state, def).await {
-                                tracing::error!("cluster catalog: {name}: {e}");
+                            Ok(n) => {
+                                tracing::info!(
+                                    "cluster catalog: {name} replaced, {n} keys' state kept here"
+                                );
+                                Ok(())
                             }
+                            Err(e) => {
+                                tracing::error!(
+                                    "cluster catalog: {name} not replaced on this node: {e}"
+                                );
+                                Err(e)
+                            }
+                        },
+                        Ok(def) => match super::admin::deploy(&state, def).await {
+                            Ok(_) => {
+                                if let Some(cluster) = &state.cluster {
+                                    cluster.declare_named(&name).await;
+                                }
+                                Ok(())
+                            }
+                            Err(e) => {
+                                tracing::error!("cluster catalog: {name}: {e}");
+                                Err(e)
+                            }
+                        },
+                        Err(e) => {
+                            tracing::error!("cluster catalog: {name}: {e}");
+                            Err(e.to_string())
                         }
-                        Err(e) => tracing::error!("cluster catalog: {name}: {e}"),
-                    }
+                    };
+                }
+                if let Some(cluster) = &state.cluster {
+                    cluster.applied(&name, outcome);
                 }
                 if keep && here.is_some() {
                     if let Some(cluster) = &state.cluster {
@@ -2224,6 +2595,8 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
                 // its forwarder has written what it kept of them (a mark writes them): none is
                 // left for a later query of the same name.
                 if let Some(cluster) = &state.cluster {
+                    cluster.applied(&name, Ok(()));
+                    cluster.forget_query(&name).await;
                     drain(&state, cluster).await;
                     cluster.purge_latest(&name).await;
                 }
@@ -2238,8 +2611,9 @@ async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
 /// `GET /cluster`: this node, the live nodes and each partition's owner.
 pub async fn describe(state: &State) -> Option<Vec<u8>> {
     let cluster = state.cluster.as_ref()?;
-    let mut live = keys(cluster, NODES).await.unwrap_or_default();
-    live.sort();
+    let mut nodes = entries(cluster, NODES).await.unwrap_or_default();
+    nodes.sort();
+    let live: Vec<&String> = nodes.iter().map(|(name, _)| name).collect();
     let mut owners = Vec::new();
     for p in 0..cluster.config.partitions {
         let owner = match cluster.owners.get(p.to_string()).await {
@@ -2269,6 +2643,24 @@ pub async fn describe(state: &State) -> Option<Vec<u8>> {
         a.push(b']');
         a
     });
+    // Per node, the catalog entries it could not apply (only nodes with some).
+    let mut failed = Vec::new();
+    let mut per_node = Object::new(&mut failed);
+    for (node, value) in &nodes {
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(value) else {
+            continue;
+        };
+        if beat.failed.is_empty() {
+            continue;
+        }
+        let mut queries = Object::new(per_node.key(node));
+        for (query, why) in &beat.failed {
+            queries.str(query, why);
+        }
+        queries.end();
+    }
+    per_node.end();
+    o.raw("failed", &failed);
     o.raw("owners", &{
         let mut a = b"[".to_vec();
         for (i, owner) in owners.iter().enumerate() {
@@ -2327,6 +2719,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Messages (one per frame and partition) published to JetStream and acknowledged or awaited.",
             c.published_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_mark_messages_total",
+            "counter",
+            "Mark messages (event time moving on) sent to the partitions, 100 ms apart while timer queries get events.",
+            c.mark_messages.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_checkpoints_total",
