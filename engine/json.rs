@@ -342,7 +342,9 @@ mod tests {
 
     #[test]
     fn put_appends_like_extend_from_slice() {
-        let source: Vec<u8> = (0..80u8).map(|b| b.wrapping_mul(37).wrapping_add(11)).collect();
+        let source: Vec<u8> = (0..80u8)
+            .map(|b| b.wrapping_mul(37).wrapping_add(11))
+            .collect();
         for prefix in [0, 1, 5, 13, 100] {
             for n in 0..=source.len() {
                 for start in [0, 3] {

@@ -351,7 +351,11 @@ impl Router {
             for (qi, q) in self.queries.iter().enumerate() {
                 let config = &q.def.config;
                 if let Some(name) = name {
-                    if !config.sources.iter().any(|s| crate::event::same_name(s, name)) {
+                    if !config
+                        .sources
+                        .iter()
+                        .any(|s| crate::event::same_name(s, name))
+                    {
                         continue;
                     }
                 }
