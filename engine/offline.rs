@@ -192,9 +192,10 @@ impl Sink<'_> {
         // One buffer for every event's items: no allocation per event.
         let mut items = std::mem::take(&mut self.items);
         self.shard.take_output(&mut items);
-        for item in items.drain(..) {
-            self.write(&item);
+        for item in &items {
+            self.write(item);
         }
+        items.clear();
         self.items = items;
     }
 }
