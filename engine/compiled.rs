@@ -184,13 +184,7 @@ impl State {
         match (self, layout) {
             (State::Map(d), _) => crate::shard::state_bytes(d),
             (State::Slots(slots), Some(layout)) => {
-                const SLOT: usize = 16;
-                SLOT + layout
-                    .fields
-                    .iter()
-                    .zip(slots.iter())
-                    .map(|(k, v)| k.len() + SLOT + crate::shard::state_bytes(v))
-                    .sum::<usize>()
+                layout.names_bytes + slots.iter().map(crate::shard::state_bytes).sum::<usize>()
             }
             (State::Slots(_), None) => 0,
         }
@@ -201,6 +195,21 @@ impl State {
 #[derive(Debug)]
 pub struct Layout {
     pub fields: Vec<ImmutableString>,
+    /// What the map form counts in [`crate::shard::state_bytes`] besides its values (the map
+    /// and each field's name and entry), summed once here: a small state is measured after
+    /// every call.
+    names_bytes: usize,
+}
+
+impl Layout {
+    pub fn new(fields: Vec<ImmutableString>) -> Layout {
+        const SLOT: usize = 16;
+        let names_bytes = SLOT + fields.iter().map(|k| k.len() + SLOT).sum::<usize>();
+        Layout {
+            fields,
+            names_bytes,
+        }
+    }
 }
 
 /// What a compiled call needs from its shard.
@@ -419,20 +428,20 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
     let fns = functions(ast);
     let mut report = Report::default();
     // The state's layout: the keys of the map literal `init` returns.
-    let mut layout = Layout { fields: Vec::new() };
+    let mut fields = Vec::new();
     let mut init_exprs: Option<InitExprs> = None;
     if has_init {
         let init = fns.iter().find(|f| f.name == "init");
         match init.map(|f| f.body.as_slice()) {
             Some([Stmt::Expr(e)]) => match &**e {
                 Expr::Map(m, _) => {
-                    layout.fields = m.0.iter().map(|(k, _)| k.name.clone()).collect();
+                    fields = m.0.iter().map(|(k, _)| k.name.clone()).collect();
                     init_exprs = Some(InitExprs::Fields(&m.0));
                 }
                 // A literal of constants, folded by Rhai's optimizer.
                 Expr::DynamicConstant(v, _) if v.is_map() => {
                     let map = v.as_map_ref().expect("checked is_map");
-                    layout.fields = map.keys().map(|k| k.as_str().into()).collect();
+                    fields = map.keys().map(|k| k.as_str().into()).collect();
                     init_exprs = Some(InitExprs::Constant(map.values().cloned().collect()));
                 }
                 other => {
@@ -457,7 +466,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
         .collect();
     let table: FnTable = Rc::new((0..fns.len()).map(|_| OnceCell::new()).collect());
     let helpers = RefCell::new(Helpers::default());
-    let layout = Rc::new(layout);
+    let layout = Rc::new(Layout::new(fields));
     let mut ok = report.query.is_none();
     for (i, f) in fns.iter().enumerate() {
         let entry = matches!(f.name.as_str(), "on_event" | "on_timer");
@@ -1305,6 +1314,7 @@ impl Cx<'_> {
             if self.ev_local == Some(*i) {
                 let (i, name, ppos) = (*i, name.clone(), *ppos);
                 let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+                let name: Box<str> = name.as_str().into();
                 let hint = std::cell::Cell::new(0);
                 return Ok(Box::new(move |fr| {
                     if let Some(ev) = fr.event {
@@ -1440,6 +1450,7 @@ impl Cx<'_> {
         pos: Position,
     ) -> EFn {
         let helper = self.helpers.borrow_mut().add(2, "a1 in a0");
+        let name: Option<Box<str>> = name.map(|n| n.as_str().into());
         Box::new(move |fr| {
             let c = match &a {
                 Container::Event(i) => {
@@ -1820,7 +1831,8 @@ impl Cx<'_> {
             // The general read (an event boxed in a local, or not an event at all) stays as it
             // is; the unboxed event is read straight from its tape.
             let slow = self.chain(e)?;
-            let name = name.clone();
+            // A plain `str`: an `ImmutableString` costs a check of its representation per read.
+            let name: Box<str> = name.as_str().into();
             let hint = std::cell::Cell::new(0);
             return Ok(Some(Box::new(move |fr| match fr.event {
                 Some(ev) => Ok(match ev.get_hinted_scalar(&name, &hint) {
@@ -2821,9 +2833,7 @@ mod tests {
     use super::*;
 
     fn layout(names: &[&str]) -> Layout {
-        Layout {
-            fields: names.iter().map(|n| (*n).into()).collect(),
-        }
+        Layout::new(names.iter().map(|n| (*n).into()).collect())
     }
 
     #[test]

@@ -86,6 +86,27 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// Whether two field names are equal. Names are short (a few bytes), where a call of `memcmp`
+/// (what `==` on strings becomes) costs more than the comparison: up to 16 bytes are compared as
+/// two overlapping words, inline.
+#[inline(always)]
+pub(crate) fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// A parsed input: the bytes, their tape, and where each event's object starts on the tape.
 pub struct Frame {
     /// Tape of every document in `buf`. The `'static` is a lie told once, in [`Parser::parse`]:
@@ -174,7 +195,7 @@ impl Frame {
             // Only scalar values: every other node is a name, no value's span to walk.
             return (0..len as u32)
                 .map(|j| obj + 1 + 2 * j)
-                .find(|&at| matches!(self.node(at), Node::String(name) if name == field))
+                .find(|&at| matches!(self.node(at), Node::String(name) if same_name(name, field)))
                 .map(|at| at + 1);
         }
         let mut at = obj + 1;
@@ -182,7 +203,7 @@ impl Frame {
             let name = self.node(at);
             at += 1;
             if let Node::String(name) = name {
-                if name == field {
+                if same_name(name, field) {
                     return Some(at);
                 }
             }
@@ -205,14 +226,14 @@ impl Frame {
         let j = hint.get();
         if (j as usize) < len {
             if let Node::String(name) = self.node(name_at(j)) {
-                if name == field {
+                if same_name(name, field) {
                     return Some(name_at(j) + 1);
                 }
             }
         }
         for j in 0..len as u32 {
             if let Node::String(name) = self.node(name_at(j)) {
-                if name == field {
+                if same_name(name, field) {
                     hint.set(j);
                     return Some(name_at(j) + 1);
                 }
@@ -811,6 +832,29 @@ mod tests {
         let mut out = Vec::new();
         ev.write_json(&mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn short_name_comparison_is_string_equality() {
+        // Every pair of names from 0 to 20 bytes that differ in one byte at any place, or in
+        // length, or not at all: `same_name` must say what `==` says.
+        let base = "abcdefghijklmnopqrstu";
+        for n in 0..=20 {
+            let a = &base[..n];
+            assert!(same_name(a, a), "{a:?}");
+            for m in 0..=20 {
+                assert_eq!(same_name(a, &base[..m]), n == m, "{a:?} {m}");
+            }
+            for at in 0..n {
+                let mut b = a.as_bytes().to_vec();
+                b[at] = b'_';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same_name(a, &b), "{a:?} {b:?}");
+                assert!(!same_name(&b, a), "{b:?} {a:?}");
+            }
+        }
+        assert!(same_name("é", "é"));
+        assert!(!same_name("é", "è"));
     }
 
     #[test]

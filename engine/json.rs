@@ -22,7 +22,33 @@ pub enum EncodeError {
 }
 
 pub fn write_int(out: &mut Vec<u8>, n: i64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    put(out, itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends `s` to `out`. What JSON output mostly appends is a few bytes long (keys, numbers,
+/// tickers), and for those `extend_from_slice` calls `memcpy`, which costs more than the copy:
+/// up to 32 bytes go in as two overlapping copies of a fixed size, which compile to a few moves.
+#[inline(always)]
+pub fn put(out: &mut Vec<u8>, s: &[u8]) {
+    // Two copies of `W` bytes, at the start and at the end of `s` (they overlap when
+    // `s.len() < 2 * W`), appended as one block of `2 * W` bytes cut back to `s.len()`.
+    macro_rules! overlapping {
+        ($w:literal) => {{
+            let (n, len) = (s.len(), out.len());
+            let mut block = [0u8; 2 * $w];
+            block[..$w].copy_from_slice(&s[..$w]);
+            block[n - $w..n].copy_from_slice(&s[n - $w..]);
+            out.extend_from_slice(&block);
+            out.truncate(len + n);
+        }};
+    }
+    match s.len() {
+        0..=3 => s.iter().for_each(|&b| out.push(b)),
+        4..=7 => overlapping!(4),
+        8..=15 => overlapping!(8),
+        16..=32 => overlapping!(16),
+        _ => out.extend_from_slice(s),
+    }
 }
 
 /// Writes a float as the shortest decimal that reads back as it (`1.0`, `187.3`, `0.001`,
@@ -42,7 +68,7 @@ pub fn write_float(out: &mut Vec<u8>, x: f64) {
     // Between 1e-4 and 1e15 the shortest decimal has no exponent (zmij writes one from 1e16 and
     // below 1e-5): nothing to look at.
     if (1e-4..1e15).contains(&x.abs()) {
-        out.extend_from_slice(text);
+        put(out, text);
         return;
     }
     match text.iter().position(|&b| b == b'+') {
@@ -73,7 +99,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     // Most strings (keys, tickers, topics) need no escape: one copy.
     if !bytes.iter().any(|&b| NEEDS_ESCAPE[b as usize]) {
-        out.extend_from_slice(bytes);
+        put(out, bytes);
         out.push(b'"');
         return;
     }
@@ -277,7 +303,7 @@ pub fn write_encoded_entries<'a>(
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(key);
+        put(out, key);
         write_value(out, item, 1)?;
     }
     out.push(b'}');
@@ -312,6 +338,25 @@ mod tests {
         let mut out = Vec::new();
         write_dynamic(&mut out, &value, usize::MAX).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn put_appends_like_extend_from_slice() {
+        let source: Vec<u8> = (0..80u8)
+            .map(|b| b.wrapping_mul(37).wrapping_add(11))
+            .collect();
+        for prefix in [0, 1, 5, 13, 100] {
+            for n in 0..=source.len() {
+                for start in [0, 3] {
+                    let s = &source[start..(start + n).min(source.len())];
+                    let mut want: Vec<u8> = source[..prefix.min(source.len())].to_vec();
+                    let mut got = want.clone();
+                    want.extend_from_slice(s);
+                    put(&mut got, s);
+                    assert_eq!(got, want, "prefix {prefix}, {} bytes", s.len());
+                }
+            }
+        }
     }
 
     #[test]

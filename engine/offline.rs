@@ -78,7 +78,7 @@ pub fn run(
         shard: &mut shard,
         out,
         err,
-        line: Vec::with_capacity(4096),
+        line: Vec::with_capacity(LINES_BYTES + 4096),
         io: Ok(()),
         emitted: 0,
         items: Vec::new(),
@@ -113,12 +113,14 @@ pub fn run(
         summary.rejected += routed.rejected;
         base.index += parsed.items;
         base.line = base.line.map(|l| l + lines);
+        sink.write_lines();
         // Stop at the first write error, keeping it as it came.
         std::mem::replace(&mut sink.io, Ok(()))?;
     }
     let end = i64::from(base.index);
     sink.shard.finish(end);
     sink.flush_shard();
+    sink.write_lines();
     sink.io?;
     sink.out.flush()?;
     let emitted = sink.emitted;
@@ -155,10 +157,14 @@ fn chunks(input: Vec<u8>, format: Format) -> Vec<Vec<u8>> {
     chunks
 }
 
+/// How many bytes of output lines [`Sink`] gathers before it writes them.
+const LINES_BYTES: usize = 1 << 16;
+
 struct Sink<'a> {
     shard: &'a mut Shard,
     out: &'a mut dyn Write,
     err: &'a mut dyn Write,
+    /// Output lines not written yet: one write of many lines costs less than one per line.
     line: Vec<u8>,
     io: std::io::Result<()>,
     emitted: u64,
@@ -167,21 +173,29 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     fn write(&mut self, item: &Emitted) {
-        self.line.clear();
         item.write_line(&mut self.line);
         self.emitted += 1;
-        if self.io.is_ok() {
+        if self.line.len() >= LINES_BYTES {
+            self.write_lines();
+        }
+    }
+
+    /// Writes the lines gathered so far (nothing after a write error).
+    fn write_lines(&mut self) {
+        if self.io.is_ok() && !self.line.is_empty() {
             self.io = self.out.write_all(&self.line);
         }
+        self.line.clear();
     }
 
     fn flush_shard(&mut self) {
         // One buffer for every event's items: no allocation per event.
         let mut items = std::mem::take(&mut self.items);
         self.shard.take_output(&mut items);
-        for item in items.drain(..) {
-            self.write(&item);
+        for item in &items {
+            self.write(item);
         }
+        items.clear();
         self.items = items;
     }
 }

@@ -351,7 +351,11 @@ impl Router {
             for (qi, q) in self.queries.iter().enumerate() {
                 let config = &q.def.config;
                 if let Some(name) = name {
-                    if !config.sources.iter().any(|s| s == name) {
+                    if !config
+                        .sources
+                        .iter()
+                        .any(|s| crate::event::same_name(s, name))
+                    {
                         continue;
                     }
                 }
@@ -373,7 +377,11 @@ impl Router {
                 continue;
             }
             routed.accepted += 1;
-            for (qi, key, time) in plan.drain(..) {
+            // (Taken in place, cleared with the next event: a `drain` costs more than the one
+            // or two deliveries it hands out.)
+            for (qi, key, time) in plan.iter_mut() {
+                let (qi, time) = (*qi, *time);
+                let key = std::mem::replace(key, Key::None);
                 let q = &self.queries[qi];
                 let (own, others) = marks[qi].get_or_insert_with(|| {
                     let floor = q.watermark();

@@ -469,3 +469,43 @@ fn on_event(ev) {
     // n = 2 is not over 10: the other branch.
     assert_eq!(lines[4]["value"], serde_json::json!({ "q": 1 }));
 }
+
+#[test]
+fn event_fields_read_several_times_in_a_call_read_alike_on_both_engines() {
+    // Fields read several times in one call, typed and as values: numbers, strings (one
+    // changed through a local copy), missing fields, nested objects and a string where a
+    // number is expected read the same on both engines every time.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0, t: 0.0 } }
+        fn on_event(ev) {
+            let s = ev.name;
+            s += "!";
+            this.n += ev.q * 2;
+            if ev.q > 2 { this.t += ev.p; } else { this.t -= ev.p; }
+            emit(#{ s: s, name: ev.name, q: ev.q + ev.q, m: ev.missing, o: ev.o, n: this.n,
+                    t: this.t, p: ev.p * ev.q, again: ev.name + ev.name });
+        }"#;
+    let input = concat!(
+        "{\"k\":\"a\",\"name\":\"x\",\"q\":1,\"p\":0.5,\"o\":{\"z\":[1,2]}}\n",
+        "{\"k\":\"a\",\"q\":3,\"p\":1.25,\"name\":\"yy\"}\n",
+        "{\"k\":\"b\",\"name\":7,\"q\":2.5}\n",
+        "{\"k\":\"b\",\"q\":\"4\",\"p\":2}\n",
+    );
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let compiled = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+    let interpreted = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+    assert_eq!(
+        String::from_utf8_lossy(&compiled),
+        String::from_utf8_lossy(&interpreted)
+    );
+    // By hand, for the first event: n = 1 * 2, t = -0.5, q = 2, p = 0.5.
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&compiled).lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["value"],
+        serde_json::json!({"s": "x!", "name": "x", "q": 2, "m": null, "o": {"z": [1, 2]},
+                           "n": 2, "t": -0.5, "p": 0.5, "again": "xx"})
+    );
+}
