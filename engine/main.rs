@@ -90,8 +90,8 @@ enum Command {
         /// Async runtime threads (connections) [default: the number of cores].
         #[arg(long)]
         workers: Option<usize>,
-        /// Time slice the server's threads ask the kernel for, in µs; 0 keeps the kernel's
-        /// [default: 200].
+        /// Time slice the server's threads ask the kernel for, in µs (100 to 100000); 0 keeps
+        /// the kernel's [default: 0].
         #[arg(long)]
         time_slice_us: Option<u32>,
         /// Folder of queries loaded at start [default: queries].
@@ -667,11 +667,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The runtime of the client commands. Their threads ask for the server's default time slice:
-/// the probe's and the feed's timestamps should wait for the scheduler no more than the
-/// server's threads do (on kernels without custom slices, nothing changes).
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    let _ = eddy::sched::request_time_slice(eddy::server::config::DEFAULT_TIME_SLICE_US);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,9 +14,6 @@ use serde::Deserialize;
 use crate::durable::log::Fsync;
 use crate::sandbox::Limits;
 
-/// Time slice of the server's threads, in µs, unless `time_slice_us` says otherwise.
-pub const DEFAULT_TIME_SLICE_US: u32 = 200;
-
 /// The data directory of `eddy serve` when neither `data_dir` nor `--ephemeral` is given.
 pub const DEFAULT_DATA_DIR: &str = "eddy-data";
 
@@ -108,7 +105,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            time_slice_us: Some(DEFAULT_TIME_SLICE_US),
+            // Measured: no difference on a 2-core VM (BENCHMARKS.md), so the kernel decides.
+            time_slice_us: None,
             queries: PathBuf::from("queries"),
             models: PathBuf::from("models"),
             admin_token: None,
@@ -486,12 +484,9 @@ mod tests {
     }
 
     #[test]
-    fn the_time_slice_is_the_default_off_or_in_the_kernels_range() {
+    fn the_time_slice_is_the_kernels_unless_set_within_its_range() {
         let slice = |toml: &str| RawConfig::from_toml(toml).unwrap().validate();
-        assert_eq!(
-            slice("").unwrap().time_slice_us,
-            Some(DEFAULT_TIME_SLICE_US)
-        );
+        assert_eq!(slice("").unwrap().time_slice_us, None);
         assert_eq!(slice("time_slice_us = 0").unwrap().time_slice_us, None);
         assert_eq!(
             slice("time_slice_us = 1000").unwrap().time_slice_us,
