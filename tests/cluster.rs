@@ -105,6 +105,28 @@ async fn balanced(addr: &str, nodes: &[&str]) -> Vec<String> {
 
 /// Waits until `nodes` are live and every partition has an owner among them, each owning some;
 /// returns the owners.
+/// The owner of a one-partition cluster of two nodes, once both are live and it has stayed the
+/// same for 1.5 s (within 30 s).
+async fn sole_owner(addr: &str) -> String {
+    let mut stable: Option<(String, Instant)> = None;
+    let started = Instant::now();
+    loop {
+        let c = cluster_of(addr).await;
+        let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
+        let live = c["nodes"].as_array().unwrap().len();
+        match &stable {
+            Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
+                if since.elapsed() >= Duration::from_millis(1500) {
+                    return owner;
+                }
+            }
+            _ => stable = Some((owner, Instant::now())),
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no owner: {c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn owned_by(addr: &str, nodes: &[&str]) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -136,6 +158,15 @@ async fn owned_by(addr: &str, nodes: &[&str]) -> Vec<String> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An `eddy.toml` holding `text`, in a folder of its own that lives as long as the guard.
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eddy.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
 }
 
 fn queries_dir() -> tempfile::TempDir {
@@ -848,10 +879,8 @@ async fn a_node_takes_only_the_topics_its_subscribers_want_and_serves_snapshots_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_subscriber_gets_the_newest_values_though_owners_write_them_every_2_s() {
     cluster_test("the latest-interval test", async |s| {
-        let config = tempfile::tempdir().unwrap();
-        let path = config.path().join("eddy.toml");
-        std::fs::write(&path, "[cluster]\nlatest_interval = \"2s\"\n").unwrap();
-        let path = path.to_str().unwrap();
+        let (_config, path) = config_file("[cluster]\nlatest_interval = \"2s\"\n");
+        let path = path.as_str();
         let args = ["--config", path];
         let ([a, b], _) = s.start(["a", "b"], &args).await;
         let mut sub_a = subscribe_vwap(&a.2).await;
@@ -941,15 +970,9 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let config = tempfile::tempdir().unwrap();
-        let path = config.path().join("eddy.toml");
-        std::fs::write(
-            &path,
-            // The lease outlives NATS's election of a new stream leader (4 to 9 s).
-            "[cluster]\nreplicas = 3\nlease = \"12s\"\n",
-        )
-        .unwrap();
-        let path = path.to_str().unwrap();
+        // The lease outlives NATS's election of a new stream leader (4 to 9 s).
+        let (_config, path) = config_file("[cluster]\nreplicas = 3\nlease = \"12s\"\n");
+        let path = path.as_str();
         let queries = queries_dir();
         let joined = urls.join(",");
         let args = [
@@ -1092,30 +1115,12 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
              fn on_event(ev) { this.n = (this.n ?? 0) + 1; emit(\"at_\" + ev.venue, this.n); }\n",
         )
         .unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let path = config.path().join("eddy.toml");
-        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
-        let args = ["--config", path.to_str().unwrap()];
+        let (_config, path) = config_file("[cluster]\npartitions = 1\n");
+        let args = ["--config", path.as_str()];
         let a = s.node("a", &args).await;
         let b = s.node("b", &args).await;
         // One partition: one node computes every key; the other computes none.
-        let mut stable: Option<(String, Instant)> = None;
-        let started = Instant::now();
-        let owner = loop {
-            let c = cluster_of(&a.2).await;
-            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
-            let live = c["nodes"].as_array().unwrap().len();
-            match &stable {
-                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
-                    if since.elapsed() >= Duration::from_millis(1500) {
-                        break owner;
-                    }
-                }
-                _ => stable = Some((owner, Instant::now())),
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no owner: {c}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let owner = sole_owner(&a.2).await;
         let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
         let feed = trades(400, 89);
         let acked = produce(
@@ -1510,27 +1515,11 @@ async fn a_node_takes_no_topic_from_nats_that_no_query_has() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_keep_replace_that_fails_on_one_node_changes_no_node() {
     cluster_test("the failing state=keep test", async |s| {
-        let config = tempfile::tempdir().unwrap();
-        let path = config.path().join("eddy.toml");
-        std::fs::write(&path, "[cluster]\npartitions = 1\n").unwrap();
-        let args = ["--config", path.to_str().unwrap()];
+        let (_config, path) = config_file("[cluster]\npartitions = 1\n");
+        let args = ["--config", path.as_str()];
         let a = s.node("a", &args).await;
         let b = s.node("b", &args).await;
-        let mut stable: Option<(String, Instant)> = None;
-        let owner = loop {
-            let c = cluster_of(&a.2).await;
-            let owner = c["owners"][0].as_str().unwrap_or("").to_owned();
-            let live = c["nodes"].as_array().unwrap().len();
-            match &stable {
-                Some((o, since)) if *o == owner && !o.is_empty() && live == 2 => {
-                    if since.elapsed() >= Duration::from_millis(1500) {
-                        break owner;
-                    }
-                }
-                _ => stable = Some((owner, Instant::now())),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let owner = sole_owner(&a.2).await;
         let (computing, other) = if owner == "a" { (&a, &b) } else { (&b, &a) };
         let mut sub = subscribe_vwap(&other.2).await;
         let mut seq = 0;
@@ -1670,11 +1659,9 @@ async fn a_position_resumes_on_its_own_node_and_is_gone_with_a_snapshot_on_anoth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_that_fails_on_one_node_is_listed_by_get_cluster() {
     cluster_test("the catalog failures test", async |s| {
-        let config = tempfile::tempdir().unwrap();
-        let path = config.path().join("eddy.toml");
-        std::fs::write(&path, "[limits]\nmax_expr_depth = 6\n").unwrap();
+        let (_config, path) = config_file("[limits]\nmax_expr_depth = 6\n");
         let a = s.node("a", &[]).await;
-        let b = s.node("b", &["--config", path.to_str().unwrap()]).await;
+        let b = s.node("b", &["--config", path.as_str()]).await;
         balanced(&a.2, &["a", "b"]).await;
         let deep = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
                     let deep = 1 + (2 + (3 + (4 + (5 + (6 + (7 + (8 + 9)))))));\n\
