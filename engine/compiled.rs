@@ -1287,14 +1287,31 @@ impl Cx<'_> {
                 })
             }
             Expr::FnCall(call, cpos) => self.call(call, *cpos)?,
-            Expr::Dot(..) => self.chain(e)?,
-            Expr::Index(be, _, ipos) => {
+            Expr::Dot(..) => match strip_index(e) {
+                // `a.b[i]` read as `(a.b)[i]`: the chain, then the index as any other.
+                Some((chain, index, flags, ipos)) => {
+                    let index = Expr::Index(
+                        Box::new(BinaryExpr {
+                            lhs: chain,
+                            rhs: index.clone(),
+                        }),
+                        flags,
+                        ipos,
+                    );
+                    self.expr(&index)?
+                }
+                None => self.chain(e)?,
+            },
+            Expr::Index(be, iflags, ipos) => {
                 // A read: `ev["price"]` from the tape, anything else by Rhai.
                 if matches!(be.lhs, Expr::ThisPtr(_)) {
                     return unsupported(pos, "indexing `this`");
                 }
-                // `a[i].b` is `Index(a, Dot(i, b))`: a chain goes on in the index.
-                if matches!(be.rhs, Expr::Dot(..) | Expr::Index(..)) {
+                // `a[i].b` is `Index(a, Dot(i, b))`: a chain goes on in the index, unless
+                // `BREAK` says the chain ends here (`a[ev.i]`: the index is all of `rhs`).
+                if !iflags.contains(ASTFlags::BREAK)
+                    && matches!(be.rhs, Expr::Dot(..) | Expr::Index(..))
+                {
                     return unsupported(pos, "indexing in a chain");
                 }
                 let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
@@ -1873,7 +1890,7 @@ impl Cx<'_> {
                 let b = self.num(&call.args[1])?;
                 return Ok(self.binop(op, a, b, *pos));
             }
-            Expr::Dot(..) => {
+            Expr::Dot(..) if strip_index(e).is_none() => {
                 if let Some(f) = self.num_read(e)? {
                     return Ok(f);
                 }
@@ -2587,6 +2604,40 @@ enum Seg {
 }
 
 /// `root.a.b(x).c` as its root and its steps.
+/// A read chain that ends in an index of a property, `a.b[i]` or `a.m().b[i]`: the chain
+/// without the index (`a.b`), the index expression, and the index node's flags and position.
+/// `None` for anything else, and for a chain with `?.` or `?[` (which stops at `()` instead of
+/// indexing it).
+fn strip_index(e: &Expr) -> Option<(Expr, &Expr, ASTFlags, Position)> {
+    let Expr::Dot(be, flags, dot) = e else {
+        return None;
+    };
+    if flags.intersects(ASTFlags::NEGATED) {
+        return None;
+    }
+    let (rhs, index, iflags, ipos) = match &be.rhs {
+        // `BREAK`: the chain ends at this index, whose expression is all of `rhs`.
+        Expr::Index(ix, iflags, ipos)
+            if matches!(ix.lhs, Expr::Property(..))
+                && iflags.contains(ASTFlags::BREAK)
+                && !iflags.intersects(ASTFlags::NEGATED) =>
+        {
+            (ix.lhs.clone(), &ix.rhs, *iflags, *ipos)
+        }
+        Expr::Dot(..) => strip_index(&be.rhs)?,
+        _ => return None,
+    };
+    let chain = Expr::Dot(
+        Box::new(BinaryExpr {
+            lhs: be.lhs.clone(),
+            rhs,
+        }),
+        *flags,
+        *dot,
+    );
+    Some((chain, index, iflags, ipos))
+}
+
 fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
     let Expr::Dot(be, _, dot) = e else {
         return unsupported(e.start_position(), "expression");
