@@ -81,8 +81,9 @@ fn shipped_queries_write_the_same_bytes_on_both_engines() {
         assert!(a == b, "{name}: the engines differ");
         compiled += usize::from(def.engine.compiled());
     }
-    // vwap, asof_join, price_alerts, sensor_anomaly, sensor_failure, trade_anomaly.
-    assert!(compiled >= 6, "only {compiled} shipped queries compile");
+    // vwap, asof_join, price_alerts, sensor_anomaly, sensor_failure, trade_anomaly,
+    // player_stats (`switch`), player_churn (`switch`, `out.probabilities[1]`).
+    assert!(compiled >= 8, "only {compiled} shipped queries compile");
 }
 
 #[test]
@@ -284,6 +285,52 @@ fn switch_finds_the_case_rhai_finds() {
         summary.starts_with("interpreted (2:") && summary.ends_with("switch case with a condition)"),
         "{summary}"
     );
+}
+
+/// An index at the end of a chain (`m.a[i]`, `m.inner.b[i]`, as `out.probabilities[1]` in
+/// `player_churn`) is read as `(m.a)[i]`: the same values and the same errors (out of bounds, a
+/// string or float index, a missing property) on both engines; negative indexes count from the
+/// end, as in Rhai.
+#[test]
+fn an_index_at_the_end_of_a_chain_reads_as_rhai_reads_it() {
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            let m = #{ a: [10, 20, 30], s: "xyz", inner: #{ b: [1, 2] } };
+            switch ev.w {
+                0 => emit(#{ v: m.a[ev.i] }),
+                1 => emit(#{ v: m.s[ev.i] }),
+                2 => emit(#{ v: m.inner.b[ev.i] }),
+                3 => emit(#{ v: m.q[ev.i] }),
+                _ => emit(m.a[ev.i]),
+            }
+        }"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let mut input = String::new();
+    for w in 0..5 {
+        for i in ["0", "2", "3", "-1", "\"x\"", "1.5"] {
+            input.push_str(&format!("{{\"k\":\"a\",\"w\":{w},\"i\":{i}}}\n"));
+        }
+    }
+    let a = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+    let text = String::from_utf8_lossy(&a).into_owned();
+    let b = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+    assert_eq!(text, String::from_utf8_lossy(&b));
+    let values: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|item| item["topic"] == "q")
+        .map(|item| match item["value"].get("v") {
+            Some(v) => v.to_string(),
+            None => item["value"].to_string(),
+        })
+        .collect();
+    let want = ["10", "30", "30", "\"x\"", "\"z\"", "\"z\"", "1", "2", "10", "30", "30"];
+    assert_eq!(values, want, "{text}");
+    let errors = text.lines().filter(|l| l.contains("\"q.errors\"")).count();
+    assert!(errors > 0, "{text}");
 }
 
 /// A query the compiler was not written against, in the shipped queries' style (sums on state
