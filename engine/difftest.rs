@@ -355,8 +355,20 @@ impl Writer<'_> {
             out.push_str(&format!("switch {value} {{\n"));
         }
         let mut pool = vec![
-            "0", "1", "2", "7", "1000", "0.5", "1.5", "3.0", "\"text\"", "\"ab\"", "true", "false",
-            "'x'", "9223372036854775807",
+            "0",
+            "1",
+            "2",
+            "7",
+            "1000",
+            "0.5",
+            "1.5",
+            "3.0",
+            "\"text\"",
+            "\"ab\"",
+            "true",
+            "false",
+            "'x'",
+            "9223372036854775807",
         ];
         for _ in 0..1 + self.g.below(3) {
             let mut labels = Vec::new();

@@ -282,7 +282,8 @@ fn switch_finds_the_case_rhai_finds() {
     let def = QueryDef::compile("q", guarded, &limits).unwrap();
     let summary = def.engine.summary();
     assert!(
-        summary.starts_with("interpreted (2:") && summary.ends_with("switch case with a condition)"),
+        summary.starts_with("interpreted (2:")
+            && summary.ends_with("switch case with a condition)"),
         "{summary}"
     );
 }
@@ -327,7 +328,9 @@ fn an_index_at_the_end_of_a_chain_reads_as_rhai_reads_it() {
             None => item["value"].to_string(),
         })
         .collect();
-    let want = ["10", "30", "30", "\"x\"", "\"z\"", "\"z\"", "1", "2", "10", "30", "30"];
+    let want = [
+        "10", "30", "30", "\"x\"", "\"z\"", "\"z\"", "1", "2", "10", "30", "30",
+    ];
     assert_eq!(values, want, "{text}");
     let errors = text.lines().filter(|l| l.contains("\"q.errors\"")).count();
     assert!(errors > 0, "{text}");
