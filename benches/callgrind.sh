@@ -54,6 +54,9 @@ workloads=(
   "sensor_failure_2k|sensors2k|auto|sensor_failure"
   "sensor_failure_interpreted_2k|sensors2k|interpreter|sensor_failure"
   "player_stats_20k|games|auto|player_stats"
+  "player_stats_interpreted_20k|games|interpreter|player_stats"
+  "player_churn_20k|games|auto|player_churn"
+  "player_churn_interpreted_20k|games|interpreter|player_churn"
   "hashtag_sentiment_2k|social|auto|hashtag_sentiment"
   # Not a shipped query: the compiler's hidden-query check, in the shipped queries' style.
   "order_flow_20k|trades|auto|tests/hidden/order_flow.rhai"

@@ -18,10 +18,14 @@
 //! function that the same Rhai engine runs, so its result and its error are exactly the
 //! interpreter's; the error is moved to the position of the call in the query.
 //!
-//! A construct the compiler does not handle (loops, `switch`, indexing other than reading an
-//! event, closures, recursion, `this` outside `on_event`/`on_timer`, ...) makes the whole query
-//! run on the interpreter, as it always did: [`Report`] says which function kept it there and
-//! the first construct, with its line and column. That is normal, never an error.
+//! `switch` is compiled to a table from the hash Rhai's parser gave each case literal to the
+//! case's closure, so the value finds the case Rhai would find (see [`switch_hash`]).
+//!
+//! A construct the compiler does not handle (loops, a `switch` case guarded by `if`, indexing
+//! other than reading an event, closures, recursion, `this` outside `on_event`/`on_timer`, ...)
+//! makes the whole query run on the interpreter, as it always did: [`Report`] says which
+//! function kept it there and the first construct, with its line and column. That is normal,
+//! never an error.
 //!
 //! Operations are counted per statement and per call against `max_operations`, so a script
 //! stops where the interpreter would stop it give or take the count of expressions (the
@@ -38,7 +42,8 @@ use std::sync::OnceLock;
 use rhai::plugin::PluginFunc;
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
-    ImmutableString, Map, Position, Scope, Stmt, Token, AST, FLOAT, INT,
+    FnPtr, ImmutableString, Map, Position, RangeCase, Scope, Stmt, SwitchCasesCollection, Token,
+    AST, FLOAT, INT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -931,11 +936,79 @@ impl Cx<'_> {
             Stmt::While(..) => return unsupported(pos, "while loop"),
             Stmt::Do(..) => return unsupported(pos, "do loop"),
             Stmt::For(..) => return unsupported(pos, "for loop"),
-            Stmt::Switch(..) => return unsupported(pos, "switch"),
+            Stmt::Switch(sw, _) => self.switch(sw, pos)?,
             Stmt::TryCatch(..) => return unsupported(pos, "try/catch"),
             Stmt::BreakLoop(..) => return unsupported(pos, "break/continue"),
             _ => return unsupported(pos, "statement"),
         })
+    }
+
+    /// `switch v { ... }`: the case Rhai picks, found by the same hash of the value Rhai's
+    /// parser gave each case literal ([`switch_hash`]), then the integer ranges in order, then
+    /// `_`. A case's body is a block (a `return` in it returns from the function) or an
+    /// expression; the switch's value is the body's. A case guarded by `if` is not compiled.
+    fn switch(
+        &mut self,
+        sw: &(Expr, SwitchCasesCollection),
+        pos: Position,
+    ) -> Result<SFn, Unsupported> {
+        let (value, cases) = sw;
+        if !switch_hash_is_rhais() {
+            return unsupported(pos, "switch");
+        }
+        // Each case's guard, a constant (`true` when it has none).
+        let mut guards = Vec::with_capacity(cases.expressions.len());
+        for case in cases.expressions.iter() {
+            match case.lhs {
+                Expr::BoolConstant(b, _) => guards.push(b),
+                ref c => return unsupported(c.start_position(), "switch case with a condition"),
+            }
+        }
+        let value = self.expr(value)?;
+        let mut bodies: Vec<SFn> = Vec::with_capacity(cases.expressions.len());
+        for case in cases.expressions.iter() {
+            bodies.push(match &case.rhs {
+                Expr::Stmt(block) => {
+                    let body = self.block(block.statements())?;
+                    Box::new(move |fr| run_block(&body, fr))
+                }
+                e => {
+                    let f = self.expr(e)?;
+                    Box::new(move |fr| Ok(Flow::Normal(f(fr)?)))
+                }
+            });
+        }
+        // A value's first case whose guard holds; value hashes with none fall to the ranges.
+        let table: HashMap<u64, usize> = cases
+            .cases
+            .iter()
+            .filter_map(|(hash, list)| {
+                let first = list.blocks.iter().copied().find(|&i| guards[i])?;
+                Some((*hash, first))
+            })
+            .collect();
+        let ranges: Vec<RangeCase> = cases
+            .ranges
+            .iter()
+            .filter(|r| guards[r.index()])
+            .cloned()
+            .collect();
+        let default = cases.def_case;
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            let v = value(fr)?;
+            let case = match switch_hash(&v) {
+                Some(hash) => table.get(&hash).copied().or_else(|| {
+                    let v = v.flatten();
+                    ranges.iter().find(|r| r.contains(&v)).map(RangeCase::index)
+                }),
+                None => None,
+            };
+            match case.or(default) {
+                Some(i) => bodies[i](fr),
+                None => Ok(Flow::Normal(Dynamic::UNIT)),
+            }
+        }))
     }
 
     fn assignment(
@@ -1214,14 +1287,31 @@ impl Cx<'_> {
                 })
             }
             Expr::FnCall(call, cpos) => self.call(call, *cpos)?,
-            Expr::Dot(..) => self.chain(e)?,
-            Expr::Index(be, _, ipos) => {
+            Expr::Dot(..) => match strip_index(e) {
+                // `a.b[i]` read as `(a.b)[i]`: the chain, then the index as any other.
+                Some((chain, index, flags, ipos)) => {
+                    let index = Expr::Index(
+                        Box::new(BinaryExpr {
+                            lhs: chain,
+                            rhs: index.clone(),
+                        }),
+                        flags,
+                        ipos,
+                    );
+                    self.expr(&index)?
+                }
+                None => self.chain(e)?,
+            },
+            Expr::Index(be, iflags, ipos) => {
                 // A read: `ev["price"]` from the tape, anything else by Rhai.
                 if matches!(be.lhs, Expr::ThisPtr(_)) {
                     return unsupported(pos, "indexing `this`");
                 }
-                // `a[i].b` is `Index(a, Dot(i, b))`: a chain goes on in the index.
-                if matches!(be.rhs, Expr::Dot(..) | Expr::Index(..)) {
+                // `a[i].b` is `Index(a, Dot(i, b))`: a chain goes on in the index, unless
+                // `BREAK` says the chain ends here (`a[ev.i]`: the index is all of `rhs`).
+                if !iflags.contains(ASTFlags::BREAK)
+                    && matches!(be.rhs, Expr::Dot(..) | Expr::Index(..))
+                {
                     return unsupported(pos, "indexing in a chain");
                 }
                 let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
@@ -1800,7 +1890,7 @@ impl Cx<'_> {
                 let b = self.num(&call.args[1])?;
                 return Ok(self.binop(op, a, b, *pos));
             }
-            Expr::Dot(..) => {
+            Expr::Dot(..) if strip_index(e).is_none() => {
                 if let Some(f) = self.num_read(e)? {
                     return Ok(f);
                 }
@@ -2514,6 +2604,40 @@ enum Seg {
 }
 
 /// `root.a.b(x).c` as its root and its steps.
+/// A read chain that ends in an index of a property, `a.b[i]` or `a.m().b[i]`: the chain
+/// without the index (`a.b`), the index expression, and the index node's flags and position.
+/// `None` for anything else, and for a chain with `?.` or `?[` (which stops at `()` instead of
+/// indexing it).
+fn strip_index(e: &Expr) -> Option<(Expr, &Expr, ASTFlags, Position)> {
+    let Expr::Dot(be, flags, dot) = e else {
+        return None;
+    };
+    if flags.intersects(ASTFlags::NEGATED) {
+        return None;
+    }
+    let (rhs, index, iflags, ipos) = match &be.rhs {
+        // `BREAK`: the chain ends at this index, whose expression is all of `rhs`.
+        Expr::Index(ix, iflags, ipos)
+            if matches!(ix.lhs, Expr::Property(..))
+                && iflags.contains(ASTFlags::BREAK)
+                && !iflags.intersects(ASTFlags::NEGATED) =>
+        {
+            (ix.lhs.clone(), &ix.rhs, *iflags, *ipos)
+        }
+        Expr::Dot(..) => strip_index(&be.rhs)?,
+        _ => return None,
+    };
+    let chain = Expr::Dot(
+        Box::new(BinaryExpr {
+            lhs: be.lhs.clone(),
+            rhs,
+        }),
+        *flags,
+        *dot,
+    );
+    Some((chain, index, iflags, ipos))
+}
+
 fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
     let Expr::Dot(be, _, dot) = e else {
         return unsupported(e.start_position(), "expression");
@@ -2573,6 +2697,99 @@ fn run_block(body: &[SFn], fr: &mut Frame) -> R<Flow> {
         }
     }
     Ok(Flow::Normal(last))
+}
+
+/// The hash by which `switch` finds a value's case: Rhai's own (`calc_switch_value_hash`, not
+/// public): the value's `Hash` through the hasher Rhai makes, ahash with Rhai's seed or fixed
+/// keys (one `ahash` in the build, so the same keys). `None` for a value Rhai does not hash,
+/// which goes to `_`.
+fn switch_hash(v: &Dynamic) -> Option<u64> {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    if !hashable(v) {
+        return None;
+    }
+    let mut hasher = match rhai::config::hashing::get_hashing_seed() {
+        Some([a, b, c, d]) if (a | b | c | d) != 0 => {
+            ahash::RandomState::with_seeds(*a, *b, *c, *d).build_hasher()
+        }
+        _ => ahash::AHasher::default(),
+    };
+    v.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// Rhai's `Dynamic::is_hashable` (not public): whether `switch` looks a value up by its hash.
+fn hashable(v: &Dynamic) -> bool {
+    if v.is_shared() {
+        return hashable(&v.flatten_clone());
+    }
+    if v.is_unit()
+        || v.is_bool()
+        || v.is_string()
+        || v.is_char()
+        || v.is_int()
+        || v.is_float()
+        || v.is_blob()
+    {
+        return true;
+    }
+    if let Ok(items) = v.as_array_ref() {
+        return items.iter().all(hashable);
+    }
+    if let Ok(map) = v.as_map_ref() {
+        return map.values().all(hashable);
+    }
+    if let Some(f) = v.read_lock::<FnPtr>() {
+        return f.curry().iter().all(hashable);
+    }
+    let t = v.type_id();
+    [
+        TypeId::of::<u8>(),
+        TypeId::of::<u16>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<i8>(),
+        TypeId::of::<i16>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<f32>(),
+        TypeId::of::<u128>(),
+        TypeId::of::<i128>(),
+        TypeId::of::<std::ops::Range<INT>>(),
+        TypeId::of::<std::ops::RangeInclusive<INT>>(),
+    ]
+    .contains(&t)
+}
+
+/// Whether [`switch_hash`] gives the hashes Rhai's parser gives case literals of each kind, so
+/// that a compiled `switch` picks Rhai's case; checked once. When not (another Rhai), `switch`
+/// is left to the interpreter.
+fn switch_hash_is_rhais() -> bool {
+    static SAME: OnceLock<bool> = OnceLock::new();
+    *SAME.get_or_init(|| {
+        let script = "fn f(x) { switch x { \"a\" => 1, 2 => 2, 1.5 => 3, true => 4, 'c' => 5 } }";
+        let Ok(ast) = Engine::new_raw().compile(script) else {
+            return false;
+        };
+        let mut hashes = Vec::new();
+        ast.walk(&mut |path: &[ASTNode]| {
+            if let Some(ASTNode::Stmt(Stmt::Switch(sw, _))) = path.last() {
+                hashes.extend(sw.1.cases.keys().copied());
+            }
+            true
+        });
+        let values = [
+            Dynamic::from(ImmutableString::from("a")),
+            Dynamic::from_int(2),
+            Dynamic::from_float(1.5),
+            Dynamic::TRUE,
+            Dynamic::from_char('c'),
+        ];
+        hashes.len() == values.len()
+            && values
+                .iter()
+                .all(|v| switch_hash(v).is_some_and(|h| hashes.contains(&h)))
+    })
 }
 
 /// Whether `stmts` assign to the variable `name` (anywhere, conservatively).

@@ -3,7 +3,7 @@
 //!
 //! [`program`] writes a query from a seed: arithmetic on state fields and event fields (which
 //! may be missing, strings, huge or zero, so overflow, division by zero and type errors happen),
-//! locals, `if`/`else`, `&&`/`||`, script functions, number methods, `in`, emits of map literals
+//! locals, `if`/`else`, `switch`, `&&`/`||`, script functions, number methods, `in`, emits of map literals
 //! and of locals, named topics, timers, `forget`, and plugin objects (in state and in locals)
 //! with their methods and properties, given any value. [`events`] writes NDJSON for it.
 //! [`run_both`] runs a query over events with `--engine auto` and `--engine interpreter` and
@@ -256,7 +256,7 @@ impl Writer<'_> {
     fn stmts(&mut self, depth: usize, n: usize, out: &mut String, timers: bool) {
         let scope = self.locals.len();
         for _ in 0..n {
-            match self.g.below(14) {
+            match self.g.below(15) {
                 0..=2 => {
                     let op = self.g.pick(&["=", "+=", "-=", "*=", "/=", "+=", "%="]);
                     out.push_str(&format!(
@@ -332,10 +332,92 @@ impl Writer<'_> {
                 13 if self.g.chance(10) => out.push_str("forget();\n"),
                 // The event itself as a value: `on_event` then holds it boxed.
                 13 if self.g.chance(10) => out.push_str("emit(ev);\n"),
+                14 if depth > 0 => self.switch(depth - 1, out, timers),
                 _ => out.push_str(&format!("emit({});\n", self.expr(2))),
             }
         }
         self.locals.truncate(scope);
+    }
+
+    /// A `switch` on any expression (so on ints, floats, strings, booleans, `()` and event
+    /// fields of any type): cases of distinct literals, some as `a | b` lists, whose bodies are
+    /// blocks of statements (`return` among them) or one statement; then integer ranges and
+    /// `_`, each maybe. Now and then a guarded case (`x if cond`), which is not compiled, and a
+    /// `switch` whose value is a local's.
+    fn switch(&mut self, depth: usize, out: &mut String, timers: bool) {
+        let as_value = self.g.chance(20);
+        let value = self.expr(2);
+        let name = format!("v{}", self.next);
+        if as_value {
+            self.next += 1;
+            out.push_str(&format!("let {name} = switch {value} {{\n"));
+        } else {
+            out.push_str(&format!("switch {value} {{\n"));
+        }
+        let mut pool = vec![
+            "0",
+            "1",
+            "2",
+            "7",
+            "1000",
+            "0.5",
+            "1.5",
+            "3.0",
+            "\"text\"",
+            "\"ab\"",
+            "true",
+            "false",
+            "'x'",
+            "9223372036854775807",
+        ];
+        for _ in 0..1 + self.g.below(3) {
+            let mut labels = Vec::new();
+            for _ in 0..1 + usize::from(self.g.chance(25)) {
+                if !pool.is_empty() {
+                    labels.push(pool.remove(self.g.below(pool.len())));
+                }
+            }
+            let guard = if self.g.chance(4) {
+                format!(" if {}", self.cond(1))
+            } else {
+                String::new()
+            };
+            out.push_str(&format!("{}{guard} => ", labels.join(" | ")));
+            self.case_body(as_value, depth, out, timers);
+        }
+        if self.g.chance(40) {
+            let (a, b) = (self.g.below(5) as i64 - 2, self.g.below(10));
+            let range = if self.g.chance(50) {
+                format!("{a}..{b}")
+            } else {
+                format!("{a}..={b}")
+            };
+            out.push_str(&format!("{range} => "));
+            self.case_body(as_value, depth, out, timers);
+        }
+        if self.g.chance(50) {
+            out.push_str("_ => ");
+            self.case_body(as_value, depth, out, timers);
+        }
+        out.push_str("};\n");
+        if as_value {
+            self.locals.push(name);
+        }
+    }
+
+    fn case_body(&mut self, as_value: bool, depth: usize, out: &mut String, timers: bool) {
+        if as_value {
+            out.push_str(&format!("{},\n", self.expr(2)));
+        } else if self.g.chance(30) {
+            let op = self.g.pick(&["=", "+=", "*="]);
+            let field = self.g.pick(&FIELDS);
+            out.push_str(&format!("this.{field} {op} {},\n", self.expr(1)));
+        } else {
+            out.push_str("{\n");
+            let k = 1 + self.g.below(2);
+            self.stmts(depth, k, out, timers);
+            out.push_str("}\n");
+        }
     }
 }
 

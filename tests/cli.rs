@@ -208,6 +208,15 @@ fn check_accepts_the_shipped_queries() {
         stdout.contains("  on_event: interpreted (23:5 for loop)"),
         "{stdout}"
     );
+    // `switch` and an index at the end of a chain (`out.probabilities[1]`) compile.
+    for name in ["player_stats", "player_churn"] {
+        assert!(
+            stdout.contains(&format!(
+                "{name}.rhai: ok: {name} (source [\"games\"], key_by player): compiled\n  init: compiled\n  on_event: compiled\n"
+            )),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]

@@ -81,14 +81,17 @@ fn shipped_queries_write_the_same_bytes_on_both_engines() {
         assert!(a == b, "{name}: the engines differ");
         compiled += usize::from(def.engine.compiled());
     }
-    // vwap, asof_join, price_alerts, sensor_anomaly, sensor_failure, trade_anomaly.
-    assert!(compiled >= 6, "only {compiled} shipped queries compile");
+    // vwap, asof_join, price_alerts, sensor_anomaly, sensor_failure, trade_anomaly,
+    // player_stats (`switch`), player_churn (`switch`, `out.probabilities[1]`).
+    assert!(compiled >= 8, "only {compiled} shipped queries compile");
 }
 
 #[test]
 fn random_queries_write_the_same_bytes_on_both_engines() {
     let limits = Limits::default();
     let (mut programs, mut compiled, mut events) = (0, 0, 0);
+    // Programs with a `switch`, and those of them that compiled.
+    let (mut switches, mut switches_compiled) = (0, 0);
     // `DIFF_SEEDS=400..2400 cargo test --test compiled random -- --nocapture` runs more.
     let seeds = std::env::var("DIFF_SEEDS").ok().and_then(|r| {
         let (a, b) = r.split_once("..")?;
@@ -107,6 +110,10 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
                 programs += 1;
                 compiled += usize::from(c);
                 events += 25;
+                if script.contains("switch ") {
+                    switches += 1;
+                    switches_compiled += usize::from(c);
+                }
             }
             Ok(Verdict::NotAQuery) => {
                 if std::env::var("SHOW").is_ok() {
@@ -119,10 +126,17 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
             Err(diff) => panic!("seed {seed}: {diff}"),
         }
     }
-    eprintln!("{programs} programs ({compiled} compiled), {events} events");
+    eprintln!(
+        "{programs} programs ({compiled} compiled), {events} events; \
+         {switches} with a switch ({switches_compiled} compiled)"
+    );
     if wide {
         return;
     }
+    assert!(
+        switches_compiled >= 40,
+        "only {switches_compiled} compiled programs have a switch"
+    );
     assert!(
         programs >= 350,
         "only {programs} of 400 programs are queries"
@@ -193,6 +207,133 @@ fn hostile_scripts_that_compile_are_stopped_alike() {
             String::from_utf8_lossy(&b)
         );
     }
+}
+
+/// `switch` compiles, and a value finds the case Rhai finds: by type as well as value (the
+/// float `1.0` is not the case `1`), `a | b` lists, `()`, integer ranges (a float in one too),
+/// `_`, a case that is one statement, `return` in a case, a `switch` as a value, and an error in
+/// a case at its position. A case guarded by `if` keeps the query on the interpreter.
+#[test]
+fn switch_finds_the_case_rhai_finds() {
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            let tag = switch ev.v {
+                1 => "one",
+                "a" | "b" => "ab",
+                true => "yes",
+                () => "unit",
+                1.5 => "x1.5",
+                _ => "other",
+            };
+            switch ev.v {
+                "stop" => return,
+                0 => this.n += 100 / ev.v,
+                2..5 => { emit(#{ tag: tag, range: "2..5" }); return; }
+                _ => this.n += 1,
+            }
+            emit(#{ tag: tag, n: this.n });
+        }"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let vs = [
+        "1", "1.0", "\"b\"", "true", "null", "3", "4.5", "\"stop\"", "0", "1.5", "[1]",
+    ];
+    let mut input: String = vs
+        .iter()
+        .map(|v| format!("{{\"k\":\"a\",\"v\":{v}}}\n"))
+        .collect();
+    input.push_str("{\"k\":\"a\"}\n");
+    let a = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+    let b = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+    let text = String::from_utf8_lossy(&a).into_owned();
+    assert_eq!(text, String::from_utf8_lossy(&b));
+    // By hand: which case each value takes, and the count `n` (the error leaves it alone).
+    let values: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|item| item["topic"] == "q")
+        .map(|item| item["value"].to_string())
+        .collect();
+    assert_eq!(
+        values,
+        [
+            r#"{"n":1,"tag":"one"}"#,
+            r#"{"n":2,"tag":"other"}"#,
+            r#"{"n":3,"tag":"ab"}"#,
+            r#"{"n":4,"tag":"yes"}"#,
+            r#"{"n":5,"tag":"unit"}"#,
+            r#"{"range":"2..5","tag":"other"}"#,
+            r#"{"range":"2..5","tag":"other"}"#,
+            r#"{"n":6,"tag":"x1.5"}"#,
+            r#"{"n":7,"tag":"other"}"#,
+            r#"{"n":8,"tag":"unit"}"#,
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("Division by zero") && text.contains("\"q.errors\""),
+        "{text}"
+    );
+
+    let guarded = r#"let source = "s"; fn init(key) { #{ n: 0 } }
+        fn on_event(ev) { switch ev.v { 1 if ev.w > 0 => this.n += 1, _ => () } }"#;
+    let def = QueryDef::compile("q", guarded, &limits).unwrap();
+    let summary = def.engine.summary();
+    assert!(
+        summary.starts_with("interpreted (2:")
+            && summary.ends_with("switch case with a condition)"),
+        "{summary}"
+    );
+}
+
+/// An index at the end of a chain (`m.a[i]`, `m.inner.b[i]`, as `out.probabilities[1]` in
+/// `player_churn`) is read as `(m.a)[i]`: the same values and the same errors (out of bounds, a
+/// string or float index, a missing property) on both engines; negative indexes count from the
+/// end, as in Rhai.
+#[test]
+fn an_index_at_the_end_of_a_chain_reads_as_rhai_reads_it() {
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            let m = #{ a: [10, 20, 30], s: "xyz", inner: #{ b: [1, 2] } };
+            switch ev.w {
+                0 => emit(#{ v: m.a[ev.i] }),
+                1 => emit(#{ v: m.s[ev.i] }),
+                2 => emit(#{ v: m.inner.b[ev.i] }),
+                3 => emit(#{ v: m.q[ev.i] }),
+                _ => emit(m.a[ev.i]),
+            }
+        }"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let mut input = String::new();
+    for w in 0..5 {
+        for i in ["0", "2", "3", "-1", "\"x\"", "1.5"] {
+            input.push_str(&format!("{{\"k\":\"a\",\"w\":{w},\"i\":{i}}}\n"));
+        }
+    }
+    let a = run(&def, input.as_bytes(), &limits, EngineMode::Auto);
+    let text = String::from_utf8_lossy(&a).into_owned();
+    let b = run(&def, input.as_bytes(), &limits, EngineMode::Interpreter);
+    assert_eq!(text, String::from_utf8_lossy(&b));
+    let values: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|item| item["topic"] == "q")
+        .map(|item| match item["value"].get("v") {
+            Some(v) => v.to_string(),
+            None => item["value"].to_string(),
+        })
+        .collect();
+    let want = [
+        "10", "30", "30", "\"x\"", "\"z\"", "\"z\"", "1", "2", "10", "30", "30",
+    ];
+    assert_eq!(values, want, "{text}");
+    let errors = text.lines().filter(|l| l.contains("\"q.errors\"")).count();
+    assert!(errors > 0, "{text}");
 }
 
 /// A query the compiler was not written against, in the shipped queries' style (sums on state
