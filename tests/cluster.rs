@@ -699,6 +699,108 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
     .await;
 }
 
+/// Sends `frames` as idempotent producer `producer` to `addr`, `frames[0]` being its frame
+/// `first`, a frame every 5 ms, until every ack came or the connection failed; returns the acks
+/// in order. `killed` hears once `signal_after` acks have come.
+async fn produce_as(
+    addr: String,
+    producer: &str,
+    first: usize,
+    frames: Vec<Vec<(String, i64, i64)>>,
+    mut signal_after: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> Vec<Value> {
+    let path = format!("/ingest?stream=trades&ack=true&producer={producer}&frame={first}");
+    let w = ws(&addr, &path).await;
+    let (mut tx, mut rx) = w.split();
+    let texts: Vec<String> = frames.iter().map(|f| frame(f)).collect();
+    let sender = tokio::spawn(async move {
+        for t in texts {
+            if tx.send(Message::Text(t.into())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx
+    });
+    let mut acks = Vec::new();
+    while acks.len() < frames.len() {
+        match tokio::time::timeout(Duration::from_secs(60), rx.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => acks.push(serde_json::from_str::<Value>(&t).unwrap()),
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        }
+        if signal_after.as_ref().is_some_and(|(n, _)| acks.len() == *n) {
+            let _ = signal_after.take().unwrap().1.send(());
+        }
+    }
+    sender.abort();
+    acks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_whose_node_died_sends_its_frames_to_another_and_each_counts_once() {
+    cluster_test("the idempotent producer test", async |s| {
+        let ([a, b, mut c], _) = s.start(["a", "b", "c"], &[]).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let all = trades(4000, 47);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        // The producer is connected to c, which dies (SIGKILL) with frames in flight.
+        let (signal, heard) = tokio::sync::oneshot::channel();
+        let pid = c.0.id().unwrap() as i32;
+        let killer = tokio::spawn(async move {
+            let _ = heard.await;
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let acks = produce_as(c.2.clone(), "desk-7", 0, frames.clone(), Some((60, signal))).await;
+        killer.await.unwrap();
+        let _ = c.0.wait().await;
+        let acked = acks.len();
+        assert!(acked >= 60 && acked < frames.len(), "{acked} acks");
+        for (i, ack) in acks.iter().enumerate() {
+            assert_eq!(
+                (&ack["frame"], &ack["accepted"]),
+                (&json!(i), &json!(10)),
+                "{ack}"
+            );
+        }
+        // It sends every frame it has no ack for to b, numbered as before, and five it had
+        // acks for (as a producer unsure of its last acks would).
+        let from = acked - 5;
+        let again = produce_as(b.2.clone(), "desk-7", from, frames[from..].to_vec(), None).await;
+        assert_eq!(again.len(), frames.len() - from);
+        let mut new = 0;
+        for (i, ack) in again.iter().enumerate() {
+            let n = from + i;
+            assert_eq!(ack["frame"], json!(n), "{ack}");
+            assert_eq!(ack["rejected"], json!(0), "{ack}");
+            if n < acked {
+                // Stored before: JetStream keeps one copy per message id.
+                assert_eq!(
+                    (&ack["duplicate"], &ack["accepted"]),
+                    (&json!(true), &json!(0))
+                );
+            } else if ack.get("duplicate").is_none() {
+                assert_eq!(ack["accepted"], json!(10), "{ack}");
+                new += 1;
+            }
+        }
+        assert!(new > 0, "every frame after the kill was stored before it");
+        // Every trade counted once: a and b own c's partitions after its lease, and VWAP is the
+        // reference over the whole feed.
+        owned_by(&a.2, &["a", "b"]).await;
+        let want = reference(&all);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
+        let (_, text) = http_at(&b.2, "GET", "/metrics", None, "").await;
+        assert!(
+            support::metric(&text, "eddy_ingest_duplicate_frames_total") >= 5.0,
+            "{text}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_takes_partitions_with_their_state() {
     cluster_test("the join test", async |s| {

@@ -12,7 +12,10 @@
 //!   then all awaited at once). Each message carries an id (`Nats-Msg-Id`): one that fails (no
 //!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
 //!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
-//!   after the frame came; only then are its events answered as rejected.
+//!   after the frame came; only then are its events answered as rejected. An idempotent
+//!   producer's frame (`producer=ID`) has the ids `ID/N/partition` on whichever node it
+//!   arrives, so that a frame sent again to another node is stored once too
+//!   ([`super::producer`]).
 //!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
 //!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
 //!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
@@ -97,6 +100,7 @@ use super::pipeline::Forwarded;
 /// Output messages the shards may queue for the forwarder before they wait.
 const FORWARD_QUEUE: usize = 1024;
 use super::pipeline::ShardMsg;
+use super::producer::FrameId;
 use super::State;
 
 pub use config::{ClusterConfig, RawCluster};
@@ -338,6 +342,8 @@ pub struct Cluster {
     /// Frames and events published, and publishes JetStream did not acknowledge.
     pub published_messages: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Idempotent producers' frames some of whose events an earlier send had stored.
+    pub duplicate_frames: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
     /// Mark messages sent to the partitions ([`broadcast_marks`]).
@@ -480,6 +486,7 @@ impl Cluster {
             released: AtomicU64::new(0),
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            duplicate_frames: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
             mark_messages: AtomicU64::new(0),
             catalog_failures: std::sync::Mutex::new(BTreeMap::new()),
@@ -1090,7 +1097,17 @@ async fn drain(state: &State, cluster: &Cluster) {
 
 /// JetStream's acks of one input's messages: resolves to the events whose message was not
 /// acknowledged (their index in the input, and why).
-pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
+pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Published> + Send>>;
+
+/// What JetStream said of an input's messages.
+#[derive(Default)]
+pub struct Published {
+    /// The events whose messages were not stored, with why, by index.
+    pub failed: Vec<(u32, String)>,
+    /// Events whose messages an earlier send of the same idempotent producer's frame had
+    /// stored (see [`super::producer`]): not added again.
+    pub duplicates: u64,
+}
 
 /// Collects, per partition, the NDJSON of the accepted events whose keys fall in it, and the
 /// producer's mark with each of them for the queries on event time ([`EventTimeQueries`]).
@@ -1124,12 +1141,18 @@ impl RouteSink for PartitionSink<'_> {
     }
 }
 
+/// Where an input came from: its source, and its idempotent producer's frame id if it has one.
+pub struct Origin<'a> {
+    pub source: SourceId,
+    pub id: Option<&'a FrameId>,
+}
+
 /// Routes a parsed input (rejecting what a node alone would reject) and publishes its accepted
 /// events to their partitions. Returns what was routed and the acks to wait for.
 pub async fn publish(
     state: &State,
     cluster: &Arc<Cluster>,
-    source: SourceId,
+    Origin { source, id }: Origin<'_>,
     frame: &Arc<Frame>,
     stream: Option<&str>,
     now: i64,
@@ -1170,12 +1193,16 @@ pub async fn publish(
         }
         // JetStream stores a message once per id within its duplicate window: a retry of a
         // message whose first ack was lost (a leader that died after storing it) is not stored
-        // twice.
-        let id = cluster.next_message.fetch_add(1, Ordering::Relaxed);
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("{}.{id}", cluster.incarnation).as_str(),
-        );
+        // twice, and neither is an idempotent producer's frame sent again, to any node (its
+        // messages' ids are the same wherever it is published; node ids have no `/`).
+        let message_id = match id {
+            Some(id) => format!("{}/{}/{partition}", id.producer, id.frame),
+            None => {
+                let n = cluster.next_message.fetch_add(1, Ordering::Relaxed);
+                format!("{}.{n}", cluster.incarnation)
+            }
+        };
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
         let message = Outgoing {
             subject: event_subject(partition as u32),
             headers,
@@ -1221,10 +1248,16 @@ pub async fn publish(
         ))
         .await;
         let mut failed = Vec::new();
+        let mut stored_before: Vec<u32> = Vec::new();
+        let mut added: HashSet<u32> = HashSet::new();
         for (indexes, result) in results {
-            if let Err(e) = result {
-                let reason = format!("JetStream did not acknowledge the event: {e}");
-                failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+            match result {
+                Ok(Stored::New) => added.extend(indexes),
+                Ok(Stored::Before) => stored_before.extend(indexes),
+                Err(e) => {
+                    let reason = format!("JetStream did not acknowledge the event: {e}");
+                    failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+                }
             }
         }
         failed.sort_unstable();
@@ -1232,7 +1265,18 @@ pub async fn publish(
         if !failed.is_empty() {
             counted.publish_failures.fetch_add(1, Ordering::Relaxed);
         }
-        failed
+        // An event with keys in several partitions is in several messages: it was added by
+        // this send if any of them was.
+        stored_before.sort_unstable();
+        stored_before.dedup();
+        let duplicates = stored_before
+            .iter()
+            .filter(|i| !added.contains(i) && failed.binary_search_by_key(*i, |(f, _)| *f).is_err())
+            .count() as u64;
+        if duplicates > 0 {
+            counted.duplicate_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        Published { failed, duplicates }
     });
     (routed, acks)
 }
@@ -1396,8 +1440,9 @@ impl Cluster {
         message: Outgoing,
         mut sent: SendResult,
         deadline: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<Stored, String> {
         let mut backoff = Duration::from_millis(50);
+        let mut first = true;
         loop {
             let failure = match sent {
                 Ok(ack) => {
@@ -1408,7 +1453,10 @@ impl Cluster {
                     )
                     .await
                     {
-                        Ok(Ok(_)) => return Ok(()),
+                        // Only the first answer tells: a retry's "duplicate" may be this node's
+                        // own first send, stored with its ack lost.
+                        Ok(Ok(ack)) if ack.duplicate && first => return Ok(Stored::Before),
+                        Ok(Ok(_)) => return Ok(Stored::New),
                         Ok(Err(e)) => e,
                         Err(_) => jetstream::context::PublishError::new(
                             jetstream::context::PublishErrorKind::TimedOut,
@@ -1421,6 +1469,7 @@ impl Cluster {
             if !retry || Instant::now() + backoff >= deadline {
                 return Err(failure.to_string());
             }
+            first = false;
             self.publish_retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -1429,8 +1478,20 @@ impl Cluster {
     }
 }
 
-/// Applies the acks' failures to an outcome: those events were not accepted.
-pub fn unacknowledged(outcome: &mut super::ingest::Outcome, failed: Vec<(u32, String)>) {
+/// Whether JetStream stored a message now, or already had it (its id was stored before).
+enum Stored {
+    New,
+    Before,
+}
+
+/// Applies what JetStream said to an outcome: events it did not store were not accepted, and
+/// events an earlier send of the frame had stored were not added by this one.
+pub fn acknowledged(outcome: &mut super::ingest::Outcome, published: Published) {
+    let Published { failed, duplicates } = published;
+    if duplicates > 0 {
+        outcome.duplicate = true;
+        outcome.accepted = outcome.accepted.saturating_sub(duplicates);
+    }
     if failed.is_empty() {
         return;
     }
