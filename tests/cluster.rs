@@ -1792,3 +1792,83 @@ async fn a_deploy_that_fails_on_one_node_is_listed_by_get_cluster() {
     })
     .await;
 }
+
+/// The type of each message `w` gets until it has `n` of the types in `want`.
+async fn types_until(w: &mut Ws, want: &[&str], n: usize) -> Vec<(String, Value)> {
+    let mut got = Vec::new();
+    while got
+        .iter()
+        .filter(|(t, _): &&(String, Value)| want.contains(&t.as_str()))
+        .count()
+        < n
+    {
+        let m = next_json(w).await;
+        got.push((m["type"].as_str().unwrap().to_owned(), m));
+    }
+    got
+}
+
+/// A topic's first subscriber on a node waits while the node reads the topic's snapshot from
+/// JetStream (`latest_interval` and a little more: 3 s here); nothing else waits for that. The
+/// subscriber's requests after it are answered meanwhile (its `topics` before either
+/// `subscribed`), two topics open at once, and another subscriber of a topic already taken is
+/// answered while a third topic is still opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_being_taken_from_nats_holds_up_no_other_request() {
+    cluster_test("the concurrent subscribe test", async |s| {
+        let (_config, path) = config_file("[cluster]\nlatest_interval = \"3s\"\n");
+        let a = node_args(
+            s.queries.path(),
+            "a",
+            &["--config", &path, "--cluster", &s.nats.url],
+        )
+        .await;
+        balanced(&a.2, &["a"]).await;
+        let mut first = ws(&a.2, "/subscribe").await;
+        for request in [
+            json!({"op": "subscribe", "topic": "vwap"}),
+            json!({"op": "subscribe", "topic": "vwap.errors"}),
+            json!({"op": "topics"}),
+        ] {
+            first
+                .send(Message::Text(request.to_string().into()))
+                .await
+                .unwrap();
+        }
+        let got = types_until(&mut first, &["subscribed"], 2).await;
+        let kinds: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(kinds[0], "topics", "{got:?}");
+        let mut subscribed: Vec<&str> = got
+            .iter()
+            .filter(|(t, _)| t == "subscribed")
+            .map(|(_, m)| m["topic"].as_str().unwrap())
+            .collect();
+        subscribed.sort_unstable();
+        assert_eq!(subscribed, ["vwap", "vwap.errors"]);
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 2.0);
+        // `vwap` is taken; `vwap.late` opens for the first subscriber while a second one joins
+        // `vwap`, which is answered first.
+        first
+            .send(Message::Text(
+                json!({"op": "subscribe", "topic": "vwap.late"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut second = ws(&a.2, "/subscribe").await;
+        let reply = subscribe_to(&mut second, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), first.next())
+                .await
+                .is_err(),
+            "vwap.late was answered before the second subscriber of vwap"
+        );
+        let got = types_until(&mut first, &["subscribed"], 1).await;
+        assert_eq!(got.last().unwrap().1["topic"], "vwap.late", "{got:?}");
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 3.0);
+    })
+    .await;
+}

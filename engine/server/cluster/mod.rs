@@ -357,6 +357,8 @@ pub struct Cluster {
     /// This process's prefix of message ids (node name and start time), and the next number.
     incarnation: String,
     next_message: AtomicU64,
+    /// Openings of topics so far ([`Interest::Opening`]).
+    openings: AtomicU64,
     /// The shards' output (the forwarder's input), for its marks.
     out: Sender<Forwarded>,
     out_rx: Receiver<Forwarded>,
@@ -493,6 +495,7 @@ impl Cluster {
             marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
+            openings: AtomicU64::new(0),
             out,
             out_rx,
             hub,
@@ -587,17 +590,81 @@ impl Cluster {
     /// topic's latest values from it into the hub's snapshot store, with the items that came on
     /// `eddy.out` meanwhile after them (a key that came live keeps its live value), then feed
     /// the hub with what arrives. Returns once the hub has them, so that the subscriber's
-    /// snapshot holds them.
+    /// snapshot holds them. Topics open independently: while one is being read, another topic's
+    /// subscribers (new or not) are not held up; a second subscriber of a topic being opened
+    /// waits for that opening.
     pub async fn want(self: &Arc<Self>, subscriber: u64, topic: &str) -> Result<(), String> {
+        let (ready, generation) = {
+            let mut interest = self.interest.lock().await;
+            match interest.get_mut(topic) {
+                Some(Interest::Taken { subscribers, .. }) => {
+                    subscribers.insert(subscriber);
+                    return Ok(());
+                }
+                Some(Interest::Opening {
+                    subscribers, ready, ..
+                }) => {
+                    subscribers.insert(subscriber);
+                    let mut ready = ready.clone();
+                    drop(interest);
+                    return match ready.wait_for(Option::is_some).await {
+                        Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+                        Err(_) => Err(format!("cluster: taking {topic} from NATS stopped")),
+                    };
+                }
+                None => {}
+            }
+            // A topic the hub would refuse (it answers why): not taken from NATS at all.
+            if !self.hub.accepts(topic) {
+                return Ok(());
+            }
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let generation = self.openings.fetch_add(1, Ordering::Relaxed);
+            interest.insert(
+                topic.to_owned(),
+                Interest::Opening {
+                    subscribers: HashSet::from([subscriber]),
+                    ready: rx,
+                    generation,
+                },
+            );
+            (tx, generation)
+        };
+        let opened = self.open(topic).await;
         let mut interest = self.interest.lock().await;
-        if let Some(i) = interest.get_mut(topic) {
-            i.subscribers.insert(subscriber);
-            return Ok(());
-        }
-        // A topic the hub would refuse (it answers why): not taken from NATS at all.
-        if !self.hub.accepts(topic) {
-            return Ok(());
-        }
+        let ours = matches!(
+            interest.get(topic),
+            Some(Interest::Opening { generation: g, .. }) if *g == generation
+        );
+        let outcome = match opened {
+            // Everyone here left, or the query went, meanwhile: not taken after all.
+            Ok(_) if !ours => Ok(()),
+            Ok((items, seeded)) => {
+                if let Some(Interest::Opening { subscribers, .. }) = interest.remove(topic) {
+                    let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
+                    interest.insert(topic.to_owned(), Interest::Taken { subscribers, task });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if ours {
+                    interest.remove(topic);
+                }
+                Err(e)
+            }
+        };
+        self.count_taken(&interest);
+        drop(interest);
+        let _ = ready.send(Some(outcome.clone()));
+        outcome
+    }
+
+    /// Subscribes to `topic`'s items and seeds the hub with its latest values and what came
+    /// meanwhile (see [`Cluster::want`]); returns the subscription and the values seeded.
+    async fn open(
+        &self,
+        topic: &str,
+    ) -> Result<(async_nats::Subscriber, HashMap<Key, Vec<u8>>), String> {
         let subject = topic_subject(topic);
         let mut items = self
             .client
@@ -639,35 +706,34 @@ impl Cluster {
             }
             Err(e) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
         }
-        let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
-        interest.insert(
-            topic.to_owned(),
-            Interest {
-                subscribers: HashSet::from([subscriber]),
-                task,
-            },
-        );
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok((items, seeded))
+    }
+
+    /// Sets `topics_taken` from the topics taken now.
+    fn count_taken(&self, interest: &HashMap<String, Interest>) {
+        let taken = interest
+            .values()
+            .filter(|i| matches!(i, Interest::Taken { .. }))
+            .count();
+        self.topics_taken.store(taken as u64, Ordering::Relaxed);
     }
 
     /// Subscriber `subscriber` no longer wants `topic` (`None`: any topic, it left). A topic
-    /// nobody here wants any more is no longer taken from NATS.
+    /// nobody here wants any more is no longer taken from NATS (one being opened is dropped
+    /// when its opening ends).
     pub async fn unwant(&self, subscriber: u64, topic: Option<&str>) {
         let mut interest = self.interest.lock().await;
         interest.retain(|t, i| {
             if topic.is_none_or(|want| want == t) {
-                i.subscribers.remove(&subscriber);
+                i.subscribers().remove(&subscriber);
             }
-            if i.subscribers.is_empty() {
-                i.task.abort();
+            if i.subscribers().is_empty() {
+                i.stop();
                 return false;
             }
             true
         });
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
+        self.count_taken(&interest);
     }
 
     /// Query `name` was removed here (its topics are closed): its topics are no longer taken
@@ -678,11 +744,10 @@ impl Cluster {
             if query_of(t) != name {
                 return true;
             }
-            i.task.abort();
+            i.stop();
             false
         });
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
+        self.count_taken(&interest);
     }
 
     /// Makes the named topics of query `name` that `eddy_topics` holds known to the hub, once
@@ -996,9 +1061,38 @@ impl Cluster {
 }
 
 /// A topic this node takes from NATS.
-struct Interest {
-    subscribers: HashSet<u64>,
-    task: tokio::task::JoinHandle<()>,
+enum Interest {
+    /// Being taken (see [`Cluster::want`]): the subscribers who asked meanwhile wait for
+    /// `ready`, which says how the opening went.
+    Opening {
+        subscribers: HashSet<u64>,
+        ready: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+        /// Which opening: one that ends after its entry was dropped (and maybe made again)
+        /// leaves the entry alone.
+        generation: u64,
+    },
+    /// Taken: `task` takes the topic's items from NATS into the hub.
+    Taken {
+        subscribers: HashSet<u64>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Interest {
+    fn subscribers(&mut self) -> &mut HashSet<u64> {
+        match self {
+            Interest::Opening { subscribers, .. } | Interest::Taken { subscribers, .. } => {
+                subscribers
+            }
+        }
+    }
+
+    /// No longer taken (an opening in progress finds its entry gone and drops what it made).
+    fn stop(&self) {
+        if let Interest::Taken { task, .. } = self {
+            task.abort();
+        }
+    }
 }
 
 /// Starts the node's cluster tasks: the output forwarder, the catalog watcher and the ownership
