@@ -1872,3 +1872,56 @@ async fn a_topic_being_taken_from_nats_holds_up_no_other_request() {
     })
     .await;
 }
+
+/// The `version` of query `name` on the node at `addr`.
+async fn version_of(addr: &str, name: &str) -> i64 {
+    let (status, body) = http_at(addr, "GET", &format!("/queries/{name}"), None, "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["version"]
+        .as_i64()
+        .unwrap()
+}
+
+/// A deploy starts the query afresh, every key's state reset, on every node: also when its
+/// script is the one deployed already (a node that skipped what it already ran kept the state
+/// of the keys it owns, and only the node that took the request started over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_of_the_same_script_on_one_node_starts_the_query_afresh_on_every_node() {
+    cluster_test("the same-script deploy test", async |s| {
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let first = trades(1500, 61);
+        produce(
+            addrs[0].clone(),
+            first.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let mut before = Vec::new();
+        for addr in &addrs {
+            before.push(version_of(addr, "vwap").await);
+        }
+        let script = support::query_file("vwap");
+        let (status, body) = http_at(&addrs[1], "PUT", "/queries/vwap", Some(TOKEN), &script).await;
+        assert_eq!(status, 200, "{body}");
+        for (addr, old) in addrs.iter().zip(&before) {
+            let what = format!("the deploy never reached {addr}");
+            until(in_secs(10), &what, async || {
+                version_of(addr, "vwap").await != *old
+            })
+            .await;
+        }
+        // Only what came after the deploy counts, on every owner.
+        let mut sub = subscribe_vwap(&addrs[0]).await;
+        let second = trades(1500, 67);
+        let acked = produce(
+            addrs[2].clone(),
+            second.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
+        drop((a, b, c));
+    })
+    .await;
+}

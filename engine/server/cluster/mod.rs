@@ -531,12 +531,19 @@ impl Cluster {
     /// (this one too) applies.
     pub async fn remember(&self, name: &str, script: Option<&str>) -> Result<(), String> {
         let done = match script {
-            Some(script) => self
-                .catalog
-                .put(name, Bytes::copy_from_slice(script.as_bytes()))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Some(script) => {
+                let entry = CatalogEntry {
+                    script: script.to_owned(),
+                    state: None,
+                    from: Some(self.config.node.clone()),
+                };
+                let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+                self.catalog
+                    .put(name, value.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
             None => {
                 self.purge_latest(name).await;
                 self.catalog.delete(name).await.map_err(|e| e.to_string())
@@ -552,6 +559,7 @@ impl Cluster {
         let entry = CatalogEntry {
             script: script.to_owned(),
             state: Some("keep".to_owned()),
+            from: Some(self.config.node.clone()),
         };
         let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
         self.catalog
@@ -1110,12 +1118,18 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
             .spawn(move || forward(&cluster, &runtime, partitions))
             .expect("spawn the cluster forwarder");
     }
+    // The catalog's revision before the watch: what came before is history (see
+    // [`follow_catalog`]).
+    let history = match cluster.catalog.status().await {
+        Ok(status) => status.info.state.last_sequence,
+        Err(e) => return Err(js_err("read eddy_catalog")(Box::new(e))),
+    };
     let watch = cluster
         .catalog
         .watch_with_history(">")
         .await
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
-    tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    tokio::spawn(follow_catalog(Arc::clone(state), watch, history));
     let watch = cluster
         .topics
         .watch_with_history(">")
@@ -2673,32 +2687,51 @@ fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
 // ---------------------------------------------------------------------------------------------
 // The catalog.
 
-/// A replace that keeps each key's state, as `eddy_catalog` holds it: JSON
-/// `{"script":…,"state":"keep"}`. A plain deploy is the script itself.
+/// A deploy as `eddy_catalog` holds it: JSON `{"script":…,"state":"keep","from":NODE}` (`state`
+/// only for a replace that keeps each key's state; `from`, the node that took the request). A
+/// catalog written before these fields holds the plain script, which is still read.
 #[derive(Serialize, Deserialize)]
 struct CatalogEntry {
     script: String,
     #[serde(default)]
     state: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
 }
 
-/// Applies every change of the cluster's catalog to this node (its own changes come back too and
-/// are skipped when the script is already deployed). A replace that keeps state replaces this
-/// node's version the same way (its keys keep their state here), then checkpoints: a partition
-/// that moves later restores its keys' state into the new script.
-async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
+/// Applies every change of the cluster's catalog to this node. Entries from before this node
+/// started (up to revision `history`) and its own changes coming back are applied only when the
+/// script deployed here differs; a later deploy from another node is applied even with the
+/// same script, since a deploy starts the query afresh (each key's state reset), as it did on
+/// the node that took it. A replace that keeps state replaces this node's version the same way
+/// (its keys keep their state here), then checkpoints: a partition that moves later restores
+/// its keys' state into the new script.
+async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch, history: u64) {
+    let me = state
+        .cluster
+        .as_ref()
+        .map(|c| c.config.node.clone())
+        .unwrap_or_default();
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
         let name = entry.key.clone();
         match entry.operation {
             kv::Operation::Put => {
-                let (script, keep) = match serde_json::from_slice::<CatalogEntry>(&entry.value) {
-                    Ok(e) => (e.script, e.state.as_deref() == Some("keep")),
-                    Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
-                };
+                let (script, keep, from) =
+                    match serde_json::from_slice::<CatalogEntry>(&entry.value) {
+                        Ok(e) => (e.script, e.state.as_deref() == Some("keep"), e.from),
+                        Err(_) => (
+                            String::from_utf8_lossy(&entry.value).into_owned(),
+                            false,
+                            None,
+                        ),
+                    };
                 let here = super::admin::deployed_script(&state, &name).await;
+                let afresh = !keep
+                    && entry.revision > history
+                    && from.as_deref().is_some_and(|from| from != me);
                 let mut outcome = Ok(());
-                if here.as_deref() != Some(script.as_str()) {
+                if here.as_deref() != Some(script.as_str()) || afresh {
                     let limits = state.config.limits.clone();
                     outcome = match super::admin::compile(name.clone(), script, limits).await {
                         Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
