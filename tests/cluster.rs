@@ -1925,3 +1925,29 @@ async fn a_deploy_of_the_same_script_on_one_node_starts_the_query_afresh_on_ever
     })
     .await;
 }
+
+/// A node started with an empty queries folder runs the queries another node loaded from its
+/// folder (they are put in the catalog at start): its partitions do not drop their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_queries_folder_runs_the_folders_queries_from_the_catalog() {
+    cluster_test("the folder-to-catalog test", async |s| {
+        let a = s.node("a", &[]).await;
+        let empty = tempfile::tempdir().unwrap();
+        let b = node_with(&s.nats, empty.path(), "b", &[]).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let (status, body) = http_at(&b.2, "GET", "/queries/vwap", None, "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["script"],
+            json!(support::query_file("vwap"))
+        );
+        let mut sub = subscribe_vwap(&b.2).await;
+        let all = trades(2000, 71);
+        let acked = produce(b.2.clone(), all.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
+        drop((a, b));
+    })
+    .await;
+}

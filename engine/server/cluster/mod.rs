@@ -1118,6 +1118,7 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
             .spawn(move || forward(&cluster, &runtime, partitions))
             .expect("spawn the cluster forwarder");
     }
+    publish_folder(state, &cluster).await;
     // The catalog's revision before the watch: what came before is history (see
     // [`follow_catalog`]).
     let history = match cluster.catalog.status().await {
@@ -2687,8 +2688,42 @@ fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
 // ---------------------------------------------------------------------------------------------
 // The catalog.
 
+/// Puts the queries this node loaded from its queries folder into the catalog, each that the
+/// catalog has never held (a name deployed or removed over the API before keeps that): so a
+/// node started without the folder, or with another, runs them too, and no partition it owns
+/// drops their events. A name the catalog holds already is left to it: the catalog's version
+/// is applied here when it differs ([`follow_catalog`]).
+async fn publish_folder(state: &State, cluster: &Cluster) {
+    let router = state.router.load_full();
+    for q in router.queries() {
+        let name = &q.def.name;
+        if !matches!(cluster.catalog.entry(name.as_str()).await, Ok(None)) {
+            continue;
+        }
+        // Without `from`: a node that loaded the same script from its own folder keeps its
+        // state (see [`follow_catalog`]).
+        let entry = CatalogEntry {
+            script: q.def.script.clone(),
+            state: None,
+            from: None,
+        };
+        let Ok(value) = serde_json::to_vec(&entry) else {
+            continue;
+        };
+        // `create`: only if no other node put it meanwhile.
+        match cluster.catalog.create(name.as_str(), value.into()).await {
+            Ok(_) => tracing::info!("cluster catalog: {name} from the queries folder"),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => {
+                tracing::warn!("cluster catalog: {name} from the queries folder not put: {e}")
+            }
+        }
+    }
+}
+
 /// A deploy as `eddy_catalog` holds it: JSON `{"script":…,"state":"keep","from":NODE}` (`state`
-/// only for a replace that keeps each key's state; `from`, the node that took the request). A
+/// only for a replace that keeps each key's state; `from`, the node that took the request, none
+/// for a query put there from a queries folder at start). A
 /// catalog written before these fields holds the plain script, which is still read.
 #[derive(Serialize, Deserialize)]
 struct CatalogEntry {
