@@ -481,6 +481,13 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
     assert!(stderr.contains("cluster.replicas: 9"), "{stderr}");
     let stderr = refused("[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\nnodes = 3\n");
     assert!(stderr.contains("unknown field `nodes`"), "{stderr}");
+    // A data directory would be ignored in cluster mode: said, not ignored.
+    let stderr =
+        refused("data_dir = \"/tmp/eddy-data\"\n[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\n");
+    assert!(
+        stderr.contains("data_dir: not used in cluster mode"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
