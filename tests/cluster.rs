@@ -1328,7 +1328,8 @@ fn on_timer(end) {\n\
 /// (lateness 1 s, so some events are late), then one trade an hour later that moves the
 /// watermark past every bar. A subscriber on another node gets every bar and every late event
 /// that `eddy run` gives over the same events: computed here plainly (one watermark, the newest
-/// event time minus lateness; an event behind it is late; a bar holds its window's other events).
+/// event time minus lateness; an event behind it is late; a bar holds its window's other events),
+/// and checked against `eddy run`'s own output (`offline::run`) too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_output_over_one_producer_equals_eddy_run() {
     cluster_test("the timer test", async |s| {
@@ -1400,6 +1401,24 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
                     .join("\n")
             })
             .collect();
+        // And `eddy run` itself, over the same events, agrees with that model.
+        let input = frames.join("\n").into_bytes();
+        let mut ran: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        for item in support::offline_items_of("bars", BARS, input.clone()) {
+            let v = &item["value"];
+            let bar = (
+                item["key"].as_str().unwrap().to_owned(),
+                v["start"].as_i64().unwrap(),
+            );
+            ran.insert(bar, (v["n"].as_i64().unwrap(), v["sum"].as_i64().unwrap()));
+        }
+        let last_bar = base + 3_600_000 - (base + 3_600_000).rem_euclid(10_000);
+        assert_eq!(ran.remove(&("S00".to_owned(), last_bar)), Some((1, 1)));
+        assert_eq!(ran, want, "eddy run and the model differ");
+        assert_eq!(
+            support::offline_items_of("bars.late", BARS, input).len(),
+            want_late
+        );
         let mut producer = ws(&a.2, "/ingest?stream=trades&ack=true").await;
         for f in &frames {
             producer
