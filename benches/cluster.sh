@@ -162,8 +162,9 @@ serve --cluster "$nats_url" --node one --checkpoint-interval 1h
 one_port="$port"; one_pid="$pid"
 for _ in $(seq 1 100); do [ "$(owned "$one_port")" = 64 ] && break; sleep 0.1; done
 seconds=$(python3 -c "print(max(5, int($keys * 3 / 100000)))")
+# A loaded machine may take longer than the feed's default 1 s to ack a frame through JetStream.
 "$eddy" feed "ws://127.0.0.1:$one_port" --rate max --batch 100 --keys "$keys" --duration "${seconds}s" \
-  --json > /dev/null
+  --timeout 30s --json > /dev/null
 for _ in $(seq 1 600); do [ "$(metric "$one_port" eddy_cluster_consumer_lag)" = 0 ] && break; sleep 0.1; done
 held="$(curl -s "http://127.0.0.1:$one_port/queries" | python3 -c 'import sys, json; q = json.load(sys.stdin); q = q if isinstance(q, list) else q["queries"]; print(sum(x["keys"] for x in q))')"
 echo "keys held: $held"

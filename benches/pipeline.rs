@@ -73,6 +73,7 @@ fn pipeline(c: &mut Criterion) {
                             frame.clone(),
                             Some("trades"),
                             &counters,
+                            None,
                         )
                         .await;
                     }

@@ -346,8 +346,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if ephemeral {
                 raw.ephemeral = Some(true);
             }
-            // The data directory of a config file is found next to it.
+            // The data directory of a config file is found next to it (a cluster has none).
+            let clustered = cluster.is_some() || raw.cluster.is_some();
             raw.data_dir = data_dir.or(raw.data_dir).or_else(|| {
+                if clustered {
+                    return None;
+                }
                 let dir = config.as_ref()?.parent()?;
                 Some(dir.join(eddy::server::config::DEFAULT_DATA_DIR))
             });

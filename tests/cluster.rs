@@ -481,6 +481,13 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
     assert!(stderr.contains("cluster.replicas: 9"), "{stderr}");
     let stderr = refused("[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\nnodes = 3\n");
     assert!(stderr.contains("unknown field `nodes`"), "{stderr}");
+    // A data directory would be ignored in cluster mode: said, not ignored.
+    let stderr =
+        refused("data_dir = \"/tmp/eddy-data\"\n[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\n");
+    assert!(
+        stderr.contains("data_dir: not used in cluster mode"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -695,6 +702,108 @@ async fn a_node_killed_during_the_feed_loses_nothing_acknowledged_and_its_partit
         );
         assert!(support::metric(&text, "eddy_cluster_restored_keys_total") > restored_before);
         drop(a);
+    })
+    .await;
+}
+
+/// Sends `frames` as idempotent producer `producer` to `addr`, `frames[0]` being its frame
+/// `first`, a frame every 5 ms, until every ack came or the connection failed; returns the acks
+/// in order. `killed` hears once `signal_after` acks have come.
+async fn produce_as(
+    addr: String,
+    producer: &str,
+    first: usize,
+    frames: Vec<Vec<(String, i64, i64)>>,
+    mut signal_after: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> Vec<Value> {
+    let path = format!("/ingest?stream=trades&ack=true&producer={producer}&frame={first}");
+    let w = ws(&addr, &path).await;
+    let (mut tx, mut rx) = w.split();
+    let texts: Vec<String> = frames.iter().map(|f| frame(f)).collect();
+    let sender = tokio::spawn(async move {
+        for t in texts {
+            if tx.send(Message::Text(t.into())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx
+    });
+    let mut acks = Vec::new();
+    while acks.len() < frames.len() {
+        match tokio::time::timeout(Duration::from_secs(60), rx.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => acks.push(serde_json::from_str::<Value>(&t).unwrap()),
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        }
+        if signal_after.as_ref().is_some_and(|(n, _)| acks.len() == *n) {
+            let _ = signal_after.take().unwrap().1.send(());
+        }
+    }
+    sender.abort();
+    acks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_whose_node_died_sends_its_frames_to_another_and_each_counts_once() {
+    cluster_test("the idempotent producer test", async |s| {
+        let ([a, b, mut c], _) = s.start(["a", "b", "c"], &[]).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let all = trades(4000, 47);
+        let frames: Vec<Vec<_>> = all.chunks(10).map(<[_]>::to_vec).collect();
+        // The producer is connected to c, which dies (SIGKILL) with frames in flight.
+        let (signal, heard) = tokio::sync::oneshot::channel();
+        let pid = c.0.id().unwrap() as i32;
+        let killer = tokio::spawn(async move {
+            let _ = heard.await;
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let acks = produce_as(c.2.clone(), "desk-7", 0, frames.clone(), Some((60, signal))).await;
+        killer.await.unwrap();
+        let _ = c.0.wait().await;
+        let acked = acks.len();
+        assert!(acked >= 60 && acked < frames.len(), "{acked} acks");
+        for (i, ack) in acks.iter().enumerate() {
+            assert_eq!(
+                (&ack["frame"], &ack["accepted"]),
+                (&json!(i), &json!(10)),
+                "{ack}"
+            );
+        }
+        // It sends every frame it has no ack for to b, numbered as before, and five it had
+        // acks for (as a producer unsure of its last acks would).
+        let from = acked - 5;
+        let again = produce_as(b.2.clone(), "desk-7", from, frames[from..].to_vec(), None).await;
+        assert_eq!(again.len(), frames.len() - from);
+        let mut new = 0;
+        for (i, ack) in again.iter().enumerate() {
+            let n = from + i;
+            assert_eq!(ack["frame"], json!(n), "{ack}");
+            assert_eq!(ack["rejected"], json!(0), "{ack}");
+            if n < acked {
+                // Stored before: JetStream keeps one copy per message id.
+                assert_eq!(
+                    (&ack["duplicate"], &ack["accepted"]),
+                    (&json!(true), &json!(0))
+                );
+            } else if ack.get("duplicate").is_none() {
+                assert_eq!(ack["accepted"], json!(10), "{ack}");
+                new += 1;
+            }
+        }
+        assert!(new > 0, "every frame after the kill was stored before it");
+        // Every trade counted once: a and b own c's partitions after its lease, and VWAP is the
+        // reference over the whole feed.
+        owned_by(&a.2, &["a", "b"]).await;
+        let want = reference(&all);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
+        let (_, text) = http_at(&b.2, "GET", "/metrics", None, "").await;
+        assert!(
+            support::metric(&text, "eddy_ingest_duplicate_frames_total") >= 5.0,
+            "{text}"
+        );
     })
     .await;
 }
@@ -1219,7 +1328,8 @@ fn on_timer(end) {\n\
 /// (lateness 1 s, so some events are late), then one trade an hour later that moves the
 /// watermark past every bar. A subscriber on another node gets every bar and every late event
 /// that `eddy run` gives over the same events: computed here plainly (one watermark, the newest
-/// event time minus lateness; an event behind it is late; a bar holds its window's other events).
+/// event time minus lateness; an event behind it is late; a bar holds its window's other events),
+/// and checked against `eddy run`'s own output (`offline::run`) too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_output_over_one_producer_equals_eddy_run() {
     cluster_test("the timer test", async |s| {
@@ -1291,6 +1401,24 @@ async fn timer_output_over_one_producer_equals_eddy_run() {
                     .join("\n")
             })
             .collect();
+        // And `eddy run` itself, over the same events, agrees with that model.
+        let input = frames.join("\n").into_bytes();
+        let mut ran: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        for item in support::offline_items_of("bars", BARS, input.clone()) {
+            let v = &item["value"];
+            let bar = (
+                item["key"].as_str().unwrap().to_owned(),
+                v["start"].as_i64().unwrap(),
+            );
+            ran.insert(bar, (v["n"].as_i64().unwrap(), v["sum"].as_i64().unwrap()));
+        }
+        let last_bar = base + 3_600_000 - (base + 3_600_000).rem_euclid(10_000);
+        assert_eq!(ran.remove(&("S00".to_owned(), last_bar)), Some((1, 1)));
+        assert_eq!(ran, want, "eddy run and the model differ");
+        assert_eq!(
+            support::offline_items_of("bars.late", BARS, input).len(),
+            want_late
+        );
         let mut producer = ws(&a.2, "/ingest?stream=trades&ack=true").await;
         for f in &frames {
             producer
@@ -1686,6 +1814,165 @@ async fn a_deploy_that_fails_on_one_node_is_listed_by_get_cluster() {
             cluster_of(&a.2).await["failed"] == json!({})
         })
         .await;
+        drop((a, b));
+    })
+    .await;
+}
+
+/// The type of each message `w` gets until it has `n` of the types in `want`.
+async fn types_until(w: &mut Ws, want: &[&str], n: usize) -> Vec<(String, Value)> {
+    let mut got = Vec::new();
+    while got
+        .iter()
+        .filter(|(t, _): &&(String, Value)| want.contains(&t.as_str()))
+        .count()
+        < n
+    {
+        let m = next_json(w).await;
+        got.push((m["type"].as_str().unwrap().to_owned(), m));
+    }
+    got
+}
+
+/// A topic's first subscriber on a node waits while the node reads the topic's snapshot from
+/// JetStream (`latest_interval` and a little more: 3 s here); nothing else waits for that. The
+/// subscriber's requests after it are answered meanwhile (its `topics` before either
+/// `subscribed`), two topics open at once, and another subscriber of a topic already taken is
+/// answered while a third topic is still opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_being_taken_from_nats_holds_up_no_other_request() {
+    cluster_test("the concurrent subscribe test", async |s| {
+        let (_config, path) = config_file("[cluster]\nlatest_interval = \"3s\"\n");
+        let a = node_args(
+            s.queries.path(),
+            "a",
+            &["--config", &path, "--cluster", &s.nats.url],
+        )
+        .await;
+        balanced(&a.2, &["a"]).await;
+        let mut first = ws(&a.2, "/subscribe").await;
+        for request in [
+            json!({"op": "subscribe", "topic": "vwap"}),
+            json!({"op": "subscribe", "topic": "vwap.errors"}),
+            json!({"op": "topics"}),
+        ] {
+            first
+                .send(Message::Text(request.to_string().into()))
+                .await
+                .unwrap();
+        }
+        let got = types_until(&mut first, &["subscribed"], 2).await;
+        let kinds: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(kinds[0], "topics", "{got:?}");
+        let mut subscribed: Vec<&str> = got
+            .iter()
+            .filter(|(t, _)| t == "subscribed")
+            .map(|(_, m)| m["topic"].as_str().unwrap())
+            .collect();
+        subscribed.sort_unstable();
+        assert_eq!(subscribed, ["vwap", "vwap.errors"]);
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 2.0);
+        // `vwap` is taken; `vwap.late` opens for the first subscriber while a second one joins
+        // `vwap`, which is answered first.
+        first
+            .send(Message::Text(
+                json!({"op": "subscribe", "topic": "vwap.late"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut second = ws(&a.2, "/subscribe").await;
+        let reply = subscribe_to(&mut second, "vwap").await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), first.next())
+                .await
+                .is_err(),
+            "vwap.late was answered before the second subscriber of vwap"
+        );
+        let got = types_until(&mut first, &["subscribed"], 1).await;
+        assert_eq!(got.last().unwrap().1["topic"], "vwap.late", "{got:?}");
+        assert_eq!(metric_of(&a.2, "eddy_cluster_topics_taken").await, 3.0);
+    })
+    .await;
+}
+
+/// The `version` of query `name` on the node at `addr`.
+async fn version_of(addr: &str, name: &str) -> i64 {
+    let (status, body) = http_at(addr, "GET", &format!("/queries/{name}"), None, "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["version"]
+        .as_i64()
+        .unwrap()
+}
+
+/// A deploy starts the query afresh, every key's state reset, on every node: also when its
+/// script is the one deployed already (a node that skipped what it already ran kept the state
+/// of the keys it owns, and only the node that took the request started over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_of_the_same_script_on_one_node_starts_the_query_afresh_on_every_node() {
+    cluster_test("the same-script deploy test", async |s| {
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let first = trades(1500, 61);
+        produce(
+            addrs[0].clone(),
+            first.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let mut before = Vec::new();
+        for addr in &addrs {
+            before.push(version_of(addr, "vwap").await);
+        }
+        let script = support::query_file("vwap");
+        let (status, body) = http_at(&addrs[1], "PUT", "/queries/vwap", Some(TOKEN), &script).await;
+        assert_eq!(status, 200, "{body}");
+        for (addr, old) in addrs.iter().zip(&before) {
+            let what = format!("the deploy never reached {addr}");
+            until(in_secs(10), &what, async || {
+                version_of(addr, "vwap").await != *old
+            })
+            .await;
+        }
+        // Only what came after the deploy counts, on every owner.
+        let mut sub = subscribe_vwap(&addrs[0]).await;
+        let second = trades(1500, 67);
+        let acked = produce(
+            addrs[2].clone(),
+            second.chunks(10).map(<[_]>::to_vec).collect(),
+        )
+        .await;
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
+        drop((a, b, c));
+    })
+    .await;
+}
+
+/// A node started with an empty queries folder runs the queries another node loaded from its
+/// folder (they are put in the catalog at start): its partitions do not drop their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_queries_folder_runs_the_folders_queries_from_the_catalog() {
+    cluster_test("the folder-to-catalog test", async |s| {
+        let a = s.node("a", &[]).await;
+        let empty = tempfile::tempdir().unwrap();
+        let b = node_with(&s.nats, empty.path(), "b", &[]).await;
+        balanced(&a.2, &["a", "b"]).await;
+        let (status, body) = http_at(&b.2, "GET", "/queries/vwap", None, "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["script"],
+            json!(support::query_file("vwap"))
+        );
+        let mut sub = subscribe_vwap(&b.2).await;
+        let all = trades(2000, 71);
+        let acked = produce(b.2.clone(), all.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        let latest = converge(&mut sub, &want, &mut 0).await;
+        assert_vwap(&latest, &want);
         drop((a, b));
     })
     .await;

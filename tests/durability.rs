@@ -471,6 +471,121 @@ async fn a_killed_server_restarts_with_every_acknowledged_event_counted_once() {
     .await;
 }
 
+/// Sends `frames` as idempotent producer `producer`, `frames[0]` being its frame `first`,
+/// pipelined, until every ack came or the connection failed; returns the acks in order.
+/// `killed` hears once `kill_after` acks have come.
+async fn feed_as(
+    addr: &str,
+    producer: &str,
+    first: usize,
+    frames: &[String],
+    mut kill_after: Option<(usize, tokio::sync::oneshot::Sender<()>)>,
+) -> Vec<Value> {
+    let url =
+        format!("ws://{addr}/ingest?stream=trades&ack=true&producer={producer}&frame={first}");
+    let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await else {
+        return Vec::new();
+    };
+    let (mut tx, mut rx) = ws.split();
+    let to_send = frames.to_vec();
+    let sender = tokio::spawn(async move {
+        for f in to_send {
+            if tx.send(Message::Text(f.into())).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let mut acks = Vec::new();
+    while acks.len() < frames.len() {
+        match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => acks.push(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        }
+        if kill_after.as_ref().is_some_and(|(n, _)| acks.len() == *n) {
+            let _ = kill_after.take().unwrap().1.send(());
+        }
+    }
+    sender.abort();
+    acks
+}
+
+#[tokio::test]
+async fn a_producer_that_sends_its_frames_again_after_a_kill_has_each_counted_once() {
+    bounded(async {
+        let queries = queries_dir();
+        let data = tempfile::tempdir().unwrap();
+        let all = trades(3000);
+        let frames: Vec<String> = all.chunks(PER_FRAME).map(frame).collect();
+        // Checkpoints every 50 ms: what the node knows of the producers comes back from a
+        // checkpoint, and from the log after it. Producer "early" sends its five frames before
+        // a checkpoint and nothing after it, so only the checkpoint knows them at the restart.
+        let (mut child, addr) = serve_with(queries.path(), data.path(), "50ms").await;
+        let (early, frames) = frames.split_at(5);
+        assert_eq!(feed_as(&addr, "early", 0, early, None).await.len(), 5);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let half = frames.len() / 2;
+        let acks = feed_as(&addr, "desk-7", 0, &frames[..half], None).await;
+        assert_eq!(acks.len(), half);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The rest pipelined; killed (SIGKILL) with frames sent and not yet acknowledged.
+        let (signal, heard) = tokio::sync::oneshot::channel();
+        let killer = tokio::spawn(async move {
+            let _ = heard.await;
+            child.start_kill().unwrap();
+            child.wait().await.unwrap();
+        });
+        let acks = feed_as(&addr, "desk-7", half, &frames[half..], Some((20, signal))).await;
+        killer.await.unwrap();
+        let acked = half + acks.len();
+        assert!(acked < frames.len(), "the kill came after the whole feed");
+
+        // Again on the same directory: the producers send every frame again, from frame 0.
+        let (mut child, addr) = serve(queries.path(), data.path()).await;
+        for ack in feed_as(&addr, "early", 0, early, None).await {
+            assert_eq!(
+                (&ack["duplicate"], &ack["accepted"]),
+                (&json!(true), &json!(0))
+            );
+        }
+        let again = feed_as(&addr, "desk-7", 0, frames, None).await;
+        assert_eq!(again.len(), frames.len());
+        for (i, ack) in again.iter().enumerate() {
+            assert_eq!(ack["frame"], json!(i), "{ack}");
+            if i < acked {
+                // Acknowledged before the kill: taken, so not taken again.
+                assert_eq!(
+                    (&ack["duplicate"], &ack["accepted"]),
+                    (&json!(true), &json!(0))
+                );
+            } else if ack.get("duplicate").is_none() {
+                // Not in the log (never sent, or lost with the crash): taken now.
+                assert_eq!(ack["accepted"], json!(PER_FRAME), "{ack}");
+            }
+        }
+        // Acks mean "queued": the snapshot is read until the shards have handled every trade
+        // (or more, which the comparison below reports).
+        let waited = std::time::Instant::now();
+        let vwap_now = loop {
+            let items = snapshot(&addr, "vwap").await;
+            let total: i64 = items
+                .iter()
+                .map(|i| i["value"]["trades"].as_i64().unwrap())
+                .sum();
+            if total as usize >= all.len() || waited.elapsed() > Duration::from_secs(10) {
+                break items;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        stop(&mut child).await;
+        // Every trade counted once: the acknowledged ones, those in doubt at the kill (whether
+        // or not the crash kept them) and the rest.
+        assert_vwap(&latest(&vwap_now), &vwap(&all));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_graceful_restart_resumes_the_same_state_with_no_bar_twice() {
     bounded(async {

@@ -964,6 +964,7 @@ async fn batches_are_compressed_at_publish_only_for_a_subscriber_that_negotiated
                 frame.into_bytes(),
                 Some("trades"),
                 &counters,
+                None,
             )
             .await;
             let items = next_batch(&mailbox).await;
@@ -1022,6 +1023,7 @@ async fn a_batch_shared_by_many_deflate_subscribers_is_compressed_harder() {
                 frame.into_bytes(),
                 Some("trades"),
                 &counters,
+                None,
             )
             .await;
             let mut pieces = Vec::new();
@@ -1098,4 +1100,218 @@ async fn next_batch(
             return items;
         }
     }
+}
+
+/// Trades `from..from + n` as one NDJSON frame: symbol `S{i % 3}`, price `100 + i % 7`, size
+/// `1 + i % 5`.
+fn numbered_trades(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| {
+            json!({"symbol": format!("S{}", i % 3), "price": 100 + i % 7, "size": 1 + i % 5})
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `(volume, trades)` per symbol of the trades `numbered_trades(from, n)` holds, for each
+/// `(from, n)` of `frames`: computed here, plainly.
+fn volumes(frames: &[(usize, usize)]) -> HashMap<String, (i64, i64)> {
+    let mut out: HashMap<String, (i64, i64)> = HashMap::new();
+    for &(from, n) in frames {
+        for i in from..from + n {
+            let e = out.entry(format!("S{}", i % 3)).or_default();
+            e.0 += 1 + (i % 5) as i64;
+            e.1 += 1;
+        }
+    }
+    out
+}
+
+/// Every handled event in, then the `vwap` snapshot's `(volume, trades)` per symbol.
+async fn vwap_volumes(server: &Server) -> HashMap<String, (i64, i64)> {
+    drain(server).await;
+    let mut ws = connect(server, "/subscribe").await;
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": "vwap", "snapshot": true}),
+    )
+    .await;
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "snapshot" {
+            return m["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| {
+                    let v = &i["value"];
+                    (
+                        i["key"].as_str().unwrap().to_owned(),
+                        (v["volume"].as_i64().unwrap(), v["trades"].as_i64().unwrap()),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+/// Sends `frame` on `ws` and returns its ack.
+async fn ack_of(ws: &mut Ws, frame: &str) -> Value {
+    ws.send(Message::Text(frame.to_owned().into()))
+        .await
+        .unwrap();
+    let ack = next_json(ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    ack
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_frames_sent_again_are_counted_once() {
+    bounded(async {
+        let (server, _dir) = start(&[("vwap", &query_file("vwap"))], |_| {}).await;
+        let frames: Vec<String> = (0..7).map(|f| numbered_trades(f * 4, 4)).collect();
+        let mut ws = connect(&server, "/ingest?stream=trades&ack=true&producer=feed-1").await;
+        for (i, f) in frames[..4].iter().enumerate() {
+            let ack = ack_of(&mut ws, f).await;
+            assert_eq!((&ack["frame"], &ack["accepted"]), (&json!(i), &json!(4)));
+            assert!(ack.get("duplicate").is_none(), "{ack}");
+        }
+        drop(ws);
+        // The connection was lost before the producer read the acks of frames 2 and 3: it
+        // sends them again, numbered as before, then frames 4 and 5.
+        let mut ws = connect(
+            &server,
+            "/ingest?stream=trades&ack=true&producer=feed-1&frame=2",
+        )
+        .await;
+        for (i, f) in frames.iter().enumerate().take(6).skip(2) {
+            let ack = ack_of(&mut ws, f).await;
+            assert_eq!(ack["frame"], json!(i), "{ack}");
+            if i < 4 {
+                assert_eq!(
+                    (&ack["duplicate"], &ack["accepted"]),
+                    (&json!(true), &json!(0))
+                );
+            } else {
+                assert_eq!(ack["accepted"], json!(4), "{ack}");
+                assert!(ack.get("duplicate").is_none(), "{ack}");
+            }
+        }
+        drop(ws);
+        // Over HTTP: frame 5 again, then the new frame 6.
+        let post = |frame: usize, producer: &'static str, body: String| {
+            let path = format!("/ingest?stream=trades&producer={producer}&frame={frame}");
+            let server = &server;
+            async move { http(server, "POST", &path, None, &body).await }
+        };
+        let (status, body) = post(5, "feed-1", frames[5].clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (&answer["duplicate"], &answer["accepted"]),
+            (&json!(true), &json!(0))
+        );
+        let (_, body) = post(6, "feed-1", frames[6].clone()).await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["accepted"],
+            json!(4)
+        );
+        // Another producer's frame 0 is its own, even with the same events.
+        let (_, body) = post(0, "feed-2", frames[0].clone()).await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["accepted"],
+            json!(4)
+        );
+        // Without a producer id nothing is checked: the same frame counts again.
+        let (_, body) = http(&server, "POST", "/ingest?stream=trades", None, &frames[1]).await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["accepted"],
+            json!(4)
+        );
+        let sent: Vec<(usize, usize)> =
+            (0..7).map(|f| (f * 4, 4)).chain([(0, 4), (4, 4)]).collect();
+        assert_eq!(vwap_volumes(&server).await, volumes(&sent));
+        let (_, text) = http(&server, "GET", "/metrics", None, "").await;
+        assert_eq!(metric(&text, "eddy_ingest_duplicate_frames_total"), 3.0);
+        assert_eq!(metric(&text, "eddy_ingest_producers"), 2.0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_sending_one_producers_frames_at_once_apply_each_once() {
+    bounded(async {
+        let (server, _dir) = start(&[("vwap", &query_file("vwap"))], |_| {}).await;
+        let frames: Vec<String> = (0..40).map(|f| numbered_trades(f * 3, 3)).collect();
+        // An old connection not yet timed out and its replacement send the same frames at once.
+        let send = |frames: Vec<String>| {
+            let server = &server;
+            async move {
+                let ws = connect(server, "/ingest?stream=trades&ack=true&producer=p").await;
+                let (mut tx, mut rx) = ws.split();
+                let n = frames.len();
+                let sender = tokio::spawn(async move {
+                    for f in frames {
+                        tx.send(Message::Text(f.into())).await.unwrap();
+                    }
+                    tx
+                });
+                let mut added = Vec::new();
+                for i in 0..n {
+                    let ack: Value = loop {
+                        let m = rx.next().await.unwrap().unwrap();
+                        if let Message::Text(t) = m {
+                            break serde_json::from_str(&t).unwrap();
+                        }
+                    };
+                    assert_eq!(ack["frame"], json!(i), "{ack}");
+                    let fresh = ack.get("duplicate").is_none();
+                    assert_eq!(ack["accepted"], json!(if fresh { 3 } else { 0 }), "{ack}");
+                    added.push(fresh);
+                }
+                drop(sender.await.unwrap());
+                added
+            }
+        };
+        let (a, b) = tokio::join!(send(frames.clone()), send(frames.clone()));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!(a ^ b, "frame {i}: taken by a: {a}, by b: {b}");
+        }
+        let sent: Vec<(usize, usize)> = (0..40).map(|f| (f * 3, 3)).collect();
+        assert_eq!(vwap_volumes(&server).await, volumes(&sent));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_bad_producer_id_or_frame_number_is_refused_with_why() {
+    bounded(async {
+        let (server, _dir) = start(&[("vwap", &query_file("vwap"))], |_| {}).await;
+        for (query, why) in [
+            ("producer=a/b", "producer=\\\"a/b\\\": 1 to 64 characters"),
+            ("producer=", "producer=\\\"\\\""),
+            ("frame=3", "frame= needs producer="),
+            (
+                "producer=p&frame=-1",
+                "frame=\\\"-1\\\": expected a frame number",
+            ),
+            ("producer=p&frame=x", "frame=\\\"x\\\""),
+        ] {
+            let path = format!("/ingest?stream=trades&{query}");
+            let (status, body) = http(&server, "POST", &path, None, "{}").await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert!(body.contains(why), "{query}: {body}");
+            assert_eq!(upgrade_status(&server, &path, "").await, 400, "{query}");
+        }
+        // Nothing was taken from any of them.
+        let (_, text) = http(&server, "GET", "/metrics", None, "").await;
+        assert_eq!(metric(&text, "eddy_ingest_producers"), 0.0);
+        // The subscribe endpoint does not look at them.
+        assert_eq!(
+            upgrade_status(&server, "/subscribe?producer=a/b", "").await,
+            101
+        );
+    })
+    .await;
 }

@@ -34,11 +34,14 @@ pub const CHECKPOINT_FORMAT: u32 = 1;
 /// One entry of the ingest log.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record<'a> {
-    /// A frame (or `POST /ingest` body) as it arrived, before parsing.
+    /// A frame (or `POST /ingest` body) as it arrived, before parsing; with the idempotent
+    /// producer's id and frame number when it has them (see `server::producer`), in the same
+    /// record, so that a torn tail keeps both or neither.
     Frame {
         source: u64,
         now: i64,
         stream: Option<&'a str>,
+        producer: Option<(&'a str, u64)>,
         bytes: &'a [u8],
     },
     /// A source declared its stream before sending.
@@ -57,6 +60,8 @@ const FRAME: u8 = 1;
 const OPEN: u8 = 2;
 const CLOSE: u8 = 3;
 const IDLE: u8 = 4;
+/// A frame of an idempotent producer: [`FRAME`]'s fields with the producer's before the bytes.
+const PRODUCED_FRAME: u8 = 5;
 
 fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
@@ -105,12 +110,21 @@ impl<'a> Record<'a> {
                 source,
                 now,
                 stream,
+                producer,
                 bytes,
             } => {
-                out.push(FRAME);
+                out.push(if producer.is_some() {
+                    PRODUCED_FRAME
+                } else {
+                    FRAME
+                });
                 out.extend_from_slice(&source.to_le_bytes());
                 out.extend_from_slice(&now.to_le_bytes());
                 put_str(out, *stream);
+                if let Some((id, frame)) = producer {
+                    put_str(out, Some(id));
+                    out.extend_from_slice(&frame.to_le_bytes());
+                }
                 out.extend_from_slice(bytes);
             }
             Record::Open {
@@ -142,6 +156,17 @@ impl<'a> Record<'a> {
                 source: c.u64()?,
                 now: c.i64()?,
                 stream: c.str()?,
+                producer: None,
+                bytes: c.0,
+            }),
+            PRODUCED_FRAME => Ok(Record::Frame {
+                source: c.u64()?,
+                now: c.i64()?,
+                stream: c.str()?,
+                producer: Some((
+                    c.str()?.ok_or("a producer's frame without the producer")?,
+                    c.u64()?,
+                )),
                 bytes: c.0,
             }),
             OPEN => Ok(Record::Open {
@@ -315,6 +340,10 @@ pub struct Checkpoint {
     /// positions existed: their topics start afresh).
     #[serde(default)]
     pub topics: Vec<TopicCheckpoint>,
+    /// Per idempotent producer, the number after the highest frame taken (absent from
+    /// checkpoints written before producers were numbered).
+    #[serde(default)]
+    pub producers: Vec<(String, u64)>,
 }
 
 /// A topic's position at a checkpoint: its epoch and, per shard, the items emitted before it
@@ -445,12 +474,21 @@ mod tests {
                 source: 7,
                 now: -3,
                 stream: Some("trades"),
+                producer: None,
                 bytes: b"{\"a\":1}",
+            },
+            Record::Frame {
+                source: 8,
+                now: 4,
+                stream: Some("trades"),
+                producer: Some(("desk-7", u64::MAX)),
+                bytes: b"{\"a\":2}",
             },
             Record::Frame {
                 source: 1,
                 now: 5,
                 stream: None,
+                producer: None,
                 bytes: b"",
             },
             Record::Open {
@@ -511,6 +549,7 @@ mod tests {
             taken_ms: 0,
             queries: Vec::new(),
             topics: Vec::new(),
+            producers: Vec::new(),
         };
         write_checkpoint(dir.path(), &c).unwrap();
         c.lsn = 20;
@@ -550,9 +589,11 @@ mod tests {
                     0,
                 )],
             }],
+            producers: vec![("desk-7".into(), 12), ("feed".into(), u64::MAX)],
         };
         let back: Checkpoint = rmp_serde::from_slice(&rmp_serde::to_vec(&c).unwrap()).unwrap();
         assert_eq!(back.topics, c.topics);
+        assert_eq!(back.producers, c.producers);
         // A checkpoint written before topics had positions: the same fields, without the last.
         #[derive(Serialize)]
         struct Before {
@@ -570,6 +611,9 @@ mod tests {
             queries: Vec::new(),
         };
         let back: Checkpoint = rmp_serde::from_slice(&rmp_serde::to_vec(&old).unwrap()).unwrap();
-        assert_eq!((back.lsn, back.topics.len()), (7, 0));
+        assert_eq!(
+            (back.lsn, back.topics.len(), back.producers.len()),
+            (7, 0, 0)
+        );
     }
 }

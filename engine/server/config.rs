@@ -305,6 +305,13 @@ impl RawConfig {
             .cluster
             .and_then(|c| c.validate(listen.port(), &mut problems));
         // In cluster mode JetStream holds the log, and the catalog: no data directory.
+        if cluster.is_some() && self.data_dir.is_some() {
+            problems.push(
+                "data_dir: not used in cluster mode (JetStream holds the log, the checkpoints \
+                 and the catalog): remove it, or run without [cluster]"
+                    .into(),
+            );
+        }
         let data_dir = match self.ephemeral {
             _ if cluster.is_some() => None,
             Some(true) => None,

@@ -62,6 +62,7 @@ async fn run(state: Arc<State>, scenario: Scenario, seed: u64) {
             frame,
             Some(scenario.stream()),
             &counters,
+            None,
         )
         .await;
         if let Some(quote_counters) = &quotes {
@@ -70,7 +71,15 @@ async fn run(state: Arc<State>, scenario: Scenario, seed: u64) {
                 feed.write_quote(ts, &mut frame);
                 frame.push(b'\n');
             }
-            ingest(&state, &mut source, frame, Some(QUOTES), quote_counters).await;
+            ingest(
+                &state,
+                &mut source,
+                frame,
+                Some(QUOTES),
+                quote_counters,
+                None,
+            )
+            .await;
         }
     }
 }

@@ -223,6 +223,9 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
     let from = checkpoint.as_ref().map_or(opened.first, |c| c.lsn);
     if let Some(c) = checkpoint {
         next_source = c.next_source;
+        for (producer, next) in &c.producers {
+            state.producers_seen.restore(producer, *next);
+        }
         let router = state.router.load_full();
         let shards = state.pipeline.shards();
         // Topics go on from their positions, so that replayed items get the same ones; with
@@ -291,9 +294,13 @@ pub async fn recover(state: &Arc<State>) -> Result<Recovered, StartError> {
                 source,
                 now,
                 stream,
+                producer,
                 bytes,
             } => {
                 next_source = next_source.max(source + 1);
+                if let Some((id, frame)) = producer {
+                    state.producers_seen.restore(id, frame.saturating_add(1));
+                }
                 let parsed = parser.parse(bytes.to_vec());
                 let mut rejections = parsed.rejections;
                 super::ingest::apply(
@@ -417,6 +424,8 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         .collect();
     drop(router);
     let next_source = state.next_source.load(Ordering::Relaxed);
+    // Frames are recorded in the table under the same lock as their log records.
+    let producers = state.producers_seen.export();
     let ids: Vec<QueryId> = queries.iter().map(|(id, _)| *id).collect();
     let mut replies = Vec::new();
     let mut marks = Vec::new();
@@ -472,6 +481,7 @@ pub async fn checkpoint(state: &State) -> Result<u64, String> {
         taken_ms: crate::router::wall_ms(),
         queries: queries.into_iter().map(|(_, q)| q).collect(),
         topics,
+        producers,
     };
     let dir = d.dir.join("checkpoints");
     let bytes = tokio::task::spawn_blocking(move || write_checkpoint(&dir, &checkpoint))

@@ -36,6 +36,7 @@ use crate::shard::QueryId;
 
 use super::metrics::StreamCounters;
 use super::pipeline::ShardMsg;
+use super::producer::FrameId;
 use super::ws::{self, Outbound};
 use super::State;
 
@@ -91,12 +92,18 @@ pub struct Outcome {
     pub errors: Vec<(u32, String)>,
     /// The input held items, and none of them was JSON.
     pub nothing_was_json: bool,
+    /// An idempotent producer's frame that an earlier send had stored (all of it, alone; some
+    /// or all of its events, in a cluster): `accepted` counts only what this send added.
+    pub duplicate: bool,
 }
 
 impl Outcome {
     /// `{"accepted":A,"rejected":R,"errors":[{"index":I,"error":E}…]}`, into an object whose
     /// first fields are already written.
     pub fn write_fields(&self, object: &mut Object<'_>) {
+        if self.duplicate {
+            object.raw("duplicate", b"true");
+        }
         object
             .int("accepted", self.accepted as i64)
             .int("rejected", self.rejected as i64)
@@ -235,8 +242,9 @@ pub async fn ingest(
     input: Vec<u8>,
     stream: Option<&str>,
     counters: &StreamCounters,
+    id: Option<&FrameId>,
 ) -> Outcome {
-    route_input(state, source, input, stream, counters)
+    route_input(state, source, input, stream, counters, id)
         .await
         .durable(state)
         .await
@@ -255,10 +263,28 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The answer to an idempotent producer's frame that was taken before: nothing is added.
+    fn duplicate() -> Self {
+        Pending {
+            outcome: Outcome {
+                accepted: 0,
+                rejected: 0,
+                errors: Vec::new(),
+                nothing_was_json: false,
+                duplicate: true,
+            },
+            logged: None,
+            items: 0,
+            published: None,
+        }
+    }
+}
+
+impl Pending {
     /// The answer to the input, once the log holds it.
     pub async fn durable(mut self, state: &State) -> Outcome {
         if let Some(acks) = self.published.take() {
-            super::cluster::unacknowledged(&mut self.outcome, acks.await);
+            super::cluster::acknowledged(&mut self.outcome, acks.await);
         }
         if let (Some(d), Some(lsn)) = (&state.durable, self.logged) {
             if !d.log.wait_durable(lsn).await {
@@ -282,15 +308,37 @@ impl Pending {
     }
 }
 
-/// Parses, routes and queues one input, and appends it to the ingest log.
+/// Parses, routes and queues one input, and appends it to the ingest log. With `id` (an
+/// idempotent producer's frame), a node alone first checks that the frame is new (see
+/// [`super::producer`]); a cluster node publishes it under ids derived from `id`.
 pub async fn route_input(
     state: &State,
     source: &mut Source,
     input: Vec<u8>,
     stream: Option<&str>,
     counters: &StreamCounters,
+    id: Option<&FrameId>,
 ) -> Pending {
     let received = Instant::now();
+    // Alone: the producer's turn is held until the frame is queued and recorded.
+    let producer = match (id, &state.cluster) {
+        (Some(id), None) => Some((state.producers_seen.get(&id.producer), id)),
+        _ => None,
+    };
+    let _turn = match &producer {
+        Some((p, id)) => {
+            let turn = p.turn.lock().await;
+            if id.frame < p.next() {
+                state
+                    .producers_seen
+                    .duplicates
+                    .fetch_add(1, Ordering::Relaxed);
+                return Pending::duplicate();
+            }
+            Some(turn)
+        }
+        None => None,
+    };
     // The log keeps the input as it came: parsing works in place.
     let copy = state.durable.as_ref().map(|_| input.clone());
     let worst = input.capacity()
@@ -327,6 +375,7 @@ pub async fn route_input(
             source: source.id,
             now,
             stream,
+            producer: producer.as_ref().map(|(_, id)| (&*id.producer, id.frame)),
             bytes: &bytes,
         })),
         _ => None,
@@ -337,7 +386,10 @@ pub async fn route_input(
             let (routed, acks) = super::cluster::publish(
                 state,
                 cluster,
-                source.id,
+                super::cluster::Origin {
+                    source: source.id,
+                    id,
+                },
                 &parsed.frame,
                 stream,
                 now,
@@ -360,6 +412,11 @@ pub async fn route_input(
             (routed, unqueued, None)
         }
     };
+    // Taken: recorded under the log's order, as its record was (a checkpoint reads the table
+    // under that order too).
+    if let Some((p, id)) = &producer {
+        p.took(id.frame);
+    }
     drop(order);
     for (shard, position) in unqueued {
         routed.accepted -= 1;
@@ -381,6 +438,7 @@ pub async fn route_input(
                 .map(|r| (r.position.index, r.reason.clone()))
                 .collect(),
             nothing_was_json,
+            duplicate: false,
         },
         logged,
         items: parsed.items,
@@ -456,6 +514,8 @@ pub async fn apply(
 pub struct IngestParams {
     pub stream: Option<String>,
     pub ack: bool,
+    /// An idempotent producer's id and the number of this connection's first frame.
+    pub first_frame: Option<FrameId>,
 }
 
 /// Serves one producer's WebSocket: each message is ingested before the next is read.
@@ -509,7 +569,7 @@ pub async fn websocket(
             }
         })
     };
-    let mut frame_no: u64 = 0;
+    let mut frame_no: u64 = params.first_frame.as_ref().map_or(0, |id| id.frame);
     let mut shutting_down = false;
     loop {
         let message = tokio::select! {
@@ -520,18 +580,23 @@ pub async fn websocket(
             }
         };
         let Some(message) = message else { break };
+        let id = params.first_frame.as_ref().map(|id| FrameId {
+            producer: Arc::clone(&id.producer),
+            frame: frame_no,
+        });
         let routed = route_input(
             &state,
             &mut source,
             message.payload,
             params.stream.as_deref(),
             &counters,
+            id.as_ref(),
         )
         .await;
         if answers.send((frame_no, routed)).await.is_err() {
             break;
         }
-        frame_no += 1;
+        frame_no = frame_no.saturating_add(1);
     }
     // Every frame routed is answered before the close.
     drop(answers);

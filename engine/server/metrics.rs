@@ -233,6 +233,28 @@ pub async fn render(state: &State) -> String {
             "Inputs that waited for max_ingest_bytes_in_flight (their producers were slowed).",
             budget.waits.load(Ordering::Relaxed),
         ),
+        (
+            "eddy_ingest_duplicate_frames_total",
+            "counter",
+            "Idempotent producers' frames sent again that an earlier send had taken (not added again).",
+            state.producers_seen.duplicates.load(Ordering::Relaxed)
+                + state
+                    .cluster
+                    .as_ref()
+                    .map_or(0, |c| c.duplicate_frames.load(Ordering::Relaxed)),
+        ),
+        (
+            "eddy_ingest_producers",
+            "gauge",
+            "Idempotent producer ids this node remembers (alone).",
+            state.producers_seen.len() as u64,
+        ),
+        (
+            "eddy_ingest_producers_forgotten_total",
+            "counter",
+            "Idempotent producer ids forgotten to stay within the table's bound.",
+            state.producers_seen.forgotten.load(Ordering::Relaxed),
+        ),
     ] {
         counter_header(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");

@@ -30,6 +30,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod producer;
 pub mod replay;
 pub mod subscribe;
 pub mod supervise;
@@ -85,6 +86,8 @@ pub struct State {
     pub ingest_budget: ingest::IngestBudget,
     /// Cluster mode (`--cluster`): this node's membership; `None` alone.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// Idempotent producers' frames taken (alone; a cluster leaves it to JetStream).
+    pub producers_seen: producer::Producers,
 }
 
 /// A running server.
@@ -183,6 +186,7 @@ impl Server {
             durable,
             connections: accept::Connections::default(),
             ingest_budget: ingest::IngestBudget::new(config.max_ingest_bytes_in_flight),
+            producers_seen: producer::Producers::default(),
             cluster,
             config,
         });
@@ -435,6 +439,14 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             }
             let params = query_params(&req);
+            let frame_id = if ingest {
+                match producer_of(&params) {
+                    Ok(id) => id,
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+                }
+            } else {
+                None
+            };
             // permessage-deflate pays on the way out, where a batch is compressed once for
             // every subscriber; producers' frames are not compressed.
             let (response, upgrade, deflate) = match ws::handshake(&mut req, !ingest) {
@@ -445,6 +457,7 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 let params = ingest::IngestParams {
                     stream: params.get("stream").cloned().filter(|s| !s.is_empty()),
                     ack: params.get("ack").is_some_and(|v| v == "true" || v == "1"),
+                    first_frame: frame_id,
                 };
                 // A source of its stream from before the handshake's answer, so that the
                 // stream's mark waits for it.
@@ -494,6 +507,15 @@ pub async fn read_body(
     }
 }
 
+/// The idempotent producer an ingest request names (`producer=`, `frame=`); `Err` says why
+/// they are refused.
+fn producer_of(params: &HashMap<String, String>) -> Result<Option<producer::FrameId>, String> {
+    producer::from_params(
+        params.get("producer").map(String::as_str),
+        params.get("frame").map(String::as_str),
+    )
+}
+
 async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     if let Some(token) = &state.config.ingest_token {
         if !authorized(&req, token) {
@@ -511,16 +533,27 @@ async fn post_ingest(state: &State, req: Request<Incoming>) -> Response<Body> {
     if *state.shutdown.borrow() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    let stream = query_params(&req)
-        .remove("stream")
-        .filter(|s| !s.is_empty());
+    let mut params = query_params(&req);
+    let frame_id = match producer_of(&params) {
+        Ok(id) => id,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let stream = params.remove("stream").filter(|s| !s.is_empty());
     let body = match read_body(req, state.config.max_frame_bytes, "max_frame_bytes").await {
         Ok(b) => b,
         Err(response) => return response,
     };
     let counters = state.metrics.stream(stream.as_deref().unwrap_or("-"));
     let mut source = ingest::Source::new(state);
-    let outcome = ingest::ingest(state, &mut source, body, stream.as_deref(), &counters).await;
+    let outcome = ingest::ingest(
+        state,
+        &mut source,
+        body,
+        stream.as_deref(),
+        &counters,
+        frame_id.as_ref(),
+    )
+    .await;
     source.close(state).await;
     let out = outcome.to_json();
     let status = if outcome.nothing_was_json {

@@ -96,8 +96,13 @@ pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, deflate: bool) {
         deflate,
         delivery,
     );
+    let mut opening = Opening::new();
     while let Some(message) = conn.inbox.next().await {
-        request(&state, id, &mailbox, &message.payload).await;
+        request(&state, id, &mailbox, &message.payload, &mut opening).await;
+    }
+    // A subscribe still taking its topic from NATS ends before the subscriber is forgotten.
+    for (_, task) in opening.drain() {
+        let _ = task.await;
     }
     conn.finish().await;
     state.hub.control(HubControl::Disconnect { subscriber: id });
@@ -145,8 +150,20 @@ impl ws::Source for Delivery {
     }
 }
 
-/// Handles one client request; answers go through the mailbox, in order with everything else.
-async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
+/// Cluster mode: per topic, this subscriber's subscribe that is still taking the topic from
+/// NATS (see [`super::cluster::Cluster::want`]).
+type Opening = HashMap<String, tokio::task::JoinHandle<()>>;
+
+/// Handles one client request; answers go through the mailbox, in order with everything else,
+/// except that in a cluster a subscribe that first takes its topic from NATS is answered when
+/// that is done, while the requests after it (of other topics) go on.
+async fn request(
+    state: &Arc<State>,
+    id: u64,
+    mailbox: &Arc<Mailbox>,
+    text: &[u8],
+    opening: &mut Opening,
+) {
     let request: Request = match serde_json::from_slice(text) {
         Ok(r) => r,
         Err(e) => {
@@ -187,17 +204,10 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
                     Some(Ok(keys)) => Some(keys),
                     None => None,
                 };
-            // In cluster mode the node takes the topic from NATS first (with its snapshot).
-            if let Some(cluster) = &state.cluster {
-                if let Err(e) = cluster.want(id, &topic).await {
-                    mailbox.push_control(error_message(&e).into());
-                    return;
-                }
-            }
-            HubControl::Subscribe(Subscribe {
+            let control = HubControl::Subscribe(Subscribe {
                 subscriber: id,
                 mailbox: Arc::clone(mailbox),
-                topic,
+                topic: topic.clone(),
                 keys,
                 mode: match mode {
                     ModeName::All => Mode::All,
@@ -205,10 +215,33 @@ async fn request(state: &State, id: u64, mailbox: &Arc<Mailbox>, text: &[u8]) {
                 },
                 snapshot,
                 from,
-            })
+            });
+            // In cluster mode the node takes the topic from NATS first (with its snapshot): on
+            // a task of its own, after this subscriber's earlier request of the same topic.
+            if let Some(cluster) = &state.cluster {
+                if let Some(earlier) = opening.remove(&topic) {
+                    let _ = earlier.await;
+                }
+                opening.retain(|_, task| !task.is_finished());
+                let (state, cluster, mailbox) =
+                    (Arc::clone(state), Arc::clone(cluster), Arc::clone(mailbox));
+                let name = topic.clone();
+                let task = tokio::spawn(async move {
+                    match cluster.want(id, &name).await {
+                        Ok(()) => state.hub.control(control),
+                        Err(e) => mailbox.push_control(error_message(&e).into()),
+                    }
+                });
+                opening.insert(topic, task);
+                return;
+            }
+            control
         }
         Request::Unsubscribe { topic } => {
             if let Some(cluster) = &state.cluster {
+                if let Some(earlier) = opening.remove(&topic) {
+                    let _ = earlier.await;
+                }
                 cluster.unwant(id, Some(&topic)).await;
             }
             HubControl::Unsubscribe {

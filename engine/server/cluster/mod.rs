@@ -12,7 +12,10 @@
 //!   then all awaited at once). Each message carries an id (`Nats-Msg-Id`): one that fails (no
 //!   responders while NATS elects a new stream leader, an ack lost with the leader that died)
 //!   is sent again with the same id, which JetStream stores once, for up to [`PUBLISH_RETRY`]
-//!   after the frame came; only then are its events answered as rejected.
+//!   after the frame came; only then are its events answered as rejected. An idempotent
+//!   producer's frame (`producer=ID`) has the ids `ID/N/partition` on whichever node it
+//!   arrives, so that a frame sent again to another node is stored once too
+//!   ([`super::producer`]).
 //!   With each event goes the producer's mark for each query on event time ([`MARKS_HEADER`]),
 //!   and every [`MARKS_EVERY`] the marks a node's producers reached go to every partition
 //!   ([`broadcast_marks`]), so that event time moves on in a partition as at the producer.
@@ -97,6 +100,7 @@ use super::pipeline::Forwarded;
 /// Output messages the shards may queue for the forwarder before they wait.
 const FORWARD_QUEUE: usize = 1024;
 use super::pipeline::ShardMsg;
+use super::producer::FrameId;
 use super::State;
 
 pub use config::{ClusterConfig, RawCluster};
@@ -338,6 +342,8 @@ pub struct Cluster {
     /// Frames and events published, and publishes JetStream did not acknowledge.
     pub published_messages: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Idempotent producers' frames some of whose events an earlier send had stored.
+    pub duplicate_frames: AtomicU64,
     /// Messages sent again after a failed publish.
     pub publish_retries: AtomicU64,
     /// Mark messages sent to the partitions ([`broadcast_marks`]).
@@ -351,6 +357,8 @@ pub struct Cluster {
     /// This process's prefix of message ids (node name and start time), and the next number.
     incarnation: String,
     next_message: AtomicU64,
+    /// Openings of topics so far ([`Interest::Opening`]).
+    openings: AtomicU64,
     /// The shards' output (the forwarder's input), for its marks.
     out: Sender<Forwarded>,
     out_rx: Receiver<Forwarded>,
@@ -480,12 +488,14 @@ impl Cluster {
             released: AtomicU64::new(0),
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            duplicate_frames: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
             mark_messages: AtomicU64::new(0),
             catalog_failures: std::sync::Mutex::new(BTreeMap::new()),
             marks_due: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!("{}.{}", config.node, crate::router::wall_ms()),
             next_message: AtomicU64::new(0),
+            openings: AtomicU64::new(0),
             out,
             out_rx,
             hub,
@@ -521,12 +531,19 @@ impl Cluster {
     /// (this one too) applies.
     pub async fn remember(&self, name: &str, script: Option<&str>) -> Result<(), String> {
         let done = match script {
-            Some(script) => self
-                .catalog
-                .put(name, Bytes::copy_from_slice(script.as_bytes()))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Some(script) => {
+                let entry = CatalogEntry {
+                    script: script.to_owned(),
+                    state: None,
+                    from: Some(self.config.node.clone()),
+                };
+                let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+                self.catalog
+                    .put(name, value.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
             None => {
                 self.purge_latest(name).await;
                 self.catalog.delete(name).await.map_err(|e| e.to_string())
@@ -542,6 +559,7 @@ impl Cluster {
         let entry = CatalogEntry {
             script: script.to_owned(),
             state: Some("keep".to_owned()),
+            from: Some(self.config.node.clone()),
         };
         let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
         self.catalog
@@ -580,17 +598,81 @@ impl Cluster {
     /// topic's latest values from it into the hub's snapshot store, with the items that came on
     /// `eddy.out` meanwhile after them (a key that came live keeps its live value), then feed
     /// the hub with what arrives. Returns once the hub has them, so that the subscriber's
-    /// snapshot holds them.
+    /// snapshot holds them. Topics open independently: while one is being read, another topic's
+    /// subscribers (new or not) are not held up; a second subscriber of a topic being opened
+    /// waits for that opening.
     pub async fn want(self: &Arc<Self>, subscriber: u64, topic: &str) -> Result<(), String> {
+        let (ready, generation) = {
+            let mut interest = self.interest.lock().await;
+            match interest.get_mut(topic) {
+                Some(Interest::Taken { subscribers, .. }) => {
+                    subscribers.insert(subscriber);
+                    return Ok(());
+                }
+                Some(Interest::Opening {
+                    subscribers, ready, ..
+                }) => {
+                    subscribers.insert(subscriber);
+                    let mut ready = ready.clone();
+                    drop(interest);
+                    return match ready.wait_for(Option::is_some).await {
+                        Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+                        Err(_) => Err(format!("cluster: taking {topic} from NATS stopped")),
+                    };
+                }
+                None => {}
+            }
+            // A topic the hub would refuse (it answers why): not taken from NATS at all.
+            if !self.hub.accepts(topic) {
+                return Ok(());
+            }
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let generation = self.openings.fetch_add(1, Ordering::Relaxed);
+            interest.insert(
+                topic.to_owned(),
+                Interest::Opening {
+                    subscribers: HashSet::from([subscriber]),
+                    ready: rx,
+                    generation,
+                },
+            );
+            (tx, generation)
+        };
+        let opened = self.open(topic).await;
         let mut interest = self.interest.lock().await;
-        if let Some(i) = interest.get_mut(topic) {
-            i.subscribers.insert(subscriber);
-            return Ok(());
-        }
-        // A topic the hub would refuse (it answers why): not taken from NATS at all.
-        if !self.hub.accepts(topic) {
-            return Ok(());
-        }
+        let ours = matches!(
+            interest.get(topic),
+            Some(Interest::Opening { generation: g, .. }) if *g == generation
+        );
+        let outcome = match opened {
+            // Everyone here left, or the query went, meanwhile: not taken after all.
+            Ok(_) if !ours => Ok(()),
+            Ok((items, seeded)) => {
+                if let Some(Interest::Opening { subscribers, .. }) = interest.remove(topic) {
+                    let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
+                    interest.insert(topic.to_owned(), Interest::Taken { subscribers, task });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if ours {
+                    interest.remove(topic);
+                }
+                Err(e)
+            }
+        };
+        self.count_taken(&interest);
+        drop(interest);
+        let _ = ready.send(Some(outcome.clone()));
+        outcome
+    }
+
+    /// Subscribes to `topic`'s items and seeds the hub with its latest values and what came
+    /// meanwhile (see [`Cluster::want`]); returns the subscription and the values seeded.
+    async fn open(
+        &self,
+        topic: &str,
+    ) -> Result<(async_nats::Subscriber, HashMap<Key, Vec<u8>>), String> {
         let subject = topic_subject(topic);
         let mut items = self
             .client
@@ -632,35 +714,34 @@ impl Cluster {
             }
             Err(e) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
         }
-        let task = tokio::spawn(receive(Arc::clone(self), items, seeded));
-        interest.insert(
-            topic.to_owned(),
-            Interest {
-                subscribers: HashSet::from([subscriber]),
-                task,
-            },
-        );
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok((items, seeded))
+    }
+
+    /// Sets `topics_taken` from the topics taken now.
+    fn count_taken(&self, interest: &HashMap<String, Interest>) {
+        let taken = interest
+            .values()
+            .filter(|i| matches!(i, Interest::Taken { .. }))
+            .count();
+        self.topics_taken.store(taken as u64, Ordering::Relaxed);
     }
 
     /// Subscriber `subscriber` no longer wants `topic` (`None`: any topic, it left). A topic
-    /// nobody here wants any more is no longer taken from NATS.
+    /// nobody here wants any more is no longer taken from NATS (one being opened is dropped
+    /// when its opening ends).
     pub async fn unwant(&self, subscriber: u64, topic: Option<&str>) {
         let mut interest = self.interest.lock().await;
         interest.retain(|t, i| {
             if topic.is_none_or(|want| want == t) {
-                i.subscribers.remove(&subscriber);
+                i.subscribers().remove(&subscriber);
             }
-            if i.subscribers.is_empty() {
-                i.task.abort();
+            if i.subscribers().is_empty() {
+                i.stop();
                 return false;
             }
             true
         });
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
+        self.count_taken(&interest);
     }
 
     /// Query `name` was removed here (its topics are closed): its topics are no longer taken
@@ -671,11 +752,10 @@ impl Cluster {
             if query_of(t) != name {
                 return true;
             }
-            i.task.abort();
+            i.stop();
             false
         });
-        self.topics_taken
-            .store(interest.len() as u64, Ordering::Relaxed);
+        self.count_taken(&interest);
     }
 
     /// Makes the named topics of query `name` that `eddy_topics` holds known to the hub, once
@@ -989,9 +1069,38 @@ impl Cluster {
 }
 
 /// A topic this node takes from NATS.
-struct Interest {
-    subscribers: HashSet<u64>,
-    task: tokio::task::JoinHandle<()>,
+enum Interest {
+    /// Being taken (see [`Cluster::want`]): the subscribers who asked meanwhile wait for
+    /// `ready`, which says how the opening went.
+    Opening {
+        subscribers: HashSet<u64>,
+        ready: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+        /// Which opening: one that ends after its entry was dropped (and maybe made again)
+        /// leaves the entry alone.
+        generation: u64,
+    },
+    /// Taken: `task` takes the topic's items from NATS into the hub.
+    Taken {
+        subscribers: HashSet<u64>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Interest {
+    fn subscribers(&mut self) -> &mut HashSet<u64> {
+        match self {
+            Interest::Opening { subscribers, .. } | Interest::Taken { subscribers, .. } => {
+                subscribers
+            }
+        }
+    }
+
+    /// No longer taken (an opening in progress finds its entry gone and drops what it made).
+    fn stop(&self) {
+        if let Interest::Taken { task, .. } = self {
+            task.abort();
+        }
+    }
 }
 
 /// Starts the node's cluster tasks: the output forwarder, the catalog watcher and the ownership
@@ -1009,12 +1118,19 @@ pub async fn start(state: &Arc<State>) -> Result<(), ClusterError> {
             .spawn(move || forward(&cluster, &runtime, partitions))
             .expect("spawn the cluster forwarder");
     }
+    publish_folder(state, &cluster).await;
+    // The catalog's revision before the watch: what came before is history (see
+    // [`follow_catalog`]).
+    let history = match cluster.catalog.status().await {
+        Ok(status) => status.info.state.last_sequence,
+        Err(e) => return Err(js_err("read eddy_catalog")(Box::new(e))),
+    };
     let watch = cluster
         .catalog
         .watch_with_history(">")
         .await
         .map_err(|e| js_err("watch eddy_catalog")(Box::new(e)))?;
-    tokio::spawn(follow_catalog(Arc::clone(state), watch));
+    tokio::spawn(follow_catalog(Arc::clone(state), watch, history));
     let watch = cluster
         .topics
         .watch_with_history(">")
@@ -1090,7 +1206,17 @@ async fn drain(state: &State, cluster: &Cluster) {
 
 /// JetStream's acks of one input's messages: resolves to the events whose message was not
 /// acknowledged (their index in the input, and why).
-pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u32, String)>> + Send>>;
+pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Published> + Send>>;
+
+/// What JetStream said of an input's messages.
+#[derive(Default)]
+pub struct Published {
+    /// The events whose messages were not stored, with why, by index.
+    pub failed: Vec<(u32, String)>,
+    /// Events whose messages an earlier send of the same idempotent producer's frame had
+    /// stored (see [`super::producer`]): not added again.
+    pub duplicates: u64,
+}
 
 /// Collects, per partition, the NDJSON of the accepted events whose keys fall in it, and the
 /// producer's mark with each of them for the queries on event time ([`EventTimeQueries`]).
@@ -1124,12 +1250,18 @@ impl RouteSink for PartitionSink<'_> {
     }
 }
 
+/// Where an input came from: its source, and its idempotent producer's frame id if it has one.
+pub struct Origin<'a> {
+    pub source: SourceId,
+    pub id: Option<&'a FrameId>,
+}
+
 /// Routes a parsed input (rejecting what a node alone would reject) and publishes its accepted
 /// events to their partitions. Returns what was routed and the acks to wait for.
 pub async fn publish(
     state: &State,
     cluster: &Arc<Cluster>,
-    source: SourceId,
+    Origin { source, id }: Origin<'_>,
     frame: &Arc<Frame>,
     stream: Option<&str>,
     now: i64,
@@ -1170,12 +1302,16 @@ pub async fn publish(
         }
         // JetStream stores a message once per id within its duplicate window: a retry of a
         // message whose first ack was lost (a leader that died after storing it) is not stored
-        // twice.
-        let id = cluster.next_message.fetch_add(1, Ordering::Relaxed);
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("{}.{id}", cluster.incarnation).as_str(),
-        );
+        // twice, and neither is an idempotent producer's frame sent again, to any node (its
+        // messages' ids are the same wherever it is published; node ids have no `/`).
+        let message_id = match id {
+            Some(id) => format!("{}/{}/{partition}", id.producer, id.frame),
+            None => {
+                let n = cluster.next_message.fetch_add(1, Ordering::Relaxed);
+                format!("{}.{n}", cluster.incarnation)
+            }
+        };
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
         let message = Outgoing {
             subject: event_subject(partition as u32),
             headers,
@@ -1221,10 +1357,16 @@ pub async fn publish(
         ))
         .await;
         let mut failed = Vec::new();
+        let mut stored_before: Vec<u32> = Vec::new();
+        let mut added: HashSet<u32> = HashSet::new();
         for (indexes, result) in results {
-            if let Err(e) = result {
-                let reason = format!("JetStream did not acknowledge the event: {e}");
-                failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+            match result {
+                Ok(Stored::New) => added.extend(indexes),
+                Ok(Stored::Before) => stored_before.extend(indexes),
+                Err(e) => {
+                    let reason = format!("JetStream did not acknowledge the event: {e}");
+                    failed.extend(indexes.into_iter().map(|i| (i, reason.clone())));
+                }
             }
         }
         failed.sort_unstable();
@@ -1232,7 +1374,18 @@ pub async fn publish(
         if !failed.is_empty() {
             counted.publish_failures.fetch_add(1, Ordering::Relaxed);
         }
-        failed
+        // An event with keys in several partitions is in several messages: it was added by
+        // this send if any of them was.
+        stored_before.sort_unstable();
+        stored_before.dedup();
+        let duplicates = stored_before
+            .iter()
+            .filter(|i| !added.contains(i) && failed.binary_search_by_key(*i, |(f, _)| *f).is_err())
+            .count() as u64;
+        if duplicates > 0 {
+            counted.duplicate_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        Published { failed, duplicates }
     });
     (routed, acks)
 }
@@ -1396,8 +1549,9 @@ impl Cluster {
         message: Outgoing,
         mut sent: SendResult,
         deadline: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<Stored, String> {
         let mut backoff = Duration::from_millis(50);
+        let mut first = true;
         loop {
             let failure = match sent {
                 Ok(ack) => {
@@ -1408,7 +1562,10 @@ impl Cluster {
                     )
                     .await
                     {
-                        Ok(Ok(_)) => return Ok(()),
+                        // Only the first answer tells: a retry's "duplicate" may be this node's
+                        // own first send, stored with its ack lost.
+                        Ok(Ok(ack)) if ack.duplicate && first => return Ok(Stored::Before),
+                        Ok(Ok(_)) => return Ok(Stored::New),
                         Ok(Err(e)) => e,
                         Err(_) => jetstream::context::PublishError::new(
                             jetstream::context::PublishErrorKind::TimedOut,
@@ -1421,6 +1578,7 @@ impl Cluster {
             if !retry || Instant::now() + backoff >= deadline {
                 return Err(failure.to_string());
             }
+            first = false;
             self.publish_retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -1429,8 +1587,20 @@ impl Cluster {
     }
 }
 
-/// Applies the acks' failures to an outcome: those events were not accepted.
-pub fn unacknowledged(outcome: &mut super::ingest::Outcome, failed: Vec<(u32, String)>) {
+/// Whether JetStream stored a message now, or already had it (its id was stored before).
+enum Stored {
+    New,
+    Before,
+}
+
+/// Applies what JetStream said to an outcome: events it did not store were not accepted, and
+/// events an earlier send of the frame had stored were not added by this one.
+pub fn acknowledged(outcome: &mut super::ingest::Outcome, published: Published) {
+    let Published { failed, duplicates } = published;
+    if duplicates > 0 {
+        outcome.duplicate = true;
+        outcome.accepted = outcome.accepted.saturating_sub(duplicates);
+    }
     if failed.is_empty() {
         return;
     }
@@ -2518,32 +2688,85 @@ fn decode_items(message: &async_nats::Message) -> Vec<Emitted> {
 // ---------------------------------------------------------------------------------------------
 // The catalog.
 
-/// A replace that keeps each key's state, as `eddy_catalog` holds it: JSON
-/// `{"script":…,"state":"keep"}`. A plain deploy is the script itself.
+/// Puts the queries this node loaded from its queries folder into the catalog, each that the
+/// catalog has never held (a name deployed or removed over the API before keeps that): so a
+/// node started without the folder, or with another, runs them too, and no partition it owns
+/// drops their events. A name the catalog holds already is left to it: the catalog's version
+/// is applied here when it differs ([`follow_catalog`]).
+async fn publish_folder(state: &State, cluster: &Cluster) {
+    let router = state.router.load_full();
+    for q in router.queries() {
+        let name = &q.def.name;
+        if !matches!(cluster.catalog.entry(name.as_str()).await, Ok(None)) {
+            continue;
+        }
+        // Without `from`: a node that loaded the same script from its own folder keeps its
+        // state (see [`follow_catalog`]).
+        let entry = CatalogEntry {
+            script: q.def.script.clone(),
+            state: None,
+            from: None,
+        };
+        let Ok(value) = serde_json::to_vec(&entry) else {
+            continue;
+        };
+        // `create`: only if no other node put it meanwhile.
+        match cluster.catalog.create(name.as_str(), value.into()).await {
+            Ok(_) => tracing::info!("cluster catalog: {name} from the queries folder"),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => {
+                tracing::warn!("cluster catalog: {name} from the queries folder not put: {e}")
+            }
+        }
+    }
+}
+
+/// A deploy as `eddy_catalog` holds it: JSON `{"script":…,"state":"keep","from":NODE}` (`state`
+/// only for a replace that keeps each key's state; `from`, the node that took the request, none
+/// for a query put there from a queries folder at start). A
+/// catalog written before these fields holds the plain script, which is still read.
 #[derive(Serialize, Deserialize)]
 struct CatalogEntry {
     script: String,
     #[serde(default)]
     state: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
 }
 
-/// Applies every change of the cluster's catalog to this node (its own changes come back too and
-/// are skipped when the script is already deployed). A replace that keeps state replaces this
-/// node's version the same way (its keys keep their state here), then checkpoints: a partition
-/// that moves later restores its keys' state into the new script.
-async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch) {
+/// Applies every change of the cluster's catalog to this node. Entries from before this node
+/// started (up to revision `history`) and its own changes coming back are applied only when the
+/// script deployed here differs; a later deploy from another node is applied even with the
+/// same script, since a deploy starts the query afresh (each key's state reset), as it did on
+/// the node that took it. A replace that keeps state replaces this node's version the same way
+/// (its keys keep their state here), then checkpoints: a partition that moves later restores
+/// its keys' state into the new script.
+async fn follow_catalog(state: Arc<State>, mut watch: kv::Watch, history: u64) {
+    let me = state
+        .cluster
+        .as_ref()
+        .map(|c| c.config.node.clone())
+        .unwrap_or_default();
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
         let name = entry.key.clone();
         match entry.operation {
             kv::Operation::Put => {
-                let (script, keep) = match serde_json::from_slice::<CatalogEntry>(&entry.value) {
-                    Ok(e) => (e.script, e.state.as_deref() == Some("keep")),
-                    Err(_) => (String::from_utf8_lossy(&entry.value).into_owned(), false),
-                };
+                let (script, keep, from) =
+                    match serde_json::from_slice::<CatalogEntry>(&entry.value) {
+                        Ok(e) => (e.script, e.state.as_deref() == Some("keep"), e.from),
+                        Err(_) => (
+                            String::from_utf8_lossy(&entry.value).into_owned(),
+                            false,
+                            None,
+                        ),
+                    };
                 let here = super::admin::deployed_script(&state, &name).await;
+                let afresh = !keep
+                    && entry.revision > history
+                    && from.as_deref().is_some_and(|from| from != me);
                 let mut outcome = Ok(());
-                if here.as_deref() != Some(script.as_str()) {
+                if here.as_deref() != Some(script.as_str()) || afresh {
                     let limits = state.config.limits.clone();
                     outcome = match super::admin::compile(name.clone(), script, limits).await {
                         Ok(def) if keep => match super::admin::replace_keeping(&state, def).await {
