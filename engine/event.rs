@@ -215,6 +215,7 @@ impl Frame {
     /// [`Frame::get`], trying first the place `hint` remembers (the field's index among the
     /// object's fields when it was last found): one comparison when events have the same shape.
     /// Only for objects whose values are all scalars, where every other node is a name.
+    #[inline]
     fn get_hinted(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
         let Node::Object { len, count } = self.node(obj) else {
             return None;
@@ -452,6 +453,7 @@ impl Event {
 
     /// [`Event::get_hinted`] for typed code: a number or a boolean as itself (`Ok`), any other
     /// value (`()` when missing) as the Rhai value `get_hinted` would give (`Err`).
+    #[inline]
     pub fn get_hinted_scalar(&self, name: &str, hint: &Cell<u32>) -> Result<Value<'_>, Dynamic> {
         match self.frame.get_hinted(self.node, name, hint) {
             Some(at) => match self.frame.value(at) {
