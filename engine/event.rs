@@ -625,8 +625,9 @@ impl Format {
 
 impl Parser {
     /// Parses one input: a JSON object, a JSON array of objects, or NDJSON (see
-    /// [`Format::detect`]). In NDJSON each line is parsed on its own, so a broken line rejects
-    /// that line alone.
+    /// [`Format::detect`]). NDJSON is parsed as if each line were parsed on its own (in one
+    /// call when it can: `parse_lines_at_once`), so a broken line rejects that
+    /// line alone.
     pub fn parse(&mut self, buf: Vec<u8>) -> Parsed {
         let format = Format::detect(&buf);
         let base = Position {
