@@ -215,6 +215,7 @@ impl Frame {
     /// [`Frame::get`], trying first the place `hint` remembers (the field's index among the
     /// object's fields when it was last found): one comparison when events have the same shape.
     /// Only for objects whose values are all scalars, where every other node is a name.
+    #[inline]
     fn get_hinted(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
         let Node::Object { len, count } = self.node(obj) else {
             return None;
@@ -452,6 +453,7 @@ impl Event {
 
     /// [`Event::get_hinted`] for typed code: a number or a boolean as itself (`Ok`), any other
     /// value (`()` when missing) as the Rhai value `get_hinted` would give (`Err`).
+    #[inline]
     pub fn get_hinted_scalar(&self, name: &str, hint: &Cell<u32>) -> Result<Value<'_>, Dynamic> {
         match self.frame.get_hinted(self.node, name, hint) {
             Some(at) => match self.frame.value(at) {
@@ -623,8 +625,9 @@ impl Format {
 
 impl Parser {
     /// Parses one input: a JSON object, a JSON array of objects, or NDJSON (see
-    /// [`Format::detect`]). In NDJSON each line is parsed on its own, so a broken line rejects
-    /// that line alone.
+    /// [`Format::detect`]). NDJSON is parsed as if each line were parsed on its own (in one
+    /// call when it can: `parse_lines_at_once`), so a broken line rejects that
+    /// line alone.
     pub fn parse(&mut self, buf: Vec<u8>) -> Parsed {
         let format = Format::detect(&buf);
         let base = Position {
@@ -634,14 +637,27 @@ impl Parser {
         self.parse_with(buf, format, base)
     }
 
+    /// [`Parser::parse_with`] of a copy of `input`: NDJSON parsed at once is copied into its
+    /// array form only, not copied first as it is.
+    pub fn parse_slice_with(&mut self, input: &[u8], format: Format, base: Position) -> Parsed {
+        if format == Format::Ndjson {
+            let mut frame = Frame {
+                nodes: Vec::new(),
+                events: Vec::new(),
+                _buf: Vec::new(),
+                held: None,
+            };
+            if let Some((items, joined)) = self.parse_lines_at_once(input, &mut frame) {
+                return self.finish(frame, joined, Vec::new(), items, base);
+            }
+        }
+        self.parse_with(input.to_vec(), format, base)
+    }
+
     /// Parses one input of a known format, numbering its items from `base` (the index and line
     /// count of what came before it, for inputs cut into several frames).
     pub fn parse_with(&mut self, buf: Vec<u8>, format: Format, base: Position) -> Parsed {
         let mut buf = buf;
-        // SAFETY: the slice borrows `buf`'s heap block, which is moved (not copied or freed)
-        // into the returned `Frame` together with the tape that borrows it; see `Frame::nodes`.
-        let whole: &'static mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
         let mut frame = Frame {
             nodes: Vec::new(),
             events: Vec::new(),
@@ -650,9 +666,40 @@ impl Parser {
         };
         let mut rejections = Vec::new();
         let items = match format {
-            Format::Ndjson => self.parse_lines(whole, &mut frame, &mut rejections),
-            Format::Document => self.parse_document(whole, &mut frame, &mut rejections),
+            Format::Ndjson => match self.parse_lines_at_once(&buf, &mut frame) {
+                Some((items, joined)) => {
+                    buf = joined;
+                    items
+                }
+                None => {
+                    // SAFETY: as below.
+                    let whole: &'static mut [u8] =
+                        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
+                    self.parse_lines(whole, &mut frame, &mut rejections)
+                }
+            },
+            Format::Document => {
+                // SAFETY: the slice borrows `buf`'s heap block, which is moved (not copied or
+                // freed) into the returned `Frame` together with the tape that borrows it; see
+                // `Frame::nodes`.
+                let whole: &'static mut [u8] =
+                    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
+                self.parse_document(whole, &mut frame, &mut rejections)
+            }
         };
+        self.finish(frame, buf, rejections, items, base)
+    }
+
+    /// The parsed frame given its bytes, its items numbered from `base`; the scratch buffers
+    /// made ready for the next input.
+    fn finish(
+        &mut self,
+        mut frame: Frame,
+        buf: Vec<u8>,
+        mut rejections: Vec<Rejection>,
+        items: u32,
+        base: Position,
+    ) -> Parsed {
         if base.index > 0 || base.line.is_some_and(|l| l > 0) {
             let shift = |p: &mut Position| {
                 p.index += base.index;
@@ -668,7 +715,13 @@ impl Parser {
             self.scratch = Tape::null();
             self.buffers = Buffers::new(4096);
         }
-        frame.nodes.shrink_to_fit();
+        // A tape within its budget keeps its spare room: giving it back copies the whole tape
+        // (a tape reserved for NDJSON holds a node per 6 input bytes; flat events need about
+        // one per 7).
+        let node = std::mem::size_of::<Node<'static>>();
+        if frame.nodes.capacity() * node > (buf.len() + 2) * MAX_TAPE_BYTES_PER_INPUT_BYTE {
+            frame.nodes.shrink_to_fit();
+        }
         frame._buf = buf;
         Parsed {
             frame: Arc::new(frame),
@@ -733,6 +786,101 @@ impl Parser {
                 1
             }
         }
+    }
+
+    /// NDJSON parsed in one simd-json call rather than one per line: the lines are copied into
+    /// one JSON array (`[` line `,` line … `]`, the newline after each line but the last made a
+    /// comma) and parsed at once, which spares the per-call set-up and the partly filled 64-byte
+    /// blocks of the per-line parse. Returns the item count and the array's bytes (which the
+    /// tape borrows), or `None` when the input must be parsed line by line: a line that does
+    /// not start with `{"` (a non-object, an empty object, a space after the brace), a broken
+    /// line (the array does not parse), or an array whose elements are not the lines.
+    ///
+    /// Each element is tied to its line: the first field name of element `i` must start two
+    /// bytes after the start of line `i` (simd-json's strings point into the input), so element
+    /// `i` starts where line `i` starts; it is followed by only whitespace and the comma put
+    /// after line `i`, so it ends where line `i` ends. Each line is then one JSON value, parsed
+    /// exactly as it would be alone.
+    fn parse_lines_at_once(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
+        // (offset of the line's `{` in the array, its line number); where each line's newline is.
+        let mut lines: Vec<(usize, u32)> = Vec::with_capacity(input.len() / 64 + 1);
+        let mut newlines: Vec<usize> = Vec::with_capacity(input.len() / 64 + 1);
+        let mut start = 0;
+        let mut line_no = 0;
+        while start < input.len() {
+            let end = memchr::memchr(b'\n', &input[start..]).map(|e| start + e);
+            let line = &input[start..end.unwrap_or(input.len())];
+            line_no += 1;
+            let lead = line.iter().position(|b| !b.is_ascii_whitespace());
+            if let Some(lead) = lead {
+                if line.len() < lead + 2 || line[lead] != b'{' || line[lead + 1] != b'"' {
+                    return None;
+                }
+                lines.push((1 + start + lead, line_no));
+                newlines.push(end.map_or(usize::MAX, |e| 1 + e));
+            }
+            start = end.map_or(input.len(), |e| e + 1);
+        }
+        if lines.is_empty() {
+            return None;
+        }
+        let len = input.len() + 2;
+        let mut joined = Vec::with_capacity(len + simd_json::INPUT_PADDING);
+        joined.push(b'[');
+        joined.extend_from_slice(input);
+        joined.push(b']');
+        joined.resize(len + simd_json::INPUT_PADDING, b' ');
+        for &at in &newlines[..newlines.len() - 1] {
+            joined[at] = b',';
+        }
+        // SAFETY: as in `parse_with`: the tape borrows `joined`'s heap block, which is not
+        // resized from here on and is moved into the frame with the tape.
+        let bytes: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
+        let base = bytes.as_ptr() as usize;
+        let mut tape = Tape(std::mem::take(&mut frame.nodes));
+        tape.0.reserve(len / 6 + 2);
+        if simd_json::fill_tape_padded(bytes, len, &mut self.buffers, &mut tape).is_err() {
+            tape.0.clear();
+            frame.nodes = tape.0;
+            return None;
+        }
+        let nodes = tape.0;
+        let ok = matches!(nodes.first(), Some(Node::Array { len, .. }) if *len == lines.len());
+        let mut events = Vec::with_capacity(lines.len());
+        let mut at = 1usize;
+        if ok {
+            for &(line_start, line) in &lines {
+                let tied = match (nodes.get(at), nodes.get(at + 1)) {
+                    (Some(Node::Object { .. }), Some(Node::String(name))) => {
+                        name.as_ptr() as usize == base + line_start + 2
+                    }
+                    _ => false,
+                };
+                if !tied {
+                    break;
+                }
+                let index = events.len() as u32;
+                events.push((
+                    at as u32,
+                    Position {
+                        index,
+                        line: Some(line),
+                    },
+                ));
+                let Node::Object { count, .. } = nodes[at] else {
+                    unreachable!("checked")
+                };
+                at += count + 1;
+            }
+        }
+        frame.nodes = nodes;
+        if events.len() != lines.len() {
+            frame.nodes.clear();
+            return None;
+        }
+        frame.events = events;
+        Some((lines.len() as u32, joined))
     }
 
     fn parse_lines(
@@ -930,6 +1078,101 @@ mod tests {
         assert!(p.rejections[0].reason.starts_with("invalid JSON"));
         assert_eq!(p.frame.event(1).get("a").as_int().unwrap(), 3);
         assert_eq!(p.frame.position(1).line, Some(4));
+    }
+
+    /// NDJSON parsed as one array must give what parsing each line alone gives: the same
+    /// events with the same positions, and the same rejections. The inputs include lines the
+    /// array would cut differently (`{"a":1},{"b":"}` then `{"}` is two objects as an array,
+    /// two broken lines alone), blank lines, `\r\n`, spaces, escapes, nested values and
+    /// non-objects.
+    #[test]
+    fn ndjson_at_once_is_ndjson_line_by_line() {
+        type Outcome = (Vec<(String, Position)>, Vec<(Position, String)>);
+        fn by_line(input: &str) -> Outcome {
+            let (mut events, mut rejections) = (Vec::new(), Vec::new());
+            let mut index = 0;
+            for (n, line) in input.split('\n').enumerate() {
+                if line.trim_ascii().is_empty() {
+                    continue;
+                }
+                let position = Position {
+                    index,
+                    line: Some(n as u32 + 1),
+                };
+                index += 1;
+                let p = Parser::default().parse(line.trim_ascii().as_bytes().to_vec());
+                match (p.frame.len(), p.rejections.first()) {
+                    (1, None) => events.push((json(&p.frame.event(0)), position)),
+                    (_, Some(r)) if r.reason.starts_with("invalid JSON") => {
+                        rejections.push((position, "invalid JSON".to_owned()))
+                    }
+                    _ => rejections.push((position, "not an object".to_owned())),
+                }
+            }
+            (events, rejections)
+        }
+        let inputs = [
+            "{\"a\":1}\n{\"a\":2}\n",
+            "{\"a\":1}\n{\"a\":2}",
+            "\n\n  {\"a\":1}  \r\n\r\n\t{\"b\":[1,{\"c\":\"x\"}],\"d\":{}}\n\n",
+            "{\"a\":1},{\"b\":\"}\n{\"}\n",
+            "{\"a\":1},{\"b\":2}\n{\"x\":[{}\n{}]}\n",
+            "{\"a\":[1\n{\"b\":2}]}\n{\"c\":3}\n",
+            "{\"\\u0061\":\"\\n\\\"\",\"b\":\"é\"}\n{\"a\":1}\n",
+            "{\"a\":1}\n{}\n{\"a\":2}\n",
+            "{\"a\":1}\n[1]\n{\"a\":2}\n",
+            "{\"a\":1}\n{ \"a\":2}\n",
+            "{\"a\":1}\n{\"a\":\n{\"a\":3}\n",
+            "{\"a\":1} {\"a\":2}\n{\"a\":3}\n",
+            "{\"a\":1}\n{\"a\":2}\n{\"a\":1e400}\n",
+            "{\"a\":1}\u{c}\n{\"a\":2}\n",
+        ];
+        for input in inputs {
+            let start = Position {
+                index: 0,
+                line: Some(0),
+            };
+            let p = Parser::default().parse_with(input.as_bytes().to_vec(), Format::Ndjson, start);
+            let events: Vec<(String, Position)> = (0..p.frame.len())
+                .map(|i| (json(&p.frame.event(i)), p.frame.position(i)))
+                .collect();
+            let rejections: Vec<(Position, String)> = p
+                .rejections
+                .iter()
+                .map(|r| {
+                    let what = if r.reason.starts_with("invalid JSON") {
+                        "invalid JSON"
+                    } else {
+                        "not an object"
+                    };
+                    (r.position, what.to_owned())
+                })
+                .collect();
+            assert_eq!((events, rejections), by_line(input), "{input:?}");
+        }
+    }
+
+    /// The whole-frame parse is taken for plain NDJSON (not only the line-by-line fallback),
+    /// and its strings point into the frame.
+    #[test]
+    fn plain_ndjson_is_parsed_at_once() {
+        let mut parser = Parser::default();
+        let mut frame = Frame {
+            nodes: Vec::new(),
+            events: Vec::new(),
+            _buf: Vec::new(),
+            held: None,
+        };
+        let input = b"{\"s\":\"x\",\"p\":1.5}\n\n{\"s\":\"y\",\"p\":2}\n";
+        let (items, joined) = parser.parse_lines_at_once(input, &mut frame).unwrap();
+        assert_eq!((items, frame.events.len()), (2, 2));
+        assert_eq!(frame.events[1].1.line, Some(3));
+        assert!(joined.starts_with(b"[{\"s\":\"x\",\"p\":1.5},\n{"));
+        let broken = b"{\"a\":1}\n{\"a\":\n";
+        assert!(parser.parse_lines_at_once(broken, &mut frame).is_none());
+        // Two objects as an array, two broken lines alone.
+        let cut = b"{\"a\":1},{\"b\":\"}\n{\"}\n";
+        assert!(parser.parse_lines_at_once(cut, &mut frame).is_none());
     }
 
     #[test]

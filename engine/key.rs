@@ -85,6 +85,17 @@ impl Key {
         }
     }
 
+    /// `self == other`, with strings compared inline ([`crate::event::same_name`]): a key is
+    /// compared on every event (its state's lookup, the call's context), and `==` on strings is
+    /// a call of `memcmp`.
+    #[inline]
+    pub fn same(&self, other: &Key) -> bool {
+        match (self, other) {
+            (Key::Str(a), Key::Str(b)) => crate::event::same_name(a, b),
+            _ => self == other,
+        }
+    }
+
     /// A stable 64-bit hash, the same in every process, for assigning keys to shards.
     pub fn stable_hash(&self) -> u64 {
         use std::hash::BuildHasher;
@@ -99,6 +110,17 @@ impl Key {
             return 0;
         }
         ((u128::from(self.stable_hash()) * shards as u128) >> 64) as usize
+    }
+}
+
+/// A key to look up in a map of keys: hashed as the key itself, compared with [`Key::same`].
+#[derive(Hash)]
+pub(crate) struct Lookup<'a>(pub &'a Key);
+
+impl indexmap::Equivalent<Key> for Lookup<'_> {
+    #[inline]
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0.same(key)
     }
 }
 
@@ -161,5 +183,35 @@ mod tests {
             assert!((9_000..11_000).contains(&c), "{counts:?}");
         }
         assert_eq!(Key::Int(5).shard(1), 0);
+    }
+
+    /// `same` is `==` on every pair of keys of different kinds and of strings of 0 to 30
+    /// bytes (inline and on the heap) that differ anywhere or not at all; a lookup with it finds
+    /// what `get` finds.
+    #[test]
+    fn same_is_equality() {
+        let text = "abcdefghijklmnopqrstuvwxyz0123";
+        let mut keys = vec![Key::None, Key::Bool(true), Key::Bool(false), Key::Int(0)];
+        keys.push(Key::Int(-1));
+        for n in 0..=text.len() {
+            keys.push(Key::Str(text[..n].into()));
+            let mut b = text.as_bytes()[..n].to_vec();
+            if let Some(last) = b.last_mut() {
+                *last = b'_';
+            }
+            keys.push(Key::Str(String::from_utf8(b).unwrap().into()));
+        }
+        let map: indexmap::IndexMap<Key, usize> = keys
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, k)| (k, i))
+            .collect();
+        for a in &keys {
+            for b in &keys {
+                assert_eq!(a.same(b), a == b, "{a:?} {b:?}");
+            }
+            assert_eq!(map.get_index_of(&Lookup(a)), map.get_index_of(a), "{a:?}");
+        }
     }
 }

@@ -20,8 +20,9 @@ use crate::sandbox::Limits;
 use crate::shard::{QueryId, QueryStats, Shard};
 use crate::QueryDef;
 
-/// Size of the frames a large NDJSON input is cut into.
-pub const FRAME_BYTES: usize = 1 << 20;
+/// Size of the frames a large NDJSON input is cut into: under the size up to which the parser
+/// keeps its scratch buffers, so that every frame after the first reuses them.
+pub const FRAME_BYTES: usize = 1 << 19;
 
 /// Options of one offline run.
 #[derive(Clone, Debug, Default)]
@@ -90,9 +91,10 @@ pub fn run(
         index: 0,
         line: Some(0),
     };
-    for chunk in chunks(input, format) {
-        let lines = memchr::memchr_iter(b'\n', &chunk).count() as u32;
-        let parsed = parser.parse_with(chunk, format, base);
+    for range in chunks(&input, format) {
+        let chunk = &input[range];
+        let lines = memchr::memchr_iter(b'\n', chunk).count() as u32;
+        let parsed = parser.parse_slice_with(chunk, format, base);
         summary.items += u64::from(parsed.items);
         for rejection in parsed.rejections {
             summary.rejected += 1;
@@ -137,9 +139,9 @@ pub fn run(
 
 /// Cuts NDJSON input at line boundaries into frames of about [`FRAME_BYTES`]; other input is
 /// one frame.
-fn chunks(input: Vec<u8>, format: Format) -> Vec<Vec<u8>> {
+fn chunks(input: &[u8], format: Format) -> Vec<std::ops::Range<usize>> {
     if format != Format::Ndjson || input.len() <= FRAME_BYTES {
-        return vec![input];
+        return std::iter::once(0..input.len()).collect();
     }
     let mut chunks = Vec::new();
     let mut start = 0;
@@ -151,7 +153,7 @@ fn chunks(input: Vec<u8>, format: Format) -> Vec<Vec<u8>> {
                 .position(|&b| b == b'\n')
                 .map_or(input.len(), |p| end + p + 1);
         }
-        chunks.push(input[start..end].to_vec());
+        chunks.push(start..end);
         start = end;
     }
     chunks

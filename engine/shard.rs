@@ -50,7 +50,7 @@ use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
 use crate::compiled::{self, Arg, Compiled, EngineMode, Rt, State};
 use crate::durable::{KeyCheckpoint, ShardQueryCheckpoint, Stored};
 use crate::event::Event;
-use crate::key::Key;
+use crate::key::{Key, Lookup};
 use crate::query::{self, OnKeyLimit, QueryDef, QueryError};
 use crate::sandbox::{self, Limits};
 
@@ -1026,7 +1026,7 @@ impl Call<'_> {
     }
 
     fn on_event(&mut self, q: &mut QueryRuntime, key: Key, event: Event, time: i64, now: i64) {
-        let index = match q.states.get_index_of(&key) {
+        let index = match q.states.get_index_of(&Lookup(&key)) {
             Some(index) => index,
             None => match self.new_key(q, &key, now) {
                 Some(index) => index,
@@ -1406,7 +1406,7 @@ impl Call<'_> {
         if !ctx.topics.as_ref().is_some_and(|t| Rc::ptr_eq(t, topics)) {
             ctx.topics = Some(Rc::clone(topics));
         }
-        if ctx.key != *key {
+        if !ctx.key.same(key) {
             ctx.key = key.clone();
         }
         ctx.now = now;
