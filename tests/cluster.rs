@@ -938,12 +938,13 @@ async fn stream_leader(urls: &[String], name: &str) -> Option<String> {
     info.cluster.as_ref()?.leader.clone()
 }
 
-/// Three nats-servers, the streams and buckets replicated 3 times, leases of 12 s; the leader of
-/// `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a new stream
-/// leader, publishes get "no responders" (or no ack, from the leader that died): the nodes send
-/// those messages again, with the same message id, until JetStream acknowledges them. So every
-/// event of the feed is acknowledged, none is lost or counted twice, and neither node fences
-/// itself.
+/// Three nats-servers, the streams and buckets replicated 3 times, the default lease (5 s); the
+/// leader of `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a
+/// new stream leader, publishes get "no responders" (or no ack, from the leader that died): the
+/// nodes send those messages again, with the same message id, until JetStream acknowledges
+/// them. So every event of the feed is acknowledged, none is lost or counted twice, and neither
+/// node exits: a partition whose lease could not be renewed during the election is given up
+/// and taken again (checkpoint and replay) once NATS answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_event() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -970,8 +971,8 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // The lease outlives NATS's election of a new stream leader (4 to 9 s).
-        let (_config, path) = config_file("[cluster]\nreplicas = 3\nlease = \"12s\"\n");
+        // The default lease: NATS's election of a new stream leader (4 to 9 s) may outlast it.
+        let (_config, path) = config_file("[cluster]\nreplicas = 3\n");
         let path = path.as_str();
         let queries = queries_dir();
         let joined = urls.join(",");
@@ -1065,12 +1066,88 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             latest.state.consumer_count, 0,
             "snapshots were read with a consumer"
         );
-        // Both eddy nodes lived through it (neither lost a lease and fenced itself).
+        // Both eddy nodes lived through it (a lease lost is a partition given up, not an exit).
+        let fenced = metric_of(&a.2, "eddy_cluster_partitions_fenced_total").await
+            + metric_of(&b.2, "eddy_cluster_partitions_fenced_total").await;
+        eprintln!("partitions given up during the election: {fenced}");
         let (mut a, mut b) = (a, b);
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
         assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
     };
     within("the NATS leader test", Duration::from_secs(240), run).await;
+}
+
+/// The only nats-server stops answering (SIGSTOP) for longer than a lease (the default, 5 s),
+/// then answers again (SIGCONT). Meanwhile each node gives its partitions up (it owns none
+/// before the leases could expire in NATS) and stays up; once NATS is back they take the
+/// partitions again from their checkpoints, and a feed after that gives every subscriber VWAP
+/// equal to the reference over everything acknowledged, before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_that_stops_answering_for_a_lease_leaves_every_node_up() {
+    cluster_test("the NATS outage test", async |s| {
+        let often = ["--checkpoint-interval", "300ms"];
+        let ([a, b], _) = s.start(["a", "b"], &often).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let mut seq = 0;
+        let first = trades(1000, 61);
+        let mut acked = produce(b.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        converge(&mut sub, &reference(&acked), &mut seq).await;
+        let nats_pid = s.nats.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(nats_pid, libc::SIGSTOP) };
+        let stopped = Instant::now();
+        // Every partition is given up on both nodes before its lease could expire in NATS.
+        for node in [&a, &b] {
+            until(in_secs(15), "a node kept its partitions", async || {
+                metric_of(&node.2, "eddy_cluster_partitions_owned").await == 0.0
+            })
+            .await;
+        }
+        let given_up = stopped.elapsed();
+        eprintln!("both nodes gave every partition up {given_up:?} after NATS stopped");
+        assert!(
+            given_up < Duration::from_secs(5),
+            "partitions still owned when their leases expired: {given_up:?}"
+        );
+        // Longer than a lease, then NATS answers again.
+        tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(nats_pid, libc::SIGCONT) };
+        let resumed = Instant::now();
+        owned_by(&a.2, &["a", "b"]).await;
+        until(
+            in_secs(30),
+            "the partitions were not taken again",
+            async || {
+                metric_of(&a.2, "eddy_cluster_partitions_owned").await
+                    + metric_of(&b.2, "eddy_cluster_partitions_owned").await
+                    == 64.0
+            },
+        )
+        .await;
+        eprintln!(
+            "every partition owned again {:?} after NATS answered",
+            resumed.elapsed()
+        );
+        let (mut a, mut b) = (a, b);
+        assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
+        assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
+        let fenced = metric_of(&a.2, "eddy_cluster_partitions_fenced_total").await
+            + metric_of(&b.2, "eddy_cluster_partitions_fenced_total").await;
+        assert!(
+            fenced >= 64.0,
+            "{fenced} partitions given up: not every one"
+        );
+        let second = trades(1000, 67);
+        acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // A subscriber that comes now gets the same from its snapshot.
+        let (_w, snapshot) = subscribe_vwap_snapshot(&a.2).await;
+        assert_vwap(&snapshot, &want);
+        drop((a, b));
+    })
+    .await;
 }
 
 /// `now + secs`, a deadline for [`until`].
