@@ -61,7 +61,9 @@
 //! partition's checkpoint, reads the rest with an ordered consumer from the sequence after it,
 //! and runs the events through the same router and shards as a node alone. Every
 //! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
-//! purges what it covers from the stream: the purge stands for the acknowledgement.
+//! purges what it covers from the stream: the purge stands for the acknowledgement. A planned
+//! hand-over (a node joined, or this one leaves) checkpoints the partitions it hands over first,
+//! so their next owner replays only what came after.
 //!
 //! Output fence: items of keys whose partition this node does not own are not published, so a
 //! handed-over partition's leftover state on its old owner never reaches a subscriber.
@@ -1646,7 +1648,13 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                     }
                 }
             }
+            // Their checkpoints first, while the fence is open and the leases held: the next
+            // owner replays only what comes after (see `checkpoint_locked`).
             drain(&state, &cluster).await;
+            match checkpoint_locked(&state, &cluster, Some(&over)).await {
+                Ok(k) => tracing::debug!("{k} partitions checkpointed before their hand-over"),
+                Err(e) => tracing::warn!("checkpoint before a hand-over failed: {e}"),
+            }
             let revisions: HashMap<u32, u64> = {
                 let mut leases = cluster.leases();
                 over.iter()
