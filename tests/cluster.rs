@@ -40,6 +40,13 @@ async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[
 
 /// `eddy serve … --node NAME ARGS` (ARGS say where NATS is).
 async fn node_args(queries: &std::path::Path, name: &str, args: &[&str]) -> Node {
+    node_named(queries, Some(name), args).await
+}
+
+/// `eddy serve … [--node NAME] ARGS`; without a name, tagged `?` in the test's output.
+async fn node_named(queries: &std::path::Path, name: Option<&str>, args: &[&str]) -> Node {
+    let named: Vec<&str> = name.map(|n| vec!["--node", n]).unwrap_or_default();
+    let name = name.unwrap_or("?");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
         .args([
             "serve",
@@ -50,7 +57,8 @@ async fn node_args(queries: &std::path::Path, name: &str, args: &[&str]) -> Node
             "--queries",
         ])
         .arg(queries)
-        .args(["--node", name, "--admin-token", TOKEN])
+        .args(named)
+        .args(["--admin-token", TOKEN])
         .args(args)
         .env("EDDY_LOG", "warn,async_nats=error")
         .env("NO_COLOR", "1")
@@ -481,6 +489,68 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
     assert!(stderr.contains("cluster.replicas: 9"), "{stderr}");
     let stderr = refused("[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\nnodes = 3\n");
     assert!(stderr.contains("unknown field `nodes`"), "{stderr}");
+}
+
+/// `--node` takes the NATS URLs from `[cluster]` in the config file (no `--cluster`), and two
+/// nodes given no name on one host (both `--listen 127.0.0.1:0`) get different names: each the
+/// host's and the port it bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_named_from_the_command_line_or_after_the_port_they_bound() {
+    cluster_test("the naming test", async |s| {
+        let (_config, path) = config_file(&format!("[cluster]\nurls = [\"{}\"]\n", s.nats.url));
+        let x = node_args(s.queries.path(), "x", &["--config", &path]).await;
+        assert_eq!(cluster_of(&x.2).await["node"], "x");
+        let args = ["--cluster", s.nats.url.as_str()];
+        let one = node_named(s.queries.path(), None, &args).await;
+        let two = node_named(s.queries.path(), None, &args).await;
+        let mut names = Vec::new();
+        for node in [&one, &two] {
+            let name = cluster_of(&node.2).await["node"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let port = node.2.rsplit(':').next().unwrap();
+            assert!(name.ends_with(&format!("-{port}")), "{name} on {}", node.2);
+            names.push(name);
+        }
+        assert_ne!(names[0], names[1]);
+        let mut all = vec!["x", names[0].as_str(), names[1].as_str()];
+        all.sort_unstable();
+        owned_by(&x.2, &all).await;
+        drop((x, one, two));
+    })
+    .await;
+}
+
+/// The partition count is the cluster's: recorded at the first start, and a node with another
+/// one refuses to start, saying which to use, while the cluster runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_partition_count_is_refused() {
+    cluster_test("the partition count test", async |s| {
+        let (_config, path) = config_file("[cluster]\npartitions = 8\n");
+        let ([mut a], _) = s.start(["a"], &[]).await;
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--node", "b"])
+                .args(["--config", &path, "--cluster", &s.nats.url])
+                .output(),
+        )
+        .await
+        .expect("gave up within 30 s")
+        .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "this node has 8 partitions but the cluster's stream EDDY_EVENTS was made with 64"
+            ),
+            "{stderr}"
+        );
+        assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
+        assert_eq!(cluster_of(&a.2).await["nodes"], json!(["a"]));
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

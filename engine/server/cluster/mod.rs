@@ -150,6 +150,8 @@ const HAND_OVER_PER_TICK: usize = 8;
 const SETTLE: Duration = Duration::from_millis(1000);
 
 const EVENTS: &str = "EDDY_EVENTS";
+/// The key of `EDDY_EVENTS`'s metadata that holds the cluster's partition count.
+const PARTITIONS_METADATA: &str = "eddy_partitions";
 const NODES: &str = "eddy_nodes";
 const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
@@ -196,6 +198,12 @@ pub enum ClusterError {
         urls: String,
         source: async_nats::ConnectError,
     },
+    #[error(
+        "cluster: this node has {ours} partitions but the cluster's stream EDDY_EVENTS was made \
+         with {theirs}: set `[cluster] partitions = {theirs}` (the count is fixed for the life \
+         of the cluster's streams)"
+    )]
+    Partitions { ours: u32, theirs: String },
     #[error("cluster: JetStream {what}: {source}")]
     JetStream {
         what: &'static str,
@@ -440,16 +448,45 @@ impl Cluster {
                 source,
             })?;
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(stream::Config {
-            name: EVENTS.into(),
-            subjects: vec!["eddy.ev.*".into()],
-            duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: config.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        // The stream records the cluster's partition count at its first start: a node with
+        // another count would route events to partitions the others do not read as its.
+        let partitions = config.partitions.to_string();
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: EVENTS.into(),
+                subjects: vec!["eddy.ev.*".into()],
+                duplicate_window: DUPLICATE_WINDOW,
+                num_replicas: config.replicas,
+                storage: stream::StorageType::File,
+                metadata: HashMap::from([(PARTITIONS_METADATA.to_owned(), partitions.clone())]),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        let recorded = events
+            .cached_info()
+            .config
+            .metadata
+            .get(PARTITIONS_METADATA);
+        match recorded {
+            Some(theirs) if *theirs != partitions => {
+                return Err(ClusterError::Partitions {
+                    ours: config.partitions,
+                    theirs: theirs.clone(),
+                })
+            }
+            Some(_) => {}
+            // A stream made before the count was recorded: recorded now.
+            None => {
+                let mut updated = events.cached_info().config.clone();
+                updated
+                    .metadata
+                    .insert(PARTITIONS_METADATA.to_owned(), partitions);
+                js.update_stream(updated)
+                    .await
+                    .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+            }
+        }
         // Made or updated: read with direct gets, which streams made by earlier versions did not
         // allow.
         js.create_or_update_stream(stream::Config {
