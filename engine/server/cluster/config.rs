@@ -18,8 +18,9 @@ use crate::server::config::RawDuration;
 /// Partitions of the event stream when `partitions` is not given.
 pub const DEFAULT_PARTITIONS: u32 = 64;
 /// How long a lease lives without renewal when `lease` is not given: a dead node's partitions
-/// move after this. On a replicated NATS cluster, a lease must outlast NATS's own election of a
-/// new stream leader when a NATS server dies (4 to 9 s in nats-server 2.10+): 12 s does.
+/// move after this. NATS's own election of a new stream leader when a NATS server dies (4 to
+/// 9 s in nats-server 2.10+) may outlast it: the nodes then give their partitions up and take
+/// them again once NATS answers (they stay up).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 /// How often an owner writes the latest values of the keys that changed to `EDDY_LATEST` when
 /// `latest_interval` is not given: a snapshot read from the stream is at most this old for a key
