@@ -522,6 +522,66 @@ async fn nodes_are_named_from_the_command_line_or_after_the_port_they_bound() {
     .await;
 }
 
+/// A deploy on one node is live on all within a second: five deploys, each on another node (the
+/// first through the `eddy deploy` CLI), each timed until every other node serves the query;
+/// the median of the slowest node's times is under 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_on_one_node_is_live_on_all_within_a_second() {
+    cluster_test("the deploy test", async |s| {
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let files = tempfile::tempdir().unwrap();
+        let mut times = Vec::new();
+        for i in 0..5 {
+            let name = format!("d{i}");
+            let script = format!(
+                "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                 fn on_event(ev) {{ emit(ev.price + {i}); }}\n"
+            );
+            let on = &addrs[i % 3];
+            let started = Instant::now();
+            if i == 0 {
+                let path = files.path().join(format!("{name}.rhai"));
+                std::fs::write(&path, &script).unwrap();
+                let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+                    .arg("deploy")
+                    .arg(&path)
+                    .args(["--server", &format!("http://{on}"), "--token", TOKEN])
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "eddy deploy: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            } else {
+                let path = format!("/queries/{name}");
+                let (status, body) = http_at(on, "PUT", &path, Some(TOKEN), &script).await;
+                assert!(status == 200 || status == 201, "{status} {body}");
+            }
+            for other in addrs.iter().filter(|o| *o != on) {
+                let path = format!("/queries/{name}");
+                let what = format!("{name} never reached {other}");
+                until(started + Duration::from_secs(10), &what, async || {
+                    http_at(other, "GET", &path, None, "").await.0 == 200
+                })
+                .await;
+            }
+            times.push(started.elapsed());
+        }
+        eprintln!("deploys live on every node after {times:?}");
+        times.sort_unstable();
+        let median = times[times.len() / 2];
+        assert!(
+            median < Duration::from_secs(1),
+            "median {median:?} from a deploy until every node has it"
+        );
+        drop((a, b, c));
+    })
+    .await;
+}
+
 /// The partition count is the cluster's: recorded at the first start, and a node with another
 /// one refuses to start, saying which to use, while the cluster runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
