@@ -1623,7 +1623,6 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                         done,
                     })
                     .await;
-                held_by_other.insert(p);
             }
         }
         let now = Instant::now();
@@ -2646,10 +2645,11 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                     changed.insert((Arc::clone(&topic), key), value);
                 }
             }
-            // A partition given up since: its keys' values stay as its next owner writes them.
-            changed
-                .retain(|(_, key), _| cluster.owned[key.shard(partitions)].load(Ordering::Relaxed));
             if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
+                // A partition given up since: its keys' values are left to its next owner.
+                changed.retain(|(_, key), _| {
+                    cluster.owned[key.shard(partitions)].load(Ordering::Relaxed)
+                });
                 write_latest(cluster, &mut changed).await;
                 next_write = Instant::now() + every;
             }
