@@ -73,8 +73,8 @@
 //! expires there a lease's life after that at the earliest). A lease that is lost
 //! (`WrongLastRevision`) or not renewed for its life less a fifth ([`Cluster::lease_margin`],
 //! 1 s of the default 5 s) is given up at once, without NATS ([`Cluster::give_up`]): the fence
-//! closes (the forwarder drops the partition's items from then on, its latest values not yet
-//! written included, and its consumer stops before its next message), the lease is no longer
+//! closes (the forwarder drops the partition's items from then on, and its consumer stops
+//! before its next message), the lease is no longer
 //! renewed, no checkpoint of it is written (each write checks the lease is still certain), and
 //! the ownership loop aborts its consumer and drops its state from the shards
 //! (`ShardMsg::DropPartition`) before it may take the partition again. The node stays up
@@ -96,6 +96,10 @@
 //! What is not fenced: messages already handed to the NATS client before the fence closed and
 //! still in its buffer (a connection being re-established) go out when it reconnects: items
 //! older than the new owner's (a value that steps back), or a checkpoint write that was under way.
+//! Nor are the latest values the forwarder computed before the fence closed and `EDDY_LATEST` did
+//! not acknowledge yet: they are written when it answers (dropping them lost values a checkpoint
+//! already covered, which no owner emits again), so a key's snapshot value may step back until
+//! the key changes if the new owner wrote first.
 //!
 //! What clients see while NATS is away: a producer's frame waits for JetStream's acks, retried
 //! with the same message id for up to [`PUBLISH_RETRY`], then its events are answered as
@@ -1653,13 +1657,17 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
         // after this node stopped waiting for it, when NATS answered again), or left by an
         // earlier run of this node. Nothing runs them: deleted (at the revision read, so never
         // a lease taken since), they are free at once rather than after a lease's life.
-        for (key, owner) in &taken {
-            let Ok(p) = key.parse::<u32>() else { continue };
-            if owner[..] != *me.as_bytes() || cluster.leases().contains_key(&p) {
-                continue;
-            }
-            delete_own(&cluster, key).await;
-        }
+        // All at once and bounded: while NATS has no leader for the bucket each would wait
+        // for its request's timeout, one after the other.
+        let stale = taken.iter().filter(|(key, owner)| {
+            owner[..] == *me.as_bytes()
+                && key
+                    .parse::<u32>()
+                    .is_ok_and(|p| !cluster.leases().contains_key(&p))
+        });
+        let deletes =
+            futures_util::future::join_all(stale.map(|(key, _)| delete_own(&cluster, key)));
+        let _ = tokio::time::timeout(CONSUMER_CREATE, deletes).await;
         let taken: HashSet<String> = taken.into_iter().map(|(key, _)| key).collect();
         // Hand over what a settled peer is preferred for, a few partitions a tick, so that the
         // cluster moves gradually: stop their consumers, let the shards and the forwarder
@@ -1743,16 +1751,34 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 continue;
             }
             // Given up by its owner (a hand-over, a shutdown) or expired (its owner died)?
+            // Each request bounded, and none more this tick once one is not answered: while
+            // NATS elects a leader for the bucket, 64 requests waiting out their timeouts one
+            // after the other would hold the loop (and the given-up partitions) for minutes.
+            let Ok(entry) =
+                tokio::time::timeout(CONSUMER_CREATE, cluster.owners.entry(key.clone())).await
+            else {
+                break;
+            };
             let released = matches!(
-                cluster.owners.entry(key.clone()).await,
+                entry,
                 Ok(Some(kv::Entry {
                     operation: kv::Operation::Delete | kv::Operation::Purge,
                     ..
                 }))
             );
             let sent = Instant::now();
-            let Ok(revision) = cluster.owners.create(&key, Bytes::from(me.clone())).await else {
-                continue;
+            let created = tokio::time::timeout(
+                CONSUMER_CREATE,
+                cluster.owners.create(&key, Bytes::from(me.clone())),
+            )
+            .await;
+            let revision = match created {
+                Ok(Ok(revision)) => revision,
+                // Taken meanwhile by another node.
+                Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                // Not answered (in time): maybe made all the same, a lease in this node's name
+                // that it does not run, deleted next tick (above).
+                Ok(Err(_)) | Err(_) => break,
             };
             free_since.remove(&p);
             let source = state.next_source.fetch_add(1, Ordering::Relaxed);
@@ -2646,10 +2672,6 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                 }
             }
             if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
-                // A partition given up since: its keys' values are left to its next owner.
-                changed.retain(|(_, key), _| {
-                    cluster.owned[key.shard(partitions)].load(Ordering::Relaxed)
-                });
                 write_latest(cluster, &mut changed).await;
                 next_write = Instant::now() + every;
             }
