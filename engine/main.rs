@@ -130,8 +130,9 @@ enum Command {
         /// (nats://h1:4222,nats://h2:4222). The rest of `[cluster]` comes from the config file.
         #[arg(long)]
         cluster: Option<String>,
-        /// This node's name in the cluster [default: host name and listen port].
-        #[arg(long, requires = "cluster")]
+        /// This node's name in the cluster [default: host name and the port it listens on];
+        /// with the NATS URLs from `--cluster` or from `[cluster]` in the config file.
+        #[arg(long)]
         node: Option<String>,
     },
     /// Deploy (or replace) a query, or with --model an ONNX model, on a running server.

@@ -40,6 +40,13 @@ async fn node_with(nats: &Nats, queries: &std::path::Path, name: &str, extra: &[
 
 /// `eddy serve … --node NAME ARGS` (ARGS say where NATS is).
 async fn node_args(queries: &std::path::Path, name: &str, args: &[&str]) -> Node {
+    node_named(queries, Some(name), args).await
+}
+
+/// `eddy serve … [--node NAME] ARGS`; without a name, tagged `?` in the test's output.
+async fn node_named(queries: &std::path::Path, name: Option<&str>, args: &[&str]) -> Node {
+    let named: Vec<&str> = name.map(|n| vec!["--node", n]).unwrap_or_default();
+    let name = name.unwrap_or("?");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
         .args([
             "serve",
@@ -50,7 +57,8 @@ async fn node_args(queries: &std::path::Path, name: &str, args: &[&str]) -> Node
             "--queries",
         ])
         .arg(queries)
-        .args(["--node", name, "--admin-token", TOKEN])
+        .args(named)
+        .args(["--admin-token", TOKEN])
         .args(args)
         .env("EDDY_LOG", "warn,async_nats=error")
         .env("NO_COLOR", "1")
@@ -490,6 +498,128 @@ fn a_cluster_section_with_problems_is_refused_with_all_of_them() {
     );
 }
 
+/// `--node` takes the NATS URLs from `[cluster]` in the config file (no `--cluster`), and two
+/// nodes given no name on one host (both `--listen 127.0.0.1:0`) get different names: each the
+/// host's and the port it bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_named_from_the_command_line_or_after_the_port_they_bound() {
+    cluster_test("the naming test", async |s| {
+        let (_config, path) = config_file(&format!("[cluster]\nurls = [\"{}\"]\n", s.nats.url));
+        let x = node_args(s.queries.path(), "x", &["--config", &path]).await;
+        assert_eq!(cluster_of(&x.2).await["node"], "x");
+        let args = ["--cluster", s.nats.url.as_str()];
+        let one = node_named(s.queries.path(), None, &args).await;
+        let two = node_named(s.queries.path(), None, &args).await;
+        let mut names = Vec::new();
+        for node in [&one, &two] {
+            let name = cluster_of(&node.2).await["node"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let port = node.2.rsplit(':').next().unwrap();
+            assert!(name.ends_with(&format!("-{port}")), "{name} on {}", node.2);
+            names.push(name);
+        }
+        assert_ne!(names[0], names[1]);
+        let mut all = vec!["x", names[0].as_str(), names[1].as_str()];
+        all.sort_unstable();
+        owned_by(&x.2, &all).await;
+        drop((x, one, two));
+    })
+    .await;
+}
+
+/// A deploy on one node is live on all within a second: five deploys, each on another node (the
+/// first through the `eddy deploy` CLI), each timed until every other node serves the query;
+/// the median of the slowest node's times is under 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_on_one_node_is_live_on_all_within_a_second() {
+    cluster_test("the deploy test", async |s| {
+        let ([a, b, c], _) = s.start(["a", "b", "c"], &[]).await;
+        let addrs = [a.2.clone(), b.2.clone(), c.2.clone()];
+        let files = tempfile::tempdir().unwrap();
+        let mut times = Vec::new();
+        for i in 0..5 {
+            let name = format!("d{i}");
+            let script = format!(
+                "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                 fn on_event(ev) {{ emit(ev.price + {i}); }}\n"
+            );
+            let on = &addrs[i % 3];
+            let started = Instant::now();
+            if i == 0 {
+                let path = files.path().join(format!("{name}.rhai"));
+                std::fs::write(&path, &script).unwrap();
+                let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+                    .arg("deploy")
+                    .arg(&path)
+                    .args(["--server", &format!("http://{on}"), "--token", TOKEN])
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "eddy deploy: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            } else {
+                let path = format!("/queries/{name}");
+                let (status, body) = http_at(on, "PUT", &path, Some(TOKEN), &script).await;
+                assert!(status == 200 || status == 201, "{status} {body}");
+            }
+            for other in addrs.iter().filter(|o| *o != on) {
+                let path = format!("/queries/{name}");
+                let what = format!("{name} never reached {other}");
+                until(started + Duration::from_secs(10), &what, async || {
+                    http_at(other, "GET", &path, None, "").await.0 == 200
+                })
+                .await;
+            }
+            times.push(started.elapsed());
+        }
+        eprintln!("deploys live on every node after {times:?}");
+        times.sort_unstable();
+        let median = times[times.len() / 2];
+        assert!(
+            median < Duration::from_secs(1),
+            "median {median:?} from a deploy until every node has it"
+        );
+        drop((a, b, c));
+    })
+    .await;
+}
+
+/// The partition count is the cluster's: recorded at the first start, and a node with another
+/// one refuses to start, saying which to use, while the cluster runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_partition_count_is_refused() {
+    cluster_test("the partition count test", async |s| {
+        let (_config, path) = config_file("[cluster]\npartitions = 8\n");
+        let ([mut a], _) = s.start(["a"], &[]).await;
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_eddy"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--node", "b"])
+                .args(["--config", &path, "--cluster", &s.nats.url])
+                .output(),
+        )
+        .await
+        .expect("gave up within 30 s")
+        .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "this node has 8 partitions but the cluster's stream EDDY_EVENTS was made with 64"
+            ),
+            "{stderr}"
+        );
+        assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
+        assert_eq!(cluster_of(&a.2).await["nodes"], json!(["a"]));
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_engine_vwap_equals_the_reference_and_a_deploy_reaches_all() {
     cluster_test("the three-node test", async |s| {
@@ -811,7 +941,9 @@ async fn a_producer_whose_node_died_sends_its_frames_to_another_and_each_counts_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_takes_partitions_with_their_state() {
     cluster_test("the join test", async |s| {
-        let often = ["--checkpoint-interval", "300ms"];
+        // No periodic checkpoint within the test: the state c takes comes from the checkpoints
+        // a and b write as they hand the partitions over.
+        let often = ["--checkpoint-interval", "60s"];
         let ([a, b], _) = s.start(["a", "b"], &often).await;
         let mut sub = subscribe_vwap(&b.2).await;
         let mut seq = 0;
@@ -824,6 +956,9 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         let owners = balanced(&a.2, &["a", "b", "c"]).await;
         let moved = owners.iter().filter(|o| *o == "c").count();
         let (_, text) = http_at(&c.2, "GET", "/metrics", None, "").await;
+        // Everything fed was checkpointed as it was handed over: c replays nothing.
+        let replayed = support::metric(&text, "eddy_cluster_replayed_events_total");
+        eprintln!("c took {moved} partitions and replayed {replayed} events");
         assert_eq!(support::metric(&text, "eddy_cluster_failovers_total"), 0.0);
         assert!(
             support::metric(&text, "eddy_cluster_restored_keys_total") > 0.0,
@@ -832,6 +967,10 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
         assert_eq!(
             support::metric(&text, "eddy_cluster_partitions_acquired_total") as usize,
             moved
+        );
+        assert_eq!(
+            replayed, 0.0,
+            "c replayed what the hand-over should have checkpointed"
         );
         let second = trades(1000, 43);
         acked.extend(produce(c.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
@@ -1047,12 +1186,13 @@ async fn stream_leader(urls: &[String], name: &str) -> Option<String> {
     info.cluster.as_ref()?.leader.clone()
 }
 
-/// Three nats-servers, the streams and buckets replicated 3 times, leases of 12 s; the leader of
-/// `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a new stream
-/// leader, publishes get "no responders" (or no ack, from the leader that died): the nodes send
-/// those messages again, with the same message id, until JetStream acknowledges them. So every
-/// event of the feed is acknowledged, none is lost or counted twice, and neither node fences
-/// itself.
+/// Three nats-servers, the streams and buckets replicated 3 times, the default lease (5 s); the
+/// leader of `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a
+/// new stream leader, publishes get "no responders" (or no ack, from the leader that died): the
+/// nodes send those messages again, with the same message id, until JetStream acknowledges
+/// them. So every event of the feed is acknowledged, none is lost or counted twice, and neither
+/// node exits: a partition whose lease could not be renewed during the election is given up
+/// and taken again (checkpoint and replay) once NATS answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_event() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -1079,8 +1219,8 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // The lease outlives NATS's election of a new stream leader (4 to 9 s).
-        let (_config, path) = config_file("[cluster]\nreplicas = 3\nlease = \"12s\"\n");
+        // The default lease: NATS's election of a new stream leader (4 to 9 s) may outlast it.
+        let (_config, path) = config_file("[cluster]\nreplicas = 3\n");
         let path = path.as_str();
         let queries = queries_dir();
         let joined = urls.join(",");
@@ -1174,12 +1314,88 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
             latest.state.consumer_count, 0,
             "snapshots were read with a consumer"
         );
-        // Both eddy nodes lived through it (neither lost a lease and fenced itself).
+        // Both eddy nodes lived through it (a lease lost is a partition given up, not an exit).
+        let fenced = metric_of(&a.2, "eddy_cluster_partitions_fenced_total").await
+            + metric_of(&b.2, "eddy_cluster_partitions_fenced_total").await;
+        eprintln!("partitions given up during the election: {fenced}");
         let (mut a, mut b) = (a, b);
         assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
         assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
     };
     within("the NATS leader test", Duration::from_secs(240), run).await;
+}
+
+/// The only nats-server stops answering (SIGSTOP) for longer than a lease (the default, 5 s),
+/// then answers again (SIGCONT). Meanwhile each node gives its partitions up (it owns none
+/// before the leases could expire in NATS) and stays up; once NATS is back they take the
+/// partitions again from their checkpoints, and a feed after that gives every subscriber VWAP
+/// equal to the reference over everything acknowledged, before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_that_stops_answering_for_a_lease_leaves_every_node_up() {
+    cluster_test("the NATS outage test", async |s| {
+        let often = ["--checkpoint-interval", "300ms"];
+        let ([a, b], _) = s.start(["a", "b"], &often).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let mut seq = 0;
+        let first = trades(1000, 61);
+        let mut acked = produce(b.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        converge(&mut sub, &reference(&acked), &mut seq).await;
+        let nats_pid = s.nats.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(nats_pid, libc::SIGSTOP) };
+        let stopped = Instant::now();
+        // Every partition is given up on both nodes before its lease could expire in NATS.
+        for node in [&a, &b] {
+            until(in_secs(15), "a node kept its partitions", async || {
+                metric_of(&node.2, "eddy_cluster_partitions_owned").await == 0.0
+            })
+            .await;
+        }
+        let given_up = stopped.elapsed();
+        eprintln!("both nodes gave every partition up {given_up:?} after NATS stopped");
+        assert!(
+            given_up < Duration::from_secs(5),
+            "partitions still owned when their leases expired: {given_up:?}"
+        );
+        // Longer than a lease, then NATS answers again.
+        tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(nats_pid, libc::SIGCONT) };
+        let resumed = Instant::now();
+        owned_by(&a.2, &["a", "b"]).await;
+        until(
+            in_secs(30),
+            "the partitions were not taken again",
+            async || {
+                metric_of(&a.2, "eddy_cluster_partitions_owned").await
+                    + metric_of(&b.2, "eddy_cluster_partitions_owned").await
+                    == 64.0
+            },
+        )
+        .await;
+        eprintln!(
+            "every partition owned again {:?} after NATS answered",
+            resumed.elapsed()
+        );
+        let (mut a, mut b) = (a, b);
+        assert!(a.0.try_wait().unwrap().is_none(), "node a exited");
+        assert!(b.0.try_wait().unwrap().is_none(), "node b exited");
+        let fenced = metric_of(&a.2, "eddy_cluster_partitions_fenced_total").await
+            + metric_of(&b.2, "eddy_cluster_partitions_fenced_total").await;
+        assert!(
+            fenced >= 64.0,
+            "{fenced} partitions given up: not every one"
+        );
+        let second = trades(1000, 67);
+        acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        assert_vwap(&converge(&mut sub, &want, &mut seq).await, &want);
+        // A subscriber that comes now gets the same from its snapshot.
+        let (_w, snapshot) = subscribe_vwap_snapshot(&a.2).await;
+        assert_vwap(&snapshot, &want);
+        drop((a, b));
+    })
+    .await;
 }
 
 /// `now + secs`, a deadline for [`until`].

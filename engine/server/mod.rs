@@ -126,7 +126,7 @@ pub enum StartError {
 
 impl Server {
     /// Binds, loads the queries folder and starts serving.
-    pub async fn start(config: Config) -> Result<Server, StartError> {
+    pub async fn start(mut config: Config) -> Result<Server, StartError> {
         let listener = accept::bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -135,6 +135,10 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        // A node given no name is named after the port it bound (`--listen …:0` included).
+        if let Some(c) = config.cluster.as_mut().filter(|c| c.default_node) {
+            c.node = cluster::config::default_node_name(addr.port());
+        }
         let durable = match &config.data_dir {
             Some(dir) => Some(durability::Durability::open(dir, config.fsync)?),
             None => None,

@@ -1,7 +1,7 @@
 //! `[cluster]` in `eddy.toml` and `eddy serve --cluster`: raw → validated.
 //!
 //! Without it eddy runs alone. With it, the NATS servers to use, the credentials file, this
-//! node's name (unique in the cluster; default: the host name and the listen port), the number
+//! node's name (unique in the cluster; default: the host name and the port the node bound), the number
 //! of partitions (fixed for the life of the cluster's streams; default 64) and the replicas of
 //! the JetStream streams and buckets (1; 3 on a three-server NATS cluster), the life of a
 //! partition's lease (5 s), the same on every node, and how often a partition's owner writes
@@ -18,8 +18,9 @@ use crate::server::config::RawDuration;
 /// Partitions of the event stream when `partitions` is not given.
 pub const DEFAULT_PARTITIONS: u32 = 64;
 /// How long a lease lives without renewal when `lease` is not given: a dead node's partitions
-/// move after this. On a replicated NATS cluster, a lease must outlast NATS's own election of a
-/// new stream leader when a NATS server dies (4 to 9 s in nats-server 2.10+): 12 s does.
+/// move after this. NATS's own election of a new stream leader when a NATS server dies (4 to
+/// 9 s in nats-server 2.10+) may outlast it: the nodes then give their partitions up and take
+/// them again once NATS answers (they stay up).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 /// How often an owner writes the latest values of the keys that changed to `EDDY_LATEST` when
 /// `latest_interval` is not given: a snapshot read from the stream is at most this old for a key
@@ -54,6 +55,8 @@ pub struct ClusterConfig {
     pub replicas: usize,
     pub lease: Duration,
     pub latest_interval: Duration,
+    /// No name was given: `node` is [`default_node_name`] of the port the server bound.
+    pub default_node: bool,
 }
 
 impl RawCluster {
@@ -101,13 +104,8 @@ impl RawCluster {
                 "cluster.latest_interval: {latest_interval:?} (expected 0 to 10 s)"
             ));
         }
-        let node = self.node.unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_default();
-            let host = if host.is_empty() { "eddy".into() } else { host };
-            format!("{host}-{listen_port}")
-        });
+        let default_node = self.node.is_none();
+        let node = self.node.unwrap_or_else(|| default_node_name(listen_port));
         if node.is_empty()
             || !node
                 .chars()
@@ -125,8 +123,31 @@ impl RawCluster {
             replicas,
             lease,
             latest_interval,
+            default_node,
         })
     }
+}
+
+/// The name of a node that was given none: the host name (other characters than letters,
+/// digits, `-` and `_` made `-`) and the port it listens on, so that two nodes on one host
+/// differ. With port 0 the server renames the node once it knows the port it bound
+/// ([`ClusterConfig::default_node`]).
+pub fn default_node_name(port: u16) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "eddy".into() } else { host };
+    format!("{host}-{port}")
 }
 
 #[cfg(test)]
@@ -207,6 +228,25 @@ mod tests {
         let (_, problems) = lease(RawDuration::Text("soon".into()));
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("cluster.lease: "), "{problems:?}");
+    }
+
+    #[test]
+    fn a_default_name_is_a_valid_name_ending_with_the_port() {
+        let name = default_node_name(8123);
+        assert!(name.ends_with("-8123"), "{name}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{name}"
+        );
+        let raw = RawCluster {
+            urls: Some(vec!["nats://127.0.0.1:4222".into()]),
+            ..Default::default()
+        };
+        let mut problems = Vec::new();
+        let c = raw.validate(0, &mut problems).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(c.default_node);
     }
 
     #[test]

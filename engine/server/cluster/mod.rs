@@ -24,8 +24,9 @@
 //!   (`[cluster] lease`, [`config::DEFAULT_LEASE`]; the failover time is this plus up to one
 //!   [`TICK`] and the replay of the partition).
 //! - bucket `eddy_owners`: one key per owned partition, the owner's name: a lease, taken with
-//!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, and gone
-//!   the lease's life after its owner stops renewing it.
+//!   compare-and-set (`create`), renewed with `update` on the revision the owner holds, deleted
+//!   at that revision when handed over, and gone the lease's life after its owner stops
+//!   renewing it.
 //! - bucket `eddy_catalog`: deployed queries (`PUT`/`DELETE /queries`); every node watches it.
 //! - object store `eddy_checkpoints`: one object per partition (`p<N>`), its keys' state and the
 //!   stream sequence that state covers.
@@ -63,12 +64,52 @@
 //! partition's checkpoint, reads the rest with an ordered consumer from the sequence after it,
 //! and runs the events through the same router and shards as a node alone. Every
 //! `checkpoint_interval` (and when leaving) it writes each partition's checkpoint and then
-//! purges what it covers from the stream: the purge stands for the acknowledgement. A node whose
-//! lease was taken by someone else, or could not be renewed for the lease's life, exits (code 3):
-//! it cannot know what another owner did meanwhile.
+//! purges what it covers from the stream: the purge stands for the acknowledgement. A planned
+//! hand-over (a node joined, or this one leaves) checkpoints the partitions it hands over first,
+//! so their next owner replays only what came after.
 //!
 //! Output fence: items of keys whose partition this node does not own are not published, so a
 //! handed-over partition's leftover state on its old owner never reaches a subscriber.
+//!
+//! NATS trouble (unreachable, a stream leader being elected, a server restarted): a lease whose
+//! renewal NATS took is held from when its request was *sent* (NATS stored it later, so it
+//! expires there a lease's life after that at the earliest). A lease that is lost
+//! (`WrongLastRevision`) or not renewed for its life less a fifth ([`Cluster::lease_margin`],
+//! 1 s of the default 5 s) is given up at once, without NATS ([`Cluster::give_up`]): the fence
+//! closes (the forwarder drops the partition's items from then on, and its consumer stops
+//! before its next message), the lease is no longer
+//! renewed, no checkpoint of it is written (each write checks the lease is still certain), and
+//! the ownership loop aborts its consumer and drops its state from the shards
+//! (`ShardMsg::DropPartition`) before it may take the partition again. The node stays up
+//! (`eddy_cluster_partitions_fenced_total` counts these) and, once NATS answers, takes partitions
+//! as usual: the latest checkpoint, then the stream after it. Leases in its own name that it
+//! does not run (a renewal NATS took after the node stopped waiting for it) are deleted at the
+//! revision read, so that they are free at once.
+//!
+//! Why no event is counted twice: an owner's state is the checkpoint it loaded (covering stream
+//! sequences up to S) plus the messages after S, each applied once (the consumer's own sequence
+//! numbers have no gaps, and `seq < next` is skipped). Two nodes may hold state of one partition
+//! at once only while the old one has not given it up; but its output stops when its fence
+//! closes, at most [`TICK`] after its lease stopped being certain, which is a margin (1 s)
+//! before NATS lets the lease expire, and a new owner can only take it after that and then
+//! loads a checkpoint and replays before it emits anything. What reaches a subscriber of a key
+//! therefore comes from one owner's state at a time, and the checkpoint (with its purge) is
+//! written only by a node whose lease is certain: the old owner's state is dropped, never
+//! written back. The assumption is that a node's own scheduling delays stay below the margin.
+//! What is not fenced: messages already handed to the NATS client before the fence closed and
+//! still in its buffer (a connection being re-established) go out when it reconnects: items
+//! older than the new owner's (a value that steps back), or a checkpoint write that was under way.
+//! Nor are the latest values the forwarder computed before the fence closed and `EDDY_LATEST` did
+//! not acknowledge yet: they are written when it answers (dropping them lost values a checkpoint
+//! already covered, which no owner emits again), so a key's snapshot value may step back until
+//! the key changes if the new owner wrote first.
+//!
+//! What clients see while NATS is away: a producer's frame waits for JetStream's acks, retried
+//! with the same message id for up to [`PUBLISH_RETRY`], then its events are answered as
+//! rejected (`JetStream did not acknowledge`); nothing acknowledged is lost. A subscriber keeps
+//! its connection and gets no items (they cannot cross NATS); once the partitions are taken
+//! again, each key's values resume from its checkpoint and climb back through the replay (a
+//! value may step back to the checkpoint's before it comes back up), with `seq` without gaps.
 //!
 //! In: producers' frames (through `ingest`), NATS messages. Out: NATS publishes, the local hub's
 //! input. The forwarder's channel from the shards is bounded ([`FORWARD_QUEUE`]): a full one
@@ -117,6 +158,8 @@ const HAND_OVER_PER_TICK: usize = 8;
 const SETTLE: Duration = Duration::from_millis(1000);
 
 const EVENTS: &str = "EDDY_EVENTS";
+/// The key of `EDDY_EVENTS`'s metadata that holds the cluster's partition count.
+const PARTITIONS_METADATA: &str = "eddy_partitions";
 const NODES: &str = "eddy_nodes";
 const OWNERS: &str = "eddy_owners";
 const CATALOG: &str = "eddy_catalog";
@@ -163,6 +206,12 @@ pub enum ClusterError {
         urls: String,
         source: async_nats::ConnectError,
     },
+    #[error(
+        "cluster: this node has {ours} partitions but the cluster's stream EDDY_EVENTS was made \
+         with {theirs}: set `[cluster] partitions = {theirs}` (the count is fixed for the life \
+         of the cluster's streams)"
+    )]
+    Partitions { ours: u32, theirs: String },
     #[error("cluster: JetStream {what}: {source}")]
     JetStream {
         what: &'static str,
@@ -366,9 +415,18 @@ pub struct Cluster {
     hub: HubHandle,
     stopping: AtomicBool,
     tasks: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// This node's leases: partition → (revision held, when last renewed or taken). Shared by
-    /// the ownership loop (takes, hands over) and the renewer (off the event path).
+    /// This node's leases: partition → (revision held, when the request that got it was sent:
+    /// NATS stored it later, so it expires there no sooner than a lease's life after this).
+    /// Shared by the ownership loop (takes, hands over) and the renewer (off the event path).
     leases: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
+    /// Partitions given up ([`Cluster::give_up`]) whose consumers and state the ownership loop
+    /// has not cleared yet: not taken again before it has.
+    lost: std::sync::Mutex<Vec<u32>>,
+    /// Partitions this node gave up because their lease was lost or could not be renewed.
+    pub fenced: AtomicU64,
+    /// Events a partition's new owner read from the stream that were there when it took the
+    /// partition (what its checkpoint did not cover).
+    pub replayed_events: AtomicU64,
 }
 
 impl Cluster {
@@ -402,16 +460,45 @@ impl Cluster {
                 source,
             })?;
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(stream::Config {
-            name: EVENTS.into(),
-            subjects: vec!["eddy.ev.*".into()],
-            duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: config.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        // The stream records the cluster's partition count at its first start: a node with
+        // another count would route events to partitions the others do not read as its.
+        let partitions = config.partitions.to_string();
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: EVENTS.into(),
+                subjects: vec!["eddy.ev.*".into()],
+                duplicate_window: DUPLICATE_WINDOW,
+                num_replicas: config.replicas,
+                storage: stream::StorageType::File,
+                metadata: HashMap::from([(PARTITIONS_METADATA.to_owned(), partitions.clone())]),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+        let recorded = events
+            .cached_info()
+            .config
+            .metadata
+            .get(PARTITIONS_METADATA);
+        match recorded {
+            Some(theirs) if *theirs != partitions => {
+                return Err(ClusterError::Partitions {
+                    ours: config.partitions,
+                    theirs: theirs.clone(),
+                })
+            }
+            Some(_) => {}
+            // A stream made before the count was recorded: recorded now.
+            None => {
+                let mut updated = events.cached_info().config.clone();
+                updated
+                    .metadata
+                    .insert(PARTITIONS_METADATA.to_owned(), partitions);
+                js.update_stream(updated)
+                    .await
+                    .map_err(|e| js_err("stream EDDY_EVENTS")(Box::new(e)))?;
+            }
+        }
         // Made or updated: read with direct gets, which streams made by earlier versions did not
         // allow.
         js.create_or_update_stream(stream::Config {
@@ -502,7 +589,46 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             tasks: tokio::sync::Mutex::new(None),
             leases: std::sync::Mutex::new(HashMap::new()),
+            lost: std::sync::Mutex::new(Vec::new()),
+            fenced: AtomicU64::new(0),
+            replayed_events: AtomicU64::new(0),
         }))
+    }
+
+    fn lost(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long before its lease would expire in NATS a lease not renewed is given up: a fifth
+    /// of its life (1 s of the default 5 s), more than the renewer's check period ([`TICK`]).
+    fn lease_margin(&self) -> Duration {
+        self.config.lease / RENEWALS_PER_LEASE
+    }
+
+    /// Whether this node's lease of `p` is still certain: held, and renewed (or taken) recently
+    /// enough that NATS cannot have let it expire yet.
+    fn lease_certain(&self, p: u32) -> bool {
+        let lease = self.config.lease;
+        let margin = self.lease_margin();
+        self.leases()
+            .get(&p)
+            .is_some_and(|(_, sent)| Instant::now() + margin < *sent + lease)
+    }
+
+    /// Gives partition `p` up at once, without NATS: closes its output fence (the forwarder
+    /// drops its items from now on, and its consumer stops before its next message), stops
+    /// renewing its lease, and leaves its consumer and state to the ownership loop to clear
+    /// before it may take the partition again. The node itself stays up.
+    /// Returns whether it held `p` (else nothing changed); the caller says why.
+    fn give_up(&self, p: u32) -> bool {
+        let held = self.leases().remove(&p).is_some();
+        let was = self.owned[p as usize].swap(false, Ordering::Relaxed);
+        if !held && !was {
+            return false;
+        }
+        self.lost().push(p);
+        self.fenced.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (u64, Instant)>> {
@@ -1171,9 +1297,24 @@ pub async fn leave(state: &State) {
         Ok(n) => tracing::info!("cluster: {n} partitions checkpointed before leaving"),
         Err(e) => tracing::warn!("cluster: checkpoint before leaving failed: {e}"),
     }
-    for p in 0..cluster.config.partitions {
-        if cluster.owned[p as usize].swap(false, Ordering::Relaxed) {
-            let _ = cluster.owners.delete(p.to_string()).await;
+    let held: Vec<(u32, u64)> = cluster
+        .leases()
+        .drain()
+        .map(|(p, (revision, _))| (p, revision))
+        .collect();
+    for owned in &cluster.owned {
+        owned.store(false, Ordering::Relaxed);
+    }
+    // Only the leases this node still holds (not one taken since it lapsed).
+    for (p, revision) in held {
+        let key = p.to_string();
+        let deleted = cluster
+            .owners
+            .delete_expect_revision(&key, Some(revision))
+            .await;
+        if deleted.is_err() {
+            // A renewal the renewer stopped waiting for may have moved the revision on.
+            let _ = delete_own(cluster, &key).await;
         }
     }
     let _ = cluster.nodes.delete(&cluster.config.node).await;
@@ -1626,7 +1767,6 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     let mut free_since: HashMap<u32, Instant> = HashMap::new();
     let mut held_by_other: HashSet<u32> = HashSet::new();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let mut last_heartbeat_ok = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1634,19 +1774,35 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
         if cluster.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let now = Instant::now();
-        match cluster.nodes.put(&me, cluster.heartbeat()).await {
-            Ok(_) => last_heartbeat_ok = now,
-            Err(e) => {
-                tracing::warn!("cluster heartbeat failed: {e}");
-                let lease = cluster.config.lease;
-                if now.duration_since(last_heartbeat_ok) >= lease && !mine.is_empty() {
-                    fenced(&format!(
-                        "no heartbeat for {lease:?}: its leases have expired"
-                    ));
+        // Partitions given up (their leases lost or not renewed): their consumers stop and
+        // their state leaves the shards, before anything here may take them again. Needs no
+        // NATS: done while it is away too.
+        let lost: Vec<u32> = std::mem::take(&mut *cluster.lost());
+        if !lost.is_empty() {
+            {
+                let _order = cluster.order.lock().await;
+                for p in &lost {
+                    if let Some(task) = mine.remove(p) {
+                        task.abort();
+                    }
                 }
-                continue;
             }
+            for p in lost {
+                cluster.pending[p as usize].store(0, Ordering::Relaxed);
+                let _ = state
+                    .pipeline
+                    .ask_all(|done| ShardMsg::DropPartition {
+                        partitions: n as usize,
+                        partition: p as usize,
+                        done,
+                    })
+                    .await;
+            }
+        }
+        let now = Instant::now();
+        if let Err(e) = cluster.nodes.put(&me, cluster.heartbeat()).await {
+            tracing::warn!("cluster heartbeat failed: {e}");
+            continue;
         }
         let Some(live) = keys(&cluster, NODES).await else {
             continue;
@@ -1661,36 +1817,64 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             .filter(|n| *n == &me || now.duration_since(first_seen[*n]) >= SETTLE)
             .cloned()
             .collect();
-        let Some(taken) = keys(&cluster, OWNERS).await else {
+        let Some(taken) = entries(&cluster, OWNERS).await else {
             continue;
         };
         if now.duration_since(started) < SETTLE {
             continue;
         }
+        // Leases in this node's name that it does not hold: given up (a renewal NATS took only
+        // after this node stopped waiting for it, when NATS answered again), or left by an
+        // earlier run of this node. Nothing runs them: deleted (at the revision read, so never
+        // a lease taken since), they are free at once rather than after a lease's life.
+        // All at once and bounded: while NATS has no leader for the bucket each would wait
+        // for its request's timeout, one after the other.
+        let stale = taken.iter().filter(|(key, owner)| {
+            owner[..] == *me.as_bytes()
+                && key
+                    .parse::<u32>()
+                    .is_ok_and(|p| !cluster.leases().contains_key(&p))
+        });
+        let deletes =
+            futures_util::future::join_all(stale.map(|(key, _)| delete_own(&cluster, key)));
+        let _ = tokio::time::timeout(CONSUMER_CREATE, deletes).await;
+        let taken: HashSet<String> = taken.into_iter().map(|(key, _)| key).collect();
         // Hand over what a settled peer is preferred for, a few partitions a tick, so that the
         // cluster moves gradually: stop their consumers, let the shards and the forwarder
         // finish what they had of them, close the fence, give the leases up.
+        // (Not those given up meanwhile: the loop clears them next tick.)
         let mut over: Vec<u32> = mine
             .keys()
             .copied()
             .filter(|p| preferred(&settled, *p).is_some_and(|w| w != me))
+            .filter(|p| cluster.owned[*p as usize].load(Ordering::Relaxed))
             .collect();
         over.sort_unstable();
         over.truncate(HAND_OVER_PER_TICK);
         if !over.is_empty() {
             let _moves = cluster.moves.lock().await;
+            // Their consumers stop before their next message (they check under this lock).
             {
-                // Their consumers stop before their next message (they check under this lock),
-                // and the fence closes once the shards' output of them is out.
                 let _order = cluster.order.lock().await;
                 for p in &over {
                     if let Some(task) = mine.remove(p) {
                         task.abort();
                     }
-                    cluster.leases().remove(p);
                 }
             }
+            // Their checkpoints first, while the fence is open and the leases held: the next
+            // owner replays only what comes after (see `checkpoint_locked`).
             drain(&state, &cluster).await;
+            match checkpoint_locked(&state, &cluster, Some(&over)).await {
+                Ok(k) => tracing::debug!("{k} partitions checkpointed before their hand-over"),
+                Err(e) => tracing::warn!("checkpoint before a hand-over failed: {e}"),
+            }
+            let revisions: HashMap<u32, u64> = {
+                let mut leases = cluster.leases();
+                over.iter()
+                    .filter_map(|p| Some((*p, leases.remove(p)?.0)))
+                    .collect()
+            };
             for p in over {
                 cluster.owned[p as usize].store(false, Ordering::Relaxed);
                 cluster.pending[p as usize].store(0, Ordering::Relaxed);
@@ -1703,7 +1887,18 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                         done,
                     })
                     .await;
-                let _ = cluster.owners.delete(p.to_string()).await;
+                // Only the lease this node holds (not one taken since it lapsed).
+                if let Some(revision) = revisions.get(&p) {
+                    let key = p.to_string();
+                    let deleted = cluster
+                        .owners
+                        .delete_expect_revision(&key, Some(*revision))
+                        .await;
+                    if deleted.is_err() {
+                        // A renewal the renewer stopped waiting for may have moved it on.
+                        delete_own(&cluster, &key).await;
+                    }
+                }
                 cluster.released.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("partition {p} handed over");
             }
@@ -1717,7 +1912,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 }
                 continue;
             }
-            if mine.contains_key(&p) {
+            if mine.contains_key(&p) || cluster.lost().contains(&p) {
                 continue;
             }
             let since = *free_since.entry(p).or_insert(now);
@@ -1726,22 +1921,41 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 continue;
             }
             // Given up by its owner (a hand-over, a shutdown) or expired (its owner died)?
+            // Each request bounded, and none more this tick once one is not answered: while
+            // NATS elects a leader for the bucket, 64 requests waiting out their timeouts one
+            // after the other would hold the loop (and the given-up partitions) for minutes.
+            let Ok(entry) =
+                tokio::time::timeout(CONSUMER_CREATE, cluster.owners.entry(key.clone())).await
+            else {
+                break;
+            };
             let released = matches!(
-                cluster.owners.entry(key.clone()).await,
+                entry,
                 Ok(Some(kv::Entry {
                     operation: kv::Operation::Delete | kv::Operation::Purge,
                     ..
                 }))
             );
-            let Ok(revision) = cluster.owners.create(&key, Bytes::from(me.clone())).await else {
-                continue;
+            let sent = Instant::now();
+            let created = tokio::time::timeout(
+                CONSUMER_CREATE,
+                cluster.owners.create(&key, Bytes::from(me.clone())),
+            )
+            .await;
+            let revision = match created {
+                Ok(Ok(revision)) => revision,
+                // Taken meanwhile by another node.
+                Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                // Not answered (in time): maybe made all the same, a lease in this node's name
+                // that it does not run, deleted next tick (above).
+                Ok(Err(_)) | Err(_) => break,
             };
             free_since.remove(&p);
             let source = state.next_source.fetch_add(1, Ordering::Relaxed);
             cluster.owned[p as usize].store(true, Ordering::Relaxed);
             let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
             mine.insert(p, task);
-            cluster.leases().insert(p, (revision, Instant::now()));
+            cluster.leases().insert(p, (revision, sent));
             cluster.acquired.fetch_add(1, Ordering::Relaxed);
             if held_by_other.remove(&p) && !released {
                 cluster.failovers.fetch_add(1, Ordering::Relaxed);
@@ -1751,64 +1965,126 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     }
 }
 
-/// Renews this node's leases [`RENEWALS_PER_LEASE`] times per lease life, all at once, on its own task: nothing else
-/// the node does (a hand-over waiting for busy shards, a checkpoint) may delay it.
-async fn renew(cluster: Arc<Cluster>) {
-    let me = Bytes::from(cluster.config.node.clone());
-    let mut every = tokio::time::interval(cluster.config.lease / RENEWALS_PER_LEASE);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        if cluster.stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        let held: Vec<(u32, u64, Instant)> = cluster
-            .leases()
-            .iter()
-            .map(|(p, (revision, at))| (*p, *revision, *at))
-            .collect();
-        let updates = held
-            .iter()
-            .map(|(p, revision, _)| cluster.owners.update(p.to_string(), me.clone(), *revision));
-        let results = futures_util::future::join_all(updates).await;
-        // Leaving: the leases are being given up.
-        if cluster.stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        let now = Instant::now();
-        for ((p, _, at), result) in held.into_iter().zip(results) {
-            match result {
-                Ok(revision) => {
-                    if let Some(lease) = cluster.leases().get_mut(&p) {
-                        *lease = (revision, now);
-                    }
-                }
-                // Handed over meanwhile: nothing to renew.
-                Err(_) if !cluster.leases().contains_key(&p) => {}
-                // Someone else holds it now.
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    fenced(&format!("partition {p}: its lease was lost: {e}"))
-                }
-                // NATS did not answer: again next time, until the lease would have expired.
-                Err(e) => {
-                    if now.duration_since(at) >= cluster.config.lease {
-                        fenced(&format!(
-                            "partition {p}: its lease could not be renewed: {e}"
-                        ));
-                    }
-                    tracing::warn!("partition {p}: lease not renewed this time: {e}");
-                }
-            }
+/// Deletes the lease `key` of `eddy_owners` if it is in this node's name, at the revision read
+/// (never a lease another node took since). Only for a lease this node does not run.
+async fn delete_own(cluster: &Cluster, key: &str) {
+    let me = cluster.config.node.as_bytes();
+    if let Ok(Some(entry)) = cluster.owners.entry(key).await {
+        if entry.operation == kv::Operation::Put && entry.value[..] == *me {
+            let _ = cluster
+                .owners
+                .delete_expect_revision(key, Some(entry.revision))
+                .await;
         }
     }
 }
 
-/// This node can no longer be sure it owns its partitions: it stops at once (a supervisor
-/// restarts it with empty state; its partitions are replayed by their new owners).
-fn fenced(why: &str) -> ! {
-    tracing::error!("cluster: {why}; exiting so that no partition has two owners");
-    eprintln!("eddy: cluster: {why}; exiting so that no partition has two owners");
-    std::process::exit(3)
+/// How one lease's renewal ended.
+enum Renewed {
+    /// Renewed: the new revision.
+    Yes(u64),
+    /// Someone else holds it now (or it expired and was written since).
+    Lost(String),
+    /// NATS did not answer (in time): again next round, until the lease is no longer certain.
+    Failed(String),
+}
+
+/// Renews this node's leases [`RENEWALS_PER_LEASE`] times per lease life, all at once, on its
+/// own task: nothing else the node does (a hand-over waiting for busy shards, a checkpoint) may
+/// delay it. Every [`TICK`], whatever NATS does, it gives up each lease that is no longer
+/// certain ([`Cluster::lease_certain`]): not renewed for its life less [`Cluster::lease_margin`]
+/// since the request that last renewed it was sent. NATS stored that renewal after it was
+/// sent, so the lease expires there, and another node may take the partition, only after this
+/// node closed the partition's output fence.
+async fn renew(cluster: Arc<Cluster>) {
+    let me = Bytes::from(cluster.config.node.clone());
+    let every = cluster.config.lease / RENEWALS_PER_LEASE;
+    let mut tick = tokio::time::interval(TICK.min(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    type Round = Vec<(u32, u64, Instant, Renewed)>;
+    let mut round: Option<tokio::task::JoinHandle<Round>> = None;
+    let mut next_round = Instant::now();
+    loop {
+        tick.tick().await;
+        if cluster.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if round.as_ref().is_some_and(|r| r.is_finished()) {
+            let results = round.take().expect("a round").await.unwrap_or_default();
+            // Leaving: the leases are being given up.
+            if cluster.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            for (p, held, sent, result) in results {
+                // Only for the lease renewed (not one given up, or taken again, since).
+                let current = cluster.leases().get(&p).map(|(r, _)| *r) == Some(held);
+                if !current {
+                    continue;
+                }
+                match result {
+                    Renewed::Yes(revision) => {
+                        cluster.leases().insert(p, (revision, sent));
+                    }
+                    Renewed::Lost(e) => {
+                        if cluster.give_up(p) {
+                            tracing::warn!("partition {p} given up: its lease was lost: {e}");
+                        }
+                    }
+                    Renewed::Failed(e) => {
+                        tracing::warn!("partition {p}: lease not renewed this time: {e}")
+                    }
+                }
+            }
+        }
+        let uncertain: Vec<u32> = {
+            let leases = cluster.leases();
+            leases.keys().copied().collect()
+        };
+        let given: Vec<u32> = uncertain
+            .into_iter()
+            .filter(|p| !cluster.lease_certain(*p) && cluster.give_up(*p))
+            .collect();
+        if !given.is_empty() {
+            let lease = cluster.config.lease;
+            let margin = cluster.lease_margin();
+            tracing::warn!(
+                "partitions {given:?} given up: their leases were not renewed for {:?}",
+                lease - margin
+            );
+        }
+        let now = Instant::now();
+        if round.is_none() && now >= next_round {
+            next_round = now + every;
+            let held: Vec<(u32, u64)> = cluster
+                .leases()
+                .iter()
+                .map(|(p, (revision, _))| (*p, *revision))
+                .collect();
+            let cluster = Arc::clone(&cluster);
+            let me = me.clone();
+            round = Some(tokio::spawn(async move {
+                let sent = Instant::now();
+                let updates = held.iter().map(|(p, revision)| {
+                    let update = cluster.owners.update(p.to_string(), me.clone(), *revision);
+                    async move {
+                        match tokio::time::timeout(2 * every, update).await {
+                            Ok(Ok(revision)) => Renewed::Yes(revision),
+                            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                Renewed::Lost(e.to_string())
+                            }
+                            Ok(Err(e)) => Renewed::Failed(e.to_string()),
+                            Err(_) => Renewed::Failed(format!("no answer within {:?}", 2 * every)),
+                        }
+                    }
+                });
+                let results = futures_util::future::join_all(updates).await;
+                held.into_iter()
+                    .zip(results)
+                    .map(|((p, revision), r)| (p, revision, sent, r))
+                    .collect()
+            }));
+        }
+    }
 }
 
 /// The keys of bucket `bucket` (deleted or expired ones left out), `None` when NATS did not
@@ -2011,7 +2287,10 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
     // least as long as a publish is retried.
     let mut loaded = load_checkpoint(&cluster, p).await;
     let trying = Instant::now();
-    while loaded.is_err() && trying.elapsed() < cluster.config.lease.max(PUBLISH_RETRY) {
+    while loaded.is_err()
+        && trying.elapsed() < cluster.config.lease.max(PUBLISH_RETRY)
+        && cluster.owned[p as usize].load(Ordering::Relaxed)
+    {
         tokio::time::sleep(TICK).await;
         loaded = load_checkpoint(&cluster, p).await;
     }
@@ -2028,13 +2307,18 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
         Ok(None) => 1,
         Err(e) => {
             // Without its checkpoint the partition cannot be rebuilt (what it covered may be
-            // purged): this node gives it up by stopping, rather than run it wrong.
-            fenced(&format!(
-                "partition {p}: its checkpoint cannot be read: {e}"
-            ));
+            // purged): this node gives it up rather than run it wrong (its lease lapses, and
+            // the partition is taken again, here or elsewhere, once NATS answers).
+            if cluster.give_up(p) {
+                tracing::warn!("partition {p} given up: its checkpoint cannot be read: {e}");
+            }
+            return;
         }
     };
     cluster.fed[p as usize].store(next - 1, Ordering::Relaxed);
+    // Messages that were in the stream when the first consumer started (what the checkpoint
+    // did not cover): their events count as replayed.
+    let mut backlog: Option<u64> = None;
     loop {
         // A consumer of our own (not the client's ordered consumer, whose recreation backs off
         // to 10 s between attempts): NATS places an R1 consumer on a random server of the
@@ -2057,21 +2341,24 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
                 })
                 .await
                 .ok()?;
-            consumer
+            let waiting = consumer.cached_info().num_pending;
+            let messages = consumer
                 .stream()
                 .heartbeat(CONSUMER_HEARTBEAT)
                 .expires(CONSUMER_HEARTBEAT * 10)
                 .messages()
                 .await
-                .ok()
+                .ok()?;
+            Some((messages, waiting))
         })
         .await
         .ok()
         .flatten();
-        let Some(mut messages) = messages else {
+        let Some((mut messages, waiting)) = messages else {
             tokio::time::sleep(TICK).await;
             continue;
         };
+        backlog.get_or_insert(waiting);
         // The consumer's own numbering has no gap unless a delivery was lost: then it is made
         // again from the sequence after the last one fed.
         let mut delivered = 0;
@@ -2095,6 +2382,13 @@ async fn consume(state: Arc<State>, cluster: Arc<Cluster>, p: u32, source: Sourc
             let line_marks = header(MARKS_HEADER);
             let end_marks = header(MARK_HEADER);
             let parsed = parser.parse(message.payload.to_vec());
+            let left = backlog.get_or_insert(0);
+            if *left > 0 {
+                *left -= 1;
+                cluster
+                    .replayed_events
+                    .fetch_add(parsed.frame.len() as u64, Ordering::Relaxed);
+            }
             let _order = cluster.order.lock().await;
             // Handed over or leaving: stop between messages, never within one.
             if !cluster.owned[p as usize].load(Ordering::Relaxed)
@@ -2340,6 +2634,19 @@ async fn checkpointer(state: Arc<State>, cluster: Arc<Cluster>) {
 /// purges from the stream what each checkpoint covers (the equivalent of acknowledging those
 /// messages: a later owner replays only what came after). Returns the partitions written.
 async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
+    let _moves = cluster.moves.lock().await;
+    checkpoint_locked(state, cluster, None).await
+}
+
+/// [`checkpoint`] of the owned partitions among `only` (all with `None`), by a caller that holds
+/// `cluster.moves` (a hand-over checkpoints the partitions it hands over, so that their next
+/// owner replays little). A partition is written only while this node's lease of it is certain
+/// ([`Cluster::lease_certain`]).
+async fn checkpoint_locked(
+    state: &State,
+    cluster: &Cluster,
+    only: Option<&[u32]>,
+) -> Result<usize, String> {
     let partitions = cluster.config.partitions as usize;
     let router = state.router.load_full();
     let queries: HashMap<QueryId, (String, u64)> = router
@@ -2353,6 +2660,7 @@ async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
         let _order = cluster.order.lock().await;
         let covered: BTreeMap<usize, u64> = (0..partitions)
             .filter(|&p| cluster.owned[p].load(Ordering::Relaxed))
+            .filter(|&p| only.is_none_or(|o| o.contains(&(p as u32))))
             .map(|p| (p, cluster.fed[p].load(Ordering::Relaxed)))
             .filter(|(_, seq)| *seq > 0)
             .collect();
@@ -2403,11 +2711,10 @@ async fn checkpoint(state: &State, cluster: &Cluster) -> Result<usize, String> {
         .get_stream(EVENTS)
         .await
         .map_err(|e| e.to_string())?;
-    let _moves = cluster.moves.lock().await;
     let mut written = 0;
     let mut bytes_total = 0;
     for (p, states) in per {
-        if !cluster.owned[p].load(Ordering::Relaxed) {
+        if !cluster.owned[p].load(Ordering::Relaxed) || !cluster.lease_certain(p as u32) {
             continue;
         }
         let seq = covered[&p];
@@ -2930,6 +3237,18 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Partitions this node took (at start, on failover, on hand-over).",
             c.acquired.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_partitions_fenced_total",
+            "counter",
+            "Partitions this node gave up because their lease was lost or could not be renewed in time (NATS unreachable); it stays up and takes partitions again once NATS answers.",
+            c.fenced.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_replayed_events_total",
+            "counter",
+            "Events this node read from the stream when it took a partition, beyond what the partition's checkpoint covered.",
+            c.replayed_events.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_partitions_released_total",
