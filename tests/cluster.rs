@@ -1386,6 +1386,10 @@ async fn a_nats_server_that_stops_answering_for_a_lease_leaves_every_node_up() {
             fenced >= 64.0,
             "{fenced} partitions given up: not every one"
         );
+        // GET /cluster says so too, per node.
+        let given_up = cluster_of(&a.2).await["given_up"].as_f64().unwrap()
+            + cluster_of(&b.2).await["given_up"].as_f64().unwrap();
+        assert_eq!(given_up, fenced);
         let second = trades(1000, 67);
         acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
         let want = reference(&acked);
@@ -2190,6 +2194,58 @@ async fn a_node_without_the_queries_folder_runs_the_folders_queries_from_the_cat
         let latest = converge(&mut sub, &want, &mut 0).await;
         assert_vwap(&latest, &want);
         drop((a, b));
+    })
+    .await;
+}
+
+/// Items NATS did not deliver to a node (it delivers at most once: a node cut off for a moment
+/// misses what was sent meanwhile) are not lost silently: each `eddy.out` message carries its
+/// sender's count of the topic's items before it, and a subscriber here is told `dropped` with
+/// the number that never came, before the items after them. The sender is played here by the
+/// test's own NATS client, with a gap of 3 items between its two messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_that_never_came_over_nats_are_reported_as_dropped() {
+    cluster_test("the lost items test", async |s| {
+        let ([a], _) = s.start(["a"], &[]).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let client = nats_client(std::slice::from_ref(&s.nats.url))
+            .await
+            .unwrap();
+        let send = async |before: u64, key: &str| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Eddy-From", "elsewhere.1");
+            headers.insert("Eddy-Before", before.to_string().as_str());
+            let items = vec![(
+                eddy::durable::StoredKey::Str(key.to_owned()),
+                "{\"vwap\":1.5}".to_owned(),
+            )];
+            let payload = rmp_serde::to_vec(&items).unwrap();
+            client
+                .publish_with_headers("eddy.out.vwap", headers, payload.into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        };
+        send(10, "ZA").await;
+        let first = next_json(&mut sub).await;
+        assert_eq!(
+            (&first["type"], &first["n"]),
+            (&json!("batch"), &json!(1)),
+            "{first}"
+        );
+        // Items 11, 12 and 13 never came.
+        send(14, "ZB").await;
+        let told = next_json(&mut sub).await;
+        assert_eq!(
+            (&told["type"], &told["topic"], &told["items"]),
+            (&json!("dropped"), &json!("vwap"), &json!(3)),
+            "{told}"
+        );
+        let next = next_json(&mut sub).await;
+        assert_eq!(next["type"], "batch", "{next}");
+        assert_eq!(next["items"][0]["key"], "ZB", "{next}");
+        assert_eq!(metric_of(&a.2, "eddy_cluster_items_lost_total").await, 3.0);
+        drop(a);
     })
     .await;
 }

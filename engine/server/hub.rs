@@ -164,6 +164,22 @@ impl HubHandle {
         hub.publish();
     }
 
+    /// `n` items of `topic` were lost on their way here (cluster mode: an `eddy.out` message
+    /// NATS did not deliver to this node): every subscriber of the topic here is told `dropped`
+    /// (their keys are unknown, so filtered subscribers too), before the items that follow.
+    pub fn lost(&self, topic: &str, n: u64) {
+        let mut hub = self.lock();
+        let Some(name) = hub.topics.get_key_value(topic).map(|(t, _)| Arc::clone(t)) else {
+            return;
+        };
+        if let Some(state) = hub.topics.get_mut(topic) {
+            state.dropped += n;
+            for sub in &state.subs {
+                sub.mailbox.note_lost(&name, n);
+            }
+        }
+    }
+
     /// Latest values kept elsewhere (cluster mode: the stream `EDDY_LATEST`), for snapshots
     /// only: they are not items here, so they are not counted, not kept for resumes and not
     /// sent to anyone.

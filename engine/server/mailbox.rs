@@ -258,6 +258,15 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
+    /// `n` items of `topic` were lost before they reached the hub (cluster mode: on their way
+    /// over NATS): reported to the subscriber as `dropped`, like items its mailbox dropped.
+    pub fn note_lost(&self, topic: &Topic, n: u64) {
+        let mut inbox = self.lock();
+        add_dropped(&mut inbox.dropped, topic, n);
+        drop(inbox);
+        self.notify.notify_one();
+    }
+
     /// Takes everything waiting. A mailbox that has been full for longer than the slow-consumer
     /// timeout is marked for closing here too, so a stall is caught even when nothing more
     /// arrives.

@@ -98,7 +98,8 @@
 //! written back. The assumption is that a node's own scheduling delays stay below the margin.
 //! What is not fenced: messages already handed to the NATS client before the fence closed and
 //! still in its buffer (a connection being re-established) go out when it reconnects: items
-//! older than the new owner's (a value that steps back), or a checkpoint write that was under way.
+//! older than the new owner's (a value that steps back), or a checkpoint write that was under way
+//! (then its purge is not sent: the lease is checked again after the write, see [`checkpoint`]).
 //! Nor are the latest values the forwarder computed before the fence closed and `EDDY_LATEST` did
 //! not acknowledge yet: they are written when it answers (dropping them lost values a checkpoint
 //! already covered, which no owner emits again), so a key's snapshot value may step back until
@@ -391,6 +392,8 @@ pub struct Cluster {
     /// Frames and events published, and publishes JetStream did not acknowledge.
     pub published_messages: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Items of topics taken here that never came from their sender (see [`ITEMS_FROM`]).
+    pub lost_items: AtomicU64,
     /// Idempotent producers' frames some of whose events an earlier send had stored.
     pub duplicate_frames: AtomicU64,
     /// Messages sent again after a failed publish.
@@ -575,6 +578,7 @@ impl Cluster {
             released: AtomicU64::new(0),
             published_messages: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            lost_items: AtomicU64::new(0),
             duplicate_frames: AtomicU64::new(0),
             publish_retries: AtomicU64::new(0),
             mark_messages: AtomicU64::new(0),
@@ -1756,6 +1760,18 @@ pub fn acknowledged(outcome: &mut super::ingest::Outcome, published: Published) 
 // ---------------------------------------------------------------------------------------------
 // Ownership.
 
+/// Drops the state of partition `p` (of `n`) from every shard: its keys of every query.
+async fn drop_partition(state: &State, n: u32, p: u32) {
+    let _ = state
+        .pipeline
+        .ask_all(|done| ShardMsg::DropPartition {
+            partitions: n as usize,
+            partition: p as usize,
+            done,
+        })
+        .await;
+}
+
 /// The ownership loop: heartbeat, renew, hand over, take.
 async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
     let me = cluster.config.node.clone();
@@ -1789,14 +1805,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             }
             for p in lost {
                 cluster.pending[p as usize].store(0, Ordering::Relaxed);
-                let _ = state
-                    .pipeline
-                    .ask_all(|done| ShardMsg::DropPartition {
-                        partitions: n as usize,
-                        partition: p as usize,
-                        done,
-                    })
-                    .await;
+                drop_partition(&state, n, p).await;
             }
         }
         let now = Instant::now();
@@ -1879,14 +1888,7 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
                 cluster.owned[p as usize].store(false, Ordering::Relaxed);
                 cluster.pending[p as usize].store(0, Ordering::Relaxed);
                 // Its state goes: a later owner replays it, and this node may own it again.
-                let _ = state
-                    .pipeline
-                    .ask_all(|done| ShardMsg::DropPartition {
-                        partitions: n as usize,
-                        partition: p as usize,
-                        done,
-                    })
-                    .await;
+                drop_partition(&state, n, p).await;
                 // Only the lease this node holds (not one taken since it lapsed).
                 if let Some(revision) = revisions.get(&p) {
                     let key = p.to_string();
@@ -2758,6 +2760,14 @@ async fn checkpoint_locked(
             .put(meta, &mut bytes.as_slice())
             .await
             .map_err(|e| format!("partition {p}: {e}"))?;
+        // The write may have waited for NATS (a connection being made again) past the lease's
+        // certainty: then a new owner may have loaded the checkpoint before this one and not
+        // yet read what this one covers, so nothing is purged. A purge sent while the lease is
+        // certain is safe: a new owner takes the partition only after the lease expired, by
+        // when this checkpoint, written before, is the one it loads.
+        if !cluster.lease_certain(p as u32) {
+            continue;
+        }
         stream
             .purge()
             .filter(event_subject(p as u32))
@@ -2790,6 +2800,8 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
     // Keys whose newest value is not in EDDY_LATEST yet.
     let mut changed: HashMap<(crate::Topic, Key), String> = HashMap::new();
     let mut next_write = Instant::now();
+    // Per topic, the items this node has sent on `eddy.out` so far (see [`ITEMS_FROM`]).
+    let mut sent: HashMap<crate::Topic, u64> = HashMap::new();
     loop {
         let first = if changed.is_empty() {
             match cluster.out_rx.recv() {
@@ -2831,9 +2843,20 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                     .iter()
                     .map(|(key, value)| (StoredKey::from(key), value))
                     .collect();
+                // Counted whether or not the publish goes through: a receiver sees the gap.
+                let before = sent.entry(Arc::clone(&topic)).or_default();
+                let count = *before;
+                *before += stored.len() as u64;
                 if let Ok(payload) = rmp_serde::to_vec(&stored) {
                     let subject = topic_subject(&topic);
-                    if let Err(e) = cluster.client.publish(subject, payload.into()).await {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(ITEMS_FROM, cluster.incarnation.as_str());
+                    headers.insert(ITEMS_BEFORE, count.to_string().as_str());
+                    if let Err(e) = cluster
+                        .client
+                        .publish_with_headers(subject, headers, payload.into())
+                        .await
+                    {
                         tracing::warn!("cluster: items of {topic} not published: {e}");
                     }
                 }
@@ -2947,17 +2970,55 @@ async fn write_latest(cluster: &Cluster, changed: &mut HashMap<(crate::Topic, Ke
     }
 }
 
+/// The header of an `eddy.out` message that names the node run that sent it, and the one with
+/// how many items of the topic that run sent before this message. Core NATS delivers at most
+/// once (a node cut off from NATS for a moment misses what was sent meanwhile, and a publish
+/// may fail): a receiver that sees a sender's count jump past what it received tells the
+/// topic's subscribers here how many items they lost (`dropped`), as a full mailbox does.
+const ITEMS_FROM: &str = "Eddy-From";
+const ITEMS_BEFORE: &str = "Eddy-Before";
+
+/// Per sending node run, the count of a topic's items a receiver expects next; `Some(lost)`
+/// when a message shows items it never got.
+#[derive(Default)]
+struct Received {
+    next: HashMap<String, u64>,
+}
+
+impl Received {
+    /// A message from `from` of `n` items, sent after `before` others.
+    fn message(&mut self, from: &str, before: u64, n: u64) -> Option<u64> {
+        let next = self.next.entry(from.to_owned()).or_insert(before);
+        let lost = before.saturating_sub(*next);
+        *next = (*next).max(before + n);
+        (lost > 0).then_some(lost)
+    }
+}
+
 /// Items of one topic from every node's shards into the local hub, while a subscriber here wants
 /// the topic ([`Cluster::want`]). `seeded`: the values the topic's snapshot store got from
 /// `EDDY_LATEST`; a key's first live item equal to its seeded value was already there (it came
-/// on `eddy.out` before the read, and arrived after) and is not taken twice.
+/// on `eddy.out` before the read, and arrived after) and is not taken twice. Items lost on the
+/// way are reported as `dropped` ([`ITEMS_FROM`]).
 async fn receive(
     cluster: Arc<Cluster>,
     mut items: async_nats::Subscriber,
     mut seeded: HashMap<Key, Vec<u8>>,
 ) {
+    let mut received = Received::default();
     while let Some(message) = items.next().await {
         let mut items = decode_items(&message);
+        let from = header_of(&message, ITEMS_FROM);
+        let before = header_of(&message, ITEMS_BEFORE).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(from), Some(before), Some(topic)) =
+            (from, before, subject_topic(&message.subject))
+        {
+            if let Some(lost) = received.message(&from, before, items.len() as u64) {
+                cluster.lost_items.fetch_add(lost, Ordering::Relaxed);
+                tracing::warn!("cluster: {lost} items of {topic} from {from} never came");
+                cluster.hub.lost(&topic, lost);
+            }
+        }
         if !seeded.is_empty() {
             items.retain(|item| seeded.remove(&item.key).is_none_or(|v| v != item.value));
         }
@@ -3161,7 +3222,8 @@ pub async fn describe(state: &State) -> Option<Vec<u8>> {
         .int(
             "failovers",
             cluster.failovers.load(Ordering::Relaxed) as i64,
-        );
+        )
+        .int("given_up", cluster.fenced.load(Ordering::Relaxed) as i64);
     o.raw("nodes", &{
         let mut a = b"[".to_vec();
         for (i, n) in live.iter().enumerate() {
@@ -3317,6 +3379,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             c.latest_written.load(Ordering::Relaxed),
         ),
         (
+            "eddy_cluster_items_lost_total",
+            "counter",
+            "Items of topics taken here that never came over NATS (reported to subscribers as dropped).",
+            c.lost_items.load(Ordering::Relaxed),
+        ),
+        (
             "eddy_cluster_publish_failures_total",
             "counter",
             "Inputs some of whose events JetStream did not acknowledge (answered as rejected).",
@@ -3368,5 +3436,24 @@ mod tests {
         }
         assert!(per.values().all(|&n| n >= 10), "{per:?}");
         assert_eq!(moved, per["c"]);
+    }
+
+    #[test]
+    fn a_senders_count_that_jumps_is_items_lost_and_each_sender_counts_alone() {
+        let mut r = Received::default();
+        // The first message of a sender sets where it is: nothing known lost before it.
+        assert_eq!(r.message("a.1", 100, 3), None);
+        assert_eq!(r.message("a.1", 103, 2), None);
+        // 105..110 never came.
+        assert_eq!(r.message("a.1", 110, 1), Some(5));
+        assert_eq!(r.message("a.1", 111, 4), None);
+        // Another sender, and a new run of the first one, start afresh.
+        assert_eq!(r.message("b.1", 0, 1), None);
+        assert_eq!(r.message("a.2", 7, 1), None);
+        assert_eq!(r.message("b.1", 3, 1), Some(2));
+        // A message from before what was already counted (never in core NATS from one sender,
+        // but harmless): nothing lost, and the count does not go back.
+        assert_eq!(r.message("a.1", 112, 1), None);
+        assert_eq!(r.message("a.1", 115, 1), None);
     }
 }
