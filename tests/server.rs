@@ -1315,3 +1315,54 @@ async fn a_bad_producer_id_or_frame_number_is_refused_with_why() {
     })
     .await;
 }
+
+/// A producer the server stops reading from (its shard queue full behind a slow query) is not
+/// closed for "no pong" though the pings go unanswered for many intervals: its pongs wait
+/// unread in the socket, which is the server's doing, not the producer's silence. Every frame
+/// is acknowledged and every event handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_held_back_by_a_full_shard_queue_is_not_closed_for_no_pong() {
+    bounded(async {
+        let slow = "let source = \"trades\";\nlet key_by = \"symbol\";\n\
+                    fn on_event(ev) { let x = 0; for i in 0..10000 { x += i; } this.n = (this.n ?? 0) + 1; emit(this.n); }";
+        let (server, _dir) = start(&[("slow", slow)], |c| {
+            c.shard_queue = 1;
+            c.ping_interval = Duration::from_millis(50);
+        })
+        .await;
+        let frames: Vec<String> = (0..40).map(|f| numbered_trades(f * 5, 5)).collect();
+        let ws = connect(&server, "/ingest?stream=trades&ack=true").await;
+        let (mut tx, mut rx) = ws.split();
+        let sender = tokio::spawn(async move {
+            for f in frames {
+                tx.send(Message::Text(f.into())).await.unwrap();
+            }
+            tx
+        });
+        let started = std::time::Instant::now();
+        let mut acks = 0;
+        while acks < 40 {
+            match rx.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let ack: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(ack["accepted"], json!(5), "{ack}");
+                    acks += 1;
+                }
+                // Pings, answered by the client library as it reads.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("after {acks} acks: {other:?}"),
+            }
+        }
+        // The server held the producer back for many ping intervals (two unanswered would have
+        // closed it before).
+        assert!(
+            started.elapsed() > Duration::from_millis(200),
+            "the feed was not held back: {:?}",
+            started.elapsed()
+        );
+        let _ = sender.await.unwrap().close().await;
+        let (_, text) = http(&server, "GET", "/metrics", None, "").await;
+        assert!(text.contains("eddy_events_ingested_total{stream=\"trades\"} 200"), "{text}");
+    })
+    .await;
+}

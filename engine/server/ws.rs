@@ -548,6 +548,7 @@ impl<R: AsyncRead + Unpin> Inbox<R> {
     /// The next message; `None` once the connection is over (its close frame, if one is due,
     /// is queued for the writer).
     pub async fn next(&mut self) -> Option<Message> {
+        self.liveness.resume();
         while !self.done {
             let incoming = tokio::select! {
                 incoming = self.reader.next() => incoming,
@@ -557,7 +558,11 @@ impl<R: AsyncRead + Unpin> Inbox<R> {
                 self.liveness.heard();
             }
             let reply = match incoming {
-                Ok(Incoming::Message(message)) => return Some(message),
+                Ok(Incoming::Message(message)) => {
+                    // Nothing is read until the endpoint asks for the next message.
+                    self.liveness.pause();
+                    return Some(message);
+                }
                 Ok(Incoming::Pong) => continue,
                 Ok(Incoming::Ping(payload)) => Outbound::Pong(payload),
                 Ok(Incoming::Close(code)) => {
@@ -810,11 +815,16 @@ impl<'a> Gather<'a> {
     }
 }
 
-/// When the peer was last heard from, shared by a connection's reader and writer.
+/// When the peer was last heard from, shared by a connection's reader and writer. While the
+/// endpoint holds a message and reads nothing (backpressure: a full shard queue, acks that wait
+/// for JetStream), the peer's pongs wait unread in the socket: that time is not silence, so the
+/// writer does not close a live peer for "no pong" (it is heard again once reading resumes).
 #[derive(Clone)]
 pub struct Liveness {
     start: Instant,
     last_ms: Arc<AtomicU64>,
+    /// The reader is not reading (see above).
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Liveness {
@@ -822,6 +832,7 @@ impl Default for Liveness {
         Liveness {
             start: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
+            paused: Arc::default(),
         }
     }
 }
@@ -832,7 +843,22 @@ impl Liveness {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// The reader stops reading until [`Liveness::resume`].
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// The reader reads again: the silence is counted from now.
+    fn resume(&self) {
+        if self.paused.swap(false, Ordering::Relaxed) {
+            self.heard();
+        }
+    }
+
     pub fn silent_for(&self) -> Duration {
+        if self.paused.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         let now = self.start.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
