@@ -209,32 +209,21 @@ pub(crate) fn register(engine: &mut Engine, ctx: &Ctx) {
     engine.register_fn(
         "emit",
         move |name: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
-            let mut ctx = c.borrow_mut();
-            ctx.check_active("emit")?;
-            let topic = ctx.named_topic(name)?;
-            ctx.publish(topic, None, &value)
+            emit_named(&mut c.borrow_mut(), name, &value)
         },
     );
     let c = Rc::clone(ctx);
     engine.register_fn(
         "emit_to",
         move |key: Dynamic, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
-            let mut ctx = c.borrow_mut();
-            ctx.check_active("emit_to")?;
-            let key = explicit_key(&key)?;
-            let topic = ctx.main_topic();
-            ctx.publish(topic, Some(key), &value)
+            emit_to(&mut c.borrow_mut(), None, &key, &value)
         },
     );
     let c = Rc::clone(ctx);
     engine.register_fn(
         "emit_to",
         move |name: &str, key: Dynamic, value: Dynamic| -> Result<(), Box<EvalAltResult>> {
-            let mut ctx = c.borrow_mut();
-            ctx.check_active("emit_to")?;
-            let key = explicit_key(&key)?;
-            let topic = ctx.named_topic(name)?;
-            ctx.publish(topic, Some(key), &value)
+            emit_to(&mut c.borrow_mut(), Some(name), &key, &value)
         },
     );
     let c = Rc::clone(ctx);
@@ -258,35 +247,71 @@ pub(crate) fn register(engine: &mut Engine, ctx: &Ctx) {
     let c = Rc::clone(ctx);
     engine.register_fn(
         "set_timer",
-        move |t: Dynamic| -> Result<(), Box<EvalAltResult>> {
-            let mut ctx = c.borrow_mut();
-            ctx.check_active("set_timer")?;
-            if !ctx.has_on_timer {
-                return Err("`set_timer` needs the query to define `fn on_timer(t)`".into());
-            }
-            let t = if let Ok(n) = t.as_int() {
-                n
-            } else if let Ok(x) = t.as_float() {
-                if !x.is_finite() {
-                    return Err(format!("`set_timer` needs a finite time, found {x}").into());
-                }
-                x as i64
-            } else {
-                return Err(format!(
-                    "`set_timer` needs a time in epoch milliseconds, found {}",
-                    t.type_name()
-                )
-                .into());
-            };
-            ctx.timers.push(t);
-            Ok(())
-        },
+        move |t: Dynamic| -> Result<(), Box<EvalAltResult>> { set_timer(&mut c.borrow_mut(), &t) },
     );
     let c = Rc::clone(ctx);
     engine.register_fn("forget", move || -> Result<(), Box<EvalAltResult>> {
-        let mut ctx = c.borrow_mut();
-        ctx.check_active("forget")?;
-        ctx.forget = true;
-        Ok(())
+        forget(&mut c.borrow_mut())
     });
+}
+
+// The built-ins that take arguments, shared by the interpreter's registered functions and the
+// compiled code (which calls them straight, see `compiled.rs`).
+
+/// `emit(name, value)`: an item on the topic `<query>.<name>`.
+pub(crate) fn emit_named(
+    ctx: &mut CallCtx,
+    name: &str,
+    value: &Dynamic,
+) -> Result<(), Box<EvalAltResult>> {
+    ctx.check_active("emit")?;
+    let topic = ctx.named_topic(name)?;
+    ctx.publish(topic, None, value)
+}
+
+/// `emit_to(key, value)` and `emit_to(name, key, value)`: an item under an explicit key.
+pub(crate) fn emit_to(
+    ctx: &mut CallCtx,
+    name: Option<&str>,
+    key: &Dynamic,
+    value: &Dynamic,
+) -> Result<(), Box<EvalAltResult>> {
+    ctx.check_active("emit_to")?;
+    let key = explicit_key(key)?;
+    let topic = match name {
+        Some(name) => ctx.named_topic(name)?,
+        None => ctx.main_topic(),
+    };
+    ctx.publish(topic, Some(key), value)
+}
+
+/// `set_timer(t)`: `on_timer(t)` once the query's watermark passes `t`.
+pub(crate) fn set_timer(ctx: &mut CallCtx, t: &Dynamic) -> Result<(), Box<EvalAltResult>> {
+    ctx.check_active("set_timer")?;
+    if !ctx.has_on_timer {
+        return Err("`set_timer` needs the query to define `fn on_timer(t)`".into());
+    }
+    let t = if let Ok(n) = t.as_int() {
+        n
+    } else if let Ok(x) = t.as_float() {
+        if !x.is_finite() {
+            return Err(format!("`set_timer` needs a finite time, found {x}").into());
+        }
+        x as i64
+    } else {
+        return Err(format!(
+            "`set_timer` needs a time in epoch milliseconds, found {}",
+            t.type_name()
+        )
+        .into());
+    };
+    ctx.timers.push(t);
+    Ok(())
+}
+
+/// `forget()`: the key's state is dropped once the call ends.
+pub(crate) fn forget(ctx: &mut CallCtx) -> Result<(), Box<EvalAltResult>> {
+    ctx.check_active("forget")?;
+    ctx.forget = true;
+    Ok(())
 }

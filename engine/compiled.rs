@@ -19,18 +19,23 @@
 //! interpreter's; the error is moved to the position of the call in the query.
 //!
 //! `switch` is compiled to a table from the hash Rhai's parser gave each case literal to the
-//! case's closure, so the value finds the case Rhai would find (see [`switch_hash`]).
+//! case's closure, so the value finds the case Rhai would find (see [`switch_hash`]). Loops
+//! (`for` over arrays, ranges, strings and any other iterable, `while`, `loop`, `do`, with
+//! `break` and `continue`) run their compiled bodies. A chain with an index in it
+//! (`this.bars[id].add(x)`, `m[k] += 1`) is a [`Path`], walked in place through maps and
+//! arrays. A plugin function that is not a method (`ohlc()`, `window_start(ts, "1m")`) is
+//! called as Rust when no other function has its name.
 //!
-//! A construct the compiler does not handle (loops, a `switch` case guarded by `if`, indexing
-//! other than reading an event, closures, recursion, `this` outside `on_event`/`on_timer`, ...)
+//! A construct the compiler does not handle (a `switch` case guarded by `if`, `try`, closures,
+//! recursion, `this` outside `on_event`/`on_timer`, `?.`, ...)
 //! makes the whole query run on the interpreter, as it always did: [`Report`] says which
 //! function kept it there and the first construct, with its line and column. That is normal,
 //! never an error.
 //!
-//! Operations are counted per statement and per call against `max_operations`, so a script
-//! stops where the interpreter would stop it give or take the count of expressions (the
-//! interpreter also counts each expression); call depth is bounded because recursion is not
-//! compiled.
+//! Operations are counted per statement, per call and per turn of a loop against
+//! `max_operations`, so a script (an endless loop too) stops where the interpreter would stop it
+//! give or take the count of expressions (the interpreter also counts each expression); call
+//! depth is bounded because recursion is not compiled.
 
 use std::any::TypeId;
 use std::cell::{OnceCell, RefCell};
@@ -42,12 +47,12 @@ use std::sync::OnceLock;
 use rhai::plugin::PluginFunc;
 use rhai::{
     ASTFlags, ASTNode, BinaryExpr, CallFnOptions, Dynamic, Engine, EvalAltResult, Expr, FnCallExpr,
-    FnPtr, ImmutableString, Map, Position, RangeCase, Scope, Stmt, SwitchCasesCollection, Token,
-    AST, FLOAT, INT,
+    FnPtr, ImmutableString, Map, Position, RangeCase, Scope, Stmt, StmtBlock,
+    SwitchCasesCollection, Token, AST, FLOAT, INT,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::builtins::CallCtx;
+use crate::builtins::{self, CallCtx};
 use crate::event::Event;
 
 type R<T> = Result<T, Box<EvalAltResult>>;
@@ -254,10 +259,13 @@ struct Frame<'f> {
 }
 
 impl Frame<'_> {
-    fn tick(&mut self, pos: Position) -> R<()> {
+    /// Counts one operation at `pos`. Past `max_operations` the error has no position: the
+    /// interpreter's reaches the query without one (the operation it stops at is often inside
+    /// a chain or an expression, which the compiled code does not count one by one).
+    fn tick(&mut self, _pos: Position) -> R<()> {
         *self.ops += 1;
         if self.rt.max_operations > 0 && *self.ops > self.rt.max_operations {
-            return Err(EvalAltResult::ErrorTooManyOperations(pos).into());
+            return Err(EvalAltResult::ErrorTooManyOperations(Position::NONE).into());
         }
         Ok(())
     }
@@ -270,6 +278,45 @@ impl Frame<'_> {
 enum Flow {
     Normal(Dynamic),
     Return(Dynamic),
+    /// `break` (with its value) and `continue`, on their way to the innermost loop.
+    Break(Dynamic),
+    Continue,
+}
+
+/// The items a compiled `for` loop walks.
+enum Items {
+    Array(std::vec::IntoIter<Dynamic>),
+    /// `start..end`.
+    Ints(INT, INT),
+    /// `start..=end` where `end + 1` does not fit (`None` once `end` was given).
+    IntsTo(INT, Option<INT>),
+}
+
+impl Iterator for Items {
+    type Item = Dynamic;
+
+    fn next(&mut self) -> Option<Dynamic> {
+        match self {
+            Items::Array(items) => items.next(),
+            Items::Ints(next, end) => (*next < *end).then(|| {
+                *next += 1;
+                Dynamic::from_int(*next - 1)
+            }),
+            Items::IntsTo(next, end) => {
+                let last = (*end)?;
+                let n = *next;
+                if n > last {
+                    return None;
+                }
+                if n == last {
+                    *end = None;
+                } else {
+                    *next += 1;
+                }
+                Some(Dynamic::from_int(n))
+            }
+        }
+    }
 }
 
 type EFn = Box<dyn Fn(&mut Frame) -> R<Dynamic>>;
@@ -376,6 +423,9 @@ fn run_body(body: &[SFn], frame: &mut Frame) -> R<Dynamic> {
         match s(frame)? {
             Flow::Normal(v) => put(&mut last, v),
             Flow::Return(v) => return Ok(v),
+            Flow::Break(_) | Flow::Continue => {
+                unreachable!("Rhai refuses a loop jump outside a loop")
+            }
         }
     }
     Ok(last)
@@ -431,6 +481,7 @@ fn functions(ast: &AST) -> Vec<FnSrc> {
 /// compiled; the query is returned only when all of it was.
 pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>, Report) {
     let fns = functions(ast);
+    let plain = plain_names(engine);
     let mut report = Report::default();
     // The state's layout: the keys of the map literal `init` returns.
     let mut fields = Vec::new();
@@ -490,6 +541,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             max_map: engine.max_map_size(),
             data: DataLimits::of(engine),
             records: Vec::new(),
+            in_loop: false,
+            plain: &plain,
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
             // Compiled field by field into the slots, below.
@@ -524,6 +577,8 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 max_map: engine.max_map_size(),
                 data: DataLimits::of(engine),
                 records: Vec::new(),
+                in_loop: false,
+                plain: &plain,
             };
             let mut compiled: Vec<EFn> = Vec::new();
             let fields = match fields {
@@ -680,6 +735,12 @@ struct Cx<'a> {
     data: DataLimits,
     /// Locals that are records: a map literal kept as one local per field (see [`Record`]).
     records: Vec<(usize, Rc<Record>)>,
+    /// Whether `break` and `continue` are inside a loop of the code being compiled (not across
+    /// a block used as a value, which cannot pass them on).
+    in_loop: bool,
+    /// Names of plugin functions (not methods) the compiled code may call as Rust: no other
+    /// function of the engine has that name (see [`plain_natives`]).
+    plain: &'a std::collections::HashSet<&'static str>,
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
@@ -933,14 +994,191 @@ impl Cx<'_> {
                 let (op, be) = &**a;
                 self.assignment(op, be, pos)?
             }
-            Stmt::While(..) => return unsupported(pos, "while loop"),
-            Stmt::Do(..) => return unsupported(pos, "do loop"),
-            Stmt::For(..) => return unsupported(pos, "for loop"),
+            Stmt::While(x, _) => self.while_loop(&x.expr, &x.body, None, pos)?,
+            Stmt::Do(x, flags, _) => {
+                let until = flags.intersects(ASTFlags::NEGATED);
+                self.while_loop(&x.expr, &x.body, Some(until), pos)?
+            }
+            Stmt::For(x, _) => {
+                let (var, counter, flow) = &**x;
+                self.for_loop(var, counter.as_ref(), &flow.expr, &flow.body, pos)?
+            }
             Stmt::Switch(sw, _) => self.switch(sw, pos)?,
             Stmt::TryCatch(..) => return unsupported(pos, "try/catch"),
-            Stmt::BreakLoop(..) => return unsupported(pos, "break/continue"),
+            Stmt::BreakLoop(value, flags, _) => {
+                if !self.in_loop {
+                    return unsupported(pos, "break/continue in a block used as a value");
+                }
+                let is_break = flags.intersects(ASTFlags::BREAK);
+                let value = match value {
+                    Some(e) => Some(self.expr(e)?),
+                    None => None,
+                };
+                Box::new(move |fr| {
+                    fr.tick(pos)?;
+                    let v = match &value {
+                        Some(f) => f(fr)?,
+                        None => Dynamic::UNIT,
+                    };
+                    Ok(if is_break {
+                        Flow::Break(v)
+                    } else {
+                        Flow::Continue
+                    })
+                })
+            }
             _ => return unsupported(pos, "statement"),
         })
+    }
+
+    /// The body of a loop, compiled with `break` and `continue` allowed in it.
+    fn loop_body(&mut self, body: &StmtBlock) -> Result<Vec<SFn>, Unsupported> {
+        let in_loop = std::mem::replace(&mut self.in_loop, true);
+        let out = self.block(body.statements());
+        self.in_loop = in_loop;
+        out
+    }
+
+    /// `while c { ... }`, `loop { ... }` (`do_until` `None`), `do { ... } while c` and
+    /// `do { ... } until c` (`Some(until)`), as Rhai runs them: a `continue` in a `do` loop
+    /// goes back to the body without testing the condition, and the loop's value is `()` or
+    /// the value given to `break`. Operations are counted per statement of the body, and once
+    /// per test of the condition (or per turn of an empty `loop`), so an endless loop stops at
+    /// `max_operations` as it does on the interpreter.
+    fn while_loop(
+        &mut self,
+        cond: &Expr,
+        body: &StmtBlock,
+        do_until: Option<bool>,
+        pos: Position,
+    ) -> Result<SFn, Unsupported> {
+        let forever =
+            do_until.is_none() && matches!(cond, Expr::Unit(..) | Expr::BoolConstant(true, ..));
+        let test = if forever {
+            None
+        } else {
+            Some(self.cond(cond)?)
+        };
+        let cond_pos = cond.position();
+        let body_pos = body.position();
+        let empty = body.is_empty();
+        let body = self.loop_body(body)?;
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            loop {
+                if do_until.is_none() {
+                    match &test {
+                        Some(test) => {
+                            fr.tick(cond_pos)?;
+                            if !test(fr)? {
+                                return Ok(Flow::Normal(Dynamic::UNIT));
+                            }
+                        }
+                        None if empty => {
+                            fr.tick(body_pos)?;
+                            continue;
+                        }
+                        None => {}
+                    }
+                }
+                if !empty {
+                    match run_block(&body, fr)? {
+                        Flow::Normal(_) => {}
+                        Flow::Continue if do_until.is_some() => continue,
+                        Flow::Continue => {}
+                        Flow::Break(v) => return Ok(Flow::Normal(v)),
+                        ret @ Flow::Return(_) => return Ok(ret),
+                    }
+                }
+                if let Some(until) = do_until {
+                    fr.tick(cond_pos)?;
+                    let test = test.as_ref().expect("a do loop has a condition");
+                    if test(fr)? == until {
+                        return Ok(Flow::Normal(Dynamic::UNIT));
+                    }
+                }
+            }
+        }))
+    }
+
+    /// `for x in v { ... }` and `for (x, i) in v { ... }`. Arrays, integer ranges (`a..b`,
+    /// `a..=b`) and strings are walked here; any other value is iterated by Rhai itself (its
+    /// type's iterator, a plugin's included) in a helper that gathers the items first, which
+    /// also gives Rhai's error for a value that cannot be iterated. Operations are counted as
+    /// the interpreter counts them: per statement of the body, or per item when it is empty.
+    fn for_loop(
+        &mut self,
+        var: &rhai::Ident,
+        counter: Option<&rhai::Ident>,
+        iterable: &Expr,
+        body: &StmtBlock,
+        pos: Position,
+    ) -> Result<SFn, Unsupported> {
+        let items = self.expr(iterable)?;
+        let items_pos = iterable.start_position();
+        let helper = self
+            .helpers
+            .borrow_mut()
+            .add(1, "let items = []; for x in a0 { items.push(x) } items");
+        let depth = self.names.len();
+        let counter_local = counter.map(|c| self.new_local(c.name.clone()));
+        let var_local = self.new_local(var.name.clone());
+        let var_pos = var.pos;
+        let body_pos = body.position();
+        let empty = body.is_empty();
+        let body = self.loop_body(body);
+        self.names.truncate(depth);
+        let body = body?;
+        Ok(Box::new(move |fr| {
+            fr.tick(pos)?;
+            let value = items(fr)?.flatten();
+            let items = if value.is_array() {
+                Items::Array(value.into_array().expect("an array").into_iter())
+            } else if value.is::<std::ops::Range<INT>>() {
+                let r = value.cast::<std::ops::Range<INT>>();
+                Items::Ints(r.start, r.end)
+            } else if value.is::<std::ops::RangeInclusive<INT>>() {
+                let r = value.cast::<std::ops::RangeInclusive<INT>>();
+                match r.end().checked_add(1) {
+                    Some(end) => Items::Ints(*r.start(), end),
+                    None => Items::IntsTo(*r.start(), Some(*r.end())),
+                }
+            } else if value.is_string() {
+                let text = value.into_immutable_string().expect("a string");
+                let chars: Vec<Dynamic> = text.chars().map(Dynamic::from_char).collect();
+                Items::Array(chars.into_iter())
+            } else {
+                let all = call_helper(fr, &helper, None, vec![value], items_pos)?;
+                Items::Array(
+                    all.into_array()
+                        .expect("the helper makes an array")
+                        .into_iter(),
+                )
+            };
+            let mut index: INT = -1;
+            for item in items {
+                if empty {
+                    fr.tick(body_pos)?;
+                    continue;
+                }
+                index = index.checked_add(1).ok_or_else(|| {
+                    EvalAltResult::ErrorArithmetic(
+                        format!("for-loop counter overflow: {index}"),
+                        var_pos,
+                    )
+                })?;
+                if let Some(c) = counter_local {
+                    put(&mut fr.locals[c], Dynamic::from_int(index));
+                }
+                put(&mut fr.locals[var_local], item.flatten());
+                match run_block(&body, fr)? {
+                    Flow::Normal(_) | Flow::Continue => {}
+                    Flow::Break(v) => return Ok(Flow::Normal(v)),
+                    ret @ Flow::Return(_) => return Ok(ret),
+                }
+            }
+            Ok(Flow::Normal(Dynamic::UNIT))
+        }))
     }
 
     /// `switch v { ... }`: the case Rhai picks, found by the same hash of the value Rhai's
@@ -1025,6 +1263,19 @@ impl Cx<'_> {
             let f = self.expr(&be.rhs)?;
             Box::new(move |fr| Ok(Num::D(f(fr)?.flatten())))
         };
+        if has_index(&be.lhs) {
+            let path = self.path(&be.lhs, Some(op))?;
+            let op_pos = op.position();
+            let op = op
+                .get_op_assignment_info()
+                .map(|(_, _, _, _, op, _)| op.clone());
+            return Ok(Box::new(move |fr| {
+                fr.tick(pos)?;
+                let v = value(fr)?.into_dynamic();
+                let _ = path.run(fr, Some((op.as_ref(), op_pos, v)))?;
+                Ok(Flow::Normal(Dynamic::UNIT))
+            }));
+        }
         if let Expr::Dot(d, ..) = &be.lhs {
             if let (Some(record), Expr::Property(p, _)) = (self.record(&d.lhs), &d.rhs) {
                 let field = record.field(&p.2).expect("record_use saw every field");
@@ -1249,9 +1500,14 @@ impl Cx<'_> {
                 })
             }
             Expr::Stmt(block) => {
-                let body = self.block(block.statements())?;
+                // A block used as a value cannot pass a `break` on: one inside it stays out.
+                let in_loop = std::mem::replace(&mut self.in_loop, false);
+                let body = self.block(block.statements());
+                self.in_loop = in_loop;
+                let body = body?;
                 Box::new(move |fr| match run_block(&body, fr)? {
                     Flow::Normal(v) | Flow::Return(v) => Ok(v),
+                    Flow::Break(_) | Flow::Continue => unreachable!("not compiled in a value"),
                 })
             }
             Expr::And(xs, _) | Expr::Or(xs, _) => {
@@ -1287,21 +1543,7 @@ impl Cx<'_> {
                 })
             }
             Expr::FnCall(call, cpos) => self.call(call, *cpos)?,
-            Expr::Dot(..) => match strip_index(e) {
-                // `a.b[i]` read as `(a.b)[i]`: the chain, then the index as any other.
-                Some((chain, index, flags, ipos)) => {
-                    let index = Expr::Index(
-                        Box::new(BinaryExpr {
-                            lhs: chain,
-                            rhs: index.clone(),
-                        }),
-                        flags,
-                        ipos,
-                    );
-                    self.expr(&index)?
-                }
-                None => self.chain(e)?,
-            },
+            Expr::Dot(..) => self.chain(e)?,
             Expr::Index(be, iflags, ipos) => {
                 // A read: `ev["price"]` from the tape, anything else by Rhai.
                 if matches!(be.lhs, Expr::ThisPtr(_)) {
@@ -1312,7 +1554,7 @@ impl Cx<'_> {
                 if !iflags.contains(ASTFlags::BREAK)
                     && matches!(be.rhs, Expr::Dot(..) | Expr::Index(..))
                 {
-                    return unsupported(pos, "indexing in a chain");
+                    return self.path_read(e);
                 }
                 let helper = self.helpers.borrow_mut().add(2, "a0[a1]");
                 let ipos = *ipos;
@@ -1332,27 +1574,7 @@ impl Cx<'_> {
                         call_helper(fr, &helper, None, vec![on, index], ipos)
                     }));
                 }
-                let on = self.expr(&be.lhs)?;
-                let index = self.expr(&be.rhs)?;
-                let rpos = be.rhs.start_position();
-                Box::new(move |fr| {
-                    let on = on(fr)?;
-                    let index = index(fr)?.flatten();
-                    if let (Some(ev), Ok(name)) =
-                        (on.read_lock::<Event>(), index.as_immutable_string_ref())
-                    {
-                        return Ok(ev.get(&name));
-                    }
-                    // Rhai places an error of its own indexing (arrays, BLOBs, maps, strings,
-                    // bits of an integer) at the index, and an indexer's at the bracket.
-                    let builtin = on.is_array()
-                        || on.is_blob()
-                        || on.is_map()
-                        || on.is_string()
-                        || on.is_int();
-                    let at = if builtin { rpos } else { ipos };
-                    call_helper(fr, &helper, None, vec![on, index], at)
-                })
+                self.path_read(e)?
             }
             Expr::InterpolatedString(..) => return unsupported(pos, "interpolated string"),
             Expr::Property(..) | Expr::MethodCall(..) => return unsupported(pos, "property"),
@@ -1362,6 +1584,9 @@ impl Cx<'_> {
 
     /// `a.b.c`, `a.m(x).b`, ... rooted on `this`, a local, or any value.
     fn chain(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
+        if has_index(e) {
+            return self.path_read(e);
+        }
         let (root, segs) = flatten(e)?;
         if let (Some(record), [Seg::Prop(name, ..)]) = (self.record(root), segs.as_slice()) {
             let slot = record.field(name).expect("record_use saw every read").slot;
@@ -1402,27 +1627,7 @@ impl Cx<'_> {
         }
         if let (Start::Place(Target::Local(i)), [Seg::Prop(name, ppos, _)]) = (&start, segs) {
             if self.ev_local == Some(*i) {
-                let (i, name, ppos) = (*i, name.clone(), *ppos);
-                let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
-                let name: Box<str> = name.as_str().into();
-                let hint = std::cell::Cell::new(0);
-                return Ok(Box::new(move |fr| {
-                    if let Some(ev) = fr.event {
-                        return Ok(ev.get_hinted(&name, &hint));
-                    }
-                    if let Some(ev) = fr.locals[i].read_lock::<Event>() {
-                        return Ok(ev.get_hinted(&name, &hint));
-                    }
-                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    run_helper(
-                        engine,
-                        helpers,
-                        &helper,
-                        Some(&mut fr.locals[i]),
-                        Vec::new(),
-                        ppos,
-                    )
-                }));
+                return Ok(self.ev_prop(*i, name, *ppos));
             }
         }
         if let Start::Place(Target::Local(i)) = start {
@@ -1449,8 +1654,11 @@ impl Cx<'_> {
                     // Number methods that change nothing may work on a copy of a property.
                     let pure =
                         call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
-                    if in_place && !first && !pure {
-                        return unsupported(*mpos, "a method called on a property");
+                    let on_event =
+                        matches!(start, Start::Place(Target::Local(i)) if self.ev_local == Some(i));
+                    if (in_place || on_event) && !first && !pure {
+                        // Changes what it is called on: done in place by a path.
+                        return self.path_read(e);
                     }
                     if self.index.keys().any(|(n, _)| n == call.name.as_str()) {
                         return unsupported(*mpos, "a script function called as a method");
@@ -1677,6 +1885,8 @@ impl Cx<'_> {
                 max_map: self.max_map,
                 data: self.data,
                 records: Vec::new(),
+                in_loop: false,
+                plain: self.plain,
             };
             inner.stack.push(i);
             inner.compile_fn(i)?;
@@ -1799,6 +2009,40 @@ impl Cx<'_> {
                     Ok(Dynamic::from_int(ctx.watermark))
                 }))
             }
+            ("emit", 2) | ("emit_to", 2) | ("emit_to", 3) | ("set_timer", 1) | ("forget", 0) => {
+                // The built-ins' own code on the call context. A topic name that is not a
+                // string has no function to call: the helper gives the interpreter's error.
+                let params: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+                let helper = self
+                    .helpers
+                    .borrow_mut()
+                    .add(n, &format!("{name}({})", params.join(", ")));
+                let named = matches!((name, n), ("emit", 2) | ("emit_to", 3));
+                let which = name.to_owned();
+                return Ok(Box::new(move |fr| {
+                    let mut values = Vec::with_capacity(args.len());
+                    for a in &args {
+                        values.push(a(fr)?.flatten());
+                    }
+                    if named && !values[0].is_string() {
+                        return call_helper(fr, &helper, None, values, pos);
+                    }
+                    let mut ctx = fr.rt.ctx.borrow_mut();
+                    let text = |v: &Dynamic| v.clone().into_immutable_string().expect("a string");
+                    match (which.as_str(), values.as_slice()) {
+                        ("emit", [topic, v]) => builtins::emit_named(&mut ctx, &text(topic), v),
+                        ("emit_to", [k, v]) => builtins::emit_to(&mut ctx, None, k, v),
+                        ("emit_to", [topic, k, v]) => {
+                            builtins::emit_to(&mut ctx, Some(&text(topic)), k, v)
+                        }
+                        ("set_timer", [t]) => builtins::set_timer(&mut ctx, t),
+                        ("forget", []) => builtins::forget(&mut ctx),
+                        _ => unreachable!("matched at compile time"),
+                    }
+                    .map_err(|e| fill(e, pos))?;
+                    Ok(Dynamic::UNIT)
+                }));
+            }
             _ => {}
         }
         // Any other native function: through a helper, the first argument in place when it
@@ -1823,7 +2067,23 @@ impl Cx<'_> {
                 .borrow_mut()
                 .add(n, &format!("{name}({})", params.join(", "))),
         };
+        // A plugin function no other function shares a name with: called as Rust when one of
+        // that name fits the arguments' types.
+        let plain = match by_ref {
+            None if self.plain.contains(name) => plain_natives_for(name, n),
+            _ => Natives::default(),
+        };
         Ok(Box::new(move |fr| {
+            if !plain.is_empty() {
+                let mut values = Vec::with_capacity(args.len());
+                for a in &args {
+                    values.push(a(fr)?.flatten());
+                }
+                if let Some(v) = call_plain(fr.rt.engine, &plain, &mut values, pos)? {
+                    return Ok(v);
+                }
+                return call_helper(fr, &helper, None, values, pos);
+            }
             let mut values = Vec::with_capacity(args.len());
             for (k, a) in args.iter().enumerate() {
                 if k == 0 && by_ref.is_some() {
@@ -1890,7 +2150,7 @@ impl Cx<'_> {
                 let b = self.num(&call.args[1])?;
                 return Ok(self.binop(op, a, b, *pos));
             }
-            Expr::Dot(..) if strip_index(e).is_none() => {
+            Expr::Dot(..) if !has_index(e) => {
                 if let Some(f) = self.num_read(e)? {
                     return Ok(f);
                 }
@@ -2334,6 +2594,114 @@ fn natives_for(name: &str, params: usize) -> Natives {
         .unwrap_or_default()
 }
 
+/// The plugin functions that are not methods (their first parameter, if any, is a Rhai type:
+/// constructors such as `ohlc()`, `window_start(ts, "1m")`, `sentiment(text)`), by name.
+fn plain_natives() -> &'static HashMap<&'static str, Vec<Native>> {
+    static TABLE: OnceLock<HashMap<&'static str, Vec<Native>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table: HashMap<&'static str, Vec<Native>> = HashMap::new();
+        for m in eddy_plugins::manifests() {
+            m.for_each_fn(true, &mut |entry| {
+                let func = entry.func();
+                if func.has_context() || func.is_method_call() {
+                    return;
+                }
+                let mut params = Vec::new();
+                entry.with_param_types(&mut |types| {
+                    params = types
+                        .iter()
+                        .map(|&t| {
+                            if t == TypeId::of::<&str>() || t == TypeId::of::<String>() {
+                                TypeId::of::<ImmutableString>()
+                            } else {
+                                t
+                            }
+                        })
+                        .collect();
+                });
+                table.entry(entry.name()).or_default().push(Native {
+                    params: params.into_boxed_slice(),
+                    func,
+                });
+            });
+        }
+        table
+    })
+}
+
+fn plain_natives_for(name: &str, params: usize) -> Natives {
+    plain_natives()
+        .get(name)
+        .map(|fns| fns.iter().filter(|n| n.params.len() == params).collect())
+        .unwrap_or_default()
+}
+
+/// The names of [`plain_natives`] that no other function of `engine` has (the standard
+/// library's, the engine's own, the learners'): a call by such a name can only resolve to one of
+/// them, so picking it by the arguments' types is what Rhai does.
+fn plain_names(engine: &Engine) -> std::collections::HashSet<&'static str> {
+    let mut all: HashMap<String, usize> = HashMap::new();
+    let names = engine.collect_fn_metadata(
+        None,
+        |f| {
+            let name = f.metadata.name.as_str();
+            plain_natives().contains_key(name).then(|| name.to_owned())
+        },
+        true,
+    );
+    for name in names {
+        *all.entry(name).or_default() += 1;
+    }
+    plain_natives()
+        .iter()
+        .filter(|(name, fns)| all.get(**name) == Some(&fns.len()))
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+/// Calls the one function of `natives` whose parameter types fit `args` (each exactly, or a
+/// `Dynamic` parameter), as Rhai's native call does; `Ok(None)` when none or more than one fits
+/// (the helper then asks Rhai).
+fn call_plain(
+    engine: &Engine,
+    natives: &[&'static Native],
+    args: &mut [Dynamic],
+    pos: Position,
+) -> R<Option<Dynamic>> {
+    let any = TypeId::of::<Dynamic>();
+    let mut found = None;
+    for n in natives {
+        if n.params
+            .iter()
+            .zip(args.iter())
+            .all(|(&p, a)| p == any || p == a.type_id())
+        {
+            if found.is_some() {
+                return Ok(None);
+            }
+            found = Some(n);
+        }
+    }
+    let Some(native) = found else {
+        return Ok(None);
+    };
+    let result = match args {
+        [] => native.func.call(None, &mut []),
+        [a] => native.func.call(None, &mut [a]),
+        [a, b] => native.func.call(None, &mut [a, b]),
+        [a, b, c] => native.func.call(None, &mut [a, b, c]),
+        more => {
+            let mut all: Vec<&mut Dynamic> = more.iter_mut().collect();
+            native.func.call(None, &mut all)
+        }
+    };
+    let value = result.map_err(|e| fill(e, pos))?;
+    engine
+        .ensure_data_size_within_limits(&value)
+        .map_err(|e| fill(e, pos))?;
+    Ok(Some(value))
+}
+
 /// The one function of `natives` that Rhai would call on `on` with `args`: the receiver of its
 /// type, each argument of its type or a `Dynamic` parameter. `None` when none or more than one
 /// fits (the helper then asks Rhai).
@@ -2549,6 +2917,9 @@ fn fast_method(name: &str, on: &Dynamic, args: &[Dynamic], pos: Position) -> R<O
         return Ok(None);
     }
     Ok(match name {
+        // Rhai writes an integer's decimal digits and a boolean's word (`to_string_generic`).
+        "to_string" if on.is_int() => Some(on.as_int().expect("an int").to_string().into()),
+        "to_string" if on.is_bool() => Some(on.as_bool().expect("a bool").to_string().into()),
         "to_float" => {
             if let Ok(i) = on.as_int() {
                 Some(Dynamic::from_float(i as FLOAT))
@@ -2596,6 +2967,499 @@ fn with_map_path(
     with_map_path(map.get_mut(first.as_str())?, rest, insert, f)
 }
 
+/// One step of a [`Path`] below its root.
+enum PStep {
+    /// `.name`, with the plugin getters of that name and the property's position.
+    Prop(ImmutableString, Natives, Position),
+    /// `[i]`: the index is the next of the path's values.
+    Index,
+    /// `.name(...)` with this many arguments (the next values), the plugin functions that may
+    /// run it, and its position.
+    Method(ImmutableString, usize, Natives, Position),
+}
+
+/// Where a [`Path`] starts.
+enum PathRoot {
+    /// A slot of `this` or a local, worked on in place.
+    Place(Target),
+    /// Any value (a copy: what a path changes in it is lost, as in Rhai).
+    Value(EFn),
+}
+
+/// The assignment at the end of a [`Path`]: the operator of an op-assignment and its position,
+/// and the value.
+type PathAssign<'v> = (Option<&'v Token>, Position, Dynamic);
+
+/// A chain with indexes in it, or with a method past its first step: `this.bars[id]`,
+/// `this.tags[t].mood.add(x)`, `m[a][b] += 1`, `ev.items[0].price`. Its index values and
+/// method arguments are worked out first, left to right (Rhai's order), then the root, then the
+/// path is walked in place through maps (by a string key they hold) and arrays (by an integer
+/// in range) and its last step done there: a read, a method (inline for numbers, a plugin's own
+/// function for its objects), or an assignment or op-assignment whose result holds no data (so
+/// no size limit can be crossed). Anything else (a key that is not there, a new key, a string
+/// or an integer indexed, an indexer or a getter of a custom type) is done by a helper that runs
+/// the whole path in Rhai on the same root with the same values, so its result and its error are
+/// the interpreter's; the error is moved to the place in the query of the part of the helper it
+/// points at.
+struct Path {
+    root: PathRoot,
+    steps: Vec<PStep>,
+    values: Vec<EFn>,
+    helper: Rc<str>,
+    /// Columns of the helper's line and the positions in the query they stand for.
+    spots: Vec<(usize, Position)>,
+    /// Where an error the spots do not place goes.
+    at: Position,
+}
+
+impl Path {
+    /// Runs the path: its value (`()` for an assignment). `assign` was worked out before the
+    /// path's own values, as Rhai does.
+    fn run(&self, fr: &mut Frame, assign: Option<PathAssign>) -> R<Dynamic> {
+        let mut values = Vec::with_capacity(self.values.len() + 1);
+        for f in &self.values {
+            values.push(f(fr)?.flatten());
+        }
+        let mut temp = match &self.root {
+            PathRoot::Value(f) => f(fr)?.flatten(),
+            PathRoot::Place(_) => Dynamic::UNIT,
+        };
+        let (engine, helpers) = (fr.rt.engine, fr.helpers);
+        let root = match &self.root {
+            PathRoot::Value(_) => &mut temp,
+            PathRoot::Place(t) => match target_ref(fr, *t) {
+                Some(v) => v,
+                None => return Ok(Dynamic::UNIT),
+            },
+        };
+        let (last, walk) = self.steps.split_last().expect("a path has steps");
+        let mut done = |at: &mut Dynamic, rest: &[Dynamic]| -> R<Option<Dynamic>> {
+            last_step(engine, last, at, rest, assign.as_ref())
+        };
+        if let Some(v) = with_parent(root, walk, &values, &mut done)? {
+            return Ok(v);
+        }
+        if let Some((.., v)) = assign {
+            values.push(v);
+        }
+        let mut scope = Scope::new();
+        let options = CallFnOptions::new()
+            .eval_ast(false)
+            .rewind_scope(true)
+            .bind_this_ptr(root);
+        engine
+            .call_fn_with_options::<Dynamic>(options, &mut scope, helpers, &self.helper, values)
+            .map_err(|e| self.place_error(e))
+    }
+
+    fn place_error(&self, mut e: Box<EvalAltResult>) -> Box<EvalAltResult> {
+        while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = *e {
+            e = inner;
+        }
+        let pos = e.position();
+        if !pos.is_none() {
+            let col = pos.position().unwrap_or(0);
+            let to = self
+                .spots
+                .iter()
+                .find(|(c, _)| *c == col)
+                .map_or(self.at, |(_, p)| *p);
+            e.set_position(to);
+        }
+        e
+    }
+}
+
+/// What a [`Path`] does at the place its steps lead to, given the values they did not use.
+type LastStep<'a> = dyn FnMut(&mut Dynamic, &[Dynamic]) -> R<Option<Dynamic>> + 'a;
+
+/// Calls `f` on the value `steps` lead to from `at`, with the values the steps did not use;
+/// `Ok(None)` when a step cannot be walked in place (then nothing was changed).
+fn with_parent(
+    at: &mut Dynamic,
+    steps: &[PStep],
+    values: &[Dynamic],
+    f: &mut LastStep,
+) -> R<Option<Dynamic>> {
+    let Some((step, rest)) = steps.split_first() else {
+        return f(at, values);
+    };
+    match step {
+        PStep::Prop(name, ..) => {
+            let Ok(mut map) = at.as_map_mut() else {
+                return Ok(None);
+            };
+            match map.get_mut(name.as_str()) {
+                Some(v) => with_parent(v, rest, values, f),
+                None => Ok(None),
+            }
+        }
+        PStep::Index => {
+            let (index, values) = values.split_first().expect("an index value");
+            if at.is_map() {
+                let Ok(key) = index.as_immutable_string_ref() else {
+                    return Ok(None);
+                };
+                let mut map = at.as_map_mut().expect("a map");
+                return match map.get_mut(key.as_str()) {
+                    Some(v) => with_parent(v, rest, values, f),
+                    None => Ok(None),
+                };
+            }
+            if at.is_array() {
+                let Ok(i) = index.as_int() else {
+                    return Ok(None);
+                };
+                let mut items = at.as_array_mut().expect("an array");
+                return match array_index(items.len(), i) {
+                    Some(j) => with_parent(&mut items[j], rest, values, f),
+                    None => Ok(None),
+                };
+            }
+            Ok(None)
+        }
+        PStep::Method(..) => Ok(None),
+    }
+}
+
+/// Where index `i` is in an array of `len` items (from the end when negative), if it is.
+fn array_index(len: usize, i: INT) -> Option<usize> {
+    let j = if i < 0 {
+        len.checked_sub(usize::try_from(i.unsigned_abs()).ok()?)?
+    } else {
+        usize::try_from(i).ok()?
+    };
+    (j < len).then_some(j)
+}
+
+/// The last step of a [`Path`] on `at`, the place the others led to; `Ok(None)` leaves it to
+/// the helper (nothing was changed).
+fn last_step(
+    engine: &Engine,
+    step: &PStep,
+    at: &mut Dynamic,
+    values: &[Dynamic],
+    assign: Option<&PathAssign>,
+) -> R<Option<Dynamic>> {
+    match step {
+        PStep::Prop(name, natives, pos) => match assign {
+            None => {
+                if let Ok(map) = at.as_map_ref() {
+                    return Ok(map.get(name.as_str()).cloned());
+                }
+                if let Some(ev) = at.read_lock::<Event>() {
+                    return Ok(Some(ev.get(name)));
+                }
+                call_native(engine, natives, name, at, &mut [], *pos)
+            }
+            Some(assign) => {
+                let Ok(mut map) = at.as_map_mut() else {
+                    return Ok(None);
+                };
+                match map.get_mut(name.as_str()) {
+                    Some(place) => assign_in_place(place, assign),
+                    None => Ok(None),
+                }
+            }
+        },
+        PStep::Index => {
+            let index = &values[0];
+            if at.is_map() {
+                let Ok(key) = index.as_immutable_string_ref() else {
+                    return Ok(None);
+                };
+                let mut map = at.as_map_mut().expect("a map");
+                let Some(place) = map.get_mut(key.as_str()) else {
+                    return Ok(None);
+                };
+                return match assign {
+                    None => Ok(Some(place.clone())),
+                    Some(assign) => assign_in_place(place, assign),
+                };
+            }
+            if at.is_array() {
+                let Ok(i) = index.as_int() else {
+                    return Ok(None);
+                };
+                let mut items = at.as_array_mut().expect("an array");
+                let Some(j) = array_index(items.len(), i) else {
+                    return Ok(None);
+                };
+                return match assign {
+                    None => Ok(Some(items[j].clone())),
+                    Some(assign) => assign_in_place(&mut items[j], assign),
+                };
+            }
+            Ok(None)
+        }
+        PStep::Method(name, argc, natives, pos) => {
+            debug_assert!(assign.is_none(), "no assignment to a method call");
+            let mut args = values[..*argc].to_vec();
+            if let Some(v) = fast_method(name, at, &args, *pos)? {
+                return Ok(Some(v));
+            }
+            call_native(engine, natives, name, at, &mut args, *pos)
+        }
+    }
+}
+
+/// `place = v` or `place op= v`, when the result holds no data (no size limit to check).
+fn assign_in_place(place: &mut Dynamic, (op, op_pos, v): &PathAssign) -> R<Option<Dynamic>> {
+    let new = match op {
+        None => v.clone(),
+        Some(op) => match fast_binop(op, place, v, *op_pos)? {
+            Some(new) => new,
+            None => return Ok(None),
+        },
+    };
+    if holds_data(&new) {
+        return Ok(None);
+    }
+    put(place, new);
+    Ok(Some(Dynamic::UNIT))
+}
+
+/// A step of a chain as written: a property (its position, the dot's), a method (its position,
+/// the dot's), or an index (the index expression, the bracket's position).
+enum PSeg<'e> {
+    Prop(ImmutableString, Position, Position),
+    Method(&'e FnCallExpr, Position, Position),
+    Index(&'e Expr, Position),
+}
+
+/// Whether `e` is a chain with an index in it: one for a [`Path`].
+fn has_index(e: &Expr) -> bool {
+    match e {
+        Expr::Index(..) => true,
+        Expr::Dot(be, ..) => has_index(&be.rhs),
+        _ => false,
+    }
+}
+
+/// `root.a[i].m(x)[j]` as its root and its steps. `a[i].b` is `Index(a, Dot(i, b))`: a chain
+/// goes on in the index, unless `BREAK` says the index is all of it (`a[ev.i]`).
+fn flatten_path(e: &Expr) -> Result<(&Expr, Vec<PSeg<'_>>), Unsupported> {
+    let (be, flags, at, dot) = match e {
+        Expr::Dot(be, f, p) => (be, *f, *p, true),
+        Expr::Index(be, f, p) => (be, *f, *p, false),
+        other => return unsupported(other.start_position(), "expression"),
+    };
+    let mut segs = Vec::new();
+    let (mut node, mut flags, mut at, mut dot) = (&be.rhs, flags, at, dot);
+    loop {
+        if flags.intersects(ASTFlags::NEGATED) {
+            return unsupported(at, "`?.` or `?[`");
+        }
+        let next = match node {
+            Expr::Dot(inner, f, p) | Expr::Index(inner, f, p)
+                if dot || !flags.contains(ASTFlags::BREAK) =>
+            {
+                Some((inner, *f, *p, matches!(node, Expr::Dot(..))))
+            }
+            _ => None,
+        };
+        let item = match &next {
+            Some((inner, ..)) => &inner.lhs,
+            None => node,
+        };
+        if dot {
+            match item {
+                Expr::Property(p, ppos) => segs.push(PSeg::Prop(p.2.clone(), *ppos, at)),
+                Expr::MethodCall(call, mpos) => segs.push(PSeg::Method(call, *mpos, at)),
+                other => return unsupported(other.start_position(), "chain"),
+            }
+        } else {
+            segs.push(PSeg::Index(item, at));
+        }
+        match next {
+            Some((inner, f, p, d)) => {
+                node = &inner.rhs;
+                (flags, at, dot) = (f, p, d);
+            }
+            None => return Ok((&be.lhs, segs)),
+        }
+    }
+}
+
+impl Cx<'_> {
+    /// A [`Path`] for `e`, read (`assign` `None`) or assigned with this operator.
+    fn path(&mut self, e: &Expr, assign: Option<&rhai::OpAssignment>) -> Result<Path, Unsupported> {
+        let (root, segs) = flatten_path(e)?;
+        let mut segs = segs.as_slice();
+        let root = match root {
+            Expr::ThisPtr(tpos) => {
+                if !self.this_ok {
+                    return unsupported(*tpos, "`this` outside on_event and on_timer");
+                }
+                let Some((PSeg::Prop(field, ..), rest)) = segs.split_first() else {
+                    return unsupported(*tpos, "indexing `this`");
+                };
+                let Some(slot) = self.layout.fields.iter().position(|f| f == field) else {
+                    return unsupported(
+                        *tpos,
+                        format!("`this.{field}`: a field `init` does not make"),
+                    );
+                };
+                segs = rest;
+                PathRoot::Place(Target::Slot(slot))
+            }
+            Expr::Variable(x, _, vpos) if x.2.is_empty() => {
+                let Some(i) = self.local(&x.1) else {
+                    return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
+                };
+                if self.record(root).is_some() {
+                    return unsupported(*vpos, format!("the map `{}` as a value", x.1));
+                }
+                if self.ev_local == Some(i) {
+                    if assign.is_some() {
+                        return unsupported(*vpos, "assignment to the event");
+                    }
+                    // The event is read-only: its first property is read as a value (from the
+                    // tape), and the rest of the path works on that copy, as in Rhai.
+                    // A method through a property may write the property back (which the
+                    // event refuses): then the whole path runs on the event itself.
+                    let method = segs.iter().any(|s| matches!(s, PSeg::Method(..)));
+                    match segs.split_first() {
+                        Some((PSeg::Prop(name, ppos, _), rest)) if !method => {
+                            segs = rest;
+                            PathRoot::Value(self.ev_prop(i, name, *ppos))
+                        }
+                        _ => PathRoot::Value(self.expr(root)?),
+                    }
+                } else {
+                    PathRoot::Place(Target::Local(i))
+                }
+            }
+            other => {
+                if assign.is_some() {
+                    return unsupported(other.start_position(), "assignment target");
+                }
+                PathRoot::Value(self.expr(other)?)
+            }
+        };
+        if segs.is_empty() {
+            return unsupported(e.start_position(), "chain");
+        }
+        // The helper's body (`this` is the root) and, for each part an error may point at, its
+        // offset in the body and the position in the query.
+        let mut text = String::from("this");
+        let mut spots = Vec::new();
+        let mut steps = Vec::new();
+        let mut values = Vec::new();
+        for seg in segs {
+            match seg {
+                PSeg::Prop(name, ppos, dot) => {
+                    spots.push((text.len(), *dot));
+                    text.push('.');
+                    spots.push((text.len(), *ppos));
+                    text.push_str(name);
+                    let natives = natives_for(&format!("get${name}"), 1);
+                    steps.push(PStep::Prop(name.clone(), natives, *ppos));
+                }
+                PSeg::Index(index, bracket) => {
+                    spots.push((text.len(), *bracket));
+                    text.push('[');
+                    spots.push((text.len(), index.start_position()));
+                    text.push_str(&format!("a{}]", values.len()));
+                    values.push(self.expr(index)?);
+                    steps.push(PStep::Index);
+                }
+                PSeg::Method(call, mpos, dot) => {
+                    if self.index.keys().any(|(n, _)| n == call.name.as_str()) {
+                        return unsupported(*mpos, "a script function called as a method");
+                    }
+                    if !call.namespace.is_empty() || call.capture_parent_scope {
+                        return unsupported(*mpos, "method call");
+                    }
+                    if assign.is_some() {
+                        return unsupported(*mpos, "assignment through a call");
+                    }
+                    spots.push((text.len(), *dot));
+                    text.push('.');
+                    spots.push((text.len(), *mpos));
+                    text.push_str(&call.name);
+                    text.push('(');
+                    for (j, a) in call.args.iter().enumerate() {
+                        if j > 0 {
+                            text.push_str(", ");
+                        }
+                        spots.push((text.len(), a.position()));
+                        text.push_str(&format!("a{}", values.len()));
+                        values.push(self.expr(a)?);
+                    }
+                    text.push(')');
+                    let natives = natives_for(&call.name, call.args.len() + 1);
+                    steps.push(PStep::Method(
+                        call.name.clone(),
+                        call.args.len(),
+                        natives,
+                        *mpos,
+                    ));
+                }
+            }
+        }
+        let mut params = values.len();
+        let at = match assign {
+            None => e.position(),
+            Some(op) => {
+                text.push(' ');
+                spots.push((text.len(), op.position()));
+                match op.get_op_assignment_info() {
+                    None => text.push('='),
+                    Some((_, _, op_assign, ..)) => text.push_str(op_assign.literal_syntax()),
+                }
+                text.push_str(&format!(" a{params};"));
+                params += 1;
+                op.position()
+            }
+        };
+        let helper = self.helpers.borrow_mut().add(params, &text);
+        // The body's first column on the helper's line (Rhai counts columns from 1).
+        let args: Vec<String> = (0..params).map(|i| format!("a{i}")).collect();
+        let start = format!("fn {helper}({}) {{ ", args.join(", ")).len() + 1;
+        let spots = spots.into_iter().map(|(o, p)| (start + o, p)).collect();
+        Ok(Path {
+            root,
+            steps,
+            values,
+            helper,
+            spots,
+            at,
+        })
+    }
+
+    /// A read of the path `e` (see [`Path`]).
+    fn path_read(&mut self, e: &Expr) -> Result<EFn, Unsupported> {
+        let path = self.path(e, None)?;
+        Ok(Box::new(move |fr| path.run(fr, None)))
+    }
+
+    /// `ev.name`: from the tape when the call's event is unboxed, or from the boxed event; by
+    /// a helper when the local holds something else.
+    fn ev_prop(&mut self, i: usize, name: &ImmutableString, ppos: Position) -> EFn {
+        let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
+        let name: Box<str> = name.as_str().into();
+        let hint = std::cell::Cell::new(0);
+        Box::new(move |fr| {
+            if let Some(ev) = fr.event {
+                return Ok(ev.get_hinted(&name, &hint));
+            }
+            if let Some(ev) = fr.locals[i].read_lock::<Event>() {
+                return Ok(ev.get_hinted(&name, &hint));
+            }
+            let (engine, helpers) = (fr.rt.engine, fr.helpers);
+            run_helper(
+                engine,
+                helpers,
+                &helper,
+                Some(&mut fr.locals[i]),
+                Vec::new(),
+                ppos,
+            )
+        })
+    }
+}
+
 #[derive(Debug)]
 enum Seg {
     /// A property, its position and the position of the dot before it.
@@ -2603,41 +3467,7 @@ enum Seg {
     Method(Box<FnCallExpr>, Position),
 }
 
-/// `root.a.b(x).c` as its root and its steps.
-/// A read chain that ends in an index of a property, `a.b[i]` or `a.m().b[i]`: the chain
-/// without the index (`a.b`), the index expression, and the index node's flags and position.
-/// `None` for anything else, and for a chain with `?.` or `?[` (which stops at `()` instead of
-/// indexing it).
-fn strip_index(e: &Expr) -> Option<(Expr, &Expr, ASTFlags, Position)> {
-    let Expr::Dot(be, flags, dot) = e else {
-        return None;
-    };
-    if flags.intersects(ASTFlags::NEGATED) {
-        return None;
-    }
-    let (rhs, index, iflags, ipos) = match &be.rhs {
-        // `BREAK`: the chain ends at this index, whose expression is all of `rhs`.
-        Expr::Index(ix, iflags, ipos)
-            if matches!(ix.lhs, Expr::Property(..))
-                && iflags.contains(ASTFlags::BREAK)
-                && !iflags.intersects(ASTFlags::NEGATED) =>
-        {
-            (ix.lhs.clone(), &ix.rhs, *iflags, *ipos)
-        }
-        Expr::Dot(..) => strip_index(&be.rhs)?,
-        _ => return None,
-    };
-    let chain = Expr::Dot(
-        Box::new(BinaryExpr {
-            lhs: be.lhs.clone(),
-            rhs,
-        }),
-        *flags,
-        *dot,
-    );
-    Some((chain, index, iflags, ipos))
-}
-
+/// `root.a.b(x).c` as its root and its steps (no index: see [`flatten_path`]).
 fn flatten(e: &Expr) -> Result<(&Expr, Vec<Seg>), Unsupported> {
     let Expr::Dot(be, _, dot) = e else {
         return unsupported(e.start_position(), "expression");
@@ -2693,7 +3523,7 @@ fn run_block(body: &[SFn], fr: &mut Frame) -> R<Flow> {
     for s in body {
         match s(fr)? {
             Flow::Normal(v) => put(&mut last, v),
-            ret @ Flow::Return(_) => return Ok(ret),
+            jump => return Ok(jump),
         }
     }
     Ok(Flow::Normal(last))

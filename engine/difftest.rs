@@ -3,9 +3,12 @@
 //!
 //! [`program`] writes a query from a seed: arithmetic on state fields and event fields (which
 //! may be missing, strings, huge or zero, so overflow, division by zero and type errors happen),
-//! locals, `if`/`else`, `switch`, `&&`/`||`, script functions, number methods, `in`, emits of map literals
-//! and of locals, named topics, timers, `forget`, and plugin objects (in state and in locals)
-//! with their methods and properties, given any value. [`events`] writes NDJSON for it.
+//! locals, `if`/`else`, `switch`, loops (`for`, `while`, `loop`, `do`, with `break` and
+//! `continue`), `&&`/`||`, script functions, number methods, `in`, a map and an array in state
+//! indexed, written and walked (methods and properties through an index), emits of map literals
+//! and of locals, `emit_to`, named topics, timers, `forget`, plugin functions, and plugin
+//! objects (in state, in locals and in the state's map) with their methods and properties, given
+//! any value. [`events`] writes NDJSON for it.
 //! [`run_both`] runs a query over events with `--engine auto` and `--engine interpreter` and
 //! says where they differ. The same code serves the quick test in `cargo test`
 //! (`tests/compiled.rs`) and the cargo-fuzz target `differential`.
@@ -60,6 +63,9 @@ const INTS: [&str; 9] = [
     "4611686018427387904",
 ];
 const FLOATS: [&str; 6] = ["0.0", "0.5", "1.5", "-2.25", "1e300", "3.0"];
+/// Indexes of the state's array `l` (three items): in range, from the end, out of range, not
+/// an integer.
+const ARRAY_INDEXES: [&str; 7] = ["0", "1", "-1", "2", "3", "-4", "\"a\""];
 
 /// A plugin type the generator keeps in state field `p`: its constructor, the calls that change
 /// it (`name/arity`) and the reads of it (a getter, or a method `name/arity`).
@@ -138,6 +144,12 @@ struct Writer<'g> {
     next: usize,
     /// The plugin object in state field `p`, if any.
     plugin: Option<&'static Plugin>,
+    /// Whether the state has a map `m` and an array `l` (indexed, walked by loops).
+    containers: bool,
+    /// The loop the statements being written are in: `None`, `Some(true)` for one whose body
+    /// may `continue`, `Some(false)` for a `do` loop (where `continue` skips the test that ends
+    /// it, so only `break` is written).
+    in_loop: Option<bool>,
 }
 
 impl Writer<'_> {
@@ -161,6 +173,14 @@ impl Writer<'_> {
                 }
                 // An index that is no field name: the event as a value, by Rhai.
                 _ if self.g.chance(5) => "ev[1]".to_owned(),
+                // The state's map and array, by any key (missing, of the wrong type, ...).
+                _ if self.containers && self.g.chance(30) => {
+                    let key = self.key();
+                    format!("this.m[{key}]")
+                }
+                _ if self.containers && self.g.chance(20) => {
+                    format!("this.l[{}]", self.g.pick(&ARRAY_INDEXES))
+                }
                 _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),
             };
         }
@@ -173,7 +193,11 @@ impl Writer<'_> {
                 format!("({} {op} {})", self.expr(d), self.expr(d))
             }
             5 => format!("mix({}, {})", self.expr(d), self.expr(d)),
-            6 => format!("({}).{}()", self.expr(d), self.g.pick(&["abs", "to_float"])),
+            6 => format!(
+                "({}).{}()",
+                self.expr(d),
+                self.g.pick(&["abs", "to_float", "to_string"])
+            ),
             7 => format!(
                 "if {} {{ {} }} else {{ {} }}",
                 self.cond(d),
@@ -186,6 +210,16 @@ impl Writer<'_> {
             11 if self.plugin.is_some() && self.g.chance(50) => {
                 let read = self.g.pick(self.plugin.expect("checked").reads);
                 self.plugin_call("this.p", read, d)
+            }
+            // Plugin functions that are not methods, given any value.
+            11 if self.g.chance(30) => {
+                let size = self.g.pick(&["\"1s\"", "1000", "\"bad\"", "0"]);
+                format!("window_start({}, {size})", self.expr(d))
+            }
+            11 if self.g.chance(30) => format!("sentiment({})", self.expr(d)),
+            11 if self.containers && self.g.chance(50) => {
+                let key = self.key();
+                format!("this.m[{key}].v")
             }
             _ => self.cond(d),
         }
@@ -253,10 +287,134 @@ impl Writer<'_> {
         format!("#{{ {} }}", fields.join(", "))
     }
 
+    /// A key for the state's map: mostly one of three strings, sometimes a number's text, an
+    /// event field of any type or an integer (which a map refuses).
+    fn key(&mut self) -> String {
+        match self.g.below(7) {
+            0..=3 => self.g.pick(&["\"a\"", "\"b\"", "\"c\""]).to_owned(),
+            4 => format!("({}).to_string()", self.expr(1)),
+            5 => format!("ev.{}", self.g.pick(&EVENT_FIELDS)),
+            _ => self.g.pick(&INTS).to_owned(),
+        }
+    }
+
+    /// Statements on the state's map `m` (entries that are numbers, maps `#{ v: .. }` or the
+    /// plugin's objects) and array `l`, and on a local map: index reads, writes and
+    /// op-assignments, methods and properties through an index, `in`.
+    fn containers(&mut self, out: &mut String) {
+        let key = self.key();
+        match self.g.below(7) {
+            0 => {
+                let op = self.g.pick(&["=", "+=", "-=", "*=", "="]);
+                out.push_str(&format!("this.m[{key}] {op} {};\n", self.expr(2)));
+            }
+            1 => {
+                out.push_str(&format!(
+                    "if !({key} in this.m) {{ this.m[{key}] = #{{ v: 0 }}; }}\n"
+                ));
+                let op = self.g.pick(&["+=", "=", "*="]);
+                out.push_str(&format!("this.m[{key}].v {op} {};\n", self.expr(1)));
+            }
+            2 if self.plugin.is_some() => {
+                let plugin = self.plugin.expect("checked");
+                out.push_str(&format!(
+                    "if !({key} in this.m) {{ this.m[{key}] = {}; }}\n",
+                    plugin.make
+                ));
+                let change = self.g.pick(plugin.changes);
+                let call = self.plugin_call(&format!("this.m[{key}]"), change, 1);
+                out.push_str(&format!("{call};\n"));
+                let read = self.g.pick(plugin.reads);
+                let read = self.plugin_call(&format!("this.m[{key}]"), read, 1);
+                out.push_str(&format!("emit(#{{ read: {read} }});\n"));
+            }
+            3 => {
+                let op = self.g.pick(&["=", "+=", "*=", "-="]);
+                let i = self.g.pick(&ARRAY_INDEXES);
+                out.push_str(&format!("this.l[{i}] {op} {};\n", self.expr(2)));
+            }
+            4 => {
+                let name = format!("lm{}", self.next);
+                self.next += 1;
+                out.push_str(&format!("let {name} = #{{ a: {} }};\n", self.expr(1)));
+                out.push_str(&format!("{name}[{key}] = {};\n", self.expr(1)));
+                let op = self.g.pick(&["+=", "*=", "="]);
+                out.push_str(&format!("{name}[\"a\"] {op} {};\n", self.expr(1)));
+                out.push_str(&format!("emit({name});\n"));
+            }
+            5 => out.push_str(&format!(
+                "emit(#{{ has: {key} in this.m, n: this.m.len() }});\n"
+            )),
+            _ => out.push_str(&format!("emit(#{{ at: this.m[{key}], l: this.l }});\n")),
+        }
+    }
+
+    /// A loop whose number of turns is bounded (a counter the other statements never see):
+    /// `for` over arrays, ranges, strings, the state's map keys and any event field (which may
+    /// not be iterable), `while`, `loop`, `do ... while` and `do ... until`; the body may
+    /// `break` and `continue`.
+    fn a_loop(&mut self, depth: usize, out: &mut String, timers: bool) {
+        let counter = format!("n{}", self.next);
+        self.next += 1;
+        let scope = self.locals.len();
+        let was = self.in_loop;
+        let k = 1 + self.g.below(3);
+        let kind = self.g.below(6);
+        self.in_loop = Some(kind < 5);
+        match kind {
+            0..=2 => {
+                let items = match self.g.below(7) {
+                    0 | 1 => format!("[{}, {}, {}]", self.expr(1), self.expr(1), self.expr(1)),
+                    2 => self.g.pick(&["0..3", "1..=2", "-1..1", "5..2"]).to_owned(),
+                    3 => "\"ab\"".to_owned(),
+                    4 if self.containers => "this.m.keys()".to_owned(),
+                    5 if self.containers => "this.l".to_owned(),
+                    _ => format!("ev.{}", self.g.pick(&EVENT_FIELDS)),
+                };
+                let var = format!("x{}", self.next);
+                self.next += 1;
+                if self.g.chance(30) {
+                    let index = format!("i{}", self.next);
+                    self.next += 1;
+                    out.push_str(&format!("for ({var}, {index}) in {items} {{\n"));
+                    self.locals.push(index);
+                } else {
+                    out.push_str(&format!("for {var} in {items} {{\n"));
+                }
+                self.locals.push(var);
+                self.stmts(depth, k, out, timers);
+                out.push_str("}\n");
+            }
+            3 => {
+                out.push_str(&format!("let {counter} = 0;\nwhile {counter} < 3 {{\n"));
+                out.push_str(&format!("{counter} += 1;\n"));
+                self.stmts(depth, k, out, timers);
+                out.push_str("}\n");
+            }
+            4 => {
+                out.push_str(&format!("let {counter} = 0;\nloop {{\n"));
+                out.push_str(&format!("{counter} += 1;\nif {counter} > 2 {{ break; }}\n"));
+                self.stmts(depth, k, out, timers);
+                out.push_str("}\n");
+            }
+            _ => {
+                out.push_str(&format!("let {counter} = 0;\ndo {{\n{counter} += 1;\n"));
+                self.stmts(depth, k, out, timers);
+                if self.g.chance(50) {
+                    out.push_str(&format!("}} while {counter} < 2;\n"));
+                } else {
+                    out.push_str(&format!("}} until {counter} >= 2;\n"));
+                }
+            }
+        }
+        self.in_loop = was;
+        self.locals.truncate(scope);
+    }
+
     fn stmts(&mut self, depth: usize, n: usize, out: &mut String, timers: bool) {
         let scope = self.locals.len();
         for _ in 0..n {
-            match self.g.below(15) {
+            match self.g.below(20) {
                 0..=2 => {
                     let op = self.g.pick(&["=", "+=", "-=", "*=", "/=", "+=", "%="]);
                     out.push_str(&format!(
@@ -333,6 +491,28 @@ impl Writer<'_> {
                 // The event itself as a value: `on_event` then holds it boxed.
                 13 if self.g.chance(10) => out.push_str("emit(ev);\n"),
                 14 if depth > 0 => self.switch(depth - 1, out, timers),
+                15 | 16 if self.containers => self.containers(out),
+                17 if depth > 0 => self.a_loop(depth - 1, out, timers),
+                18 if self.in_loop.is_some() => {
+                    let jump = if self.in_loop == Some(true) {
+                        self.g.pick(&["break", "continue"])
+                    } else {
+                        "break"
+                    };
+                    out.push_str(&format!("if {} {{ {jump}; }}\n", self.cond(1)));
+                }
+                18 => {
+                    let key = self.key();
+                    let map = self.emit_map();
+                    match self.g.below(3) {
+                        0 => out.push_str(&format!("emit_to({key}, {map});\n")),
+                        1 => out.push_str(&format!("emit_to(\"side\", {key}, {map});\n")),
+                        _ => {
+                            let name = self.g.pick(&["\"side\"", "\"other\"", "1"]);
+                            out.push_str(&format!("emit({name}, {map});\n"));
+                        }
+                    }
+                }
                 _ => out.push_str(&format!("emit({});\n", self.expr(2))),
             }
         }
@@ -426,11 +606,14 @@ pub fn program(seed: u64) -> String {
     let mut g = Gen::new(seed);
     let timers = g.chance(40);
     let plugin = g.chance(50).then(|| &PLUGINS[g.below(PLUGINS.len())]);
+    let containers = g.chance(40);
     let mut w = Writer {
         g: &mut g,
         locals: Vec::new(),
         next: 0,
         plugin,
+        containers,
+        in_loop: None,
     };
     let mut s = String::from("let source = \"s\";\nlet key_by = \"k\";\n");
     s.push_str(&format!(
@@ -457,6 +640,10 @@ pub fn program(seed: u64) -> String {
     let mut init = init;
     if let Some(p) = w.plugin {
         init.push(format!("p: {}", p.make));
+    }
+    if containers {
+        init.push("m: #{ a: 1, b: #{ v: 2.5 } }".to_owned());
+        init.push("l: [1, 2.5, ()]".to_owned());
     }
     s.push_str(&format!("fn init(key) {{ #{{ {} }} }}\n", init.join(", ")));
     s.push_str("fn on_event(ev) {\n");
