@@ -1731,11 +1731,35 @@ impl Cx<'_> {
     }
 
     /// The container of `x in c`: the event read in place, or any value.
-    fn container(&mut self, c: &Expr) -> Result<Container, Unsupported> {
-        Ok(match self.ev_param(c) {
-            Some(i) => Container::Event(i),
-            None => Container::Value(self.expr(c)?),
-        })
+    fn container(&mut self, c: &Expr, x: &Expr) -> Result<Container, Unsupported> {
+        if let Some(i) = self.ev_param(c) {
+            return Ok(Container::Event(i));
+        }
+        // `this.f` or a local, looked at where it is rather than copied, when working out `x`
+        // cannot change it first (Rhai takes the container's value before `x`'s).
+        let plain = |e: &Expr| match e {
+            Expr::StringConstant(..) | Expr::IntegerConstant(..) | Expr::Variable(..) => true,
+            Expr::Dot(be, ..) => self.ev_arg(&be.lhs) && matches!(be.rhs, Expr::Property(..)),
+            _ => false,
+        };
+        if plain(x) {
+            match c {
+                Expr::Dot(be, ..) if matches!(be.lhs, Expr::ThisPtr(_)) && self.this_ok => {
+                    if let Expr::Property(p, _) = &be.rhs {
+                        if let Some(slot) = self.layout.fields.iter().position(|f| *f == p.2) {
+                            return Ok(Container::Place(Target::Slot(slot)));
+                        }
+                    }
+                }
+                Expr::Variable(v, ..) if v.2.is_empty() && self.record(c).is_none() => {
+                    if let Some(i) = self.local(&v.1) {
+                        return Ok(Container::Place(Target::Local(i)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Container::Value(self.expr(c)?))
     }
 
     /// `contains(c, x)`, which `x in c` is: inline for an event or a map and a string.
@@ -1765,6 +1789,17 @@ impl Cx<'_> {
                     return contains_value(fr, &helper, c, x, pos);
                 }
                 Container::Value(a) => a(fr)?,
+                Container::Place(t) => {
+                    let x = b(fr)?;
+                    let Some(place) = target_ref(fr, *t) else {
+                        return Ok(Dynamic::UNIT);
+                    };
+                    if let (Ok(map), Ok(s)) = (place.as_map_ref(), x.as_immutable_string_ref()) {
+                        return Ok(Dynamic::from_bool(map.contains_key(s.as_str())));
+                    }
+                    let c = place.clone();
+                    return contains_value(fr, &helper, c, x, pos);
+                }
             };
             let x = b(fr)?;
             contains_value(fr, &helper, c, x, pos)
@@ -1796,6 +1831,8 @@ fn ev_value(fr: &Frame, i: usize) -> Dynamic {
 enum Container {
     /// The event parameter, in this local.
     Event(usize),
+    /// A slot of `this` or a local, not copied.
+    Place(Target),
     Value(EFn),
 }
 
@@ -1812,7 +1849,7 @@ impl Cx<'_> {
         if let Some(op) = &call.op_token {
             if n == 2 {
                 if matches!(op, Token::In) {
-                    let a = self.container(&call.args[0])?;
+                    let a = self.container(&call.args[0], &call.args[1])?;
                     let b = self.expr(&call.args[1])?;
                     let name = match &call.args[1] {
                         Expr::StringConstant(s, _) => Some(s.clone()),
@@ -1926,7 +1963,7 @@ impl Cx<'_> {
         if (name, n) == ("contains", 2)
             && (!matches!(call.args[0], Expr::Variable(..)) || self.ev_arg(&call.args[0]))
         {
-            let a = self.container(&call.args[0])?;
+            let a = self.container(&call.args[0], &call.args[1])?;
             let b = self.expr(&call.args[1])?;
             let name = match &call.args[1] {
                 Expr::StringConstant(s, _) => Some(s.clone()),
