@@ -49,6 +49,7 @@ workloads=(
   "trade_anomaly_20k|trades|auto|trade_anomaly"
   "trade_anomaly_interpreted_20k|trades|interpreter|trade_anomaly"
   "ohlc_1m_20k|trades|auto|ohlc_1m"
+  "ohlc_1m_interpreted_20k|trades|interpreter|ohlc_1m"
   "sensor_anomaly_20k|sensors|auto|sensor_anomaly"
   "sensor_anomaly_interpreted_20k|sensors|interpreter|sensor_anomaly"
   "sensor_failure_2k|sensors2k|auto|sensor_failure"
@@ -58,6 +59,7 @@ workloads=(
   "player_churn_20k|games|auto|player_churn"
   "player_churn_interpreted_20k|games|interpreter|player_churn"
   "hashtag_sentiment_2k|social|auto|hashtag_sentiment"
+  "hashtag_sentiment_interpreted_2k|social|interpreter|hashtag_sentiment"
   # Not a shipped query: the compiler's hidden-query check, in the shipped queries' style.
   "order_flow_20k|trades|auto|tests/hidden/order_flow.rhai"
   "order_flow_interpreted_20k|trades|interpreter|tests/hidden/order_flow.rhai"
