@@ -3053,7 +3053,8 @@ impl Path {
     /// Runs the path: its value (`()` for an assignment). `assign` was worked out before the
     /// path's own values, as Rhai does.
     fn run(&self, fr: &mut Frame, assign: Option<PathAssign>) -> R<Dynamic> {
-        let mut values = Vec::with_capacity(self.values.len() + 1);
+        // (Inline up to four: a path's values rarely need the heap.)
+        let mut values = smallvec::SmallVec::<[Dynamic; 4]>::new();
         for f in &self.values {
             values.push(f(fr)?.flatten());
         }
@@ -3070,12 +3071,13 @@ impl Path {
             },
         };
         let (last, walk) = self.steps.split_last().expect("a path has steps");
-        let mut done = |at: &mut Dynamic, rest: &[Dynamic]| -> R<Option<Dynamic>> {
+        let mut done = |at: &mut Dynamic, rest: &mut [Dynamic]| -> R<Option<Dynamic>> {
             last_step(engine, last, at, rest, assign.as_ref())
         };
-        if let Some(v) = with_parent(root, walk, &values, &mut done)? {
+        if let Some(v) = with_parent(root, walk, &mut values, &mut done)? {
             return Ok(v);
         }
+        let mut values = values.into_vec();
         if let Some((.., v)) = assign {
             values.push(v);
         }
@@ -3108,14 +3110,14 @@ impl Path {
 }
 
 /// What a [`Path`] does at the place its steps lead to, given the values they did not use.
-type LastStep<'a> = dyn FnMut(&mut Dynamic, &[Dynamic]) -> R<Option<Dynamic>> + 'a;
+type LastStep<'a> = dyn FnMut(&mut Dynamic, &mut [Dynamic]) -> R<Option<Dynamic>> + 'a;
 
 /// Calls `f` on the value `steps` lead to from `at`, with the values the steps did not use;
 /// `Ok(None)` when a step cannot be walked in place (then nothing was changed).
 fn with_parent(
     at: &mut Dynamic,
     steps: &[PStep],
-    values: &[Dynamic],
+    values: &mut [Dynamic],
     f: &mut LastStep,
 ) -> R<Option<Dynamic>> {
     let Some((step, rest)) = steps.split_first() else {
@@ -3132,7 +3134,7 @@ fn with_parent(
             }
         }
         PStep::Index => {
-            let (index, values) = values.split_first().expect("an index value");
+            let (index, values) = values.split_first_mut().expect("an index value");
             if at.is_map() {
                 let Ok(key) = index.as_immutable_string_ref() else {
                     return Ok(None);
@@ -3175,7 +3177,7 @@ fn last_step(
     engine: &Engine,
     step: &PStep,
     at: &mut Dynamic,
-    values: &[Dynamic],
+    values: &mut [Dynamic],
     assign: Option<&PathAssign>,
 ) -> R<Option<Dynamic>> {
     match step {
@@ -3231,11 +3233,12 @@ fn last_step(
         }
         PStep::Method(name, argc, natives, pos) => {
             debug_assert!(assign.is_none(), "no assignment to a method call");
-            let mut args = values[..*argc].to_vec();
-            if let Some(v) = fast_method(name, at, &args, *pos)? {
+            // (A native call that does not run leaves the values as they were, for the helper.)
+            let args = &mut values[..*argc];
+            if let Some(v) = fast_method(name, at, args, *pos)? {
                 return Ok(Some(v));
             }
-            call_native(engine, natives, name, at, &mut args, *pos)
+            call_native(engine, natives, name, at, args, *pos)
         }
     }
 }
