@@ -191,6 +191,10 @@ impl Sink<'_> {
     }
 
     fn flush_shard(&mut self) {
+        // Most events emit nothing: then there is nothing to take (see `Shard::has_output`).
+        if !self.shard.has_output() {
+            return;
+        }
         // One buffer for every event's items: no allocation per event.
         let mut items = std::mem::take(&mut self.items);
         self.shard.take_output(&mut items);

@@ -616,6 +616,18 @@ impl Shard {
         self.ctx.borrow_mut().out.push(item);
     }
 
+    /// Whether [`Shard::take_output`] has anything to hand out (or a report batch to close):
+    /// checked in line after every event, so that the common case (nothing emitted) costs a
+    /// few comparisons, not a call.
+    #[inline]
+    pub fn has_output(&self) -> bool {
+        !self.ctx.borrow().out.is_empty()
+            || self.queries.iter().any(|q| {
+                q.key_limit.evicted + q.key_limit.refused > 0
+                    || q.reports.late + q.reports.errors + q.reports.bytes as u64 > 0
+            })
+    }
+
     /// Moves everything emitted since the last call into `out`, ending with a report per query
     /// of the keys `max_keys_per_query` evicted or refused meanwhile.
     pub fn take_output(&mut self, out: &mut Vec<Emitted>) {
