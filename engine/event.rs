@@ -716,8 +716,8 @@ impl Parser {
             self.buffers = Buffers::new(4096);
         }
         // A tape within its budget keeps its spare room: giving it back copies the whole tape
-        // (a tape reserved for NDJSON holds a node per 6 input bytes; flat events need about
-        // one per 7).
+        // (simd-json reserves a node per structural character; trades have about one per 3.7
+        // bytes, and fill about half of that).
         let node = std::mem::size_of::<Node<'static>>();
         if frame.nodes.capacity() * node > (buf.len() + 2) * MAX_TAPE_BYTES_PER_INPUT_BYTE {
             frame.nodes.shrink_to_fit();
@@ -838,8 +838,9 @@ impl Parser {
         let bytes: &'static mut [u8] =
             unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
         let base = bytes.as_ptr() as usize;
+        // No room reserved here: simd-json reserves a node per structural character (an upper
+        // bound) once stage 1 has counted them, and growing a reserved tape copies it whole.
         let mut tape = Tape(std::mem::take(&mut frame.nodes));
-        tape.0.reserve(len / 6 + 2);
         if simd_json::fill_tape_padded(bytes, len, &mut self.buffers, &mut tape).is_err() {
             tape.0.clear();
             frame.nodes = tape.0;
