@@ -624,6 +624,17 @@ impl Format {
 }
 
 impl Parser {
+    /// A parser whose scratch buffers start with room for inputs of `bytes` (up to
+    /// [`RETAINED_SCRATCH_BYTES`]): for a run of many frames of about that size, so that none
+    /// of them grows a buffer by copying it (simd-json's string buffer doubles whenever a frame
+    /// is a little larger than any before).
+    pub fn for_frames(bytes: usize) -> Self {
+        Parser {
+            buffers: Buffers::new(bytes.min(RETAINED_SCRATCH_BYTES)),
+            scratch: Tape::null(),
+        }
+    }
+
     /// Parses one input: a JSON object, a JSON array of objects, or NDJSON (see
     /// [`Format::detect`]). NDJSON is parsed as if each line were parsed on its own (in one
     /// call when it can: `parse_lines_at_once`), so a broken line rejects that
@@ -1031,6 +1042,35 @@ mod tests {
             reason.contains("not finite") && !reason.contains("InternalError"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn a_parser_sized_for_frames_parses_as_the_default_one() {
+        let ndjson = "{\"a\":1}\n{\"b\":\"x\"}\nnot json\n[1]\n{\"c\":[1,{\"d\":2.5}]}\n";
+        let base = Position {
+            index: 3,
+            line: Some(7),
+        };
+        for input in [
+            ndjson.to_string(),
+            ndjson.repeat(5000),
+            "[{\"a\":1},2]".into(),
+        ] {
+            let format = Format::detect(input.as_bytes());
+            let mut sized = Parser::for_frames(1 << 16);
+            let mut plain = Parser::default();
+            for _ in 0..2 {
+                let a = sized.parse_slice_with(input.as_bytes(), format, base);
+                let b = plain.parse_slice_with(input.as_bytes(), format, base);
+                assert_eq!(a.items, b.items);
+                assert_eq!(a.rejections.len(), b.rejections.len());
+                assert_eq!(a.frame.len(), b.frame.len());
+                for i in 0..a.frame.len() {
+                    assert_eq!(json(&a.frame.event(i)), json(&b.frame.event(i)));
+                    assert_eq!(a.frame.position(i), b.frame.position(i));
+                }
+            }
+        }
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub fn run(
         emitted: 0,
         items: Vec::new(),
     };
-    let mut parser = Parser::default();
+    // (Room for a frame and a long last line.)
+    let mut parser = Parser::for_frames(FRAME_BYTES + FRAME_BYTES / 8);
     let mut summary = RunSummary::default();
     let format = Format::detect(&input);
     let mut base = crate::event::Position {
