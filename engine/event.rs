@@ -217,6 +217,13 @@ impl Frame {
     /// Only for objects whose values are all scalars, where every other node is a name.
     #[inline]
     fn get_hinted(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
+        self.get_hinted_in_line(obj, field, hint)
+    }
+
+    /// [`Frame::get_hinted`], always in line: for routing, which reads two or three fields of
+    /// every event (compiled code calls `get_hinted`, which stays a call where it was one).
+    #[inline(always)]
+    fn get_hinted_in_line(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
         let Node::Object { len, count } = self.node(obj) else {
             return None;
         };
@@ -478,6 +485,18 @@ impl Event {
             [field] => self
                 .frame
                 .get_hinted(self.node, field, hint)
+                .map(|at| self.frame.value(at)),
+            _ => self.lookup(path),
+        }
+    }
+
+    /// [`Event::lookup_hinted`] in line, for routing.
+    #[inline(always)]
+    pub fn lookup_hinted_in_line(&self, path: &FieldPath, hint: &Cell<u32>) -> Option<Value<'_>> {
+        match path.0.as_slice() {
+            [field] => self
+                .frame
+                .get_hinted_in_line(self.node, field, hint)
                 .map(|at| self.frame.value(at)),
             _ => self.lookup(path),
         }
