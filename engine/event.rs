@@ -217,6 +217,13 @@ impl Frame {
     /// Only for objects whose values are all scalars, where every other node is a name.
     #[inline]
     fn get_hinted(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
+        self.get_hinted_in_line(obj, field, hint)
+    }
+
+    /// [`Frame::get_hinted`], always in line: for routing, which reads two or three fields of
+    /// every event (compiled code calls `get_hinted`, which stays a call where it was one).
+    #[inline(always)]
+    fn get_hinted_in_line(&self, obj: u32, field: &str, hint: &Cell<u32>) -> Option<u32> {
         let Node::Object { len, count } = self.node(obj) else {
             return None;
         };
@@ -483,6 +490,18 @@ impl Event {
         }
     }
 
+    /// [`Event::lookup_hinted`] in line, for routing.
+    #[inline(always)]
+    pub fn lookup_hinted_in_line(&self, path: &FieldPath, hint: &Cell<u32>) -> Option<Value<'_>> {
+        match path.0.as_slice() {
+            [field] => self
+                .frame
+                .get_hinted_in_line(self.node, field, hint)
+                .map(|at| self.frame.value(at)),
+            _ => self.lookup(path),
+        }
+    }
+
     /// Whether the object has the field `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.frame.get(self.node, name).is_some()
@@ -624,6 +643,17 @@ impl Format {
 }
 
 impl Parser {
+    /// A parser whose scratch buffers start with room for inputs of `bytes` (up to
+    /// [`RETAINED_SCRATCH_BYTES`]): for a run of many frames of about that size, so that none
+    /// of them grows a buffer by copying it (simd-json's string buffer doubles whenever a frame
+    /// is a little larger than any before).
+    pub fn for_frames(bytes: usize) -> Self {
+        Parser {
+            buffers: Buffers::new(bytes.min(RETAINED_SCRATCH_BYTES)),
+            scratch: Tape::null(),
+        }
+    }
+
     /// Parses one input: a JSON object, a JSON array of objects, or NDJSON (see
     /// [`Format::detect`]). NDJSON is parsed as if each line were parsed on its own (in one
     /// call when it can: `parse_lines_at_once`), so a broken line rejects that
@@ -716,8 +746,8 @@ impl Parser {
             self.buffers = Buffers::new(4096);
         }
         // A tape within its budget keeps its spare room: giving it back copies the whole tape
-        // (a tape reserved for NDJSON holds a node per 6 input bytes; flat events need about
-        // one per 7).
+        // (simd-json reserves a node per structural character; trades have about one per 3.7
+        // bytes, and fill about half of that).
         let node = std::mem::size_of::<Node<'static>>();
         if frame.nodes.capacity() * node > (buf.len() + 2) * MAX_TAPE_BYTES_PER_INPUT_BYTE {
             frame.nodes.shrink_to_fit();
@@ -838,8 +868,9 @@ impl Parser {
         let bytes: &'static mut [u8] =
             unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
         let base = bytes.as_ptr() as usize;
+        // No room reserved here: simd-json reserves a node per structural character (an upper
+        // bound) once stage 1 has counted them, and growing a reserved tape copies it whole.
         let mut tape = Tape(std::mem::take(&mut frame.nodes));
-        tape.0.reserve(len / 6 + 2);
         if simd_json::fill_tape_padded(bytes, len, &mut self.buffers, &mut tape).is_err() {
             tape.0.clear();
             frame.nodes = tape.0;
@@ -1030,6 +1061,35 @@ mod tests {
             reason.contains("not finite") && !reason.contains("InternalError"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn a_parser_sized_for_frames_parses_as_the_default_one() {
+        let ndjson = "{\"a\":1}\n{\"b\":\"x\"}\nnot json\n[1]\n{\"c\":[1,{\"d\":2.5}]}\n";
+        let base = Position {
+            index: 3,
+            line: Some(7),
+        };
+        for input in [
+            ndjson.to_string(),
+            ndjson.repeat(5000),
+            "[{\"a\":1},2]".into(),
+        ] {
+            let format = Format::detect(input.as_bytes());
+            let mut sized = Parser::for_frames(1 << 16);
+            let mut plain = Parser::default();
+            for _ in 0..2 {
+                let a = sized.parse_slice_with(input.as_bytes(), format, base);
+                let b = plain.parse_slice_with(input.as_bytes(), format, base);
+                assert_eq!(a.items, b.items);
+                assert_eq!(a.rejections.len(), b.rejections.len());
+                assert_eq!(a.frame.len(), b.frame.len());
+                for i in 0..a.frame.len() {
+                    assert_eq!(json(&a.frame.event(i)), json(&b.frame.event(i)));
+                    assert_eq!(a.frame.position(i), b.frame.position(i));
+                }
+            }
+        }
     }
 
     #[test]

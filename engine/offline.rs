@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::builtins::Emitted;
+use crate::builtins::{Emitted, LineWriter};
 use crate::event::{Format, Parser, Position, Rejection};
 use crate::router::{Clock, Delivery, Deployed, RouteSink, Router, TimePolicy, Unnamed};
 use crate::sandbox::Limits;
@@ -80,11 +80,13 @@ pub fn run(
         out,
         err,
         line: Vec::with_capacity(LINES_BYTES + 4096),
+        lines: LineWriter::default(),
         io: Ok(()),
         emitted: 0,
         items: Vec::new(),
     };
-    let mut parser = Parser::default();
+    // (Room for a frame and a long last line.)
+    let mut parser = Parser::for_frames(FRAME_BYTES + FRAME_BYTES / 8);
     let mut summary = RunSummary::default();
     let format = Format::detect(&input);
     let mut base = crate::event::Position {
@@ -168,6 +170,8 @@ struct Sink<'a> {
     err: &'a mut dyn Write,
     /// Output lines not written yet: one write of many lines costs less than one per line.
     line: Vec<u8>,
+    /// Writes each item into `line`.
+    lines: LineWriter,
     io: std::io::Result<()>,
     emitted: u64,
     items: Vec<Emitted>,
@@ -175,7 +179,7 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     fn write(&mut self, item: &Emitted) {
-        item.write_line(&mut self.line);
+        self.lines.write(item, &mut self.line);
         self.emitted += 1;
         if self.line.len() >= LINES_BYTES {
             self.write_lines();
@@ -191,6 +195,10 @@ impl Sink<'_> {
     }
 
     fn flush_shard(&mut self) {
+        // Most events emit nothing: then there is nothing to take (see `Shard::has_output`).
+        if !self.shard.has_output() {
+            return;
+        }
         // One buffer for every event's items: no allocation per event.
         let mut items = std::mem::take(&mut self.items);
         self.shard.take_output(&mut items);

@@ -323,7 +323,7 @@ impl Router {
                 Clock::At(t) => t,
                 Clock::Position => i64::from(position.index),
             };
-            let own_stream = match event.lookup_hinted(stream_field, &stream_hint) {
+            let own_stream = match event.lookup_hinted_in_line(stream_field, &stream_hint) {
                 Some(Value::Str(s)) => Some(s),
                 Some(other) => {
                     routed.rejected += 1;
@@ -453,6 +453,7 @@ impl Router {
 }
 
 /// [`Event::lookup_hinted`] with a hint shared by the threads that route for one query.
+#[inline]
 fn lookup_shared_hint<'e>(
     event: &'e Event,
     path: &FieldPath,
@@ -460,7 +461,7 @@ fn lookup_shared_hint<'e>(
 ) -> Option<Value<'e>> {
     let was = hint.load(Ordering::Relaxed);
     let cell = Cell::new(was);
-    let found = event.lookup_hinted(path, &cell);
+    let found = event.lookup_hinted_in_line(path, &cell);
     if cell.get() != was {
         hint.store(cell.get(), Ordering::Relaxed);
     }
@@ -468,6 +469,7 @@ fn lookup_shared_hint<'e>(
 }
 
 /// The key and event time of `event` for query `q`, or why it has none.
+#[inline]
 fn route_one(
     event: &Event,
     q: &Deployed,

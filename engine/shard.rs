@@ -616,11 +616,29 @@ impl Shard {
         self.ctx.borrow_mut().out.push(item);
     }
 
+    /// Whether [`Shard::take_output`] has anything to hand out (or a report batch to close):
+    /// checked in line after every event, so that the common case (nothing emitted) costs a
+    /// few comparisons, not a call.
+    #[inline]
+    pub fn has_output(&self) -> bool {
+        !self.ctx.borrow().out.is_empty()
+            || self.queries.iter().any(|q| {
+                q.key_limit.evicted + q.key_limit.refused > 0
+                    || q.reports.late + q.reports.errors + q.reports.bytes as u64 > 0
+            })
+    }
+
     /// Moves everything emitted since the last call into `out`, ending with a report per query
     /// of the keys `max_keys_per_query` evicted or refused meanwhile.
     pub fn take_output(&mut self, out: &mut Vec<Emitted>) {
         let mut ctx = self.ctx.borrow_mut();
-        out.append(&mut ctx.out);
+        if out.is_empty() && out.capacity() >= ctx.out.len() {
+            // The buffers trade places: nothing is copied, and the context gets one with room
+            // for as many items (`eddy run` hands the same one back every time).
+            std::mem::swap(out, &mut ctx.out);
+        } else {
+            out.append(&mut ctx.out);
+        }
         for q in &mut self.queries {
             if q.key_limit.evicted + q.key_limit.refused > 0 {
                 q.key_limit

@@ -1038,3 +1038,59 @@ fn the_recency_list_keeps_the_order_keys_were_last_seen_through_removals() {
     let want: Vec<Key> = model.iter().map(|&k| Key::Int(k)).collect();
     assert_eq!(order, want);
 }
+
+/// `Shard::has_output`, which `eddy run` checks after every event before it takes the output,
+/// is true exactly when `take_output` hands out something: emitted items, a key-limit report
+/// or a summary of late items that did not fit, including after events that emitted nothing.
+#[test]
+fn has_output_is_true_exactly_when_take_output_hands_out_items() {
+    use crate::shard::Shard;
+    let limits = Limits {
+        max_keys_per_query: 2,
+        max_report_bytes: 10,
+        ..Limits::default()
+    };
+    let script = r#"let source = "s"; let key_by = "k"; let time_field = "t";
+        let on_key_limit = "reject";
+        fn on_event(ev) { if ev.x == 1 { emit(#{ x: ev.x }); } }"#;
+    let def = std::sync::Arc::new(QueryDef::compile("q", script, &limits).unwrap());
+    let mut shard = Shard::new(&limits);
+    shard.deploy(crate::QueryId(1), def).unwrap();
+    // (key, x, time): x = 1 emits; a third key is refused; time 0 is late (its item is larger
+    // than max_report_bytes, so only counted).
+    let events = [
+        (0, 0, 10),
+        (0, 1, 11),
+        (1, 0, 12),
+        (2, 0, 13),
+        (1, 0, 0),
+        (1, 0, 14),
+        (2, 1, 15),
+        (0, 1, 16),
+    ];
+    let input: String = events
+        .iter()
+        .map(|(k, x, t)| format!("{{\"k\":{k},\"x\":{x},\"t\":{t}}}\n"))
+        .collect();
+    let frame = crate::Parser::default().parse(input.into_bytes()).frame;
+    let mut handed = Vec::new();
+    for (i, &(k, _, t)) in events.iter().enumerate() {
+        shard.event(crate::shard::Delivery {
+            query: crate::QueryId(1),
+            key: crate::Key::Int(k),
+            event: frame.event(i),
+            time: t,
+            watermark: 5,
+            source_mark: 5,
+            now: 0,
+        });
+        let said = shard.has_output();
+        let mut out = Vec::new();
+        shard.take_output(&mut out);
+        assert_eq!(said, !out.is_empty(), "after event {i}: {out:?}");
+        handed.push(out.len());
+        assert!(!shard.has_output(), "after taking the output of event {i}");
+    }
+    // Emits at 1, 6 (refused: a report instead), 7; refused key at 3 and 6; late at 4.
+    assert_eq!(handed, [0, 1, 0, 1, 1, 0, 1, 1]);
+}
