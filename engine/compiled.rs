@@ -3885,8 +3885,9 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
             _ => None,
         });
     }
-    // Values of two different standard types, not both numbers (`x != ()` on a float): Rhai's
-    // default for comparing different types, `!=` true and every other comparison false.
+    // Values of two different standard types, not both numbers (`x != ()` on a float, a map
+    // `== ()`): Rhai's default for comparing different types (no function compares them),
+    // `!=` true and every other comparison false.
     let kind = |d: &Dynamic| {
         if d.is_unit() {
             Some(0)
@@ -3897,6 +3898,11 @@ fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<D
         } else if d.is_string() {
             // (Not a char: Rhai compares a char with a string.)
             Some(3)
+        } else if d.is_map() {
+            // (`this.last == ()` on a map: the first-event test of many queries.)
+            Some(4)
+        } else if d.is_array() {
+            Some(5)
         } else {
             None
         }
@@ -3971,7 +3977,7 @@ mod tests {
     #[test]
     fn comparisons_of_different_types_are_rhais() {
         let engine = Engine::new();
-        let values = ["1.5", "()", "true", "2", "\"a\""];
+        let values = ["1.5", "()", "true", "2", "\"a\"", "#{a: 1}", "[1, 2]"];
         let ops = [
             ("==", Token::EqualsTo),
             ("!=", Token::NotEqualsTo),
