@@ -1576,7 +1576,42 @@ impl Cx<'_> {
                 }
                 self.path_read(e)?
             }
-            Expr::InterpolatedString(..) => return unsupported(pos, "interpolated string"),
+            Expr::InterpolatedString(parts, _) => {
+                // Rhai's own steps: each part in turn, a string as it is and anything else as
+                // its `to_string` (inline for integers and booleans, else by a helper doing the
+                // one-part interpolation), the length checked after each part.
+                let parts = parts
+                    .iter()
+                    .map(|p| Ok((self.expr(p)?, p.position())))
+                    .collect::<Result<Vec<_>, Unsupported>>()?;
+                let helper = self.helpers.borrow_mut().add(1, "`${a0}`");
+                let limit = self.data.string;
+                Box::new(move |fr| {
+                    use std::fmt::Write as _;
+                    let mut text = String::new();
+                    for (f, at) in &parts {
+                        let v = f(fr)?.flatten();
+                        if v.is_string() {
+                            text.push_str(&v.into_immutable_string().expect("a string"));
+                        } else if let Ok(n) = v.as_int() {
+                            let _ = write!(text, "{n}");
+                        } else if let Ok(b) = v.as_bool() {
+                            let _ = write!(text, "{b}");
+                        } else {
+                            let shown = call_helper(fr, &helper, None, vec![v], *at)?;
+                            text.push_str(&shown.into_immutable_string().unwrap_or_default());
+                        }
+                        if limit > 0 && text.len() > limit {
+                            return Err(EvalAltResult::ErrorDataTooLarge(
+                                "Length of string".into(),
+                                *at,
+                            )
+                            .into());
+                        }
+                    }
+                    Ok(Dynamic::from(ImmutableString::from(text)))
+                })
+            }
             Expr::Property(..) | Expr::MethodCall(..) => return unsupported(pos, "property"),
             _ => return unsupported(pos, "expression"),
         })

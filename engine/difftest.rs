@@ -204,6 +204,8 @@ impl Writer<'_> {
                 self.expr(d),
                 self.expr(d)
             ),
+            // Interpolation: strings as they are, anything else by its `to_string`.
+            8 if self.g.chance(25) => format!("`id-${{{}}}:${{{}}}`", self.expr(d), self.expr(d)),
             8 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
             9 => format!("-({})", self.expr(d)),
             10 => format!("({} ?? {})", self.expr(d), self.expr(d)),
