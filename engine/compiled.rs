@@ -3244,6 +3244,14 @@ fn last_step(
                 };
                 let mut map = at.as_map_mut().expect("a map");
                 let Some(place) = map.get_mut(key.as_str()) else {
+                    // `m[k] = v` of a new key: Rhai adds it and checks the size of the value
+                    // alone, which one that holds no data cannot break.
+                    if let Some((None, _, v)) = assign {
+                        if !holds_data(v) {
+                            map.insert(key.as_str().into(), v.clone());
+                            return Ok(Some(Dynamic::UNIT));
+                        }
+                    }
                     return Ok(None);
                 };
                 return match assign {
