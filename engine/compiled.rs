@@ -1338,13 +1338,7 @@ impl Cx<'_> {
                             return unsupported(*tpos, "`this` outside on_event and on_timer");
                         }
                         let field = props.remove(0);
-                        let Some(slot) = self.layout.fields.iter().position(|f| *f == field) else {
-                            return unsupported(
-                                *tpos,
-                                format!("`this.{field}`: a field `init` does not make"),
-                            );
-                        };
-                        Target::Slot(slot)
+                        Target::Slot(self.this_slot(*tpos, &field)?)
                     }
                     Expr::Variable(x, _, vpos) => {
                         let Some(i) = self.local(&x.1) else {
@@ -1637,14 +1631,8 @@ impl Cx<'_> {
                 let Some((Seg::Prop(field, ..), rest)) = segs.split_first() else {
                     return unsupported(*tpos, "a method called on `this`");
                 };
-                let Some(slot) = self.layout.fields.iter().position(|f| f == field) else {
-                    return unsupported(
-                        *tpos,
-                        format!("`this.{field}`: a field `init` does not make"),
-                    );
-                };
                 segs = rest;
-                Start::Place(Target::Slot(slot))
+                Start::Place(Target::Slot(self.this_slot(*tpos, field)?))
             }
             Expr::Variable(x, _, vpos) if x.2.is_empty() => {
                 let Some(i) = self.local(&x.1) else {
@@ -1860,6 +1848,19 @@ fn ev_value(fr: &Frame, i: usize) -> Dynamic {
         Some(ev) => Dynamic::from(ev.clone()),
         None => fr.locals[i].clone(),
     }
+}
+
+/// A built-in the compiled code calls straight (see `builtins.rs`).
+#[derive(Clone, Copy)]
+enum Builtin {
+    /// `emit(name, value)`
+    EmitNamed,
+    /// `emit_to(key, value)`
+    EmitTo,
+    /// `emit_to(name, key, value)`
+    EmitToNamed,
+    SetTimer,
+    Forget,
 }
 
 /// The container of an `in`.
@@ -2082,34 +2083,43 @@ impl Cx<'_> {
                 }))
             }
             ("emit", 2) | ("emit_to", 2) | ("emit_to", 3) | ("set_timer", 1) | ("forget", 0) => {
-                // The built-ins' own code on the call context. A topic name that is not a
-                // string has no function to call: the helper gives the interpreter's error.
+                // The built-ins' own code on the call context, the one to call chosen here (no
+                // name compared per call). A topic name that is not a string has no function
+                // to call: the helper gives the interpreter's error.
+                let builtin = match (name, n) {
+                    ("emit", _) => Builtin::EmitNamed,
+                    ("emit_to", 2) => Builtin::EmitTo,
+                    ("emit_to", _) => Builtin::EmitToNamed,
+                    ("set_timer", _) => Builtin::SetTimer,
+                    _ => Builtin::Forget,
+                };
                 let params: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
                 let helper = self
                     .helpers
                     .borrow_mut()
                     .add(n, &format!("{name}({})", params.join(", ")));
-                let named = matches!((name, n), ("emit", 2) | ("emit_to", 3));
-                let which = name.to_owned();
                 return Ok(Box::new(move |fr| {
                     let mut values = Vec::with_capacity(args.len());
                     for a in &args {
                         values.push(a(fr)?.flatten());
                     }
+                    let named = matches!(builtin, Builtin::EmitNamed | Builtin::EmitToNamed);
                     if named && !values[0].is_string() {
                         return call_helper(fr, &helper, None, values, pos);
                     }
                     let mut ctx = fr.rt.ctx.borrow_mut();
-                    let text = |v: &Dynamic| v.clone().into_immutable_string().expect("a string");
-                    match (which.as_str(), values.as_slice()) {
-                        ("emit", [topic, v]) => builtins::emit_named(&mut ctx, &text(topic), v),
-                        ("emit_to", [k, v]) => builtins::emit_to(&mut ctx, None, k, v),
-                        ("emit_to", [topic, k, v]) => {
+                    let text = |v: &Dynamic| v.as_immutable_string_ref().expect("a string").clone();
+                    match (builtin, values.as_slice()) {
+                        (Builtin::EmitNamed, [topic, v]) => {
+                            builtins::emit_named(&mut ctx, &text(topic), v)
+                        }
+                        (Builtin::EmitTo, [k, v]) => builtins::emit_to(&mut ctx, None, k, v),
+                        (Builtin::EmitToNamed, [topic, k, v]) => {
                             builtins::emit_to(&mut ctx, Some(&text(topic)), k, v)
                         }
-                        ("set_timer", [t]) => builtins::set_timer(&mut ctx, t),
-                        ("forget", []) => builtins::forget(&mut ctx),
-                        _ => unreachable!("matched at compile time"),
+                        (Builtin::SetTimer, [t]) => builtins::set_timer(&mut ctx, t),
+                        (Builtin::Forget, []) => builtins::forget(&mut ctx),
+                        _ => unreachable!("the arity was matched at compile time"),
                     }
                     .map_err(|e| fill(e, pos))?;
                     Ok(Dynamic::UNIT)
@@ -3365,6 +3375,17 @@ fn flatten_path(e: &Expr) -> Result<(&Expr, Vec<PSeg<'_>>), Unsupported> {
 }
 
 impl Cx<'_> {
+    /// The slot of `this.field` (a chain's root), or why the query cannot be compiled.
+    fn this_slot(&self, tpos: Position, field: &str) -> Result<usize, Unsupported> {
+        match self.layout.fields.iter().position(|f| f == field) {
+            Some(slot) => Ok(slot),
+            None => unsupported(
+                tpos,
+                format!("`this.{field}`: a field `init` does not make"),
+            ),
+        }
+    }
+
     /// A [`Path`] for `e`, read (`assign` `None`) or assigned with this operator.
     fn path(&mut self, e: &Expr, assign: Option<&rhai::OpAssignment>) -> Result<Path, Unsupported> {
         let (root, segs) = flatten_path(e)?;
@@ -3377,14 +3398,8 @@ impl Cx<'_> {
                 let Some((PSeg::Prop(field, ..), rest)) = segs.split_first() else {
                     return unsupported(*tpos, "indexing `this`");
                 };
-                let Some(slot) = self.layout.fields.iter().position(|f| f == field) else {
-                    return unsupported(
-                        *tpos,
-                        format!("`this.{field}`: a field `init` does not make"),
-                    );
-                };
                 segs = rest;
-                PathRoot::Place(Target::Slot(slot))
+                PathRoot::Place(Target::Slot(self.this_slot(*tpos, field)?))
             }
             Expr::Variable(x, _, vpos) if x.2.is_empty() => {
                 let Some(i) = self.local(&x.1) else {
