@@ -100,6 +100,21 @@ pub struct Connections {
     pub accept_errors: AtomicU64,
 }
 
+/// The socket of the connection a request came on (a request extension), for a subscriber's
+/// mailbox to write to straight (see [`super::mailbox`]).
+#[derive(Clone, Copy)]
+pub struct SocketFd(std::os::fd::RawFd);
+
+impl SocketFd {
+    /// A descriptor of its own for the same socket. Only while the connection is open (its
+    /// stream, or the upgraded connection, alive): the number could name another file after.
+    pub fn duplicate(self) -> Option<std::os::fd::OwnedFd> {
+        // SAFETY: the caller holds the connection, so the descriptor is open for the call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) };
+        fd.try_clone_to_owned().ok()
+    }
+}
+
 /// A TCP stream holding a slot of [`Connections::open`] until it is dropped.
 pub struct Counted {
     stream: TcpStream,
@@ -259,7 +274,9 @@ pub async fn accept_loop(
         let task = set.spawn(async move {
             let timeout = state.config.handshake_timeout;
             let service_state = Arc::clone(&state);
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            let socket = SocketFd(std::os::fd::AsRawFd::as_raw_fd(&stream.stream));
+            let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(socket);
                 let state = Arc::clone(&service_state);
                 flag.store(true, Ordering::Relaxed);
                 async move {

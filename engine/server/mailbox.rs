@@ -11,11 +11,21 @@
 //!   of bytes: a new key's value that does not fit is dropped (counted and reported as
 //!   `dropped`), and a mailbox full past the slow-consumer timeout is closed with 4008.
 //!
+//! **Writing straight to an idle socket.** When the connection task has written everything and
+//! waits (it said so with [`Mailbox::idle`]) and nothing is queued, a batch put here is written
+//! at once to the subscriber's socket by the thread that puts it (a shard publishing through
+//! the hub), without a wake-up of the connection task: one hand-off fewer on the way out, which
+//! is most of an idle subscriber's latency. The write never waits: what the socket does not
+//! take at once stays here, and the connection task, woken, writes it first. The connection
+//! task takes the socket back with [`Mailbox::busy`] before it writes anything itself, so
+//! frames never interleave; the batch sequence numbers go with whoever may write.
+//!
 //! Control messages (`subscribed`, `snapshot`, `closed`, `topics`, `error`) are never dropped.
 //! They count toward `limit` too: a subscriber whose requests would queue more than the limit of
 //! answers it has not read (snapshots, most often) is closed with 4008 at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +35,9 @@ use tokio::sync::Notify;
 use crate::{Key, Topic};
 
 use super::deflate::Compressed;
+use super::metrics::SocketRecorder;
 use super::replay::Replayed;
+use super::ws::Gather;
 
 /// Close code for a subscriber that stayed full too long.
 pub const SLOW_CONSUMER: u16 = 4008;
@@ -102,6 +114,22 @@ pub struct Inbox {
     full_since: Option<Instant>,
     /// Set when the subscriber must be closed, with the close code.
     pub close: Option<u16>,
+    /// The socket, while it may be written to straight from here (never part of a take).
+    direct: Option<Direct>,
+}
+
+/// What writing straight to a subscriber's socket needs (see the module docs).
+struct Direct {
+    /// The subscriber's socket (a duplicate of the connection's descriptor).
+    socket: OwnedFd,
+    /// The connection task is waiting with everything written: a batch may be written here.
+    idle: bool,
+    /// The batch sequence numbers per topic while `idle` (the connection task holds them
+    /// otherwise).
+    seqs: HashMap<Topic, u64>,
+    /// The end of a frame written here in part, for the connection task to write first.
+    rest: Option<Bytes>,
+    socket_latency: SocketRecorder,
 }
 
 pub struct Mailbox {
@@ -113,6 +141,9 @@ pub struct Mailbox {
     /// The subscriber negotiated permessage-deflate: its batches go out compressed.
     pub deflate: bool,
 }
+
+/// Sequence numbers of batch frames per topic (see [`super::subscribe`]).
+pub type Seqs = HashMap<Topic, u64>;
 
 impl Mailbox {
     pub fn new(limit: usize, slow_timeout: Duration) -> Self {
@@ -129,6 +160,101 @@ impl Mailbox {
     pub fn compressing(mut self, deflate: bool) -> Self {
         self.deflate = deflate;
         self
+    }
+
+    /// Lets batches be written straight to `socket` while the connection task is idle (see
+    /// the module docs); their socket latencies go to `socket_latency`.
+    pub fn writing_to(self, socket: OwnedFd, socket_latency: SocketRecorder) -> Self {
+        self.lock().direct = Some(Direct {
+            socket,
+            idle: false,
+            seqs: HashMap::new(),
+            rest: None,
+            socket_latency,
+        });
+        self
+    }
+
+    /// The connection task is about to write: batches wait here from now on. Hands over the
+    /// sequence numbers (into `seqs`) and the end of a frame written in part, to write first.
+    pub fn busy(&self, seqs: &mut Seqs) -> Option<Bytes> {
+        let mut inbox = self.lock();
+        let direct = inbox.direct.as_mut()?;
+        if direct.idle {
+            direct.idle = false;
+            *seqs = std::mem::take(&mut direct.seqs);
+        }
+        direct.rest.take()
+    }
+
+    /// The connection task wrote and flushed everything it took: batches may be written
+    /// straight to the socket again. Takes back the sequence numbers.
+    pub fn idle(&self, seqs: &mut Seqs) {
+        let mut inbox = self.lock();
+        if let Some(direct) = inbox.direct.as_mut() {
+            if !direct.idle && direct.rest.is_none() {
+                direct.idle = true;
+                direct.seqs = std::mem::take(seqs);
+            }
+        }
+    }
+
+    /// The connection task is gone: nothing is written to the socket from here any more.
+    pub fn detach(&self) {
+        let direct = self.lock().direct.take();
+        drop(direct);
+    }
+
+    /// Writes a batch straight to the socket when the connection task is idle and nothing
+    /// waits before it. Returns false when the batch must be queued instead.
+    fn write_direct(
+        &self,
+        inbox: &mut Inbox,
+        topic: &Topic,
+        items: &Arc<Items>,
+        count: u64,
+        ingest: Option<Instant>,
+        pos: Option<&Arc<str>>,
+    ) -> bool {
+        let waiting = !inbox.queue.is_empty()
+            || !inbox.dropped.is_empty()
+            || !inbox.latest.is_empty()
+            || inbox.close.is_some();
+        let Some(direct) = inbox
+            .direct
+            .as_mut()
+            .filter(|d| d.idle && d.rest.is_none() && !waiting)
+        else {
+            return false;
+        };
+        let published = Instant::now();
+        let mut frame = Gather::default();
+        super::subscribe::batch_frame(
+            &mut frame,
+            &mut direct.seqs,
+            topic,
+            &[&**items],
+            count,
+            pos.map(|p| &**p),
+            self.deflate,
+        );
+        let len = frame.len();
+        match super::ws::write_now(direct.socket.as_fd(), &frame) {
+            Ok(n) if n == len => {
+                let now = Instant::now();
+                let us = |t: Instant| now.duration_since(t).as_micros() as u64;
+                direct
+                    .socket_latency
+                    .record(&[(us(published), ingest.map(us), count)]);
+            }
+            // The socket took part of it, or none, or failed: the connection task writes the
+            // rest (or meets the error) before anything else.
+            written => {
+                direct.rest = Some(frame.rest_after(*written.as_ref().unwrap_or(&0)));
+                self.notify.notify_one();
+            }
+        }
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
@@ -151,16 +277,21 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// Queues a batch of `count` items; returns how many items were dropped to make room.
+    /// Queues a batch of `count` items (received at `ingest`, the topic at `pos` after it), or
+    /// with `direct`, writes it straight to an idle subscriber's socket (see the module docs);
+    /// returns how many items were dropped to make room.
     pub fn push_batch(
         &self,
         topic: &Topic,
         items: &Arc<Items>,
         count: u64,
-        ingest: Option<Instant>,
-        pos: Option<&Arc<str>>,
+        (ingest, pos): (Option<Instant>, Option<&Arc<str>>),
+        direct: bool,
     ) -> u64 {
         let mut inbox = self.lock();
+        if direct && self.write_direct(&mut inbox, topic, items, count, ingest, pos) {
+            return 0;
+        }
         let mut dropped = 0;
         let size = items.json.len();
         if inbox.bytes + size > self.limit {
@@ -279,8 +410,10 @@ impl Mailbox {
             inbox.close = Some(SLOW_CONSUMER);
         }
         let close = inbox.close;
+        let direct = inbox.direct.take();
         let taken = std::mem::take(&mut *inbox);
         inbox.close = close;
+        inbox.direct = direct;
         taken
     }
 
@@ -311,8 +444,8 @@ mod tests {
             &topic(),
             &Arc::new(Items::from(batch.clone())),
             n,
-            None,
-            None,
+            (None, None),
+            false,
         )
     }
 

@@ -44,8 +44,30 @@ impl StreamCounters {
 pub struct Metrics {
     streams: Mutex<HashMap<String, Arc<StreamCounters>>>,
     connections: [AtomicI64; 2],
-    /// Socket latencies, merged in by each subscriber once per flush (not per item).
-    socket: Mutex<SocketLatency>,
+    /// Socket latencies, merged in by each subscriber once per flush (not per item), and by a
+    /// shard for each batch it writes straight to an idle subscriber's socket.
+    socket: SocketRecorder,
+}
+
+/// Where socket latencies are recorded; shared with the mailboxes that write straight to their
+/// sockets (see [`super::mailbox`]).
+#[derive(Clone, Default)]
+pub struct SocketRecorder(Arc<Mutex<SocketLatency>>);
+
+impl SocketRecorder {
+    /// Records socket latencies of one write: `(emit→socket µs, ingest→socket µs, items)`.
+    pub fn record(&self, samples: &[(u64, Option<u64>, u64)]) {
+        if samples.is_empty() {
+            return;
+        }
+        let mut socket = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for &(emit, ingest, n) in samples {
+            socket.emit_to_socket.saturating_record_n(emit, n);
+            if let Some(ingest) = ingest {
+                socket.ingest_to_socket.saturating_record_n(ingest, n);
+            }
+        }
+    }
 }
 
 /// Socket-side latencies, µs.
@@ -70,7 +92,7 @@ impl Default for Metrics {
         Metrics {
             streams: Mutex::new(HashMap::new()),
             connections: Default::default(),
-            socket: Mutex::new(SocketLatency::default()),
+            socket: SocketRecorder::default(),
         }
     }
 }
@@ -112,21 +134,17 @@ impl Metrics {
 
     /// Records socket latencies of one flush: `(emit→socket µs, ingest→socket µs, items)`.
     pub fn record_socket(&self, samples: &[(u64, Option<u64>, u64)]) {
-        if samples.is_empty() {
-            return;
-        }
-        let mut socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
-        for &(emit, ingest, n) in samples {
-            socket.emit_to_socket.saturating_record_n(emit, n);
-            if let Some(ingest) = ingest {
-                socket.ingest_to_socket.saturating_record_n(ingest, n);
-            }
-        }
+        self.socket.record(samples);
+    }
+
+    /// A handle that records socket latencies into these metrics.
+    pub fn socket_recorder(&self) -> SocketRecorder {
+        self.socket.clone()
     }
 
     /// Socket latency histograms (emit→socket, ingest→socket), µs.
     pub fn socket_latency(&self) -> (Histogram<u64>, Histogram<u64>) {
-        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let socket = self.socket.0.lock().unwrap_or_else(|e| e.into_inner());
         (
             socket.emit_to_socket.clone(),
             socket.ingest_to_socket.clone(),

@@ -472,7 +472,8 @@ async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 let task = ingest::websocket(Arc::clone(&state), upgrade, params, source);
                 state.producers.spawn(task);
             } else {
-                let task = subscribe::websocket(Arc::clone(&state), upgrade, deflate);
+                let socket = req.extensions().get::<accept::SocketFd>().copied();
+                let task = subscribe::websocket(Arc::clone(&state), upgrade, deflate, socket);
                 state.subscribers.spawn(task);
             }
             response

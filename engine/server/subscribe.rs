@@ -10,6 +10,11 @@
 //! this subscriber's batches of that topic from 0, without gaps, `n` is how many items the batch
 //! holds (so a client may count them without decoding them), and `pos` is the topic's position
 //! after the batch (mode `all`), which a later subscribe may hand back as `from` to resume.
+//!
+//! While the writer task has written everything and waits, a shard that publishes a batch for
+//! this subscriber writes the batch frame straight to the socket instead of waking the writer
+//! (see [`super::mailbox`]): an idle subscriber's batch leaves on the shard's thread. The frame
+//! is the same, numbered in the same sequence.
 
 use std::collections::HashMap;
 use std::io;
@@ -65,17 +70,28 @@ enum ModeName {
 /// Serves one subscriber's WebSocket: the reader loop handles requests, the writer loop
 /// delivers the mailbox. With `deflate` (negotiated in the handshake), batch frames go out
 /// compressed and compressed requests are taken.
-pub async fn websocket(state: Arc<State>, upgrade: UpgradeFut, deflate: bool) {
+///
+/// `socket` is the connection's socket, when known: while the writer is idle, the shard that
+/// publishes a batch writes it straight to the socket (see [`super::mailbox`]).
+pub async fn websocket(
+    state: Arc<State>,
+    upgrade: UpgradeFut,
+    deflate: bool,
+    socket: Option<super::accept::SocketFd>,
+) {
     let Ok(ws) = upgrade.await else { return };
     let _conn = state.metrics.connection("subscribe");
     let id = state.next_subscriber.fetch_add(1, Ordering::Relaxed);
-    let mailbox = Arc::new(
-        Mailbox::new(
-            state.config.subscriber_queue_bytes,
-            state.config.slow_consumer_timeout,
-        )
-        .compressing(deflate),
-    );
+    let mut mailbox = Mailbox::new(
+        state.config.subscriber_queue_bytes,
+        state.config.slow_consumer_timeout,
+    )
+    .compressing(deflate);
+    // The upgraded connection (`ws`) holds the socket open, so its descriptor is valid here.
+    if let Some(fd) = socket.and_then(|s| s.duplicate()) {
+        mailbox = mailbox.writing_to(fd, state.metrics.socket_recorder());
+    }
+    let mailbox = Arc::new(mailbox);
     let delivery = Delivery {
         mailbox: Arc::clone(&mailbox),
         seqs: HashMap::new(),
@@ -147,6 +163,21 @@ impl ws::Source for Delivery {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         }
+    }
+
+    fn busy(&mut self) -> Option<bytes::Bytes> {
+        self.mailbox.busy(&mut self.seqs)
+    }
+
+    fn idle(&mut self) {
+        self.mailbox.idle(&mut self.seqs);
+    }
+}
+
+impl Drop for Delivery {
+    /// The writer is gone: nobody writes to the socket any more.
+    fn drop(&mut self) {
+        self.mailbox.detach();
     }
 }
 
@@ -332,16 +363,15 @@ async fn deliver<W: AsyncWrite + Unpin>(
                     arrays.push(&**items);
                     queue.next();
                 }
-                let head = batch_head(seqs, topic, count, pos.as_deref());
-                if deflate {
-                    let mut prefix = Vec::with_capacity(head.len() + 16);
-                    deflate::stored(&mut prefix, &head);
-                    deflate::stored(&mut prefix, b"[");
-                    frames.frame(TEXT | COMPRESSED, &[&prefix], &compressed_joined(&arrays));
-                } else {
-                    let json: Vec<&[u8]> = arrays.iter().map(|a| &a.json[..]).collect();
-                    frames.frame(TEXT, &[&head], &joined(&json));
-                }
+                batch_frame(
+                    &mut frames,
+                    seqs,
+                    topic,
+                    &arrays,
+                    count,
+                    pos.as_deref(),
+                    deflate,
+                );
             }
             Outgoing::Replay { topic, batches } => {
                 for b in batches {
@@ -378,6 +408,29 @@ async fn deliver<W: AsyncWrite + Unpin>(
         .collect();
     metrics.record_socket(&samples);
     Ok(inbox.close)
+}
+
+/// Adds to `frames` one batch frame of `topic` whose items are the arrays `arrays` joined, and
+/// counts it in `seqs`; with `deflate`, compressed.
+pub(super) fn batch_frame<'a>(
+    frames: &mut Gather<'a>,
+    seqs: &mut HashMap<Topic, u64>,
+    topic: &Topic,
+    arrays: &[&'a Items],
+    count: u64,
+    pos: Option<&str>,
+    deflate: bool,
+) {
+    let head = batch_head(seqs, topic, count, pos);
+    if deflate {
+        let mut prefix = Vec::with_capacity(head.len() + 16);
+        deflate::stored(&mut prefix, &head);
+        deflate::stored(&mut prefix, b"[");
+        frames.frame(TEXT | COMPRESSED, &[&prefix], &compressed_joined(arrays));
+    } else {
+        let json: Vec<&[u8]> = arrays.iter().map(|a| &a.json[..]).collect();
+        frames.frame(TEXT, &[&head], &joined(&json));
+    }
 }
 
 /// A batch frame up to its items: `{"type":"batch","topic":T,"seq":S,"n":N,"pos":P,"items":`
@@ -518,7 +571,7 @@ mod tests {
         let (a, b): (Topic, Topic) = ("a".into(), "b".into());
         let batch = |topic: &Topic, items: &'static str, n: u64, pos: &str| {
             let items = Arc::new(Items::from(Bytes::from(items)));
-            mailbox.push_batch(topic, &items, n, None, Some(&Arc::from(pos)));
+            mailbox.push_batch(topic, &items, n, (None, Some(&Arc::from(pos))), false);
         };
         batch(&a, "[1,2]", 2, "p1");
         batch(&a, "[3]", 1, "p2");
@@ -565,5 +618,162 @@ mod tests {
                 (frame("a", 2, serde_json::json!([7, 8]), "p5"), deflate),
             ]
         );
+    }
+
+    /// A connected pair of loopback sockets: (client, the server side's descriptor, which is
+    /// non-blocking as the runtime leaves it).
+    fn socket_pair() -> (std::net::TcpStream, std::os::fd::OwnedFd) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, server.into())
+    }
+
+    /// Reads `len` bytes from `client`.
+    fn read_exactly(client: &mut std::net::TcpStream, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::io::Read::read_exact(client, &mut bytes).unwrap();
+        bytes
+    }
+
+    fn batch_json(topic: &str, seq: u64, items: serde_json::Value, pos: &str) -> serde_json::Value {
+        let n = items.as_array().unwrap().len();
+        serde_json::json!({"type": "batch", "topic": topic, "seq": seq, "n": n, "pos": pos,
+                           "items": items})
+    }
+
+    #[test]
+    fn an_idle_subscriber_gets_batches_straight_on_its_socket_and_only_while_idle() {
+        for deflate in [false, true] {
+            let (mut client, server) = socket_pair();
+            let recorder = super::super::metrics::SocketRecorder::default();
+            let mailbox = Mailbox::new(1 << 20, Duration::from_secs(10))
+                .compressing(deflate)
+                .writing_to(server, recorder);
+            let topic: Topic = "t".into();
+            let batch = |items: &'static str| Arc::new(Items::from(Bytes::from(items)));
+            let push = |items: &Arc<Items>, n: u64, pos: &str, direct: bool| {
+                mailbox.push_batch(&topic, items, n, (None, Some(&Arc::from(pos))), direct)
+            };
+            // The connection task has not said it is idle yet: queued.
+            push(&batch("[0]"), 1, "p0", true);
+            assert_eq!(mailbox.take().queue.len(), 1);
+            // It wrote that one (seq 0) and is idle: the next two go straight, numbered on.
+            let mut seqs = HashMap::from([(topic.clone(), 1)]);
+            mailbox.idle(&mut seqs);
+            push(&batch(r#"[{"a":1},2]"#), 2, "p1", true);
+            push(&batch("[3]"), 1, "p2", true);
+            // Not when the hub says the publish has spent its time on direct writes.
+            push(&batch("[4]"), 1, "p3", false);
+            let inbox = mailbox.take();
+            assert_eq!(inbox.queue.len(), 1, "only the last one is queued");
+            let mut first = Gather::default();
+            let (mut a, mut b) = (HashMap::new(), HashMap::new());
+            a.insert(topic.clone(), 1);
+            b.insert(topic.clone(), 2);
+            let (x, y) = (batch(r#"[{"a":1},2]"#), batch("[3]"));
+            batch_frame(&mut first, &mut a, &topic, &[&x], 2, Some("p1"), deflate);
+            batch_frame(&mut first, &mut b, &topic, &[&y], 1, Some("p2"), deflate);
+            let bytes = read_exactly(&mut client, first.len());
+            assert_eq!(
+                payloads(&bytes),
+                [
+                    (
+                        batch_json("t", 1, serde_json::json!([{"a": 1}, 2]), "p1"),
+                        deflate
+                    ),
+                    (batch_json("t", 2, serde_json::json!([3]), "p2"), deflate),
+                ]
+            );
+            // The connection task takes the socket back, with the numbering (next: 3), and
+            // nothing of a frame to finish.
+            assert!(mailbox.busy(&mut seqs).is_none());
+            assert_eq!(seqs[&topic], 3);
+            push(&batch("[5]"), 1, "p4", true);
+            assert_eq!(mailbox.take().queue.len(), 1, "busy: queued");
+            // Gone: never straight again.
+            mailbox.idle(&mut seqs);
+            mailbox.detach();
+            push(&batch("[6]"), 1, "p5", true);
+            assert_eq!(mailbox.take().queue.len(), 1, "detached: queued");
+        }
+    }
+
+    #[test]
+    fn a_batch_the_socket_takes_in_part_is_finished_by_the_connection_task_first() {
+        let (mut client, server) = socket_pair();
+        let writer_side = std::net::TcpStream::from(server.try_clone().unwrap());
+        let mailbox = Mailbox::new(64 << 20, Duration::from_secs(10))
+            .writing_to(server, super::super::metrics::SocketRecorder::default());
+        let topic: Topic = "t".into();
+        // Far more than a loopback socket buffers while nobody reads.
+        let values: Vec<u64> = (0..2_000_000).collect();
+        let big = Arc::new(Items::from(Bytes::from(
+            serde_json::to_vec(&values).unwrap(),
+        )));
+        let mut seqs = HashMap::new();
+        mailbox.idle(&mut seqs);
+        mailbox.push_batch(
+            &topic,
+            &big,
+            values.len() as u64,
+            (None, Some(&Arc::from("p"))),
+            true,
+        );
+        // A frame begun must be finished before any other: the next batch waits in the queue.
+        let small = Arc::new(Items::from(Bytes::from_static(b"[7]")));
+        mailbox.push_batch(&topic, &small, 1, (None, Some(&Arc::from("q"))), true);
+        let rest = mailbox
+            .busy(&mut seqs)
+            .expect("the socket took part of the frame");
+        let mut whole = Gather::default();
+        batch_frame(
+            &mut whole,
+            &mut HashMap::new(),
+            &topic,
+            &[&big],
+            values.len() as u64,
+            Some("p"),
+            false,
+        );
+        assert!(!rest.is_empty() && rest.len() < whole.len());
+        assert_eq!(seqs[&topic], 1, "the frame begun was numbered 0");
+        // What the connection task writes: the rest, then what was queued.
+        let queued = mailbox.take();
+        assert_eq!(queued.queue.len(), 1);
+        let mut frames = Gather::default();
+        batch_frame(
+            &mut frames,
+            &mut seqs,
+            &topic,
+            &[&small],
+            1,
+            Some("q"),
+            false,
+        );
+        let mut out = rest.to_vec();
+        out.extend_from_slice(&frames.rest_after(0));
+        let total = whole.len() + frames.len();
+        let reader = std::thread::spawn(move || read_exactly(&mut client, total));
+        let mut w = &writer_side;
+        let mut at = 0;
+        while at < out.len() {
+            match std::io::Write::write(&mut w, &out[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let bytes = reader.join().unwrap();
+        let got = payloads(&bytes);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, batch_json("t", 0, serde_json::json!(values), "p"));
+        assert_eq!(got[1].0, batch_json("t", 1, serde_json::json!([7]), "q"));
     }
 }

@@ -710,6 +710,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
+    /// Writes bytes that are already framed: the rest of a frame a shard began to write
+    /// straight to the socket.
+    pub async fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.put(bytes).await
+    }
+
     /// Sends a ping.
     pub async fn ping(&mut self) -> io::Result<()> {
         self.frame(0x9, b"eddy").await
@@ -813,6 +819,96 @@ impl<'a> Gather<'a> {
             Piece::Shared(bytes) => bytes,
         })
     }
+
+    /// How many bytes the frames take.
+    pub fn len(&self) -> usize {
+        self.slices().map(<[u8]>::len).sum()
+    }
+
+    /// Whether nothing was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// A copy of the bytes after the first `n`.
+    pub fn rest_after(&self, mut n: usize) -> Bytes {
+        let mut rest = Vec::with_capacity(self.len().saturating_sub(n));
+        for slice in self.slices() {
+            let skip = n.min(slice.len());
+            rest.extend_from_slice(&slice[skip..]);
+            n -= skip;
+        }
+        Bytes::from(rest)
+    }
+}
+
+/// Writes `gathered` to the socket `fd` without waiting: as much as the socket takes now.
+/// Returns how many bytes went out (0 when the socket's buffer is full).
+///
+/// This is how a shard writes a batch straight to an idle subscriber (see
+/// [`super::mailbox`]): the caller must make sure nobody else writes to the socket meanwhile.
+#[cfg(unix)]
+pub fn write_now(fd: std::os::fd::BorrowedFd<'_>, gathered: &Gather<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let slices: Vec<&[u8]> = gathered.slices().collect();
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let mut written = 0;
+    let mut next = 0;
+    // Past the first `skip` bytes of slices[next].
+    let mut skip = 0;
+    while written < total {
+        let iov: Vec<libc::iovec> = slices[next..]
+            .iter()
+            .take(MAX_IOVECS)
+            .enumerate()
+            .map(|(i, s)| {
+                let s = if i == 0 { &s[skip..] } else { s };
+                libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                }
+            })
+            .collect();
+        // SAFETY: a zeroed msghdr is valid (no address, no control data); `iov` outlives the
+        // call and each entry points into a slice that does too.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: `fd` is an open socket for the duration of the call (borrowed), `msg` is
+        // valid as above; MSG_NOSIGNAL turns a closed peer into EPIPE instead of a signal.
+        let n = unsafe {
+            libc::sendmsg(
+                fd.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(written),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(e),
+            };
+        }
+        let mut n = n as usize;
+        if n == 0 {
+            return Ok(written);
+        }
+        written += n;
+        while n > 0 {
+            let left = slices[next].len() - skip;
+            if n >= left {
+                n -= left;
+                next += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(written)
 }
 
 /// When the peer was last heard from, shared by a connection's reader and writer. While the
@@ -881,6 +977,14 @@ pub trait Source: Send + 'static {
         &mut self,
         ws: &mut Writer<W>,
     ) -> impl Future<Output = io::Result<Option<(u16, &'static str)>>> + Send;
+    /// The writer is about to write: from now on only it writes to the socket. Returns the
+    /// bytes of a frame someone else began to write, which must go out first.
+    fn busy(&mut self) -> Option<Bytes> {
+        None
+    }
+    /// The writer has written and flushed everything it had: until [`Source::busy`], another
+    /// thread may write whole frames straight to the socket.
+    fn idle(&mut self) {}
 }
 
 /// A connection that writes only what its channel carries.
@@ -916,11 +1020,17 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
         let closed = tokio::select! {
             biased;
             msg = rx.recv() => match msg {
-                Some(msg) => drain(&mut ws, &mut rx, msg).await,
+                Some(msg) => match busy(&mut ws, &mut source).await {
+                    Ok(()) => drain(&mut ws, &mut rx, msg).await,
+                    Err(e) => Err(e),
+                },
                 None => break,
             },
             wake = source.wake() => {
-                let written = source.write(&mut ws).await;
+                let written = match busy(&mut ws, &mut source).await {
+                    Ok(()) => source.write(&mut ws).await,
+                    Err(e) => Err(e),
+                };
                 match (wake, written) {
                     (_, Err(e)) => Err(e),
                     (Wake::Ready, Ok(None)) => Ok(false),
@@ -933,7 +1043,9 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
                 }
             }
             _ = ticker.tick() => {
-                if liveness.silent_for() > ping_every * 2 {
+                if let Err(e) = busy(&mut ws, &mut source).await {
+                    Err(e)
+                } else if liveness.silent_for() > ping_every * 2 {
                     ws.send(&Outbound::Close(close::GOING_AWAY, "no pong")).await
                 } else {
                     ws.ping().await.map(|_| false)
@@ -945,6 +1057,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
                 if ws.flush().await.is_err() {
                     break;
                 }
+                source.idle();
             }
             Ok(true) => {
                 let _ = ws.finish().await;
@@ -952,6 +1065,18 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
             }
             Err(_) => break,
         }
+    }
+}
+
+/// Takes the socket back from the source (see [`Source::busy`]) and writes the rest of the
+/// frame it may have begun.
+async fn busy<W: AsyncWrite + Unpin, S: Source>(
+    ws: &mut Writer<W>,
+    source: &mut S,
+) -> io::Result<()> {
+    match source.busy() {
+        Some(rest) => ws.raw(&rest).await,
+        None => Ok(()),
     }
 }
 
