@@ -603,6 +603,40 @@ async fn metrics_count_what_happened() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscriber_gets_its_batches_straight_from_the_shard_whole_and_in_order() {
+    bounded(async {
+        let vwap = query_file("vwap");
+        let (server, _dir) = start(&[("vwap", &vwap)], |_| {}).await;
+        let mut sub = subscribe(&server, json!({"op": "subscribe", "topic": "vwap"})).await;
+        // One trade per frame, each acknowledged before the next: the subscriber's connection
+        // task has written everything and waits whenever a batch is published.
+        let mut input = Vec::new();
+        for i in 0..30u32 {
+            let line = format!(
+                "{{\"symbol\":\"{}\",\"price\":{}.25,\"size\":{}}}\n",
+                ["A", "B", "C"][i as usize % 3],
+                100 + i % 7,
+                1 + i % 4
+            );
+            assert_eq!(produce(&server, "trades", line.as_bytes(), 1).await, 1);
+            input.extend_from_slice(line.as_bytes());
+        }
+        // Batches numbered from 0 without a gap (checked by `collect`), every item as `eddy run`
+        // computes it, per key in order.
+        let items = collect(&mut sub, "vwap", 30).await;
+        assert_eq!(by_key(&items), by_key(&offline_items("vwap", input)));
+        let text = metrics_when(&server, |m| {
+            metric(m, "eddy_socket_direct_batches_total") > 0.0
+        })
+        .await;
+        let direct = metric(&text, "eddy_socket_direct_batches_total");
+        assert!(direct <= 30.0, "{direct} direct batches for 30 trades");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_feeds_vwap_ordered_and_batched() {
     bounded(async {
         let vwap = query_file("vwap");

@@ -276,7 +276,9 @@ pub async fn accept_loop(
             let service_state = Arc::clone(&state);
             let socket = SocketFd(std::os::fd::AsRawFd::as_raw_fd(&stream.stream));
             let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(socket);
+                if req.uri().path() == "/subscribe" {
+                    req.extensions_mut().insert(socket);
+                }
                 let state = Arc::clone(&service_state);
                 flag.store(true, Ordering::Relaxed);
                 async move {

@@ -245,7 +245,7 @@ impl Mailbox {
                 let us = |t: Instant| now.duration_since(t).as_micros() as u64;
                 direct
                     .socket_latency
-                    .record(&[(us(published), ingest.map(us), count)]);
+                    .record_direct((us(published), ingest.map(us), count));
             }
             // The socket took part of it, or none, or failed: the connection task writes the
             // rest (or meets the error) before anything else.

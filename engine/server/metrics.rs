@@ -55,6 +55,16 @@ pub struct Metrics {
 pub struct SocketRecorder(Arc<Mutex<SocketLatency>>);
 
 impl SocketRecorder {
+    /// [`SocketRecorder::record`] for a batch a shard wrote straight to an idle subscriber's
+    /// socket, and counts it.
+    pub fn record_direct(&self, sample: (u64, Option<u64>, u64)) {
+        self.record(&[sample]);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .direct_batches += 1;
+    }
+
     /// Records socket latencies of one write: `(emit→socket µs, ingest→socket µs, items)`.
     pub fn record(&self, samples: &[(u64, Option<u64>, u64)]) {
         if samples.is_empty() {
@@ -76,6 +86,8 @@ pub struct SocketLatency {
     pub emit_to_socket: Histogram<u64>,
     /// Frame received to socket write.
     pub ingest_to_socket: Histogram<u64>,
+    /// Batches a shard wrote straight to an idle subscriber's socket.
+    pub direct_batches: u64,
 }
 
 impl Default for SocketLatency {
@@ -83,6 +95,7 @@ impl Default for SocketLatency {
         SocketLatency {
             emit_to_socket: crate::shard::latency_histogram(),
             ingest_to_socket: crate::shard::latency_histogram(),
+            direct_batches: 0,
         }
     }
 }
@@ -142,12 +155,14 @@ impl Metrics {
         self.socket.clone()
     }
 
-    /// Socket latency histograms (emit→socket, ingest→socket), µs.
-    pub fn socket_latency(&self) -> (Histogram<u64>, Histogram<u64>) {
+    /// Socket latency histograms (emit→socket, ingest→socket), µs, and the batches written
+    /// straight to idle subscribers' sockets.
+    pub fn socket_latency(&self) -> (Histogram<u64>, Histogram<u64>, u64) {
         let socket = self.socket.0.lock().unwrap_or_else(|e| e.into_inner());
         (
             socket.emit_to_socket.clone(),
             socket.ingest_to_socket.clone(),
+            socket.direct_batches,
         )
     }
 }
@@ -606,7 +621,14 @@ pub async fn render(state: &State) -> String {
     for r in &reports {
         let _ = ingest_to_emit.add(&r.ingest_to_emit_us);
     }
-    let (emit_to_socket, ingest_to_socket) = state.metrics.socket_latency();
+    let (emit_to_socket, ingest_to_socket, direct) = state.metrics.socket_latency();
+    let _ = writeln!(
+        out,
+        "# HELP eddy_socket_direct_batches_total Batches a shard wrote straight to an idle \
+         subscriber's socket, without waking its connection task.\n\
+         # TYPE eddy_socket_direct_batches_total counter\n\
+         eddy_socket_direct_batches_total {direct}"
+    );
     quantiles(
         &mut out,
         "eddy_ingest_to_emit_seconds",
