@@ -165,8 +165,9 @@ impl ws::Source for Delivery {
         }
     }
 
-    fn busy(&mut self) -> Option<bytes::Bytes> {
-        self.mailbox.busy(&mut self.seqs)
+    fn busy(&mut self) -> Option<(bytes::Bytes, Duration)> {
+        let rest = self.mailbox.busy(&mut self.seqs)?;
+        Some((rest, self.stuck_after))
     }
 
     fn idle(&mut self) {

@@ -710,10 +710,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
-    /// Writes bytes that are already framed: the rest of a frame a shard began to write
-    /// straight to the socket.
+    /// Writes bytes that are already framed (the rest of a frame a shard began to write
+    /// straight to the socket), through to the socket.
     pub async fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.put(bytes).await
+        self.put(bytes).await?;
+        self.drain().await
     }
 
     /// Sends a ping.
@@ -847,7 +848,6 @@ impl<'a> Gather<'a> {
 ///
 /// This is how a shard writes a batch straight to an idle subscriber (see
 /// [`super::mailbox`]): the caller must make sure nobody else writes to the socket meanwhile.
-#[cfg(unix)]
 pub fn write_now(fd: std::os::fd::BorrowedFd<'_>, gathered: &Gather<'_>) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let slices: Vec<&[u8]> = gathered.slices().collect();
@@ -978,8 +978,9 @@ pub trait Source: Send + 'static {
         ws: &mut Writer<W>,
     ) -> impl Future<Output = io::Result<Option<(u16, &'static str)>>> + Send;
     /// The writer is about to write: from now on only it writes to the socket. Returns the
-    /// bytes of a frame someone else began to write, which must go out first.
-    fn busy(&mut self) -> Option<Bytes> {
+    /// bytes of a frame someone else began to write, which must go out first, and how long
+    /// they may take (a peer that reads nothing is dropped past that).
+    fn busy(&mut self) -> Option<(Bytes, Duration)> {
         None
     }
     /// The writer has written and flushed everything it had: until [`Source::busy`], another
@@ -1075,7 +1076,10 @@ async fn busy<W: AsyncWrite + Unpin, S: Source>(
     source: &mut S,
 ) -> io::Result<()> {
     match source.busy() {
-        Some(rest) => ws.raw(&rest).await,
+        Some((rest, within)) => match tokio::time::timeout(within, ws.raw(&rest)).await {
+            Ok(written) => written,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        },
         None => Ok(()),
     }
 }
@@ -1321,6 +1325,104 @@ mod tests {
         }
         out.extend_from_slice(payload);
         out
+    }
+
+    /// A source with one wake-up, whose socket another thread wrote part of a frame to.
+    struct HalfWritten {
+        rest: Option<Bytes>,
+        woken: bool,
+        idle: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Source for HalfWritten {
+        async fn wake(&mut self) -> Wake {
+            if self.woken {
+                std::future::pending::<()>().await;
+            }
+            self.woken = true;
+            Wake::Ready
+        }
+        async fn write<W: AsyncWrite + Unpin + Send>(
+            &mut self,
+            ws: &mut Writer<W>,
+        ) -> io::Result<Option<(u16, &'static str)>> {
+            ws.send(&Outbound::Text(Bytes::from_static(b"after")))
+                .await
+                .map(|_| None)
+        }
+        fn busy(&mut self) -> Option<(Bytes, Duration)> {
+            self.idle.store(false, Ordering::Relaxed);
+            self.rest.take().map(|r| (r, Duration::from_millis(200)))
+        }
+        fn idle(&mut self) {
+            self.idle.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_frame_begun_elsewhere_goes_first_and_a_peer_that_reads_nothing_is_dropped(
+    ) {
+        // The peer reads: the rest, then the writer's own frame, and the source is told idle.
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = mpsc::channel(4);
+        let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source = HalfWritten {
+            rest: Some(Bytes::from_static(b"-rest-of-a-frame-")),
+            woken: false,
+            idle: Arc::clone(&idle),
+        };
+        let liveness = Liveness::default();
+        liveness.heard();
+        let writer = tokio::spawn(run_writer(
+            Writer::new(server),
+            rx,
+            liveness,
+            Duration::from_secs(60),
+            source,
+        ));
+        let mut want = b"-rest-of-a-frame-".to_vec();
+        want.extend(plain_frame(TEXT, b"after"));
+        let mut got = vec![0; want.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, want);
+        // The writer tells the source once its flush returned, which may be after we read.
+        let told = async {
+            while !idle.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), told)
+            .await
+            .expect("the source was told the writer is idle");
+        drop(tx);
+        writer.await.unwrap();
+
+        // The peer reads nothing: the rest cannot go out, and past its time the writer ends.
+        let (client, server) = tokio::io::duplex(64);
+        let (_tx, rx) = mpsc::channel(4);
+        let source = HalfWritten {
+            rest: Some(Bytes::from(vec![b'x'; 1 << 16])),
+            woken: false,
+            idle: Arc::default(),
+        };
+        let liveness = Liveness::default();
+        liveness.heard();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_writer(
+                Writer::new(server),
+                rx,
+                liveness,
+                Duration::from_secs(60),
+                source,
+            ),
+        )
+        .await;
+        assert!(ended.is_ok(), "a writer stuck on the rest of a frame ends");
+        drop(client);
     }
 
     #[tokio::test]
