@@ -126,7 +126,7 @@ struct Direct {
     idle: bool,
     /// The batch sequence numbers per topic while `idle` (the connection task holds them
     /// otherwise).
-    seqs: HashMap<Topic, u64>,
+    seqs: Seqs,
     /// The end of a frame written here in part, for the connection task to write first.
     rest: Option<Bytes>,
     socket_latency: SocketRecorder,
@@ -168,7 +168,7 @@ impl Mailbox {
         self.lock().direct = Some(Direct {
             socket,
             idle: false,
-            seqs: HashMap::new(),
+            seqs: Seqs::new(),
             rest: None,
             socket_latency,
         });

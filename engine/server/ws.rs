@@ -1053,15 +1053,17 @@ pub async fn run_writer<W: AsyncWrite + Unpin + Send, S: Source>(
                 }
             }
         };
+        // A peer that reads nothing blocks the flush: past two ping intervals (the time it
+        // would have to answer a ping) it is dropped, without a close frame (there is no room
+        // left to send one).
+        let stalled = ping_every * 2;
         match closed {
-            Ok(false) => {
-                if ws.flush().await.is_err() {
-                    break;
-                }
-                source.idle();
-            }
+            Ok(false) => match tokio::time::timeout(stalled, ws.flush()).await {
+                Ok(Ok(())) => source.idle(),
+                _ => break,
+            },
             Ok(true) => {
-                let _ = ws.finish().await;
+                let _ = tokio::time::timeout(stalled, ws.finish()).await;
                 break;
             }
             Err(_) => break,
@@ -1423,6 +1425,30 @@ mod tests {
         .await;
         assert!(ended.is_ok(), "a writer stuck on the rest of a frame ends");
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_dropped_when_a_flush_stalls_two_ping_intervals() {
+        // An ingest connection's writer (acks only): the peer never reads, its buffer is full.
+        let (client, server) = tokio::io::duplex(64);
+        let (tx, rx) = mpsc::channel(4);
+        let liveness = Liveness::default();
+        liveness.heard();
+        let writer = tokio::spawn(run_writer(
+            Writer::new(server),
+            rx,
+            liveness,
+            Duration::from_millis(50),
+            NoSource,
+        ));
+        tx.send(Outbound::Text(Bytes::from(vec![b'a'; 4096])))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer gave up on the stalled peer")
+            .unwrap();
+        drop((client, tx));
     }
 
     #[tokio::test]
