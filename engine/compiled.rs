@@ -2098,12 +2098,12 @@ impl Cx<'_> {
                     .helpers
                     .borrow_mut()
                     .add(n, &format!("{name}({})", params.join(", ")));
+                let named = matches!(builtin, Builtin::EmitNamed | Builtin::EmitToNamed);
                 return Ok(Box::new(move |fr| {
                     let mut values = Vec::with_capacity(args.len());
                     for a in &args {
                         values.push(a(fr)?.flatten());
                     }
-                    let named = matches!(builtin, Builtin::EmitNamed | Builtin::EmitToNamed);
                     if named && !values[0].is_string() {
                         return call_helper(fr, &helper, None, values, pos);
                     }

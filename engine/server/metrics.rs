@@ -58,11 +58,9 @@ impl SocketRecorder {
     /// [`SocketRecorder::record`] for a batch a shard wrote straight to an idle subscriber's
     /// socket, and counts it.
     pub fn record_direct(&self, sample: (u64, Option<u64>, u64)) {
-        self.record(&[sample]);
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .direct_batches += 1;
+        let mut socket = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        socket.add(&[sample]);
+        socket.direct_batches += 1;
     }
 
     /// Records socket latencies of one write: `(emit→socket µs, ingest→socket µs, items)`.
@@ -70,11 +68,19 @@ impl SocketRecorder {
         if samples.is_empty() {
             return;
         }
-        let mut socket = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(samples);
+    }
+}
+
+impl SocketLatency {
+    fn add(&mut self, samples: &[(u64, Option<u64>, u64)]) {
         for &(emit, ingest, n) in samples {
-            socket.emit_to_socket.saturating_record_n(emit, n);
+            self.emit_to_socket.saturating_record_n(emit, n);
             if let Some(ingest) = ingest {
-                socket.ingest_to_socket.saturating_record_n(ingest, n);
+                self.ingest_to_socket.saturating_record_n(ingest, n);
             }
         }
     }

@@ -1329,6 +1329,24 @@ mod tests {
         out
     }
 
+    /// The writer loop of a connection whose peer was just heard, on `io`.
+    fn spawn_writer<S: Source>(
+        io: tokio::io::DuplexStream,
+        rx: mpsc::Receiver<Outbound>,
+        ping_every: Duration,
+        source: S,
+    ) -> JoinHandle<()> {
+        let liveness = Liveness::default();
+        liveness.heard();
+        tokio::spawn(run_writer(
+            Writer::new(io),
+            rx,
+            liveness,
+            ping_every,
+            source,
+        ))
+    }
+
     /// A source with one wake-up, whose socket another thread wrote part of a frame to.
     struct HalfWritten {
         rest: Option<Bytes>,
@@ -1373,15 +1391,7 @@ mod tests {
             woken: false,
             idle: Arc::clone(&idle),
         };
-        let liveness = Liveness::default();
-        liveness.heard();
-        let writer = tokio::spawn(run_writer(
-            Writer::new(server),
-            rx,
-            liveness,
-            Duration::from_secs(60),
-            source,
-        ));
+        let writer = spawn_writer(server, rx, Duration::from_secs(60), source);
         let mut want = b"-rest-of-a-frame-".to_vec();
         want.extend(plain_frame(TEXT, b"after"));
         let mut got = vec![0; want.len()];
@@ -1432,15 +1442,7 @@ mod tests {
         // An ingest connection's writer (acks only): the peer never reads, its buffer is full.
         let (client, server) = tokio::io::duplex(64);
         let (tx, rx) = mpsc::channel(4);
-        let liveness = Liveness::default();
-        liveness.heard();
-        let writer = tokio::spawn(run_writer(
-            Writer::new(server),
-            rx,
-            liveness,
-            Duration::from_millis(50),
-            NoSource,
-        ));
+        let writer = spawn_writer(server, rx, Duration::from_millis(50), NoSource);
         tx.send(Outbound::Text(Bytes::from(vec![b'a'; 4096])))
             .await
             .unwrap();
