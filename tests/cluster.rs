@@ -1368,6 +1368,70 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
     within("the NATS leader test", Duration::from_secs(240), run).await;
 }
 
+/// A checkpoint is written only once every value it covers is stored in `EDDY_LATEST`: the next
+/// owner does not emit again what a checkpoint covers. While `EDDY_LATEST` is gone, node a
+/// computes a second feed (its subscriber gets every item) but writes no checkpoint; a dies
+/// (SIGKILL) with those values unstored, and b, which takes a's partitions, replays the feed
+/// from the last checkpoint and stores every key's newest value, so that a snapshot there is
+/// whole. (A checkpoint over the feed would leave b nothing to replay and `EDDY_LATEST` without
+/// the feed's values.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_waits_until_the_latest_values_it_covers_are_stored() {
+    cluster_test("the latest-values-first test", async |s| {
+        let often = ["--checkpoint-interval", "300ms"];
+        let mut a = s.node("a", &often).await;
+        owned_by(&a.2, &["a"]).await;
+        let mut sub = subscribe_vwap(&a.2).await;
+        let mut seq = 0;
+        let first = trades(400, 71);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        converge(&mut sub, &reference(&acked), &mut seq).await;
+        until(in_secs(10), "a wrote no checkpoint", async || {
+            metric_of(&a.2, "eddy_cluster_checkpoints_total").await > 0.0
+        })
+        .await;
+        let js = async_nats::jetstream::new(
+            nats_client(std::slice::from_ref(&s.nats.url))
+                .await
+                .unwrap(),
+        );
+        let config = {
+            let mut latest = js.get_stream("EDDY_LATEST").await.unwrap();
+            latest.info().await.unwrap().config.clone()
+        };
+        js.delete_stream("EDDY_LATEST").await.unwrap();
+        let second = trades(600, 73);
+        // Every symbol comes again: the recreated stream gets each one's value from the replay.
+        assert!(reference(&first).keys().eq(reference(&second).keys()));
+        acked.extend(produce(a.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        assert_eq!(acked.len(), first.len() + second.len());
+        let want = reference(&acked);
+        converge(&mut sub, &want, &mut seq).await;
+        // Checkpoint rounds come every 300 ms; none is written while the values wait.
+        let before = metric_of(&a.2, "eddy_cluster_checkpoints_total").await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            metric_of(&a.2, "eddy_cluster_checkpoints_total").await,
+            before,
+            "a checkpoint was written over values EDDY_LATEST does not have"
+        );
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(a.0.id().unwrap() as i32, libc::SIGKILL) };
+        let _ = a.0.wait().await;
+        js.create_stream(config).await.unwrap();
+        let b = s.node("b", &often).await;
+        owned_by(&b.2, &["b"]).await;
+        until(in_secs(30), "b stored no latest value", async || {
+            metric_of(&b.2, "eddy_cluster_latest_values_written_total").await >= want.len() as f64
+        })
+        .await;
+        assert!(metric_of(&b.2, "eddy_cluster_replayed_events_total").await >= second.len() as f64);
+        let (_w, snapshot) = subscribe_vwap_snapshot(&b.2).await;
+        assert_vwap(&snapshot, &want);
+    })
+    .await;
+}
+
 /// The only nats-server stops answering (SIGSTOP) for longer than a lease (the default, 5 s),
 /// then answers again (SIGCONT). Meanwhile each node gives its partitions up (it owns none
 /// before the leases could expire in NATS) and stays up; once NATS is back they take the
@@ -2296,6 +2360,75 @@ async fn items_that_never_came_over_nats_are_reported_as_dropped() {
         assert_eq!(next["type"], "batch", "{next}");
         assert_eq!(next["items"][0]["key"], "ZB", "{next}");
         assert_eq!(metric_of(&a.2, "eddy_cluster_items_lost_total").await, 3.0);
+        // Items 15 to 19 never came either, and nothing after them: a quiet sender's message of
+        // no items, with its count (20), tells.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Eddy-From", "elsewhere.1");
+        headers.insert("Eddy-Before", "20");
+        let none: Vec<(eddy::durable::StoredKey, String)> = Vec::new();
+        let payload = rmp_serde::to_vec(&none).unwrap();
+        client
+            .publish_with_headers("eddy.out.vwap", headers, payload.into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let told = next_json(&mut sub).await;
+        assert_eq!(
+            (&told["type"], &told["items"]),
+            (&json!("dropped"), &json!(5)),
+            "{told}"
+        );
+        assert_eq!(metric_of(&a.2, "eddy_cluster_items_lost_total").await, 8.0);
+        drop(a);
+    })
+    .await;
+}
+
+/// The sender's side of the above: once a topic is quiet, its node sends, every second, a
+/// message of no items with the count of items it sent on the topic, so that a receiver that
+/// lost the last ones (NATS failing as they went out) learns it rather than wait for items that
+/// will not come. Watched here with the test's own NATS client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_topic_tells_how_many_items_its_node_sent() {
+    cluster_test("the quiet topic test", async |s| {
+        let ([a], _) = s.start(["a"], &[]).await;
+        let client = nats_client(std::slice::from_ref(&s.nats.url))
+            .await
+            .unwrap();
+        let mut out = client.subscribe("eddy.out.vwap").await.unwrap();
+        client.flush().await.unwrap();
+        let trades = trades(200, 79);
+        produce(a.2.clone(), trades.chunks(10).map(<[_]>::to_vec).collect()).await;
+        // Every trade is an item (vwap emits one per trade), in messages that count from 0.
+        let mut items = 0u64;
+        let tail = loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), out.next())
+                .await
+                .expect("a message within 10 s")
+                .unwrap();
+            let headers = message.headers.clone().unwrap();
+            let before: u64 = headers
+                .get("Eddy-Before")
+                .unwrap()
+                .as_str()
+                .parse()
+                .unwrap();
+            let decoded: Vec<(eddy::durable::StoredKey, String)> =
+                rmp_serde::from_slice(&message.payload).unwrap();
+            if decoded.is_empty() {
+                break before;
+            }
+            assert_eq!(before, items, "a gap on a healthy NATS");
+            items += decoded.len() as u64;
+        };
+        assert_eq!(items, trades.len() as u64);
+        assert_eq!(tail, items, "the quiet topic's count");
+        // And again a second later, while the topic stays quiet.
+        let again = tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .expect("told again")
+            .unwrap();
+        assert!(again.payload.len() == 1, "a message of no items");
         drop(a);
     })
     .await;

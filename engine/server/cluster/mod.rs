@@ -100,10 +100,13 @@
 //! still in its buffer (a connection being re-established) go out when it reconnects: items
 //! older than the new owner's (a value that steps back), or a checkpoint write that was under way
 //! (then its purge is not sent: the lease is checked again after the write, see [`checkpoint`]).
-//! Nor are the latest values the forwarder computed before the fence closed and `EDDY_LATEST` did
-//! not acknowledge yet: they are written when it answers (dropping them lost values a checkpoint
-//! already covered, which no owner emits again), so a key's snapshot value may step back until
-//! the key changes if the new owner wrote first.
+//!
+//! Latest values and checkpoints: a checkpoint is written only after every value the shards
+//! emitted before it was acknowledged in `EDDY_LATEST` (its marks pass through the forwarder,
+//! which answers them only with nothing left to write). So a value the next owner will not emit
+//! again (its events are covered by the checkpoint it loads) is already stored, and a value not
+//! stored yet when the fence closes is dropped, not written late over a newer owner's: its
+//! events come after the last checkpoint, and the next owner's replay emits it again.
 //!
 //! What clients see while NATS is away: a producer's frame waits for JetStream's acks, retried
 //! with the same message id for up to [`PUBLISH_RETRY`], then its events are answered as
@@ -172,6 +175,11 @@ const TOPICS: &str = "eddy_topics";
 pub const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// The longest wait for one publish's ack before the message is sent again.
 const ACK_WAIT: Duration = Duration::from_secs(2);
+/// How often a node tells, on a quiet topic it sent items on, how many it has sent (a message
+/// of no items), so that a receiver that lost the last ones learns it ([`Tails`]).
+const TAIL_EVERY: Duration = Duration::from_secs(1);
+/// How long after a topic's last items the node keeps telling their count.
+const TAIL_FOR: Duration = Duration::from_secs(60);
 /// JetStream's duplicate window of the event stream: longer than [`PUBLISH_RETRY`], so that a
 /// message sent again is stored once.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
@@ -2672,7 +2680,7 @@ async fn checkpoint_locked(
         let mut replies = Vec::new();
         for shard in 0..state.pipeline.shards() {
             let (done, reply) = tokio::sync::oneshot::channel();
-            let (hub_mark, _) = tokio::sync::oneshot::channel();
+            let (hub_mark, stored) = tokio::sync::oneshot::channel();
             let msg = ShardMsg::Checkpoint {
                 ids: ids.clone(),
                 done,
@@ -2683,14 +2691,16 @@ async fn checkpoint_locked(
                 .send(shard, msg)
                 .await
                 .map_err(|_| format!("shard {shard} is not running"))?;
-            replies.push(reply);
+            replies.push((reply, stored));
         }
         (covered, replies)
     };
     // Per partition, per query: the keys of that partition.
     let mut per: BTreeMap<usize, BTreeMap<QueryId, ShardQueryCheckpoint>> =
         covered.keys().map(|&p| (p, BTreeMap::new())).collect();
-    for reply in replies {
+    let mut marks = Vec::with_capacity(replies.len());
+    for (reply, stored) in replies {
+        marks.push(stored);
         let (exports, _) = reply.await.map_err(|_| "a shard stopped".to_owned())?;
         for (id, data) in exports {
             let watermark = data.watermark;
@@ -2705,6 +2715,16 @@ async fn checkpoint_locked(
                 if let Some(e) = partition_query(&mut per, p, id, watermark) {
                     e.deferred.push((t, k));
                 }
+            }
+        }
+    }
+    // Every value emitted before the copy is in `EDDY_LATEST` first: the next owner does not
+    // emit again what this checkpoint covers (see the module's notes).
+    for stored in marks {
+        match tokio::time::timeout(ACK_WAIT * 3, stored).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err("latest values not yet stored in EDDY_LATEST; again next time".into());
             }
         }
     }
@@ -2793,7 +2813,9 @@ async fn checkpoint_locked(
 /// newest value is also kept, and the values that changed go to their subjects of
 /// `EDDY_LATEST` at most every `latest_interval` (and before a mark is answered: a partition
 /// handed over leaves its newest values behind), each acknowledged by JetStream or kept for the
-/// next write. Marks are answered once everything before them is handed to the NATS client.
+/// next write while its partition is owned. Marks are answered once everything before them is
+/// handed to the NATS client and every value is acknowledged in `EDDY_LATEST`; else they are
+/// dropped, and the checkpoint that sent them is not written.
 fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
     let partitions = partitions as usize;
     let every = cluster.config.latest_interval;
@@ -2802,18 +2824,22 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
     let mut next_write = Instant::now();
     // Per topic, the items this node has sent on `eddy.out` so far (see [`ITEMS_FROM`]).
     let mut sent: HashMap<crate::Topic, u64> = HashMap::new();
+    let mut tails = Tails::default();
     loop {
-        let first = if changed.is_empty() {
-            match cluster.out_rx.recv() {
+        let deadline = [(!changed.is_empty()).then_some(next_write), tails.due()]
+            .into_iter()
+            .flatten()
+            .min();
+        let first = match deadline {
+            None => match cluster.out_rx.recv() {
                 Ok(msg) => Some(msg),
                 Err(_) => return,
-            }
-        } else {
-            match cluster.out_rx.recv_deadline(next_write) {
+            },
+            Some(at) => match cluster.out_rx.recv_deadline(at) {
                 Ok(msg) => Some(msg),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            }
+            },
         };
         let mut batch: Vec<Forwarded> = first.into_iter().collect();
         batch.extend(cluster.out_rx.try_iter());
@@ -2847,31 +2873,91 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                 let before = sent.entry(Arc::clone(&topic)).or_default();
                 let count = *before;
                 *before += stored.len() as u64;
+                tails.sent(&topic);
                 if let Ok(payload) = rmp_serde::to_vec(&stored) {
-                    let subject = topic_subject(&topic);
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(ITEMS_FROM, cluster.incarnation.as_str());
-                    headers.insert(ITEMS_BEFORE, count.to_string().as_str());
-                    if let Err(e) = cluster
-                        .client
-                        .publish_with_headers(subject, headers, payload.into())
-                        .await
-                    {
-                        tracing::warn!("cluster: items of {topic} not published: {e}");
-                    }
+                    publish_items(cluster, &topic, count, payload).await;
                 }
                 for (key, value) in items {
                     changed.insert((Arc::clone(&topic), key), value);
                 }
             }
             if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
-                write_latest(cluster, &mut changed).await;
+                write_latest(cluster, &mut changed, partitions).await;
                 next_write = Instant::now() + every;
             }
+            for topic in tails.quiet() {
+                let count = sent.get(&topic).copied().unwrap_or(0);
+                publish_items(cluster, &topic, count, NO_ITEMS.to_vec()).await;
+            }
         });
-        for reply in marks {
-            let _ = reply.send(Vec::new());
+        if changed.is_empty() {
+            for reply in marks {
+                let _ = reply.send(Vec::new());
+            }
         }
+    }
+}
+
+/// An `eddy.out` payload of no items (an empty MessagePack array): a [`Tails`] message.
+const NO_ITEMS: &[u8] = &[0x90];
+
+/// Publishes the items in `payload` on `topic`'s subject, after the `count` this node sent on it
+/// before (see [`ITEMS_FROM`]).
+async fn publish_items(cluster: &Cluster, topic: &crate::Topic, count: u64, payload: Vec<u8>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(ITEMS_FROM, cluster.incarnation.as_str());
+    headers.insert(ITEMS_BEFORE, count.to_string().as_str());
+    if let Err(e) = cluster
+        .client
+        .publish_with_headers(topic_subject(topic), headers, payload.into())
+        .await
+    {
+        tracing::warn!("cluster: items of {topic} not published: {e}");
+    }
+}
+
+/// The topics this node sent items on lately. A receiver learns it lost items from the count in
+/// the next message ([`Received`]); when the lost ones were a topic's last (NATS failing as they
+/// went out), no next message would come. So while a topic is quiet, every [`TAIL_EVERY`] for
+/// [`TAIL_FOR`] after its last items, the node sends a message of no items with its count.
+#[derive(Default)]
+struct Tails {
+    /// When each topic's last items went out.
+    last: HashMap<crate::Topic, Instant>,
+    /// When the quiet ones are told next.
+    next: Option<Instant>,
+}
+
+impl Tails {
+    fn sent(&mut self, topic: &crate::Topic) {
+        let now = Instant::now();
+        match self.last.get_mut(topic) {
+            Some(at) => *at = now,
+            None => {
+                self.last.insert(Arc::clone(topic), now);
+            }
+        }
+        self.next.get_or_insert(now + TAIL_EVERY);
+    }
+
+    /// When the forwarder should wake to tell the quiet topics, if any may be.
+    fn due(&self) -> Option<Instant> {
+        self.next
+    }
+
+    /// The topics to tell now (quiet for [`TAIL_EVERY`]); none before [`Tails::due`].
+    fn quiet(&mut self) -> Vec<crate::Topic> {
+        let now = Instant::now();
+        if self.next.is_none_or(|next| now < next) {
+            return Vec::new();
+        }
+        self.last.retain(|_, at| now.duration_since(*at) < TAIL_FOR);
+        self.next = (!self.last.is_empty()).then_some(now + TAIL_EVERY);
+        self.last
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= TAIL_EVERY)
+            .map(|(t, _)| Arc::clone(t))
+            .collect()
     }
 }
 
@@ -2930,8 +3016,15 @@ fn query_of(topic: &str) -> &str {
 
 /// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
 /// JetStream did not acknowledge within [`ACK_WAIT`] stay in `changed` (unless a newer value
-/// came meanwhile) for the next write.
-async fn write_latest(cluster: &Cluster, changed: &mut HashMap<(crate::Topic, Key), String>) {
+/// came meanwhile) for the next write. Values of partitions this node no longer owns are
+/// dropped unwritten: no checkpoint covers their events (it waits for them), so the next owner
+/// emits them again, and written late they could step a newer owner's value back.
+async fn write_latest(
+    cluster: &Cluster,
+    changed: &mut HashMap<(crate::Topic, Key), String>,
+    partitions: usize,
+) {
+    changed.retain(|(_, key), _| cluster.owned[key.shard(partitions)].load(Ordering::Relaxed));
     let mut sent = Vec::with_capacity(changed.len());
     for ((topic, key), value) in changed.drain() {
         let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(&key), &value)) else {
@@ -2974,7 +3067,8 @@ async fn write_latest(cluster: &Cluster, changed: &mut HashMap<(crate::Topic, Ke
 /// how many items of the topic that run sent before this message. Core NATS delivers at most
 /// once (a node cut off from NATS for a moment misses what was sent meanwhile, and a publish
 /// may fail): a receiver that sees a sender's count jump past what it received tells the
-/// topic's subscribers here how many items they lost (`dropped`), as a full mailbox does.
+/// topic's subscribers here how many items they lost (`dropped`), as a full mailbox does; a
+/// quiet topic's count comes again in messages of no items ([`Tails`]).
 const ITEMS_FROM: &str = "Eddy-From";
 const ITEMS_BEFORE: &str = "Eddy-Before";
 
