@@ -1432,6 +1432,99 @@ async fn a_checkpoint_waits_until_the_latest_values_it_covers_are_stored() {
     .await;
 }
 
+/// A latest value larger than NATS takes (`max_payload`, 128 KiB on this nats-server) can never
+/// be stored: it is left out, with a warning, and holds no checkpoint up (a checkpoint waits for
+/// the values emitted before it, and would otherwise wait for ever). Query `big` emits 171 KB
+/// per trade beside `vwap`, whose values are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_value_nats_cannot_take_holds_no_checkpoint_up() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("nats.conf");
+    std::fs::write(&path, "max_payload: 131072\n").unwrap();
+    let Some(nats) = support::nats::start_nats_with(&["-c", path.to_str().unwrap()]) else {
+        return;
+    };
+    let queries = queries_dir();
+    std::fs::write(
+        queries.path().join("big.rhai"),
+        r#"let source = "trades";
+let key_by = "symbol";
+fn on_event(ev) {
+    let xs = [];
+    xs.pad(9000, 1.0 / 3.0);
+    emit(#{ xs: xs });
+}
+"#,
+    )
+    .unwrap();
+    within(
+        "the oversized latest value test",
+        Duration::from_secs(100),
+        async {
+            let a = node_with(
+                &nats,
+                queries.path(),
+                "a",
+                &["--checkpoint-interval", "300ms"],
+            )
+            .await;
+            owned_by(&a.2, &["a"]).await;
+            let feed = trades(40, 83);
+            let acked = produce(a.2.clone(), feed.chunks(10).map(<[_]>::to_vec).collect()).await;
+            let want = reference(&acked);
+            // vwap's values are stored, big's are not, and checkpoints go on being written.
+            until(
+                in_secs(20),
+                "vwap's latest values were not stored",
+                async || {
+                    metric_of(&a.2, "eddy_cluster_latest_values_written_total").await
+                        >= want.len() as f64
+                },
+            )
+            .await;
+            let before = metric_of(&a.2, "eddy_cluster_checkpoints_total").await;
+            until(
+                in_secs(20),
+                "no checkpoint after the oversized values",
+                async || metric_of(&a.2, "eddy_cluster_checkpoints_total").await > before,
+            )
+            .await;
+            let (_w, snapshot) = subscribe_vwap_snapshot(&a.2).await;
+            assert_vwap(&snapshot, &want);
+            // `big` emitted a value per trade; a first subscriber to it reads its values from
+            // EDDY_LATEST: there are none.
+            let (_, list) = http_at(&a.2, "GET", "/queries", None, "").await;
+            let list: Value = serde_json::from_str(&list).unwrap();
+            let big = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|q| q["name"] == "big")
+                .unwrap();
+            assert_eq!(big["emitted"], json!(acked.len()), "{big}");
+            let mut w = ws(&a.2, "/subscribe").await;
+            w.send(Message::Text(
+                json!({"op": "subscribe", "topic": "big", "snapshot": true})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(next_json(&mut w).await["type"], "subscribed");
+            let snapshot = next_json(&mut w).await;
+            assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+            assert_eq!(
+                snapshot["items"],
+                json!([]),
+                "a value NATS cannot take was stored"
+            );
+            drop(a);
+        },
+    )
+    .await;
+}
+
 /// The only nats-server stops answering (SIGSTOP) for longer than a lease (the default, 5 s),
 /// then answers again (SIGCONT). Meanwhile each node gives its partitions up (it owns none
 /// before the leases could expire in NATS) and stays up; once NATS is back they take the

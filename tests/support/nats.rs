@@ -48,6 +48,12 @@ pub fn start_nats() -> Option<Nats> {
     Some(spawn(&binary, &[]))
 }
 
+/// [`start_nats`] with `extra` arguments (`-c FILE` for settings the command line has not).
+pub fn start_nats_with(extra: &[&str]) -> Option<Nats> {
+    let binary = nats_server_binary()?;
+    Some(spawn(&binary, extra))
+}
+
 /// Starts `n` nats-servers with JetStream clustered on 127.0.0.1 (servers `n1`…, routes on
 /// ports picked free just before; client ports of their choosing).
 pub fn start_nats_cluster(n: usize) -> Option<Vec<Nats>> {

@@ -3036,26 +3036,38 @@ async fn write_latest(
     }
     let waits = sent.into_iter().map(|(at, value, ack)| async move {
         let done = match ack {
-            Ok(ack) => matches!(
+            Ok(ack) => Some(matches!(
                 tokio::time::timeout(ACK_WAIT, std::future::IntoFuture::into_future(ack)).await,
                 Ok(Ok(_))
-            ),
-            Err(_) => false,
+            )),
+            // Larger than NATS takes: never stored, so not tried again (a checkpoint waits for
+            // the values before it, and would wait for ever).
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                tracing::warn!(
+                    "cluster: the latest value of key {} on {} is larger than NATS takes \
+                     (max_payload): not stored in EDDY_LATEST",
+                    at.1,
+                    at.0
+                );
+                None
+            }
+            Err(_) => Some(false),
         };
         (at, value, done)
     });
     let mut failed = 0;
-    let results = futures_util::future::join_all(waits).await;
-    let total = results.len() as u64;
-    for (at, value, done) in results {
-        if !done {
-            failed += 1;
-            changed.entry(at).or_insert(value);
+    let mut written = 0;
+    for (at, value, done) in futures_util::future::join_all(waits).await {
+        match done {
+            Some(true) => written += 1,
+            Some(false) => {
+                failed += 1;
+                changed.entry(at).or_insert(value);
+            }
+            None => {}
         }
     }
-    cluster
-        .latest_written
-        .fetch_add(total - failed, Ordering::Relaxed);
+    cluster.latest_written.fetch_add(written, Ordering::Relaxed);
     if failed > 0 {
         tracing::warn!(
             "cluster: {failed} latest values not stored in EDDY_LATEST; again next time"
