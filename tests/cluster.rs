@@ -1039,9 +1039,22 @@ async fn a_node_that_joins_takes_partitions_with_their_state() {
 /// Subscribes to `vwap` with a snapshot on the node at `addr`; returns the connection and the
 /// snapshot's items, key → value.
 async fn subscribe_vwap_snapshot(addr: &str) -> (Ws, BTreeMap<String, Value>) {
+    let (w, snapshot) = subscribe_snapshot(addr, "vwap").await;
+    let items = snapshot["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
+        .collect();
+    (w, items)
+}
+
+/// Subscribes to `topic` with a snapshot on the node at `addr`; returns the connection and the
+/// `snapshot` message.
+async fn subscribe_snapshot(addr: &str, topic: &str) -> (Ws, Value) {
     let mut w = ws(addr, "/subscribe").await;
     w.send(Message::Text(
-        json!({"op": "subscribe", "topic": "vwap", "snapshot": true})
+        json!({"op": "subscribe", "topic": topic, "snapshot": true})
             .to_string()
             .into(),
     ))
@@ -1051,13 +1064,7 @@ async fn subscribe_vwap_snapshot(addr: &str) -> (Ws, BTreeMap<String, Value>) {
     assert_eq!(reply["type"], "subscribed", "{reply}");
     let snapshot = next_json(&mut w).await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
-    let items = snapshot["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["value"].clone()))
-        .collect();
-    (w, items)
+    (w, snapshot)
 }
 
 /// A cluster metric of the node at `addr`.
@@ -1503,17 +1510,7 @@ fn on_event(ev) {
                 .find(|q| q["name"] == "big")
                 .unwrap();
             assert_eq!(big["emitted"], json!(acked.len()), "{big}");
-            let mut w = ws(&a.2, "/subscribe").await;
-            w.send(Message::Text(
-                json!({"op": "subscribe", "topic": "big", "snapshot": true})
-                    .to_string()
-                    .into(),
-            ))
-            .await
-            .unwrap();
-            assert_eq!(next_json(&mut w).await["type"], "subscribed");
-            let snapshot = next_json(&mut w).await;
-            assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+            let (_w, snapshot) = subscribe_snapshot(&a.2, "big").await;
             assert_eq!(
                 snapshot["items"],
                 json!([]),
@@ -1690,17 +1687,7 @@ async fn topics_a_script_names_at_run_time_are_listed_and_subscribable_on_every_
         );
         // Subscribed to there: the snapshot, then live items.
         let topic = "byvenue.at_V1";
-        let mut w = ws(&other.2, "/subscribe").await;
-        w.send(Message::Text(
-            json!({"op": "subscribe", "topic": topic, "snapshot": true})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .unwrap();
-        assert_eq!(next_json(&mut w).await["type"], "subscribed");
-        let snapshot = next_json(&mut w).await;
-        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let (mut w, snapshot) = subscribe_snapshot(&other.2, topic).await;
         let got: BTreeMap<String, i64> = snapshot["items"]
             .as_array()
             .unwrap()
