@@ -2406,14 +2406,18 @@ async fn items_that_never_came_over_nats_are_reported_as_dropped() {
         let client = nats_client(std::slice::from_ref(&s.nats.url))
             .await
             .unwrap();
-        let send = async |before: u64, key: &str| {
+        // A message of one item per key in `keys` (none: a quiet sender's count alone).
+        let send = async |before: u64, keys: &[&str]| {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Eddy-From", "elsewhere.1");
             headers.insert("Eddy-Before", before.to_string().as_str());
-            let items = vec![(
-                eddy::durable::StoredKey::Str(key.to_owned()),
-                "{\"vwap\":1.5}".to_owned(),
-            )];
+            let items: Vec<(eddy::durable::StoredKey, String)> = keys
+                .iter()
+                .map(|k| {
+                    let key = eddy::durable::StoredKey::Str((*k).to_owned());
+                    (key, "{\"vwap\":1.5}".to_owned())
+                })
+                .collect();
             let payload = rmp_serde::to_vec(&items).unwrap();
             client
                 .publish_with_headers("eddy.out.vwap", headers, payload.into())
@@ -2421,7 +2425,7 @@ async fn items_that_never_came_over_nats_are_reported_as_dropped() {
                 .unwrap();
             client.flush().await.unwrap();
         };
-        send(10, "ZA").await;
+        send(10, &["ZA"]).await;
         let first = next_json(&mut sub).await;
         assert_eq!(
             (&first["type"], &first["n"]),
@@ -2429,7 +2433,7 @@ async fn items_that_never_came_over_nats_are_reported_as_dropped() {
             "{first}"
         );
         // Items 11, 12 and 13 never came.
-        send(14, "ZB").await;
+        send(14, &["ZB"]).await;
         let told = next_json(&mut sub).await;
         assert_eq!(
             (&told["type"], &told["topic"], &told["items"]),
@@ -2442,16 +2446,7 @@ async fn items_that_never_came_over_nats_are_reported_as_dropped() {
         assert_eq!(metric_of(&a.2, "eddy_cluster_items_lost_total").await, 3.0);
         // Items 15 to 19 never came either, and nothing after them: a quiet sender's message of
         // no items, with its count (20), tells.
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Eddy-From", "elsewhere.1");
-        headers.insert("Eddy-Before", "20");
-        let none: Vec<(eddy::durable::StoredKey, String)> = Vec::new();
-        let payload = rmp_serde::to_vec(&none).unwrap();
-        client
-            .publish_with_headers("eddy.out.vwap", headers, payload.into())
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        send(20, &[]).await;
         let told = next_json(&mut sub).await;
         assert_eq!(
             (&told["type"], &told["items"]),
