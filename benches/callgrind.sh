@@ -63,6 +63,9 @@ workloads=(
   # Not a shipped query: the compiler's hidden-query check, in the shipped queries' style.
   "order_flow_20k|trades|auto|tests/hidden/order_flow.rhai"
   "order_flow_interpreted_20k|trades|interpreter|tests/hidden/order_flow.rhai"
+  # Not shipped either: rolling statistics with the standard math functions (`sqrt`, `min`, ...).
+  "running_stats_20k|trades|auto|tests/hidden/running_stats.rhai"
+  "running_stats_interpreted_20k|trades|interpreter|tests/hidden/running_stats.rhai"
 )
 
 # Two workloads at a time (the machines have 2 cores): an instruction count does not depend on

@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::builtins::{self, CallCtx};
 use crate::event::Event;
+use crate::math::Math;
 
 type R<T> = Result<T, Box<EvalAltResult>>;
 
@@ -482,6 +483,7 @@ fn functions(ast: &AST) -> Vec<FnSrc> {
 pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>, Report) {
     let fns = functions(ast);
     let plain = plain_names(engine);
+    let shadowed = crate::math::shadowed(engine);
     let mut report = Report::default();
     // The state's layout: the keys of the map literal `init` returns.
     let mut fields = Vec::new();
@@ -543,6 +545,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             records: Vec::new(),
             in_loop: false,
             plain: &plain,
+            shadowed: &shadowed,
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
             // Compiled field by field into the slots, below.
@@ -579,6 +582,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 records: Vec::new(),
                 in_loop: false,
                 plain: &plain,
+                shadowed: &shadowed,
             };
             let mut compiled: Vec<EFn> = Vec::new();
             let fields = match fields {
@@ -741,6 +745,9 @@ struct Cx<'a> {
     /// Names of plugin functions (not methods) the compiled code may call as Rust: no other
     /// function of the engine has that name (see [`plain_natives`]).
     plain: &'a std::collections::HashSet<&'static str>,
+    /// Names (and arities) the engine has functions of outside the standard library: a
+    /// standard math function of such a name is left to the general call (see [`crate::math`]).
+    shadowed: &'a std::collections::HashSet<(String, usize)>,
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
@@ -1671,12 +1678,15 @@ impl Cx<'_> {
                 Seg::Prop(name, ppos, _) => {
                     let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
                     let natives = natives_for(&format!("get${name}"), 1);
-                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives));
+                    let math = self.math_getter(name);
+                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives, math));
                 }
                 Seg::Method(call, mpos) => {
                     // Number methods that change nothing may work on a copy of a property.
-                    let pure =
-                        call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
+                    // (So do the standard math functions: they take their numbers by value.)
+                    let math = self.math(&call.name, call.args.len() + 1);
+                    let pure = math.is_some()
+                        || call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
                     let on_event =
                         matches!(start, Start::Place(Target::Local(i)) if self.ev_local == Some(i));
                     if (in_place || on_event) && !first && !pure {
@@ -1706,35 +1716,35 @@ impl Cx<'_> {
                         helper,
                         *mpos,
                         natives,
+                        math,
                     ));
                     in_place = false;
                 }
             }
             first = false;
         }
-        Ok(Box::new(move |fr| {
-            let mut steps = steps.iter();
-            let mut value = match &start {
-                Start::Value(f) => f(fr)?,
-                Start::Place(t) => {
-                    // The first step works on the place itself (a method may change it).
-                    let Some(step) = steps.next() else {
-                        return Ok(target_ref(fr, *t)
-                            .map(|v| v.clone())
-                            .unwrap_or(Dynamic::UNIT));
-                    };
-                    let args = step.args(fr)?;
-                    let helpers = fr.helpers;
-                    let engine = fr.rt.engine;
-                    let place = target_ref(fr, *t).expect("bound");
-                    step.apply(engine, helpers, place, args)?
+        // Rhai works out the methods' arguments first, left to right, then the root, then the
+        // steps. That order shows (in side effects and in which error comes first) only when an
+        // argument comes after something that may fail or act: a root that is a value, or a
+        // step before it. Otherwise each step's arguments are worked out as it comes.
+        let args_first = steps.iter().enumerate().any(|(k, step)| {
+            matches!(step, Step::Method(_, args, ..) if !args.is_empty())
+                && (k > 0 || matches!(start, Start::Value(_)))
+        });
+        if args_first {
+            return Ok(Box::new(move |fr| {
+                let mut early = Vec::with_capacity(steps.len());
+                for step in &steps {
+                    early.push(step.args(fr)?);
                 }
-            };
-            for step in steps {
-                let args = step.args(fr)?;
-                value = step.apply(fr.rt.engine, fr.helpers, &mut value, args)?;
-            }
-            Ok(value)
+                let mut early = early.into_iter();
+                walk_chain(fr, &start, &steps, |_, _| {
+                    Ok(early.next().expect("one per step"))
+                })
+            }));
+        }
+        Ok(Box::new(move |fr| {
+            walk_chain(fr, &start, &steps, Step::args)
         }))
     }
 
@@ -1960,6 +1970,7 @@ impl Cx<'_> {
                 records: Vec::new(),
                 in_loop: false,
                 plain: self.plain,
+                shadowed: self.shadowed,
             };
             inner.stack.push(i);
             inner.compile_fn(i)?;
@@ -2155,40 +2166,91 @@ impl Cx<'_> {
             None if self.plain.contains(name) => plain_natives_for(name, n),
             _ => Natives::default(),
         };
+        // A standard math function: in Rust when the arguments are its numbers.
+        if let Some(math) = self.math(name, n) {
+            return Ok(Box::new(move |fr| {
+                let mut values: smallvec::SmallVec<[Dynamic; 2]> = smallvec::SmallVec::new();
+                for (k, a) in args.iter().enumerate() {
+                    values.push(match by_ref {
+                        Some(_) if k == 0 => Dynamic::UNIT,
+                        _ => a(fr)?.flatten(),
+                    });
+                }
+                let done = {
+                    let refs: smallvec::SmallVec<[&Dynamic; 2]> = values
+                        .iter()
+                        .enumerate()
+                        .map(|(k, v)| match by_ref {
+                            Some(i) if k == 0 => &fr.locals[i],
+                            _ => v,
+                        })
+                        .collect();
+                    math.apply(&refs)
+                };
+                match done {
+                    Some(v) => Ok(v),
+                    None => call_native_fn(fr, &plain, by_ref, &helper, values.into_vec(), pos),
+                }
+            }));
+        }
         Ok(Box::new(move |fr| {
-            if !plain.is_empty() {
-                let mut values = Vec::with_capacity(args.len());
-                for a in &args {
-                    values.push(a(fr)?.flatten());
-                }
-                if let Some(v) = call_plain(fr.rt.engine, &plain, &mut values, pos)? {
-                    return Ok(v);
-                }
-                return call_helper(fr, &helper, None, values, pos);
-            }
             let mut values = Vec::with_capacity(args.len());
             for (k, a) in args.iter().enumerate() {
-                if k == 0 && by_ref.is_some() {
-                    values.push(Dynamic::UNIT);
-                } else {
-                    values.push(a(fr)?.flatten());
-                }
+                values.push(match by_ref {
+                    Some(_) if k == 0 => Dynamic::UNIT,
+                    _ => a(fr)?.flatten(),
+                });
             }
-            match by_ref {
-                Some(i) => {
-                    let (engine, helpers) = (fr.rt.engine, fr.helpers);
-                    run_helper(
-                        engine,
-                        helpers,
-                        &helper,
-                        Some(&mut fr.locals[i]),
-                        values,
-                        pos,
-                    )
-                }
-                None => call_helper(fr, &helper, None, values, pos),
-            }
+            call_native_fn(fr, &plain, by_ref, &helper, values, pos)
         }))
+    }
+
+    /// The standard math function `name` of `arity` arguments, when compiled code may call it
+    /// as Rust: no function of the engine outside the standard library has its name.
+    fn math(&self, name: &str, arity: usize) -> Option<Math> {
+        crate::math::lookup(name, arity)
+            .filter(|_| !self.shadowed.contains(&(name.to_owned(), arity)))
+    }
+
+    /// The standard property getter `x.name` on a number, when compiled code may call it as Rust.
+    fn math_getter(&self, name: &str) -> Option<Math> {
+        crate::math::getter(name).filter(|_| {
+            !self.shadowed.contains(&(format!("get${name}"), 1))
+                && !self.shadowed.contains(&(name.to_owned(), 1))
+        })
+    }
+}
+
+/// A native function call (not a script function, not one done in line) with its arguments
+/// evaluated: a plugin function that fits them as Rust, else the helper; the first argument,
+/// `by_ref`, passed in place (its value in `values` is `()`).
+fn call_native_fn(
+    fr: &mut Frame,
+    plain: &Natives,
+    by_ref: Option<usize>,
+    helper: &str,
+    mut values: Vec<Dynamic>,
+    pos: Position,
+) -> R<Dynamic> {
+    if !plain.is_empty() {
+        if let Some(v) = call_plain(fr.rt.engine, plain, &mut values, pos)? {
+            return Ok(v);
+        }
+        return call_helper(fr, helper, None, values, pos);
+    }
+    match by_ref {
+        Some(i) => {
+            let (engine, helpers) = (fr.rt.engine, fr.helpers);
+            run_helper(
+                engine,
+                helpers,
+                helper,
+                Some(&mut fr.locals[i]),
+                values,
+                pos,
+            )
+        }
+        None => call_helper(fr, helper, None, values, pos),
     }
 }
 
@@ -2524,11 +2586,51 @@ enum Start {
     Value(EFn),
 }
 
+/// Walks a chain: its root, then each step on what the one before gave, `args` giving each
+/// step's arguments as it comes.
+#[inline(always)]
+fn walk_chain(
+    fr: &mut Frame,
+    start: &Start,
+    steps: &[Step],
+    mut args: impl FnMut(&Step, &mut Frame) -> R<Vec<Dynamic>>,
+) -> R<Dynamic> {
+    let mut steps = steps.iter();
+    let mut value = match start {
+        Start::Value(f) => f(fr)?,
+        Start::Place(t) => {
+            // The first step works on the place itself (a method may change it).
+            let Some(step) = steps.next() else {
+                return Ok(target_ref(fr, *t)
+                    .map(|v| v.clone())
+                    .unwrap_or(Dynamic::UNIT));
+            };
+            let args = args(step, fr)?;
+            let helpers = fr.helpers;
+            let engine = fr.rt.engine;
+            let place = target_ref(fr, *t).expect("bound");
+            step.apply(engine, helpers, place, args)?
+        }
+    };
+    for step in steps {
+        let args = args(step, fr)?;
+        value = step.apply(fr.rt.engine, fr.helpers, &mut value, args)?;
+    }
+    Ok(value)
+}
+
 /// One step of a chain: a property or a method, with its helper and the plugin functions of
 /// that name it may call directly (see [`Native`]).
 enum Step {
-    Prop(ImmutableString, Rc<str>, Position, Natives),
-    Method(ImmutableString, Vec<EFn>, Rc<str>, Position, Natives),
+    Prop(ImmutableString, Rc<str>, Position, Natives, Option<Math>),
+    Method(
+        ImmutableString,
+        Vec<EFn>,
+        Rc<str>,
+        Position,
+        Natives,
+        Option<Math>,
+    ),
 }
 
 impl Step {
@@ -2554,20 +2656,31 @@ impl Step {
     ) -> R<Dynamic> {
         let mut args = args;
         let (helper, pos) = match self {
-            Step::Prop(name, helper, pos, natives) => {
+            Step::Prop(name, helper, pos, natives, math) => {
                 if let Some(ev) = on.read_lock::<Event>() {
                     return Ok(ev.get(name));
                 }
                 if let Ok(map) = on.as_map_ref() {
                     return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
                 }
+                if let Some(v) = math.and_then(|m| m.apply(&[on])) {
+                    return Ok(v);
+                }
                 if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
                     return Ok(v);
                 }
                 (helper, *pos)
             }
-            Step::Method(name, _, helper, pos, natives) => {
+            Step::Method(name, _, helper, pos, natives, math) => {
                 if let Some(v) = fast_method(name, on, &args, *pos)? {
+                    return Ok(v);
+                }
+                let done = math.and_then(|m| match args.as_slice() {
+                    [] => m.apply(&[on]),
+                    [a] => m.apply(&[on, a]),
+                    _ => None,
+                });
+                if let Some(v) = done {
                     return Ok(v);
                 }
                 if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {

@@ -193,10 +193,54 @@ impl Writer<'_> {
                 format!("({} {op} {})", self.expr(d), self.expr(d))
             }
             5 => format!("mix({}, {})", self.expr(d), self.expr(d)),
-            6 => format!(
+            // The standard math functions (done in Rust by compiled code when given their
+            // numbers), as methods, functions and getters, given any value.
+            6 if self.g.chance(40) => format!(
                 "({}).{}()",
                 self.expr(d),
-                self.g.pick(&["abs", "to_float", "to_string"])
+                self.g.pick(&[
+                    "abs",
+                    "to_float",
+                    "to_string",
+                    "sqrt",
+                    "floor",
+                    "round",
+                    "to_int",
+                    "sign",
+                    "ln",
+                    "is_nan",
+                    "exp",
+                    "fraction",
+                ])
+            ),
+            6 if self.g.chance(40) => {
+                let f = self.g.pick(&["max", "min", "log", "atan", "hypot"]);
+                if self.g.chance(50) {
+                    format!("({}).{f}({})", self.expr(d), self.expr(d))
+                } else {
+                    format!("{f}({}, {})", self.expr(d), self.expr(d))
+                }
+            }
+            6 if self.g.chance(70) => {
+                let f = self.g.pick(&[
+                    "abs",
+                    "sqrt",
+                    "floor",
+                    "ceiling",
+                    "to_int",
+                    "sign",
+                    "to_float",
+                    "exp",
+                    "is_finite",
+                    "int",
+                ]);
+                format!("{f}({})", self.expr(d))
+            }
+            6 => format!(
+                "({}).{}",
+                self.expr(d),
+                self.g
+                    .pick(&["floor", "round", "int", "is_zero", "ceiling"])
             ),
             7 => format!(
                 "if {} {{ {} }} else {{ {} }}",

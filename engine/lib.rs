@@ -19,6 +19,7 @@ pub mod feed;
 pub mod json;
 pub mod key;
 pub mod link;
+pub mod math;
 pub mod models;
 pub mod offline;
 pub mod probe;

@@ -768,3 +768,202 @@ fn event_fields_read_several_times_in_a_call_read_alike_on_both_engines() {
                            "n": 2, "t": -0.5, "p": 0.5, "again": "xx"})
     );
 }
+
+#[test]
+fn standard_math_functions_give_rusts_values_and_rhais_errors_on_both_engines() {
+    // Calls, methods and getters of the standard library's math functions: compiled code does
+    // them in Rust when given their numbers, and leaves anything else (a string, an error such
+    // as `to_int` out of range or `abs` of the smallest integer) to Rhai.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+fn init(key) { #{ n: 0 } }
+fn on_event(ev) {
+    let i = ev.i;
+    emit("ints", #{ abs: abs(i), sign: i.sign(), max: max(i, 5), min: i.min(5), f: i.to_float() });
+    let x = ev.x;
+    emit(#{
+        sqrt: sqrt(x), floor: x.floor(), round: x.round, abs: abs(x), sign: x.sign(),
+        to_int: x.to_int(), max: max(x, 2), min: x.min(ev.i), ln: x.ln(), exp: exp(x),
+        fraction: x.fraction, hyp: hypot(x, 4.0), lg: log(x, 2.0), pi: PI(),
+    });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"k":"a","x":9.0,"i":3}
+{"k":"a","x":-2.5,"i":-7}
+{"k":"a","x":1e300,"i":2}
+{"k":"a","x":4,"i":-9223372036854775808}
+{"k":"a","x":"text","i":1}
+"#;
+    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
+    let interpreted =
+        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
+    assert_eq!(compiled, interpreted);
+    let lines: Vec<serde_json::Value> = compiled
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7, "{compiled}");
+    // Integers stay integers; an integer beside a float is taken as a float.
+    assert_eq!(
+        lines[0]["value"],
+        serde_json::json!({ "abs": 3, "sign": 1, "max": 5, "min": 3, "f": 3.0 })
+    );
+    assert_eq!(
+        lines[2]["value"],
+        serde_json::json!({ "abs": 7, "sign": -1, "max": 5, "min": -7, "f": -7.0 })
+    );
+    let near = |v: &serde_json::Value, want: f64| {
+        let got = v.as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{got} against {want}"
+        );
+    };
+    let v = &lines[1]["value"];
+    for (field, want) in [
+        ("sqrt", 3.0),
+        ("floor", 9.0),
+        ("round", 9.0),
+        ("abs", 9.0),
+        ("max", 9.0),
+        ("min", 3.0),
+        ("ln", 9f64.ln()),
+        ("exp", 9f64.exp()),
+        ("fraction", 0.0),
+        ("hyp", 97f64.sqrt()),
+        ("lg", 9f64.log2()),
+        ("pi", std::f64::consts::PI),
+    ] {
+        near(&v[field], want);
+    }
+    assert_eq!(
+        (v["sign"].clone(), v["to_int"].clone()),
+        (1.into(), 9.into())
+    );
+    // -2.5: rounds away from zero, truncates toward it; the square root of a negative is NaN.
+    let v = &lines[3]["value"];
+    for (field, want) in [
+        ("floor", -3.0),
+        ("round", -3.0),
+        ("abs", 2.5),
+        ("max", 2.0),
+        ("min", -7.0),
+        ("fraction", -0.5),
+        ("hyp", 22.25f64.sqrt()),
+    ] {
+        near(&v[field], want);
+    }
+    assert_eq!(
+        (v["sign"].clone(), v["to_int"].clone()),
+        ((-1).into(), (-2).into())
+    );
+    assert!(v["max"].is_f64() && v["sqrt"].is_null(), "{v}");
+    // Rhai's errors, where the call is: out of range, overflow, no such function.
+    let error = |i: usize| {
+        lines[i]["value"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        error(4).starts_with("Integer overflow: to_int(1000"),
+        "{compiled}"
+    );
+    assert!(error(5).contains("Negation overflow"), "{compiled}");
+    assert!(error(6).contains("Function not found: sqrt"), "{compiled}");
+}
+
+#[test]
+fn a_chain_works_out_its_method_arguments_before_its_root_as_rhai_does() {
+    let limits = limits();
+    let script = r#"let source = "s";
+fn a() { emit("root"); 2.0 }
+fn b() { emit("arg1"); 1.0 }
+fn c() { emit("arg2"); 3.0 }
+fn on_event(ev) {
+    emit((a()).max(b()).min(c()));
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = b"{\"x\":1}\n";
+    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
+    let interpreted =
+        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
+    assert_eq!(compiled, interpreted);
+    let values: Vec<serde_json::Value> = compiled
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].clone())
+        .collect();
+    // max(2, 1) = 2, min(2, 3) = 2.
+    assert_eq!(
+        values,
+        serde_json::json!(["arg1", "arg2", "root", 2.0])
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+}
+
+/// A second hidden query, rolling statistics with the standard math functions (`sqrt`, `min`,
+/// `max`, `abs`, `round`): compiled, the same bytes as the interpreter, and the figures of the
+/// two-pass textbook formulas (not the query's running ones).
+#[test]
+fn running_statistics_with_math_functions_compile_and_match_the_textbook_formulas() {
+    let limits = limits();
+    let script = include_str!("hidden/running_stats.rhai");
+    let def = QueryDef::compile("running_stats", script, &limits).expect("compiles as a query");
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = synth::generate(Scenario::Trades, 12, 3000, 1_700_000_000_000, 50);
+    let out = run(&def, &input, &limits, EngineMode::Auto);
+    assert!(out == run(&def, &input, &limits, EngineMode::Interpreter));
+
+    let mut prices: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    let got: Vec<serde_json::Value> = out
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let trades: Vec<&[u8]> = input
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(got.len(), trades.len());
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    for (line, item) in trades.iter().zip(&got) {
+        let t: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let seen = prices
+            .entry(t["symbol"].as_str().unwrap().to_owned())
+            .or_default();
+        let price = t["price"].as_f64().unwrap();
+        seen.push(price);
+        let n = seen.len() as f64;
+        let mean = seen.iter().sum::<f64>() / n;
+        let sd = if seen.len() > 1 {
+            (seen.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        let high = seen.iter().cloned().fold(f64::MIN, f64::max);
+        let low = seen.iter().cloned().fold(f64::MAX, f64::min);
+        let v = &item["value"];
+        assert!(
+            close(v["mean"].as_f64().unwrap(), mean),
+            "{v} against {mean}"
+        );
+        assert!(
+            (v["sd"].as_f64().unwrap() - sd).abs() <= 1e-6 * sd.max(1.0),
+            "{v} against {sd}"
+        );
+        assert!(close(v["range"].as_f64().unwrap(), high - low), "{v}");
+        assert_eq!(v["trades"].as_i64(), Some(seen.len() as i64), "{v}");
+        let z = if sd > 0.0 {
+            ((price - mean) / sd).abs()
+        } else {
+            0.0
+        };
+        if (z.fract() - 0.5).abs() > 1e-6 {
+            assert_eq!(v["z"].as_f64(), Some(z.round()), "{v} against {z}");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Rhai's standard math functions on numbers (`sqrt`, `abs`, `max`, `floor`, `to_int`, ...),
+//! done in Rust for compiled queries.
+//!
+//! Through the interpreter such a call costs thousands of instructions (a helper function, its
+//! call setup and the function lookup); rolling statistics and anomaly checks make several per
+//! event. Here each is chosen at compile time ([`lookup`], [`getter`]) and does what the
+//! standard library's function for those argument types does. It answers only when the
+//! arguments are exactly the types that function takes and the call succeeds: for any other
+//! type, or a call that fails (`to_int` out of range, the sign of NaN, `abs` of the smallest
+//! integer), [`Math::apply`] gives `None` and the caller runs the call as before, which finds
+//! the same function, or another one, or gives the interpreter's error.
+//!
+//! A name the engine has another function for (a plugin, a model, eddy's own) is never looked
+//! up here: the compiler asks [`shadowed`] first.
+
+use std::collections::HashSet;
+
+use rhai::{Dynamic, Engine, FLOAT, INT};
+
+/// One standard function, by name and number of arguments.
+#[derive(Clone, Copy, Debug)]
+pub enum Math {
+    /// `f(x: FLOAT) -> FLOAT`.
+    Float(FloatFn),
+    /// `f(x: FLOAT) -> bool`.
+    Test(TestFn),
+    /// `f(x: FLOAT, y: FLOAT) -> FLOAT`.
+    Float2(fn(FLOAT, FLOAT) -> FLOAT),
+    Abs,
+    Sign,
+    IsZero,
+    ToInt,
+    ToFloat,
+    Max,
+    Min,
+    /// `PI()`, `E()`.
+    Constant(FLOAT),
+}
+
+type FloatFn = fn(FLOAT) -> FLOAT;
+type TestFn = fn(FLOAT) -> bool;
+
+/// The standard functions of one argument on a float, by name (`log` is base 10).
+const FLOAT_FNS: [(&str, FloatFn); 23] = [
+    ("sqrt", FLOAT::sqrt),
+    ("exp", FLOAT::exp),
+    ("ln", FLOAT::ln),
+    ("log", FLOAT::log10),
+    ("floor", FLOAT::floor),
+    ("ceiling", FLOAT::ceil),
+    ("round", FLOAT::round),
+    ("int", FLOAT::trunc),
+    ("fraction", FLOAT::fract),
+    ("to_radians", FLOAT::to_radians),
+    ("to_degrees", FLOAT::to_degrees),
+    ("sin", FLOAT::sin),
+    ("cos", FLOAT::cos),
+    ("tan", FLOAT::tan),
+    ("sinh", FLOAT::sinh),
+    ("cosh", FLOAT::cosh),
+    ("tanh", FLOAT::tanh),
+    ("asin", FLOAT::asin),
+    ("acos", FLOAT::acos),
+    ("atan", FLOAT::atan),
+    ("asinh", FLOAT::asinh),
+    ("acosh", FLOAT::acosh),
+    ("atanh", FLOAT::atanh),
+];
+
+const TESTS: [(&str, TestFn); 3] = [
+    ("is_nan", FLOAT::is_nan),
+    ("is_finite", FLOAT::is_finite),
+    ("is_infinite", FLOAT::is_infinite),
+];
+
+/// The float functions that are also property getters (`x.floor`).
+const GETTERS: [&str; 9] = [
+    "floor",
+    "ceiling",
+    "round",
+    "int",
+    "fraction",
+    "is_nan",
+    "is_finite",
+    "is_infinite",
+    "is_zero",
+];
+
+/// The standard function `name` of `arity` arguments (a method's receiver counted), if it is
+/// one done here.
+pub fn lookup(name: &str, arity: usize) -> Option<Math> {
+    Some(match (name, arity) {
+        (_, 1) if FLOAT_FNS.iter().any(|(n, _)| *n == name) => {
+            Math::Float(FLOAT_FNS.iter().find(|(n, _)| *n == name)?.1)
+        }
+        (_, 1) if TESTS.iter().any(|(n, _)| *n == name) => {
+            Math::Test(TESTS.iter().find(|(n, _)| *n == name)?.1)
+        }
+        ("log", 2) => Math::Float2(FLOAT::log),
+        ("atan", 2) => Math::Float2(FLOAT::atan2),
+        ("hypot", 2) => Math::Float2(FLOAT::hypot),
+        ("abs", 1) => Math::Abs,
+        ("is_zero", 1) => Math::IsZero,
+        ("sign", 1) => Math::Sign,
+        ("to_int", 1) => Math::ToInt,
+        ("to_float", 1) => Math::ToFloat,
+        ("max", 2) => Math::Max,
+        ("min", 2) => Math::Min,
+        ("PI", 0) => Math::Constant(std::f64::consts::PI),
+        ("E", 0) => Math::Constant(std::f64::consts::E),
+        _ => return None,
+    })
+}
+
+/// The standard property getter `x.name` on a number, if it is one done here.
+pub fn getter(name: &str) -> Option<Math> {
+    GETTERS.contains(&name).then(|| lookup(name, 1)).flatten()
+}
+
+/// The names (with their arity, and `get$name` for getters, with 1) that the engine has a
+/// function for outside the standard library: those are left to the general call.
+pub fn shadowed(engine: &Engine) -> HashSet<(String, usize)> {
+    engine
+        .collect_fn_metadata(
+            None,
+            |f| Some((f.metadata.name.to_string(), f.metadata.num_params)),
+            false,
+        )
+        .into_iter()
+        .collect()
+}
+
+impl Math {
+    /// The call's result as the standard library gives it, or `None` when the arguments are not
+    /// the numbers it takes or the call fails (see the module's note).
+    #[inline]
+    pub fn apply(self, args: &[&Dynamic]) -> Option<Dynamic> {
+        let float = |v: &Dynamic| v.as_float().ok();
+        let int = |v: &Dynamic| v.as_int().ok();
+        Some(match (self, args) {
+            (Math::Float(f), [x]) => Dynamic::from_float(f(float(x)?)),
+            (Math::Test(f), [x]) => Dynamic::from_bool(f(float(x)?)),
+            (Math::Float2(f), [x, y]) => Dynamic::from_float(f(float(x)?, float(y)?)),
+            (Math::Abs, [x]) => match int(x) {
+                Some(i) => Dynamic::from_int(i.checked_abs()?),
+                None => Dynamic::from_float(float(x)?.abs()),
+            },
+            (Math::Sign, [x]) => match int(x) {
+                Some(i) => Dynamic::from_int(i.signum()),
+                None => {
+                    let f = float(x)?;
+                    if f.is_nan() {
+                        return None;
+                    }
+                    Dynamic::from_int(if f == 0.0 { 0 } else { f.signum() as INT })
+                }
+            },
+            (Math::IsZero, [x]) => match int(x) {
+                Some(i) => Dynamic::from_bool(i == 0),
+                None => Dynamic::from_bool(float(x)? == 0.0),
+            },
+            (Math::ToInt, [x]) => match int(x) {
+                Some(i) => Dynamic::from_int(i),
+                None => {
+                    let f = float(x)?;
+                    #[allow(clippy::cast_precision_loss)]
+                    if f > INT::MAX as FLOAT || f < INT::MIN as FLOAT {
+                        return None;
+                    }
+                    Dynamic::from_int(f.trunc() as INT)
+                }
+            },
+            (Math::ToFloat, [x]) => match int(x) {
+                Some(i) => Dynamic::from_float(i as FLOAT),
+                None => Dynamic::from_float(float(x)?),
+            },
+            (Math::Max | Math::Min, [x, y]) => {
+                let max = matches!(self, Math::Max);
+                if let (Some(a), Some(b)) = (int(x), int(y)) {
+                    let pick_a = if max { a >= b } else { a <= b };
+                    Dynamic::from_int(if pick_a { a } else { b })
+                } else {
+                    // An integer beside a float is taken as a float.
+                    let a = int(x).map_or_else(|| float(x), |i| Some(i as FLOAT))?;
+                    let b = int(y).map_or_else(|| float(y), |i| Some(i as FLOAT))?;
+                    let pick_a = if max { a >= b } else { a <= b };
+                    Dynamic::from_float(if pick_a { a } else { b })
+                }
+            }
+            (Math::Constant(c), []) => Dynamic::from_float(c),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every function gives what Rhai's own gives for the same arguments (the interpreter is
+    /// the reference), and answers whenever Rhai succeeds on numbers; otherwise it leaves the
+    /// call to Rhai.
+    #[test]
+    fn each_function_gives_what_rhai_gives() {
+        let engine = Engine::new();
+        let values = [
+            "0.0",
+            "-0.0",
+            "0.5",
+            "2.5",
+            "-2.5",
+            "9.0",
+            "1e300",
+            "-1e300",
+            "0",
+            "7",
+            "-7",
+            "9223372036854775807",
+            "(-9223372036854775807 - 1)",
+            "\"s\"",
+            "()",
+            "true",
+        ];
+        let one: Vec<&str> = FLOAT_FNS
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(TESTS.iter().map(|(n, _)| *n))
+            .chain(["abs", "sign", "is_zero", "to_int", "to_float"])
+            .collect();
+        let mut calls: Vec<(String, Vec<&str>, usize)> = Vec::new();
+        for name in one {
+            for v in values {
+                calls.push((name.to_owned(), vec![v], 1));
+            }
+        }
+        for name in ["log", "atan", "hypot", "max", "min"] {
+            for a in values {
+                for b in values {
+                    calls.push((name.to_owned(), vec![a, b], 2));
+                }
+            }
+        }
+        calls.push(("PI".to_owned(), vec![], 0));
+        calls.push(("E".to_owned(), vec![], 0));
+        let mut answered = 0;
+        for (name, args, arity) in &calls {
+            let math = lookup(name, *arity).unwrap_or_else(|| panic!("{name}/{arity}"));
+            let script = format!("{name}({})", args.join(", "));
+            let want = engine.eval::<Dynamic>(&script);
+            let values: Vec<Dynamic> = args
+                .iter()
+                .map(|a| engine.eval::<Dynamic>(a).unwrap())
+                .collect();
+            let refs: Vec<&Dynamic> = values.iter().collect();
+            match (math.apply(&refs), want) {
+                (Some(got), Ok(want)) => {
+                    assert_eq!(got.type_name(), want.type_name(), "{script}");
+                    let same = match (got.as_float(), want.as_float()) {
+                        (Ok(g), Ok(w)) => g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        _ => got.to_string() == want.to_string(),
+                    };
+                    assert!(same, "{script}: {got} against Rhai's {want}");
+                    answered += 1;
+                }
+                (Some(got), Err(e)) => panic!("{script}: {got}, where Rhai fails: {e}"),
+                (None, Ok(want)) if want.is_float() || want.is_int() || want.is_bool() => {
+                    panic!("{script}: left to Rhai, which gives {want}")
+                }
+                (None, _) => {}
+            }
+        }
+        assert!(
+            answered > 500,
+            "{answered} of {} calls answered",
+            calls.len()
+        );
+    }
+
+    /// The getters (`x.floor`) give what Rhai's give, and leave to Rhai what it refuses.
+    #[test]
+    fn getters_give_what_rhai_gives() {
+        let engine = Engine::new();
+        for name in GETTERS {
+            for v in ["2.5", "-2.5", "0.0", "1e300", "0", "3"] {
+                let want = engine.eval::<Dynamic>(&format!("let x = {v}; x.{name}"));
+                let x: Dynamic = engine.eval(v).unwrap();
+                match (getter(name).unwrap().apply(&[&x]), want) {
+                    (Some(got), Ok(want)) => {
+                        assert_eq!(got.to_string(), want.to_string(), "{v}.{name}")
+                    }
+                    (None, Err(_)) => {}
+                    (got, want) => panic!("{v}.{name}: {got:?} against Rhai's {want:?}"),
+                }
+            }
+        }
+    }
+}
