@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::builtins::{self, CallCtx};
 use crate::event::Event;
-use crate::math::Math;
+use crate::std_fns::StdFn;
 
 type R<T> = Result<T, Box<EvalAltResult>>;
 
@@ -483,7 +483,7 @@ fn functions(ast: &AST) -> Vec<FnSrc> {
 pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>, Report) {
     let fns = functions(ast);
     let plain = plain_names(engine);
-    let shadowed = crate::math::shadowed(engine);
+    let shadowed = crate::std_fns::shadowed(engine);
     let mut report = Report::default();
     // The state's layout: the keys of the map literal `init` returns.
     let mut fields = Vec::new();
@@ -2185,7 +2185,7 @@ impl Cx<'_> {
                             _ => v,
                         })
                         .collect();
-                    math.apply(&refs)
+                    math.apply_within(fr.rt.engine, &refs)
                 };
                 match done {
                     Some(v) => Ok(v),
@@ -2207,14 +2207,14 @@ impl Cx<'_> {
 
     /// The standard math function `name` of `arity` arguments, when compiled code may call it
     /// as Rust: no function of the engine outside the standard library has its name.
-    fn math(&self, name: &str, arity: usize) -> Option<Math> {
-        crate::math::lookup(name, arity)
+    fn math(&self, name: &str, arity: usize) -> Option<StdFn> {
+        crate::std_fns::lookup(name, arity)
             .filter(|_| !self.shadowed.contains(&(name.to_owned(), arity)))
     }
 
     /// The standard property getter `x.name` on a number, when compiled code may call it as Rust.
-    fn math_getter(&self, name: &str) -> Option<Math> {
-        crate::math::getter(name).filter(|_| {
+    fn math_getter(&self, name: &str) -> Option<StdFn> {
+        crate::std_fns::getter(name).filter(|_| {
             !self.shadowed.contains(&(format!("get${name}"), 1))
                 && !self.shadowed.contains(&(name.to_owned(), 1))
         })
@@ -2622,14 +2622,14 @@ fn walk_chain(
 /// One step of a chain: a property or a method, with its helper and the plugin functions of
 /// that name it may call directly (see [`Native`]).
 enum Step {
-    Prop(ImmutableString, Rc<str>, Position, Natives, Option<Math>),
+    Prop(ImmutableString, Rc<str>, Position, Natives, Option<StdFn>),
     Method(
         ImmutableString,
         Vec<EFn>,
         Rc<str>,
         Position,
         Natives,
-        Option<Math>,
+        Option<StdFn>,
     ),
 }
 
@@ -2663,7 +2663,7 @@ impl Step {
                 if let Ok(map) = on.as_map_ref() {
                     return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
                 }
-                if let Some(v) = math.and_then(|m| m.apply(&[on])) {
+                if let Some(v) = math.and_then(|m| m.apply_within(engine, &[on])) {
                     return Ok(v);
                 }
                 if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
@@ -2676,8 +2676,8 @@ impl Step {
                     return Ok(v);
                 }
                 let done = math.and_then(|m| match args.as_slice() {
-                    [] => m.apply(&[on]),
-                    [a] => m.apply(&[on, a]),
+                    [] => m.apply_within(engine, &[on]),
+                    [a] => m.apply_within(engine, &[on, a]),
                     _ => None,
                 });
                 if let Some(v) = done {

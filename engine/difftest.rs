@@ -211,6 +211,10 @@ impl Writer<'_> {
                     "is_nan",
                     "exp",
                     "fraction",
+                    "len",
+                    "is_empty",
+                    "to_upper",
+                    "keys",
                 ])
             ),
             6 if self.g.chance(40) => {
@@ -240,7 +244,7 @@ impl Writer<'_> {
                 "({}).{}",
                 self.expr(d),
                 self.g
-                    .pick(&["floor", "round", "int", "is_zero", "ceiling"])
+                    .pick(&["floor", "round", "int", "is_zero", "ceiling", "len"])
             ),
             7 => format!(
                 "if {} {{ {} }} else {{ {} }}",

@@ -19,7 +19,6 @@ pub mod feed;
 pub mod json;
 pub mod key;
 pub mod link;
-pub mod math;
 pub mod models;
 pub mod offline;
 pub mod probe;
@@ -29,6 +28,7 @@ pub mod sandbox;
 pub mod sched;
 pub mod server;
 pub mod shard;
+pub mod std_fns;
 pub mod synth;
 
 pub use builtins::{Emitted, Topic};

@@ -967,3 +967,57 @@ fn running_statistics_with_math_functions_compile_and_match_the_textbook_formula
         }
     }
 }
+
+#[test]
+fn string_array_and_map_functions_give_hand_computed_values_on_both_engines() {
+    // `to_lower`, `to_upper`, `len` (method and getter), `is_empty` and `keys`, done in Rust by
+    // compiled code on strings, arrays and maps; a number given to `to_lower` is Rhai's error.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+fn init(key) { #{ seen: #{}, last: [] } }
+fn on_event(ev) {
+    let t = ev.tag.to_lower();
+    this.seen[t] = true;
+    this.last = [t, t];
+    emit(#{ n: this.seen.keys().len(), upper: ev.tag.to_upper(), len: ev.tag.len,
+            empty: ev.tag.is_empty(), pair: this.last.len() });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"k":"a","tag":"AbC"}
+{"k":"a","tag":"abc"}
+{"k":"a","tag":"Zz"}
+{"k":"a","tag":""}
+{"k":"a","tag":12}
+"#;
+    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
+    let interpreted =
+        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
+    assert_eq!(compiled, interpreted);
+    let lines: Vec<serde_json::Value> = compiled
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{compiled}");
+    // Distinct lower-case tags so far: abc; abc; abc, zz; abc, zz and "".
+    let want = [
+        (1, "ABC", 3, false),
+        (1, "ABC", 3, false),
+        (2, "ZZ", 2, false),
+        (3, "", 0, true),
+    ];
+    for (line, (n, upper, len, empty)) in lines.iter().zip(want) {
+        assert_eq!(
+            line["value"],
+            serde_json::json!({ "n": n, "upper": upper, "len": len, "empty": empty, "pair": 2 })
+        );
+    }
+    assert_eq!(lines[4]["topic"], "q.errors", "{compiled}");
+    assert!(
+        lines[4]["value"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("to_lower"),
+        "{compiled}"
+    );
+}

@@ -1,25 +1,31 @@
-//! Rhai's standard math functions on numbers (`sqrt`, `abs`, `max`, `floor`, `to_int`, ...),
-//! done in Rust for compiled queries.
+//! Rhai's standard functions on numbers, strings, arrays and maps that queries call most
+//! (`sqrt`, `abs`, `max`, `floor`, `to_int`, `len`, `to_lower`, `keys`, ...), done in Rust for
+//! compiled queries.
 //!
 //! Through the interpreter such a call costs thousands of instructions (a helper function, its
-//! call setup and the function lookup); rolling statistics and anomaly checks make several per
-//! event. Here each is chosen at compile time ([`lookup`], [`getter`]) and does what the
-//! standard library's function for those argument types does. It answers only when the
+//! call setup and the function lookup); rolling statistics, anomaly checks and text queries make
+//! several per event. Here each is chosen at compile time ([`lookup`], [`getter`]) and does what
+//! the standard library's function for those argument types does. It answers only when the
 //! arguments are exactly the types that function takes and the call succeeds: for any other
 //! type, or a call that fails (`to_int` out of range, the sign of NaN, `abs` of the smallest
-//! integer), [`Math::apply`] gives `None` and the caller runs the call as before, which finds
-//! the same function, or another one, or gives the interpreter's error.
+//! integer), [`StdFn::apply`] gives `None` and the caller runs the call as before, which finds
+//! the same function, or another one, or gives the interpreter's error. A result that holds data
+//! (a string, an array) is checked against the engine's size limits by the caller, which leaves
+//! one over a limit to Rhai too.
 //!
-//! A name the engine has another function for (a plugin, a model, eddy's own) is never looked
-//! up here: the compiler asks [`shadowed`] first.
+//! A function of the same name and arity that the engine has outside the standard library (a
+//! plugin's, a model's, eddy's own) on one of these types is never looked up here: the compiler
+//! asks [`shadowed`] first.
 
 use std::collections::HashSet;
 
-use rhai::{Dynamic, Engine, FLOAT, INT};
+use std::any::TypeId;
+
+use rhai::{Array, Dynamic, Engine, ImmutableString, Map, FLOAT, INT};
 
 /// One standard function, by name and number of arguments.
 #[derive(Clone, Copy, Debug)]
-pub enum Math {
+pub enum StdFn {
     /// `f(x: FLOAT) -> FLOAT`.
     Float(FloatFn),
     /// `f(x: FLOAT) -> bool`.
@@ -35,6 +41,14 @@ pub enum Math {
     Min,
     /// `PI()`, `E()`.
     Constant(FLOAT),
+    /// Of a string (its characters), an array or a map.
+    Len,
+    IsEmpty,
+    ToLower,
+    ToUpper,
+    /// A map's keys, or its values, as an array.
+    Keys,
+    Values,
 }
 
 type FloatFn = fn(FLOAT) -> FLOAT;
@@ -73,8 +87,8 @@ const TESTS: [(&str, TestFn); 3] = [
     ("is_infinite", FLOAT::is_infinite),
 ];
 
-/// The float functions that are also property getters (`x.floor`).
-const GETTERS: [&str; 9] = [
+/// The functions that are also property getters (`x.floor`, `s.len`).
+const GETTERS: [&str; 11] = [
     "floor",
     "ceiling",
     "round",
@@ -84,68 +98,116 @@ const GETTERS: [&str; 9] = [
     "is_finite",
     "is_infinite",
     "is_zero",
+    "len",
+    "is_empty",
 ];
 
 /// The standard function `name` of `arity` arguments (a method's receiver counted), if it is
 /// one done here.
-pub fn lookup(name: &str, arity: usize) -> Option<Math> {
+pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
     Some(match (name, arity) {
         (_, 1) if FLOAT_FNS.iter().any(|(n, _)| *n == name) => {
-            Math::Float(FLOAT_FNS.iter().find(|(n, _)| *n == name)?.1)
+            StdFn::Float(FLOAT_FNS.iter().find(|(n, _)| *n == name)?.1)
         }
         (_, 1) if TESTS.iter().any(|(n, _)| *n == name) => {
-            Math::Test(TESTS.iter().find(|(n, _)| *n == name)?.1)
+            StdFn::Test(TESTS.iter().find(|(n, _)| *n == name)?.1)
         }
-        ("log", 2) => Math::Float2(FLOAT::log),
-        ("atan", 2) => Math::Float2(FLOAT::atan2),
-        ("hypot", 2) => Math::Float2(FLOAT::hypot),
-        ("abs", 1) => Math::Abs,
-        ("is_zero", 1) => Math::IsZero,
-        ("sign", 1) => Math::Sign,
-        ("to_int", 1) => Math::ToInt,
-        ("to_float", 1) => Math::ToFloat,
-        ("max", 2) => Math::Max,
-        ("min", 2) => Math::Min,
-        ("PI", 0) => Math::Constant(std::f64::consts::PI),
-        ("E", 0) => Math::Constant(std::f64::consts::E),
+        ("log", 2) => StdFn::Float2(FLOAT::log),
+        ("atan", 2) => StdFn::Float2(FLOAT::atan2),
+        ("hypot", 2) => StdFn::Float2(FLOAT::hypot),
+        ("abs", 1) => StdFn::Abs,
+        ("is_zero", 1) => StdFn::IsZero,
+        ("sign", 1) => StdFn::Sign,
+        ("to_int", 1) => StdFn::ToInt,
+        ("to_float", 1) => StdFn::ToFloat,
+        ("max", 2) => StdFn::Max,
+        ("min", 2) => StdFn::Min,
+        ("PI", 0) => StdFn::Constant(std::f64::consts::PI),
+        ("E", 0) => StdFn::Constant(std::f64::consts::E),
+        ("len", 1) => StdFn::Len,
+        ("is_empty", 1) => StdFn::IsEmpty,
+        ("to_lower", 1) => StdFn::ToLower,
+        ("to_upper", 1) => StdFn::ToUpper,
+        ("keys", 1) => StdFn::Keys,
+        ("values", 1) => StdFn::Values,
         _ => return None,
     })
 }
 
 /// The standard property getter `x.name` on a number, if it is one done here.
-pub fn getter(name: &str) -> Option<Math> {
+pub fn getter(name: &str) -> Option<StdFn> {
     GETTERS.contains(&name).then(|| lookup(name, 1)).flatten()
 }
 
-/// The names (with their arity, and `get$name` for getters, with 1) that the engine has a
-/// function for outside the standard library: those are left to the general call.
+/// The names (with their arity; `get$name` for getters) that the engine has a function for
+/// outside the standard library whose first parameter may be a number, a string, an array or a
+/// map: calls of those names are left to the general call. (A plugin's `len` on its own type,
+/// such as a ring's, does not count.)
 pub fn shadowed(engine: &Engine) -> HashSet<(String, usize)> {
+    let std_types = [
+        TypeId::of::<INT>(),
+        TypeId::of::<FLOAT>(),
+        TypeId::of::<bool>(),
+        TypeId::of::<ImmutableString>(),
+        TypeId::of::<String>(),
+        TypeId::of::<&str>(),
+        TypeId::of::<char>(),
+        TypeId::of::<Array>(),
+        TypeId::of::<Map>(),
+        TypeId::of::<Dynamic>(),
+    ];
     engine
         .collect_fn_metadata(
             None,
-            |f| Some((f.metadata.name.to_string(), f.metadata.num_params)),
+            |f| {
+                let first = f.metadata.param_types.first();
+                first
+                    .is_none_or(|t| std_types.contains(t))
+                    .then(|| (f.metadata.name.to_string(), f.metadata.num_params))
+            },
             false,
         )
         .into_iter()
         .collect()
 }
 
-impl Math {
+impl StdFn {
+    /// [`StdFn::apply`], with a result that holds data (a string, an array) within `engine`'s
+    /// size limits: one over a limit is left to Rhai, which gives its error.
+    pub fn apply_within(self, engine: &Engine, args: &[&Dynamic]) -> Option<Dynamic> {
+        let value = self.apply(args)?;
+        let holds_data = matches!(
+            self,
+            StdFn::ToLower | StdFn::ToUpper | StdFn::Keys | StdFn::Values
+        );
+        if holds_data && engine.ensure_data_size_within_limits(&value).is_err() {
+            return None;
+        }
+        Some(value)
+    }
+}
+
+impl StdFn {
     /// The call's result as the standard library gives it, or `None` when the arguments are not
     /// the numbers it takes or the call fails (see the module's note).
     #[inline]
     pub fn apply(self, args: &[&Dynamic]) -> Option<Dynamic> {
+        // A plugin's object (or any custom type) first: none of these takes one. One check,
+        // so that a plugin getter such as a ring's `len` goes on to the plugin at once.
+        if args.first().is_some_and(|a| a.is_variant()) {
+            return None;
+        }
         let float = |v: &Dynamic| v.as_float().ok();
         let int = |v: &Dynamic| v.as_int().ok();
         Some(match (self, args) {
-            (Math::Float(f), [x]) => Dynamic::from_float(f(float(x)?)),
-            (Math::Test(f), [x]) => Dynamic::from_bool(f(float(x)?)),
-            (Math::Float2(f), [x, y]) => Dynamic::from_float(f(float(x)?, float(y)?)),
-            (Math::Abs, [x]) => match int(x) {
+            (StdFn::Float(f), [x]) => Dynamic::from_float(f(float(x)?)),
+            (StdFn::Test(f), [x]) => Dynamic::from_bool(f(float(x)?)),
+            (StdFn::Float2(f), [x, y]) => Dynamic::from_float(f(float(x)?, float(y)?)),
+            (StdFn::Abs, [x]) => match int(x) {
                 Some(i) => Dynamic::from_int(i.checked_abs()?),
                 None => Dynamic::from_float(float(x)?.abs()),
             },
-            (Math::Sign, [x]) => match int(x) {
+            (StdFn::Sign, [x]) => match int(x) {
                 Some(i) => Dynamic::from_int(i.signum()),
                 None => {
                     let f = float(x)?;
@@ -155,11 +217,11 @@ impl Math {
                     Dynamic::from_int(if f == 0.0 { 0 } else { f.signum() as INT })
                 }
             },
-            (Math::IsZero, [x]) => match int(x) {
+            (StdFn::IsZero, [x]) => match int(x) {
                 Some(i) => Dynamic::from_bool(i == 0),
                 None => Dynamic::from_bool(float(x)? == 0.0),
             },
-            (Math::ToInt, [x]) => match int(x) {
+            (StdFn::ToInt, [x]) => match int(x) {
                 Some(i) => Dynamic::from_int(i),
                 None => {
                     let f = float(x)?;
@@ -170,12 +232,12 @@ impl Math {
                     Dynamic::from_int(f.trunc() as INT)
                 }
             },
-            (Math::ToFloat, [x]) => match int(x) {
+            (StdFn::ToFloat, [x]) => match int(x) {
                 Some(i) => Dynamic::from_float(i as FLOAT),
                 None => Dynamic::from_float(float(x)?),
             },
-            (Math::Max | Math::Min, [x, y]) => {
-                let max = matches!(self, Math::Max);
+            (StdFn::Max | StdFn::Min, [x, y]) => {
+                let max = matches!(self, StdFn::Max);
                 if let (Some(a), Some(b)) = (int(x), int(y)) {
                     let pick_a = if max { a >= b } else { a <= b };
                     Dynamic::from_int(if pick_a { a } else { b })
@@ -187,7 +249,48 @@ impl Math {
                     Dynamic::from_float(if pick_a { a } else { b })
                 }
             }
-            (Math::Constant(c), []) => Dynamic::from_float(c),
+            (StdFn::Constant(c), []) => Dynamic::from_float(c),
+            (StdFn::Len | StdFn::IsEmpty, [x]) => {
+                let n = if let Ok(s) = x.as_immutable_string_ref() {
+                    s.chars().count()
+                } else if let Ok(a) = x.as_array_ref() {
+                    a.len()
+                } else if let Ok(m) = x.as_map_ref() {
+                    m.len()
+                } else {
+                    return None;
+                };
+                if matches!(self, StdFn::Len) {
+                    Dynamic::from_int(INT::try_from(n).unwrap_or(INT::MAX))
+                } else {
+                    Dynamic::from_bool(n == 0)
+                }
+            }
+            (StdFn::ToLower | StdFn::ToUpper, [x]) => {
+                let s = x.as_immutable_string_ref().ok()?;
+                let lower = matches!(self, StdFn::ToLower);
+                let same = if lower {
+                    s.is_empty() || s.chars().all(char::is_lowercase)
+                } else {
+                    s.chars().all(char::is_uppercase)
+                };
+                if same {
+                    Dynamic::from((*s).clone())
+                } else if lower {
+                    Dynamic::from(s.to_lowercase())
+                } else {
+                    Dynamic::from(s.to_uppercase())
+                }
+            }
+            (StdFn::Keys | StdFn::Values, [x]) => {
+                let m = x.as_map_ref().ok()?;
+                let items: Array = if matches!(self, StdFn::Keys) {
+                    m.keys().cloned().map(Into::into).collect()
+                } else {
+                    m.values().cloned().collect()
+                };
+                Dynamic::from_array(items)
+            }
             _ => return None,
         })
     }
@@ -218,6 +321,13 @@ mod tests {
             "9223372036854775807",
             "(-9223372036854775807 - 1)",
             "\"s\"",
+            "\"AbC é\"",
+            "\"\"",
+            "'c'",
+            "[1, \"x\"]",
+            "[]",
+            "#{a: 1, b: \"x\"}",
+            "#{}",
             "()",
             "true",
         ];
@@ -226,6 +336,7 @@ mod tests {
             .map(|(n, _)| *n)
             .chain(TESTS.iter().map(|(n, _)| *n))
             .chain(["abs", "sign", "is_zero", "to_int", "to_float"])
+            .chain(["len", "is_empty", "to_lower", "to_upper", "keys", "values"])
             .collect();
         let mut calls: Vec<(String, Vec<&str>, usize)> = Vec::new();
         for name in one {
@@ -263,7 +374,15 @@ mod tests {
                     answered += 1;
                 }
                 (Some(got), Err(e)) => panic!("{script}: {got}, where Rhai fails: {e}"),
-                (None, Ok(want)) if want.is_float() || want.is_int() || want.is_bool() => {
+                // Numbers, and strings, arrays and maps for the functions of those: answered.
+                (None, Ok(want))
+                    if values.iter().all(|v| v.is_int() || v.is_float())
+                        || (["len", "is_empty", "to_lower", "to_upper", "keys", "values"]
+                            .contains(&name.as_str())
+                            && (values[0].is_string()
+                                || values[0].is_array()
+                                || values[0].is_map())) =>
+                {
                     panic!("{script}: left to Rhai, which gives {want}")
                 }
                 (None, _) => {}
@@ -281,7 +400,9 @@ mod tests {
     fn getters_give_what_rhai_gives() {
         let engine = Engine::new();
         for name in GETTERS {
-            for v in ["2.5", "-2.5", "0.0", "1e300", "0", "3"] {
+            for v in [
+                "2.5", "-2.5", "0.0", "1e300", "0", "3", "\"Ab\"", "[1, 2]", "[]",
+            ] {
                 let want = engine.eval::<Dynamic>(&format!("let x = {v}; x.{name}"));
                 let x: Dynamic = engine.eval(v).unwrap();
                 match (getter(name).unwrap().apply(&[&x]), want) {
