@@ -105,13 +105,15 @@ const GETTERS: [&str; 11] = [
 /// The standard function `name` of `arity` arguments (a method's receiver counted), if it is
 /// one done here.
 pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
+    if arity == 1 {
+        if let Some((_, f)) = FLOAT_FNS.iter().find(|(n, _)| *n == name) {
+            return Some(StdFn::Float(*f));
+        }
+        if let Some((_, f)) = TESTS.iter().find(|(n, _)| *n == name) {
+            return Some(StdFn::Test(*f));
+        }
+    }
     Some(match (name, arity) {
-        (_, 1) if FLOAT_FNS.iter().any(|(n, _)| *n == name) => {
-            StdFn::Float(FLOAT_FNS.iter().find(|(n, _)| *n == name)?.1)
-        }
-        (_, 1) if TESTS.iter().any(|(n, _)| *n == name) => {
-            StdFn::Test(TESTS.iter().find(|(n, _)| *n == name)?.1)
-        }
         ("log", 2) => StdFn::Float2(FLOAT::log),
         ("atan", 2) => StdFn::Float2(FLOAT::atan2),
         ("hypot", 2) => StdFn::Float2(FLOAT::hypot),
@@ -134,7 +136,8 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
     })
 }
 
-/// The standard property getter `x.name` on a number, if it is one done here.
+/// The standard property getter `x.name` (of a number, a string or an array), if it is one
+/// done here.
 pub fn getter(name: &str) -> Option<StdFn> {
     GETTERS.contains(&name).then(|| lookup(name, 1)).flatten()
 }

@@ -58,6 +58,19 @@ fn run(def: &QueryDef, input: &[u8], limits: &Limits, engine: EngineMode) -> Vec
     out
 }
 
+/// Runs `def` over `input` on both engines, checks that they write the same bytes, and gives the
+/// output with its lines parsed.
+fn same_on_both(def: &QueryDef, input: &[u8], limits: &Limits) -> (String, Vec<serde_json::Value>) {
+    let compiled = String::from_utf8(run(def, input, limits, EngineMode::Auto)).unwrap();
+    let interpreted = String::from_utf8(run(def, input, limits, EngineMode::Interpreter)).unwrap();
+    assert_eq!(compiled, interpreted);
+    let lines = compiled
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (compiled, lines)
+}
+
 #[test]
 fn shipped_queries_write_the_same_bytes_on_both_engines() {
     let limits = limits();
@@ -694,14 +707,7 @@ fn on_event(ev) {
 {\"k\":\"d\",\"a\":5,\"b\":2}
 {\"k\":\"e\",\"a\":1,\"b\":1}
 ";
-    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
-    let interpreted =
-        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
-    assert_eq!(compiled, interpreted);
-    let lines: Vec<serde_json::Value> = compiled
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (compiled, lines) = same_on_both(&def, input, &limits);
     assert_eq!(lines.len(), 5, "{compiled}");
     // n = 3 * 4 + 1, x = 3 * 0.5 + 4, q = 3 / 4 in integers.
     assert_eq!(
@@ -795,14 +801,7 @@ fn on_event(ev) {
 {"k":"a","x":4,"i":-9223372036854775808}
 {"k":"a","x":"text","i":1}
 "#;
-    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
-    let interpreted =
-        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
-    assert_eq!(compiled, interpreted);
-    let lines: Vec<serde_json::Value> = compiled
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (compiled, lines) = same_on_both(&def, input, &limits);
     assert_eq!(lines.len(), 7, "{compiled}");
     // Integers stay integers; an integer beside a float is taken as a float.
     assert_eq!(
@@ -887,14 +886,8 @@ fn on_event(ev) {
     let def = QueryDef::compile("q", script, &limits).unwrap();
     assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
     let input = b"{\"x\":1}\n";
-    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
-    let interpreted =
-        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
-    assert_eq!(compiled, interpreted);
-    let values: Vec<serde_json::Value> = compiled
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].clone())
-        .collect();
+    let (_, lines) = same_on_both(&def, input, &limits);
+    let values: Vec<serde_json::Value> = lines.iter().map(|l| l["value"].clone()).collect();
     // max(2, 1) = 2, min(2, 3) = 2.
     assert_eq!(
         values,
@@ -990,14 +983,7 @@ fn on_event(ev) {
 {"k":"a","tag":""}
 {"k":"a","tag":12}
 "#;
-    let compiled = String::from_utf8(run(&def, input, &limits, EngineMode::Auto)).unwrap();
-    let interpreted =
-        String::from_utf8(run(&def, input, &limits, EngineMode::Interpreter)).unwrap();
-    assert_eq!(compiled, interpreted);
-    let lines: Vec<serde_json::Value> = compiled
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (compiled, lines) = same_on_both(&def, input, &limits);
     assert_eq!(lines.len(), 5, "{compiled}");
     // Distinct lower-case tags so far: abc; abc; abc, zz; abc, zz and "".
     let want = [
