@@ -1685,7 +1685,7 @@ impl Cx<'_> {
                     // Number methods that change nothing may work on a copy of a property.
                     // (So do the standard math functions: they take their numbers by value.)
                     let math = self.math(&call.name, call.args.len() + 1);
-                    let pure = math.is_some()
+                    let pure = math.is_some_and(|m| !m.mutates())
                         || call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
                     let on_event =
                         matches!(start, Start::Place(Target::Local(i)) if self.ev_local == Some(i));
@@ -2676,6 +2676,7 @@ impl Step {
                     return Ok(v);
                 }
                 let done = math.and_then(|m| match args.as_slice() {
+                    _ if m.mutates() => m.apply_mut(engine, on, &args),
                     [] => m.apply_within(engine, &[on]),
                     [a] => m.apply_within(engine, &[on, a]),
                     _ => None,

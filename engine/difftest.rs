@@ -395,6 +395,16 @@ impl Writer<'_> {
             5 => out.push_str(&format!(
                 "emit(#{{ has: {key} in this.m, n: this.m.len() }});\n"
             )),
+            // The array changed in place (Rust in compiled code), its items of any type.
+            6 if self.g.chance(60) => {
+                let change = match self.g.below(5) {
+                    0 | 1 => format!("this.l.push({})", self.expr(1)),
+                    2 => format!("this.l.remove({})", self.g.pick(&ARRAY_INDEXES)),
+                    3 => self.g.pick(&["this.l.pop()", "this.l.shift()"]).to_owned(),
+                    _ => "if this.l.len() > 5 { this.l.clear() }".to_owned(),
+                };
+                out.push_str(&format!("emit(#{{ changed: {change}, l: this.l }});\n"));
+            }
             _ => out.push_str(&format!("emit(#{{ at: this.m[{key}], l: this.l }});\n")),
         }
     }

@@ -49,6 +49,12 @@ pub enum StdFn {
     /// A map's keys, or its values, as an array.
     Keys,
     Values,
+    /// The functions that change the array they are called on (see [`StdFn::apply_mut`]).
+    Push,
+    Pop,
+    Shift,
+    Remove,
+    Clear,
 }
 
 type FloatFn = fn(FLOAT) -> FLOAT;
@@ -132,6 +138,11 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
         ("to_upper", 1) => StdFn::ToUpper,
         ("keys", 1) => StdFn::Keys,
         ("values", 1) => StdFn::Values,
+        ("push", 2) => StdFn::Push,
+        ("pop", 1) => StdFn::Pop,
+        ("shift", 1) => StdFn::Shift,
+        ("remove", 2) => StdFn::Remove,
+        ("clear", 1) => StdFn::Clear,
         _ => return None,
     })
 }
@@ -175,6 +186,63 @@ pub fn shadowed(engine: &Engine) -> HashSet<(String, usize)> {
 }
 
 impl StdFn {
+    /// Whether the function changes what it is called on (an array): called as a method, on
+    /// the value in place, by [`StdFn::apply_mut`].
+    pub fn mutates(self) -> bool {
+        matches!(
+            self,
+            StdFn::Push | StdFn::Pop | StdFn::Shift | StdFn::Remove | StdFn::Clear
+        )
+    }
+
+    /// `on.name(args)` for the functions that change an array, done on `on` in place, when it
+    /// is an array that may be changed and the call succeeds: an array that `push` takes past
+    /// `engine`'s size limits is given back as it was and the call left to Rhai, which makes
+    /// the same change and gives its error. `None` (nothing changed) otherwise.
+    pub fn apply_mut(self, engine: &Engine, on: &mut Dynamic, args: &[Dynamic]) -> Option<Dynamic> {
+        if !on.is_array() || on.is_shared() || on.is_read_only() {
+            return None;
+        }
+        let mut array = on.as_array_mut().ok()?;
+        let out = match (self, args) {
+            (StdFn::Push, [item]) => {
+                array.push(item.clone());
+                drop(array);
+                if engine.ensure_data_size_within_limits(on).is_err() {
+                    on.as_array_mut().ok()?.pop();
+                    return None;
+                }
+                return Some(Dynamic::UNIT);
+            }
+            (StdFn::Pop, []) => array.pop().unwrap_or(Dynamic::UNIT),
+            (StdFn::Shift, []) if array.is_empty() => Dynamic::UNIT,
+            (StdFn::Shift, []) => array.remove(0),
+            (StdFn::Remove, [index]) => {
+                // Rhai's index: from the end when negative; out of range removes nothing.
+                let index = index.as_int().ok()?;
+                let len = array.len();
+                let at = if index < 0 {
+                    usize::try_from(index.unsigned_abs())
+                        .ok()
+                        .filter(|&back| back <= len)
+                        .map(|back| len - back)
+                } else {
+                    usize::try_from(index).ok().filter(|&i| i < len)
+                };
+                match at {
+                    Some(i) if len > 0 => array.remove(i),
+                    _ => Dynamic::UNIT,
+                }
+            }
+            (StdFn::Clear, []) => {
+                array.clear();
+                Dynamic::UNIT
+            }
+            _ => return None,
+        };
+        Some(out)
+    }
+
     /// [`StdFn::apply`], with a result that holds data (a string, an array) within `engine`'s
     /// size limits: one over a limit is left to Rhai, which gives its error.
     pub fn apply_within(self, engine: &Engine, args: &[&Dynamic]) -> Option<Dynamic> {
@@ -197,7 +265,7 @@ impl StdFn {
     pub fn apply(self, args: &[&Dynamic]) -> Option<Dynamic> {
         // A plugin's object (or any custom type) first: none of these takes one. One check,
         // so that a plugin getter such as a ring's `len` goes on to the plugin at once.
-        if args.first().is_some_and(|a| a.is_variant()) {
+        if args.first().is_some_and(|a| a.is_variant()) || self.mutates() {
             return None;
         }
         let float = |v: &Dynamic| v.as_float().ok();
@@ -414,6 +482,53 @@ mod tests {
                     }
                     (None, Err(_)) => {}
                     (got, want) => panic!("{v}.{name}: {got:?} against Rhai's {want:?}"),
+                }
+            }
+        }
+    }
+
+    /// The functions that change an array leave it, and give, what Rhai's leave and give, and
+    /// change nothing where they leave the call to Rhai.
+    #[test]
+    fn array_changes_give_what_rhai_gives() {
+        let engine = Engine::new();
+        let receivers = ["[]", "[1, \"x\", 2.5]", "\"text\"", "#{a: 1}", "7"];
+        let calls: [(&str, &[&str]); 5] = [
+            ("push", &["4", "\"y\"", "()"]),
+            ("pop", &[]),
+            ("shift", &[]),
+            ("remove", &["0", "2", "-1", "-3", "-4", "3", "\"a\""]),
+            ("clear", &[]),
+        ];
+        for on in receivers {
+            for (name, args) in calls {
+                let with: Vec<Option<&str>> = if args.is_empty() {
+                    vec![None]
+                } else {
+                    args.iter().map(|a| Some(*a)).collect()
+                };
+                for arg in with {
+                    let call = format!("{name}({})", arg.unwrap_or(""));
+                    let script = format!("let a = {on}; let r = a.{call}; [a, r]");
+                    let want = engine.eval::<Dynamic>(&script);
+                    let mut value: Dynamic = engine.eval(on).unwrap();
+                    let before = value.to_string();
+                    let args: Vec<Dynamic> = arg
+                        .iter()
+                        .map(|a| engine.eval::<Dynamic>(a).unwrap())
+                        .collect();
+                    let f = lookup(name, args.len() + 1).unwrap();
+                    match (f.apply_mut(&engine, &mut value, &args), want) {
+                        (Some(got), Ok(want)) => {
+                            let got = Dynamic::from_array(vec![value.clone(), got]).to_string();
+                            assert_eq!(got, want.to_string(), "{on}.{call}");
+                        }
+                        (None, want) => {
+                            assert_eq!(value.to_string(), before, "{on}.{call} changed it");
+                            assert!(!on.starts_with('[') || want.is_err(), "{on}.{call}");
+                        }
+                        (Some(got), Err(e)) => panic!("{on}.{call}: {got}, where Rhai fails: {e}"),
+                    }
                 }
             }
         }

@@ -1007,3 +1007,72 @@ fn on_event(ev) {
         "{compiled}"
     );
 }
+
+#[test]
+fn array_changes_in_place_give_hand_computed_windows_and_rhais_size_error() {
+    // `push`, `shift`, `remove`, `pop` and `clear` on an array in state, done in place by
+    // compiled code; a push past `max_array_len` is Rhai's error on both engines.
+    let mut limits = limits();
+    limits.max_array_len = 4;
+    let script = r#"let source = "s"; let key_by = "k";
+fn init(key) { #{ recent: [] } }
+fn on_event(ev) {
+    if ev.op == "clear" { this.recent.clear(); }
+    this.recent.push(ev.x);
+    while this.recent.len() > 3 { this.recent.shift(); }
+    let last = if ev.op == "pop" { this.recent.pop() } else { () };
+    let gone = if ev.op == "rm" { this.recent.remove(-2) } else { () };
+    if ev.op == "grow" { this.recent.push(0); this.recent.push(0); this.recent.push(0); }
+    emit(#{ recent: this.recent, last: last, gone: gone });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"k":"a","x":1,"op":""}
+{"k":"a","x":2,"op":""}
+{"k":"a","x":3,"op":""}
+{"k":"a","x":4,"op":""}
+{"k":"a","x":5,"op":"pop"}
+{"k":"a","x":6,"op":"rm"}
+{"k":"a","x":7,"op":"clear"}
+{"k":"a","x":8,"op":"grow"}
+{"k":"a","x":9,"op":""}
+"#;
+    // (The last event shows the state the failed call left, alike on both engines.)
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    assert_eq!(lines.len(), 9, "{compiled}");
+    let v = |i: usize| lines[i]["value"].clone();
+    // A window of the last three; pop takes the newest, remove(-2) the second newest.
+    assert_eq!(
+        v(0),
+        serde_json::json!({ "recent": [1], "last": null, "gone": null })
+    );
+    assert_eq!(
+        v(2),
+        serde_json::json!({ "recent": [1, 2, 3], "last": null, "gone": null })
+    );
+    assert_eq!(
+        v(3),
+        serde_json::json!({ "recent": [2, 3, 4], "last": null, "gone": null })
+    );
+    assert_eq!(
+        v(4),
+        serde_json::json!({ "recent": [3, 4], "last": 5, "gone": null })
+    );
+    assert_eq!(
+        v(5),
+        serde_json::json!({ "recent": [3, 6], "last": null, "gone": 4 })
+    );
+    assert_eq!(
+        v(6),
+        serde_json::json!({ "recent": [7], "last": null, "gone": null })
+    );
+    // [7, 8] and three more is five items: over the limit of four.
+    assert_eq!(lines[7]["topic"], "q.errors", "{compiled}");
+    assert!(
+        lines[7]["value"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("array"),
+        "{compiled}"
+    );
+}
