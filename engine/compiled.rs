@@ -746,7 +746,7 @@ struct Cx<'a> {
     /// function of the engine has that name (see [`plain_natives`]).
     plain: &'a std::collections::HashSet<&'static str>,
     /// Names (and arities) the engine has functions of outside the standard library: a
-    /// standard math function of such a name is left to the general call (see [`crate::math`]).
+    /// standard function of such a name is left to the general call (see [`crate::std_fns`]).
     shadowed: &'a std::collections::HashSet<(String, usize)>,
 }
 
@@ -1678,14 +1678,14 @@ impl Cx<'_> {
                 Seg::Prop(name, ppos, _) => {
                     let helper = self.helpers.borrow_mut().add(0, &format!("this.{name}"));
                     let natives = natives_for(&format!("get${name}"), 1);
-                    let math = self.math_getter(name);
-                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives, math));
+                    let std = self.std_getter(name);
+                    steps.push(Step::Prop(name.clone(), helper, *ppos, natives, std));
                 }
                 Seg::Method(call, mpos) => {
                     // Number methods that change nothing may work on a copy of a property.
-                    // (So do the standard math functions: they take their numbers by value.)
-                    let math = self.math(&call.name, call.args.len() + 1);
-                    let pure = math.is_some_and(|m| !m.mutates())
+                    // (So do the standard functions that change nothing, such as `sqrt`, `len`.)
+                    let std = self.std_fn(&call.name, call.args.len() + 1);
+                    let pure = std.is_some_and(|f| !f.mutates())
                         || call.args.is_empty() && matches!(call.name.as_str(), "abs" | "to_float");
                     let on_event =
                         matches!(start, Start::Place(Target::Local(i)) if self.ev_local == Some(i));
@@ -1716,7 +1716,7 @@ impl Cx<'_> {
                         helper,
                         *mpos,
                         natives,
-                        math,
+                        std,
                     ));
                     in_place = false;
                 }
@@ -2166,8 +2166,9 @@ impl Cx<'_> {
             None if self.plain.contains(name) => plain_natives_for(name, n),
             _ => Natives::default(),
         };
-        // A standard math function: in Rust when the arguments are its numbers.
-        if let Some(math) = self.math(name, n) {
+        // A standard function: in Rust when the arguments are its types. (Those that change
+        // an array are done in place only as methods.)
+        if let Some(std) = self.std_fn(name, n).filter(|f| !f.mutates()) {
             return Ok(Box::new(move |fr| {
                 let mut values: smallvec::SmallVec<[Dynamic; 2]> = smallvec::SmallVec::new();
                 for (k, a) in args.iter().enumerate() {
@@ -2185,7 +2186,7 @@ impl Cx<'_> {
                             _ => v,
                         })
                         .collect();
-                    math.apply_within(fr.rt.engine, &refs)
+                    std.apply_within(fr.rt.engine, &refs)
                 };
                 match done {
                     Some(v) => Ok(v),
@@ -2205,15 +2206,15 @@ impl Cx<'_> {
         }))
     }
 
-    /// The standard math function `name` of `arity` arguments, when compiled code may call it
-    /// as Rust: no function of the engine outside the standard library has its name.
-    fn math(&self, name: &str, arity: usize) -> Option<StdFn> {
+    /// The standard function `name` of `arity` arguments, when compiled code may call it as
+    /// Rust: no function of the engine outside the standard library has its name for its types.
+    fn std_fn(&self, name: &str, arity: usize) -> Option<StdFn> {
         crate::std_fns::lookup(name, arity)
             .filter(|_| !self.shadowed.contains(&(name.to_owned(), arity)))
     }
 
-    /// The standard property getter `x.name` on a number, when compiled code may call it as Rust.
-    fn math_getter(&self, name: &str) -> Option<StdFn> {
+    /// The standard property getter `x.name`, when compiled code may call it as Rust.
+    fn std_getter(&self, name: &str) -> Option<StdFn> {
         crate::std_fns::getter(name).filter(|_| {
             !self.shadowed.contains(&(format!("get${name}"), 1))
                 && !self.shadowed.contains(&(name.to_owned(), 1))
@@ -2619,8 +2620,9 @@ fn walk_chain(
     Ok(value)
 }
 
-/// One step of a chain: a property or a method, with its helper and the plugin functions of
-/// that name it may call directly (see [`Native`]).
+/// One step of a chain: a property or a method, with its helper, the plugin functions of that
+/// name it may call directly (see [`Native`]) and the standard function it may do in Rust (see
+/// [`crate::std_fns`]).
 enum Step {
     Prop(ImmutableString, Rc<str>, Position, Natives, Option<StdFn>),
     Method(
@@ -2656,14 +2658,14 @@ impl Step {
     ) -> R<Dynamic> {
         let mut args = args;
         let (helper, pos) = match self {
-            Step::Prop(name, helper, pos, natives, math) => {
+            Step::Prop(name, helper, pos, natives, std) => {
                 if let Some(ev) = on.read_lock::<Event>() {
                     return Ok(ev.get(name));
                 }
                 if let Ok(map) = on.as_map_ref() {
                     return Ok(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT));
                 }
-                if let Some(v) = math.and_then(|m| m.apply_within(engine, &[on])) {
+                if let Some(v) = std.and_then(|f| f.apply_within(engine, &[on])) {
                     return Ok(v);
                 }
                 if let Some(v) = call_native(engine, natives, name, on, &mut args, *pos)? {
@@ -2671,14 +2673,14 @@ impl Step {
                 }
                 (helper, *pos)
             }
-            Step::Method(name, _, helper, pos, natives, math) => {
+            Step::Method(name, _, helper, pos, natives, std) => {
                 if let Some(v) = fast_method(name, on, &args, *pos)? {
                     return Ok(v);
                 }
-                let done = math.and_then(|m| match args.as_slice() {
-                    _ if m.mutates() => m.apply_mut(engine, on, &args),
-                    [] => m.apply_within(engine, &[on]),
-                    [a] => m.apply_within(engine, &[on, a]),
+                let done = std.and_then(|f| match args.as_slice() {
+                    _ if f.mutates() => f.apply_mut(engine, on, &args),
+                    [] => f.apply_within(engine, &[on]),
+                    [a] => f.apply_within(engine, &[on, a]),
                     _ => None,
                 });
                 if let Some(v) = done {

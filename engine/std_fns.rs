@@ -426,7 +426,7 @@ mod tests {
         calls.push(("E".to_owned(), vec![], 0));
         let mut answered = 0;
         for (name, args, arity) in &calls {
-            let math = lookup(name, *arity).unwrap_or_else(|| panic!("{name}/{arity}"));
+            let f = lookup(name, *arity).unwrap_or_else(|| panic!("{name}/{arity}"));
             let script = format!("{name}({})", args.join(", "));
             let want = engine.eval::<Dynamic>(&script);
             let values: Vec<Dynamic> = args
@@ -434,7 +434,7 @@ mod tests {
                 .map(|a| engine.eval::<Dynamic>(a).unwrap())
                 .collect();
             let refs: Vec<&Dynamic> = values.iter().collect();
-            match (math.apply(&refs), want) {
+            match (f.apply(&refs), want) {
                 (Some(got), Ok(want)) => {
                     assert_eq!(got.type_name(), want.type_name(), "{script}");
                     let same = match (got.as_float(), want.as_float()) {
