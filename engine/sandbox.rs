@@ -170,7 +170,16 @@ fn register_event(engine: &mut Engine) {
         .register_type_with_name::<Event>("event")
         .register_indexer_get(|ev: &mut Event, name: &str| ev.get(name))
         .register_indexer_set(
-            |_: &mut Event, name: &str, _: rhai::Dynamic| -> Result<(), Box<rhai::EvalAltResult>> {
+            |ev: &mut Event,
+             name: &str,
+             value: rhai::Dynamic|
+             -> Result<(), Box<rhai::EvalAltResult>> {
+                // Rhai writes a field back after a method called through it (`ev.tags.len()`,
+                // `ev.tags.contains(x)`), whether the method changed it or not: the value the
+                // field already holds is taken as it is, any other refused.
+                if same_json(&ev.get(name), &value) {
+                    return Ok(());
+                }
                 Err(format!(
                     "events are read-only: cannot set `{name}` (copy it with `ev.to_map()` first)"
                 )
@@ -189,6 +198,14 @@ fn register_event(engine: &mut Engine) {
         .register_fn("to_string", |ev: &mut Event| event_json(ev))
         .register_fn("to_debug", |ev: &mut Event| event_json(ev))
         .register_fn("to_json", |ev: &mut Event| event_json(ev));
+}
+
+/// Whether two values write the same JSON (an event's fields are JSON values).
+fn same_json(a: &rhai::Dynamic, b: &rhai::Dynamic) -> bool {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    crate::json::write_dynamic(&mut x, a, usize::MAX).is_ok()
+        && crate::json::write_dynamic(&mut y, b, usize::MAX).is_ok()
+        && x == y
 }
 
 fn event_json(ev: &mut Event) -> String {

@@ -481,6 +481,39 @@ fn events_are_read_only() {
     );
 }
 
+/// A method called through an event's field reads it (Rhai writes the field back afterwards,
+/// unchanged, which the event takes), on both engines; one that changes the field is refused
+/// (and the call's items with it).
+#[test]
+fn methods_through_event_fields_read_and_may_not_change_them() {
+    let r = run(
+        r#"let source = "s"; fn on_event(ev) {
+            emit([ev.tags.len(), ev.tags.contains("b"), ev.m.keys(), ev.m.contains("k"),
+                  ev.s.len(), ev.tags.is_empty()]);
+            if ev.change { ev.tags.push("c"); }
+        }"#,
+        "{\"tags\":[\"a\",\"b\"],\"m\":{\"k\":1},\"s\":\"héllo\",\"change\":false}\n\
+         {\"tags\":[],\"m\":{},\"s\":\"\",\"change\":false}\n\
+         {\"tags\":[],\"m\":{},\"s\":\"\",\"change\":true}",
+    );
+    assert_eq!(
+        r.values("q"),
+        [
+            &json!([2, true, ["k"], true, 5, false]),
+            &json!([0, false, [], false, 0, true])
+        ]
+    );
+    let errors = r.values("q.errors");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("events are read-only: cannot set `tags`"),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn stream_field_selects_queries() {
     let r = run(
