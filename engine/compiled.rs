@@ -4022,6 +4022,15 @@ fn bool_binop(op: &Token, a: bool, b: bool) -> Option<Num> {
 
 /// `x op y` for ints, floats, bools, strings and `()`, with Rhai's results and errors; `None`
 /// for the other types (the caller asks the interpreter).
+/// `x == y` as Rhai's operator gives it for two values of the standard types [`fast_binop`]
+/// knows; `None` otherwise (the caller leaves the whole operation to Rhai).
+pub(crate) fn std_equals(x: &Dynamic, y: &Dynamic) -> Option<bool> {
+    fast_binop(&Token::EqualsTo, x, y, Position::NONE)
+        .ok()
+        .flatten()
+        .and_then(|v| v.as_bool().ok())
+}
+
 fn fast_binop(op: &Token, x: &Dynamic, y: &Dynamic, pos: Position) -> R<Option<Dynamic>> {
     use Token::*;
     if x.is_int() && y.is_int() {

@@ -218,7 +218,9 @@ impl Writer<'_> {
                 ])
             ),
             6 if self.g.chance(40) => {
-                let f = self.g.pick(&["max", "min", "log", "atan", "hypot"]);
+                let f = self
+                    .g
+                    .pick(&["max", "min", "log", "atan", "hypot", "contains"]);
                 if self.g.chance(50) {
                     format!("({}).{f}({})", self.expr(d), self.expr(d))
                 } else {

@@ -48,6 +48,9 @@ pub enum StdFn {
     /// A map's keys, or its values, as an array.
     Keys,
     Values,
+    /// An item of an array (by Rhai's `==`), a string or a character in a string, a key of a
+    /// map.
+    Contains,
     /// The functions that change the array they are called on (see [`StdFn::apply_mut`]).
     Push,
     Pop,
@@ -137,6 +140,7 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
         ("to_upper", 1) => StdFn::ToUpper,
         ("keys", 1) => StdFn::Keys,
         ("values", 1) => StdFn::Values,
+        ("contains", 2) => StdFn::Contains,
         ("push", 2) => StdFn::Push,
         ("pop", 1) => StdFn::Pop,
         ("shift", 1) => StdFn::Shift,
@@ -356,6 +360,27 @@ impl StdFn {
                 };
                 Dynamic::from_array(items)
             }
+            (StdFn::Contains, [on, v]) => {
+                if let Ok(items) = on.as_array_ref() {
+                    // Rhai's `==` on each item in turn, up to the first that equals `v`: an
+                    // item before it that this does not compare leaves the call to Rhai.
+                    for item in items.iter() {
+                        if crate::compiled::std_equals(item, v)? {
+                            return Some(Dynamic::TRUE);
+                        }
+                    }
+                    Dynamic::FALSE
+                } else if let Ok(s) = on.as_immutable_string_ref() {
+                    if let Ok(sub) = v.as_immutable_string_ref() {
+                        Dynamic::from_bool(s.contains(sub.as_str()))
+                    } else {
+                        Dynamic::from_bool(s.contains(v.as_char().ok()?))
+                    }
+                } else {
+                    let key = v.as_immutable_string_ref().ok()?;
+                    Dynamic::from_bool(on.as_map_ref().ok()?.contains_key(key.as_str()))
+                }
+            }
             _ => return None,
         })
     }
@@ -385,7 +410,9 @@ mod tests {
             "-7",
             "9223372036854775807",
             "(-9223372036854775807 - 1)",
+            "1",
             "\"s\"",
+            "\"x\"",
             "\"AbC é\"",
             "\"\"",
             "'c'",
@@ -409,7 +436,7 @@ mod tests {
                 calls.push((name.to_owned(), vec![v], 1));
             }
         }
-        for name in ["log", "atan", "hypot", "max", "min"] {
+        for name in ["log", "atan", "hypot", "max", "min", "contains"] {
             for a in values {
                 for b in values {
                     calls.push((name.to_owned(), vec![a, b], 2));
@@ -446,6 +473,10 @@ mod tests {
                             .contains(&name.as_str())
                             && (values[0].is_string()
                                 || values[0].is_array()
+                                || values[0].is_map()))
+                        || (name == "contains"
+                            && (values[0].is_array() && !values[1].is_char()
+                                || values[0].is_string()
                                 || values[0].is_map())) =>
                 {
                     panic!("{script}: left to Rhai, which gives {want}")
