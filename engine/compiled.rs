@@ -480,7 +480,12 @@ fn functions(ast: &AST) -> Vec<FnSrc> {
 
 /// Compiles the functions of a query's `ast` (made by `engine`). The report says what was
 /// compiled; the query is returned only when all of it was.
-pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>, Report) {
+pub fn compile(
+    engine: &Engine,
+    ast: &AST,
+    has_init: bool,
+    constants: &[(ImmutableString, Dynamic)],
+) -> (Option<Compiled>, Report) {
     let fns = functions(ast);
     let plain = plain_names(engine);
     let shadowed = crate::std_fns::shadowed(engine);
@@ -546,6 +551,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
             in_loop: false,
             plain: &plain,
             shadowed: &shadowed,
+            constants,
         };
         let result = if f.name == "init" && has_init && f.params.len() == 1 {
             // Compiled field by field into the slots, below.
@@ -583,6 +589,7 @@ pub fn compile(engine: &Engine, ast: &AST, has_init: bool) -> (Option<Compiled>,
                 in_loop: false,
                 plain: &plain,
                 shadowed: &shadowed,
+                constants,
             };
             let mut compiled: Vec<EFn> = Vec::new();
             let fields = match fields {
@@ -748,6 +755,9 @@ struct Cx<'a> {
     /// Names (and arities) the engine has functions of outside the standard library: a
     /// standard function of such a name is left to the general call (see [`crate::std_fns`]).
     shadowed: &'a std::collections::HashSet<(String, usize)>,
+    /// The top-level constants the functions name where Rhai's constant propagation left the
+    /// name (see [`crate::query::compile`]): read-only values.
+    constants: &'a [(ImmutableString, Dynamic)],
 }
 
 /// Names a compiled query may not call: they look at the interpreter's own scope or functions.
@@ -789,6 +799,39 @@ impl Cx<'_> {
             .rev()
             .find(|(n, _)| n.as_str() == name)
             .map(|(_, i)| *i)
+    }
+
+    /// The value of top-level constant `name`, if the functions name it (see [`Cx::constants`]).
+    fn constant(&self, name: &str) -> Option<Dynamic> {
+        self.constants
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// A chain's root that is no local: a top-level constant, when every step is a property or
+    /// a standard function that changes nothing. Rhai runs only pure methods on a constant (any
+    /// other is an error); the standard ones that change nothing are pure, other methods are
+    /// left to the interpreter.
+    fn constant_root(
+        &self,
+        name: &str,
+        segs: &[Seg],
+        pos: Position,
+    ) -> Result<Dynamic, Unsupported> {
+        let Some(value) = self.constant(name) else {
+            return unsupported(pos, format!("variable `{name}` outside the function"));
+        };
+        let pure = |s: &Seg| match s {
+            Seg::Prop(..) => true,
+            Seg::Method(call, _) => self
+                .std_fn(&call.name, call.args.len() + 1)
+                .is_some_and(|f| !f.mutates()),
+        };
+        if !segs.iter().all(pure) {
+            return unsupported(pos, format!("a method called on the constant `{name}`"));
+        }
+        Ok(value)
     }
 
     /// A new local slot for `name` (slots are never reused within a function).
@@ -1454,6 +1497,9 @@ impl Cx<'_> {
                     return unsupported(*vpos, "module path");
                 }
                 let Some(i) = self.local(&x.1) else {
+                    if let Some(value) = self.constant(&x.1) {
+                        return Ok(Box::new(move |_| Ok(value.clone())));
+                    }
                     return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
                 };
                 if self.record(e).is_some() {
@@ -1641,12 +1687,10 @@ impl Cx<'_> {
                 segs = rest;
                 Start::Place(Target::Slot(self.this_slot(*tpos, field)?))
             }
-            Expr::Variable(x, _, vpos) if x.2.is_empty() => {
-                let Some(i) = self.local(&x.1) else {
-                    return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
-                };
-                Start::Place(Target::Local(i))
-            }
+            Expr::Variable(x, _, vpos) if x.2.is_empty() => match self.local(&x.1) {
+                Some(i) => Start::Place(Target::Local(i)),
+                None => Start::Const(self.constant_root(&x.1, segs, *vpos)?),
+            },
             other => Start::Value(self.expr(other)?),
         };
         // The common reads, without the general machinery: `this.field` and `ev.field`.
@@ -1670,7 +1714,7 @@ impl Cx<'_> {
         let mut in_place = match start {
             Start::Place(Target::Local(i)) => self.ev_local != Some(i),
             Start::Place(Target::Slot(_)) => true,
-            Start::Value(_) => false,
+            Start::Value(_) | Start::Const(_) => false,
         };
         let mut first = true;
         for s in segs {
@@ -1971,6 +2015,7 @@ impl Cx<'_> {
                 in_loop: false,
                 plain: self.plain,
                 shadowed: self.shadowed,
+                constants: self.constants,
             };
             inner.stack.push(i);
             inner.compile_fn(i)?;
@@ -2585,6 +2630,9 @@ fn target_ref<'a>(fr: &'a mut Frame, t: Target) -> Option<&'a mut Dynamic> {
 enum Start {
     Place(Target),
     Value(EFn),
+    /// A top-level constant: its first step reads it in place where it can (see
+    /// [`Step::read`]), since a copy of a large list per call would cost more than the lookup.
+    Const(Dynamic),
 }
 
 /// Walks a chain: its root, then each step on what the one before gave, `args` giving each
@@ -2599,6 +2647,16 @@ fn walk_chain(
     let mut steps = steps.iter();
     let mut value = match start {
         Start::Value(f) => f(fr)?,
+        Start::Const(v) => {
+            let Some(step) = steps.next() else {
+                return Ok(v.clone());
+            };
+            let args = args(step, fr)?;
+            match step.read(fr.rt.engine, v, &args) {
+                Some(read) => read,
+                None => step.apply(fr.rt.engine, fr.helpers, &mut v.clone(), args)?,
+            }
+        }
         Start::Place(t) => {
             // The first step works on the place itself (a method may change it).
             let Some(step) = steps.next() else {
@@ -2636,6 +2694,24 @@ enum Step {
 }
 
 impl Step {
+    /// The step on a value it may not change, without a copy: a map's field, or a standard
+    /// function that changes nothing. `None` for anything else (done by [`Step::apply`] on a
+    /// copy).
+    fn read(&self, engine: &Engine, on: &Dynamic, args: &[Dynamic]) -> Option<Dynamic> {
+        match self {
+            Step::Prop(name, .., std) => match on.as_map_ref() {
+                Ok(map) => Some(map.get(name.as_str()).cloned().unwrap_or(Dynamic::UNIT)),
+                Err(_) => std.and_then(|f| f.apply_within(engine, &[on])),
+            },
+            Step::Method(.., Some(f)) if !f.mutates() => match args {
+                [] => f.apply_within(engine, &[on]),
+                [a] => f.apply_within(engine, &[on, a]),
+                _ => None,
+            },
+            Step::Method(..) => None,
+        }
+    }
+
     fn args(&self, fr: &mut Frame) -> R<Vec<Dynamic>> {
         match self {
             Step::Prop(..) => Ok(Vec::new()),
@@ -3517,10 +3593,26 @@ impl Cx<'_> {
                 segs = rest;
                 PathRoot::Place(Target::Slot(self.this_slot(*tpos, field)?))
             }
+            Expr::Variable(x, _, vpos) if x.2.is_empty() && self.local(&x.1).is_none() => {
+                // A top-level constant, read through properties and indexes (no method, which
+                // might change it: see `Cx::constant_root`).
+                let reads = segs.iter().all(|s| !matches!(s, PSeg::Method(..)));
+                match self.constant(&x.1) {
+                    Some(value) if assign.is_none() && reads => {
+                        PathRoot::Value(Box::new(move |_| Ok(value.clone())))
+                    }
+                    Some(_) => {
+                        let what = format!("a change or a method of the constant `{}`", x.1);
+                        return unsupported(*vpos, what);
+                    }
+                    None => {
+                        let what = format!("variable `{}` outside the function", x.1);
+                        return unsupported(*vpos, what);
+                    }
+                }
+            }
             Expr::Variable(x, _, vpos) if x.2.is_empty() => {
-                let Some(i) = self.local(&x.1) else {
-                    return unsupported(*vpos, format!("variable `{}` outside the function", x.1));
-                };
+                let i = self.local(&x.1).expect("checked above");
                 if self.record(root).is_some() {
                     return unsupported(*vpos, format!("the map `{}` as a value", x.1));
                 }

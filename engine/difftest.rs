@@ -138,6 +138,10 @@ const PLUGINS: [Plugin; 11] = [
     },
 ];
 
+/// The top-level constants a program may name in its functions.
+const CONSTANTS: &str = "const K_INT = 7;\nconst K_FLOAT = 2.5;\nconst K_STR = \"ab\";\n\
+    const K_LIST = [1, 2.5, ()];\nconst K_MAP = #{ a: 1, b: #{ v: 2.5 } };\n";
+
 struct Writer<'g> {
     g: &'g mut Gen,
     locals: Vec<String>,
@@ -146,6 +150,8 @@ struct Writer<'g> {
     plugin: Option<&'static Plugin>,
     /// Whether the state has a map `m` and an array `l` (indexed, walked by loops).
     containers: bool,
+    /// Whether the script declares the top-level constants of [`CONSTANTS`].
+    constants: bool,
     /// The loop the statements being written are in: `None`, `Some(true)` for one whose body
     /// may `continue`, `Some(false)` for a `do` loop (where `continue` skips the test that ends
     /// it, so only `break` is written).
@@ -181,6 +187,31 @@ impl Writer<'_> {
                 _ if self.containers && self.g.chance(20) => {
                     format!("this.l[{}]", self.g.pick(&ARRAY_INDEXES))
                 }
+                // Top-level constants: put in place as values, or read by index, property and
+                // standard function where Rhai keeps the name.
+                _ if self.constants && self.g.chance(30) => match self.g.below(4) {
+                    0 => self
+                        .g
+                        .pick(&["K_INT", "K_FLOAT", "K_STR", "K_LIST", "K_MAP"])
+                        .to_owned(),
+                    1 => format!("K_LIST[{}]", self.g.pick(&ARRAY_INDEXES)),
+                    2 => {
+                        let key = self.key();
+                        format!("K_MAP[{key}]")
+                    }
+                    _ => self
+                        .g
+                        .pick(&[
+                            "K_MAP.a",
+                            "K_STR.len()",
+                            "K_LIST.len()",
+                            "K_MAP.keys()",
+                            "K_LIST.contains(2.5)",
+                            "K_STR.contains(\"b\")",
+                            "K_MAP.contains(\"b\")",
+                        ])
+                        .to_owned(),
+                },
                 _ => format!("ev[\"{}\"]", self.g.pick(&EVENT_FIELDS)),
             };
         }
@@ -491,6 +522,13 @@ impl Writer<'_> {
                     out.push_str(&format!("let {name} = {};\n", self.expr(3)));
                     self.locals.push(name);
                 }
+                // A change of a constant: Rhai's error, which makes the query interpreted.
+                5 if self.constants && self.g.chance(5) => {
+                    let change = self
+                        .g
+                        .pick(&["K_INT += 1", "K_LIST.push(1)", "K_STR += \"c\""]);
+                    out.push_str(&format!("if ev.x == 0 {{ {change}; }}\n"));
+                }
                 5 if !self.locals.is_empty() => {
                     let i = self.g.below(self.locals.len());
                     let op = self.g.pick(&["=", "+=", "*=", "-=", "/=", "%="]);
@@ -669,15 +707,20 @@ pub fn program(seed: u64) -> String {
     let timers = g.chance(40);
     let plugin = g.chance(50).then(|| &PLUGINS[g.below(PLUGINS.len())]);
     let containers = g.chance(40);
+    let constants = g.chance(30);
     let mut w = Writer {
         g: &mut g,
         locals: Vec::new(),
         next: 0,
         plugin,
         containers,
+        constants,
         in_loop: None,
     };
     let mut s = String::from("let source = \"s\";\nlet key_by = \"k\";\n");
+    if constants {
+        s.push_str(CONSTANTS);
+    }
     s.push_str(&format!(
         "fn mix(p, q) {{ {} }}\n",
         [

@@ -8,7 +8,10 @@
 
 use std::fmt;
 
-use rhai::{Dynamic, Engine, Position, Scope, AST};
+use rhai::{
+    ASTFlags, ASTNode, Dynamic, Engine, EvalAltResult, Expr, ImmutableString, ParseError,
+    ParseErrorType, Position, Scope, Stmt, AST,
+};
 
 use crate::event::FieldPath;
 use crate::sandbox::{self, Limits, SETTINGS};
@@ -124,19 +127,250 @@ pub fn name_of_file(path: &std::path::Path) -> Option<&str> {
 }
 
 /// Compiles `script` with `engine`, seeing the settings as defined variables.
-pub(crate) fn compile(engine: &Engine, name: &str, script: &str) -> Result<AST, QueryError> {
+///
+/// A top-level `const` may be named in the functions. Rhai's functions see no variable of the
+/// script, so the constants they name are worked out first, by running the top-level statements
+/// once, and then compiled into the functions as values (Rhai's constant propagation): both
+/// engines run the same AST.
+///
+/// Propagation leaves a name where a value cannot stand for it: the object of a method call
+/// (`WATCHLIST.contains(s)`), which Rhai may not change. Those names come back with their values,
+/// for the shard's variable resolver.
+pub(crate) fn compile(
+    engine: &Engine,
+    name: &str,
+    script: &str,
+    limits: &Limits,
+) -> Result<(AST, Constants), QueryError> {
+    let settings = settings_scope();
+    let first = match engine.compile_with_scope(&settings, script) {
+        Ok(ast) => return changes_no_constant(name, ast).map(|ast| (ast, Constants::new())),
+        Err(e) => e,
+    };
+    // Each name the parse did not find may be a top-level constant a function uses: parse again
+    // with it known, until the script parses or fails for another reason.
+    let mut named: Vec<(String, ParseError)> = Vec::new();
+    let mut err = first;
+    let ast = loop {
+        let ParseErrorType::VariableUndefined(var) = &*err.0 else {
+            return Err(syntax_error(name, &err));
+        };
+        if named.len() >= MAX_CONSTANTS_NAMED || named.iter().any(|(n, _)| n == var) {
+            return Err(syntax_error(name, &err));
+        }
+        named.push((var.clone(), err.clone()));
+        let mut scope = settings.clone();
+        for (n, _) in &named {
+            scope.push(n.as_str(), ());
+        }
+        match engine.compile_with_scope(&scope, script) {
+            Ok(ast) => break ast,
+            Err(e) => err = e,
+        }
+    };
+    let constants = top_level_constants(&ast);
+    if let Some((_, err)) = named.iter().find(|(n, _)| !constants.contains(&n.as_str())) {
+        return Err(syntax_error(name, err));
+    }
+    let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    let problems = shadowed_constants(&ast, &names);
+    if !problems.is_empty() {
+        return Err(QueryError::Invalid {
+            query: name.to_owned(),
+            problems,
+        });
+    }
+    // The constants' values: the top-level statements run as at deploy.
+    let mut run = settings_scope();
+    eddy_plugins::set_call_budget(limits.max_state_bytes);
+    engine
+        .run_ast_with_scope(&mut run, &ast)
+        .map_err(|e| setup_error(name, &e))?;
+    let mut known = settings;
+    let mut problems = Vec::new();
+    let mut values = Constants::new();
+    for n in &names {
+        let value = run
+            .iter_raw()
+            .filter(|(m, constant, _)| m == n && *constant)
+            .last()
+            .map(|(.., v)| v.clone())
+            .expect("a top-level constant is in the scope after the top-level statements");
+        if !plain_data(&value, 0) {
+            problems.push(format!(
+                "the constant `{n}` is used in a function but holds a {}: only numbers, strings, \
+                 characters, booleans, () and arrays and maps of them can be; make it in `init` \
+                 instead",
+                engine.map_type_name(value.type_name())
+            ));
+        }
+        known.push_constant_dynamic(*n, value.clone());
+        values.push(((*n).into(), value));
+    }
+    if !problems.is_empty() {
+        return Err(QueryError::Invalid {
+            query: name.to_owned(),
+            problems,
+        });
+    }
+    let ast = engine
+        .compile_with_scope(&known, script)
+        .map_err(|e| syntax_error(name, &e))
+        .and_then(|ast| changes_no_constant(name, ast))?;
+    let mut left = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::Variable(x, ..))) = path.last() {
+            if x.2.is_empty() && !left.contains(&x.1) {
+                left.push(x.1.clone());
+            }
+        }
+        true
+    });
+    values.retain(|(n, _)| left.contains(n));
+    Ok((ast, values))
+}
+
+/// `ast`, unless it assigns to a field or an index of a constant map or array
+/// (`const M = #{ a: 1 }; M.a = 2;`). Rhai's parser lets that through and its optimizer puts the
+/// field's value in place of the target, which the interpreter cannot assign to (it panics):
+/// refused here, where the assignment is.
+fn changes_no_constant(query: &str, ast: AST) -> Result<AST, QueryError> {
+    let mut at = None;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Stmt(Stmt::Assignment(x))) = path.last() {
+            let mut root = &x.1.lhs;
+            while let Expr::Dot(be, ..) | Expr::Index(be, ..) = root {
+                root = &be.lhs;
+            }
+            if !matches!(root, Expr::Variable(..) | Expr::ThisPtr(..)) {
+                at = Some(root.start_position());
+                return false;
+            }
+        }
+        true
+    });
+    match at {
+        None => Ok(ast),
+        Some(pos) => Err(QueryError::Syntax {
+            query: query.to_owned(),
+            line: pos.line().unwrap_or(0),
+            column: pos.position().unwrap_or(0),
+            message: "Cannot assign to a field or an index of a constant".into(),
+        }),
+    }
+}
+
+/// Top-level constants a script's functions name, with their values (see [`compile`]).
+pub(crate) type Constants = Vec<(ImmutableString, Dynamic)>;
+
+/// Undefined names [`compile`] tries as top-level constants before it gives up.
+const MAX_CONSTANTS_NAMED: usize = 256;
+
+/// The settings as defined variables (of no value yet).
+fn settings_scope() -> Scope<'static> {
     let mut scope = Scope::new();
     for setting in SETTINGS {
         scope.push(setting, ());
     }
-    engine
-        .compile_with_scope(&scope, script)
-        .map_err(|e| QueryError::Syntax {
-            query: name.to_owned(),
-            line: e.1.line().unwrap_or(0),
-            column: e.1.position().unwrap_or(0),
-            message: e.0.to_string(),
+    scope
+}
+
+fn syntax_error(query: &str, e: &ParseError) -> QueryError {
+    QueryError::Syntax {
+        query: query.to_owned(),
+        line: e.1.line().unwrap_or(0),
+        column: e.1.position().unwrap_or(0),
+        message: e.0.to_string(),
+    }
+}
+
+fn setup_error(query: &str, e: &EvalAltResult) -> QueryError {
+    let (line, column) = line_column(e.position());
+    QueryError::Setup {
+        query: query.to_owned(),
+        line,
+        column,
+        message: crate::shard::error_message(e),
+    }
+}
+
+/// The names of the constants the script declares at its top level (`const NAME = …;`).
+fn top_level_constants(ast: &AST) -> Vec<&str> {
+    ast.statements()
+        .iter()
+        .filter_map(|s| match s {
+            Stmt::Var(x, options, _) if options.contains(ASTFlags::CONSTANT) => {
+                Some(x.0.name.as_str())
+            }
+            _ => None,
         })
+        .collect()
+}
+
+/// Where a name in `constants` is bound again by something Rhai's constant propagation does not
+/// see: a function's (or closure's) parameter, a `for` variable, a `catch` variable. There, the
+/// constant's value would replace the bound one, so such a script is refused, each place named.
+fn shadowed_constants(ast: &AST, constants: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let why = |what: String, n: &str| {
+        format!(
+            "the top-level constant `{n}` is used in a function, and {what} has the same name: \
+             rename one of them"
+        )
+    };
+    for f in ast.iter_functions() {
+        for p in f.params.iter().filter(|p| constants.contains(p)) {
+            let what = if f.name.starts_with("anon$") {
+                "a closure's parameter".to_owned()
+            } else {
+                format!("a parameter of fn `{}`", f.name)
+            };
+            problems.push(why(what, p));
+        }
+    }
+    ast.walk(&mut |path: &[ASTNode]| {
+        let at = |p: Position| format!("line {}", p.line().unwrap_or(0));
+        match path.last() {
+            Some(ASTNode::Stmt(Stmt::For(x, pos))) => {
+                for v in [Some(&x.0), x.1.as_ref()].into_iter().flatten() {
+                    if constants.contains(&v.name.as_str()) {
+                        problems.push(why(format!("the `for` variable at {}", at(*pos)), &v.name));
+                    }
+                }
+            }
+            Some(ASTNode::Stmt(Stmt::TryCatch(x, pos))) => {
+                if let Expr::Variable(v, ..) = &x.expr {
+                    if constants.contains(&v.1.as_str()) {
+                        problems.push(why(format!("the `catch` variable at {}", at(*pos)), &v.1));
+                    }
+                }
+            }
+            _ => {}
+        }
+        true
+    });
+    problems
+}
+
+/// Whether `value` is data a function may hold as a constant: a number, a string, a character,
+/// a boolean, `()`, or an array or a map of such (not a plugin object, which a method could
+/// change in a copy and lose).
+fn plain_data(value: &Dynamic, depth: usize) -> bool {
+    if depth > crate::json::MAX_DEPTH {
+        return false;
+    }
+    if let Some(a) = value.read_lock::<rhai::Array>() {
+        return a.iter().all(|v| plain_data(v, depth + 1));
+    }
+    if let Some(m) = value.read_lock::<rhai::Map>() {
+        return m.values().all(|v| plain_data(v, depth + 1));
+    }
+    value.is_int()
+        || value.is_float()
+        || value.is_bool()
+        || value.is_char()
+        || value.is_string()
+        || value.is_unit()
 }
 
 impl QueryDef {
@@ -152,22 +386,13 @@ impl QueryDef {
             limits,
         )));
         crate::builtins::register(&mut engine, &ctx);
-        let ast = compile(&engine, name, script)?;
+        let (ast, constants) = compile(&engine, name, script, limits)?;
 
-        let mut scope = Scope::new();
-        for setting in SETTINGS {
-            scope.push(setting, ());
-        }
+        let mut scope = settings_scope();
         eddy_plugins::set_call_budget(limits.max_state_bytes);
-        engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
-            let (line, column) = line_column(e.position());
-            QueryError::Setup {
-                query: name.to_owned(),
-                line,
-                column,
-                message: crate::shard::error_message(&e),
-            }
-        })?;
+        engine
+            .run_ast_with_scope(&mut scope, &ast)
+            .map_err(|e| setup_error(name, &e))?;
 
         let mut problems = Vec::new();
         let config = read_config(&scope, &mut problems);
@@ -177,7 +402,7 @@ impl QueryDef {
                 name: name.to_owned(),
                 script: script.to_owned(),
                 config,
-                engine: crate::compiled::compile(&engine, &ast, functions.init).1,
+                engine: crate::compiled::compile(&engine, &ast, functions.init, &constants).1,
                 functions,
                 declared_topics: declared_topics(script),
             }),
@@ -517,5 +742,147 @@ mod tests {
             QueryDef::compile("bad name", "", &Limits::default()),
             Err(QueryError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn a_constant_a_function_uses_is_refused_where_another_name_binds_it() {
+        // A parameter (of a function and of a closure), a `for` variable and a `catch`
+        // variable: Rhai's propagation would put the constant's value in their place.
+        let err = compile(
+            "let source = \"t\"; const LIMIT = 3;
+            fn scale(LIMIT) { LIMIT * 2 }
+            fn on_event(ev) {
+                let s = LIMIT;
+                let f = |LIMIT| LIMIT + 1;
+                for (LIMIT, i) in [1, 2] { s += LIMIT + i; }
+                try { throw 1; } catch (LIMIT) { s += LIMIT; }
+                emit(scale(s) + f.call(1));
+            }",
+        )
+        .unwrap_err();
+        let QueryError::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(problems.len(), 4, "{err}");
+        for needle in [
+            "a parameter of fn `scale`",
+            "a closure's parameter",
+            "the `for` variable at line 6",
+            "the `catch` variable at line 7",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)
+                    && p.contains("the top-level constant `LIMIT` is used in a function")),
+                "missing {needle:?} in {err}"
+            );
+        }
+        // The same names bind freely when no function uses the constant.
+        compile(
+            "let source = \"t\"; const LIMIT = 3;
+            fn scale(LIMIT) { LIMIT * 2 }
+            fn on_event(ev) { emit(scale(1)); }",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_constant_a_function_uses_holds_data_not_an_object() {
+        let err = compile(
+            "let source = \"t\"; const R = ring(3); const N = 3;
+            fn on_event(ev) { emit(R.len() + N); }",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("the constant `R` is used in a function but holds a ring")
+                && !text.contains("`N`"),
+            "{text}"
+        );
+        compile(
+            "let source = \"t\"; const M = #{ a: [1, 2.5, \"x\", 'c', true, ()] };
+            fn on_event(ev) { emit(M.a.len()); }",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_name_that_is_no_top_level_constant_is_still_undefined() {
+        // In a function, and at the top level (where it is named before its `const`).
+        for (script, line, column, name) in [
+            (
+                "let source = \"t\"; const A = 1;\nfn on_event(ev) { emit(A + NOPE); }",
+                2,
+                28,
+                "NOPE",
+            ),
+            (
+                "let source = \"t\";\nfn on_event(ev) { emit(LOCAL); }\nfn f() { let LOCAL = 1; }",
+                2,
+                24,
+                "LOCAL",
+            ),
+        ] {
+            let err = compile(script).unwrap_err();
+            let QueryError::Syntax {
+                line: l,
+                column: c,
+                message,
+                ..
+            } = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!((*l, *c), (line, column), "{err}");
+            assert_eq!(message, &format!("Undefined variable: {name}"), "{err}");
+        }
+        let err =
+            compile("let source = \"t\";\nlet x = LATER;\nconst LATER = 1;\nfn on_event(ev) { emit(LATER); }")
+                .unwrap_err();
+        assert!(
+            matches!(&err, QueryError::Setup { line: Some(2), message, .. } if message.contains("LATER")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_assignment_to_a_field_or_an_index_of_a_constant_is_refused_where_it_is() {
+        // Rhai's optimizer puts the field's value where the target was, and its interpreter
+        // panics on such an assignment: local and top-level constants, fields and indexes.
+        for (script, line, column) in [
+            (
+                "let source = \"t\";\nfn on_event(ev) { const M = #{a: 1}; M.a = 2; }",
+                2,
+                38,
+            ),
+            (
+                "let source = \"t\";\nconst M = #{a: 1};\nM[\"a\"] += 2;\nfn on_event(ev) {}",
+                3,
+                1,
+            ),
+            (
+                "let source = \"t\";\nconst M = #{a: 1};\nfn on_event(ev) {\n  M.a = ev.x; }",
+                4,
+                3,
+            ),
+        ] {
+            let err = compile(script).unwrap_err();
+            let QueryError::Syntax {
+                line: l,
+                column: c,
+                message,
+                ..
+            } = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!((*l, *c), (line, column), "{script}: {err}");
+            assert_eq!(
+                message,
+                "Cannot assign to a field or an index of a constant"
+            );
+        }
+        // A local map that is no constant still takes its fields.
+        compile("let source = \"t\"; fn on_event(ev) { let m = #{a: 1}; m.a = 2; m[\"b\"] = 3; }")
+            .unwrap();
     }
 }

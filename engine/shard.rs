@@ -39,12 +39,12 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 use indexmap::IndexMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
+use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST, INT};
 
 use crate::builtins::{self, CallCtx, Emitted, QueryTopics};
 use crate::compiled::{self, Arg, Compiled, EngineMode, Rt, State};
@@ -400,6 +400,9 @@ struct QueryRuntime {
     control: Arc<QueryControl>,
     cpu: CpuUse,
     ast: AST,
+    /// The top-level constants its functions name where Rhai cannot put their values (see
+    /// [`Shard::script`]).
+    constants: Option<Constants>,
     /// The query compiled to closures, when all of it could be (see [`crate::compiled`]).
     compiled: Option<Compiled>,
     topics: Rc<QueryTopics>,
@@ -463,6 +466,34 @@ pub struct Shard {
     export_epoch: u64,
     /// Whether queries are compiled when deployed.
     mode: EngineMode,
+    /// The constants of the scripts deployed here, by the tag of their calls, for the engine's
+    /// variable resolver (registered with the first).
+    constants: ConstantTable,
+    /// The tag of the next script with constants.
+    next_tag: INT,
+}
+
+/// The constants of a shard's scripts by the tag of their calls (weak: a script that is gone
+/// leaves a dead entry, dropped at the next insert).
+type ConstantTable = Rc<RefCell<Vec<(INT, Weak<query::Constants>)>>>;
+
+/// The top-level constants a script's functions name where Rhai's constant propagation left the
+/// name (see [`query::compile`]), and the tag its calls carry so that the resolver finds them.
+struct Constants {
+    tag: INT,
+    /// Held for as long as the script runs; the shard's table holds a weak reference.
+    values: Rc<query::Constants>,
+}
+
+impl Constants {
+    /// The options of a call of the script: its tag when it has constants.
+    fn options<'a>(this: &Option<Constants>) -> CallFnOptions<'a> {
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        match this {
+            Some(c) => options.with_tag(c.tag),
+            None => options,
+        }
+    }
 }
 
 /// Most event field getters one shard registers; past this, fields are read through the
@@ -490,7 +521,54 @@ impl Shard {
             getters: std::collections::HashSet::new(),
             export_epoch: 0,
             mode: EngineMode::Auto,
+            constants: Rc::default(),
+            next_tag: 0,
         }
+    }
+
+    /// Compiles a query's script for this shard. The constants its functions name where Rhai
+    /// cannot put their values are read, on a call with the script's tag, by a variable resolver
+    /// registered with the first script that has any. (The resolver runs before every variable
+    /// read of the interpreter: a shard without such a script does not pay for it.)
+    fn script(&mut self, def: &QueryDef) -> Result<(AST, Option<Constants>), QueryError> {
+        let (ast, values) = query::compile(&self.engine, &def.name, &def.script, &self.limits)?;
+        if values.is_empty() {
+            return Ok((ast, None));
+        }
+        if self.next_tag == 0 {
+            let table = Rc::clone(&self.constants);
+            // Marked volatile by Rhai (its signature may change), not deprecated.
+            #[allow(deprecated)]
+            self.engine.on_var(move |name, index, context| {
+                // A variable of the function (index > 0), or a call without constants.
+                if index > 0 || !context.tag().is_int() {
+                    return Ok(None);
+                }
+                let tag = context.tag().as_int().expect("an int");
+                let table = table.borrow();
+                let Some(values) = table.iter().find(|(t, _)| *t == tag) else {
+                    return Ok(None);
+                };
+                Ok(values.1.upgrade().and_then(|values| {
+                    values
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                }))
+            });
+        }
+        self.next_tag += 1;
+        let values = Rc::new(values);
+        let mut table = self.constants.borrow_mut();
+        table.retain(|(_, v)| v.strong_count() > 0);
+        table.push((self.next_tag, Rc::downgrade(&values)));
+        Ok((
+            ast,
+            Some(Constants {
+                tag: self.next_tag,
+                values,
+            }),
+        ))
     }
 
     /// Which engine runs the queries deployed from now on (`auto`: compiled where possible).
@@ -540,9 +618,12 @@ impl Shard {
         def: Arc<QueryDef>,
         control: Arc<QueryControl>,
     ) -> Result<(), QueryError> {
-        let ast = query::compile(&self.engine, &def.name, &def.script)?;
+        let (ast, constants) = self.script(&def)?;
         let compiled = match self.mode {
-            EngineMode::Auto => compiled::compile(&self.engine, &ast, def.functions.init).0,
+            EngineMode::Auto => {
+                let values = constants.as_ref().map_or(&[][..], |c| &c.values[..]);
+                compiled::compile(&self.engine, &ast, def.functions.init, values).0
+            }
             EngineMode::Interpreter => None,
         };
         self.register_getters(&def.script);
@@ -553,6 +634,7 @@ impl Shard {
             topics: Rc::new(QueryTopics::new(&def.name)),
             def,
             ast,
+            constants,
             compiled,
             states: IndexMap::default(),
             recency: Recency::default(),
@@ -707,8 +789,7 @@ impl Shard {
         id: QueryId,
         def: Arc<QueryDef>,
     ) -> Result<Migration, String> {
-        let ast =
-            query::compile(&self.engine, &def.name, &def.script).map_err(|e| e.to_string())?;
+        let (ast, constants) = self.script(&def).map_err(|e| e.to_string())?;
         self.register_getters(&def.script);
         let q = self
             .queries
@@ -729,7 +810,7 @@ impl Shard {
                 migrated += 1;
                 self.engine
                     .call_fn_with_options::<Dynamic>(
-                        CallFnOptions::new().eval_ast(false).rewind_scope(true),
+                        Constants::options(&constants),
                         &mut self.scope,
                         &ast,
                         "migrate",
@@ -744,7 +825,10 @@ impl Shard {
         // The new script's slots, if it compiles and every state fits them; otherwise it runs
         // on the interpreter, with the states as maps.
         let mut compiled = match self.mode {
-            EngineMode::Auto => compiled::compile(&self.engine, &ast, def.functions.init).0,
+            EngineMode::Auto => {
+                let values = constants.as_ref().map_or(&[][..], |c| &c.values[..]);
+                compiled::compile(&self.engine, &ast, def.functions.init, values).0
+            }
             EngineMode::Interpreter => None,
         };
         let layout = compiled.as_ref().map(|c| Rc::clone(&c.layout));
@@ -766,6 +850,7 @@ impl Shard {
         };
         Ok(Migration {
             ast,
+            constants,
             def,
             compiled,
             states,
@@ -793,6 +878,7 @@ impl Shard {
             export_key(q, &key);
         }
         q.ast = m.ast;
+        q.constants = m.constants;
         q.def = m.def;
         q.compiled = m.compiled;
         for (key, state) in m.states {
@@ -1137,7 +1223,7 @@ impl Call<'_> {
             None => self
                 .engine
                 .call_fn_with_options::<Dynamic>(
-                    CallFnOptions::new().eval_ast(false).rewind_scope(true),
+                    Constants::options(&q.constants),
                     self.scope,
                     &q.ast,
                     "init",
@@ -1209,10 +1295,7 @@ impl Call<'_> {
             (_, State::Map(state)) => self
                 .engine
                 .call_fn_with_options::<Dynamic>(
-                    CallFnOptions::new()
-                        .eval_ast(false)
-                        .rewind_scope(true)
-                        .bind_this_ptr(state),
+                    Constants::options(&q.constants).bind_this_ptr(state),
                     self.scope,
                     &q.ast,
                     function,
@@ -1713,6 +1796,7 @@ pub(crate) fn error_message(e: &EvalAltResult) -> String {
 /// them.
 pub struct Migration {
     ast: AST,
+    constants: Option<Constants>,
     def: Arc<QueryDef>,
     compiled: Option<Compiled>,
     states: Vec<(Key, State)>,

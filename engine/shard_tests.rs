@@ -1127,3 +1127,65 @@ fn has_output_is_true_exactly_when_take_output_hands_out_items() {
     // Emits at 1, 6 (refused: a report instead), 7; refused key at 3 and 6; late at 4.
     assert_eq!(handed, [0, 1, 0, 1, 1, 0, 1, 1]);
 }
+
+/// Two queries on one shard name the same top-level constant, with different values, where
+/// Rhai keeps the name (the object of `contains`): each call reads its own script's value, on
+/// both engines, and a replace brings the new script's value.
+#[test]
+fn each_script_reads_its_own_top_level_constants_through_a_replace() {
+    use crate::shard::{Delivery, Shard};
+    let script = |watch: &str| {
+        format!(
+            r#"let source = "s"; const WATCH = {watch};
+            fn on_event(ev) {{ emit(WATCH.contains(ev.sym)); }}"#
+        )
+    };
+    let compile = |name: &str, watch: &str| {
+        std::sync::Arc::new(QueryDef::compile(name, &script(watch), &Limits::default()).unwrap())
+    };
+    let frame = crate::Parser::default()
+        .parse(b"{\"sym\":\"A\"}\n".to_vec())
+        .frame;
+    for engine in [
+        crate::compiled::EngineMode::Auto,
+        crate::compiled::EngineMode::Interpreter,
+    ] {
+        let mut shard = Shard::new(&Limits::default());
+        shard.set_engine(engine);
+        shard
+            .deploy(crate::QueryId(1), compile("a", r#"["A", "B"]"#))
+            .unwrap();
+        shard
+            .deploy(crate::QueryId(2), compile("b", r#"["B"]"#))
+            .unwrap();
+        let send = |shard: &mut Shard| {
+            for id in [1, 2] {
+                shard.event(Delivery {
+                    query: crate::QueryId(id),
+                    key: crate::Key::None,
+                    event: frame.event(0),
+                    time: 0,
+                    watermark: 0,
+                    source_mark: 0,
+                    now: 0,
+                });
+            }
+            let mut out = Vec::new();
+            shard.take_output(&mut out);
+            out.iter()
+                .map(|e| format!("{}={}", e.topic, String::from_utf8_lossy(&e.value)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(send(&mut shard), ["a=true", "b=false"], "{engine}");
+        let m = shard
+            .prepare_replace(crate::QueryId(1), compile("a", r#"["C"]"#))
+            .unwrap();
+        shard.commit_replace(crate::QueryId(1), m);
+        assert_eq!(send(&mut shard), ["a=false", "b=false"], "{engine}");
+        let m = shard
+            .prepare_replace(crate::QueryId(2), compile("b", r#"["A"]"#))
+            .unwrap();
+        shard.commit_replace(crate::QueryId(2), m);
+        assert_eq!(send(&mut shard), ["a=false", "b=true"], "{engine}");
+    }
+}

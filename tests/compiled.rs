@@ -189,11 +189,12 @@ fn loops_and_indexes_give_hand_computed_values_on_both_engines() {
 fn random_queries_write_the_same_bytes_on_both_engines() {
     let limits = Limits::default();
     let (mut programs, mut compiled, mut events) = (0, 0, 0);
-    // Programs with a `switch`, a loop, and an index of a map or an array, and those of them
-    // that compiled.
+    // Programs with a `switch`, a loop, an index of a map or an array, and top-level
+    // constants, and those of them that compiled.
     let (mut switches, mut switches_compiled) = (0, 0);
     let (mut loops, mut loops_compiled) = (0, 0);
     let (mut indexes, mut indexes_compiled) = (0, 0);
+    let (mut constants, mut constants_compiled) = (0, 0);
     // `DIFF_SEEDS=400..2400 cargo test --test compiled random -- --nocapture` runs more.
     let seeds = std::env::var("DIFF_SEEDS").ok().and_then(|r| {
         let (a, b) = r.split_once("..")?;
@@ -227,6 +228,10 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
                     indexes += 1;
                     indexes_compiled += usize::from(c);
                 }
+                if script.contains("const K_") {
+                    constants += 1;
+                    constants_compiled += usize::from(c);
+                }
             }
             Ok(Verdict::NotAQuery) => {
                 if std::env::var("SHOW").is_ok() {
@@ -243,7 +248,8 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
         "{programs} programs ({compiled} compiled), {events} events; \
          {switches} with a switch ({switches_compiled} compiled), \
          {loops} with a loop ({loops_compiled} compiled), \
-         {indexes} with an index ({indexes_compiled} compiled)"
+         {indexes} with an index ({indexes_compiled} compiled), \
+         {constants} with top-level constants ({constants_compiled} compiled)"
     );
     if wide {
         return;
@@ -255,6 +261,10 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
     assert!(
         loops_compiled >= 40,
         "only {loops_compiled} compiled programs have a loop"
+    );
+    assert!(
+        constants_compiled >= 40,
+        "only {constants_compiled} compiled programs have top-level constants"
     );
     assert!(
         indexes_compiled >= 40,
@@ -1073,6 +1083,144 @@ fn on_event(ev) {
             .as_str()
             .unwrap()
             .contains("array"),
+        "{compiled}"
+    );
+}
+
+/// Top-level constants named in functions (numbers, a string, an array, a map, one worked out
+/// from others), in `init`, `on_event` and a function it calls: compiled, and the values a
+/// hand computation gives, on both engines.
+#[test]
+fn top_level_constants_in_functions_give_hand_computed_values_on_both_engines() {
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+const BIG = 500;
+const FEE = 0.25;
+const UNIT = "bps";
+const TIERS = [100, 1000];
+const LABELS = #{ small: "S", large: "L" };
+const WINDOW_MS = 60 * 1000;
+const WATCH = ["a", "c"];
+fn tier(size) { if size >= TIERS[1] { 2 } else if size >= TIERS[0] { 1 } else { 0 } }
+fn init(key) { #{ n: 0, big: 0, window: WINDOW_MS } }
+fn on_event(ev) {
+    this.n += 1;
+    if ev.size >= BIG { this.big += 1; }
+    emit(#{ n: this.n, big: this.big, fee: ev.size * FEE, unit: UNIT.to_upper(),
+            tier: tier(ev.size), label: if ev.size >= BIG { LABELS.large } else { LABELS["small"] },
+            window: this.window, tiers: TIERS.len(), watched: WATCH.contains(ev.k) });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"k":"a","size":50}
+{"k":"a","size":500}
+{"k":"a","size":2000}
+{"k":"b","size":100}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    // (n, big, fee = size / 4, tier, label, watched) per event, by hand.
+    let want = [
+        (1, 0, 12.5, 0, "S", true),
+        (2, 1, 125.0, 1, "L", true),
+        (3, 2, 500.0, 2, "L", true),
+        (1, 0, 25.0, 1, "S", false),
+    ];
+    assert_eq!(lines.len(), want.len(), "{compiled}");
+    for (line, (n, big, fee, tier, label, watched)) in lines.iter().zip(want) {
+        assert_eq!(
+            line["value"],
+            serde_json::json!({ "n": n, "big": big, "fee": fee, "unit": "BPS", "tier": tier,
+                "label": label, "window": 60000, "tiers": 2, "watched": watched }),
+            "{compiled}"
+        );
+    }
+}
+
+/// Where Rhai keeps a constant's name (a method that is not a standard one of the compiler),
+/// the query runs on the interpreter and reads the value; changing a constant is Rhai's error,
+/// alike on both engines, and the next event goes on.
+#[test]
+fn top_level_constants_are_read_only_on_both_engines() {
+    let limits = limits();
+    let script = r#"let source = "s";
+const WATCH = ["A", "C"];
+const LIMIT = 2;
+fn on_event(ev) {
+    if ev.step == 1 { emit(#{ watched: WATCH.contains(ev.sym), over: ev.n > LIMIT }); }
+    if ev.step == 2 { WATCH.push("X"); }
+    if ev.step == 3 { LIMIT = 3; }
+    if ev.step == 4 { LIMIT += 1; }
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert!(!def.engine.compiled(), "{:?}", def.engine);
+    let input = br#"{"sym":"A","n":3,"step":1}
+{"step":2}
+{"step":3}
+{"step":4}
+{"sym":"B","n":1,"step":1}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    assert_eq!(lines.len(), 5, "{compiled}");
+    assert_eq!(
+        lines[0]["value"],
+        serde_json::json!({ "watched": true, "over": true })
+    );
+    let errors: Vec<&str> = lines[1..4]
+        .iter()
+        .map(|l| l["value"]["error"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "Non-pure method 'push' cannot be called on constant",
+            "Cannot modify constant LIMIT",
+            "Cannot modify constant LIMIT",
+        ],
+        "{compiled}"
+    );
+    assert_eq!(
+        lines[4]["value"],
+        serde_json::json!({ "watched": false, "over": false })
+    );
+}
+
+/// `contains` of an array (each item by Rhai's `==`: an integer equals the same float, a string
+/// no number), of a string (a string or a character) and of a map (a key), done in Rust by
+/// compiled code: hand-computed values on both engines; a number is Rhai's error.
+#[test]
+fn contains_gives_hand_computed_values_on_both_engines() {
+    let limits = limits();
+    let script = r#"let source = "s";
+fn on_event(ev) {
+    let list = [1, "x", 2.5, ()];
+    let m = #{ a: 1 };
+    emit([list.contains(ev.v), "hexagon".contains(ev.s), m.contains(ev.s), ev.n.contains(1)]);
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"v":1.0,"s":"a","n":[1]}
+{"v":"x","s":"xag","n":[2]}
+{"v":2,"s":"","n":[]}
+{"v":null,"s":"hex","n":5}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    assert_eq!(lines.len(), 4, "{compiled}");
+    let values: Vec<&serde_json::Value> = lines[..3].iter().map(|l| &l["value"]).collect();
+    assert_eq!(
+        values,
+        [
+            &serde_json::json!([true, true, true, true]),
+            &serde_json::json!([true, true, false, false]),
+            &serde_json::json!([false, true, false, false]),
+        ],
+        "{compiled}"
+    );
+    assert_eq!(lines[3]["topic"], "q.errors", "{compiled}");
+    assert!(
+        lines[3]["value"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("contains"),
         "{compiled}"
     );
 }
