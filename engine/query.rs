@@ -144,7 +144,7 @@ pub(crate) fn compile(
 ) -> Result<(AST, Constants), QueryError> {
     let settings = settings_scope();
     let first = match engine.compile_with_scope(&settings, script) {
-        Ok(ast) => return changes_no_constant(name, ast).map(|ast| (ast, Constants::new())),
+        Ok(ast) => return checked(name, ast).map(|ast| (ast, Constants::new())),
         Err(e) => e,
     };
     // Each name the parse did not find may be a top-level constant a function uses: parse again
@@ -216,7 +216,7 @@ pub(crate) fn compile(
     let ast = engine
         .compile_with_scope(&known, script)
         .map_err(|e| syntax_error(name, &e))
-        .and_then(|ast| changes_no_constant(name, ast))?;
+        .and_then(|ast| checked(name, ast))?;
     let mut left = Vec::new();
     ast.walk(&mut |path: &[ASTNode]| {
         if let Some(ASTNode::Expr(Expr::Variable(x, ..))) = path.last() {
@@ -230,12 +230,14 @@ pub(crate) fn compile(
     Ok((ast, values))
 }
 
-/// `ast`, unless it assigns to a field or an index of a constant map or array
-/// (`const M = #{ a: 1 }; M.a = 2;`). Rhai's parser lets that through and its optimizer puts the
-/// field's value in place of the target, which the interpreter cannot assign to (it panics):
-/// refused here, where the assignment is.
-fn changes_no_constant(query: &str, ast: AST) -> Result<AST, QueryError> {
-    let mut at = None;
+/// `ast`, unless, at the first place where it does either:
+/// - it assigns to a field or an index of a constant map or array (`const M = #{ a: 1 };
+///   M.a = 2;`). Rhai's parser lets that through and its optimizer puts the field's value in
+///   place of the target, which the interpreter cannot assign to (it panics);
+/// - a function names `global::NAME`, Rhai's path to a top-level constant, which is there only
+///   while the top-level statements run: in every call it would fail. The plain name works.
+fn checked(query: &str, ast: AST) -> Result<AST, QueryError> {
+    let mut found: Option<(Position, String)> = None;
     ast.walk(&mut |path: &[ASTNode]| {
         if let Some(ASTNode::Stmt(Stmt::Assignment(x))) = path.last() {
             let mut root = &x.1.lhs;
@@ -243,19 +245,51 @@ fn changes_no_constant(query: &str, ast: AST) -> Result<AST, QueryError> {
                 root = &be.lhs;
             }
             if !matches!(root, Expr::Variable(..) | Expr::ThisPtr(..)) {
-                at = Some(root.start_position());
+                let why = "Cannot assign to a field or an index of a constant".to_owned();
+                found = Some((root.start_position(), why));
                 return false;
             }
         }
         true
     });
-    match at {
+    if found.is_none() {
+        // Each function's body as (line, column) bounds: the walk names no function.
+        let at = |p: Position| (p.line().unwrap_or(0), p.position().unwrap_or(0));
+        type Spot = (usize, usize);
+        let bodies: Vec<(String, Spot, Spot)> = ast
+            .iter_fn_def()
+            .map(|f| {
+                let (start, end) = (f.body.start_position(), f.body.end_position());
+                (f.name.to_string(), at(start), at(end))
+            })
+            .collect();
+        ast.walk(&mut |path: &[ASTNode]| {
+            if let Some(ASTNode::Expr(Expr::Variable(x, _, pos))) = path.last() {
+                let f = bodies
+                    .iter()
+                    .find(|(_, s, e)| *s <= at(*pos) && at(*pos) <= *e);
+                if let (false, Some((f, ..))) = (x.2.is_empty(), f) {
+                    if x.2.root() == "global" {
+                        let why = format!(
+                            "`global::{0}` in fn `{f}`: functions see the top-level constants \
+                             by name, write `{0}`",
+                            x.1
+                        );
+                        found = Some((x.2.path[0].pos, why));
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+    }
+    match found {
         None => Ok(ast),
-        Some(pos) => Err(QueryError::Syntax {
+        Some((pos, message)) => Err(QueryError::Syntax {
             query: query.to_owned(),
             line: pos.line().unwrap_or(0),
             column: pos.position().unwrap_or(0),
-            message: "Cannot assign to a field or an index of a constant".into(),
+            message,
         }),
     }
 }
@@ -884,5 +918,29 @@ mod tests {
         // A local map that is no constant still takes its fields.
         compile("let source = \"t\"; fn on_event(ev) { let m = #{a: 1}; m.a = 2; m[\"b\"] = 3; }")
             .unwrap();
+    }
+
+    #[test]
+    fn global_paths_in_functions_are_refused_with_the_plain_name_to_write() {
+        let err = compile(
+            "let source = \"t\";\nconst LIMIT = 3;\nlet x = global::LIMIT;\nfn on_event(ev) {\n  emit(global::LIMIT); }",
+        )
+        .unwrap_err();
+        let QueryError::Syntax {
+            line,
+            column,
+            message,
+            ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        // The top level's own `global::LIMIT` (line 3) is Rhai's and works.
+        assert_eq!((*line, *column), (5, 8), "{err}");
+        assert_eq!(
+            message,
+            "`global::LIMIT` in fn `on_event`: functions see the top-level constants by name, \
+             write `LIMIT`"
+        );
     }
 }
