@@ -778,6 +778,19 @@ mod tests {
         ));
     }
 
+    /// The line, column and message of the syntax error `script` must fail with.
+    fn syntax_error_of(script: &str) -> (usize, usize, String) {
+        match compile(script) {
+            Err(QueryError::Syntax {
+                line,
+                column,
+                message,
+                ..
+            }) => (line, column, message),
+            other => panic!("{script}: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_constant_a_function_uses_is_refused_where_another_name_binds_it() {
         // A parameter (of a function and of a closure), a `for` variable and a `catch`
@@ -856,18 +869,9 @@ mod tests {
                 "LOCAL",
             ),
         ] {
-            let err = compile(script).unwrap_err();
-            let QueryError::Syntax {
-                line: l,
-                column: c,
-                message,
-                ..
-            } = &err
-            else {
-                panic!("{err}");
-            };
-            assert_eq!((*l, *c), (line, column), "{err}");
-            assert_eq!(message, &format!("Undefined variable: {name}"), "{err}");
+            let (l, c, message) = syntax_error_of(script);
+            assert_eq!((l, c), (line, column), "{script}");
+            assert_eq!(message, format!("Undefined variable: {name}"), "{script}");
         }
         let err =
             compile("let source = \"t\";\nlet x = LATER;\nconst LATER = 1;\nfn on_event(ev) { emit(LATER); }")
@@ -899,17 +903,8 @@ mod tests {
                 3,
             ),
         ] {
-            let err = compile(script).unwrap_err();
-            let QueryError::Syntax {
-                line: l,
-                column: c,
-                message,
-                ..
-            } = &err
-            else {
-                panic!("{err}");
-            };
-            assert_eq!((*l, *c), (line, column), "{script}: {err}");
+            let (l, c, message) = syntax_error_of(script);
+            assert_eq!((l, c), (line, column), "{script}");
             assert_eq!(
                 message,
                 "Cannot assign to a field or an index of a constant"
@@ -922,21 +917,11 @@ mod tests {
 
     #[test]
     fn global_paths_in_functions_are_refused_with_the_plain_name_to_write() {
-        let err = compile(
+        let (line, column, message) = syntax_error_of(
             "let source = \"t\";\nconst LIMIT = 3;\nlet x = global::LIMIT;\nfn on_event(ev) {\n  emit(global::LIMIT); }",
-        )
-        .unwrap_err();
-        let QueryError::Syntax {
-            line,
-            column,
-            message,
-            ..
-        } = &err
-        else {
-            panic!("{err}");
-        };
+        );
         // The top level's own `global::LIMIT` (line 3) is Rhai's and works.
-        assert_eq!((*line, *column), (5, 8), "{err}");
+        assert_eq!((line, column), (5, 8));
         assert_eq!(
             message,
             "`global::LIMIT` in fn `on_event`: functions see the top-level constants by name, \
