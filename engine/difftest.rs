@@ -246,12 +246,21 @@ impl Writer<'_> {
                     "is_empty",
                     "to_upper",
                     "keys",
+                    "split",
                 ])
             ),
             6 if self.g.chance(40) => {
-                let f = self
-                    .g
-                    .pick(&["max", "min", "log", "atan", "hypot", "contains"]);
+                let f = self.g.pick(&[
+                    "max",
+                    "min",
+                    "log",
+                    "atan",
+                    "hypot",
+                    "contains",
+                    "starts_with",
+                    "index_of",
+                    "split",
+                ]);
                 if self.g.chance(50) {
                     format!("({}).{f}({})", self.expr(d), self.expr(d))
                 } else {

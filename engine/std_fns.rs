@@ -51,6 +51,13 @@ pub enum StdFn {
     /// An item of an array (by Rhai's `==`), a string or a character in a string, a key of a
     /// map.
     Contains,
+    /// Of a string, by a string or a character.
+    StartsWith,
+    EndsWith,
+    /// Where a string or a character first is in a string, in characters (-1: nowhere).
+    IndexOf,
+    /// A string's parts: by whitespace, or by a string or a character.
+    Split,
     /// The functions that change the array they are called on (see [`StdFn::apply_mut`]).
     Push,
     Pop,
@@ -141,6 +148,10 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
         ("keys", 1) => StdFn::Keys,
         ("values", 1) => StdFn::Values,
         ("contains", 2) => StdFn::Contains,
+        ("starts_with", 2) => StdFn::StartsWith,
+        ("ends_with", 2) => StdFn::EndsWith,
+        ("index_of", 2) => StdFn::IndexOf,
+        ("split", 1 | 2) => StdFn::Split,
         ("push", 2) => StdFn::Push,
         ("pop", 1) => StdFn::Pop,
         ("shift", 1) => StdFn::Shift,
@@ -249,7 +260,7 @@ impl StdFn {
         let value = self.apply(args)?;
         let holds_data = matches!(
             self,
-            StdFn::ToLower | StdFn::ToUpper | StdFn::Keys | StdFn::Values
+            StdFn::ToLower | StdFn::ToUpper | StdFn::Keys | StdFn::Values | StdFn::Split
         );
         if holds_data && engine.ensure_data_size_within_limits(&value).is_err() {
             return None;
@@ -381,9 +392,69 @@ impl StdFn {
                     Dynamic::from_bool(on.as_map_ref().ok()?.contains_key(key.as_str()))
                 }
             }
+            (StdFn::StartsWith | StdFn::EndsWith | StdFn::IndexOf | StdFn::Split, [s, ..]) => {
+                let s = s.as_immutable_string_ref().ok()?;
+                // The second argument, a string or a character, or none (`split()`).
+                let text = args.get(1).and_then(|v| v.as_immutable_string_ref().ok());
+                let by = match (args.get(1), &text) {
+                    (None, _) => None,
+                    (Some(_), Some(t)) => Some(Pattern::Str(t.as_str())),
+                    (Some(v), None) => Some(Pattern::Char(v.as_char().ok()?)),
+                };
+                match (self, by) {
+                    (StdFn::StartsWith, Some(Pattern::Str(t))) => {
+                        Dynamic::from_bool(s.starts_with(t))
+                    }
+                    (StdFn::StartsWith, Some(Pattern::Char(c))) => {
+                        Dynamic::from_bool(s.starts_with(c))
+                    }
+                    (StdFn::EndsWith, Some(Pattern::Str(t))) => Dynamic::from_bool(s.ends_with(t)),
+                    (StdFn::EndsWith, Some(Pattern::Char(c))) => Dynamic::from_bool(s.ends_with(c)),
+                    (StdFn::IndexOf, Some(p)) => {
+                        // In characters; an empty string finds nothing, as in Rhai.
+                        let at = match p {
+                            _ if s.is_empty() => None,
+                            Pattern::Str(t) => s.find(t),
+                            Pattern::Char(c) => s.find(c),
+                        };
+                        Dynamic::from_int(
+                            at.map_or(-1, |i| INT::try_from(s[..i].chars().count()).unwrap_or(-1)),
+                        )
+                    }
+                    (StdFn::Split, None) if s.is_empty() => {
+                        Dynamic::from_array(vec![s.clone().into()])
+                    }
+                    (StdFn::Split, None) => {
+                        Dynamic::from_array(s.split_whitespace().map(Into::into).collect())
+                    }
+                    // Rhai's: the whole string when it is empty or holds no (non-empty)
+                    // delimiter, else Rust's split.
+                    (StdFn::Split, Some(Pattern::Str(t))) => {
+                        if s.is_empty() || (!t.is_empty() && !s.contains(t)) {
+                            Dynamic::from_array(vec![s.clone().into()])
+                        } else {
+                            Dynamic::from_array(s.split(t).map(Into::into).collect())
+                        }
+                    }
+                    (StdFn::Split, Some(Pattern::Char(c))) => {
+                        if s.is_empty() || !s.contains(c) {
+                            Dynamic::from_array(vec![s.clone().into()])
+                        } else {
+                            Dynamic::from_array(s.split(c).map(Into::into).collect())
+                        }
+                    }
+                    _ => return None,
+                }
+            }
             _ => return None,
         })
     }
+}
+
+/// What a string function looks for: a string or a character.
+enum Pattern<'a> {
+    Str(&'a str),
+    Char(char),
 }
 
 #[cfg(test)]
@@ -414,6 +485,9 @@ mod tests {
             "\"s\"",
             "\"x\"",
             "\"AbC é\"",
+            "\" a,b  é,\"",
+            "\",\"",
+            "' '",
             "\"\"",
             "'c'",
             "[1, \"x\"]",
@@ -428,7 +502,9 @@ mod tests {
             .map(|(n, _)| *n)
             .chain(TESTS.iter().map(|(n, _)| *n))
             .chain(["abs", "sign", "is_zero", "to_int", "to_float"])
-            .chain(["len", "is_empty", "to_lower", "to_upper", "keys", "values"])
+            .chain([
+                "len", "is_empty", "to_lower", "to_upper", "keys", "values", "split",
+            ])
             .collect();
         let mut calls: Vec<(String, Vec<&str>, usize)> = Vec::new();
         for name in one {
@@ -436,7 +512,18 @@ mod tests {
                 calls.push((name.to_owned(), vec![v], 1));
             }
         }
-        for name in ["log", "atan", "hypot", "max", "min", "contains"] {
+        for name in [
+            "log",
+            "atan",
+            "hypot",
+            "max",
+            "min",
+            "contains",
+            "starts_with",
+            "ends_with",
+            "index_of",
+            "split",
+        ] {
             for a in values {
                 for b in values {
                     calls.push((name.to_owned(), vec![a, b], 2));
@@ -477,7 +564,11 @@ mod tests {
                         || (name == "contains"
                             && (values[0].is_array() && !values[1].is_char()
                                 || values[0].is_string()
-                                || values[0].is_map())) =>
+                                || values[0].is_map()))
+                        || (["starts_with", "ends_with", "index_of", "split"]
+                            .contains(&name.as_str())
+                            && values[0].is_string()
+                            && values.get(1).is_none_or(|v| v.is_string() || v.is_char())) =>
                 {
                     panic!("{script}: left to Rhai, which gives {want}")
                 }

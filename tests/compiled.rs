@@ -1224,3 +1224,49 @@ fn on_event(ev) {
         "{compiled}"
     );
 }
+
+/// Words and hashtags of a text (`split`, `starts_with`, `ends_with`, `index_of`, done in Rust
+/// by compiled code): hand-computed values on both engines, in characters where Rhai counts
+/// characters; a number where a string is wanted is Rhai's error.
+#[test]
+fn text_functions_give_hand_computed_values_on_both_engines() {
+    let limits = limits();
+    let script = r##"let source = "s";
+fn on_event(ev) {
+    let tags = [];
+    for w in ev.text.split(" ") {
+        if w.starts_with('#') { tags.push(w.to_lower()); }
+    }
+    emit(#{ tags: tags, at: ev.text.index_of("#"), q: ev.text.ends_with("?"),
+            words: ev.text.split().len(), parts: ev.text.split(',').len() });
+}"##;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = "{\"text\":\"Love #Rust and #rhai\"}\n\
+                 {\"text\":\"héé #x?\"}\n\
+                 {\"text\":\"\"}\n\
+                 {\"text\":\"a  b,c\"}\n\
+                 {\"text\":5}\n";
+    let (compiled, lines) = same_on_both(&def, input.as_bytes(), &limits);
+    assert_eq!(lines.len(), 5, "{compiled}");
+    let want = [
+        serde_json::json!({ "tags": ["#rust", "#rhai"], "at": 5, "q": false, "words": 4, "parts": 1 }),
+        // "héé " is 4 characters (6 bytes).
+        serde_json::json!({ "tags": ["#x?"], "at": 4, "q": true, "words": 2, "parts": 1 }),
+        // An empty text splits into one empty part and finds nothing.
+        serde_json::json!({ "tags": [], "at": -1, "q": false, "words": 1, "parts": 1 }),
+        // Two spaces make an empty word for `split(" ")`, none for `split()`.
+        serde_json::json!({ "tags": [], "at": -1, "q": false, "words": 2, "parts": 2 }),
+    ];
+    for (line, want) in lines.iter().zip(&want) {
+        assert_eq!(&line["value"], want, "{compiled}");
+    }
+    assert_eq!(lines[4]["topic"], "q.errors", "{compiled}");
+    assert!(
+        lines[4]["value"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("split"),
+        "{compiled}"
+    );
+}
