@@ -4117,6 +4117,10 @@ fn bool_binop(op: &Token, a: bool, b: bool) -> Option<Num> {
 /// `x == y` as Rhai's operator gives it for two values of the standard types [`fast_binop`]
 /// knows; `None` otherwise (the caller leaves the whole operation to Rhai).
 pub(crate) fn std_equals(x: &Dynamic, y: &Dynamic) -> Option<bool> {
+    // Two strings first: what `contains` of a list of names compares.
+    if let (Ok(a), Ok(b)) = (x.as_immutable_string_ref(), y.as_immutable_string_ref()) {
+        return Some(*a == *b);
+    }
     fast_binop(&Token::EqualsTo, x, y, Position::NONE)
         .ok()
         .flatten()
