@@ -1270,3 +1270,40 @@ fn on_event(ev) {
         "{compiled}"
     );
 }
+
+/// The hidden text query (`tests/hidden/word_mood.rhai`: constant word lists, `split`,
+/// `contains`, `continue`) compiles and counts the words a hand count gives.
+#[test]
+fn the_hidden_word_query_compiles_and_counts_by_hand() {
+    let limits = limits();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hidden/word_mood.rhai");
+    let def = QueryDef::compile(
+        "word_mood",
+        &std::fs::read_to_string(path).unwrap(),
+        &limits,
+    )
+    .unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"user":"a","text":"the love win"}
+{"user":"a","text":"just hate"}
+{"user":"b","text":"the the"}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    // Stop words (the, a, about, this, just) are not counted; love, win, best, excellent are
+    // positive.
+    let want = [
+        ("a", 2, 2, 1, 1.0),
+        ("a", 3, 2, 2, 2.0 / 3.0),
+        ("b", 0, 0, 1, 0.0),
+    ];
+    assert_eq!(lines.len(), want.len(), "{compiled}");
+    for (line, (user, words, positive, posts, ratio)) in lines.iter().zip(want) {
+        assert_eq!(line["key"], user, "{compiled}");
+        assert_eq!(
+            line["value"],
+            serde_json::json!({ "words": words, "positive": positive, "posts": posts,
+                "ratio": ratio }),
+            "{compiled}"
+        );
+    }
+}
