@@ -433,15 +433,15 @@ fn run_body(body: &[SFn], frame: &mut Frame) -> R<Dynamic> {
 }
 
 /// One script function of the AST, with its body's statements.
-struct FnSrc {
-    name: String,
+pub(crate) struct FnSrc {
+    pub(crate) name: String,
     params: Vec<ImmutableString>,
-    body: Vec<Stmt>,
+    pub(crate) body: Vec<Stmt>,
 }
 
 /// The script functions of `ast` with their statements (cloned: the AST's function bodies are
 /// only reachable through a walk).
-fn functions(ast: &AST) -> Vec<FnSrc> {
+pub(crate) fn functions(ast: &AST) -> Vec<FnSrc> {
     // Each function with the (line, column) where its body starts and ends.
     type Spanned = (FnSrc, (usize, usize), (usize, usize));
     let mut fns: Vec<Spanned> = ast

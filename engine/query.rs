@@ -252,36 +252,27 @@ fn checked(query: &str, ast: AST) -> Result<AST, QueryError> {
         }
         true
     });
-    if found.is_none() {
-        // Each function's body as (line, column) bounds: the walk names no function.
-        let at = |p: Position| (p.line().unwrap_or(0), p.position().unwrap_or(0));
-        type Spot = (usize, usize);
-        let bodies: Vec<(String, Spot, Spot)> = ast
-            .iter_fn_def()
-            .map(|f| {
-                let (start, end) = (f.body.start_position(), f.body.end_position());
-                (f.name.to_string(), at(start), at(end))
-            })
-            .collect();
-        ast.walk(&mut |path: &[ASTNode]| {
-            if let Some(ASTNode::Expr(Expr::Variable(x, _, pos))) = path.last() {
-                let f = bodies
-                    .iter()
-                    .find(|(_, s, e)| *s <= at(*pos) && at(*pos) <= *e);
-                if let (false, Some((f, ..))) = (x.2.is_empty(), f) {
-                    if x.2.root() == "global" {
-                        let why = format!(
-                            "`global::{0}` in fn `{f}`: functions see the top-level constants \
+    // `global::` in the functions only (the top level's is Rhai's, and works).
+    for f in crate::compiled::functions(&ast) {
+        if found.is_some() {
+            break;
+        }
+        for stmt in &f.body {
+            stmt.walk(&mut Vec::new(), &mut |path: &[ASTNode]| match path.last() {
+                Some(ASTNode::Expr(Expr::Variable(x, ..)))
+                    if !x.2.is_empty() && x.2.root() == "global" =>
+                {
+                    let why = format!(
+                        "`global::{0}` in fn `{1}`: functions see the top-level constants \
                              by name, write `{0}`",
-                            x.1
-                        );
-                        found = Some((x.2.path[0].pos, why));
-                        return false;
-                    }
+                        x.1, f.name
+                    );
+                    found = Some((x.2.path[0].pos, why));
+                    false
                 }
-            }
-            true
-        });
+                _ => true,
+            });
+        }
     }
     match found {
         None => Ok(ast),

@@ -541,10 +541,12 @@ impl Shard {
             #[allow(deprecated)]
             self.engine.on_var(move |name, index, context| {
                 // A variable of the function (index > 0), or a call without constants.
-                if index > 0 || !context.tag().is_int() {
+                if index > 0 {
                     return Ok(None);
                 }
-                let tag = context.tag().as_int().expect("an int");
+                let Ok(tag) = context.tag().as_int() else {
+                    return Ok(None);
+                };
                 let table = table.borrow();
                 let Some(values) = table.iter().find(|(t, _)| *t == tag) else {
                     return Ok(None);
