@@ -242,6 +242,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any Rhai engine is made: the interpreter's work then repeats from run to run.
+    eddy::sandbox::fix_hashing_seed();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")

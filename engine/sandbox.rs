@@ -131,6 +131,27 @@ pub const SETTINGS: [&str; 6] = [
     "key_ttl",
 ];
 
+/// The seed of Rhai's hashes, fixed: "eddy" in ASCII, then 1, 2, 3 (any value would do).
+pub const HASHING_SEED: [u64; 4] = [0x6564_6479, 1, 2, 3];
+
+/// Fixes the seed of Rhai's hashes for this process, so that the interpreter does the same work
+/// in every run. Call it first thing, before any Rhai engine is made: an engine made before
+/// would look its functions up by other hashes than it stored them under. The binary calls it
+/// at the top of `main`; a second call changes nothing.
+///
+/// Rhai otherwise draws its seed at random when the process starts. Its function lookups then
+/// take a different number of steps from one run to the next: on the interpreter, one text
+/// query over the same posts counted 1.32 times the instructions in some runs of the same binary
+/// as in others (`bash benches/callgrind.sh`'s `word_mood`; see BENCHMARKS.md, round 13). A
+/// random seed guards hash tables filled from untrusted keys. Rhai's hash tables hold the
+/// functions and `switch` cases of a query, written by the analyst who deploys it, so a fixed
+/// seed gives an event's sender nothing to aim at: events' fields are looked up in them, never
+/// added.
+pub fn fix_hashing_seed() {
+    // `Err` only when the seed is set already, to this same value.
+    let _ = rhai::config::hashing::set_hashing_seed(Some(HASHING_SEED));
+}
+
 /// A Rhai engine with every limit of `limits` set, the event type, the plugins and the models of
 /// `limits.models` registered, and no way out of the sandbox. The engine's built-ins (`emit`, `key`, …) are added by the
 /// shard that owns it.
