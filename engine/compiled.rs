@@ -3258,6 +3258,9 @@ enum PathRoot {
     Place(Target),
     /// Any value (a copy: what a path changes in it is lost, as in Rhai).
     Value(EFn),
+    /// A top-level constant, only read: walked in place where every step finds its value (see
+    /// [`read_in_place`]), so that `TIERS[i]` does not copy the list on every call.
+    Const(Dynamic),
 }
 
 /// The assignment at the end of a [`Path`]: the operator of an op-assignment and its position,
@@ -3297,11 +3300,17 @@ impl Path {
         }
         let mut temp = match &self.root {
             PathRoot::Value(f) => f(fr)?.flatten(),
+            PathRoot::Const(c) => match read_in_place(c, &self.steps, &values) {
+                Some(v) => return Ok(v),
+                // A miss, a step out of range, a string's character...: the general way, on a
+                // copy, gives Rhai's value or error.
+                None => c.clone(),
+            },
             PathRoot::Place(_) => Dynamic::UNIT,
         };
         let (engine, helpers) = (fr.rt.engine, fr.helpers);
         let root = match &self.root {
-            PathRoot::Value(_) => &mut temp,
+            PathRoot::Value(_) | PathRoot::Const(_) => &mut temp,
             PathRoot::Place(t) => match target_ref(fr, *t) {
                 Some(v) => v,
                 None => return Ok(Dynamic::UNIT),
@@ -3395,6 +3404,33 @@ fn with_parent(
             Ok(None)
         }
         PStep::Method(..) => Ok(None),
+    }
+}
+
+/// The value `steps` lead to from `at`, read without a copy of `at`: each property a map has,
+/// each index an array or a map has. `None` for any other step, which [`Path::run`] then walks
+/// on a copy.
+fn read_in_place(at: &Dynamic, steps: &[PStep], values: &[Dynamic]) -> Option<Dynamic> {
+    let Some((step, rest)) = steps.split_first() else {
+        return Some(at.clone());
+    };
+    match step {
+        PStep::Prop(name, ..) => {
+            let map = at.as_map_ref().ok()?;
+            read_in_place(map.get(name.as_str())?, rest, values)
+        }
+        PStep::Index => {
+            let (index, values) = values.split_first()?;
+            if at.is_map() {
+                let key = index.as_immutable_string_ref().ok()?;
+                let map = at.as_map_ref().ok()?;
+                return read_in_place(map.get(key.as_str())?, rest, values);
+            }
+            let i = index.as_int().ok()?;
+            let items = at.as_array_ref().ok()?;
+            read_in_place(&items[array_index(items.len(), i)?], rest, values)
+        }
+        PStep::Method(..) => None,
     }
 }
 
@@ -3598,9 +3634,7 @@ impl Cx<'_> {
                 // might change it: see `Cx::constant_root`).
                 let reads = segs.iter().all(|s| !matches!(s, PSeg::Method(..)));
                 match self.constant(&x.1) {
-                    Some(value) if assign.is_none() && reads => {
-                        PathRoot::Value(Box::new(move |_| Ok(value.clone())))
-                    }
+                    Some(value) if assign.is_none() && reads => PathRoot::Const(value),
                     Some(_) => {
                         let what = format!("a change or a method of the constant `{}`", x.1);
                         return unsupported(*vpos, what);

@@ -1289,3 +1289,49 @@ fn the_hidden_word_query_compiles_and_counts_by_hand() {
         );
     }
 }
+
+/// The hidden fee-table query (`tests/hidden/fee_tiers.rhai`: constant lists read by index in a
+/// loop, and `len` of one) compiles and gives the tiers and fees worked out here by hand.
+#[test]
+fn the_hidden_fee_table_query_compiles_and_gives_hand_computed_fees() {
+    let limits = limits();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hidden/fee_tiers.rhai");
+    let def = QueryDef::compile(
+        "fee_tiers",
+        &std::fs::read_to_string(path).unwrap(),
+        &limits,
+    )
+    .unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    // Notional 5,000 (below every bound), 60,000 (at or above 10,000 and 50,000), exactly
+    // 250,000 (a bound is in the tier above it), 1,500,000 (above every bound).
+    let input = br#"{"symbol":"A","price":100.0,"size":50}
+{"symbol":"A","price":200.0,"size":300}
+{"symbol":"B","price":250.0,"size":1000}
+{"symbol":"A","price":500.0,"size":3000}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    let rates = [0.0030, 0.0025, 0.0020, 0.0015, 0.0010, 0.0005];
+    let trades = [
+        ("A", 5_000.0, 0),
+        ("A", 60_000.0, 2),
+        ("B", 250_000.0, 4),
+        ("A", 1_500_000.0, 5),
+    ];
+    assert_eq!(lines.len(), trades.len(), "{compiled}");
+    let mut fees = std::collections::HashMap::new();
+    let mut counts = std::collections::HashMap::new();
+    for (line, (symbol, notional, tier)) in lines.iter().zip(trades) {
+        let fee = notional * rates[tier];
+        let total = fees.entry(symbol).or_insert(0.0);
+        *total += fee;
+        let n = counts.entry(symbol).or_insert(0);
+        *n += 1;
+        assert_eq!(line["key"], symbol, "{compiled}");
+        assert_eq!(
+            line["value"],
+            serde_json::json!({ "tier": tier, "fee": fee, "fees": *total, "trades": *n }),
+            "{compiled}"
+        );
+    }
+}
