@@ -1767,6 +1767,12 @@ impl Cx<'_> {
             }
             first = false;
         }
+        // A constant's property or standard function of no argument is a constant too.
+        if let Start::Const(v) = &start {
+            if let Some(folded) = fold_const(v, &steps) {
+                return Ok(Box::new(move |_| Ok(folded.clone())));
+            }
+        }
         // Rhai works out the methods' arguments first, left to right, then the root, then the
         // steps. That order shows (in side effects and in which error comes first) only when an
         // argument comes after something that may fail or act: a root that is a value, or a
@@ -2633,6 +2639,35 @@ enum Start {
     /// A top-level constant: its first step reads it in place where it can (see
     /// [`Step::read`]), since a copy of a large list per call would cost more than the lookup.
     Const(Dynamic),
+}
+
+/// The value of `steps` on the top-level constant `v`, worked out once at compile time: when
+/// each step is a property the map has, or a standard function of no argument that changes
+/// nothing and gives a value, and the end is a number, a boolean, a character, a string or
+/// `()`, cheap to copy per call. (`BOUNDS.len()` in a loop's condition.) `None` otherwise, and
+/// the chain runs per call, with Rhai's value or error.
+fn fold_const(v: &Dynamic, steps: &[Step]) -> Option<Dynamic> {
+    let mut value = v.clone();
+    for step in steps {
+        let next = match step {
+            Step::Prop(name, .., std) => match value.as_map_ref() {
+                Ok(map) => map.get(name.as_str())?.clone(),
+                Err(_) => std.as_ref()?.apply(&[&value])?,
+            },
+            Step::Method(_, args, .., Some(f)) if args.is_empty() && !f.mutates() => {
+                f.apply(&[&value])?
+            }
+            Step::Method(..) => return None,
+        };
+        value = next;
+    }
+    let small = value.is_unit()
+        || value.is_int()
+        || value.is_float()
+        || value.is_bool()
+        || value.is_char()
+        || value.is_string();
+    small.then_some(value)
 }
 
 /// Walks a chain: its root, then each step on what the one before gave, `args` giving each
