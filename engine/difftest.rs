@@ -809,7 +809,8 @@ pub struct Output {
     pub rejected: Vec<u8>,
 }
 
-fn run_on(def: &QueryDef, events: &[u8], limits: &Limits, engine: EngineMode) -> Output {
+/// `eddy run` of `def` over `events` on `engine`, in memory.
+pub fn run_on(def: &QueryDef, events: &[u8], limits: &Limits, engine: EngineMode) -> Output {
     let mut items = Vec::new();
     let mut rejected = Vec::new();
     let options = RunOptions {

@@ -8,7 +8,6 @@ use std::path::Path;
 use eddy::casetest;
 use eddy::compiled::EngineMode;
 use eddy::difftest::{self, Verdict};
-use eddy::offline::{self, RunOptions};
 use eddy::synth::{self, Scenario};
 use eddy::{Limits, QueryDef};
 
@@ -24,6 +23,13 @@ fn limits() -> Limits {
     limits
 }
 
+/// The items `def` emits over `input` on `engine`, then its rejections, as `eddy run` writes
+/// them.
+fn run(def: &QueryDef, input: &[u8], limits: &Limits, engine: EngineMode) -> Vec<u8> {
+    let out = difftest::run_on(def, input, limits, engine);
+    [out.items, out.rejected].concat()
+}
+
 #[test]
 fn golden_cases_pass_on_both_engines() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/queries");
@@ -36,26 +42,6 @@ fn golden_cases_pass_on_both_engines() {
             assert!(report.passed(), "{} on {engine}: {report:?}", dir.display());
         }
     }
-}
-
-fn run(def: &QueryDef, input: &[u8], limits: &Limits, engine: EngineMode) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    let options = RunOptions {
-        engine,
-        ..RunOptions::default()
-    };
-    offline::run(
-        vec![def.clone()],
-        input.to_vec(),
-        limits,
-        &options,
-        &mut out,
-        &mut err,
-    )
-    .expect("run");
-    out.extend_from_slice(&err);
-    out
 }
 
 /// Runs `def` over `input` on both engines, checks that they write the same bytes, and gives the
@@ -1253,19 +1239,20 @@ fn on_event(ev) {
     assert_error_naming(&lines[4], "split", &compiled);
 }
 
+/// `tests/hidden/NAME.rhai`, which must compile whole.
+fn compiled_hidden_query(name: &str, limits: &Limits) -> QueryDef {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/hidden/{name}.rhai"));
+    let def = QueryDef::compile(name, &std::fs::read_to_string(path).unwrap(), limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    def
+}
+
 /// The hidden text query (`tests/hidden/word_mood.rhai`: constant word lists, `split`,
 /// `contains`, `continue`) compiles and counts the words a hand count gives.
 #[test]
 fn the_hidden_word_query_compiles_and_counts_by_hand() {
     let limits = limits();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hidden/word_mood.rhai");
-    let def = QueryDef::compile(
-        "word_mood",
-        &std::fs::read_to_string(path).unwrap(),
-        &limits,
-    )
-    .unwrap();
-    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let def = compiled_hidden_query("word_mood", &limits);
     let input = br#"{"user":"a","text":"the love win"}
 {"user":"a","text":"just hate"}
 {"user":"b","text":"the the"}
@@ -1295,14 +1282,7 @@ fn the_hidden_word_query_compiles_and_counts_by_hand() {
 #[test]
 fn the_hidden_fee_table_query_compiles_and_gives_hand_computed_fees() {
     let limits = limits();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hidden/fee_tiers.rhai");
-    let def = QueryDef::compile(
-        "fee_tiers",
-        &std::fs::read_to_string(path).unwrap(),
-        &limits,
-    )
-    .unwrap();
-    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let def = compiled_hidden_query("fee_tiers", &limits);
     // Notional 5,000 (below every bound), 60,000 (at or above 10,000 and 50,000), exactly
     // 250,000 (a bound is in the tier above it), 1,500,000 (above every bound).
     let input = br#"{"symbol":"A","price":100.0,"size":50}

@@ -4,7 +4,7 @@
 //! itself, and must follow the seed).
 
 use eddy::compiled::EngineMode;
-use eddy::offline::{self, RunOptions};
+use eddy::difftest::run_on;
 use eddy::sandbox::{fix_hashing_seed, HASHING_SEED};
 use eddy::{Limits, QueryDef};
 
@@ -39,23 +39,9 @@ fn a_fixed_seed_finds_functions_and_switch_cases_on_both_engines() {
     // By hand: the case of each value, and whether it is "a" or "z".
     let expected = [(1, true), (2, false), (30, false), (0, false), (0, true)];
     for engine in [EngineMode::Auto, EngineMode::Interpreter] {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let options = RunOptions {
-            engine,
-            ..RunOptions::default()
-        };
-        offline::run(
-            vec![def.clone()],
-            input.to_vec(),
-            &limits,
-            &options,
-            &mut out,
-            &mut err,
-        )
-        .expect("run");
-        assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
-        let got: Vec<(i64, bool)> = String::from_utf8(out)
+        let out = run_on(&def, input, &limits, engine);
+        assert!(out.rejected.is_empty(), "{out:?}");
+        let got: Vec<(i64, bool)> = String::from_utf8(out.items)
             .unwrap()
             .lines()
             .map(|l| {
