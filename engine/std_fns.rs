@@ -56,8 +56,10 @@ pub enum StdFn {
     EndsWith,
     /// Where a string or a character first is in a string, in characters (-1: nowhere).
     IndexOf,
-    /// A string's parts: by whitespace, or by a string or a character.
+    /// A string's parts: by whitespace, by a string or a character, or in two at a position.
     Split,
+    /// Characters of a string from a position, to the end or so many.
+    SubString,
     /// The functions that change the array they are called on (see [`StdFn::apply_mut`]).
     Push,
     Pop,
@@ -152,6 +154,7 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
         ("ends_with", 2) => StdFn::EndsWith,
         ("index_of", 2) => StdFn::IndexOf,
         ("split", 1 | 2) => StdFn::Split,
+        ("sub_string", 2 | 3) => StdFn::SubString,
         ("push", 2) => StdFn::Push,
         ("pop", 1) => StdFn::Pop,
         ("shift", 1) => StdFn::Shift,
@@ -392,6 +395,23 @@ impl StdFn {
                     Dynamic::from_bool(on.as_map_ref().ok()?.contains_key(key.as_str()))
                 }
             }
+            (StdFn::Split, [s, at]) if at.is_int() => {
+                let s = s.as_immutable_string_ref().ok()?;
+                let (head, tail) = split_at(&s, at.as_int().ok()?);
+                Dynamic::from_array(vec![head.into(), tail.into()])
+            }
+            (StdFn::SubString, [s, start, len @ ..]) => {
+                let s = s.as_immutable_string_ref().ok()?;
+                let start = start.as_int().ok()?;
+                // Without a length, to the end: Rhai passes the length in bytes, at least the
+                // length in characters.
+                let len = match len {
+                    [] => INT::try_from(s.len()).unwrap_or(INT::MAX),
+                    [len] => len.as_int().ok()?,
+                    _ => return None,
+                };
+                Dynamic::from(ImmutableString::from(sub_string(&s, start, len)))
+            }
             (StdFn::StartsWith | StdFn::EndsWith | StdFn::IndexOf | StdFn::Split, [s, ..]) => {
                 let s = s.as_immutable_string_ref().ok()?;
                 // The second argument, a string or a character, or none (`split()`).
@@ -449,6 +469,50 @@ impl StdFn {
             _ => return None,
         })
     }
+}
+
+/// Rhai's `sub_string(s, start, len)`: `len` characters from character `start` (from the end
+/// when negative, from the beginning when before it), as many as there are; nothing when `s` is
+/// empty, `len` is not positive or `start` is past the end.
+fn sub_string(s: &str, start: INT, len: INT) -> &str {
+    if s.is_empty() || len <= 0 {
+        return "";
+    }
+    let count = s.chars().count();
+    let offset = if start < 0 {
+        let Ok(back) = usize::try_from(start.unsigned_abs()) else {
+            return "";
+        };
+        count.saturating_sub(back)
+    } else {
+        match usize::try_from(start) {
+            Ok(start) if start < count => start,
+            _ => return "",
+        }
+    };
+    let len = usize::try_from(len).map_or(count - offset, |len| len.min(count - offset));
+    let from = char_at(s, offset);
+    &s[from..from + char_at(&s[from..], len)]
+}
+
+/// Rhai's `split(s, index)`: the first `index` characters and the rest; counted from the end
+/// when `index` is not positive (all of `s` second when that is before the beginning).
+fn split_at(s: &str, index: INT) -> (&str, &str) {
+    let at = if index <= 0 {
+        let count = s.chars().count();
+        match usize::try_from(index.unsigned_abs()) {
+            Ok(back) if back <= count => char_at(s, count - back),
+            _ => 0,
+        }
+    } else {
+        usize::try_from(index).map_or(s.len(), |n| char_at(s, n))
+    };
+    s.split_at(at)
+}
+
+/// The byte where character `n` of `s` starts (`s.len()` when `s` has no more).
+fn char_at(s: &str, n: usize) -> usize {
+    s.char_indices().nth(n).map_or(s.len(), |(i, _)| i)
 }
 
 /// What a string function looks for: a string or a character.
@@ -523,10 +587,18 @@ mod tests {
             "ends_with",
             "index_of",
             "split",
+            "sub_string",
         ] {
             for a in values {
                 for b in values {
                     calls.push((name.to_owned(), vec![a, b], 2));
+                }
+            }
+        }
+        for a in values {
+            for b in values {
+                for c in ["0", "2", "-1", "9223372036854775807", "\"x\""] {
+                    calls.push(("sub_string".to_owned(), vec![a, b, c], 3));
                 }
             }
         }
@@ -568,7 +640,10 @@ mod tests {
                         || (["starts_with", "ends_with", "index_of", "split"]
                             .contains(&name.as_str())
                             && values[0].is_string()
-                            && values.get(1).is_none_or(|v| v.is_string() || v.is_char())) =>
+                            && values.get(1).is_none_or(|v| v.is_string() || v.is_char()))
+                        || (["split", "sub_string"].contains(&name.as_str())
+                            && values[0].is_string()
+                            && values[1..].iter().all(|v| v.is_int())) =>
                 {
                     panic!("{script}: left to Rhai, which gives {want}")
                 }

@@ -1008,6 +1008,42 @@ fn on_event(ev) {
 }
 
 #[test]
+fn sub_string_and_split_at_a_position_give_hand_computed_parts_on_both_engines() {
+    // `sub_string` (to the end, or so many characters; negative starts count from the end) and
+    // `split` at a character position, done in Rust by compiled code, on multi-byte text; a
+    // number given to `sub_string` is Rhai's error.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+fn on_event(ev) {
+    emit(#{ day: ev.ts.sub_string(0, 10), time: ev.ts.sub_string(11), tail: ev.ts.sub_string(-3, 2),
+            parts: ev.ts.split(4), back: ev.ts.split(-2) });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = "{\"k\":\"a\",\"ts\":\"2026-12-01T23:45\"}\n\
+                 {\"k\":\"a\",\"ts\":\"né\"}\n\
+                 {\"k\":\"a\",\"ts\":\"\"}\n\
+                 {\"k\":\"a\",\"ts\":5}\n";
+    let (compiled, lines) = same_on_both(&def, input.as_bytes(), &limits);
+    assert_eq!(lines.len(), 4, "{compiled}");
+    // By hand: characters 0..10 and 11.. of the stamp; two characters from the third last;
+    // the first four characters and the rest; all but the last two and the last two. A start
+    // before the beginning counts from it; a start past the end gives "".
+    let want = [
+        serde_json::json!({ "day": "2026-12-01", "time": "23:45", "tail": ":4",
+            "parts": ["2026", "-12-01T23:45"], "back": ["2026-12-01T23:", "45"] }),
+        serde_json::json!({ "day": "né", "time": "", "tail": "né",
+            "parts": ["né", ""], "back": ["", "né"] }),
+        serde_json::json!({ "day": "", "time": "", "tail": "",
+            "parts": ["", ""], "back": ["", ""] }),
+    ];
+    for (line, want) in lines.iter().zip(want) {
+        assert_eq!(line["value"], want, "{compiled}");
+    }
+    assert_error_naming(&lines[3], "sub_string", &compiled);
+}
+
+#[test]
 fn array_changes_in_place_give_hand_computed_windows_and_rhais_size_error() {
     // `push`, `shift`, `remove`, `pop` and `clear` on an array in state, done in place by
     // compiled code; a push past `max_array_len` is Rhai's error on both engines.
