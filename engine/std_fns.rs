@@ -60,6 +60,10 @@ pub enum StdFn {
     Split,
     /// Characters of a string from a position, to the end or so many.
     SubString,
+    /// The number a string spells (blanks around it ignored): an integer (in a radix from 2 to
+    /// 36, 10 by default), or a float.
+    ParseInt,
+    ParseFloat,
     /// The functions that change the array they are called on (see [`StdFn::apply_mut`]).
     Push,
     Pop,
@@ -155,6 +159,8 @@ pub fn lookup(name: &str, arity: usize) -> Option<StdFn> {
         ("index_of", 2) => StdFn::IndexOf,
         ("split", 1 | 2) => StdFn::Split,
         ("sub_string", 2 | 3) => StdFn::SubString,
+        ("parse_int", 1 | 2) => StdFn::ParseInt,
+        ("parse_float", 1) => StdFn::ParseFloat,
         ("push", 2) => StdFn::Push,
         ("pop", 1) => StdFn::Pop,
         ("shift", 1) => StdFn::Shift,
@@ -395,6 +401,22 @@ impl StdFn {
                     Dynamic::from_bool(on.as_map_ref().ok()?.contains_key(key.as_str()))
                 }
             }
+            // What does not parse is Rhai's error: left to Rhai.
+            (StdFn::ParseInt, [s, radix @ ..]) => {
+                let s = s.as_immutable_string_ref().ok()?;
+                let radix = match radix {
+                    [] => 10,
+                    [r] => u32::try_from(r.as_int().ok()?)
+                        .ok()
+                        .filter(|r| (2..=36).contains(r))?,
+                    _ => return None,
+                };
+                Dynamic::from_int(INT::from_str_radix(s.trim(), radix).ok()?)
+            }
+            (StdFn::ParseFloat, [s]) => {
+                let s = s.as_immutable_string_ref().ok()?;
+                Dynamic::from_float(s.trim().parse::<FLOAT>().ok()?)
+            }
             (StdFn::Split, [s, at]) if at.is_int() => {
                 let s = s.as_immutable_string_ref().ok()?;
                 let (head, tail) = split_at(&s, at.as_int().ok()?);
@@ -551,6 +573,9 @@ mod tests {
             "\"AbC é\"",
             "\" a,b  é,\"",
             "\",\"",
+            "\" 42 \"",
+            "\"-7.5e3\"",
+            "\"fF\"",
             "' '",
             "\"\"",
             "'c'",
@@ -567,7 +592,15 @@ mod tests {
             .chain(TESTS.iter().map(|(n, _)| *n))
             .chain(["abs", "sign", "is_zero", "to_int", "to_float"])
             .chain([
-                "len", "is_empty", "to_lower", "to_upper", "keys", "values", "split",
+                "len",
+                "is_empty",
+                "to_lower",
+                "to_upper",
+                "keys",
+                "values",
+                "split",
+                "parse_int",
+                "parse_float",
             ])
             .collect();
         let mut calls: Vec<(String, Vec<&str>, usize)> = Vec::new();
@@ -588,6 +621,7 @@ mod tests {
             "index_of",
             "split",
             "sub_string",
+            "parse_int",
         ] {
             for a in values {
                 for b in values {
@@ -641,6 +675,8 @@ mod tests {
                             .contains(&name.as_str())
                             && values[0].is_string()
                             && values.get(1).is_none_or(|v| v.is_string() || v.is_char()))
+                        || (["parse_int", "parse_float"].contains(&name.as_str())
+                            && values[0].is_string())
                         || (["split", "sub_string"].contains(&name.as_str())
                             && values[0].is_string()
                             && values[1..].iter().all(|v| v.is_int())) =>

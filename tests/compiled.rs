@@ -1044,6 +1044,37 @@ fn on_event(ev) {
 }
 
 #[test]
+fn numbers_sent_as_strings_parse_to_hand_computed_values_on_both_engines() {
+    // `parse_float`, `parse_int` (as a method and as a function, with a radix), done in Rust by
+    // compiled code; text that is no number is Rhai's error, with the text in it.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+fn init(key) { #{ notional: 0.0 } }
+fn on_event(ev) {
+    this.notional += ev.price.parse_float() * parse_int(ev.size);
+    emit(#{ notional: this.notional, flags: parse_int(ev.flags, 16) });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = br#"{"k":"a","price":"2.5","size":" 40 ","flags":"ff"}
+{"k":"a","price":"-1e1","size":"3","flags":"10"}
+{"k":"a","price":"12,5","size":"1","flags":"0"}
+"#;
+    let (compiled, lines) = same_on_both(&def, input, &limits);
+    assert_eq!(lines.len(), 3, "{compiled}");
+    // By hand: 2.5 * 40 = 100; 100 + (-10 * 3) = 70; 0xff = 255, 0x10 = 16.
+    assert_eq!(
+        lines[0]["value"],
+        serde_json::json!({ "notional": 100.0, "flags": 255 })
+    );
+    assert_eq!(
+        lines[1]["value"],
+        serde_json::json!({ "notional": 70.0, "flags": 16 })
+    );
+    assert_error_naming(&lines[2], "12,5", &compiled);
+}
+
+#[test]
 fn array_changes_in_place_give_hand_computed_windows_and_rhais_size_error() {
     // `push`, `shift`, `remove`, `pop` and `clear` on an array in state, done in place by
     // compiled code; a push past `max_array_len` is Rhai's error on both engines.
