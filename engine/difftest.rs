@@ -247,6 +247,8 @@ impl Writer<'_> {
                     "to_upper",
                     "keys",
                     "split",
+                    "parse_int",
+                    "parse_float",
                 ])
             ),
             6 if self.g.chance(40) => {
@@ -260,6 +262,8 @@ impl Writer<'_> {
                     "starts_with",
                     "index_of",
                     "split",
+                    "sub_string",
+                    "parse_int",
                 ]);
                 if self.g.chance(50) {
                     format!("({}).{f}({})", self.expr(d), self.expr(d))
