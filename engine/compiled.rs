@@ -1625,7 +1625,7 @@ impl Cx<'_> {
             }
             Expr::InterpolatedString(parts, _) => {
                 // Rhai's own steps: each part in turn, a string as it is and anything else as
-                // its `to_string` (inline for integers and booleans, else by a helper doing the
+                // its `to_string` (inline for numbers, booleans and characters, else by a helper doing the
                 // one-part interpolation), the length checked after each part.
                 let parts = parts
                     .iter()
@@ -1644,6 +1644,9 @@ impl Cx<'_> {
                             let _ = write!(text, "{n}");
                         } else if let Ok(b) = v.as_bool() {
                             let _ = write!(text, "{b}");
+                        } else if v.is_float() || v.is_char() {
+                            // As `to_string` writes them (see `fast_method`).
+                            let _ = write!(text, "{v}");
                         } else {
                             let shown = call_helper(fr, &helper, None, vec![v], *at)?;
                             text.push_str(&shown.into_immutable_string().unwrap_or_default());
@@ -3229,6 +3232,9 @@ fn fast_method(name: &str, on: &Dynamic, args: &[Dynamic], pos: Position) -> R<O
         // Rhai writes an integer's decimal digits and a boolean's word (`to_string_generic`).
         "to_string" if on.is_int() => Some(on.as_int().expect("an int").to_string().into()),
         "to_string" if on.is_bool() => Some(on.as_bool().expect("a bool").to_string().into()),
+        // A float as Rhai prints it (`3.0`, `0.0` for either zero, `1e20` past 1e13) and a
+        // character: what Rhai's `to_string` of each writes is the value's own `Display`.
+        "to_string" if on.is_float() || on.is_char() => Some(on.to_string().into()),
         "to_float" => {
             if let Ok(i) = on.as_int() {
                 Some(Dynamic::from_float(i as FLOAT))

@@ -1044,6 +1044,48 @@ fn on_event(ev) {
 }
 
 #[test]
+fn floats_and_characters_as_text_read_as_rhai_prints_them_on_both_engines() {
+    // `to_string` of a float or a character, and both in an interpolated string, written in
+    // Rust by compiled code as Rhai prints them.
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+fn on_event(ev) {
+    let c = ev.s.to_chars()[0];
+    emit(#{ text: ev.x.to_string(), ch: c.to_string(), line: `${ev.x}|${c}|${ev.x * 2.0}` });
+}"#;
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let input = r#"{"k":"a","x":2.5,"s":"ab"}
+{"k":"a","x":3.0,"s":"é"}
+{"k":"a","x":-0.0,"s":"z"}
+{"k":"a","x":1e20,"s":"z"}
+{"k":"a","x":0.30000000000000004,"s":"z"}
+"#;
+    let (compiled, lines) = same_on_both(&def, input.as_bytes(), &limits);
+    // By hand, Rhai's rules: a whole float gets ".0", either zero is "0.0", and past 1e13 it is
+    // written with an exponent.
+    let want = [
+        ("2.5", "a", "2.5|a|5.0"),
+        ("3.0", "é", "3.0|é|6.0"),
+        ("0.0", "z", "0.0|z|0.0"),
+        ("1e20", "z", "1e20|z|2e20"),
+        (
+            "0.30000000000000004",
+            "z",
+            "0.30000000000000004|z|0.6000000000000001",
+        ),
+    ];
+    assert_eq!(lines.len(), want.len(), "{compiled}");
+    for (line, (text, ch, joined)) in lines.iter().zip(want) {
+        assert_eq!(
+            line["value"],
+            serde_json::json!({ "text": text, "ch": ch, "line": joined }),
+            "{compiled}"
+        );
+    }
+}
+
+#[test]
 fn numbers_sent_as_strings_parse_to_hand_computed_values_on_both_engines() {
     // `parse_float`, `parse_int` (as a method and as a function, with a radix), done in Rust by
     // compiled code; text that is no number is Rhai's error, with the text in it.
