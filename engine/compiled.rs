@@ -1625,8 +1625,8 @@ impl Cx<'_> {
             }
             Expr::InterpolatedString(parts, _) => {
                 // Rhai's own steps: each part in turn, a string as it is and anything else as
-                // its `to_string` (inline for numbers, booleans and characters, else by a helper doing the
-                // one-part interpolation), the length checked after each part.
+                // its `to_string` (inline for numbers, booleans and characters, else by a helper
+                // doing the one-part interpolation), the length checked after each part.
                 let parts = parts
                     .iter()
                     .map(|p| Ok((self.expr(p)?, p.position())))

@@ -148,7 +148,7 @@ pub const HASHING_SEED: [u64; 4] = [0x6564_6479, 1, 2, 3];
 /// seed gives an event's sender nothing to aim at: events' fields are looked up in them, never
 /// added.
 pub fn fix_hashing_seed() {
-    // `Err` only when the seed is set already, to this same value.
+    // `Err` when a seed is set already: by an earlier call, since nothing else here sets one.
     let _ = rhai::config::hashing::set_hashing_seed(Some(HASHING_SEED));
 }
 

@@ -512,7 +512,10 @@ fn sub_string(s: &str, start: INT, len: INT) -> &str {
             _ => return "",
         }
     };
-    let len = usize::try_from(len).map_or(count - offset, |len| len.min(count - offset));
+    // (`len` is positive here.)
+    let len = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(count - offset);
     let from = char_at(s, offset);
     &s[from..from + char_at(&s[from..], len)]
 }
