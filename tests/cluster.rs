@@ -1439,6 +1439,140 @@ async fn a_checkpoint_waits_until_the_latest_values_it_covers_are_stored() {
     .await;
 }
 
+/// `eddy.last.vwap._.<key>`: where `EDDY_LATEST` keeps `symbol`'s latest `vwap` (the key's JSON,
+/// quoted, is not a plain subject token: `x` and its bytes in hex).
+fn vwap_latest_subject(symbol: &str) -> String {
+    let hex: String = format!("\"{symbol}\"")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("eddy.last.vwap._.x{hex}")
+}
+
+/// What `EDDY_LATEST` holds for `symbol`'s `vwap`: the value and the lease revision it was
+/// written under.
+async fn stored_vwap(js: &async_nats::jetstream::Context, symbol: &str) -> Option<(Value, u64)> {
+    let stream = js.get_stream("EDDY_LATEST").await.ok()?;
+    let message = stream
+        .get_last_raw_message_by_subject(&vwap_latest_subject(symbol))
+        .await
+        .ok()?;
+    let (key, value, lease): (eddy::durable::StoredKey, String, u64) =
+        rmp_serde::from_slice(&message.payload).unwrap();
+    assert_eq!(key, eddy::durable::StoredKey::Str(symbol.to_owned()));
+    Some((serde_json::from_str(&value).unwrap(), lease))
+}
+
+/// Writes `value` for `symbol`'s `vwap` to `EDDY_LATEST` as an eddy node would under lease
+/// revision `lease`, unconditionally: another owner's write.
+async fn put_vwap(js: &async_nats::jetstream::Context, symbol: &str, value: &Value, lease: u64) {
+    let key = eddy::durable::StoredKey::Str(symbol.to_owned());
+    let payload = rmp_serde::to_vec(&(key, value.to_string(), lease)).unwrap();
+    js.publish(vwap_latest_subject(symbol), payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A value in `EDDY_LATEST` written under a newer lease of its partition (a newer owner's) is
+/// never overwritten by this node's, and one written under an older lease (an older owner's
+/// write that arrived late) is: the node's write, conditional on the subject's sequence, is
+/// refused once someone else wrote the key; it reads what is stored and writes again only over
+/// an older lease. Without the condition the node's next value would overwrite the newer owner's;
+/// without the lease comparison, too; without the second write, the key would keep the stale one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_value_from_a_newer_lease_is_never_overwritten_by_an_older_one() {
+    cluster_test("the conditional latest write test", async |s| {
+        let a = s.node("a", &[]).await;
+        owned_by(&a.2, &["a"]).await;
+        let js = async_nats::jetstream::new(
+            nats_client(std::slice::from_ref(&s.nats.url))
+                .await
+                .unwrap(),
+        );
+        let mut sub = subscribe_vwap(&a.2).await;
+        let mut seq = 0;
+        let first = trades(200, 31);
+        let mut acked = produce(a.2.clone(), first.chunks(10).map(<[_]>::to_vec).collect()).await;
+        let want = reference(&acked);
+        converge(&mut sub, &want, &mut seq).await;
+        let symbol = first[0].0.clone();
+        let count = |want: &BTreeMap<String, (f64, i64)>| want[&symbol].1;
+        until(
+            in_secs(10),
+            "a's value never reached EDDY_LATEST",
+            async || {
+                stored_vwap(&js, &symbol)
+                    .await
+                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(count(&want)))
+            },
+        )
+        .await;
+        let (_, lease) = stored_vwap(&js, &symbol).await.unwrap();
+        assert!(lease > 0, "a wrote its value without its lease revision");
+
+        // A newer owner's value: the symbol's next trades on a do not replace it.
+        let newer = json!({"symbol": symbol, "vwap": 1.0, "trades": 1_000_000});
+        put_vwap(&js, &symbol, &newer, u64::MAX).await;
+        let more = |seed| -> Vec<(String, i64, i64)> {
+            let mut feed = trades(60, seed);
+            feed.extend(std::iter::repeat_n((symbol.clone(), 120, 3), 5));
+            feed
+        };
+        let second = more(37);
+        acked.extend(produce(a.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        converge(&mut sub, &touched(&want, &second), &mut seq).await;
+        until(in_secs(10), "a never saw its write refused", async || {
+            metric_of(&a.2, "eddy_cluster_latest_values_superseded_total").await >= 1.0
+        })
+        .await;
+        // Other keys' values are still written; this one stays the newer owner's.
+        let other = second.iter().find(|t| t.0 != symbol).unwrap().0.clone();
+        until(
+            in_secs(10),
+            "a's other values never reached EDDY_LATEST",
+            async || {
+                stored_vwap(&js, &other)
+                    .await
+                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(want[&other].1))
+            },
+        )
+        .await;
+        assert_eq!(
+            stored_vwap(&js, &symbol).await,
+            Some((newer, u64::MAX)),
+            "a newer owner's latest value was overwritten"
+        );
+
+        // An older owner's value that came late: a's next value for the symbol replaces it.
+        let older = json!({"symbol": symbol, "vwap": 1.0, "trades": 1});
+        put_vwap(&js, &symbol, &older, 0).await;
+        let third = more(41);
+        acked.extend(produce(a.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = reference(&acked);
+        converge(&mut sub, &touched(&want, &third), &mut seq).await;
+        until(
+            in_secs(10),
+            "an older owner's value stayed in EDDY_LATEST",
+            async || {
+                stored_vwap(&js, &symbol)
+                    .await
+                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(count(&want)))
+            },
+        )
+        .await;
+        let (stored, lease) = stored_vwap(&js, &symbol).await.unwrap();
+        assert!(lease > 0 && lease < u64::MAX, "lease {lease}");
+        assert_vwap(
+            &BTreeMap::from([(symbol.clone(), stored)]),
+            &BTreeMap::from([(symbol.clone(), want[&symbol])]),
+        );
+    })
+    .await;
+}
+
 /// A latest value larger than NATS takes (`max_payload`, 128 KiB on this nats-server) can never
 /// be stored: it is left out, with a warning, and holds no checkpoint up (a checkpoint waits for
 /// the values emitted before it, and would otherwise wait for ever). Query `big` emits 171 KB

@@ -97,9 +97,13 @@
 //! written only by a node whose lease is certain: the old owner's state is dropped, never
 //! written back. The assumption is that a node's own scheduling delays stay below the margin.
 //! What is not fenced: messages already handed to the NATS client before the fence closed and
-//! still in its buffer (a connection being re-established) go out when it reconnects: items
-//! older than the new owner's (a value that steps back), or a checkpoint write that was under way
-//! (then its purge is not sent: the lease is checked again after the write, see [`checkpoint`]).
+//! still in its buffer (a connection being re-established) go out when it reconnects: items on
+//! `eddy.out` older than the new owner's (a value that steps back for a live subscriber), or a
+//! checkpoint write that was under way (then its purge is not sent: the lease is checked again
+//! after the write, see [`checkpoint`]). A write to `EDDY_LATEST` among them is refused by
+//! JetStream if anyone wrote the key since: each is conditional on the subject's sequence, and
+//! carries the lease revision it was emitted under, so a newer owner's value is never
+//! overwritten by an older one ([`write_latest`]).
 //!
 //! Latest values and checkpoints: a checkpoint is written only after every value the shards
 //! emitted before it was acknowledged in `EDDY_LATEST` (its marks pass through the forwarder,
@@ -378,6 +382,9 @@ pub struct Cluster {
     pub latest_loaded: AtomicU64,
     /// Writes of changed keys' latest values to `EDDY_LATEST`.
     pub latest_written: AtomicU64,
+    /// Latest values not written because `EDDY_LATEST` already held one from a newer lease of
+    /// their partition (see [`write_latest`]).
+    pub latest_superseded: AtomicU64,
     /// Per partition: the stream sequence of the last message queued for the shards.
     fed: Vec<AtomicU64>,
     /// Held while a message is routed and queued and `fed` moves, and while a checkpoint is
@@ -573,6 +580,7 @@ impl Cluster {
             received_items: AtomicU64::new(0),
             latest_loaded: AtomicU64::new(0),
             latest_written: AtomicU64::new(0),
+            latest_superseded: AtomicU64::new(0),
             fed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             order: tokio::sync::Mutex::new(()),
             moves: tokio::sync::Mutex::new(()),
@@ -937,8 +945,8 @@ impl Cluster {
         let topic: crate::Topic = Arc::from(topic);
         let mut out = Vec::with_capacity(messages.len());
         for (subject, message) in messages {
-            match rmp_serde::from_slice::<(StoredKey, String)>(&message.payload) {
-                Ok((key, value)) => out.push(Emitted {
+            match rmp_serde::from_slice::<StoredLatest>(&message.payload) {
+                Ok(StoredLatest(key, value, _)) => out.push(Emitted {
                     topic: Arc::clone(&topic),
                     key: Key::from(key),
                     value: value.into_bytes(),
@@ -1962,10 +1970,11 @@ async fn ownership(state: Arc<State>, cluster: Arc<Cluster>) {
             };
             free_since.remove(&p);
             let source = state.next_source.fetch_add(1, Ordering::Relaxed);
+            // The lease first: the forwarder stamps the partition's values with its revision.
+            cluster.leases().insert(p, (revision, sent));
             cluster.owned[p as usize].store(true, Ordering::Relaxed);
             let task = tokio::spawn(consume(Arc::clone(&state), Arc::clone(&cluster), p, source));
             mine.insert(p, task);
-            cluster.leases().insert(p, (revision, sent));
             cluster.acquired.fetch_add(1, Ordering::Relaxed);
             if held_by_other.remove(&p) && !released {
                 cluster.failovers.fetch_add(1, Ordering::Relaxed);
@@ -2826,8 +2835,10 @@ async fn checkpoint_locked(
 fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32) {
     let partitions = partitions as usize;
     let every = cluster.config.latest_interval;
-    // Keys whose newest value is not in EDDY_LATEST yet.
-    let mut changed: HashMap<(crate::Topic, Key), String> = HashMap::new();
+    // Keys whose newest value is not in EDDY_LATEST yet, with their partition's lease revision
+    // when it came; and the sequence of each key's value there, as far as this node knows.
+    let mut changed: HashMap<(crate::Topic, Key), Stamped> = HashMap::new();
+    let mut known: HashMap<(crate::Topic, Key), u64> = HashMap::new();
     let mut next_write = Instant::now();
     // Per topic, the items this node has sent on `eddy.out` so far (see [`ITEMS_FROM`]).
     let mut sent: HashMap<crate::Topic, u64> = HashMap::new();
@@ -2850,31 +2861,37 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
         };
         let mut batch: Vec<Forwarded> = first.into_iter().collect();
         batch.extend(cluster.out_rx.try_iter());
-        let mut topics: BTreeMap<crate::Topic, Vec<(Key, String)>> = BTreeMap::new();
+        let mut topics: BTreeMap<crate::Topic, Vec<(Key, Stamped)>> = BTreeMap::new();
         let mut marks = Vec::new();
+        let leases = cluster.leases();
         for msg in batch {
             match msg {
                 Forwarded::Items { items, .. } => {
                     for item in items {
-                        if !cluster.owned[item.key.shard(partitions)].load(Ordering::Relaxed) {
+                        let p = item.key.shard(partitions);
+                        if !cluster.owned[p].load(Ordering::Relaxed) {
                             continue;
                         }
+                        let Some(&(lease, _)) = leases.get(&(p as u32)) else {
+                            continue;
+                        };
                         let value = String::from_utf8(item.value).unwrap_or_default();
                         topics
                             .entry(item.topic)
                             .or_default()
-                            .push((item.key, value));
+                            .push((item.key, Stamped { value, lease }));
                     }
                 }
                 Forwarded::Mark { reply, .. } => marks.push(reply),
             }
         }
+        drop(leases);
         runtime.block_on(async {
             announce(cluster, topics.keys()).await;
             for (topic, items) in topics {
                 let stored: Vec<(StoredKey, &String)> = items
                     .iter()
-                    .map(|(key, value)| (StoredKey::from(key), value))
+                    .map(|(key, stamped)| (StoredKey::from(key), &stamped.value))
                     .collect();
                 // Counted whether or not the publish goes through: a receiver sees the gap.
                 let before = sent.entry(Arc::clone(&topic)).or_default();
@@ -2889,7 +2906,7 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
                 }
             }
             if !changed.is_empty() && (!marks.is_empty() || Instant::now() >= next_write) {
-                write_latest(cluster, &mut changed, partitions).await;
+                write_latest(cluster, &mut changed, &mut known, partitions).await;
                 next_write = Instant::now() + every;
             }
             for topic in tails.quiet() {
@@ -3021,57 +3038,163 @@ fn query_of(topic: &str) -> &str {
     topic.split_once('.').map_or(topic, |(q, _)| q)
 }
 
+/// A key's newest value for `EDDY_LATEST`, with the revision of its partition's lease on this
+/// node when the value came: the value's rank against other writers' (see [`write_latest`]).
+struct Stamped {
+    value: String,
+    lease: u64,
+}
+
+/// What `EDDY_LATEST` keeps on a key's subject: the key, its newest value, and the lease
+/// revision it was written under (0 in what an older eddy wrote, which had none).
+#[derive(Deserialize)]
+struct StoredLatest(StoredKey, String, #[serde(default)] u64);
+
+fn latest_payload(key: &Key, stamped: &Stamped) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(&(StoredKey::from(key), &stamped.value, stamped.lease))
+}
+
 /// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
 /// JetStream did not acknowledge within [`ACK_WAIT`] stay in `changed` (unless a newer value
 /// came meanwhile) for the next write. Values of partitions this node no longer owns are
 /// dropped unwritten: no checkpoint covers their events (it waits for them), so the next owner
-/// emits them again, and written late they could step a newer owner's value back.
+/// emits them again.
+///
+/// Each write is conditional (`Nats-Expected-Last-Subject-Sequence`, with the subject's
+/// sequence as this node last saw it in `known`, 0 for none): a write that was handed to the
+/// NATS client before the fence closed, and goes out late (a connection re-established after a
+/// newer owner wrote), is refused by JetStream rather than stepping the key back. A write
+/// refused so reads what the subject holds (from the stream's leader): a value written under a
+/// newer lease of the partition (a newer owner's) wins and this one is dropped; else (this
+/// node's own older write, stored after its ack was given up, or an older owner's) this one is
+/// written again at the sequence read, at once.
 async fn write_latest(
     cluster: &Cluster,
-    changed: &mut HashMap<(crate::Topic, Key), String>,
+    changed: &mut HashMap<(crate::Topic, Key), Stamped>,
+    known: &mut HashMap<(crate::Topic, Key), u64>,
     partitions: usize,
 ) {
     changed.retain(|(_, key), _| cluster.owned[key.shard(partitions)].load(Ordering::Relaxed));
-    let mut sent = Vec::with_capacity(changed.len());
-    for ((topic, key), value) in changed.drain() {
-        let Ok(payload) = rmp_serde::to_vec(&(StoredKey::from(&key), &value)) else {
-            continue;
-        };
-        let subject = latest_subject(&topic, &key);
-        let ack = cluster.js.publish(subject, payload.into()).await;
-        sent.push(((topic, key), value, ack));
-    }
-    let waits = sent.into_iter().map(|(at, value, ack)| async move {
-        let done = match ack {
-            Ok(ack) => Some(matches!(
-                tokio::time::timeout(ACK_WAIT, std::future::IntoFuture::into_future(ack)).await,
-                Ok(Ok(_))
-            )),
-            // Larger than NATS takes: never stored, so not tried again (a checkpoint waits for
-            // the values before it, and would wait for ever).
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
-                tracing::warn!(
-                    "cluster: the latest value of key {} on {} is larger than NATS takes \
-                     (max_payload): not stored in EDDY_LATEST",
-                    at.1,
-                    at.0
-                );
-                None
+    let mut round: Vec<((crate::Topic, Key), Stamped)> = changed.drain().collect();
+    let (mut written, mut failed) = (0, 0);
+    for attempt in 0..2 {
+        let mut sent = Vec::with_capacity(round.len());
+        for (at, stamped) in round.drain(..) {
+            let Ok(payload) = latest_payload(&at.1, &stamped) else {
+                continue;
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            let expected = known.get(&at).copied().unwrap_or(0);
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+            let subject = latest_subject(&at.0, &at.1);
+            let ack = cluster
+                .js
+                .publish_with_headers(subject, headers, payload.into())
+                .await;
+            sent.push((at, stamped, ack));
+        }
+        let waits = sent.into_iter().map(|(at, stamped, ack)| async move {
+            let outcome = match ack {
+                Ok(ack) => {
+                    match tokio::time::timeout(ACK_WAIT, std::future::IntoFuture::into_future(ack))
+                        .await
+                    {
+                        Ok(Ok(ack)) => Written::Stored(ack.sequence),
+                        Ok(Err(e))
+                            if e.kind()
+                                == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                        {
+                            Written::Refused
+                        }
+                        _ => Written::Failed,
+                    }
+                }
+                // Larger than NATS takes: never stored, so not tried again (a checkpoint waits
+                // for the values before it, and would wait for ever).
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    tracing::warn!(
+                        "cluster: the latest value of key {} on {} is larger than NATS takes \
+                         (max_payload): not stored in EDDY_LATEST",
+                        at.1,
+                        at.0
+                    );
+                    Written::Dropped
+                }
+                Err(_) => Written::Failed,
+            };
+            (at, stamped, outcome)
+        });
+        let mut refused = Vec::new();
+        for (at, stamped, outcome) in futures_util::future::join_all(waits).await {
+            match outcome {
+                Written::Stored(seq) => {
+                    written += 1;
+                    known.insert(at, seq);
+                }
+                Written::Refused if attempt == 0 => refused.push((at, stamped)),
+                Written::Refused | Written::Failed => {
+                    failed += 1;
+                    changed.entry(at).or_insert(stamped);
+                }
+                Written::Dropped => {}
             }
-            Err(_) => Some(false),
-        };
-        (at, value, done)
-    });
-    let mut failed = 0;
-    let mut written = 0;
-    for (at, value, done) in futures_util::future::join_all(waits).await {
-        match done {
-            Some(true) => written += 1,
-            Some(false) => {
-                failed += 1;
-                changed.entry(at).or_insert(value);
+        }
+        if refused.is_empty() {
+            break;
+        }
+        let stream = cluster.js.get_stream_no_info(LATEST).await.ok();
+        let stream = stream.as_ref();
+        let reads = refused.into_iter().map(|(at, stamped)| async move {
+            let subject = latest_subject(&at.0, &at.1);
+            let read = match stream {
+                Some(stream) => {
+                    tokio::time::timeout(ACK_WAIT, stream.get_last_raw_message_by_subject(&subject))
+                        .await
+                        .ok()
+                }
+                None => None,
+            };
+            let holds = match read {
+                Some(Ok(message)) => Some(Some((
+                    message.sequence,
+                    rmp_serde::from_slice::<StoredLatest>(&message.payload).map_or(0, |s| s.2),
+                ))),
+                // Purged since this node's last write.
+                Some(Err(e))
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    Some(None)
+                }
+                _ => None,
+            };
+            (at, stamped, holds)
+        });
+        for (at, stamped, holds) in futures_util::future::join_all(reads).await {
+            match holds {
+                Some(Some((_, lease))) if lease > stamped.lease => {
+                    cluster.latest_superseded.fetch_add(1, Ordering::Relaxed);
+                    known.remove(&at);
+                }
+                Some(Some((seq, _))) => {
+                    known.insert(at.clone(), seq);
+                    round.push((at, stamped));
+                }
+                Some(None) => {
+                    known.remove(&at);
+                    round.push((at, stamped));
+                }
+                // Not read: refused again next time, and read then.
+                None => {
+                    failed += 1;
+                    changed.entry(at).or_insert(stamped);
+                }
             }
-            None => {}
+        }
+        if round.is_empty() {
+            break;
         }
     }
     cluster.latest_written.fetch_add(written, Ordering::Relaxed);
@@ -3080,6 +3203,18 @@ async fn write_latest(
             "cluster: {failed} latest values not stored in EDDY_LATEST; again next time"
         );
     }
+}
+
+/// How a conditional write to `EDDY_LATEST` went.
+enum Written {
+    /// Stored at this sequence of the stream.
+    Stored(u64),
+    /// Refused: the subject's sequence is not the one expected.
+    Refused,
+    /// Not acknowledged (in time): tried again next time.
+    Failed,
+    /// Never to be stored (larger than NATS takes).
+    Dropped,
 }
 
 /// The header of an `eddy.out` message that names the node run that sent it, and the one with
@@ -3490,6 +3625,12 @@ pub fn write_metrics(state: &State, out: &mut String) {
             "counter",
             "Keys' latest values this node wrote to EDDY_LATEST (at most one per key per latest_interval).",
             c.latest_written.load(Ordering::Relaxed),
+        ),
+        (
+            "eddy_cluster_latest_values_superseded_total",
+            "counter",
+            "Latest values not written because EDDY_LATEST held one written under a newer lease of their partition.",
+            c.latest_superseded.load(Ordering::Relaxed),
         ),
         (
             "eddy_cluster_items_lost_total",
