@@ -60,7 +60,11 @@ async fn node_named(queries: &std::path::Path, name: Option<&str>, args: &[&str]
         .args(named)
         .args(["--admin-token", TOKEN])
         .args(args)
-        .env("EDDY_LOG", "warn,async_nats=error")
+        // `EDDY_TEST_NODE_LOG=info` shows the nodes' hand-overs and takes when a test fails.
+        .env(
+            "EDDY_LOG",
+            std::env::var("EDDY_TEST_NODE_LOG").unwrap_or_else(|_| "warn,async_nats=error".into()),
+        )
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -360,7 +364,9 @@ async fn converge(
 /// [`converge`] while NATS itself fails (a server killed or stopped): items the subscriber's node
 /// missed meanwhile are allowed if they are reported (`dropped`: core NATS delivers at most
 /// once). `None` when items were lost and the newest values never came (a symbol's last items
-/// among the lost): the caller checks the values in `EDDY_LATEST` instead.
+/// among the lost), or when nothing came for 25 s or the values did not converge in 40 s (the
+/// owners still waiting for NATS, which may place their consumers on the dead server for a
+/// while): the caller checks the values in `EDDY_LATEST` instead.
 async fn converge_through_loss(
     sub: &mut Ws,
     want: &BTreeMap<String, (f64, i64)>,
@@ -387,7 +393,7 @@ async fn converge_with(
         if done {
             return Some(latest);
         }
-        if lost && Instant::now() >= deadline {
+        if (lost || loss) && Instant::now() >= deadline {
             return None;
         }
         assert!(Instant::now() < deadline, "never converged: {latest:?}");
@@ -395,6 +401,14 @@ async fn converge_with(
             match tokio::time::timeout(Duration::from_secs(5), next_json(sub)).await {
                 Ok(msg) => msg,
                 Err(_) => return None,
+            }
+        } else if loss {
+            match tokio::time::timeout(Duration::from_secs(25), next_json(sub)).await {
+                Ok(msg) => msg,
+                Err(_) => {
+                    eprintln!("nothing for 25 s while NATS failed");
+                    return None;
+                }
             }
         } else {
             next_json(sub).await
@@ -1236,9 +1250,11 @@ async fn stream_leader(urls: &[String], name: &str) -> Option<String> {
 /// leader of `EDDY_EVENTS` is killed during a feed through two eddy nodes. While NATS elects a
 /// new stream leader, publishes get "no responders" (or no ack, from the leader that died): the
 /// nodes send those messages again, with the same message id, until JetStream acknowledges
-/// them. So every event of the feed is acknowledged, none is lost or counted twice, and neither
-/// node exits: a partition whose lease could not be renewed during the election is given up
-/// and taken again (checkpoint and replay) once NATS answers.
+/// them. So every event of the feed is acknowledged, none is lost or counted twice (once the
+/// owners' consumers, made again on live servers, have caught up, every key's value in
+/// `EDDY_LATEST` is the reference's), and neither node exits: a partition whose lease could not
+/// be renewed during the election is given up and taken again (checkpoint and replay) once NATS
+/// answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_event() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -1336,6 +1352,38 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
         if let Some(latest) = converge_through_loss(&mut sub, &want, &mut seq).await {
             assert_vwap(&latest, &want);
         }
+        // The owners may still be catching up: a partition's consumer on the dead server is
+        // made again only once NATS places it on a live one (each attempt that lands on the
+        // dead server times out). Once every key's newest value is in EDDY_LATEST, they are done.
+        let js = async_nats::jetstream::new(nats_client(&rest).await.unwrap());
+        let waited = Instant::now();
+        loop {
+            let mut behind = Vec::new();
+            for (symbol, (_, n)) in &want {
+                match stored_vwap(&js, symbol).await {
+                    Some((v, _)) if v["trades"].as_i64() == Some(*n) => {}
+                    stored => behind.push((symbol, *n, stored)),
+                }
+            }
+            if behind.is_empty() {
+                break;
+            }
+            if waited.elapsed() > Duration::from_secs(90) {
+                for node in [&a.2, &b.2] {
+                    eprintln!("{}", cluster_of(node).await);
+                    let (_, text) = http_at(node, "GET", "/metrics", None, "").await;
+                    for line in text.lines().filter(|l| l.starts_with("eddy_cluster")) {
+                        eprintln!("{line}");
+                    }
+                }
+                panic!("the owners never caught up after the kill: {behind:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "every latest value stored {:?} after the feed",
+            waited.elapsed()
+        );
         // Snapshots read after the kill, while NATS still counts the dead server in the
         // streams' groups: b has no subscriber to `vwap`, so each first subscriber there makes
         // b read every key's latest value from `EDDY_LATEST`. Read with direct gets, which any
@@ -1357,7 +1405,6 @@ async fn the_nats_stream_leader_killed_during_the_feed_loses_no_acknowledged_eve
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let js = async_nats::jetstream::new(nats_client(&rest).await.unwrap());
         let mut latest = js.get_stream("EDDY_LATEST").await.unwrap();
         let latest = latest.info().await.unwrap();
         assert_eq!(
@@ -1435,6 +1482,97 @@ async fn a_checkpoint_waits_until_the_latest_values_it_covers_are_stored() {
         assert!(metric_of(&b.2, "eddy_cluster_replayed_events_total").await >= second.len() as f64);
         let (_w, snapshot) = subscribe_vwap_snapshot(&b.2).await;
         assert_vwap(&snapshot, &want);
+    })
+    .await;
+}
+
+/// A partition's checkpoint of many chunks (the object store cuts at 128 KiB) is read whole by
+/// the next owner: its info and chunks are read with direct gets, without a consumer. One
+/// partition; beside `vwap`, query `ballast` keeps 1 KB of state per key and emits nothing, so
+/// 1,000 keys make a checkpoint of 8 chunks or more. a checkpoints them and is killed; b
+/// restores the keys the checkpoint holds and replays the rest, and a second trade of some keys
+/// on b gives the VWAP of both trades and `ballast`'s count of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_many_chunks_is_restored_whole() {
+    cluster_test("the many-chunk checkpoint test", async |s| {
+        std::fs::write(
+            s.queries.path().join("ballast.rhai"),
+            r#"let source = "trades";
+let key_by = "symbol";
+fn init(key) { #{ pad: "", n: 0 } }
+fn on_event(ev) {
+    if this.n == 0 {
+        this.pad = ev.symbol;
+        this.pad.pad(1000, '.');
+    }
+    this.n += 1;
+    if this.n > 1 { emit(#{ n: this.n, len: this.pad.len() }); }
+}
+"#,
+        )
+        .unwrap();
+        let (_config, path) = config_file("[cluster]\npartitions = 1\n");
+        let args = ["--config", path.as_str(), "--checkpoint-interval", "300ms"];
+        let mut a = s.node("a", &args).await;
+        owned_by(&a.2, &["a"]).await;
+        const KEYS: usize = 1_000;
+        let first: Vec<(String, i64, i64)> = (0..KEYS)
+            .map(|i| {
+                (
+                    format!("K{i:04}"),
+                    100 + (i % 50) as i64,
+                    1 + (i % 9) as i64,
+                )
+            })
+            .collect();
+        let mut acked = produce(a.2.clone(), first.chunks(50).map(<[_]>::to_vec).collect()).await;
+        assert_eq!(acked.len(), KEYS);
+        // Checkpoints come every 300 ms: one over most of the feed is 4 chunks or more.
+        until(
+            in_secs(30),
+            "a wrote no checkpoint of 4 chunks",
+            async || metric_of(&a.2, "eddy_cluster_last_checkpoint_bytes").await > 3.0 * 131_072.0,
+        )
+        .await;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(a.0.id().unwrap() as i32, libc::SIGKILL) };
+        let _ = a.0.wait().await;
+        let b = s.node("b", &args).await;
+        owned_by(&b.2, &["b"]).await;
+        until(in_secs(30), "b restored no checkpoint", async || {
+            metric_of(&b.2, "eddy_cluster_restored_keys_total").await > 0.0
+        })
+        .await;
+        // Every key's first trade came from the checkpoint or, after it, from the stream (the
+        // keys count once per query).
+        let restored = metric_of(&b.2, "eddy_cluster_restored_keys_total").await;
+        let replayed = metric_of(&b.2, "eddy_cluster_replayed_events_total").await;
+        assert!(restored >= 2.0 * 400.0, "{restored} keys restored");
+        assert!(
+            restored / 2.0 + replayed >= KEYS as f64,
+            "{restored} restored, {replayed} replayed"
+        );
+        let mut sub = subscribe_vwap(&b.2).await;
+        let (mut ballast, _) = subscribe_snapshot(&b.2, "ballast").await;
+        let second: Vec<(String, i64, i64)> = (0..KEYS)
+            .step_by(37)
+            .map(|i| (format!("K{i:04}"), 170 + (i % 7) as i64, 2 + (i % 5) as i64))
+            .collect();
+        acked.extend(produce(b.2.clone(), second.chunks(10).map(<[_]>::to_vec).collect()).await);
+        let want = touched(&reference(&acked), &second);
+        let mut seq = 0;
+        let latest = converge(&mut sub, &want, &mut seq).await;
+        assert_vwap(&latest, &want);
+        assert!(latest.values().all(|v| v["trades"] == 2));
+        let mut counted = 0;
+        while counted < second.len() {
+            let msg = next_json(&mut ballast).await;
+            assert_eq!(msg["type"], "batch", "{msg}");
+            for item in msg["items"].as_array().unwrap() {
+                assert_eq!(item["value"], json!({"n": 2, "len": 1000}), "{item}");
+                counted += 1;
+            }
+        }
     })
     .await;
 }

@@ -2154,6 +2154,8 @@ fn kv_removed(message: &async_nats::Message) -> bool {
 
 /// Messages one batched direct get asks for: more come in further requests.
 const DIRECT_PAGE: usize = 1_000;
+/// The most bytes one page of direct gets brings (a checkpoint's chunks are 128 KiB each).
+const DIRECT_PAGE_BYTES: usize = 8 << 20;
 /// How long a node waits for the next answer of a direct get before it asks again (a server
 /// that died while answering).
 const DIRECT_WAIT: Duration = Duration::from_secs(1);
@@ -2177,8 +2179,41 @@ async fn last_messages(
     filter: &str,
     within: Duration,
 ) -> Result<Vec<(String, async_nats::Message)>, String> {
+    let mut newest: HashMap<String, (u64, async_nats::Message)> = HashMap::new();
+    direct_pages(
+        cluster,
+        stream,
+        filter,
+        within,
+        |subject, seq, message| match newest.get(&subject) {
+            Some((had, _)) if *had > seq => {}
+            _ => {
+                newest.insert(subject, (seq, message));
+            }
+        },
+    )
+    .await?;
+    let mut out: Vec<(u64, String, async_nats::Message)> = newest
+        .into_iter()
+        .map(|(subject, (seq, message))| (seq, subject, message))
+        .collect();
+    out.sort_unstable_by_key(|(seq, _, _)| *seq);
+    Ok(out.into_iter().map(|(_, s, m)| (s, m)).collect())
+}
+
+/// Every message matching `filter` in stream `stream`, in sequence order, given to `each` with
+/// its subject and sequence, within `within`: batched direct gets of [`DIRECT_PAGE`] messages
+/// from a sequence on, which any live server of the stream's group answers (see
+/// [`last_messages`]). A page not answered (the server asked died) is asked for again from
+/// where it stopped.
+async fn direct_pages(
+    cluster: &Cluster,
+    stream: &str,
+    filter: &str,
+    within: Duration,
+    mut each: impl FnMut(String, u64, async_nats::Message),
+) -> Result<(), String> {
     let read = async {
-        let mut newest: HashMap<String, (u64, async_nats::Message)> = HashMap::new();
         let mut from = 1u64;
         'pages: loop {
             let inbox = cluster.client.new_inbox();
@@ -2188,7 +2223,7 @@ async fn last_messages(
                 .await
                 .map_err(|e| e.to_string())?;
             let request = format!(
-                r#"{{"next_by_subj":{},"seq":{from},"batch":{DIRECT_PAGE}}}"#,
+                r#"{{"next_by_subj":{},"seq":{from},"batch":{DIRECT_PAGE},"max_bytes":{DIRECT_PAGE_BYTES}}}"#,
                 serde_json::Value::from(filter)
             );
             cluster
@@ -2239,24 +2274,56 @@ async fn last_messages(
                     return Err("a direct get answer without its subject or sequence".to_owned());
                 };
                 last = Some(seq);
-                match newest.get(&subject) {
-                    Some((had, _)) if *had > seq => {}
-                    _ => {
-                        newest.insert(subject, (seq, message));
-                    }
-                }
+                each(subject, seq, message);
             }
         }
-        let mut out: Vec<(u64, String, async_nats::Message)> = newest
-            .into_iter()
-            .map(|(subject, (seq, message))| (seq, subject, message))
-            .collect();
-        out.sort_unstable_by_key(|(seq, _, _)| *seq);
-        Ok(out.into_iter().map(|(_, s, m)| (s, m)).collect())
+        Ok(())
     };
     tokio::time::timeout(within, read)
         .await
         .map_err(|_| format!("no answer within {within:?}"))?
+}
+
+/// The bytes of object `name` in the checkpoint store, or `None` if it has none: its info
+/// and then its chunks read with direct gets ([`direct_pages`]), not through the object
+/// store's reader, whose ordered consumer NATS may place on a server that died (then the read
+/// waits for nothing, and the partition's restore with it).
+async fn read_checkpoint_object(
+    cluster: &Cluster,
+    name: &str,
+    within: Duration,
+) -> Result<Option<Vec<u8>>, String> {
+    use jetstream::object_store::InfoErrorKind;
+    let info = match tokio::time::timeout(within, cluster.checkpoints.info(name)).await {
+        Err(_) => return Err(format!("no answer within {within:?}")),
+        Ok(Err(e)) if e.kind() == InfoErrorKind::NotFound => return Ok(None),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(info)) if info.deleted => return Ok(None),
+        Ok(Ok(info)) => info,
+    };
+    let mut bytes = Vec::with_capacity(info.size);
+    let mut chunks = 0;
+    let filter = format!("$O.{CHECKPOINTS}.C.{}", info.nuid);
+    direct_pages(
+        cluster,
+        &format!("OBJ_{CHECKPOINTS}"),
+        &filter,
+        within,
+        |_, _, m| {
+            chunks += 1;
+            bytes.extend_from_slice(&m.payload);
+        },
+    )
+    .await?;
+    if chunks != info.chunks || bytes.len() != info.size {
+        return Err(format!(
+            "object {name}: {chunks} chunks and {} bytes read, {} and {} stored",
+            bytes.len(),
+            info.chunks,
+            info.size
+        ));
+    }
+    Ok(Some(bytes))
 }
 
 /// Collects one partition's deliveries for the local shards, dropping those of keys in other
@@ -2537,27 +2604,10 @@ const PARTITION_CHECKPOINT_FORMAT: u32 = 1;
 
 /// The latest checkpoint of partition `p`, if it has one.
 async fn load_checkpoint(cluster: &Cluster, p: u32) -> Result<Option<PartitionCheckpoint>, String> {
-    // Reading makes a consumer, which may land on a server that died: a short wait, then the
-    // caller tries again. The wait covers the read of the chunks too: the object's ordered
-    // consumer, when its server dies, is made again only after a back-off of up to 10 s, and
-    // the partitions taken after a NATS server died were restored 10 s apart.
-    let read = async {
-        let mut object = match cluster.checkpoints.get(format!("p{p}")).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Some(bytes))
-    };
-    let Some(bytes) = tokio::time::timeout(2 * CONSUMER_CREATE, read)
-        .await
-        .map_err(|_| format!("no answer within {:?}", 2 * CONSUMER_CREATE))??
+    // Without a consumer (see `read_checkpoint_object`); a short wait, then the caller tries
+    // again (NATS may be electing a leader for the store's stream).
+    let Some(bytes) =
+        read_checkpoint_object(cluster, &format!("p{p}"), 2 * CONSUMER_CREATE).await?
     else {
         return Ok(None);
     };
