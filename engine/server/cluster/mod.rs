@@ -2888,7 +2888,7 @@ fn forward(cluster: &Cluster, runtime: &tokio::runtime::Handle, partitions: u32)
     // Keys whose newest value is not in EDDY_LATEST yet, with their partition's lease revision
     // when it came; and the sequence of each key's value there, as far as this node knows.
     let mut changed: HashMap<(crate::Topic, Key), Stamped> = HashMap::new();
-    let mut known: HashMap<(crate::Topic, Key), u64> = HashMap::new();
+    let mut known = Known::default();
     let mut next_write = Instant::now();
     // Per topic, the items this node has sent on `eddy.out` so far (see [`ITEMS_FROM`]).
     let mut sent: HashMap<crate::Topic, u64> = HashMap::new();
@@ -3121,7 +3121,7 @@ fn latest_payload(key: &Key, stamped: &Stamped) -> Result<Vec<u8>, rmp_serde::en
 async fn write_latest(
     cluster: &Cluster,
     changed: &mut HashMap<(crate::Topic, Key), Stamped>,
-    known: &mut HashMap<(crate::Topic, Key), u64>,
+    known: &mut Known,
     partitions: usize,
 ) {
     changed.retain(|(_, key), _| cluster.owned[key.shard(partitions)].load(Ordering::Relaxed));
@@ -3134,7 +3134,7 @@ async fn write_latest(
                 continue;
             };
             let mut headers = async_nats::HeaderMap::new();
-            let expected = known.get(&at).copied().unwrap_or(0);
+            let expected = known.get(&at);
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 expected.to_string().as_str(),
@@ -3182,7 +3182,7 @@ async fn write_latest(
             match outcome {
                 Written::Stored(seq) => {
                     written += 1;
-                    known.insert(at, seq);
+                    known.set(&at, seq);
                 }
                 Written::Refused if attempt == 0 => refused.push((at, stamped)),
                 Written::Refused | Written::Failed => {
@@ -3226,14 +3226,14 @@ async fn write_latest(
             match holds {
                 Some(Some((_, lease))) if lease > stamped.lease => {
                     cluster.latest_superseded.fetch_add(1, Ordering::Relaxed);
-                    known.remove(&at);
+                    known.set(&at, 0);
                 }
                 Some(Some((seq, _))) => {
-                    known.insert(at.clone(), seq);
+                    known.set(&at, seq);
                     round.push((at, stamped));
                 }
                 Some(None) => {
-                    known.remove(&at);
+                    known.set(&at, 0);
                     round.push((at, stamped));
                 }
                 // Not read: refused again next time, and read then.
@@ -3252,6 +3252,35 @@ async fn write_latest(
         tracing::warn!(
             "cluster: {failed} latest values not stored in EDDY_LATEST; again next time"
         );
+    }
+}
+
+/// Per key and topic, the sequence of its subject in `EDDY_LATEST` as this node last saw it (0:
+/// none). Kept under a 64-bit hash of the two, 16 bytes a key for every key the node ever
+/// wrote: two that share a hash only cost a refused write and a read now and then (a subject's
+/// sequence is no other subject's, so a wrong expectation is always refused, never taken).
+#[derive(Default)]
+struct Known(HashMap<u64, u64>);
+
+impl Known {
+    fn slot((topic, key): &(crate::Topic, Key)) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        topic.hash(&mut h);
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    fn get(&self, at: &(crate::Topic, Key)) -> u64 {
+        self.0.get(&Self::slot(at)).copied().unwrap_or(0)
+    }
+
+    fn set(&mut self, at: &(crate::Topic, Key), seq: u64) {
+        if seq == 0 {
+            self.0.remove(&Self::slot(at));
+        } else {
+            self.0.insert(Self::slot(at), seq);
+        }
     }
 }
 
