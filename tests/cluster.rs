@@ -1601,6 +1601,17 @@ async fn stored_vwap(js: &async_nats::jetstream::Context, symbol: &str) -> Optio
     Some((serde_json::from_str(&value).unwrap(), lease))
 }
 
+/// Waits (10 s at most, else fails with `what`) until `EDDY_LATEST` holds `symbol`'s `vwap` of
+/// `trades` trades.
+async fn until_stored(js: &async_nats::jetstream::Context, symbol: &str, trades: i64, what: &str) {
+    until(in_secs(10), what, async || {
+        stored_vwap(js, symbol)
+            .await
+            .is_some_and(|(v, _)| v["trades"].as_i64() == Some(trades))
+    })
+    .await;
+}
+
 /// Writes `value` for `symbol`'s `vwap` to `EDDY_LATEST` as an eddy node would under lease
 /// revision `lease`, unconditionally: another owner's write.
 async fn put_vwap(js: &async_nats::jetstream::Context, symbol: &str, value: &Value, lease: u64) {
@@ -1637,14 +1648,11 @@ async fn a_latest_value_from_a_newer_lease_is_never_overwritten_by_an_older_one(
         converge(&mut sub, &want, &mut seq).await;
         let symbol = first[0].0.clone();
         let count = |want: &BTreeMap<String, (f64, i64)>| want[&symbol].1;
-        until(
-            in_secs(10),
+        until_stored(
+            &js,
+            &symbol,
+            count(&want),
             "a's value never reached EDDY_LATEST",
-            async || {
-                stored_vwap(&js, &symbol)
-                    .await
-                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(count(&want)))
-            },
         )
         .await;
         let (_, lease) = stored_vwap(&js, &symbol).await.unwrap();
@@ -1668,14 +1676,11 @@ async fn a_latest_value_from_a_newer_lease_is_never_overwritten_by_an_older_one(
         .await;
         // Other keys' values are still written; this one stays the newer owner's.
         let other = second.iter().find(|t| t.0 != symbol).unwrap().0.clone();
-        until(
-            in_secs(10),
+        until_stored(
+            &js,
+            &other,
+            want[&other].1,
             "a's other values never reached EDDY_LATEST",
-            async || {
-                stored_vwap(&js, &other)
-                    .await
-                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(want[&other].1))
-            },
         )
         .await;
         assert_eq!(
@@ -1691,14 +1696,11 @@ async fn a_latest_value_from_a_newer_lease_is_never_overwritten_by_an_older_one(
         acked.extend(produce(a.2.clone(), third.chunks(10).map(<[_]>::to_vec).collect()).await);
         let want = reference(&acked);
         converge(&mut sub, &touched(&want, &third), &mut seq).await;
-        until(
-            in_secs(10),
+        until_stored(
+            &js,
+            &symbol,
+            count(&want),
             "an older owner's value stayed in EDDY_LATEST",
-            async || {
-                stored_vwap(&js, &symbol)
-                    .await
-                    .is_some_and(|(v, _)| v["trades"].as_i64() == Some(count(&want)))
-            },
         )
         .await;
         let (stored, lease) = stored_vwap(&js, &symbol).await.unwrap();
