@@ -983,6 +983,10 @@ struct KeepAnswer {
     migrated: usize,
     #[serde(default)]
     error: Option<String>,
+    /// The node prepared it and waits for the decision (not one where the query is not
+    /// deployed, which the catalog entry deploys): it answers a commit once it switched.
+    #[serde(default)]
+    waits: bool,
 }
 
 /// The subject where node `node` takes [`KeepRequest`]s.
@@ -1046,7 +1050,9 @@ impl Cluster {
                 };
                 let answer = match answer {
                     Ok(KeepAnswer { error: Some(e), .. }) => Err(e),
-                    Ok(KeepAnswer { migrated, .. }) => Ok(migrated),
+                    Ok(KeepAnswer {
+                        migrated, waits, ..
+                    }) => Ok((migrated, waits)),
                     Err(e) => Err(e),
                 };
                 (node.clone(), answer)
@@ -1074,7 +1080,18 @@ impl Cluster {
             give_up().await;
             return Err(KeepRefused::Catalog(e));
         }
-        let _ = self.client.publish(decide, "commit".into()).await;
+        // Committed: every node that prepared it switches and says so; the answer waits for
+        // them (bounded), so that once it comes every node serves the new version.
+        let waiting = answers
+            .iter()
+            .filter(|(_, a)| a.as_ref().is_ok_and(|(_, waits)| *waits))
+            .count();
+        let inbox = self.client.new_inbox();
+        let switched = self.client.subscribe(inbox.clone()).await.ok();
+        let _ = self
+            .client
+            .publish_with_reply(decide, inbox, "commit".into())
+            .await;
         let _ = self.client.flush().await;
         let migrated_here = match here {
             super::admin::Keeping::Prepared(prepared) => prepared.commit(state),
@@ -1085,8 +1102,21 @@ impl Cluster {
                 0
             }
         };
+        if let Some(switched) = switched {
+            let heard = switched.take(waiting).count();
+            if tokio::time::timeout(KEEP_PREPARE, heard).await.is_err() {
+                tracing::warn!(
+                    "cluster: {name} replaced, but not every node said it switched within \
+                     {KEEP_PREPARE:?} (the catalog entry replaces it there)"
+                );
+            }
+        }
         let mut out = vec![(me, migrated_here)];
-        out.extend(answers.into_iter().filter_map(|(n, a)| Some((n, a.ok()?))));
+        out.extend(
+            answers
+                .into_iter()
+                .filter_map(|(n, a)| Some((n, a.ok()?.0))),
+        );
         out.sort();
         Ok(out)
     }
@@ -1110,7 +1140,12 @@ async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
         return;
     };
     let answer = |migrated, error| {
-        Bytes::from(serde_json::to_vec(&KeepAnswer { migrated, error }).unwrap_or_default())
+        let answer = KeepAnswer {
+            migrated,
+            error,
+            waits: false,
+        };
+        Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
     };
     let request = match serde_json::from_slice::<KeepRequest>(&message.payload) {
         Ok(r) => r,
@@ -1158,10 +1193,13 @@ async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
             return;
         }
     };
-    let _ = cluster
-        .client
-        .publish(reply, answer(prepared.migrated, None))
-        .await;
+    let waiting = KeepAnswer {
+        migrated: prepared.migrated,
+        error: None,
+        waits: true,
+    };
+    let waiting = Bytes::from(serde_json::to_vec(&waiting).unwrap_or_default());
+    let _ = cluster.client.publish(reply, waiting).await;
     let _ = cluster.client.flush().await;
     match tokio::time::timeout(KEEP_DECIDE, decision.next()).await {
         Ok(Some(d)) if &d.payload[..] == b"commit" => {
@@ -1170,6 +1208,10 @@ async fn prepare_for(state: Arc<State>, message: async_nats::Message) {
                 "cluster: {} replaced as another node asked, {n} keys' state kept here",
                 request.name
             );
+            if let Some(switched) = d.reply {
+                let _ = cluster.client.publish(switched, Bytes::new()).await;
+                let _ = cluster.client.flush().await;
+            }
         }
         Ok(_) => tracing::info!("cluster: {} not replaced: given up", request.name),
         Err(_) => tracing::warn!(
