@@ -1595,9 +1595,14 @@ async fn stored_vwap(js: &async_nats::jetstream::Context, symbol: &str) -> Optio
         .get_last_raw_message_by_subject(&vwap_latest_subject(symbol))
         .await
         .ok()?;
-    let (key, value, lease): (eddy::durable::StoredKey, String, u64) =
+    // The payload is what every eddy version writes; the lease is in a header.
+    let (key, value): (eddy::durable::StoredKey, String) =
         rmp_serde::from_slice(&message.payload).unwrap();
     assert_eq!(key, eddy::durable::StoredKey::Str(symbol.to_owned()));
+    let lease = message
+        .headers
+        .get("Eddy-Lease")
+        .map_or(0, |v| v.as_str().parse().unwrap());
     Some((serde_json::from_str(&value).unwrap(), lease))
 }
 
@@ -1616,8 +1621,10 @@ async fn until_stored(js: &async_nats::jetstream::Context, symbol: &str, trades:
 /// revision `lease`, unconditionally: another owner's write.
 async fn put_vwap(js: &async_nats::jetstream::Context, symbol: &str, value: &Value, lease: u64) {
     let key = eddy::durable::StoredKey::Str(symbol.to_owned());
-    let payload = rmp_serde::to_vec(&(key, value.to_string(), lease)).unwrap();
-    js.publish(vwap_latest_subject(symbol), payload.into())
+    let payload = rmp_serde::to_vec(&(key, value.to_string())).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Eddy-Lease", lease.to_string().as_str());
+    js.publish_with_headers(vwap_latest_subject(symbol), headers, payload.into())
         .await
         .unwrap()
         .await

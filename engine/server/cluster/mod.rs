@@ -946,7 +946,7 @@ impl Cluster {
         let mut out = Vec::with_capacity(messages.len());
         for (subject, message) in messages {
             match rmp_serde::from_slice::<StoredLatest>(&message.payload) {
-                Ok(StoredLatest(key, value, _)) => out.push(Emitted {
+                Ok(StoredLatest(key, value)) => out.push(Emitted {
                     topic: Arc::clone(&topic),
                     key: Key::from(key),
                     value: value.into_bytes(),
@@ -3137,13 +3137,18 @@ struct Stamped {
     lease: u64,
 }
 
-/// What `EDDY_LATEST` keeps on a key's subject: the key, its newest value, and the lease
-/// revision it was written under (0 in what an older eddy wrote, which had none).
+/// What `EDDY_LATEST` keeps on a key's subject: the key and its newest value, as every eddy
+/// version wrote and reads them (a node not yet upgraded reads them too); the lease revision
+/// they were written under goes in the header [`LEASE_HEADER`].
 #[derive(Deserialize)]
-struct StoredLatest(StoredKey, String, #[serde(default)] u64);
+struct StoredLatest(StoredKey, String);
+
+/// The header of an `EDDY_LATEST` message with the lease revision its value was written under
+/// (none, read as 0, in what an older eddy wrote).
+const LEASE_HEADER: &str = "Eddy-Lease";
 
 fn latest_payload(key: &Key, stamped: &Stamped) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    rmp_serde::to_vec(&(StoredKey::from(key), &stamped.value, stamped.lease))
+    rmp_serde::to_vec(&(StoredKey::from(key), &stamped.value))
 }
 
 /// Writes `changed` keys' newest values to their subjects of `EDDY_LATEST`, all at once; those
@@ -3153,9 +3158,10 @@ fn latest_payload(key: &Key, stamped: &Stamped) -> Result<Vec<u8>, rmp_serde::en
 /// emits them again.
 ///
 /// Each write is conditional (`Nats-Expected-Last-Subject-Sequence`, with the subject's
-/// sequence as this node last saw it in `known`, 0 for none): a write that was handed to the
-/// NATS client before the fence closed, and goes out late (a connection re-established after a
-/// newer owner wrote), is refused by JetStream rather than stepping the key back. A write
+/// sequence as this node last saw it in `known`, 0 for none) and carries its value's lease
+/// revision ([`LEASE_HEADER`]): a write that was handed to the NATS client before the fence
+/// closed, and goes out late (a connection re-established after a newer owner wrote), is
+/// refused by JetStream rather than stepping the key back. A write
 /// refused so reads what the subject holds (from the stream's leader): a value written under a
 /// newer lease of the partition (a newer owner's) wins and this one is dropped; else (this
 /// node's own older write, stored after its ack was given up, or an older owner's) this one is
@@ -3181,6 +3187,7 @@ async fn write_latest(
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 expected.to_string().as_str(),
             );
+            headers.insert(LEASE_HEADER, stamped.lease.to_string().as_str());
             let subject = latest_subject(&at.0, &at.1);
             let ack = cluster
                 .js
@@ -3252,7 +3259,11 @@ async fn write_latest(
             let holds = match read {
                 Some(Ok(message)) => Some(Some((
                     message.sequence,
-                    rmp_serde::from_slice::<StoredLatest>(&message.payload).map_or(0, |s| s.2),
+                    message
+                        .headers
+                        .get(LEASE_HEADER)
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0),
                 ))),
                 // Purged since this node's last write.
                 Some(Err(e))
