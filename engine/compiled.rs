@@ -2436,18 +2436,115 @@ impl Cx<'_> {
 
     /// A condition (`if`, `&&`, `||`): its value as a bool, or the interpreter's type error.
     fn cond(&mut self, e: &Expr) -> Result<BFn, Unsupported> {
-        let f = self.num(e)?;
-        let pos = e.start_position();
-        let helper = self
+        // (Where Rhai places a condition that is no bool: the expression's position, which for
+        // `ev.q` is the `.`, not where the expression starts.)
+        let pos = e.position();
+        let helper: Rc<str> = self
             .helpers
             .borrow_mut()
             .add(1, "if a0 { true } else { false }");
-        Ok(Box::new(move |fr| match f(fr)? {
-            Num::B(b) => Ok(b),
-            other => call_helper(fr, &helper, None, vec![other.into_dynamic()], pos)?
-                .as_bool()
-                .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
+        // The two commonest conditions, `"f" in ev` and a comparison, give their bool straight
+        // (no value made and then read as a bool): one closure instead of two or three.
+        // `a && b`, `a || b`: the parts' bools, as the value `Cx::expr` makes of them.
+        if let Expr::And(xs, _) | Expr::Or(xs, _) = e {
+            let is_and = matches!(e, Expr::And(..));
+            let parts = xs
+                .iter()
+                .map(|x| self.cond(x))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(Box::new(move |fr| {
+                for p in &parts {
+                    if p(fr)? != is_and {
+                        return Ok(!is_and);
+                    }
+                }
+                Ok(is_and)
+            }));
+        }
+        if let Expr::FnCall(call, cpos) = e {
+            let plain = call.namespace.is_empty() && !call.capture_parent_scope;
+            if plain && call.args.len() == 2 {
+                // (`x in c` is the call `contains(c, x)`, with no operator token; a script
+                // function of that name would be called instead.)
+                let contains = call.op_token.is_none()
+                    && call.name.as_str() == "contains"
+                    && !self.index.contains_key(&("contains".to_owned(), 2));
+                match (&call.op_token, &call.args[1]) {
+                    (None, Expr::StringConstant(name, _))
+                        if contains && self.ev_param(&call.args[0]).is_some() =>
+                    {
+                        let name: Box<str> = name.as_str().into();
+                        let slow = self.expr(e)?;
+                        return Ok(Box::new(move |fr| match fr.event {
+                            Some(ev) => Ok(ev.contains(&name)),
+                            None => {
+                                let v = Num::from_dynamic(slow(fr)?);
+                                truth(fr, v, &helper, pos)
+                            }
+                        }));
+                    }
+                    (Some(op), _) if is_comparison(op) => {
+                        let a = self.num(&call.args[0])?;
+                        let b = self.num(&call.args[1])?;
+                        let op_helper = self
+                            .helpers
+                            .borrow_mut()
+                            .add(2, &format!("a0 {} a1", op.literal_syntax()));
+                        let cpos = *cpos;
+                        macro_rules! typed {
+                            ($($t:ident)*) => {
+                                match op.clone() {
+                                    $(Token::$t => Box::new(move |fr: &mut Frame| {
+                                        const OP: Token = Token::$t;
+                                        let x = a(fr)?;
+                                        let y = b(fr)?;
+                                        let v = match num_binop(&OP, &x, &y, cpos)? {
+                                            Some(v) => v,
+                                            None => boxed_binop(fr, &OP, x, y, &op_helper, cpos)?,
+                                        };
+                                        truth(fr, v, &helper, pos)
+                                    }),)*
+                                    _ => unreachable!("a comparison"),
+                                }
+                            };
+                        }
+                        return Ok(typed!(EqualsTo NotEqualsTo GreaterThan GreaterThanEqualsTo
+                            LessThan LessThanEqualsTo));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let f = self.num(e)?;
+        Ok(Box::new(move |fr| {
+            let v = f(fr)?;
+            truth(fr, v, &helper, pos)
         }))
+    }
+}
+
+/// Whether `op` is one of the six comparisons.
+fn is_comparison(op: &Token) -> bool {
+    matches!(
+        op,
+        Token::EqualsTo
+            | Token::NotEqualsTo
+            | Token::GreaterThan
+            | Token::GreaterThanEqualsTo
+            | Token::LessThan
+            | Token::LessThanEqualsTo
+    )
+}
+
+/// A condition's value as a bool: a bool as it is, anything else as the interpreter's `if`
+/// takes it (by the helper `if a0 { true } else { false }`: its error, or its value).
+#[inline(always)]
+fn truth(fr: &mut Frame, v: Num, helper: &str, pos: Position) -> R<bool> {
+    match v {
+        Num::B(b) => Ok(b),
+        other => call_helper(fr, helper, None, vec![other.into_dynamic()], pos)?
+            .as_bool()
+            .map_err(|_| EvalAltResult::ErrorRuntime(Dynamic::UNIT, pos).into()),
     }
 }
 

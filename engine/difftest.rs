@@ -352,11 +352,15 @@ impl Writer<'_> {
 
     fn cond(&mut self, depth: usize) -> String {
         let d = depth.saturating_sub(1);
-        match self.g.below(5) {
-            0 => format!("({} && {})", self.cmp(d), self.cmp(d)),
-            1 => format!("({} || {})", self.cmp(d), self.cmp(d)),
-            2 => format!("!{}", self.cmp(d)),
-            3 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
+        match self.g.below(12) {
+            0 | 1 => format!("({} && {})", self.cmp(d), self.cmp(d)),
+            2 | 3 => format!("({} || {})", self.cmp(d), self.cmp(d)),
+            4 | 5 => format!("!{}", self.cmp(d)),
+            6 | 7 => format!("(\"{}\" in ev)", self.g.pick(&EVENT_FIELDS)),
+            // A value that may be no bool, alone or beside a comparison: Rhai's type error, at
+            // the expression's position (the `.` of `ev.f`).
+            8 => format!("ev.{}", self.g.pick(&EVENT_FIELDS)),
+            9 => format!("({} && ev.{})", self.cmp(d), self.g.pick(&EVENT_FIELDS)),
             _ => self.cmp(d),
         }
     }

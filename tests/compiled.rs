@@ -742,6 +742,55 @@ fn on_event(ev) {
 }
 
 #[test]
+fn conditions_give_hand_computed_branches_and_rhais_errors_on_both_engines() {
+    // The conditions compiled straight to a bool: `"f" in ev` on the event read in place and
+    // on the event made a value (`ev` passed to a function boxes it), a comparison of every
+    // kind, `&&` and `||` (short-circuit included), a number compared with a string (false in
+    // Rhai, not an error); and the error of `&&` over a number, which must be the
+    // interpreter's, placed where Rhai places it (the `.` of `ev.q`).
+    let limits = limits();
+    let script = r#"let source = "s"; let key_by = "k";
+        fn has_p(e) { if "p" in e { 1 } else { 0 } }
+        fn init(key) { #{ n: 0 } }
+        fn on_event(ev) {
+            let bits = 0;
+            if "p" in ev { bits += 1; }
+            if has_p(ev) == 1 { bits += 2; }
+            if ev.q > 2 { bits += 4; }
+            if ev.q >= 2 && ev.q <= 3 { bits += 8; }
+            if ev.q < 1 || "z" in ev { bits += 16; }
+            if ev.q == 2.0 { bits += 32; }
+            if ev.q != 2 { bits += 64; }
+            if ev.k == "bad" && ev.q > "x" { bits += 128; }
+            if ev.k == "worse" { if ev.q && true { bits += 256; } }
+            emit(#{ bits: bits });
+        }"#;
+    let input = concat!(
+        "{\"k\":\"a\",\"q\":1,\"p\":0.5}\n",
+        "{\"k\":\"a\",\"q\":2}\n",
+        "{\"k\":\"a\",\"q\":3,\"z\":true,\"p\":1}\n",
+        "{\"k\":\"a\",\"q\":0.5}\n",
+        "{\"k\":\"bad\",\"q\":2}\n",
+        "{\"k\":\"worse\",\"q\":2}\n",
+    );
+    let def = QueryDef::compile("q", script, &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    let (output, lines) = same_on_both(&def, input.as_bytes(), &limits);
+    // By hand: q=1 with p: 1+2 (has p) + 64 (q != 2); q=2: 8 + 32; q=3 with z and p:
+    // 1+2+4+8+16+64; q=0.5: 16 (q < 1) + 64; key "bad", q=2: 8 + 32 (`2 > "x"` is false).
+    let bits: Vec<_> = lines
+        .iter()
+        .take(5)
+        .map(|l| l["value"]["bits"].clone())
+        .collect();
+    assert_eq!(bits, [67, 40, 95, 80, 40], "{output}");
+    assert_eq!(lines.len(), 6, "{output}");
+    assert_error_naming(&lines[5], "expecting bool", &output);
+    assert_eq!(lines[5]["value"]["line"], 14, "{output}");
+    assert_eq!(lines[5]["value"]["column"], 39, "{output}");
+}
+
+#[test]
 fn event_fields_read_several_times_in_a_call_read_alike_on_both_engines() {
     // Fields read several times in one call, typed and as values: numbers, strings (one
     // changed through a local copy), missing fields, nested objects and a string where a
