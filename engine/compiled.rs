@@ -2443,9 +2443,8 @@ impl Cx<'_> {
             .helpers
             .borrow_mut()
             .add(1, "if a0 { true } else { false }");
-        // The two commonest conditions, `"f" in ev` and a comparison, give their bool straight
-        // (no value made and then read as a bool): one closure instead of two or three.
-        // `a && b`, `a || b`: the parts' bools, as the value `Cx::expr` makes of them.
+        // `a && b`, `a || b`, `"f" in ev` and the comparisons give their bool straight (no value
+        // made and then read as a bool): one closure instead of two or three.
         if let Expr::And(xs, _) | Expr::Or(xs, _) = e {
             let is_and = matches!(e, Expr::And(..));
             let parts = xs
