@@ -5,7 +5,10 @@
 //! fast as acks allow with at most [`WINDOW`] frames in flight. Every event carries `sent_us`,
 //! the wall-clock time (epoch µs) its frame was sent, so a subscriber (`eddy probe`) can measure
 //! the latency from producer to subscriber. The report counts events and frames sent, and the
-//! accepted and rejected totals from the acks.
+//! accepted and rejected totals from the acks. Events that may repeat are rendered ahead, a few
+//! thousand per connection, and sent in turn with their frame's times
+//! ([`crate::synth::Rendered`]): the feed then takes little of the CPU it shares with the server
+//! it measures.
 //!
 //! A connection runs over a [`Link`], so a server that closes, dies or falls silent is noticed
 //! within the link's timeout: the connection stops, counts the events it sent that were never
@@ -25,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::link::{connect, host_of, ClientError};
 use crate::link::{Backoff, Link, Lost};
-use crate::synth::{Feed, Scenario};
+use crate::synth::{Feed, Rendered, Scenario};
 
 /// Frames a connection may have sent without an ack.
 pub const WINDOW: usize = 64;
@@ -192,11 +195,11 @@ async fn slot(
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let path = format!("/ingest?stream={}&ack=true", options.scenario.stream());
-    let mut feed = Feed::new(
+    let mut feed = Events::new(Feed::new(
         options.scenario,
         options.seed.wrapping_add(index),
         options.keys,
-    );
+    ));
     let mut backoff = Backoff::default();
     let mut connected = false;
     let end = start + options.duration;
@@ -242,11 +245,55 @@ async fn slot(
     }
 }
 
+/// Events a connection rendered ahead and sends in turn ([`Rendered`], repeating after
+/// [`RENDERED`]), or makes one by one when its scenario's must not repeat.
+enum Events {
+    Rendered(Rendered),
+    Live(Feed),
+}
+
+/// Events rendered ahead per connection: about 400 KB of trades.
+const RENDERED: usize = 4096;
+
+impl Events {
+    fn new(mut feed: Feed) -> Events {
+        match feed.render(RENDERED) {
+            Some(rendered) => Events::Rendered(rendered),
+            None => Events::Live(feed),
+        }
+    }
+
+    /// Appends a frame of `batch` events, NDJSON, each with event time `stamp_us / 1000` (ms)
+    /// and `sent_us` = `stamp_us`.
+    fn frame(&mut self, batch: usize, stamp_us: i64, buf: &mut Vec<u8>) {
+        let ts = stamp_us / 1000;
+        match self {
+            Events::Rendered(rendered) => {
+                let times = Rendered::times(ts, Some(stamp_us));
+                for i in 0..batch {
+                    if i > 0 {
+                        buf.push(b'\n');
+                    }
+                    rendered.write(&times, buf);
+                }
+            }
+            Events::Live(feed) => {
+                for i in 0..batch {
+                    if i > 0 {
+                        buf.push(b'\n');
+                    }
+                    feed.write_event_stamped(ts, stamp_us, buf);
+                }
+            }
+        }
+    }
+}
+
 /// Sends on one connection until `end` (or `stop`), then waits a bounded time for the last
 /// acks. `Err` when the connection was lost first.
 async fn session(
     link: Link,
-    feed: &mut Feed,
+    feed: &mut Events,
     options: &FeedOptions,
     counters: &Counters,
     end: Instant,
@@ -317,13 +364,7 @@ async fn session(
         };
         permit.forget();
         let mut buf = Vec::with_capacity(options.batch * 160);
-        let stamp = now_us();
-        for i in 0..options.batch {
-            if i > 0 {
-                buf.push(b'\n');
-            }
-            feed.write_event_stamped(stamp / 1000, stamp, &mut buf);
-        }
+        feed.frame(options.batch, now_us(), &mut buf);
         if outgoing
             .send(Frame::text(Payload::Owned(buf)))
             .await

@@ -203,6 +203,12 @@ impl Feed {
     }
 
     fn write(&mut self, ts: i64, sent_us: Option<i64>, out: &mut Vec<u8>) {
+        self.write_body(out);
+        write_times(ts, sent_us, out);
+    }
+
+    /// One event up to its times: `{` and every field before `"ts"`.
+    fn write_body(&mut self, out: &mut Vec<u8>) {
         out.push(b'{');
         if self.with_stream {
             out.extend_from_slice(b"\"stream\":");
@@ -215,14 +221,32 @@ impl Feed {
             Scenario::Social => self.post(out),
             Scenario::Games => self.game(out),
         }
-        out.extend_from_slice(b",\"ts\":");
-        write_int(out, ts);
-        if let Some(sent) = sent_us {
-            out.extend_from_slice(b",\"sent_us\":");
-            write_int(out, sent);
-        }
-        out.push(b'}');
         self.count += 1;
+    }
+
+    /// The next `n` events rendered ahead of time, for a load generator ([`Rendered`]); `None`
+    /// for the scenarios whose events must not repeat: a sensors feed whose device falls silent
+    /// (from its count on), and players' sessions, which start and end in turn.
+    pub fn render(&mut self, n: usize) -> Option<Rendered> {
+        let repeatable = match self.scenario {
+            Scenario::Trades | Scenario::Social => true,
+            Scenario::Sensors => self.silent_from.is_none(),
+            Scenario::Games => false,
+        };
+        if !repeatable || n == 0 {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(n * 80);
+        let mut ends = Vec::with_capacity(n);
+        for _ in 0..n {
+            self.write_body(&mut bytes);
+            ends.push(bytes.len());
+        }
+        Some(Rendered {
+            bytes,
+            ends,
+            next: 0,
+        })
     }
 
     fn trade(&mut self, out: &mut Vec<u8>) {
@@ -367,6 +391,52 @@ fn round(x: f64, decimals: i32) -> f64 {
     (x * scale).round() / scale
 }
 
+/// Appends an event's times and closes it: `,"ts":T`, then `,"sent_us":S` when given, and `}`.
+fn write_times(ts: i64, sent_us: Option<i64>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b",\"ts\":");
+    write_int(out, ts);
+    if let Some(sent) = sent_us {
+        out.extend_from_slice(b",\"sent_us\":");
+        write_int(out, sent);
+    }
+    out.push(b'}');
+}
+
+/// A feed's events rendered ahead of time without their times ([`Feed::render`]), handed out
+/// in turn and from the first again after the last, each closed with the times of its frame.
+///
+/// A load generator that renders every event as it sends it (a random walk, float formatting)
+/// spends about 0.2 µs an event, which at a million events a second is a fifth of a core taken
+/// from the server it measures on a shared machine; copying a rendered event costs a few
+/// nanoseconds. The events sent are the feed's own, byte for byte, with the same times, until
+/// they repeat.
+pub struct Rendered {
+    bytes: Vec<u8>,
+    /// Where each event ends in `bytes`.
+    ends: Vec<usize>,
+    next: usize,
+}
+
+impl Rendered {
+    /// The times every event of a frame ends with ([`Rendered::write`]).
+    pub fn times(ts: i64, sent_us: Option<i64>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        write_times(ts, sent_us, &mut out);
+        out
+    }
+
+    /// Appends the next event, closed with `times` (from [`Rendered::times`]).
+    pub fn write(&mut self, times: &[u8], out: &mut Vec<u8>) {
+        let start = match self.next {
+            0 => 0,
+            i => self.ends[i - 1],
+        };
+        out.extend_from_slice(&self.bytes[start..self.ends[self.next]]);
+        out.extend_from_slice(times);
+        self.next = (self.next + 1) % self.ends.len();
+    }
+}
+
 /// Writes `count` events of `scenario` as NDJSON, event times from `start_ms`, `interval_ms`
 /// apart on average (jittered, always increasing).
 pub fn generate(
@@ -391,6 +461,42 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rendered events are the feed's own, byte for byte with the same times, then the same
+    /// ones again from the first.
+    #[test]
+    fn rendered_events_are_the_feeds_and_then_repeat() {
+        for scenario in [Scenario::Trades, Scenario::Social, Scenario::Sensors] {
+            let (mut plain, mut ahead) = (Feed::new(scenario, 3, 0), Feed::new(scenario, 3, 0));
+            let mut rendered = ahead.render(5).expect("repeatable");
+            for i in 0..5 {
+                let (ts, sent) = (1_000 + i, 1_000_000 + i);
+                let mut want = Vec::new();
+                plain.write_event_stamped(ts, sent, &mut want);
+                let mut got = Vec::new();
+                rendered.write(&Rendered::times(ts, Some(sent)), &mut got);
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    String::from_utf8(want).unwrap()
+                );
+            }
+            // The sixth is the first again, with its own times.
+            let mut sixth = Vec::new();
+            rendered.write(&Rendered::times(7, None), &mut sixth);
+            let mut want = Vec::new();
+            Feed::new(scenario, 3, 0).write_event(7, &mut want);
+            assert_eq!(
+                String::from_utf8(sixth).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        // Games' sessions start and end in turn, and a silent device must stay silent.
+        assert!(Feed::new(Scenario::Games, 3, 0).render(5).is_none());
+        assert!(Feed::new(Scenario::Sensors, 3, 0)
+            .silence_after(10)
+            .render(5)
+            .is_none());
+    }
 
     #[test]
     fn same_seed_same_bytes() {
