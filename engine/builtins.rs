@@ -142,7 +142,15 @@ pub(crate) struct CallCtx {
     pub emit_mark: usize,
     pub max_emit_bytes: usize,
     pub max_topics: usize,
+    /// Buffers of items already written out, for the next items' values ([`CallCtx::recycle`]).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Buffers kept for items' values, at most: a drain's worth for the common case of one item an
+/// event, and no more than a few hundred KiB held.
+const SPARE_BUFFERS: usize = 1024;
+/// A value buffer larger than this is freed, not kept.
+const SPARE_BYTES: usize = 1024;
 
 impl CallCtx {
     pub fn new(limits: &Limits) -> Self {
@@ -159,6 +167,26 @@ impl CallCtx {
             emit_mark: 0,
             max_emit_bytes: limits.max_emit_bytes,
             max_topics: limits.max_topics_per_query,
+            spare: Vec::new(),
+        }
+    }
+
+    /// A buffer for an item's value: one given back by [`CallCtx::recycle`], else a new one.
+    fn value_buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_else(|| Vec::with_capacity(128))
+    }
+
+    /// Takes back the value buffers of items written out (`eddy run`'s lines, the hub's
+    /// batches), emptied, for the next items: an allocation and a free less per item.
+    pub fn recycle(&mut self, values: impl Iterator<Item = Vec<u8>>) {
+        for mut value in values {
+            if self.spare.len() >= SPARE_BUFFERS {
+                return;
+            }
+            if value.capacity() <= SPARE_BYTES {
+                value.clear();
+                self.spare.push(value);
+            }
         }
     }
 
@@ -180,7 +208,7 @@ impl CallCtx {
         key: Option<Key>,
         value: &Dynamic,
     ) -> Result<(), Box<EvalAltResult>> {
-        let mut json = Vec::with_capacity(128);
+        let mut json = self.value_buffer();
         crate::json::write_dynamic(&mut json, value, self.max_emit_bytes)
             .map_err(|e| format!("cannot emit: {e}"))?;
         self.out.push(Emitted {
@@ -197,7 +225,7 @@ impl CallCtx {
         &mut self,
         encode: impl FnOnce(&mut Vec<u8>, usize) -> Result<(), crate::json::EncodeError>,
     ) -> Result<(), Box<EvalAltResult>> {
-        let mut json = Vec::with_capacity(128);
+        let mut json = self.value_buffer();
         encode(&mut json, self.max_emit_bytes).map_err(|e| format!("cannot emit: {e}"))?;
         let topic = self.main_topic();
         self.out.push(Emitted {

@@ -205,7 +205,7 @@ impl Sink<'_> {
         for item in &items {
             self.write(item);
         }
-        items.clear();
+        self.shard.recycle(&mut items);
         self.items = items;
     }
 }

@@ -712,6 +712,14 @@ impl Shard {
             })
     }
 
+    /// Takes back the buffers of items written out (see [`Shard::take_output`]): `items` is
+    /// left empty, and the next items' values are written into their buffers.
+    pub fn recycle(&mut self, items: &mut Vec<Emitted>) {
+        self.ctx
+            .borrow_mut()
+            .recycle(items.drain(..).map(|item| item.value));
+    }
+
     /// Moves everything emitted since the last call into `out`, ending with a report per query
     /// of the keys `max_keys_per_query` evicted or refused meanwhile.
     pub fn take_output(&mut self, out: &mut Vec<Emitted>) {

@@ -1189,3 +1189,53 @@ fn each_script_reads_its_own_top_level_constants_through_a_replace() {
         assert_eq!(send(&mut shard), ["a=false", "b=true"], "{engine}");
     }
 }
+
+/// The value buffers of items written out come back to the shard ([`crate::Shard::recycle`]) and
+/// carry the next items' values, emptied first: the same buffer, only the new value in it. A
+/// buffer grown past the size kept is freed, not handed to the next item.
+#[test]
+fn written_items_give_their_buffers_to_the_next_items() {
+    let limits = Limits::default();
+    let script = "let source = \"s\"; fn on_event(ev) { emit(#{ v: ev.v }); }";
+    for engine in [
+        crate::compiled::EngineMode::Auto,
+        crate::compiled::EngineMode::Interpreter,
+    ] {
+        let def = QueryDef::compile("q", script, &limits).unwrap();
+        let mut shard = crate::Shard::new(&limits);
+        shard.set_engine(engine);
+        shard
+            .deploy(crate::QueryId(1), std::sync::Arc::new(def))
+            .unwrap();
+        let big = "x".repeat(5000);
+        let input = format!(
+            "{{\"v\":\"a-long-first-value\"}}\n{{\"v\":1}}\n{{\"v\":\"{big}\"}}\n{{\"v\":2}}\n"
+        );
+        let frame = crate::Parser::default().parse(input.into_bytes()).frame;
+        let mut out = Vec::new();
+        // The item of event `i`: where its value's buffer is, how large, and the value.
+        let take = |shard: &mut crate::Shard, i: usize, out: &mut Vec<crate::Emitted>| {
+            shard.event(delivery(1, &frame, i));
+            shard.take_output(out);
+            assert_eq!(out.len(), 1, "{engine}");
+            let value = &out[0].value;
+            let text = String::from_utf8(value.clone()).unwrap();
+            (value.as_ptr(), value.capacity(), text)
+        };
+        let (first, _, text) = take(&mut shard, 0, &mut out);
+        assert_eq!(text, r#"{"v":"a-long-first-value"}"#, "{engine}");
+        shard.recycle(&mut out);
+        assert!(out.is_empty());
+        let (second, _, text) = take(&mut shard, 1, &mut out);
+        assert_eq!(text, r#"{"v":1}"#, "{engine}");
+        assert_eq!(second, first, "{engine}: the first item's buffer is reused");
+        shard.recycle(&mut out);
+        let (_, grown, text) = take(&mut shard, 2, &mut out);
+        assert_eq!(text, format!(r#"{{"v":"{big}"}}"#), "{engine}");
+        assert!(grown > 5000, "{engine}");
+        shard.recycle(&mut out);
+        let (_, capacity, text) = take(&mut shard, 3, &mut out);
+        assert_eq!(text, r#"{"v":2}"#, "{engine}");
+        assert!(capacity < 5000, "{engine}: the grown buffer was kept");
+    }
+}

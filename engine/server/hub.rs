@@ -165,7 +165,10 @@ impl HubHandle {
 
     /// A shard's items, in the order it produced them: in their subscribers' mailboxes when
     /// this returns. `ingest` is when the oldest frame among those that produced them arrived.
-    pub fn items(&self, shard: usize, items: Vec<Emitted>, ingest: Option<Instant>) {
+    ///
+    /// The items' values stay in `items` (their keys are taken), for the shard to reuse their
+    /// buffers ([`crate::shard::Shard::recycle`]).
+    pub fn items(&self, shard: usize, items: &mut [Emitted], ingest: Option<Instant>) {
         let mut hub = self.lock();
         hub.take(shard, items, ingest);
         hub.publish();
@@ -446,8 +449,8 @@ impl Hub {
     }
 
     /// Adds a shard's items to their topics' pending batches (publishing a batch that got full).
-    fn take(&mut self, shard: usize, items: Vec<Emitted>, ingest: Option<Instant>) {
-        let mut items = items.into_iter().peekable();
+    fn take(&mut self, shard: usize, items: &mut [Emitted], ingest: Option<Instant>) {
+        let mut items = items.iter_mut().peekable();
         while items.peek().is_some() {
             let settings = &self.settings;
             let mut full = false;
@@ -479,7 +482,7 @@ impl Hub {
                 full = end >= MAX_BATCH_BYTES;
                 let index = state.ring.next(shard);
                 state.pending_keys.push(Element {
-                    key: item.key,
+                    key: std::mem::replace(&mut item.key, Key::None),
                     shard,
                     index,
                     range: start..end,

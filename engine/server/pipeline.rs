@@ -70,14 +70,15 @@ pub enum Forwarded {
 
 impl Output {
     /// Hands `items` on: into the mailboxes (waiting while another shard publishes), or to the
-    /// forwarder (waiting while its queue is full). Backpressure either way, not loss.
-    fn items(&self, shard: usize, items: Vec<crate::Emitted>, ingest: Option<Instant>) {
+    /// forwarder (waiting while its queue is full). Backpressure either way, not loss. What the
+    /// hub leaves in `items` (their values' buffers) is the shard's to reuse.
+    fn items(&self, shard: usize, items: &mut Vec<crate::Emitted>, ingest: Option<Instant>) {
         match self {
             Output::Hub(hub) => hub.items(shard, items, ingest),
             Output::Forward(tx) => {
                 let _ = tx.send(Forwarded::Items {
                     shard,
-                    items,
+                    items: std::mem::take(items),
                     ingest,
                 });
             }
@@ -683,9 +684,9 @@ impl ShardThread {
             st.latency.saturating_record_n(us, events);
         }
         if !st.out.is_empty() {
-            let items = std::mem::take(&mut st.out);
             // Waits while another shard publishes: backpressure, not loss.
-            self.output.items(self.index, items, oldest);
+            self.output.items(self.index, &mut st.out, oldest);
+            st.shard.recycle(&mut st.out);
         }
     }
 

@@ -855,7 +855,7 @@ impl Cluster {
                 if !live.is_empty() {
                     self.received_items
                         .fetch_add(live.len() as u64, Ordering::Relaxed);
-                    self.hub.items(0, live, None);
+                    self.hub.items(0, &mut live, None);
                 }
             }
             Err(e) => tracing::warn!("cluster: no snapshot of {topic} from NATS: {e}"),
@@ -3409,7 +3409,7 @@ async fn receive(
             .received_items
             .fetch_add(items.len() as u64, Ordering::Relaxed);
         // Into the mailboxes (waiting, briefly, while a local publish holds the hub).
-        cluster.hub.items(0, items, None);
+        cluster.hub.items(0, &mut items, None);
     }
 }
 
