@@ -266,25 +266,16 @@ impl Events {
     /// Appends a frame of `batch` events, NDJSON, each with event time `stamp_us / 1000` (ms)
     /// and `sent_us` = `stamp_us`.
     fn frame(&mut self, batch: usize, stamp_us: i64, buf: &mut Vec<u8>) {
-        let ts = stamp_us / 1000;
-        match self {
-            Events::Rendered(rendered) => {
-                let times = Rendered::times(ts, Some(stamp_us));
-                for i in 0..batch {
-                    if i > 0 {
-                        buf.push(b'\n');
-                    }
-                    rendered.write(&times, buf);
-                }
+        let times = Rendered::times(stamp_us / 1000, Some(stamp_us));
+        for i in 0..batch {
+            if i > 0 {
+                buf.push(b'\n');
             }
-            Events::Live(feed) => {
-                for i in 0..batch {
-                    if i > 0 {
-                        buf.push(b'\n');
-                    }
-                    feed.write_event_stamped(ts, stamp_us, buf);
-                }
+            match self {
+                Events::Rendered(rendered) => rendered.write_body(buf),
+                Events::Live(feed) => feed.write_body(buf),
             }
+            buf.extend_from_slice(&times);
         }
     }
 }

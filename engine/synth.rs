@@ -207,8 +207,9 @@ impl Feed {
         write_times(ts, sent_us, out);
     }
 
-    /// One event up to its times: `{` and every field before `"ts"`.
-    fn write_body(&mut self, out: &mut Vec<u8>) {
+    /// One event up to its times: `{` and every field before `"ts"` (closed by
+    /// [`Rendered::times`]).
+    pub fn write_body(&mut self, out: &mut Vec<u8>) {
         out.push(b'{');
         if self.with_stream {
             out.extend_from_slice(b"\"stream\":");
@@ -418,21 +419,21 @@ pub struct Rendered {
 }
 
 impl Rendered {
-    /// The times every event of a frame ends with ([`Rendered::write`]).
+    /// The times every event of a frame ends with, after its body ([`Rendered::write_body`],
+    /// [`Feed::write_body`]).
     pub fn times(ts: i64, sent_us: Option<i64>) -> Vec<u8> {
         let mut out = Vec::with_capacity(48);
         write_times(ts, sent_us, &mut out);
         out
     }
 
-    /// Appends the next event, closed with `times` (from [`Rendered::times`]).
-    pub fn write(&mut self, times: &[u8], out: &mut Vec<u8>) {
+    /// Appends the next event's body, to be closed with [`Rendered::times`].
+    pub fn write_body(&mut self, out: &mut Vec<u8>) {
         let start = match self.next {
             0 => 0,
             i => self.ends[i - 1],
         };
         out.extend_from_slice(&self.bytes[start..self.ends[self.next]]);
-        out.extend_from_slice(times);
         self.next = (self.next + 1) % self.ends.len();
     }
 }
@@ -474,7 +475,8 @@ mod tests {
                 let mut want = Vec::new();
                 plain.write_event_stamped(ts, sent, &mut want);
                 let mut got = Vec::new();
-                rendered.write(&Rendered::times(ts, Some(sent)), &mut got);
+                rendered.write_body(&mut got);
+                got.extend_from_slice(&Rendered::times(ts, Some(sent)));
                 assert_eq!(
                     String::from_utf8(got).unwrap(),
                     String::from_utf8(want).unwrap()
@@ -482,7 +484,8 @@ mod tests {
             }
             // The sixth is the first again, with its own times.
             let mut sixth = Vec::new();
-            rendered.write(&Rendered::times(7, None), &mut sixth);
+            rendered.write_body(&mut sixth);
+            sixth.extend_from_slice(&Rendered::times(7, None));
             let mut want = Vec::new();
             Feed::new(scenario, 3, 0).write_event(7, &mut want);
             assert_eq!(

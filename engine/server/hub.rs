@@ -30,13 +30,6 @@
 //! its topics.
 
 use std::collections::BTreeMap;
-
-/// The maps an item passes through (its topic, its key's latest value, a subscriber's key
-/// filter) hash with foldhash, seeded per process, as the shards' key states do: SipHash, the
-/// standard one, cost about 1 % of a loaded server's CPU here (`perf`, vwap at 100 events per
-/// frame).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -50,6 +43,13 @@ use crate::{Emitted, Key, Topic};
 
 use super::mailbox::{Items, Mailbox};
 use super::replay::{Element, Position, Ring};
+
+/// The maps an item passes through (its topic, its key's latest value, a subscriber's key
+/// filter) hash with foldhash, seeded per process, as the shards' key states do: SipHash, the
+/// standard one, cost about 1 % of a loaded server's CPU here (`perf`, vwap at 100 events per
+/// frame).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// What a checkpoint held of a topic.
 pub struct RestoredTopic {
