@@ -556,7 +556,7 @@ impl Hub {
                             &topic,
                             &shared,
                             n,
-                            (ingest, pos.as_ref()),
+                            (started, ingest, pos.as_ref()),
                             direct,
                         );
                         direct = direct && started.elapsed() < DIRECT_WRITES;
@@ -576,7 +576,7 @@ impl Hub {
                                 &topic,
                                 &filtered,
                                 n,
-                                (ingest, pos.as_ref()),
+                                (started, ingest, pos.as_ref()),
                                 direct,
                             );
                             direct = direct && started.elapsed() < DIRECT_WRITES;

@@ -142,8 +142,9 @@ pub struct Mailbox {
     pub deflate: bool,
 }
 
-/// Sequence numbers of batch frames per topic (see [`super::subscribe`]).
-pub type Seqs = HashMap<Topic, u64>;
+/// Sequence numbers of batch frames per topic (see [`super::subscribe`]), looked up for every
+/// batch written to a subscriber: hashed with foldhash, seeded per process, as the hub's maps.
+pub type Seqs = HashMap<Topic, u64, foldhash::fast::RandomState>;
 
 impl Mailbox {
     pub fn new(limit: usize, slow_timeout: Duration) -> Self {
@@ -168,7 +169,7 @@ impl Mailbox {
         self.lock().direct = Some(Direct {
             socket,
             idle: false,
-            seqs: Seqs::new(),
+            seqs: Seqs::default(),
             rest: None,
             socket_latency,
         });
@@ -213,7 +214,7 @@ impl Mailbox {
         topic: &Topic,
         items: &Arc<Items>,
         count: u64,
-        ingest: Option<Instant>,
+        (published, ingest): (Instant, Option<Instant>),
         pos: Option<&Arc<str>>,
     ) -> bool {
         let waiting = !inbox.queue.is_empty()
@@ -227,7 +228,6 @@ impl Mailbox {
         else {
             return false;
         };
-        let published = Instant::now();
         let mut frame = Gather::default();
         super::subscribe::batch_frame(
             &mut frame,
@@ -277,19 +277,22 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// Queues a batch of `count` items (received at `ingest`, the topic at `pos` after it), or
-    /// with `direct`, writes it straight to an idle subscriber's socket (see the module docs);
-    /// returns how many items were dropped to make room.
+    /// Queues a batch of `count` items (published at `published`, received at `ingest`, the
+    /// topic at `pos` after it), or with `direct`, writes it straight to an idle subscriber's
+    /// socket (see the module docs); returns how many items were dropped to make room.
+    ///
+    /// `published` is read once per batch by the publisher, not here: a batch shared by a
+    /// thousand subscribers would read the clock a thousand times on the shard's thread.
     pub fn push_batch(
         &self,
         topic: &Topic,
         items: &Arc<Items>,
         count: u64,
-        (ingest, pos): (Option<Instant>, Option<&Arc<str>>),
+        (published, ingest, pos): (Instant, Option<Instant>, Option<&Arc<str>>),
         direct: bool,
     ) -> u64 {
         let mut inbox = self.lock();
-        if direct && self.write_direct(&mut inbox, topic, items, count, ingest, pos) {
+        if direct && self.write_direct(&mut inbox, topic, items, count, (published, ingest), pos) {
             return 0;
         }
         let mut dropped = 0;
@@ -333,7 +336,7 @@ impl Mailbox {
                 items: Arc::clone(items),
                 count,
                 ingest,
-                published: Instant::now(),
+                published,
                 pos: pos.cloned(),
             });
         }
@@ -444,7 +447,7 @@ mod tests {
             &topic(),
             &Arc::new(Items::from(batch.clone())),
             n,
-            (None, None),
+            (Instant::now(), None, None),
             false,
         )
     }

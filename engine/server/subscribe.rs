@@ -32,7 +32,7 @@ use crate::{Key, Topic};
 
 use super::deflate;
 use super::hub::{error_message, HubControl, Mode, Subscribe};
-use super::mailbox::{Items, Mailbox, Outgoing};
+use super::mailbox::{Items, Mailbox, Outgoing, Seqs};
 use super::metrics::Metrics;
 use super::replay::Position;
 use super::ws::{self, Gather, Wake, Writer, COMPRESSED, TEXT};
@@ -94,7 +94,7 @@ pub async fn websocket(
     let mailbox = Arc::new(mailbox);
     let delivery = Delivery {
         mailbox: Arc::clone(&mailbox),
-        seqs: HashMap::new(),
+        seqs: Seqs::default(),
         deflate,
         closing: state.closing.subscribe(),
         // A client that reads nothing at all blocks our writes; past this it is dropped
@@ -131,7 +131,7 @@ pub async fn websocket(
 struct Delivery {
     state: Arc<State>,
     mailbox: Arc<Mailbox>,
-    seqs: HashMap<Topic, u64>,
+    seqs: Seqs,
     /// Batch frames go out compressed (permessage-deflate).
     deflate: bool,
     closing: watch::Receiver<bool>,
@@ -313,7 +313,7 @@ const MERGED_BYTES: usize = 64 * 1024;
 async fn deliver<W: AsyncWrite + Unpin>(
     mailbox: &Mailbox,
     write: &mut Writer<W>,
-    seqs: &mut HashMap<Topic, u64>,
+    seqs: &mut Seqs,
     deflate: bool,
     metrics: &Metrics,
 ) -> io::Result<Option<u16>> {
@@ -415,7 +415,7 @@ async fn deliver<W: AsyncWrite + Unpin>(
 /// counts it in `seqs`; with `deflate`, compressed.
 pub(super) fn batch_frame<'a>(
     frames: &mut Gather<'a>,
-    seqs: &mut HashMap<Topic, u64>,
+    seqs: &mut Seqs,
     topic: &Topic,
     arrays: &[&'a Items],
     count: u64,
@@ -436,12 +436,7 @@ pub(super) fn batch_frame<'a>(
 
 /// A batch frame up to its items: `{"type":"batch","topic":T,"seq":S,"n":N,"pos":P,"items":`
 /// (the items and the closing brace follow). Counts the frame in `seqs`.
-fn batch_head(
-    seqs: &mut HashMap<Topic, u64>,
-    topic: &Topic,
-    count: u64,
-    pos: Option<&str>,
-) -> Vec<u8> {
+fn batch_head(seqs: &mut Seqs, topic: &Topic, count: u64, pos: Option<&str>) -> Vec<u8> {
     let seq = seqs.entry(Arc::clone(topic)).or_insert(0);
     let mut head = Vec::with_capacity(topic.len() + pos.map_or(0, str::len) + 64);
     let mut o = Object::new(&mut head);
@@ -572,7 +567,13 @@ mod tests {
         let (a, b): (Topic, Topic) = ("a".into(), "b".into());
         let batch = |topic: &Topic, items: &'static str, n: u64, pos: &str| {
             let items = Arc::new(Items::from(Bytes::from(items)));
-            mailbox.push_batch(topic, &items, n, (None, Some(&Arc::from(pos))), false);
+            mailbox.push_batch(
+                topic,
+                &items,
+                n,
+                (Instant::now(), None, Some(&Arc::from(pos))),
+                false,
+            );
         };
         batch(&a, "[1,2]", 2, "p1");
         batch(&a, "[3]", 1, "p2");
@@ -583,7 +584,7 @@ mod tests {
         batch(&a, "[7,8]", 2, "p5");
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let mut writer = Writer::new(server);
-        let mut seqs = HashMap::new();
+        let mut seqs = Seqs::default();
         let close = deliver(
             &mailbox,
             &mut writer,
@@ -658,13 +659,19 @@ mod tests {
             let topic: Topic = "t".into();
             let batch = |items: &'static str| Arc::new(Items::from(Bytes::from(items)));
             let push = |items: &Arc<Items>, n: u64, pos: &str, direct: bool| {
-                mailbox.push_batch(&topic, items, n, (None, Some(&Arc::from(pos))), direct)
+                mailbox.push_batch(
+                    &topic,
+                    items,
+                    n,
+                    (Instant::now(), None, Some(&Arc::from(pos))),
+                    direct,
+                )
             };
             // The connection task has not said it is idle yet: queued.
             push(&batch("[0]"), 1, "p0", true);
             assert_eq!(mailbox.take().queue.len(), 1);
             // It wrote that one (seq 0) and is idle: the next two go straight, numbered on.
-            let mut seqs = HashMap::from([(topic.clone(), 1)]);
+            let mut seqs = Seqs::from_iter([(topic.clone(), 1)]);
             mailbox.idle(&mut seqs);
             push(&batch(r#"[{"a":1},2]"#), 2, "p1", true);
             push(&batch("[3]"), 1, "p2", true);
@@ -673,7 +680,7 @@ mod tests {
             let inbox = mailbox.take();
             assert_eq!(inbox.queue.len(), 1, "only the last one is queued");
             let mut first = Gather::default();
-            let (mut a, mut b) = (HashMap::new(), HashMap::new());
+            let (mut a, mut b) = (Seqs::default(), Seqs::default());
             a.insert(topic.clone(), 1);
             b.insert(topic.clone(), 2);
             let (x, y) = (batch(r#"[{"a":1},2]"#), batch("[3]"));
@@ -716,25 +723,31 @@ mod tests {
         let big = Arc::new(Items::from(Bytes::from(
             serde_json::to_vec(&values).unwrap(),
         )));
-        let mut seqs = HashMap::new();
+        let mut seqs = Seqs::default();
         mailbox.idle(&mut seqs);
         mailbox.push_batch(
             &topic,
             &big,
             values.len() as u64,
-            (None, Some(&Arc::from("p"))),
+            (Instant::now(), None, Some(&Arc::from("p"))),
             true,
         );
         // A frame begun must be finished before any other: the next batch waits in the queue.
         let small = Arc::new(Items::from(Bytes::from_static(b"[7]")));
-        mailbox.push_batch(&topic, &small, 1, (None, Some(&Arc::from("q"))), true);
+        mailbox.push_batch(
+            &topic,
+            &small,
+            1,
+            (Instant::now(), None, Some(&Arc::from("q"))),
+            true,
+        );
         let rest = mailbox
             .busy(&mut seqs)
             .expect("the socket took part of the frame");
         let mut whole = Gather::default();
         batch_frame(
             &mut whole,
-            &mut HashMap::new(),
+            &mut Seqs::default(),
             &topic,
             &[&big],
             values.len() as u64,
