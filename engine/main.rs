@@ -241,6 +241,14 @@ enum Command {
     },
 }
 
+/// `println!` for what a command prints as its result, to stdout: a closed pipe (`eddy check
+/// q.rhai | head -1`) is an error ("writing output: Broken pipe"), not a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing output")?
+    };
+}
+
 fn main() -> ExitCode {
     // Before any Rhai engine is made: the interpreter's work then repeats from run to run.
     eddy::sandbox::fix_hashing_seed();
@@ -383,9 +391,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .context("starting the async runtime")?
                 .block_on(async move {
                     let server = Server::start(config).await?;
-                    println!("eddy listening on http://{}", server.addr);
+                    say!("eddy listening on http://{}", server.addr);
                     if generated {
-                        println!("admin token: {}", server.state.admin_token);
+                        say!("admin token: {}", server.state.admin_token);
                     }
                     eddy::server::run(server).await;
                     anyhow::Ok(())
@@ -409,7 +417,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 })?;
             let (status, body) = http_put(&server, &format!("/models/{name}"), &token, &bytes)?;
             if (200..300).contains(&status) {
-                println!("{name}: model loaded ({status}) {body}");
+                say!("{name}: model loaded ({status}) {body}");
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!("{name}: {status} {body}");
@@ -437,7 +445,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 script.as_bytes(),
             )?;
             if (200..300).contains(&status) {
-                println!("{name}: deployed ({status}) {body}");
+                say!("{name}: deployed ({status}) {body}");
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!("{name}: {status} {body}");
@@ -483,9 +491,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let stop = rt.block_on(async { stop_on_signal() });
             let report = rt.block_on(eddy::feed::run_until(options, !json, stop))?;
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                say!("{}", serde_json::to_string(&report)?);
             } else {
-                println!(
+                say!(
                     "sent {} events in {} frames in {:.1} s: {:.0} events/s, {:.0} frames/s; {} accepted, {} rejected",
                     report.events,
                     report.frames,
@@ -498,7 +506,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 if report.lost + report.connect_failures + report.ack_gaps + report.ack_duplicates
                     > 0
                 {
-                    println!(
+                    say!(
                         "{} connections lost, {} reconnects, {} failed connects, {} events unacknowledged, {} ack gaps, {} duplicate acks",
                         report.lost,
                         report.reconnects,
@@ -538,9 +546,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     deflate,
                 ))?;
                 if json {
-                    println!("{}", serde_json::to_string(&report)?);
+                    say!("{}", serde_json::to_string(&report)?);
                 } else {
-                    println!(
+                    say!(
                         "probe {topic} x{}: items per subscriber {}..{}, {} dropped, {} seq gaps; latency p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",
                         report.subscribers,
                         report.min_items,
@@ -569,10 +577,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let report = rt.block_on(eddy::probe::run_with(&options, stop, |one| {
                 if json {
                     if let Ok(line) = serde_json::to_string(one) {
-                        println!("{{\"interval\":{line}}}");
+                        let _ = writeln!(std::io::stdout().lock(), "{{\"interval\":{line}}}");
                     }
                 } else {
-                    println!(
+                    let _ = writeln!(
+                        std::io::stdout().lock(),
                         "{:>7.1}s  {:>8} items  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms{}",
                         one.t,
                         one.items,
@@ -589,7 +598,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 let _ = std::io::stdout().flush();
             }))?;
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                say!("{}", serde_json::to_string(&report)?);
             } else {
                 eddy::probe::print(&report, &topic);
             }
@@ -624,11 +633,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 if !report.passed() {
                     failed += 1;
                 }
-                println!("{report}");
+                say!("{report}");
             }
             let passed = cases.len() - failed;
             let what = if bless { "blessed" } else { "passed" };
-            println!("eddy test: {passed} {what}, {failed} failed");
+            say!("eddy test: {passed} {what}, {failed} failed");
             Ok(if failed == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -640,9 +649,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             for path in &queries {
                 match load_query(path, &limits) {
                     Ok(def) => {
-                        println!("{}: ok: {def}: {}", path.display(), def.engine.summary());
+                        say!("{}: ok: {def}: {}", path.display(), def.engine.summary());
                         for line in def.engine.function_lines() {
-                            println!("  {line}");
+                            say!("  {line}");
                         }
                     }
                     Err(e) => {

@@ -706,3 +706,40 @@ fn eddy_test_loads_models_from_the_flag_or_the_models_folder() {
     let out = output(eddy().arg("test").arg("tests/queries/player_churn"), None);
     assert!(out.status.success(), "{}", text(&out.stdout));
 }
+
+/// A reader that went away (`eddy check q.rhai | head -1`) makes each command that prints say so
+/// and exit with an error, not panic: stdout is a pipe whose read end is closed before eddy
+/// starts, so every write to it fails.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_temp(&dir, "trades.ndjson", TRADES);
+    let commands: [Vec<std::ffi::OsString>; 3] = [
+        vec!["check".into(), query("vwap").into()],
+        vec![
+            "run".into(),
+            query("vwap").into(),
+            "--input".into(),
+            input.clone().into(),
+        ],
+        vec![
+            "generate".into(),
+            "--scenario".into(),
+            "trades".into(),
+            "--count".into(),
+            "10".into(),
+        ],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut cmd = eddy();
+        cmd.args(&args).stdout(writer).stderr(Stdio::piped());
+        let child = cmd.spawn().expect("start eddy");
+        let out = child.wait_with_output().expect("eddy exits");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
