@@ -527,7 +527,9 @@ pub fn compile(
         .enumerate()
         .map(|(i, f)| ((f.name.clone(), f.params.len()), i))
         .collect();
-    let table: FnTable = Rc::new((0..fns.len()).map(|_| OnceCell::new()).collect());
+    // Two entries per function: called plainly (`this` unbound), and called as a method on
+    // `this` (`this.f(x)`, `this` bound to the same state), at `fns.len() + i`.
+    let table: FnTable = Rc::new((0..2 * fns.len()).map(|_| OnceCell::new()).collect());
     let helpers = RefCell::new(Helpers::default());
     let layout = Rc::new(Layout::new(fields));
     let mut ok = report.query.is_none();
@@ -557,7 +559,21 @@ pub fn compile(
             // Compiled field by field into the slots, below.
             Ok(())
         } else {
-            cx.compile_fn(i)
+            // A helper that uses `this` cannot be called plainly (Rhai says `this` is not
+            // bound), only as a method on `this`: it counts as compiled when that compiles, and
+            // a plain call of it keeps its caller on the interpreter.
+            cx.compile_fn(i).or_else(|plain| {
+                if entry {
+                    return Err(plain);
+                }
+                cx.this_ok = true;
+                cx.names.clear();
+                cx.next_local = 0;
+                cx.records.clear();
+                cx.in_loop = false;
+                cx.ev_boxed = false;
+                cx.compile_into(i, fns.len() + i)
+            })
         };
         if result.is_err() {
             ok = false;
@@ -773,7 +789,13 @@ const SCOPE_FUNCTIONS: [&str; 7] = [
 
 impl Cx<'_> {
     fn compile_fn(&mut self, i: usize) -> Result<(), Unsupported> {
-        if self.table[i].get().is_some() {
+        self.compile_into(i, i)
+    }
+
+    /// Compiles function `i` into `table[slot]`: `i` for a plain call, `fns.len() + i` for a
+    /// method call on `this` (compiled with `this` bound).
+    fn compile_into(&mut self, i: usize, slot: usize) -> Result<(), Unsupported> {
+        if self.table[slot].get().is_some() {
             return Ok(());
         }
         let f = &self.fns[i];
@@ -784,13 +806,96 @@ impl Cx<'_> {
             self.new_local(p.clone());
         }
         let body = self.block(&f.body)?;
-        let _ = self.table[i].set(CFn {
+        let _ = self.table[slot].set(CFn {
             locals: self.next_local,
             body,
             // A parameter the function assigns is a plain local: always a value.
             ev_boxed: self.ev_boxed || self.ev_local.is_none(),
         });
         Ok(())
+    }
+
+    /// A call of the query's function `i`: plainly, or with `method` as a method on `this`
+    /// (`this.f(x)`), which binds the callee's `this` to the caller's state as Rhai binds it.
+    fn own_call(
+        &mut self,
+        i: usize,
+        call: &FnCallExpr,
+        pos: Position,
+        method: bool,
+    ) -> Result<EFn, Unsupported> {
+        if self.stack.contains(&i) {
+            return unsupported(pos, format!("recursive call of `{}`", call.name));
+        }
+        let args = call
+            .args
+            .iter()
+            .map(|a| self.expr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut inner = Cx {
+            fns: self.fns,
+            index: self.index,
+            table: self.table,
+            layout: self.layout,
+            this_ok: method,
+            ev_local: None,
+            ev_boxed: false,
+            names: Vec::new(),
+            helpers: self.helpers,
+            stack: self.stack.clone(),
+            next_local: 0,
+            max_map: self.max_map,
+            data: self.data,
+            records: Vec::new(),
+            in_loop: false,
+            plain: self.plain,
+            shadowed: self.shadowed,
+            constants: self.constants,
+        };
+        inner.stack.push(i);
+        let slot = if method { self.fns.len() + i } else { i };
+        inner.compile_into(i, slot)?;
+        let table = Rc::clone(self.table);
+        Ok(Box::new(move |fr| {
+            let f = table[slot].get().expect("compiled before use");
+            let mut locals = vec![Dynamic::UNIT; f.locals];
+            for (local, a) in locals.iter_mut().zip(&args) {
+                *local = a(fr)?.flatten();
+            }
+            fr.tick(pos)?;
+            let mut frame = Frame {
+                locals,
+                event: None,
+                this: if method { fr.this.as_deref_mut() } else { None },
+                rt: fr.rt,
+                helpers: fr.helpers,
+                ops: &mut *fr.ops,
+            };
+            run_body(&f.body, &mut frame)
+        }))
+    }
+
+    /// `this.f(x)` where `f` is one of the query's functions (with as many parameters as
+    /// arguments): `Ok(None)` for any other method, which stays unsupported. Rhai first looks
+    /// for a function pointer in a property of the map of that name; a state with such a field
+    /// is left to the interpreter.
+    fn this_method(
+        &mut self,
+        call: &FnCallExpr,
+        pos: Position,
+    ) -> Result<Option<EFn>, Unsupported> {
+        let Some(&i) = self.index.get(&(call.name.to_string(), call.args.len())) else {
+            return Ok(None);
+        };
+        if self
+            .layout
+            .fields
+            .iter()
+            .any(|f| f.as_str() == call.name.as_str())
+        {
+            return Ok(None);
+        }
+        self.own_call(i, call, pos, true).map(Some)
     }
 
     fn local(&self, name: &str) -> Option<usize> {
@@ -1385,7 +1490,10 @@ impl Cx<'_> {
                 let target = match root {
                     Expr::ThisPtr(tpos) => {
                         if !self.this_ok {
-                            return unsupported(*tpos, "`this` outside on_event and on_timer");
+                            return unsupported(
+                                *tpos,
+                                "`this` outside on_event, on_timer and methods called on `this`",
+                            );
                         }
                         let field = props.remove(0);
                         Target::Slot(self.this_slot(*tpos, &field)?)
@@ -1682,9 +1790,17 @@ impl Cx<'_> {
         let start = match root {
             Expr::ThisPtr(tpos) => {
                 if !self.this_ok {
-                    return unsupported(*tpos, "`this` outside on_event and on_timer");
+                    return unsupported(
+                        *tpos,
+                        "`this` outside on_event, on_timer and methods called on `this`",
+                    );
                 }
                 let Some((Seg::Prop(field, ..), rest)) = segs.split_first() else {
+                    if let [Seg::Method(call, mpos)] = segs {
+                        if let Some(f) = self.this_method(call, *mpos)? {
+                            return Ok(f);
+                        }
+                    }
                     return unsupported(*tpos, "a method called on `this`");
                 };
                 segs = rest;
@@ -1998,54 +2114,7 @@ impl Cx<'_> {
         }
         // A script function of the query.
         if let Some(&i) = self.index.get(&(name.to_owned(), n)) {
-            if self.stack.contains(&i) {
-                return unsupported(pos, format!("recursive call of `{name}`"));
-            }
-            let args = call
-                .args
-                .iter()
-                .map(|a| self.expr(a))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut inner = Cx {
-                fns: self.fns,
-                index: self.index,
-                table: self.table,
-                layout: self.layout,
-                this_ok: false,
-                ev_local: None,
-                ev_boxed: false,
-                names: Vec::new(),
-                helpers: self.helpers,
-                stack: self.stack.clone(),
-                next_local: 0,
-                max_map: self.max_map,
-                data: self.data,
-                records: Vec::new(),
-                in_loop: false,
-                plain: self.plain,
-                shadowed: self.shadowed,
-                constants: self.constants,
-            };
-            inner.stack.push(i);
-            inner.compile_fn(i)?;
-            let table = Rc::clone(self.table);
-            return Ok(Box::new(move |fr| {
-                let f = table[i].get().expect("compiled before use");
-                let mut locals = vec![Dynamic::UNIT; f.locals];
-                for (slot, a) in locals.iter_mut().zip(&args) {
-                    *slot = a(fr)?.flatten();
-                }
-                fr.tick(pos)?;
-                let mut frame = Frame {
-                    locals,
-                    event: None,
-                    this: None,
-                    rt: fr.rt,
-                    helpers: fr.helpers,
-                    ops: &mut *fr.ops,
-                };
-                run_body(&f.body, &mut frame)
-            }));
+            return self.own_call(i, call, pos, false);
         }
         if SCOPE_FUNCTIONS.contains(&name) {
             return unsupported(pos, format!("`{name}`"));
@@ -3758,7 +3827,10 @@ impl Cx<'_> {
         let root = match root {
             Expr::ThisPtr(tpos) => {
                 if !self.this_ok {
-                    return unsupported(*tpos, "`this` outside on_event and on_timer");
+                    return unsupported(
+                        *tpos,
+                        "`this` outside on_event, on_timer and methods called on `this`",
+                    );
                 }
                 let Some((PSeg::Prop(field, ..), rest)) = segs.split_first() else {
                     return unsupported(*tpos, "indexing `this`");

@@ -4,7 +4,8 @@
 //! [`program`] writes a query from a seed: arithmetic on state fields and event fields (which
 //! may be missing, strings, huge or zero, so overflow, division by zero and type errors happen),
 //! locals, `if`/`else`, `switch`, loops (`for`, `while`, `loop`, `do`, with `break` and
-//! `continue`), `&&`/`||`, script functions, number methods, `in`, a map and an array in state
+//! `continue`), `&&`/`||`, script functions (plainly, and helpers called as methods on `this`
+//! that change the state), number methods, `in`, a map and an array in state
 //! indexed, written and walked (methods and properties through an index), emits of map literals
 //! and of locals, `emit_to`, named topics, timers, `forget`, plugin functions, and plugin
 //! objects (in state, in locals and in the state's map) with their methods and properties, given
@@ -223,6 +224,7 @@ impl Writer<'_> {
                 ]);
                 format!("({} {op} {})", self.expr(d), self.expr(d))
             }
+            5 if self.g.chance(30) => format!("this.bump({})", self.expr(d)),
             5 => format!("mix({}, {})", self.expr(d), self.expr(d)),
             // The standard math functions (done in Rust by compiled code when given their
             // numbers), as methods, functions and getters, given any value.
@@ -745,6 +747,19 @@ pub fn program(seed: u64) -> String {
             "p * 2 - q",
             "if p > q { p } else { q }",
             "(p ?? 0) / (q ?? 1)"
+        ][w.g.below(4)]
+    ));
+    // Helpers called as methods on `this`: they change the state and give a value, and one
+    // calls the other.
+    let (f, g) = (w.g.pick(&FIELDS), w.g.pick(&FIELDS));
+    s.push_str(&format!("fn twice(p) {{ this.{g} * p }}\n"));
+    s.push_str(&format!(
+        "fn bump(p) {{ {} }}\n",
+        [
+            format!("this.{f} += p; this.{g}"),
+            format!("this.{f} = p * 2; p - this.{g}"),
+            format!("if p > this.{f} {{ this.{f} = p; }} this.{f}"),
+            format!("this.{f} += 1; this.twice(p)"),
         ][w.g.below(4)]
     ));
     let init: Vec<String> = FIELDS

@@ -191,6 +191,7 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
     let (mut loops, mut loops_compiled) = (0, 0);
     let (mut indexes, mut indexes_compiled) = (0, 0);
     let (mut constants, mut constants_compiled) = (0, 0);
+    let (mut methods, mut methods_compiled) = (0, 0);
     // `DIFF_SEEDS=400..2400 cargo test --test compiled random -- --nocapture` runs more.
     let seeds = std::env::var("DIFF_SEEDS").ok().and_then(|r| {
         let (a, b) = r.split_once("..")?;
@@ -228,6 +229,10 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
                     constants += 1;
                     constants_compiled += usize::from(c);
                 }
+                if script.contains("this.bump(") {
+                    methods += 1;
+                    methods_compiled += usize::from(c);
+                }
             }
             Ok(Verdict::NotAQuery) => {
                 if std::env::var("SHOW").is_ok() {
@@ -245,7 +250,8 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
          {switches} with a switch ({switches_compiled} compiled), \
          {loops} with a loop ({loops_compiled} compiled), \
          {indexes} with an index ({indexes_compiled} compiled), \
-         {constants} with top-level constants ({constants_compiled} compiled)"
+         {constants} with top-level constants ({constants_compiled} compiled), \
+         {methods} calling a helper as a method on `this` ({methods_compiled} compiled)"
     );
     if wide {
         return;
@@ -261,6 +267,10 @@ fn random_queries_write_the_same_bytes_on_both_engines() {
     assert!(
         constants_compiled >= 40,
         "only {constants_compiled} compiled programs have top-level constants"
+    );
+    assert!(
+        methods_compiled >= 40,
+        "only {methods_compiled} compiled programs call a helper on `this`"
     );
     assert!(
         indexes_compiled >= 40,
@@ -1472,4 +1482,116 @@ fn the_hidden_fee_table_query_compiles_and_gives_hand_computed_fees() {
             "{compiled}"
         );
     }
+}
+
+/// Helper functions called as methods on `this` (`this.add(x)`, and from there `this.note(x)`)
+/// compile with `this` bound to the key's state, as Rhai binds it: their changes to the state
+/// stay, their value is the call's, and an error inside names the place Rhai names. A helper
+/// that uses `this` called plainly (Rhai: `this` is not bound), and a state with a field of the
+/// method's name (Rhai would call a function pointer held there), stay on the interpreter.
+#[test]
+fn helpers_called_as_methods_on_this_compile_and_give_hand_computed_values() {
+    let limits = limits();
+    let script = |state: &str, call: &str| {
+        format!(
+            "let source = \"s\"; let key_by = \"k\";
+fn init(key) {{ {state} }}
+fn add(x) {{
+    this.n += 1;
+    this.total += x;
+    this.note(x);
+    this.total / this.n
+}}
+fn note(x) {{ this.last = 100 / x; }}
+fn on_event(ev) {{
+    let avg = {call};
+    emit(#{{ avg: avg, n: this.n, last: this.last, total: this.total }});
+    set_timer(ev.t + 10);
+}}
+fn on_timer(t) {{ this.note(t); emit(\"ticks\", #{{ last: this.last }}); }}"
+        )
+    };
+    let state = "#{ n: 0, total: 0, last: 0 }";
+    let def = QueryDef::compile("q", &script(state, "this.add(ev.a)"), &limits).unwrap();
+    assert_eq!(def.engine.summary(), "compiled", "{:?}", def.engine);
+    assert_eq!(
+        def.engine.function_lines(),
+        vec![
+            "init: compiled",
+            "add: compiled",
+            "note: compiled",
+            "on_event: compiled",
+            "on_timer: compiled"
+        ]
+    );
+    let input = b"{\"k\":\"a\",\"a\":4,\"t\":0}
+{\"k\":\"a\",\"a\":10,\"t\":1}
+{\"k\":\"b\",\"a\":0,\"t\":2}
+{\"k\":\"a\",\"a\":1,\"t\":50}
+";
+    let (out, lines) = same_on_both(&def, input, &limits);
+    let values: Vec<(&str, &serde_json::Value)> = lines
+        .iter()
+        .map(|l| (l["topic"].as_str().unwrap(), &l["value"]))
+        .collect();
+    // a: n 1, total 4, avg 4 / 1, last 100 / 4; then n 2, total 14, avg 14 / 2, last 100 / 10.
+    assert_eq!(
+        values[0],
+        (
+            "q",
+            &serde_json::json!({ "avg": 4, "n": 1, "last": 25, "total": 4 })
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        values[1],
+        (
+            "q",
+            &serde_json::json!({ "avg": 7, "n": 2, "last": 10, "total": 14 })
+        ),
+        "{out}"
+    );
+    // b: 100 / 0 inside `note`, called from `add`, called from on_event.
+    assert_eq!(values[2].0, "q.errors", "{out}");
+    assert_eq!(values[2].1["error"], "Division by zero: 100 / 0", "{out}");
+    assert_eq!(values[2].1["function"], "on_event", "{out}");
+    // a's timers at 10, 11 and 60 (b's event failed before its `set_timer`): on_timer's
+    // `this.note(t)` sets last to 100 / 10, 100 / 11 and 100 / 60 on a's state.
+    let ticks: Vec<i64> = values
+        .iter()
+        .filter(|(t, _)| *t == "q.ticks")
+        .map(|(_, v)| v["last"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ticks, [10, 9, 1], "{out}");
+    // a: n 3, total 15, avg 15 / 3, last 100 / 1.
+    let last_a = values
+        .iter()
+        .rev()
+        .find(|(t, v)| *t == "q" && v["n"] == 3)
+        .unwrap();
+    assert_eq!(
+        last_a.1,
+        &serde_json::json!({ "avg": 5, "n": 3, "last": 100, "total": 15 }),
+        "{out}"
+    );
+
+    // Called plainly, `add` has no `this`: interpreted, and Rhai's error on both.
+    let def = QueryDef::compile("q", &script(state, "add(ev.a)"), &limits).unwrap();
+    assert!(!def.engine.compiled());
+    let (out, lines) = same_on_both(&def, input, &limits);
+    assert_error_naming(&lines[0], "'this' not bound", &out);
+    // A field named `note` beside the method `note`: interpreted, the same figures.
+    let with_field = "#{ n: 0, total: 0, last: 0, note: 0 }";
+    let def = QueryDef::compile("q", &script(with_field, "this.add(ev.a)"), &limits).unwrap();
+    assert!(
+        def.engine.summary().contains("a method called on `this`"),
+        "{:?}",
+        def.engine
+    );
+    let (out, lines) = same_on_both(&def, input, &limits);
+    assert_eq!(
+        lines[1]["value"],
+        serde_json::json!({ "avg": 7, "n": 2, "last": 10, "total": 14 }),
+        "{out}"
+    );
 }
