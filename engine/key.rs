@@ -12,7 +12,7 @@ use rhai::Dynamic;
 
 use crate::event::Value;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     /// The query has no `key_by`: one state for every event.
     None,
@@ -97,9 +97,27 @@ impl Key {
     }
 
     /// A stable 64-bit hash, the same in every process, for assigning keys to shards.
+    ///
+    /// It is what `#[derive(Hash)]` on this enum gave, kept as it was: shards, cluster
+    /// partitions and data directories written by earlier versions depend on it. (Maps of keys
+    /// hash with the shorter [`Hash`] of `Key` below.)
     pub fn stable_hash(&self) -> u64 {
         use std::hash::BuildHasher;
-        foldhash::fast::FixedState::with_seed(0x00ed_d1e5).hash_one(self)
+        /// The derived hash's input: the variant's index, then its value.
+        #[derive(Hash)]
+        enum Stable<'a> {
+            None,
+            Bool(bool),
+            Int(i64),
+            Str(&'a str),
+        }
+        let stable = match self {
+            Key::None => Stable::None,
+            Key::Bool(b) => Stable::Bool(*b),
+            Key::Int(n) => Stable::Int(*n),
+            Key::Str(s) => Stable::Str(s.as_str()),
+        };
+        foldhash::fast::FixedState::with_seed(0x00ed_d1e5).hash_one(stable)
     }
 
     /// The shard that owns this key among `shards`: contiguous ranges of the hash space, so
@@ -110,6 +128,22 @@ impl Key {
             return 0;
         }
         ((u128::from(self.stable_hash()) * shards as u128) >> 64) as usize
+    }
+}
+
+/// Keys are hashed on every event (the lookup of their state): a string's bytes alone, an
+/// integer's value, without the variant's index and the end marker `#[derive(Hash)]` writes,
+/// two rounds of the hasher fewer. Equal keys hash alike; a string and an integer that collide
+/// only share a bucket.
+impl std::hash::Hash for Key {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            Key::None => state.write_u8(0),
+            Key::Bool(b) => state.write_u8(1 + u8::from(*b)),
+            Key::Int(n) => state.write_i64(*n),
+            Key::Str(s) => state.write(s.as_bytes()),
+        }
     }
 }
 
@@ -171,6 +205,42 @@ mod tests {
             let err = Key::from_dynamic(&value).unwrap_err();
             assert!(err.ends_with(&format!("found {kind}")), "{err}");
         }
+    }
+
+    /// `stable_hash` is still what `#[derive(Hash)]` on the enum as it was defined gave (the
+    /// hash that shards, cluster partitions and data directories were assigned by), for keys
+    /// of every kind and strings inline and on the heap.
+    #[test]
+    fn the_stable_hash_is_the_derived_hash_of_earlier_versions() {
+        use std::hash::BuildHasher;
+        #[derive(Hash)]
+        enum Earlier {
+            None,
+            Bool(bool),
+            Int(i64),
+            Str(CompactString),
+        }
+        let derived = |k: &Earlier| foldhash::fast::FixedState::with_seed(0x00ed_d1e5).hash_one(k);
+        let mut pairs = vec![
+            (Key::None, Earlier::None),
+            (Key::Bool(true), Earlier::Bool(true)),
+            (Key::Bool(false), Earlier::Bool(false)),
+        ];
+        for n in [0, 1, -1, 7, i64::MAX, i64::MIN] {
+            pairs.push((Key::Int(n), Earlier::Int(n)));
+        }
+        let text = "AAPL-MSFT-device-0042-#rust-and-more-than-24-bytes";
+        for n in 0..text.len() {
+            pairs.push((Key::Str(text[..n].into()), Earlier::Str(text[..n].into())));
+        }
+        for (key, earlier) in &pairs {
+            assert_eq!(key.stable_hash(), derived(earlier), "{key:?}");
+        }
+        // As the derived hash did, it tells a string from the integer it spells.
+        assert_ne!(
+            Key::Str("7".into()).stable_hash(),
+            Key::Int(7).stable_hash()
+        );
     }
 
     #[test]
