@@ -566,13 +566,7 @@ pub fn compile(
                 if entry {
                     return Err(plain);
                 }
-                cx.this_ok = true;
-                cx.names.clear();
-                cx.next_local = 0;
-                cx.records.clear();
-                cx.in_loop = false;
-                cx.ev_boxed = false;
-                cx.compile_into(i, fns.len() + i)
+                cx.child(true).compile_into(i, fns.len() + i)
             })
         };
         if result.is_err() {
@@ -815,6 +809,31 @@ impl Cx<'_> {
         Ok(())
     }
 
+    /// A context for compiling another function called from this one: the query's tables,
+    /// the functions being compiled, nothing in scope; `this` bound if `this_ok`.
+    fn child<'c>(&'c self, this_ok: bool) -> Cx<'c> {
+        Cx {
+            fns: self.fns,
+            index: self.index,
+            table: self.table,
+            layout: self.layout,
+            this_ok,
+            ev_local: None,
+            ev_boxed: false,
+            names: Vec::new(),
+            helpers: self.helpers,
+            stack: self.stack.clone(),
+            next_local: 0,
+            max_map: self.max_map,
+            data: self.data,
+            records: Vec::new(),
+            in_loop: false,
+            plain: self.plain,
+            shadowed: self.shadowed,
+            constants: self.constants,
+        }
+    }
+
     /// A call of the query's function `i`: plainly, or with `method` as a method on `this`
     /// (`this.f(x)`), which binds the callee's `this` to the caller's state as Rhai binds it.
     fn own_call(
@@ -832,26 +851,7 @@ impl Cx<'_> {
             .iter()
             .map(|a| self.expr(a))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut inner = Cx {
-            fns: self.fns,
-            index: self.index,
-            table: self.table,
-            layout: self.layout,
-            this_ok: method,
-            ev_local: None,
-            ev_boxed: false,
-            names: Vec::new(),
-            helpers: self.helpers,
-            stack: self.stack.clone(),
-            next_local: 0,
-            max_map: self.max_map,
-            data: self.data,
-            records: Vec::new(),
-            in_loop: false,
-            plain: self.plain,
-            shadowed: self.shadowed,
-            constants: self.constants,
-        };
+        let mut inner = self.child(method);
         inner.stack.push(i);
         let slot = if method { self.fns.len() + i } else { i };
         inner.compile_into(i, slot)?;

@@ -166,10 +166,10 @@ pub struct Incoming {
     writer: JoinHandle<()>,
     timeout: Duration,
     /// The silence timer, made once and moved only when it goes off early (see
-    /// [`Incoming::next`]): a timer made and cancelled per frame cost a probe with a thousand
+    /// `Incoming::next_frame`): a timer made and cancelled per frame cost a probe with a thousand
     /// connections about 2 % of its CPU in the runtime's timer wheel.
     silence: Pin<Box<tokio::time::Sleep>>,
-    /// When the current [`Incoming::next`] began waiting.
+    /// When the current read began waiting.
     waiting_since: Instant,
 }
 
@@ -255,9 +255,7 @@ impl Incoming {
             }
         }
     }
-}
 
-impl Incoming {
     /// The next frame, or [`Lost::Silent`] when none came within the timeout of this call: the
     /// same as `tokio::time::timeout(self.timeout, self.read.next())`, without a timer per
     /// frame. The timer is left where it was; when it goes off before this call's timeout it is
