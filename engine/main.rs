@@ -386,6 +386,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.workers)
+                .on_thread_park(eddy::shard::collect_if_asked)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?

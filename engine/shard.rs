@@ -40,7 +40,7 @@ use std::collections::BTreeSet;
 
 use indexmap::IndexMap;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1864,4 +1864,28 @@ pub fn collect_memory() {
     // SAFETY: mi_collect only walks the calling thread's heap and the segments it may reclaim;
     // it takes no pointer from us.
     unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Bumped when much memory has just been freed (a query removed): every thread that calls
+/// [`collect_if_asked`] then collects once. A query's keys and events are allocated on the
+/// async workers that parse them and freed on its shard; mimalloc gives such memory back only
+/// when the thread that allocated it collects, and nothing else tells the workers to.
+static COLLECT_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every thread that checks [`collect_if_asked`] to collect its heap once.
+pub fn ask_threads_to_collect() {
+    COLLECT_EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Collects this thread's heap if [`ask_threads_to_collect`] was called since it last did:
+/// meant for idle moments (an async worker about to park), where it costs one atomic load.
+pub fn collect_if_asked() {
+    thread_local! {
+        static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let epoch = COLLECT_EPOCH.load(Ordering::Relaxed);
+    if SEEN.get() != epoch {
+        SEEN.set(epoch);
+        collect_memory();
+    }
 }

@@ -256,7 +256,9 @@ pub async fn remove(state: &State, name: &str) -> bool {
     state.hub.control(HubControl::QueryRemoved {
         name: name.to_owned(),
     });
-    // The topics' memory was allocated on the shard threads, which publish.
+    // The topics' memory was allocated on the shard threads, which publish; the keys' and
+    // events' on the async workers, which collect when they next go idle.
+    crate::shard::ask_threads_to_collect();
     let _ = state
         .pipeline
         .control_all(|done| Control::Collect { done })
