@@ -611,6 +611,15 @@ async fn sigterm_delivers_every_acknowledged_event_then_closes_with_1001() {
         ))
         .await
         .unwrap();
+        // Subscribed before the first trade is sent: items emitted before the subscription
+        // would not be the subscriber's to get.
+        match sub.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["type"], "subscribed", "{v}");
+            }
+            other => panic!("expected the subscription's answer, got {other:?}"),
+        }
         let subscriber = tokio::spawn(async move {
             let (mut items, mut dropped, mut close) = (0u64, 0u64, None);
             while let Some(Ok(msg)) = sub.next().await {
