@@ -644,6 +644,49 @@ impl Format {
     }
 }
 
+/// Appends `src` to `dst` with every newline made a comma, and returns how many there were:
+/// one pass that copies and compares 16 bytes at a time (SSE2, which every x86-64 has; the
+/// bytes after the last full 16, and other targets, one at a time).
+fn push_newlines_as_commas(dst: &mut Vec<u8>, src: &[u8]) -> usize {
+    dst.reserve(src.len());
+    let start = dst.len();
+    let out = &mut dst.spare_capacity_mut()[..src.len()];
+    let mut count = 0;
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_and_si128, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+            _mm_storeu_si128, _mm_xor_si128,
+        };
+        while i + 16 <= src.len() {
+            // SAFETY: SSE2 is part of x86-64; the load reads `src[i..i + 16]` and the store
+            // writes `out[i..i + 16]`, both in bounds (checked by the loop), unaligned.
+            unsafe {
+                let bytes = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                let newline = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\n' as i8));
+                let mask = _mm_movemask_epi8(newline);
+                let bytes = if mask == 0 {
+                    bytes
+                } else {
+                    count += mask.count_ones() as usize;
+                    let flip = _mm_and_si128(newline, _mm_set1_epi8((b'\n' ^ b',') as i8));
+                    _mm_xor_si128(bytes, flip)
+                };
+                _mm_storeu_si128(out.as_mut_ptr().add(i).cast(), bytes);
+            }
+            i += 16;
+        }
+    }
+    for (o, &b) in out[i..].iter_mut().zip(&src[i..]) {
+        count += usize::from(b == b'\n');
+        o.write(if b == b'\n' { b',' } else { b });
+    }
+    // SAFETY: every byte of `out`, the `src.len()` bytes after `start`, was written above.
+    unsafe { dst.set_len(start + src.len()) };
+    count
+}
+
 impl Parser {
     /// A parser whose scratch buffers start with room for inputs of `bytes` (up to
     /// [`RETAINED_SCRATCH_BYTES`]): for a run of many frames of about that size, so that none
@@ -828,12 +871,112 @@ impl Parser {
     /// not start with `{"` (a non-object, an empty object, a space after the brace), a broken
     /// line (the array does not parse), or an array whose elements are not the lines.
     ///
+    /// Input without blank lines (the usual) takes [`Parser::parse_dense_lines`], which finds
+    /// no line in advance; input with blank lines, [`Parser::parse_spaced_lines`].
+    fn parse_lines_at_once(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
+        let end = input.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
+        if let Some(parsed) = self.parse_dense_lines(input, end, frame) {
+            return Some(parsed);
+        }
+        // (Only a blank line makes the dense form fail where the spaced one does not.)
+        let blank = input[..end]
+            .split(|&b| b == b'\n')
+            .any(|line| line.iter().all(u8::is_ascii_whitespace));
+        if blank {
+            self.parse_spaced_lines(input, frame)
+        } else {
+            None
+        }
+    }
+
+    /// [`Parser::parse_lines_at_once`] of `input[..end]` (`end` is after its last non-space
+    /// byte) when no line is blank: every newline is made a comma in one pass over the bytes,
+    /// with no search for each line. Blank lines make empty elements, which do not parse.
+    ///
+    /// Each element is tied to its line after the parse: the array must have one element more
+    /// than there are newlines, each an object whose first field name starts two bytes after
+    /// its `{`, and each element but the first must follow (over spaces) a comma that was a
+    /// newline. Then the newlines are all the array's separators (a newline inside a string,
+    /// or a comma between two values on one line, leaves an element without one), so element
+    /// `i` is line `i`, alone, and parses exactly as it would alone.
+    fn parse_dense_lines(
+        &mut self,
+        input: &[u8],
+        end: usize,
+        frame: &mut Frame,
+    ) -> Option<(u32, Vec<u8>)> {
+        let len = end + 2;
+        let mut joined = Vec::with_capacity(len + simd_json::INPUT_PADDING);
+        joined.push(b'[');
+        let newlines = push_newlines_as_commas(&mut joined, &input[..end]);
+        joined.push(b']');
+        joined.resize(len + simd_json::INPUT_PADDING, b' ');
+        let lines = newlines + 1;
+        // SAFETY: as in `parse_with`: the tape borrows `joined`'s heap block, which is not
+        // resized from here on and is moved into the frame with the tape.
+        let bytes: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
+        let base = bytes.as_ptr() as usize;
+        let mut tape = Tape(std::mem::take(&mut frame.nodes));
+        if simd_json::fill_tape_padded(bytes, len, &mut self.buffers, &mut tape).is_err() {
+            tape.0.clear();
+            frame.nodes = tape.0;
+            return None;
+        }
+        let nodes = tape.0;
+        let ok = matches!(nodes.first(), Some(Node::Array { len, .. }) if *len == lines);
+        let mut events = Vec::with_capacity(lines);
+        let mut at = 1usize;
+        if ok {
+            for index in 0..lines as u32 {
+                // Where the element's `{` is in `input` (`joined` has the `[` before it).
+                let brace = match (nodes.get(at), nodes.get(at + 1)) {
+                    (Some(Node::Object { .. }), Some(Node::String(name))) => {
+                        (name.as_ptr() as usize).wrapping_sub(base + 3)
+                    }
+                    _ => break,
+                };
+                if brace >= end || input[brace] != b'{' {
+                    break;
+                }
+                if index > 0 {
+                    let before = input[..brace]
+                        .iter()
+                        .rposition(|&b| !matches!(b, b' ' | b'\t' | b'\r'));
+                    if before.is_none_or(|k| input[k] != b'\n') {
+                        break;
+                    }
+                }
+                events.push((
+                    at as u32,
+                    Position {
+                        index,
+                        line: Some(index + 1),
+                    },
+                ));
+                let Node::Object { count, .. } = nodes[at] else {
+                    unreachable!("checked")
+                };
+                at += count + 1;
+            }
+        }
+        frame.nodes = nodes;
+        if events.len() != lines {
+            frame.nodes.clear();
+            return None;
+        }
+        frame.events = events;
+        Some((lines as u32, joined))
+    }
+
+    /// [`Parser::parse_lines_at_once`] of input with blank lines: each line is found first.
+    ///
     /// Each element is tied to its line: the first field name of element `i` must start two
     /// bytes after the start of line `i` (simd-json's strings point into the input), so element
     /// `i` starts where line `i` starts; it is followed by only whitespace and the comma put
     /// after line `i`, so it ends where line `i` ends. Each line is then one JSON value, parsed
     /// exactly as it would be alone.
-    fn parse_lines_at_once(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
+    fn parse_spaced_lines(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
         // (offset of the line's `{` in the array, its line number); where each line's newline is.
         let mut lines: Vec<(usize, u32)> = Vec::with_capacity(input.len() / 64 + 1);
         let mut newlines: Vec<usize> = Vec::with_capacity(input.len() / 64 + 1);
@@ -1235,6 +1378,66 @@ mod tests {
         // Two objects as an array, two broken lines alone.
         let cut = b"{\"a\":1},{\"b\":\"}\n{\"}\n";
         assert!(parser.parse_lines_at_once(cut, &mut frame).is_none());
+    }
+
+    /// Input without blank lines takes the dense form: every newline a comma, found in one pass
+    /// (checked here against a plain byte-by-byte copy, across the 16-byte steps), each element
+    /// tied to its line; what is not one object per line is left to the line-by-line parse.
+    #[test]
+    fn dense_ndjson_is_parsed_at_once_and_tied_to_its_lines() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for len in 0..100 {
+            let src: Vec<u8> = (0..len)
+                .map(|_| *rng.choice(b"\n,{}a \r".iter()).unwrap())
+                .collect();
+            let mut dst = b"[".to_vec();
+            let count = push_newlines_as_commas(&mut dst, &src);
+            let plain: Vec<u8> = src
+                .iter()
+                .map(|&b| if b == b'\n' { b',' } else { b })
+                .collect();
+            assert_eq!(dst[1..], plain[..], "{src:?}");
+            assert_eq!(count, src.iter().filter(|&&b| b == b'\n').count());
+        }
+        let mut parser = Parser::default();
+        let mut frame = Frame {
+            nodes: Vec::new(),
+            events: Vec::new(),
+            _buf: Vec::new(),
+            held: None,
+        };
+        // Leading spaces, a CRLF line, a long line, and trailing blank lines.
+        let long = format!("{{\"s\":\"{}\"}}", "z".repeat(100));
+        let input = format!("{{\"s\":\"x\"}}\r\n  {{\"s\":\"y\",\"p\":2}}\n{long}\n\n \n");
+        let (items, joined) = parser
+            .parse_lines_at_once(input.as_bytes(), &mut frame)
+            .unwrap();
+        assert_eq!(items, 3);
+        assert!(joined.starts_with(b"[{\"s\":\"x\"}\r,  {\"s\":\"y\""));
+        let lines: Vec<_> = frame.events.iter().map(|e| e.1.line).collect();
+        assert_eq!(lines, [Some(1), Some(2), Some(3)]);
+        for (i, want) in ["x", "y", &"z".repeat(100)].into_iter().enumerate() {
+            let at = frame.events[i].0 as usize;
+            assert!(matches!(frame.nodes[at + 2], Node::String(s) if s == want));
+        }
+        for lines in [
+            // Two values on one line, a broken line.
+            "{\"a\":1},{\"b\":2}\n{\"c\":\n",
+            // The same count of values as of lines, one line holding two, one none whole: a
+            // newline inside a string (which the commas would make parse) and a comma.
+            "{\"a\":\"x\n\",\"b\":1},{\"c\":2}\n",
+            // Not objects, or not starting with `{"`.
+            "[1]\n{\"a\":1}\n",
+            "{\"a\":1}\n{ \"a\":1}\n",
+            "{}\n{\"a\":1}\n",
+        ] {
+            assert!(
+                parser
+                    .parse_lines_at_once(lines.as_bytes(), &mut frame)
+                    .is_none(),
+                "{lines:?}"
+            );
+        }
     }
 
     #[test]
