@@ -1505,6 +1505,7 @@ impl Call<'_> {
         self.begin_raw(&q.topics, q.def.functions.on_timer, key, q.watermark, now);
     }
 
+    #[inline]
     fn begin_raw(
         &mut self,
         topics: &Rc<QueryTopics>,
@@ -1532,6 +1533,10 @@ impl Call<'_> {
 
     /// Closes the call: on failure (a script error, or a state grown past its limit) drops what
     /// the call emitted and publishes the error.
+    ///
+    /// (In line, as is [`Call::begin_raw`]: both are on every event's path; the failures are
+    /// out of line, in [`Call::end_failed`].)
+    #[inline]
     fn end(
         &mut self,
         q: &mut QueryRuntime,
@@ -1540,18 +1545,38 @@ impl Call<'_> {
         result: Result<(), Box<EvalAltResult>>,
         oversized: Option<usize>,
     ) -> Outcome {
+        let failure = match (result, oversized) {
+            (Ok(()), None) => {
+                let mut ctx = self.ctx.borrow_mut();
+                ctx.active = false;
+                q.stats.emitted += (ctx.out.len() - ctx.emit_mark) as u64;
+                return Outcome::Ok {
+                    timers: std::mem::take(&mut ctx.timers),
+                    forget: ctx.forget,
+                };
+            }
+            (Ok(()), Some(size)) => Ok(size),
+            (Err(e), _) => Err(e),
+        };
+        self.end_failed(q, key, function, failure)
+    }
+
+    /// [`Call::end`] of a call that failed: with `Err`, a script error; with `Ok`, the size
+    /// the key's state grew to, over `max_state_bytes`.
+    #[cold]
+    #[inline(never)]
+    fn end_failed(
+        &mut self,
+        q: &mut QueryRuntime,
+        key: &Key,
+        function: &str,
+        failure: Result<usize, Box<EvalAltResult>>,
+    ) -> Outcome {
         let mut ctx = self.ctx.borrow_mut();
         ctx.active = false;
         let mark = ctx.emit_mark;
-        match (result, oversized) {
-            (Ok(()), None) => {
-                q.stats.emitted += (ctx.out.len() - mark) as u64;
-                Outcome::Ok {
-                    timers: std::mem::take(&mut ctx.timers),
-                    forget: ctx.forget,
-                }
-            }
-            (Ok(()), Some(size)) => {
+        match failure {
+            Ok(size) => {
                 ctx.out.truncate(mark);
                 drop(ctx);
                 let msg = format!(
@@ -1561,7 +1586,7 @@ impl Call<'_> {
                 self.publish_error(q, key, function, &msg, None);
                 Outcome::Failed
             }
-            (Err(e), _) => {
+            Err(e) => {
                 ctx.out.truncate(mark);
                 drop(ctx);
                 self.fail(q, key, function, &e);
