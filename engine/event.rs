@@ -912,61 +912,23 @@ impl Parser {
         joined.push(b']');
         joined.resize(len + simd_json::INPUT_PADDING, b' ');
         let lines = newlines + 1;
-        // SAFETY: as in `parse_with`: the tape borrows `joined`'s heap block, which is not
-        // resized from here on and is moved into the frame with the tape.
-        let bytes: &'static mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
-        let base = bytes.as_ptr() as usize;
-        let mut tape = Tape(std::mem::take(&mut frame.nodes));
-        if simd_json::fill_tape_padded(bytes, len, &mut self.buffers, &mut tape).is_err() {
-            tape.0.clear();
-            frame.nodes = tape.0;
-            return None;
-        }
-        let nodes = tape.0;
-        let ok = matches!(nodes.first(), Some(Node::Array { len, .. }) if *len == lines);
-        let mut events = Vec::with_capacity(lines);
-        let mut at = 1usize;
-        if ok {
-            for index in 0..lines as u32 {
-                // Where the element's `{` is in `input` (`joined` has the `[` before it).
-                let brace = match (nodes.get(at), nodes.get(at + 1)) {
-                    (Some(Node::Object { .. }), Some(Node::String(name))) => {
-                        (name.as_ptr() as usize).wrapping_sub(base + 3)
-                    }
-                    _ => break,
-                };
-                if brace >= end || input[brace] != b'{' {
-                    break;
-                }
-                if index > 0 {
-                    let before = input[..brace]
-                        .iter()
-                        .rposition(|&b| !matches!(b, b' ' | b'\t' | b'\r'));
-                    if before.is_none_or(|k| input[k] != b'\n') {
-                        break;
-                    }
-                }
-                events.push((
-                    at as u32,
-                    Position {
-                        index,
-                        line: Some(index + 1),
-                    },
-                ));
-                let Node::Object { count, .. } = nodes[at] else {
-                    unreachable!("checked")
-                };
-                at += count + 1;
+        let items = self.parse_joined(&mut joined, len, lines, frame, |index, name_at| {
+            // Where the element's `{` is in `input` (`joined` has the `[` before it).
+            let brace = name_at.wrapping_sub(3);
+            if brace >= end || input[brace] != b'{' {
+                return None;
             }
-        }
-        frame.nodes = nodes;
-        if events.len() != lines {
-            frame.nodes.clear();
-            return None;
-        }
-        frame.events = events;
-        Some((lines as u32, joined))
+            if index > 0 {
+                let before = input[..brace]
+                    .iter()
+                    .rposition(|&b| !matches!(b, b' ' | b'\t' | b'\r'));
+                if before.is_none_or(|k| input[k] != b'\n') {
+                    return None;
+                }
+            }
+            Some(index + 1)
+        })?;
+        Some((items, joined))
     }
 
     /// [`Parser::parse_lines_at_once`] of input with blank lines: each line is found first.
@@ -1008,8 +970,29 @@ impl Parser {
         for &at in &newlines[..newlines.len() - 1] {
             joined[at] = b',';
         }
+        let items = self.parse_joined(&mut joined, len, lines.len(), frame, |index, name_at| {
+            let (line_start, line) = lines[index as usize];
+            (name_at == line_start + 2).then_some(line)
+        })?;
+        Some((items, joined))
+    }
+
+    /// Parses `joined` (`[`, the lines, `]`: `len` bytes, then simd-json's padding) onto the
+    /// frame's tape, and ties its elements to the input's lines: `line_of(i, name_at)` is the
+    /// line of element `i`, whose first field name starts at `name_at` in `joined` (simd-json's
+    /// strings point into its input), or `None` when element `i` is not line `i` alone. Returns
+    /// the item count, or `None`, with the frame left empty, when the array does not parse, has
+    /// other than `lines` elements, or has one that is not an object with a field or not tied.
+    fn parse_joined(
+        &mut self,
+        joined: &mut Vec<u8>,
+        len: usize,
+        lines: usize,
+        frame: &mut Frame,
+        mut line_of: impl FnMut(u32, usize) -> Option<u32>,
+    ) -> Option<u32> {
         // SAFETY: as in `parse_with`: the tape borrows `joined`'s heap block, which is not
-        // resized from here on and is moved into the frame with the tape.
+        // resized from here on and is moved into the frame with the tape by the caller.
         let bytes: &'static mut [u8] =
             unsafe { std::slice::from_raw_parts_mut(joined.as_mut_ptr(), joined.len()) };
         let base = bytes.as_ptr() as usize;
@@ -1022,21 +1005,20 @@ impl Parser {
             return None;
         }
         let nodes = tape.0;
-        let ok = matches!(nodes.first(), Some(Node::Array { len, .. }) if *len == lines.len());
-        let mut events = Vec::with_capacity(lines.len());
+        let ok = matches!(nodes.first(), Some(Node::Array { len, .. }) if *len == lines);
+        let mut events = Vec::with_capacity(lines);
         let mut at = 1usize;
         if ok {
-            for &(line_start, line) in &lines {
-                let tied = match (nodes.get(at), nodes.get(at + 1)) {
+            for index in 0..lines as u32 {
+                let name_at = match (nodes.get(at), nodes.get(at + 1)) {
                     (Some(Node::Object { .. }), Some(Node::String(name))) => {
-                        name.as_ptr() as usize == base + line_start + 2
+                        (name.as_ptr() as usize).wrapping_sub(base)
                     }
-                    _ => false,
+                    _ => break,
                 };
-                if !tied {
+                let Some(line) = line_of(index, name_at) else {
                     break;
-                }
-                let index = events.len() as u32;
+                };
                 events.push((
                     at as u32,
                     Position {
@@ -1051,12 +1033,12 @@ impl Parser {
             }
         }
         frame.nodes = nodes;
-        if events.len() != lines.len() {
+        if events.len() != lines {
             frame.nodes.clear();
             return None;
         }
         frame.events = events;
-        Some((lines.len() as u32, joined))
+        Some(lines as u32)
     }
 
     fn parse_lines(
