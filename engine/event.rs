@@ -138,6 +138,16 @@ pub const MAX_TAPE_BYTES_PER_INPUT_BYTE: usize = std::mem::size_of::<Node<'stati
 pub const MAX_SCRATCH_BYTES_PER_INPUT_BYTE: usize = 6;
 
 impl Frame {
+    /// A frame with no events, to parse into.
+    fn empty() -> Frame {
+        Frame {
+            nodes: Vec::new(),
+            events: Vec::new(),
+            _buf: Vec::new(),
+            held: None,
+        }
+    }
+
     /// The memory the frame holds, in bytes: its input, its tape and its event index.
     pub fn bytes(&self) -> usize {
         self._buf.capacity()
@@ -716,12 +726,7 @@ impl Parser {
     /// array form only, not copied first as it is.
     pub fn parse_slice_with(&mut self, input: &[u8], format: Format, base: Position) -> Parsed {
         if format == Format::Ndjson {
-            let mut frame = Frame {
-                nodes: Vec::new(),
-                events: Vec::new(),
-                _buf: Vec::new(),
-                held: None,
-            };
+            let mut frame = Frame::empty();
             if let Some((items, joined)) = self.parse_lines_at_once(input, &mut frame) {
                 return self.finish(frame, joined, Vec::new(), items, base);
             }
@@ -733,12 +738,7 @@ impl Parser {
     /// count of what came before it, for inputs cut into several frames).
     pub fn parse_with(&mut self, buf: Vec<u8>, format: Format, base: Position) -> Parsed {
         let mut buf = buf;
-        let mut frame = Frame {
-            nodes: Vec::new(),
-            events: Vec::new(),
-            _buf: Vec::new(),
-            held: None,
-        };
+        let mut frame = Frame::empty();
         let mut rejections = Vec::new();
         let items = match format {
             Format::Ndjson => match self.parse_lines_at_once(&buf, &mut frame) {
@@ -1344,12 +1344,7 @@ mod tests {
     #[test]
     fn plain_ndjson_is_parsed_at_once() {
         let mut parser = Parser::default();
-        let mut frame = Frame {
-            nodes: Vec::new(),
-            events: Vec::new(),
-            _buf: Vec::new(),
-            held: None,
-        };
+        let mut frame = Frame::empty();
         let input = b"{\"s\":\"x\",\"p\":1.5}\n\n{\"s\":\"y\",\"p\":2}\n";
         let (items, joined) = parser.parse_lines_at_once(input, &mut frame).unwrap();
         assert_eq!((items, frame.events.len()), (2, 2));
@@ -1382,12 +1377,7 @@ mod tests {
             assert_eq!(count, src.iter().filter(|&&b| b == b'\n').count());
         }
         let mut parser = Parser::default();
-        let mut frame = Frame {
-            nodes: Vec::new(),
-            events: Vec::new(),
-            _buf: Vec::new(),
-            held: None,
-        };
+        let mut frame = Frame::empty();
         // Leading spaces, a CRLF line, a long line, and trailing blank lines.
         let long = format!("{{\"s\":\"{}\"}}", "z".repeat(100));
         let input = format!("{{\"s\":\"x\"}}\r\n  {{\"s\":\"y\",\"p\":2}}\n{long}\n\n \n");
