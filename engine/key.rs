@@ -91,7 +91,7 @@ impl Key {
     #[inline]
     pub fn same(&self, other: &Key) -> bool {
         match (self, other) {
-            (Key::Str(a), Key::Str(b)) => crate::event::same_name(a, b),
+            (Key::Str(a), Key::Str(b)) => same_str(a, b),
             _ => self == other,
         }
     }
@@ -129,6 +129,29 @@ impl Key {
         }
         ((u128::from(self.stable_hash()) * shards as u128) >> 64) as usize
     }
+}
+
+/// Whether two key strings are equal: first by their representations, compared as three words
+/// (identical representations are the same string: an inline string's bytes and length, or a
+/// heap string's buffer and length), which is what a state lookup that finds its key compares;
+/// then, when they differ, by their bytes.
+#[inline]
+fn same_str(a: &CompactString, b: &CompactString) -> bool {
+    #[cfg(target_pointer_width = "64")]
+    {
+        const _: () = assert!(
+            std::mem::size_of::<CompactString>() == 24
+                && std::mem::align_of::<CompactString>() >= std::mem::align_of::<u64>()
+        );
+        // SAFETY: a `CompactString` is 24 bytes, aligned for `u64`, and every byte of it is
+        // initialized (a pointer, a length and a capacity, or an inline buffer made from
+        // zeroes); reading them as integers only compares them.
+        let words = |s: &CompactString| unsafe { *(s as *const CompactString).cast::<[u64; 3]>() };
+        if words(a) == words(b) {
+            return true;
+        }
+    }
+    crate::event::same_name(a, b)
 }
 
 /// Keys are hashed on every event (the lookup of their state): a string's bytes alone, an

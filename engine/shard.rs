@@ -1505,7 +1505,7 @@ impl Call<'_> {
         self.begin_raw(&q.topics, q.def.functions.on_timer, key, q.watermark, now);
     }
 
-    #[inline]
+    #[inline(always)]
     fn begin_raw(
         &mut self,
         topics: &Rc<QueryTopics>,
@@ -1520,8 +1520,11 @@ impl Call<'_> {
         if !ctx.topics.as_ref().is_some_and(|t| Rc::ptr_eq(t, topics)) {
             ctx.topics = Some(Rc::clone(topics));
         }
-        if !ctx.key.same(key) {
-            ctx.key = key.clone();
+        // Copied rather than compared first: a short key is three words, and a long one is
+        // written into the buffer the last long key left (no allocation when it fits).
+        match (&mut ctx.key, key) {
+            (Key::Str(held), Key::Str(s)) => held.clone_from(s),
+            (held, key) => *held = key.clone(),
         }
         ctx.now = now;
         ctx.watermark = wm;
