@@ -614,6 +614,8 @@ fn invalid_json(e: &simd_json::Error) -> String {
 pub struct Parser {
     buffers: Buffers,
     scratch: Tape<'static>,
+    /// [`Parsed::newlines`] of the input being parsed, once counted.
+    newlines: Option<u32>,
 }
 
 impl Default for Parser {
@@ -621,6 +623,7 @@ impl Default for Parser {
         Parser {
             buffers: Buffers::new(4096),
             scratch: Tape::null(),
+            newlines: None,
         }
     }
 }
@@ -631,6 +634,9 @@ pub struct Parsed {
     pub rejections: Vec<Rejection>,
     /// Items seen in the input, events and rejected ones together.
     pub items: u32,
+    /// The newlines in the input, when the parse counted them (NDJSON without blank lines):
+    /// what a reader cutting a file into frames needs for the next frame's line numbers.
+    pub newlines: Option<u32>,
 }
 
 /// How an input holds its events.
@@ -706,6 +712,7 @@ impl Parser {
         Parser {
             buffers: Buffers::new(bytes.min(RETAINED_SCRATCH_BYTES)),
             scratch: Tape::null(),
+            newlines: None,
         }
     }
 
@@ -802,6 +809,7 @@ impl Parser {
             frame: Arc::new(frame),
             rejections,
             items,
+            newlines: self.newlines.take(),
         }
     }
 
@@ -928,6 +936,8 @@ impl Parser {
             }
             Some(index + 1)
         })?;
+        let trailing = input[end..].iter().filter(|&&b| b == b'\n').count();
+        self.newlines = Some((newlines + trailing) as u32);
         Some((items, joined))
     }
 
@@ -1388,6 +1398,16 @@ mod tests {
         assert!(joined.starts_with(b"[{\"s\":\"x\"}\r,  {\"s\":\"y\""));
         let lines: Vec<_> = frame.events.iter().map(|e| e.1.line).collect();
         assert_eq!(lines, [Some(1), Some(2), Some(3)]);
+        // The newlines it counted, trailing ones too, for the next frame's line numbers; none
+        // counted for input with a blank line.
+        let start = Position {
+            index: 0,
+            line: Some(0),
+        };
+        let parsed = parser.parse_slice_with(input.as_bytes(), Format::Ndjson, start);
+        assert_eq!((parsed.items, parsed.newlines), (3, Some(5)));
+        let spaced = parser.parse_slice_with(b"{\"a\":1}\n\n{\"a\":2}\n", Format::Ndjson, start);
+        assert_eq!((spaced.items, spaced.newlines), (2, None));
         for (i, want) in ["x", "y", &"z".repeat(100)].into_iter().enumerate() {
             let at = frame.events[i].0 as usize;
             assert!(matches!(frame.nodes[at + 2], Node::String(s) if s == want));

@@ -95,8 +95,10 @@ pub fn run(
     };
     for range in chunks(&input, format) {
         let chunk = &input[range];
-        let lines = memchr::memchr_iter(b'\n', chunk).count() as u32;
         let parsed = parser.parse_slice_with(chunk, format, base);
+        let lines = parsed
+            .newlines
+            .unwrap_or_else(|| memchr::memchr_iter(b'\n', chunk).count() as u32);
         summary.items += u64::from(parsed.items);
         for rejection in parsed.rejections {
             summary.rejected += 1;
@@ -224,5 +226,63 @@ impl RouteSink for Sink<'_> {
         if self.io.is_ok() {
             self.io = writeln!(self.err, "rejected: {rejection}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file cut into frames numbers its lines on from one frame to the next, whether a frame
+    /// was parsed at once (the parser counted its newlines), line by line (a broken line), or
+    /// with blank lines: a rejection in each names the line it is on in the file.
+    #[test]
+    fn line_numbers_run_on_across_frames() {
+        let limits = Limits::default();
+        let script = r#"let source = "s"; let key_by = "k"; fn on_event(ev) { }"#;
+        let def = QueryDef::compile("q", script, &limits).unwrap();
+        let line = |i: usize| {
+            format!(
+                "{{\"stream\":\"s\",\"k\":\"key{}\",\"pad\":\"{}\"}}",
+                i % 7,
+                "x".repeat(40)
+            )
+        };
+        let per_frame = FRAME_BYTES / line(0).len() + 1;
+        let mut lines: Vec<String> = (0..4 * per_frame).map(line).collect();
+        // Frame 2, parsed at once: a key of the wrong kind (valid JSON, rejected by routing).
+        let bad_key = per_frame + per_frame / 2;
+        lines[bad_key] = r#"{"stream":"s","k":1.5}"#.to_owned();
+        // Frame 3: blank lines, then a broken line.
+        let blank = 2 * per_frame + 10;
+        lines[blank] = String::new();
+        lines[blank + 1] = "   ".to_owned();
+        let broken = 2 * per_frame + per_frame / 2;
+        lines[broken] = r#"{"stream":"s","k":"#.to_owned();
+        // Frame 4, parsed at once after both: another wrong key.
+        let last = 3 * per_frame + per_frame / 2;
+        lines[last] = r#"{"stream":"s","k":2.5}"#.to_owned();
+        let input = lines.join("\n") + "\n";
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let summary = run(
+            vec![def],
+            input.into_bytes(),
+            &limits,
+            &RunOptions::default(),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+        assert_eq!(summary.rejected, 3);
+        let err = String::from_utf8(err).unwrap();
+        let named: Vec<&str> = err
+            .lines()
+            .map(|l| l.split("(line ").nth(1).unwrap().split(')').next().unwrap())
+            .collect();
+        let want: Vec<String> = [bad_key, broken, last]
+            .iter()
+            .map(|i| (i + 1).to_string())
+            .collect();
+        assert_eq!(named, want, "{err}");
     }
 }
