@@ -614,8 +614,6 @@ fn invalid_json(e: &simd_json::Error) -> String {
 pub struct Parser {
     buffers: Buffers,
     scratch: Tape<'static>,
-    /// [`Parsed::newlines`] of the input being parsed, once counted.
-    newlines: Option<u32>,
 }
 
 impl Default for Parser {
@@ -623,7 +621,6 @@ impl Default for Parser {
         Parser {
             buffers: Buffers::new(4096),
             scratch: Tape::null(),
-            newlines: None,
         }
     }
 }
@@ -658,6 +655,14 @@ impl Format {
             Format::Document
         }
     }
+}
+
+/// NDJSON parsed at once ([`Parser::parse_lines_at_once`]): the item count, the array's bytes
+/// (which the tape borrows), and the input's newlines when the parse counted them.
+struct Joined {
+    items: u32,
+    bytes: Vec<u8>,
+    newlines: Option<u32>,
 }
 
 /// Appends `src` to `dst` with every newline made a comma, and returns how many there were:
@@ -712,7 +717,6 @@ impl Parser {
         Parser {
             buffers: Buffers::new(bytes.min(RETAINED_SCRATCH_BYTES)),
             scratch: Tape::null(),
-            newlines: None,
         }
     }
 
@@ -734,8 +738,9 @@ impl Parser {
     pub fn parse_slice_with(&mut self, input: &[u8], format: Format, base: Position) -> Parsed {
         if format == Format::Ndjson {
             let mut frame = Frame::empty();
-            if let Some((items, joined)) = self.parse_lines_at_once(input, &mut frame) {
-                return self.finish(frame, joined, Vec::new(), items, base);
+            if let Some(joined) = self.parse_lines_at_once(input, &mut frame) {
+                let counted = (joined.items, joined.newlines);
+                return self.finish(frame, joined.bytes, Vec::new(), counted, base);
             }
         }
         self.parse_with(input.to_vec(), format, base)
@@ -747,11 +752,13 @@ impl Parser {
         let mut buf = buf;
         let mut frame = Frame::empty();
         let mut rejections = Vec::new();
+        let mut newlines = None;
         let items = match format {
             Format::Ndjson => match self.parse_lines_at_once(&buf, &mut frame) {
-                Some((items, joined)) => {
-                    buf = joined;
-                    items
+                Some(joined) => {
+                    buf = joined.bytes;
+                    newlines = joined.newlines;
+                    joined.items
                 }
                 None => {
                     // SAFETY: as below.
@@ -769,7 +776,7 @@ impl Parser {
                 self.parse_document(whole, &mut frame, &mut rejections)
             }
         };
-        self.finish(frame, buf, rejections, items, base)
+        self.finish(frame, buf, rejections, (items, newlines), base)
     }
 
     /// The parsed frame given its bytes, its items numbered from `base`; the scratch buffers
@@ -779,7 +786,7 @@ impl Parser {
         mut frame: Frame,
         buf: Vec<u8>,
         mut rejections: Vec<Rejection>,
-        items: u32,
+        (items, newlines): (u32, Option<u32>),
         base: Position,
     ) -> Parsed {
         if base.index > 0 || base.line.is_some_and(|l| l > 0) {
@@ -809,7 +816,7 @@ impl Parser {
             frame: Arc::new(frame),
             rejections,
             items,
-            newlines: self.newlines.take(),
+            newlines,
         }
     }
 
@@ -881,7 +888,7 @@ impl Parser {
     ///
     /// Input without blank lines (the usual) takes [`Parser::parse_dense_lines`], which finds
     /// no line in advance; input with blank lines, [`Parser::parse_spaced_lines`].
-    fn parse_lines_at_once(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
+    fn parse_lines_at_once(&mut self, input: &[u8], frame: &mut Frame) -> Option<Joined> {
         let end = input.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
         if let Some(parsed) = self.parse_dense_lines(input, end, frame) {
             return Some(parsed);
@@ -907,12 +914,7 @@ impl Parser {
     /// newline. Then the newlines are all the array's separators (a newline inside a string,
     /// or a comma between two values on one line, leaves an element without one), so element
     /// `i` is line `i`, alone, and parses exactly as it would alone.
-    fn parse_dense_lines(
-        &mut self,
-        input: &[u8],
-        end: usize,
-        frame: &mut Frame,
-    ) -> Option<(u32, Vec<u8>)> {
+    fn parse_dense_lines(&mut self, input: &[u8], end: usize, frame: &mut Frame) -> Option<Joined> {
         let len = end + 2;
         let mut joined = Vec::with_capacity(len + simd_json::INPUT_PADDING);
         joined.push(b'[');
@@ -937,8 +939,11 @@ impl Parser {
             Some(index + 1)
         })?;
         let trailing = input[end..].iter().filter(|&&b| b == b'\n').count();
-        self.newlines = Some((newlines + trailing) as u32);
-        Some((items, joined))
+        Some(Joined {
+            items,
+            bytes: joined,
+            newlines: Some((newlines + trailing) as u32),
+        })
     }
 
     /// [`Parser::parse_lines_at_once`] of input with blank lines: each line is found first.
@@ -948,7 +953,7 @@ impl Parser {
     /// `i` starts where line `i` starts; it is followed by only whitespace and the comma put
     /// after line `i`, so it ends where line `i` ends. Each line is then one JSON value, parsed
     /// exactly as it would be alone.
-    fn parse_spaced_lines(&mut self, input: &[u8], frame: &mut Frame) -> Option<(u32, Vec<u8>)> {
+    fn parse_spaced_lines(&mut self, input: &[u8], frame: &mut Frame) -> Option<Joined> {
         // (offset of the line's `{` in the array, its line number); where each line's newline is.
         let mut lines: Vec<(usize, u32)> = Vec::with_capacity(input.len() / 64 + 1);
         let mut newlines: Vec<usize> = Vec::with_capacity(input.len() / 64 + 1);
@@ -984,7 +989,11 @@ impl Parser {
             let (line_start, line) = lines[index as usize];
             (name_at == line_start + 2).then_some(line)
         })?;
-        Some((items, joined))
+        Some(Joined {
+            items,
+            bytes: joined,
+            newlines: None,
+        })
     }
 
     /// Parses `joined` (`[`, the lines, `]`: `len` bytes, then simd-json's padding) onto the
@@ -1356,10 +1365,14 @@ mod tests {
         let mut parser = Parser::default();
         let mut frame = Frame::empty();
         let input = b"{\"s\":\"x\",\"p\":1.5}\n\n{\"s\":\"y\",\"p\":2}\n";
-        let (items, joined) = parser.parse_lines_at_once(input, &mut frame).unwrap();
-        assert_eq!((items, frame.events.len()), (2, 2));
+        let joined = parser.parse_lines_at_once(input, &mut frame).unwrap();
+        assert_eq!((joined.items, frame.events.len()), (2, 2));
         assert_eq!(frame.events[1].1.line, Some(3));
-        assert!(joined.starts_with(b"[{\"s\":\"x\",\"p\":1.5},\n{"));
+        assert!(joined.bytes.starts_with(b"[{\"s\":\"x\",\"p\":1.5},\n{"));
+        assert_eq!(
+            joined.newlines, None,
+            "a blank line: its newlines are not counted"
+        );
         let broken = b"{\"a\":1}\n{\"a\":\n";
         assert!(parser.parse_lines_at_once(broken, &mut frame).is_none());
         // Two objects as an array, two broken lines alone.
@@ -1391,15 +1404,20 @@ mod tests {
         // Leading spaces, a CRLF line, a long line, and trailing blank lines.
         let long = format!("{{\"s\":\"{}\"}}", "z".repeat(100));
         let input = format!("{{\"s\":\"x\"}}\r\n  {{\"s\":\"y\",\"p\":2}}\n{long}\n\n \n");
-        let (items, joined) = parser
+        let joined = parser
             .parse_lines_at_once(input.as_bytes(), &mut frame)
             .unwrap();
-        assert_eq!(items, 3);
-        assert!(joined.starts_with(b"[{\"s\":\"x\"}\r,  {\"s\":\"y\""));
+        // The newlines counted, the trailing ones too (for the next frame's line numbers): the
+        // CRLF, the three after the lines and the one after the spaces.
+        assert_eq!((joined.items, joined.newlines), (3, Some(5)));
+        assert!(joined.bytes.starts_with(b"[{\"s\":\"x\"}\r,  {\"s\":\"y\""));
         let lines: Vec<_> = frame.events.iter().map(|e| e.1.line).collect();
         assert_eq!(lines, [Some(1), Some(2), Some(3)]);
-        // The newlines it counted, trailing ones too, for the next frame's line numbers; none
-        // counted for input with a blank line.
+        for (i, want) in ["x", "y", &"z".repeat(100)].into_iter().enumerate() {
+            let at = frame.events[i].0 as usize;
+            assert!(matches!(frame.nodes[at + 2], Node::String(s) if s == want));
+        }
+        // The count reaches the caller of a parse.
         let start = Position {
             index: 0,
             line: Some(0),
@@ -1408,10 +1426,6 @@ mod tests {
         assert_eq!((parsed.items, parsed.newlines), (3, Some(5)));
         let spaced = parser.parse_slice_with(b"{\"a\":1}\n\n{\"a\":2}\n", Format::Ndjson, start);
         assert_eq!((spaced.items, spaced.newlines), (2, None));
-        for (i, want) in ["x", "y", &"z".repeat(100)].into_iter().enumerate() {
-            let at = frame.events[i].0 as usize;
-            assert!(matches!(frame.nodes[at + 2], Node::String(s) if s == want));
-        }
         for lines in [
             // Two values on one line, a broken line.
             "{\"a\":1},{\"b\":2}\n{\"c\":\n",
